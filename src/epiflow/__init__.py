@@ -1,0 +1,2 @@
+"""epiflow: an open, reproducible EpiAgent."""
+__version__ = "0.1.0"

@@ -1,0 +1,70 @@
+"""The single command-line entry point: ``epiflow <step> ...``.
+
+Each subpackage that offers steps has a ``cli.py`` with ``register(subparsers)``; heavy imports
+happen inside the handlers so that ``epiflow --help`` stays fast. User errors
+(:class:`epiflow.errors.EpiflowError`) are printed without a traceback and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+
+from . import __version__
+from .errors import EpiflowError
+
+# Subpackages that contribute steps, in the order they appear in --help.
+COMMAND_MODULES = [
+    "epiflow.simulate.cli",
+    "epiflow.genome.cli",
+    "epiflow.corpus.cli",
+    "epiflow.tokenize.cli",
+    "epiflow.model.cli",
+    "epiflow.train.cli",
+    "epiflow.tasks.cli",
+    "epiflow.report.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="epiflow",
+        description="EpiAgent for scATAC-seq: corpus, tokenization, model, pretraining, downstream tasks.",
+    )
+    parser.add_argument("--version", action="version", version=f"epiflow {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="<step>")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name.rsplit(".", 1)[0]) is None:
+            continue
+        if importlib.util.find_spec(name) is None:
+            continue
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        rc = args.func(args)
+    except EpiflowError as exc:
+        print(f"epiflow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The corpus store: shards of tokenized cells plus corpus-level metadata.
+
+A corpus is a folder::
+
+    corpus.json      # {"format": "epiflow-corpus", "version": 1, "n_cells", "n_ccres", "vocab_id",
+                     #  "genome", "shards": ["shards/shard_00000.h5", ...], "shard_cells": [...]}
+    vocab.bed        # the cCRE vocabulary, BED3 in token order (cCRE j = line j = token j + 4)
+    df.npy           # float64 [n_ccres] document frequency over the whole corpus
+    shards/shard_00000.h5 ...
+
+A shard is one HDF5 file (default 5,000 cells) holding a compact CSR of rank-ordered sentences:
+
+* ``indptr`` int64 [n_cells + 1]
+* ``tokens`` int32 [nnz]: token ids (cCRE j -> j + 4), TF-IDF descending (ties: ascending cCRE)
+* ``counts`` float32 [nnz]: the raw count of each token's cCRE in the cell
+* ``tfidf``  float32 [nnz]: its global TF-IDF value
+* ``obs/<column>``: per-cell metadata (``cell_id``, ``dataset``, ``tissue``, ``batch``, ``cell_type``
+  and any other column), stored as UTF-8 strings or numbers
+* attributes ``format="epiflow-shard"``, ``version=1``, ``n_ccres``, ``vocab_id``, ``genome``.
+
+Every cCRE accessible in a cell is stored (no cap): the cap of 8,190 tokens is applied when batches
+are built (top-k at inference, random rank-preserving subsample in training).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..errors import InputFormatError, VocabularyMismatchError
+from ..io import atomic_path
+from ..tokenize import NUM_SPECIAL, cell_sentences, global_tfidf
+
+SHARD_FORMAT = "epiflow-shard"
+CORPUS_FORMAT = "epiflow-corpus"
+
+
+def vocab_id_from_intervals(chrom, start, end) -> str:
+    """A short stable identifier of a cCRE vocabulary (hash of its intervals in order)."""
+    h = hashlib.sha256()
+    for c, s, e in zip(np.asarray(chrom).astype(str), np.asarray(start), np.asarray(end)):
+        h.update(f"{c}\t{int(s)}\t{int(e)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Shard:
+    indptr: np.ndarray
+    tokens: np.ndarray
+    counts: np.ndarray
+    tfidf: np.ndarray
+    obs: pd.DataFrame
+    n_ccres: int
+    vocab_id: str = ""
+    genome: str = ""
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.indptr) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.indptr)
+
+    def sentence(self, i: int) -> np.ndarray:
+        return self.tokens[self.indptr[i]:self.indptr[i + 1]]
+
+    def counts_csr(self) -> sp.csr_matrix:
+        """Raw counts as a cells x cCREs CSR matrix with sorted column indices."""
+        m = sp.csr_matrix((self.counts.astype(np.float32), self.tokens.astype(np.int64) - NUM_SPECIAL,
+                           self.indptr), shape=(self.n_cells, self.n_ccres))
+        m.sort_indices()
+        return m
+
+    def tfidf_csr(self) -> sp.csr_matrix:
+        m = sp.csr_matrix((self.tfidf.astype(np.float32), self.tokens.astype(np.int64) - NUM_SPECIAL,
+                           self.indptr), shape=(self.n_cells, self.n_ccres))
+        m.sort_indices()
+        return m
+
+    def subset(self, rows) -> "Shard":
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, ends = self.indptr[rows], self.indptr[rows + 1]
+        lens = ends - starts
+        idx = np.repeat(starts, lens) + (np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens))
+        return Shard(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), self.tokens[idx],
+                     self.counts[idx], self.tfidf[idx], self.obs.iloc[rows].reset_index(drop=True),
+                     self.n_ccres, self.vocab_id, self.genome, dict(self.attrs))
+
+    def to_anndata(self, var: pd.DataFrame | None = None):
+        """AnnData with raw counts in ``X`` (CSR), the TF-IDF in ``layers['tfidf']`` and ``obs``."""
+        import anndata as ad
+
+        obs = self.obs.copy()
+        obs.index = obs["cell_id"].astype(str).values if "cell_id" in obs else obs.index.astype(str)
+        a = ad.AnnData(X=self.counts_csr(), obs=obs, var=var)
+        a.layers["tfidf"] = self.tfidf_csr()
+        a.uns["epiflow"] = {"vocab_id": self.vocab_id, "genome": self.genome, "n_ccres": int(self.n_ccres)}
+        return a
+
+
+def shard_from_counts(counts, df, obs: pd.DataFrame, *, vocab_id: str = "", genome: str = "") -> Shard:
+    """Tokenize a cells x cCREs count matrix with corpus-level ``df`` into a :class:`Shard`."""
+    counts = sp.csr_matrix(counts)
+    counts.sum_duplicates()
+    counts.eliminate_zeros()
+    tf = global_tfidf(counts, df)
+    indptr, tokens, values = cell_sentences(tf, return_values=True)
+    # raw counts aligned with the rank order: look them up by (row, col)
+    cols = tokens - NUM_SPECIAL
+    rows = np.repeat(np.arange(counts.shape[0]), np.diff(indptr))
+    # CSR with sorted indices is ordered by (row, col): a binary search finds each (row, col)
+    pos = np.searchsorted(
+        np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr)) * counts.shape[1] + counts.indices,
+        rows * counts.shape[1] + cols)
+    cnt = counts.data[pos].astype(np.float32)
+    obs = obs.reset_index(drop=True) if obs is not None else pd.DataFrame(index=range(counts.shape[0]))
+    if len(obs) != counts.shape[0]:
+        raise InputFormatError(f"obs has {len(obs)} rows but the matrix has {counts.shape[0]} cells",
+                               field="obs")
+    return Shard(indptr, tokens.astype(np.int32), cnt, values.astype(np.float32), obs,
+                 int(counts.shape[1]), vocab_id, genome)
+
+
+def write_shard(path: str | os.PathLike, shard: Shard) -> Path:
+    """Write a shard atomically (temp file, then rename)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = SHARD_FORMAT
+            f.attrs["version"] = 1
+            f.attrs["n_ccres"] = int(shard.n_ccres)
+            f.attrs["vocab_id"] = shard.vocab_id
+            f.attrs["genome"] = shard.genome
+            f.attrs["n_cells"] = shard.n_cells
+            for k, v in shard.attrs.items():
+                f.attrs[k] = v
+            kw = dict(compression="gzip", compression_opts=4, shuffle=True) if len(shard.tokens) > 4096 else {}
+            f.create_dataset("indptr", data=np.asarray(shard.indptr, dtype=np.int64))
+            f.create_dataset("tokens", data=np.asarray(shard.tokens, dtype=np.int32), **kw)
+            f.create_dataset("counts", data=np.asarray(shard.counts, dtype=np.float32), **kw)
+            f.create_dataset("tfidf", data=np.asarray(shard.tfidf, dtype=np.float32), **kw)
+            g = f.create_group("obs")
+            g.attrs["columns"] = json.dumps([str(c) for c in shard.obs.columns])
+            for col in shard.obs.columns:
+                s = shard.obs[col]
+                if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+                    g.create_dataset(str(col), data=s.to_numpy())
+                else:
+                    g.create_dataset(str(col), data=s.astype(str).to_numpy().astype(object),
+                                     dtype=h5py.string_dtype("utf-8"))
+    return path
+
+
+def read_shard(path: str | os.PathLike, *, obs: bool = True) -> Shard:
+    path = Path(path)
+    if not path.exists():
+        raise InputFormatError("shard file does not exist", path=str(path),
+                               fix="build the corpus first (epiflow build-corpus)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputFormatError(f"not a readable HDF5 shard ({exc})", path=str(path),
+                               fix="rebuild the corpus; the file is truncated or foreign") from None
+    with f:
+        if f.attrs.get("format") != SHARD_FORMAT:
+            raise InputFormatError("not an epiflow shard (attribute 'format' missing)", path=str(path),
+                                   fix="pass a shard written by epiflow build-corpus")
+        indptr = f["indptr"][:]
+        tokens = f["tokens"][:]
+        counts = f["counts"][:]
+        tfidf = f["tfidf"][:]
+        df = pd.DataFrame(index=range(len(indptr) - 1))
+        if obs and "obs" in f:
+            g = f["obs"]
+            for col in json.loads(g.attrs.get("columns", "[]")):
+                d = g[col]
+                df[col] = d.asstr()[:] if h5py.check_string_dtype(d.dtype) else d[:]
+        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    return Shard(indptr, tokens, counts, tfidf, df, int(attrs.pop("n_ccres")), str(attrs.pop("vocab_id", "")),
+                 str(attrs.pop("genome", "")), attrs)
+
+
+@dataclass
+class Corpus:
+    root: Path
+    meta: dict
+
+    @property
+    def n_ccres(self) -> int:
+        return int(self.meta["n_ccres"])
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.meta["n_cells"])
+
+    @property
+    def vocab_id(self) -> str:
+        return str(self.meta.get("vocab_id", ""))
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return [self.root / p for p in self.meta["shards"]]
+
+    def df(self) -> np.ndarray:
+        return np.load(self.root / "df.npy")
+
+    def vocab(self) -> pd.DataFrame:
+        return pd.read_csv(self.root / "vocab.bed", sep="\t", header=None, usecols=[0, 1, 2],
+                           names=["chrom", "start", "end"], dtype={0: str, 1: np.int64, 2: np.int64})
+
+    def iter_shards(self, obs: bool = True) -> Iterator[Shard]:
+        for p in self.shard_paths:
+            yield read_shard(p, obs=obs)
+
+    def check_model_vocab(self, n_ccres_model: int, what: str = "model") -> None:
+        if int(n_ccres_model) != self.n_ccres:
+            raise VocabularyMismatchError(
+                f"the {what} has {n_ccres_model} cCREs but the corpus vocabulary has {self.n_ccres}",
+                path=str(self.root / "corpus.json"),
+                fix="use a checkpoint trained on this corpus vocabulary, or map the data onto the "
+                    "checkpoint's cCRE set (vocabulary: external)")
+
+
+def open_corpus(root: str | os.PathLike) -> Corpus:
+    root = Path(root)
+    meta_path = root / "corpus.json"
+    if not meta_path.exists():
+        raise InputFormatError("corpus.json not found", path=str(meta_path),
+                               fix="point at a folder written by epiflow build-corpus")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputFormatError(f"invalid JSON ({exc.msg})", path=str(meta_path), line=exc.lineno) from None
+    if meta.get("format") != CORPUS_FORMAT:
+        raise InputFormatError("not an epiflow corpus (field 'format')", path=str(meta_path), field="format")
+    return Corpus(root, meta)
+
+
+def write_corpus_meta(root: str | os.PathLike, meta: dict) -> Path:
+    root = Path(root)
+    meta = {"format": CORPUS_FORMAT, "version": 1, **meta}
+    with atomic_path(root / "corpus.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=2))
+    return root / "corpus.json"

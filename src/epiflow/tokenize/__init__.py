@@ -1,0 +1,21 @@
+"""Tokenization (SPEC §2): global TF-IDF and rank-ordered cell sentences."""
+
+from .core import (
+    CLS,
+    MASK,
+    NUM_SPECIAL,
+    PAD,
+    SEP,
+    build_input_ids,
+    cell_sentences,
+    document_frequency,
+    global_tfidf,
+    subsample_sentences,
+    truncate_sentences,
+)
+
+__all__ = [
+    "PAD", "CLS", "SEP", "MASK", "NUM_SPECIAL",
+    "global_tfidf", "cell_sentences", "document_frequency",
+    "truncate_sentences", "subsample_sentences", "build_input_ids",
+]

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from epiflow.errors import InputFormatError
+from epiflow.tokenize import (
+    build_input_ids,
+    cell_sentences,
+    document_frequency,
+    global_tfidf,
+    subsample_sentences,
+    truncate_sentences,
+)
+
+
+@pytest.fixture(scope="module")
+def golden(fixtures_dir):
+    return np.load(fixtures_dir / "tokenization_io.npz", allow_pickle=False)
+
+
+def _counts(z):
+    return sp.csr_matrix((z["counts_data"], z["counts_indices"], z["counts_indptr"]),
+                         shape=tuple(z["counts_shape"]))
+
+
+def test_global_tfidf_bit_exact(golden):
+    tf = global_tfidf(_counts(golden), golden["df"])
+    assert tf.dtype == np.float64
+    np.testing.assert_array_equal(tf.indptr, golden["tfidf_indptr"])
+    np.testing.assert_array_equal(tf.indices, golden["tfidf_indices"])
+    np.testing.assert_array_equal(tf.data, golden["tfidf_data"])
+
+
+def test_cell_sentences_exact(golden):
+    indptr, tokens = cell_sentences(global_tfidf(_counts(golden), golden["df"]))
+    np.testing.assert_array_equal(indptr, golden["sentence_offsets"])
+    np.testing.assert_array_equal(tokens, golden["sentences"])
+    strings = ["[" + ",".join(map(str, tokens[indptr[i]:indptr[i + 1]])) + "]" for i in range(len(indptr) - 1)]
+    assert strings == list(golden["cell_sentences_str"])
+
+
+def test_ties_are_broken_by_ccre_index():
+    X = sp.csr_matrix(np.array([[1, 0, 1, 1], [0, 2, 2, 0]], dtype=np.float32))
+    indptr, tokens = cell_sentences(global_tfidf(X, np.ones(4) * 0.5))
+    assert tokens.tolist() == [4, 6, 7, 5, 6]
+    assert indptr.tolist() == [0, 3, 5]
+
+
+def test_topk_and_subsample_keep_rank_order():
+    rng = np.random.default_rng(0)
+    X = sp.random(40, 500, density=0.2, random_state=3, format="csr")
+    X.data = np.ceil(X.data * 5)
+    df = document_frequency(X)
+    indptr, tokens = cell_sentences(global_tfidf(X, df))
+    ip2, tok2 = truncate_sentences(indptr, tokens, 30)
+    assert np.diff(ip2).max() == 30
+    for i in range(40):
+        np.testing.assert_array_equal(tok2[ip2[i]:ip2[i + 1]], tokens[indptr[i]:indptr[i] + 30])
+    ip3, tok3 = subsample_sentences(indptr, tokens, 30, rng)
+    assert np.array_equal(np.diff(ip3), np.minimum(np.diff(indptr), 30))
+    for i in range(40):
+        full = list(tokens[indptr[i]:indptr[i + 1]])
+        sub = tok3[ip3[i]:ip3[i + 1]]
+        pos = [full.index(t) for t in sub]
+        assert pos == sorted(pos) and len(set(pos)) == len(pos)
+    # seeded: same seed, same sample; and it is not just the top-k
+    _, tok4 = subsample_sentences(indptr, tokens, 30, np.random.default_rng(0))
+    np.testing.assert_array_equal(tok3, tok4)
+    assert not np.array_equal(tok3, tok2)
+
+
+def test_build_input_ids():
+    ids = build_input_ids(np.array([0, 2, 5]), np.array([9, 8, 7, 6, 5]))
+    assert ids.tolist() == [[1, 9, 8, 2, 0], [1, 7, 6, 5, 2]]
+
+
+@pytest.mark.parametrize("bad", [np.nan, -1.0])
+def test_bad_counts_rejected(bad):
+    X = sp.csr_matrix(np.array([[1.0, bad]]))
+    with pytest.raises(InputFormatError, match="counts"):
+        global_tfidf(X, np.array([0.5, 0.5]))
+
+
+def test_df_length_mismatch():
+    with pytest.raises(InputFormatError, match="df"):
+        global_tfidf(sp.csr_matrix(np.ones((2, 3))), np.ones(4))
