@@ -1,0 +1,1 @@
+"""Genome: intervals, chromosome names, liftover, build detection, cCRE vocabulary."""
