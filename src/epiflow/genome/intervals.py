@@ -68,7 +68,7 @@ def merge_intervals(df: pd.DataFrame, gap: int = 0) -> pd.DataFrame:
     offset = key.astype(np.int64) * (int(end.max()) + 1)
     run_end = np.maximum.accumulate(end + offset) - offset
     # a new merged block starts where the interval begins at or after the running end (+ gap)
-    new_block = new_chrom | np.r_[True, start[1:] >= run_end[:-1] + gap + (1 if gap > 0 else 0)]
+    new_block = new_chrom | np.r_[True, start[1:] >= run_end[:-1] + gap]
     block = np.cumsum(new_block) - 1
     first = np.flatnonzero(new_block)
     out_end = np.maximum.reduceat(end, first)
