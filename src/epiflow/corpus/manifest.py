@@ -1,0 +1,246 @@
+"""The dataset manifest: which datasets make up a corpus and where their files are.
+
+A manifest is a TSV (header line) or a YAML list (or ``{datasets: [...]}``) of entries with fields
+
+====================  =============================================================================
+``name``              unique dataset name (letters, digits, ``._-``)
+``format``            ``fragments`` | ``10x_h5`` | ``10x_mtx`` | ``h5ad``
+``path`` / ``url``    file (relative to the manifest folder, or absolute) or a URL to download
+``sha256``            optional checksum of the file; checked before use
+``genome``            ``hg19`` | ``hg38``
+``tissue``            free text (stored in the corpus obs)
+``barcodes``          optional whitelist (fragments): one barcode per line
+``labels``            optional TSV barcode -> label columns (fragments; header line)
+``cell_type_key``     optional obs column (matrix inputs) or label column holding the cell type
+``batch_key``         optional obs/label column holding the batch (default: the dataset name)
+``peaks``             optional BED of the dataset's peaks (fragments), used for candidate cCREs
+====================  =============================================================================
+
+Other columns are kept in :attr:`DatasetEntry.extra`. ``data_mirror`` is a folder searched for the
+file name of a URL (and of a missing relative path) before anything is downloaded, for machines
+without internet access.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import ConfigError
+from ..io import atomic_path, sha256_file
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("fragments", "10x_h5", "10x_mtx", "h5ad")
+GENOMES = ("hg19", "hg38")
+FIELDS = ("name", "format", "path", "url", "sha256", "genome", "tissue", "barcodes", "labels",
+          "cell_type_key", "batch_key", "peaks")
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+@dataclass
+class DatasetEntry:
+    name: str
+    format: str
+    genome: str
+    path: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+    tissue: str = ""
+    barcodes: str | None = None
+    labels: str | None = None
+    cell_type_key: str | None = None
+    batch_key: str | None = None
+    peaks: str | None = None
+    extra: dict = field(default_factory=dict)
+    manifest: Path | None = None
+    line: int | None = None  # line in a TSV manifest, entry number (1-based) in YAML
+
+    def where(self) -> dict:
+        """Keyword arguments locating this entry for error messages."""
+        return {"path": str(self.manifest) if self.manifest else None, "line": self.line}
+
+    def _resolve_aux(self, value: str | None, fld: str, data_mirror=None) -> Path | None:
+        if not value:
+            return None
+        p = Path(value)
+        if not p.is_absolute() and self.manifest is not None:
+            p = self.manifest.parent / p
+        if not p.exists() and data_mirror:
+            m = Path(data_mirror) / Path(value).name
+            if m.exists():
+                return m
+        if not p.exists():
+            raise ConfigError(f"dataset '{self.name}': {fld} file {p} does not exist", field=fld,
+                              fix=f"fix the '{fld}' column or put the file there", **self.where())
+        return p
+
+    def barcodes_path(self, data_mirror=None) -> Path | None:
+        return self._resolve_aux(self.barcodes, "barcodes", data_mirror)
+
+    def labels_path(self, data_mirror=None) -> Path | None:
+        return self._resolve_aux(self.labels, "labels", data_mirror)
+
+    def peaks_path(self, data_mirror=None) -> Path | None:
+        return self._resolve_aux(self.peaks, "peaks", data_mirror)
+
+
+def _clean(v):
+    if v is None:
+        return None
+    if isinstance(v, float) and pd.isna(v):
+        return None
+    s = str(v).strip()
+    return s if s and s.lower() not in ("na", "nan", "none", "-") else None
+
+
+def _entry_from_record(rec: dict, manifest: Path, line: int) -> DatasetEntry:
+    where = {"path": str(manifest), "line": line}
+    rec = {str(k).strip(): _clean(v) for k, v in rec.items()}
+    for req in ("name", "format", "genome"):
+        if not rec.get(req):
+            raise ConfigError(f"required field '{req}' is empty", field=req,
+                              fix="fill it in (see docs: name, format, path|url, genome)", **where)
+    name = rec["name"]
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"dataset name '{name}' has characters other than letters, digits, '._-'",
+                          field="name", fix="rename the dataset", **where)
+    fmt = rec["format"]
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown format '{fmt}'", field="format", fix=f"use one of {', '.join(FORMATS)}",
+                          **where)
+    genome = rec["genome"]
+    if genome not in GENOMES:
+        raise ConfigError(f"unknown genome build '{genome}'", field="genome",
+                          fix=f"use one of {', '.join(GENOMES)}", **where)
+    if not rec.get("path") and not rec.get("url"):
+        raise ConfigError(f"dataset '{name}' has neither 'path' nor 'url'", field="path",
+                          fix="give the file path (relative to the manifest) or a URL", **where)
+    sha = rec.get("sha256")
+    if sha and not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
+        raise ConfigError(f"'{sha}' is not a sha256 hex digest", field="sha256",
+                          fix="64 hexadecimal characters (sha256sum FILE), or leave it empty", **where)
+    if fmt != "fragments":
+        for k in ("barcodes", "labels", "peaks"):
+            if rec.get(k):
+                log.warning("%s: field '%s' is only used for fragment inputs (dataset %s)", manifest, k, name)
+    known = {k: rec.get(k) for k in FIELDS if k not in ("name", "format", "genome")}
+    extra = {k: v for k, v in rec.items() if k not in FIELDS}
+    return DatasetEntry(name=name, format=fmt, genome=genome, tissue=known.pop("tissue") or "",
+                        extra=extra, manifest=manifest, line=line, **known)
+
+
+def load_manifest(path: str | os.PathLike) -> list[DatasetEntry]:
+    """Read and validate a manifest (TSV or YAML). Does not touch the data files (see
+    :func:`resolve_dataset`)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError("manifest not found", path=str(path), fix="give the path of the manifest file")
+    entries: list[DatasetEntry] = []
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            raise ConfigError(f"invalid YAML ({exc})", path=str(path),
+                              line=None if line is None else line + 1) from None
+        if isinstance(data, dict):
+            data = data.get("datasets")
+        if not isinstance(data, list):
+            raise ConfigError("a YAML manifest must be a list of datasets (or {datasets: [...]})",
+                              path=str(path), fix="see the manifest format in docs/ARCHITECTURE.md")
+        for i, rec in enumerate(data, start=1):
+            if not isinstance(rec, dict):
+                raise ConfigError(f"entry {i} is not a mapping", path=str(path), line=i)
+            entries.append(_entry_from_record(rec, path, i))
+    else:
+        try:
+            df = pd.read_csv(path, sep="\t", dtype=str, comment=None, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise ConfigError(f"cannot parse the TSV manifest ({str(exc).strip()})", path=str(path),
+                              fix="tab-separated with a header line") from None
+        missing = [c for c in ("name", "format", "genome") if c not in df.columns]
+        if missing:
+            raise ConfigError(f"missing column(s) {missing} in the header", path=str(path), line=1,
+                              field=missing[0], fix="add the column(s); see docs/ARCHITECTURE.md")
+        for i, rec in enumerate(df.to_dict("records")):
+            entries.append(_entry_from_record(rec, path, i + 2))
+    if not entries:
+        raise ConfigError("the manifest lists no datasets", path=str(path), fix="add at least one dataset")
+    seen: dict[str, int] = {}
+    for e in entries:
+        if e.name in seen:
+            raise ConfigError(f"dataset name '{e.name}' is used twice (also at line {seen[e.name]})",
+                              path=str(path), line=e.line, field="name", fix="names must be unique")
+        seen[e.name] = e.line
+    return entries
+
+
+def get_dataset(entries: list[DatasetEntry], name: str) -> DatasetEntry:
+    for e in entries:
+        if e.name == name:
+            return e
+    where = entries[0].manifest if entries else None
+    raise ConfigError(f"no dataset named '{name}' in the manifest", path=where, field="name",
+                      fix=f"use one of: {', '.join(e.name for e in entries)}")
+
+
+def _download(url: str, dest: Path, entry: DatasetEntry) -> Path:
+    log.info("downloading %s -> %s", url, dest)
+    try:
+        with atomic_path(dest) as tmp:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as fh:
+                shutil.copyfileobj(r, fh, length=1 << 20)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"dataset '{entry.name}': cannot download {url} ({exc})", field="url",
+                          fix="check the URL, or (offline) put the file into the data_mirror folder",
+                          **entry.where()) from None
+    return dest
+
+
+def resolve_dataset(entry: DatasetEntry, *, data_mirror: str | os.PathLike | None = None,
+                    download_dir: str | os.PathLike | None = None, verify: bool = True) -> Path:
+    """The local path of the dataset's file: its ``path``, else the ``data_mirror`` copy of the URL's
+    (or path's) file name, else a download into ``download_dir``. Checks ``sha256`` when given."""
+    p: Path | None = None
+    tried = []
+    if entry.path:
+        p = Path(entry.path)
+        if not p.is_absolute() and entry.manifest is not None:
+            p = entry.manifest.parent / p
+        tried.append(str(p))
+        if not p.exists():
+            p = None
+    if p is None and data_mirror:
+        fname = Path(urllib.parse.urlparse(entry.url).path).name if entry.url else Path(entry.path).name
+        m = Path(data_mirror) / fname
+        tried.append(str(m))
+        if m.exists():
+            p = m
+    if p is None and entry.url:
+        ddir = Path(download_dir) if download_dir else (
+            (entry.manifest.parent if entry.manifest else Path.cwd()) / "downloads")
+        dest = ddir / Path(urllib.parse.urlparse(entry.url).path).name
+        p = dest if dest.exists() else _download(entry.url, dest, entry)
+    if p is None:
+        raise ConfigError(f"dataset '{entry.name}': file not found (tried {', '.join(tried)})",
+                          field="path", fix="fix the path (relative to the manifest) or set data_mirror "
+                                            "to a folder holding the file", **entry.where())
+    if verify and entry.sha256 and p.is_file():
+        got = sha256_file(p)
+        if got.lower() != entry.sha256.lower():
+            raise ConfigError(f"dataset '{entry.name}': sha256 of {p} is {got}, the manifest says "
+                              f"{entry.sha256}", field="sha256",
+                              fix="the file is corrupt or a different version: re-download it, or update "
+                                  "the checksum if the change is intended", **entry.where())
+    return p

@@ -1,0 +1,463 @@
+"""Map a dataset onto a cCRE set: cells x cCREs raw counts.
+
+Count semantics (SPEC §1, as the authors):
+
+* **Fragments** - a fragment adds 1 to every cCRE it overlaps by at least 1 bp (half-open
+  intervals), so a fragment spanning two cCREs counts once for each. With
+  ``use_count_column=True`` it adds its 5th column (the number of duplicate reads) instead of 1.
+  Fragments on chromosomes absent from the cCRE set count nowhere (but stay in the per-cell fragment
+  total used for ``frac_fragments_in_ccres``).
+* **Peaks** - a cell-by-peak matrix ``X`` is mapped with a sparse incidence matrix ``A``
+  (``A[i, j] = 1`` when peak ``i`` overlaps cCRE ``j``): ``counts = X @ A``. A peak that overlaps
+  two cCREs contributes its full count to both; a cCRE overlapped by two peaks receives the sum.
+
+Fragments are streamed in chunks (bounded memory: one chunk plus the growing sparse result).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..errors import InputFormatError
+from ..genome.intervals import normalize_chrom
+from .readers import DEFAULT_CHUNKSIZE, FragmentReader
+
+log = logging.getLogger(__name__)
+
+# Non-primary contigs of the human assemblies (unplaced, unlocalised, alt, fix, decoy, EBV, lambda):
+# they are dropped (and counted) rather than being an error. Any other unknown name is an error.
+_KNOWN_CONTIG = re.compile(
+    r"(_random$|^chrUn|_alt$|_fix$|_decoy$|^chrGL|^chrKI|^chrJH|^chrKN|^chrKQ|^chrKV|^chrKZ|^chrML"
+    r"|^chrMU|^chrNC_|^chrEBV$|^chrhs37d5$|^chrlambda|^chrHLA)", re.IGNORECASE)
+
+
+def is_known_contig(name: str) -> bool:
+    return bool(_KNOWN_CONTIG.search(str(name)))
+
+
+def check_chroms(chroms, *, genome: str, path=None) -> np.ndarray:
+    """Boolean mask over ``chroms`` (unique normalised names) of those to keep (primary set).
+
+    Known non-primary contigs (unplaced/alt/decoy/EBV) are dropped; anything else outside chr1-22,
+    X, Y, M is an unknown chromosome and raises :class:`InputFormatError` (via
+    :func:`epiflow.genome.bed.validate_chroms`)."""
+    from ..genome.bed import primary_mask, validate_chroms
+
+    chroms = np.asarray(chroms).astype(str)
+    prim = primary_mask(chroms)
+    other = chroms[~prim]
+    unknown = [c for c in other if not is_known_contig(c)]
+    if unknown:
+        validate_chroms(np.asarray(unknown), genome=genome, path=path)
+    return prim
+
+
+# ----------------------------------------------------------------------------------------------
+# cCRE index
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class _ChromIndex:
+    ids: np.ndarray      # cCRE ids sorted by start
+    starts: np.ndarray
+    ends: np.ndarray
+    max_len: int
+    ends_sorted: bool
+
+
+class CcreIndex:
+    """Per-chromosome sorted arrays of a cCRE set, built once and queried chunk after chunk.
+
+    :meth:`query` returns every (query, cCRE) pair overlapping by >= 1 bp; same result as
+    :func:`epiflow.genome.intervals.overlap_pairs`, without re-indexing the cCREs for every chunk.
+    """
+
+    def __init__(self, chrom, start, end):
+        chrom = normalize_chrom(np.asarray(chrom).astype(str))
+        start = np.asarray(start, dtype=np.int64)
+        end = np.asarray(end, dtype=np.int64)
+        self.n = len(start)
+        self.by_chrom: dict[str, _ChromIndex] = {}
+        uniq, inv = np.unique(chrom, return_inverse=True)
+        order = np.lexsort((start, inv))
+        inv_sorted = inv[order]
+        bounds = np.searchsorted(inv_sorted, np.arange(len(uniq) + 1))
+        for k, c in enumerate(uniq):
+            ids = order[bounds[k]:bounds[k + 1]]
+            s, e = start[ids], end[ids]
+            self.by_chrom[str(c)] = _ChromIndex(ids.astype(np.int64), s, e, int((e - s).max()),
+                                                bool(np.all(np.diff(e) >= 0)))
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame) -> "CcreIndex":
+        return cls(df["chrom"].to_numpy(), df["start"].to_numpy(), df["end"].to_numpy())
+
+    @property
+    def chroms(self) -> list[str]:
+        return list(self.by_chrom)
+
+    def _query_one(self, ci: _ChromIndex, ast: np.ndarray, aen: np.ndarray):
+        if ci.ends_sorted:
+            # first cCRE whose end > start ... last cCRE whose start < end: all overlap
+            lo = np.searchsorted(ci.ends, ast, side="right")
+            hi = np.searchsorted(ci.starts, aen, side="left")
+            n = np.maximum(hi - lo, 0)
+            tot = int(n.sum())
+            if tot == 0:
+                return None
+            rep = np.repeat(np.arange(len(ast)), n)
+            cand = np.repeat(lo, n) + (np.arange(tot) - np.repeat(np.cumsum(n) - n, n))
+            return rep, ci.ids[cand]
+        lo = np.searchsorted(ci.starts, ast - ci.max_len + 1, side="left")
+        hi = np.searchsorted(ci.starts, aen, side="left")
+        n = np.maximum(hi - lo, 0)
+        tot = int(n.sum())
+        if tot == 0:
+            return None
+        rep = np.repeat(np.arange(len(ast)), n)
+        cand = np.repeat(lo, n) + (np.arange(tot) - np.repeat(np.cumsum(n) - n, n))
+        keep = ci.ends[cand] > ast[rep]
+        return rep[keep], ci.ids[cand[keep]]
+
+    def query_codes(self, chrom_codes, chrom_names, start, end):
+        """Overlaps of queries given as chromosome codes into ``chrom_names`` (fast path for chunks).
+
+        Returns ``(iq, iccre)`` int64, grouped by chromosome.
+        """
+        chrom_codes = np.asarray(chrom_codes, dtype=np.int64)
+        start = np.asarray(start, dtype=np.int64)
+        end = np.asarray(end, dtype=np.int64)
+        if len(chrom_codes) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        sorted_codes = bool(np.all(np.diff(chrom_codes) >= 0))
+        order = None if sorted_codes else np.argsort(chrom_codes, kind="stable")
+        cs = chrom_codes if order is None else chrom_codes[order]
+        bounds = np.searchsorted(cs, np.arange(len(chrom_names) + 1))
+        out_q, out_c = [], []
+        for k, name in enumerate(chrom_names):
+            lo, hi = bounds[k], bounds[k + 1]
+            if hi <= lo or name not in self.by_chrom:
+                continue
+            rows = np.arange(lo, hi) if order is None else order[lo:hi]
+            r = self._query_one(self.by_chrom[name], start[rows], end[rows])
+            if r is None:
+                continue
+            out_q.append(rows[r[0]])
+            out_c.append(r[1])
+        if not out_q:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(out_q), np.concatenate(out_c)
+
+    def query(self, chrom, start, end):
+        chrom = np.asarray(chrom).astype(str)
+        names, codes = np.unique(chrom, return_inverse=True)
+        return self.query_codes(codes, [str(x) for x in names], start, end)
+
+
+# ----------------------------------------------------------------------------------------------
+# fragments
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class FragmentCounts:
+    counts: sp.csr_matrix              # barcodes x cCREs
+    barcodes: np.ndarray               # barcode of each row
+    n_fragments: np.ndarray            # per barcode: fragments read (after whitelist / liftover)
+    n_in_ccres: np.ndarray             # per barcode: fragments overlapping >= 1 cCRE
+    stats: dict = field(default_factory=dict)
+
+
+def map_fragments(reader: FragmentReader, index: CcreIndex, *, use_count_column: bool = False,
+                  lift=None, on_first_chunk=None, genome: str | None = None,
+                  progress: bool = False) -> FragmentCounts:
+    """Stream a fragment file into a barcodes x cCREs count matrix (see the module doc for semantics).
+
+    ``lift(chrom, start, end) -> (chrom, start, end, keep)`` converts coordinates chunk by chunk
+    (fragments that do not lift are dropped and counted). ``on_first_chunk(chrom, start, end)`` is
+    called once on the first chunk (e.g. genome-build detection) before anything is counted.
+    ``genome`` enables the unknown-chromosome check (known alt/unplaced contigs are dropped).
+    """
+    from tqdm.auto import tqdm
+
+    acc = None
+    n_frag = np.zeros(0, np.int64)
+    n_in = np.zeros(0, np.int64)
+    lines = lifted_in = lifted_lost = contig_dropped = 0
+    first = True
+    chrom_ok_cache: dict[str, bool] = {}
+    bar = tqdm(desc=f"fragments {Path(str(reader.path)).name}", unit=" lines", unit_scale=True,
+               disable=not progress)
+    for ch in reader:
+        bar.update(ch.n_raw)
+        lines += ch.n_raw
+        if len(ch) == 0:
+            continue
+        chroms, codes, start, end = ch.chroms, ch.chrom_codes, ch.start, ch.end
+        bc, cnt = ch.barcode, ch.count
+        if genome is not None:
+            new = [c for c in chroms if c not in chrom_ok_cache]
+            if new:
+                ok = check_chroms(np.asarray(new), genome=genome, path=str(reader.path))
+                chrom_ok_cache.update(zip(new, ok))
+            okc = np.array([chrom_ok_cache[c] for c in chroms], dtype=bool)
+            if not okc.all():
+                keep = okc[codes]
+                contig_dropped += int((~keep).sum())
+                codes, start, end, bc, cnt = codes[keep], start[keep], end[keep], bc[keep], cnt[keep]
+        if first and on_first_chunk is not None:
+            on_first_chunk(chroms[codes], start, end)
+        first = False
+        if lift is not None:
+            lifted_in += len(start)
+            lc, ls, le, keep = lift(chroms[codes], start, end)
+            lifted_lost += int((~keep).sum())
+            bc, cnt = bc[keep], cnt[keep]
+            names, codes = np.unique(np.asarray(lc).astype(str), return_inverse=True)
+            chroms = np.asarray(names).astype(str)
+            start, end = np.asarray(ls, np.int64), np.asarray(le, np.int64)
+        nb = len(reader.barcodes)
+        iq, ic = index.query_codes(codes, list(chroms), start, end)
+        w = cnt[iq] if use_count_column else np.ones(len(iq), dtype=np.int64)
+        m = sp.csr_matrix((w.astype(np.float32), (bc[iq], ic)), shape=(nb, index.n))
+        m.sum_duplicates()
+        if acc is None:
+            acc = m
+        else:
+            if acc.shape[0] < nb:
+                acc.resize((nb, index.n))
+            acc = acc + m
+        hit = np.zeros(len(start), dtype=bool)
+        hit[iq] = True
+        if len(n_frag) < nb:
+            n_frag = np.concatenate([n_frag, np.zeros(nb - len(n_frag), np.int64)])
+            n_in = np.concatenate([n_in, np.zeros(nb - len(n_in), np.int64)])
+        n_frag += np.bincount(bc, minlength=nb)
+        n_in += np.bincount(bc[hit], minlength=nb)
+    bar.close()
+    nb = len(reader.barcodes)
+    if acc is None:
+        acc = sp.csr_matrix((nb, index.n), dtype=np.float32)
+    if acc.shape[0] < nb:
+        acc.resize((nb, index.n))
+    n_frag = np.concatenate([n_frag, np.zeros(nb - len(n_frag), np.int64)])
+    n_in = np.concatenate([n_in, np.zeros(nb - len(n_in), np.int64)])
+    acc = sp.csr_matrix(acc)
+    acc.sort_indices()
+    stats = dict(reader.stats)
+    stats.update({"lines": int(lines), "fragments_used": int(n_frag.sum()),
+                  "fragments_in_ccres": int(n_in.sum()),
+                  "frac_fragments_in_ccres": float(n_in.sum() / max(n_frag.sum(), 1)),
+                  "dropped_other_contigs": int(contig_dropped),
+                  "use_count_column": bool(use_count_column)})
+    if lift is not None:
+        stats.update({"lift_in": int(lifted_in), "lift_lost": int(lifted_lost),
+                      "lift_fraction_lost": float(lifted_lost / max(lifted_in, 1))})
+    return FragmentCounts(acc, np.asarray(reader.barcodes, dtype=object), n_frag, n_in, stats)
+
+
+# ----------------------------------------------------------------------------------------------
+# peaks
+# ----------------------------------------------------------------------------------------------
+
+def peak_incidence(peaks: pd.DataFrame, index: CcreIndex) -> sp.csr_matrix:
+    """Sparse n_peaks x n_cCREs 0/1 matrix: peak i overlaps cCRE j."""
+    ip, ic = index.query(peaks["chrom"].to_numpy(), peaks["start"].to_numpy(), peaks["end"].to_numpy())
+    A = sp.csr_matrix((np.ones(len(ip), dtype=np.float32), (ip, ic)), shape=(len(peaks), index.n))
+    A.sum_duplicates()
+    A.data[:] = 1.0
+    return A
+
+
+def map_peaks(X, peaks: pd.DataFrame, index: CcreIndex) -> tuple[sp.csr_matrix, dict]:
+    """Cells x peaks counts -> cells x cCREs counts (``X @ incidence``; see the module doc)."""
+    X = sp.csr_matrix(X).astype(np.float32)
+    A = peak_incidence(peaks, index)
+    out = sp.csr_matrix(X @ A)
+    out.sum_duplicates()
+    out.eliminate_zeros()
+    out.sort_indices()
+    mapped_peaks = np.asarray(A.sum(axis=1)).ravel() > 0
+    total = float(X.sum())
+    in_mapped = float(X[:, np.flatnonzero(mapped_peaks)].sum()) if mapped_peaks.any() else 0.0
+    stats = {"peaks": int(len(peaks)), "peaks_overlapping_ccres": int(mapped_peaks.sum()),
+             "frac_peaks_in_ccres": float(mapped_peaks.mean()) if len(peaks) else 0.0,
+             "frac_counts_in_ccres": in_mapped / total if total else 0.0}
+    return out, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# one manifest dataset -> mapped AnnData
+# ----------------------------------------------------------------------------------------------
+
+_STD_OBS = ["cell_id", "barcode", "dataset", "tissue", "batch", "cell_type"]
+
+
+def _simple_obs(obs: pd.DataFrame) -> pd.DataFrame:
+    """Keep obs columns that can be stored in a shard (numbers, strings); categoricals -> strings."""
+    out = {}
+    for c in obs.columns:
+        s = obs[c]
+        if isinstance(s.dtype, pd.CategoricalDtype) or s.dtype == object or pd.api.types.is_string_dtype(s):
+            out[str(c)] = s.astype(str).to_numpy()
+        elif pd.api.types.is_bool_dtype(s):
+            out[str(c)] = s.astype(str).to_numpy()
+        elif pd.api.types.is_numeric_dtype(s):
+            out[str(c)] = s.to_numpy()
+    return pd.DataFrame(out, index=obs.index)
+
+
+def _standard_obs(entry, barcodes, extra: pd.DataFrame | None, where: dict) -> pd.DataFrame:
+    from ..errors import ConfigError
+
+    barcodes = np.asarray(barcodes, dtype=object).astype(str)
+    extra = _simple_obs(extra) if extra is not None else pd.DataFrame(index=barcodes)
+    extra.index = barcodes
+    for key, fld in ((entry.cell_type_key, "cell_type_key"), (entry.batch_key, "batch_key")):
+        if key and key not in extra.columns:
+            raise ConfigError(f"dataset '{entry.name}': column '{key}' not found (have: "
+                              f"{', '.join(map(str, extra.columns)) or 'none'})", field=fld,
+                              fix="name an obs column of the input (or a column of the labels table)",
+                              **where)
+    ct_key = entry.cell_type_key or ("cell_type" if "cell_type" in extra.columns else None)
+    cell_type = extra[ct_key].astype(str).to_numpy() if ct_key else np.full(len(barcodes), "unknown")
+    cell_type = np.where(pd.isna(cell_type) | (cell_type == "nan") | (cell_type == ""), "unknown", cell_type)
+    batch = extra[entry.batch_key].astype(str).to_numpy() if entry.batch_key else np.full(len(barcodes), entry.name)
+    std = pd.DataFrame({"cell_id": [f"{entry.name}:{b}" for b in barcodes], "barcode": barcodes,
+                        "dataset": entry.name, "tissue": entry.tissue or "unknown", "batch": batch,
+                        "cell_type": cell_type}, index=barcodes)
+    rest = extra.drop(columns=[c for c in extra.columns if c in _STD_OBS])
+    obs = pd.concat([std, rest], axis=1)
+    obs.index = obs["cell_id"].to_numpy()
+    return obs
+
+
+def _build_checker(entry, tss, path):
+    if not tss:
+        return None
+
+    def check(chrom, start, end):
+        from ..genome.build import check_build, detect_build
+
+        rep = detect_build(np.asarray(chrom).astype(str), np.asarray(start), np.asarray(end), tss=tss)
+        check_build(entry.genome, rep, path=str(path), dataset=entry.name)
+        check.report = rep
+    check.report = None
+    return check
+
+
+def _lifter(chain_obj):
+    from ..genome.liftover import lift_intervals
+
+    def lift(chrom, start, end):
+        r = lift_intervals(chain_obj, chrom, start, end)
+        return r.chrom, r.start, r.end, r.keep
+    return lift
+
+
+def map_dataset(entry, ccres: pd.DataFrame, genome: str, *, chain: str | None = None,
+                tss: dict | None = None, data_mirror=None, use_count_column: bool = False,
+                chunksize: int = DEFAULT_CHUNKSIZE, progress: bool = False):
+    """Map one manifest dataset onto ``ccres`` (the candidate cCREs, in ``genome`` coordinates).
+
+    Checks the file (path/URL, sha256), the chromosome names, the genome build (when ``tss`` =
+    ``{'hg19': bed, 'hg38': bed}`` is given), lifts to ``genome`` when the dataset's build differs
+    (``chain``: path/URL/``builtin:...``; default: the builtin chain where there is one) and counts.
+    Returns ``(adata, report)``: cells x cCREs raw counts (CSR float32) with standard obs columns
+    (cell_id, barcode, dataset, tissue, batch, cell_type, + label/obs columns) and a JSON-able report.
+    """
+    import anndata as ad
+
+    from ..genome.bed import normalize_genome
+    from .manifest import resolve_dataset
+    from .readers import read_labels, read_matrix
+
+    genome = normalize_genome(genome)
+    path = resolve_dataset(entry, data_mirror=data_mirror)
+    index = CcreIndex.from_frame(ccres)
+    report: dict = {"dataset": entry.name, "format": entry.format, "path": str(path),
+                    "genome_declared": entry.genome, "genome_target": genome, "n_ccres": int(index.n),
+                    "lifted": entry.genome != genome}
+    lift = None
+    if entry.genome != genome:
+        from ..genome.liftover import load_chain, require_chain
+
+        spec = require_chain(entry.genome, genome, chain)
+        report["chain"] = spec
+        lift = _lifter(load_chain(spec))
+    checker = _build_checker(entry, tss, path)
+    where = entry.where()
+    if entry.format == "fragments":
+        reader = FragmentReader(path, whitelist=entry.barcodes_path(data_mirror), chunksize=chunksize)
+        fc = map_fragments(reader, index, use_count_column=use_count_column, lift=lift,
+                           on_first_chunk=checker, genome=entry.genome, progress=progress)
+        labels = None
+        lp = entry.labels_path(data_mirror)
+        if lp is not None:
+            labels = read_labels(lp).reindex(pd.Index(fc.barcodes.astype(str)))
+        obs = _standard_obs(entry, fc.barcodes, labels, where)
+        obs["n_fragments"] = fc.n_fragments
+        obs["n_fragments_in_ccres"] = fc.n_in_ccres
+        X = fc.counts
+        report.update(fc.stats)
+    else:
+        a = read_matrix(path, entry.format)
+        var = a.var[["chrom", "start", "end"]].reset_index(drop=True)
+        keep = check_chroms(np.unique(var["chrom"].to_numpy()), genome=entry.genome, path=str(path))
+        ok_names = set(np.unique(var["chrom"].to_numpy())[keep])
+        peak_keep = var["chrom"].isin(ok_names).to_numpy()
+        report["dropped_other_contig_peaks"] = int((~peak_keep).sum())
+        Xp = a.X[:, np.flatnonzero(peak_keep)] if not peak_keep.all() else a.X
+        var = var.loc[peak_keep].reset_index(drop=True)
+        if checker is not None:
+            checker(var["chrom"].to_numpy(), var["start"].to_numpy(), var["end"].to_numpy())
+        if lift is not None:
+            lc, ls, le, lk = lift(var["chrom"].to_numpy(), var["start"].to_numpy(), var["end"].to_numpy())
+            report.update({"lift_in": int(len(var)), "lift_lost": int((~lk).sum()),
+                           "lift_fraction_lost": float((~lk).mean()) if len(var) else 0.0})
+            Xp = sp.csr_matrix(Xp)[:, np.flatnonzero(lk)]
+            var = pd.DataFrame({"chrom": lc, "start": ls, "end": le})
+        X, st = map_peaks(Xp, var, index)
+        report.update(st)
+        obs = _standard_obs(entry, a.obs_names.to_numpy(), a.obs, where)
+    if checker is not None and checker.report is not None:
+        r = checker.report
+        report["build_detected"] = getattr(r, "build", None)
+        report["build_scores"] = {k: float(v) for k, v in dict(getattr(r, "scores", {}) or {}).items()}
+    X = sp.csr_matrix(X, dtype=np.float32)
+    obs["n_ccres"] = np.diff(X.indptr).astype(np.int64)
+    report["n_cells"] = int(X.shape[0])
+    report["median_ccres_per_cell"] = float(np.median(obs["n_ccres"])) if len(obs) else 0.0
+    var = pd.DataFrame({"chrom": ccres["chrom"].astype(str).to_numpy(),
+                        "start": ccres["start"].to_numpy(np.int64), "end": ccres["end"].to_numpy(np.int64)})
+    var.index = (var["chrom"] + ":" + var["start"].astype(str) + "-" + var["end"].astype(str)).to_numpy()
+    adata = ad.AnnData(X=X, obs=obs, var=var)
+    adata.var_names_make_unique()
+    from ..corpus.shard import vocab_id_from_intervals
+
+    report["ccres_id"] = vocab_id_from_intervals(var["chrom"], var["start"], var["end"])
+    adata.uns["epiflow_mapping"] = _json(report)
+    return adata, report
+
+
+def _json(d) -> str:
+    import json
+
+    return json.dumps(d, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+
+
+def write_mapped(adata, path, report: dict | None = None, report_path=None) -> None:
+    """Write a mapped dataset (h5ad) and its report (JSON), each atomically."""
+    from ..io import atomic_path
+
+    with atomic_path(path, suffix=".h5ad") as tmp:
+        adata.write_h5ad(tmp, compression="gzip")
+    if report_path is not None:
+        with atomic_path(report_path) as tmp:
+            Path(tmp).write_text(_json(report or {}))
