@@ -456,6 +456,7 @@ def write_mapped(adata, path, report: dict | None = None, report_path=None) -> N
     """Write a mapped dataset (h5ad) and its report (JSON), each atomically."""
     from ..io import atomic_path
 
+    adata.strings_to_categoricals()
     with atomic_path(path, suffix=".h5ad") as tmp:
         adata.write_h5ad(tmp, compression="gzip")
     if report_path is not None:

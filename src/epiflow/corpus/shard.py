@@ -46,10 +46,12 @@ CORPUS_FORMAT = "epiflow-corpus"
 
 def vocab_id_from_intervals(chrom, start, end) -> str:
     """A short stable identifier of a cCRE vocabulary (hash of its intervals in order)."""
-    h = hashlib.sha256()
-    for c, s, e in zip(np.asarray(chrom).astype(str), np.asarray(start), np.asarray(end)):
-        h.update(f"{c}\t{int(s)}\t{int(e)}\n".encode())
-    return h.hexdigest()[:16]
+    # same digest as hashing "chrom\tstart\tend\n" line by line, built in one vectorised string
+    c = pd.Series(np.asarray(chrom).astype(str), dtype=object)
+    s = pd.Series(np.asarray(start).astype(np.int64)).astype(str)
+    e = pd.Series(np.asarray(end).astype(np.int64)).astype(str)
+    text = (c + "\t" + s.to_numpy(dtype=object) + "\t" + e.to_numpy(dtype=object) + "\n").str.cat() if len(c) else ""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -223,7 +225,19 @@ class Corpus:
         for p in self.shard_paths:
             yield read_shard(p, obs=obs)
 
-    def check_model_vocab(self, n_ccres_model: int, what: str = "model") -> None:
+    def check_model_vocab(self, n_ccres_model: int, what: str = "model", vocab_id: str | None = None) -> None:
+        """Raise :class:`VocabularyMismatchError` when a model's cCRE count (or, when the model's
+        sidecar records one, its ``vocab_id``) differs from this corpus's vocabulary."""
+        if vocab_id and self.vocab_id and str(vocab_id) != self.vocab_id:
+            raise VocabularyMismatchError(
+                f"the {what} was trained on cCRE vocabulary {vocab_id} but the corpus vocabulary is "
+                f"{self.vocab_id} (same size {n_ccres_model} does not mean same cCREs)"
+                if int(n_ccres_model) == self.n_ccres else
+                f"the {what} has {n_ccres_model} cCREs (vocabulary {vocab_id}) but the corpus vocabulary "
+                f"{self.vocab_id} has {self.n_ccres}",
+                path=str(self.root / "corpus.json"), field="vocab_id",
+                fix="use a checkpoint trained on this corpus vocabulary, or rebuild the corpus on the "
+                    "checkpoint's cCRE set (--vocabulary external --ccres <its vocab.bed>)")
         if int(n_ccres_model) != self.n_ccres:
             raise VocabularyMismatchError(
                 f"the {what} has {n_ccres_model} cCREs but the corpus vocabulary has {self.n_ccres}",
