@@ -1,0 +1,149 @@
+"""Bidirectional self-attention backends, selectable at run time.
+
+* ``"sdpa"``   - padded ``[B, H, L, d]`` tensors, :func:`torch.nn.functional.scaled_dot_product_attention`
+  with a boolean key-padding mask (True = keep). Pad queries are computed too (they attend to the
+  real keys), exactly like the authors' non-flash path.
+* ``"packed"`` - variable-length ("varlen") attention on packed ``[T, H, d]`` tensors, no pad waste.
+  On CUDA in fp16/bf16 with no attention dropout it uses PyTorch's own flash varlen kernel
+  (``torch.nn.attention.varlen.varlen_attn``); elsewhere (CPU, fp32, or dropout > 0 while training)
+  it runs one SDPA call per sequence of the batch (block-diagonal attention without materialising
+  the block-diagonal mask; a Python loop over the <= few dozen sequences of a batch, not over cells).
+* ``"flash"``  - ``flash_attn.flash_attn_varlen_qkvpacked_func`` (the kernel the authors use); CUDA,
+  fp16/bf16 only, needs the optional ``flash-attn`` package.
+
+All backends use the softmax scale ``1 / sqrt(head_dim)``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+BACKENDS = ("sdpa", "packed", "flash")
+PACKED_BACKENDS = ("packed", "flash")
+
+
+def flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def flash_attn_available() -> bool:
+    """True when the optional flash-attn package is importable and a CUDA device is present."""
+    return flash_attn_installed() and torch.cuda.is_available()
+
+
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:  # pragma: no cover - older torch
+        return None
+    return varlen_attn
+
+
+def resolve_backend(name: str | None, device: torch.device | str | None = None) -> str:
+    """Validate a backend name; ``"auto"`` picks flash > packed on CUDA and sdpa on CPU."""
+    name = "sdpa" if name is None else str(name).lower()
+    dev = torch.device(device) if device is not None else None
+    if name == "auto":
+        if dev is not None and dev.type == "cuda":
+            return "flash" if flash_attn_available() else "packed"
+        return "sdpa"
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown attention backend {name!r}", field="backend",
+                          fix=f"use one of {', '.join(BACKENDS)} or 'auto'")
+    if name == "flash":
+        if not flash_attn_installed():
+            raise ConfigError("attention backend 'flash' needs the optional package flash-attn, which is "
+                              "not installed", field="backend",
+                              fix="pip install flash-attn (CUDA only), or use backend 'packed' or 'sdpa'")
+        if dev is not None and dev.type != "cuda":
+            raise ConfigError(f"attention backend 'flash' runs on CUDA only (device is {dev})",
+                              field="backend", fix="use backend 'packed' or 'sdpa' on CPU")
+    return name
+
+
+@dataclass
+class Packing:
+    """Sequence boundaries of a packed batch: sequence ``i`` is rows ``cu_seqlens[i]:cu_seqlens[i+1]``."""
+
+    cu_seqlens: torch.Tensor      # int64 [B + 1], on the model's device
+    seqlens: list[int]            # host copy of the lengths
+    max_seqlen: int
+
+    @classmethod
+    def from_lengths(cls, lengths, device=None) -> "Packing":
+        if isinstance(lengths, torch.Tensor):
+            seqlens = [int(x) for x in lengths.tolist()]
+        else:
+            seqlens = [int(x) for x in lengths]
+        cu = torch.zeros(len(seqlens) + 1, dtype=torch.int64)
+        if seqlens:
+            cu[1:] = torch.cumsum(torch.as_tensor(seqlens, dtype=torch.int64), 0)
+        return cls(cu.to(device) if device is not None else cu, seqlens, max(seqlens, default=0))
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor) -> "Packing":
+        host = cu_seqlens.detach().to("cpu", torch.int64)
+        seqlens = (host[1:] - host[:-1]).tolist()
+        return cls(cu_seqlens.to(torch.int64), seqlens, max(seqlens, default=0))
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.seqlens))
+
+    @property
+    def starts(self) -> torch.Tensor:
+        return self.cu_seqlens[:-1]
+
+    def positions(self) -> torch.Tensor:
+        """Position of every packed row inside its own sequence (0 = [CLS])."""
+        dev = self.cu_seqlens.device
+        lens = torch.as_tensor(self.seqlens, dtype=torch.int64, device=dev)
+        return torch.arange(self.total, device=dev) - torch.repeat_interleave(self.cu_seqlens[:-1], lens)
+
+    def cu_seqlens_int32(self) -> torch.Tensor:
+        return self.cu_seqlens.to(torch.int32)
+
+
+def attention_padded(q, k, v, key_padding_mask, dropout_p: float = 0.0):
+    """q, k, v ``[B, H, L, d]``; ``key_padding_mask`` bool ``[B, L]`` (True = real token)."""
+    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def attention_packed(q, k, v, packing: Packing, dropout_p: float = 0.0):
+    """Block-diagonal attention over packed ``[T, H, d]`` tensors; returns ``[T, H, d]``."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0:
+        varlen_attn = _torch_varlen()
+        if varlen_attn is not None:
+            cu = packing.cu_seqlens_int32()
+            return varlen_attn(q, k, v, cu, cu, packing.max_seqlen, packing.max_seqlen)
+    # one SDPA call per sequence: [H, L_i, d] blocks, no padding, no mask
+    qh, kh, vh = (x.transpose(0, 1) for x in (q, k, v))  # [H, T, d]
+    outs = []
+    for qi, ki, vi in zip(qh.split(packing.seqlens, 1), kh.split(packing.seqlens, 1),
+                          vh.split(packing.seqlens, 1)):
+        outs.append(F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p))
+    return torch.cat(outs, 1).transpose(0, 1)
+
+
+def attention_flash(qkv, packing: Packing, dropout_p: float = 0.0):
+    """flash-attn varlen on packed ``[T, 3, H, d]`` (fp16/bf16, CUDA); returns ``[T, H, d]``."""
+    try:
+        from flash_attn import flash_attn_varlen_qkvpacked_func
+    except ImportError as exc:  # pragma: no cover - depends on the optional package
+        raise ConfigError(f"attention backend 'flash' needs flash-attn ({exc})", field="backend",
+                          fix="pip install flash-attn, or use backend 'packed'") from None
+    if not qkv.is_cuda:
+        raise ConfigError("attention backend 'flash' runs on CUDA only", field="backend",
+                          fix="use backend 'packed' or 'sdpa' on CPU")
+    if qkv.dtype not in (torch.float16, torch.bfloat16):
+        raise ConfigError(f"flash-attn needs fp16/bf16 activations, got {qkv.dtype}", field="backend",
+                          fix="run under torch.autocast('cuda', dtype=torch.bfloat16) (embed does this)")
+    return flash_attn_varlen_qkvpacked_func(qkv, packing.cu_seqlens_int32(), packing.max_seqlen,
+                                            dropout_p=dropout_p)
