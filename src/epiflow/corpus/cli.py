@@ -1,0 +1,138 @@
+"""CLI verbs of the corpus stage: ``candidate-ccres``, ``map-dataset``, ``build-corpus``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _sidecar(bed: str | Path) -> Path:
+    return Path(str(bed) + ".json")
+
+
+def _candidate_ccres(args) -> int:
+    from ..genome.bed import write_bed
+    from ..io import atomic_write_text
+    from .build import candidate_set
+    from .manifest import load_manifest
+
+    entries = load_manifest(args.manifest) if args.manifest else []
+    cand, info = candidate_set(entries, args.genome, sources=args.sources or (),
+                               external_vocab=args.external_vocab, chain=args.chain,
+                               data_mirror=args.data_mirror)
+    if args.external_df:
+        from ..errors import ConfigError
+        from ..genome.ccre import load_external_vocab
+
+        if not args.external_vocab:
+            raise ConfigError("--external-df needs --external-vocab", field="external_df",
+                              fix="give the cCRE BED that the document frequencies belong to")
+        load_external_vocab(args.external_vocab, args.external_df)  # validates the length
+        info["external_df"] = str(Path(args.external_df).resolve())
+    write_bed(cand[["chrom", "start", "end"]], args.out)
+    stats = args.stats or _sidecar(args.out)
+    atomic_write_text(stats, json.dumps(info, indent=2))
+    log.info("%d candidate cCREs -> %s", len(cand), args.out)
+    return 0
+
+
+def _map_dataset(args) -> int:
+    from ..genome.bed import read_bed
+    from .manifest import get_dataset, load_manifest
+    from .mapping import map_dataset, write_mapped
+
+    entry = get_dataset(load_manifest(args.manifest), args.dataset)
+    ccres = read_bed(args.ccres)[["chrom", "start", "end"]]
+    tss = None
+    if args.tss_dir:
+        from ..genome.build import find_tss_files
+
+        tss = find_tss_files(args.tss_dir)
+        if len(tss) < 2:
+            log.warning("--tss-dir %s lacks hg19_tss.bed[.gz] and hg38_tss.bed[.gz]: genome build not "
+                        "checked", args.tss_dir)
+            tss = None
+    adata, report = map_dataset(entry, ccres, args.genome, chain=args.chain, tss=tss,
+                                data_mirror=args.data_mirror, use_count_column=args.use_count_column,
+                                chunksize=args.chunksize, progress=True)
+    report_path = args.report or Path(args.out).with_suffix(".json")
+    write_mapped(adata, args.out, report, report_path)
+    log.info("%s: %d cells x %d cCREs -> %s", entry.name, adata.n_obs, adata.n_vars, args.out)
+    return 0
+
+
+def _build_corpus(args) -> int:
+    from .build import build_corpus
+
+    side = {}
+    sp = _sidecar(args.ccres)
+    if sp.exists():
+        try:
+            side = json.loads(sp.read_text())
+        except json.JSONDecodeError:
+            side = {}
+    vocabulary = args.vocabulary or ("external" if side.get("mode") == "external" else "curate")
+    external_df = args.external_df or (side.get("external_df") if vocabulary == "external" else None)
+    genome = args.genome or side.get("genome", "")
+    corpus = build_corpus(args.ccres, args.mapped, args.out, genome=genome, min_cells=args.min_cells,
+                          min_ccres_per_cell=args.min_ccres_per_cell, shard_size=args.shard_size,
+                          vocabulary=vocabulary, external_df=external_df, progress=True)
+    print(json.dumps({"out": str(args.out), "n_cells": corpus.n_cells, "n_ccres": corpus.n_ccres,
+                      "shards": len(corpus.shard_paths), "vocab_id": corpus.vocab_id}))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("candidate-ccres", help="candidate cCREs: merged union of peak sets, or an external vocabulary",
+                       description="Union of --sources BED files and the peaks of the manifest's datasets "
+                                   "(lifted to --genome), overlapping intervals merged; or, with "
+                                   "--external-vocab, that BED unchanged (file order = token order). "
+                                   "Writes OUT (BED3) and OUT.json (summary).")
+    p.add_argument("--manifest", help="dataset manifest (TSV or YAML)")
+    p.add_argument("--genome", required=True, choices=["hg19", "hg38"], help="corpus genome build")
+    p.add_argument("--sources", nargs="*", default=[], help="extra BED files of cCREs/peaks (in --genome)")
+    p.add_argument("--external-vocab", help="external cCRE BED used as is (e.g. the authors' cCRE.bed)")
+    p.add_argument("--external-df", help="its document frequency .npy (e.g. cCRE_document_frequency.npy)")
+    p.add_argument("--chain", help="chain file/URL/builtin:NAME for datasets in another build")
+    p.add_argument("--data-mirror", help="folder searched for dataset files before downloading")
+    p.add_argument("--stats", help="summary JSON (default OUT.json)")
+    p.add_argument("--out", required=True, help="candidate cCRE BED")
+    p.set_defaults(func=_candidate_ccres)
+
+    p = sub.add_parser("map-dataset", help="map one dataset onto the candidate cCREs (cells x cCREs counts)",
+                       description="Reads one manifest dataset (fragments, 10x h5/mtx, h5ad), checks its "
+                                   "file, chromosomes and genome build, lifts it to --genome if needed, and "
+                                   "counts fragments (once per overlapped cCRE, or the count column) or "
+                                   "peaks (X @ peak-cCRE incidence) per cCRE.")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--dataset", required=True, help="dataset name in the manifest")
+    p.add_argument("--ccres", required=True, help="candidate cCRE BED (from candidate-ccres)")
+    p.add_argument("--genome", required=True, choices=["hg19", "hg38"])
+    p.add_argument("--chain", help="chain file/URL/builtin:NAME (default: builtin where available)")
+    p.add_argument("--tss-dir", help="folder with hg19_tss.bed.gz and hg38_tss.bed.gz: check the declared build")
+    p.add_argument("--data-mirror", help="folder searched for dataset files before downloading")
+    p.add_argument("--use-count-column", action="store_true",
+                   help="weight fragments by their 5th column (default: each fragment counts 1)")
+    p.add_argument("--chunksize", type=int, default=2_000_000, help="fragment lines per chunk")
+    p.add_argument("--out", required=True, help="mapped AnnData (.h5ad)")
+    p.add_argument("--report", help="mapping report JSON (default OUT with .json)")
+    p.set_defaults(func=_map_dataset)
+
+    p = sub.add_parser("build-corpus", help="QC, vocabulary, document frequency and tokenized shards",
+                       description="Streams the mapped datasets: per-cell QC, vocabulary (curate: keep "
+                                   "cCREs open in >= --min-cells cells; external: keep all), corpus document "
+                                   "frequency, rank-ordered cell sentences in shards. Atomic output folder.")
+    p.add_argument("--ccres", required=True, help="candidate cCRE BED (from candidate-ccres)")
+    p.add_argument("--mapped", nargs="+", required=True, help="mapped datasets (.h5ad from map-dataset)")
+    p.add_argument("--genome", choices=["hg19", "hg38"], help="default: from the candidates' .json")
+    p.add_argument("--min-cells", type=int, default=100, help="drop cCREs open in fewer cells (curate)")
+    p.add_argument("--min-ccres-per-cell", type=int, default=100, help="drop cells with fewer accessible cCREs")
+    p.add_argument("--shard-size", type=int, default=5000, help="cells per shard")
+    p.add_argument("--vocabulary", choices=["curate", "external"],
+                   help="default: 'external' if candidate-ccres was given --external-vocab, else 'curate'")
+    p.add_argument("--external-df", help="document frequency .npy to use (external vocabulary)")
+    p.add_argument("--out", required=True, help="corpus folder")
+    p.set_defaults(func=_build_corpus)
