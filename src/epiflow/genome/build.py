@@ -142,7 +142,7 @@ def check_build(declared: str, report: BuildReport, *, path=None, dataset=None) 
     who = f"dataset '{dataset}'" if dataset else "the data"
     of = f" of dataset '{dataset}'" if dataset else " (or --declared)"
     raise GenomeBuildError(
-        f"{who} declared {declared_n} look(s) like {report.build}: fraction of intervals whose "
+        f"{who} is declared {declared_n} but its intervals look like {report.build}: fraction of intervals whose "
         f"midpoint is within {report.window} bp of a TSS: {_fmt_scores(report)} (n={report.n})",
         path=path, field="genome",
         fix=f"set the manifest's genome field{of} to {report.build} if that is its build, or lift "

@@ -256,7 +256,8 @@ def _parse_header(line: str, where: str, line_no: int):
 
 
 def _diagnose_blocks(block_lines, block_line_no, where, header, header_line):
-    """Slow, exact check of one chain's block lines; raises with the offending line number."""
+    """Slow, exact check of one chain's block lines; raises with the offending line number, returns
+    if the chain is consistent."""
     m = len(block_lines)
     if m == 0:
         raise InputFormatError("malformed chain: header without alignment blocks", path=where,
@@ -285,8 +286,6 @@ def _diagnose_blocks(block_lines, block_line_no, where, header, header_line):
             f"malformed chain: the blocks end at t={t}, q={q} but the header says tEnd={header[5]}, "
             f"qEnd={header[10]}", path=where, line=header_line,
             fix="give an intact UCSC chain file (it may be truncated).")
-    raise InputFormatError("malformed chain (block section)", path=where, line=header_line,
-                           fix="give an intact UCSC chain file.")
 
 
 def parse_chain(path, *, name: str | None = None) -> Chain:
@@ -319,9 +318,13 @@ def parse_chain(path, *, name: str | None = None) -> Chain:
     line_off = np.r_[0, np.cumsum(n_lines)]
 
     def diagnose(k_list):
+        k_list = list(k_list)
         for k in k_list:
             a, b = line_off[k], line_off[k + 1]
             _diagnose_blocks(block_lines[a:b], block_line_no[a:b], where, headers[k], header_line[k])
+        raise InputFormatError("malformed chain (block section)", path=where,
+                               line=header_line[k_list[0]] if k_list else None,
+                               fix="give an intact UCSC chain file.")
 
     n_tok_expected = np.where(n_lines > 0, 3 * (n_lines - 1) + 1, 0)
     try:
