@@ -1,0 +1,113 @@
+"""Per-step metrics: CSV (always), TensorBoard (optional), loss-curve figure."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..io import atomic_path
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["step", "epoch", "k", "rlm", "loss", "sr", "cca", "rlm_loss", "lr", "grad_norm", "cells",
+           "tokens", "tokens_per_s", "step_s", "mem_mb"]
+
+
+class MetricsLogger:
+    """Appends one CSV row per step (rank 0 only). On resume, rows after the resumed step are dropped
+    so the file equals that of an uninterrupted run (apart from timings)."""
+
+    def __init__(self, out_dir, enabled: bool = True, tensorboard: bool = False, resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.csv"
+        self.tb = None
+        if not enabled:
+            return
+        rows = []
+        if resume_step is not None and self.path.exists():
+            with open(self.path, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, COLUMNS)
+                w.writeheader()
+                w.writerows(rows)
+        self._fh = open(self.path, "a", newline="")
+        self._w = csv.DictWriter(self._fh, COLUMNS)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--tensorboard needs the 'tensorboard' package", field="tensorboard",
+                                  fix="pip install 'epiflow[tensorboard]' (or pip install tensorboard)") from None
+            self.tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"),
+                                    purge_step=None if resume_step is None else resume_step + 1)
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self._w.writerow({k: row.get(k, "") for k in COLUMNS})
+        self._fh.flush()
+        if self.tb is not None:
+            step = int(row["step"])
+            for k in ("loss", "sr", "cca", "rlm_loss", "lr", "grad_norm", "tokens_per_s", "mem_mb"):
+                v = row.get(k)
+                if v not in (None, ""):
+                    self.tb.add_scalar(f"train/{k}", float(v), step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_losses(metrics_csv, out_png) -> Path | None:
+    """Loss curves (total and each objective, log scale) from ``metrics.csv``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.read_csv(metrics_csv)
+    if df.empty:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for col, label in (("loss", "total"), ("sr", "SR"), ("cca", "CCA"), ("rlm_loss", "RLM")):
+        if col in df and df[col].notna().any() and (df[col].fillna(0) != 0).any():
+            s = df[col].astype(float)
+            axes[0].plot(df["step"], s, lw=0.8, alpha=0.35)
+            axes[0].plot(df["step"], s.rolling(max(1, len(s) // 50), min_periods=1).mean(), lw=1.5,
+                         label=label, color=axes[0].lines[-1].get_color())
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("loss")
+    axes[0].set_yscale("log")
+    axes[0].legend(frameon=False)
+    axes[0].set_title("pretraining losses")
+    axes[1].plot(df["step"], df["lr"], color="k", lw=1)
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("learning rate")
+    axes[1].set_title("schedule (K: " + ",".join(str(k) for k in sorted(df["k"].unique())) + ")")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return out_png
+
+
+def peak_memory_mb(device) -> float:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    except Exception:  # pragma: no cover
+        return float("nan")
