@@ -236,9 +236,13 @@ class FragmentReader:
         return tbi
 
     def _raw_chunks(self) -> Iterator[pd.DataFrame]:
-        usecols = list(range(min(self._ncols, 5)))
-        names = ["chrom", "start", "end", "barcode", "count"][: len(usecols)]
-        dtype = {"chrom": "category", "start": np.int64, "end": np.int64, "barcode": "category"}
+        # all columns are named (no usecols), plus one overflow column that must stay empty: pandas
+        # does not reliably flag a line with one extra field at a chunk boundary
+        names = (["chrom", "start", "end", "barcode", "count"]
+                 + [f"extra{i}" for i in range(5, self._ncols)])[: self._ncols] + ["_overflow"]
+        usecols = None
+        dtype = {"chrom": "category", "start": np.int64, "end": np.int64, "barcode": "category",
+                 "_overflow": "category"}
         if "count" in names:
             dtype["count"] = np.float64  # float so that NaN / non-integers can be reported, not crash
         if self.region is not None and self._pysam_iter() is not None:
@@ -254,7 +258,7 @@ class FragmentReader:
                                    engine="c", skip_blank_lines=False)
             return
         reader = pd.read_csv(self.path, sep="\t", header=None, names=names, usecols=usecols, dtype=dtype,
-                             chunksize=self.chunksize, engine="c", skiprows=self._n_header,
+                             chunksize=self.chunksize, engine="c", skiprows=self._n_header, index_col=False,
                              compression="gzip" if _is_gzip(self.path) else None,
                              skip_blank_lines=False, na_filter=True, low_memory=False)
         yield from reader
@@ -314,7 +318,7 @@ class FragmentReader:
             i = int(np.flatnonzero(mask)[0])
             raise InputFormatError(msg(i), path=path, line=line0 + i, fix=fix)
 
-        missing = (chrom_codes < 0) | (bc_codes < 0) | np.isnan(cnt)
+        missing = (chrom_codes < 0) | (bc_codes < 0) | np.isnan(cnt) | df["_overflow"].notna().to_numpy()
         if missing.any():
             raise self._locate_bad_line(line0, n, "missing field")
         if (start < 0).any():
