@@ -1,0 +1,205 @@
+"""Clustering of embeddings and agreement with known labels (SPEC §5, feature extraction).
+
+* :func:`knn_graph` — scanpy's kNN graph (UMAP connectivities) of an embedding.
+* :func:`leiden_bisect` — Leiden (``flavor="igraph"``) with the resolution bisected until the number of
+  clusters equals the number of cell types, as in the EpiAgent paper. When that number cannot be reached
+  (e.g. the graph has more connected components than wanted clusters, or more clusters are asked for than
+  there are cells) the clustering whose count is closest is returned with ``reached=False``.
+* :func:`clustering_scores` — NMI and ARI from scikit-learn.
+* :func:`label_silhouette` — the scIB "cell-type ASW": silhouette of the labels on the embedding,
+  rescaled to ``(asw + 1) / 2`` (1 = perfectly separated, 0.5 = random).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..errors import EpiflowError
+
+log = logging.getLogger(__name__)
+
+_REP = "X_emb"
+
+
+def _as_adata(adata_or_embedding, use_rep: str | None):
+    """Return (AnnData, rep) where rep names the representation for the kNN graph."""
+    import anndata as ad
+
+    if isinstance(adata_or_embedding, ad.AnnData):
+        a = adata_or_embedding
+        if use_rep is not None and use_rep != "X" and use_rep not in a.obsm:
+            raise EpiflowError(f"embedding '{use_rep}' not found in obsm (have: {sorted(a.obsm)})",
+                               field=f"obsm/{use_rep}", fix="pass the obsm key that holds the embedding")
+        return a, use_rep
+    x = np.asarray(adata_or_embedding, dtype=np.float32)
+    if x.ndim != 2:
+        raise EpiflowError(f"an embedding must be a 2-d array (cells x dims), got shape {x.shape}",
+                           field="embedding")
+    a = ad.AnnData(obs={"_": np.zeros(x.shape[0])})
+    a.obsm[_REP] = x
+    return a, _REP
+
+
+def knn_graph(adata_or_embedding, *, use_rep: str | None = None, n_neighbors: int = 15, seed: int = 0,
+              key_added: str | None = None):
+    """Compute scanpy's kNN graph; returns the AnnData that holds it (a new one for an array input).
+
+    For an AnnData input the graph is added in place (``uns[key_added or 'neighbors']``,
+    ``obsp[...connectivities]``). ``use_rep`` names an ``obsm`` key (``None`` = scanpy's default).
+    """
+    import scanpy as sc
+
+    a, rep = _as_adata(adata_or_embedding, use_rep)
+    n = a.n_obs
+    if n < 3:
+        raise EpiflowError(f"need at least 3 cells to build a kNN graph, got {n}", field="cells")
+    k = int(min(n_neighbors, n - 1))
+    if k < n_neighbors:
+        log.warning("only %d cells: using %d neighbours instead of %d", n, k, n_neighbors)
+    sc.pp.neighbors(a, n_neighbors=k, use_rep=rep, random_state=seed, key_added=key_added)
+    return a
+
+
+def _leiden_once(a, resolution: float, seed: int, neighbors_key: str | None) -> np.ndarray:
+    import scanpy as sc
+
+    sc.tl.leiden(a, resolution=resolution, flavor="igraph", n_iterations=-1, directed=False,
+                 random_state=seed, key_added="_leiden_bisect", neighbors_key=neighbors_key)
+    labels = a.obs["_leiden_bisect"].astype(int).to_numpy()
+    del a.obs["_leiden_bisect"]
+    a.uns.pop("_leiden_bisect", None)
+    return labels
+
+
+def leiden_bisect(adata_or_embedding, n_clusters: int, *, n_neighbors: int = 15, seed: int = 0,
+                  max_iter: int = 30, use_rep: str | None = None, neighbors_key: str | None = None,
+                  recompute_neighbors: bool | None = None, resolution_start: float = 1.0,
+                  resolution_max: float = 1e4, resolution_tol: float = 1e-4):
+    """Leiden clustering with the resolution bisected until there are ``n_clusters`` clusters.
+
+    Parameters
+    ----------
+    adata_or_embedding
+        A cells x dims array, or an AnnData. For an AnnData the kNN graph is built on ``obsm[use_rep]``
+        (added in place) unless it already has one under ``neighbors_key`` and ``recompute_neighbors``
+        is not true (default: recompute when ``use_rep`` is given, reuse otherwise).
+    n_clusters
+        The wanted number of clusters (the number of cell types).
+    max_iter
+        The most Leiden runs in all (the doubling search for an upper resolution included).
+    resolution_start, resolution_max, resolution_tol
+        First resolution tried, the largest tried, and the bracket width at which bisection gives up.
+
+    Returns
+    -------
+    labels : np.ndarray of int
+        Cluster of each cell (0 .. n-1, largest cluster first, as scanpy numbers them).
+    resolution : float
+        The resolution that produced ``labels``.
+    reached : bool
+        Whether the number of clusters equals ``n_clusters``. When it is ``False`` the run whose count
+        was closest (ties: the one tried first) is returned and a warning is logged.
+
+    Search: start at ``resolution_start``; while there are too few clusters double the resolution (up
+    to ``resolution_max``); once a resolution gives too many, bisect between the last too-few
+    resolution (or 0) and it. Leiden uses ``flavor="igraph"`` (modularity), undirected, iterated to
+    convergence (``n_iterations=-1``), with ``random_state=seed``;
+    the number of clusters is close to, but not strictly, monotone in the resolution, which is why the
+    search keeps the closest result seen rather than assuming monotonicity.
+    """
+    n_clusters = int(n_clusters)
+    if n_clusters < 1:
+        raise EpiflowError(f"n_clusters must be >= 1, got {n_clusters}", field="n_clusters")
+    a, rep = _as_adata(adata_or_embedding, use_rep)
+    key = neighbors_key or "neighbors"
+    if recompute_neighbors is None:
+        recompute_neighbors = rep is not None or key not in a.uns
+    if recompute_neighbors:
+        knn_graph(a, use_rep=rep, n_neighbors=n_neighbors, seed=seed, key_added=neighbors_key)
+
+    tried: dict[float, np.ndarray] = {}
+
+    def run(res: float) -> int:
+        labels = _leiden_once(a, res, seed, neighbors_key)
+        tried[res] = labels
+        m = int(labels.max()) + 1 if labels.size else 0
+        log.debug("leiden resolution %.6g -> %d clusters (want %d)", res, m, n_clusters)
+        return m
+
+    def result(reached: bool):
+        # closest count; ties -> the first resolution tried
+        best = min(tried, key=lambda r: abs(int(tried[r].max()) + 1 - n_clusters))
+        if not reached:
+            got = int(tried[best].max()) + 1
+            log.warning("Leiden bisection could not reach %d clusters in %d runs (closest: %d clusters "
+                        "at resolution %.4g)", n_clusters, len(tried), got, best)
+        return tried[best], float(best), reached
+
+    lo, hi = 0.0, None
+    res = float(resolution_start)
+    it = 0
+    # bracket: find hi with >= n_clusters clusters (doubling), lo with < n_clusters
+    while it < max_iter:
+        m = run(res)
+        it += 1
+        if m == n_clusters:
+            return tried[res], res, True
+        if m > n_clusters:
+            hi = res
+            break
+        lo = res
+        if res >= resolution_max:
+            return result(False)
+        res = min(res * 2.0, resolution_max)
+    if hi is None:
+        return result(False)
+    while it < max_iter:
+        res = 0.5 * (lo + hi)
+        m = run(res)
+        it += 1
+        if m == n_clusters:
+            return tried[res], res, True
+        if m > n_clusters:
+            hi = res
+        else:
+            lo = res
+        if hi - lo < resolution_tol:
+            break
+    return result(False)
+
+
+def clustering_scores(labels_true, labels_pred) -> dict[str, float]:
+    """``{'NMI': ..., 'ARI': ...}`` of a clustering against known labels (scikit-learn).
+
+    NMI is ``normalized_mutual_info_score`` with the arithmetic mean normaliser (sklearn's default,
+    the scIB definition); ARI is ``adjusted_rand_score``.
+    """
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    t = np.asarray(labels_true)
+    p = np.asarray(labels_pred)
+    if t.shape[0] != p.shape[0]:
+        raise EpiflowError(f"labels have {t.shape[0]} cells but the clustering has {p.shape[0]}",
+                           field="labels")
+    return {"NMI": float(normalized_mutual_info_score(t, p)), "ARI": float(adjusted_rand_score(t, p))}
+
+
+def label_silhouette(embedding, labels, *, rescale: bool = True, seed: int = 0,
+                     sample_size: int | None = 20000) -> float:
+    """Silhouette width of ``labels`` on ``embedding`` (Euclidean), scIB-rescaled to [0, 1] by default.
+
+    On more than ``sample_size`` cells a random subsample (``seed``) is scored.
+    """
+    from sklearn.metrics import silhouette_score
+
+    x = np.asarray(embedding, dtype=np.float64)
+    y = np.asarray(labels)
+    if len(np.unique(y)) < 2:
+        raise EpiflowError("the silhouette needs at least two labels", field="labels")
+    kw = {}
+    if sample_size is not None and x.shape[0] > sample_size:
+        kw = dict(sample_size=sample_size, random_state=seed)
+    s = float(silhouette_score(x, y, metric="euclidean", **kw))
+    return (s + 1.0) / 2.0 if rescale else s
