@@ -18,6 +18,7 @@ byte-identical file when saved under the same file name (zip records are named a
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import re
 import shutil
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -67,22 +69,25 @@ def read_state_dict(path, *, mmap: bool = True) -> "collections.OrderedDict[str,
     if path.is_dir():
         raise CheckpointError("is a folder, not a checkpoint file", path=str(path),
                               fix="pass the .pth file inside it (e.g. checkpoint.pth)")
+    size = path.stat().st_size
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        if head[:1] != b"\x80":  # neither a zip archive nor a legacy (pickle) torch file
+            raise CheckpointError(
+                f"cannot be read as a torch checkpoint ({size} bytes, no zip directory): the file is "
+                "truncated, corrupt or not a torch file", path=str(path),
+                fix="download or copy the checkpoint again and compare its size/sha256")
+        warnings.warn(f"{path}: legacy (non-zip) torch format, loading without mmap", stacklevel=2)
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as exc:
-            if mmap and "mmap" in str(exc):  # legacy (non-zip) torch files cannot be mapped
-                warnings.warn(f"{path}: legacy torch format, loading without mmap", stacklevel=2)
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-            else:
-                raise
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"not a plain tensor state dict (torch.load(weights_only=True) refused it: {first[:300]})",
             path=str(path), fix="pass a file written with torch.save(model.state_dict(), path)") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
-        size = path.stat().st_size
         raise CheckpointError(
             f"cannot be read as a torch checkpoint ({size} bytes; the file is truncated, corrupt or not a "
             f"torch file: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__})",
@@ -254,9 +259,11 @@ def load_epiagent_checkpoint(path, num_heads: int | None = None, backend: str = 
     with torch.device("meta"):
         model = EpiAgent(cfg, backend="sdpa")
     check_state_dict(model, sd, path)
+    # load_state_dict(assign=True) writes flags into sd._metadata: keep a pristine copy for saving
+    source_metadata = copy.deepcopy(getattr(sd, "_metadata", None))
     model.load_state_dict(sd, strict=True, assign=True)
     model._source_keys = list(sd.keys())
-    model._source_metadata = getattr(sd, "_metadata", None)
+    model._source_metadata = source_metadata
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.set_backend(backend)

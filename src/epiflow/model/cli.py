@@ -1,0 +1,103 @@
+"""CLI verbs of the model stage: ``epiflow embed`` and ``epiflow inspect-checkpoint``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "embed", help="cell embeddings (obsm['X_epiagent']) from an EpiAgent checkpoint",
+        description="Embed the cells of a corpus (or an h5ad of raw counts over the checkpoint's cCREs) "
+                    "and write an AnnData with obs and obsm['X_epiagent'].")
+    p.add_argument("--checkpoint", required=True, help="authors'-format .pth (e.g. pretrained_EpiAgent.pth)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--corpus", help="corpus folder (epiflow build-corpus)")
+    src.add_argument("--input", help="h5ad of raw counts, cells x the checkpoint's cCREs")
+    p.add_argument("--df", help="document frequencies (.npy, float64 [n_cCREs]) for --input; default: "
+                                "var['df'] of the h5ad")
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--backend", default="auto", help="attention backend: sdpa, packed, flash or auto "
+                                                     "(flash > packed on CUDA, sdpa on CPU)")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads (needed unless the width is 512 or a <checkpoint>.json exists)")
+    p.add_argument("--batch-tokens", type=int, default=65_536, help="padded tokens per batch")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--batch-key", default=None,
+                   help="obs column of integer batch ids (batch-conditioned checkpoints; default: none)")
+    p.add_argument("--key", default="X_epiagent", help="obsm key")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_embed)
+
+    q = subparsers.add_parser("inspect-checkpoint", help="kind, sizes and parameter counts of a checkpoint")
+    q.add_argument("checkpoint")
+    q.add_argument("--num-heads", type=int, default=None)
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=_inspect)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    import logging
+
+    import numpy as np
+
+    from ..errors import InputFormatError
+    from ..io import atomic_path
+    from .checkpoint import load_epiagent_checkpoint
+    from .inference import default_device, embed
+
+    log = logging.getLogger("epiflow.model")
+    device = default_device() if args.device is None else args.device
+    from .attention import resolve_backend
+
+    backend = resolve_backend(args.backend, device)
+    model = load_epiagent_checkpoint(args.checkpoint, num_heads=args.num_heads, backend=backend,
+                                     corpus=args.corpus)
+    kw = dict(key=args.key, batch_key=args.batch_key, batch_tokens=args.batch_tokens, device=device,
+              progress=not args.no_progress)
+    if args.corpus:
+        result = embed(args.corpus, model, **kw)
+    else:
+        import anndata as ad
+
+        try:
+            adata = ad.read_h5ad(args.input)
+        except (OSError, KeyError, ValueError) as exc:
+            raise InputFormatError(f"cannot read h5ad ({exc})", path=args.input) from None
+        df = None
+        if args.df:
+            try:
+                df = np.load(args.df, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise InputFormatError(f"cannot read df ({exc})", path=args.df,
+                                       fix="pass the df.npy of the corpus") from None
+        adata = embed(adata, model, df=df, **kw)
+        result = ad.AnnData(obs=adata.obs.copy())
+        result.obsm[args.key] = adata.obsm[args.key]
+    result.uns["epiflow_embed"] = {"checkpoint": str(args.checkpoint), "backend": model.backend,
+                                   "kind": model.kind, "dim": int(model.config.dim)}
+    with atomic_path(args.out, suffix=".h5ad") as tmp:
+        result.write_h5ad(tmp)
+    log.info("wrote %s (%d cells x %d)", args.out, result.n_obs, result.obsm[args.key].shape[1])
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .checkpoint import inspect_checkpoint
+
+    info = inspect_checkpoint(args.checkpoint, num_heads=args.num_heads)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(k) for k in info)
+    for k, v in info.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{a}={b:,}" if isinstance(b, int) else f"{a}={b}" for a, b in v.items())
+        elif isinstance(v, int) and not isinstance(v, bool):
+            v = f"{v:,}"
+        elif v is None:
+            v = "unknown (pass --num-heads)" if k == "num_heads" else "-"
+        print(f"{k:<{width}}  {v}")
+    return 0

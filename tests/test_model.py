@@ -1,0 +1,367 @@
+"""EpiAgent model: golden fixtures from the authors' code, backends, heads, losses, config, GNN."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from epiflow.errors import ConfigError, VocabularyMismatchError
+from epiflow.model import (
+    EpiAgent,
+    EpiAgentConfig,
+    Packing,
+    expand_rows,
+    from_config,
+    load_epiagent_checkpoint,
+    losses,
+    resolve_backend,
+    token_mask,
+)
+from epiflow.model.attention import attention_packed, attention_padded, flash_attn_available
+from epiflow.model.gnn import gcn_norm
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+CPU_BACKENDS = ["sdpa", "packed"]
+
+
+def close(a, b):
+    a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    np.testing.assert_allclose(a, np.asarray(b), **TOL)
+
+
+@pytest.fixture(scope="module")
+def io(fixtures_dir):
+    return {name: dict(np.load(fixtures_dir / f"{name}_io.npz", allow_pickle=False))
+            for name in ("epiagent_tiny", "epiagent_tiny_supervised", "epiagent_tiny_bc")}
+
+
+def _load(fixtures_dir, name, backend):
+    return load_epiagent_checkpoint(fixtures_dir / f"{name}.pth", num_heads=4, backend=backend)
+
+
+# --------------------------------------------------------------------------- golden fixtures
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_base_fixture_all_outputs(fixtures_dir, io, backend):
+    d = io["epiagent_tiny"]
+    model = _load(fixtures_dir, "epiagent_tiny", backend)
+    assert model.kind == "base" and model.n_ccres == 300 and not model.training
+    ids = torch.from_numpy(d["input_ids"])
+    mask = d["attention_mask"]
+    with torch.no_grad():
+        out = model(ids)
+        assert out.hidden.shape == (4, 102, 64)
+        close(out.hidden.numpy()[mask], d["transformer_outputs"][mask])
+        close(out.cell_embedding, d["cls"])
+        sig = model.signal_logits(out.cell_embedding)
+        close(sig, d["signal_logits"])
+        rows = expand_rows(out.cell_embedding, torch.from_numpy(d["cca_offsets"]))
+        cca = model.cca_logits(rows, torch.from_numpy(d["cca_ids"]))
+        close(cca, d["cca_logits"])
+        rlm = model.rlm_logits(out.hidden[token_mask(ids)])
+        close(rlm, d["rlm_logits"])
+        close(losses.sr_loss(sig, torch.from_numpy(d["sr_target"]), model.pos_weight("SR")), d["sr_loss"])
+        r, c = losses.positives_from_input_ids(ids)
+        close(losses.sr_loss_sparse(sig, r, c, model.pos_weight("SR")), d["sr_loss"])
+        close(losses.cca_loss(cca, torch.from_numpy(d["cca_target"]), model.pos_weight("CCA")), d["cca_loss"])
+        close(losses.rlm_loss(rlm, torch.from_numpy(d["rlm_target"]), model.pos_weight("RLM")), d["rlm_loss"])
+
+
+def test_base_fixture_layer_outputs_and_embeddings(fixtures_dir, io):
+    d = io["epiagent_tiny"]
+    model = _load(fixtures_dir, "epiagent_tiny", "sdpa")
+    mask = d["attention_mask"]
+    with torch.no_grad():
+        emb, l0, l1 = model.layer_outputs(torch.from_numpy(d["input_ids"]))
+    np.testing.assert_array_equal(emb.numpy()[mask], d["embeddings"][mask])  # bit-identical
+    close(l0.numpy()[mask], d["layer0_output"][mask])
+    close(l1.numpy()[mask], d["layer1_output"][mask])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_supervised_fixture(fixtures_dir, io, backend):
+    d = io["epiagent_tiny_supervised"]
+    model = _load(fixtures_dir, "epiagent_tiny_supervised", backend)
+    assert model.kind == "supervised" and model.config.num_classes == 5
+    assert model.config.classifier == "mlp" and model.config.classifier_hidden == (256, 128)
+    mask = d["attention_mask"]
+    with torch.no_grad():
+        out = model(torch.from_numpy(d["input_ids"]))
+        close(out.hidden.numpy()[mask], d["transformer_outputs"][mask])
+        close(out.cell_embedding, d["cls"])
+        logits = model.classify(out.cell_embedding)
+        close(logits, d["logits"])
+        close(losses.focal_loss(logits, torch.from_numpy(d["class_target"])), d["focal_loss"])
+    with pytest.raises(ConfigError, match="signal decoder"):
+        model.signal_logits(out.cell_embedding)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_batch_conditioned_fixture(fixtures_dir, io, backend):
+    d = io["epiagent_tiny_bc"]
+    model = _load(fixtures_dir, "epiagent_tiny_bc", backend)
+    assert model.kind == "batch-conditioned" and model.config.num_batches == 3
+    ids = torch.from_numpy(d["input_ids"])
+    mask = d["attention_mask"]
+    with torch.no_grad():
+        out = model(ids, batch_ids=torch.from_numpy(d["batch_ids"]))
+        close(out.hidden.numpy()[mask], d["transformer_outputs"][mask])
+        close(out.cell_embedding, d["cls"])
+        sig = model.signal_logits(out.cell_embedding)
+        close(sig, d["signal_logits"])
+        cca = model.cca_logits(expand_rows(out.cell_embedding, torch.from_numpy(d["cca_offsets"])),
+                               torch.from_numpy(d["cca_ids"]))
+        close(cca, d["cca_logits"])
+        rlm = model.rlm_logits(out.hidden[token_mask(ids)])
+        close(rlm, d["rlm_logits"])
+        close(losses.sr_loss(sig, torch.from_numpy(d["sr_target"]), model.pos_weight("SR")), d["sr_loss"])
+        close(losses.cca_loss(cca, torch.from_numpy(d["cca_target"]), model.pos_weight("CCA")), d["cca_loss"])
+        close(losses.rlm_loss(rlm, torch.from_numpy(d["rlm_target"]), model.pos_weight("RLM")), d["rlm_loss"])
+        nob = model(ids)
+        close(nob.hidden.numpy()[mask], d["transformer_outputs_no_batch"][mask])
+        close(nob.cell_embedding, d["cls_no_batch"])
+        close(model.signal_logits(nob.cell_embedding), d["signal_logits_no_batch"])
+        # the batch token is exactly an added conditional embedding at position 0
+        cond = model.batch_embedding(torch.from_numpy(d["batch_ids"]))
+        via_cond = model(ids, cond_embedding=cond)
+        close(via_cond.cell_embedding, d["cls"])
+    emb = model.layer_outputs(ids, batch_ids=torch.from_numpy(d["batch_ids"]))[0]
+    np.testing.assert_array_equal(emb.detach().numpy()[mask], d["embeddings"][mask])
+
+
+def test_encode_packed_matches_fixture(fixtures_dir, io):
+    d = io["epiagent_tiny"]
+    model = _load(fixtures_dir, "epiagent_tiny", "sdpa")  # encode_packed always uses varlen attention
+    ids = torch.from_numpy(d["input_ids"])
+    mask = ids != 0
+    tokens = ids[mask]
+    cu = torch.zeros(5, dtype=torch.int64)
+    cu[1:] = mask.sum(1).cumsum(0)
+    with torch.no_grad():
+        po = model.encode_packed(tokens, cu)
+    close(po.hidden, d["transformer_outputs"][d["attention_mask"]])
+    close(po.cell_embedding, d["cls"])
+    with torch.no_grad():
+        rlm = model.rlm_logits(po.hidden[tokens >= 4])
+    close(rlm, d["rlm_logits"])
+
+
+# --------------------------------------------------------------------------- backends
+def _tiny(**kw):
+    torch.manual_seed(0)
+    cfg = EpiAgentConfig.preset("tiny", n_ccres=50, dropout=0.0, **kw)
+    return from_config(cfg)
+
+
+def _random_batch(lengths, n_ccres=50, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    L = max(lengths) + 2
+    ids = torch.zeros(len(lengths), L, dtype=torch.int64)
+    for i, n in enumerate(lengths):  # tiny test batch
+        ids[i, 0] = 1
+        ids[i, 1:n + 1] = torch.randperm(n_ccres, generator=g)[:n] + 4
+        ids[i, n + 1] = 2
+    return ids
+
+
+def test_sdpa_and_packed_agree_forward_and_backward():
+    model = _tiny()
+    model.train()  # dropout is 0: train mode must still agree
+    ids = _random_batch([3, 30, 11, 45])
+    mask = ids != 0
+    grads = {}
+    outs = {}
+    for backend in CPU_BACKENDS:
+        model.zero_grad()
+        out = model(ids, backend=backend)
+        loss = (out.hidden[mask] ** 2).mean() + model.signal_logits(out.cell_embedding).mean()
+        loss.backward()
+        outs[backend] = out.hidden[mask].detach()
+        grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    close(outs["sdpa"], outs["packed"].numpy())
+    assert grads["sdpa"].keys() == grads["packed"].keys()
+    for n in grads["sdpa"]:
+        close(grads["packed"][n], grads["sdpa"][n].numpy())
+
+
+def test_attention_kernels_agree_directly():
+    torch.manual_seed(3)
+    lens = [2, 7, 5]
+    H, d = 2, 8
+    T = sum(lens)
+    q, k, v = (torch.randn(T, H, d) for _ in range(3))
+    packing = Packing.from_lengths(lens)
+    packed = attention_packed(q, k, v, packing)
+    L = max(lens)
+    pad = torch.zeros(3, 3, H, L, d)
+    mask = torch.zeros(3, L, dtype=torch.bool)
+    for i, (s, n) in enumerate(zip(packing.cu_seqlens[:-1].tolist(), lens)):
+        for j, x in enumerate((q, k, v)):
+            pad[j, i, :, :n] = x[s:s + n].transpose(0, 1)
+        mask[i, :n] = True
+    padded = attention_padded(pad[0], pad[1], pad[2], mask)
+    for i, (s, n) in enumerate(zip(packing.cu_seqlens[:-1].tolist(), lens)):
+        close(packed[s:s + n], padded[i, :, :n].transpose(0, 1).numpy())
+    assert packing.positions().tolist() == [0, 1, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4]
+
+
+def test_backend_selection_errors():
+    assert resolve_backend("auto", "cpu") == "sdpa"
+    assert resolve_backend("PACKED") == "packed"
+    with pytest.raises(ConfigError, match="unknown attention backend"):
+        resolve_backend("xformers")
+    if not flash_attn_available():
+        with pytest.raises(ConfigError, match="flash"):
+            resolve_backend("flash", "cpu")
+        with pytest.raises(ConfigError, match="flash"):
+            _tiny().set_backend("flash")
+
+
+def test_dropout_active_in_training_only():
+    torch.manual_seed(0)
+    model = from_config(EpiAgentConfig.preset("tiny", n_ccres=50, dropout=0.5))
+    ids = _random_batch([10, 20])
+    model.eval()
+    with torch.no_grad():
+        a, b = model(ids).cell_embedding, model(ids).cell_embedding
+    assert torch.equal(a, b)
+    model.train()
+    with torch.no_grad():
+        c = model(ids, backend="packed").cell_embedding
+    assert not torch.allclose(a, c)
+
+
+def test_gradient_checkpointing_same_gradients():
+    model = _tiny()
+    model.train()
+    ids = _random_batch([5, 9])
+    res = []
+    for flag in (False, True):
+        model.set_gradient_checkpointing(flag)
+        model.zero_grad()
+        model(ids, backend="packed").cell_embedding.sum().backward()
+        res.append(model.cCRE_embedding.weight.grad.clone())
+    close(res[1], res[0].numpy())
+
+
+def test_input_validation():
+    model = _tiny()
+    with pytest.raises(VocabularyMismatchError, match="outside the model vocabulary"):
+        model(torch.tensor([[1, 60, 2]]))
+    with pytest.raises(ConfigError, match="rank embeddings"):
+        model(torch.ones(1, 200, dtype=torch.int64))
+    with pytest.raises(ConfigError, match="batch_embedding"):
+        model(torch.tensor([[1, 5, 2]]), batch_ids=torch.tensor([0]))
+
+
+# --------------------------------------------------------------------------- conditional tokens, GNN
+def test_conditional_modes_and_negative_ids():
+    model = _tiny(num_batches=2, num_conditions=3)
+    model.eval()
+    ids = _random_batch([4, 6])
+    with torch.no_grad():
+        base = model(ids).cell_embedding
+        none = model(ids, batch_ids=torch.tensor([-1, -1])).cell_embedding
+        assert torch.equal(base, none)
+        both = model(ids, batch_ids=torch.tensor([0, 1]), condition_ids=torch.tensor([2, 0])).cell_embedding
+        cond = model.batch_embedding.weight[[0, 1]] + model.condition_embedding.weight[[2, 0]]
+        close(model(ids, cond_embedding=cond).cell_embedding, both.numpy())
+        mixed = model(ids, batch_ids=torch.tensor([0, -1])).cell_embedding
+        close(mixed[1], base[1].numpy())
+        assert not torch.allclose(mixed[0], base[0])
+    rep = _tiny(cond_mode="replace")
+    rep.eval()
+    z = torch.randn(2, 64)
+    with torch.no_grad():
+        x = rep.embed_padded(ids, z)
+        close(x[:, 0], (z + rep.rank_embedding.weight[0]).numpy())
+
+
+def test_gcn_norm_matches_dense():
+    ei = torch.tensor([[0, 1, 1, 2, 3], [1, 0, 2, 1, 3]])
+    w = torch.tensor([0.5, 0.5, 2.0, 2.0, 3.0])
+    src, dst, norm = gcn_norm(ei, w, 4)
+    A = torch.zeros(4, 4)
+    A[ei[1], ei[0]] = w  # A[target, source]
+    A[3, 3] = 3.0        # existing self loop kept
+    A[0, 0] = A[1, 1] = A[2, 2] = 1.0
+    deg = A.sum(1)
+    dense = deg.rsqrt()[:, None] * A * deg.rsqrt()[None, :]
+    got = torch.zeros(4, 4)
+    got[dst, src] = norm
+    close(got, dense.numpy())
+
+
+def test_perturbation_gnn_token_and_checkpoint(tmp_path):
+    model = _tiny(num_genes=5, gnn_edges=0)
+    model.perturbation_gnn.set_graph(torch.tensor([[0, 1, 2], [1, 0, 3]]), torch.tensor([0.3, 0.3, 0.9]))
+    model.eval()
+    ids = _random_batch([4, 6, 3])
+    genes = torch.tensor([[1, -1], [2, 4], [-1, -1]])
+    with torch.no_grad():
+        node = model.perturbation_gnn.node_embeddings()
+        cond = model.perturbation_gnn(genes)
+        close(cond[0], node[1].numpy())
+        close(cond[1], (node[2] + node[4]).numpy())
+        close(cond[2], np.zeros(64))
+        a = model(ids, perturbation=genes).cell_embedding
+        close(model(ids, cond_embedding=cond).cell_embedding, a.numpy())
+    path = tmp_path / "gnn.pth"
+    model.save_epiagent_checkpoint(path, write_config=True)
+    back = load_epiagent_checkpoint(path)  # num_heads from the side file
+    assert back.config.num_genes == 5 and back.config.gnn_edges == 3
+    with torch.no_grad():
+        close(back(ids, perturbation=genes).cell_embedding, a.numpy())
+
+
+# --------------------------------------------------------------------------- config, losses
+def test_presets_and_paper_parameter_count():
+    with torch.device("meta"):
+        paper = EpiAgent(EpiAgentConfig.preset("paper"))
+    c = paper.parameter_counts()
+    per_layer = sum(p.numel() for p in paper.EpiAgent_transformer.layers[0].parameters())
+    assert per_layer == 3_152_384
+    assert paper.n_ccres == 1_355_445 and paper.config.vocab_size == 1_355_449
+    assert c["embeddings"] == 1_355_449 * 512 + 8192 * 512
+    assert abs(c["total"] - 1.45e9) < 0.01e9
+    small = EpiAgentConfig.preset("small", n_ccres=1000)
+    assert small.n_ccres == 1000 and small.max_rank == 8192
+    with pytest.raises(ConfigError, match="needs n_ccres"):
+        EpiAgentConfig.preset("tiny")
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        EpiAgentConfig.preset("huge", n_ccres=3)
+    with pytest.raises(ConfigError, match="divisible"):
+        EpiAgentConfig.preset("tiny", n_ccres=3, num_heads=5)
+    cfg = EpiAgentConfig.preset("tiny", n_ccres=7, classifier="linear", num_classes=3)
+    assert EpiAgentConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_linear_classifier_and_bert_init():
+    torch.manual_seed(0)
+    cfg = EpiAgentConfig.preset("tiny", n_ccres=50, classifier="linear", num_classes=3,
+                                pretrain_heads=False, init="bert")
+    model = from_config(cfg)
+    assert model.kind == "supervised"
+    assert model.cCRE_embedding.weight.std().item() < 0.05
+    x = torch.randn(4, 64)
+    logits = model.classify(x)
+    assert logits.shape == (4, 3)
+    t = torch.tensor([0, 1, 2, 0])
+    close(losses.classification_loss(logits, t), torch.nn.functional.cross_entropy(logits, t).item())
+    # focal loss with gamma 0 is the cross-entropy
+    close(losses.focal_loss(logits, t, gamma=0.0), losses.classification_loss(logits, t).item())
+
+
+def test_sparse_sr_loss_matches_dense_random():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40) * 4
+    rows = torch.tensor([0, 0, 1, 2, 2, 2])
+    cols = torch.tensor([3, 17, 0, 5, 6, 39])
+    dense = losses.dense_target(rows, cols, (3, 40))
+    close(losses.sr_loss_sparse(logits, rows, cols, 7.0), losses.sr_loss(logits, dense, 7.0).item())
+    # and it is differentiable the same way
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
+    losses.sr_loss_sparse(a, rows, cols).backward()
+    losses.sr_loss(b, dense).backward()
+    close(a.grad, b.grad.numpy())
