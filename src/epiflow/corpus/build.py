@@ -172,6 +172,19 @@ def build_corpus(ccres, mapped, out, *, genome: str = "", min_cells: int = 100,
     if len(set(mapped)) != len(mapped):
         raise ConfigError("a mapped dataset is listed twice", field="mapped")
 
+    if external_df is not None:  # checked before any work
+        ext_src = str(external_df) if not isinstance(external_df, np.ndarray) else "array"
+        try:
+            ext_dfv = np.load(external_df) if not isinstance(external_df, np.ndarray) else external_df
+        except (OSError, ValueError) as exc:
+            raise InputFormatError(f"cannot read the document frequency ({exc})", path=ext_src,
+                                   fix="give a .npy saved with numpy.save") from None
+        ext_dfv = np.asarray(ext_dfv, dtype=np.float64).ravel()
+        if len(ext_dfv) != n_cand:
+            raise VocabularyMismatchError(
+                f"the external document frequency has {len(ext_dfv)} values, the vocabulary {n_cand}",
+                path=ext_src, fix="use the df file of the same cCRE set")
+
     # ---- pass 1: QC on candidates, accessibility --------------------------------------------
     cells_open = np.zeros(n_cand, dtype=np.int64)
     infos: list[_Mapped] = []
@@ -258,13 +271,7 @@ def build_corpus(ccres, mapped, out, *, genome: str = "", min_cells: int = 100,
         raise ConfigError(f"no cell has >= {min_ccres_per_cell} accessible cCREs: the corpus is empty",
                           field="min_ccres_per_cell", fix="lower min_ccres_per_cell or check the mapping")
     if external_df is not None:
-        df_src = str(external_df) if not isinstance(external_df, np.ndarray) else "array"
-        dfv = np.load(external_df) if not isinstance(external_df, np.ndarray) else external_df
-        dfv = np.asarray(dfv, dtype=np.float64).ravel()
-        if len(dfv) != n_voc:
-            raise VocabularyMismatchError(
-                f"the external document frequency has {len(dfv)} values, the vocabulary {n_voc}",
-                path=df_src, fix="use the df file of the same cCRE set")
+        df_src, dfv = ext_src, ext_dfv
     else:
         df_src = "corpus"
         dfv = df_count.astype(np.float64) / n_total

@@ -1,0 +1,209 @@
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from epiflow.cli import main as cli_main
+from epiflow.corpus.build import build_corpus
+from epiflow.corpus.mapping import write_mapped
+from epiflow.corpus.shard import open_corpus, shard_from_counts, vocab_id_from_intervals
+from epiflow.errors import ConfigError, VocabularyMismatchError
+from epiflow.tokenize import NUM_SPECIAL
+
+
+def _cands(n=120):
+    return pd.DataFrame({"chrom": np.repeat(["chr1", "chr2"], n // 2),
+                         "start": np.tile(np.arange(n // 2) * 1000, 2),
+                         "end": np.tile(np.arange(n // 2) * 1000 + 500, 2)})
+
+
+def _mapped(tmp_path, name, cand, n_cells, density, seed, extra_obs=None):
+    rng = np.random.default_rng(seed)
+    X = sp.random(n_cells, len(cand), density=density, random_state=rng, format="csr",
+                  data_rvs=lambda k: rng.integers(1, 5, k)).astype(np.float32)
+    bc = [f"b{i}" for i in range(n_cells)]
+    obs = pd.DataFrame({"cell_id": [f"{name}:{b}" for b in bc], "barcode": bc, "dataset": name,
+                        "tissue": "t", "batch": name, "cell_type": rng.choice(["A", "B"], n_cells)})
+    if extra_obs:
+        for k, v in extra_obs.items():
+            obs[k] = v
+    obs.index = obs["cell_id"].to_numpy()
+    var = cand.copy()
+    var.index = [f"{c}:{s}-{e}" for c, s, e in zip(cand.chrom, cand.start, cand.end)]
+    a = ad.AnnData(X=X, obs=obs, var=var)
+    rep = {"dataset": name, "ccres_id": vocab_id_from_intervals(cand.chrom, cand.start, cand.end),
+           "lifted": False}
+    a.uns["epiflow_mapping"] = json.dumps(rep)
+    p = tmp_path / f"{name}.h5ad"
+    write_mapped(a, p, rep, tmp_path / f"{name}.json")
+    return p, X, obs
+
+
+def _concat_shards(corpus):
+    shards = list(corpus.iter_shards())
+    tokens = np.concatenate([s.tokens for s in shards])
+    lens = np.concatenate([s.lengths for s in shards])
+    obs = pd.concat([s.obs for s in shards], ignore_index=True)
+    counts = np.concatenate([s.counts for s in shards])
+    tfidf = np.concatenate([s.tfidf for s in shards])
+    return shards, tokens, lens, obs, counts, tfidf
+
+
+def test_build_matches_reference(tmp_path):
+    cand = _cands()
+    p1, X1, o1 = _mapped(tmp_path, "d1", cand, 23, 0.08, 0, extra_obs={"donor": "x"})
+    p2, X2, o2 = _mapped(tmp_path, "d2", cand, 17, 0.05, 1, extra_obs={"score": 1.5})
+    out = tmp_path / "corpus"
+    corpus = build_corpus(cand, [p1, p2], out, genome="hg38", min_cells=3, min_ccres_per_cell=5,
+                          shard_size=7, block_size=4)
+    # independent reference on the whole matrix in memory
+    X = sp.vstack([X1, X2], format="csr")
+    obs = pd.concat([o1, o2], ignore_index=True)
+    nnz = np.diff(X.indptr)
+    k1 = nnz >= 5
+    cells_open = np.asarray((X[k1] > 0).sum(axis=0)).ravel()
+    keep = np.flatnonzero(cells_open >= 3)
+    Xv = X[:, keep]
+    k2 = k1 & (np.diff(Xv.indptr) >= 5)
+    Xk = Xv[np.flatnonzero(k2)]
+    df = np.asarray((Xk > 0).sum(axis=0)).ravel() / Xk.shape[0]
+    ref = shard_from_counts(Xk, df, obs.iloc[np.flatnonzero(k2)])
+
+    assert corpus.n_cells == int(k2.sum()) and corpus.n_ccres == len(keep)
+    np.testing.assert_array_equal(corpus.df(), df)
+    v = corpus.vocab()
+    assert v["start"].tolist() == cand["start"].to_numpy()[keep].tolist()
+    assert corpus.vocab_id == vocab_id_from_intervals(v.chrom, v.start, v.end)
+    shards, tokens, lens, sobs, counts, tfidf = _concat_shards(corpus)
+    assert [s.n_cells for s in shards] == [7] * (corpus.n_cells // 7) + ([corpus.n_cells % 7] if corpus.n_cells % 7 else [])
+    assert corpus.meta["shard_cells"] == [s.n_cells for s in shards]
+    np.testing.assert_array_equal(tokens, ref.tokens)
+    np.testing.assert_array_equal(lens, ref.lengths)
+    np.testing.assert_array_equal(counts, ref.counts)
+    np.testing.assert_array_equal(tfidf, ref.tfidf)
+    assert sobs["cell_id"].tolist() == obs["cell_id"].to_numpy()[k2].tolist()
+    assert set(["cell_id", "dataset", "tissue", "batch", "cell_type", "donor", "score"]) <= set(sobs.columns)
+    assert sobs.loc[sobs.dataset == "d2", "donor"].eq("").all()
+    assert sobs.loc[sobs.dataset == "d2", "score"].eq(1.5).all()
+    qc = pd.read_csv(out / "qc.tsv", sep="\t")
+    assert qc["cells_in"].tolist() == [23, 17]
+    assert qc["cells_kept"].sum() == corpus.n_cells
+    assert (qc["cells_kept"] + qc["cells_dropped"]).tolist() == [23, 17]
+    assert qc["cells_dropped_candidates"].sum() == int((~k1).sum())
+    st = pd.read_csv(out / "vocab_stats.tsv", sep="\t")
+    assert st["cells_open"].tolist() == cells_open.tolist() and st["kept"].sum() == len(keep)
+    # every sentence is a permutation of the cell's accessible cCREs and at least min_ccres long
+    assert lens.min() >= 5 and tokens.min() >= NUM_SPECIAL
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folders left
+
+
+def test_block_size_and_shard_size_do_not_change_sentences(tmp_path):
+    cand = _cands()
+    ps = [_mapped(tmp_path, f"d{i}", cand, 9, 0.1, i)[0] for i in range(3)]
+    a = build_corpus(cand, ps, tmp_path / "a", min_cells=2, min_ccres_per_cell=3, shard_size=4, block_size=1)
+    b = build_corpus(cand, ps, tmp_path / "b", min_cells=2, min_ccres_per_cell=3, shard_size=1000)
+    _, ta, la, oa, _, _ = _concat_shards(a)
+    _, tb, lb, ob, _, _ = _concat_shards(b)
+    np.testing.assert_array_equal(ta, tb)
+    np.testing.assert_array_equal(la, lb)
+    assert len(a.shard_paths) == -(-a.n_cells // 4) and len(b.shard_paths) == 1
+
+
+def test_external_vocabulary_keeps_order_and_df(tmp_path):
+    cand = _cands().iloc[::-1].reset_index(drop=True)  # deliberately not sorted: file order = token order
+    p, X, _ = _mapped(tmp_path, "d", cand, 20, 0.1, 3)
+    ext_df = np.full(len(cand), 0.25)
+    np.save(tmp_path / "df.npy", ext_df)
+    c = build_corpus(cand, [p], tmp_path / "c", vocabulary="external", external_df=tmp_path / "df.npy",
+                     min_cells=10 ** 6, min_ccres_per_cell=1)
+    assert c.n_ccres == len(cand)
+    pd.testing.assert_frame_equal(c.vocab(), cand[["chrom", "start", "end"]])
+    np.testing.assert_array_equal(c.df(), ext_df)
+    s = next(c.iter_shards())
+    ref = shard_from_counts(X[np.flatnonzero(np.diff(X.indptr) >= 1)], ext_df, s.obs)
+    np.testing.assert_array_equal(s.tokens, ref.tokens)
+    with pytest.raises(VocabularyMismatchError, match="df.npy.*has 3 values"):
+        np.save(tmp_path / "df.npy", np.ones(3))
+        build_corpus(cand, [p], tmp_path / "c2", vocabulary="external", external_df=tmp_path / "df.npy",
+                     min_ccres_per_cell=1)
+    assert not (tmp_path / "c2").exists()
+
+
+def test_failures_leave_no_partial_output(tmp_path):
+    cand = _cands()
+    good, _, _ = _mapped(tmp_path, "g", cand, 10, 0.1, 0)
+    other, _, _ = _mapped(tmp_path, "o", _cands(60), 10, 0.1, 1)
+    out = tmp_path / "corpus"
+    with pytest.raises(VocabularyMismatchError, match=r"o.h5ad.*has 60 cCREs but the candidate set has 120"):
+        build_corpus(cand, [good, other], out, min_cells=1, min_ccres_per_cell=1)
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="vocabulary is empty"):
+        build_corpus(cand, [good], out, min_cells=10 ** 6, min_ccres_per_cell=1)
+    with pytest.raises(ConfigError, match="corpus is empty"):
+        build_corpus(cand, [good], out, min_cells=0, min_ccres_per_cell=10 ** 6)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".corpus")]
+    # a failed rebuild keeps the previous corpus
+    build_corpus(cand, [good], out, min_cells=1, min_ccres_per_cell=1)
+    before = (out / "corpus.json").read_text()
+    with pytest.raises(VocabularyMismatchError):
+        build_corpus(cand, [good, other], out, min_cells=1, min_ccres_per_cell=1)
+    assert (out / "corpus.json").read_text() == before
+
+
+def test_mapped_on_other_candidates_is_rejected(tmp_path):
+    cand = _cands()
+    p, _, _ = _mapped(tmp_path, "d", cand, 10, 0.1, 0)
+    moved = cand.copy()
+    moved["end"] += 1
+    with pytest.raises(VocabularyMismatchError, match="mapped onto candidate set"):
+        build_corpus(moved, [p], tmp_path / "c", min_cells=1, min_ccres_per_cell=1)
+
+
+def test_model_vocabulary_check(tmp_path):
+    cand = _cands()
+    p, _, _ = _mapped(tmp_path, "d", cand, 10, 0.2, 0)
+    c = build_corpus(cand, [p], tmp_path / "c", min_cells=1, min_ccres_per_cell=1)
+    c.check_model_vocab(c.n_ccres, vocab_id=c.vocab_id)
+    c = open_corpus(tmp_path / "c")
+    with pytest.raises(VocabularyMismatchError, match=f"has {c.n_ccres + 1} cCREs"):
+        c.check_model_vocab(c.n_ccres + 1)
+    with pytest.raises(VocabularyMismatchError, match="field 'vocab_id'.*same size"):
+        c.check_model_vocab(c.n_ccres, vocab_id="0123456789abcdef")
+
+
+def test_cli_round_trip(tmp_path):
+    """candidate-ccres -> map-dataset (h5ad + fragments) -> build-corpus through the CLI."""
+    peaks = _cands(40)
+    X = sp.csr_matrix(np.random.default_rng(0).integers(0, 3, (12, 40)).astype(np.int32))
+    a = ad.AnnData(X=X, obs=pd.DataFrame({"ct": ["u"] * 12}, index=[f"c{i}" for i in range(12)]),
+                   var=pd.DataFrame(index=[f"{c}:{s}-{e}" for c, s, e in zip(peaks.chrom, peaks.start, peaks.end)]))
+    a.write_h5ad(tmp_path / "m.h5ad")
+    rows = [f"chr1\t{s + 10}\t{s + 60}\tBC{i % 5}\t1" for i, s in enumerate(range(0, 20000, 400))]
+    (tmp_path / "f.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "manifest.tsv").write_text(
+        "name\tformat\tpath\tgenome\ttissue\tcell_type_key\n"
+        "mat\th5ad\tm.h5ad\thg38\tbm\tct\nfr\tfragments\tf.tsv\thg38\tbm\t\n")
+    cand = tmp_path / "cand.bed"
+    assert cli_main(["candidate-ccres", "--manifest", str(tmp_path / "manifest.tsv"), "--genome", "hg38",
+                     "--out", str(cand)]) == 0
+    assert json.loads((tmp_path / "cand.bed.json").read_text())["n_candidates"] == 40
+    for ds in ("mat", "fr"):
+        assert cli_main(["map-dataset", "--manifest", str(tmp_path / "manifest.tsv"), "--dataset", ds,
+                         "--ccres", str(cand), "--genome", "hg38", "--out", str(tmp_path / f"mapped/{ds}.h5ad")]) == 0
+    assert json.loads((tmp_path / "mapped/fr.json").read_text())["n_cells"] == 5
+    assert cli_main(["build-corpus", "--ccres", str(cand), "--mapped", str(tmp_path / "mapped/mat.h5ad"),
+                     str(tmp_path / "mapped/fr.h5ad"), "--min-cells", "1", "--min-ccres-per-cell", "2",
+                     "--shard-size", "5", "--out", str(tmp_path / "corpus")]) == 0
+    c = open_corpus(tmp_path / "corpus")
+    expect = sum(int((np.diff(ad.read_h5ad(tmp_path / f"mapped/{d}.h5ad").X.indptr) >= 2).sum())
+                 for d in ("mat", "fr"))
+    assert c.meta["genome"] == "hg38" and c.n_cells == expect and expect > 12
+    assert sorted(set(pd.concat([s.obs for s in c.iter_shards()])["cell_type"])) == ["u", "unknown"]
+    # user errors exit with 2 and write nothing
+    assert cli_main(["map-dataset", "--manifest", str(tmp_path / "manifest.tsv"), "--dataset", "nope",
+                     "--ccres", str(cand), "--genome", "hg38", "--out", str(tmp_path / "x.h5ad")]) == 2
+    assert not (tmp_path / "x.h5ad").exists()
