@@ -1,0 +1,165 @@
+"""Inference: embed AnnData / shard / corpus, token-budget batching, CLI ``epiflow embed``."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from epiflow.cli import main as cli_main
+from epiflow.corpus.shard import shard_from_counts, write_corpus_meta, write_shard
+from epiflow.errors import InputFormatError, VocabularyMismatchError
+from epiflow.model import embed, embed_sentences, inference_context, load_epiagent_checkpoint
+from epiflow.model.inference import autocast_dtype, token_budget_batches
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tok(fixtures_dir):
+    d = np.load(fixtures_dir / "tokenization_io.npz", allow_pickle=False)
+    counts = sp.csr_matrix((d["counts_data"], d["counts_indices"], d["counts_indptr"]),
+                           shape=tuple(d["counts_shape"]))
+    return {"counts": counts, "df": d["df"], "sentences": d["sentences"], "offsets": d["sentence_offsets"]}
+
+
+@pytest.fixture(scope="module")
+def model(fixtures_dir):
+    return load_epiagent_checkpoint(fixtures_dir / "epiagent_tiny.pth", num_heads=4)
+
+
+@pytest.fixture(scope="module")
+def reference(model, tok):
+    """One cell at a time, no padding: the embedding every batched path must reproduce."""
+    out = []
+    with torch.no_grad():
+        for i in range(len(tok["offsets"]) - 1):  # 50 tiny cells
+            s = tok["sentences"][tok["offsets"][i]:tok["offsets"][i + 1]]
+            ids = torch.tensor([[1, *s.tolist(), 2]])
+            out.append(model(ids).cell_embedding[0].numpy())
+    return np.stack(out)
+
+
+def _obs(n):
+    return pd.DataFrame({"cell_id": [f"c{i:02d}" for i in range(n)], "batch": np.arange(n) % 3})
+
+
+def test_embed_anndata_both_backends(model, tok, reference):
+    for backend in ("sdpa", "packed"):
+        a = ad.AnnData(X=tok["counts"].copy(), obs=_obs(50).set_index("cell_id"))
+        a.var["df"] = tok["df"]
+        res = embed(a, model, backend=backend, batch_tokens=200, progress=False)
+        assert res is a and a.obsm["X_epiagent"].shape == (50, 64)
+        np.testing.assert_allclose(a.obsm["X_epiagent"], reference, **TOL)
+    model.set_backend("sdpa")
+
+
+def test_embed_shard_and_order(model, tok, reference):
+    shard = shard_from_counts(tok["counts"], tok["df"], _obs(50))
+    res = embed(shard, model, batch_tokens=150, progress=False)
+    assert list(res.obs_names) == [f"c{i:02d}" for i in range(50)]
+    np.testing.assert_allclose(res.obsm["X_epiagent"], reference, **TOL)
+
+
+def test_top_k_truncation(model, tok):
+    indptr = tok["offsets"]
+    got = embed_sentences(model, indptr, tok["sentences"], max_len=10, progress=False, device="cpu")
+    with torch.no_grad():
+        s = tok["sentences"][indptr[7]:indptr[8]][:10]
+        ref = model(torch.tensor([[1, *s.tolist(), 2]])).cell_embedding[0].numpy()
+    np.testing.assert_allclose(got[7], ref, **TOL)
+
+
+def test_token_budget_batches():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 400, size=500)
+    batches = token_budget_batches(lengths, batch_tokens=1000, max_cells=64)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(500))
+    assert np.all(np.diff(lengths[flat]) <= 0)  # longest first
+    for b in batches:
+        assert len(b) <= 64
+        assert len(b) == 1 or len(b) * lengths[b].max() <= 1000
+    assert [len(b) for b in token_budget_batches([5000, 10], batch_tokens=100)] == [1, 1]
+
+
+def test_autocast_selection(monkeypatch):
+    assert autocast_dtype("cpu") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert autocast_dtype("cuda") is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert autocast_dtype("cuda:1") is torch.float16
+    with inference_context("cpu"):
+        assert torch.is_inference_mode_enabled()
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_embed_vocabulary_and_df_errors(model, tok):
+    a = ad.AnnData(X=tok["counts"][:, :299].copy())
+    with pytest.raises(VocabularyMismatchError, match="299 cCREs but the model has 300"):
+        embed(a, model, progress=False)
+    b = ad.AnnData(X=tok["counts"].copy())
+    with pytest.raises(InputFormatError, match="document frequencies"):
+        embed(b, model, progress=False)
+
+
+def test_embed_batch_key(fixtures_dir, tok):
+    bc = load_epiagent_checkpoint(fixtures_dir / "epiagent_tiny_bc.pth", num_heads=4)
+    shard = shard_from_counts(tok["counts"][:6], tok["df"], _obs(6))
+    with_b = embed(shard, bc, batch_key="batch", progress=False).obsm["X_epiagent"]
+    without = embed(shard, bc, progress=False).obsm["X_epiagent"]
+    with torch.no_grad():
+        s = shard.sentence(4).tolist()
+        ref = bc(torch.tensor([[1, *s, 2]]), batch_ids=torch.tensor([4 % 3])).cell_embedding[0].numpy()
+    np.testing.assert_allclose(with_b[4], ref, **TOL)
+    assert not np.allclose(with_b[4], without[4])
+
+
+def _corpus(root, tok, n_ccres=300):
+    shards = []
+    for j, rows in enumerate((np.arange(0, 30), np.arange(30, 50))):
+        obs = _obs(50).iloc[rows].reset_index(drop=True)
+        path = root / "shards" / f"shard_{j:05d}.h5"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sh = shard_from_counts(tok["counts"][rows], tok["df"], obs)
+        sh.n_ccres = n_ccres
+        write_shard(path, sh)
+        shards.append(f"shards/shard_{j:05d}.h5")
+    np.save(root / "df.npy", tok["df"])
+    write_corpus_meta(root, {"n_cells": 50, "n_ccres": n_ccres, "shards": shards, "shard_cells": [30, 20]})
+    return root
+
+
+def test_cli_embed_corpus_and_input(fixtures_dir, tok, reference, tmp_path):
+    corpus = _corpus(tmp_path / "corpus", tok)
+    out = tmp_path / "emb.h5ad"
+    rc = cli_main(["embed", "--checkpoint", str(fixtures_dir / "epiagent_tiny.pth"), "--num-heads", "4",
+                   "--corpus", str(corpus), "--out", str(out), "--backend", "packed", "--batch-tokens", "300",
+                   "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    res = ad.read_h5ad(out)
+    assert list(res.obs["cell_id"]) == [f"c{i:02d}" for i in range(50)]
+    np.testing.assert_allclose(res.obsm["X_epiagent"], reference, **TOL)
+    assert res.uns["epiflow_embed"]["backend"] == "packed"
+
+    h5ad = tmp_path / "counts.h5ad"
+    ad.AnnData(X=tok["counts"].copy(), obs=_obs(50).set_index("cell_id")).write_h5ad(h5ad)
+    np.save(tmp_path / "df.npy", tok["df"])
+    out2 = tmp_path / "emb2.h5ad"
+    assert cli_main(["embed", "--checkpoint", str(fixtures_dir / "epiagent_tiny.pth"), "--num-heads", "4",
+                     "--input", str(h5ad), "--df", str(tmp_path / "df.npy"), "--out", str(out2),
+                     "--device", "cpu", "--no-progress"]) == 0
+    np.testing.assert_allclose(ad.read_h5ad(out2).obsm["X_epiagent"], reference, **TOL)
+
+
+def test_cli_embed_vocabulary_mismatch_writes_nothing(fixtures_dir, tok, tmp_path, capsys):
+    corpus = _corpus(tmp_path / "corpus", tok, n_ccres=301)
+    out = tmp_path / "emb.h5ad"
+    rc = cli_main(["embed", "--checkpoint", str(fixtures_dir / "epiagent_tiny.pth"), "--num-heads", "4",
+                   "--corpus", str(corpus), "--out", str(out), "--device", "cpu", "--no-progress"])
+    assert rc == 2
+    assert "301" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".emb.h5ad*"))
