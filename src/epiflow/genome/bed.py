@@ -95,14 +95,34 @@ def read_bed(path, *, min_columns: int = 3, name: str | None = None) -> pd.DataF
         raise InputFormatError("empty BED file (no interval records)", path=where,
                                fix="give a BED file with at least one 'chrom<TAB>start<TAB>end' line.")
     sep = "\t" if "\t" in first else r"\s+"
-    try:
-        with _open_text(path) as fh:
-            raw = pd.read_csv(fh, sep=sep, header=None, skiprows=n_head, dtype=str,
-                              keep_default_na=False, na_filter=False, quoting=csv.QUOTE_NONE,
-                              skip_blank_lines=False, engine="c" if sep == "\t" else "python")
+    n_first = len(first.split("\t") if sep == "\t" else first.split())
+    raw = None
+    fast = False
+    if sep == "\t" and n_first >= 3:
+        # fast path: integer coordinates parsed by the C reader; anything unusual (comments or blank
+        # lines mid-file, bad numbers, ragged rows) falls back to the checked path below
+        try:
+            with _open_text(path) as fh:
+                raw = pd.read_csv(fh, sep="\t", header=None, skiprows=n_head, quoting=csv.QUOTE_NONE,
+                                  dtype={i: (np.int64 if i in (1, 2) else str) for i in range(n_first)},
+                                  keep_default_na=False, na_filter=False, skip_blank_lines=False,
+                                  engine="c")
+            fast = raw.shape[1] == n_first
+            if not fast:
+                raw = None
+        except (ValueError, OverflowError, pd.errors.ParserError):
+            raw = None
+    if raw is None:
+        try:
+            with _open_text(path) as fh:
+                raw = pd.read_csv(fh, sep=sep, header=None, skiprows=n_head, dtype=str,
+                                  keep_default_na=False, na_filter=False, quoting=csv.QUOTE_NONE,
+                                  skip_blank_lines=False, engine="c" if sep == "\t" else "python")
+            line_no = np.arange(len(raw), dtype=np.int64) + n_head + 1
+        except pd.errors.ParserError:
+            raw, line_no = _read_ragged(path, sep)
+    else:
         line_no = np.arange(len(raw), dtype=np.int64) + n_head + 1
-    except pd.errors.ParserError:
-        raw, line_no = _read_ragged(path, sep)
     if raw.shape[1] < 3:
         # a single column (or two): report the first record line
         raise InputFormatError(
@@ -111,21 +131,29 @@ def read_bed(path, *, min_columns: int = 3, name: str | None = None) -> pd.DataF
             fix="use tab-separated 'chrom start end' (0-based, half-open) records.")
     raw = raw.fillna("")
     raw.columns = _col_names(raw.shape[1])
-    # drop skip lines that occur in the middle of the file (comments, track lines, blanks)
-    chrom_raw = raw["chrom"].astype(str)
-    skip = (chrom_raw.str.strip() == "") | chrom_raw.str.startswith(_SKIP_PREFIXES)
-    if skip.any():
-        keep_rows = ~skip.to_numpy()
-        raw = raw.loc[keep_rows].reset_index(drop=True)
-        line_no = line_no[keep_rows]
+    # drop skip lines that occur in the middle of the file (comments, track lines, blanks); checked
+    # on the distinct chromosome values only
+    if not fast:
+        codes, uniq = pd.factorize(raw["chrom"].astype(str), sort=False)
+        skip_u = np.asarray([(not u.strip()) or u.startswith(_SKIP_PREFIXES) for u in uniq] + [False])
+        skip = skip_u[codes]
+        if skip.any():
+            keep_rows = ~skip
+            raw = raw.loc[keep_rows].reset_index(drop=True)
+            line_no = line_no[keep_rows]
     if len(raw) == 0:
         raise InputFormatError("empty BED file (no interval records)", path=where,
                                fix="give a BED file with at least one 'chrom<TAB>start<TAB>end' line.")
     # columns missing on some records (ragged file or short lines)
-    n_cols = np.full(len(raw), raw.shape[1], dtype=np.int64)
-    for k in range(raw.shape[1] - 1, 0, -1):
-        empty = (raw.iloc[:, k].astype(str) == "").to_numpy()
-        n_cols = np.where(empty & (n_cols == k + 1), k, n_cols)
+    if raw.shape[1] < min_columns:
+        n_cols = np.full(len(raw), raw.shape[1], dtype=np.int64)
+    else:
+        n_cols = np.full(len(raw), raw.shape[1], dtype=np.int64)
+        for k in range(raw.shape[1] - 1, 0, -1):
+            if fast and k in (1, 2):
+                continue
+            empty = (raw.iloc[:, k].astype(str) == "").to_numpy()
+            n_cols = np.where(empty & (n_cols == k + 1), k, n_cols)
     short = n_cols < min_columns
     if short.any():
         i = int(np.flatnonzero(short)[0])
@@ -136,6 +164,9 @@ def read_bed(path, *, min_columns: int = 3, name: str | None = None) -> pd.DataF
     coords = {}
     for col in ("start", "end"):
         s = raw[col]
+        if pd.api.types.is_integer_dtype(s.dtype):
+            coords[col] = s.to_numpy(np.int64)
+            continue
         num = pd.to_numeric(s, errors="coerce")
         if not pd.api.types.is_integer_dtype(num.dtype):
             ok = s.str.fullmatch(r"\s*[+-]?\d+\s*").to_numpy()

@@ -14,32 +14,46 @@ PRIMARY_CHROMS = [f"chr{i}" for i in range(1, 23)] + ["chrX", "chrY", "chrM"]
 _CHROM_RANK = {c: i for i, c in enumerate(PRIMARY_CHROMS)}
 
 
+def _factorize(chrom):
+    """(codes, unique names as str) of a 1-D array of names; hash-based (fast on millions)."""
+    arr = np.asarray(chrom).ravel()
+    codes, uniq = pd.factorize(arr, sort=False, use_na_sentinel=False)
+    return codes.astype(np.int64), [str(u) for u in uniq]
+
+
+def _normalize_one(c: str) -> str:
+    base = c[3:] if c[:3].lower() == "chr" else c
+    if base.upper() in ("M", "MT"):
+        base = "M"
+    elif base.upper() in ("X", "Y"):
+        base = base.upper()
+    return "chr" + base
+
+
 def normalize_chrom(chrom) -> np.ndarray:
     """UCSC-style names: ``1``/``chr1``/``Chr1`` -> ``chr1``; ``MT``/``M``/``chrMT`` -> ``chrM``.
 
-    Works on an array of names (vectorised over the unique values).
+    Works on an array of names (vectorised over the unique values); returns a numpy str array of
+    the same shape.
     """
-    arr = np.asarray(chrom).astype(str)
-    uniq, inv = np.unique(arr, return_inverse=True)
-    fixed = []
-    for c in uniq:
-        base = c[3:] if c[:3].lower() == "chr" else c
-        if base.upper() in ("M", "MT"):
-            base = "M"
-        elif base.upper() in ("X", "Y"):
-            base = base.upper()
-        fixed.append("chr" + base)
-    return np.asarray(fixed, dtype=object)[inv].astype(str) if len(uniq) else arr
+    arr = np.asarray(chrom)
+    if arr.size == 0:
+        return arr.astype(str)
+    codes, uniq = _factorize(arr)
+    fixed = np.asarray([_normalize_one(c) for c in uniq], dtype=str)
+    return fixed[codes].reshape(arr.shape)
 
 
 def chrom_sort_key(chrom) -> np.ndarray:
     """Karyotypic rank (chr1..chr22, X, Y, M), other contigs after them in name order."""
-    arr = np.asarray(chrom).astype(str)
-    uniq, inv = np.unique(arr, return_inverse=True)
-    others = sorted(c for c in uniq if c not in _CHROM_RANK)
+    arr = np.asarray(chrom)
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    codes, uniq = _factorize(arr)
+    others = sorted(c for c in set(uniq) if c not in _CHROM_RANK)
     other_rank = {c: len(PRIMARY_CHROMS) + i for i, c in enumerate(others)}
     ranks = np.array([_CHROM_RANK.get(c, other_rank.get(c)) for c in uniq], dtype=np.int64)
-    return ranks[inv] if len(uniq) else np.zeros(0, dtype=np.int64)
+    return ranks[codes].reshape(arr.shape)
 
 
 def sort_intervals(df: pd.DataFrame) -> pd.DataFrame:

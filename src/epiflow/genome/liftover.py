@@ -134,8 +134,10 @@ class Chain:
         where a layer has no block covering the base (``chain`` = -1). ``q_pos`` is the destination
         plus-strand position; ``block`` is the block index within the source chromosome; ``strand``
         is +1 / -1 (0 where unmapped)."""
-        chrom = normalize_chrom(np.asarray(chrom).astype(str).ravel())
-        pos = np.asarray(pos, dtype=np.int64).ravel()
+        codes, names = _chrom_codes(chrom)
+        return self._map_codes(codes, names, np.asarray(pos, dtype=np.int64).ravel())
+
+    def _map_codes(self, codes, names, pos):
         n = len(pos)
         L = max(1, self.max_layers())
         out_chain = np.full((n, L), -1, dtype=np.int32)
@@ -144,15 +146,15 @@ class Chain:
         out_strand = np.zeros((n, L), dtype=np.int8)
         if n == 0:
             return out_chain, out_q, out_block, out_strand
-        uniq, inv = np.unique(chrom, return_inverse=True)
-        for k, c in enumerate(uniq):
+        single = len(names) == 1
+        for k, c in enumerate(names):
             cb = self.blocks.get(c)
             if cb is None:
                 continue
-            rows = np.flatnonzero(inv == k)
+            rows = np.arange(n) if single else np.flatnonzero(codes == k)
             p = pos[rows]
             for li, layer in enumerate(cb.layers):
-                ts = cb.t_start[layer]
+                ts = cb.t_start[layer] if len(cb.layers) > 1 else cb.t_start
                 j = np.searchsorted(ts, p, side="right") - 1
                 jj = np.maximum(j, 0)
                 b = layer[jj]
@@ -170,6 +172,14 @@ class Chain:
                 out_block[r, li] = b
                 out_strand[r, li] = cb.strand[b]
         return out_chain, out_q, out_block, out_strand
+
+
+def _chrom_codes(chrom):
+    """(codes, normalised unique names) of chromosome names, hash-based."""
+    from .intervals import _factorize, _normalize_one
+
+    codes, uniq = _factorize(chrom)
+    return codes, [_normalize_one(c) for c in uniq]
 
 
 @dataclass
@@ -516,16 +526,16 @@ def lift_intervals(chain: Chain, chrom, start, end, *, same_block: bool = False)
     alignment gap of any kind inside the interval). Zero-length intervals are lifted as points.
     Vectorised: one ``searchsorted`` per chromosome and layer.
     """
-    chrom = normalize_chrom(np.asarray(chrom).astype(str).ravel())
+    codes, names = _chrom_codes(chrom)
     start = np.asarray(start, dtype=np.int64).ravel()
     end = np.asarray(end, dtype=np.int64).ravel()
     n = len(start)
-    if not (len(chrom) == n == len(end)):
+    if not (len(codes) == n == len(end)):
         raise ValueError("chrom, start and end must have the same length")
     length = end - start
     last = np.maximum(end - 1, start)
-    cs, qs, bs, ss = chain.map_points(chrom, start)
-    ce, qe, be, _ = chain.map_points(chrom, last)
+    cs, qs, bs, ss = chain._map_codes(codes, names, start)
+    ce, qe, be, _ = chain._map_codes(codes, names, last)
     L = cs.shape[1]
     n_match = np.zeros(n, dtype=np.int64)
     sel_qs = np.full(n, -1, dtype=np.int64)
@@ -558,7 +568,8 @@ def lift_intervals(chain: Chain, chrom, start, end, *, same_block: bool = False)
     mapped_e = (ce >= 0).any(axis=1)
     status[(n_match == 0)] = _CODE["split"]
     status[~(mapped_s & mapped_e)] = _CODE["unmapped"]
-    known = np.isin(chrom, np.asarray(chain.source_chroms, dtype=str)) if n else np.zeros(0, bool)
+    known = np.asarray([c in chain.blocks for c in names] + [False], dtype=bool)[codes] if n \
+        else np.zeros(0, bool)
     status[~known] = _CODE["unknown_chrom"]
     status[length < 0] = _CODE["invalid"]
     keep = status == _CODE["kept"]
