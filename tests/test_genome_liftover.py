@@ -16,35 +16,40 @@ from epiflow.genome.bed import read_bed
 from epiflow.genome.liftover import (REASONS, chain_for, lift_bed, lift_intervals, load_chain,
                                      parse_chain, require_chain, ucsc_chain_url)
 
-# Source chrA (1,000 bp), chrF (500 bp), chrR (300 bp); destination chrB, chrC, chrD, chrG, chrS.
-#  chain 1: chrA 0-700 -> chrB + : blocks 100 | gap dt=10,dq=10 | 200 | dt=5,dq=0 (deletion) |
-#           150 | dt=0,dq=20 (insertion) | 235   (chrA 0..700 -> chrB 0..715)
-#  chain 2: chrA 700-950 -> chrC - (reverse strand): 120 | dt=30,dq=0 | 100
-#  chain 3: chrA 150-260 -> chrD +, overlaps chain 1 on the source (a duplicated region)
-#  chain 4: chrF 0-400 -> chrG - with tStrand '-' (allowed by the format; both strands flipped)
-#  chain 5: chrR 0-300 -> chrS +, blocks 100 | dt=50,dq=50 | 150  (header without id)
+# Source chrA (1,000 bp), chrF (500 bp), chrR (300 bp); destinations chr2, chr3, chr4, chr7, chr19
+# and an unplaced contig chr9_gl000199_random.
+#  chain 1: chrA 0-700 -> chr2 + : blocks 100 | gap dt=10,dq=10 | 200 | dt=5,dq=0 (deletion) |
+#           150 | dt=0,dq=20 (insertion) | 235   (chrA 0..700 -> chr2 0..715)
+#  chain 2: chrA 700-950 -> chr3 - (reverse strand): 120 | dt=30,dq=0 | 100
+#  chain 3: chrA 150-260 -> chr4 +, overlaps chain 1 on the source (a duplicated region)
+#  chain 4: chrF 100-500 on its '-' strand -> chr7 + (tStrand '-' is allowed by the format)
+#  chain 5: chrR 0-300 -> chr19 +, blocks 100 | dt=50,dq=50 | 150  (header without id)
+#  chain 6: chrF 400-500 -> chr9_gl000199_random (dropped by default: not a primary chromosome)
 CHAIN_TEXT = """\
 # hand-made test chain
-chain 1000 chrA 1000 + 0 700 chrB 900 + 0 715 1
+chain 1000 chrA 1000 + 0 700 chr2 900 + 0 715 1
 100\t10\t10
 200\t5\t0
 150\t0\t20
 235
 
-chain 500 chrA 1000 + 700 950 chrC 400 - 50 270 2
+chain 500 chrA 1000 + 700 950 chr3 400 - 50 270 2
 120 30 0
 100
 
-chain 300 chrA 1000 + 150 260 chrD 500 + 40 150 3
+chain 300 chrA 1000 + 150 260 chr4 500 + 40 150 3
 110
 
-chain 200 chrF 500 - 100 500 chrG 600 + 0 410 4
+chain 200 chrF 500 - 100 500 chr7 600 + 0 410 4
 200 0 10
 200
 
-chain 100 chrR 300 + 0 300 chrS 350 + 10 310
+chain 100 chrR 300 + 0 300 chr19 350 + 10 310
 100 50 50
 150
+
+chain 50 chrF 500 + 400 500 chr9_gl000199_random 1000 + 0 100 6
+100
 """
 
 
@@ -90,7 +95,7 @@ def _ref_map_point(chains, chrom, p):
     return hits
 
 
-def _ref_lift(chains, chrom, s, e):
+def _ref_lift(chains, chrom, s, e, primary_only=True):
     """(reason, (chrom, start, end) or None) for one interval, by the documented rule."""
     if e < s:
         return "invalid", None
@@ -111,6 +116,8 @@ def _ref_lift(chains, chrom, s, e):
     if lifted != max(L, 1):
         return "size_changed", None
     new_start = a[2] if a[3] > 0 else b[2]
+    if primary_only and "_" in a[1]:
+        return "other_contig", None
     return "kept", (a[1], new_start, new_start + L)
 
 
@@ -134,7 +141,7 @@ def _all_intervals():
 
 def test_handmade_chain_matches_reference(chain_file):
     chain = parse_chain(chain_file)
-    assert chain.n_chains == 5
+    assert chain.n_chains == 6
     assert chain.max_layers() == 2  # chain 3 overlaps chain 1 on the source
     df = _all_intervals()
     res = lift_intervals(chain, df["chrom"], df["start"], df["end"])
@@ -164,9 +171,9 @@ def test_handmade_specific_cases(chain_file):
         return REASONS[r.status[0]], (list(zip(r.chrom, r.start.tolist(), r.end.tolist())) or [None])[0]
 
     # forward strand, first block
-    assert one("chrA", 10, 50) == ("kept", ("chrB", 10, 50))
+    assert one("chrA", 10, 50) == ("kept", ("chr2", 10, 50))
     # across an equal-size double gap: same size, kept unless same_block is required
-    assert one("chrA", 90, 120) == ("kept", ("chrB", 90, 120))
+    assert one("chrA", 90, 120) == ("kept", ("chr2", 90, 120))
     assert one("chrA", 90, 120, same_block=True)[0] == "size_changed"
     # inside the gap -> unmapped end
     assert one("chrA", 90, 105)[0] == "unmapped"
@@ -176,16 +183,22 @@ def test_handmade_specific_cases(chain_file):
     assert one("chrA", 450, 480)[0] == "size_changed"
     # reverse strand: chrA 700-820 is the first block of chain 2 -> chrC plus coordinates
     # q strand coords 50..170 -> plus: 400-170 .. 400-50 = 230..350
-    assert one("chrA", 700, 710) == ("kept", ("chrC", 340, 350))
-    assert one("chrA", 810, 820) == ("kept", ("chrC", 230, 240))
-    assert one("chrA", 700, 701) == ("kept", ("chrC", 349, 350))
+    assert one("chrA", 700, 710) == ("kept", ("chr3", 340, 350))
+    assert one("chrA", 810, 820) == ("kept", ("chr3", 230, 240))
+    assert one("chrA", 700, 701) == ("kept", ("chr3", 349, 350))
     # split across chains (chain 1 ends at 700, chain 2 starts there)
     assert one("chrA", 690, 710)[0] == "split"
     # duplicated region: both ends in chain 1 and chain 3 -> ambiguous
     assert one("chrA", 160, 200)[0] == "multiple"
-    # tStrand '-': chrF plus 0..100 is outside (chain covers strand coords 100..500 = plus 0..400)
-    assert one("chrF", 420, 450)[0] == "unmapped"
-    assert one("chrF", 0, 10)[0] == "kept"
+    # tStrand '-': chain 4 covers strand coords 100..500 = plus 0..400; its second block starts at
+    # plus 200 (strand 300) and maps to chr7 210..410, reversed twice = forward
+    assert one("chrF", 0, 10) == ("kept", ("chr7", 400, 410))
+    assert one("chrF", 390, 400) == ("kept", ("chr7", 0, 10))
+    assert one("chrF", 195, 205)[0] == "size_changed"  # across the 10-bp destination gap
+    # plus 400..500 maps only to an unplaced contig
+    assert one("chrF", 420, 450)[0] == "other_contig"
+    assert one("chrF", 420, 450, primary_only=False) == ("kept", ("chr9_gl000199_random", 20, 50))
+    assert one("chrF", 390, 410)[0] == "split"
     assert one("chrQ", 0, 10)[0] == "unknown_chrom"
 
 
@@ -255,7 +268,7 @@ def test_empty_and_gzip_chain(tmp_path):
     with gzip.open(gz, "wt") as fh:
         fh.write(CHAIN_TEXT)
     a = parse_chain(gz)
-    assert a.n_chains == 5 and a.n_blocks == 11
+    assert a.n_chains == 6 and a.n_blocks == 12
 
 
 def test_load_chain_sources(tmp_path, chain_file):
@@ -276,7 +289,7 @@ def test_load_chain_url_downloads_once(tmp_path, chain_file):
         url = f"http://127.0.0.1:{srv.server_address[1]}/{chain_file.name}"
         cache = tmp_path / "cache"
         ch = load_chain(url, cache_dir=cache)
-        assert ch.n_chains == 5
+        assert ch.n_chains == 6
         assert (cache / chain_file.name).read_text() == CHAIN_TEXT
         assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp files left
         with pytest.raises(ConfigError, match="could not download"):

@@ -34,6 +34,8 @@ def register(sub) -> None:
     p.add_argument("--same-block", action="store_true",
                    help="also drop intervals that contain any alignment gap (both ends in one block)")
     p.add_argument("--keep-order", action="store_true", help="keep the input order instead of sorting")
+    p.add_argument("--keep-other-contigs", action="store_true",
+                   help="keep intervals lifted onto unplaced/alt/random contigs (dropped by default)")
     p.add_argument("--cache-dir", help="where downloaded chains are kept (default ~/.cache/epiflow/chains)")
     p.set_defaults(func=_liftover)
 
@@ -78,7 +80,8 @@ def _liftover(args) -> int:
 
     df = read_bed(args.input)
     chain = load_chain(args.chain, cache_dir=args.cache_dir)
-    out, rep = lift_bed(chain, df, same_block=args.same_block)
+    out, rep = lift_bed(chain, df, same_block=args.same_block,
+                        primary_only=not args.keep_other_contigs)
     if not args.keep_order:
         out = sort_intervals(out)
     write_bed(out, args.out)

@@ -17,7 +17,9 @@ Interval rule (:func:`lift_intervals`): an interval ``[start, end)`` is kept onl
 ``start`` and its last base ``end - 1`` both map through the *same* chain (hence to the same
 destination chromosome and orientation), through exactly one chain, and the lifted interval has the
 same length as the original. Intervals whose ends fall outside aligned blocks, split across chains
-or chromosomes, or change size (an indel inside) are dropped and counted by reason.
+or chromosomes, or change size (an indel inside) are dropped and counted by reason. By default,
+intervals that land on a destination contig outside chr1-22, X, Y, M (unplaced / alt / random
+sequences, which are not part of any cCRE vocabulary) are dropped too (``other_contig``).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import pandas as pd
 
 from ..errors import ConfigError, InputFormatError
 from ..io import atomic_path
-from .intervals import normalize_chrom
+from .intervals import PRIMARY_CHROMS, normalize_chrom
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,8 @@ BUILTIN_CHAINS = {
 UCSC_CHAIN_URL = "https://hgdownload.soe.ucsc.edu/goldenPath/{src}/liftOver/{src}To{Dst}.over.chain.gz"
 
 #: Reasons an interval is kept or dropped, in the order of precedence used by lift_intervals.
-REASONS = ["kept", "invalid", "unknown_chrom", "unmapped", "split", "multiple", "size_changed"]
+REASONS = ["kept", "invalid", "unknown_chrom", "unmapped", "split", "multiple", "size_changed",
+           "other_contig"]
 _CODE = {r: i for i, r in enumerate(REASONS)}
 
 
@@ -519,11 +522,14 @@ def load_chain(path_or_url, *, cache_dir=None) -> Chain:
 # interval liftover
 # --------------------------------------------------------------------------------------------------
 
-def lift_intervals(chain: Chain, chrom, start, end, *, same_block: bool = False) -> LiftResult:
+def lift_intervals(chain: Chain, chrom, start, end, *, same_block: bool = False,
+                   primary_only: bool = True) -> LiftResult:
     """Lift intervals ``[start, end)`` through ``chain`` (see the module docstring for the rule).
 
     With ``same_block=True`` both ends must also lie in the same ungapped block (stricter: no
-    alignment gap of any kind inside the interval). Zero-length intervals are lifted as points.
+    alignment gap of any kind inside the interval). With ``primary_only`` (default) intervals lifted
+    onto a destination contig outside chr1-22, X, Y, M are dropped (reason ``other_contig``).
+    Zero-length intervals are lifted as points.
     Vectorised: one ``searchsorted`` per chromosome and layer.
     """
     codes, names = _chrom_codes(chrom)
@@ -572,6 +578,10 @@ def lift_intervals(chain: Chain, chrom, start, end, *, same_block: bool = False)
         else np.zeros(0, bool)
     status[~known] = _CODE["unknown_chrom"]
     status[length < 0] = _CODE["invalid"]
+    if primary_only:
+        dest_primary = np.isin(chain.chain_q_chrom, PRIMARY_CHROMS)
+        off = (status == _CODE["kept"]) & ~dest_primary[np.maximum(sel_chain, 0)]
+        status[off] = _CODE["other_contig"]
     keep = status == _CODE["kept"]
     k_chain = sel_chain[keep]
     k_fwd = fwd[keep]
@@ -585,11 +595,12 @@ def lift_intervals(chain: Chain, chrom, start, end, *, same_block: bool = False)
                       strand=np.where(k_fwd, "+", "-"))
 
 
-def lift_bed(chain: Chain, df: pd.DataFrame, *, same_block: bool = False) -> tuple[pd.DataFrame, dict]:
+def lift_bed(chain: Chain, df: pd.DataFrame, *, same_block: bool = False,
+             primary_only: bool = True) -> tuple[pd.DataFrame, dict]:
     """Lift a BED DataFrame; returns (kept rows with lifted coordinates and their other columns, in
     input order; report dict with n_in, n_kept, n_lost, fraction_lost, reasons)."""
     res = lift_intervals(chain, df["chrom"].to_numpy(), df["start"].to_numpy(), df["end"].to_numpy(),
-                         same_block=same_block)
+                         same_block=same_block, primary_only=primary_only)
     out = df.loc[res.keep].copy()
     out["chrom"] = res.chrom
     out["start"] = res.start
