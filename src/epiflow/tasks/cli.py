@@ -1,0 +1,101 @@
+"""CLI verbs of the downstream tasks.
+
+``epiflow evaluate-features``: clustering (Leiden bisected to the number of cell types; NMI, ARI),
+UMAPs and optionally the PAGA / pseudotime trajectory, for EpiAgent embeddings beside the LSI baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _parse_embeddings(items: list[str] | None) -> dict[str, str]:
+    from ..errors import EpiflowError
+
+    out: dict[str, str] = {}
+    for i, item in enumerate(items or []):
+        if "=" in item and not Path(item).exists():
+            name, path = item.split("=", 1)
+        else:
+            name, path = ("EpiAgent" if i == 0 else Path(item).stem), item
+        name = name.strip()
+        if not name or name in out or name == "LSI":
+            raise EpiflowError(f"method name {name!r} is empty, repeated or reserved (LSI)",
+                               field="--embeddings", fix="write --embeddings NAME=PATH with distinct names")
+        out[name] = path
+    return out
+
+
+def _evaluate_features(args: argparse.Namespace) -> int:
+    from ..errors import EpiflowError
+    from .features import evaluate_features, load_feature_inputs, metric_rows
+
+    embeddings = _parse_embeddings(args.embeddings)
+    if not embeddings and args.counts is None:
+        raise EpiflowError("nothing to evaluate: give --embeddings (with --corpus or --counts), or --counts "
+                           "alone for the LSI baseline only", field="--embeddings")
+    drop = {"auto": "auto", "yes": True, "no": False}[args.lsi_drop_first]
+    adata, methods, info = load_feature_inputs(
+        embeddings, corpus=args.corpus, counts_h5ad=args.counts, embedding_key=args.embedding_key,
+        label_key=args.label_key, dataset=args.dataset, lsi_components=args.lsi_components,
+        lsi_drop_first=drop, seed=args.seed)
+    dataset = args.dataset
+    if dataset is None:
+        ds = adata.obs["dataset"].astype(str).unique() if "dataset" in adata.obs else []
+        dataset = str(ds[0]) if len(ds) == 1 else "all"
+    extra = metric_rows("feature_extraction", dataset, "LSI",
+                        {"lsi_depth_spearman": info["depth_spearman"],
+                         "lsi_dropped_first": int(info["dropped_first"])})
+    table = evaluate_features(
+        adata, label_key=args.label_key, embeddings=methods, out_dir=args.out_dir, dataset=dataset,
+        n_neighbors=args.n_neighbors, seed=args.seed, max_iter=args.max_iter, umap=not args.no_umap,
+        run_trajectory=args.trajectory, root_type=args.root_type, order=args.order, svg=args.svg,
+        extra_rows=extra)
+    show = table[table["metric"].isin(["NMI", "ARI", "leiden_reached", "spearman_types"])]
+    print(show.pivot_table(index="method", columns="metric", values="value", sort=False).to_string())
+    print(f"wrote {Path(args.out_dir) / 'metrics.tsv'}")
+    return 0
+
+
+def register(subparsers) -> None:
+    from ..metrics.ordering import HEMATOPOIESIS_ORDER
+
+    p = subparsers.add_parser(
+        "evaluate-features",
+        help="feature extraction: Leiden (bisected to #cell types) NMI/ARI, UMAPs, trajectory; EpiAgent vs LSI",
+        description=(
+            "Evaluate cell embeddings beside the LSI baseline (TF-IDF + truncated SVD on the same cells' "
+            "counts): Leiden on the kNN graph with the resolution bisected until #clusters = #cell types, "
+            "NMI and ARI against the labels, UMAP figures, and optionally PAGA + diffusion pseudotime "
+            "compared with a known order of cell types. Writes OUT_DIR/metrics.tsv (task, dataset, "
+            "method, metric, value), cells.tsv, umap.png, umap_<method>.png[, trajectory.tsv, "
+            "trajectory.png]. Cells with a missing label are excluded from the metrics."))
+    p.add_argument("--embeddings", action="append", metavar="[NAME=]H5AD",
+                   help="output of 'epiflow embed' (repeat for several models, e.g. zero-shot and fine-tuned; "
+                        "the first is named EpiAgent unless NAME= is given)")
+    p.add_argument("--embedding-key", default="X_epiagent", help="obsm key of the embedding (default X_epiagent)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--corpus", help="corpus folder the embedded cells come from (counts for LSI, labels)")
+    src.add_argument("--counts", help="h5ad of raw counts (cells matched on obs_names) instead of a corpus; "
+                                      "alone: evaluate LSI only on its cells")
+    p.add_argument("--label-key", default="cell_type", help="obs column with the cell types (default cell_type)")
+    p.add_argument("--dataset", help="evaluate only the cells whose obs 'dataset' is NAME")
+    p.add_argument("--lsi-components", type=int, default=50, help="SVD components of LSI (default 50)")
+    p.add_argument("--lsi-drop-first", choices=["auto", "yes", "no"], default="auto",
+                   help="drop the first LSI component: auto = when |Spearman(comp1, depth)| > 0.9")
+    p.add_argument("--n-neighbors", type=int, default=15, help="kNN graph size (default 15)")
+    p.add_argument("--max-iter", type=int, default=30, help="most Leiden runs of the bisection (default 30)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trajectory", action="store_true",
+                   help="also run PAGA + diffusion pseudotime and compare with --order")
+    p.add_argument("--root-type", default="HSC", help="cell type of the pseudotime root (default HSC)")
+    p.add_argument("--order", default=HEMATOPOIESIS_ORDER,
+                   help=f"known order of the types, tiers separated by '<' (default '{HEMATOPOIESIS_ORDER}')")
+    p.add_argument("--no-umap", action="store_true", help="skip UMAPs and figures")
+    p.add_argument("--svg", action="store_true", help="also write SVG figures")
+    p.add_argument("--out-dir", required=True, help="output folder")
+    p.set_defaults(func=_evaluate_features)
