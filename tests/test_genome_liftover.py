@@ -376,3 +376,12 @@ def test_against_pyliftover_point_liftover(builtin_chain, pbmc_peaks):
                 # the ends must map (to somewhere)
                 assert len(a) >= 1 and len(b) >= 1
     assert n_checked > 1950
+
+
+def test_builtin_chain_needs_its_package(monkeypatch):
+    import epiflow.genome.liftover as lo
+
+    monkeypatch.setitem(lo.BUILTIN_CHAINS, "hg38ToHg19", ("no_such_pkg_epiflow", "x.chain.gz"))
+    with pytest.raises(ConfigError) as ei:
+        load_chain("builtin:hg38ToHg19")
+    assert "no_such_pkg_epiflow" in str(ei.value) and "not installed" in str(ei.value)
