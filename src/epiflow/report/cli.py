@@ -1,0 +1,27 @@
+"""CLI verb ``epiflow summarize``: one table of a workflow run's results."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "summarize", help="gather the tasks' metrics tables (+ corpus, pretraining) into one summary TSV",
+        description="Concatenate metrics tables in the long format 'task dataset method metric value' "
+                    "(written by the task verbs), add the corpus size (corpus.json) and the last "
+                    "pretraining losses (metrics.csv), write --out and print the headline numbers.")
+    p.add_argument("--metrics", nargs="*", default=[], help="metrics.tsv files of the tasks")
+    p.add_argument("--corpus", help="corpus folder (adds its corpus.json numbers)")
+    p.add_argument("--pretrain-metrics", help="metrics.csv of 'epiflow pretrain' (adds the last values)")
+    p.add_argument("--out", help="summary TSV (task, dataset, method, metric, value, source)")
+    p.add_argument("--all", action="store_true", help="print every metric, not only the headline ones")
+    p.set_defaults(func=_summarize)
+
+
+def _summarize(args: argparse.Namespace) -> int:
+    from .summary import format_summary, summarize
+
+    table = summarize(args.metrics, corpus=args.corpus, pretrain_metrics=args.pretrain_metrics, out=args.out)
+    print(format_summary(table, all_metrics=args.all))
+    return 0

@@ -1,0 +1,132 @@
+"""One table of everything the workflow measured.
+
+Every task writes its numbers in the long format ``task dataset method metric value`` (see
+:mod:`epiflow.tasks.features`). :func:`summarize` concatenates such tables and adds rows describing
+the corpus (``corpus.json``: cells, cCREs, shards) and the pretraining run (the last row of its
+``metrics.csv``), so ``results/summary.tsv`` is the single place to read a run's outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+from ..errors import InputFormatError
+from ..io import atomic_path
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS = ["task", "dataset", "method", "metric", "value"]
+
+
+def _read_metrics(path: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path, sep="\t")
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise InputFormatError(f"cannot read metrics table ({exc})", path=path,
+                               fix="pass the metrics.tsv written by an 'epiflow' task verb") from None
+    missing = [c for c in METRIC_COLUMNS if c not in df.columns]
+    if missing:
+        raise InputFormatError(f"metrics table lacks column(s) {', '.join(missing)}", path=path, line=1,
+                               fix=f"the header must be: {' '.join(METRIC_COLUMNS)}")
+    df = df[METRIC_COLUMNS].copy()
+    df["value"] = pd.to_numeric(df["value"], errors="coerce")
+    df["source"] = str(path)
+    return df
+
+
+def _corpus_rows(corpus_dir: Path) -> pd.DataFrame:
+    meta_path = corpus_dir / "corpus.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputFormatError(f"cannot read corpus metadata ({exc})", path=meta_path,
+                               fix="pass a corpus folder written by 'epiflow build-corpus'") from None
+    rows = []
+    for key, value in meta.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        rows.append({"task": "corpus", "dataset": "all", "method": "-", "metric": key, "value": float(value)})
+    shards = sorted((corpus_dir / "shards").glob("shard_*.h5"))
+    if shards and not any(r["metric"] == "n_shards" for r in rows):
+        rows.append({"task": "corpus", "dataset": "all", "method": "-", "metric": "n_shards",
+                     "value": float(len(shards))})
+    out = pd.DataFrame(rows, columns=METRIC_COLUMNS)
+    out["source"] = str(meta_path)
+    return out
+
+
+def _pretrain_rows(metrics_csv: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(metrics_csv)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise InputFormatError(f"cannot read pretraining metrics ({exc})", path=metrics_csv,
+                               fix="pass the metrics.csv written by 'epiflow pretrain'") from None
+    rows = []
+    if len(df):
+        # the last value of each numeric column (different columns may be logged at different steps)
+        for col in df.columns:
+            series = pd.to_numeric(df[col], errors="coerce").dropna()
+            if len(series) and math.isfinite(float(series.iloc[-1])):
+                rows.append({"task": "pretrain", "dataset": "all", "method": "EpiAgent",
+                             "metric": f"last_{col}", "value": float(series.iloc[-1])})
+    out = pd.DataFrame(rows, columns=METRIC_COLUMNS)
+    out["source"] = str(metrics_csv)
+    return out
+
+
+def summarize(metrics: Iterable[str | Path] = (), *, corpus: str | Path | None = None,
+              pretrain_metrics: str | Path | None = None, out: str | Path | None = None) -> pd.DataFrame:
+    """Concatenate task metrics tables (+ corpus and pretraining facts) into one long table.
+
+    Columns: ``task dataset method metric value source``. Written atomically to ``out`` (TSV) if given.
+    """
+    parts = []
+    if corpus is not None:
+        parts.append(_corpus_rows(Path(corpus)))
+    if pretrain_metrics is not None:
+        parts.append(_pretrain_rows(Path(pretrain_metrics)))
+    for path in metrics:
+        parts.append(_read_metrics(Path(path)))
+    parts = [p for p in parts if len(p)]
+    table = (pd.concat(parts, ignore_index=True) if parts
+             else pd.DataFrame(columns=METRIC_COLUMNS + ["source"]))
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            table.to_csv(tmp, sep="\t", index=False, float_format="%.6g", na_rep="nan")
+        log.info("wrote %s (%d rows)", out, len(table))
+    return table
+
+
+_HEADLINE = {
+    "corpus": ["n_cells", "n_ccres", "n_shards"],
+    "pretrain": ["last_step", "last_loss", "last_cca", "last_sr", "last_rlm_loss"],
+}
+_TASK_HEADLINE = ["NMI", "ARI", "ASW_cell_type", "accuracy", "macro_F1", "spearman_types", "n_cells"]
+
+
+def format_summary(table: pd.DataFrame, all_metrics: bool = False) -> str:
+    """A short plain-text view: per task, one line per (dataset, method) with its headline metrics."""
+    if table.empty:
+        return "(no results)"
+    blocks = []
+    for task, part in table.groupby("task", sort=False):
+        if not all_metrics:
+            keep = _HEADLINE.get(task, _TASK_HEADLINE)
+            sel = part[part["metric"].isin(keep)]
+            part = sel if len(sel) else part
+        wide = part.pivot_table(index=["dataset", "method"], columns="metric", values="value",
+                                aggfunc="last", sort=False)
+        order = [m for m in _HEADLINE.get(task, _TASK_HEADLINE) if m in wide.columns]
+        wide = wide[order + [c for c in wide.columns if c not in order]]
+        with pd.option_context("display.width", 160, "display.max_columns", 40,
+                               "display.float_format", "{:.4g}".format):
+            blocks.append(f"== {task} ==\n{wide.to_string()}")
+    return "\n\n".join(blocks)

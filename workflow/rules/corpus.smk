@@ -1,0 +1,100 @@
+# Stage 1: the corpus. Candidate cCREs (union of peak/cCRE sets, or an external vocabulary),
+# every dataset mapped onto them, then QC, vocabulary curation, document frequency and shards.
+
+
+wildcard_constraints:
+    dataset=r"[A-Za-z0-9._-]+",
+
+
+rule candidate_ccres:
+    input:
+        unpack(external_vocab_files),
+        manifest=manifest_file,
+        sources=ccre_sources,
+    output:
+        bed=f"{R}/candidates/candidates.bed",
+        stats=f"{R}/candidates/candidates.bed.json",
+    log:
+        f"{R}/logs/candidate_ccres.log",
+    benchmark:
+        f"{R}/benchmarks/candidate_ccres.tsv"
+    conda:
+        "../../envs/epiflow.yaml"
+    threads: res("candidate_ccres", "threads")
+    resources:
+        mem_mb=res("candidate_ccres", "mem_mb"),
+        runtime=res("candidate_ccres", "runtime"),
+    params:
+        genome=config["genome"],
+        sources=lambda w, input: opt("--sources", list(input.sources)),
+        external=opt("--external-vocab", external_vocab_files().get("external_bed")),
+        external_df=opt("--external-df", external_vocab_files().get("external_df")),
+        chain=opt("--chain", config["chain"]),
+        mirror=opt("--data-mirror", config["data_mirror"]),
+    shell:
+        "python -m epiflow candidate-ccres --manifest {input.manifest}"
+        " --genome {params.genome} {params.sources} {params.external}"
+        " {params.external_df} {params.chain} {params.mirror}"
+        " --out {output.bed} --stats {output.stats} > {log} 2>&1"
+
+
+rule map_dataset:
+    input:
+        manifest=manifest_file,
+        ccres=rules.candidate_ccres.output.bed,
+    output:
+        h5ad=f"{R}/mapped/{{dataset}}.h5ad",
+        report=f"{R}/mapped/{{dataset}}.json",
+    log:
+        f"{R}/logs/map_dataset/{{dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/map_dataset/{{dataset}}.tsv"
+    conda:
+        "../../envs/epiflow.yaml"
+    threads: res("map_dataset", "threads")
+    resources:
+        mem_mb=res("map_dataset", "mem_mb"),
+        runtime=res("map_dataset", "runtime"),
+    params:
+        genome=config["genome"],
+        chain=opt("--chain", config["chain"]),
+        tss=opt("--tss-dir", config["tss_dir"]),
+        mirror=opt("--data-mirror", config["data_mirror"]),
+        counts=opt("--use-count-column", config["mapping"]["use_count_column"]),
+        chunksize=config["mapping"]["chunksize"],
+    shell:
+        "python -m epiflow map-dataset --manifest {input.manifest}"
+        " --dataset {wildcards.dataset} --ccres {input.ccres} --genome {params.genome}"
+        " {params.chain} {params.tss} {params.mirror} {params.counts}"
+        " --chunksize {params.chunksize}"
+        " --out {output.h5ad} --report {output.report} > {log} 2>&1"
+
+
+rule build_corpus:
+    input:
+        ccres=rules.candidate_ccres.output.bed,
+        stats=rules.candidate_ccres.output.stats,
+        mapped=mapped_files,
+    output:
+        corpus=directory(f"{R}/corpus"),
+    log:
+        f"{R}/logs/build_corpus.log",
+    benchmark:
+        f"{R}/benchmarks/build_corpus.tsv"
+    conda:
+        "../../envs/epiflow.yaml"
+    threads: res("build_corpus", "threads")
+    resources:
+        mem_mb=res("build_corpus", "mem_mb"),
+        runtime=res("build_corpus", "runtime"),
+    params:
+        genome=config["genome"],
+        vocabulary=config["vocabulary"]["mode"],
+        min_cells=config["vocabulary"]["min_cells"],
+        min_ccres=config["qc"]["min_ccres_per_cell"],
+        shard_size=config["shard_size"],
+    shell:
+        "python -m epiflow build-corpus --ccres {input.ccres} --mapped {input.mapped}"
+        " --genome {params.genome} --vocabulary {params.vocabulary}"
+        " --min-cells {params.min_cells} --min-ccres-per-cell {params.min_ccres}"
+        " --shard-size {params.shard_size} --out {output.corpus} > {log} 2>&1"

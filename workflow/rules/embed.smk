@@ -1,0 +1,28 @@
+# Stage 3: cell embeddings (encoder output at [CLS]) of every corpus cell.
+
+
+rule embed:
+    input:
+        checkpoint=checkpoint_file,
+        corpus=rules.build_corpus.output.corpus,
+    output:
+        h5ad=f"{R}/embed/embeddings.h5ad",
+    log:
+        f"{R}/logs/embed.log",
+    benchmark:
+        f"{R}/benchmarks/embed.tsv"
+    conda:
+        "../../envs/epiflow.yaml"
+    threads: res("embed", "threads")
+    resources:
+        mem_mb=res("embed", "mem_mb"),
+        runtime=res("embed", "runtime"),
+    params:
+        backend=config["model"]["backend"],
+        heads=opt("--num-heads", config["model"]["num_heads"]),
+        batch_tokens=config["embed"]["batch_tokens"],
+        device=opt("--device", device_arg(config["embed"]["device"])),
+    shell:
+        "python -m epiflow embed --checkpoint {input.checkpoint} --corpus {input.corpus}"
+        " --backend {params.backend} {params.heads} --batch-tokens {params.batch_tokens}"
+        " {params.device} --no-progress --out {output.h5ad} > {log} 2>&1"

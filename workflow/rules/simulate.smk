@@ -1,0 +1,29 @@
+# Stage 0: the embedded demo corpus (synthetic datasets, cCRE sources, TSS, genes, GO).
+# Only used when config datasets.manifest is null.
+
+
+checkpoint simulate:
+    output:
+        manifest=f"{R}/simulate/manifest.tsv",
+        sources=f"{R}/simulate/ccre_sources.bed",
+        tss=f"{R}/simulate/tss.bed",
+        genes=f"{R}/simulate/genes.bed",
+        go=f"{R}/simulate/go.tsv",
+        readme=f"{R}/simulate/README.md",
+    log:
+        f"{R}/logs/simulate.log",
+    benchmark:
+        f"{R}/benchmarks/simulate.tsv"
+    conda:
+        "../../envs/epiflow.yaml"
+    threads: res("simulate", "threads")
+    resources:
+        mem_mb=res("simulate", "mem_mb"),
+        runtime=res("simulate", "runtime"),
+    params:
+        outdir=lambda w, output: os.path.dirname(output.manifest),
+        preset=config["datasets"]["simulate"]["preset"],
+        seed=config["datasets"]["simulate"]["seed"],
+    shell:
+        "python -m epiflow simulate --out {params.outdir} --preset {params.preset}"
+        " --seed {params.seed} > {log} 2>&1"
