@@ -1,0 +1,213 @@
+"""Train-step throughput of the EpiAgent model: padded SDPA vs packed (varlen) attention [vs flash-attn].
+
+One training step = forward + backward of the encoder with the signal decoder (sparse SR loss) and
+the RLM head on every cCRE token; no optimizer. Cell lengths are log-normal (median ~2,000 tokens,
+capped at 8,190 + [CLS]/[SEP]); the same random cells are used for every variant. Each variant
+runs in its own subprocess so that peak memory (CPU: max RSS; GPU: max allocated) is its own.
+
+    python benchmarks/bench_model.py --quick                 # CPU, small config, short cells, 2 steps
+    python benchmarks/bench_model.py                         # CPU, small config, realistic lengths
+    python benchmarks/bench_model.py --device cuda --config paper --variants sdpa,packed,flash
+
+Prints one JSON object. Tokens/s counts real (non-pad) tokens; MFU (GPU) counts useful FLOPs
+(matmuls + attention over real tokens, x3 for forward + backward) against the bf16 dense peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def lengths_for(args) -> np.ndarray:
+    rng = np.random.default_rng(args.seed)
+    n = args.cells_per_step * (args.steps + args.warmup)
+    lens = np.exp(rng.normal(np.log(args.median), args.sigma, size=n))
+    return np.clip(np.round(lens), args.min_len, args.cap).astype(np.int64)
+
+
+def make_cells(args, n_ccres: int):
+    rng = np.random.default_rng(args.seed + 1)
+    return [rng.choice(n_ccres, size=int(n), replace=False) + 4 for n in lengths_for(args)]
+
+
+def useful_flops(cfg, lens) -> float:
+    """Forward+backward FLOPs of one step over real tokens (matmuls, attention, signal decoder)."""
+    D, F, Lyr = cfg.dim, cfg.ffn, cfg.num_layers
+    lens = np.asarray(lens, dtype=np.float64) + 2
+    per_tok = Lyr * 2 * (4 * D * D + 2 * D * F)
+    attn = Lyr * 4 * D * lens ** 2
+    dec = 2 * D * cfg.n_ccres
+    rlm = 2 * (D * cfg.rlm_hidden + cfg.rlm_hidden)
+    return 3.0 * float((lens * (per_tok + rlm) + attn + dec).sum())
+
+
+def worker(args) -> dict:
+    import torch
+
+    from epiflow.model import EpiAgentConfig, from_config, losses
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    overrides = {"dropout": 0.1}
+    if args.n_ccres:
+        overrides["n_ccres"] = args.n_ccres
+    cfg = EpiAgentConfig.preset(args.config, **overrides)
+    with torch.device(dev):  # build in place (the paper model is 1.45 B parameters)
+        model = from_config(cfg).train()
+    if args.checkpointing:
+        model.set_gradient_checkpointing(True)
+    cells = make_cells(args, cfg.n_ccres)
+    B = args.cells_per_step
+    batches = [cells[i:i + B] for i in range(0, len(cells), B)]
+    amp = dev.type == "cuda"
+
+    def step(batch):
+        lens = np.array([len(c) + 2 for c in batch])
+        if args.variant == "sdpa":
+            ids = np.zeros((len(batch), lens.max()), dtype=np.int64)
+            for i, c in enumerate(batch):  # a handful of cells per step
+                ids[i, 0], ids[i, 1:len(c) + 1], ids[i, len(c) + 1] = 1, c, 2
+            ids = torch.from_numpy(ids).to(dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(ids, backend="sdpa")
+                tok_rows = out.hidden[ids >= 4]
+                cell = out.cell_embedding
+            flat_ids = ids[ids >= 4]
+        else:
+            flat = np.concatenate([np.concatenate([[1], c, [2]]) for c in batch])
+            tokens = torch.from_numpy(flat).to(dev)
+            cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lens)])).to(dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                po = model.encode_packed(tokens, cu, backend=args.variant)
+                tok_rows = po.hidden[tokens >= 4]
+                cell = po.cell_embedding
+            flat_ids = tokens[tokens >= 4]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            sig = model.signal_logits(cell)
+            rlm = model.rlm_logits(tok_rows)
+        rows = torch.repeat_interleave(torch.arange(len(batch), device=dev), torch.as_tensor(lens - 2, device=dev))
+        target = (flat_ids % 2).float()  # arbitrary labels; the cost does not depend on them
+        loss = losses.sr_loss_sparse(sig.float(), rows, flat_ids - 4) + losses.rlm_loss(rlm.float(), target)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for b in batches[:args.warmup]:
+        step(b)
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base_rss = _rss_mb()
+    timed = batches[args.warmup:]
+    t0 = time.perf_counter()
+    for b in timed:
+        step(b)
+    sync()
+    dt = time.perf_counter() - t0
+    real = int(sum(len(c) + 2 for b in timed for c in b))
+    padded = int(sum(len(b) * (max(len(c) for c in b) + 2) for b in timed))
+    res = {"variant": args.variant, "steps": len(timed), "seconds": round(dt, 3),
+           "step_s": round(dt / len(timed), 4), "tokens": real, "tokens_per_s": round(real / dt, 1),
+           "pad_fraction": round(1 - real / padded, 3)}
+    if dev.type == "cuda":
+        res["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        name = torch.cuda.get_device_name(dev)
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        fl = sum(useful_flops(cfg, [len(c) for c in b]) for b in timed)
+        res["tflops"] = round(fl / dt / 1e12, 2)
+        res["mfu"] = None if peak is None else round(fl / dt / (peak * 1e12), 4)
+    else:
+        res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        res["peak_rss_over_start_mb"] = round(res["peak_rss_mb"] - base_rss, 1)
+    return res
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="few steps, short cells (CI / shared CPUs)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--config", default=None, help="model preset (default: small on CPU, paper on CUDA)")
+    ap.add_argument("--n-ccres", type=int, default=None, help="vocabulary (default: 50,000 for small, preset for paper)")
+    ap.add_argument("--variants", default=None, help="comma list of sdpa, packed, flash")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--cells-per-step", type=int, default=4, help="cells per step (paper: 4 per GPU)")
+    ap.add_argument("--median", type=float, default=None, help="median sentence length")
+    ap.add_argument("--sigma", type=float, default=0.8, help="log-normal sigma of lengths")
+    ap.add_argument("--cap", type=int, default=8190)
+    ap.add_argument("--min-len", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.config = args.config or ("paper" if cuda else "small")
+    if args.n_ccres is None and args.config != "paper":
+        args.n_ccres = 50_000
+    if args.quick:
+        args.steps = args.steps or 2
+        args.median = args.median or 300
+        args.cap = min(args.cap, 1022)
+    args.steps = args.steps or (10 if cuda else 4)
+    args.median = args.median or 2000
+    if args.variant:
+        print(json.dumps(worker(args)))
+        return 0
+    variants = (args.variants or ("sdpa,packed,flash" if cuda else "sdpa,packed")).split(",")
+    lens = lengths_for(args)
+    out = {"benchmark": "train step (forward + backward), padded vs packed attention",
+           "device": args.device, "config": args.config, "n_ccres": args.n_ccres or "preset",
+           "quick": args.quick, "threads": args.threads, "cells_per_step": args.cells_per_step,
+           "steps": args.steps, "lengths": {"median": float(np.median(lens)), "mean": float(lens.mean()),
+                                            "max": int(lens.max()), "cap": args.cap, "sigma": args.sigma},
+           "results": {}}
+    if cuda:
+        import torch
+
+        out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    base = [sys.executable, os.path.abspath(__file__)] + [a for a in (argv if argv is not None else sys.argv[1:])]
+    for v in variants:
+        cmd = base + ["--variant", v, "--config", args.config, "--steps", str(args.steps),
+                      "--median", str(args.median), "--cap", str(args.cap)]
+        if args.n_ccres:
+            cmd += ["--n-ccres", str(args.n_ccres)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            out["results"][v] = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:400]}
+            continue
+        out["results"][v] = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = out["results"]
+    if "tokens_per_s" in r.get("sdpa", {}) and "tokens_per_s" in r.get("packed", {}):
+        out["packed_over_padded"] = round(r["packed"]["tokens_per_s"] / r["sdpa"]["tokens_per_s"], 2)
+    if "tokens_per_s" in r.get("flash", {}) and "tokens_per_s" in r.get("packed", {}):
+        out["flash_over_packed"] = round(r["flash"]["tokens_per_s"] / r["packed"]["tokens_per_s"], 2)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
