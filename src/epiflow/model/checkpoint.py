@@ -267,6 +267,8 @@ def load_epiagent_checkpoint(path, num_heads: int | None = None, backend: str = 
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.set_backend(backend)
+    log.info("loaded %s: %s model, %d cCREs, %d x %d, %d heads, %s attention", path.name, cfg.kind,
+             cfg.n_ccres, cfg.num_layers, cfg.dim, cfg.num_heads, model.backend)
     return model.eval()
 
 
