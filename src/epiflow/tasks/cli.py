@@ -35,9 +35,9 @@ def _evaluate_features(args: argparse.Namespace) -> int:
     from .features import evaluate_features, load_feature_inputs, metric_rows
 
     embeddings = _parse_embeddings(args.embeddings)
-    if not embeddings and args.counts is None:
-        raise EpiflowError("nothing to evaluate: give --embeddings (with --corpus or --counts), or --counts "
-                           "alone for the LSI baseline only", field="--embeddings")
+    if args.corpus is None and args.counts is None:
+        raise EpiflowError("give --corpus (or --counts): the LSI baseline is computed from the cells' counts",
+                           field="--corpus")
     drop = {"auto": "auto", "yes": True, "no": False}[args.lsi_drop_first]
     adata, methods, info = load_feature_inputs(
         embeddings, corpus=args.corpus, counts_h5ad=args.counts, embedding_key=args.embedding_key,
@@ -79,9 +79,10 @@ def register(subparsers) -> None:
                         "the first is named EpiAgent unless NAME= is given)")
     p.add_argument("--embedding-key", default="X_epiagent", help="obsm key of the embedding (default X_epiagent)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--corpus", help="corpus folder the embedded cells come from (counts for LSI, labels)")
+    src.add_argument("--corpus", help="corpus folder the embedded cells come from (counts for LSI, labels); "
+                                      "without --embeddings: evaluate LSI only on its cells")
     src.add_argument("--counts", help="h5ad of raw counts (cells matched on obs_names) instead of a corpus; "
-                                      "alone: evaluate LSI only on its cells")
+                                      "without --embeddings: evaluate LSI only on its cells")
     p.add_argument("--label-key", default="cell_type", help="obs column with the cell types (default cell_type)")
     p.add_argument("--dataset", help="evaluate only the cells whose obs 'dataset' is NAME")
     p.add_argument("--lsi-components", type=int, default=50, help="SVD components of LSI (default 50)")

@@ -469,9 +469,9 @@ def load_feature_inputs(embeddings: Mapping[str, str | os.PathLike] | None = Non
                     raise InputFormatError("the shards have no obs/dataset column to select --dataset",
                                            path=str(corpus), field="obs/dataset")
                 cobs = cobs[cobs["dataset"].astype(str) == dataset]
-            base = ad.AnnData(obs=cobs.reset_index(drop=True))
-            base.obs_names = cobs["cell_id"].astype(str).to_numpy() if "cell_id" in cobs else \
-                [str(i) for i in range(len(cobs))]
+            cobs = cobs.reset_index(drop=True)
+            cobs.index = cobs["cell_id"].astype(str).to_numpy() if "cell_id" in cobs else cobs.index.astype(str)
+            base = ad.AnnData(obs=cobs)
         use_ds = "dataset" in base.obs
         counts, cobs = corpus_counts(corpus, _cell_keys(base.obs, base.obs_names, use_ds), use_dataset=use_ds)
         if label_key not in base.obs and label_key in cobs:
