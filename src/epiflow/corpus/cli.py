@@ -105,7 +105,7 @@ def register(sub) -> None:
     p = sub.add_parser("map-dataset", help="map one dataset onto the candidate cCREs (cells x cCREs counts)",
                        description="Reads one manifest dataset (fragments, 10x h5/mtx, h5ad), checks its "
                                    "file, chromosomes and genome build, lifts it to --genome if needed, and "
-                                   "counts fragments (once per overlapped cCRE, or the count column) or "
+                                   "counts fragments (per overlapped cCRE, weighted by the count column unless --no-count-column) or "
                                    "peaks (X @ peak-cCRE incidence) per cCRE.")
     p.add_argument("--manifest", required=True)
     p.add_argument("--dataset", required=True, help="dataset name in the manifest")
@@ -114,8 +114,9 @@ def register(sub) -> None:
     p.add_argument("--chain", help="chain file/URL/builtin:NAME (default: builtin where available)")
     p.add_argument("--tss-dir", help="folder with hg19_tss.bed.gz and hg38_tss.bed.gz: check the declared build")
     p.add_argument("--data-mirror", help="folder searched for dataset files before downloading")
-    p.add_argument("--use-count-column", action="store_true",
-                   help="weight fragments by their 5th column (default: each fragment counts 1)")
+    p.add_argument("--no-count-column", dest="use_count_column", action="store_false",
+                   help="count every fragment once per overlapped cCRE (default: weight it by its 5th "
+                        "column, as the authors' code)")
     p.add_argument("--chunksize", type=int, default=2_000_000, help="fragment lines per chunk")
     p.add_argument("--out", required=True, help="mapped AnnData (.h5ad)")
     p.add_argument("--report", help="mapping report JSON (default OUT with .json)")

@@ -2,9 +2,11 @@
 
 Count semantics (SPEC §1, as the authors):
 
-* **Fragments** - a fragment adds 1 to every cCRE it overlaps by at least 1 bp (half-open
-  intervals), so a fragment spanning two cCREs counts once for each. With
-  ``use_count_column=True`` it adds its 5th column (the number of duplicate reads) instead of 1.
+* **Fragments** - a fragment adds its weight to every cCRE it overlaps by at least 1 bp
+  (half-open intervals), so a fragment spanning two cCREs counts once for each. The weight is its
+  5th (count) column by default (``use_count_column=True``), as in the authors' public code
+  (``construct_cell_by_ccre_matrix`` takes the count column of a ``bedtools intersect`` of 5-column
+  fragments, and 1 for 4-column files); ``use_count_column=False`` counts every fragment once.
   Fragments on chromosomes absent from the cCRE set count nowhere (but stay in the per-cell fragment
   total used for ``frac_fragments_in_ccres``).
 * **Peaks** - a cell-by-peak matrix ``X`` is mapped with a sparse incidence matrix ``A``
@@ -174,7 +176,7 @@ class FragmentCounts:
     stats: dict = field(default_factory=dict)
 
 
-def map_fragments(reader: FragmentReader, index: CcreIndex, *, use_count_column: bool = False,
+def map_fragments(reader: FragmentReader, index: CcreIndex, *, use_count_column: bool = True,
                   lift=None, on_first_chunk=None, genome: str | None = None,
                   progress: bool = False) -> FragmentCounts:
     """Stream a fragment file into a barcodes x cCREs count matrix (see the module doc for semantics).
@@ -362,7 +364,7 @@ def _lifter(chain_obj):
 
 
 def map_dataset(entry, ccres: pd.DataFrame, genome: str, *, chain: str | None = None,
-                tss: dict | None = None, data_mirror=None, use_count_column: bool = False,
+                tss: dict | None = None, data_mirror=None, use_count_column: bool = True,
                 chunksize: int = DEFAULT_CHUNKSIZE, progress: bool = False):
     """Map one manifest dataset onto ``ccres`` (the candidate cCREs, in ``genome`` coordinates).
 

@@ -1,0 +1,230 @@
+"""Fragments -> cells x cCREs counts: epiflow (streaming) vs ``bedtools intersect`` + pandas.
+
+A synthetic, coordinate-sorted, gzip fragment file (chrom, start, end, barcode, count) and a
+synthetic non-overlapping cCRE set are generated; then, each in its own subprocess (so that peak
+memory is measured separately, as the maximum resident set size):
+
+* epiflow: ``FragmentReader`` + ``map_fragments`` (chunked; memory bounded by the chunk size plus
+  the sparse result)
+* baseline: ``bedtools intersect -a fragments -b ccres -wa -wb`` (every fragment-cCRE overlap once,
+  the same semantics) written to a file, then pandas ``read_csv`` of it and a scipy CSR build
+  (barcode codes via ``pd.factorize``) - the usual notebook recipe (the authors' preprocessing
+  builds its matrix from such an intersect file too)
+
+Both matrices are compared. Without ``bedtools`` on PATH the baseline is skipped with a JSON note
+(Debian: ``apt-get install bedtools``). Prints one JSON object.
+
+    python benchmarks/bench_mapping.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CHROMS = [f"chr{i}" for i in range(1, 23)] + ["chrX"]
+
+
+def make_data(folder: Path, n_frag: int, n_ccres: int, n_cells: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    span = 50_000_000
+    # cCREs: non-overlapping 200-1000 bp intervals, sorted
+    per = np.full(len(CHROMS), n_ccres // len(CHROMS))
+    per[: n_ccres % len(CHROMS)] += 1
+    with open(folder / "ccres.bed", "w") as fh:
+        for c, k in zip(CHROMS, per):
+            starts = np.sort(rng.choice(span // 2000, k, replace=False)) * 2000
+            ends = starts + rng.integers(200, 1000, k)
+            fh.write("".join(f"{c}\t{s}\t{e}\n" for s, e in zip(starts, ends)))
+    # fragments: sorted by chrom/start; about half start inside or just before a cCRE (a realistic
+    # fraction of fragments in cCREs), the rest uniform background
+    cc = np.loadtxt(folder / "ccres.bed", dtype=str, delimiter="\t")
+    cc_chrom, cc_start = cc[:, 0], cc[:, 1].astype(np.int64)
+    barcodes = np.array([f"{''.join(rng.choice(list('ACGT'), 16))}-1" for _ in range(n_cells)])
+    per = np.full(len(CHROMS), n_frag // len(CHROMS))
+    per[: n_frag % len(CHROMS)] += 1
+    with gzip.open(folder / "fragments.tsv.gz", "wt", compresslevel=1) as fh:
+        fh.write("# synthetic fragments\n")
+        for c, k in zip(CHROMS, per):
+            anchors = cc_start[cc_chrom == c]
+            k_in = k // 2
+            s_in = anchors[rng.integers(0, len(anchors), k_in)] + rng.integers(-300, 600, k_in)
+            s = np.sort(np.concatenate([np.maximum(s_in, 0), rng.integers(0, span, k - k_in)]))
+            e = s + rng.integers(30, 800, k)
+            b = barcodes[rng.integers(0, n_cells, k)]
+            n = rng.geometric(0.8, k)
+            lines = np.char.add(np.char.add(np.char.add(np.char.add(
+                f"{c}\t", s.astype(str)), "\t"), np.char.add(e.astype(str), "\t")),
+                np.char.add(np.char.add(b, "\t"), n.astype(str)))
+            fh.write("\n".join(lines.tolist()) + "\n")
+
+
+def worker_epiflow(folder: Path, chunksize: int):
+    import pandas as pd
+
+    from epiflow.corpus.mapping import CcreIndex, map_fragments
+    from epiflow.corpus.readers import FragmentReader
+
+    t0 = time.perf_counter()
+    cc = pd.read_csv(folder / "ccres.bed", sep="\t", header=None, names=["chrom", "start", "end"])
+    res = map_fragments(FragmentReader(folder / "fragments.tsv.gz", chunksize=chunksize),
+                        CcreIndex.from_frame(cc))
+    t = time.perf_counter() - t0
+    return t, res.counts, res.barcodes
+
+
+def _bedtools(folder: Path, ccres: str) -> float:
+    t0 = time.perf_counter()
+    with open(folder / "intersect.tsv", "w") as out:
+        subprocess.run(["bedtools", "intersect", "-a", str(folder / "fragments.tsv.gz"),
+                        "-b", str(folder / ccres), "-wa", "-wb"], stdout=out, check=True)
+    return time.perf_counter() - t0
+
+
+def worker_bedtools(folder: Path):
+    """bedtools + a lean pandas build (cCRE index in a 4th BED column, pd.factorize of barcodes)."""
+    import pandas as pd
+    import scipy.sparse as sp
+
+    t0 = time.perf_counter()
+    cc = pd.read_csv(folder / "ccres.bed", sep="\t", header=None, names=["chrom", "start", "end"])
+    cc["id"] = np.arange(len(cc))
+    cc.to_csv(folder / "ccres_id.bed", sep="\t", header=False, index=False)
+    t_bt = _bedtools(folder, "ccres_id.bed")
+    t1 = time.perf_counter()
+    df = pd.read_csv(folder / "intersect.tsv", sep="\t", header=None, usecols=[3, 4, 8],
+                     names=["c", "s", "e", "barcode", "n", "cc", "cs", "ce", "id"])
+    codes, uniq = pd.factorize(df["barcode"])
+    M = sp.csr_matrix((df["n"].to_numpy(np.float32), (codes, df["id"].to_numpy())),
+                      shape=(len(uniq), len(cc)))
+    M.sum_duplicates()
+    t2 = time.perf_counter()
+    return (t2 - t0, t_bt, t2 - t1), M, np.asarray(uniq, dtype=object)
+
+
+def worker_authors(folder: Path, epiagent_path: str | None):
+    """bedtools + the authors' ``epiagent.preprocessing.construct_cell_by_ccre_matrix`` (0.0.3)."""
+    if epiagent_path:
+        sys.path.insert(0, epiagent_path)
+    import contextlib
+    import io
+
+    from epiagent.preprocessing import construct_cell_by_ccre_matrix
+
+    t0 = time.perf_counter()
+    t_bt = _bedtools(folder, "ccres.bed")
+    t1 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        a = construct_cell_by_ccre_matrix(str(folder / "intersect.tsv"), str(folder / "ccres.bed"))
+    t2 = time.perf_counter()
+    return (t2 - t0, t_bt, t2 - t1), a.X, np.asarray(a.obs_names, dtype=object)
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def worker_main(which: str, folder: Path, chunksize: int, epiagent_path: str | None = None):
+    import scipy.sparse as sp
+
+    if which == "epiflow":
+        t, M, bc = worker_epiflow(folder, chunksize)
+        info = {"s": t}
+    else:
+        (t, t_bt, t_pd), M, bc = (worker_bedtools(folder) if which == "bedtools"
+                                  else worker_authors(folder, epiagent_path))
+        info = {"s": t, "bedtools_s": t_bt, "pandas_s": t_pd}
+    order = np.argsort(bc.astype(str))
+    sp.save_npz(folder / f"{which}.npz", sp.csr_matrix(M)[order])
+    info["max_rss_mb"] = _maxrss_mb()
+    print(json.dumps(info))
+
+
+def run_worker(which: str, folder: Path, chunksize: int, epiagent_path: str | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", which, "--folder", str(folder), "--chunksize", str(chunksize)]
+    if epiagent_path:
+        cmd += ["--epiagent-path", epiagent_path]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{which} worker failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small run (200,000 fragments)")
+    ap.add_argument("--fragments", type=int, default=None, help="default 4,000,000 (quick: 200,000)")
+    ap.add_argument("--ccres", type=int, default=None, help="default 300,000 (quick: 50,000)")
+    ap.add_argument("--cells", type=int, default=2000)
+    ap.add_argument("--chunksize", type=int, default=1_000_000)
+    ap.add_argument("--epiagent-path", default=None, help="folder holding the epiagent package (optional)")
+    ap.add_argument("--worker", choices=["epiflow", "bedtools", "authors"], help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker_main(args.worker, Path(args.folder), args.chunksize, args.epiagent_path)
+        return
+    n_frag = args.fragments or (200_000 if args.quick else 4_000_000)
+    n_cc = args.ccres or (50_000 if args.quick else 300_000)
+    chunksize = min(args.chunksize, max(n_frag // 4, 10_000)) if args.quick else args.chunksize
+    import scipy.sparse as sp
+
+    with tempfile.TemporaryDirectory(prefix="bench_mapping_") as tmp:
+        folder = Path(tmp)
+        t0 = time.perf_counter()
+        make_data(folder, n_frag, n_cc, args.cells)
+        out = {"benchmark": "fragments_to_counts",
+               "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu",
+               "fragments": n_frag, "ccres": n_cc, "cells": args.cells, "chunksize": chunksize,
+               "fragment_file_mb": round((folder / "fragments.tsv.gz").stat().st_size / 2 ** 20, 1),
+               "generate_s": round(time.perf_counter() - t0, 2)}
+        ours = run_worker("epiflow", folder, chunksize)
+        out.update({"epiflow_s": round(ours["s"], 3), "epiflow_max_rss_mb": round(ours["max_rss_mb"], 1),
+                    "epiflow_fragments_per_s": round(n_frag / ours["s"])})
+        if shutil.which("bedtools") is None:
+            out["baseline"] = "skipped"
+            out["note"] = "bedtools not on PATH (Debian: apt-get install bedtools)"
+        else:
+            A = sp.load_npz(folder / "epiflow.npz")
+            # bedtools only lists barcodes with >= 1 overlap; epiflow lists every barcode
+            A = A[np.flatnonzero(np.diff(A.indptr) > 0)]
+            out["nnz"] = int(A.nnz)
+            names = {"bedtools": "bedtools_pandas", "authors": "bedtools_authors"}
+            for which, label in names.items():
+                if which == "authors":
+                    try:
+                        if args.epiagent_path:
+                            sys.path.insert(0, args.epiagent_path)
+                        import epiagent.preprocessing  # noqa: F401
+                    except ImportError as exc:
+                        out[f"{label}"] = "skipped"
+                        out[f"{label}_note"] = (f"epiagent not importable ({exc}); "
+                                                "pip install --no-deps epiagent==0.0.3")
+                        continue
+                base = run_worker(which, folder, chunksize, args.epiagent_path)
+                B = sp.load_npz(folder / f"{which}.npz")
+                same = A.shape == B.shape and (A != B).nnz == 0
+                out.update({f"{label}_s": round(base["s"], 3),
+                            f"{label}_bedtools_s": round(base["bedtools_s"], 3),
+                            f"{label}_matrix_s": round(base["pandas_s"], 3),
+                            f"{label}_max_rss_mb": round(base["max_rss_mb"], 1),
+                            f"speedup_vs_{label}": round(base["s"] / ours["s"], 2),
+                            f"identical_counts_{label}": bool(same)})
+            out["target_speedup"] = 5
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
