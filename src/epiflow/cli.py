@@ -25,6 +25,12 @@ COMMAND_MODULES = [
     "epiflow.model.cli",
     "epiflow.train.cli",
     "epiflow.tasks.cli",
+    "epiflow.tasks.annotation_cli",
+    "epiflow.tasks.imputation_cli",
+    "epiflow.tasks.perturbation_cli",
+    "epiflow.tasks.integration_cli",
+    "epiflow.tasks.knockout_cli",
+    "epiflow.tasks.zeroshot_cli",
     "epiflow.report.cli",
 ]
 
