@@ -163,3 +163,18 @@ def test_genome_build_mismatch(tmp_path, data_dir):
     (e38,) = _manifest(tmp_path, [["ds", "fragments", "f.tsv.gz", "hg38", "x", "", ""]])
     a, rep = map_dataset(e38, cc, "hg38", tss=tssd)
     assert rep["build_detected"] == "hg38"
+
+
+def test_chain_in_the_wrong_direction_is_an_error(tmp_path):
+    cc = pd.DataFrame({"chrom": ["chr1"], "start": [100], "end": [200]})
+    (tmp_path / "f.tsv").write_text("chr1\t110\t120\tA\t1\n")
+    (e,) = _manifest(tmp_path, [["ds", "fragments", "f.tsv", "hg19", "x", "", ""]])
+    with pytest.raises(ConfigError, match=r"line 2.*field 'chain'.*hg38 -> Hg19.*hg19 -> hg38"):
+        map_dataset(e, cc, "hg38", chain="builtin:hg38ToHg19")
+
+
+def test_region_filter_without_tabix(tmp_path):
+    p = tmp_path / "f.tsv"
+    p.write_text("chr1\t10\t20\tA\t1\nchr1\t150\t160\tB\t1\nchr2\t150\t160\tC\t1\n")
+    chunks = list(FragmentReader(p, region=("1", 100, 200)))
+    assert sum(len(c) for c in chunks) == 1 and chunks[0].start.tolist() == [150]

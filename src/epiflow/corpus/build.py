@@ -410,9 +410,10 @@ def candidate_set(entries, genome: str, *, sources=(), external_vocab=None, chai
         df = _primary(df, e.genome, str(p))
         rec = {"source": f"{e.name}:{p}", "genome": e.genome}
         if e.genome != genome:
-            from ..genome.liftover import lift_intervals, load_chain, require_chain
+            from ..genome.liftover import lift_intervals, load_chain
+            from .mapping import chain_spec
 
-            r = lift_intervals(load_chain(require_chain(e.genome, genome, chain)),
+            r = lift_intervals(load_chain(chain_spec(e.genome, genome, chain, where=e.where())),
                                df["chrom"].to_numpy(), df["start"].to_numpy(), df["end"].to_numpy())
             rec.update({"lift_in": int(len(df)), "lift_lost": int((~r.keep).sum()),
                         "lift_fraction_lost": float((~r.keep).mean()) if len(df) else 0.0})

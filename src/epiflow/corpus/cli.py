@@ -114,6 +114,8 @@ def register(sub) -> None:
     p.add_argument("--chain", help="chain file/URL/builtin:NAME (default: builtin where available)")
     p.add_argument("--tss-dir", help="folder with hg19_tss.bed.gz and hg38_tss.bed.gz: check the declared build")
     p.add_argument("--data-mirror", help="folder searched for dataset files before downloading")
+    p.add_argument("--use-count-column", dest="use_count_column", action="store_true", default=True,
+                   help="weight each fragment by its 5th (count) column (the default, as the authors' code)")
     p.add_argument("--no-count-column", dest="use_count_column", action="store_false",
                    help="count every fragment once per overlapped cCRE (default: weight it by its 5th "
                         "column, as the authors' code)")

@@ -354,6 +354,24 @@ def _build_checker(entry, tss, path):
     return check
 
 
+def chain_spec(src: str, dst: str, chain: str | None, *, where: dict | None = None) -> str:
+    """The chain to lift ``src -> dst`` (configured, else builtin); a configured chain whose name says
+    another direction (``hg38ToHg19`` for hg19 -> hg38 data) is an error, not a silent mis-lift."""
+    import re as _re
+
+    from ..errors import ConfigError
+    from ..genome.liftover import require_chain
+
+    spec = require_chain(src, dst, chain)
+    m = _re.search(r"(hg\d+)to(hg\d+)", Path(str(spec)).name, _re.IGNORECASE)
+    if m and (m.group(1).lower(), m.group(2).lower()) != (src, dst):
+        raise ConfigError(f"the chain {spec} lifts {m.group(1)} -> {m.group(2)}, but this data must go "
+                          f"{src} -> {dst}", field="chain",
+                          fix=f"configure a {src}To{dst[:1].upper() + dst[1:]} chain, or build the corpus in "
+                              f"{src}", **(where or {}))
+    return spec
+
+
 def _lifter(chain_obj):
     from ..genome.liftover import lift_intervals
 
@@ -388,9 +406,9 @@ def map_dataset(entry, ccres: pd.DataFrame, genome: str, *, chain: str | None = 
                     "lifted": entry.genome != genome}
     lift = None
     if entry.genome != genome:
-        from ..genome.liftover import load_chain, require_chain
+        from ..genome.liftover import load_chain
 
-        spec = require_chain(entry.genome, genome, chain)
+        spec = chain_spec(entry.genome, genome, chain, where=entry.where())
         report["chain"] = spec
         lift = _lifter(load_chain(spec))
     checker = _build_checker(entry, tss, path)
