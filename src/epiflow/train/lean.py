@@ -147,11 +147,11 @@ class LeanTables:
         g = w.grad
         if g is None:  # keep the collective calls matched across ranks
             g = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long, device=w.device),
-                                        w.new_zeros(0, w.shape[1]), w.shape)
+                                        w.new_zeros(0, w.shape[1]), w.shape, check_invariants=False)
         g = g.coalesce()
         idx = torch.cat(_all_gather_padded(g.indices()[0], world))
         val = torch.cat(_all_gather_padded(g.values(), world)) / world
-        w.grad = torch.sparse_coo_tensor(idx[None], val, g.shape).coalesce()
+        w.grad = torch.sparse_coo_tensor(idx[None], val, g.shape, check_invariants=False).coalesce()
         if self.decoder is not None:
             G, H = self.store.cat()
             if G is None:

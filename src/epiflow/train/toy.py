@@ -18,7 +18,7 @@ from ..tokenize import document_frequency
 
 
 def structured_counts(n_cells: int = 300, n_ccres: int = 600, n_types: int = 4, seed: int = 0,
-                      p_in: float = 0.35, p_out: float = 0.02, p_common: float = 0.25, frac_common: float = 0.1):
+                      p_in: float = 0.5, p_out: float = 0.005, p_common: float = 0.3, frac_common: float = 0.05):
     """A cells x cCREs CSR count matrix with cell-type-specific accessibility, and the type labels."""
     rng = np.random.default_rng(seed)
     types = rng.integers(0, n_types, n_cells)
