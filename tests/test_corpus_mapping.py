@@ -178,3 +178,19 @@ def test_region_filter_without_tabix(tmp_path):
     p.write_text("chr1\t10\t20\tA\t1\nchr1\t150\t160\tB\t1\nchr2\t150\t160\tC\t1\n")
     chunks = list(FragmentReader(p, region=("1", 100, 200)))
     assert sum(len(c) for c in chunks) == 1 and chunks[0].start.tolist() == [150]
+
+
+def test_geometric_merge_gives_the_same_counts(tmp_path, monkeypatch):
+    import epiflow.corpus.mapping as mapping
+
+    rng = np.random.default_rng(5)
+    cc = _ccres(rng, overlapping=True)
+    fr = _random_intervals(rng, 400)
+    fr["barcode"] = rng.choice([f"c{i}" for i in range(30)], len(fr))
+    fr["count"] = rng.integers(1, 4, len(fr))
+    p = _write_frags(tmp_path / "f.tsv", fr)
+    ref = map_fragments(FragmentReader(p), CcreIndex.from_frame(cc))
+    monkeypatch.setattr(mapping, "MERGE_MIN_NNZ", 3)  # merge after almost every chunk
+    got = map_fragments(FragmentReader(p, chunksize=11), CcreIndex.from_frame(cc))
+    assert list(got.barcodes) == list(ref.barcodes)
+    assert (got.counts != ref.counts).nnz == 0 and got.counts.shape == ref.counts.shape

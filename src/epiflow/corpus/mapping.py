@@ -33,6 +33,8 @@ from .readers import DEFAULT_CHUNKSIZE, FragmentReader
 
 log = logging.getLogger(__name__)
 
+MERGE_MIN_NNZ = 4_000_000  # pending per-chunk results are merged once they hold this many entries
+
 # Non-primary contigs of the human assemblies (unplaced, unlocalised, alt, fix, decoy, EBV, lambda):
 # they are dropped (and counted) rather than being an error. Any other unknown name is an error.
 _KNOWN_CONTIG = re.compile(
@@ -176,6 +178,23 @@ class FragmentCounts:
     stats: dict = field(default_factory=dict)
 
 
+def _merge(acc, parts, n_rows: int, n_cols: int) -> sp.csr_matrix:
+    """Sum CSR parts (possibly with fewer rows) into one n_rows x n_cols CSR matrix."""
+    mats = ([acc] if acc is not None else []) + list(parts)
+    if not mats:
+        return sp.csr_matrix((n_rows, n_cols), dtype=np.float32)
+    rows, cols, vals = [], [], []
+    for m in mats:
+        c = m.tocoo()
+        rows.append(c.row.astype(np.int64))
+        cols.append(c.col.astype(np.int64))
+        vals.append(c.data.astype(np.float32))
+    out = sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                        shape=(n_rows, n_cols)).tocsr()
+    out.sum_duplicates()
+    return out
+
+
 def map_fragments(reader: FragmentReader, index: CcreIndex, *, use_count_column: bool = True,
                   lift=None, on_first_chunk=None, genome: str | None = None,
                   progress: bool = False) -> FragmentCounts:
@@ -189,6 +208,8 @@ def map_fragments(reader: FragmentReader, index: CcreIndex, *, use_count_column:
     from tqdm.auto import tqdm
 
     acc = None
+    pending: list = []
+    pending_nnz = 0
     n_frag = np.zeros(0, np.int64)
     n_in = np.zeros(0, np.int64)
     lines = lifted_in = lifted_lost = contig_dropped = 0
@@ -227,14 +248,14 @@ def map_fragments(reader: FragmentReader, index: CcreIndex, *, use_count_column:
         nb = len(reader.barcodes)
         iq, ic = index.query_codes(codes, list(chroms), start, end)
         w = cnt[iq] if use_count_column else np.ones(len(iq), dtype=np.int64)
-        m = sp.csr_matrix((w.astype(np.float32), (bc[iq], ic)), shape=(nb, index.n))
+        m = sp.coo_matrix((w.astype(np.float32), (bc[iq], ic)), shape=(nb, index.n)).tocsr()
         m.sum_duplicates()
-        if acc is None:
-            acc = m
-        else:
-            if acc.shape[0] < nb:
-                acc.resize((nb, index.n))
-            acc = acc + m
+        pending.append(m)
+        pending_nnz += m.nnz
+        # merge geometrically (when the pending part outgrows the merged part): amortised linear cost
+        if pending_nnz > max(0 if acc is None else acc.nnz, MERGE_MIN_NNZ):
+            acc = _merge(acc, pending, nb, index.n)
+            pending, pending_nnz = [], 0
         hit = np.zeros(len(start), dtype=bool)
         hit[iq] = True
         if len(n_frag) < nb:
@@ -244,10 +265,7 @@ def map_fragments(reader: FragmentReader, index: CcreIndex, *, use_count_column:
         n_in += np.bincount(bc[hit], minlength=nb)
     bar.close()
     nb = len(reader.barcodes)
-    if acc is None:
-        acc = sp.csr_matrix((nb, index.n), dtype=np.float32)
-    if acc.shape[0] < nb:
-        acc.resize((nb, index.n))
+    acc = _merge(acc, pending, nb, index.n)
     n_frag = np.concatenate([n_frag, np.zeros(nb - len(n_frag), np.int64)])
     n_in = np.concatenate([n_in, np.zeros(nb - len(n_in), np.int64)])
     acc = sp.csr_matrix(acc)
