@@ -69,8 +69,12 @@ def _ccre_view(sim: Path, name: str) -> tuple[ad.AnnData, np.ndarray]:
 
 
 def _detect_rate(a: ad.AnnData, cols: np.ndarray, mask: np.ndarray) -> float:
-    X = a.X[mask][:, cols]
-    return float((X > 0).mean()) if X.shape[0] and X.shape[1] else float("nan")
+    """Mean over the cells of ``mask`` of the share of a cell's detected features that lie in ``cols``
+    (normalised per cell, so that groups of different sequencing depth compare)."""
+    X = (a.X[mask] > 0).astype(np.float64)
+    tot = np.asarray(X.sum(1)).ravel()
+    part = np.asarray(X[:, cols].sum(1)).ravel()
+    return float(np.mean(part / np.maximum(tot, 1)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,7 +137,7 @@ def test_h5ad_files_are_raw_counts_with_intervals_and_labels(sim):
         key = chrom_sort_key(v["chrom"].astype(str).to_numpy())
         order = np.lexsort((v["end"].to_numpy(), v["start"].to_numpy(), key))
         assert np.array_equal(order, np.arange(len(v)))
-        for col in ("cell_type", "batch", "n_fragments", "frip"):
+        for col in ("cell_type", "lineage", "batch", "n_fragments", "frip"):
             assert col in a.obs
         if name in extra:
             assert extra[name] in a.obs
@@ -170,7 +174,7 @@ def test_fragment_file_parses_and_matches_truth(sim):
     assert np.all(np.diff(frag["start"].to_numpy())[same] >= 0)
     wl = [ln for ln in (sim / "datasets" / "pbmc_fragments_barcodes.tsv").read_text().splitlines()]
     lab = _tsv(sim / "datasets" / "pbmc_fragments_labels.tsv")
-    assert list(lab.columns) == ["barcode", "cell_type", "batch"] and list(lab["barcode"]) == wl
+    assert list(lab.columns) == ["barcode", "cell_type", "lineage", "batch"] and list(lab["barcode"]) == wl
     bcs = set(frag["barcode"])
     assert set(wl) <= bcs and len(bcs - set(wl)) > 0          # empty droplets outside the whitelist
     # fragments in true cCREs: each overlaps at most one; per cell they reproduce the truth counts

@@ -81,6 +81,7 @@ def _barcodes(rng, n: int) -> np.ndarray:
 def _design_datasets(p: SimPreset, seed: int) -> list[Dataset]:
     rng = rng_for(seed, "design")
     types = list(p.type_names)
+    lineages = [path.split("/")[0] for path in p.cell_types]
     nt = len(types)
     batches = dataset_batches(p)
     out = []
@@ -94,7 +95,8 @@ def _design_datasets(p: SimPreset, seed: int) -> list[Dataset]:
         ca = np.zeros(n, bool) if cancer is None else np.asarray(cancer)[perm]
         d = CellDesign(type_idx=type_idx, batch_idx=np.full(n, batches.index(name)), stimulated=st,
                        ko_idx=ko, cancer=ca)
-        obs = pd.DataFrame({"cell_type": np.asarray(types, dtype=object)[type_idx], "batch": name})
+        obs = pd.DataFrame({"cell_type": np.asarray(types, dtype=object)[type_idx],
+                            "lineage": np.asarray(lineages, dtype=object)[type_idx], "batch": name})
         for col, vals in (extra or {}).items():
             obs[col] = np.asarray(vals, dtype=object)[perm]
         out.append(Dataset(name=name, fmt=fmt, tissue=tissue, design=d, obs=obs, peak_style=style))
@@ -455,7 +457,7 @@ def _write_all(tmp: Path, p: SimPreset, seed: int) -> None:
             ds.cells["n_fragments"] = totals
             (dsdir / f"{ds.name}_barcodes.tsv").write_text("".join(f"{b}\n" for b in ds.barcodes))
             lab = pd.DataFrame({"barcode": ds.barcodes, "cell_type": ds.obs["cell_type"].to_numpy(),
-                                "batch": ds.obs["batch"].to_numpy()})
+                                "lineage": ds.obs["lineage"].to_numpy(), "batch": ds.obs["batch"].to_numpy()})
             write_tsv(dsdir / f"{ds.name}_labels.tsv", lab)
             write_tsv(dsdir / f"{ds.name}_peaks.bed", ds.peaks[["chrom", "start", "end"]], header=False)
             aux = {"barcodes": f"datasets/{ds.name}_barcodes.tsv", "labels": f"datasets/{ds.name}_labels.tsv",

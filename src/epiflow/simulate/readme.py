@@ -23,7 +23,7 @@ def render_readme(p, seed, lay, eff, datasets, tables) -> str:
             if extra else ", ".join(f"{k} {v}" for k, v in d.obs["cell_type"].value_counts().sort_index().items())
         path = f"datasets/{d.name}.tsv.gz" if d.fmt == "fragments" else f"datasets/{d.name}.h5ad"
         ds_rows.append(f"| `{d.name}` | {d.fmt} | `{path}` | {len(d.obs)} | {len(d.peaks)} ({d.peak_style}) | "
-                       f"{', '.join(['cell_type', 'batch'] + extra)} | {groups} |")
+                       f"{', '.join(['cell_type', 'lineage', 'batch'] + extra)} | {groups} |")
     types = "\n".join(f"- `{path}`" for path in p.cell_types)
     n_prog = tables["programs"].groupby("level")["ccre_id"].count()
     prog_rows = "\n".join(f"| {lvl} | {int(n)} |" for lvl, n in n_prog.items())
@@ -45,8 +45,8 @@ folder, which is the only TSS annotation that fits). No liftover is needed.
 | file | contents |
 |---|---|
 | `manifest.tsv` | the datasets (columns {', '.join(['name', 'format', 'path', 'sha256', 'genome', 'tissue', 'barcodes', 'labels', 'cell_type_key', 'batch_key', 'peaks'])}; paths relative to this folder) |
-| `datasets/*.h5ad` | cells x peaks raw counts (CSR int32), `var` chrom/start/end, `var_names` `chrom:start-end`; `obs` labels plus `n_fragments`, `frip` |
-| `datasets/pbmc_fragments.tsv.gz` | 10x-style fragments (chrom, start, end, barcode, duplicate count; sorted; BGZF), incl. empty-droplet barcodes; `_barcodes.tsv` (cell whitelist), `_labels.tsv` (barcode, cell_type, batch), `_peaks.bed` |
+| `datasets/*.h5ad` | cells x peaks raw counts (CSR int32), `var` chrom/start/end, `var_names` `chrom:start-end`; `obs` labels (cell_type, lineage, batch, + condition / perturbation / state) plus `n_fragments`, `frip` |
+| `datasets/pbmc_fragments.tsv.gz` | 10x-style fragments (chrom, start, end, barcode, duplicate count; sorted; BGZF), incl. empty-droplet barcodes; `_barcodes.tsv` (cell whitelist), `_labels.tsv` (barcode, cell_type, lineage, batch), `_peaks.bed` |
 | `ccre_sources.bed` | a source cCRE set (BED4, like ENCODE): {int(tables['ccres']['in_sources'].sum())} of the true cCREs (narrower, jittered) + {len(lay.sources) - int(tables['ccres']['in_sources'].sum())} elements never accessible in these cells |
 | `genes.bed`, `tss.bed` | gene bodies (BED6) and 1-bp TSS (BED6) of the synthetic genes `GENE0001`... |
 | `go.tsv` | gene_symbol, go_id (synthetic GO BP terms `GO:99xxxxx`; genes of one module share terms) |
@@ -110,4 +110,14 @@ dataset-specific noise peaks.
 
 `--min-ccres-per-cell {p.min_ccres_per_cell} --min-cells {p.min_cells}` (the paper's 100 cells per cCRE
 is meant for millions of cells; at {p.n_cells} cells it would drop most type-specific cCREs).
+
+## Notes
+
+- The 5th column of the fragment file is the number of PCR duplicates (mostly 1). `truth/counts.npz`
+  counts distinct fragments, so `epiflow map-dataset --no-count-column` reproduces it exactly for
+  `pbmc_fragments`; the default (weighting by the column, as the authors' code) gives ~12 % more.
+- Every interval (true cCRE, inactive source element, noise peak) sits alone in its own 2-kb bin, so
+  merged candidates never join two true cCREs; fragments outside cCREs lie in bins with no interval.
+- `truth/cells.tsv` rows are in file order: dataset by dataset as in `manifest.tsv`, cells as in the
+  h5ad / the barcode whitelist. Cells are keyed by (dataset, cell_id).
 """

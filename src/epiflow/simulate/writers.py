@@ -65,6 +65,10 @@ def write_h5ad(path: Path, X, obs: pd.DataFrame, var: pd.DataFrame, uns: dict) -
     for c in obs.columns:
         if obs[c].dtype == object:
             obs[c] = pd.Categorical(obs[c].astype(str), categories=sorted(obs[c].astype(str).unique()))
+    var = var.copy()
+    for c in var.columns:
+        if var[c].dtype == object:   # e.g. chrom: categories in order of appearance (karyotypic)
+            var[c] = pd.Categorical(var[c].astype(str), categories=pd.unique(var[c].astype(str)))
     a = ad.AnnData(X=X, obs=obs, var=var)
     a.uns.update(uns)
     a.write_h5ad(path, compression="gzip")
