@@ -80,6 +80,7 @@ def test_lsi_errors_and_clipping():
         lsi(x, 5, drop_first="sometimes")
 
 
+@pytest.mark.realdata
 def test_lsi_real_data_drops_depth(data_dir):
     a = ad.read_h5ad(data_dir / "buenrostro2018_bm0828.h5ad")
     emb, info = lsi(a.X, 30, return_info=True)
@@ -166,6 +167,7 @@ def test_trajectory_on_a_line():
         trajectory(a, "X_line", root_type="HSC", order="A < B")
 
 
+@pytest.mark.realdata
 def test_trajectory_buenrostro_lsi(data_dir, tmp_path):
     a = ad.read_h5ad(data_dir / "buenrostro2018_bm0828.h5ad")
     a.obsm["X_lsi"] = lsi(a.X, 50)

@@ -43,7 +43,6 @@ embeddings read from ``epiflow embed`` outputs, counts of the same cells from th
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from pathlib import Path
@@ -181,7 +180,9 @@ def trajectory(adata, embedding_key: str, *, label_key: str = "cell_type", root_
         recompute_neighbors = params.get("use_rep") != embedding_key
     if recompute_neighbors:
         knn_graph(adata, use_rep=embedding_key, n_neighbors=n_neighbors, seed=seed)
-    if not isinstance(adata.obs[label_key].dtype, pd.CategoricalDtype):
+    if isinstance(adata.obs[label_key].dtype, pd.CategoricalDtype):
+        adata.obs[label_key] = adata.obs[label_key].cat.remove_unused_categories()
+    else:
         adata.obs[label_key] = pd.Categorical(labels)
     sc.tl.paga(adata, groups=label_key)
     n_comps = int(min(15, adata.n_obs - 2))
