@@ -1,0 +1,101 @@
+"""Batch-integration metrics on known cases: perfectly mixed vs perfectly separated batches."""
+
+import numpy as np
+import pytest
+
+from epiflow.metrics.integration import (batch_asw, graph_connectivity, ilisi, integration_scores, kbet,
+                                         kbet_test, knn, lisi)
+
+
+def _data(separated: bool, n_per=60, seed=0):
+    """3 well separated cell types x 2 batches; batch 1 shifted far away when ``separated``."""
+    rng = np.random.default_rng(seed)
+    xs, b, t = [], [], []
+    for ti in range(3):
+        for bi in range(2):
+            centre = np.zeros(5)
+            centre[ti] = 20.0
+            if separated and bi == 1:
+                centre[4] = 50.0
+            xs.append(centre + rng.normal(size=(n_per, 5)))
+            b += [f"b{bi}"] * n_per
+            t += [f"t{ti}"] * n_per
+    return np.vstack(xs), np.array(b), np.array(t)
+
+
+def test_mixed_batches_score_high():
+    x, b, t = _data(False)
+    s = integration_scores(x, b, t, k_lisi=30, k_kbet=20)
+    assert s["iLISI"] > 0.7
+    assert s["kBET"] > 0.7
+    assert s["kBET_per_label"] > 0.7
+    assert s["graph_connectivity"] == pytest.approx(1.0)
+    assert s["batch_ASW"] > 0.9
+
+
+def test_separated_batches_score_low():
+    x, b, t = _data(True)
+    s = integration_scores(x, b, t, k_lisi=30, k_kbet=20)
+    assert s["iLISI"] == pytest.approx(0.0, abs=1e-6)
+    assert s["kBET"] == pytest.approx(0.0)
+    assert s["kBET_per_label"] == pytest.approx(0.0)
+    # each type splits into its two equal batches: largest component = half of the type
+    assert s["graph_connectivity"] == pytest.approx(0.5)
+    assert s["batch_ASW"] < 0.1
+
+
+def test_lisi_bounds_and_exact_two_cluster_case():
+    # two tight clusters, each holding both labels in equal numbers: LISI = 2 (inverse Simpson of 50/50)
+    rng = np.random.default_rng(1)
+    x = np.vstack([rng.normal(size=(40, 2)) * 1e-3, 100 + rng.normal(size=(40, 2)) * 1e-3])
+    lab = np.tile(["a", "b"], 40)
+    v = lisi(x, lab, k=39, perplexity=13)
+    assert np.all((v >= 1.0 - 1e-9) & (v <= 2.0 + 1e-9))
+    assert np.median(v) > 1.8
+    assert ilisi(x, lab, k=39) > 0.8
+
+
+def test_kbet_chi_square_known_values():
+    # 4 cells with 4 neighbours each; global batch freq 1/2: counts (2,2) -> stat 0, (4,0) -> stat 4
+    nb = np.array([[0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 1]])
+    stat, p = kbet_test(nb, np.array([0, 0, 1, 1]), 2)
+    assert stat.tolist() == pytest.approx([0.0, 4.0, 4.0, 0.0])
+    assert p[0] == pytest.approx(1.0)
+    assert p[1] == pytest.approx(0.0455, abs=1e-3)  # chi2(1).sf(4)
+
+
+def test_knn_excludes_self():
+    x = np.arange(10, dtype=float)[:, None]
+    d, i = knn(x, 2)
+    assert not (i == np.arange(10)[:, None]).any()
+    assert d[5].tolist() == [1.0, 1.0]
+
+
+def test_single_batch_is_an_error():
+    from epiflow.errors import EpiflowError
+
+    x, b, t = _data(False)
+    with pytest.raises(EpiflowError):
+        kbet(x, np.zeros(len(x)))
+    assert np.isnan(batch_asw(x, np.zeros(len(x)), t))
+    assert graph_connectivity(x, t) == pytest.approx(1.0)
+
+
+def test_matches_scib_metrics():
+    scib = pytest.importorskip("scib_metrics")
+    from scib_metrics.nearest_neighbors import NeighborsResults
+
+    x, b, _ = _data(False, n_per=30)
+    b = b.copy()
+    b[::7] = "b2"  # unequal, three batches
+    k = 30
+    d, i = knn(x, k, include_self=True)
+    nr = NeighborsResults(indices=i, distances=d)
+    ref = float(scib.ilisi_knn(nr, b, perplexity=float(np.floor(k / 3))))
+    ours = ilisi(x, b, k=k - 1, perplexity=float(np.floor(k / 3)))
+    assert ours == pytest.approx(ref, abs=1e-3)
+    acc, stat, p = scib.kbet(nr, b)
+    codes = np.unique(b, return_inverse=True)[1]
+    s2, p2 = kbet_test(codes[i], codes, 3)
+    assert np.allclose(np.asarray(stat), s2, atol=1e-3)
+    assert float(acc) == pytest.approx(float((p2 >= 0.05).mean()))
