@@ -24,6 +24,7 @@ checkpoint simulate:
         outdir=lambda w, output: os.path.dirname(output.manifest),
         preset=config["datasets"]["simulate"]["preset"],
         seed=config["datasets"]["simulate"]["seed"],
+        n_cells=opt("--n-cells", config["datasets"]["simulate"]["n_cells"]),
     shell:
         "python -m epiflow simulate --out {params.outdir} --preset {params.preset}"
-        " --seed {params.seed} > {log} 2>&1"
+        " --seed {params.seed} {params.n_cells} --force > {log} 2>&1"

@@ -1,0 +1,241 @@
+"""The workflow spine: lint, formatting, config validation, dry runs, SLURM submission arguments.
+
+Every test runs Snakemake (or snakefmt) as a subprocess from the repository root; none needs a
+cluster or data beyond the repository (the real-data dry run skips without ../shared/data).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SNAKEMAKE = [str(BIN / "snakemake")] if (BIN / "snakemake").exists() else [sys.executable, "-m", "snakemake"]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def snakemake(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([*SNAKEMAKE, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _write_config(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "override.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# ------------------------------------------------------------------ lint / format
+def test_snakemake_lint_is_clean():
+    proc = snakemake("--lint")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "Lints for" not in out, out
+    assert "Congratulations" in out
+
+
+def test_snakefmt_check_is_clean():
+    snakefmt = BIN / "snakefmt"
+    cmd = [str(snakefmt)] if snakefmt.exists() else [sys.executable, "-m", "snakefmt"]
+    proc = subprocess.run([*cmd, "--check", "workflow/"], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------ configuration
+@pytest.mark.parametrize("configfile", [None, "config/test.yaml", "config/realdata.yaml"])
+def test_shipped_configs_validate_and_dry_run(configfile, tmp_path):
+    args = ["-n", "--cores", "2", "--config", f"results_dir={tmp_path / 'res'}"]
+    if configfile:
+        if configfile == "config/realdata.yaml" and not (ROOT.parent / "shared" / "data").exists():
+            pytest.skip("config/realdata.yaml reads ../shared/data, which is absent")
+        args = ["--configfile", configfile, *args]
+    proc = snakemake("all", *args)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    for rule in ("candidate_ccres", "build_corpus", "pretrain", "embed", "evaluate_features", "summarize"):
+        assert re.search(rf"^rule {rule}:|^localrule {rule}:", out, re.M) or f" {rule} " in out, (rule, out)
+
+
+BAD_CONFIGS = {
+    # misspelt keys at three levels, a wrong type, a value outside its enum, a wrong nested type
+    "unknown_keys": ({"resultsdir": "x", "model": {"num_head": 4}, "pretrain": {"lr_max": 0.1}},
+                     ["resultsdir", "model.num_head", "pretrain.lr_max"]),
+    "wrong_types": ({"pretrain": {"epochs": "three", "k_schedule": [1, "two"]}, "genome": "hg37",
+                     "tasks": {"feature_extraction": {"enabled": "yes"}}},
+                    ["pretrain.epochs", "pretrain.k_schedule.1", "genome",
+                     "tasks.feature_extraction.enabled"]),
+    "resources": ({"resources": {"pretrain": {"gpus": 2}, "embed": {"mem_mb": -1}}},
+                  ["resources.pretrain.gpus", "resources.embed.mem_mb"]),
+    "external_vocab_without_bed": ({"vocabulary": {"mode": "external"}}, ["vocabulary.external_bed"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_is_rejected_naming_the_key(case, tmp_path):
+    data, keys = BAD_CONFIGS[case]
+    proc = snakemake("all", "-n", "--cores", "1", "--configfile", str(_write_config(tmp_path, data)))
+    err = proc.stdout + proc.stderr
+    assert proc.returncode != 0, err
+    assert "invalid configuration" in err, err
+    for key in keys:
+        assert f"'{key}'" in err, (key, err)
+    assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------ SLURM profile
+def _dry_run_jobs(out: str) -> dict[str, dict]:
+    """rule name -> {'resources': {...}, 'shell': str} parsed from `snakemake -n -p` output."""
+    jobs: dict[str, dict] = {}
+    current = None
+    for line in out.splitlines():
+        m = re.match(r"^(?:local)?(?:rule|checkpoint) (\w+):", line)
+        if m:
+            current = jobs.setdefault(m.group(1), {"resources": {}, "shell": ""})
+            continue
+        if current is None:
+            continue
+        m = re.match(r"^\s+resources: (.*)$", line)
+        if m:
+            for item in re.split(r", (?=\w+=)", m.group(1)):
+                key, _, value = item.partition("=")
+                current["resources"][key] = value
+        elif line.startswith("Shell command: "):
+            current["shell"] = line[len("Shell command: "):]
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def slurm_dry_run() -> dict[str, dict]:
+    proc = snakemake("all", "--profile", "profiles/slurm", "-n")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    return _dry_run_jobs(out)
+
+
+def test_slurm_profile_dry_runs_without_slurm(slurm_dry_run):
+    for rule in ("simulate", "candidate_ccres", "build_corpus", "pretrain", "embed", "evaluate_features"):
+        assert rule in slurm_dry_run, sorted(slurm_dry_run)
+    pretrain = slurm_dry_run["pretrain"]
+    # MPI mode: the launcher runs once per node under srun, and starts torchrun itself
+    assert pretrain["shell"].startswith("srun --ntasks-per-node=1"), pretrain["shell"]
+    assert "torchrun_launch.sh --corpus" in pretrain["shell"]
+
+
+class _Resources(dict):
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def _as_value(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _fake_job(rule: str, dry: dict, threads: int):
+    res = _Resources({k: _as_value(v) for k, v in dry[rule]["resources"].items() if v != "<TBD>"})
+    return SimpleNamespace(name=rule, threads=threads, resources=res, is_group=lambda: False,
+                           wildcards={})
+
+
+def _sbatch(job) -> list[str]:
+    """The sbatch command line the official plugin would submit for `job` (no cluster needed)."""
+    from snakemake_executor_plugin_slurm import Executor
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    partition = Executor.get_partition_arg(SimpleNamespace(_partitions=None, _fallback_partition=None), job)
+    params = {"run_uuid": "uuid", "slurm_logfile": "/tmp/slurm/%j.log", "comment_str": f"rule_{job.name}",
+              "account": "", "partition": partition, "workdir": str(ROOT)}
+    call = get_submit_command(job, params) + set_gres_string(job)
+    return shlex.split(call)
+
+
+def test_sbatch_arguments_of_gpu_rules(slurm_dry_run):
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    profile = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text())
+    # the dry run really applied the profile's resources
+    for rule in ("pretrain", "embed", "evaluate_features"):
+        for key, value in profile["set-resources"][rule].items():
+            got = slurm_dry_run[rule]["resources"].get(key)
+            assert str(got) == str(value), (rule, key, got, value)
+
+    argv = _sbatch(_fake_job("pretrain", slurm_dry_run, threads=2))
+    assert argv[0] == "sbatch"
+    for flag in ("-p", "gpu"), ("-t", "2880"), ("--mem", "480000"):
+        i = argv.index(flag[0])
+        assert argv[i + 1] == flag[1], (flag, argv)
+    assert "--nodes=2" in argv and "--ntasks=2" in argv, argv
+    assert "--gpus=8" in argv and "--cpus-per-gpu=8" in argv, argv
+    # one task per node (torchrun spawns the per-GPU workers), never one task per GPU
+    assert not any(a.startswith("--ntasks-per-gpu") for a in argv), argv
+    assert not any(a.startswith("--cpus-per-task") for a in argv), argv
+
+    for rule in ("embed", "evaluate_features"):
+        argv = _sbatch(_fake_job(rule, slurm_dry_run, threads=2))
+        assert argv[argv.index("-p") + 1] == "gpu"
+        assert "--gpus=1" in argv and "--cpus-per-gpu=8" in argv, argv
+        assert "--ntasks=1" not in argv or rule  # GPU jobs: task geometry left to SLURM
+        assert not any(a.startswith("--nodes") for a in argv), argv
+
+    argv = _sbatch(_fake_job("build_corpus", slurm_dry_run, threads=8))
+    assert argv[argv.index("-p") + 1] == "cpu"
+    assert "--cpus-per-task=8" in argv and "--ntasks=1" in argv, argv
+    assert not any(a.startswith("--gpus") for a in argv), argv
+
+
+def test_torchrun_launcher_single_device_runs_in_process(tmp_path):
+    """Outside SLURM with one device the launcher just runs `epiflow pretrain` (here: its --help)."""
+    env = _env()
+    for k in list(env):
+        if k.startswith("SLURM_"):
+            env.pop(k)
+    env["EPIFLOW_GPUS_PER_NODE"] = "1"
+    proc = subprocess.run(["bash", "scripts/torchrun_launch.sh", "--help"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: epiflow pretrain" in proc.stdout
+
+
+def test_torchrun_launcher_multi_node_builds_c10d_rendezvous(tmp_path):
+    """Two nodes x 4 GPUs: the launcher hands over to torchrun with a c10d rendezvous on port 29500."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "torchrun").write_text("#!/usr/bin/env bash\necho TORCHRUN \"$@\"\n")
+    (fake / "scontrol").write_text("#!/usr/bin/env bash\necho node001; echo node002\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    env = _env()
+    env.update(PATH=f"{fake}{os.pathsep}{env['PATH']}", SLURM_JOB_NUM_NODES="2", SLURM_NNODES="2",
+               SLURM_GPUS_ON_NODE="4", SLURM_JOB_NODELIST="node[001-002]", SLURM_JOB_ID="4242")
+    env.pop("MASTER_ADDR", None)
+    proc = subprocess.run(["bash", "scripts/torchrun_launch.sh", "--corpus", "C", "--out", "O"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("TORCHRUN "), proc.stdout
+    argv = line.split()[1:]
+    assert "--nnodes=2" in argv and "--nproc_per_node=4" in argv, argv
+    assert "--rdzv_backend=c10d" in argv and "--rdzv_endpoint=node001:29500" in argv, argv
+    assert "--rdzv_id=4242" in argv
+    assert argv[-7:] == ["-m", "epiflow", "pretrain", "--corpus", "C", "--out", "O"], argv
