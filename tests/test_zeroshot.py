@@ -1,0 +1,168 @@
+"""Zero-shot annotators: train-annotator / annotate-zeroshot on a tiny synthetic corpus and tiny model."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from epiflow.cli import main
+from epiflow.corpus.shard import shard_from_counts, write_corpus_meta, write_shard
+from epiflow.errors import InputFormatError
+from epiflow.model import EpiAgentConfig, from_config, load_epiagent_checkpoint, save_epiagent_checkpoint
+from epiflow.tasks.zeroshot import (apply_label_map, classification_scores, mask_rare_classes, read_label_map)
+
+N_CCRES = 120
+TYPES = ["HSC", "GMP", "CLP"]
+
+
+def _counts(n, seed, types_idx=None):
+    rng = np.random.default_rng(seed)
+    t = rng.integers(0, 3, n) if types_idx is None else types_idx
+    block = np.arange(N_CCRES) % 3
+    p = np.where(block[None, :] == t[:, None], 0.6, 0.03)
+    acc = rng.random((n, N_CCRES)) < p
+    acc[np.arange(n), rng.integers(0, N_CCRES, n)] = True
+    return sp.csr_matrix(acc.astype(np.float32) * rng.integers(1, 3, (n, N_CCRES))), t
+
+
+def _corpus(root: Path, n=150, seed=0, names=TYPES, dataset="atlas"):
+    (root / "shards").mkdir(parents=True)
+    counts, t = _counts(n, seed)
+    df = np.full(N_CCRES, 0.3)
+    (root / "vocab.bed").write_text("".join(f"chr1\t{i * 1000}\t{i * 1000 + 500}\n" for i in range(N_CCRES)))
+    np.save(root / "df.npy", df)
+    obs = pd.DataFrame({"cell_id": [f"{dataset}_{i}" for i in range(n)], "dataset": dataset,
+                        "cell_type": np.asarray(names, dtype=object)[t]})
+    write_shard(root / "shards/shard_00000.h5", shard_from_counts(counts, df, obs, vocab_id="toy", genome="hg38"))
+    write_corpus_meta(root, {"n_cells": n, "n_ccres": N_CCRES, "vocab_id": "toy", "genome": "hg38",
+                             "shards": ["shards/shard_00000.h5"], "shard_cells": [n]})
+    return root
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = EpiAgentConfig.preset("tiny", n_ccres=N_CCRES, dropout=0.0)
+    path = tmp_path_factory.mktemp("base") / "base.pth"
+    save_epiagent_checkpoint(from_config(cfg), path, write_config=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, base_ckpt):
+    tmp = tmp_path_factory.mktemp("zs")
+    corpus = _corpus(tmp / "atlas", names=["HSC", "GMP", "CLP.2"])
+    lm = tmp / "map.tsv"
+    lm.write_text("# coarse\nsource\ttarget\nHSC\tHSC\nGMP\tGMP\nCLP.2\tCLP\n")
+    out = tmp / "annot"
+    rc = main(["train-annotator", "--checkpoint", str(base_ckpt), "--input", str(corpus), "--label-map", str(lm),
+               "--out-dir", str(out), "--max-steps", "60", "--batch-size", "16", "--lr", "3e-4",
+               "--head-lr", "3e-3", "--device", "cpu"])
+    assert rc == 0
+    return tmp, out
+
+
+def test_train_annotator_writes_authors_supervised_checkpoint(trained, base_ckpt):
+    _, out = trained
+    ckpt = out / "checkpoint.pth"
+    model = load_epiagent_checkpoint(ckpt)  # num_heads from the side file
+    assert model.kind == "supervised"
+    sd = torch.load(ckpt, map_location="cpu", weights_only=True)
+    base_keys = [k for k in torch.load(base_ckpt, map_location="cpu", weights_only=True)
+                 if k.startswith(("cCRE_embedding", "rank_embedding", "EpiAgent_transformer"))]
+    cls_keys = [f"classifier.{m}.{p}" for m in ("fc1", "layer_norm1", "fc2", "layer_norm2", "fc3")
+                for p in ("weight", "bias")]
+    assert list(sd) == base_keys + cls_keys
+    assert sd["classifier.fc1.weight"].shape == (256, 64)
+    assert sd["classifier.fc3.weight"].shape == (3, 128)
+    classes = pd.read_csv(out / "classes.tsv", sep="\t")
+    assert classes["label"].tolist() == ["CLP", "GMP", "HSC"]  # coarsened through the map, sorted
+    log = pd.read_csv(out / "train_log.tsv", sep="\t")
+    assert len(log) == 60 and np.isfinite(log["loss"]).all()
+    # the encoder was really fine-tuned (weights moved away from the pretrained ones)
+    base = torch.load(base_ckpt, map_location="cpu", weights_only=True)
+    assert not torch.equal(base["EpiAgent_transformer.layers.0.mlp.fc1.weight"],
+                           sd["EpiAgent_transformer.layers.0.mlp.fc1.weight"])
+    m = pd.read_csv(out / "metrics.tsv", sep="\t")
+    assert list(m.columns) == ["task", "dataset", "method", "metric", "value"]
+    assert {"accuracy", "macro_F1"} <= set(m.loc[m["method"] == "validation", "metric"])
+
+
+def test_annotate_zeroshot_on_new_dataset(trained):
+    tmp, out = trained
+    query = _corpus(tmp / "query", n=90, seed=5, names=["HSC", "GMP", "CLP"], dataset="query")
+    qmap = tmp / "qmap.tsv"
+    qmap.write_text("source\ttarget\nHSC\tHSC\nGMP\tGMP\n")  # CLP unmapped -> excluded from the metrics
+    res_dir = tmp / "annotated"
+    rc = main(["annotate-zeroshot", "--checkpoint", str(out / "checkpoint.pth"), "--input", str(query),
+               "--label-key", "cell_type", "--label-map", str(qmap), "--out-dir", str(res_dir), "--device", "cpu"])
+    assert rc == 0
+    pred = pd.read_csv(res_dir / "predictions.tsv", sep="\t")
+    assert len(pred) == 90 and set(pred["prediction"]) <= {"CLP", "GMP", "HSC"}
+    assert pred["label_mapped"].isna().sum() == (pred["label"] == "CLP").sum()
+    m = pd.read_csv(res_dir / "metrics.tsv", sep="\t")
+    v = m[m["method"] == "EpiAgent-zeroshot"].set_index("metric")["value"]
+    assert {"accuracy", "micro_F1", "balanced_accuracy", "macro_F1"} <= set(v.index)
+    assert v["n_cells"] == (pred["label"] != "CLP").sum()
+    # cell types differ in a third of the cCREs: the fine-tuned annotator is far above chance (1/3)
+    assert v["accuracy"] > 0.6
+    assert (res_dir / "confusion.png").stat().st_size > 0
+
+
+def test_annotate_rejects_base_checkpoint(base_ckpt, tmp_path):
+    from epiflow.errors import ConfigError
+    from epiflow.tasks.zeroshot import annotate
+
+    corpus = _corpus(tmp_path / "c", n=20)
+    with pytest.raises(ConfigError):
+        annotate(base_ckpt, corpus, classes=["a", "b"])
+
+
+def test_label_map_parsing(tmp_path):
+    p = tmp_path / "m.tsv"
+    p.write_text("# c\nsource\ttarget\nHSC\tHSC\nMPP\tHSC\nMEP\t\n")
+    m = read_label_map(p)
+    assert m == {"HSC": "HSC", "MPP": "HSC", "MEP": ""}
+    out = apply_label_map(np.array(["HSC", "MPP", "MEP", "X", None, "nan"], dtype=object), m)
+    assert out.tolist() == ["HSC", "HSC", None, None, None, None]
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("from\tto\nA\tB\n")
+    with pytest.raises(InputFormatError, match="header"):
+        read_label_map(bad)
+    dup = tmp_path / "dup.tsv"
+    dup.write_text("source\ttarget\nA\tB\nA\tC\n")
+    with pytest.raises(InputFormatError, match="line 3"):
+        read_label_map(dup)
+
+
+def test_repository_label_maps_parse():
+    root = Path(__file__).resolve().parents[1] / "resources" / "label_maps"
+    m = read_label_map(root / "buenrostro2018_to_granja2019.tsv")
+    assert m["MPP"] == "HSC" and m["CMP"] == "CMP.LMPP" and m["LMPP"] == "CMP.LMPP" and m["MEP"] == ""
+    g = read_label_map(root / "granja2019_coarse.tsv")
+    targets = {v for v in m.values() if v}
+    assert targets <= set(g.values())
+
+
+def test_mask_rare_classes_known_case():
+    logits = np.zeros((1000, 3))
+    logits[:, 0] = 1.0
+    logits[:, 1] = 0.5
+    logits[:3, 2] = 5.0  # class 2 predicted for 0.3 % of cells
+    pred, masked = mask_rare_classes(logits, 0.005)
+    assert masked == [1, 2] or masked == [2, 1] or set(masked) == {1, 2}
+    assert (pred == 0).all()
+    logits[:10, 2] = 5.0  # 1 %: kept
+    pred, masked = mask_rare_classes(logits, 0.005)
+    assert 2 not in masked and (pred[:10] == 2).all()
+
+
+def test_classification_scores_known_values():
+    s = classification_scores(["a", "a", "a", "b"], ["a", "a", "b", "b"])
+    assert s["accuracy"] == pytest.approx(0.75)
+    assert s["micro_F1"] == pytest.approx(0.75)
+    assert s["balanced_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
+    assert s["macro_F1"] == pytest.approx((0.8 + 2 / 3) / 2)
