@@ -15,13 +15,17 @@ def register(subparsers) -> None:
     p.add_argument("--corpus", help="corpus folder (adds its corpus.json numbers)")
     p.add_argument("--pretrain-metrics", help="metrics.csv of 'epiflow pretrain' (adds the last values)")
     p.add_argument("--out", help="summary TSV (task, dataset, method, metric, value, source)")
+    p.add_argument("--table", help="only print an existing summary TSV (e.g. results/summary.tsv)")
     p.add_argument("--all", action="store_true", help="print every metric, not only the headline ones")
     p.set_defaults(func=_summarize)
 
 
 def _summarize(args: argparse.Namespace) -> int:
-    from .summary import format_summary, summarize
+    from .summary import format_summary, read_summary, summarize
 
+    if args.table:
+        print(format_summary(read_summary(args.table), all_metrics=args.all))
+        return 0
     table = summarize(args.metrics, corpus=args.corpus, pretrain_metrics=args.pretrain_metrics, out=args.out)
     print(format_summary(table, all_metrics=args.all))
     return 0

@@ -105,11 +105,20 @@ def summarize(metrics: Iterable[str | Path] = (), *, corpus: str | Path | None =
     return table
 
 
+def read_summary(path: str | Path) -> pd.DataFrame:
+    """Read a summary (or any metrics) TSV written by :func:`summarize`."""
+    return _read_metrics(Path(path)).drop(columns="source")
+
+
 _HEADLINE = {
     "corpus": ["n_cells", "n_ccres", "n_shards"],
     "pretrain": ["last_step", "last_loss", "last_cca", "last_sr", "last_rlm_loss"],
 }
 _TASK_HEADLINE = ["NMI", "ARI", "ASW_cell_type", "accuracy", "macro_F1", "spearman_types", "n_cells"]
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.0f}" if math.isfinite(v) and float(v).is_integer() and abs(v) < 1e15 else f"{v:.4g}"
 
 
 def format_summary(table: pd.DataFrame, all_metrics: bool = False) -> str:
@@ -127,6 +136,6 @@ def format_summary(table: pd.DataFrame, all_metrics: bool = False) -> str:
         order = [m for m in _HEADLINE.get(task, _TASK_HEADLINE) if m in wide.columns]
         wide = wide[order + [c for c in wide.columns if c not in order]]
         with pd.option_context("display.width", 160, "display.max_columns", 40,
-                               "display.float_format", "{:.4g}".format):
+                               "display.float_format", _fmt):
             blocks.append(f"== {task} ==\n{wide.to_string()}")
     return "\n\n".join(blocks)

@@ -1,0 +1,106 @@
+"""The configuration files: schema coverage, documentation of every key, shipped configs valid."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+DEFAULT = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+
+
+def _resolve(node: dict) -> dict:
+    while "$ref" in node:
+        node = SCHEMA["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+    if "allOf" in node:
+        merged: dict = {}
+        for part in node["allOf"]:
+            part = _resolve(part)
+            merged.setdefault("properties", {}).update(part.get("properties", {}))
+            for k, v in part.items():
+                if k != "properties":
+                    merged.setdefault(k, v)
+        return merged
+    return node
+
+
+def _schema_keys(node: dict, prefix: str = "") -> list[str]:
+    """Dotted paths of the leaf keys (values that are not sections)."""
+    node = _resolve(node)
+    keys = []
+    for name, sub in node.get("properties", {}).items():
+        path = f"{prefix}{name}"
+        inner = _schema_keys(sub, path + ".")
+        keys += inner if inner else [path]
+    return keys
+
+
+def _objects_close(node: dict, path: str = "<top>") -> list[str]:
+    """Paths of object schemas that would accept unknown keys."""
+    node = _resolve(node)
+    bad = []
+    if node.get("type") == "object" or "properties" in node:
+        if node.get("additionalProperties", True) is not False:
+            bad.append(path)
+        for name, sub in node.get("properties", {}).items():
+            bad += _objects_close(sub, f"{path}.{name}")
+    return bad
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def test_every_object_level_forbids_unknown_keys():
+    assert _objects_close(SCHEMA) == []
+
+
+def test_default_config_matches_schema_exactly():
+    jsonschema.Draft202012Validator(SCHEMA).validate(DEFAULT)
+    # every schema key except optional per-rule resource entries is present in the default
+    missing = [k for k in _schema_keys(SCHEMA) if not k.startswith("resources.")]
+    for key in missing:
+        node = DEFAULT
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"config/config.yaml lacks '{key}'"
+            node = node[part]
+
+
+def test_every_key_is_documented_in_config_readme():
+    text = (ROOT / "config/README.md").read_text()
+    undocumented = [k for k in _schema_keys(SCHEMA)
+                    if f"`{k}`" not in text and not k.startswith("resources.")]
+    assert undocumented == []
+    assert "`resources.default`" in text and "`resources.<rule>`" in text
+    for rule in set(_resolve(SCHEMA["properties"]["resources"])["properties"]) - {"default"}:
+        assert f"`{rule}`" in text, rule
+
+
+@pytest.mark.parametrize("name", ["test.yaml", "realdata.yaml", "published_weights.yaml"])
+def test_shipped_override_configs_are_valid(name):
+    over = yaml.safe_load((ROOT / "config" / name).read_text())
+    jsonschema.Draft202012Validator(SCHEMA).validate(_merge(DEFAULT, over))
+
+
+def test_realdata_manifest_lists_existing_shared_files():
+    from epiflow.corpus.manifest import load_manifest
+
+    entries = load_manifest(ROOT / "config/manifests/shared_hg19.tsv")
+    assert {e.name for e in entries} == {"buenrostro2018_bm0828", "granja2019_bmmc",
+                                         "buenrostro2018_20cells", "pbmc_multiome"}
+    assert {e.genome for e in entries} == {"hg19", "hg38"}
+    data = ROOT.parent / "shared" / "data"
+    if not data.exists():
+        pytest.skip(f"{data} absent")
+    for e in entries:
+        for rel in (e.path, e.labels, e.barcodes, e.peaks):
+            if rel:
+                assert (ROOT / "config/manifests" / rel).resolve().exists(), rel

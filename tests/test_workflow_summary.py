@@ -1,0 +1,72 @@
+"""`epiflow summarize`: one table of a run's metrics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from epiflow.cli import main
+from epiflow.errors import InputFormatError
+from epiflow.report import format_summary, read_summary, summarize
+
+
+def _metrics(path, rows):
+    pd.DataFrame(rows, columns=["task", "dataset", "method", "metric", "value"]).to_csv(path, sep="\t",
+                                                                                       index=False)
+    return path
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "shards").mkdir(parents=True)
+    (corpus / "corpus.json").write_text(json.dumps({"format": "epiflow-corpus", "n_cells": 436,
+                                                    "n_ccres": 720, "genome": "hg38", "shards": ["x"]}))
+    (corpus / "shards" / "shard_00000.h5").write_bytes(b"")
+    pd.DataFrame({"step": [1, 2, 3], "loss": [9.0, 8.0, 7.5], "cca": [0.7, 0.69, 0.68],
+                  "rlm_loss": [0.71, 0.7, np.nan]}).to_csv(tmp_path / "metrics.csv", index=False)
+    a = _metrics(tmp_path / "a.tsv", [("feature_extraction", "atlas_b1", "EpiAgent", "NMI", 0.5),
+                                      ("feature_extraction", "atlas_b1", "LSI", "NMI", 0.7)])
+    b = _metrics(tmp_path / "b.tsv", [("annotation", "atlas_b1", "EpiAgent", "accuracy", 0.9)])
+    return tmp_path, corpus, a, b
+
+
+def test_summarize_concatenates_and_adds_corpus_and_pretraining(run_dir):
+    tmp, corpus, a, b = run_dir
+    table = summarize([a, b], corpus=corpus, pretrain_metrics=tmp / "metrics.csv", out=tmp / "s.tsv")
+    assert list(table.columns) == ["task", "dataset", "method", "metric", "value", "source"]
+    got = {(r.task, r.method, r.metric): r.value for r in table.itertuples()}
+    assert got[("corpus", "-", "n_cells")] == 436 and got[("corpus", "-", "n_ccres")] == 720
+    assert got[("corpus", "-", "n_shards")] == 1
+    assert got[("pretrain", "EpiAgent", "last_loss")] == 7.5
+    assert got[("pretrain", "EpiAgent", "last_rlm_loss")] == 0.7  # last logged value, NaN skipped
+    assert got[("feature_extraction", "LSI", "NMI")] == 0.7
+    assert got[("annotation", "EpiAgent", "accuracy")] == 0.9
+    back = read_summary(tmp / "s.tsv")
+    assert len(back) == len(table)
+    text = format_summary(back)
+    assert "== corpus ==" in text and "== feature_extraction ==" in text and "== annotation ==" in text
+    assert "436" in text and "0.7" in text
+
+
+def test_bad_metrics_table_names_the_file_and_columns(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("task\tvalue\nx\t1\n")
+    with pytest.raises(InputFormatError) as err:
+        summarize([bad])
+    msg = str(err.value)
+    assert str(bad) in msg and "dataset" in msg and "metric" in msg
+
+
+def test_cli_writes_and_prints(run_dir, capsys):
+    tmp, corpus, a, b = run_dir
+    out = tmp / "summary.tsv"
+    assert main(["summarize", "--metrics", str(a), str(b), "--corpus", str(corpus), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert out.exists() and "atlas_b1" in printed
+    assert main(["summarize", "--table", str(out)]) == 0
+    assert capsys.readouterr().out == printed
+    assert main(["summarize", "--metrics", str(tmp / "missing.tsv")]) == 2
