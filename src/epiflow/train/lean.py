@@ -149,9 +149,23 @@ class LeanTables:
             g = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long, device=w.device),
                                         w.new_zeros(0, w.shape[1]), w.shape, check_invariants=False)
         g = g.coalesce()
-        idx = torch.cat(_all_gather_padded(g.indices()[0], world))
-        val = torch.cat(_all_gather_padded(g.values(), world)) / world
-        w.grad = torch.sparse_coo_tensor(idx[None], val, g.shape, check_invariants=False).coalesce()
+        n_rows = torch.tensor([g.indices().shape[1]], device=w.device)
+        dist.all_reduce(n_rows)
+        if int(n_rows) * 2 > w.shape[0]:
+            # most rows touched (paper scale: CCA queries cover much of the vocabulary): one dense
+            # all-reduce is cheaper than gathering every rank's rows
+            dense = torch.zeros_like(w)
+            dense.index_add_(0, g.indices()[0], g.values().to(w.dtype))
+            dist.all_reduce(dense)
+            dense /= world
+            rows = torch.nonzero(dense.abs().sum(1) > 0).squeeze(1)
+            w.grad = torch.sparse_coo_tensor(rows[None], dense[rows], w.shape, check_invariants=False,
+                                             is_coalesced=True)
+            del dense
+        else:
+            idx = torch.cat(_all_gather_padded(g.indices()[0], world))
+            val = torch.cat(_all_gather_padded(g.values(), world)) / world
+            w.grad = torch.sparse_coo_tensor(idx[None], val, g.shape, check_invariants=False).coalesce()
         if self.decoder is not None:
             G, H = self.store.cat()
             if G is None:
