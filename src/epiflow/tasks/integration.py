@@ -1,0 +1,410 @@
+"""Reference integration (batch correction) and query mapping (SPEC §5, batch integration).
+
+Method (EpiAgent, batch-conditioned fine-tuning):
+
+1. **Zero-shot embeddings** of all reference cells with the pretrained model (no batch token).
+2. **OT matching across each pair of batches**: for batches A and B, exact earth mover's distance
+   (POT ``ot.emd``, uniform weights) on the cosine distance of the zero-shot embeddings; each cell of A
+   is matched to the cell of B that receives most of its mass, and vice versa. Batches larger than
+   ``max_ot_cells`` are matched in random chunks of that size.
+3. **Filtering**: a 2-component Gaussian mixture on the matched distances of each batch pair; the
+   matches in the component with the lower mean are kept (close, trustworthy partners).
+4. **Fine-tuning with a batch token** (``batch_embedding`` added at position 0; the authors'
+   batch-conditioned layout: the base keys plus ``batch_embedding.weight``): signal reconstruction
+   (BCE, pos_weight 100) and cell-cCRE alignment (K = 1) whose *targets* are the cCREs accessible in the
+   cell **or in its kept partners** (union), so batch-specific signal is left to the batch token.
+5. **Embeddings with and without the batch token**; the zero-shot and an LSI baseline beside them.
+
+Metrics (long table, task ``integration``): NMI / ARI of Leiden bisected to the number of cell types,
+cell-type ASW, iLISI, kBET (global and per label), graph connectivity and batch ASW
+(:mod:`epiflow.metrics.integration`, scIB definitions); UMAPs coloured by batch and by cell type.
+
+Query mapping (task ``query_mapping``): query cells are embedded **without** a batch token; each gets the
+majority label of its ``k = 20`` nearest reference cells (Euclidean); accuracy and macro F1 against the
+known labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from ..errors import ConfigError, EpiflowError
+from ..io import atomic_path
+from .features import labelled_mask, metric_rows, metrics_frame, write_metrics
+from .zeroshot import (_dataset_name, _device, apply_label_map, classification_scores, copy_encoder, load_cells,
+                       load_model, obs_column, read_label_map, sample_input_ids)
+
+log = logging.getLogger(__name__)
+
+TASK = "integration"
+QUERY_TASK = "query_mapping"
+
+
+# ----------------------------------------------------------------------------- OT matching
+def _cosine_cost(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    an = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    bn = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return np.clip(1.0 - an @ bn.T, 0.0, 2.0).astype(np.float64)
+
+
+def ot_match(a: np.ndarray, b: np.ndarray, *, max_cells: int = 5000, seed: int = 0):
+    """Exact-EMD matching (cosine cost, uniform weights) between the rows of ``a`` and ``b``.
+
+    Returns ``(partner_of_a, dist_a, partner_of_b, dist_b)``: for each row of ``a`` the row of ``b``
+    receiving most of its mass and their cosine distance, and the same for ``b``. Larger sets are split
+    into random chunks of at most ``max_cells`` rows, matched chunk to chunk.
+    """
+    import ot
+
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    n_chunks = int(max(1, np.ceil(max(len(a), len(b)) / max_cells)))
+    pa, pb = rng.permutation(len(a)), rng.permutation(len(b))
+    ca, cb = np.array_split(pa, n_chunks), np.array_split(pb, n_chunks)
+    part_a = np.empty(len(a), np.int64)
+    dist_a = np.empty(len(a))
+    part_b = np.empty(len(b), np.int64)
+    dist_b = np.empty(len(b))
+    for ia, ib in zip(ca, cb):
+        if len(ia) == 0 or len(ib) == 0:
+            continue
+        M = _cosine_cost(a[ia], b[ib])
+        plan = ot.emd(np.full(len(ia), 1.0 / len(ia)), np.full(len(ib), 1.0 / len(ib)), M, numItermax=1_000_000)
+        ja = plan.argmax(1)
+        jb = plan.argmax(0)
+        part_a[ia], dist_a[ia] = ib[ja], M[np.arange(len(ia)), ja]
+        part_b[ib], dist_b[ib] = ia[jb], M[jb, np.arange(len(ib))]
+    return part_a, dist_a, part_b, dist_b
+
+
+def gmm_keep(dist: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Keep-mask of matches in the lower-mean component of a 2-component Gaussian mixture on the
+    distances (all kept when there are fewer than 10 matches or the distances are constant)."""
+    from sklearn.mixture import GaussianMixture
+
+    d = np.asarray(dist, dtype=np.float64).reshape(-1, 1)
+    if len(d) < 10 or float(d.std()) < 1e-12:
+        return np.ones(len(d), bool)
+    gm = GaussianMixture(2, random_state=seed).fit(d)
+    low = int(np.argmin(gm.means_.ravel()))
+    return gm.predict(d) == low
+
+
+def match_batches(emb: np.ndarray, batches, *, max_ot_cells: int = 5000, seed: int = 0) -> pd.DataFrame:
+    """OT matches across every pair of batches with the GMM filter.
+
+    Returns one row per (cell, partner in another batch): ``cell``, ``partner`` (row indices),
+    ``batch``, ``partner_batch``, ``distance`` (cosine), ``kept``.
+    """
+    b = np.asarray(batches).astype(str)
+    names = sorted(set(b))
+    if len(names) < 2:
+        raise EpiflowError(f"integration needs at least 2 batches, found {names}", field="batch_key",
+                           fix="pass --batch-key with the column that holds the batches")
+    parts = []
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            ia, ib = np.flatnonzero(b == x), np.flatnonzero(b == y)
+            pa, da, pb, db = ot_match(emb[ia], emb[ib], max_cells=max_ot_cells, seed=seed)
+            keep = gmm_keep(np.concatenate([da, db]), seed)
+            parts.append(pd.DataFrame({"cell": np.concatenate([ia, ib]), "partner": np.concatenate([ib[pa], ia[pb]]),
+                                       "batch": [x] * len(ia) + [y] * len(ib),
+                                       "partner_batch": [y] * len(ia) + [x] * len(ib),
+                                       "distance": np.concatenate([da, db]), "kept": keep}))
+            log.info("OT %s (%d) <-> %s (%d): %d of %d matches kept by the GMM", x, len(ia), y, len(ib),
+                     int(keep.sum()), len(keep))
+    return pd.concat(parts, ignore_index=True)
+
+
+def partner_targets(cells, matches: pd.DataFrame) -> sp.csr_matrix:
+    """Binary targets ``[n_cells, n_cCREs]``: cCREs accessible in the cell or in any of its kept partners."""
+    n = cells.n_cells
+    k = matches[matches["kept"]]
+    adj = sp.csr_matrix((np.ones(len(k) + n), (np.concatenate([np.arange(n), k["cell"].to_numpy()]),
+                                                np.concatenate([np.arange(n), k["partner"].to_numpy()]))),
+                        shape=(n, n))
+    x = cells.counts_csr()
+    x.data[:] = 1.0
+    t = (adj @ x).tocsr()
+    t.data[:] = 1.0
+    t.sort_indices()
+    return t
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+def batch_conditioned_model(base, n_batches: int, seed: int = 0):
+    """The base model plus a ``batch_embedding`` of ``n_batches`` rows (initialised to zero, so the model
+    starts as the pretrained one); all other weights copied from ``base``."""
+    from ..model import EpiAgent
+
+    if getattr(base, "signal_decoder", None) is None or getattr(base, "fc1_for_CCA", None) is None:
+        raise ConfigError(f"a {base.kind} checkpoint has no signal decoder / CCA head to fine-tune with",
+                          fix="start from a pretrained EpiAgent checkpoint (pretrained_EpiAgent.pth or epiflow "
+                              "pretrain output)")
+    cfg = base.config.replace(num_batches=int(n_batches), classifier=None, num_classes=0)
+    torch.manual_seed(seed)
+    model = EpiAgent.from_config(cfg)
+    sd = {k: v for k, v in base.state_dict().items() if not k.startswith(("batch_embedding", "classifier"))}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or [m for m in missing if not m.startswith("batch_embedding")]:
+        raise ConfigError(f"cannot copy the base model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        model.batch_embedding.weight.zero_()
+    return model
+
+
+def finetune_reconstruction(model, cells, targets: sp.csr_matrix | None = None, *, batch_ids=None,
+                            max_steps: int = 200, batch_size: int = 16, lr: float = 1e-4, max_len: int = 2048,
+                            weight_decay: float = 0.01, seed: int = 0, device=None, progress: bool = True,
+                            desc: str = "fine-tune") -> list[float]:
+    """Fine-tune with signal reconstruction + cell-cCRE alignment (K = 1) towards ``targets`` (binary
+    CSR cells x cCREs; default: each cell's own accessible cCREs). CCA queries per cell: its target
+    cCREs and as many uniformly drawn cCREs labelled by membership in the target. ``batch_ids``
+    (int per cell) feed the batch token. Returns the loss per step."""
+    from tqdm.auto import tqdm
+
+    from ..model import losses
+
+    dev = _device(device)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    if targets is None:
+        targets = cells.counts_csr()
+        targets.data[:] = 1.0
+    targets = sp.csr_matrix(targets)
+    n, N = targets.shape
+    model.to(dev).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    max_len = int(min(max_len, model.config.max_rank - 2))
+    sr_w = float(model.pos_weight("SR"))
+    order, pos = rng.permutation(n), 0
+    hist = []
+    bar = tqdm(range(int(max_steps)), desc=desc, unit="step", disable=not progress, leave=False)
+    for _ in bar:
+        if pos + batch_size > n:
+            order, pos = rng.permutation(n), 0
+        rows = order[pos:pos + batch_size]
+        pos += batch_size
+        ids = sample_input_ids(cells, rows, max_len, rng).to(dev)
+        b = None if batch_ids is None else torch.as_tensor(np.asarray(batch_ids)[rows], device=dev)
+        emb = model(ids, batch_ids=b).cell_embedding
+        t = targets[rows]
+        prow = np.repeat(np.arange(len(rows)), np.diff(t.indptr))
+        pcol = t.indices.astype(np.int64)
+        sr = losses.sr_loss_sparse(model.signal_logits(emb), torch.from_numpy(prow).to(dev),
+                                   torch.from_numpy(pcol).to(dev), sr_w)
+        ncol = rng.integers(0, N, len(pcol))
+        lab_neg = np.asarray(t[prow, ncol]).ravel() > 0 if len(pcol) else np.zeros(0, bool)
+        qrow = np.concatenate([prow, prow])
+        qcol = np.concatenate([pcol, ncol])
+        qlab = np.concatenate([np.ones(len(pcol)), lab_neg.astype(np.float64)])
+        cca_logits = model.cca_logits(emb[torch.from_numpy(qrow).to(dev)],
+                                      torch.from_numpy(qcol + 4).to(dev))
+        cca = losses.cca_loss(cca_logits, torch.from_numpy(qlab).float().to(dev), 1.0)
+        lv = sr + cca
+        opt.zero_grad(set_to_none=True)
+        lv.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        hist.append(float(lv.detach()))
+        bar.set_postfix(loss=f"{hist[-1]:.4f}")
+    bar.close()
+    model.eval()
+    return hist
+
+
+def embed_cells(model, cells, *, batch_ids=None, device=None, max_len: int = 8190, progress: bool = True,
+                desc: str = "embed") -> np.ndarray:
+    from ..model.inference import embed_sentences
+
+    return embed_sentences(model, cells.indptr, cells.tokens, batch_ids=batch_ids, device=_device(device),
+                           max_len=max_len, progress=progress, desc=desc)
+
+
+# ----------------------------------------------------------------------------- query mapping
+def map_query(ref_emb, ref_labels, query_emb, *, k: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """Majority label of the ``k`` nearest reference cells (Euclidean) for every query cell; ties go to
+    the label of the nearer cells. Returns ``(labels, vote fraction)``."""
+    from sklearn.neighbors import NearestNeighbors
+
+    ref_labels = np.asarray(ref_labels).astype(str)
+    cats, codes = np.unique(ref_labels, return_inverse=True)
+    k = int(min(k, len(ref_labels)))
+    _, idx = NearestNeighbors(n_neighbors=k).fit(np.asarray(ref_emb)).kneighbors(np.asarray(query_emb))
+    votes = np.zeros((len(idx), len(cats)))
+    w = 1.0 + 1e-6 * (k - np.arange(k))  # tiny tie-break towards nearer neighbours
+    np.add.at(votes, (np.repeat(np.arange(len(idx)), k), codes[idx].ravel()), np.tile(w, len(idx)))
+    best = votes.argmax(1)
+    frac = np.floor(votes[np.arange(len(idx)), best]) / k
+    return cats[best], frac
+
+
+# ----------------------------------------------------------------------------- evaluation
+def evaluate_integration(embeddings: dict[str, np.ndarray], batches, labels, *, dataset: str = "all",
+                         n_neighbors: int = 15, seed: int = 0, k_lisi: int = 90, k_kbet: int = 50,
+                         umap: bool = True):
+    """Metrics rows and UMAP coordinates of each embedding: NMI / ARI (Leiden bisected), cell-type ASW,
+    iLISI, kBET, kBET per label, graph connectivity, batch ASW. Cells without a label are excluded."""
+    import anndata as ad
+
+    from ..metrics import clustering_scores, label_silhouette, leiden_bisect
+    from ..metrics.integration import integration_scores
+
+    labels = np.asarray(labels, dtype=object)
+    ok = labelled_mask(labels)
+    lab = labels[ok].astype(str)
+    bat = np.asarray(batches).astype(str)[ok]
+    n_types = len(np.unique(lab))
+    rows, coords = [], {}
+    for method, e in embeddings.items():
+        x = np.asarray(e, dtype=np.float32)[ok]
+        vals = {"n_cells": int(ok.sum()), "n_batches": len(np.unique(bat)), "n_cell_types": n_types}
+        if n_types >= 2:
+            pred, res, reached = leiden_bisect(x, n_types, n_neighbors=n_neighbors, seed=seed)
+            vals.update(clustering_scores(lab, pred))
+            vals.update({"leiden_reached": int(reached), "n_clusters": int(pred.max()) + 1,
+                         "ASW_cell_type": label_silhouette(x, lab, seed=seed)})
+        vals.update(integration_scores(x, bat, lab, k_lisi=k_lisi, k_kbet=k_kbet, k_graph=n_neighbors))
+        rows += metric_rows(TASK, dataset, method, vals)
+        log.info("%s: %s", method, ", ".join(f"{k} {v:.3f}" for k, v in vals.items()
+                                              if k in ("NMI", "ARI", "iLISI", "kBET", "batch_ASW")))
+        if umap:
+            import scanpy as sc
+
+            from ..metrics import knn_graph
+
+            a = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(x))]))
+            a.obsm["X_e"] = x
+            knn_graph(a, use_rep="X_e", n_neighbors=n_neighbors, seed=seed)
+            sc.tl.umap(a, random_state=seed)
+            coords[method] = a.obsm["X_umap"]
+    return rows, coords, ok
+
+
+def _umap_figures(coords, batches, labels, out: Path, dataset: str) -> None:
+    from ..plots import umap_figure
+
+    if not coords:
+        return
+    umap_figure({m: (xy, batches, f"{m}: by batch") for m, xy in coords.items()}, out / "umap_batch.png",
+                suptitle=f"Integration of {dataset}: UMAP coloured by batch")
+    umap_figure({m: (xy, labels, f"{m}: by cell type") for m, xy in coords.items()}, out / "umap_cell_type.png",
+                suptitle=f"Integration of {dataset}: UMAP coloured by cell type")
+
+
+# ----------------------------------------------------------------------------- pipeline
+def integrate(checkpoint, cells, *, out_dir, batch_key: str = "batch", label_key: str = "cell_type",
+              label_map=None, query=None, query_label_key: str | None = None, num_heads: int | None = None,
+              max_steps: int = 200, batch_size: int = 16, lr: float = 1e-4, max_len: int = 2048,
+              max_ot_cells: int = 5000, k_query: int = 20, lsi: bool = True, umap: bool = True,
+              seed: int = 0, device=None, dataset: str | None = None, progress: bool = True) -> dict:
+    """Run the whole integration (module docstring) and write ``out_dir``:
+    ``checkpoint.pth`` (+ ``.json``; batch-conditioned, authors' layout), ``batches.tsv`` (batch id ->
+    name), ``matches.tsv``, ``train_log.tsv``, ``embeddings.h5ad`` (obs + ``obsm`` per method),
+    ``umap_batch.png``, ``umap_cell_type.png``, with a query ``query_predictions.tsv``, and
+    ``metrics.tsv`` (written last). Returns a dict with the metrics table and the fine-tuned model.
+    """
+    import anndata as ad
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = load_cells(cells)
+    if isinstance(label_map, (str, os.PathLike)):
+        label_map = read_label_map(label_map)
+    batches = np.asarray(obs_column(cells, batch_key, "batch")).astype(str)
+    names = sorted(set(batches))
+    bids = pd.Index(names).get_indexer(batches)
+    labels = apply_label_map(obs_column(cells, label_key), label_map)
+    ds = dataset or _dataset_name(cells)
+
+    base = load_model(checkpoint, num_heads, n_ccres=cells.n_ccres)
+    z0 = embed_cells(base, cells, device=device, progress=progress, desc="zero-shot embed")
+    matches = match_batches(z0, batches, max_ot_cells=max_ot_cells, seed=seed)
+    targets = partner_targets(cells, matches)
+    model = batch_conditioned_model(base, len(names), seed=seed)
+    hist = finetune_reconstruction(model, cells, targets, batch_ids=bids, max_steps=max_steps,
+                                   batch_size=batch_size, lr=lr, max_len=max_len, seed=seed, device=device,
+                                   progress=progress, desc="integrate")
+    e_bc = embed_cells(model, cells, batch_ids=bids, device=device, progress=progress, desc="embed (batch token)")
+    e_nb = embed_cells(model, cells, device=device, progress=progress, desc="embed (no batch token)")
+    embs = {"EpiAgent-BC": e_bc, "EpiAgent-BC-nobatch": e_nb, "EpiAgent-zeroshot": z0}
+    if lsi:
+        from ..baselines import lsi as run_lsi
+
+        embs["LSI"] = run_lsi(cells.counts_csr(), n_components=min(50, cells.n_cells - 1, cells.n_ccres - 1),
+                              seed=seed)
+    rows = metric_rows(TASK, ds, "EpiAgent-BC", {
+        "matches_total": len(matches), "matches_kept": int(matches["kept"].sum()),
+        "steps": len(hist), "final_loss": hist[-1] if hist else float("nan"),
+        "mean_target_ccres": float(np.diff(targets.indptr).mean()),
+        "mean_own_ccres": float(np.diff(cells.indptr).mean())})
+    r, coords, ok = evaluate_integration(embs, batches, labels, dataset=ds, seed=seed, umap=umap,
+                                         k_lisi=min(90, int(ok_n(labels)) - 1), k_kbet=min(50, int(ok_n(labels)) - 1))
+    rows += r
+
+    qres = None
+    if query is not None:
+        q = load_cells(query)
+        qk = query_label_key or label_key
+        qlab = apply_label_map(obs_column(q, qk), label_map)
+        qz = embed_cells(base, q, device=device, progress=progress, desc="embed query (zero-shot)")
+        qe = embed_cells(model, q, device=device, progress=progress, desc="embed query (no batch token)")
+        qds = _dataset_name(q)
+        ref_lab = labels
+        refm = np.array([v is not None for v in ref_lab])
+        qres = pd.DataFrame({"cell": q.obs["cell_id"].astype(str).to_numpy() if "cell_id" in q.obs
+                             else np.arange(q.n_cells).astype(str), "label": qlab})
+        qok = np.array([v is not None for v in qlab])
+        for method, ref_e, qq in (("EpiAgent-BC", e_bc, qe), ("EpiAgent-BC-nobatch", e_nb, qe),
+                                  ("EpiAgent-zeroshot", z0, qz)):
+            pred, frac = map_query(ref_e[refm], ref_lab[refm], qq, k=k_query)
+            qres[f"pred_{method}"] = pred
+            qres[f"vote_{method}"] = frac
+            vals = {"n_query_cells": q.n_cells, "n_query_labelled": int(qok.sum()), "k": k_query}
+            if qok.any():
+                vals.update(classification_scores(qlab[qok], pred[qok]))
+            rows += metric_rows(QUERY_TASK, qds, method, vals)
+        with atomic_path(out / "query_predictions.tsv") as tmp:
+            qres.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+
+    from ..model.checkpoint import save_epiagent_checkpoint
+
+    save_epiagent_checkpoint(model.cpu(), out / "checkpoint.pth", write_config=True)
+    with atomic_path(out / "batches.tsv") as tmp:
+        pd.DataFrame({"index": range(len(names)), "batch": names}).to_csv(tmp, sep="\t", index=False)
+    with atomic_path(out / "matches.tsv") as tmp:
+        matches.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+    with atomic_path(out / "train_log.tsv") as tmp:
+        pd.DataFrame({"step": np.arange(1, len(hist) + 1), "loss": hist}).to_csv(tmp, sep="\t", index=False,
+                                                                                float_format="%.6g")
+    obs = cells.obs.copy()
+    obs.index = (obs["cell_id"].astype(str) if "cell_id" in obs else obs.index.astype(str)).to_numpy()
+    if not obs.index.is_unique:
+        obs.index = [f"{c}-{i}" for i, c in enumerate(obs.index)]
+    obs["label_mapped"] = pd.Series(labels, index=obs.index).astype(str)
+    for c in obs.columns:
+        if obs[c].dtype == object:
+            obs[c] = obs[c].astype(str)
+    a = ad.AnnData(obs=obs)
+    for m, e in embs.items():
+        a.obsm[f"X_{m.replace('-', '_').lower()}"] = np.asarray(e, dtype=np.float32)
+    with atomic_path(out / "embeddings.h5ad") as tmp:
+        a.write_h5ad(tmp)
+    if umap:
+        _umap_figures(coords, batches[ok], np.asarray(labels, dtype=object)[ok].astype(str), out, ds)
+    table = metrics_frame(rows)
+    write_metrics(table, out / "metrics.tsv")
+    return {"metrics": table, "model": model, "matches": matches, "embeddings": embs, "query": qres,
+            "batches": names}
+
+
+def ok_n(labels) -> int:
+    return int(labelled_mask(np.asarray(labels, dtype=object)).sum())

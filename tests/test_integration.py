@@ -1,0 +1,155 @@
+"""Reference integration and query mapping on a tiny synthetic two-batch corpus and tiny model."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from epiflow.cli import main
+from epiflow.corpus.shard import shard_from_counts, write_corpus_meta, write_shard
+from epiflow.model import EpiAgentConfig, from_config, load_epiagent_checkpoint, save_epiagent_checkpoint
+from epiflow.tasks.integration import gmm_keep, map_query, match_batches, ot_match, partner_targets
+
+N_CCRES = 120
+
+
+def _counts(t, b, seed):
+    """Types open their own third of cCREs 0..89; batch 1 also opens cCREs 90..119 (a batch effect)."""
+    rng = np.random.default_rng(seed)
+    n = len(t)
+    j = np.arange(N_CCRES)
+    p = np.where((j[None, :] < 90) & (j[None, :] % 3 == t[:, None]), 0.6, 0.03)
+    p = np.where((j[None, :] >= 90) & (b[:, None] == 1), 0.6, p)
+    acc = rng.random((n, N_CCRES)) < p
+    return sp.csr_matrix(acc.astype(np.float32))
+
+
+def _corpus(root: Path, n=120, seed=0, batches=("d1", "d2"), dataset="ref"):
+    rng = np.random.default_rng(seed)
+    (root / "shards").mkdir(parents=True)
+    t = rng.integers(0, 3, n)
+    b = rng.integers(0, len(batches), n)
+    counts = _counts(t, b, seed)
+    df = np.full(N_CCRES, 0.3)
+    (root / "vocab.bed").write_text("".join(f"chr1\t{i * 1000}\t{i * 1000 + 500}\n" for i in range(N_CCRES)))
+    np.save(root / "df.npy", df)
+    obs = pd.DataFrame({"cell_id": [f"{dataset}{i}" for i in range(n)], "dataset": dataset,
+                        "donor": np.asarray(batches, dtype=object)[b],
+                        "cell_type": np.asarray(["HSC", "GMP", "CLP"], dtype=object)[t]})
+    write_shard(root / "shards/shard_00000.h5", shard_from_counts(counts, df, obs, vocab_id="toy"))
+    write_corpus_meta(root, {"n_cells": n, "n_ccres": N_CCRES, "vocab_id": "toy", "genome": "hg38",
+                             "shards": ["shards/shard_00000.h5"], "shard_cells": [n]})
+    return root
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = EpiAgentConfig.preset("tiny", n_ccres=N_CCRES, dropout=0.0)
+    path = tmp_path_factory.mktemp("base") / "base.pth"
+    save_epiagent_checkpoint(from_config(cfg), path, write_config=True)
+    return path
+
+
+def test_ot_match_recovers_a_permutation():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(40, 8))
+    perm = rng.permutation(40)
+    b = a[perm] + 1e-4 * rng.normal(size=(40, 8))
+    pa, da, pb, db = ot_match(a, b)
+    assert (perm[pa] == np.arange(40)).all()  # b[pa[i]] is a[i]
+    assert (pb == perm).all()
+    assert da.max() < 1e-3 and db.max() < 1e-3
+    # chunked matching still pairs every cell with one in the other set
+    pa2, _, pb2, _ = ot_match(a, b, max_cells=15)
+    assert pa2.min() >= 0 and pa2.max() < 40 and pb2.max() < 40
+
+
+def test_gmm_keeps_the_low_component():
+    rng = np.random.default_rng(0)
+    d = np.concatenate([rng.normal(0.1, 0.01, 80), rng.normal(0.9, 0.02, 20)])
+    keep = gmm_keep(d)
+    assert keep[:80].all() and not keep[80:].any()
+    assert gmm_keep(np.ones(5)).all()
+
+
+def test_partner_targets_union():
+    from epiflow.corpus.shard import shard_from_counts
+
+    x = sp.csr_matrix(np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1]], dtype=np.float32))
+    cells = shard_from_counts(x, np.full(4, 0.5), pd.DataFrame({"cell_id": ["a", "b", "c"]}))
+    m = pd.DataFrame({"cell": [0, 1, 2], "partner": [1, 0, 0], "kept": [True, True, False]})
+    t = partner_targets(cells, m).toarray()
+    assert t.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1]]
+
+
+def test_match_batches_pairs_every_cell_across_batches():
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(30, 4))
+    b = np.array(["x"] * 10 + ["y"] * 12 + ["z"] * 8)
+    m = match_batches(emb, b)
+    assert len(m) == (10 + 12) + (10 + 8) + (12 + 8)  # one match per cell and per other batch
+    assert (m["batch"] != m["partner_batch"]).all()
+    assert (b[m["cell"]] == m["batch"]).all() and (b[m["partner"]] == m["partner_batch"]).all()
+
+
+def test_map_query_majority_of_neighbours():
+    ref = np.array([[0.0], [0.1], [0.2], [10.0], [10.1], [10.2]])
+    lab = np.array(["A", "A", "A", "B", "B", "B"])
+    pred, frac = map_query(ref, lab, np.array([[0.05], [10.05], [4.0]]), k=3)
+    assert pred.tolist() == ["A", "B", "A"]
+    assert frac.tolist() == [1.0, 1.0, 1.0]
+    pred, frac = map_query(ref, lab, np.array([[4.9]]), k=4)  # 3 A + 1 B
+    assert pred.tolist() == ["A"] and frac[0] == pytest.approx(0.75)
+
+
+def test_integrate_cli_end_to_end(tmp_path, base_ckpt):
+    ref = _corpus(tmp_path / "ref", n=120, seed=0)
+    query = _corpus(tmp_path / "query", n=40, seed=3, batches=("q",), dataset="query")
+    out = tmp_path / "integ"
+    rc = main(["integrate", "--checkpoint", str(base_ckpt), "--input", str(ref), "--batch-key", "donor",
+               "--query", str(query), "--max-steps", "15", "--batch-size", "16", "--lr", "1e-3",
+               "--device", "cpu", "--out-dir", str(out)])
+    assert rc == 0
+    for f in ("metrics.tsv", "checkpoint.pth", "batches.tsv", "matches.tsv", "embeddings.h5ad",
+              "umap_batch.png", "umap_cell_type.png", "query_predictions.tsv", "train_log.tsv"):
+        assert (out / f).stat().st_size > 0, f
+    # authors' batch-conditioned layout: base keys, then batch_embedding [n_batches, D]
+    sd = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    base = torch.load(base_ckpt, map_location="cpu", weights_only=True)
+    assert list(sd) == list(base) + ["batch_embedding.weight"]
+    assert sd["batch_embedding.weight"].shape == (2, 64)
+    assert not torch.equal(sd["signal_decoder.weight"], base["signal_decoder.weight"])  # really trained
+    assert load_epiagent_checkpoint(out / "checkpoint.pth").kind == "batch-conditioned"
+    assert pd.read_csv(out / "batches.tsv", sep="\t")["batch"].tolist() == ["d1", "d2"]
+
+    m = pd.read_csv(out / "metrics.tsv", sep="\t")
+    assert list(m.columns) == ["task", "dataset", "method", "metric", "value"]
+    integ = m[m["task"] == "integration"]
+    assert set(integ["method"]) == {"EpiAgent-BC", "EpiAgent-BC-nobatch", "EpiAgent-zeroshot", "LSI"}
+    for metric in ("NMI", "ARI", "iLISI", "kBET", "graph_connectivity", "batch_ASW"):
+        v = integ[integ["metric"] == metric]["value"]
+        assert len(v) == 4 and v.between(0, 1).all(), metric
+    q = m[(m["task"] == "query_mapping") & (m["metric"] == "accuracy")]
+    assert len(q) == 3 and q["value"].between(0, 1).all()
+    qp = pd.read_csv(out / "query_predictions.tsv", sep="\t")
+    assert len(qp) == 40 and set(qp["pred_EpiAgent-BC"]) <= {"HSC", "GMP", "CLP"}
+
+    import anndata as ad
+
+    e = ad.read_h5ad(out / "embeddings.h5ad")
+    assert e.n_obs == 120
+    # the batch token changes the embedding
+    assert not np.allclose(e.obsm["X_epiagent_bc"], e.obsm["X_epiagent_bc_nobatch"])
+
+
+def test_integrate_needs_two_batches(tmp_path, base_ckpt):
+    from epiflow.errors import EpiflowError
+    from epiflow.tasks.integration import integrate
+
+    ref = _corpus(tmp_path / "ref", n=30, batches=("only",))
+    with pytest.raises(EpiflowError, match="2 batches"):
+        integrate(base_ckpt, ref, out_dir=tmp_path / "o", batch_key="donor", max_steps=1, umap=False)
