@@ -1,0 +1,386 @@
+"""Imputation (SPEC §5): fine-tune EpiAgent with CCA (K = 1) + signal reconstruction as an MSE
+regression of the TF-IDF values, read the imputed matrix from the signal decoder, and evaluate it as
+the paper does, beside the raw data and an LSI-reconstruction baseline.
+
+:func:`impute`:
+
+1. fine-tunes all parameters on all cells of the input (labels are not used for training):
+   ``loss = cca_weight * CCA + sr_weight * SR_mse`` where CCA is the pretraining cell-cCRE alignment
+   (BCE; every accessible cCRE of the cell as a positive and as many random inaccessible cCREs as
+   negatives, K = 1) and ``SR_mse`` the mean over all ``cells x cCREs`` of the squared difference
+   between the signal decoder's output and the cell's global TF-IDF vector (zeros where closed; the
+   same TF-IDF that tokenization uses, SPEC §2);
+2. imputes every cell: decoder output on the top ``max_len`` tokens (eval mode), negative values
+   clipped to 0 (TF-IDF is non-negative);
+3. evaluates on the cCREs open in ``>= min_cell_fraction`` (3 %) of the cells, for three matrices of
+   the same (TF-IDF) scale: ``Raw`` (the observed TF-IDF), ``LSI-recon`` (rank-``lsi_components``
+   truncated-SVD reconstruction of the observed TF-IDF, clipped at 0) and ``EpiAgent`` (imputed):
+
+   * PCA + Leiden with the resolution bisected to the number of cell types: NMI, ARI;
+   * Pearson r and MSE against the per-cell-type mean of the observed TF-IDF, per cell and per cCRE
+     (median and mean over cells / cCREs; constant rows or columns have no r and are counted in
+     ``n_nan_pearson_*``) — :mod:`epiflow.metrics.imputation`.
+
+Outputs in ``out_dir`` (atomic): ``metrics.tsv`` (long table, task ``imputation``), ``imputed.h5ad``
+(cells x kept cCREs, ``X`` = imputed float32, ``layers['raw_tfidf']`` sparse observed TF-IDF, ``var``
+chrom/start/end/ccre_index, ``obs`` of the shards), ``per_cell.tsv`` / ``per_ccre.tsv`` (the
+per-cell / per-cCRE values of every method), ``train_log.tsv``, ``imputation_box.png`` and, with
+``save_model``, ``finetuned.pth`` (+ side file).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, EpiflowError
+from ..tokenize import NUM_SPECIAL
+from .annotation import (_figure, autocast_ctx, batch_input_ids, cell_ids, check_train_args, dataset_name,
+                         effective_max_len, epoch_batches, load_cells, load_model, make_optimizer,
+                         resolve_device, total_steps)
+from .features import _write_tsv, labelled_mask, metric_rows, metrics_frame, write_metrics
+
+log = logging.getLogger(__name__)
+
+TASK = "imputation"
+METHODS = ("Raw", "LSI-recon", "EpiAgent")
+
+
+# ============================================================================ losses
+def sr_mse_sparse(pred: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of ``pred`` [B, N] against a sparse target (``values`` at ``(rows, cols)``,
+    zero elsewhere), without a dense target: ``(sum x^2 + sum_nz [(x - v)^2 - x^2]) / (B N)``."""
+    x = pred.float()
+    total = (x * x).sum()
+    if rows.numel():
+        xp = x[rows, cols]
+        v = values.float()
+        total = total + ((xp - v) ** 2 - xp * xp).sum()
+    return total / x.numel()
+
+
+def _need_heads(model) -> None:
+    for attr, what in (("signal_decoder", "signal decoder"), ("fc1_for_CCA", "CCA head")):
+        if getattr(model, attr, None) is None:
+            raise ConfigError(f"the {model.kind} checkpoint has no {what}; imputation fine-tunes CCA + SR",
+                              field="checkpoint", fix="use a pretrained (base) checkpoint with the pretraining heads")
+
+
+def _batch_targets(shard, rows, n_ccres: int, keys, cca_max_pos: int | None):
+    """Positives (all accessible cCREs, TF-IDF values) and CCA queries (positives + K=1 negatives)."""
+    from ..train.sampling import sample_complement
+
+    rows = np.asarray(rows, dtype=np.int64)
+    starts, ends = shard.indptr[rows], shard.indptr[rows + 1]
+    lens = ends - starts
+    idx = np.repeat(starts, lens) + (np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens))
+    ptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    tok = shard.tokens[idx].astype(np.int64)
+    val = shard.tfidf[idx].astype(np.float32)
+    r = np.repeat(np.arange(len(rows)), lens)
+    # CCA positives: all (or the top cca_max_pos) accessible cCREs
+    if cca_max_pos is not None:
+        within = np.arange(len(tok)) - np.repeat(ptr[:-1], lens)
+        keep = within < int(cca_max_pos)
+        cp_tok, cp_row = tok[keep], r[keep]
+        n_pos = np.minimum(lens, int(cca_max_pos))
+    else:
+        cp_tok, cp_row, n_pos = tok, r, lens
+    neg_ptr, neg = sample_complement(keys, ptr, tok - NUM_SPECIAL, n_ccres, n_pos)
+    n_neg = np.diff(neg_ptr)
+    q_ids = np.concatenate([cp_tok, neg + NUM_SPECIAL])
+    q_row = np.concatenate([cp_row, np.repeat(np.arange(len(rows)), n_neg)])
+    q_lab = np.concatenate([np.ones(len(cp_tok), np.float32), np.zeros(len(neg), np.float32)])
+    return (torch.from_numpy(r), torch.from_numpy(tok - NUM_SPECIAL), torch.from_numpy(val),
+            torch.from_numpy(q_row), torch.from_numpy(q_ids), torch.from_numpy(q_lab))
+
+
+def finetune_imputation(model, shard, *, epochs: int = 5, lr: float = 5e-4, head_lr: float | None = None,
+                        batch_size: int = 16,
+                        max_len: int | None = None, weight_decay: float = 0.01, cca_weight: float = 1.0,
+                        sr_weight: float = 1.0, cca_max_pos: int | None = None, max_steps: int | None = None,
+                        seed: int = 0, device=None, grad_clip: float = 1.0, progress: bool = True) -> pd.DataFrame:
+    """Fine-tune ``model`` in place with CCA (K = 1) + MSE signal reconstruction on all cells of
+    ``shard`` (AdamW; the signal decoder and CCA head at ``head_lr``, default 10 x ``lr``). Returns the per-step log (step, epoch, loss, cca, sr_mse)."""
+    from tqdm.auto import tqdm
+
+    from ..train import rng as krng
+
+    check_train_args(epochs, lr, batch_size, max_steps)
+    _need_heads(model)
+    device = resolve_device(device)
+    max_len = effective_max_len(model, max_len)
+    n = shard.n_cells
+    heads = [p for name, p in model.named_parameters()
+             if name.startswith(("signal_decoder", "fc1_for_CCA", "layer_norm_for_CCA", "fc2_for_CCA"))]
+    opt = make_optimizer(model, heads, lr, float(head_lr if head_lr is not None else 10 * lr), weight_decay)
+    rng = np.random.default_rng([int(seed), 777])
+    torch.manual_seed(int(seed))
+    n_steps = total_steps(n, batch_size, epochs, max_steps)
+    model.to(device).train()
+    logs, step = [], 0
+    bar = tqdm(total=n_steps, desc="fine-tune imputation", unit="step", disable=not progress, leave=False)
+    try:
+        for ep in range(int(epochs)):
+            for b in epoch_batches(n, int(batch_size), rng):
+                if step >= n_steps:
+                    break
+                ids = torch.from_numpy(batch_input_ids(shard, b, max_len, rng)).to(device)
+                keys = krng.cell_keys(seed, ep, krng.NEGATIVES, b)
+                r, c, v, qr, qi, ql = (t.to(device) for t in _batch_targets(shard, b, model.n_ccres, keys,
+                                                                            cca_max_pos))
+                with autocast_ctx(device):
+                    emb = model(ids).cell_embedding
+                    pred = model.signal_logits(emb)
+                    cca_logit = model.cca_logits(emb[qr], qi)
+                sr = sr_mse_sparse(pred, r, c, v)
+                cca = F.binary_cross_entropy_with_logits(cca_logit.float(), ql)
+                loss = cca_weight * cca + sr_weight * sr
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                opt.step()
+                logs.append({"step": step, "epoch": ep, "loss": float(loss.detach()), "cca": float(cca.detach()),
+                             "sr_mse": float(sr.detach())})
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            if step >= n_steps:
+                break
+    finally:
+        bar.close()
+        model.eval()
+    return pd.DataFrame(logs, columns=["step", "epoch", "loss", "cca", "sr_mse"])
+
+
+@torch.no_grad()
+def decode_signal(model, shard, columns=None, *, max_len: int | None = None, batch_size: int = 64, device=None,
+                  clip: bool = True) -> np.ndarray:
+    """Signal-decoder output [n_cells, len(columns)] (float32) of every cell (top ``max_len`` tokens)."""
+    from ..model.inference import inference_context
+
+    device = resolve_device(device)
+    max_len = effective_max_len(model, max_len)
+    cols = np.arange(model.n_ccres) if columns is None else np.asarray(columns, dtype=np.int64)
+    cols_t = torch.from_numpy(cols).to(device)
+    out = np.zeros((shard.n_cells, len(cols)), dtype=np.float32)
+    model.to(device).eval()
+    with inference_context(device):
+        for a in range(0, shard.n_cells, int(batch_size)):
+            rows = np.arange(a, min(a + int(batch_size), shard.n_cells))
+            ids = torch.from_numpy(batch_input_ids(shard, rows, max_len, None)).to(device)
+            pred = model.signal_logits(model(ids).cell_embedding).float()[:, cols_t]
+            out[rows] = pred.cpu().numpy()
+    if clip:
+        np.maximum(out, 0.0, out=out)
+    return out
+
+
+def lsi_reconstruction(x, n_components: int = 50, seed: int = 0, clip: bool = True) -> np.ndarray:
+    """Rank-k truncated-SVD reconstruction ``U S V^T`` of a (TF-IDF) matrix, negatives clipped to 0."""
+    from sklearn.decomposition import TruncatedSVD
+
+    k = int(min(n_components, min(x.shape) - 1))
+    if k < 1:
+        raise EpiflowError(f"LSI reconstruction needs at least 2 cells and 2 cCREs, got {x.shape}", field="matrix")
+    svd = TruncatedSVD(n_components=k, algorithm="randomized", n_iter=7, random_state=seed)
+    u = svd.fit_transform(x)
+    rec = (u @ svd.components_).astype(np.float32)
+    if clip:
+        np.maximum(rec, 0.0, out=rec)
+    return rec
+
+
+# ============================================================================ evaluation
+def evaluate_imputation(matrices: dict, labels, reference, *, n_pcs: int = 50, n_neighbors: int = 15,
+                        seed: int = 0, max_iter: int = 30):
+    """Metrics of each matrix (``{method: cells x cCREs}``) against ``labels`` and the per-type mean of
+    ``reference``. Returns ``(values dict per method, per_cell DataFrame, per_ccre DataFrame)``."""
+    from ..metrics.imputation import pca_leiden_scores, signal_agreement
+
+    y = np.asarray(labels).astype(str)
+    out, per_cell, per_ccre = {}, {}, {}
+    for method, m in matrices.items():
+        vals = pca_leiden_scores(m, y, n_pcs=n_pcs, n_neighbors=n_neighbors, seed=seed, max_iter=max_iter)
+        agr = signal_agreement(m, y, reference)
+        for key in ("pearson_cell", "mse_cell", "pearson_ccre", "mse_ccre"):
+            a = agr[key]
+            vals[f"{key}_median"] = float(np.nanmedian(a)) if np.isfinite(a).any() else math.nan
+            vals[f"{key}_mean"] = float(np.nanmean(a)) if np.isfinite(a).any() else math.nan
+        vals["n_nan_pearson_cell"] = int(np.isnan(agr["pearson_cell"]).sum())
+        vals["n_nan_pearson_ccre"] = int(np.isnan(agr["pearson_ccre"]).sum())
+        out[method] = vals
+        per_cell[method] = agr
+        log.info("%s: NMI %.3f ARI %.3f | Pearson per cell %.3f per cCRE %.3f | MSE per cell %.4g", method,
+                 vals["NMI"], vals["ARI"], vals["pearson_cell_median"], vals["pearson_ccre_median"],
+                 vals["mse_cell_median"])
+    return out, per_cell
+
+
+def imputation_figure(agreement: dict, scores: dict, path, *, title: str = "", svg: bool = False):
+    """Box plots of per-cell / per-cCRE Pearson r and MSE per method, and NMI / ARI bars."""
+    from ..plots import category_palette, save_figure
+
+    methods = list(agreement)
+    pal = category_palette(methods)
+    fig = _figure(15.0, 3.6)
+    axes = fig.subplots(1, 5)
+    panels = [("pearson_cell", "Pearson r per cell"), ("mse_cell", "MSE per cell"),
+              ("pearson_ccre", "Pearson r per cCRE"), ("mse_ccre", "MSE per cCRE")]
+    for ax, (key, lab) in zip(axes, panels):
+        data = [np.asarray(agreement[m][key])[np.isfinite(agreement[m][key])] for m in methods]
+        bp = ax.boxplot(data, showfliers=False, patch_artist=True, widths=0.6)
+        for patch, m in zip(bp["boxes"], methods):
+            patch.set_facecolor(pal[m])
+            patch.set_alpha(0.7)
+        ax.set_xticks(range(1, len(methods) + 1), methods, rotation=20, fontsize=8)
+        ax.set_title(lab, fontsize=9)
+        if key.startswith("mse"):
+            ax.set_yscale("log")
+    ax = axes[4]
+    w = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        ax.bar(np.arange(2) + (i - (len(methods) - 1) / 2) * w, [scores[m]["NMI"], scores[m]["ARI"]], w,
+               color=pal[m], label=m)
+    ax.set_xticks([0, 1], ["NMI", "ARI"])
+    ax.set_ylim(0, 1.25)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.set_title("PCA + Leiden (bisected)", fontsize=9)
+    ax.legend(fontsize=7, frameon=False, loc="upper center", ncol=len(methods))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path, svg=svg)
+
+
+# ============================================================================ the task
+def impute(data, checkpoint, label_key: str = "cell_type", *, epochs: int = 5, lr: float = 5e-4,
+           head_lr: float | None = None, batch_size: int = 16, max_len: int | None = None, seed: int = 0,
+           out_dir: str | os.PathLike | None = None, dataset: str | None = None, max_steps: int | None = None,
+           min_cell_fraction: float = 0.03, cca_weight: float = 1.0, sr_weight: float = 1.0,
+           cca_max_pos: int | None = None, lsi_components: int = 50, n_pcs: int = 50, n_neighbors: int = 15,
+           num_heads: int | None = None, device=None, backend: str = "sdpa", weight_decay: float = 0.01,
+           save_model: bool = False, figures: bool = True, svg: bool = False, progress: bool = True):
+    """Fine-tune for imputation, impute, evaluate (see the module docstring).
+
+    Returns ``(imputed, metrics)``: ``imputed`` an AnnData of all cells x the kept cCREs (``X`` float32
+    imputed TF-IDF), ``metrics`` the long table (task ``imputation``, methods Raw / LSI-recon /
+    EpiAgent; metrics on the labelled cells).
+    """
+    import anndata as ad
+
+    from ..metrics.imputation import open_fraction_filter
+
+    check_train_args(epochs, lr, batch_size, max_steps)
+    t_start = time.perf_counter()
+    shard, vocab = load_cells(data, dataset=dataset)
+    ds_name = dataset_name(shard, dataset)
+    if label_key not in shard.obs:
+        raise EpiflowError(f"label column '{label_key}' not in the shards' obs (have: {list(shard.obs.columns)})",
+                           field=f"obs/{label_key}", fix="pass --label-key with the cell-type column")
+    labels_all = shard.obs[label_key].to_numpy(dtype=object)
+    lab = labelled_mask(labels_all)
+    y = np.asarray(labels_all[lab]).astype(str)
+    if len(np.unique(y)) < 2:
+        raise EpiflowError(f"need at least 2 labelled cell types in obs['{label_key}'] for the evaluation",
+                           field=f"obs/{label_key}")
+    counts = shard.counts_csr()
+    keep = np.flatnonzero(open_fraction_filter(counts, min_cell_fraction))
+    if len(keep) < 3:
+        raise EpiflowError(f"only {len(keep)} cCREs are open in >= {min_cell_fraction:.0%} of the cells",
+                           field="min_cell_fraction", fix="lower --min-cell-fraction")
+    log.info("imputation on %s: %d cells (%d labelled, %d types), %d of %d cCREs open in >= %.1f%% of cells",
+             ds_name, shard.n_cells, int(lab.sum()), len(np.unique(y)), len(keep), shard.n_ccres,
+             100 * min_cell_fraction)
+    device = resolve_device(device)
+    model = load_model(checkpoint, n_ccres=shard.n_ccres, num_heads=num_heads, backend=backend, device=device)
+    _need_heads(model)
+
+    t0 = time.perf_counter()
+    train_log = finetune_imputation(model, shard, epochs=epochs, lr=lr, head_lr=head_lr, batch_size=batch_size, max_len=max_len,
+                                    weight_decay=weight_decay, cca_weight=cca_weight, sr_weight=sr_weight,
+                                    cca_max_pos=cca_max_pos, max_steps=max_steps, seed=seed, device=device,
+                                    progress=progress)
+    train_s = time.perf_counter() - t0
+    imputed = decode_signal(model, shard, keep, max_len=max_len, device=device)
+
+    raw = shard.tfidf_csr()[:, keep]
+    raw_dense = raw.toarray().astype(np.float32)
+    lsi_rec = lsi_reconstruction(raw, lsi_components, seed)
+    mats = {"Raw": raw_dense[lab], "LSI-recon": lsi_rec[lab], "EpiAgent": imputed[lab]}
+    scores, agreement = evaluate_imputation(mats, y, raw_dense[lab], n_pcs=n_pcs, n_neighbors=n_neighbors,
+                                            seed=seed)
+    rows = []
+    for method in METHODS:
+        vals = dict(scores[method])
+        vals.update({"n_cells": int(lab.sum()), "n_ccres_kept": len(keep), "n_ccres_total": shard.n_ccres})
+        if method == "EpiAgent":
+            vals.update({"train_steps": len(train_log), "train_seconds": train_s,
+                         "train_loss_first": float(train_log["loss"].iloc[0]) if len(train_log) else math.nan,
+                         "train_loss_last": float(train_log["loss"].tail(max(1, len(train_log) // 10)).mean())
+                         if len(train_log) else math.nan})
+        if method == "LSI-recon":
+            vals["lsi_components"] = int(min(lsi_components, min(raw.shape) - 1))
+        rows += metric_rows(TASK, ds_name, method, vals)
+    metrics = metrics_frame(rows)
+
+    ids = cell_ids(shard)
+    obs = shard.obs.copy()
+    obs.index = ids
+    obs = obs.astype({c: str for c in obs.columns if obs[c].dtype == object})
+    var = pd.DataFrame({"ccre_index": keep.astype(np.int64)})
+    if vocab is not None and len(vocab) == shard.n_ccres:
+        v = vocab.iloc[keep].reset_index(drop=True)
+        cols = list(v.columns[:3])
+        var["chrom"] = v[cols[0]].astype(str).to_numpy()
+        var["start"] = v[cols[1]].astype(np.int64).to_numpy()
+        var["end"] = v[cols[2]].astype(np.int64).to_numpy()
+        var.index = [f"{c}:{s}-{e}" for c, s, e in zip(var["chrom"], var["start"], var["end"])]
+    else:
+        var.index = [f"ccre{j}" for j in keep]
+    if not var.index.is_unique:
+        var.index = [f"ccre{j}" for j in keep]
+    adata = ad.AnnData(X=imputed, obs=obs, var=var)
+    adata.layers["raw_tfidf"] = sp.csr_matrix(raw, dtype=np.float32)
+    adata.uns["epiflow_imputation"] = {"dataset": ds_name, "min_cell_fraction": float(min_cell_fraction),
+                                       "epochs": int(epochs), "lr": float(lr), "seed": int(seed),
+                                       "train_steps": int(len(train_log))}
+
+    if out_dir is not None:
+        from ..io import atomic_path
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_metrics(metrics, out / "metrics.tsv")
+        _write_tsv(train_log, out / "train_log.tsv")
+        lab_ids = ids[lab]
+        pc = pd.DataFrame({"cell_id": lab_ids, label_key: y})
+        pcc = pd.DataFrame({"ccre_index": keep})
+        for m in METHODS:
+            pc[f"pearson_{m}"] = agreement[m]["pearson_cell"]
+            pc[f"mse_{m}"] = agreement[m]["mse_cell"]
+            pcc[f"pearson_{m}"] = agreement[m]["pearson_ccre"]
+            pcc[f"mse_{m}"] = agreement[m]["mse_ccre"]
+        _write_tsv(pc, out / "per_cell.tsv")
+        _write_tsv(pcc, out / "per_ccre.tsv")
+        with atomic_path(out / "imputed.h5ad") as tmp:
+            adata.write_h5ad(tmp)
+        if figures:
+            imputation_figure({m: agreement[m] for m in METHODS}, scores, out / "imputation_box.png",
+                              title=f"{ds_name}: imputation vs per-cell-type mean TF-IDF ({len(keep)} cCREs)",
+                              svg=svg)
+        if save_model:
+            from ..model import save_epiagent_checkpoint
+
+            save_epiagent_checkpoint(model, out / "finetuned.pth", write_config=True)
+    log.info("imputation done in %.1f s", time.perf_counter() - t_start)
+    return adata, metrics
