@@ -1,6 +1,7 @@
 """End-to-end pretraining on a small structured corpus: it learns (held-out CCA AUROC >= 0.8 on CPU
 within about ten seconds), writes every output, and the memory-lean mode trains too."""
 
+import importlib.util
 import json
 
 import pandas as pd
@@ -72,7 +73,10 @@ def test_cli_pretrain_and_bad_resume(corpus, tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["pretrain", "--corpus", str(corpus), "--out", str(out), "--max-steps", "3", "--epochs", "1",
             "--batch-tokens", "512", "--no-progress", "--k-schedule", "1", "--rlm-epochs", "0"]
-    assert main(args) == 0
+    tb = importlib.util.find_spec("tensorboard") is not None
+    assert main(args + (["--tensorboard"] if tb else [])) == 0
+    if tb:
+        assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 3
     # resuming with a different data order is refused with a clear message
     assert main(args + ["--resume", "--seed", "9"]) == 2
