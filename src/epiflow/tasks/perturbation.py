@@ -1,0 +1,538 @@
+"""Perturbation prediction (SPEC §5): stimulated (out-of-sample) and unseen genetic perturbations.
+
+Stimulated perturbation, :func:`predict_stimulation`
+----------------------------------------------------
+Cells carry a condition label (obs ``condition_key``): the unperturbed ``control`` label or a
+stimulation. Leave-one-cell-type-out: for every held-out cell type T,
+
+1. zero-shot embeddings of all cells (the pretrained model) -> per cell type, exact OT (POT ``ot.emd``,
+   cosine cost, uniform weights) matches every perturbed cell to an unperturbed cell of its type;
+2. the model gets a learnable [PER] token added at position 0 and is fine-tuned on
+   * every unperturbed cell (no token, reconstructs itself; classifier label 0),
+   * every perturbed cell of the other types (no token, reconstructs itself; label 1),
+   * for every perturbed cell of the other types, its matched unperturbed partner duplicated WITH
+     [PER], trained to reproduce the perturbed cell (CCA + SR targets from the partner; label 1),
+   with the auxiliary "unperturbed vs perturbed + predicted" classifier weighted 0.01;
+3. the unperturbed cells of T are encoded with [PER] and decoded with the signal decoder (calibrated
+   sigmoid probabilities) -> predicted perturbed cells of T.
+
+Genetic perturbation, :func:`predict_genetic`
+---------------------------------------------
+Cells carry a perturbation label (obs ``perturbation_key``: ``control`` or gene symbol(s) joined by
+``+``). One learnable token per gene, passed through the GNN (one SGConv, LayerNorm) over the GEARS
+gene graph (:mod:`epiflow.genome.gene_graph`), is the conditional token. ``holdout_fraction`` (25 %)
+of the perturbations are held out (seeded); the others train as in 2. above (control partner + gene
+token -> perturbed cell; perturbed cells and controls reconstruct themselves); held-out
+perturbations are predicted from all controls + their gene token.
+
+Evaluation (:mod:`epiflow.metrics.perturbation`)
+-----------------------------------------------
+Per held-out group: DA cCREs by Wilcoxon (scanpy ``rank_genes_groups``) between the real unperturbed
+and perturbed cells of the group; mean accessibility = fraction of cells with the cCRE open (real
+cells) or mean decoder probability (predicted cells). Methods side by side:
+
+* ``EpiAgent`` - decoded predicted cells (mean of probabilities);
+* ``EpiAgent_delta`` - real unperturbed mean + the model's own change (decoded with [PER] minus
+  decoded without it): separates "learned the change" from "decoder calibration";
+* ``no_change`` - the unperturbed cells themselves (change 0: direction accuracy 0.5 by the tie rule);
+* ``mean_shift`` - unperturbed cells + the mean change learned on the other cell types (stimulation)
+  or the other (training) perturbations (genetic), clipped to [0, 1].
+
+Stimulation metrics: ``R2_all`` / ``R2_top{n}`` (R^2 of the linear regression of predicted on real mean
+accessibility over all / the top-n DA cCREs), ``dir_acc_up@k``, ``dir_acc_down@k``, ``dir_acc@k``
+(k in 100, 250, 500, 1000; capped at the cCREs with that sign - ``k_used_up@k`` / ``k_used_down@k``
+say how many), ``wasserstein_top{n}`` (exact OT, Euclidean cost, between the real perturbed cells and
+the predicted cells over the top-n DA cCREs; predicted probabilities are sampled once as Bernoulli
+draws (seeded) so that both sides are 0/1 cells). Genetic: ``pearson_top{n}`` (of mean accessibility),
+``pearson_delta_top{n}`` (of the change from the controls), direction accuracies. Rows with a
+``[group]`` suffix are per held-out group; rows without it are the means over groups.
+
+Outputs (``out_dir``, each written atomically): ``metrics.tsv`` (long format ``task, dataset,
+method, metric, value``), ``mean_accessibility.tsv.gz`` (per group and cCRE: real control / perturbed
+means, DA score, each method's prediction), ``predicted_cells.h5ad`` (EpiAgent's predicted cells,
+decoder probabilities, obs = source cell and group; skip with ``save_cells=False``),
+``scatter.png`` (real vs predicted mean accessibility, top-n DA cCREs highlighted), ``direction.png``
+(direction accuracy by k, methods side by side), ``finetune_loss.tsv``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import InputFormatError
+from ..io import atomic_path
+from ..metrics.perturbation import (
+    DEFAULT_KS,
+    cap_k,
+    differential_accessibility,
+    direction_accuracy,
+    pearson,
+    r2_linear,
+    top_da,
+    wasserstein,
+)
+from .features import metric_rows, metrics_frame, write_metrics
+from .perturbation_train import (
+    CellSet,
+    FinetuneSettings,
+    _missing,
+    conditioned_model,
+    decode,
+    finetune_conditioned,
+    ot_match,
+    ot_match_groups,
+    zero_shot_embeddings,
+)
+
+log = logging.getLogger(__name__)
+
+STIM_TASK = "stimulated_perturbation"
+GENE_TASK = "genetic_perturbation"
+METHODS = ("EpiAgent", "EpiAgent_delta", "no_change", "mean_shift")
+
+
+# ----------------------------------------------------------------------------- evaluation core
+def _mean(X) -> np.ndarray:
+    return np.asarray(X.mean(0), dtype=np.float64).ravel()
+
+
+def _sample_cells(P: np.ndarray, rng) -> np.ndarray:
+    return (rng.random(P.shape) < P).astype(np.float32)
+
+
+def evaluate_group(*, X_ctrl, X_pert, predicted: dict, task: str, ks=DEFAULT_KS, n_top: int = 1000,
+                   seed: int = 0, max_ot_cells: int = 2000):
+    """Metrics of every method for one held-out group.
+
+    ``X_ctrl`` / ``X_pert``: real unperturbed / perturbed cells (0/1, cells x cCREs, sparse ok).
+    ``predicted``: method -> dict(mean=[N] predicted mean accessibility, change=[N] predicted change,
+    cells=optional [n, N] predicted cells as probabilities in [0, 1]). Returns (values per method,
+    per-cCRE frame, info)."""
+    n = X_ctrl.shape[1]
+    scores = differential_accessibility(X_ctrl, X_pert)
+    real_ctrl, real_pert = _mean(X_ctrl), _mean(X_pert)
+    n_top_used = cap_k(n_top, n, "cCREs")
+    top = top_da(scores, n_top_used)["all"]
+    rng = np.random.default_rng(seed)
+    values: dict[str, dict] = {}
+    n_up_avail, n_dn_avail = int((scores > 0).sum()), int((scores < 0).sum())
+    for method, pred in predicted.items():
+        v: dict[str, float] = {}
+        m, ch = np.asarray(pred["mean"], np.float64), np.asarray(pred["change"], np.float64)
+        if task == STIM_TASK:
+            v["R2_all"] = r2_linear(real_pert, m)
+            v[f"R2_top{n_top}"] = r2_linear(real_pert[top], m[top])
+        else:
+            v[f"pearson_top{n_top}"] = pearson(real_pert[top], m[top])
+            v[f"pearson_delta_top{n_top}"] = pearson((real_pert - real_ctrl)[top], ch[top])
+        for k in ks:
+            sets = top_da(scores, k)
+            acc = direction_accuracy(ch, sets["up"], sets["down"])
+            v[f"dir_acc_up@{k}"] = acc["up"]
+            v[f"dir_acc_down@{k}"] = acc["down"]
+            v[f"dir_acc@{k}"] = acc["all"]
+            v[f"k_used_up@{k}"] = len(sets["up"])
+            v[f"k_used_down@{k}"] = len(sets["down"])
+        if task == STIM_TASK and pred.get("cells") is not None:
+            cells = np.asarray(pred["cells"][:, top], dtype=np.float64)
+            is_binary = np.isin(cells, (0.0, 1.0)).all()
+            sample = cells if is_binary else _sample_cells(cells, rng)
+            real = X_pert[:, top]
+            real = real.toarray() if hasattr(real, "toarray") else np.asarray(real)
+            v[f"wasserstein_top{n_top}"] = wasserstein(real, sample, max_cells=max_ot_cells, seed=seed)
+        values[method] = v
+    for k in ks:
+        if k > n_up_avail or k > n_dn_avail:
+            log.warning("top-%d DA: only %d up and %d down cCREs have that sign; the direction accuracy "
+                        "uses those (k_used_up / k_used_down in metrics.tsv)", k, n_up_avail, n_dn_avail)
+    frame = pd.DataFrame({"ccre": np.arange(n), "da_score": scores, "real_control": real_ctrl,
+                          "real_perturbed": real_pert, "top_da": np.isin(np.arange(n), top)})
+    for method, pred in predicted.items():
+        frame[f"pred_{method}"] = np.asarray(pred["mean"], np.float64)
+    info = {"n_top_used": n_top_used, "n_ctrl": X_ctrl.shape[0], "n_pert": X_pert.shape[0]}
+    return values, frame, info
+
+
+# ----------------------------------------------------------------------------- outputs
+def _write_outputs(out_dir: Path, rows, frames: dict, cells_parts, history, *, dataset: str, task: str,
+                   n_top: int, ks, svg: bool = False) -> pd.DataFrame:
+    import anndata as ad
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = metrics_frame(rows)
+    write_metrics(table, out_dir / "metrics.tsv")
+    if frames:
+        big = pd.concat([f.assign(group=g) for g, f in frames.items()], ignore_index=True)
+        cols = ["group"] + [c for c in big.columns if c != "group"]
+        with atomic_path(out_dir / "mean_accessibility.tsv.gz") as tmp:
+            big[cols].to_csv(tmp, sep="\t", index=False, float_format="%.6g", compression="gzip")
+    if cells_parts:
+        X = np.concatenate([c[0] for c in cells_parts]).astype(np.float32)
+        obs = pd.concat([c[1] for c in cells_parts], ignore_index=True)
+        obs.index = [f"pred{i}" for i in range(len(obs))]
+        a = ad.AnnData(X=X, obs=obs.astype(str))
+        a.uns["note"] = "EpiAgent-predicted perturbed cells: calibrated signal-decoder probabilities"
+        with atomic_path(out_dir / "predicted_cells.h5ad") as tmp:
+            a.write_h5ad(tmp)
+    if history:
+        with atomic_path(out_dir / "finetune_loss.tsv") as tmp:
+            pd.DataFrame(history).to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+    plot_scatter(frames, out_dir / "scatter.png", n_top=n_top, svg=svg)
+    plot_direction(table, out_dir / "direction.png", ks=ks, svg=svg)
+    return table
+
+
+def plot_scatter(frames: dict, path: Path, *, n_top: int = 1000, svg: bool = False):
+    """Real vs predicted mean accessibility, one row per group, one column per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not frames:
+        return None
+    groups = list(frames)
+    methods = [c[5:] for c in frames[groups[0]].columns if c.startswith("pred_")]
+    fig, axes = plt.subplots(len(groups), len(methods), figsize=(3.2 * len(methods), 3.0 * len(groups)),
+                             squeeze=False)
+    for i, g in enumerate(groups):
+        f = frames[g]
+        top = f["top_da"].to_numpy()
+        for j, m in enumerate(methods):
+            ax = axes[i, j]
+            x, y = f["real_perturbed"].to_numpy(), f[f"pred_{m}"].to_numpy()
+            ax.scatter(x[~top], y[~top], s=2, c="0.7", alpha=0.5, rasterized=True, label="all cCREs")
+            ax.scatter(x[top], y[top], s=3, c="tab:red", alpha=0.7, rasterized=True, label=f"top-{n_top} DA")
+            ax.set_title(f"{g}: {m}\nR²={r2_linear(x, y):.3f} (top {r2_linear(x[top], y[top]):.3f})", fontsize=8)
+            ax.set_xlabel("real mean accessibility", fontsize=7)
+            ax.set_ylabel("predicted", fontsize=7)
+            ax.tick_params(labelsize=6)
+    axes[0, 0].legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    _save_fig(fig, path, svg)
+    return path
+
+
+def plot_direction(table: pd.DataFrame, path: Path, *, ks=DEFAULT_KS, svg: bool = False):
+    """Direction accuracy (mean over groups) by k, methods side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = table[table["metric"].isin([f"dir_acc@{k}" for k in ks])]
+    if t.empty:
+        return None
+    methods = list(dict.fromkeys(t["method"]))
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(ks), 3.2))
+    w = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        vals = [float(t[(t["method"] == m) & (t["metric"] == f"dir_acc@{k}")]["value"].mean()) for k in ks]
+        ax.bar(np.arange(len(ks)) + (i - (len(methods) - 1) / 2) * w, vals, w, label=m)
+    ax.axhline(0.5, color="0.5", lw=0.8, ls="--")
+    ax.set_xticks(np.arange(len(ks)), [f"top {k}" for k in ks])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("direction accuracy (up + down DA)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    _save_fig(fig, path, svg)
+    return path
+
+
+def _save_fig(fig, path: Path, svg: bool):
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    if svg:
+        with atomic_path(path.with_suffix(".svg")) as tmp:
+            fig.savefig(tmp, format="svg")
+    plt.close(fig)
+
+
+def _summary_rows(task, dataset, per_group: dict[str, dict[str, dict]], extra: dict | None = None):
+    rows = []
+    methods = list(dict.fromkeys(m for g in per_group.values() for m in g))
+    for m in methods:
+        keys = list(dict.fromkeys(k for g in per_group.values() for k in g.get(m, {})))
+        means = {k: float(np.nanmean([g[m][k] for g in per_group.values() if m in g and k in g[m]]))
+                 for k in keys}
+        rows += metric_rows(task, dataset, m, means)
+        for gname, g in per_group.items():
+            rows += metric_rows(task, dataset, m, {f"{k}[{gname}]": v for k, v in g.get(m, {}).items()})
+    for m, vals in (extra or {}).items():
+        rows += metric_rows(task, dataset, m, vals)
+    return rows
+
+
+# ----------------------------------------------------------------------------- stimulation
+def predict_stimulation(cells: CellSet, base_model, *, condition_key: str = "condition", control: str = "control",
+                        cell_type_key: str = "cell_type", holdout=None, out_dir=None, dataset: str = "data",
+                        settings: FinetuneSettings | None = None, ks=DEFAULT_KS, n_top: int = 1000,
+                        min_cells: int = 3, save_cells: bool = True, svg: bool = False, seed: int = 0,
+                        max_ot_cells: int = 2000) -> pd.DataFrame:
+    """Leave-one-cell-type-out stimulation prediction; returns (and writes to ``out_dir``) the metrics."""
+    import copy
+
+    settings = settings or FinetuneSettings(seed=seed)
+    for key in (condition_key, cell_type_key):
+        if key not in cells.obs:
+            raise InputFormatError(f"obs has no column {key!r}", field=key,
+                                   fix="pass --condition-key / --cell-type-key naming existing obs columns")
+    cond = cells.obs[condition_key].astype(str).to_numpy()
+    ctype = cells.obs[cell_type_key].astype(str).to_numpy()
+    keep = ~_missing(cells.obs[cell_type_key])
+    is_ctrl = cond == control
+    if not is_ctrl.any():
+        raise InputFormatError(f"no cell has {condition_key} == {control!r} (values: "
+                               f"{sorted(set(cond))[:10]})", field=condition_key,
+                               fix="pass --control with the label of the unperturbed cells")
+    stim_labels = sorted(set(cond[~is_ctrl]))
+    if len(stim_labels) > 1:
+        log.warning("several perturbed conditions %s: all are treated as one [PER] condition", stim_labels)
+    types = [t for t in sorted(set(ctype[keep]))
+             if (keep & is_ctrl & (ctype == t)).sum() >= min_cells and (keep & ~is_ctrl & (ctype == t)).sum() >= min_cells]
+    if holdout:
+        unknown = [h for h in holdout if h not in types]
+        if unknown:
+            raise InputFormatError(f"held-out cell type(s) {unknown} lack >= {min_cells} unperturbed and perturbed "
+                                   f"cells (usable: {types})", field="holdout")
+        hold = list(holdout)
+    else:
+        hold = types
+    if len(types) < 2:
+        raise InputFormatError(f"leave-one-cell-type-out needs >= 2 cell types with >= {min_cells} unperturbed and "
+                               f"perturbed cells each; usable: {types}", field=cell_type_key)
+    log.info("stimulation: %d cells, %d cell types, holding out %s", cells.n_cells, len(types), hold)
+    emb = zero_shot_embeddings(base_model, cells, device=settings.device)
+    all_ctrl = np.flatnonzero(keep & is_ctrl)
+    all_pert = np.flatnonzero(keep & ~is_ctrl)
+    partners = ot_match_groups(emb, all_ctrl, all_pert, ctype)
+    Xb = cells.binary()
+    per_group, frames, cells_parts, history = {}, {}, [], []
+    for T in hold:
+        train_pert = all_pert[(ctype[all_pert] != T) & np.isin(ctype[all_pert], types)]
+        train_partner = partners[np.searchsorted(all_pert, train_pert)]
+        ok = train_partner >= 0
+        ex = pd.concat([
+            pd.DataFrame({"input": all_ctrl, "target": all_ctrl, "cond": -1, "label": 0}),
+            pd.DataFrame({"input": train_pert, "target": train_pert, "cond": -1, "label": 1}),
+            pd.DataFrame({"input": train_partner[ok], "target": train_pert[ok], "cond": 0, "label": 1}),
+        ], ignore_index=True)
+        model = conditioned_model(copy.deepcopy(base_model), num_conditions=1)
+        st = copy.copy(settings)
+        st.log = []
+        log.info("held-out %s: fine-tuning on %d examples (%d [PER] pairs)", T, len(ex), int(ok.sum()))
+        model, _, hist = finetune_conditioned(model, cells, ex, mode="condition", settings=st)
+        history += [dict(h, holdout=T) for h in hist]
+        q_ctrl = all_ctrl[ctype[all_ctrl] == T]
+        q_pert = all_pert[ctype[all_pert] == T]
+        P_per = decode(model, cells, q_ctrl, mode="condition", cond=0)
+        P_ctrl = decode(model, cells, q_ctrl, mode="condition", cond=-1)
+        X_ctrl, X_pert = Xb[q_ctrl], Xb[q_pert]
+        real_ctrl = _mean(X_ctrl)
+        others = [t for t in types if t != T]
+        shift = np.mean([_mean(Xb[all_pert[ctype[all_pert] == t]]) - _mean(Xb[all_ctrl[ctype[all_ctrl] == t]])
+                         for t in others], axis=0)
+        ms_cells = np.clip(X_ctrl.toarray() + shift[None, :], 0.0, 1.0)
+        model_change = P_per.mean(0) - P_ctrl.mean(0)
+        predicted = {
+            "EpiAgent": {"mean": P_per.mean(0), "change": model_change, "cells": P_per},
+            "EpiAgent_delta": {"mean": np.clip(real_ctrl + model_change, 0, 1), "change": model_change,
+                               "cells": np.clip(X_ctrl.toarray() + model_change[None, :], 0, 1)},
+            "no_change": {"mean": real_ctrl, "change": np.zeros_like(real_ctrl), "cells": X_ctrl.toarray()},
+            "mean_shift": {"mean": ms_cells.mean(0), "change": ms_cells.mean(0) - real_ctrl, "cells": ms_cells},
+        }
+        values, frame, info = evaluate_group(X_ctrl=X_ctrl, X_pert=X_pert, predicted=predicted, task=STIM_TASK,
+                                             ks=ks, n_top=n_top, seed=seed, max_ot_cells=max_ot_cells)
+        for m in values:
+            values[m].update(n_cells_control=info["n_ctrl"], n_cells_perturbed=info["n_pert"],
+                             n_top_used=info["n_top_used"])
+        values["EpiAgent"]["finetune_steps"] = len(hist)
+        values["EpiAgent"]["finetune_final_loss"] = hist[-1]["loss"] if hist else float("nan")
+        per_group[T] = values
+        frames[T] = frame
+        if save_cells:
+            cells_parts.append((P_per, pd.DataFrame({"source_cell": cells.obs["cell_id"].astype(str).to_numpy()[q_ctrl]
+                                                     if "cell_id" in cells.obs else q_ctrl.astype(str),
+                                                     "group": T})))
+        del model
+    rows = _summary_rows(STIM_TASK, dataset, per_group)
+    if out_dir is None:
+        return metrics_frame(rows)
+    return _write_outputs(Path(out_dir), rows, frames, cells_parts, history, dataset=dataset, task=STIM_TASK,
+                          n_top=n_top, ks=ks, svg=svg)
+
+
+# ----------------------------------------------------------------------------- genetic
+def split_genes(label: str) -> list[str]:
+    return [g.strip() for g in str(label).replace(",", "+").split("+") if g.strip()]
+
+
+def holdout_split(perturbations, fraction: float = 0.25, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train, held-out) perturbations: ``round(fraction * n)`` (at least 1, at most n - 1) held out, seeded."""
+    perts = sorted(set(perturbations))
+    if len(perts) < 2:
+        raise InputFormatError(f"need >= 2 perturbations to hold some out, got {perts}", field="perturbation")
+    n_hold = int(min(max(1, round(fraction * len(perts))), len(perts) - 1))
+    rng = np.random.default_rng(seed)
+    held = sorted(rng.choice(perts, n_hold, replace=False).tolist())
+    return [p for p in perts if p not in held], held
+
+
+def predict_genetic(cells: CellSet, base_model, gene_graph, *, perturbation_key: str = "perturbation",
+                    control: str = "control", holdout=None, holdout_fraction: float = 0.25, out_dir=None,
+                    dataset: str = "data", settings: FinetuneSettings | None = None, ks=DEFAULT_KS,
+                    n_top: int = 1000, min_cells: int = 3, save_cells: bool = True, svg: bool = False,
+                    seed: int = 0) -> pd.DataFrame:
+    """Unseen genetic perturbation prediction with the gene GNN token; returns (and writes) the metrics."""
+    import copy
+
+    from ..genome.gene_graph import GeneGraph
+
+    settings = settings or FinetuneSettings(seed=seed)
+    if perturbation_key not in cells.obs:
+        raise InputFormatError(f"obs has no column {perturbation_key!r}", field=perturbation_key,
+                               fix="pass --perturbation-key naming the obs column of perturbation labels")
+    lab = cells.obs[perturbation_key].astype(str).to_numpy()
+    is_ctrl = lab == control
+    if is_ctrl.sum() < min_cells:
+        raise InputFormatError(f"{int(is_ctrl.sum())} cells have {perturbation_key} == {control!r}; need >= "
+                               f"{min_cells}", field=perturbation_key, fix="pass --control with the control label")
+    counts = pd.Series(lab[~is_ctrl]).value_counts()
+    perts = sorted(counts[counts >= min_cells].index)
+    if len(counts) > len(perts):
+        log.warning("%d perturbations with < %d cells are ignored", len(counts) - len(perts), min_cells)
+    # gene graph nodes: the graph's genes + perturbed genes it lacks (isolated)
+    pert_genes = sorted({g for p in perts for g in split_genes(p)})
+    missing = [g for g in pert_genes if g not in set(gene_graph.genes)]
+    if missing:
+        log.warning("%d perturbed genes have no GO annotation (isolated in the gene graph): %s", len(missing),
+                    missing[:10])
+        gene_graph = GeneGraph(list(gene_graph.genes) + missing, gene_graph.edge_index, gene_graph.edge_weight)
+    gidx = gene_graph.index()
+    if holdout:
+        bad = [h for h in holdout if h not in perts]
+        if bad:
+            raise InputFormatError(f"held-out perturbation(s) {bad} are not among {perts[:20]}", field="holdout")
+        held = sorted(holdout)
+        train = [p for p in perts if p not in held]
+    else:
+        train, held = holdout_split(perts, holdout_fraction, seed)
+    log.info("genetic: %d controls, %d perturbations (%d train, %d held out: %s); gene graph %d genes, %d edges",
+             int(is_ctrl.sum()), len(perts), len(train), len(held), held, gene_graph.n_genes, gene_graph.n_edges)
+    max_genes = max(len(split_genes(p)) for p in perts)
+
+    def gene_ids(p):
+        g = [gidx[x] for x in split_genes(p)]
+        return g + [-1] * (max_genes - len(g))
+
+    emb = zero_shot_embeddings(base_model, cells, device=settings.device)
+    ctrl = np.flatnonzero(is_ctrl)
+    train_cells = np.flatnonzero(np.isin(lab, train))
+    partners = np.empty(len(train_cells), dtype=np.int64)
+    for p in train:  # per perturbation: exact OT of the controls onto that perturbation's cells
+        sel = np.flatnonzero(lab[train_cells] == p)
+        partner, _ = ot_match(emb[ctrl], emb[train_cells[sel]])
+        partners[sel] = ctrl[partner]
+    # examples: cond holds a row into the gene-id table below
+    table = np.asarray([gene_ids(p) for p in perts] + [[-1] * max_genes], dtype=np.int64)
+    pidx = {p: i for i, p in enumerate(perts)}
+    none = len(perts)
+    ex = pd.concat([
+        pd.DataFrame({"input": ctrl, "target": ctrl, "cond": none, "label": 0}),
+        pd.DataFrame({"input": train_cells, "target": train_cells, "cond": none, "label": 1}),
+        pd.DataFrame({"input": partners, "target": train_cells, "cond": [pidx[p] for p in lab[train_cells]],
+                      "label": 1}),
+    ], ignore_index=True)
+    model = conditioned_model(copy.deepcopy(base_model), gene_graph=gene_graph)
+    model = _GeneTableModel(model, table)
+    model, _, history = finetune_conditioned(model, cells, ex, mode="condition", settings=settings)
+    Xb = cells.binary()
+    X_ctrl = Xb[ctrl]
+    real_ctrl = _mean(X_ctrl)
+    train_shift = np.mean([_mean(Xb[lab == p]) - real_ctrl for p in train], axis=0)
+    P_none = decode(model, cells, ctrl, mode="condition", cond=none)
+    per_group, frames, cells_parts = {}, {}, []
+    for p in held:
+        P = decode(model, cells, ctrl, mode="condition", cond=pidx[p])
+        change = P.mean(0) - P_none.mean(0)
+        predicted = {
+            "EpiAgent": {"mean": P.mean(0), "change": change},
+            "EpiAgent_delta": {"mean": np.clip(real_ctrl + change, 0, 1), "change": change},
+            "no_change": {"mean": real_ctrl, "change": np.zeros_like(real_ctrl)},
+            "mean_shift": {"mean": np.clip(real_ctrl + train_shift, 0, 1), "change": train_shift},
+        }
+        values, frame, info = evaluate_group(X_ctrl=X_ctrl, X_pert=Xb[lab == p], predicted=predicted, task=GENE_TASK,
+                                             ks=ks, n_top=n_top, seed=seed)
+        for m in values:
+            values[m].update(n_cells_perturbed=info["n_pert"], n_top_used=info["n_top_used"])
+        per_group[p] = values
+        frames[p] = frame
+        if save_cells:
+            cells_parts.append((P, pd.DataFrame({"source_cell": ctrl.astype(str), "group": p})))
+    extra = {"EpiAgent": {"finetune_steps": len(history),
+                          "finetune_final_loss": history[-1]["loss"] if history else float("nan"),
+                          "n_train_perturbations": len(train), "n_heldout_perturbations": len(held),
+                          "gene_graph_edges": gene_graph.n_edges}}
+    rows = _summary_rows(GENE_TASK, dataset, per_group, extra)
+    if out_dir is None:
+        return metrics_frame(rows)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "split.tsv") as tmp:
+        pd.DataFrame({"perturbation": train + held, "split": ["train"] * len(train) + ["heldout"] * len(held)}) \
+            .to_csv(tmp, sep="\t", index=False)
+    return _write_outputs(out, rows, frames, cells_parts, history, dataset=dataset, task=GENE_TASK,
+                          n_top=n_top, ks=ks, svg=svg)
+
+
+class _GeneTableModel:
+    """Wraps an EpiAgent with a perturbation GNN so that ``condition_ids`` index a table of gene-id rows
+    (one per perturbation, last row = no gene): the training / decoding helpers stay generic."""
+
+    def __init__(self, model, table: np.ndarray):
+        import torch
+
+        self.model = model
+        self.table = torch.from_numpy(table)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["model"], name)
+
+    def __call__(self, ids, condition_ids=None, **kw):
+        if condition_ids is not None:
+            genes = self.table.to(condition_ids.device)[condition_ids.long()]
+            return self.model(ids, perturbation=genes, **kw)
+        return self.model(ids, **kw)
+
+    def to(self, *a, **k):
+        self.model.to(*a, **k)
+        return self
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+        return self
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+
+# ----------------------------------------------------------------------------- helpers for the CLI
+def load_task_inputs(corpus, key: str, checkpoint, *, dataset: str | None = None, num_heads: int | None = None):
+    from ..corpus.shard import open_corpus
+    from .perturbation_train import cells_from_corpus, load_base_model
+
+    c = open_corpus(corpus)
+    cells = cells_from_corpus(c, key, dataset=dataset)
+    model = load_base_model(checkpoint, num_heads=num_heads, n_ccres=c.n_ccres)
+    if dataset is None:
+        ds = cells.obs["dataset"].astype(str).unique() if "dataset" in cells.obs else []
+        dataset = str(ds[0]) if len(ds) == 1 else Path(os.fspath(corpus)).name
+    return cells, model, dataset

@@ -1,0 +1,360 @@
+"""Fine-tuning machinery of the perturbation tasks (SPEC §5): cells, OT matching, model with a
+conditional token, the training loop and decoding.
+
+* :class:`CellSet` - rank-ordered sentences (CSR ``indptr`` / ``tokens``, token ids = cCRE + 4) and obs
+  of the cells of a task, from a corpus folder (:func:`cells_from_corpus`) or an AnnData of raw counts
+  (:func:`cells_from_anndata`). :meth:`CellSet.binary` is the cells x cCREs 0/1 accessibility.
+* :func:`ot_match` - exact optimal transport (POT ``ot.emd``) between unperturbed and perturbed cells
+  with a cosine cost and uniform weights; every perturbed cell gets the unperturbed cell that carries
+  most of its mass as partner. :func:`ot_match_groups` does it per group (cell type / perturbation).
+* :func:`conditioned_model` - the pretrained EpiAgent plus a learnable [PER] token
+  (``condition_embedding``, 1 row) or the gene-perturbation GNN over a gene graph
+  (``perturbation_gnn``); both are added to the input at position 0.
+* :func:`finetune_conditioned` - the loop: every example is (input cell, target cell, conditional
+  token or -1, class label). Loss = CCA (K negatives per positive, default 1; positives = ALL
+  accessible cCREs of the target cell) + SR (BCE, pos_weight of the checkpoint) on the target
+  cell + ``aux_weight`` (0.01) x BCE of a linear classifier "unperturbed (0) vs perturbed or
+  predicted (1)" on the cell embedding. AdamW; ``epochs`` passes over the shuffled examples or
+  ``max_steps`` steps.
+* :func:`decode_mean` - decoder probabilities of cells (with or without the token). With
+  ``calibrate`` the logits are shifted by ``-log(pos_weight)``: the minimiser of BCE with
+  ``pos_weight`` w is ``sigmoid(x) = w p / (w p + 1 - p)``, so ``sigmoid(x - log w)`` estimates p.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import CheckpointError, ConfigError, InputFormatError
+from ..tokenize import build_input_ids, subsample_sentences, truncate_sentences
+
+log = logging.getLogger(__name__)
+
+NUM_SPECIAL = 4
+
+
+# ----------------------------------------------------------------------------- cells
+@dataclass
+class CellSet:
+    indptr: np.ndarray          # [n+1] int64
+    tokens: np.ndarray          # rank-ordered token ids (cCRE + 4)
+    obs: pd.DataFrame
+    n_ccres: int
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.indptr) - 1
+
+    def subset(self, rows) -> "CellSet":
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, ends = self.indptr[rows], self.indptr[rows + 1]
+        lens = ends - starts
+        idx = np.repeat(starts, lens) + (np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens))
+        return CellSet(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), self.tokens[idx],
+                       self.obs.iloc[rows].reset_index(drop=True), self.n_ccres)
+
+    def binary(self, rows=None) -> sp.csr_matrix:
+        """Cells x cCREs 0/1 accessibility (float32 CSR)."""
+        cs = self if rows is None else self.subset(rows)
+        m = sp.csr_matrix((np.ones(len(cs.tokens), np.float32), cs.tokens.astype(np.int64) - NUM_SPECIAL,
+                           cs.indptr), shape=(cs.n_cells, cs.n_ccres))
+        m.sort_indices()
+        return m
+
+
+def _missing(values: pd.Series) -> np.ndarray:
+    s = values.astype(str).str.strip().str.lower()
+    return (values.isna() | s.isin(["", "nan", "none", "na", "<na>"])).to_numpy()
+
+
+def cells_from_corpus(corpus, key: str, *, dataset: str | None = None) -> CellSet:
+    """The cells of a corpus folder whose obs ``key`` is set (optionally of one ``dataset``)."""
+    from ..corpus.shard import Corpus, open_corpus
+
+    c = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
+    ptrs, toks, obs = [np.zeros(1, np.int64)], [], []
+    offset = 0
+    for shard in c.iter_shards():
+        if key not in shard.obs:
+            continue
+        keep = ~_missing(shard.obs[key])
+        if dataset is not None:
+            keep &= shard.obs.get("dataset", pd.Series([""] * shard.n_cells)).astype(str).to_numpy() == dataset
+        if not keep.any():
+            continue
+        sub = shard.subset(np.flatnonzero(keep))
+        ptrs.append(sub.indptr[1:] + offset)
+        offset += int(sub.indptr[-1])
+        toks.append(sub.tokens)
+        obs.append(sub.obs)
+    if not obs:
+        raise InputFormatError(f"no cell of the corpus has obs column {key!r} set"
+                               + (f" in dataset {dataset!r}" if dataset else ""), path=str(c.root),
+                               field=key, fix="pass the obs column holding the condition / perturbation labels "
+                                              "(it must be a label column of the corpus manifest)")
+    return CellSet(np.concatenate(ptrs).astype(np.int64), np.concatenate(toks),
+                   pd.concat(obs, ignore_index=True), c.n_ccres)
+
+
+def cells_from_anndata(adata, df=None) -> CellSet:
+    """Rank-ordered sentences of an AnnData of raw counts (TF-IDF with ``df`` or ``var['df']``, or the
+    document frequency of these cells when neither is given)."""
+    from ..corpus.shard import shard_from_counts
+    from ..tokenize import document_frequency
+
+    X = adata.layers["counts"] if "counts" in adata.layers else adata.X
+    X = sp.csr_matrix(X)
+    if df is None:
+        df = adata.var["df"].to_numpy() if "df" in adata.var else document_frequency(X)
+    df = np.where(np.asarray(df, dtype=np.float64) > 0, df, 1.0 / max(X.shape[0], 1))
+    sh = shard_from_counts(X, df, adata.obs.reset_index(drop=True))
+    obs = sh.obs.copy()
+    if "cell_id" not in obs:
+        obs["cell_id"] = adata.obs_names.astype(str)
+    return CellSet(sh.indptr.astype(np.int64), sh.tokens, obs, int(X.shape[1]))
+
+
+# ----------------------------------------------------------------------------- OT
+def ot_match(source, target) -> tuple[np.ndarray, np.ndarray]:
+    """Exact OT (``ot.emd``, cosine cost, uniform weights) between ``source`` [n, D] (unperturbed) and
+    ``target`` [m, D] (perturbed) cells. Returns ``(partner_of_target [m], partner_of_source [n])``:
+    for each target cell the source cell holding most of its mass, and vice versa."""
+    import ot
+
+    s = np.asarray(source, dtype=np.float64)
+    t = np.asarray(target, dtype=np.float64)
+    if len(s) == 0 or len(t) == 0:
+        raise InputFormatError("OT matching needs at least one cell on each side", field="cells")
+    sn = s / np.maximum(np.linalg.norm(s, axis=1, keepdims=True), 1e-12)
+    tn = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
+    M = np.clip(1.0 - sn @ tn.T, 0.0, 2.0)
+    plan = ot.emd(np.full(len(s), 1.0 / len(s)), np.full(len(t), 1.0 / len(t)), M, numItermax=1_000_000)
+    return plan.argmax(0).astype(np.int64), plan.argmax(1).astype(np.int64)
+
+
+def ot_match_groups(emb, ctrl_rows, pert_rows, groups) -> np.ndarray:
+    """Per group, the OT partner (a row of ``emb`` among ``ctrl_rows``) of every row in ``pert_rows``.
+    ``groups``: group label per row of ``emb``; controls are matched within the perturbed cell's
+    group. Returns partner rows aligned with ``pert_rows`` (-1 where the group has no control)."""
+    groups = np.asarray(groups).astype(str)
+    ctrl_rows, pert_rows = np.asarray(ctrl_rows, np.int64), np.asarray(pert_rows, np.int64)
+    out = np.full(len(pert_rows), -1, dtype=np.int64)
+    for g in np.unique(groups[pert_rows]):
+        c = ctrl_rows[groups[ctrl_rows] == g]
+        sel = np.flatnonzero(groups[pert_rows] == g)
+        if len(c) == 0:
+            continue
+        partner, _ = ot_match(emb[c], emb[pert_rows[sel]])
+        out[sel] = c[partner]
+    return out
+
+
+# ----------------------------------------------------------------------------- model
+def load_base_model(checkpoint, *, num_heads: int | None = None, n_ccres: int | None = None):
+    from ..model import load_epiagent_checkpoint
+
+    model = load_epiagent_checkpoint(checkpoint, num_heads=num_heads, n_ccres=n_ccres, mmap=False)
+    if getattr(model, "signal_decoder", None) is None or getattr(model, "fc1_for_CCA", None) is None:
+        raise CheckpointError("the checkpoint has no signal decoder / CCA head (kind "
+                              f"{model.config.kind})", path=str(checkpoint),
+                              fix="fine-tune from a pretrained (base) EpiAgent checkpoint")
+    return model
+
+
+def conditioned_model(base, *, num_conditions: int = 0, gene_graph=None):
+    """A copy of ``base`` with ``num_conditions`` [PER] tokens and/or a gene GNN over ``gene_graph``
+    (:class:`epiflow.genome.gene_graph.GeneGraph`). Base weights are copied; new ones freshly initialised."""
+    from ..model import EpiAgent
+
+    kw = {}
+    if num_conditions:
+        kw["num_conditions"] = int(num_conditions)
+    if gene_graph is not None:
+        kw.update(num_genes=gene_graph.n_genes, gnn_edges=gene_graph.n_edges)
+    cfg = base.config.replace(**kw)
+    model = EpiAgent.from_config(cfg, backend="sdpa")
+    if num_conditions:  # a small [PER] token, on the scale of a few cCRE embeddings
+        nn.init.normal_(model.condition_embedding.weight, 0.0, 0.02)
+    sd = {k: v for k, v in base.state_dict().items()
+          if not k.startswith(("condition_embedding", "perturbation_gnn"))}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected:
+        raise CheckpointError(f"unexpected keys {unexpected[:5]}")
+    if gene_graph is not None:
+        model.perturbation_gnn.set_graph(torch.from_numpy(gene_graph.edge_index),
+                                         torch.from_numpy(gene_graph.edge_weight))
+    return model
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class FinetuneSettings:
+    epochs: int = 3
+    max_steps: int | None = None
+    batch_size: int = 16
+    lr: float = 1e-4
+    new_lr: float = 1e-3            # [PER] token / GNN / classifier
+    weight_decay: float = 0.0
+    cca_k: int = 1
+    aux_weight: float = 0.01
+    max_len: int | None = None      # default: model max_rank - 2
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+    log: list = field(default_factory=list)
+
+
+def _device(name):
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _cond_kwargs(mode: str, cond: np.ndarray, device):
+    if mode == "condition":
+        return {"condition_ids": torch.from_numpy(cond).to(device)}
+    if mode == "gene":
+        return {"perturbation": torch.from_numpy(cond).to(device)}
+    raise ConfigError(f"unknown conditioning mode {mode!r}")
+
+
+def _negatives(pos_rows: np.ndarray, pos_cols: np.ndarray, lens: np.ndarray, n: int, k: int,
+               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``min(k * L_i, N - L_i)`` inaccessible cCREs per row, without replacement (dense per batch)."""
+    B = len(lens)
+    keys = rng.random((B, n))
+    keys[pos_rows, pos_cols] = 2.0
+    n_neg = np.minimum(k * lens, n - lens)
+    kmax = int(n_neg.max(initial=0))
+    if kmax == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    part = np.argpartition(keys, kmax - 1, axis=1)[:, :kmax] if kmax < n else np.tile(np.arange(n), (B, 1))
+    order = np.take_along_axis(keys, part, 1).argsort(1)
+    part = np.take_along_axis(part, order, 1)
+    take = np.arange(kmax)[None, :] < n_neg[:, None]
+    rows = np.repeat(np.arange(B), take.sum(1))
+    return rows, part[take].astype(np.int64)
+
+
+def finetune_conditioned(model, cells: CellSet, examples: pd.DataFrame, *, mode: str,
+                         settings: FinetuneSettings | None = None):
+    """Fine-tune ``model`` in place on ``examples`` (columns ``input``, ``target`` = rows of ``cells``,
+    ``cond`` = token id or -1, ``label`` = 0 unperturbed / 1 perturbed or predicted).
+
+    Returns ``(model, aux_head, history)``; ``history`` is a list of per-step dicts."""
+    from tqdm.auto import tqdm
+
+    from ..train.objectives import bce_sum, sr_loss_sum
+
+    st = settings or FinetuneSettings()
+    dev = _device(st.device)
+    torch.manual_seed(st.seed)
+    rng = np.random.default_rng(st.seed)
+    model.to(dev).train()
+    D, N = model.config.dim, model.config.n_ccres
+    aux = nn.Linear(D, 1).to(dev)
+    new_names = ("condition_embedding", "perturbation_gnn")
+    base_params = [p for n, p in model.named_parameters() if not n.startswith(new_names)]
+    new_params = [p for n, p in model.named_parameters() if n.startswith(new_names)] + list(aux.parameters())
+    opt = torch.optim.AdamW([{"params": base_params, "lr": st.lr}, {"params": new_params, "lr": st.new_lr}],
+                            weight_decay=st.weight_decay)
+    max_len = min(st.max_len or model.config.max_rank - 2, model.config.max_rank - 2)
+    pos_weight = float(model.pos_weight("SR"))
+    inp = examples["input"].to_numpy(np.int64)
+    tgt = examples["target"].to_numpy(np.int64)
+    cond = examples["cond"].to_numpy(np.int64)
+    lab = examples["label"].to_numpy(np.float32)
+    n_ex = len(examples)
+    if n_ex == 0:
+        raise InputFormatError("no training examples", field="examples")
+    steps_per_epoch = math.ceil(n_ex / st.batch_size)
+    total = steps_per_epoch * st.epochs if st.max_steps is None else int(st.max_steps)
+    history = []
+    bar = tqdm(total=total, desc="fine-tune", unit="step", disable=not st.progress, leave=False)
+    step = 0
+    try:
+        while step < total:
+            perm = rng.permutation(n_ex)
+            for a in range(0, n_ex, st.batch_size):
+                if step >= total:
+                    break
+                b = perm[a:a + st.batch_size]
+                sub_in = cells.subset(inp[b])
+                ip, itok = subsample_sentences(sub_in.indptr, sub_in.tokens, max_len, rng)
+                ids = torch.from_numpy(build_input_ids(ip, itok)).to(dev)
+                sub_t = cells.subset(tgt[b])
+                lens = np.diff(sub_t.indptr)
+                pr = np.repeat(np.arange(len(b)), lens)
+                pc = sub_t.tokens.astype(np.int64) - NUM_SPECIAL
+                nr, nc = _negatives(pr, pc, lens, N, st.cca_k, rng)
+                out = model(ids, **_cond_kwargs(mode, cond[b], dev))
+                emb = out.cell_embedding
+                logits = model.signal_logits(emb)
+                sr = sr_loss_sum(logits, torch.from_numpy(pr).to(dev), torch.from_numpy(pc).to(dev),
+                                 pos_weight) / logits.numel()
+                q_rows = torch.from_numpy(np.concatenate([pr, nr])).to(dev)
+                q_tok = torch.from_numpy(np.concatenate([pc, nc]) + NUM_SPECIAL).to(dev)
+                q_lab = torch.cat([torch.ones(len(pr)), torch.zeros(len(nr))]).to(dev)
+                cca = bce_sum(model.cca_logits(emb[q_rows], q_tok), q_lab, float(st.cca_k)) / max(len(q_lab), 1)
+                aux_loss = F.binary_cross_entropy_with_logits(aux(emb).squeeze(-1),
+                                                              torch.from_numpy(lab[b]).to(dev))
+                loss = cca + sr + st.aux_weight * aux_loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), 1.0)
+                opt.step()
+                rec = {"step": step, "loss": float(loss.detach()), "cca": float(cca.detach()), "sr": float(sr.detach()),
+                       "aux": float(aux_loss.detach())}
+                history.append(rec)
+                st.log.append(rec)
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                step += 1
+    finally:
+        bar.close()
+    model.eval()
+    if history:
+        log.info("fine-tuned %d steps: loss %.4f -> %.4f", len(history), history[0]["loss"], history[-1]["loss"])
+    return model, aux, history
+
+
+# ----------------------------------------------------------------------------- decoding
+def decode(model, cells: CellSet, rows, *, mode: str | None = None, cond: int | np.ndarray = -1,
+           batch_size: int = 64, calibrate: bool = True, device=None, max_len: int | None = None) -> np.ndarray:
+    """Decoder probabilities ``[len(rows), n_cCRE]`` (float32) of ``cells[rows]`` encoded with the
+    conditional token ``cond`` (-1 = none)."""
+    from ..model.inference import inference_context
+
+    dev = _device(device) if device is not None else next(model.parameters()).device
+    model.to(dev).eval()
+    rows = np.asarray(rows, dtype=np.int64)
+    cond = np.broadcast_to(np.asarray(cond, dtype=np.int64), rows.shape)
+    max_len = min(max_len or model.config.max_rank - 2, model.config.max_rank - 2)
+    shift = math.log(float(model.pos_weight("SR"))) if calibrate else 0.0
+    out = np.zeros((len(rows), model.config.n_ccres), dtype=np.float32)
+    with inference_context(dev):
+        for a in range(0, len(rows), batch_size):
+            sub = cells.subset(rows[a:a + batch_size])
+            ip, it = truncate_sentences(sub.indptr, sub.tokens, max_len)
+            ids = torch.from_numpy(build_input_ids(ip, it)).to(dev)
+            c = cond[a:a + batch_size]
+            kw = {} if mode is None or (c < 0).all() else _cond_kwargs(mode, np.ascontiguousarray(c), dev)
+            emb = model(ids, **kw).cell_embedding
+            out[a:a + len(c)] = torch.sigmoid(model.signal_logits(emb).float() - shift).cpu().numpy()
+    return out
+
+
+def zero_shot_embeddings(model, cells: CellSet, *, device=None, progress: bool = False) -> np.ndarray:
+    from ..model.inference import embed_sentences
+
+    return embed_sentences(model, cells.indptr, cells.tokens, device=device, progress=progress,
+                           desc="zero-shot embed")

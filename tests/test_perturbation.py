@@ -1,0 +1,157 @@
+"""Perturbation tasks: OT matching, metrics with known answers, end-to-end runs on synthetic corpora."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+pytest.importorskip("ot")
+
+from epiflow.metrics.perturbation import (  # noqa: E402
+    cap_k,
+    differential_accessibility,
+    direction_accuracy,
+    pearson,
+    r2_linear,
+    top_da,
+    wasserstein,
+)
+from epiflow.tasks.perturbation_train import ot_match, ot_match_groups  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- OT matching
+def test_ot_match_recovers_permutation_cosine():
+    rng = np.random.default_rng(0)
+    src = rng.normal(size=(12, 6))
+    perm = rng.permutation(12)
+    # the same directions, rescaled (cosine ignores scale) and slightly perturbed
+    tgt = src[perm] * rng.uniform(0.5, 3.0, size=(12, 1)) + rng.normal(scale=1e-3, size=(12, 6))
+    partner_of_tgt, partner_of_src = ot_match(src, tgt)
+    assert np.array_equal(partner_of_tgt, perm)
+    assert np.array_equal(partner_of_src[perm], np.arange(12))
+
+
+def test_ot_match_groups_stays_within_group():
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(20, 4))
+    groups = np.array(["a"] * 10 + ["b"] * 10)
+    ctrl = np.r_[0:5, 10:15]
+    pert = np.r_[5:10, 15:20]
+    out = ot_match_groups(emb, ctrl, pert, groups)
+    assert (groups[out] == groups[pert]).all()
+    assert np.isin(out, ctrl).all()
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_r2_and_pearson_known_answers():
+    x = np.arange(10.0)
+    assert r2_linear(x, 3 * x + 1) == pytest.approx(1.0)
+    assert pearson(x, -2 * x) == pytest.approx(-1.0)
+    y = np.array([1.0, 2.0, 1.0, 2.0])
+    # r of (0,1,2,3) and (1,2,1,2): cov = 0.25*... computed by hand: r = 0.4472136
+    assert pearson(np.arange(4.0), y) == pytest.approx(1 / np.sqrt(5))
+    assert r2_linear(np.arange(4.0), y) == pytest.approx(0.2)
+    assert np.isnan(pearson(x, np.ones(10)))
+
+
+def test_direction_accuracy_known_answer():
+    change = np.array([0.5, -0.1, 0.0, 0.2, -0.3, 0.4])
+    acc = direction_accuracy(change, idx_up=[0, 1, 2], idx_down=[3, 4, 5])
+    # up: + (1), - (0), 0 (tie = 0.5) -> 0.5; down: + (0), - (1), + (0) -> 1/3
+    assert acc["up"] == pytest.approx(0.5)
+    assert acc["down"] == pytest.approx(1 / 3)
+    assert acc["all"] == pytest.approx(2.5 / 6)
+
+
+def test_wasserstein_known_answers():
+    x = np.array([[0.0, 0.0], [1.0, 0.0]])
+    assert wasserstein(x, x) == pytest.approx(0.0)
+    # shift every point by (0, 2): the distance is 2 (Euclidean, not squared)
+    assert wasserstein(x, x + [0.0, 2.0]) == pytest.approx(2.0)
+    # two points onto one point: mean distance
+    assert wasserstein(x, np.array([[0.0, 0.0]])) == pytest.approx(0.5)
+
+
+def test_differential_accessibility_and_top_da():
+    rng = np.random.default_rng(2)
+    ctrl = (rng.random((40, 30)) < 0.3).astype(np.float32)
+    pert = (rng.random((40, 30)) < 0.3).astype(np.float32)
+    pert[:, :5] = (rng.random((40, 5)) < 0.95)   # opened
+    pert[:, 5:10] = 0.0                            # closed
+    ctrl[:, 5:10] = (rng.random((40, 5)) < 0.9)
+    s = differential_accessibility(sp.csr_matrix(ctrl), pert)
+    t = top_da(s, 5)
+    assert set(t["up"]) == set(range(5))
+    assert set(t["down"]) == set(range(5, 10))
+    assert set(t["all"]) <= set(range(10))
+    assert cap_k(1000, 30) == 30
+
+
+# ----------------------------------------------------------------------------- end to end
+def _stim_corpus(root, n_types=3, per_type=36, n_ccres=240, seed=0):
+    from epiflow.tasks.perturbation_benchmark import write_corpus
+
+    rng = np.random.default_rng(seed)
+    n = n_types * per_type
+    types = np.repeat(np.arange(n_types), per_type)
+    stim = np.tile(np.r_[np.zeros(per_type // 2, bool), np.ones(per_type - per_type // 2, bool)], n_types)
+    ccre_type = rng.integers(0, n_types, n_ccres)
+    p = np.where(ccre_type[None, :] == types[:, None], 0.45, 0.04)
+    opened, closed = np.arange(0, 24), np.arange(24, 40)    # the known stimulation program
+    p[:, opened] = np.where(stim[:, None], 0.8, 0.05)
+    p[:, closed] = np.where(stim[:, None], 0.03, 0.7)
+    acc = rng.random((n, n_ccres)) < p
+    acc[np.arange(n), rng.integers(0, n_ccres, n)] = True
+    obs = pd.DataFrame({"cell_id": [f"c{i}" for i in range(n)], "dataset": "toy_stim", "tissue": "toy",
+                        "batch": "b0", "cell_type": [f"T{t}" for t in types],
+                        "condition": np.where(stim, "stimulated", "control")})
+    peaks = pd.DataFrame({"chrom": "chr1", "start": np.arange(n_ccres) * 1000 + 10_000})
+    peaks["end"] = peaks["start"] + 500
+    write_corpus(root, sp.csr_matrix(acc.astype(np.float32)), obs, peaks, genome="hg38", shard_size=50)
+    return root, opened, closed
+
+
+def _tiny_checkpoint(path, n_ccres):
+    import torch
+
+    from epiflow.model import EpiAgent, EpiAgentConfig
+
+    torch.manual_seed(0)
+    cfg = EpiAgentConfig.preset("tiny", n_ccres=n_ccres, max_rank=128, num_layers=1, dim=32, num_heads=2, ffn=64,
+                                dropout=0.0)
+    EpiAgent.from_config(cfg).save_epiagent_checkpoint(path, write_config=True)
+    return path
+
+
+def test_predict_stimulation_end_to_end(tmp_path):
+    from epiflow.tasks.perturbation import load_task_inputs, predict_stimulation
+    from epiflow.tasks.perturbation_train import FinetuneSettings
+
+    corpus, opened, closed = _stim_corpus(tmp_path / "corpus")
+    ckpt = _tiny_checkpoint(tmp_path / "tiny.pth", 240)
+    cells, model, dataset = load_task_inputs(corpus, "condition", ckpt)
+    out = tmp_path / "out"
+    table = predict_stimulation(cells, model, holdout=["T0"], out_dir=out, dataset=dataset, ks=(10, 1000),
+                                n_top=50, settings=FinetuneSettings(max_steps=6, batch_size=16, progress=False))
+    for f in ("metrics.tsv", "mean_accessibility.tsv.gz", "predicted_cells.h5ad", "scatter.png", "direction.png",
+              "finetune_loss.tsv"):
+        assert (out / f).exists(), f
+    written = pd.read_csv(out / "metrics.tsv", sep="\t")
+    assert list(written.columns) == ["task", "dataset", "method", "metric", "value"]
+    v = table.set_index(["method", "metric"])["value"]
+    # the known program is learned by the mean shift of the other cell types; no change carries no signal
+    assert v[("mean_shift", "dir_acc@10")] > 0.9
+    assert v[("no_change", "dir_acc@10")] == pytest.approx(0.5)
+    assert v[("mean_shift", "R2_top50")] > v[("no_change", "R2_top50")]
+    assert v[("mean_shift", "wasserstein_top50")] < v[("no_change", "wasserstein_top50")]
+    # k = 1000 > 240 cCREs: capped to the cCREs with that sign
+    assert v[("EpiAgent", "k_used_up@1000")] + v[("EpiAgent", "k_used_down@1000")] <= 240
+    assert v[("EpiAgent", "finetune_steps")] == 6
+    for m in ("R2_all", "R2_top50", "dir_acc@10", "wasserstein_top50"):
+        assert np.isfinite(v[("EpiAgent", m)])
+    # the top DA cCREs found by the Wilcoxon test are the programmed ones
+    ma = pd.read_csv(out / "mean_accessibility.tsv.gz", sep="\t")
+    top = ma[ma["top_da"]].sort_values("da_score", key=np.abs, ascending=False).head(20)["ccre"]
+    assert np.isin(top, np.r_[opened, closed]).mean() > 0.8
