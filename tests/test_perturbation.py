@@ -155,3 +155,104 @@ def test_predict_stimulation_end_to_end(tmp_path):
     ma = pd.read_csv(out / "mean_accessibility.tsv.gz", sep="\t")
     top = ma[ma["top_da"]].sort_values("da_score", key=np.abs, ascending=False).head(20)["ccre"]
     assert np.isin(top, np.r_[opened, closed]).mean() > 0.8
+
+
+def _genetic_corpus(root, n_ccres=200, n_genes=8, ctrl=40, per_gene=20, seed=3):
+    from epiflow.tasks.perturbation_benchmark import write_corpus
+
+    rng = np.random.default_rng(seed)
+    genes = [f"G{i}" for i in range(n_genes)]
+    labels = ["control"] * ctrl + [g for g in genes for _ in range(per_gene)]
+    n = len(labels)
+    p = np.full((n, n_ccres), 0.3)
+    near = {g: np.arange(10 * i, 10 * i + 10) for i, g in enumerate(genes)}   # cCREs "near the TSS"
+    lab = np.asarray(labels)
+    for i, g in enumerate(genes):
+        rows = lab == g
+        p[np.ix_(rows, near[g])] = 0.0                        # direct knockout effect
+        partner = genes[i ^ 1]                                 # GO module = pairs (G0,G1), (G2,G3), ...
+        p[np.ix_(rows, near[partner])] = 0.12                  # weaker effect on the GO neighbour
+    acc = rng.random((n, n_ccres)) < p
+    obs = pd.DataFrame({"cell_id": [f"k{i}" for i in range(n)], "dataset": "toy_ko", "tissue": "toy",
+                        "batch": "b0", "cell_type": "T", "perturbation": labels})
+    peaks = pd.DataFrame({"chrom": "chr2", "start": np.arange(n_ccres) * 1000 + 5_000})
+    peaks["end"] = peaks["start"] + 500
+    write_corpus(root, sp.csr_matrix(acc.astype(np.float32)), obs, peaks, genome="hg38", shard_size=64)
+    go = pd.DataFrame([(g, f"GO:{i // 2:07d}") for i, g in enumerate(genes)]
+                      + [(g, f"GO:{100 + i:07d}") for i, g in enumerate(genes)], columns=["gene_symbol", "go_id"])
+    return root, go
+
+
+def test_predict_genetic_cli_end_to_end(tmp_path):
+    from epiflow.cli import main
+
+    corpus, go = _genetic_corpus(tmp_path / "corpus")
+    go.to_csv(tmp_path / "go.tsv", sep="\t", index=False)
+    ckpt = _tiny_checkpoint(tmp_path / "tiny.pth", 200)
+    out = tmp_path / "out"
+    rc = main(["predict-genetic", "--corpus", str(corpus), "--checkpoint", str(ckpt), "--perturbation-key",
+               "perturbation", "--go", str(tmp_path / "go.tsv"), "--out-dir", str(out), "--max-steps", "4",
+               "--holdout", "G0", "--holdout", "G5", "--k", "5,20", "--n-top", "30", "--no-progress"])
+    assert rc == 0
+    t = pd.read_csv(out / "metrics.tsv", sep="\t")
+    assert set(t["task"]) == {"genetic_perturbation"}
+    v = t.set_index(["method", "metric"])["value"]
+    assert set(pd.read_csv(out / "split.tsv", sep="\t").query("split == 'heldout'")["perturbation"]) == {"G0", "G5"}
+    assert v[("EpiAgent", "finetune_steps")] == 4
+    assert v[("EpiAgent", "gene_graph_edges")] == 8           # 4 GO pairs, both directions
+    assert np.isfinite(v[("EpiAgent", "pearson_top30")]) and np.isfinite(v[("EpiAgent", "pearson_top30[G0]")])
+    assert v[("no_change", "dir_acc@5")] == pytest.approx(0.5)
+    # the knockout closes cCREs: the real DA cCREs of G0 are mostly its own (0-9)
+    ma = pd.read_csv(out / "mean_accessibility.tsv.gz", sep="\t")
+    g0 = ma[ma["group"] == "G0"].sort_values("da_score").head(10)["ccre"]
+    assert np.isin(g0, np.arange(10)).mean() >= 0.6
+    for f in ("scatter.png", "direction.png", "predicted_cells.h5ad"):
+        assert (out / f).exists()
+
+
+def test_predict_stimulation_cli_errors(tmp_path):
+    from epiflow.cli import main
+
+    corpus, _, _ = _stim_corpus(tmp_path / "corpus", n_types=2, per_type=8, n_ccres=60)
+    ckpt = _tiny_checkpoint(tmp_path / "tiny.pth", 60)
+    base = ["predict-stimulation", "--corpus", str(corpus), "--checkpoint", str(ckpt), "--out-dir",
+            str(tmp_path / "o"), "--max-steps", "1", "--no-progress"]
+    assert main(base + ["--control", "nope"]) == 2                 # no control cells: clear error
+    assert main(base + ["--condition-key", "missing"]) == 2       # no such obs column
+    assert not (tmp_path / "o" / "metrics.tsv").exists()
+    wrong = _tiny_checkpoint(tmp_path / "wrong.pth", 61)
+    assert main(base[:4] + [str(wrong)] + base[5:]) == 2          # vocabulary mismatch
+
+
+def test_make_perturbation_benchmark_real_cells(tmp_path, data_dir):
+    from epiflow.cli import main
+
+    h5 = data_dir / "buenrostro2018_bm0828.h5ad"
+    if not h5.exists():
+        pytest.skip("buenrostro2018_bm0828.h5ad not in the shared data")
+    out = tmp_path / "bench"
+    rc = main(["make-perturbation-benchmark", "--input", str(h5), "--tss", str(data_dir / "hg19_tss.bed.gz"),
+               "--go", str(data_dir / "go_bp_human.tsv.gz"), "--out", str(out), "--n-genes", "6"])
+    assert rc == 0
+    import anndata as ad
+
+    s = ad.read_h5ad(out / "stimulation.h5ad")
+    g = ad.read_h5ad(out / "genetic.h5ad")
+    truth = pd.read_csv(out / "truth" / "stimulation.tsv", sep="\t")
+    ko = pd.read_csv(out / "truth" / "knockouts.tsv", sep="\t")
+    assert set(s.obs["condition"]) == {"control", "stimulated"}
+    assert g.obs["perturbation"].nunique() == 7
+    # the truth is visible in the data: shared opening peaks are more open in stimulated cells
+    X = (s.X > 0).astype(np.float32)
+    stim = (s.obs["condition"] == "stimulated").to_numpy()
+    sh = truth.loc[truth["component"] == "shared_open", "peak"].unique()
+    assert X[stim][:, sh].mean() > X[~stim][:, sh].mean() + 0.2
+    gene = ko["gene"].iloc[0]
+    direct = ko[(ko["gene"] == gene) & (ko["relation"] == "direct")]["peak"].to_numpy()
+    Xg = (g.X > 0).astype(np.float32)
+    rows = (g.obs["perturbation"] == gene).to_numpy()
+    ctrl = (g.obs["perturbation"] == "control").to_numpy()
+    assert Xg[rows][:, direct].mean() < 0.5 * Xg[ctrl][:, direct].mean()
+    for f in ("stimulation_corpus/corpus.json", "genetic_corpus/corpus.json", "README.md", "go.tsv",
+              "truth/params.json"):
+        assert (out / f).exists(), f

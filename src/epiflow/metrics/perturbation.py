@@ -119,8 +119,13 @@ def differential_accessibility(X_control, X_perturbed) -> np.ndarray:
     a = ad.AnnData(X=X, obs=pd.DataFrame({"g": pd.Categorical(["ctrl"] * n0 + ["pert"] * n1)},
                                          index=[str(i) for i in range(n0 + n1)]),
                    var=pd.DataFrame(index=[str(j) for j in range(n)]))
-    sc.tl.rank_genes_groups(a, "g", groups=["pert"], reference="ctrl", method="wilcoxon", n_genes=n,
-                            use_raw=False, tie_correct=True)
+    verbosity = sc.settings.verbosity
+    sc.settings.verbosity = 0  # 0/1 accessibility is not log data: silence scanpy's hint about it
+    try:
+        sc.tl.rank_genes_groups(a, "g", groups=["pert"], reference="ctrl", method="wilcoxon", n_genes=n,
+                                use_raw=False, tie_correct=True)
+    finally:
+        sc.settings.verbosity = verbosity
     res = a.uns["rank_genes_groups"]
     names = np.asarray(res["names"]["pert"]).astype(np.int64)
     scores = np.asarray(res["scores"]["pert"], dtype=np.float64)

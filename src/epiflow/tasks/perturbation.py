@@ -255,13 +255,17 @@ def _save_fig(fig, path: Path, svg: bool):
     plt.close(fig)
 
 
+def _nanmean(x) -> float:
+    x = np.asarray(x, dtype=np.float64)
+    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+
 def _summary_rows(task, dataset, per_group: dict[str, dict[str, dict]], extra: dict | None = None):
     rows = []
     methods = list(dict.fromkeys(m for g in per_group.values() for m in g))
     for m in methods:
         keys = list(dict.fromkeys(k for g in per_group.values() for k in g.get(m, {})))
-        means = {k: float(np.nanmean([g[m][k] for g in per_group.values() if m in g and k in g[m]]))
-                 for k in keys}
+        means = {k: _nanmean([g[m][k] for g in per_group.values() if m in g and k in g[m]]) for k in keys}
         rows += metric_rows(task, dataset, m, means)
         for gname, g in per_group.items():
             rows += metric_rows(task, dataset, m, {f"{k}[{gname}]": v for k, v in g.get(m, {}).items()})
