@@ -38,8 +38,8 @@ import torch
 from ..errors import ConfigError, EpiflowError
 from ..io import atomic_path
 from .features import labelled_mask, metric_rows, metrics_frame, write_metrics
-from .zeroshot import (_dataset_name, _device, apply_label_map, classification_scores, copy_encoder, load_cells,
-                       load_model, obs_column, read_label_map, sample_input_ids)
+from .zeroshot import (_dataset_name, _device, apply_label_map, classification_scores, load_cells, load_model,
+                       obs_column, read_label_map, sample_input_ids)
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +353,11 @@ def integrate(checkpoint, cells, *, out_dir, batch_key: str = "batch", label_key
     qres = None
     if query is not None:
         q = load_cells(query)
+        if q.n_ccres != cells.n_ccres:
+            from ..errors import VocabularyMismatchError
+
+            raise VocabularyMismatchError(f"the query has {q.n_ccres} cCREs but the reference {cells.n_ccres}",
+                                          field="query", fix="map both onto the checkpoint's cCRE vocabulary")
         qk = query_label_key or label_key
         qlab = apply_label_map(obs_column(q, qk), label_map)
         qz = embed_cells(base, q, device=device, progress=progress, desc="embed query (zero-shot)")
