@@ -1,0 +1,141 @@
+"""CLI verbs of the baselines: ``run-baseline``, ``baseline-env``, ``list-baselines``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _params(items) -> dict:
+    from ..errors import EpiflowError
+
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise EpiflowError(f"--param expects KEY=VALUE, got {it!r}", field="--param")
+        k, v = it.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from ..io import atomic_path
+    from ..tasks.features import metrics_frame, write_metrics
+    from .base import get_adapter, save_output
+    from .run import canonical_input, evaluate, load_counts, run_baseline
+
+    log = logging.getLogger("epiflow.baselines")
+    spec = get_adapter(args.tool, args.task)
+    params = _params(args.param)
+    params.setdefault("seed", args.seed)
+    adata = load_counts(corpus=args.corpus, counts=args.counts, dataset=args.dataset)
+    inp, ctx = canonical_input(adata, args.task, label_key=args.label_key, batch_key=args.batch_key,
+                               condition_key=args.condition_key, control=args.control, holdout=args.holdout,
+                               seed=args.seed, min_open_fraction=args.min_open_fraction, top_n=args.top_n)
+    log.info("%s on %s: %d cells x %d features", spec.method, args.task, inp.n_obs, inp.n_vars)
+    out = run_baseline(args.tool, inp, args.task, params, env=args.env, cache=args.env_cache,
+                       envs_dir=args.envs_dir, timeout=args.timeout, threads=args.threads)
+    dataset = args.dataset or (str(inp.obs["dataset"].iloc[0]) if "dataset" in inp.obs
+                               and inp.obs["dataset"].nunique() == 1 else "all")
+    rows = evaluate(out, inp, ctx, dataset=dataset, method=args.method or spec.method, seed=args.seed,
+                    n_neighbors=args.n_neighbors)
+    od = Path(args.out_dir)
+    od.mkdir(parents=True, exist_ok=True)
+    with atomic_path(od / "output.npz") as tmp:
+        save_output(out, tmp)
+    if out.embedding is not None:
+        import anndata as ad
+        import numpy as np
+
+        e = ad.AnnData(obs=ctx["obs"].copy())
+        e.obs_names = inp.obs_names
+        e.obsm[f"X_{args.tool}"] = np.asarray(out.embedding, np.float32)
+        with atomic_path(od / "embedding.h5ad") as tmp:
+            e.write_h5ad(tmp)
+    if out.labels is not None:
+        import pandas as pd
+
+        tab = pd.DataFrame({"cell": inp.obs_names, "split": inp.obs["split"].to_numpy(),
+                            "true": ctx["truth"], "predicted": out.labels})
+        with atomic_path(od / "predictions.tsv") as tmp:
+            tab.to_csv(tmp, sep="\t", index=False)
+    with atomic_path(od / "info.json") as tmp:
+        Path(tmp).write_text(json.dumps({"tool": args.tool, "method": spec.method, "task": args.task,
+                                         "params": params, **out.info}, indent=1, default=str))
+    write_metrics(metrics_frame(rows), od / "metrics.tsv")
+    log.info("%s: wrote %s", spec.method, od / "metrics.tsv")
+    return 0
+
+
+def _env(args: argparse.Namespace) -> int:
+    from .venv import ensure_env, env_info
+
+    for tool in args.tool:
+        d = ensure_env(tool, cache=args.env_cache, envs_dir=args.envs_dir)
+        info = env_info(d)
+        print(f"{tool}\t{d}\tbuilt in {info['build_seconds']} s")
+        if args.stamp:
+            from pathlib import Path
+
+            Path(args.stamp).write_text(json.dumps({"tool": tool, "env": str(d), **info}, indent=1))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from .base import NOT_ON_PYPI, REGISTRY
+
+    print("tool\tmethod\ttasks\tdefault_env\tpypi")
+    for s in REGISTRY.values():
+        print(f"{s.tool}\t{s.method}\t{','.join(s.tasks)}\t{s.default_env}\t{s.pypi or '-'}")
+    for name, task in NOT_ON_PYPI.items():
+        print(f"-\t{name}\t{task}\tnot installable from PyPI\t-")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("run-baseline", help="run one baseline tool on a task and score it",
+                              description="Run a baseline (its adapter, in-process or in the tool's own "
+                                          "environment) and write metrics.tsv (task, dataset, method, "
+                                          "metric, value), output.npz, info.json and embedding.h5ad / "
+                                          "predictions.tsv.")
+    p.add_argument("--tool", required=True, help="see `epiflow list-baselines`")
+    p.add_argument("--task", required=True,
+                   choices=["feature_extraction", "integration", "annotation", "imputation", "perturbation"])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--corpus", help="corpus folder (raw counts of its shards)")
+    src.add_argument("--counts", help="h5ad of raw counts")
+    p.add_argument("--dataset", help="only the cells of this obs['dataset']")
+    p.add_argument("--label-key", default="cell_type")
+    p.add_argument("--batch-key", default="batch")
+    p.add_argument("--condition-key", default="condition")
+    p.add_argument("--control", default="control")
+    p.add_argument("--holdout", help="perturbation: cell type whose perturbed cells are predicted")
+    p.add_argument("--min-open-fraction", type=float, default=0.03, help="imputation cCRE filter (paper: 0.03)")
+    p.add_argument("--top-n", type=int, default=50_000, help="perturbation input: most accessible cCREs")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="adapter parameter (JSON value)")
+    p.add_argument("--method", help="name in the metrics table (default: the tool's)")
+    p.add_argument("--env", default="auto", choices=["auto", "inprocess", "venv"])
+    p.add_argument("--env-cache", help="venv cache folder (default $EPIFLOW_ENV_CACHE or ~/.cache/epiflow/envs)")
+    p.add_argument("--envs-dir", help="folder of baseline-<tool>.yaml files (default: the repository's envs/)")
+    p.add_argument("--timeout", type=int, help="seconds allowed for the tool's run in its venv")
+    p.add_argument("--threads", type=int, help="OMP/MKL threads in the tool's venv")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-neighbors", type=int, default=15)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=_run)
+
+    e = subparsers.add_parser("baseline-env", help="build (or find) the virtual environment of baseline tools")
+    e.add_argument("--tool", action="append", required=True)
+    e.add_argument("--env-cache")
+    e.add_argument("--envs-dir")
+    e.add_argument("--stamp", help="write the env's description (JSON) here (last tool)")
+    e.set_defaults(func=_env)
+
+    ls = subparsers.add_parser("list-baselines", help="the baseline tools, their tasks and environments")
+    ls.set_defaults(func=_list)

@@ -1,0 +1,233 @@
+"""Run a baseline on a task and score it in the common long metrics table.
+
+* :func:`load_counts` — raw counts of a corpus (shards + ``vocab.bed``) or an h5ad, optionally one
+  dataset;
+* :func:`canonical_input` — the adapter's AnnData (:mod:`epiflow.baselines.base`) with the paper's
+  per-task preprocessing: annotation gets the same stratified 2/3 reference, 1/3 query split as
+  EpiAgent (:func:`epiflow.tasks.annotation.stratified_split`) with query labels hidden; imputation
+  keeps the cCREs open in >= 3 % of cells; perturbation keeps the top-50,000 most accessible cCREs and
+  removes the held-out cell type's perturbed cells;
+* :func:`run_baseline` — runs the adapter in-process or in the tool's venv (``env='auto'`` uses the
+  registry's default);
+* :func:`evaluate` — metric rows (``task, dataset, method, metric, value``) with the same metric
+  functions as the EpiAgent tasks, plus ``runtime_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..errors import EpiflowError, InputFormatError
+from .base import BaselineOutput, get_adapter
+from .preprocess import open_in_fraction, top_accessible
+
+log = logging.getLogger(__name__)
+
+ENVS = ("auto", "inprocess", "venv")
+
+
+def load_counts(*, corpus=None, counts=None, dataset: str | None = None):
+    """AnnData of raw counts (X CSR float32, obs, var with chrom/start/end when known)."""
+    import anndata as ad
+
+    if (corpus is None) == (counts is None):
+        raise EpiflowError("give exactly one of a corpus folder or a counts h5ad", field="input")
+    if counts is not None:
+        try:
+            a = ad.read_h5ad(counts)
+        except Exception as exc:  # noqa: BLE001
+            raise InputFormatError(f"not a readable h5ad ({exc})", path=str(counts)) from None
+        a.X = sp.csr_matrix(a.X, dtype=np.float32)
+    else:
+        from ..corpus.shard import open_corpus
+
+        c = open_corpus(corpus)
+        vocab = c.vocab()
+        var = vocab.copy()
+        var.index = (vocab["chrom"] + ":" + vocab["start"].astype(str) + "-" + vocab["end"].astype(str)).to_numpy()
+        parts = [s.to_anndata(var=var) for s in c.iter_shards()]
+        a = ad.concat(parts, merge="first") if len(parts) > 1 else parts[0]
+        a.var = var
+        a.X = sp.csr_matrix(a.X, dtype=np.float32)
+        for k in list(a.layers):
+            del a.layers[k]
+    if dataset is not None:
+        if "dataset" not in a.obs:
+            raise InputFormatError("obs has no 'dataset' column to select --dataset", path=str(counts or corpus),
+                                   field="obs/dataset")
+        a = a[a.obs["dataset"].astype(str).to_numpy() == dataset].copy()
+        if a.n_obs == 0:
+            raise EpiflowError(f"no cell of dataset '{dataset}'", path=str(counts or corpus), field="obs/dataset")
+    a.obs_names = a.obs_names.astype(str)
+    a.obs_names_make_unique()
+    return a
+
+
+def _column(adata, key: str, what: str) -> np.ndarray:
+    if key not in adata.obs:
+        raise EpiflowError(f"{what} column '{key}' not in obs (have: {list(adata.obs.columns)})",
+                           field=f"obs/{key}", fix=f"pass the right --{what.replace(' ', '-')}-key")
+    return adata.obs[key].astype(str).to_numpy()
+
+
+def canonical_input(adata, task: str, *, label_key: str = "cell_type", batch_key: str | None = "batch",
+                    condition_key: str = "condition", control: str = "control", holdout: str | None = None,
+                    query_fraction: float = 1 / 3, seed: int = 0, min_open_fraction: float = 0.03,
+                    top_n: int = 50_000):
+    """(adapter input AnnData, evaluation context dict) for ``task`` (see the module docstring)."""
+    import anndata as ad
+
+    from ..tasks.features import labelled_mask
+
+    x = sp.csr_matrix(adata.X, dtype=np.float32)
+    labels = _column(adata, label_key, "label") if label_key in adata.obs or task != "integration" else None
+    keep = np.ones(adata.n_obs, dtype=bool)
+    if labels is not None and task in ("feature_extraction", "annotation", "imputation", "perturbation"):
+        keep = labelled_mask(adata.obs[label_key].to_numpy(dtype=object))
+        if (~keep).any():
+            log.info("%d cells without a '%s' label are left out", int((~keep).sum()), label_key)
+    obs = pd.DataFrame(index=adata.obs_names.astype(str))
+    if labels is not None:
+        obs["label"] = labels
+    if batch_key and batch_key in adata.obs:
+        obs["batch"] = adata.obs[batch_key].astype(str).to_numpy()
+    elif task == "integration":
+        raise EpiflowError(f"integration needs a batch column; '{batch_key}' is not in obs",
+                           field=f"obs/{batch_key}", fix="pass --batch-key")
+    for c in ("cell_id", "dataset"):
+        if c in adata.obs:
+            obs[c] = adata.obs[c].astype(str).to_numpy()
+    var = adata.var.copy()
+    features = np.arange(x.shape[1])
+    ctx: dict = {"task": task}
+    if task == "imputation":
+        features = open_in_fraction(x[keep], min_open_fraction)
+        if features.size < 3:
+            raise EpiflowError(f"only {features.size} features are open in >= {min_open_fraction:.0%} of the cells",
+                               field="min_open_fraction")
+        ctx["raw"] = x[keep][:, features]
+    if task == "annotation":
+        from ..tasks.annotation import stratified_split
+
+        is_query = stratified_split(labels[keep], query_fraction, seed)
+        split = np.full(adata.n_obs, "", dtype=object)
+        split[np.flatnonzero(keep)] = np.where(is_query, "query", "reference")
+        obs["split"] = split
+        ctx["truth"] = labels[keep].copy()
+        ctx["is_query"] = is_query
+        obs.loc[obs["split"] == "query", "label"] = ""
+    if task == "perturbation":
+        cond = _column(adata, condition_key, "condition")
+        if control not in set(cond):
+            raise EpiflowError(f"no '{control}' cell in obs['{condition_key}']", field=f"obs/{condition_key}")
+        perturbed = cond != control
+        types = pd.unique(labels[keep & perturbed])
+        if holdout is None:
+            if len(types) == 0:
+                raise EpiflowError("no perturbed cell", field=f"obs/{condition_key}")
+            holdout = str(sorted(types)[0])
+        if holdout not in set(labels):
+            raise EpiflowError(f"holdout cell type '{holdout}' not in obs['{label_key}']", field="holdout")
+        features = top_accessible(x[keep], top_n)
+        held = keep & perturbed & (labels == holdout)
+        ctx.update(holdout=holdout, real_pert=x[held][:, features],
+                   real_ctrl=x[keep & ~perturbed & (labels == holdout)][:, features])
+        keep = keep & ~held
+        obs["condition"] = np.where(perturbed, "perturbed", "control")
+    sub = ad.AnnData(X=x[keep][:, features], obs=obs.iloc[np.flatnonzero(keep)].copy(),
+                     var=var.iloc[features].copy())
+    if task == "perturbation":
+        sub.uns["holdout"] = holdout
+    ctx["features"] = features
+    ctx["obs"] = adata.obs.iloc[np.flatnonzero(keep)].copy()
+    return sub, ctx
+
+
+def run_baseline(tool: str, adata, task: str, params: dict | None = None, *, env: str = "auto", cache=None,
+                 envs_dir=None, timeout: int | None = None, threads: int | None = None) -> BaselineOutput:
+    """Run ``tool``'s adapter on the canonical ``adata``; ``env``: auto / inprocess / venv."""
+    spec = get_adapter(tool, task)
+    if env not in ENVS:
+        raise EpiflowError(f"env must be one of {ENVS}, got {env!r}", field="env")
+    mode = spec.default_env if env == "auto" else env
+    params = dict(params or {})
+    t0 = time.perf_counter()
+    if mode == "inprocess":
+        out = spec.load()(adata, task, params)
+        out.info.setdefault("fit_seconds", time.perf_counter() - t0)
+    else:
+        from .venv import run_in_venv
+
+        out = run_in_venv(tool, adata, task, params, cache=cache, envs_dir=envs_dir, timeout=timeout,
+                          threads=threads)
+    out.check(task, adata.n_obs)
+    out.info["env_mode"] = mode
+    out.info["runtime_s"] = time.perf_counter() - t0
+    return out
+
+
+def _embedding_scores(emb, labels, seed: int, n_neighbors: int) -> dict:
+    from ..metrics import clustering_scores, label_silhouette, leiden_bisect
+
+    n_types = len(np.unique(labels))
+    lab, res, reached = leiden_bisect(emb, n_types, n_neighbors=n_neighbors, seed=seed)
+    s = clustering_scores(labels, lab)
+    return {"NMI": s["NMI"], "ARI": s["ARI"], "ASW_cell_type": label_silhouette(emb, labels, seed=seed),
+            "n_clusters": int(np.max(lab)) + 1, "n_cell_types": n_types, "leiden_reached": int(reached),
+            "leiden_resolution": float(res)}
+
+
+def evaluate(out: BaselineOutput, adata, ctx: dict, *, dataset: str, method: str, seed: int = 0,
+             n_neighbors: int = 15, ks=(10, 50, 100)) -> list[dict]:
+    """Metric rows of one baseline run (the long table of :mod:`epiflow.tasks.features`)."""
+    from ..tasks.features import metric_rows
+
+    task = ctx["task"]
+    v: dict[str, float] = {"n_cells": adata.n_obs, "n_features": adata.n_vars}
+    labels = adata.obs["label"].astype(str).to_numpy() if "label" in adata.obs else None
+    if task in ("feature_extraction", "integration"):
+        emb = np.asarray(out.embedding, np.float32)
+        v["n_dims"] = emb.shape[1]
+        if labels is not None:
+            v.update(_embedding_scores(emb, labels, seed, n_neighbors))
+        if task == "integration":
+            from ..metrics.integration import integration_scores
+
+            v.update(integration_scores(emb, adata.obs["batch"].astype(str).to_numpy(), labels))
+    elif task == "annotation":
+        from ..metrics.classification import classification_scores
+
+        q = ctx["is_query"]
+        v.update(classification_scores(ctx["truth"][q], np.asarray(out.labels).astype(str)[q]))
+        v["n_query"] = int(q.sum())
+    elif task == "imputation":
+        from ..metrics.imputation import pca_leiden_scores, signal_agreement
+
+        imp = np.asarray(out.imputed, np.float32)
+        v.update(pca_leiden_scores(imp, labels, n_neighbors=n_neighbors, seed=seed))
+        agr = signal_agreement(imp, labels)
+        for k, arr in agr.items():
+            v[f"{k}_mean"] = float(np.nanmean(arr))
+    elif task == "perturbation":
+        from ..metrics.perturbation import differential_accessibility, direction_accuracy, r2_linear, top_da
+
+        real_p, real_c = ctx["real_pert"], ctx["real_ctrl"]
+        mean_p = np.asarray(real_p.mean(0)).ravel()
+        mean_c = np.asarray(real_c.mean(0)).ravel()
+        pred = np.asarray(out.predicted, np.float64)
+        pm = pred.mean(0)
+        scores = differential_accessibility(real_c, real_p)
+        top = top_da(scores, min(1000, len(scores)))["all"]
+        v.update({"R2_all": r2_linear(mean_p, pm), "R2_top1000": r2_linear(mean_p[top], pm[top]),
+                  "n_ctrl": real_c.shape[0], "n_pert": real_p.shape[0]})
+        for k in ks:
+            sets = top_da(scores, k)
+            acc = direction_accuracy(pm - mean_c, sets["up"], sets["down"])
+            v[f"dir_acc@{k}"] = acc["all"]
+    v["runtime_s"] = float(out.info.get("runtime_s", np.nan))
+    return metric_rows(task, dataset, method, v)
