@@ -237,6 +237,34 @@ def cell_ids(shard) -> np.ndarray:
     return ids
 
 
+TRAINERS = ("task", "shared")
+
+
+def shared_finetune(model, shard, objectives, *, cells=None, labels=None, epochs: int, lr: float,
+                    max_len: int | None, weight_decay: float, seed: int, device, progress: bool,
+                    batch_tokens: int = 4096) -> pd.DataFrame:
+    """Run the generic loop :func:`epiflow.train.finetune` (token-budget batches, cosine schedule) and
+    return its per-epoch history as the training log (``step`` = epoch end)."""
+    from ..train.finetune import finetune
+
+    res = finetune(model, shard, objectives, cells=cells, labels=labels, epochs=int(epochs), lr=float(lr),
+                   max_len=effective_max_len(model, max_len), weight_decay=weight_decay, seed=int(seed),
+                   device=str(device), progress=progress, batch_tokens=int(batch_tokens))
+    hist = pd.DataFrame(res["history"])
+    loss_cols = [c for c in hist.columns if c != "epoch"]
+    hist["loss"] = hist[loss_cols].sum(axis=1) if loss_cols else np.nan
+    hist["step"] = np.linspace(0, res["steps"], len(hist) + 1)[1:].round().astype(int) if len(hist) else []
+    return hist
+
+
+def check_trainer(trainer: str, max_steps) -> None:
+    if trainer not in TRAINERS:
+        raise ConfigError(f"unknown trainer {trainer!r}", field="trainer", fix=f"use one of {', '.join(TRAINERS)}")
+    if trainer == "shared" and max_steps is not None:
+        raise ConfigError("max_steps is not supported by the shared fine-tuning loop", field="max_steps",
+                          fix="use trainer='task' or drop max_steps (use fewer epochs)")
+
+
 # ============================================================================ split and baselines
 def stratified_split(labels, query_fraction: float = 1 / 3, seed: int = 0) -> np.ndarray:
     """Seeded stratified split; returns a boolean array, True = query.
@@ -524,7 +552,7 @@ def annotate(data, checkpoint, label_key: str = "cell_type", *, head: str = "lin
              query_fraction: float = 1 / 3, max_steps: int | None = None, num_heads: int | None = None,
              device=None, backend: str = "sdpa", weight_decay: float = 0.01, focal_gamma: float = 2.0,
              lsi_components: int = 50, baselines: bool = True, save_model: bool = False, figures: bool = True,
-             svg: bool = False, progress: bool = True):
+             svg: bool = False, progress: bool = True, trainer: str = "task"):
     """Fine-tune a classifier on the reference cells and annotate the query (see the module docstring).
 
     ``data``: corpus folder / shard path(s) / Shard; ``checkpoint``: a checkpoint path (``epiflow
@@ -534,7 +562,12 @@ def annotate(data, checkpoint, label_key: str = "cell_type", *, head: str = "lin
     Returns ``(predictions, metrics)``: ``predictions`` one row per cell (``cell_id``, ``dataset``,
     ``split`` = reference / query / unlabelled, ``true``, ``pred_<method>``, ``prob_EpiAgent``);
     ``metrics`` the long table (task ``annotation``; metrics on the query cells).
+
+    ``trainer``: ``"task"`` (this module's loop: fixed-size cell batches, constant learning rate,
+    ``max_steps``, per-step log) or ``"shared"`` (:func:`epiflow.train.finetune`: token-budget batches,
+    cosine schedule, one learning rate; no ``max_steps``).
     """
+    check_trainer(trainer, max_steps)
     if head not in HEADS:
         raise ConfigError(f"unknown head {head!r}", field="head", fix=f"use one of {', '.join(HEADS)}")
     check_train_args(epochs, lr, batch_size, max_steps)
@@ -580,12 +613,21 @@ def annotate(data, checkpoint, label_key: str = "cell_type", *, head: str = "lin
         extra["LSI+LogReg"] = {"lsi_components": info["n_components"], "lsi_dropped_first": int(info["dropped_first"])}
 
     # --- EpiAgent fine-tuned end to end
-    attach_classifier(model, len(classes), head)
+    with torch.random.fork_rng(devices=[]):  # seeded head initialisation, global RNG untouched
+        torch.manual_seed(int(seed))
+        attach_classifier(model, len(classes), head)
     t0 = time.perf_counter()
-    train_log = finetune_classifier(model, shard, ref_rows, y_ref_int, head=head, epochs=epochs, lr=lr,
-                                    head_lr=head_lr, batch_size=batch_size, max_len=max_len,
-                                    weight_decay=weight_decay, focal_gamma=focal_gamma, max_steps=max_steps,
-                                    seed=seed, device=device, progress=progress)
+    if trainer == "shared":
+        y_full = np.zeros(shard.n_cells, dtype=np.int64)
+        y_full[ref_rows] = y_ref_int
+        train_log = shared_finetune(model, shard, ("classify",), cells=ref_rows, labels=y_full, epochs=epochs,
+                                    lr=lr, max_len=max_len, weight_decay=weight_decay, seed=seed, device=device,
+                                    progress=progress)
+    else:
+        train_log = finetune_classifier(model, shard, ref_rows, y_ref_int, head=head, epochs=epochs, lr=lr,
+                                        head_lr=head_lr, batch_size=batch_size, max_len=max_len,
+                                        weight_decay=weight_decay, focal_gamma=focal_gamma, max_steps=max_steps,
+                                        seed=seed, device=device, progress=progress)
     train_s = time.perf_counter() - t0
     probs, _ = predict_proba(model, shard, max_len=max_len, device=device)
     pred_idx = probs.argmax(1)
@@ -600,7 +642,8 @@ def annotate(data, checkpoint, label_key: str = "cell_type", *, head: str = "lin
         vals = classification_scores(yq, np.asarray(pr)[q_rows].astype(str))
         vals.update({"n_reference": len(ref_rows), "n_query": len(q_rows), "n_classes": len(classes)})
         if method == "EpiAgent":
-            vals.update({"train_steps": len(train_log), "train_seconds": train_s,
+            vals.update({"train_steps": int(train_log["step"].iloc[-1]) + (trainer == "task") if len(train_log)
+                         else 0, "train_seconds": train_s,
                          "train_loss_first": float(train_log["loss"].iloc[0]) if len(train_log) else math.nan,
                          "train_loss_last": float(train_log["loss"].tail(max(1, len(train_log) // 10)).mean())
                          if len(train_log) else math.nan})

@@ -26,6 +26,9 @@ def add_common_finetune_args(p: argparse.ArgumentParser, *, epochs: int, lr: flo
     p.add_argument("--backend", default="sdpa", choices=["sdpa", "packed", "flash", "auto"],
                    help="attention backend (default sdpa)")
     p.add_argument("--lsi-components", type=int, default=50, help="SVD components of the LSI baseline")
+    p.add_argument("--trainer", choices=["task", "shared"], default="task",
+                   help="fine-tuning loop: task = this task's loop (default; supports --max-steps), shared = "
+                        "epiflow.train.finetune (token-budget batches, cosine schedule)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--svg", action="store_true", help="also write SVG figures")
 
@@ -39,7 +42,7 @@ def _annotate(args: argparse.Namespace) -> int:
         out_dir=args.out_dir, dataset=args.dataset, query_fraction=args.query_fraction, max_steps=args.max_steps,
         num_heads=args.num_heads, device=args.device, backend=args.backend, focal_gamma=args.focal_gamma,
         lsi_components=args.lsi_components, baselines=not args.no_baselines, save_model=args.save_model,
-        figures=not args.no_figures, svg=args.svg)
+        figures=not args.no_figures, svg=args.svg, trainer=args.trainer)
     show = metrics[metrics["metric"].isin(["accuracy", "macro_F1", "balanced_accuracy"])]
     print(show.pivot_table(index="method", columns="metric", values="value", sort=False).to_string())
     print(f"wrote {Path(args.out_dir) / 'metrics.tsv'}")

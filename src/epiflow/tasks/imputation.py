@@ -44,9 +44,9 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, EpiflowError
 from ..tokenize import NUM_SPECIAL
-from .annotation import (_figure, autocast_ctx, batch_input_ids, cell_ids, check_train_args, dataset_name,
-                         effective_max_len, epoch_batches, load_cells, load_model, make_optimizer,
-                         resolve_device, total_steps)
+from .annotation import (_figure, autocast_ctx, batch_input_ids, cell_ids, check_train_args, check_trainer,
+                         dataset_name, effective_max_len, epoch_batches, load_cells, load_model, make_optimizer,
+                         resolve_device, shared_finetune, total_steps)
 from .features import _write_tsv, labelled_mask, metric_rows, metrics_frame, write_metrics
 
 log = logging.getLogger(__name__)
@@ -269,13 +269,20 @@ def impute(data, checkpoint, label_key: str = "cell_type", *, epochs: int = 5, l
            min_cell_fraction: float = 0.03, cca_weight: float = 1.0, sr_weight: float = 1.0,
            cca_max_pos: int | None = None, lsi_components: int = 50, n_pcs: int = 50, n_neighbors: int = 15,
            num_heads: int | None = None, device=None, backend: str = "sdpa", weight_decay: float = 0.01,
-           save_model: bool = False, figures: bool = True, svg: bool = False, progress: bool = True):
+           save_model: bool = False, figures: bool = True, svg: bool = False, progress: bool = True,
+           trainer: str = "task"):
     """Fine-tune for imputation, impute, evaluate (see the module docstring).
 
     Returns ``(imputed, metrics)``: ``imputed`` an AnnData of all cells x the kept cCREs (``X`` float32
     imputed TF-IDF), ``metrics`` the long table (task ``imputation``, methods Raw / LSI-recon /
     EpiAgent; metrics on the labelled cells).
+
+    ``trainer``: ``"task"`` (this module's loop: CCA as BCE with K = 1, SR as MSE; ``max_steps``,
+    per-step log, decoder / CCA head at ``head_lr``) or ``"shared"`` (:func:`epiflow.train.finetune`
+    with objective ``"mse"``: CCA *and* SR as MSE regressions of TF-IDF, cosine schedule, one
+    learning rate; no ``max_steps``).
     """
+    check_trainer(trainer, max_steps)
     import anndata as ad
 
     from ..metrics.imputation import open_fraction_filter
@@ -306,10 +313,14 @@ def impute(data, checkpoint, label_key: str = "cell_type", *, epochs: int = 5, l
     _need_heads(model)
 
     t0 = time.perf_counter()
-    train_log = finetune_imputation(model, shard, epochs=epochs, lr=lr, head_lr=head_lr, batch_size=batch_size, max_len=max_len,
-                                    weight_decay=weight_decay, cca_weight=cca_weight, sr_weight=sr_weight,
-                                    cca_max_pos=cca_max_pos, max_steps=max_steps, seed=seed, device=device,
-                                    progress=progress)
+    if trainer == "shared":
+        train_log = shared_finetune(model, shard, ("mse",), epochs=epochs, lr=lr, max_len=max_len,
+                                    weight_decay=weight_decay, seed=seed, device=device, progress=progress)
+    else:
+        train_log = finetune_imputation(model, shard, epochs=epochs, lr=lr, head_lr=head_lr,
+                                        batch_size=batch_size, max_len=max_len, weight_decay=weight_decay,
+                                        cca_weight=cca_weight, sr_weight=sr_weight, cca_max_pos=cca_max_pos,
+                                        max_steps=max_steps, seed=seed, device=device, progress=progress)
     train_s = time.perf_counter() - t0
     imputed = decode_signal(model, shard, keep, max_len=max_len, device=device)
 
@@ -324,7 +335,8 @@ def impute(data, checkpoint, label_key: str = "cell_type", *, epochs: int = 5, l
         vals = dict(scores[method])
         vals.update({"n_cells": int(lab.sum()), "n_ccres_kept": len(keep), "n_ccres_total": shard.n_ccres})
         if method == "EpiAgent":
-            vals.update({"train_steps": len(train_log), "train_seconds": train_s,
+            vals.update({"train_steps": int(train_log["step"].iloc[-1]) + (trainer == "task") if len(train_log)
+                         else 0, "train_seconds": train_s,
                          "train_loss_first": float(train_log["loss"].iloc[0]) if len(train_log) else math.nan,
                          "train_loss_last": float(train_log["loss"].tail(max(1, len(train_log) // 10)).mean())
                          if len(train_log) else math.nan})
@@ -353,7 +365,7 @@ def impute(data, checkpoint, label_key: str = "cell_type", *, epochs: int = 5, l
     adata.layers["raw_tfidf"] = sp.csr_matrix(raw, dtype=np.float32)
     adata.uns["epiflow_imputation"] = {"dataset": ds_name, "min_cell_fraction": float(min_cell_fraction),
                                        "epochs": int(epochs), "lr": float(lr), "seed": int(seed),
-                                       "train_steps": int(len(train_log))}
+                                       "trainer": trainer}
 
     if out_dir is not None:
         from ..io import atomic_path

@@ -16,7 +16,8 @@ def _impute(args: argparse.Namespace) -> int:
         dataset=args.dataset, max_steps=args.max_steps, min_cell_fraction=args.min_cell_fraction,
         cca_weight=args.cca_weight, sr_weight=args.sr_weight, cca_max_pos=args.cca_max_pos,
         lsi_components=args.lsi_components, n_pcs=args.n_pcs, num_heads=args.num_heads, device=args.device,
-        backend=args.backend, save_model=args.save_model, figures=not args.no_figures, svg=args.svg)
+        backend=args.backend, save_model=args.save_model, figures=not args.no_figures, svg=args.svg,
+        trainer=args.trainer)
     show = metrics[metrics["metric"].isin(["NMI", "ARI", "pearson_cell_median", "pearson_ccre_median",
                                            "mse_cell_median"])]
     print(show.pivot_table(index="method", columns="metric", values="value", sort=False).to_string())
