@@ -256,3 +256,19 @@ def test_make_perturbation_benchmark_real_cells(tmp_path, data_dir):
     for f in ("stimulation_corpus/corpus.json", "genetic_corpus/corpus.json", "README.md", "go.tsv",
               "truth/params.json"):
         assert (out / f).exists(), f
+
+
+def test_paper_manifest_parses():
+    from pathlib import Path
+
+    from epiflow.corpus.manifest import load_manifest
+
+    path = Path(__file__).resolve().parents[1] / "config" / "manifests" / "perturbation_paper.tsv"
+    entries = {e.name: e for e in load_manifest(path)}
+    assert set(entries) == {"lareau2019_dsciatac_lps_bmmc", "pierce2021_spear_atac",
+                            "liscovitchbrauer2021_crispr_sciatac"}
+    for e in entries.values():
+        assert e.url.startswith("https://") and not e.sha256       # sha256 unknown: left empty
+        assert "geo/query/acc.cgi?acc=GSE" in e.extra["source_page"]
+    assert entries["lareau2019_dsciatac_lps_bmmc"].extra["condition_key"] == "condition"
+    assert entries["pierce2021_spear_atac"].extra["perturbation_key"] == "perturbation"
