@@ -1,0 +1,147 @@
+"""Imputation (epiflow.tasks.imputation) on a small structured synthetic corpus with a tiny model:
+the sparse MSE loss, end-to-end fine-tuning, outputs, evaluation, CLI, errors."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from epiflow.cli import main
+from epiflow.errors import ConfigError, EpiflowError
+from epiflow.model import EpiAgentConfig, from_config, save_epiagent_checkpoint
+from epiflow.tasks.features import METRIC_COLUMNS
+from epiflow.tasks.imputation import (_batch_targets, decode_signal, finetune_imputation, impute,
+                                      lsi_reconstruction, sr_mse_sparse)
+from epiflow.tasks.annotation import load_cells, load_model
+from epiflow.train import rng as krng
+from epiflow.train.toy import write_toy_corpus
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("imp")
+    corpus = write_toy_corpus(tmp / "corpus", n_cells=120, n_ccres=250, n_types=3, seed=2, shard_size=70)
+    torch.manual_seed(0)
+    ckpt = save_epiagent_checkpoint(from_config(EpiAgentConfig.preset("tiny", n_ccres=250)),
+                                    tmp / "checkpoint.pth", write_config=True)
+    return tmp, corpus, ckpt
+
+
+def test_sr_mse_sparse_equals_dense():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(4, 30, generator=g)
+    rows = torch.tensor([0, 0, 2, 3, 3, 3])
+    cols = torch.tensor([1, 7, 0, 2, 29, 5])
+    vals = torch.rand(6, generator=g) * 5
+    dense = torch.zeros(4, 30)
+    dense[rows, cols] = vals
+    assert sr_mse_sparse(pred, rows, cols, vals).item() == pytest.approx(torch.mean((pred - dense) ** 2).item(),
+                                                                         rel=1e-6)
+    assert sr_mse_sparse(pred, rows[:0], cols[:0], vals[:0]).item() == pytest.approx((pred ** 2).mean().item())
+
+
+def test_batch_targets_positives_and_k1_negatives(toy):
+    _, corpus, _ = toy
+    shard, _ = load_cells(corpus)
+    rows = np.array([3, 10, 50])
+    r, c, v, qr, qi, ql = _batch_targets(shard, rows, shard.n_ccres, krng.cell_keys(0, 0, krng.NEGATIVES, rows), None)
+    dense = shard.tfidf_csr()[rows].toarray()
+    np.testing.assert_allclose(dense[r.numpy(), c.numpy()], v.numpy())
+    assert int((dense > 0).sum()) == len(v)  # every accessible cCRE is an SR positive
+    for i in range(3):
+        pos = set(qi[(qr == i) & (ql == 1)].tolist())
+        neg = qi[(qr == i) & (ql == 0)].tolist()
+        assert len(neg) == len(pos) == int((dense[i] > 0).sum())  # K = 1
+        assert len(set(neg)) == len(neg) and not pos & set(neg)
+        assert all(dense[i, t - 4] == 0 for t in neg)
+
+
+def test_lsi_reconstruction_of_low_rank_matrix_is_exact():
+    rng = np.random.default_rng(0)
+    x = (rng.random((20, 3)) @ rng.random((3, 6))).astype(np.float32)  # rank 3 < the 5 components kept
+    np.testing.assert_allclose(lsi_reconstruction(x, n_components=50, clip=False), x, atol=1e-4)
+    low = lsi_reconstruction(sp.csr_matrix(x), n_components=2)
+    assert low.shape == x.shape and (low >= 0).all()
+
+
+def test_impute_outputs_and_long_table(toy):
+    tmp, corpus, ckpt = toy
+    out = tmp / "out"
+    adata, met = impute(corpus, ckpt, epochs=1, max_steps=2, seed=0, out_dir=out, progress=False)
+    assert list(met.columns) == METRIC_COLUMNS
+    assert set(met["method"]) == {"Raw", "LSI-recon", "EpiAgent"} and set(met["task"]) == {"imputation"}
+    t = met.set_index(["method", "metric"])["value"]
+    for m in ("Raw", "LSI-recon", "EpiAgent"):
+        for k in ("NMI", "ARI", "pearson_cell_median", "mse_cell_median", "pearson_ccre_median", "mse_ccre_median"):
+            assert np.isfinite(t[(m, k)]), (m, k)
+    assert t[("EpiAgent", "train_steps")] == 2
+    assert t[("Raw", "NMI")] > 0.9  # separable synthetic types
+    kept = int(t[("Raw", "n_ccres_kept")])
+    assert adata.shape == (120, kept) and adata.X.dtype == np.float32 and (adata.X >= 0).all()
+    assert {"chrom", "start", "end", "ccre_index"} <= set(adata.var.columns)
+    assert adata.obs_names[0] == "cell0"
+    for f in ("metrics.tsv", "imputed.h5ad", "per_cell.tsv", "per_ccre.tsv", "train_log.tsv", "imputation_box.png"):
+        assert (out / f).stat().st_size > 0, f
+    back = ad.read_h5ad(out / "imputed.h5ad")
+    np.testing.assert_allclose(back.X, adata.X)
+    # raw layer = the corpus TF-IDF of the kept cCREs
+    shard, _ = load_cells(corpus)
+    np.testing.assert_allclose(back.layers["raw_tfidf"].toarray(),
+                               shard.tfidf_csr()[:, adata.var["ccre_index"].to_numpy()].toarray())
+    pc = pd.read_csv(out / "per_cell.tsv", sep="\t")
+    assert len(pc) == 120 and {"pearson_EpiAgent", "mse_Raw"} <= set(pc.columns)
+    assert len(pd.read_csv(out / "per_ccre.tsv", sep="\t")) == kept
+
+
+def test_min_cell_fraction_filters_ccres(toy):
+    _, corpus, ckpt = toy
+    shard, _ = load_cells(corpus)
+    n_open = np.diff(shard.counts_csr().tocsc().indptr)  # cells in which each cCRE is open
+    adata, met = impute(corpus, ckpt, epochs=1, max_steps=1, min_cell_fraction=0.2, figures=False, progress=False)
+    assert adata.n_vars == int((n_open >= 0.2 * 120).sum()) < shard.n_ccres
+    np.testing.assert_array_equal(adata.var["ccre_index"], np.flatnonzero(n_open >= 24))
+
+
+def test_finetuning_improves_reconstruction(toy):
+    """Real training: the MSE reconstruction loss falls and the imputed signal tracks the cell types."""
+    _, corpus, ckpt = toy
+    shard, _ = load_cells(corpus)
+    model = load_model(ckpt)
+    before = decode_signal(model, shard, clip=False)
+    log = finetune_imputation(model, shard, epochs=4, lr=5e-4, batch_size=16, progress=False)
+    after = decode_signal(model, shard, clip=False)
+    first, last = log["sr_mse"].iloc[:3].mean(), log["sr_mse"].iloc[-3:].mean()
+    assert last < 0.8 * first
+    target = shard.tfidf_csr().toarray()
+    assert ((after - target) ** 2).mean() < ((before - target) ** 2).mean()
+
+
+def test_errors(toy, tmp_path):
+    _, corpus, ckpt = toy
+    sup = from_config(EpiAgentConfig.preset("tiny", n_ccres=250, pretrain_heads=False, classifier="linear",
+                                            num_classes=3))
+    p = save_epiagent_checkpoint(sup, tmp_path / "sup.pth", write_config=True)
+    with pytest.raises(ConfigError, match="signal decoder"):
+        impute(corpus, p, max_steps=1, progress=False)
+    with pytest.raises(EpiflowError, match="label column"):
+        impute(corpus, ckpt, label_key="nope", progress=False)
+    with pytest.raises(EpiflowError, match="open in"):
+        impute(corpus, ckpt, min_cell_fraction=1.0, progress=False)
+    with pytest.raises(ConfigError):
+        impute(corpus, ckpt, epochs=0, progress=False)
+
+
+def test_cli_impute(toy, capsys):
+    tmp, corpus, ckpt = toy
+    out = tmp / "cli"
+    rc = main(["impute", "--corpus", str(corpus), "--checkpoint", str(ckpt), "--out-dir", str(out),
+               "--max-steps", "1", "--no-figures"])
+    assert rc == 0
+    assert "LSI-recon" in capsys.readouterr().out
+    assert (out / "imputed.h5ad").exists() and not (out / "imputation_box.png").exists()
+    m = pd.read_csv(out / "metrics.tsv", sep="\t")
+    assert list(m.columns) == METRIC_COLUMNS
+    rc = main(["impute", "--corpus", str(tmp / "nope"), "--checkpoint", str(ckpt), "--out-dir", str(out)])
+    assert rc == 2
