@@ -1,0 +1,269 @@
+"""Baselines: gene activity, feature selections, the adapter interface, in-process adapters, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from epiflow.baselines import base, preprocess, venv
+from epiflow.baselines.run import canonical_input, evaluate, load_counts, run_baseline
+from epiflow.errors import ConfigError, EpiflowError, InputFormatError
+
+
+def synthetic(n_per=30, n_types=3, n_feat=240, seed=0):
+    """Cells of ``n_types`` types, each with its own block of open features; batch b1 has an extra
+    open block (a batch effect); features on chr1/chr2 at 5 kb spacing."""
+    import anndata as ad
+
+    rng = np.random.default_rng(seed)
+    n = n_per * n_types
+    lab = np.repeat(np.arange(n_types), n_per)
+    p = np.tile(rng.uniform(0.02, 0.08, n_feat), (n_types, 1))
+    blk = n_feat // (2 * n_types)
+    for t in range(n_types):
+        p[t, t * blk:(t + 1) * blk] = 0.7
+    batch = rng.integers(0, 2, n)
+    prob = p[lab]
+    prob[batch == 1, -blk:] += 0.4
+    x = (rng.random((n, n_feat)) < np.clip(prob, 0, 1)).astype(np.float32)
+    x[x.sum(1) == 0, 0] = 1
+    obs = pd.DataFrame({"cell_type": [f"T{t}" for t in lab], "batch": [f"b{b}" for b in batch], "dataset": "syn"},
+                       index=[f"c{i}" for i in range(n)])
+    starts = np.arange(n_feat) * 5000 + 10_000
+    var = pd.DataFrame({"chrom": np.where(np.arange(n_feat) < n_feat // 2, "chr1", "chr2"), "start": starts,
+                        "end": starts + 500})
+    var.index = (var["chrom"] + ":" + var["start"].astype(str) + "-" + var["end"].astype(str)).to_numpy()
+    return ad.AnnData(X=sp.csr_matrix(x), obs=obs, var=var)
+
+
+@pytest.fixture(scope="module")
+def adata():
+    return synthetic()
+
+
+def genes_bed(tmp_path, var):
+    """One '+' gene per 4 consecutive features (body = the 4 features' span minus the first 2 kb)."""
+    rows = []
+    for g, i in enumerate(range(0, len(var), 4)):
+        chrom = var["chrom"].iloc[i]
+        if var["chrom"].iloc[min(i + 3, len(var) - 1)] != chrom:
+            continue
+        rows.append((chrom, int(var["start"].iloc[i]) + 2000, int(var["end"].iloc[min(i + 3, len(var) - 1)]),
+                     f"G{g}", ".", "+"))
+    p = tmp_path / "genes.bed"
+    pd.DataFrame(rows).to_csv(p, sep="\t", header=False, index=False)
+    return p
+
+
+# ----------------------------------------------------------------------------- preprocessing
+def test_gene_activity_strand_aware(tmp_path):
+    genes = pd.DataFrame({"chrom": ["chr1", "chr1", "chr2"], "start": [10_000, 30_000, 100],
+                          "end": [20_000, 40_000, 200], "name": ["P", "M", "Q"], "strand": ["+", "-", "+"]})
+    # feature 0 is 1.5 kb upstream of P (+ strand: before start), feature 1 is 1.5 kb upstream of M
+    # (- strand: after end), feature 2 lies 3 kb upstream of P (outside), feature 3 downstream of M's
+    # TES (before its start: outside), feature 4 in P's body
+    feats = pd.DataFrame({"chrom": ["chr1"] * 5, "start": [8_400, 41_400, 6_900, 29_000, 15_000],
+                          "end": [8_600, 41_600, 7_100, 29_500, 15_100]})
+    counts = sp.csr_matrix(np.array([[1, 0, 5, 1, 2], [0, 3, 1, 1, 0]], dtype=np.float32))
+    ga, names = preprocess.gene_activity(counts, feats, genes, upstream=2000)
+    assert list(names) == ["M", "P"]  # Q overlaps nothing and is dropped
+    # binarised: P = features 0 and 4; M = feature 1
+    np.testing.assert_array_equal(ga.toarray(), [[0, 2], [1, 0]])
+    ga2, _ = preprocess.gene_activity(counts, feats, genes, upstream=2000, binarize=False)
+    np.testing.assert_array_equal(ga2.toarray(), [[0, 3], [3, 0]])
+    # with no upstream extension the upstream features drop out
+    ga3, names3 = preprocess.gene_activity(counts, feats, genes, upstream=0)
+    assert list(names3) == ["P"] and ga3.toarray().ravel().tolist() == [1, 0]
+
+
+def test_gene_file_errors(tmp_path):
+    p = tmp_path / "g.bed"
+    p.write_text("chr1\t1\t100\n")
+    with pytest.raises(InputFormatError, match="BED6"):
+        preprocess.read_genes(p)
+    p.write_text("chr1\t1\t100\tA\t.\t+\nchr1\t1\t100\tB\t.\tx\n")
+    with pytest.raises(InputFormatError, match="line 2"):
+        preprocess.read_genes(p)
+    with pytest.raises(InputFormatError, match="does not exist"):
+        preprocess.read_genes(tmp_path / "missing.bed")
+
+
+def test_feature_selections():
+    x = sp.csr_matrix(np.array([[1, 0, 2, 0], [1, 0, 1, 0], [1, 1, 0, 0], [0, 0, 1, 0]], dtype=np.float32))
+    np.testing.assert_array_equal(preprocess.accessible_cells(x), [3, 1, 3, 0])
+    np.testing.assert_array_equal(preprocess.top_accessible(x, 2), [0, 2])
+    np.testing.assert_array_equal(preprocess.top_accessible(x, 10), [0, 1, 2, 3])
+    np.testing.assert_array_equal(preprocess.open_in_fraction(x, 0.5), [0, 2])
+    np.testing.assert_array_equal(preprocess.open_in_fraction(x, 0.25), [0, 1, 2])
+    ln = preprocess.log_normalise(x).toarray()
+    np.testing.assert_allclose(ln[0], [np.log1p(5000), 0, np.log1p(5000), 0], rtol=1e-6)
+
+
+def test_feature_coords_from_names(adata):
+    a = adata.copy()
+    a.var = pd.DataFrame(index=a.var_names)
+    c = preprocess.feature_coords(a.var)
+    assert c["start"].iloc[1] == 15_000 and c["chrom"].iloc[-1] == "chr2"
+    assert preprocess.feature_coords(pd.DataFrame(index=["a", "b"])) is None
+
+
+# ----------------------------------------------------------------------------- interface
+def test_registry_entries_and_env_files():
+    for tool, spec in base.REGISTRY.items():
+        assert callable(spec.load()), tool
+        assert set(spec.tasks) <= set(base.TASKS)
+        assert venv.env_file(tool).exists(), f"envs/baseline-{tool}.yaml missing"
+        s = venv.read_env_spec(tool)
+        assert s.pip and len(s.digest) == 12
+        if spec.pypi:
+            assert any(venv._req_name(r) == spec.pypi for r in s.pip), tool
+    assert "harmony" in base.tools_for("integration") and "pca_svm" in base.tools_for("annotation")
+    with pytest.raises(EpiflowError, match="unknown baseline"):
+        base.get_adapter("nope")
+    with pytest.raises(EpiflowError, match="does not do"):
+        base.get_adapter("harmony", "annotation")
+
+
+def test_env_spec_rules(tmp_path):
+    (tmp_path / "baseline-x.yaml").write_text("dependencies:\n  - python =3.11\n  - pip:\n      - torch>=2\n")
+    with pytest.raises(ConfigError, match="torch must be pinned"):
+        venv.read_env_spec("x", tmp_path)
+    (tmp_path / "baseline-x.yaml").write_text("dependencies:\n  - python =3.11\n")
+    with pytest.raises(ConfigError, match="pip"):
+        venv.read_env_spec("x", tmp_path)
+    (tmp_path / "baseline-x.yaml").write_text("dependencies:\n  - pip:\n      - torch==2.13.0\n      - numpy\n")
+    s1 = venv.read_env_spec("x", tmp_path)
+    assert s1.needs_torch and s1.pip == ("torch==2.13.0", "numpy")
+    (tmp_path / "baseline-x.yaml").write_text("dependencies:\n  - pip:\n      - numpy\n")
+    s2 = venv.read_env_spec("x", tmp_path)
+    assert not s2.needs_torch and s2.digest != s1.digest
+    with pytest.raises(ConfigError, match="no environment file"):
+        venv.read_env_spec("missing", tmp_path)
+
+
+def test_output_roundtrip_and_check(tmp_path):
+    out = base.BaselineOutput(embedding=np.ones((3, 2), np.float32), labels=np.array(["a", "b", "a"]),
+                              info={"x": np.int64(3), "y": [1.5]})
+    base.save_output(out, tmp_path / "o.npz")
+    back = base.load_output(tmp_path / "o.npz")
+    np.testing.assert_array_equal(back.embedding, out.embedding)
+    assert back.labels.tolist() == ["a", "b", "a"] and back.info == {"x": 3, "y": [1.5]}
+    assert back.imputed is None
+    with pytest.raises(EpiflowError, match="no 'imputed'"):
+        back.check("imputation", 3)
+    with pytest.raises(EpiflowError, match="2 rows for 3"):
+        base.BaselineOutput(embedding=np.ones((2, 2))).check("integration", 3)
+    with pytest.raises(EpiflowError, match="NaN"):
+        base.BaselineOutput(embedding=np.full((3, 2), np.nan)).check("integration", 3)
+
+
+def test_canonical_input_per_task(adata):
+    inp, ctx = canonical_input(adata, "annotation", seed=1)
+    q = inp.obs["split"].to_numpy() == "query"
+    assert 0.25 < q.mean() < 0.4
+    assert (inp.obs["label"].to_numpy()[q] == "").all()  # query labels hidden from the adapter
+    assert (ctx["truth"][~q] == inp.obs["label"].to_numpy()[~q]).all()
+    inp, ctx = canonical_input(adata, "imputation", min_open_fraction=0.2)
+    assert inp.n_vars == len(ctx["features"]) < adata.n_vars
+    a = adata.copy()
+    a.obs["condition"] = np.where(np.arange(a.n_obs) % 2 == 0, "control", "stim")
+    inp, ctx = canonical_input(a, "perturbation", holdout="T1", top_n=50)
+    assert inp.n_vars == 50 and ctx["holdout"] == "T1"
+    held = (inp.obs["label"] == "T1") & (inp.obs["condition"] == "perturbed")
+    assert not held.any() and ctx["real_pert"].shape[0] == 15 and ctx["real_ctrl"].shape[0] == 15
+    with pytest.raises(EpiflowError, match="batch"):
+        canonical_input(adata, "integration", batch_key="donor")
+
+
+# ----------------------------------------------------------------------------- in-process adapters
+@pytest.mark.parametrize("tool,task,params,metric,floor", [
+    ("lsi", "feature_extraction", {"n_components": 10}, "ARI", 0.9),
+    ("lda", "feature_extraction", {"n_topics": 8, "max_iter": 20}, "ARI", 0.8),
+    ("pca", "feature_extraction", {"n_components": 10}, "ARI", 0.9),
+    ("pca_svm", "annotation", {"n_components": 10}, "accuracy", 0.9),
+    ("mlp", "annotation", {"hidden": [32]}, "accuracy", 0.8),
+])
+def test_light_adapters_recover_types(adata, tool, task, params, metric, floor):
+    inp, ctx = canonical_input(adata, task)
+    out = run_baseline(tool, inp, task, params, env="inprocess")
+    rows = {r["metric"]: r["value"] for r in evaluate(out, inp, ctx, dataset="syn", method=tool)}
+    assert rows[metric] >= floor, rows
+    assert rows["runtime_s"] > 0 and out.info["env_mode"] == "inprocess"
+
+
+def test_pca_svm_on_gene_activity(adata, tmp_path):
+    inp, ctx = canonical_input(adata, "annotation")
+    out = run_baseline("pca_svm", inp, "annotation", {"genes": str(genes_bed(tmp_path, adata.var)),
+                                                      "n_components": 8}, env="inprocess")
+    assert out.info["input"] == "gene_activity" and 20 < out.info["n_genes"] <= 60
+    q = ctx["is_query"]
+    assert (out.labels[q] == ctx["truth"][q]).mean() > 0.85
+
+
+def test_integration_scores_for_pca(adata):
+    inp, ctx = canonical_input(adata, "integration")
+    out = run_baseline("pca", inp, "integration", {"n_components": 10}, env="inprocess")
+    rows = {r["metric"]: r["value"] for r in evaluate(out, inp, ctx, dataset="syn", method="PCA")}
+    assert {"iLISI", "kBET", "NMI", "batch_ASW"} <= set(rows)
+
+
+def test_unavailable_tool_explains(adata):
+    inp, _ = canonical_input(adata, "imputation")
+    with pytest.raises(EpiflowError, match="scopen"):
+        base.get_adapter("scopen").load()(inp, "imputation", {})
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_run_baseline(adata, tmp_path):
+    from epiflow.cli import main
+
+    p = tmp_path / "counts.h5ad"
+    adata.write_h5ad(p)
+    od = tmp_path / "out"
+    rc = main(["run-baseline", "--tool", "lsi", "--task", "feature_extraction", "--counts", str(p),
+               "--param", "n_components=8", "--out-dir", str(od)])
+    assert rc == 0
+    m = pd.read_csv(od / "metrics.tsv", sep="\t")
+    assert list(m.columns) == ["task", "dataset", "method", "metric", "value"]
+    assert set(m["method"]) == {"LSI"} and set(m["dataset"]) == {"syn"}
+    assert m.set_index("metric").loc["ARI", "value"] > 0.9
+    info = json.loads((od / "info.json").read_text())
+    assert info["params"]["n_components"] == 8 and info["env_mode"] == "inprocess"
+    import anndata as ad
+
+    e = ad.read_h5ad(od / "embedding.h5ad")
+    assert e.obsm["X_lsi"].shape[0] == adata.n_obs
+    rc = main(["run-baseline", "--tool", "mlp", "--task", "annotation", "--counts", str(p),
+               "--out-dir", str(tmp_path / "ann"), "--param", "hidden=[16]"])
+    assert rc == 0
+    pred = pd.read_csv(tmp_path / "ann" / "predictions.tsv", sep="\t")
+    assert set(pred["split"]) == {"reference", "query"}
+    # a user error: exit 2, no output
+    assert main(["run-baseline", "--tool", "harmony", "--task", "annotation", "--counts", str(p),
+                 "--out-dir", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad" / "metrics.tsv").exists()
+
+
+def test_load_counts_dataset_filter(adata, tmp_path):
+    p = tmp_path / "c.h5ad"
+    adata.write_h5ad(p)
+    assert load_counts(counts=p, dataset="syn").n_obs == adata.n_obs
+    with pytest.raises(EpiflowError, match="no cell of dataset"):
+        load_counts(counts=p, dataset="other")
+
+
+def test_runner_reports_user_errors(adata, tmp_path, capsys):
+    from epiflow.baselines.runner import main
+
+    inp, _ = canonical_input(adata, "feature_extraction")
+    inp.obs = inp.obs.drop(columns=["batch"])
+    inp.write_h5ad(tmp_path / "i.h5ad")
+    (tmp_path / "p.json").write_text("{}")
+    rc = main(["--tool", "pca_svm", "--task", "annotation", "--input", str(tmp_path / "i.h5ad"), "--params",
+               str(tmp_path / "p.json"), "--output", str(tmp_path / "o.npz")])
+    assert rc == 2 and "EPIFLOW-ERROR" in capsys.readouterr().err
+    assert not (tmp_path / "o.npz").exists()
