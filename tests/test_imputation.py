@@ -110,10 +110,10 @@ def test_finetuning_improves_reconstruction(toy):
     shard, _ = load_cells(corpus)
     model = load_model(ckpt)
     before = decode_signal(model, shard, clip=False)
-    log = finetune_imputation(model, shard, epochs=4, lr=5e-4, batch_size=16, progress=False)
+    log = finetune_imputation(model, shard, epochs=4, lr=1e-3, batch_size=16, progress=False)
     after = decode_signal(model, shard, clip=False)
     first, last = log["sr_mse"].iloc[:3].mean(), log["sr_mse"].iloc[-3:].mean()
-    assert last < 0.8 * first
+    assert last < 0.75 * first
     target = shard.tfidf_csr().toarray()
     assert ((after - target) ** 2).mean() < ((before - target) ** 2).mean()
 
