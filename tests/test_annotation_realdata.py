@@ -1,0 +1,67 @@
+"""Annotation and imputation on real data (../shared/data): Buenrostro 2018 BM0828 and Granja 2019
+mapped by the corpus stage onto one hg19 cCRE set, a tiny randomly initialised model, a few
+fine-tuning steps (plumbing and baselines on real inputs; ~25 s). A full run uses a pretrained model
+and all epochs: ``epiflow annotate --corpus CORPUS --checkpoint checkpoint.pth --dataset bm0828
+--out-dir OUT`` and ``epiflow impute ... --dataset granja``."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.realdata
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory, data_dir):
+    from epiflow.corpus.build import build_corpus, candidate_set
+    from epiflow.corpus.manifest import load_manifest
+    from epiflow.corpus.mapping import map_dataset, write_mapped
+    from epiflow.corpus.shard import open_corpus
+    from epiflow.model import EpiAgentConfig, from_config, save_epiagent_checkpoint
+
+    tmp = tmp_path_factory.mktemp("real_tasks")
+    d = Path(data_dir)
+    (tmp / "manifest.tsv").write_text(
+        "name\tformat\tpath\tgenome\ttissue\tbatch_key\n"
+        f"bm0828\th5ad\t{d}/buenrostro2018_bm0828.h5ad\thg19\tbone_marrow\tdonor\n"
+        f"granja\th5ad\t{d}/granja2019_bmmc.h5ad\thg19\tbone_marrow\tdonor\n")
+    entries = load_manifest(tmp / "manifest.tsv")
+    cand, _ = candidate_set(entries, "hg19")
+    for e in entries:
+        a, rep = map_dataset(e, cand, "hg19", tss={"hg19": d / "hg19_tss.bed.gz"})
+        write_mapped(a, tmp / f"{e.name}.h5ad", rep, tmp / f"{e.name}.json")
+    build_corpus(cand, [tmp / f"{e.name}.h5ad" for e in entries], tmp / "corpus", genome="hg19",
+                 min_cells=10, min_ccres_per_cell=30, shard_size=600)
+    corpus = open_corpus(tmp / "corpus")
+    torch.manual_seed(0)
+    ckpt = save_epiagent_checkpoint(from_config(EpiAgentConfig.preset("tiny", n_ccres=corpus.n_ccres)),
+                                    tmp / "checkpoint.pth", write_config=True)
+    return tmp, tmp / "corpus", ckpt
+
+
+def test_annotate_buenrostro(real):
+    from epiflow.tasks.annotation import annotate
+
+    tmp, corpus, ckpt = real
+    pred, met = annotate(corpus, ckpt, dataset="bm0828", max_steps=3, out_dir=tmp / "ann", progress=False)
+    t = met.set_index(["method", "metric"])["value"]
+    assert t[("EpiAgent", "n_classes")] == 7
+    assert t[("EpiAgent", "n_query")] + t[("EpiAgent", "n_reference")] == len(pred) > 500
+    assert set(pred["dataset"]) == {"bm0828"}
+    # the LSI baseline on the real progenitors is far above chance (1/7)
+    assert t[("LSI+LogReg", "accuracy")] > 0.5
+    assert (tmp / "ann" / "sankey.png").exists() and (tmp / "ann" / "confusion.png").exists()
+
+
+def test_impute_granja(real):
+    from epiflow.tasks.imputation import impute
+
+    tmp, corpus, ckpt = real
+    adata, met = impute(corpus, ckpt, dataset="granja", max_steps=3, out_dir=tmp / "imp", progress=False)
+    t = met.set_index(["method", "metric"])["value"]
+    assert adata.n_obs > 400 and adata.n_vars == t[("Raw", "n_ccres_kept")] > 100
+    assert set(adata.obs["dataset"]) == {"granja"}
+    assert np.isfinite(t[("LSI-recon", "NMI")]) and t[("LSI-recon", "pearson_cell_median")] > 0
+    assert (tmp / "imp" / "imputation_box.png").exists()
