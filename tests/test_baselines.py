@@ -161,6 +161,15 @@ def test_output_roundtrip_and_check(tmp_path):
         base.BaselineOutput(embedding=np.full((3, 2), np.nan)).check("integration", 3)
 
 
+def test_split_matches_epiagent_annotation(adata):
+    from epiflow.baselines.run import stratified_split
+    from epiflow.tasks.annotation import stratified_split as epiagent_split
+
+    y = adata.obs["cell_type"].to_numpy()
+    for seed in (0, 3):
+        np.testing.assert_array_equal(stratified_split(y, 1 / 3, seed), epiagent_split(y, 1 / 3, seed))
+
+
 def test_canonical_input_per_task(adata):
     inp, ctx = canonical_input(adata, "annotation", seed=1)
     q = inp.obs["split"].to_numpy() == "query"

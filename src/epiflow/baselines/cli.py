@@ -1,4 +1,4 @@
-"""CLI verbs of the baselines: ``run-baseline``, ``baseline-env``, ``list-baselines``."""
+"""CLI verbs of the baselines: ``run-baseline``, ``baseline-env``, ``baselines-table``, ``list-baselines``."""
 
 from __future__ import annotations
 
@@ -98,6 +98,22 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _table(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from ..errors import InputFormatError
+    from ..tasks.features import METRIC_COLUMNS, metrics_frame, write_metrics
+
+    parts = []
+    for path in args.metrics:
+        df = pd.read_csv(path, sep="\t")
+        if list(df.columns) != METRIC_COLUMNS:
+            raise InputFormatError(f"not a metrics table (columns {list(df.columns)})", path=path, line=1)
+        parts.append(df)
+    write_metrics(metrics_frame(pd.concat(parts, ignore_index=True).to_dict("records")), args.out)
+    return 0
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("run-baseline", help="run one baseline tool on a task and score it",
                               description="Run a baseline (its adapter, in-process or in the tool's own "
@@ -136,6 +152,11 @@ def register(subparsers) -> None:
     e.add_argument("--envs-dir")
     e.add_argument("--stamp", help="write the env's description (JSON) here (last tool)")
     e.set_defaults(func=_env)
+
+    t = subparsers.add_parser("baselines-table", help="concatenate metrics tables (task, dataset, method, metric, value)")
+    t.add_argument("metrics", nargs="+")
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=_table)
 
     ls = subparsers.add_parser("list-baselines", help="the baseline tools, their tasks and environments")
     ls.set_defaults(func=_list)

@@ -31,6 +31,26 @@ log = logging.getLogger(__name__)
 ENVS = ("auto", "inprocess", "venv")
 
 
+def stratified_split(labels, query_fraction: float = 1 / 3, seed: int = 0) -> np.ndarray:
+    """The EpiAgent annotation task's split (same algorithm and seed stream as
+    :func:`epiflow.tasks.annotation.stratified_split`, kept here so that a baseline environment
+    needs no torch; a test checks both agree): True = query."""
+    if not 0.0 < float(query_fraction) < 1.0:
+        raise EpiflowError(f"query_fraction must be in (0, 1), got {query_fraction}", field="query_fraction")
+    y = np.asarray(labels).astype(str)
+    rng = np.random.default_rng([int(seed), 2 ** 16 + 3])
+    is_query = np.zeros(len(y), dtype=bool)
+    names, inv = np.unique(y, return_inverse=True)
+    keys = rng.random(len(y))
+    order = np.lexsort((keys, inv))
+    counts = np.bincount(inv, minlength=len(names))
+    nq = np.rint(counts * float(query_fraction)).astype(np.int64)
+    nq = np.where(counts >= 2, np.clip(nq, 1, counts - 1), 0)
+    rank = np.arange(len(y)) - np.repeat(np.cumsum(counts) - counts, counts)
+    is_query[order] = rank < np.repeat(nq, counts)
+    return is_query
+
+
 def load_counts(*, corpus=None, counts=None, dataset: str | None = None):
     """AnnData of raw counts (X CSR float32, obs, var with chrom/start/end when known)."""
     import anndata as ad
@@ -112,8 +132,6 @@ def canonical_input(adata, task: str, *, label_key: str = "cell_type", batch_key
                                field="min_open_fraction")
         ctx["raw"] = x[keep][:, features]
     if task == "annotation":
-        from ..tasks.annotation import stratified_split
-
         is_query = stratified_split(labels[keep], query_fraction, seed)
         split = np.full(adata.n_obs, "", dtype=object)
         split[np.flatnonzero(keep)] = np.where(is_query, "query", "reference")

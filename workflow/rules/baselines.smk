@@ -1,0 +1,113 @@
+# Baselines beside EpiAgent (issue 9): one job per (task, dataset, tool), each tool in its own
+# environment. With `--sdm conda` the job runs in the conda env built from envs/baseline-<tool>.yaml
+# (adapter in-process there); otherwise `epiflow run-baseline` builds / reuses a plain virtualenv from
+# the same file's pip list under config baselines.env_cache and runs the adapter with its Python
+# (light tools -- LSI, LDA, PCA, PCA+SVM, MLP -- run in the main env unless baselines.isolate_light).
+# Outputs: {R}/baselines/<task>/<dataset>/<tool>/metrics.tsv (the common long table) and one
+# merged {R}/baselines/metrics.tsv.
+#
+# Config (see config/README.md):
+#   baselines:
+#     enabled: false
+#     datasets: [atlas_b1]          # manifest names, or 'all'
+#     tasks: {feature_extraction: [lsi, lda], integration: [pca, harmony], annotation: [pca_svm, mlp]}
+#     params: {peakvi: {max_epochs: 50}}   # per tool, passed as --param key=value (JSON values)
+#     env_cache: null               # venv cache; null = $EPIFLOW_ENV_CACHE or ~/.cache/epiflow/envs
+#     isolate_light: false          # true: light tools in their own venvs too
+#     label_key: cell_type
+#     batch_key: batch
+#     condition_key: condition      # perturbation
+#     genes: null                   # BED6 gene file for gene-activity scores (annotation)
+#     seed: 0
+
+
+wildcard_constraints:
+    bl_task=r"feature_extraction|integration|annotation|imputation|perturbation",
+    bl_tool=r"[a-z_]+",
+    bl_dataset=r"[A-Za-z0-9._-]+",
+
+
+BL = config.get("baselines", {}) or {}
+USING_CONDA = "conda" in str(
+    getattr(getattr(workflow, "deployment_settings", None), "deployment_method", "")
+)
+
+
+def baseline_env_mode(wildcards):
+    if USING_CONDA:
+        return "inprocess"  # the job already runs in the tool's conda env
+    from epiflow.baselines.base import get_adapter
+
+    spec = get_adapter(wildcards.bl_tool)
+    if spec.default_env == "inprocess" and not BL.get("isolate_light", False):
+        return "inprocess"
+    return "venv"
+
+
+def baseline_params(wildcards):
+    import json
+
+    p = dict((BL.get("params") or {}).get(wildcards.bl_tool, {}) or {})
+    if BL.get("genes") and wildcards.bl_task == "annotation":
+        p.setdefault("genes", BL["genes"])
+    return " ".join(f"--param '{k}={json.dumps(v)}'" for k, v in p.items())
+
+
+def baseline_targets():
+    """Every baseline metrics table of the config, and the merged table."""
+    if not BL.get("enabled", False):
+        return []
+    files = [
+        f"{R}/baselines/{task}/{ds}/{tool}/metrics.tsv"
+        for task, tools in (BL.get("tasks") or {}).items()
+        for ds in BL.get("datasets", ["all"])
+        for tool in tools
+    ]
+    return files + ([f"{R}/baselines/metrics.tsv"] if files else [])
+
+
+rule run_baseline:
+    input:
+        corpus=rules.build_corpus.output.corpus,
+    output:
+        metrics=f"{R}/baselines/{{bl_task}}/{{bl_dataset}}/{{bl_tool}}/metrics.tsv",
+        output=f"{R}/baselines/{{bl_task}}/{{bl_dataset}}/{{bl_tool}}/output.npz",
+    log:
+        f"{R}/logs/baselines/{{bl_task}}/{{bl_dataset}}/{{bl_tool}}.log",
+    benchmark:
+        f"{R}/benchmarks/baselines/{{bl_task}}/{{bl_dataset}}/{{bl_tool}}.tsv"
+    conda:
+        "../../envs/baseline-{bl_tool}.yaml"
+    threads: res("run_baseline", "threads")
+    resources:
+        mem_mb=res("run_baseline", "mem_mb"),
+        runtime=res("run_baseline", "runtime"),
+    params:
+        outdir=lambda w, output: os.path.dirname(output.metrics),
+        dataset=lambda w: "" if w.bl_dataset == "all" else f"--dataset {w.bl_dataset}",
+        env=baseline_env_mode,
+        cache=lambda w: opt("--env-cache", BL.get("env_cache")),
+        tool_params=baseline_params,
+        label_key=BL.get("label_key", "cell_type"),
+        batch_key=BL.get("batch_key", "batch"),
+        condition_key=BL.get("condition_key", "condition"),
+        seed=BL.get("seed", 0),
+    shell:
+        "python -m epiflow run-baseline --tool {wildcards.bl_tool} --task {wildcards.bl_task}"
+        " --corpus {input.corpus} {params.dataset} --label-key {params.label_key}"
+        " --batch-key {params.batch_key} --condition-key {params.condition_key}"
+        " {params.tool_params} --env {params.env} {params.cache} --threads {threads}"
+        " --seed {params.seed} --out-dir {params.outdir} > {log} 2>&1"
+
+
+rule baselines_table:
+    input:
+        [f for f in baseline_targets() if not f.endswith(f"{R}/baselines/metrics.tsv")],
+    output:
+        f"{R}/baselines/metrics.tsv",
+    log:
+        f"{R}/logs/baselines/table.log",
+    conda:
+        "../../envs/epiflow.yaml"
+    shell:
+        "python -m epiflow baselines-table {input} --out {output} > {log} 2>&1"
