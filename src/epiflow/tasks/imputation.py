@@ -110,7 +110,8 @@ def finetune_imputation(model, shard, *, epochs: int = 5, lr: float = 5e-4, head
                         sr_weight: float = 1.0, cca_max_pos: int | None = None, max_steps: int | None = None,
                         seed: int = 0, device=None, grad_clip: float = 1.0, progress: bool = True) -> pd.DataFrame:
     """Fine-tune ``model`` in place with CCA (K = 1) + MSE signal reconstruction on all cells of
-    ``shard`` (AdamW; the signal decoder and CCA head at ``head_lr``, default 10 x ``lr``). Returns the per-step log (step, epoch, loss, cca, sr_mse)."""
+    ``shard`` (AdamW; the signal decoder and CCA head at ``head_lr``, default 10 x ``lr``).
+    Returns the per-step log (step, epoch, loss, cca, sr_mse)."""
     from tqdm.auto import tqdm
 
     from ..train import rng as krng
