@@ -63,7 +63,12 @@ def fit_scale(adata, task: str, params: dict) -> BaselineOutput:
     """SCALE (``scale-atac``): its ATAC preprocessing without cell / peak filters, the GMM-VAE with the
     defaults of its command line (latent 10, encoder 1024-128, ``n_centroids`` = number of clusters
     wanted, default 30), embedding = the latent means ``z``."""
+    import warnings
+
     import torch
+
+    if not hasattr(np, "warnings"):  # scale-atac 1.1.0 calls np.warnings (removed in numpy 1.24)
+        np.warnings = warnings
     from scale import SCALE
     from scale.dataset import load_dataset
 
@@ -72,14 +77,16 @@ def fit_scale(adata, task: str, params: dict) -> BaselineOutput:
     torch.manual_seed(seed)
     a = _binary_adata(adata, batch=False)
     bs = int(params.get("batch_size", 32))
-    data, trainloader, testloader = load_dataset(a, min_genes=0, min_cells=0, batch_size=bs,
-                                                 n_top_genes=int(params.get("n_top_features", 30000)))
     k = int(params.get("n_centroids", 30))
-    dims = [data.shape[1], int(params.get("latent", 10)), [1024, 128], []]
-    model = SCALE(dims, n_centroids=k)
-    model.init_gmm_params(testloader)
     iters = int(params.get("max_iter", 30000))
     with tempfile.TemporaryDirectory() as td:
+        path = os.path.join(td, "input.h5ad")  # scale-atac only reads files
+        a.write_h5ad(path)
+        data, trainloader, testloader = load_dataset([path], min_genes=0, min_cells=0, batch_size=bs,
+                                                     n_top_genes=int(params.get("n_top_features", 30000)))
+        dims = [data.shape[1], int(params.get("latent", 10)), [1024, 128], []]
+        model = SCALE(dims, n_centroids=k)
+        model.init_gmm_params(testloader)
         model.fit(trainloader, lr=float(params.get("lr", 2e-4)), weight_decay=5e-4, verbose=False, device="cpu",
                   max_iter=iters, outdir=td + os.sep)
     data.obsm["latent"] = model.encodeBatch(testloader, device="cpu", out="z")
