@@ -103,10 +103,10 @@ def _not_available(tool: str, reason: str):
 
 # Tools whose adapter is not available here; the reasons are those found when installing / running
 # them on Python 3.11 (docs/baselines.md).
-fit_castle = _not_available("castle", "adapter not written yet")
-fit_cellcano = _not_available("cellcano", "adapter not written yet")
-fit_scopen = _not_available("scopen", "adapter not written yet")
-fit_sccase = _not_available("sccase", "adapter not written yet")
-fit_scgen = _not_available("scgen", "adapter not written yet")
-fit_scpram = _not_available("scpram", "adapter not written yet")
-fit_gears = _not_available("gears", "adapter not written yet")
+fit_castle = _not_available("castle", "sccastle 1.0.2 does not install (it requires the PyPI package 'umap', which has no installable release)")
+fit_cellcano = _not_available("cellcano", "install not attempted yet (TensorFlow stack)")
+fit_scopen = _not_available("scopen", "scopen 1.0.1 does not build on Python 3.11 (C extension needs longintrepr.h)")
+fit_sccase = _not_available("sccase", "install not attempted yet")
+fit_scgen = _not_available("scgen", "scgen 2.1.0 does not import with scvi-tools >= 1 (no scvi._compat)")
+fit_scpram = _not_available("scpram", "scpram needs torchaudio==0.13.1 / torch 1.x: not installable with torch 2.13.0")
+fit_gears = _not_available("gears", "cell-gears 0.1.2 does not import (torch_geometric missing) and downloads data at run time")
