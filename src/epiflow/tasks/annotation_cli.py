@@ -61,7 +61,7 @@ def register(subparsers) -> None:
             "regression on the frozen zero-shot embeddings. Writes OUT_DIR/metrics.tsv (task, dataset, method, "
             "metric, value; accuracy, macro F1, ... on the query cells), predictions.tsv, confusion.tsv, "
             "train_log.tsv, confusion.png, sankey.png [, finetuned.pth]."))
-    add_common_finetune_args(p, epochs=5, lr=5e-4, batch_size=32)
+    add_common_finetune_args(p, epochs=20, lr=5e-4, batch_size=32)
     p.add_argument("--head", choices=["linear", "mlp_focal"], default="linear",
                    help="classifier: linear + cross-entropy (paper) or the authors' MLP + focal loss")
     p.add_argument("--head-lr", type=float, help="learning rate of the classifier (default 10 x --lr)")

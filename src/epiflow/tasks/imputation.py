@@ -264,7 +264,7 @@ def imputation_figure(agreement: dict, scores: dict, path, *, title: str = "", s
 
 
 # ============================================================================ the task
-def impute(data, checkpoint, label_key: str = "cell_type", *, epochs: int = 5, lr: float = 5e-4,
+def impute(data, checkpoint, label_key: str = "cell_type", *, epochs: int = 15, lr: float = 5e-4,
            head_lr: float | None = None, batch_size: int = 16, max_len: int | None = None, seed: int = 0,
            out_dir: str | os.PathLike | None = None, dataset: str | None = None, max_steps: int | None = None,
            min_cell_fraction: float = 0.03, cca_weight: float = 1.0, sr_weight: float = 1.0,

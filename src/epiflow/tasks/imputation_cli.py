@@ -39,7 +39,7 @@ def register(subparsers) -> None:
             "matrix, the raw TF-IDF and a truncated-SVD (LSI) reconstruction. Writes OUT_DIR/metrics.tsv (task, "
             "dataset, method, metric, value), imputed.h5ad, per_cell.tsv, per_ccre.tsv, train_log.tsv, "
             "imputation_box.png [, finetuned.pth]."))
-    add_common_finetune_args(p, epochs=5, lr=5e-4, batch_size=16)
+    add_common_finetune_args(p, epochs=15, lr=5e-4, batch_size=16)
     p.add_argument("--head-lr", type=float, help="learning rate of the signal decoder and CCA head "
                                                  "(default 10 x --lr)")
     p.add_argument("--min-cell-fraction", type=float, default=0.03,
