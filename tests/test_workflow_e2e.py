@@ -69,8 +69,10 @@ def test_demo_workflow_produces_every_declared_output(demo_run):
     outs = _declared_outputs(demo_run)
     res = demo_run / "results" / "test"
     rules_seen = {p.relative_to(res).parts[0] for p in outs}
-    for stage in ("simulate", "candidates", "mapped", "corpus", "pretrain", "embed", "tasks"):
+    for stage in ("simulate", "candidates", "mapped", "corpus", "pretrain", "embed", "tasks", "baselines"):
         assert stage in rules_seen, sorted(rules_seen)
+    tasks_seen = {p.relative_to(res / "tasks").parts[0] for p in outs if p.is_relative_to(res / "tasks")}
+    assert tasks_seen == {"feature_extraction", "annotation", "imputation"}, tasks_seen
     for path in outs:
         assert path.exists(), path
         if path.is_dir():
@@ -80,7 +82,8 @@ def test_demo_workflow_produces_every_declared_output(demo_run):
     # every rule left a log and a benchmark
     for sub in ("logs", "benchmarks"):
         names = {p.stem for p in (res / sub).rglob("*.*")}
-        for rule in ("simulate", "candidate_ccres", "build_corpus", "pretrain", "embed", "summarize"):
+        for rule in ("simulate", "candidate_ccres", "build_corpus", "pretrain", "embed", "summarize",
+                     "atlas_b1"):
             assert rule in names, (sub, rule, sorted(names))
 
 
@@ -90,7 +93,7 @@ def test_summary_gathers_the_metrics(demo_run):
     with open(res / "summary.tsv") as fh:
         rows = list(csv.DictReader(fh, delimiter="\t"))
     tasks = {r["task"] for r in rows}
-    assert {"corpus", "pretrain", "feature_extraction"} <= tasks, tasks
+    assert {"corpus", "pretrain", "feature_extraction", "annotation", "imputation"} <= tasks, tasks
     nmi = [r for r in rows if r["task"] == "feature_extraction" and r["metric"] == "NMI"]
     assert {r["method"] for r in nmi} >= {"EpiAgent", "LSI"}
     for r in nmi:
@@ -106,5 +109,5 @@ def test_html_report(demo_run):
     assert proc.returncode == 0, _tail(proc)
     text = report.read_text(errors="replace")
     assert len(text) > 10_000
-    for caption_word in ("Feature extraction", "Pretraining", "summary.tsv"):
+    for caption_word in ("Feature extraction", "Annotation", "Imputation", "Pretraining", "summary.tsv"):
         assert caption_word in text, caption_word

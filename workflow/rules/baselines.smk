@@ -6,7 +6,7 @@
 # Outputs: {R}/baselines/<task>/<dataset>/<tool>/metrics.tsv (the common long table) and one
 # merged {R}/baselines/metrics.tsv.
 #
-# Config (see config/README.md):
+# Config (see config/README.md; helper functions in common.smk):
 #   baselines:
 #     enabled: false
 #     datasets: [atlas_b1]          # manifest names, or 'all'
@@ -25,45 +25,6 @@ wildcard_constraints:
     bl_task=r"feature_extraction|integration|annotation|imputation|perturbation",
     bl_tool=r"[a-z_]+",
     bl_dataset=r"[A-Za-z0-9._-]+",
-
-
-BL = config.get("baselines", {}) or {}
-USING_CONDA = "conda" in str(
-    getattr(getattr(workflow, "deployment_settings", None), "deployment_method", "")
-)
-
-
-def baseline_env_mode(wildcards):
-    if USING_CONDA:
-        return "inprocess"  # the job already runs in the tool's conda env
-    from epiflow.baselines.base import get_adapter
-
-    spec = get_adapter(wildcards.bl_tool)
-    if spec.default_env == "inprocess" and not BL.get("isolate_light", False):
-        return "inprocess"
-    return "venv"
-
-
-def baseline_params(wildcards):
-    import json
-
-    p = dict((BL.get("params") or {}).get(wildcards.bl_tool, {}) or {})
-    if BL.get("genes") and wildcards.bl_task == "annotation":
-        p.setdefault("genes", BL["genes"])
-    return " ".join(f"--param '{k}={json.dumps(v)}'" for k, v in p.items())
-
-
-def baseline_targets():
-    """Every baseline metrics table of the config, and the merged table."""
-    if not BL.get("enabled", False):
-        return []
-    files = [
-        f"{R}/baselines/{task}/{ds}/{tool}/metrics.tsv"
-        for task, tools in (BL.get("tasks") or {}).items()
-        for ds in BL.get("datasets", ["all"])
-        for tool in tools
-    ]
-    return files + ([f"{R}/baselines/metrics.tsv"] if files else [])
 
 
 rule run_baseline:
@@ -107,7 +68,13 @@ rule baselines_table:
         f"{R}/baselines/metrics.tsv",
     log:
         f"{R}/logs/baselines/table.log",
+    benchmark:
+        f"{R}/benchmarks/baselines/table.tsv"
     conda:
         "../../envs/epiflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=res("baselines_table", "mem_mb"),
+        runtime=res("baselines_table", "runtime"),
     shell:
         "python -m epiflow baselines-table {input} --out {output} > {log} 2>&1"

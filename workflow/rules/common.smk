@@ -113,8 +113,28 @@ def checkpoint_file(wildcards=None):
     return f"{R}/pretrain/checkpoint.pth"
 
 
-def feature_datasets():
-    return config["tasks"]["feature_extraction"]["datasets"]
+TASK_OUTPUTS = {
+    # config key under tasks -> (results subfolder, files of one dataset that `all` asks for)
+    "feature_extraction": ("feature_extraction", ["metrics.tsv", "umap.png"]),
+    "annotation": ("annotation", ["metrics.tsv", "confusion.png", "sankey.png"]),
+    "imputation": ("imputation", ["metrics.tsv", "imputation_box.png"]),
+}
+
+
+def task_files(names=None):
+    """Output files of the enabled tasks (only `names`, e.g. ['metrics.tsv'], if given)."""
+    files = []
+    for task, (folder, outs) in TASK_OUTPUTS.items():
+        cfg = config["tasks"][task]
+        if not cfg["enabled"]:
+            continue
+        for ds in cfg["datasets"]:
+            files += [
+                f"{R}/tasks/{folder}/{ds}/{name}"
+                for name in outs
+                if names is None or name in names
+            ]
+    return files
 
 
 def all_targets():
@@ -122,12 +142,8 @@ def all_targets():
     if not EXTERNAL_CHECKPOINT:
         targets += [f"{R}/pretrain/checkpoint.pth", f"{R}/pretrain/loss.png"]
     targets.append(f"{R}/embed/embeddings.h5ad")
-    if config["tasks"]["feature_extraction"]["enabled"]:
-        for ds in feature_datasets():
-            targets += [
-                f"{R}/tasks/feature_extraction/{ds}/metrics.tsv",
-                f"{R}/tasks/feature_extraction/{ds}/umap.png",
-            ]
+    targets += task_files()
+    targets += baseline_targets()
     targets.append(f"{R}/summary.tsv")
     return targets
 
@@ -153,11 +169,8 @@ def pretrain_metrics_file(wildcards=None):
 
 
 def task_metrics_files(wildcards=None):
-    files = []
-    if config["tasks"]["feature_extraction"]["enabled"]:
-        files += expand(
-            f"{R}/tasks/feature_extraction/{{ds}}/metrics.tsv", ds=feature_datasets()
-        )
+    files = task_files(["metrics.tsv"])
+    files += [f for f in baseline_targets() if f == f"{R}/baselines/metrics.tsv"]
     return files
 
 
@@ -190,3 +203,64 @@ def pretrain_args():
         p["extra_args"],
     ]
     return " ".join(x for x in parts if x)
+
+
+def finetune_args(task):
+    """Options shared by the fine-tuning task verbs (annotate, impute) from config['tasks'][task]."""
+    t = config["tasks"][task]
+    parts = [
+        f"--label-key {t['label_key']}",
+        f"--epochs {t['epochs']}",
+        f"--lr {t['lr']}",
+        f"--batch-size {t['batch_size']}",
+        opt("--max-steps", t["max_steps"]),
+        f"--seed {t['seed']}",
+        f"--device {t['device']}",
+        f"--backend {config['model']['backend']}",
+        opt("--num-heads", config["model"]["num_heads"]),
+    ]
+    if task == "annotation":
+        parts.append(f"--head {t['head']}")
+    if task == "imputation":
+        parts.append(f"--min-cell-fraction {t['min_cell_fraction']}")
+    return " ".join(p for p in parts if p)
+
+
+# ---- baselines (rules in baselines.smk) -------------------------------------------------------
+BL = config.get("baselines", {}) or {}
+USING_CONDA = "conda" in str(
+    getattr(getattr(workflow, "deployment_settings", None), "deployment_method", "")
+)
+
+
+def baseline_env_mode(wildcards):
+    if USING_CONDA:
+        return "inprocess"  # the job already runs in the tool's conda env
+    from epiflow.baselines.base import get_adapter
+
+    spec = get_adapter(wildcards.bl_tool)
+    if spec.default_env == "inprocess" and not BL.get("isolate_light", False):
+        return "inprocess"
+    return "venv"
+
+
+def baseline_params(wildcards):
+    import json
+
+    p = dict((BL.get("params") or {}).get(wildcards.bl_tool, {}) or {})
+    if BL.get("genes") and wildcards.bl_task == "annotation":
+        p.setdefault("genes", BL["genes"])
+    return " ".join(f"--param '{k}={json.dumps(v)}'" for k, v in p.items())
+
+
+def baseline_targets():
+    """Every baseline metrics table of the config, and the merged table."""
+    if not BL.get("enabled", False):
+        return []
+    files = [
+        f"{R}/baselines/{task}/{ds}/{tool}/metrics.tsv"
+        for task, tools in (BL.get("tasks") or {}).items()
+        for ds in BL.get("datasets", ["all"])
+        for tool in tools
+    ]
+    return files + ([f"{R}/baselines/metrics.tsv"] if files else [])

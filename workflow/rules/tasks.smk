@@ -1,10 +1,13 @@
-# Stage 4: downstream tasks on the embeddings.
+# Stage 4: downstream tasks (each task's folder: results/tasks/<task>/<dataset>/, with metrics.tsv
+# in the common long format task, dataset, method, metric, value).
 # Feature extraction: Leiden (bisected to the number of cell types) NMI / ARI and UMAPs of the
 # EpiAgent embeddings beside the LSI baseline, per evaluated dataset ('all' = every corpus cell).
 
 
 wildcard_constraints:
     fe_dataset=r"[A-Za-z0-9._-]+",
+    an_dataset=r"[A-Za-z0-9._-]+",
+    im_dataset=r"[A-Za-z0-9._-]+",
 
 
 rule evaluate_features:
@@ -43,3 +46,85 @@ rule evaluate_features:
         " --corpus {input.corpus} {params.dataset} --label-key {params.label_key}"
         " --lsi-components {params.lsi} --n-neighbors {params.neighbors}"
         " --seed {params.seed} --out-dir {params.outdir} > {log} 2>&1"
+
+
+# Supervised annotation: stratified 2/3 reference, 1/3 query; the pretrained model plus a classifier
+# fine-tuned on the reference, beside LSI + logistic regression / SVM and the frozen embeddings.
+rule annotate:
+    input:
+        checkpoint=checkpoint_file,
+        corpus=rules.build_corpus.output.corpus,
+    output:
+        metrics=f"{R}/tasks/annotation/{{an_dataset}}/metrics.tsv",
+        predictions=f"{R}/tasks/annotation/{{an_dataset}}/predictions.tsv",
+        confusion=report(
+            f"{R}/tasks/annotation/{{an_dataset}}/confusion.png",
+            caption="../report/annotation.rst",
+            category="Annotation",
+            subcategory="{an_dataset}",
+            labels={"dataset": "{an_dataset}", "figure": "confusion matrix"},
+        ),
+        sankey=report(
+            f"{R}/tasks/annotation/{{an_dataset}}/sankey.png",
+            caption="../report/annotation.rst",
+            category="Annotation",
+            subcategory="{an_dataset}",
+            labels={"dataset": "{an_dataset}", "figure": "Sankey: true -> predicted"},
+        ),
+    log:
+        f"{R}/logs/annotate/{{an_dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/annotate/{{an_dataset}}.tsv"
+    conda:
+        "../../envs/epiflow.yaml"
+    threads: res("annotate", "threads")
+    resources:
+        mem_mb=res("annotate", "mem_mb"),
+        runtime=res("annotate", "runtime"),
+    params:
+        outdir=lambda w, output: os.path.dirname(output.metrics),
+        dataset=lambda w: "" if w.an_dataset == "all" else f"--dataset {w.an_dataset}",
+        args=finetune_args("annotation"),
+    shell:
+        "python -m epiflow annotate --corpus {input.corpus} --checkpoint {input.checkpoint}"
+        " {params.dataset} {params.args} --out-dir {params.outdir} > {log} 2>&1"
+
+
+# Imputation: fine-tuning with CCA + MSE reconstruction of the TF-IDF signal, imputed values from the
+# signal decoder, scored against the per-cell-type mean signal and by clustering (vs raw, LSI).
+rule impute:
+    input:
+        checkpoint=checkpoint_file,
+        corpus=rules.build_corpus.output.corpus,
+    output:
+        metrics=f"{R}/tasks/imputation/{{im_dataset}}/metrics.tsv",
+        imputed=f"{R}/tasks/imputation/{{im_dataset}}/imputed.h5ad",
+        per_cell=f"{R}/tasks/imputation/{{im_dataset}}/per_cell.tsv",
+        per_ccre=f"{R}/tasks/imputation/{{im_dataset}}/per_ccre.tsv",
+        box=report(
+            f"{R}/tasks/imputation/{{im_dataset}}/imputation_box.png",
+            caption="../report/imputation.rst",
+            category="Imputation",
+            subcategory="{im_dataset}",
+            labels={
+                "dataset": "{im_dataset}",
+                "figure": "Pearson r / MSE per cell and cCRE",
+            },
+        ),
+    log:
+        f"{R}/logs/impute/{{im_dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/impute/{{im_dataset}}.tsv"
+    conda:
+        "../../envs/epiflow.yaml"
+    threads: res("impute", "threads")
+    resources:
+        mem_mb=res("impute", "mem_mb"),
+        runtime=res("impute", "runtime"),
+    params:
+        outdir=lambda w, output: os.path.dirname(output.metrics),
+        dataset=lambda w: "" if w.im_dataset == "all" else f"--dataset {w.im_dataset}",
+        args=finetune_args("imputation"),
+    shell:
+        "python -m epiflow impute --corpus {input.corpus} --checkpoint {input.checkpoint}"
+        " {params.dataset} {params.args} --out-dir {params.outdir} > {log} 2>&1"
