@@ -240,3 +240,43 @@ def test_torchrun_launcher_multi_node_builds_c10d_rendezvous(tmp_path):
     assert "--rdzv_backend=c10d" in argv and "--rdzv_endpoint=node001:29500" in argv, argv
     assert "--rdzv_id=4242" in argv
     assert argv[-7:] == ["-m", "epiflow", "pretrain", "--corpus", "C", "--out", "O"], argv
+
+
+# ------------------------------------------------------------------ README / CI
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    lines = text.splitlines()
+    start = lines.index("```bash")
+    assert all(not ln.strip() or ln.startswith("#") for ln in lines[:start]), "README must start with the commands"
+    block = lines[start + 1:lines.index("```", start + 1)]
+    return [ln.split("#", 1)[0].strip() for ln in block if ln.split("#", 1)[0].strip()]
+
+
+def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
+    demo, tests = _readme_commands()
+    for cmd in (demo, tests):
+        script = cmd.split()[1]
+        assert cmd.split()[0] == "bash" and (ROOT / script).exists(), cmd
+        text = (ROOT / script).read_text()
+        assert "scripts/setup_env.sh" in text, f"{script} must create its own environment"
+    assert "snakemake all --profile profiles/local" in (ROOT / demo.split()[1]).read_text()
+    assert "--report" in (ROOT / demo.split()[1]).read_text()
+    assert "pytest" in (ROOT / tests.split()[1]).read_text()
+    ci = [ln.strip() for ln in (ROOT / ".ci/run").read_text().splitlines()
+          if ln.strip() and not ln.lstrip().startswith(("#", "set ", "cd "))]
+    assert ci == [tests], ci
+
+
+def test_run_tests_script_fails_when_no_test_is_collected(tmp_path):
+    """pytest's exit status 5 (nothing collected) must not pass as success."""
+    stub = tmp_path / "repo"
+    (stub / "scripts").mkdir(parents=True)
+    (stub / "scripts" / "setup_env.sh").write_text("exit 0\n")
+    (stub / "scripts" / "run_tests.sh").write_text((ROOT / "scripts/run_tests.sh").read_text())
+    (stub / ".venv" / "bin").mkdir(parents=True)
+    (stub / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    (stub / "tests").mkdir()
+    proc = subprocess.run(["bash", "scripts/run_tests.sh", "tests", "-p", "no:cacheprovider"], cwd=stub,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert "collected no tests" in proc.stderr
