@@ -60,7 +60,11 @@ rule map_dataset:
         chain=opt("--chain", config["chain"]),
         tss=opt("--tss-dir", config["tss_dir"]),
         mirror=opt("--data-mirror", config["data_mirror"]),
-        counts=opt("--use-count-column", config["mapping"]["use_count_column"]),
+        counts=(
+            "--use-count-column"
+            if config["mapping"]["use_count_column"]
+            else "--no-count-column"
+        ),
         chunksize=config["mapping"]["chunksize"],
     shell:
         "python -m epiflow map-dataset --manifest {input.manifest}"
