@@ -176,7 +176,7 @@ def test_sbatch_arguments_of_gpu_rules(slurm_dry_run):
     pytest.importorskip("snakemake_executor_plugin_slurm")
     profile = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text())
     # the dry run really applied the profile's resources
-    for rule in ("pretrain", "embed", "evaluate_features", "annotate", "impute"):
+    for rule in ("pretrain", "embed", "evaluate_features", "annotate", "impute", "predict_stimulation"):
         for key, value in profile["set-resources"][rule].items():
             got = slurm_dry_run[rule]["resources"].get(key)
             assert str(got) == str(value), (rule, key, got, value)
@@ -192,7 +192,7 @@ def test_sbatch_arguments_of_gpu_rules(slurm_dry_run):
     assert not any(a.startswith("--ntasks-per-gpu") for a in argv), argv
     assert not any(a.startswith("--cpus-per-task") for a in argv), argv
 
-    for rule in ("embed", "evaluate_features", "annotate", "impute"):
+    for rule in ("embed", "evaluate_features", "annotate", "impute", "predict_stimulation"):
         argv = _sbatch(_fake_job(rule, slurm_dry_run, threads=2))
         assert argv[argv.index("-p") + 1] == "gpu"
         assert "--gpus=1" in argv and "--cpus-per-gpu=8" in argv, argv

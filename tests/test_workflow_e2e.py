@@ -72,7 +72,7 @@ def test_demo_workflow_produces_every_declared_output(demo_run):
     for stage in ("simulate", "candidates", "mapped", "corpus", "pretrain", "embed", "tasks", "baselines"):
         assert stage in rules_seen, sorted(rules_seen)
     tasks_seen = {p.relative_to(res / "tasks").parts[0] for p in outs if p.is_relative_to(res / "tasks")}
-    assert tasks_seen == {"feature_extraction", "annotation", "imputation"}, tasks_seen
+    assert tasks_seen == {"feature_extraction", "annotation", "imputation", "stimulation"}, tasks_seen
     for path in outs:
         assert path.exists(), path
         if path.is_dir():
@@ -93,7 +93,8 @@ def test_summary_gathers_the_metrics(demo_run):
     with open(res / "summary.tsv") as fh:
         rows = list(csv.DictReader(fh, delimiter="\t"))
     tasks = {r["task"] for r in rows}
-    assert {"corpus", "pretrain", "feature_extraction", "annotation", "imputation"} <= tasks, tasks
+    assert {"corpus", "pretrain", "feature_extraction", "annotation", "imputation",
+            "stimulated_perturbation"} <= tasks, tasks
     nmi = [r for r in rows if r["task"] == "feature_extraction" and r["metric"] == "NMI"]
     assert {r["method"] for r in nmi} >= {"EpiAgent", "LSI"}
     for r in nmi:
@@ -109,5 +110,6 @@ def test_html_report(demo_run):
     assert proc.returncode == 0, _tail(proc)
     text = report.read_text(errors="replace")
     assert len(text) > 10_000
-    for caption_word in ("Feature extraction", "Annotation", "Imputation", "Pretraining", "summary.tsv"):
+    for caption_word in ("Feature extraction", "Annotation", "Imputation", "Stimulated perturbation",
+                         "Pretraining", "summary.tsv"):
         assert caption_word in text, caption_word

@@ -118,6 +118,7 @@ TASK_OUTPUTS = {
     "feature_extraction": ("feature_extraction", ["metrics.tsv", "umap.png"]),
     "annotation": ("annotation", ["metrics.tsv", "confusion.png", "sankey.png"]),
     "imputation": ("imputation", ["metrics.tsv", "imputation_box.png"]),
+    "stimulation": ("stimulation", ["metrics.tsv", "scatter.png", "direction.png"]),
 }
 
 
@@ -223,6 +224,25 @@ def finetune_args(task):
         parts.append(f"--head {t['head']}")
     if task == "imputation":
         parts.append(f"--min-cell-fraction {t['min_cell_fraction']}")
+    return " ".join(p for p in parts if p)
+
+
+def stimulation_args():
+    """`epiflow predict-stimulation` options from config['tasks']['stimulation']."""
+    t = config["tasks"]["stimulation"]
+    parts = [
+        f"--condition-key {t['condition_key']}",
+        f"--control {t['control']}",
+        f"--cell-type-key {t['cell_type_key']}",
+        f"--epochs {t['epochs']}",
+        opt("--max-steps", t["max_steps"]),
+        f"--batch-size {t['batch_size']}",
+        f"--lr {t['lr']}",
+        f"--seed {t['seed']}",
+        # the verb's default is auto; it rejects an explicit 'auto'
+        opt("--device", device_arg(t["device"])),
+        opt("--num-heads", config["model"]["num_heads"]),
+    ]
     return " ".join(p for p in parts if p)
 
 

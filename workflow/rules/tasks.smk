@@ -8,6 +8,7 @@ wildcard_constraints:
     fe_dataset=r"[A-Za-z0-9._-]+",
     an_dataset=r"[A-Za-z0-9._-]+",
     im_dataset=r"[A-Za-z0-9._-]+",
+    st_dataset=r"[A-Za-z0-9._-]+",
 
 
 rule evaluate_features:
@@ -128,3 +129,46 @@ rule impute:
     shell:
         "python -m epiflow impute --corpus {input.corpus} --checkpoint {input.checkpoint}"
         " {params.dataset} {params.args} --out-dir {params.outdir} > {log} 2>&1"
+
+
+# Stimulated perturbation (out-of-sample): [PER] token fine-tuned on OT-matched control ->
+# stimulated pairs of all cell types but one, that type's stimulated cells predicted, in turn.
+rule predict_stimulation:
+    input:
+        checkpoint=checkpoint_file,
+        corpus=rules.build_corpus.output.corpus,
+    output:
+        metrics=f"{R}/tasks/stimulation/{{st_dataset}}/metrics.tsv",
+        means=f"{R}/tasks/stimulation/{{st_dataset}}/mean_accessibility.tsv.gz",
+        scatter=report(
+            f"{R}/tasks/stimulation/{{st_dataset}}/scatter.png",
+            caption="../report/stimulation.rst",
+            category="Stimulated perturbation",
+            subcategory="{st_dataset}",
+            labels={"dataset": "{st_dataset}", "figure": "predicted vs observed mean"},
+        ),
+        direction=report(
+            f"{R}/tasks/stimulation/{{st_dataset}}/direction.png",
+            caption="../report/stimulation.rst",
+            category="Stimulated perturbation",
+            subcategory="{st_dataset}",
+            labels={"dataset": "{st_dataset}", "figure": "direction accuracy"},
+        ),
+    log:
+        f"{R}/logs/predict_stimulation/{{st_dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/predict_stimulation/{{st_dataset}}.tsv"
+    conda:
+        "../../envs/epiflow.yaml"
+    threads: res("predict_stimulation", "threads")
+    resources:
+        mem_mb=res("predict_stimulation", "mem_mb"),
+        runtime=res("predict_stimulation", "runtime"),
+    params:
+        outdir=lambda w, output: os.path.dirname(output.metrics),
+        dataset=lambda w: "" if w.st_dataset == "all" else f"--dataset {w.st_dataset}",
+        args=stimulation_args(),
+    shell:
+        "python -m epiflow predict-stimulation --corpus {input.corpus}"
+        " --checkpoint {input.checkpoint} {params.dataset} {params.args}"
+        " --no-progress --out-dir {params.outdir} > {log} 2>&1"
