@@ -70,3 +70,15 @@ def test_cli_writes_and_prints(run_dir, capsys):
     assert main(["summarize", "--table", str(out)]) == 0
     assert capsys.readouterr().out == printed
     assert main(["summarize", "--metrics", str(tmp / "missing.tsv")]) == 2
+
+
+def test_printout_keeps_headline_metrics_only(tmp_path):
+    rows = [("stimulated_perturbation", "stim", "EpiAgent", "R2_all", 0.4),
+            ("stimulated_perturbation", "stim", "EpiAgent", "R2_all[B]", 0.5),
+            ("stimulated_perturbation", "stim", "EpiAgent", "k_used_up@100", 100),
+            ("new_task", "d", "EpiAgent", "score", 0.3), ("new_task", "d", "EpiAgent", "score[x]", 0.2)]
+    table = summarize([_metrics(tmp_path / "m.tsv", rows)])
+    text = format_summary(table)
+    assert "R2_all" in text and "R2_all[B]" not in text and "k_used_up" not in text
+    assert "score" in text and "score[x]" not in text
+    assert "R2_all[B]" in format_summary(table, all_metrics=True)

@@ -114,7 +114,10 @@ _HEADLINE = {
     "corpus": ["n_cells", "n_ccres", "n_shards"],
     "pretrain": ["last_step", "last_loss", "last_cca", "last_sr", "last_rlm_loss"],
 }
-_TASK_HEADLINE = ["NMI", "ARI", "ASW_cell_type", "accuracy", "macro_F1", "spearman_types", "n_cells"]
+_TASK_HEADLINE = ["NMI", "ARI", "ASW_cell_type", "accuracy", "macro_F1", "spearman_types", "R2_all",
+                  "R2_top1000", "dir_acc@100", "dir_acc@1000", "wasserstein_top1000", "pearson", "kBET",
+                  "iLISI", "n_cells"]
+_MAX_FALLBACK = 8
 
 
 def _fmt(v: float) -> str:
@@ -130,6 +133,9 @@ def format_summary(table: pd.DataFrame, all_metrics: bool = False) -> str:
         if not all_metrics:
             keep = _HEADLINE.get(task, _TASK_HEADLINE)
             sel = part[part["metric"].isin(keep)]
+            if sel.empty:  # unknown task: its first few overall (not per-group "[...]") metrics
+                overall = [m for m in dict.fromkeys(part["metric"]) if "[" not in str(m)]
+                sel = part[part["metric"].isin(overall[:_MAX_FALLBACK])]
             part = sel if len(sel) else part
         wide = part.pivot_table(index=["dataset", "method"], columns="metric", values="value",
                                 aggfunc="last", sort=False)
