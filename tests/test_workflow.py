@@ -280,3 +280,14 @@ def test_run_tests_script_fails_when_no_test_is_collected(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 5, proc.stdout + proc.stderr
     assert "collected no tests" in proc.stderr
+
+
+def test_task_dataset_missing_from_the_manifest_is_rejected(tmp_path):
+    if not (ROOT.parent / "shared" / "data").exists():
+        pytest.skip("config/realdata.yaml reads ../shared/data, which is absent")
+    over = _write_config(tmp_path, {"tasks": {"annotation": {"datasets": ["atlas_b9"]}}})
+    proc = snakemake("all", "-n", "--configfile", "config/realdata.yaml", str(over))
+    err = proc.stdout + proc.stderr
+    assert proc.returncode != 0, err
+    assert "config key 'tasks.annotation.datasets': 'atlas_b9' is not a dataset of the manifest" in err, err
+    assert "buenrostro2018_bm0828" in err  # the known names are listed

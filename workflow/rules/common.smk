@@ -95,8 +95,30 @@ def dataset_names(wildcards=None):
     return [entry.name for entry in load_manifest(path)]
 
 
+def check_dataset_keys(names):
+    """Every dataset named in tasks.*.datasets / baselines.datasets must be in the manifest."""
+    known = set(names) | {"all"}
+    sections = [(f"tasks.{t}.datasets", c) for t, c in config["tasks"].items()]
+    sections.append(("baselines.datasets", config["baselines"]))
+    problems = [
+        f"config key '{key}': '{ds}' is not a dataset of the manifest"
+        for key, cfg in sections
+        if cfg["enabled"]
+        for ds in cfg["datasets"]
+        if ds not in known
+    ]
+    if problems:
+        raise WorkflowError(
+            "invalid configuration:\n  - "
+            + "\n  - ".join(problems)
+            + f"\n(manifest {manifest_file()}: {', '.join(sorted(names))}; or 'all')"
+        )
+
+
 def mapped_files(wildcards):
-    return expand(f"{R}/mapped/{{dataset}}.h5ad", dataset=dataset_names())
+    names = dataset_names()
+    check_dataset_keys(names)
+    return expand(f"{R}/mapped/{{dataset}}.h5ad", dataset=names)
 
 
 def ccre_sources(wildcards=None):
