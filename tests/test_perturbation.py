@@ -224,6 +224,32 @@ def test_predict_stimulation_cli_errors(tmp_path):
     assert main(base[:4] + [str(wrong)] + base[5:]) == 2          # vocabulary mismatch
 
 
+def test_predict_stimulation_device_auto(tmp_path):
+    """`--device auto` (the documented default, passed explicitly by the workflow) picks CUDA when
+    available, else the CPU; an unknown device is a clear user error, not a torch traceback."""
+    import torch
+
+    from epiflow.cli import main
+    from epiflow.errors import ConfigError
+    from epiflow.tasks.perturbation_train import _device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert _device("auto").type == expected and _device(None).type == expected
+    assert _device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="gpu0"):
+        _device("gpu0")
+
+    corpus, _, _ = _stim_corpus(tmp_path / "corpus", n_types=2, per_type=8, n_ccres=60)
+    ckpt = _tiny_checkpoint(tmp_path / "tiny.pth", 60)
+    base = ["predict-stimulation", "--corpus", str(corpus), "--checkpoint", str(ckpt), "--max-steps", "1",
+            "--k", "5", "--n-top", "20", "--no-save-cells", "--no-progress"]
+    assert main(base + ["--device", "auto", "--out-dir", str(tmp_path / "auto")]) == 0
+    v = pd.read_csv(tmp_path / "auto" / "metrics.tsv", sep="\t").set_index(["method", "metric"])["value"]
+    assert v[("EpiAgent", "finetune_steps")] == 1
+    assert main(base + ["--device", "gpu0", "--out-dir", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad" / "metrics.tsv").exists()
+
+
 def test_make_perturbation_benchmark_real_cells(tmp_path, data_dir):
     from epiflow.cli import main
 

@@ -114,7 +114,8 @@ def _common(p: argparse.ArgumentParser, key: str, key_help: str) -> None:
     ft.add_argument("--aux-weight", type=float, default=0.01, help="weight of the auxiliary classifier (0.01)")
     ft.add_argument("--cca-k", type=int, default=1, help="CCA negatives per positive (1)")
     ft.add_argument("--max-len", type=int, help="tokens per cell (default: the model's rank embeddings - 2)")
-    ft.add_argument("--device", default=None, help="cpu / cuda / auto (default auto)")
+    ft.add_argument("--device", default="auto",
+                    help="auto (CUDA when available, else CPU; default), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-save-cells", action="store_true", help="do not write predicted_cells.h5ad")
     p.add_argument("--no-progress", action="store_true")

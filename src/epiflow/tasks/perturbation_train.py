@@ -214,9 +214,13 @@ class FinetuneSettings:
 
 
 def _device(name):
-    if name in (None, "auto"):
+    """'auto' (or None) -> CUDA when available, else CPU; anything else as torch spells it."""
+    if name is None or str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device: unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 def _cond_kwargs(mode: str, cond: np.ndarray, device):
@@ -356,5 +360,5 @@ def decode(model, cells: CellSet, rows, *, mode: str | None = None, cond: int | 
 def zero_shot_embeddings(model, cells: CellSet, *, device=None, progress: bool = False) -> np.ndarray:
     from ..model.inference import embed_sentences
 
-    return embed_sentences(model, cells.indptr, cells.tokens, device=device, progress=progress,
+    return embed_sentences(model, cells.indptr, cells.tokens, device=_device(device), progress=progress,
                            desc="zero-shot embed")
