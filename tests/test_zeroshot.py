@@ -166,3 +166,23 @@ def test_classification_scores_known_values():
     assert s["micro_F1"] == pytest.approx(0.75)
     assert s["balanced_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
     assert s["macro_F1"] == pytest.approx((0.8 + 2 / 3) / 2)
+
+
+
+def test_load_cells_selects_several_datasets():
+    """`--dataset a,b` (the workflow's integration / annotator reference) keeps the cells of every named
+    dataset, in corpus order; a name without cells is an error naming it."""
+    from epiflow.errors import EpiflowError
+    from epiflow.tasks.zeroshot import load_cells
+
+    counts, _ = _counts(9, seed=1)
+    names = np.array(["b1", "b2", "b3"] * 3, dtype=object)
+    obs = pd.DataFrame({"cell_id": [f"c{i}" for i in range(9)], "dataset": names})
+    sh = shard_from_counts(counts, np.full(N_CCRES, 0.3), obs)
+    for sel in ("b1,b3", ["b3", "b1"], " b1 , b3 "):
+        got = load_cells(sh, dataset=sel)
+        assert got.obs["cell_id"].tolist() == ["c0", "c2", "c3", "c5", "c6", "c8"], sel
+    assert load_cells(sh, dataset="b2").obs["dataset"].tolist() == ["b2"] * 3
+    assert load_cells(sh, dataset=None).n_cells == 9
+    with pytest.raises(EpiflowError, match="'b9'"):
+        load_cells(sh, dataset="b1,b9")

@@ -43,7 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint", required=True, help="pretrained EpiAgent checkpoint (.pth)")
     p.add_argument("--input", required=True, help="reference cells: corpus folder, shard .h5 or .h5ad of counts")
     p.add_argument("--df", help="df.npy of the model's corpus (for .h5ad inputs without var['df'])")
-    p.add_argument("--dataset", help="use only the reference cells whose obs 'dataset' is NAME")
+    p.add_argument("--dataset", help="use only the reference cells whose obs 'dataset' is NAME (several: comma-separated)")
     p.add_argument("--batch-key", default="batch",
                    help="obs column with the batches (default batch; e.g. donor, or dataset for two studies)")
     p.add_argument("--label-key", default="cell_type", help="obs column with the cell types (default cell_type)")

@@ -45,7 +45,7 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint", required=True, help="pretrained EpiAgent checkpoint (.pth)")
     p.add_argument("--input", required=True, help="cells of both states: corpus folder, shard .h5 or .h5ad")
     p.add_argument("--df", help="df.npy of the model's corpus (for .h5ad inputs without var['df'])")
-    p.add_argument("--dataset", help="use only the cells whose obs 'dataset' is NAME")
+    p.add_argument("--dataset", help="use only the cells whose obs 'dataset' is NAME (several: comma-separated)")
     p.add_argument("--state-key", default="state", help="obs column with the states (default state)")
     p.add_argument("--state-a", default="normal", help="the reference state, score 0 (default normal)")
     p.add_argument("--state-b", default="cancer", help="the other state, score 1 (default cancer)")

@@ -46,7 +46,8 @@ def load_cells(source, *, df=None, dataset: str | None = None, max_cells: int | 
 
     ``source``: a Shard, a Corpus, a corpus folder, a shard ``.h5``, an ``.h5ad`` / AnnData of raw
     counts (tokenized with ``df``: an array, a ``df.npy`` path, or ``var['df']``). ``dataset`` keeps the
-    cells whose ``obs['dataset']`` equals it; ``max_cells`` draws a random subset (``seed``).
+    cells whose ``obs['dataset']`` equals it (several datasets: a list or a comma-separated string; the
+    cells stay in corpus order); ``max_cells`` draws a random subset (``seed``).
     """
     import anndata as ad
 
@@ -89,18 +90,30 @@ def load_cells(source, *, df=None, dataset: str | None = None, max_cells: int | 
         raise InputFormatError(f"cannot read cells from a {type(source).__name__}",
                                fix="pass a corpus folder, a shard .h5 or an .h5ad")
     sh = source
-    if dataset is not None:
+    names = dataset_names(dataset)
+    if names:
         if "dataset" not in sh.obs:
             raise InputFormatError("obs has no 'dataset' column to select a dataset", field="obs/dataset")
-        rows = np.flatnonzero(sh.obs["dataset"].astype(str).to_numpy() == str(dataset))
-        if rows.size == 0:
-            have = sorted(sh.obs["dataset"].astype(str).unique())
-            raise EpiflowError(f"no cell of dataset '{dataset}' (have: {have})", field="dataset")
-        sh = sh.subset(rows)
+        have_col = sh.obs["dataset"].astype(str).to_numpy()
+        missing = [n for n in names if not (have_col == n).any()]
+        if missing:
+            have = sorted(set(have_col))
+            raise EpiflowError(f"no cell of dataset {', '.join(repr(m) for m in missing)} (have: {have})",
+                               field="dataset")
+        sh = sh.subset(np.flatnonzero(np.isin(have_col, names)))
     if max_cells is not None and sh.n_cells > max_cells:
         rows = np.sort(np.random.default_rng(seed).choice(sh.n_cells, int(max_cells), replace=False))
         sh = sh.subset(rows)
     return sh
+
+
+def dataset_names(dataset) -> list[str]:
+    """``dataset`` as a list of names: None -> [], "a,b" -> ["a", "b"], a sequence as is."""
+    if dataset is None:
+        return []
+    if isinstance(dataset, str):
+        return [d.strip() for d in dataset.split(",") if d.strip()]
+    return [str(d) for d in dataset]
 
 
 def concat_shards(shards):

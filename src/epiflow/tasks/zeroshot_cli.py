@@ -8,7 +8,7 @@ import argparse
 def _input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="cells: corpus folder, shard .h5 or .h5ad of raw counts")
     p.add_argument("--df", help="df.npy of the model's corpus (for an .h5ad input without var['df'])")
-    p.add_argument("--dataset", help="use only the cells whose obs 'dataset' is NAME")
+    p.add_argument("--dataset", help="use only the cells whose obs 'dataset' is NAME (several: comma-separated)")
     p.add_argument("--num-heads", type=int, help="attention heads (if the checkpoint has no side file)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--out-dir", required=True, help="output folder")
