@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "epiflow.tasks.knockout_cli",
     "epiflow.tasks.zeroshot_cli",
     "epiflow.report.cli",
+    "epiflow.plots.cli",
     "epiflow.baselines.cli",
 ]
 
