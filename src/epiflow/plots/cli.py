@@ -1,0 +1,49 @@
+"""CLI verb ``epiflow figure``: one panel of the paper's figures from a run's results tables."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "figure", help="draw one analogue of a paper figure panel (fig2b ... fig6c) from results tables",
+        description="Draw one figure panel from the tables the task verbs wrote: long metrics tables "
+                    "(--metrics) and per-dataset tables (--table DATASET=PATH, known by their file name: "
+                    "cells.tsv, predictions.tsv, per_cell.tsv, mean_accessibility.tsv.gz ...). "
+                    "'epiflow figure --list' prints every panel, its inputs and the paper panel it "
+                    "stands for (docs/paper.md).")
+    p.add_argument("panel", nargs="?", help="panel name, e.g. fig2b")
+    p.add_argument("--metrics", nargs="*", default=[], help="metrics.tsv files (task dataset method metric value)")
+    p.add_argument("--table", action="append", default=[], metavar="DATASET=PATH",
+                   help="a per-dataset table (repeatable)")
+    p.add_argument("--out", help="output PNG")
+    p.add_argument("--svg", action="store_true", help="also write an SVG beside the PNG")
+    p.add_argument("--list", action="store_true", help="list the panels and exit")
+    p.set_defaults(func=_figure)
+
+
+def _figure(args: argparse.Namespace) -> int:
+    from ..errors import EpiflowError
+    from .figures import build_panel, panel_table
+
+    if args.list:
+        import pandas as pd
+
+        with pd.option_context("display.width", 200, "display.max_colwidth", 70, "display.max_rows", 200):
+            print(panel_table().to_string(index=False))
+        return 0
+    if not args.panel or not args.out:
+        raise EpiflowError("give a panel name and --out (or --list)", field="panel",
+                           fix="e.g. epiflow figure fig2b --metrics results/tasks/feature_extraction/x/metrics.tsv "
+                               "--out fig2b.png")
+    tables: dict[str, list[str]] = {}
+    for item in args.table:
+        ds, sep, path = item.partition("=")
+        if not sep or not ds or not path:
+            raise EpiflowError(f"--table '{item}' is not DATASET=PATH", field="--table",
+                               fix="e.g. --table atlas_b1=results/tasks/feature_extraction/atlas_b1/cells.tsv")
+        tables.setdefault(ds, []).append(path)
+    written = build_panel(args.panel, metrics=args.metrics, tables=tables, out=args.out, svg=args.svg)
+    print("wrote " + ", ".join(map(str, written)))
+    return 0

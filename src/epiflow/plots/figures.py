@@ -1,0 +1,704 @@
+"""Analogues of the EpiAgent paper's figure panels, drawn from the workflow's results tables.
+
+Every panel of :data:`PANELS` is one PNG (``results/figures/<panel>.png`` in the workflow, built by
+``epiflow figure <panel>``). A panel only reshapes and plots tables that the task verbs wrote:
+
+* the long metrics tables (``metrics.tsv`` of each task and ``baselines/metrics.tsv``: ``task dataset
+  method metric value``),
+* per-dataset task tables (``cells.tsv`` and ``trajectory.tsv`` of feature extraction,
+  ``predictions.tsv`` of annotation, ``per_cell.tsv`` / ``per_ccre.tsv`` of imputation,
+  ``mean_accessibility.tsv.gz`` of the perturbation tasks, ``query_predictions.tsv`` of integration,
+  ``random.tsv`` of the knockout, ``predictions.tsv`` of zero-shot annotation).
+
+No number is computed here beyond counting / row-normalising a contingency table; a panel whose
+tables lack what it plots raises :class:`~epiflow.errors.EpiflowError` naming the panel and the
+missing task, metric or column (never an empty or made-up figure). ``docs/paper.md`` maps each panel
+to the paper's and says what differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..errors import EpiflowError, InputFormatError
+from .embedding import _figure, category_palette, embedding_panel, save_figure
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS = ["task", "dataset", "method", "metric", "value"]
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One figure panel: where its data come from and what it shows."""
+
+    name: str  # e.g. fig2b
+    benchmark: str  # report category, e.g. "Feature extraction"
+    task_key: str  # config key under `tasks` whose rule writes the inputs
+    metrics_task: str  # the `task` column of the metrics rows it plots ("" = none)
+    tables: tuple[str, ...]  # per-dataset tables it needs besides metrics.tsv
+    title: str  # what the panel shows (caption)
+    paper: str  # the paper's panel it is an analogue of
+    draw: str  # name of the drawing function below
+    options: Mapping = field(default_factory=dict)
+    baselines: bool = False  # add the baselines' metrics of `metrics_task`
+    needs_metrics: bool = True
+
+
+def _p(name, benchmark, task_key, metrics_task, tables, title, paper, draw, baselines=False,
+       needs_metrics=True, **options) -> Panel:
+    return Panel(name, benchmark, task_key, metrics_task, tuple(tables), title, paper, draw, dict(options),
+                 baselines, needs_metrics)
+
+
+FE, AN, IM = "Feature extraction", "Annotation", "Imputation"
+ST, GE = "Stimulated perturbation", "Genetic perturbation"
+IN, KO, ZS = "Integration and query mapping", "In-silico cCRE knockout", "Zero-shot annotation"
+
+PANELS: dict[str, Panel] = {p.name: p for p in [
+    # ---- Fig. 2: typical downstream tasks --------------------------------------------------------
+    _p("fig2b", FE, "feature_extraction", "feature_extraction", [],
+       "Leiden NMI and ARI of each embedding (EpiAgent zero-shot, LSI and the baseline tools) per dataset",
+       "Fig. 2b: clustering NMI / ARI of EpiAgent and the baselines", "bars", baselines=True,
+       metrics=["NMI", "ARI"]),
+    _p("fig2c", FE, "feature_extraction", "", ["cells.tsv"],
+       "UMAP of the EpiAgent cell embeddings of each dataset, coloured by cell type",
+       "Fig. 2c-e: UMAPs of EpiAgent embeddings", "umap", needs_metrics=False, methods=["EpiAgent"],
+       colour="cell_type"),
+    _p("fig2d", FE, "feature_extraction", "", ["cells.tsv"],
+       "UMAPs of the baseline embeddings (LSI) of the same cells, coloured by cell type",
+       "Fig. 2c-e: UMAPs of the baselines", "umap", needs_metrics=False, methods=None, exclude=["EpiAgent"],
+       colour="cell_type"),
+    _p("fig2e", FE, "feature_extraction", "", ["cells.tsv"],
+       "Leiden clusters of the EpiAgent embeddings against the cell types (cells per cluster, row-normalised)",
+       "Fig. 2b: the clustering behind NMI / ARI", "cluster_table", needs_metrics=False, method="EpiAgent"),
+    _p("fig2f", FE, "feature_extraction", "trajectory", ["trajectory.tsv"],
+       "Mean diffusion pseudotime (PAGA, rooted in the first type of the known order) per cell type and "
+       "embedding, types in their known differentiation order; Spearman rho in the legend",
+       "Fig. 2f-g: hematopoietic trajectory on Buenrostro 2018", "trajectory"),
+    _p("fig2g", AN, "annotation", "annotation", [],
+       "Accuracy and macro F1 of supervised annotation on the query third of each dataset, per method",
+       "Fig. 2h-i: annotation accuracy / macro F1 against the baselines", "bars", baselines=True,
+       metrics=["accuracy", "macro_F1"]),
+    _p("fig2h", AN, "annotation", "", ["predictions.tsv"],
+       "Confusion matrix of the fine-tuned EpiAgent classifier on the query cells (rows: true type, "
+       "row-normalised)", "Fig. 2j: confusion / Sankey of the annotation", "confusion",
+       needs_metrics=False, true="true", pred="pred_EpiAgent", split="query"),
+    _p("fig2i", AN, "annotation", "annotation", [],
+       "Every classification score of every annotation method (query cells)",
+       "Fig. 2h-i: annotation scores", "metric_heatmap", baselines=True,
+       metrics=["accuracy", "balanced_accuracy", "macro_F1", "micro_F1", "weighted_F1"]),
+    _p("fig2j", IM, "imputation", "imputation", [],
+       "Clustering (PCA + bisected Leiden) NMI / ARI of the raw TF-IDF signal, the LSI reconstruction and "
+       "the EpiAgent imputation", "Fig. 2k: NMI / ARI after imputation", "bars", baselines=True,
+       metrics=["NMI", "ARI"]),
+    _p("fig2k", IM, "imputation", "", ["per_cell.tsv"],
+       "Per-cell Pearson r and MSE against the cell type's mean signal, per method",
+       "Fig. 2l-m: per-cell Pearson / MSE of imputed data", "per_unit_box", needs_metrics=False,
+       unit="cell"),
+    _p("fig2l", IM, "imputation", "", ["per_ccre.tsv"],
+       "Per-cCRE Pearson r and MSE against the cell types' mean signal, per method",
+       "Fig. 2l-m: per-cCRE Pearson / MSE of imputed data", "per_unit_box", needs_metrics=False,
+       unit="cCRE"),
+    _p("fig2m", IM, "imputation", "", ["per_cell.tsv"],
+       "Per-cell Pearson r of the raw signal (x) against that of the EpiAgent imputation (y), by cell type",
+       "Fig. 2l-m: imputation improves every cell", "per_cell_scatter", needs_metrics=False,
+       x="Raw", y="EpiAgent"),
+    # ---- Fig. 3: perturbations ---------------------------------------------------------------------
+    _p("fig3c", ST, "stimulation", "stimulated_perturbation", [],
+       "R^2 of the mean accessibility of the held-out cell type's stimulated cells, all cCREs and the "
+       "top-1,000 DA cCREs, per method (averaged over held-out types by the task verb)",
+       "Fig. 3c: R^2 of stimulated-perturbation prediction", "bars", baselines=True,
+       metrics=["R2_all", "R2_top1000"]),
+    _p("fig3d", ST, "stimulation", "", ["mean_accessibility.tsv.gz"],
+       "Predicted against observed mean accessibility of the stimulated cells per held-out cell type "
+       "(EpiAgent; top DA cCREs in red)", "Fig. 3d-e: predicted vs real mean accessibility", "mean_scatter",
+       needs_metrics=False, method="EpiAgent"),
+    _p("fig3e", ST, "stimulation", "stimulated_perturbation", [],
+       "Direction accuracy of the top-k up / down DA cCREs against k, per method",
+       "Fig. 3f: direction accuracy of top DA cCREs", "direction_lines", baselines=True),
+    _p("fig3f", ST, "stimulation", "stimulated_perturbation", [],
+       "Wasserstein distance (OT, Euclidean) between predicted and real stimulated cells over the top DA "
+       "cCREs (lower is better)", "Fig. 3g: Wasserstein distance", "bars", baselines=True,
+       metrics=["wasserstein_top1000"]),
+    _p("fig3g", ST, "stimulation", "stimulated_perturbation", [],
+       "R^2 over the top DA cCREs of each held-out cell type, per method",
+       "Fig. 3c-e: per cell type results", "group_heatmap", baselines=True, metric="R2_top1000"),
+    _p("fig3h", GE, "genetic", "genetic_perturbation", [],
+       "Pearson r of the mean accessibility (and of its change from the controls) over the top DA cCREs "
+       "of the held-out (unseen) gene perturbations, per method",
+       "Fig. 3h: unseen genetic perturbations, Pearson r", "bars", baselines=True,
+       metric_patterns=[r"pearson_top\d+", r"pearson_delta_top\d+"]),
+    _p("fig3i", GE, "genetic", "genetic_perturbation", [],
+       "Direction accuracy of the top-k DA cCREs of the unseen gene perturbations against k, per method",
+       "Fig. 3i: unseen genetic perturbations, direction accuracy", "direction_lines", baselines=True),
+    # ---- Fig. 4: integration and query mapping -----------------------------------------------------
+    _p("fig4c", IN, "integration", "integration", [],
+       "Biological conservation after batch integration: NMI, ARI and cell-type ASW per embedding",
+       "Fig. 4c: integration, biological conservation", "bars", baselines=True,
+       metrics=["NMI", "ARI", "ASW_cell_type"]),
+    _p("fig4d", IN, "integration", "integration", [],
+       "Batch mixing after integration: iLISI, kBET acceptance, batch ASW and graph connectivity",
+       "Fig. 4d: integration, batch mixing", "bars", baselines=True,
+       metrics=["iLISI", "kBET", "batch_ASW", "graph_connectivity"]),
+    _p("fig4e", IN, "integration", "integration", [],
+       "Biological conservation (NMI) against batch mixing (iLISI), one point per embedding",
+       "Fig. 4c-d: conservation vs mixing", "tradeoff", baselines=True, x="iLISI", y="NMI"),
+    _p("fig4f", IN, "integration", "query_mapping", [],
+       "Query mapping: accuracy and macro F1 of labels transferred from the 20 nearest reference cells",
+       "Fig. 4g: query mapping accuracy", "bars", metrics=["accuracy", "macro_F1"]),
+    _p("fig4g", IN, "integration", "", ["query_predictions.tsv"],
+       "Query mapping confusion (batch-corrected EpiAgent; rows: true type, row-normalised)",
+       "Fig. 4h: query mapping confusion", "confusion", needs_metrics=False, true="label",
+       pred="pred_EpiAgent-BC"),
+    # ---- Fig. 5: in-silico cCRE knockout -------------------------------------------------------------
+    _p("fig5b", KO, "knockout", "knockout", [],
+       "Change of the mean cancerization score of the 20 nearest reference cells when each target cCRE "
+       "is knocked out (bars) and the mean of random knockouts (dashed)",
+       "Fig. 5c: knockout effects of target cCREs", "knockout_effects"),
+    _p("fig5c", KO, "knockout", "knockout", [],
+       "-log10 p of the one-sided t-test of each target knockout against the random knockouts",
+       "Fig. 5d: significance of target knockouts", "knockout_pvalues"),
+    _p("fig5d", KO, "knockout", "knockout", ["random.tsv"],
+       "Distribution of random-knockout effects with the target cCREs' effects marked",
+       "Fig. 5e: targets against random knockouts", "knockout_random"),
+    # ---- Fig. 6: zero-shot annotators ---------------------------------------------------------------
+    _p("fig6b", ZS, "zeroshot_annotation", "zeroshot_annotation", [],
+       "Zero-shot annotation of a new dataset: accuracy, micro F1, balanced accuracy and macro F1",
+       "Fig. 6b-c: zero-shot annotation scores", "bars",
+       metrics=["accuracy", "micro_F1", "balanced_accuracy", "macro_F1"]),
+    _p("fig6c", ZS, "zeroshot_annotation", "", ["predictions.tsv"],
+       "Zero-shot annotation confusion (rows: the dataset's own labels mapped to the coarse classes)",
+       "Fig. 6d-e: zero-shot confusion", "confusion", needs_metrics=False, true="label_mapped",
+       pred="prediction"),
+]}
+
+
+# ----------------------------------------------------------------------------- reading
+def read_metrics(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """Concatenate long metrics tables (``task dataset method metric value``)."""
+    parts = []
+    for p in paths:
+        try:
+            df = pd.read_csv(p, sep="\t")
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise InputFormatError(f"cannot read metrics table ({exc})", path=p,
+                                   fix="pass a metrics.tsv written by an epiflow task verb") from None
+        missing = [c for c in METRIC_COLUMNS if c not in df.columns]
+        if missing:
+            raise InputFormatError(f"metrics table lacks column(s) {', '.join(missing)}", path=p, line=1,
+                                   fix=f"the header must be: {' '.join(METRIC_COLUMNS)}")
+        df = df[METRIC_COLUMNS].copy()
+        df["value"] = pd.to_numeric(df["value"], errors="coerce")
+        parts.append(df)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=METRIC_COLUMNS)
+
+
+def read_table(path: str | os.PathLike) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, sep="\t", low_memory=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise InputFormatError(f"cannot read table ({exc})", path=path,
+                               fix="pass the table written by the task verb") from None
+
+
+def table_name(path: str | os.PathLike) -> str:
+    """The name a panel asks for: the file name (``cells.tsv``, ``mean_accessibility.tsv.gz``)."""
+    return Path(path).name
+
+
+# ----------------------------------------------------------------------------- helpers
+def _method_order(methods) -> list[str]:
+    ms = list(dict.fromkeys(str(m) for m in methods))
+    return sorted(ms, key=lambda m: (not m.startswith("EpiAgent"), m))
+
+
+def _palette(methods) -> dict[str, str]:
+    order = _method_order(methods)
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    cmap = colormaps["tab10" if len(order) <= 10 else "tab20"]
+    return {m: to_hex(cmap(i % cmap.N)) for i, m in enumerate(order)}
+
+
+def _require(cond: bool, panel: Panel, what: str, fix: str) -> None:
+    if not cond:
+        raise EpiflowError(f"figure {panel.name}: {what}", field=panel.name, fix=fix)
+
+
+def _task_rows(panel: Panel, metrics: pd.DataFrame) -> pd.DataFrame:
+    rows = metrics[metrics["task"] == panel.metrics_task]
+    _require(len(rows) > 0, panel, f"no '{panel.metrics_task}' rows in the metrics tables",
+             f"run the task of config tasks.{panel.task_key} first and pass its metrics.tsv")
+    return rows
+
+
+def _select_metrics(panel: Panel, rows: pd.DataFrame) -> list[str]:
+    present = list(dict.fromkeys(rows["metric"].astype(str)))
+    if "metrics" in panel.options:
+        names = [m for m in panel.options["metrics"] if m in present]
+    else:
+        pats = [re.compile(p + "$") for p in panel.options.get("metric_patterns", [])]
+        names = [m for pat in pats for m in present if pat.match(m)]
+    wanted = panel.options.get("metrics") or panel.options.get("metric_patterns")
+    _require(bool(names), panel, f"none of the metrics {wanted} among the '{panel.metrics_task}' rows",
+             "pass the metrics.tsv of the task this panel plots")
+    return names
+
+
+def _bar_axes(ax, data: pd.DataFrame, methods: list[str], palette, metric: str) -> None:
+    """Grouped bars: x = dataset, one bar per method."""
+    datasets = list(dict.fromkeys(data["dataset"]))
+    width = 0.8 / max(len(methods), 1)
+    for j, m in enumerate(methods):
+        vals = [data[(data["dataset"] == d) & (data["method"] == m)]["value"].mean() for d in datasets]
+        x = np.arange(len(datasets)) + (j - (len(methods) - 1) / 2) * width
+        ax.bar(x, np.nan_to_num(vals, nan=0.0), width=width, color=palette[m], label=m)
+        for xi, v in zip(x, vals):
+            if np.isfinite(v):
+                ax.annotate(f"{v:.2f}", (xi, v), ha="center", va="bottom", fontsize=6, rotation=90,
+                            xytext=(0, 1), textcoords="offset points")
+    ax.set_xticks(np.arange(len(datasets)))
+    ax.set_xticklabels(datasets, rotation=30, ha="right", fontsize=8)
+    ax.set_title(metric, fontsize=10)
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+def _heatmap(fig, ax, mat: np.ndarray, rows, cols, *, cmap="viridis", fmt="{:.2f}", vmin=None, vmax=None,
+             label=""):
+    im = ax.imshow(mat, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels(cols, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows, fontsize=8)
+    if mat.size <= 400:
+        for i in range(mat.shape[0]):
+            for j in range(mat.shape[1]):
+                if np.isfinite(mat[i, j]):
+                    r, g, b, _ = im.cmap(im.norm(mat[i, j]))
+                    dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+                    ax.text(j, i, fmt.format(mat[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")
+    fig.colorbar(im, ax=ax, shrink=0.8, label=label)
+
+
+# ----------------------------------------------------------------------------- drawing functions
+def draw_bars(panel: Panel, metrics: pd.DataFrame, tables) -> object:
+    rows = _task_rows(panel, metrics)
+    names = _select_metrics(panel, rows)
+    rows = rows[rows["metric"].isin(names)]
+    methods = _method_order(rows["method"])
+    pal = _palette(methods)
+    n_ds = rows["dataset"].nunique()
+    fig = _figure(max(3.2, 0.9 + 0.35 * n_ds * len(methods)) * len(names) + 1.8, 3.8)
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, metric in zip(axes, names):
+        _bar_axes(ax, rows[rows["metric"] == metric], methods, pal, metric)
+    handles = [axes[0].bar([0], [0], color=pal[m], label=m) for m in methods]
+    fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False, title="method")
+    return fig
+
+
+def draw_metric_heatmap(panel: Panel, metrics: pd.DataFrame, tables) -> object:
+    rows = _task_rows(panel, metrics)
+    names = _select_metrics(panel, rows)
+    rows = rows[rows["metric"].isin(names)]
+    datasets = list(dict.fromkeys(rows["dataset"]))
+    fig = _figure(1.6 + 0.8 * len(names), 0.9 + 2.6 * len(datasets))
+    axes = fig.subplots(len(datasets), 1, squeeze=False)[:, 0]
+    for ax, ds in zip(axes, datasets):
+        part = rows[rows["dataset"] == ds]
+        wide = part.pivot_table(index="method", columns="metric", values="value", aggfunc="mean")
+        wide = wide.reindex(index=_method_order(wide.index), columns=[m for m in names if m in wide.columns])
+        _heatmap(fig, ax, wide.to_numpy(float), list(wide.index), list(wide.columns), vmin=0, vmax=1)
+        ax.set_title(ds, fontsize=10)
+    return fig
+
+
+def draw_direction_lines(panel: Panel, metrics: pd.DataFrame, tables) -> object:
+    rows = _task_rows(panel, metrics)
+    pat = re.compile(r"dir_acc@(\d+)$")
+    sel = rows[rows["metric"].astype(str).str.match(pat)].copy()
+    _require(len(sel) > 0, panel, "no dir_acc@k rows", "pass the metrics.tsv of the perturbation task")
+    sel["k"] = sel["metric"].str.extract(pat, expand=False).astype(int)
+    methods = _method_order(sel["method"])
+    pal = _palette(methods)
+    datasets = list(dict.fromkeys(sel["dataset"]))
+    fig = _figure(4.2 * len(datasets) + 1.8, 3.6)
+    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
+    for ax, ds in zip(axes, datasets):
+        for m in methods:
+            part = sel[(sel["dataset"] == ds) & (sel["method"] == m)].groupby("k")["value"].mean()
+            if len(part):
+                ax.plot(part.index, part.to_numpy(), marker="o", color=pal[m], label=m)
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.02)
+        ax.axhline(0.5, color="grey", lw=0.6, ls=":")
+        ax.set_xlabel("top-k DA cCREs", fontsize=9)
+        ax.set_ylabel("direction accuracy", fontsize=9)
+        ax.set_title(ds, fontsize=10)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    return fig
+
+
+def draw_group_heatmap(panel: Panel, metrics: pd.DataFrame, tables) -> object:
+    rows = _task_rows(panel, metrics)
+    metric = panel.options["metric"]
+    pat = re.compile(re.escape(metric) + r"\[(.+)\]$")
+    sel = rows[rows["metric"].astype(str).str.match(pat)].copy()
+    _require(len(sel) > 0, panel, f"no per-group '{metric}[<group>]' rows",
+             "pass the metrics.tsv of the perturbation task")
+    sel["group"] = sel["metric"].str.extract(pat, expand=False)
+    datasets = list(dict.fromkeys(sel["dataset"]))
+    fig = _figure(2.0 + 0.7 * sel["group"].nunique(), 0.9 + 2.4 * len(datasets))
+    axes = fig.subplots(len(datasets), 1, squeeze=False)[:, 0]
+    for ax, ds in zip(axes, datasets):
+        wide = sel[sel["dataset"] == ds].pivot_table(index="method", columns="group", values="value",
+                                                      aggfunc="mean")
+        wide = wide.reindex(index=_method_order(wide.index))
+        _heatmap(fig, ax, wide.to_numpy(float), list(wide.index), list(wide.columns), label=metric)
+        ax.set_title(f"{ds}: {metric} per held-out group", fontsize=10)
+    return fig
+
+
+def draw_tradeoff(panel: Panel, metrics: pd.DataFrame, tables) -> object:
+    rows = _task_rows(panel, metrics)
+    x, y = panel.options["x"], panel.options["y"]
+    wide = rows[rows["metric"].isin([x, y])].pivot_table(index=["dataset", "method"], columns="metric",
+                                                         values="value", aggfunc="mean")
+    _require(x in wide.columns and y in wide.columns, panel, f"needs both '{x}' and '{y}' rows",
+             "pass the integration metrics.tsv")
+    methods = _method_order(wide.index.get_level_values("method"))
+    pal = _palette(methods)
+    datasets = list(dict.fromkeys(wide.index.get_level_values("dataset")))
+    fig = _figure(4.0 * len(datasets) + 1.8, 3.8)
+    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
+    for ax, ds in zip(axes, datasets):
+        part = wide.loc[ds]
+        for m in methods:
+            if m in part.index:
+                ax.scatter(part.loc[m, x], part.loc[m, y], s=60, color=pal[m], label=m, edgecolors="black",
+                           linewidths=0.5)
+        ax.set_xlabel(f"{x} (batch mixing)", fontsize=9)
+        ax.set_ylabel(f"{y} (biological conservation)", fontsize=9)
+        ax.set_title(ds, fontsize=10)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+    return fig
+
+
+def _tables_named(panel: Panel, tables, name: str) -> dict[str, pd.DataFrame]:
+    got = {ds: t[name] for ds, t in tables.items() if name in t}
+    _require(bool(got), panel, f"no '{name}' table given",
+             f"pass --table DATASET=<results>/tasks/{panel.task_key}/DATASET/{name}")
+    return got
+
+
+def _need_columns(panel: Panel, df: pd.DataFrame, cols, name: str) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    _require(not missing, panel, f"table {name} lacks column(s) {', '.join(missing)}",
+             f"pass the {name} written by the task verb")
+
+
+def draw_umap(panel: Panel, metrics, tables) -> object:
+    cells = _tables_named(panel, tables, "cells.tsv")
+    colour = panel.options.get("colour", "cell_type")
+    grid = []
+    for ds, df in cells.items():
+        found = [c[len("umap1_"):] for c in df.columns if c.startswith("umap1_")]
+        want = panel.options.get("methods")
+        methods = [m for m in found if (want is None or m in want)
+                   and m not in panel.options.get("exclude", [])]
+        _require(bool(methods), panel, f"cells.tsv of {ds} has no umap1_<method> column for "
+                 f"{want or 'the baselines'} (has: {found})", "run evaluate-features with UMAPs")
+        _need_columns(panel, df, [colour], "cells.tsv")
+        grid.append((ds, df, methods))
+    n_cols = max(len(m) for _, _, m in grid)
+    labels_all = np.concatenate([df[colour].astype(str).to_numpy() for _, df, _ in grid])
+    pal = category_palette(labels_all)
+    fig = _figure(4.2 * n_cols + 1.8, 4.0 * len(grid))
+    axes = fig.subplots(len(grid), n_cols, squeeze=False)
+    for r, (ds, df, methods) in enumerate(grid):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            if c >= len(methods):
+                ax.set_axis_off()
+                continue
+            m = methods[c]
+            embedding_panel(ax, df[[f"umap1_{m}", f"umap2_{m}"]].to_numpy(float), df[colour].astype(str),
+                            palette=pal, title=f"{m} on {ds}", legend=(c == len(methods) - 1))
+    return fig
+
+
+def draw_cluster_table(panel: Panel, metrics, tables) -> object:
+    cells = _tables_named(panel, tables, "cells.tsv")
+    m = panel.options["method"]
+    fig = _figure(0.5 + 5.2 * len(cells), 4.4)
+    axes = fig.subplots(1, len(cells), squeeze=False)[0]
+    for ax, (ds, df) in zip(axes, cells.items()):
+        _need_columns(panel, df, ["cell_type", f"leiden_{m}"], "cells.tsv")
+        tab = pd.crosstab(df["cell_type"].astype(str), df[f"leiden_{m}"].astype(str))
+        tab = tab[sorted(tab.columns, key=lambda c: (len(c), c))]
+        frac = tab.div(tab.sum(axis=1), axis=0)
+        _heatmap(fig, ax, frac.to_numpy(float), list(frac.index), list(frac.columns), cmap="Blues",
+                 vmin=0, vmax=1, label="fraction of the type's cells")
+        ax.set_xlabel(f"Leiden cluster ({m})", fontsize=9)
+        ax.set_title(ds, fontsize=10)
+    return fig
+
+
+def draw_confusion(panel: Panel, metrics, tables) -> object:
+    name = panel.tables[0]
+    preds = _tables_named(panel, tables, name)
+    t, p = panel.options["true"], panel.options["pred"]
+    fig = _figure(0.5 + 5.4 * len(preds), 4.8)
+    axes = fig.subplots(1, len(preds), squeeze=False)[0]
+    for ax, (ds, df) in zip(axes, preds.items()):
+        _need_columns(panel, df, [t, p], name)
+        if panel.options.get("split") and "split" in df.columns:
+            df = df[df["split"] == panel.options["split"]]
+        df = df[df[t].notna() & df[p].notna()]
+        _require(len(df) > 0, panel, f"no labelled cells in {name} of {ds}", "check the label column")
+        classes = sorted(set(df[t].astype(str)) | set(df[p].astype(str)))
+        tab = pd.crosstab(df[t].astype(str), df[p].astype(str)).reindex(index=sorted(set(df[t].astype(str))),
+                                                                         columns=classes, fill_value=0)
+        frac = tab.div(tab.sum(axis=1).replace(0, np.nan), axis=0)
+        _heatmap(fig, ax, frac.to_numpy(float), list(frac.index), list(frac.columns), cmap="Blues", vmin=0,
+                 vmax=1, label="fraction of the true type")
+        ax.set_xlabel(f"predicted ({p})", fontsize=9)
+        ax.set_ylabel(f"true ({t})", fontsize=9)
+        ax.set_title(f"{ds} ({len(df)} cells)", fontsize=10)
+    return fig
+
+
+def draw_trajectory(panel: Panel, metrics: pd.DataFrame, tables) -> object:
+    trajs = _tables_named(panel, tables, "trajectory.tsv")
+    fig = _figure(0.5 + 5.0 * len(trajs), 3.8)
+    axes = fig.subplots(1, len(trajs), squeeze=False)[0]
+    rho = metrics[(metrics["task"] == "trajectory") & (metrics["metric"] == "spearman_types")]
+    for ax, (ds, df) in zip(axes, trajs.items()):
+        _need_columns(panel, df, ["method", "cell_type", "mean_pseudotime"], "trajectory.tsv")
+        methods = _method_order(df["method"])
+        pal = _palette(methods)
+        order = list(dict.fromkeys(df.sort_values(["tier", "mean_pseudotime"] if "tier" in df else
+                                                  ["mean_pseudotime"])["cell_type"]))
+        for m in methods:
+            part = df[df["method"] == m].set_index("cell_type").reindex(order)
+            r = rho[(rho["dataset"] == ds) & (rho["method"] == m)]["value"]
+            lab = f"{m} (rho {float(r.iloc[0]):.2f})" if len(r) else m
+            ax.plot(range(len(order)), part["mean_pseudotime"].to_numpy(float), marker="o", color=pal[m],
+                    label=lab)
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels(order, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("mean pseudotime", fontsize=9)
+        ax.set_title(ds, fontsize=10)
+        ax.legend(fontsize=7, frameon=False)
+        ax.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+def _method_columns(df: pd.DataFrame, prefix: str) -> list[str]:
+    return _method_order([c[len(prefix):] for c in df.columns if c.startswith(prefix)])
+
+
+def draw_per_unit_box(panel: Panel, metrics, tables) -> object:
+    name = panel.tables[0]
+    frames = _tables_named(panel, tables, name)
+    fig = _figure(0.5 + 7.0, 3.6 * len(frames))
+    axes = fig.subplots(len(frames), 2, squeeze=False)
+    for row, (ds, df) in zip(axes, frames.items()):
+        methods = _method_columns(df, "pearson_")
+        _require(bool(methods), panel, f"{name} of {ds} has no pearson_<method> columns",
+                 f"pass the {name} written by 'epiflow impute'")
+        pal = _palette(methods)
+        for ax, stat, label in ((row[0], "pearson", "Pearson r"), (row[1], "mse", "MSE")):
+            data = [df[f"{stat}_{m}"].dropna().to_numpy(float) if f"{stat}_{m}" in df else np.array([])
+                    for m in methods]
+            bp = ax.boxplot(data, patch_artist=True, showfliers=False, widths=0.6)
+            for patch, m in zip(bp["boxes"], methods):
+                patch.set_facecolor(pal[m])
+            ax.set_xticks(range(1, len(methods) + 1))
+            ax.set_xticklabels(methods, rotation=30, ha="right", fontsize=8)
+            ax.set_ylabel(f"{label} per {panel.options['unit']}", fontsize=9)
+            if stat == "mse":
+                ax.set_yscale("log")
+            ax.set_title(f"{ds}: {label}", fontsize=10)
+            ax.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+def draw_per_cell_scatter(panel: Panel, metrics, tables) -> object:
+    frames = _tables_named(panel, tables, "per_cell.tsv")
+    xm, ym = panel.options["x"], panel.options["y"]
+    fig = _figure(0.8 + 5.2 * len(frames), 4.4)
+    axes = fig.subplots(1, len(frames), squeeze=False)[0]
+    for ax, (ds, df) in zip(axes, frames.items()):
+        _need_columns(panel, df, [f"pearson_{xm}", f"pearson_{ym}"], "per_cell.tsv")
+        lab = df["cell_type"].astype(str) if "cell_type" in df else pd.Series(["cell"] * len(df))
+        embedding_panel(ax, df[[f"pearson_{xm}", f"pearson_{ym}"]].to_numpy(float), lab,
+                        title=f"{ds}: per-cell Pearson r", xlabel=f"{xm} Pearson r", ylabel=f"{ym} Pearson r")
+        ax.set_xticks([0, 0.5, 1])
+        ax.set_yticks([0, 0.5, 1])
+        lo = np.nanmin(df[[f"pearson_{xm}", f"pearson_{ym}"]].to_numpy(float))
+        ax.plot([min(lo, 0), 1], [min(lo, 0), 1], color="grey", lw=0.6, ls="--")
+    return fig
+
+
+def draw_mean_scatter(panel: Panel, metrics, tables) -> object:
+    name = panel.tables[0]
+    frames = _tables_named(panel, tables, name)
+    m = panel.options["method"]
+    panels = []
+    for ds, df in frames.items():
+        _need_columns(panel, df, ["group", "real_perturbed", f"pred_{m}"], name)
+        for g in dict.fromkeys(df["group"].astype(str)):
+            panels.append((ds, g, df[df["group"].astype(str) == g]))
+    n = len(panels)
+    n_cols = min(n, 4)
+    n_rows = int(np.ceil(n / n_cols))
+    fig = _figure(3.4 * n_cols + 0.4, 3.3 * n_rows)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax, (ds, g, part) in zip(axes, panels):
+        top = part["top_da"].astype(str).str.lower().eq("true").to_numpy() if "top_da" in part else \
+            np.zeros(len(part), bool)
+        xr, yp = part["real_perturbed"].to_numpy(float), part[f"pred_{m}"].to_numpy(float)
+        ax.scatter(xr[~top], yp[~top], s=3, c="#9a9a9a", linewidths=0, rasterized=True, label="other cCREs")
+        ax.scatter(xr[top], yp[top], s=5, c="#d62728", linewidths=0, rasterized=True, label="top DA")
+        hi = float(np.nanmax(np.concatenate([xr, yp]))) if len(xr) else 1.0
+        ax.plot([0, hi], [0, hi], color="black", lw=0.6, ls="--")
+        ax.set_xlabel("observed mean", fontsize=8)
+        ax.set_ylabel(f"predicted mean ({m})", fontsize=8)
+        ax.set_title(f"{ds}: {g}", fontsize=9)
+        ax.spines[["top", "right"]].set_visible(False)
+    for ax in axes[n:]:
+        ax.set_axis_off()
+    axes[0].legend(fontsize=7, frameon=False, markerscale=3)
+    return fig
+
+
+def _bracket_rows(panel: Panel, metrics: pd.DataFrame, metric: str) -> pd.DataFrame:
+    rows = _task_rows(panel, metrics)
+    pat = re.compile(re.escape(metric) + r"\[(.+)\]$")
+    sel = rows[rows["metric"].astype(str).str.match(pat)].copy()
+    _require(len(sel) > 0, panel, f"no '{metric}[<target>]' rows", "pass the knockout metrics.tsv")
+    sel["target"] = sel["metric"].str.extract(pat, expand=False)
+    return sel
+
+
+def draw_knockout_effects(panel: Panel, metrics: pd.DataFrame, tables) -> object:
+    sel = _bracket_rows(panel, metrics, "mean_effect")
+    rows = _task_rows(panel, metrics)
+    datasets = list(dict.fromkeys(sel["dataset"]))
+    fig = _figure(1.5 + max(4.0, 0.35 * sel["target"].nunique()) * len(datasets), 3.8)
+    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
+    for ax, ds in zip(axes, datasets):
+        part = sel[sel["dataset"] == ds]
+        ax.bar(range(len(part)), part["value"].to_numpy(float), color="#1f77b4")
+        rnd = rows[(rows["dataset"] == ds) & (rows["metric"] == "random_mean_effect")]["value"]
+        if len(rnd):
+            ax.axhline(float(rnd.iloc[0]), color="grey", ls="--", lw=1, label="random knockouts (mean)")
+            ax.legend(fontsize=7, frameon=False)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_xticks(range(len(part)))
+        ax.set_xticklabels(part["target"], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("change of mean cancerization score", fontsize=9)
+        ax.set_title(ds, fontsize=10)
+        ax.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+def draw_knockout_pvalues(panel: Panel, metrics: pd.DataFrame, tables) -> object:
+    sel = _bracket_rows(panel, metrics, "p_value")
+    datasets = list(dict.fromkeys(sel["dataset"]))
+    fig = _figure(1.5 + max(4.0, 0.35 * sel["target"].nunique()) * len(datasets), 3.8)
+    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
+    for ax, ds in zip(axes, datasets):
+        part = sel[sel["dataset"] == ds]
+        p = np.clip(part["value"].to_numpy(float), 1e-300, 1.0)
+        ax.bar(range(len(part)), -np.log10(p), color=np.where(p < 0.05, "#d62728", "#7f7f7f"))
+        ax.axhline(-np.log10(0.05), color="grey", ls="--", lw=1, label="p = 0.05")
+        ax.set_xticks(range(len(part)))
+        ax.set_xticklabels(part["target"], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("-log10 p (one-sided t-test)", fontsize=9)
+        ax.set_title(ds, fontsize=10)
+        ax.legend(fontsize=7, frameon=False)
+        ax.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+def draw_knockout_random(panel: Panel, metrics: pd.DataFrame, tables) -> object:
+    rand = _tables_named(panel, tables, "random.tsv")
+    sel = _bracket_rows(panel, metrics, "mean_effect")
+    fig = _figure(0.5 + 4.6 * len(rand), 3.6)
+    axes = fig.subplots(1, len(rand), squeeze=False)[0]
+    for ax, (ds, df) in zip(axes, rand.items()):
+        _need_columns(panel, df, ["mean_effect"], "random.tsv")
+        ax.hist(df["mean_effect"].to_numpy(float), bins=20, color="#c7c7c7", label="random knockouts")
+        for i, (_, r) in enumerate(sel[sel["dataset"] == ds].iterrows()):
+            ax.axvline(r["value"], color="#d62728", lw=1, label="target cCREs" if i == 0 else None)
+        ax.set_xlabel("change of mean cancerization score", fontsize=9)
+        ax.set_ylabel("knockouts", fontsize=9)
+        ax.set_title(ds, fontsize=10)
+        ax.legend(fontsize=7, frameon=False)
+        ax.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+DRAW: dict[str, Callable] = {
+    "bars": draw_bars, "metric_heatmap": draw_metric_heatmap, "direction_lines": draw_direction_lines,
+    "group_heatmap": draw_group_heatmap, "tradeoff": draw_tradeoff, "umap": draw_umap,
+    "cluster_table": draw_cluster_table, "confusion": draw_confusion, "trajectory": draw_trajectory,
+    "per_unit_box": draw_per_unit_box, "per_cell_scatter": draw_per_cell_scatter,
+    "mean_scatter": draw_mean_scatter, "knockout_effects": draw_knockout_effects,
+    "knockout_pvalues": draw_knockout_pvalues, "knockout_random": draw_knockout_random,
+}
+
+
+# ----------------------------------------------------------------------------- entry point
+def get_panel(name: str) -> Panel:
+    if name not in PANELS:
+        raise EpiflowError(f"unknown figure panel '{name}'", field="panel",
+                           fix=f"choose one of {', '.join(PANELS)} ('epiflow figure --list')")
+    return PANELS[name]
+
+
+def build_panel(name: str, *, metrics: Sequence[str | os.PathLike] = (),
+                tables: Mapping[str, Sequence[str | os.PathLike]] | None = None,
+                out: str | os.PathLike, svg: bool = False) -> list[Path]:
+    """Draw panel ``name`` from metrics tables and per-dataset tables, write ``out`` (PNG) atomically.
+
+    ``tables``: ``{dataset: [paths]}``; each path is known by its file name (``cells.tsv`` ...).
+    """
+    panel = get_panel(name)
+    metrics_df = read_metrics(list(metrics))
+    if panel.needs_metrics:
+        _require(len(metrics_df) > 0, panel, "no metrics table given",
+                 f"pass --metrics <results>/tasks/.../metrics.tsv of config tasks.{panel.task_key}")
+    loaded: dict[str, dict[str, pd.DataFrame]] = {}
+    for ds, paths in (tables or {}).items():
+        for p in paths:
+            loaded.setdefault(ds, {})[table_name(p)] = read_table(p)
+    for needed in panel.tables:
+        _tables_named(panel, loaded, needed)
+    fig = DRAW[panel.draw](panel, metrics_df, loaded)
+    fig.suptitle(f"{panel.name}: {panel.title}", fontsize=9, wrap=True)
+    written = save_figure(fig, out, svg=svg)
+    log.info("wrote %s", ", ".join(map(str, written)))
+    return written
+
+
+def panel_table() -> pd.DataFrame:
+    """The registry as a table (panel, benchmark, config task, inputs, what it shows, paper panel)."""
+    return pd.DataFrame([{"panel": p.name, "benchmark": p.benchmark, "config_task": p.task_key,
+                          "inputs": ", ".join((["metrics.tsv"] if p.needs_metrics else []) + list(p.tables)),
+                          "shows": p.title, "paper": p.paper} for p in PANELS.values()])

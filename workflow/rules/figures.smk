@@ -1,0 +1,39 @@
+# Figures: analogues of the paper's panels (Fig. 2b-m, 3c-i, 4c-g, 5b-d, 6b-c; docs/paper.md), each
+# its own target results/figures/<panel>.png, drawn by `epiflow figure <panel>` from the tables the
+# task rules wrote (metrics.tsv, cells.tsv, predictions.tsv, per_cell.tsv, ...). A panel is part of
+# `all` only when the current configuration produces every table it needs (task enabled, and some
+# rule declares the file); asking for another panel by name stops with a message saying why.
+from epiflow.plots.figures import PANELS
+
+
+wildcard_constraints:
+    panel="|".join(PANELS),
+
+
+rule figure:
+    input:
+        unpack(figure_inputs),
+    output:
+        png=report(
+            f"{R}/figures/{{panel}}.png",
+            caption="../report/figure.rst",
+            category=lambda w: PANELS[w.panel].benchmark,
+            subcategory="Paper figures (analogues)",
+            labels=lambda w: {"panel": w.panel, "paper": PANELS[w.panel].paper},
+        ),
+    log:
+        f"{R}/logs/figure/{{panel}}.log",
+    benchmark:
+        f"{R}/benchmarks/figure/{{panel}}.tsv"
+    conda:
+        "../../envs/epiflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=res("figure", "mem_mb"),
+        runtime=res("figure", "runtime"),
+    params:
+        args=figure_args,
+        caption=figure_caption,
+    shell:
+        "python -m epiflow figure {wildcards.panel} {params.args}"
+        " --out {output.png} > {log} 2>&1"
