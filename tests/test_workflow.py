@@ -58,6 +58,11 @@ def test_snakefmt_check_is_clean():
 
 
 # ------------------------------------------------------------------ configuration
+# the task rules that the demo and test configurations run beside the original four
+NEW_TASK_RULES = ("predict_genetic", "integrate", "knockout", "train_annotator", "annotate_zeroshot")
+GPU_TASK_RULES = ("evaluate_features", "annotate", "impute", "predict_stimulation", *NEW_TASK_RULES)
+
+
 @pytest.mark.parametrize("configfile", [None, "config/test.yaml", "config/realdata.yaml"])
 def test_shipped_configs_validate_and_dry_run(configfile, tmp_path):
     args = ["-n", "--cores", "2", "--config", f"results_dir={tmp_path / 'res'}"]
@@ -69,7 +74,7 @@ def test_shipped_configs_validate_and_dry_run(configfile, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     for rule in ("candidate_ccres", "build_corpus", "pretrain", "embed", "evaluate_features", "annotate",
-                 "impute", "summarize"):
+                 "impute", "summarize", *(NEW_TASK_RULES if configfile != "config/realdata.yaml" else ())):
         assert re.search(rf"^rule {rule}:|^localrule {rule}:", out, re.M) or f" {rule} " in out, (rule, out)
 
 
@@ -176,7 +181,7 @@ def test_sbatch_arguments_of_gpu_rules(slurm_dry_run):
     pytest.importorskip("snakemake_executor_plugin_slurm")
     profile = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text())
     # the dry run really applied the profile's resources
-    for rule in ("pretrain", "embed", "evaluate_features", "annotate", "impute", "predict_stimulation"):
+    for rule in ("pretrain", "embed", *GPU_TASK_RULES):
         for key, value in profile["set-resources"][rule].items():
             got = slurm_dry_run[rule]["resources"].get(key)
             assert str(got) == str(value), (rule, key, got, value)
@@ -192,7 +197,7 @@ def test_sbatch_arguments_of_gpu_rules(slurm_dry_run):
     assert not any(a.startswith("--ntasks-per-gpu") for a in argv), argv
     assert not any(a.startswith("--cpus-per-task") for a in argv), argv
 
-    for rule in ("embed", "evaluate_features", "annotate", "impute", "predict_stimulation"):
+    for rule in ("embed", *GPU_TASK_RULES):
         argv = _sbatch(_fake_job(rule, slurm_dry_run, threads=2))
         assert argv[argv.index("-p") + 1] == "gpu"
         assert "--gpus=1" in argv and "--cpus-per-gpu=8" in argv, argv

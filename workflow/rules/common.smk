@@ -95,16 +95,31 @@ def dataset_names(wildcards=None):
     return [entry.name for entry in load_manifest(path)]
 
 
+# keys of a task's config naming further datasets (beside `datasets`), checked like them
+TASK_DATASET_KEYS = {"integration": ["query"], "zeroshot_annotation": ["reference"]}
+
+
 def check_dataset_keys(names):
-    """Every dataset named in tasks.*.datasets / baselines.datasets must be in the manifest."""
+    """Every dataset named in tasks.*.datasets (and .query, .reference) / baselines.datasets must
+    be in the manifest."""
     known = set(names) | {"all"}
-    sections = [(f"tasks.{t}.datasets", c) for t, c in config["tasks"].items()]
-    sections.append(("baselines.datasets", config["baselines"]))
+    sections = [
+        (f"tasks.{t}.{key}", c[key], c["enabled"])
+        for t, c in config["tasks"].items()
+        for key in ["datasets"] + TASK_DATASET_KEYS.get(t, [])
+    ]
+    sections.append(
+        (
+            "baselines.datasets",
+            config["baselines"]["datasets"],
+            config["baselines"]["enabled"],
+        )
+    )
     problems = [
         f"config key '{key}': '{ds}' is not a dataset of the manifest"
-        for key, cfg in sections
-        if cfg["enabled"]
-        for ds in cfg["datasets"]
+        for key, datasets, enabled in sections
+        if enabled
+        for ds in datasets
         if ds not in known
     ]
     if problems:
@@ -141,7 +156,27 @@ TASK_OUTPUTS = {
     "annotation": ("annotation", ["metrics.tsv", "confusion.png", "sankey.png"]),
     "imputation": ("imputation", ["metrics.tsv", "imputation_box.png"]),
     "stimulation": ("stimulation", ["metrics.tsv", "scatter.png", "direction.png"]),
+    "genetic": ("genetic", ["metrics.tsv", "scatter.png", "direction.png"]),
+    "integration": (
+        "integration",
+        ["metrics.tsv", "umap_batch.png", "umap_cell_type.png"],
+    ),
+    "knockout": (
+        "knockout",
+        ["metrics.tsv", "knockout_effects.png", "knockout_umap.png"],
+    ),
+    "zeroshot_annotation": ("zeroshot_annotation", ["metrics.tsv", "confusion.png"]),
 }
+# the zero-shot annotator (rule train_annotator), trained once on tasks.zeroshot_annotation.reference
+ANNOTATOR = f"{R}/tasks/zeroshot_annotation/annotator"
+
+
+def task_units(task):
+    """Result folders of one task: one per dataset; integration: one for all its datasets."""
+    cfg = config["tasks"][task]
+    if task == "integration":
+        return [cfg["name"]]
+    return cfg["datasets"]
 
 
 def task_files(names=None):
@@ -151,12 +186,14 @@ def task_files(names=None):
         cfg = config["tasks"][task]
         if not cfg["enabled"]:
             continue
-        for ds in cfg["datasets"]:
+        for ds in task_units(task):
             files += [
                 f"{R}/tasks/{folder}/{ds}/{name}"
                 for name in outs
                 if names is None or name in names
             ]
+        if task == "zeroshot_annotation":
+            files.append(f"{ANNOTATOR}/metrics.tsv")
     return files
 
 
@@ -261,8 +298,107 @@ def stimulation_args():
         f"--batch-size {t['batch_size']}",
         f"--lr {t['lr']}",
         f"--seed {t['seed']}",
-        # the verb's default is auto; it rejects an explicit 'auto'
-        opt("--device", device_arg(t["device"])),
+        f"--device {t['device']}",
+        opt("--num-heads", config["model"]["num_heads"]),
+    ]
+    return " ".join(p for p in parts if p)
+
+
+def demo_file(task, key, name):
+    """A task's annotation file (config tasks.<task>.<key>); null: the demo's simulate/<name>."""
+    path = config["tasks"][task][key]
+    if path:
+        return path
+    if USE_SIMULATED:
+        return f"{R}/simulate/{name}"
+    raise WorkflowError(
+        f"invalid configuration:\n  - config key 'tasks.{task}.{key}' is null: give the file "
+        f"(only the simulated demo brings its own {name}), or set tasks.{task}.enabled: false"
+    )
+
+
+def datasets_arg(flag, datasets):
+    """`--dataset a,b` for a list of manifest names; nothing for ['all'] (every corpus cell)."""
+    if "all" in datasets:
+        return ""
+    return f"{flag} {','.join(datasets)}"
+
+
+def genetic_args():
+    """`epiflow predict-genetic` options from config['tasks']['genetic']."""
+    t = config["tasks"]["genetic"]
+    parts = [
+        f"--perturbation-key {t['perturbation_key']}",
+        f"--control {t['control']}",
+        f"--holdout-fraction {t['holdout_fraction']}",
+        f"--epochs {t['epochs']}",
+        opt("--max-steps", t["max_steps"]),
+        f"--batch-size {t['batch_size']}",
+        f"--lr {t['lr']}",
+        opt("--max-len", t["max_len"]),
+        f"--seed {t['seed']}",
+        f"--device {t['device']}",
+        opt("--num-heads", config["model"]["num_heads"]),
+    ]
+    return " ".join(p for p in parts if p)
+
+
+def integration_args():
+    """`epiflow integrate` options from config['tasks']['integration']."""
+    t = config["tasks"]["integration"]
+    parts = [
+        datasets_arg("--dataset", t["datasets"]),
+        f"--batch-key {t['batch_key']}",
+        f"--label-key {t['label_key']}",
+        opt("--label-map", t["label_map"]),
+        f"--max-steps {t['max_steps']}",
+        f"--batch-size {t['batch_size']}",
+        f"--lr {t['lr']}",
+        f"--max-len {t['max_len']}",
+        opt("--max-cells", t["max_cells"]),
+        f"--seed {t['seed']}",
+        f"--device {t['device']}",
+        opt("--num-heads", config["model"]["num_heads"]),
+    ]
+    return " ".join(p for p in parts if p)
+
+
+def knockout_args():
+    """`epiflow knockout` options from config['tasks']['knockout'] (the TSS file is an input)."""
+    t = config["tasks"]["knockout"]
+    parts = [
+        f"--state-key {t['state_key']}",
+        f"--state-a {t['state_a']}",
+        f"--state-b {t['state_b']}",
+        "--genes " + ",".join(t["genes"]),
+        f"--upstream {t['upstream']}",
+        f"--downstream {t['downstream']}",
+        f"--finetune-steps {t['finetune_steps']}",
+        f"--n-reference {t['n_reference']}",
+        f"--n-query {t['n_query']}",
+        f"--n-random {t['n_random']}",
+        f"--seed {t['seed']}",
+        f"--device {t['device']}",
+        opt("--num-heads", config["model"]["num_heads"]),
+    ]
+    return " ".join(p for p in parts if p)
+
+
+def annotator_args():
+    """`epiflow train-annotator` options from config['tasks']['zeroshot_annotation']."""
+    t = config["tasks"]["zeroshot_annotation"]
+    parts = [
+        datasets_arg("--dataset", t["reference"]),
+        f"--label-key {t['label_key']}",
+        opt("--label-map", t["label_map"]),
+        f"--classifier {t['classifier']}",
+        f"--epochs {t['epochs']}",
+        opt("--max-steps", t["max_steps"]),
+        f"--batch-size {t['batch_size']}",
+        f"--lr {t['lr']}",
+        opt("--max-cells", t["max_cells"]),
+        f"--seed {t['seed']}",
+        f"--device {t['device']}",
         opt("--num-heads", config["model"]["num_heads"]),
     ]
     return " ".join(p for p in parts if p)

@@ -9,6 +9,11 @@ wildcard_constraints:
     an_dataset=r"[A-Za-z0-9._-]+",
     im_dataset=r"[A-Za-z0-9._-]+",
     st_dataset=r"[A-Za-z0-9._-]+",
+    ge_dataset=r"[A-Za-z0-9._-]+",
+    in_name=r"[A-Za-z0-9._-]+",
+    ko_dataset=r"[A-Za-z0-9._-]+",
+    # 'annotator' is the folder of the trained annotator (rule train_annotator)
+    zs_dataset=r"(?!annotator/)[A-Za-z0-9._-]+",
 
 
 rule evaluate_features:
@@ -172,3 +177,219 @@ rule predict_stimulation:
         "python -m epiflow predict-stimulation --corpus {input.corpus}"
         " --checkpoint {input.checkpoint} {params.dataset} {params.args}"
         " --no-progress --out-dir {params.outdir} > {log} 2>&1"
+
+
+# Unseen genetic perturbations: gene tokens through a GNN over the GO Jaccard gene graph, fine-tuned
+# on 75% of the knocked-out genes, the held-out 25% predicted from the control cells.
+rule predict_genetic:
+    input:
+        checkpoint=checkpoint_file,
+        corpus=rules.build_corpus.output.corpus,
+        go=lambda w: demo_file("genetic", "go", "go.tsv"),
+    output:
+        metrics=f"{R}/tasks/genetic/{{ge_dataset}}/metrics.tsv",
+        split=f"{R}/tasks/genetic/{{ge_dataset}}/split.tsv",
+        means=f"{R}/tasks/genetic/{{ge_dataset}}/mean_accessibility.tsv.gz",
+        scatter=report(
+            f"{R}/tasks/genetic/{{ge_dataset}}/scatter.png",
+            caption="../report/genetic.rst",
+            category="Genetic perturbation",
+            subcategory="{ge_dataset}",
+            labels={"dataset": "{ge_dataset}", "figure": "predicted vs observed mean"},
+        ),
+        direction=report(
+            f"{R}/tasks/genetic/{{ge_dataset}}/direction.png",
+            caption="../report/genetic.rst",
+            category="Genetic perturbation",
+            subcategory="{ge_dataset}",
+            labels={"dataset": "{ge_dataset}", "figure": "direction accuracy"},
+        ),
+    log:
+        f"{R}/logs/predict_genetic/{{ge_dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/predict_genetic/{{ge_dataset}}.tsv"
+    conda:
+        "../../envs/epiflow.yaml"
+    threads: res("predict_genetic", "threads")
+    resources:
+        mem_mb=res("predict_genetic", "mem_mb"),
+        runtime=res("predict_genetic", "runtime"),
+    params:
+        outdir=lambda w, output: os.path.dirname(output.metrics),
+        dataset=lambda w: "" if w.ge_dataset == "all" else f"--dataset {w.ge_dataset}",
+        args=genetic_args(),
+    shell:
+        "python -m epiflow predict-genetic --corpus {input.corpus}"
+        " --checkpoint {input.checkpoint} --go {input.go} {params.dataset} {params.args}"
+        " --no-progress --out-dir {params.outdir} > {log} 2>&1"
+
+
+# Batch integration of the configured datasets together (one job): OT-matched partners across
+# batches, fine-tuning with a batch token, integration metrics beside zero-shot and LSI; optional
+# query datasets labelled by their nearest reference cells.
+rule integrate:
+    input:
+        checkpoint=checkpoint_file,
+        corpus=rules.build_corpus.output.corpus,
+    output:
+        metrics=f"{R}/tasks/integration/{{in_name}}/metrics.tsv",
+        embeddings=f"{R}/tasks/integration/{{in_name}}/embeddings.h5ad",
+        batches=f"{R}/tasks/integration/{{in_name}}/batches.tsv",
+        matches=f"{R}/tasks/integration/{{in_name}}/matches.tsv",
+        model=f"{R}/tasks/integration/{{in_name}}/checkpoint.pth",
+        umap_batch=report(
+            f"{R}/tasks/integration/{{in_name}}/umap_batch.png",
+            caption="../report/integration.rst",
+            category="Integration",
+            subcategory="{in_name}",
+            labels={"reference": "{in_name}", "figure": "UMAP by batch"},
+        ),
+        umap_type=report(
+            f"{R}/tasks/integration/{{in_name}}/umap_cell_type.png",
+            caption="../report/integration.rst",
+            category="Integration",
+            subcategory="{in_name}",
+            labels={"reference": "{in_name}", "figure": "UMAP by cell type"},
+        ),
+    log:
+        f"{R}/logs/integrate/{{in_name}}.log",
+    benchmark:
+        f"{R}/benchmarks/integrate/{{in_name}}.tsv"
+    conda:
+        "../../envs/epiflow.yaml"
+    threads: res("integrate", "threads")
+    resources:
+        mem_mb=res("integrate", "mem_mb"),
+        runtime=res("integrate", "runtime"),
+    params:
+        outdir=lambda w, output: os.path.dirname(output.metrics),
+        query=lambda w, input: (
+            f"--query {input.corpus} "
+            + datasets_arg("--query-dataset", config["tasks"]["integration"]["query"])
+            if config["tasks"]["integration"]["query"]
+            else ""
+        ),
+        args=integration_args(),
+    shell:
+        "python -m epiflow integrate --input {input.corpus} --checkpoint {input.checkpoint}"
+        " {params.args} {params.query} --out-dir {params.outdir} > {log} 2>&1"
+
+
+# In-silico knockout of the promoter cCREs of the configured genes between two cell states
+# (chimeric cells, change of the nearest reference cells' score, t-test against random cCREs).
+rule knockout:
+    input:
+        checkpoint=checkpoint_file,
+        corpus=rules.build_corpus.output.corpus,
+        tss=lambda w: demo_file("knockout", "tss", "tss.bed"),
+    output:
+        metrics=f"{R}/tasks/knockout/{{ko_dataset}}/metrics.tsv",
+        knockout=f"{R}/tasks/knockout/{{ko_dataset}}/knockout.tsv",
+        random=f"{R}/tasks/knockout/{{ko_dataset}}/random.tsv",
+        effects=report(
+            f"{R}/tasks/knockout/{{ko_dataset}}/knockout_effects.png",
+            caption="../report/knockout.rst",
+            category="Knockout",
+            subcategory="{ko_dataset}",
+            labels={"dataset": "{ko_dataset}", "figure": "knockout effects vs random"},
+        ),
+        umap=report(
+            f"{R}/tasks/knockout/{{ko_dataset}}/knockout_umap.png",
+            caption="../report/knockout.rst",
+            category="Knockout",
+            subcategory="{ko_dataset}",
+            labels={"dataset": "{ko_dataset}", "figure": "UMAP of the chimeric cells"},
+        ),
+    log:
+        f"{R}/logs/knockout/{{ko_dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/knockout/{{ko_dataset}}.tsv"
+    conda:
+        "../../envs/epiflow.yaml"
+    threads: res("knockout", "threads")
+    resources:
+        mem_mb=res("knockout", "mem_mb"),
+        runtime=res("knockout", "runtime"),
+    params:
+        outdir=lambda w, output: os.path.dirname(output.metrics),
+        dataset=lambda w: "" if w.ko_dataset == "all" else f"--dataset {w.ko_dataset}",
+        args=knockout_args(),
+    shell:
+        "python -m epiflow knockout --input {input.corpus} --checkpoint {input.checkpoint}"
+        " --tss {input.tss} {params.dataset} {params.args}"
+        " --out-dir {params.outdir} > {log} 2>&1"
+
+
+# Zero-shot annotation, step 1: the pretrained model + the authors' classifier head fine-tuned on the
+# reference datasets (coarse labels); step 2 (annotate_zeroshot) labels other datasets with it.
+rule train_annotator:
+    input:
+        checkpoint=checkpoint_file,
+        corpus=rules.build_corpus.output.corpus,
+        label_map=lambda w: config["tasks"]["zeroshot_annotation"]["label_map"] or [],
+    output:
+        model=f"{ANNOTATOR}/checkpoint.pth",
+        classes=f"{ANNOTATOR}/classes.tsv",
+        metrics=f"{ANNOTATOR}/metrics.tsv",
+        train_log=f"{ANNOTATOR}/train_log.tsv",
+    log:
+        f"{R}/logs/train_annotator.log",
+    benchmark:
+        f"{R}/benchmarks/train_annotator.tsv"
+    conda:
+        "../../envs/epiflow.yaml"
+    threads: res("train_annotator", "threads")
+    resources:
+        mem_mb=res("train_annotator", "mem_mb"),
+        runtime=res("train_annotator", "runtime"),
+    params:
+        outdir=lambda w, output: os.path.dirname(output.model),
+        args=annotator_args(),
+    shell:
+        "python -m epiflow train-annotator --input {input.corpus} --checkpoint {input.checkpoint}"
+        " {params.args} --out-dir {params.outdir} > {log} 2>&1"
+
+
+rule annotate_zeroshot:
+    input:
+        checkpoint=rules.train_annotator.output.model,
+        classes=rules.train_annotator.output.classes,
+        corpus=rules.build_corpus.output.corpus,
+        label_map=lambda w: (
+            config["tasks"]["zeroshot_annotation"]["query_label_map"]
+            or config["tasks"]["zeroshot_annotation"]["label_map"]
+            or []
+        ),
+    output:
+        metrics=f"{R}/tasks/zeroshot_annotation/{{zs_dataset}}/metrics.tsv",
+        predictions=f"{R}/tasks/zeroshot_annotation/{{zs_dataset}}/predictions.tsv",
+        confusion=report(
+            f"{R}/tasks/zeroshot_annotation/{{zs_dataset}}/confusion.png",
+            caption="../report/zeroshot_annotation.rst",
+            category="Zero-shot annotation",
+            subcategory="{zs_dataset}",
+            labels={"dataset": "{zs_dataset}", "figure": "confusion matrix"},
+        ),
+    log:
+        f"{R}/logs/annotate_zeroshot/{{zs_dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/annotate_zeroshot/{{zs_dataset}}.tsv"
+    conda:
+        "../../envs/epiflow.yaml"
+    threads: res("annotate_zeroshot", "threads")
+    resources:
+        mem_mb=res("annotate_zeroshot", "mem_mb"),
+        runtime=res("annotate_zeroshot", "runtime"),
+    params:
+        outdir=lambda w, output: os.path.dirname(output.metrics),
+        dataset=lambda w: "" if w.zs_dataset == "all" else f"--dataset {w.zs_dataset}",
+        label_key=config["tasks"]["zeroshot_annotation"]["label_key"],
+        label_map=lambda w, input: opt("--label-map", input.label_map),
+        min_fraction=config["tasks"]["zeroshot_annotation"]["min_class_fraction"],
+        device=config["tasks"]["zeroshot_annotation"]["device"],
+        heads=opt("--num-heads", config["model"]["num_heads"]),
+    shell:
+        "python -m epiflow annotate-zeroshot --input {input.corpus} --checkpoint {input.checkpoint}"
+        " --classes {input.classes} {params.dataset} --label-key {params.label_key}"
+        " {params.label_map} --min-class-fraction {params.min_fraction}"
+        " --device {params.device} {params.heads} --out-dir {params.outdir} > {log} 2>&1"
