@@ -1,0 +1,202 @@
+"""`epiflow figure`: every paper-panel analogue builds from small hand-made results tables, errors name
+what is missing, and the workflow rebuilds one panel as a named target."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from epiflow.cli import main
+from epiflow.errors import EpiflowError
+from epiflow.plots.figures import DRAW, PANELS, build_panel, panel_table
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SNAKEMAKE = [str(BIN / "snakemake")] if (BIN / "snakemake").exists() else [sys.executable, "-m", "snakemake"]
+TYPES = ["B", "T", "NK", "Mono"]
+
+
+def _long(rows):
+    return pd.DataFrame(rows, columns=["task", "dataset", "method", "metric", "value"])
+
+
+def _write(df: pd.DataFrame, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, sep="\t", index=False, compression="gzip" if path.suffix == ".gz" else None)
+    return path
+
+
+def make_results(root: Path) -> dict:
+    """Tables shaped like those of the task verbs (small, seeded): one long metrics table, and per config
+    task key {dataset: [per-dataset tables]} (as the workflow passes a task's own folders)."""
+    rng = np.random.default_rng(0)
+    rows, tables = [], {}
+    for ds in ("d1", "d2"):
+        for m, base in (("EpiAgent", 0.7), ("LSI", 0.5)):
+            rows += [("feature_extraction", ds, m, "NMI", base), ("feature_extraction", ds, m, "ARI", base - 0.1),
+                     ("feature_extraction", ds, m, "n_clusters", 4),
+                     ("trajectory", ds, m, "spearman_types", base)]
+        for m, base in (("EpiAgent", 0.9), ("LSI+SVM", 0.8)):
+            rows += [("annotation", ds, m, k, base - i * 0.05) for i, k in
+                     enumerate(["accuracy", "balanced_accuracy", "macro_F1", "micro_F1", "weighted_F1"])]
+        for m, base in (("Raw", 0.4), ("LSI-recon", 0.5), ("EpiAgent", 0.6)):
+            rows += [("imputation", ds, m, "NMI", base), ("imputation", ds, m, "ARI", base - 0.1)]
+        n = 40
+        lab = np.array(TYPES)[rng.integers(0, 4, n)]
+        cells = pd.DataFrame({"cell": [f"{ds}:c{i}" for i in range(n)], "cell_type": lab,
+                              "leiden_EpiAgent": rng.integers(0, 4, n), "umap1_EpiAgent": rng.normal(size=n),
+                              "umap2_EpiAgent": rng.normal(size=n), "leiden_LSI": rng.integers(0, 4, n),
+                              "umap1_LSI": rng.normal(size=n), "umap2_LSI": rng.normal(size=n)})
+        traj = pd.DataFrame([{"dataset": ds, "method": m, "cell_type": t, "tier": i, "n_cells": 10,
+                              "mean_pseudotime": i / 4 + (0.05 if m == "LSI" else 0)}
+                             for m in ("EpiAgent", "LSI") for i, t in enumerate(TYPES)])
+        pred = pd.DataFrame({"cell_id": cells["cell"], "dataset": ds, "split": ["query", "reference"] * (n // 2),
+                             "true": lab, "pred_EpiAgent": np.where(rng.random(n) < 0.8, lab, "B")})
+        per_cell = pd.DataFrame({"cell_id": cells["cell"], "cell_type": lab})
+        per_ccre = pd.DataFrame({"ccre_index": np.arange(60)})
+        for m, r in (("Raw", 0.4), ("LSI-recon", 0.6), ("EpiAgent", 0.8)):
+            per_cell[f"pearson_{m}"] = np.clip(rng.normal(r, 0.1, n), -1, 1)
+            per_cell[f"mse_{m}"] = rng.uniform(0.1, 1.0, n)
+            per_ccre[f"pearson_{m}"] = np.clip(rng.normal(r, 0.1, 60), -1, 1)
+            per_ccre[f"mse_{m}"] = rng.uniform(0.1, 1.0, 60)
+        tables.setdefault("feature_extraction", {})[ds] = [_write(cells, root / ds / "cells.tsv"),
+                                                           _write(traj, root / ds / "trajectory.tsv")]
+        tables.setdefault("annotation", {})[ds] = [_write(pred, root / ds / "predictions.tsv")]
+        tables.setdefault("imputation", {})[ds] = [_write(per_cell, root / ds / "per_cell.tsv"),
+                                                   _write(per_ccre, root / ds / "per_ccre.tsv")]
+    # perturbations: per-group rows, direction accuracies by k, the mean-accessibility table
+    for task, ds in (("stimulated_perturbation", "stim"), ("genetic_perturbation", "screen")):
+        for m, base in (("EpiAgent", 0.8), ("no_change", 0.5)):
+            rows += [(task, ds, m, "R2_all", base), (task, ds, m, "R2_top1000", base - 0.1),
+                     (task, ds, m, "wasserstein_top1000", 1 - base), (task, ds, m, "pearson_top1000", base),
+                     (task, ds, m, "pearson_delta_top1000", base - 0.2)]
+            rows += [(task, ds, m, f"dir_acc@{k}", base - k / 10000) for k in (100, 250, 1000)]
+            rows += [(task, ds, m, f"R2_top1000[{g}]", base - 0.01 * i) for i, g in enumerate(["B", "T"])]
+    groups = np.repeat(["B", "T"], 30)
+    means = pd.DataFrame({"group": groups, "ccre": np.tile(np.arange(30), 2), "real_control": rng.random(60),
+                          "real_perturbed": rng.random(60), "top_da": rng.random(60) < 0.3,
+                          "pred_EpiAgent": rng.random(60)})
+    tables["stimulation"] = {"stim": [_write(means, root / "stim" / "mean_accessibility.tsv.gz")]}
+    # integration + query mapping
+    for m, base in (("EpiAgent-BC", 0.8), ("EpiAgent-zeroshot", 0.6)):
+        rows += [("integration", "atlas", m, k, base) for k in
+                 ("NMI", "ARI", "ASW_cell_type", "iLISI", "kBET", "batch_ASW", "graph_connectivity")]
+        rows += [("query_mapping", "q", m, "accuracy", base), ("query_mapping", "q", m, "macro_F1", base - 0.1)]
+    qp = pd.DataFrame({"cell": [f"q{i}" for i in range(20)], "label": np.array(TYPES)[np.arange(20) % 4],
+                       "pred_EpiAgent-BC": np.array(TYPES)[(np.arange(20) + (np.arange(20) % 5 == 0)) % 4]})
+    tables["integration"] = {"atlas": [_write(qp, root / "atlas" / "query_predictions.tsv")]}
+    # knockout
+    rows += [("knockout", "tumor", "EpiAgent", "random_mean_effect", -0.001)]
+    for i, g in enumerate(["MYC:10", "EGFR:20", "SOX2:30"]):
+        rows += [("knockout", "tumor", "EpiAgent", f"mean_effect[{g}]", -0.01 * (i + 1)),
+                 ("knockout", "tumor", "EpiAgent", f"p_value[{g}]", 10.0 ** -(i + 1))]
+    tables["knockout"] = {"tumor": [_write(pd.DataFrame({"ccre": np.arange(50),
+                                                         "mean_effect": rng.normal(0, 0.003, 50)}),
+                                           root / "tumor" / "random.tsv")]}
+    # zero-shot annotation
+    for m, base in (("EpiAgent-zeroshot", 0.7), ("EpiAgent-zeroshot-masked", 0.75)):
+        rows += [("zeroshot_annotation", "new", m, k, base) for k in
+                 ("accuracy", "micro_F1", "balanced_accuracy", "macro_F1")]
+    zp = pd.DataFrame({"cell": [f"n{i}" for i in range(20)], "prediction": np.array(TYPES)[np.arange(20) % 4],
+                       "label_mapped": np.array(TYPES)[(np.arange(20) // 5) % 4]})
+    tables["zeroshot_annotation"] = {"new": [_write(zp, root / "new" / "predictions.tsv")]}
+    metrics = _write(_long(rows), root / "metrics.tsv")
+    return {"metrics": [metrics], "tables": tables}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return make_results(tmp_path_factory.mktemp("tables"))
+
+
+def test_registry_covers_the_paper_figures():
+    assert set(p.draw for p in PANELS.values()) <= set(DRAW)
+    figs = {name[:4] for name in PANELS}
+    assert figs == {"fig2", "fig3", "fig4", "fig5", "fig6"}
+    for name, p in PANELS.items():
+        assert p.name == name and p.benchmark and p.title and p.paper.startswith("Fig.")
+    tab = panel_table()
+    assert list(tab["panel"]) == list(PANELS)
+
+
+@pytest.mark.parametrize("panel", list(PANELS))
+def test_every_panel_builds_from_small_tables(panel, results, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / f"{panel}.png"
+    tables = results["tables"].get(PANELS[panel].task_key, {})
+    written = build_panel(panel, metrics=results["metrics"], tables=tables, out=out)
+    assert written == [out] and out.stat().st_size > 5000
+    with Image.open(out) as im:
+        w, h = im.size
+        assert w > 300 and h > 200
+        # not a blank canvas: many distinct colours
+        assert len(set(im.convert("RGB").resize((120, 80)).getdata())) > 20
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_missing_inputs_are_named(results, tmp_path):
+    with pytest.raises(EpiflowError, match="fig2b.*no metrics table"):
+        build_panel("fig2b", out=tmp_path / "x.png")
+    only_fe = _write(_long([("annotation", "d", "EpiAgent", "accuracy", 0.5)]), tmp_path / "m.tsv")
+    with pytest.raises(EpiflowError, match="fig2b.*'feature_extraction'.*tasks.feature_extraction"):
+        build_panel("fig2b", metrics=[only_fe], out=tmp_path / "x.png")
+    with pytest.raises(EpiflowError, match="fig2c.*cells.tsv"):
+        build_panel("fig2c", tables={"d1": results["tables"]["annotation"]["d1"]}, out=tmp_path / "x.png")
+    bad = _write(pd.DataFrame({"cell": ["a"], "umap1_EpiAgent": [0.0], "umap2_EpiAgent": [0.0]}),
+                 tmp_path / "bad" / "cells.tsv")
+    with pytest.raises(EpiflowError, match="lacks column.*cell_type"):
+        build_panel("fig2c", tables={"d": [bad]}, out=tmp_path / "x.png")
+    with pytest.raises(EpiflowError, match="unknown figure panel 'fig9z'"):
+        build_panel("fig9z", out=tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli(results, tmp_path, capsys):
+    out = tmp_path / "fig2c.png"
+    d1 = results["tables"]["feature_extraction"]["d1"][0]
+    assert main(["figure", "fig2c", "--table", f"d1={d1}", "--out", str(out), "--svg"]) == 0
+    assert out.exists() and out.with_suffix(".svg").exists()
+    assert main(["figure", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in PANELS)
+    assert main(["figure", "fig2c", "--table", "no-equals-sign", "--out", str(out)]) == 2
+    assert main(["figure", "fig2b", "--metrics", str(tmp_path / "missing.tsv"), "--out", str(out)]) == 2
+
+
+def _snakemake(args, cwd=ROOT):
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_workflow_rebuilds_one_panel_as_a_named_target(results, tmp_path):
+    """`snakemake <results>/figures/fig2b.png` on the test config with the task tables in place runs only
+    the figure job; a panel the config cannot produce stops with a message naming the missing table."""
+    res = tmp_path / "results" / "test"
+    src = pd.read_csv(results["metrics"][0], sep="\t")
+    fe = src[src["task"] == "feature_extraction"].assign(dataset="atlas_b1")
+    _write(fe[fe["dataset"] == "atlas_b1"].drop_duplicates(["method", "metric"]),
+           res / "tasks" / "feature_extraction" / "atlas_b1" / "metrics.tsv")
+    _write(_long([("feature_extraction", "atlas_b1", "LDA", "NMI", 0.3),
+                  ("feature_extraction", "atlas_b1", "LDA", "ARI", 0.2)]), res / "baselines" / "metrics.tsv")
+    common = ["-s", str(ROOT / "workflow" / "Snakefile"), "--directory", str(tmp_path), "--cores", "1",
+              "--configfile", str(ROOT / "config" / "test.yaml")]
+    dry = _snakemake(["results/test/figures/fig2b.png", "-n", *common])
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    jobs = [ln.split()[0] for ln in dry.stdout.split("Job stats:")[1].splitlines()[3:] if ln.strip()]
+    assert jobs[:2] == ["figure", "total"], dry.stdout
+    proc = _snakemake(["results/test/figures/fig2b.png", *common])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (res / "figures" / "fig2b.png").stat().st_size > 5000
+    bad = _snakemake(["results/test/figures/fig2f.png", "-n", *common])
+    assert bad.returncode != 0
+    assert "figure fig2f" in bad.stderr + bad.stdout and "trajectory.tsv" in bad.stderr + bad.stdout
