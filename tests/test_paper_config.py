@@ -1,0 +1,122 @@
+"""config/paper.yaml: the paper's setup dry-runs on the SLURM profile without network or data, with the
+paper model, 12 epochs, the K schedule, the RLM warm-up, SPEC section 4's batch settings, every downstream
+task and the figure panels; its manifest lists sources for every dataset."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from epiflow.corpus.manifest import load_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SNAKEMAKE = [str(BIN / "snakemake")] if (BIN / "snakemake").exists() else [sys.executable, "-m", "snakemake"]
+PAPER = yaml.safe_load((ROOT / "config" / "paper.yaml").read_text())
+DOWNSTREAM = ["buenrostro2018", "kanemaru2023", "li2023b", "ameen2022", "lareau2019", "liscovitchbrauer2021",
+              "pierce2021", "li2023a", "lee2023", "terekhanova2023", "zhang2021"]
+
+
+def _jobs(out: str) -> dict[str, list[str]]:
+    """rule -> shell commands of its jobs, from `snakemake -n -p` output."""
+    jobs: dict[str, list[str]] = {}
+    current = None
+    for line in out.splitlines():
+        m = re.match(r"^(?:local)?(?:rule|checkpoint) (\w+):", line)
+        if m:
+            current = m.group(1)
+            jobs.setdefault(current, [])
+        elif current and line.startswith("Shell command: "):
+            jobs[current].append(line[len("Shell command: "):])
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def dry_run():
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["OMP_NUM_THREADS"] = "1"
+    # no network: any download attempt in the planning process would fail on these proxies
+    env.update(http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", ftp_proxy="http://127.0.0.1:9")
+    proc = subprocess.run([*SNAKEMAKE, "--profile", "profiles/slurm", "--configfile", "config/paper.yaml", "-n",
+                           "all"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    return out, _jobs(out)
+
+
+def test_paper_dry_run_plans_every_stage(dry_run):
+    out, jobs = dry_run
+    for rule in ("candidate_ccres", "map_dataset", "build_corpus", "pretrain", "embed", "evaluate_features",
+                 "annotate", "impute", "predict_stimulation", "predict_genetic", "integrate", "knockout",
+                 "train_annotator", "annotate_zeroshot", "run_baseline", "summarize", "figure", "download"):
+        assert rule in jobs, (rule, sorted(jobs))
+    n_datasets = len(load_manifest(ROOT / PAPER["datasets"]["manifest"]))
+    assert len(jobs["map_dataset"]) == n_datasets
+    # the reference files are jobs of their own (run later, on the submitting machine), never fetched now
+    assert len(jobs["download"]) == 2
+    assert not (ROOT / PAPER["results_dir"]).exists() or not any((ROOT / PAPER["results_dir"]).rglob("*.gz"))
+
+
+def test_paper_pretraining_settings(dry_run):
+    _, jobs = dry_run
+    (cmd,) = jobs["pretrain"]
+    args = cmd.split()
+
+    def val(flag):
+        return args[args.index(flag) + 1]
+
+    assert val("--model-config") == "paper"
+    assert val("--epochs") == "12"
+    assert val("--k-schedule") == "1,2,5"
+    assert val("--rlm-epochs") == "2"
+    assert val("--grad-accum") == "4"
+    assert 2 <= int(val("--max-cells")) <= 4
+    assert int(val("--batch-tokens")) >= int(val("--max-cells")) * 8192
+    # 8 GPUs: the SLURM profile's pretraining allocation
+    profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+    assert profile["set-resources"]["pretrain"]["gpu"] == 8
+    assert cmd.startswith("srun ")
+
+
+def test_paper_figures_are_planned(dry_run):
+    out, jobs = dry_run
+    planned = set(re.findall(r"figures/(fig\d[a-z])\.png", out))
+    # every benchmark of the paper has panels; the trajectory panel needs a trajectory run (not configured)
+    for panel in ("fig2b", "fig2h", "fig2k", "fig3c", "fig3h", "fig4c", "fig4f", "fig5b", "fig6b"):
+        assert panel in planned, (panel, sorted(planned))
+    assert "fig2f" not in planned
+
+
+def test_paper_manifest_sources():
+    entries = load_manifest(ROOT / PAPER["datasets"]["manifest"])
+    names = [e.name for e in entries]
+    for key in DOWNSTREAM:
+        assert any(n.startswith(key) for n in names), key
+    corpus = [e for e in entries if e.extra.get("role") == "corpus"]
+    assert len(corpus) >= 10
+    tenx = [e for e in corpus if e.name.startswith("tenx_")]
+    assert tenx and all(e.url and e.url.startswith("https://cf.10xgenomics.com/") for e in tenx)
+    for e in entries:
+        assert e.url or e.path, e.name
+        assert e.extra.get("note"), e.name  # where the file comes from, or why it is not fetched
+        assert e.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", e.sha256)
+        if e.extra.get("source_page"):
+            assert e.extra["source_page"].startswith(("http://", "https://")), e.name
+    # every dataset a task names is in the manifest (the workflow checks this too)
+    for task, cfg in PAPER["tasks"].items():
+        for key in ("datasets", "reference", "query"):
+            for ds in cfg.get(key, []) or []:
+                assert ds in names, (task, key, ds)
+
+
+def test_paper_downloads_are_named_by_task_keys():
+    files = {f"{PAPER['results_dir']}/downloads/{name}" for name in PAPER["downloads"]}
+    assert PAPER["tasks"]["genetic"]["go"] in files
+    assert PAPER["tasks"]["knockout"]["tss"] in files
