@@ -65,8 +65,9 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def test_every_object_level_forbids_unknown_keys():
-    # baselines.params maps tool names (open set) to their parameters; everything else is closed
-    assert _objects_close(SCHEMA) == ["<top>.baselines.params"]
+    # baselines.params maps tool names (open set) to their parameters, downloads file names to URLs;
+    # everything else is closed
+    assert _objects_close(SCHEMA) == ["<top>.downloads", "<top>.baselines.params"]
 
 
 def test_default_config_matches_schema_exactly():
