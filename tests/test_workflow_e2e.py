@@ -72,7 +72,8 @@ def test_demo_workflow_produces_every_declared_output(demo_run):
     for stage in ("simulate", "candidates", "mapped", "corpus", "pretrain", "embed", "tasks", "baselines"):
         assert stage in rules_seen, sorted(rules_seen)
     tasks_seen = {p.relative_to(res / "tasks").parts[0] for p in outs if p.is_relative_to(res / "tasks")}
-    assert tasks_seen == {"feature_extraction", "annotation", "imputation", "stimulation"}, tasks_seen
+    assert tasks_seen == {"feature_extraction", "annotation", "imputation", "stimulation", "genetic",
+                          "integration", "knockout", "zeroshot_annotation"}, tasks_seen
     for path in outs:
         assert path.exists(), path
         if path.is_dir():
@@ -83,7 +84,7 @@ def test_demo_workflow_produces_every_declared_output(demo_run):
     for sub in ("logs", "benchmarks"):
         names = {p.stem for p in (res / sub).rglob("*.*")}
         for rule in ("simulate", "candidate_ccres", "build_corpus", "pretrain", "embed", "summarize",
-                     "atlas_b1"):
+                     "atlas_b1", "knockout_screen", "tumor_pair", "atlas", "train_annotator", "pbmc_fragments"):
             assert rule in names, (sub, rule, sorted(names))
 
 
@@ -94,11 +95,18 @@ def test_summary_gathers_the_metrics(demo_run):
         rows = list(csv.DictReader(fh, delimiter="\t"))
     tasks = {r["task"] for r in rows}
     assert {"corpus", "pretrain", "feature_extraction", "annotation", "imputation",
-            "stimulated_perturbation"} <= tasks, tasks
+            "stimulated_perturbation", "genetic_perturbation", "integration", "query_mapping", "knockout",
+            "zeroshot_annotation"} <= tasks, tasks
     nmi = [r for r in rows if r["task"] == "feature_extraction" and r["metric"] == "NMI"]
     assert {r["method"] for r in nmi} >= {"EpiAgent", "LSI"}
     for r in nmi:
         assert 0.0 <= float(r["value"]) <= 1.0
+    # the integration of the atlas batches and the zero-shot annotation of an unseen dataset
+    integ = {(r["method"], r["metric"]) for r in rows if r["task"] == "integration"}
+    assert {("EpiAgent-BC", "iLISI"), ("LSI", "NMI")} <= integ, sorted(integ)
+    zs = [r for r in rows if r["task"] == "zeroshot_annotation" and r["metric"] == "accuracy"
+          and r["dataset"] == "pbmc_fragments"]
+    assert zs and all(0.0 <= float(r["value"]) <= 1.0 for r in zs), zs
     n_cells = [float(r["value"]) for r in rows if r["task"] == "corpus" and r["metric"] == "n_cells"]
     assert n_cells and n_cells[0] > 0
 
@@ -111,5 +119,6 @@ def test_html_report(demo_run):
     text = report.read_text(errors="replace")
     assert len(text) > 10_000
     for caption_word in ("Feature extraction", "Annotation", "Imputation", "Stimulated perturbation",
+                         "Genetic perturbation", "Integration", "Knockout", "Zero-shot annotation",
                          "Pretraining", "summary.tsv"):
         assert caption_word in text, caption_word

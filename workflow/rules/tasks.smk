@@ -316,7 +316,7 @@ rule knockout:
         args=knockout_args(),
     shell:
         "python -m epiflow knockout --input {input.corpus} --checkpoint {input.checkpoint}"
-        " --tss {input.tss} {params.dataset} {params.args}"
+        " --tss {input.tss} --vocab {input.corpus}/vocab.bed {params.dataset} {params.args}"
         " --out-dir {params.outdir} > {log} 2>&1"
 
 
