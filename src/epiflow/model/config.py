@@ -2,7 +2,9 @@
 
 ``paper`` is the published EpiAgent (SPEC §3): 1,355,445 cCREs, 18 post-norm blocks of width 512,
 8 heads, FFN 2048, 8,192 rank embeddings, ~1.45 B parameters. ``small`` is a laptop/CPU-sized model
-for experiments and benchmarks, ``tiny`` matches the golden fixtures (2 x 64, 4 heads, 128 ranks).
+for experiments and benchmarks, ``tiny`` is the CPU demo model: the golden fixtures' sizes (2 x 64,
+4 heads) with 1,024 rank embeddings so that whole demo cell sentences fit (the fixture files
+themselves have 128; checkpoint loading infers every size from the state dict).
 The vocabulary size always comes from the corpus (``n_ccres``); token ids add 4 specials.
 """
 
@@ -160,7 +162,7 @@ class EpiAgentConfig:
 
 
 PRESETS: dict[str, dict] = {
-    "tiny": dict(max_rank=128, num_layers=2, dim=64, num_heads=4, ffn=256),
+    "tiny": dict(max_rank=1024, num_layers=2, dim=64, num_heads=4, ffn=256),
     "small": dict(max_rank=8192, num_layers=4, dim=256, num_heads=4, ffn=1024),
     "paper": dict(n_ccres=PAPER_N_CCRES, max_rank=8192, num_layers=18, dim=512, num_heads=8, ffn=2048),
 }
