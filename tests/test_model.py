@@ -249,7 +249,7 @@ def test_input_validation():
     with pytest.raises(VocabularyMismatchError, match="outside the model vocabulary"):
         model(torch.tensor([[1, 60, 2]]))
     with pytest.raises(ConfigError, match="rank embeddings"):
-        model(torch.ones(1, 200, dtype=torch.int64))
+        model(torch.ones(1, model.config.max_rank + 10, dtype=torch.int64))
     with pytest.raises(ConfigError, match="batch_embedding"):
         model(torch.tensor([[1, 5, 2]]), batch_ids=torch.tensor([0]))
 
