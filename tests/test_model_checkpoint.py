@@ -54,7 +54,7 @@ def test_save_back_bit_exact(fixtures_dir, tmp_path, name):
 
 
 def test_fresh_model_saves_authors_key_order(tmp_path, fixtures_dir):
-    cfg = EpiAgentConfig.preset("tiny", n_ccres=300)
+    cfg = EpiAgentConfig.preset("tiny", n_ccres=300, max_rank=128)  # the fixtures: 128 ranks
     model = EpiAgent.from_config(cfg)
     path = model.save_epiagent_checkpoint(tmp_path / "fresh.pth", write_config=True)
     ref = torch.load(fixtures_dir / "epiagent_tiny.pth", weights_only=True)
