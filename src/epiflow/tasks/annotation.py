@@ -546,6 +546,14 @@ def sankey_figure(y_true, y_pred, path, *, title: str = "", svg: bool = False, g
 
 
 # ============================================================================ the task
+def obs_labels(shard, label_key: str) -> np.ndarray:
+    """The ``label_key`` column of the cells' obs (object array); a clear error when it is missing."""
+    if label_key not in shard.obs:
+        raise EpiflowError(f"label column '{label_key}' not in the shards' obs (have: {list(shard.obs.columns)})",
+                           field=f"obs/{label_key}", fix="pass --label-key with the cell-type column")
+    return shard.obs[label_key].to_numpy(dtype=object)
+
+
 def annotate(data, checkpoint, label_key: str = "cell_type", *, head: str = "linear", epochs: int = 20,
              lr: float = 5e-4, head_lr: float | None = None, batch_size: int = 32, max_len: int | None = None,
              seed: int = 0, out_dir: str | os.PathLike | None = None, dataset: str | None = None,
@@ -578,10 +586,7 @@ def annotate(data, checkpoint, label_key: str = "cell_type", *, head: str = "lin
     t_start = time.perf_counter()
     shard, _ = load_cells(data, dataset=dataset)
     ds_name = dataset_name(shard, dataset)
-    if label_key not in shard.obs:
-        raise EpiflowError(f"label column '{label_key}' not in the shards' obs (have: {list(shard.obs.columns)})",
-                           field=f"obs/{label_key}", fix="pass --label-key with the cell-type column")
-    labels_all = shard.obs[label_key].to_numpy(dtype=object)
+    labels_all = obs_labels(shard, label_key)
     lab_mask = labelled_mask(labels_all)
     lab_rows = np.flatnonzero(lab_mask)
     y_lab = np.asarray(labels_all[lab_mask]).astype(str)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, EpiflowError
 from ..tokenize import NUM_SPECIAL
-from .annotation import (_figure, autocast_ctx, batch_input_ids, cell_ids, check_train_args, check_trainer,
+from .annotation import (_figure, obs_labels, autocast_ctx, batch_input_ids, cell_ids, check_train_args, check_trainer,
                          dataset_name, effective_max_len, epoch_batches, load_cells, load_model, make_optimizer,
                          resolve_device, shared_finetune, total_steps)
 from .features import _write_tsv, labelled_mask, metric_rows, metrics_frame, write_metrics
@@ -292,10 +292,7 @@ def impute(data, checkpoint, label_key: str = "cell_type", *, epochs: int = 15, 
     t_start = time.perf_counter()
     shard, vocab = load_cells(data, dataset=dataset)
     ds_name = dataset_name(shard, dataset)
-    if label_key not in shard.obs:
-        raise EpiflowError(f"label column '{label_key}' not in the shards' obs (have: {list(shard.obs.columns)})",
-                           field=f"obs/{label_key}", fix="pass --label-key with the cell-type column")
-    labels_all = shard.obs[label_key].to_numpy(dtype=object)
+    labels_all = obs_labels(shard, label_key)
     lab = labelled_mask(labels_all)
     y = np.asarray(labels_all[lab]).astype(str)
     if len(np.unique(y)) < 2:
