@@ -10,6 +10,9 @@ descending TF-IDF order. Ties are broken by ascending cCRE index (deterministic;
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -19,21 +22,65 @@ PAD, CLS, SEP, MASK = 0, 1, 2, 3
 NUM_SPECIAL = 4
 
 
-def _as_csr(counts, name: str = "counts") -> sp.csr_matrix:
+def _canonical_csr(counts) -> sp.csr_matrix:
     if not sp.issparse(counts):
         counts = sp.csr_matrix(np.asarray(counts))
     counts = sp.csr_matrix(counts)
     if not counts.has_canonical_format:
         counts = counts.copy()
         counts.sum_duplicates()
-    data = counts.data
-    if data.size and not np.all(np.isfinite(data)):
-        raise InputFormatError(f"{name} contains NaN or infinite values",
-                               fix="clean the count matrix before tokenization")
-    if data.size and data.min() < 0:
-        raise InputFormatError(f"{name} contains negative values (min {data.min()})",
-                               fix="counts must be non-negative raw counts")
     return counts
+
+
+def _check_counts(data: np.ndarray, name: str = "counts") -> None:
+    if data.size:
+        lo, hi = data.min(), data.max()  # NaN propagates into both
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise InputFormatError(f"{name} contains NaN or infinite values",
+                                   fix="clean the count matrix before tokenization")
+        if lo < 0:
+            raise InputFormatError(f"{name} contains negative values (min {lo})",
+                                   fix="counts must be non-negative raw counts")
+
+
+def _as_csr(counts, name: str = "counts") -> sp.csr_matrix:
+    counts = _canonical_csr(counts)
+    _check_counts(counts.data, name)
+    return counts
+
+
+BLOCK = 1 << 16  # stored values per work unit: a few hundred kB per array, in cache
+
+
+def _threads(n_jobs: int | None) -> int:
+    if n_jobs is not None:
+        return max(1, int(n_jobs))
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+def _row_blocks(indptr: np.ndarray, block: int = BLOCK) -> list[tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` holding about ``block`` stored values each (a long row is one block)."""
+    n_rows = len(indptr) - 1
+    nnz = int(indptr[-1])
+    if n_rows <= 0:
+        return []
+    cuts = np.searchsorted(indptr, np.arange(0, max(nnz, 1), block), side="right") - 1
+    cuts = np.unique(np.r_[0, np.clip(cuts, 0, n_rows), n_rows])
+    return list(zip(cuts[:-1].tolist(), cuts[1:].tolist()))
+
+
+def _for_blocks(fn, spans, n_jobs: int | None):
+    """Run ``fn(r0, r1)`` over row blocks; numpy releases the GIL in sorts and ufuncs, so threads
+    scale. Returns the results in block order (exceptions propagate)."""
+    n = _threads(n_jobs)
+    if n == 1 or len(spans) < 2:
+        return [fn(r0, r1) for r0, r1 in spans]
+    with ThreadPoolExecutor(max_workers=min(n, len(spans))) as pool:
+        return list(pool.map(lambda span: fn(*span), spans))
 
 
 def _row_ids(indptr: np.ndarray) -> np.ndarray:
@@ -51,63 +98,96 @@ def document_frequency(counts, n_cells: int | None = None) -> np.ndarray:
     return nz / max(total, 1)
 
 
-def global_tfidf(counts, df) -> sp.csr_matrix:
+def global_tfidf(counts, df, *, n_jobs: int | None = None) -> sp.csr_matrix:
     """Global TF-IDF of a cells x cCREs count matrix (SPEC §2).
 
     ``v_ij = log1p(1e4 * X_ij / sum_k X_ik / df_j)``; zeros stay zeros. The arithmetic follows the
     authors' dtypes (row sums and their inverses in float32, then float64 from the division by
     ``df``), so the values are bit-identical to their ``global_TFIDF``. Returns a float64 CSR matrix
-    with sorted indices and the sparsity pattern of the non-zero counts.
+    with sorted indices and the sparsity pattern of the non-zero counts. Works block by block on
+    ``n_jobs`` threads (default: the usable cores, at most 8).
     """
-    counts = _as_csr(counts)
+    counts = _canonical_csr(counts)
     df = np.asarray(df, dtype=np.float64).ravel()
     if df.shape[0] != counts.shape[1]:
         raise InputFormatError(
             f"document frequency has {df.shape[0]} entries but the matrix has {counts.shape[1]} cCREs",
             field="df", fix="use the document frequencies of the same cCRE vocabulary")
-    if counts.nnz and counts.data.min() == 0:
-        counts = counts.copy()
-        counts.eliminate_zeros()
-    used = np.bincount(counts.indices, minlength=counts.shape[1]) > 0  # (np.unique is slow here)
-    if used.any() and (not np.all(np.isfinite(df[used])) or df[used].min() <= 0):
-        raise InputFormatError("document frequency is zero, negative or NaN for a cCRE that has counts",
-                               field="df", fix="compute df over a corpus that contains these cells")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv_df = 1.0 / df
     rs = np.asarray(counts.sum(axis=1, dtype=np.float32)).ravel().astype(np.float32)
     with np.errstate(divide="ignore"):
         inv_rs = (np.float32(1.0) / rs).astype(np.float32)
-    rows = _row_ids(counts.indptr)
-    val = counts.data.astype(np.float32) * inv_rs[rows]
-    with np.errstate(divide="ignore"):
-        inv_df = 1.0 / df
-    val = val * inv_df[counts.indices]  # float32 * float64 -> float64
-    val = np.log1p(10000 * val)
-    out = sp.csr_matrix((val, counts.indices.copy(), counts.indptr.copy()), shape=counts.shape)
+    indptr = counts.indptr
+    lens = np.diff(indptr)
+    val = np.empty(counts.nnz, dtype=np.float64)
+    OK, BAD_COUNTS, ZEROS, BAD_DF = 0, 1, 2, 3
+
+    def work(r0: int, r1: int) -> int:
+        s, e = int(indptr[r0]), int(indptr[r1])
+        if e == s:
+            return OK
+        x = counts.data[s:e]
+        lo, hi = x.min(), x.max()  # NaN propagates into both
+        if not (lo >= 0 and hi < np.inf):
+            return BAD_COUNTS
+        if lo == 0:
+            return ZEROS
+        v = val[s:e]
+        np.take(inv_df, counts.indices[s:e], out=v)  # 1/df of every stored value
+        if not (v.min() > 0 and v.max() < np.inf):  # NaN fails both
+            return BAD_DF
+        # same arithmetic and dtypes as the authors: float32 row scaling, then float64 from 1/df
+        tf32 = np.asarray(x, dtype=np.float32) * np.repeat(inv_rs[r0:r1], lens[r0:r1])
+        np.multiply(tf32, v, out=v)
+        np.multiply(v, 10000, out=v)
+        np.log1p(v, out=v)
+        return OK
+
+    status = set(_for_blocks(work, _row_blocks(indptr), n_jobs))
+    if BAD_COUNTS in status:
+        _check_counts(counts.data)  # raises with the message
+    if ZEROS in status:  # explicit zeros stored: drop them and start again (rare)
+        counts = counts.copy()
+        counts.eliminate_zeros()
+        return global_tfidf(counts, df, n_jobs=n_jobs)
+    if BAD_DF in status:
+        g = inv_df[counts.indices]
+        bad = np.flatnonzero(~((g > 0) & (g < np.inf)))
+        j = int(counts.indices[bad[0]])
+        raise InputFormatError(
+            f"document frequency is zero, negative or NaN for cCRE {j} (df={df[j]!r}), which has "
+            f"counts ({len(np.unique(counts.indices[bad]))} such cCREs)",
+            field="df", fix="compute df over a corpus that contains these cells")
+    out = sp.csr_matrix((val, counts.indices.copy(), indptr.copy()), shape=counts.shape)
     out.has_sorted_indices = True
     return out
 
 
-def cell_sentences(tfidf, max_len: int | None = None, *, return_values: bool = False):
+def cell_sentences(tfidf, max_len: int | None = None, *, return_values: bool = False,
+                   n_jobs: int | None = None):
     """Rank-ordered cell sentences from a TF-IDF CSR matrix.
 
     Returns ``(indptr, tokens)`` (and ``values``, the TF-IDF in the same order, if ``return_values``):
     cell ``i`` is ``tokens[indptr[i]:indptr[i+1]]``, token ids = cCRE index + 4, sorted by TF-IDF
     descending with ties by ascending cCRE index. ``max_len`` keeps the top ``max_len`` tokens
-    (the inference rule of the authors).
+    (the inference rule of the authors). Works block by block on ``n_jobs`` threads (default: the
+    usable cores, at most 8); the result does not depend on ``n_jobs``.
     """
-    tf = sp.csr_matrix(tfidf)
+    tf = tfidf if sp.issparse(tfidf) and tfidf.format == "csr" else sp.csr_matrix(tfidf)
     if not tf.has_sorted_indices:
         tf = tf.copy()
         tf.sort_indices()
-    keep = tf.data != 0
     indptr = tf.indptr.astype(np.int64)
-    rows = _row_ids(indptr)
     data, cols = tf.data, tf.indices
-    if not keep.all():
-        rows, data, cols = rows[keep], data[keep], cols[keep]
+    try:
+        tokens, values = _rank_order(indptr, data, cols, n_jobs=n_jobs)
+    except _ZeroValues:  # explicit zeros stored (rare): drop them first
+        keep = data != 0
+        rows = _row_ids(indptr)[keep]
+        data, cols = data[keep], cols[keep]
         indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=tf.shape[0]))]).astype(np.int64)
-    order = _rank_order(indptr, rows, data)
-    tokens = cols[order].astype(np.int64) + NUM_SPECIAL
-    values = data[order]
+        tokens, values = _rank_order(indptr, data, cols, n_jobs=n_jobs)
     if max_len is not None:
         indptr, (tokens, values) = truncate_sentences(indptr, tokens, max_len, values)
     if return_values:
@@ -115,27 +195,97 @@ def cell_sentences(tfidf, max_len: int | None = None, *, return_values: bool = F
     return indptr, tokens
 
 
-def _rank_order(indptr: np.ndarray, rows: np.ndarray, data: np.ndarray, block: int = 8192) -> np.ndarray:
-    """Permutation sorting each CSR row by value descending, ties by position (= ascending cCRE).
+class _ZeroValues(Exception):
+    """A block holds explicit zeros, which are not tokens."""
 
-    A lexsort over the whole matrix is cache-unfriendly (O(nnz log nnz) over a large array), so the
-    rows are processed in row-aligned blocks of about ``block`` stored values; each block is one
-    vectorised lexsort. The loop runs over blocks, not cells: ``nnz / block`` iterations.
+
+_MASK63 = np.uint64(0x7FFF_FFFF_FFFF_FFFF)
+
+
+def _rank_order(indptr: np.ndarray, data: np.ndarray, cols: np.ndarray | None = None, *,
+                block: int = BLOCK, min_value_bits: int = 36, n_jobs: int | None = None):
+    """Sort each CSR row by value descending, ties by position (= ascending cCRE).
+
+    ``data`` must not hold NaN. The bit pattern of a non-negative float64 is monotone in its value
+    (negative values are mapped the usual way), so each row-aligned block of about ``block`` stored
+    values becomes one array of unique 64-bit integer keys ``(row in block, value bits descending,
+    position)`` that a plain (SIMD) sort orders. The value bits are truncated to fit, which can merge
+    two values that differ only in their last bits: such a group is then in position order, not value
+    order. A vectorised check finds every place where a row's sorted values increase; only the key
+    groups concerned are re-sorted exactly. Everything happens block by block, in cache and on
+    ``n_jobs`` threads; the loop runs over blocks, not cells.
+
+    Returns ``(order, data[order])``, or ``(cols[order] + NUM_SPECIAL, data[order])`` (token ids,
+    int64) when ``cols`` is given. Raises ``InputFormatError`` on NaN and ``_ZeroValues`` when a
+    stored value is zero (the caller drops those first).
     """
+    data = np.ascontiguousarray(data, dtype=np.float64)
     nnz = len(data)
-    order = np.empty(nnz, dtype=np.int64)
+    first = np.empty(nnz, dtype=np.int64)
+    values = np.empty(nnz, dtype=np.float64)
     if nnz == 0:
-        return order
-    n_rows = len(indptr) - 1
-    cuts = np.searchsorted(indptr, np.arange(0, nnz, block), side="right") - 1
-    cuts = np.unique(np.r_[cuts, n_rows])
-    neg = -data
-    for r0, r1 in zip(cuts[:-1], cuts[1:]):
-        s, e = indptr[r0], indptr[r1]
-        if e > s:
-            # lexsort: last key is primary; stable, so equal values keep ascending cCRE order
-            order[s:e] = s + np.lexsort((neg[s:e], rows[s:e]))
-    return order
+        return first, values
+    indptr = np.asarray(indptr, dtype=np.int64)
+    lens = np.diff(indptr)
+
+    def work(r0: int, r1: int) -> None:
+        s, e = int(indptr[r0]), int(indptr[r1])
+        if e == s:
+            return
+        d = data[s:e]
+        lo = d.min()
+        if np.isnan(lo):  # NaN propagates into the minimum
+            raise InputFormatError("TF-IDF matrix has NaN values",
+                                   fix="tokenize the output of global_tfidf on clean counts")
+        if not lo > 0 and not (d != 0).all():
+            raise _ZeroValues()
+        nbits = max(e - s - 1, 1).bit_length()
+        rbits = max(r1 - r0 - 1, 1).bit_length()
+        qbits = 64 - nbits - rbits
+        if qbits < min_value_bits:  # one enormous row: exact lexsort of the block
+            o = np.lexsort((-d, np.repeat(np.arange(r1 - r0), lens[r0:r1])))
+            sv = d[o]
+        else:
+            bits = d.view(np.uint64)
+            if lo < 0:  # IEEE order: negatives have all bits flipped, positives the sign bit set
+                key = np.where(bits >> np.uint64(63), bits, ~bits & _MASK63)  # = ~(ascending key)
+                key >>= np.uint64(64 - qbits)
+            else:  # sign bit is 0: ascending key = descending value
+                key = _MASK63 - bits
+                key >>= np.uint64(63 - qbits)
+            key <<= np.uint64(nbits)
+            key |= np.arange(e - s, dtype=np.uint64)
+            if r1 - r0 > 1:
+                key |= np.repeat(np.arange(r1 - r0, dtype=np.uint64) << np.uint64(qbits + nbits),
+                                 lens[r0:r1])
+            key.sort()
+            hi = key >> np.uint64(nbits)
+            group_start = np.empty(e - s, dtype=bool)  # first element of a (row, truncated value) group
+            group_start[0] = True
+            np.not_equal(hi[1:], hi[:-1], out=group_start[1:])
+            key &= np.uint64((1 << nbits) - 1)
+            o = key.view(np.int64)
+            sv = d[o]
+            viol = np.flatnonzero(sv[1:] > sv[:-1]) + 1
+            viol = viol[~group_start[viol]]  # an increase inside a key group (never across rows/groups)
+            if viol.size:
+                starts = np.flatnonzero(group_start)
+                bad = np.unique(np.searchsorted(starts, viol, side="right") - 1)
+                glen = np.r_[starts[1:], e - s][bad] - starts[bad]
+                gid = np.repeat(np.arange(len(bad)), glen)
+                idx = np.repeat(starts[bad] - np.cumsum(glen) + glen, glen) + np.arange(int(glen.sum()))
+                # stable: equal values keep their position order (ascending cCRE)
+                perm = np.lexsort((-sv[idx], gid))
+                o[idx] = o[idx][perm]
+                sv[idx] = sv[idx][perm]
+        values[s:e] = sv
+        if cols is None:
+            np.add(o, s, out=first[s:e])
+        else:
+            np.add(cols[s:e][o], NUM_SPECIAL, out=first[s:e])
+
+    _for_blocks(work, _row_blocks(indptr, block), n_jobs)
+    return first, values
 
 
 def _lengths(indptr):
