@@ -282,7 +282,9 @@ def _rank_order(indptr: np.ndarray, data: np.ndarray, cols: np.ndarray | None = 
         if cols is None:
             np.add(o, s, out=first[s:e])
         else:
-            np.add(cols[s:e][o], NUM_SPECIAL, out=first[s:e])
+            out = first[s:e]
+            out[:] = cols[s:e][o]
+            out += NUM_SPECIAL
 
     _for_blocks(work, _row_blocks(indptr, block), n_jobs)
     return first, values
