@@ -145,6 +145,7 @@ rule predict_stimulation:
     output:
         metrics=f"{R}/tasks/stimulation/{{st_dataset}}/metrics.tsv",
         means=f"{R}/tasks/stimulation/{{st_dataset}}/mean_accessibility.tsv.gz",
+        cells=f"{R}/tasks/stimulation/{{st_dataset}}/predicted_cells.h5ad",
         scatter=report(
             f"{R}/tasks/stimulation/{{st_dataset}}/scatter.png",
             caption="../report/stimulation.rst",
@@ -190,6 +191,7 @@ rule predict_genetic:
         metrics=f"{R}/tasks/genetic/{{ge_dataset}}/metrics.tsv",
         split=f"{R}/tasks/genetic/{{ge_dataset}}/split.tsv",
         means=f"{R}/tasks/genetic/{{ge_dataset}}/mean_accessibility.tsv.gz",
+        cells=f"{R}/tasks/genetic/{{ge_dataset}}/predicted_cells.h5ad",
         scatter=report(
             f"{R}/tasks/genetic/{{ge_dataset}}/scatter.png",
             caption="../report/genetic.rst",
@@ -226,17 +228,28 @@ rule predict_genetic:
 
 # Batch integration of the configured datasets together (one job): OT-matched partners across
 # batches, fine-tuning with a batch token, integration metrics beside zero-shot and LSI; optional
-# query datasets labelled by their nearest reference cells.
+# query datasets labelled by their nearest reference cells (query_predictions.tsv, read by the
+# fig4g panel, is an output only when tasks.integration.query names datasets).
+INTEGRATION_QUERY_OUTPUT = (
+    {"query": f"{R}/tasks/integration/{{in_name}}/query_predictions.tsv"}
+    if config["tasks"]["integration"]["query"]
+    else {}
+)
+
+
 rule integrate:
     input:
         checkpoint=checkpoint_file,
         corpus=rules.build_corpus.output.corpus,
     output:
+        **INTEGRATION_QUERY_OUTPUT,
         metrics=f"{R}/tasks/integration/{{in_name}}/metrics.tsv",
         embeddings=f"{R}/tasks/integration/{{in_name}}/embeddings.h5ad",
         batches=f"{R}/tasks/integration/{{in_name}}/batches.tsv",
         matches=f"{R}/tasks/integration/{{in_name}}/matches.tsv",
         model=f"{R}/tasks/integration/{{in_name}}/checkpoint.pth",
+        model_config=f"{R}/tasks/integration/{{in_name}}/checkpoint.pth.json",
+        train_log=f"{R}/tasks/integration/{{in_name}}/train_log.tsv",
         umap_batch=report(
             f"{R}/tasks/integration/{{in_name}}/umap_batch.png",
             caption="../report/integration.rst",
@@ -329,6 +342,7 @@ rule train_annotator:
         label_map=lambda w: config["tasks"]["zeroshot_annotation"]["label_map"] or [],
     output:
         model=f"{ANNOTATOR}/checkpoint.pth",
+        model_config=f"{ANNOTATOR}/checkpoint.pth.json",
         classes=f"{ANNOTATOR}/classes.tsv",
         metrics=f"{ANNOTATOR}/metrics.tsv",
         train_log=f"{ANNOTATOR}/train_log.tsv",
@@ -353,6 +367,7 @@ rule train_annotator:
 rule annotate_zeroshot:
     input:
         checkpoint=rules.train_annotator.output.model,
+        model_config=rules.train_annotator.output.model_config,
         classes=rules.train_annotator.output.classes,
         corpus=rules.build_corpus.output.corpus,
         label_map=lambda w: (
