@@ -167,6 +167,22 @@ def test_trajectory_on_a_line():
         trajectory(a, "X_line", root_type="HSC", order="A < B")
 
 
+def test_trajectory_with_disconnected_types():
+    """Types far apart share no kNN edge: PAGA (which scanpy cannot run on an edgeless group graph)
+    gets all-zero connectivities and only the root's component has a pseudotime."""
+    rng = np.random.default_rng(1)
+    y = np.repeat(["A", "B", "C"], [40, 30, 20])
+    centre = {"A": 0.0, "B": 100.0, "C": 200.0}
+    a = ad.AnnData(obs=pd.DataFrame({"cell_type": y}, index=[f"c{i}" for i in range(y.size)]))
+    a.obsm["X"] = (np.array([centre[t] for t in y])[:, None] + rng.normal(size=(y.size, 3))).astype(np.float32)
+    tab = trajectory(a, "X", root_type="A", order="A < B < C", n_neighbors=10)
+    assert tab.attrs["n_cells_unreachable"] == 50
+    assert (tab.attrs["paga_connectivities"].to_numpy() == 0).all()
+    m = tab.set_index("cell_type")
+    assert np.isfinite(m.loc["A", "mean_pseudotime"]) and m.loc[["B", "C"], "mean_pseudotime"].isna().all()
+    assert math.isnan(tab.attrs["spearman_types"])
+
+
 @pytest.mark.realdata
 def test_trajectory_buenrostro_lsi(data_dir, tmp_path):
     a = ad.read_h5ad(data_dir / "buenrostro2018_bm0828.h5ad")

@@ -1,7 +1,8 @@
 """CLI verbs of the downstream tasks.
 
 ``epiflow evaluate-features``: clustering (Leiden bisected to the number of cell types; NMI, ARI),
-UMAPs and optionally the PAGA / pseudotime trajectory, for EpiAgent embeddings beside the LSI baseline.
+UMAPs and optionally the PAGA / pseudotime trajectory, for EpiAgent embeddings (zero-shot, and
+fine-tuned with CCA (K = 1) + SR when ``--finetune-epochs`` > 0) beside the LSI baseline.
 """
 
 from __future__ import annotations
@@ -38,11 +39,20 @@ def _evaluate_features(args: argparse.Namespace) -> int:
     if args.corpus is None and args.counts is None:
         raise EpiflowError("give --corpus (or --counts): the LSI baseline is computed from the cells' counts",
                            field="--corpus")
+    if args.finetune_epochs < 0:
+        raise EpiflowError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}", field="--finetune-epochs",
+                           fix="0 = zero-shot only, N > 0 = also fine-tune N epochs with CCA + SR")
+    if args.finetune_epochs > 0 and args.checkpoint is None:
+        raise EpiflowError("--finetune-epochs needs the pretrained model", field="--checkpoint",
+                           fix="pass --checkpoint checkpoint.pth (or --finetune-epochs 0)")
+    if args.checkpoint is not None and args.corpus is None:
+        raise EpiflowError("embedding cells with --checkpoint needs their tokenized sentences", field="--corpus",
+                           fix="pass --corpus (the corpus folder) instead of --counts")
     drop = {"auto": "auto", "yes": True, "no": False}[args.lsi_drop_first]
-    adata, methods, info = load_feature_inputs(
+    adata, methods, info, cells = load_feature_inputs(
         embeddings, corpus=args.corpus, counts_h5ad=args.counts, embedding_key=args.embedding_key,
         label_key=args.label_key, dataset=args.dataset, lsi_components=args.lsi_components,
-        lsi_drop_first=drop, seed=args.seed)
+        lsi_drop_first=drop, seed=args.seed, return_cells=True)
     dataset = args.dataset
     if dataset is None:
         ds = adata.obs["dataset"].astype(str).unique() if "dataset" in adata.obs else []
@@ -50,6 +60,21 @@ def _evaluate_features(args: argparse.Namespace) -> int:
     extra = metric_rows("feature_extraction", dataset, "LSI",
                         {"lsi_depth_spearman": info["depth_spearman"],
                          "lsi_dropped_first": int(info["dropped_first"])})
+    if args.checkpoint is not None:
+        from .features_finetune import FINETUNED_METHOD, ZEROSHOT_METHOD, add_model_embeddings
+
+        if args.finetune_epochs > 0 and FINETUNED_METHOD in methods:
+            raise EpiflowError(f"method name {FINETUNED_METHOD!r} is reserved for --finetune-epochs",
+                               field="--embeddings", fix="name the embeddings file otherwise")
+        added, rows = add_model_embeddings(
+            adata, cells, args.checkpoint, dataset=dataset, epochs=args.finetune_epochs,
+            zero_shot_key="X_epiagent" if ZEROSHOT_METHOD in methods else None, lr=args.finetune_lr,
+            batch_tokens=args.finetune_batch_tokens, max_len=args.max_len, seed=args.seed,
+            num_heads=args.num_heads, device=args.device, backend=args.backend, progress=not args.no_progress)
+        lsi_key = methods.pop("LSI")
+        methods.update(added)
+        methods["LSI"] = lsi_key  # LSI last
+        extra = rows + extra
     table = evaluate_features(
         adata, label_key=args.label_key, embeddings=methods, out_dir=args.out_dir, dataset=dataset,
         n_neighbors=args.n_neighbors, seed=args.seed, max_iter=args.max_iter, umap=not args.no_umap,
@@ -71,7 +96,9 @@ def register(subparsers) -> None:
             "Evaluate cell embeddings beside the LSI baseline (TF-IDF + truncated SVD on the same cells' "
             "counts): Leiden on the kNN graph with the resolution bisected until #clusters = #cell types, "
             "NMI and ARI against the labels, UMAP figures, and optionally PAGA + diffusion pseudotime "
-            "compared with a known order of cell types. Writes OUT_DIR/metrics.tsv (task, dataset, "
+            "compared with a known order of cell types. With --checkpoint the EpiAgent embeddings are computed "
+            "here: zero-shot, and with --finetune-epochs N > 0 also after fine-tuning a copy of the model on the "
+            "evaluated cells with CCA (K = 1) + SR (method EpiAgent-finetuned). Writes OUT_DIR/metrics.tsv (task, dataset, "
             "method, metric, value), cells.tsv, umap.png, umap_<method>.png[, trajectory.tsv, "
             "trajectory.png]. Cells with a missing label are excluded from the metrics."))
     p.add_argument("--embeddings", action="append", metavar="[NAME=]H5AD",
@@ -96,6 +123,22 @@ def register(subparsers) -> None:
     p.add_argument("--root-type", default="HSC", help="cell type of the pseudotime root (default HSC)")
     p.add_argument("--order", default=HEMATOPOIESIS_ORDER,
                    help=f"known order of the types, tiers separated by '<' (default '{HEMATOPOIESIS_ORDER}')")
+    g = p.add_argument_group("EpiAgent model (zero-shot / fine-tuned embeddings computed here)")
+    g.add_argument("--checkpoint",
+                   help="pretrained model: embed the evaluated cells zero-shot (method EpiAgent) unless "
+                        "--embeddings gives them, and with --finetune-epochs N > 0 also fine-tune a copy on "
+                        "these cells with CCA (K = 1) + SR (method EpiAgent-finetuned); needs --corpus")
+    g.add_argument("--finetune-epochs", type=int, default=0,
+                   help="epochs of CCA + SR fine-tuning on the evaluated cells (default 0: zero-shot only)")
+    g.add_argument("--finetune-lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
+    g.add_argument("--finetune-batch-tokens", type=int, default=4096,
+                   help="tokens per fine-tuning batch (default 4096)")
+    g.add_argument("--max-len", type=int, help="tokens per cell (default: the model's rank limit - 2)")
+    g.add_argument("--num-heads", type=int, help="attention heads (if the checkpoint has no side file)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--backend", default="sdpa", choices=["sdpa", "packed", "flash", "auto"],
+                   help="attention backend (default sdpa)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar while fine-tuning")
     p.add_argument("--no-umap", action="store_true", help="skip UMAPs and figures")
     p.add_argument("--svg", action="store_true", help="also write SVG figures")
     p.add_argument("--out-dir", required=True, help="output folder")

@@ -37,7 +37,10 @@ tier, n_cells, mean / median / sd pseudotime) and ``trajectory.png``.
 
 :func:`load_feature_inputs` assembles the evaluated AnnData for the CLI (``epiflow evaluate-features``):
 embeddings read from ``epiflow embed`` outputs, counts of the same cells from the corpus shards
-(or an h5ad), and the LSI baseline computed on those counts.
+(or an h5ad), and the LSI baseline computed on those counts. The EpiAgent embeddings can also be
+computed by the command from a checkpoint (:mod:`epiflow.tasks.features_finetune`): zero-shot
+(method ``EpiAgent``) and after CCA (K = 1) + SR fine-tuning on the evaluated cells (method
+``EpiAgent-finetuned``, ``--finetune-epochs N``), both evaluated beside LSI, trajectory included.
 """
 
 from __future__ import annotations
@@ -184,7 +187,16 @@ def trajectory(adata, embedding_key: str, *, label_key: str = "cell_type", root_
         adata.obs[label_key] = adata.obs[label_key].cat.remove_unused_categories()
     else:
         adata.obs[label_key] = pd.Categorical(labels)
-    sc.tl.paga(adata, groups=label_key)
+    adj = sp.coo_matrix(adata.obsp["connectivities"])
+    codes = adata.obs[label_key].cat.codes.to_numpy()
+    n_cats = len(adata.obs[label_key].cat.categories)
+    if np.any(codes[adj.row] != codes[adj.col]):
+        sc.tl.paga(adata, groups=label_key)
+    else:  # scanpy's PAGA fails on a group graph without edges: every type is its own component
+        log.warning("trajectory on %s: no kNN edge joins two cell types; PAGA connectivities are all 0 and only "
+                    "the root type's cells get a pseudotime", embedding_key)
+        zero = sp.csr_matrix((n_cats, n_cats))
+        adata.uns["paga"] = {"connectivities": zero, "connectivities_tree": zero, "groups": label_key}
     n_comps = int(min(15, adata.n_obs - 2))
     sc.tl.diffmap(adata, n_comps=n_comps, random_state=seed)
     root = _root_cell(emb, labels, root_type)
@@ -337,22 +349,24 @@ def _cell_keys(obs: pd.DataFrame, index, use_dataset: bool) -> np.ndarray:
     return ids.astype(str)
 
 
-def corpus_counts(corpus_dir, keys: np.ndarray, *, use_dataset: bool):
-    """Raw counts (CSR, rows in the order of ``keys``) and obs of the given cells from a corpus.
+def corpus_cells(corpus_dir, keys: np.ndarray, *, use_dataset: bool):
+    """The given cells of a corpus as one :class:`~epiflow.corpus.shard.Shard`, rows in the order of ``keys``.
 
     ``keys`` are ``cell_id`` values, or ``dataset + '\\x1f' + cell_id`` when ``use_dataset``.
-    Only the wanted rows of each shard are kept in memory.
+    Only the wanted rows of each shard are kept in memory. The shard holds the tokens (rank-ordered),
+    counts and TF-IDF of each cell: the counts feed LSI, the sentences the EpiAgent model.
     """
     from tqdm.auto import tqdm
 
     from ..corpus.shard import open_corpus
+    from .annotation import _concat_shards
 
     corpus = open_corpus(corpus_dir)
     want = pd.Index(keys)
     if not want.is_unique:
         raise EpiflowError("the embedded cells are not unique (cell_id"
                            + (" + dataset" if use_dataset else "") + ")", field="obs/cell_id")
-    mats, obs_parts, key_parts = [], [], []
+    parts, key_parts = [], []
     for shard in tqdm(corpus.iter_shards(), total=len(corpus.shard_paths), desc="reading shards", unit="shard"):
         if "cell_id" not in shard.obs:
             raise InputFormatError("shard has no obs/cell_id column", path=str(corpus.root), field="obs/cell_id")
@@ -361,9 +375,7 @@ def corpus_counts(corpus_dir, keys: np.ndarray, *, use_dataset: bool):
         k = _cell_keys(shard.obs, shard.obs.index, use_dataset)
         rows = np.flatnonzero(want.get_indexer(k) >= 0)
         if rows.size:
-            sub = shard.subset(rows)
-            mats.append(sub.counts_csr())
-            obs_parts.append(sub.obs)
+            parts.append(shard.subset(rows))
             key_parts.append(k[rows])
     found = np.concatenate(key_parts) if key_parts else np.array([], dtype=str)
     pos = pd.Index(found)
@@ -376,15 +388,20 @@ def corpus_counts(corpus_dir, keys: np.ndarray, *, use_dataset: bool):
         raise EpiflowError(f"{len(miss)} embedded cells are not in the corpus (e.g. {list(miss[:3])})",
                            path=str(corpus.root), field="obs/cell_id",
                            fix="use the corpus the embeddings were computed from")
-    counts = sp.vstack(mats, format="csr")[idx]
-    obs = pd.concat(obs_parts, ignore_index=True).iloc[idx].reset_index(drop=True)
-    return counts, obs
+    return _concat_shards(parts).subset(idx)
+
+
+def corpus_counts(corpus_dir, keys: np.ndarray, *, use_dataset: bool):
+    """Raw counts (CSR, rows in the order of ``keys``) and obs of the given cells from a corpus
+    (see :func:`corpus_cells`)."""
+    shard = corpus_cells(corpus_dir, keys, use_dataset=use_dataset)
+    return shard.counts_csr(), shard.obs
 
 
 def load_feature_inputs(embeddings: Mapping[str, str | os.PathLike] | None = None, *, corpus=None,
                         counts_h5ad=None, embedding_key: str = "X_epiagent", label_key: str = "cell_type",
                         dataset: str | None = None, lsi_components: int = 50, lsi_drop_first="auto",
-                        seed: int = 0):
+                        seed: int = 0, return_cells: bool = False):
     """Assemble the AnnData evaluated by ``epiflow evaluate-features``.
 
     ``embeddings``: ``{method: path}`` of ``epiflow embed`` outputs (AnnData with ``obsm[embedding_key]``
@@ -395,7 +412,9 @@ def load_feature_inputs(embeddings: Mapping[str, str | os.PathLike] | None = Non
     whose ``obs['dataset']`` equals it.
 
     Returns ``(adata, methods, lsi_info)``: ``adata.obsm`` holds ``X_<method>`` per embedding and
-    ``X_lsi``; ``methods`` maps method names to those keys (LSI last).
+    ``X_lsi``; ``methods`` maps method names to those keys (LSI last). With ``return_cells`` a fourth
+    item is the :class:`~epiflow.corpus.shard.Shard` of the same cells in the same order (tokens for
+    the EpiAgent model; None when the counts come from ``counts_h5ad``).
     """
     import anndata as ad
 
@@ -406,6 +425,7 @@ def load_feature_inputs(embeddings: Mapping[str, str | os.PathLike] | None = Non
                            field="corpus")
     methods: dict[str, str] = {}
     base = None
+    cells = None
     for i, (name, path) in enumerate((embeddings or {}).items()):
         path = Path(path)
         if not path.exists():
@@ -474,7 +494,8 @@ def load_feature_inputs(embeddings: Mapping[str, str | os.PathLike] | None = Non
             cobs.index = cobs["cell_id"].astype(str).to_numpy() if "cell_id" in cobs else cobs.index.astype(str)
             base = ad.AnnData(obs=cobs)
         use_ds = "dataset" in base.obs
-        counts, cobs = corpus_counts(corpus, _cell_keys(base.obs, base.obs_names, use_ds), use_dataset=use_ds)
+        cells = corpus_cells(corpus, _cell_keys(base.obs, base.obs_names, use_ds), use_dataset=use_ds)
+        counts, cobs = cells.counts_csr(), cells.obs
         if label_key not in base.obs and label_key in cobs:
             base.obs[label_key] = cobs[label_key].to_numpy()
     if base.n_obs == 0:
@@ -483,4 +504,4 @@ def load_feature_inputs(embeddings: Mapping[str, str | os.PathLike] | None = Non
     emb, info = lsi(counts, n_components=lsi_components, drop_first=lsi_drop_first, seed=seed, return_info=True)
     base.obsm["X_lsi"] = emb
     methods["LSI"] = "X_lsi"
-    return base, methods, info
+    return (base, methods, info, cells) if return_cells else (base, methods, info)
