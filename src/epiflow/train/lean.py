@@ -2,18 +2,33 @@
 
 At paper scale the cCRE embedding (1,355,449 x 512) and the signal decoder (1,355,445 x 512) hold
 1.39 B of the 1.45 B parameters; dense fp32 AdamW keeps parameters + gradients + two moments =
-16 bytes per parameter (~23 GB). The lean mode keeps only the fp32 parameters of those tables:
+16 bytes per parameter (~23 GB). The lean mode keeps the fp32 parameters of those tables, a
+row-wise AdamW state (one fp32 second moment per row, :class:`~epiflow.train.optim.RowwiseAdamW`)
+and **no gradient tensor of the tables' size**: the gradient of the step is rebuilt chunk by chunk
+of rows (``chunk`` rows at a time) from small per-step records when the norm is taken and again
+when the rows are updated.
 
-* **embedding**: sparse gradients (``nn.Embedding(sparse=True)``; the input tokens and the CCA
-  queries touch a few thousand rows per step) and a lazy :class:`RowwiseAdamW` update;
-* **decoder**: the SR loss is computed chunk by chunk over the vocabulary by
-  :class:`ChunkedSRLoss`, whose backward returns the gradient of the cell embeddings and stores the
-  decoder's weight gradient as low-rank factors ``(G, H)`` (``dW = G^T H``, ``G`` = dLoss/dlogits
-  ``[cells, N]``, ``H`` = cell embeddings ``[cells, D]``) instead of a dense ``[N, D]`` tensor;
-  :meth:`RowwiseAdamW.step_lowrank` applies it chunk by chunk. The bias keeps a normal dense gradient.
+* **SR / signal decoder**: the loss is computed chunk by chunk over the vocabulary by
+  :class:`ChunkedSRLoss`; its backward returns the gradients of the cell embeddings and of the
+  bias and records only ``(h, positives, dLoss/dsum)``. The weight gradient of a row chunk is
+  ``G_c^T h`` with ``G_c = dLoss/dlogits`` of the chunk, recomputed from those records (the
+  weights do not change between the forward and the update).
+* **CCA / embedding rows of the queried cCREs**: the CCA head reads the embedding of each queried
+  cCRE (all accessible cCREs of a cell plus K times as many negatives: at paper scale ~15 M
+  queries per step, touching every row). The forward uses a detached lookup and records
+  ``(cell embeddings, query ids, labels, K, dLoss/dsum)``; the embedding gradient of a row chunk
+  is recomputed from the queries whose ids fall in the chunk (the head is per query, so this is
+  exact), in sub-batches of ``query_chunk`` queries.
+* **input tokens**: ``nn.Embedding(sparse=True)``; after each backward the coalesced sparse
+  gradient (one row per distinct input token of the micro-batch) is moved to a list, so its size
+  is bounded by the micro-batch's tokens, never by the vocabulary.
 
-In DDP both tables are excluded from DDP's all-reduce; :meth:`LeanTables.sync` all-gathers the
-sparse rows and the factors (a few MB) instead of all-reducing 5.6 GB of dense gradients.
+The head weights and the decoder bias must still be the pre-update values when the chunks are
+rebuilt: :meth:`LeanTables.step` runs **before** the dense optimiser's step. Under DDP the tables
+bypass DDP's all-reduce: the decoder records are all-gathered (a few MB) and each rank rebuilds
+the same decoder gradient; each embedding row chunk (``[chunk, dim + 1]`` with a touched-row
+count) is all-reduced. Global-norm clipping includes both tables (first pass over the chunks).
+:func:`memory_estimate` gives the bytes per GPU of dense AdamW versus this mode.
 """
 
 from __future__ import annotations
@@ -22,73 +37,146 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .objectives import bce_sum
 from .optim import RowwiseAdamW
 
 
-class FactorStore:
-    """Accumulates the low-rank factors of the decoder gradient over the micro-batches of a step."""
+# ----------------------------------------------------------------------------- small pieces
+def cca_head(model, cell_rows: torch.Tensor, emb_rows: torch.Tensor) -> torch.Tensor:
+    """The CCA head of :meth:`EpiAgent.cca_logits` on given embedding rows (instead of token ids)."""
+    z = torch.cat([cell_rows, emb_rows], -1)
+    return model.fc2_for_CCA(model.layer_norm_for_CCA(F.gelu(model.fc1_for_CCA(z)))).squeeze(-1)
+
+
+def _bounds(sorted_vals: torch.Tensor, a: int, b: int) -> tuple[int, int]:
+    """Slice of a sorted 1-d tensor holding the values in ``[a, b)``."""
+    if sorted_vals.numel() == 0:
+        return 0, 0
+    ab = torch.tensor([a, b], device=sorted_vals.device, dtype=sorted_vals.dtype)
+    lo, hi = torch.searchsorted(sorted_vals, ab).tolist()
+    return int(lo), int(hi)
+
+
+def _sr_dlogits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                pos_weight) -> torch.Tensor:
+    """dBCE/dlogits of one column chunk: ``sigmoid(x)`` for every entry, ``-p sigmoid(-x)`` for the
+    positives (``rows``, chunk-relative ``cols``); ``pos_weight`` a float or a per-row tensor."""
+    x = torch.addmm(b.float(), h, w.float().t())
+    G = torch.sigmoid(x)
+    if rows.numel():
+        p = pos_weight[rows] if torch.is_tensor(pos_weight) else pos_weight
+        G[rows, cols] = -p * torch.sigmoid(-x[rows, cols])
+    return G
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a scalar loss term; its backward stores dLoss/dterm in ``rec['scale']``."""
+
+    @staticmethod
+    def forward(ctx, x, rec):
+        ctx.rec = rec
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.detach().float().reshape(())
+        prev = ctx.rec.get("scale")
+        ctx.rec["scale"] = g if prev is None else prev + g
+        return g, None
+
+
+def _nbytes(x) -> int:
+    if torch.is_tensor(x):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(_nbytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(v) for v in x)
+    return 0
+
+
+# ----------------------------------------------------------------------------- per-step records
+class LeanStore:
+    """What one optimiser step needs to rebuild the table gradients: SR records (decoder), CCA
+    records (queried embedding rows) and the sparse input-token gradients of the micro-batches."""
 
     def __init__(self):
-        self.G: list[torch.Tensor] = []
-        self.H: list[torch.Tensor] = []
-
-    def add(self, G: torch.Tensor, H: torch.Tensor) -> None:
-        self.G.append(G)
-        self.H.append(H)
+        self.sr: list[dict] = []
+        self.cca: list[dict] = []
+        self.emb: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def clear(self) -> None:
-        self.G, self.H = [], []
+        self.sr, self.cca, self.emb = [], [], []
 
-    def cat(self):
-        if not self.G:
+    def nbytes(self) -> int:
+        skip = ("weight", "bias", "autocast")  # parameters / settings, not step buffers
+        recs = [{k: v for k, v in r.items() if k not in skip} for r in self.sr + self.cca]
+        return _nbytes(recs) + _nbytes(self.emb)
+
+    def cat(self, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+        """Dense ``(G, H)`` with ``dW = G^T H`` of the SR records (small problems and tests only:
+        ``G`` is ``[cells, N]``). ``weight``/``bias`` default to the ones the records were made with."""
+        recs = [r for r in self.sr if r.get("scale") is not None]
+        if not recs:
             return None, None
-        return torch.cat(self.G, 0), torch.cat(self.H, 0)
+        Gs, Hs = [], []
+        for r in recs:
+            w = weight if weight is not None else r["weight"]
+            b = bias if bias is not None else r["bias"]
+            G = _sr_dlogits(r["h"], w, b, r["rows"], r["cols"], r["pw"]) * r["scale"]
+            Gs.append(G)
+            Hs.append(r["h"])
+        return torch.cat(Gs, 0), torch.cat(Hs, 0)
+
+
+FactorStore = LeanStore  # earlier name
 
 
 class ChunkedSRLoss(torch.autograd.Function):
     """Sum over all ``B x N`` entries of BCE-with-logits(pos_weight) of ``h W^T + b``, chunked over N.
 
-    Never materialises the dense weight gradient: backward stores ``(dL/dlogits, h)`` in ``store``.
+    Never materialises a ``[B, N]`` or ``[N, D]`` tensor: backward returns the gradients of ``h``
+    and ``b`` and appends ``(h, positives, pos_weight, dLoss/dsum)`` to ``store.sr``; the weight
+    gradient is rebuilt chunk by chunk at the optimiser step.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, pos_rows, pos_cols, pos_weight: float, store: FactorStore, chunk: int):
+    def forward(ctx, h, weight, bias, pos_rows, pos_cols, pos_weight: float, store: LeanStore, chunk: int):
         hf = h.float()
-        total = hf.new_zeros(())
         n = weight.shape[0]
+        order = torch.argsort(pos_cols, stable=True)
+        rows, cols = pos_rows[order], pos_cols[order]
+        total = hf.new_zeros(())
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            x = hf @ weight[a:b].float().t() + bias[a:b].float()
+            x = torch.addmm(bias[a:b].float(), hf, weight[a:b].float().t())
             total = total + F.softplus(x).sum()
-        if pos_rows.numel():
-            xp = (hf[pos_rows] * weight[pos_cols].float()).sum(-1) + bias[pos_cols].float()
-            total = total + (pos_weight * F.softplus(-xp) - F.softplus(xp)).sum()
-        ctx.save_for_backward(h, weight, bias, pos_rows, pos_cols)
+            lo, hi = _bounds(cols, a, b)
+            if hi > lo:
+                xp = x[rows[lo:hi], cols[lo:hi] - a]
+                total = total + (pos_weight * F.softplus(-xp) - F.softplus(xp)).sum()
+        ctx.save_for_backward(h, weight, bias, rows, cols)
         ctx.pos_weight, ctx.store, ctx.chunk = float(pos_weight), store, int(chunk)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, weight, bias, pos_rows, pos_cols = ctx.saved_tensors
-        hf = h.float()
+        h, weight, bias, rows, cols = ctx.saved_tensors
+        hf = h.float().detach()
         n = weight.shape[0]
-        go = grad_out.float()
-        # dL/dx = sigmoid(x) for every entry, plus for positives: -(p * sigmoid(-x) + sigmoid(x))
-        G = torch.empty(h.shape[0], n, dtype=torch.float32, device=h.device)
-        for a in range(0, n, ctx.chunk):
-            b = min(n, a + ctx.chunk)
-            G[:, a:b] = torch.sigmoid(hf @ weight[a:b].float().t() + bias[a:b].float())
-        if pos_rows.numel():
-            xp = (hf[pos_rows] * weight[pos_cols].float()).sum(-1) + bias[pos_cols].float()
-            G[pos_rows, pos_cols] = G[pos_rows, pos_cols] - (ctx.pos_weight * torch.sigmoid(-xp) + torch.sigmoid(xp))
-        G.mul_(go)
+        go = grad_out.detach().float().reshape(())
         grad_h = torch.zeros_like(hf)
+        grad_bias = torch.empty(n, dtype=torch.float32, device=h.device)
         for a in range(0, n, ctx.chunk):
             b = min(n, a + ctx.chunk)
-            grad_h += G[:, a:b] @ weight[a:b].float()
-        ctx.store.add(G, hf.detach())
-        grad_bias = G.sum(0).to(bias.dtype)
-        return grad_h.to(h.dtype), None, grad_bias, None, None, None, None, None
+            lo, hi = _bounds(cols, a, b)
+            G = _sr_dlogits(hf, weight[a:b], bias[a:b], rows[lo:hi], cols[lo:hi] - a, ctx.pos_weight)
+            G.mul_(go)
+            grad_h.addmm_(G, weight[a:b].float())
+            grad_bias[a:b] = G.sum(0)
+        ctx.store.sr.append({"h": hf, "rows": rows, "cols": cols, "pw": ctx.pos_weight, "scale": go,
+                             "weight": weight, "bias": bias})
+        return grad_h.to(h.dtype), None, grad_bias.to(bias.dtype), None, None, None, None, None
 
 
 def chunked_sr_loss_sum(h, weight, bias, pos_rows, pos_cols, pos_weight, store, chunk: int = 65536):
@@ -108,23 +196,40 @@ def _all_gather_padded(t: torch.Tensor, world: int) -> list[torch.Tensor]:
     return [o[: int(s)] for o, s in zip(out, sizes)]
 
 
+# ----------------------------------------------------------------------------- the tables
 class LeanTables:
-    """Owns the row-wise optimisers of the embedding and decoder weights in memory-lean mode."""
+    """Row-wise optimisers and chunked gradients of the embedding and decoder weights (lean mode).
+
+    Use: build after the model (it switches the embedding to sparse gradients and hooks it); in the
+    forward call :meth:`sr_loss_sum` and :meth:`cca_loss_sum` instead of the dense heads; after the
+    micro-batches of a step call :meth:`sync` (every rank), then :meth:`sq_norm` / :meth:`scale_`
+    for clipping, then :meth:`step` **before** the dense optimiser's step.
+    """
 
     def __init__(self, model, lr_source, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 momentum: bool = False, chunk: int = 65536):
+                 momentum: bool = False, chunk: int = 16384, query_chunk: int = 4096):
         self.model = model
         self.embedding = model.cCRE_embedding
         self.embedding.sparse = True
         self.decoder = getattr(model, "signal_decoder", None)
-        self.store = FactorStore()
-        self.chunk = int(chunk)
+        self.store = LeanStore()
+        self.chunk = max(1, int(chunk))
+        self.query_chunk = max(1, int(query_chunk))
         self.emb_opt = RowwiseAdamW(self.embedding.weight, lr_source, betas=betas, eps=eps,
                                     weight_decay=weight_decay, momentum=momentum)
         self.dec_opt = None
         if self.decoder is not None:
             self.dec_opt = RowwiseAdamW(self.decoder.weight, lr_source, betas=betas, eps=eps,
                                         weight_decay=weight_decay, momentum=momentum)
+        self._world = 1
+        self._coef = 1.0
+        self._prep = None
+        self.peak_store_bytes = 0
+        self._hook = self.embedding.weight.register_post_accumulate_grad_hook(self._collect)
+
+    def close(self) -> None:
+        """Remove the gradient hook (the model trains densely again)."""
+        self._hook.remove()
 
     def param_names(self) -> list[str]:
         names = ["cCRE_embedding.weight"]
@@ -135,78 +240,190 @@ class LeanTables:
     def params(self):
         return [self.embedding.weight] + ([self.decoder.weight] if self.decoder is not None else [])
 
+    # ------------------------------------------------------------------ forward side
+    def _collect(self, p) -> None:
+        """After each backward: move the input-token gradient (sparse) off ``.grad``, coalesced."""
+        g = p.grad
+        p.grad = None
+        if g is None:
+            return
+        if not g.is_sparse:  # defensive: a dense gradient -> its non-zero rows
+            rows = torch.nonzero(g.abs().sum(1) > 0).squeeze(1)
+            self.store.emb.append((rows, g[rows].contiguous()))
+            return
+        g = g.coalesce()
+        self.store.emb.append((g.indices()[0], g.values()))
+
     def sr_loss_sum(self, cell_embedding, pos_rows, pos_cols, pos_weight):
         return chunked_sr_loss_sum(cell_embedding, self.decoder.weight, self.decoder.bias, pos_rows, pos_cols,
                                    pos_weight, self.store, self.chunk)
 
-    def sync(self, world: int) -> None:
-        """Sum the lean gradients over ranks (each rank's loss is scaled by ``world``, hence / world)."""
-        if world <= 1:
-            return
-        w = self.embedding.weight
-        g = w.grad
-        if g is None:  # keep the collective calls matched across ranks
-            g = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long, device=w.device),
-                                        w.new_zeros(0, w.shape[1]), w.shape, check_invariants=False)
-        g = g.coalesce()
-        n_rows = torch.tensor([g.indices().shape[1]], device=w.device)
-        dist.all_reduce(n_rows)
-        if int(n_rows) * 2 > w.shape[0]:
-            # most rows touched (paper scale: CCA queries cover much of the vocabulary): one dense
-            # all-reduce is cheaper than gathering every rank's rows
-            dense = torch.zeros_like(w)
-            dense.index_add_(0, g.indices()[0], g.values().to(w.dtype))
-            dist.all_reduce(dense)
-            dense /= world
-            rows = torch.nonzero(dense.abs().sum(1) > 0).squeeze(1)
-            w.grad = torch.sparse_coo_tensor(rows[None], dense[rows], w.shape, check_invariants=False,
-                                             is_coalesced=True)
-            del dense
-        else:
-            idx = torch.cat(_all_gather_padded(g.indices()[0], world))
-            val = torch.cat(_all_gather_padded(g.values(), world)) / world
-            w.grad = torch.sparse_coo_tensor(idx[None], val, g.shape, check_invariants=False).coalesce()
-        if self.decoder is not None:
-            G, H = self.store.cat()
-            if G is None:
-                G = self.decoder.weight.new_zeros(0, self.decoder.weight.shape[0])
-                H = self.decoder.weight.new_zeros(0, self.decoder.weight.shape[1])
-            G = torch.cat(_all_gather_padded(G, world)) / world
-            H = torch.cat(_all_gather_padded(H, world))
-            self.store.clear()
-            self.store.add(G, H)
+    def cca_loss_sum(self, cell: torch.Tensor, q_cell: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
+                     pos_weight: float, autocast_dtype=None) -> torch.Tensor:
+        """Sum of BCE-with-logits(pos_weight) of the CCA head; the queried embedding rows get their
+        gradient at the step (recomputed), not through autograd."""
+        dev = cell.device
+        ids = ids.long()
+        emb = F.embedding(ids, self.embedding.weight.detach())
+        with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = cca_head(self.model, cell[q_cell], emb)
+        rec = {"cell": cell.detach(), "q_cell": q_cell, "ids": ids, "labels": labels, "pw": float(pos_weight),
+               "autocast": autocast_dtype, "scale": None}
+        self.store.cca.append(rec)
+        return _Tap.apply(bce_sum(logits, labels, pos_weight=float(pos_weight)), rec)
 
+    # ------------------------------------------------------------------ step side
+    def sync(self, world: int) -> None:
+        """Gather the decoder records of all ranks (each rank's loss is scaled by ``world``, hence the
+        division by ``world`` when the gradients are rebuilt). Call on every rank."""
+        self._world = int(world)
+        self._prep = None
+        self.peak_store_bytes = max(self.peak_store_bytes, self.store.nbytes())
+
+    def _prepare(self) -> dict:
+        if self._prep is not None:
+            return self._prep
+        W = self.embedding.weight
+        dev = W.device
+        # CCA queries sorted by id (per record)
+        cca = []
+        for r in self.store.cca:
+            if r.get("scale") is None:
+                continue
+            order = torch.argsort(r["ids"], stable=True)
+            cca.append({**r, "order": order, "sorted": r["ids"][order]})
+        prep = {"cca": cca, "dec": None}
+        if self.decoder is not None:
+            D = self.decoder.weight.shape[1]
+            recs = [r for r in self.store.sr if r.get("scale") is not None]
+            if recs:
+                H = torch.cat([r["h"] for r in recs], 0)
+                scale = torch.cat([r["scale"].expand(r["h"].shape[0]) for r in recs])
+                pw = torch.cat([torch.full((r["h"].shape[0],), r["pw"], device=dev) for r in recs])
+                offs, rows, cols, o = [], [], [], 0
+                for r in recs:
+                    rows.append(r["rows"] + o)
+                    cols.append(r["cols"])
+                    o += r["h"].shape[0]
+                rows, cols = torch.cat(rows), torch.cat(cols)
+            else:
+                H = W.new_zeros(0, D, dtype=torch.float32)
+                scale = pw = W.new_zeros(0, dtype=torch.float32)
+                rows = cols = torch.zeros(0, dtype=torch.long, device=dev)
+            if self._world > 1:
+                Hs = _all_gather_padded(H, self._world)
+                sizes = [int(h.shape[0]) for h in Hs]
+                H = torch.cat(Hs)
+                scale = torch.cat(_all_gather_padded(scale, self._world)) / self._world
+                pw = torch.cat(_all_gather_padded(pw, self._world))
+                rs = _all_gather_padded(rows, self._world)
+                starts = [0]
+                for s in sizes[:-1]:
+                    starts.append(starts[-1] + s)
+                rows = torch.cat([r + s for r, s in zip(rs, starts)])
+                cols = torch.cat(_all_gather_padded(cols, self._world))
+            if H.shape[0]:
+                order = torch.argsort(cols, stable=True)
+                prep["dec"] = {"H": H, "scale": scale, "pw": pw, "rows": rows[order], "cols": cols[order]}
+        self._prep = prep
+        return prep
+
+    def _emb_chunks(self):
+        """Yield ``(rows, grad_rows)`` of the embedding, row chunk by row chunk (global, averaged)."""
+        W = self.embedding.weight
+        V, D = W.shape
+        prep = self._prepare()
+        for a in range(0, V, self.chunk):
+            b = min(V, a + self.chunk)
+            buf = torch.zeros(b - a, D + 1, dtype=torch.float32, device=W.device)
+            g, cnt = buf[:, :D], buf[:, D]
+            for idx, val in self.store.emb:
+                lo, hi = _bounds(idx, a, b)
+                if hi > lo:
+                    i = idx[lo:hi] - a
+                    g.index_add_(0, i, val[lo:hi].float())
+                    cnt.index_add_(0, i, torch.ones(hi - lo, device=W.device))
+            for r in prep["cca"]:
+                lo, hi = _bounds(r["sorted"], a, b)
+                for s in range(lo, hi, self.query_chunk):
+                    sel = r["order"][s:min(hi, s + self.query_chunk)]
+                    ids = r["ids"][sel]
+                    q = W.detach()[ids].requires_grad_(True)
+                    with torch.enable_grad():
+                        with torch.autocast(W.device.type, dtype=r["autocast"], enabled=r["autocast"] is not None):
+                            logits = cca_head(self.model, r["cell"][r["q_cell"][sel]], q)
+                        loss = bce_sum(logits, r["labels"][sel], pos_weight=r["pw"]) * r["scale"]
+                        (gq,) = torch.autograd.grad(loss, q)
+                    g.index_add_(0, ids - a, gq.float())
+                    cnt.index_add_(0, ids - a, torch.ones(ids.numel(), device=W.device))
+            if self._world > 1:
+                dist.all_reduce(buf)
+                g.div_(self._world)
+            rows = torch.nonzero(cnt > 0).squeeze(1)
+            if rows.numel():
+                yield rows + a, g[rows]
+
+    def _dec_chunks(self):
+        """Yield ``(a, b, dW[a:b])`` of the decoder weight, chunk by chunk (global)."""
+        prep = self._prepare()
+        d = prep["dec"]
+        if d is None:
+            return
+        Wd, bd = self.decoder.weight, self.decoder.bias
+        n = Wd.shape[0]
+        for a in range(0, n, self.chunk):
+            b = min(n, a + self.chunk)
+            lo, hi = _bounds(d["cols"], a, b)
+            G = _sr_dlogits(d["H"], Wd[a:b].detach(), bd[a:b].detach(), d["rows"][lo:hi], d["cols"][lo:hi] - a,
+                            d["pw"])
+            G.mul_(d["scale"][:, None])
+            yield a, b, G.t() @ d["H"]
+
+    @torch.no_grad()
     def sq_norm(self) -> torch.Tensor:
-        """Squared norm of the lean gradients (for global-norm clipping)."""
+        """Squared norm of the table gradients of this step (for global-norm clipping; a full pass)."""
         total = torch.zeros((), dtype=torch.float32, device=self.embedding.weight.device)
-        g = self.embedding.weight.grad
-        if g is not None:
-            total = total + g.coalesce().values().float().pow(2).sum()
-        G, H = self.store.cat()
-        if G is not None:
-            # ||G^T H||_F^2 = sum((G G^T) * (H H^T))
-            total = total + ((G @ G.t()) * (H @ H.t())).sum()
+        for _, g in self._emb_chunks():
+            total += g.pow(2).sum()
+        for _, _, dW in self._dec_chunks():
+            total += dW.pow(2).sum()
         return total
 
     def scale_(self, coef: float) -> None:
-        g = self.embedding.weight.grad
-        if g is not None:
-            self.embedding.weight.grad = g.coalesce() * coef
-        self.store.G = [G * coef for G in self.store.G]
+        self._coef *= float(coef)
 
+    @torch.no_grad()
+    def table_grads(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Dense gradients of the embedding and decoder weights of this step (tests, small tables)."""
+        W = self.embedding.weight
+        gE = torch.zeros(W.shape, dtype=torch.float32, device=W.device)
+        for rows, g in self._emb_chunks():
+            gE[rows] = g * self._coef
+        gD = None
+        if self.decoder is not None:
+            gD = torch.zeros(self.decoder.weight.shape, dtype=torch.float32, device=W.device)
+            for a, b, dW in self._dec_chunks():
+                gD[a:b] = dW * self._coef
+        return gE, gD
+
+    @torch.no_grad()
     def step(self) -> None:
+        """Update both tables (row chunk by row chunk), then drop the step's records."""
+        self.peak_store_bytes = max(self.peak_store_bytes, self.store.nbytes())
+        coef = self._coef
         self.emb_opt.begin_step()
-        g = self.embedding.weight.grad
-        if g is not None:
-            self.emb_opt.step_sparse(g)
-        self.embedding.weight.grad = None
+        for rows, g in self._emb_chunks():
+            self.emb_opt.update_rows(rows, g.mul_(coef) if coef != 1.0 else g)
         if self.dec_opt is not None:
             self.dec_opt.begin_step()
-            G, H = self.store.cat()
-            if G is not None:
-                self.dec_opt.step_lowrank(G, H, self.chunk)
-            self.store.clear()
+            for a, b, dW in self._dec_chunks():
+                self.dec_opt.update_rows(torch.arange(a, b, device=dW.device), dW.mul_(coef) if coef != 1.0 else dW)
+        self.store.clear()
+        self._prep = None
+        self._coef = 1.0
+        self.embedding.weight.grad = None
 
+    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"emb": self.emb_opt.state_dict(), "dec": None if self.dec_opt is None else self.dec_opt.state_dict()}
 
@@ -217,3 +434,66 @@ class LeanTables:
 
     def state_bytes(self) -> int:
         return self.emb_opt.state_bytes() + (0 if self.dec_opt is None else self.dec_opt.state_bytes())
+
+
+# ----------------------------------------------------------------------------- memory estimate
+def memory_estimate(model_config, *, cells_per_gpu: int = 4, grad_accum: int = 4, gpus: int = 8,
+                    seq: int = 8192, rlm: bool = True, positives_per_cell: int = 20_000, k: int = 5,
+                    chunk: int = 16384, query_chunk: int = 4096, momentum: bool = False,
+                    n_params: int | None = None) -> dict:
+    """Bytes per GPU of the training state: dense fp32 AdamW versus the memory-lean mode.
+
+    ``model_config``: an :class:`~epiflow.model.EpiAgentConfig` (with pretraining heads). Worst
+    case for the lean buffers: every input sentence is ``seq`` tokens long and distinct tokens of a
+    micro-batch are all distinct rows; with ``rlm`` the replaced copy of each cell doubles the
+    input sentences. ``positives_per_cell`` accessible cCREs per cell (SR positives; CCA queries
+    ``(1 + k)`` times as many). Activations are not included (they do not depend on the mode,
+    except that dense mode also materialises ``[cells, N]`` signal logits).
+
+    Returns ``{"dense": {...}, "lean": {...}}`` (each with ``"total"``) and the inputs.
+    """
+    cfg = model_config
+    D, V, N = int(cfg.dim), int(cfg.vocab_size), int(cfg.n_ccres)
+    if n_params is None:
+        with torch.device("meta"):
+            from ..model import EpiAgent
+
+            n_params = sum(p.numel() for p in EpiAgent(cfg).parameters())
+    P = int(n_params)
+    n_tab = V * D + N * D
+    n_small = P - n_tab  # encoder, rank embedding, heads, decoder bias
+    dense = {"params_fp32": 4 * P, "grads_fp32": 4 * P, "adam_m_fp32": 4 * P, "adam_v_fp32": 4 * P}
+    dense["total"] = sum(dense.values())
+
+    seqs = cells_per_gpu * (2 if rlm else 1)
+    rows_per_micro = min(V, seqs * (seq + 2))
+    local_cells = cells_per_gpu * grad_accum
+    step_cells = local_cells * gpus
+    queries = local_cells * positives_per_cell * (1 + k)
+    i64 = 8
+    lean = {
+        "params_fp32": 4 * P,
+        "grads_dense_small": 4 * n_small,
+        "adam_states_small": 8 * n_small,
+        "rowwise_v_tables": 4 * (V + N),
+        # coalesced sparse input-token gradient of each micro-batch (values fp32 + row index)
+        "embedding_input_grads": grad_accum * rows_per_micro * (4 * D + i64),
+        # CCA records: ids, cell row, label, sort order + sorted ids; the cell embeddings
+        "cca_records": queries * (4 * i64 + 4) + local_cells * D * 4,
+        # SR records after the all-gather: h, scale, pos_weight per cell; positives (row, col,
+        # sort order, sorted copies) of every cell of the step + the local batch's CSR
+        "sr_records": step_cells * (D + 2) * 4 + step_cells * positives_per_cell * 4 * i64
+        + local_cells * positives_per_cell * 2 * i64,
+    }
+    if momentum:
+        lean["bf16_momentum_tables"] = 2 * n_tab
+    # transient work of the chunked passes (the largest of the three)
+    ws_emb = chunk * (D + 1) * 4 + 3 * chunk * D * 4  # chunk buffer + update temporaries
+    ws_dec = 2 * step_cells * chunk * 4 + 4 * chunk * D * 4  # logits/G + dW + update temporaries
+    ws_cca = query_chunk * (32 * D + 40 * int(cfg.cca_hidden))  # head forward + backward of a sub-batch
+    lean["chunk_workspace"] = max(ws_emb, ws_dec, ws_cca)
+    lean["total"] = sum(lean.values())
+    return {"dense": dense, "lean": lean, "parameters": P, "table_parameters": n_tab, "other_parameters": n_small,
+            "inputs": {"cells_per_gpu": cells_per_gpu, "grad_accum": grad_accum, "gpus": gpus, "seq": seq,
+                       "rlm": rlm, "positives_per_cell": positives_per_cell, "k": k, "chunk": chunk,
+                       "query_chunk": query_chunk, "momentum": momentum}}

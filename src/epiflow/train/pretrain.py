@@ -98,7 +98,7 @@ class PretrainConfig:
     compile: bool = False
     memory_lean: bool = False
     lean_momentum: bool = False
-    lean_chunk: int = 65536
+    lean_chunk: int = 16384                # rows per chunk of the lean gradient passes
     gradient_checkpointing: bool = False
     num_workers: int = 0
     window_shards: int = 2
@@ -192,7 +192,8 @@ class PretrainObjective(nn.Module):
             out = model(inp)
             cell = out.cell_embedding[:B]
             q_cell = batch["cca_cell"].to(dev, non_blocking=True)
-            cca_logits = model.cca_logits(cell[q_cell], batch["cca_ids"].to(dev, non_blocking=True))
+            if self.lean is None:
+                cca_logits = model.cca_logits(cell[q_cell], batch["cca_ids"].to(dev, non_blocking=True))
             rlm_logits = None
             if rlm:
                 hid = out.hidden[B:]
@@ -204,7 +205,11 @@ class PretrainObjective(nn.Module):
             sr = sr_loss_sum(sig, rows, cols, sr_pos_weight)
         else:
             sr = self.lean.sr_loss_sum(cell.float(), rows, cols, sr_pos_weight)
-        cca = bce_sum(cca_logits, batch["cca_label"].to(dev), pos_weight=float(k))
+        if self.lean is None:
+            cca = bce_sum(cca_logits, batch["cca_label"].to(dev), pos_weight=float(k))
+        else:  # the queried embedding rows get their gradient at the step (lean.py)
+            cca = self.lean.cca_loss_sum(cell, q_cell, batch["cca_ids"].to(dev, non_blocking=True),
+                                         batch["cca_label"].to(dev), float(k), autocast_dtype)
         w_sr, w_cca, w_rlm = weights
         loss = w_sr * sr / norms["sr"] + w_cca * cca / max(norms["cca"], 1.0)
         terms = [sr.detach(), cca.detach()]
@@ -369,7 +374,7 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
             DDP._set_params_and_buffers_to_ignore_for_model(
                 objective, ["model." + n for n in lean.param_names()])
         runner = DDP(objective, device_ids=[dev.index] if dev.type == "cuda" else None,
-                     find_unused_parameters=True)
+                     find_unused_parameters=True, **({"gradient_as_bucket_view": True} if lean is not None else {}))
     if cfg.compile:
         model.forward = torch.compile(model.forward, dynamic=True)
 
@@ -433,9 +438,9 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
             if lean is not None:
                 lean.sync(info.world_size)
             gnorm = _clip(model, lean, cfg.clip_grad)
-            opt.step()
-            if lean is not None:
+            if lean is not None:  # before opt.step(): it rebuilds gradients with the pre-update heads
                 lean.step()
+            opt.step()
             lr_now = opt.param_groups[0]["lr"]
             sched.step()
             opt.zero_grad(set_to_none=True)
