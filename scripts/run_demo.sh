@@ -28,6 +28,8 @@ print(cfg["results_dir"])
 PY
 )
 
+# the summary is printed once, below, after the report (the workflow's onsuccess would print it too)
+export EPIFLOW_NO_ONSUCCESS_SUMMARY=1
 snakemake all --profile profiles/local --cores "${EPIFLOW_CORES:-2}" "$@"
 snakemake all --profile profiles/local --cores 1 "$@" --report "$RESULTS/report.html"
 echo

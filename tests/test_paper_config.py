@@ -120,3 +120,67 @@ def test_paper_downloads_are_named_by_task_keys():
     files = {f"{PAPER['results_dir']}/downloads/{name}" for name in PAPER["downloads"]}
     assert PAPER["tasks"]["genetic"]["go"] in files
     assert PAPER["tasks"]["knockout"]["tss"] in files
+
+
+GEO_PAGE = re.compile(r"https://www\.ncbi\.nlm\.nih\.gov/geo/query/acc\.cgi\?acc=(GSE\d+)$")
+
+
+def test_paper_manifest_accessions_and_source_files():
+    """Published datasets have no single-file URL: they name their accession (matching the source page),
+    and the GEO supplementary files established from public re-analyses, without inventing checksums."""
+    entries = load_manifest(ROOT / PAPER["datasets"]["manifest"])
+    with_acc = 0
+    for e in entries:
+        acc = e.extra.get("accession")
+        page = GEO_PAGE.match(e.extra.get("source_page") or "")
+        if page:
+            assert acc == page.group(1), (e.name, acc)
+        if acc:
+            with_acc += 1
+            assert re.fullmatch(r"GSE\d+", acc), (e.name, acc)
+        for url in (e.extra.get("source_files") or "").split():
+            assert acc and url.startswith(
+                f"https://ftp.ncbi.nlm.nih.gov/geo/series/{acc[:-3]}nnn/{acc}/suppl/{acc}_"), (e.name, url)
+        if not e.url:
+            # where the file comes from, or that its source could not be identified
+            assert acc or e.extra.get("source_page") or "not identified" in e.extra["note"] \
+                or "not verified" in e.extra["note"], e.name
+        assert e.sha256 is None, e.name  # nothing was downloaded here: no checksum is claimed
+    assert with_acc >= 13
+
+
+def _real_run(tmp_path, *config):
+    """A real (not dry) run of config/paper.yaml in an empty folder: it must stop before any job."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
+    manifest = ROOT / PAPER["datasets"]["manifest"]
+    proc = subprocess.run([*SNAKEMAKE, "all", "-s", str(ROOT / "workflow" / "Snakefile"), "--directory",
+                           str(tmp_path / "work"), "--profile", "profiles/local", "--cores", "1",
+                           "--configfile", "config/paper.yaml", "--config",
+                           f"datasets={{'manifest': '{manifest}'}}", *config],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return proc, proc.stdout + proc.stderr
+
+
+def test_paper_run_without_data_stops_naming_the_datasets(tmp_path):
+    proc, out = _real_run(tmp_path)
+    assert proc.returncode != 0
+    entries = load_manifest(ROOT / PAPER["datasets"]["manifest"])
+    for e in entries:
+        listed = f"  - {e.name} (line {e.line}" in out
+        assert listed == (not e.url), (e.name, out[-4000:])  # URL entries would be downloaded
+    assert "zhang2021_adult_tissues (line 2; accession GSE184462)" in out
+    assert "No job was started" in out
+    work = tmp_path / "work" / PAPER["results_dir"]
+    assert not (work / "candidates").exists() and not (work / "mapped").exists()
+
+
+def test_paper_run_accepts_files_from_data_mirror(tmp_path):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "zhang2021_adult_tissues_fragments.tsv.gz").write_bytes(b"")
+    proc, out = _real_run(tmp_path, f"data_mirror={mirror}")
+    assert proc.returncode != 0  # the other published datasets are still missing
+    assert "zhang2021_adult_tissues" not in out and "domcke2020_fetal_tissues (line 3" in out
+    assert str(mirror) in out  # the message shows where a mirrored file is looked for

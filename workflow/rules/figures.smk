@@ -1,4 +1,4 @@
-# Figures: analogues of the paper's panels (Fig. 2b-m, 3c-i, 4c-g, 5b-d, 6b-c; docs/paper.md), each
+# Figures: analogues of the paper's panels (Fig. 2b-m, 3c-i, 4c-g, 5b-d, 6b-c; docs/figures.md), each
 # its own target results/figures/<panel>.png, drawn by `epiflow figure <panel>` from the tables the
 # task rules wrote (metrics.tsv, cells.tsv, predictions.tsv, per_cell.tsv, ...). A panel is part of
 # `all` only when the current configuration produces every table it needs (task enabled, and some
@@ -8,6 +8,7 @@ from epiflow.plots.figures import PANELS
 
 wildcard_constraints:
     panel="|".join(PANELS),
+    table="|".join(list(TASK_OUTPUTS) + ["baselines"]),
 
 
 rule figure:
@@ -17,7 +18,7 @@ rule figure:
         png=report(
             f"{R}/figures/{{panel}}.png",
             caption="../report/figure.rst",
-            category=lambda w: PANELS[w.panel].benchmark,
+            category=lambda w: report_category(PANELS[w.panel].task_key),
             subcategory="Paper figures (analogues)",
             labels=lambda w: {"panel": w.panel, "paper": PANELS[w.panel].paper},
         ),
@@ -37,3 +38,32 @@ rule figure:
     shell:
         "python -m epiflow figure {wildcards.panel} {params.args}"
         " --out {output.png} > {log} 2>&1"
+
+
+# One table per benchmark in the report (the metrics of every dataset of a task, long format), beside
+# that task's figures; results/summary.tsv holds all of them together.
+rule benchmark_table:
+    input:
+        table_inputs,
+    output:
+        tsv=report(
+            f"{R}/tables/{{table}}.tsv",
+            caption="../report/table.rst",
+            category=table_category,
+            subcategory="Tables",
+            labels=lambda w: {"table": f"{w.table} metrics"},
+        ),
+    log:
+        f"{R}/logs/benchmark_table/{{table}}.log",
+    benchmark:
+        f"{R}/benchmarks/benchmark_table/{{table}}.tsv"
+    conda:
+        "../../envs/epiflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=res("summarize", "mem_mb"),
+        runtime=res("summarize", "runtime"),
+    params:
+        caption=table_caption,
+    shell:
+        "python -m epiflow summarize --metrics {input} --out {output.tsv} > {log} 2>&1"

@@ -1,6 +1,9 @@
 # Helpers for rules/figures.smk: which panels the configuration can build, their
-# inputs, command-line arguments and report captions. Panels: epiflow.plots.figures.PANELS.
+# inputs, command-line arguments, report categories and captions; the per-benchmark tables of
+# the report. Panels: epiflow.plots.figures.PANELS.
 import os
+
+from snakemake.io import is_flagged
 
 from epiflow.plots.figures import PANELS
 
@@ -87,6 +90,42 @@ def figure_args(wildcards):
     return " ".join(x for x in parts if x)
 
 
+def _run_description(with_model=True):
+    """The model and corpus the task results come from, for report captions."""
+    corpus = (
+        "the simulated demo corpus"
+        if USE_SIMULATED
+        else f"the corpus of {config['datasets']['manifest']}"
+    )
+    if not with_model:
+        return f"{corpus} ({config['genome']})"
+    model = (
+        f"the published checkpoint {EXTERNAL_CHECKPOINT}"
+        if EXTERNAL_CHECKPOINT
+        else f"the '{config['model']['preset']}' model pretrained here "
+        f"({config['pretrain']['epochs']} epochs)"
+    )
+    return f"{model} on {corpus} ({config['genome']})"
+
+
+def report_category(task_key):
+    """Report category of a task: the one its task rules give their own figures (so that the paper
+    panels and the table of a benchmark sit under the same heading as the task's figures), else the
+    benchmark name of its panels."""
+    folder = TASK_OUTPUTS.get(task_key, (task_key, []))[0]
+    prefix = f"{R}/tasks/{folder}/"
+    for r in workflow.rules:
+        if r.name in ("figure", "benchmark_table"):
+            continue
+        for f in r.output:
+            if str(f).startswith(prefix) and is_flagged(f, "report"):
+                category = f.flags["report"].category
+                if isinstance(category, str) and category:
+                    return category
+    names = [p.benchmark for p in PANELS.values() if p.task_key == task_key]
+    return names[0] if names else task_key
+
+
 def figure_caption(wildcards):
     """What was run on what: the caption of the panel in the HTML report."""
     p = PANELS[wildcards.panel]
@@ -95,23 +134,90 @@ def figure_caption(wildcards):
         {u for u, _ in plan["tables"]}
         | {os.path.basename(os.path.dirname(f)) for f in plan["metrics"]}
     )
-    model = (
-        f"the published checkpoint {EXTERNAL_CHECKPOINT}"
-        if EXTERNAL_CHECKPOINT
-        else f"the '{config['model']['preset']}' model pretrained here "
-        f"({config['pretrain']['epochs']} epochs)"
-    )
-    corpus = (
-        "the simulated demo corpus"
-        if USE_SIMULATED
-        else f"the corpus of {config['datasets']['manifest']}"
-    )
     inputs = ", ".join(
         sorted({os.path.basename(f) for f in plan["metrics"]} | set(p.tables))
     )
     return (
-        f"{p.title}. Analogue of the paper's {p.paper} (docs/paper.md). "
+        f"{p.title}. Analogue of the paper's {p.paper} (docs/figures.md). "
         f"Benchmark: {p.benchmark} (config tasks.{p.task_key}) on {', '.join(units)}, "
-        f"with {model} on {corpus} ({config['genome']}). "
+        f"with {_run_description()}. "
         f"Drawn by 'epiflow figure {p.name}' from {inputs}."
+    )
+
+
+# ---- per-benchmark tables of the report (results/tables/<task>.tsv) ----------------------------
+def table_metrics(name):
+    """metrics.tsv files gathered into the report table `name` (a task key, or 'baselines')."""
+    if name == "baselines":
+        return [f for f in baseline_targets() if f == f"{R}/baselines/metrics.tsv"]
+    cfg = config["tasks"].get(name)
+    if not cfg or not cfg.get("enabled", False):
+        return []
+    folder = TASK_OUTPUTS[name][0]
+    files = [f"{R}/tasks/{folder}/{u}/metrics.tsv" for u in task_units(name)]
+    if name == "zeroshot_annotation":
+        files.append(f"{ANNOTATOR}/metrics.tsv")
+    return files
+
+
+def table_targets():
+    """One table per enabled task (and one of the baseline tools), for `all` and the report."""
+    names = [t for t in TASK_OUTPUTS if table_metrics(t)]
+    if table_metrics("baselines"):
+        names.append("baselines")
+    return [f"{R}/tables/{n}.tsv" for n in names]
+
+
+def table_inputs(wildcards):
+    files = table_metrics(wildcards.table)
+    if not files:
+        raise WorkflowError(
+            f"table {wildcards.table}: config tasks.{wildcards.table} is absent or not enabled "
+            "(or, for 'baselines', no baseline tool is configured)"
+        )
+    return files
+
+
+def table_category(wildcards):
+    return (
+        "Summary"
+        if wildcards.table == "baselines"
+        else report_category(wildcards.table)
+    )
+
+
+def table_caption(wildcards):
+    """What the report table holds, and what was run on what."""
+    files = table_metrics(wildcards.table)
+    if wildcards.table == "baselines":
+        tools = {t: list(v) for t, v in (BL.get("tasks") or {}).items() if v}
+        what = (
+            "Every metric of the baseline tools (config baselines.tasks: "
+            + "; ".join(f"{t}: {', '.join(v)}" for t, v in tools.items())
+            + f") on {', '.join(BL.get('datasets') or [])} of {_run_description(False)}"
+        )
+    else:
+        cfg = config["tasks"][wildcards.table]
+        units = [
+            os.path.basename(os.path.dirname(f))
+            for f in files
+            if not f.startswith(ANNOTATOR)
+        ]
+        extra = ""
+        if wildcards.table == "integration" and cfg.get("query"):
+            extra = f" (query: {', '.join(cfg['query'])})"
+        if wildcards.table == "zeroshot_annotation":
+            extra = (
+                f" (annotator trained on {', '.join(cfg.get('reference') or [])}; its "
+                "training / validation rows included)"
+            )
+        what = (
+            f"Every metric of the {report_category(wildcards.table)} benchmark "
+            f"(config tasks.{wildcards.table}) on {', '.join(units)}{extra}, with "
+            f"{_run_description()}"
+        )
+    return (
+        f"{what}: one row per task, dataset, method and metric "
+        f"(long format; column source = the metrics.tsv it comes from), gathered by "
+        f"'epiflow summarize' from {len(files)} metrics table(s)."
     )

@@ -78,7 +78,8 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
        "Fig. 2c-e: UMAPs of the baselines", "umap", needs_metrics=False, methods=None, exclude=["EpiAgent"],
        colour="cell_type"),
     _p("fig2e", FE, "feature_extraction", "", ["cells.tsv"],
-       "Leiden clusters of the EpiAgent embeddings against the cell types (cells per cluster, row-normalised)",
+       "Fraction of each cell type's cells in each Leiden cluster of the EpiAgent embeddings (rows: cell "
+       "types, row-normalised; the clustering behind the NMI / ARI of fig2b)",
        "Fig. 2b: the clustering behind NMI / ARI", "cluster_table", needs_metrics=False, method="EpiAgent"),
     _p("fig2f", FE, "feature_extraction", "trajectory", ["trajectory.tsv"],
        "Mean diffusion pseudotime (PAGA, rooted in the first type of the known order) per cell type and "
@@ -98,7 +99,8 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
        metrics=["accuracy", "balanced_accuracy", "macro_F1", "micro_F1", "weighted_F1"]),
     _p("fig2j", IM, "imputation", "imputation", [],
        "Clustering (PCA + bisected Leiden) NMI / ARI of the raw TF-IDF signal, the LSI reconstruction and "
-       "the EpiAgent imputation", "Fig. 2k: NMI / ARI after imputation", "bars", baselines=True,
+       "the EpiAgent imputation (and the baseline imputation tools when configured)",
+       "Fig. 2k: NMI / ARI after imputation", "bars", baselines=True,
        metrics=["NMI", "ARI"]),
     _p("fig2k", IM, "imputation", "", ["per_cell.tsv"],
        "Per-cell Pearson r and MSE against the cell type's mean signal, per method",
@@ -115,7 +117,8 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
     # ---- Fig. 3: perturbations ---------------------------------------------------------------------
     _p("fig3c", ST, "stimulation", "stimulated_perturbation", [],
        "R^2 of the mean accessibility of the held-out cell type's stimulated cells, all cCREs and the "
-       "top-1,000 DA cCREs, per method (averaged over held-out types by the task verb)",
+       "top-1,000 DA cCREs, per method (EpiAgent variants and the task verb's reference predictors; "
+       "averaged over held-out types by the task verb)",
        "Fig. 3c: R^2 of stimulated-perturbation prediction", "bars", baselines=True,
        metrics=["R2_all", "R2_top1000"]),
     _p("fig3d", ST, "stimulation", "", ["mean_accessibility.tsv.gz"],
