@@ -16,10 +16,62 @@ wildcard_constraints:
     zs_dataset=r"(?!annotator/)[A-Za-z0-9._-]+",
 
 
+# Fine-tuned embeddings (tasks.feature_extraction.finetune_epochs > 0): the verb fine-tunes a copy of
+# the model on the evaluated cells with CCA (K = 1) + SR and evaluates it (EpiAgent-finetuned) beside
+# the zero-shot embeddings of rule embed (EpiAgent) and LSI.
+# Trajectory (EpiAgent Fig. 2d-g): the datasets of tasks.feature_extraction.trajectory.datasets go to
+# rule evaluate_features_trajectory, which adds PAGA + diffusion pseudotime rooted in root_type and
+# the Spearman correlation with `order` for every embedding, and declares trajectory.tsv / .png
+# (the input of panel fig2f); the other datasets to rule evaluate_features.
+import re
+
+FE_CFG = config["tasks"]["feature_extraction"]
+FE_TRAJECTORY = list(FE_CFG["trajectory"]["datasets"]) if FE_CFG["enabled"] else []
+_fe_unknown = [d for d in FE_TRAJECTORY if d not in FE_CFG["datasets"]]
+if _fe_unknown:
+    raise WorkflowError(
+        f"config tasks.feature_extraction.trajectory.datasets lists {_fe_unknown}, which are not in "
+        f"tasks.feature_extraction.datasets ({FE_CFG['datasets']}): the trajectory runs on evaluated datasets"
+    )
+# per-dataset tables written for only some datasets of a task: panels draw the datasets that have them
+PARTIAL_UNIT_TABLES = {
+    "trajectory.tsv": "config tasks.feature_extraction.trajectory.datasets is empty: the trajectory "
+    "(PAGA + pseudotime vs a known order of cell types, e.g. Buenrostro 2018 haematopoiesis) runs on "
+    "no dataset (list the evaluated datasets whose cell types follow tasks.feature_extraction."
+    "trajectory.order)",
+}
+if FE_CFG["enabled"] and not FE_TRAJECTORY and workflow.is_main_process:
+    from snakemake.logging import logger
+
+    logger.info(
+        "epiflow: no trajectory (config tasks.feature_extraction.trajectory.datasets is empty: no "
+        "evaluated dataset has cell types of a known order); panel fig2f is skipped"
+    )
+_FE_NAME = r"[A-Za-z0-9._-]"
+_FE_TRAJ_ALT = "|".join(re.escape(d) for d in FE_TRAJECTORY)
+
+
+# options of evaluate-features for the model: the zero-shot embeddings come from rule embed, the
+# verb fine-tunes (finetune_epochs > 0) a copy of the checkpoint on the evaluated cells
+FE_MODEL_ARGS = " ".join(
+    x
+    for x in [
+        f"--finetune-epochs {FE_CFG['finetune_epochs']}",
+        f"--finetune-lr {FE_CFG['finetune_lr']}",
+        f"--device {FE_CFG['device']}",
+        f"--backend {config['model']['backend']}",
+        opt("--num-heads", config["model"]["num_heads"]),
+        "--no-progress",
+    ]
+    if x
+)
+
+
 rule evaluate_features:
     input:
         embeddings=rules.embed.output.h5ad,
         corpus=rules.build_corpus.output.corpus,
+        checkpoint=checkpoint_file,
     output:
         metrics=f"{R}/tasks/feature_extraction/{{fe_dataset}}/metrics.tsv",
         cells=f"{R}/tasks/feature_extraction/{{fe_dataset}}/cells.tsv",
@@ -34,6 +86,13 @@ rule evaluate_features:
         f"{R}/logs/evaluate_features/{{fe_dataset}}.log",
     benchmark:
         f"{R}/benchmarks/evaluate_features/{{fe_dataset}}.tsv"
+    wildcard_constraints:
+        # the datasets with a trajectory belong to rule evaluate_features_trajectory
+        fe_dataset=(
+            rf"(?!(?:{_FE_TRAJ_ALT})(?!{_FE_NAME})){_FE_NAME}+"
+            if FE_TRAJECTORY
+            else rf"{_FE_NAME}+"
+        ),
     conda:
         "../../envs/epiflow.yaml"
     threads: res("evaluate_features", "threads")
@@ -43,15 +102,56 @@ rule evaluate_features:
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
         dataset=lambda w: "" if w.fe_dataset == "all" else f"--dataset {w.fe_dataset}",
-        label_key=config["tasks"]["feature_extraction"]["label_key"],
-        lsi=config["tasks"]["feature_extraction"]["lsi_components"],
-        neighbors=config["tasks"]["feature_extraction"]["n_neighbors"],
-        seed=config["tasks"]["feature_extraction"]["seed"],
+        label_key=FE_CFG["label_key"],
+        lsi=FE_CFG["lsi_components"],
+        neighbors=FE_CFG["n_neighbors"],
+        seed=FE_CFG["seed"],
+        model=FE_MODEL_ARGS,
+        trajectory="",
     shell:
         "python -m epiflow evaluate-features --embeddings EpiAgent={input.embeddings}"
         " --corpus {input.corpus} {params.dataset} --label-key {params.label_key}"
         " --lsi-components {params.lsi} --n-neighbors {params.neighbors}"
-        " --seed {params.seed} --out-dir {params.outdir} > {log} 2>&1"
+        " --checkpoint {input.checkpoint} {params.model}"
+        " {params.trajectory} --seed {params.seed} --out-dir {params.outdir} > {log} 2>&1"
+
+
+use rule evaluate_features as evaluate_features_trajectory with:
+    output:
+        metrics=f"{R}/tasks/feature_extraction/{{fe_dataset}}/metrics.tsv",
+        cells=f"{R}/tasks/feature_extraction/{{fe_dataset}}/cells.tsv",
+        umap=report(
+            f"{R}/tasks/feature_extraction/{{fe_dataset}}/umap.png",
+            caption="../report/feature_extraction.rst",
+            category="Feature extraction",
+            subcategory="{fe_dataset}",
+            labels={"dataset": "{fe_dataset}", "figure": "UMAP (EpiAgent | LSI)"},
+        ),
+        trajectory=f"{R}/tasks/feature_extraction/{{fe_dataset}}/trajectory.tsv",
+        trajectory_png=report(
+            f"{R}/tasks/feature_extraction/{{fe_dataset}}/trajectory.png",
+            caption="../report/feature_extraction.rst",
+            category="Feature extraction",
+            subcategory="{fe_dataset}",
+            labels={
+                "dataset": "{fe_dataset}",
+                "figure": "trajectory (PAGA + pseudotime)",
+            },
+        ),
+    wildcard_constraints:
+        fe_dataset=_FE_TRAJ_ALT if FE_TRAJECTORY else r"(?!)",
+    params:
+        outdir=lambda w, output: os.path.dirname(output.metrics),
+        dataset=lambda w: "" if w.fe_dataset == "all" else f"--dataset {w.fe_dataset}",
+        label_key=FE_CFG["label_key"],
+        lsi=FE_CFG["lsi_components"],
+        neighbors=FE_CFG["n_neighbors"],
+        seed=FE_CFG["seed"],
+        model=FE_MODEL_ARGS,
+        trajectory=(
+            f"--trajectory --root-type '{FE_CFG['trajectory']['root_type']}'"
+            f" --order '{FE_CFG['trajectory']['order']}'"
+        ),
 
 
 # Supervised annotation: stratified 2/3 reference, 1/3 query; the pretrained model plus a classifier

@@ -130,7 +130,7 @@ def register(subparsers) -> None:
                         "these cells with CCA (K = 1) + SR (method EpiAgent-finetuned); needs --corpus")
     g.add_argument("--finetune-epochs", type=int, default=0,
                    help="epochs of CCA + SR fine-tuning on the evaluated cells (default 0: zero-shot only)")
-    g.add_argument("--finetune-lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
+    g.add_argument("--finetune-lr", type=float, default=5e-4, help="fine-tuning learning rate (default 5e-4)")
     g.add_argument("--finetune-batch-tokens", type=int, default=4096,
                    help="tokens per fine-tuning batch (default 4096)")
     g.add_argument("--max-len", type=int, help="tokens per cell (default: the model's rank limit - 2)")
