@@ -54,7 +54,17 @@ def figure_plan(name):
     ):
         metrics.append(bl_table)
     tables = [(u, f"{base}/{u}/{t}") for u in units for t in p.tables]
-    problems = [
+    problems = []
+    # tables that the config writes for only some datasets of the task (PARTIAL_UNIT_TABLES, e.g.
+    # trajectory.tsv in rules/tasks.smk): the panel draws the datasets that have them
+    partial = globals().get("PARTIAL_UNIT_TABLES", {})
+    for t in sorted(set(p.tables) & set(partial)):
+        made = [x for x in tables if os.path.basename(x[1]) != t or _producible(x[1])]
+        if not any(os.path.basename(x[1]) == t for x in made):
+            problems.append(partial[t])
+            made = [x for x in made if os.path.basename(x[1]) != t]
+        tables = made
+    problems += [
         f"no rule of this workflow writes {f}"
         for f in metrics + [f for _, f in tables]
         if not _producible(f)
