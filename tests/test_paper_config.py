@@ -88,10 +88,13 @@ def test_paper_pretraining_settings(dry_run):
 def test_paper_figures_are_planned(dry_run):
     out, jobs = dry_run
     planned = set(re.findall(r"figures/(fig\d[a-z])\.png", out))
-    # every benchmark of the paper has panels; the trajectory panel needs a trajectory run (not configured)
-    for panel in ("fig2b", "fig2h", "fig2k", "fig3c", "fig3h", "fig4c", "fig4f", "fig5b", "fig6b"):
+    # every benchmark of the paper has panels; the trajectory (fig2f) runs on Buenrostro 2018 only
+    for panel in ("fig2b", "fig2f", "fig2h", "fig2k", "fig3c", "fig3h", "fig4c", "fig4f", "fig5b", "fig6b"):
         assert panel in planned, (panel, sorted(planned))
-    assert "fig2f" not in planned
+    (traj,) = jobs["evaluate_features_trajectory"]
+    assert "--dataset buenrostro2018_hematopoiesis" in traj and "--trajectory --root-type 'HSC'" in traj
+    assert "--finetune-epochs" in traj  # zero-shot and fine-tuned embeddings, both with the trajectory
+    assert len(jobs["evaluate_features"]) == 3
 
 
 def test_paper_manifest_sources():
