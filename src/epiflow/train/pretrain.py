@@ -481,7 +481,8 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
                "steps_per_epoch": steps_per_epoch, "world_size": info.world_size,
                "n_train_cells": int(len(train_uids)), "n_eval_cells": int(len(eval_uids)),
                "wall_s": time.time() - t_run, "last": last, "device": str(dev),
-               "peak_mem_mb": peak_memory_mb(dev), "memory_lean": cfg.memory_lean}
+               "peak_mem_mb": peak_memory_mb(dev), "memory_lean": cfg.memory_lean,
+               "lean_peak_store_mb": None if lean is None else lean.peak_store_bytes / 2**20}
     if info.is_main:
         ev = evaluate_cca(model, index, eval_uids, max_len=cfg.max_len, seed=cfg.seed,
                           batch_tokens=cfg.batch_tokens, max_pos=cfg.eval_max_pos, device=dev)
