@@ -285,6 +285,9 @@ def test_make_perturbation_benchmark_real_cells(tmp_path, data_dir):
 
 
 def test_paper_manifest_parses():
+    """The paper's datasets: direct GEO file URLs (GEO's ``GSEnnn`` / ``GSMnnn`` folder layout) where they could be
+    established, else a prepared 'path' with the source files listed; no invented checksums."""
+    import re
     from pathlib import Path
 
     from epiflow.corpus.manifest import load_manifest
@@ -293,8 +296,22 @@ def test_paper_manifest_parses():
     entries = {e.name: e for e in load_manifest(path)}
     assert set(entries) == {"lareau2019_dsciatac_lps_bmmc", "pierce2021_spear_atac",
                             "liscovitchbrauer2021_crispr_sciatac"}
+    geo = re.compile(r"^https://ftp\.ncbi\.nlm\.nih\.gov/geo/(series|samples)/((GSE|GSM)\d+)nnn/(\2\d{3})/suppl/(\4_\S+)$")
     for e in entries.values():
-        assert e.url.startswith("https://") and not e.sha256       # sha256 unknown: left empty
-        assert "geo/query/acc.cgi?acc=GSE" in e.extra["source_page"]
-    assert entries["lareau2019_dsciatac_lps_bmmc"].extra["condition_key"] == "condition"
+        assert not e.sha256                                           # unknown offline: left empty
+        assert "geo/query/acc.cgi?acc=" + e.extra["accession"] in e.extra["source_page"]
+        files = e.extra["source_files"].split()
+        assert files and all(f.startswith("https://") for f in files)
+        for f in [e.url] * bool(e.url) + files:
+            if "ncbi.nlm.nih.gov" in f:
+                m = geo.match(f)
+                assert m, f                                           # a file in its GEO folder, not a folder
+                assert not f.endswith("/")
+        assert e.url or e.path                                       # no URL established -> prepared path
+    lareau = entries["lareau2019_dsciatac_lps_bmmc"]
+    assert lareau.url is None and lareau.path and "NO single-file URL" in lareau.extra["note"]
+    assert "GSE123581_RAW.tar" in lareau.extra["source_files"]
+    assert entries["pierce2021_spear_atac"].url.endswith("GSM5171448_scATAC_K562_LargeScreen_Rep1.fragments.tsv.gz")
+    assert entries["liscovitchbrauer2021_crispr_sciatac"].url.endswith("GSM4887677_screen1_snATAC.bed.gz")
+    assert lareau.extra["condition_key"] == "condition"
     assert entries["pierce2021_spear_atac"].extra["perturbation_key"] == "perturbation"
