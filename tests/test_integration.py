@@ -1,5 +1,6 @@
 """Reference integration and query mapping on a tiny synthetic two-batch corpus and tiny model."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,20 @@ def _counts(t, b, seed):
     return sp.csr_matrix(acc.astype(np.float32))
 
 
-def _corpus(root: Path, n=120, seed=0, batches=("d1", "d2"), dataset="ref"):
+def _corpus(root: Path, n=120, seed=0, batches=("d1", "d2"), dataset="ref", panel0=None):
+    """``panel0``: cCREs measured in the first batch (the others are never accessible there)."""
     rng = np.random.default_rng(seed)
     (root / "shards").mkdir(parents=True)
     t = rng.integers(0, 3, n)
     b = rng.integers(0, len(batches), n)
     counts = _counts(t, b, seed)
+    if panel0 is not None:
+        off = np.setdiff1d(np.arange(N_CCRES), panel0)
+        counts = counts.tolil()
+        for i in np.flatnonzero(b == 0):
+            counts[i, off] = 0
+        counts = sp.csr_matrix(counts)
+        counts.eliminate_zeros()
     df = np.full(N_CCRES, 0.3)
     (root / "vocab.bed").write_text("".join(f"chr1\t{i * 1000}\t{i * 1000 + 500}\n" for i in range(N_CCRES)))
     np.save(root / "df.npy", df)
@@ -146,6 +155,31 @@ def test_integrate_cli_end_to_end(tmp_path, base_ckpt):
     assert not np.allclose(e.obsm["X_epiagent_bc"], e.obsm["X_epiagent_bc_nobatch"])
 
 
+def test_integrate_on_the_cCREs_common_to_all_batches(tmp_path, base_ckpt):
+    """Batches on different peak panels: --common-ccres keeps the cCREs accessible in every batch, for the
+    reference and the query alike."""
+    from epiflow.tasks.integration import integrate
+
+    ref = _corpus(tmp_path / "ref", n=80, seed=0, panel0=np.arange(90))  # d1 never has cCREs 90..119
+    query = _corpus(tmp_path / "query", n=20, seed=3, batches=("q",), dataset="query")
+    res = integrate(base_ckpt, ref, out_dir=tmp_path / "o", batch_key="donor", query=query, common_ccres=True,
+                    max_steps=2, lr=1e-3, device="cpu", umap=False, lsi=False, progress=False)
+    t = res["metrics"].set_index(["task", "method", "metric"])["value"]
+    assert t[("integration", "EpiAgent-BC", "n_common_ccres")] == 90
+    # the partner targets (cell + partners) hold no cCRE outside the common panel
+    own = t[("integration", "EpiAgent-BC", "mean_own_ccres")]
+    assert 0 < own < t[("integration", "EpiAgent-BC", "mean_target_ccres")]
+    assert t[("query_mapping", "EpiAgent-BC", "n_query_cells")] == 20
+    qp = pd.read_csv(tmp_path / "o" / "query_predictions.tsv", sep="\t")
+    assert len(qp) == 20 and set(qp["pred_EpiAgent-BC"]) <= {"HSC", "GMP", "CLP"}
+    # without the option the batch-1-only cCREs stay: more cCREs per cell
+    res2 = integrate(base_ckpt, ref, out_dir=tmp_path / "o2", batch_key="donor", max_steps=1, device="cpu",
+                     umap=False, lsi=False, progress=False)
+    t2 = res2["metrics"].set_index(["task", "method", "metric"])["value"]
+    assert t2[("integration", "EpiAgent-BC", "n_common_ccres")] == N_CCRES
+    assert t2[("integration", "EpiAgent-BC", "mean_own_ccres")] > own
+
+
 def test_integrate_needs_two_batches(tmp_path, base_ckpt):
     from epiflow.errors import EpiflowError
     from epiflow.tasks.integration import integrate
@@ -153,3 +187,53 @@ def test_integrate_needs_two_batches(tmp_path, base_ckpt):
     ref = _corpus(tmp_path / "ref", n=30, batches=("only",))
     with pytest.raises(EpiflowError, match="2 batches"):
         integrate(base_ckpt, ref, out_dir=tmp_path / "o", batch_key="donor", max_steps=1, umap=False)
+
+
+# ------------------------------------------------------------------ workflow: query outputs and fig4g
+def _snakemake_dry(target, *args):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    binp = Path(sys.executable).parent
+    exe = [str(binp / "snakemake")] if (binp / "snakemake").exists() else [sys.executable, "-m", "snakemake"]
+    env = dict(os.environ, PATH=f"{binp}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run([*exe, target, "-n", "-p", "--cores", "1", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=180)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("configfile", [None, "config/realdata.yaml"])
+def test_fig4g_is_a_named_target_built_from_the_declared_query_predictions(configfile, tmp_path):
+    """query_predictions.tsv is an output of rule integrate when the config names query datasets, so
+    `snakemake <results>/figures/fig4g.png` plans integrate -> figure (demo and real-data configs)."""
+    if configfile and not (Path(__file__).resolve().parents[2] / "shared" / "data").exists():
+        pytest.skip("config/realdata.yaml reads ../shared/data, which is absent")
+    res = tmp_path / "res"
+    rc, out = _snakemake_dry(f"{res}/figures/fig4g.png", *(["--configfile", configfile] if configfile else []),
+                             "--config", f"results_dir={res}")
+    assert rc == 0, out
+    name = "bonemarrow" if configfile else "atlas"
+    qp = f"{res}/tasks/integration/{name}/query_predictions.tsv"
+    integ = out[out.index("rule integrate:"):]
+    assert qp in integ.split("\n", 3)[2]  # the output line of the integrate job
+    assert re.search(rf"epiflow figure fig4g --table {name}={re.escape(qp)} --out {re.escape(str(res))}"
+                     r"/figures/fig4g.png", out), out
+    assert "--query-dataset" in out
+    # and `all` builds the panel too
+    rc, out = _snakemake_dry("all", *(["--configfile", configfile] if configfile else []),
+                             "--config", f"results_dir={res}")
+    assert rc == 0 and f"{res}/figures/fig4g.png" in out, out
+
+
+def test_fig4g_without_query_names_the_missing_table(tmp_path):
+    import yaml
+
+    over = tmp_path / "over.yaml"
+    over.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "res"), "tasks": {"integration": {"query": []}}}))
+    rc, out = _snakemake_dry(f"{tmp_path}/res/figures/fig4g.png", "--configfile", str(over))
+    assert rc != 0
+    assert "fig4g" in out and "no rule of this workflow writes" in out and "query_predictions.tsv" in out, out
+    rc, out = _snakemake_dry("all", "--configfile", str(over))
+    assert rc == 0 and "fig4g.png" not in out and "query_predictions.tsv" not in out, out

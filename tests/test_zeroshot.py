@@ -186,3 +186,58 @@ def test_load_cells_selects_several_datasets():
     assert load_cells(sh, dataset=None).n_cells == 9
     with pytest.raises(EpiflowError, match="'b9'"):
         load_cells(sh, dataset="b1,b9")
+
+
+def test_restrict_to_ccres_keeps_rank_order_and_counts():
+    from epiflow.corpus.shard import shard_from_counts
+    from epiflow.tasks.zeroshot import covered_ccres, restrict_to_ccres
+    from epiflow.tokenize import NUM_SPECIAL
+
+    counts, _ = _counts(30, seed=2)
+    sh = shard_from_counts(counts, np.full(N_CCRES, 0.3), pd.DataFrame({"cell_id": range(30)}))
+    keep = np.arange(N_CCRES) < 40
+    r = restrict_to_ccres(sh, keep)
+    assert r.n_cells == 30 and r.n_ccres == N_CCRES and len(r.obs) == 30
+    full = sh.counts_csr().toarray()
+    np.testing.assert_array_equal(r.counts_csr().toarray(), np.where(keep[None, :], full, 0))
+    for i in (0, 7, 29):  # each sentence is the old one without the dropped cCREs, same order
+        old = sh.sentence(i)
+        np.testing.assert_array_equal(r.sentence(i), old[keep[old - NUM_SPECIAL]])
+    assert covered_ccres(r).sum() <= 40 and not covered_ccres(r)[40:].any()
+    # indices work like a mask; a mask of the wrong length is an error naming the fix
+    np.testing.assert_array_equal(restrict_to_ccres(sh, np.arange(40)).tokens, r.tokens)
+    from epiflow.errors import EpiflowError
+
+    with pytest.raises(EpiflowError, match="cCRE mask has 5 entries"):
+        restrict_to_ccres(sh, np.ones(5, bool))
+
+
+def test_annotate_restricted_to_the_reference_ccres(trained, tmp_path):
+    """train-annotator writes the cCREs of its training cells; annotate-zeroshot --restrict-ccres drops the
+    others from new cells (a new dataset measured on a larger panel than the reference)."""
+    from epiflow.errors import InputFormatError
+    from epiflow.tasks.zeroshot import REFERENCE_CCRES_FILE, annotate
+
+    tmp, out = trained
+    seen = np.load(out / REFERENCE_CCRES_FILE)
+    assert seen.dtype.kind == "i" and len(seen) == N_CCRES  # the synthetic atlas opens every cCRE
+    query = _corpus(tmp_path / "q", n=60, seed=7, names=["HSC", "GMP", "CLP"], dataset="query")
+    panel = tmp_path / "panel.npy"
+    np.save(panel, np.arange(60))  # as if the reference had only the first half of the cCREs
+    res_dir = tmp_path / "restricted"
+    rc = main(["annotate-zeroshot", "--checkpoint", str(out / "checkpoint.pth"), "--input", str(query),
+               "--label-key", "cell_type", "--restrict-ccres", str(panel), "--out-dir", str(res_dir),
+               "--device", "cpu"])
+    assert rc == 0
+    v = pd.read_csv(res_dir / "metrics.tsv", sep="\t").query("method == 'EpiAgent-zeroshot'").set_index(
+        "metric")["value"]
+    assert v["median_ccres_per_cell_kept"] < 0.7 * v["median_ccres_per_cell"]
+    assert v["accuracy"] > 0.5  # the types still differ within the kept half
+    # True: the list beside the checkpoint (all cCREs here: nothing dropped)
+    r = annotate(out / "checkpoint.pth", query, label_key="cell_type", restrict_ccres=True, device="cpu",
+                 progress=False)
+    t = r["metrics"].set_index(["method", "metric"])["value"]
+    assert t[("EpiAgent-zeroshot", "median_ccres_per_cell_kept")] == t[("EpiAgent-zeroshot",
+                                                                         "median_ccres_per_cell")]
+    with pytest.raises(InputFormatError, match="cCRE list is missing"):
+        annotate(out / "checkpoint.pth", query, restrict_ccres=tmp_path / "nope.npy", progress=False)

@@ -383,9 +383,14 @@ rule integrate:
             else ""
         ),
         args=integration_args(),
+        common=(
+            "--common-ccres"
+            if config["tasks"]["integration"].get("common_ccres")
+            else ""
+        ),
     shell:
         "python -m epiflow integrate --input {input.corpus} --checkpoint {input.checkpoint}"
-        " {params.args} {params.query} --out-dir {params.outdir} > {log} 2>&1"
+        " {params.args} {params.common} {params.query} --out-dir {params.outdir} > {log} 2>&1"
 
 
 # In-silico knockout of the promoter cCREs of the configured genes between two cell states
@@ -444,6 +449,7 @@ rule train_annotator:
         model=f"{ANNOTATOR}/checkpoint.pth",
         model_config=f"{ANNOTATOR}/checkpoint.pth.json",
         classes=f"{ANNOTATOR}/classes.tsv",
+        ccres=f"{ANNOTATOR}/reference_ccres.npy",
         metrics=f"{ANNOTATOR}/metrics.tsv",
         train_log=f"{ANNOTATOR}/train_log.tsv",
     log:
@@ -469,6 +475,7 @@ rule annotate_zeroshot:
         checkpoint=rules.train_annotator.output.model,
         model_config=rules.train_annotator.output.model_config,
         classes=rules.train_annotator.output.classes,
+        ccres=rules.train_annotator.output.ccres,
         corpus=rules.build_corpus.output.corpus,
         label_map=lambda w: (
             config["tasks"]["zeroshot_annotation"]["query_label_map"]
@@ -503,8 +510,14 @@ rule annotate_zeroshot:
         min_fraction=config["tasks"]["zeroshot_annotation"]["min_class_fraction"],
         device=config["tasks"]["zeroshot_annotation"]["device"],
         heads=opt("--num-heads", config["model"]["num_heads"]),
+        restrict=lambda w, input: (
+            f"--restrict-ccres {input.ccres}"
+            if config["tasks"]["zeroshot_annotation"].get("restrict_ccres")
+            else ""
+        ),
     shell:
         "python -m epiflow annotate-zeroshot --input {input.corpus} --checkpoint {input.checkpoint}"
         " --classes {input.classes} {params.dataset} --label-key {params.label_key}"
         " {params.label_map} --min-class-fraction {params.min_fraction}"
-        " --device {params.device} {params.heads} --out-dir {params.outdir} > {log} 2>&1"
+        " --device {params.device} {params.heads} {params.restrict}"
+        " --out-dir {params.outdir} > {log} 2>&1"

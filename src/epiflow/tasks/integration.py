@@ -38,8 +38,8 @@ import torch
 from ..errors import ConfigError, EpiflowError
 from ..io import atomic_path
 from .features import labelled_mask, metric_rows, metrics_frame, write_metrics
-from .zeroshot import (_dataset_name, _device, apply_label_map, classification_scores, load_cells, load_model,
-                       obs_column, read_label_map, sample_input_ids)
+from .zeroshot import (_dataset_name, _device, apply_label_map, classification_scores, covered_ccres, load_cells,
+                       load_model, obs_column, read_label_map, restrict_to_ccres, sample_input_ids)
 
 log = logging.getLogger(__name__)
 
@@ -305,12 +305,17 @@ def integrate(checkpoint, cells, *, out_dir, batch_key: str = "batch", label_key
               label_map=None, query=None, query_label_key: str | None = None, num_heads: int | None = None,
               max_steps: int = 200, batch_size: int = 16, lr: float = 1e-4, max_len: int = 2048,
               max_ot_cells: int = 5000, k_query: int = 20, lsi: bool = True, umap: bool = True,
-              seed: int = 0, device=None, dataset: str | None = None, progress: bool = True) -> dict:
+              common_ccres: bool = False, seed: int = 0, device=None, dataset: str | None = None,
+              progress: bool = True) -> dict:
     """Run the whole integration (module docstring) and write ``out_dir``:
     ``checkpoint.pth`` (+ ``.json``; batch-conditioned, authors' layout), ``batches.tsv`` (batch id ->
     name), ``matches.tsv``, ``train_log.tsv``, ``embeddings.h5ad`` (obs + ``obsm`` per method),
     ``umap_batch.png``, ``umap_cell_type.png``, with a query ``query_predictions.tsv``, and
     ``metrics.tsv`` (written last). Returns a dict with the metrics table and the fine-tuned model.
+
+    ``common_ccres``: keep only the cCREs accessible in every batch (reference and query cells alike),
+    for batches measured on different peak panels (e.g. Granja 2019's 5,000-peak subset beside
+    Buenrostro 2018's 36,000 peaks), where the panel itself would otherwise be the batch effect.
     """
     import anndata as ad
 
@@ -324,6 +329,14 @@ def integrate(checkpoint, cells, *, out_dir, batch_key: str = "batch", label_key
     bids = pd.Index(names).get_indexer(batches)
     labels = apply_label_map(obs_column(cells, label_key), label_map)
     ds = dataset or _dataset_name(cells)
+    shared = None
+    if common_ccres:
+        shared = np.logical_and.reduce([covered_ccres(cells.subset(np.flatnonzero(batches == b))) for b in names])
+        if not shared.any():
+            raise EpiflowError("the batches have no accessible cCRE in common", field="common_ccres",
+                               fix="integrate without --common-ccres")
+        log.info("keeping the %d cCREs accessible in every batch (of %d)", int(shared.sum()), cells.n_ccres)
+        cells = restrict_to_ccres(cells, shared)
 
     base = load_model(checkpoint, num_heads, n_ccres=cells.n_ccres)
     z0 = embed_cells(base, cells, device=device, progress=progress, desc="zero-shot embed")
@@ -345,7 +358,8 @@ def integrate(checkpoint, cells, *, out_dir, batch_key: str = "batch", label_key
         "matches_total": len(matches), "matches_kept": int(matches["kept"].sum()),
         "steps": len(hist), "final_loss": hist[-1] if hist else float("nan"),
         "mean_target_ccres": float(np.diff(targets.indptr).mean()),
-        "mean_own_ccres": float(np.diff(cells.indptr).mean())})
+        "mean_own_ccres": float(np.diff(cells.indptr).mean()),
+        "n_common_ccres": int(shared.sum()) if shared is not None else cells.n_ccres})
     r, coords, ok = evaluate_integration(embs, batches, labels, dataset=ds, seed=seed, umap=umap,
                                          k_lisi=min(90, int(ok_n(labels)) - 1), k_kbet=min(50, int(ok_n(labels)) - 1))
     rows += r
@@ -358,6 +372,8 @@ def integrate(checkpoint, cells, *, out_dir, batch_key: str = "batch", label_key
 
             raise VocabularyMismatchError(f"the query has {q.n_ccres} cCREs but the reference {cells.n_ccres}",
                                           field="query", fix="map both onto the checkpoint's cCRE vocabulary")
+        if shared is not None:
+            q = restrict_to_ccres(q, shared)
         qk = query_label_key or label_key
         qlab = apply_label_map(obs_column(q, qk), label_map)
         qz = embed_cells(base, q, device=device, progress=progress, desc="embed query (zero-shot)")

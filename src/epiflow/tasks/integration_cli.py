@@ -14,7 +14,8 @@ def _integrate(args) -> int:
                     label_key=args.label_key, label_map=args.label_map, query=query,
                     query_label_key=args.query_label_key, num_heads=args.num_heads, max_steps=args.max_steps,
                     batch_size=args.batch_size, lr=args.lr, max_len=args.max_len, max_ot_cells=args.max_ot_cells,
-                    k_query=args.k_query, lsi=not args.no_lsi, umap=not args.no_umap, seed=args.seed,
+                    k_query=args.k_query, lsi=not args.no_lsi, umap=not args.no_umap,
+                    common_ccres=args.common_ccres, seed=args.seed,
                     device=args.device, dataset=args.dataset)
     t = res["metrics"]
     show = t[(t["task"] == "integration") & t["metric"].isin(
@@ -59,6 +60,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-len", type=int, default=2048, help="tokens per cell in training (default 2048)")
     p.add_argument("--max-ot-cells", type=int, default=5000, help="largest OT problem side (default 5000)")
     p.add_argument("--max-cells", type=int, help="use a random subset of N reference cells")
+    p.add_argument("--common-ccres", action="store_true",
+                   help="keep only the cCREs accessible in every batch (and restrict the query to them): for "
+                        "batches measured on different peak panels")
     p.add_argument("--no-lsi", action="store_true", help="skip the LSI baseline")
     p.add_argument("--no-umap", action="store_true", help="skip UMAPs")
     p.add_argument("--seed", type=int, default=0)

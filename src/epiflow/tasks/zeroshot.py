@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 TASK = "zeroshot_annotation"
 CLASSES_FILE = "classes.tsv"
+# cCREs accessible in the annotator's training cells (vocabulary indices), for annotate(restrict_ccres=True)
+REFERENCE_CCRES_FILE = "reference_ccres.npy"
 
 
 # ----------------------------------------------------------------------------- cells
@@ -132,6 +134,42 @@ def concat_shards(shards):
                  np.concatenate([s.tfidf for s in shards]),
                  pd.concat([s.obs for s in shards], ignore_index=True), shards[0].n_ccres,
                  shards[0].vocab_id, shards[0].genome, dict(shards[0].attrs))
+
+
+def covered_ccres(cells) -> np.ndarray:
+    """Boolean mask over the vocabulary: the cCREs accessible in at least one of ``cells``."""
+    from ..tokenize import NUM_SPECIAL
+
+    mask = np.zeros(cells.n_ccres, dtype=bool)
+    mask[np.asarray(cells.tokens, dtype=np.int64) - NUM_SPECIAL] = True
+    return mask
+
+
+def restrict_to_ccres(cells, keep):
+    """The cells with every token outside ``keep`` (boolean mask over the vocabulary, or cCRE indices)
+    dropped; the rank order of the kept tokens is unchanged (a cell's TF-IDF ranks do not depend on the
+    other cCREs). Used where datasets were measured on different peak panels, so that a model only sees
+    the cCREs that the other side can have (zero-shot annotation, integration, query mapping)."""
+    from ..corpus.shard import Shard
+    from ..tokenize import NUM_SPECIAL
+
+    keep = np.asarray(keep)
+    if keep.dtype != bool:
+        mask = np.zeros(cells.n_ccres, dtype=bool)
+        mask[keep.astype(np.int64)] = True
+        keep = mask
+    if keep.shape != (cells.n_ccres,):
+        raise EpiflowError(f"the cCRE mask has {keep.shape[0]} entries but the data have {cells.n_ccres} cCREs",
+                           field="ccres", fix="use the cCRE list written with this model / corpus")
+    tk = keep[np.asarray(cells.tokens, dtype=np.int64) - NUM_SPECIAL]
+    row = np.repeat(np.arange(cells.n_cells), cells.lengths)
+    lens = np.bincount(row[tk], minlength=cells.n_cells)
+    empty = int((lens == 0).sum())
+    if empty:
+        log.warning("%d of %d cells have no accessible cCRE among the %d kept", empty, cells.n_cells,
+                    int(keep.sum()))
+    return Shard(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), cells.tokens[tk], cells.counts[tk],
+                 cells.tfidf[tk], cells.obs, cells.n_ccres, cells.vocab_id, cells.genome, dict(cells.attrs))
 
 
 def obs_column(cells, key: str, what: str = "label") -> np.ndarray:
@@ -340,12 +378,17 @@ def train_annotator(checkpoint, cells, *, out_dir, label_key: str = "cell_type",
     ckpt = save_epiagent_checkpoint(model.cpu(), out / "checkpoint.pth", write_config=True)
     with atomic_path(out / CLASSES_FILE) as tmp:
         pd.DataFrame({"index": range(len(classes)), "label": classes}).to_csv(tmp, sep="\t", index=False)
+    seen = np.flatnonzero(covered_ccres(cells.subset(train_idx))).astype(np.int64)
+    with atomic_path(out / REFERENCE_CCRES_FILE) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, seen)
     with atomic_path(out / "train_log.tsv") as tmp:
         pd.DataFrame(log_rows).to_csv(tmp, sep="\t", index=False, float_format="%.6g")
     ds = dataset or _dataset_name(cells)
     rows = metric_rows(TASK, ds, "train", {"n_cells_train": len(train_idx), "n_cells_val": len(val_idx),
                                            "n_cells_unlabelled": n_drop, "n_classes": len(classes),
-                                           "steps": total, "final_loss": log_rows[-1]["loss"]})
+                                           "steps": total, "final_loss": log_rows[-1]["loss"],
+                                           "n_ccres_seen": len(seen)})
     if len(val_idx):
         pred, _ = predict(model, cells.subset(val_idx), device=dev, max_len=max_len, progress=False)
         vals = classification_scores(np.asarray(classes, dtype=object)[y_all[val_idx]],
@@ -425,7 +468,8 @@ def classification_scores(true, pred) -> dict[str, float]:
 
 def annotate(checkpoint, cells, *, classes=None, num_heads: int | None = None, label_key: str | None = None,
              label_map=None, min_class_fraction: float | None = 0.005, out_dir=None, dataset: str | None = None,
-             method: str = "EpiAgent-zeroshot", device=None, max_len: int = 8190, progress: bool = True) -> dict:
+             method: str = "EpiAgent-zeroshot", device=None, max_len: int = 8190, restrict_ccres=None,
+             progress: bool = True) -> dict:
     """Annotate ``cells`` with a supervised checkpoint, no training.
 
     ``classes``: list or ``classes.tsv`` path (default: ``classes.tsv`` beside the checkpoint).
@@ -434,6 +478,12 @@ def annotate(checkpoint, cells, *, classes=None, num_heads: int | None = None, l
     (method ``<method>-masked``). Writes ``predictions.tsv`` (cell, prediction, masked prediction,
     probability, known label) and ``metrics.tsv`` to ``out_dir`` when given. Returns a dict with
     ``predictions`` (DataFrame) and ``metrics`` (long table).
+
+    ``restrict_ccres``: drop the tokens of cCREs that the annotator never saw accessible in training
+    (``True``: ``reference_ccres.npy`` beside the checkpoint, written by :func:`train_annotator`; or a
+    path to such a file, a boolean mask or cCRE indices). Needed when the reference was measured on a
+    smaller peak panel than the new data (e.g. the 5,000-peak Granja 2019 subset against Buenrostro
+    2018): otherwise most tokens of a new cell are cCREs the classifier never learnt from.
     """
     from ..model import EpiAgent
 
@@ -461,6 +511,24 @@ def annotate(checkpoint, cells, *, classes=None, num_heads: int | None = None, l
 
         raise VocabularyMismatchError(f"the data have {cells.n_ccres} cCREs but the model {model.n_ccres}",
                                       fix="map the data onto the checkpoint's cCRE vocabulary")
+    extra: dict[str, float] = {}
+    if restrict_ccres is not None and restrict_ccres is not False:
+        keep = restrict_ccres
+        if keep is True:
+            if not isinstance(checkpoint, (str, os.PathLike)):
+                raise EpiflowError("restrict_ccres=True needs the checkpoint path (reference_ccres.npy beside it)",
+                                   field="restrict_ccres", fix="pass the cCRE list or mask itself")
+            keep = Path(checkpoint).with_name(REFERENCE_CCRES_FILE)
+        if isinstance(keep, (str, os.PathLike)):
+            if not Path(keep).exists():
+                raise InputFormatError("the annotator's cCRE list is missing", path=str(keep),
+                                       fix="train the annotator with this epiflow version (it writes "
+                                           f"{REFERENCE_CCRES_FILE}) or do not restrict the cCREs")
+            keep = np.load(keep)
+        before = float(np.median(cells.lengths)) if cells.n_cells else 0.0
+        cells = restrict_to_ccres(cells, keep)
+        extra = {"median_ccres_per_cell": before,
+                 "median_ccres_per_cell_kept": float(np.median(cells.lengths)) if cells.n_cells else 0.0}
     pred, logits = predict(model, cells, device=device, max_len=max_len, progress=progress)
     z = logits - logits.max(1, keepdims=True)
     prob = np.exp(z) / np.exp(z).sum(1, keepdims=True)
@@ -474,7 +542,7 @@ def annotate(checkpoint, cells, *, classes=None, num_heads: int | None = None, l
         res["prediction_masked"] = cls[mpred]
     ds = dataset or _dataset_name(cells)
     rows = metric_rows(TASK, ds, method, {"n_cells_total": cells.n_cells,
-                                          "n_classes_masked": len(masked_ids)})
+                                          "n_classes_masked": len(masked_ids), **extra})
     if label_key is not None:
         if isinstance(label_map, (str, os.PathLike)):
             label_map = read_label_map(label_map)

@@ -38,7 +38,9 @@ def _annotate(args) -> int:
     res = annotate(args.checkpoint, cells, classes=args.classes, num_heads=args.num_heads,
                    label_key=args.label_key, label_map=args.label_map,
                    min_class_fraction=None if args.no_mask else args.min_class_fraction,
-                   out_dir=args.out_dir, dataset=args.dataset, device=args.device, max_len=args.max_len)
+                   out_dir=args.out_dir, dataset=args.dataset, device=args.device, max_len=args.max_len,
+                   restrict_ccres=(None if args.restrict_ccres is None
+                                   else True if args.restrict_ccres == "auto" else args.restrict_ccres))
     t = res["metrics"]
     show = t[t["metric"].isin(["accuracy", "micro_F1", "balanced_accuracy", "macro_F1"])]
     if len(show):
@@ -58,7 +60,8 @@ def register(subparsers) -> None:
             "Fine-tune a pretrained EpiAgent checkpoint with the authors' supervised classifier head "
             "(512-256-128-C MLP, focal loss) on labelled cells whose labels are coarsened with a label map "
             "(TSV source<TAB>target; unmapped cells are dropped). Writes OUT_DIR/checkpoint.pth in the "
-            "authors' supervised format (+ .json config side file), classes.tsv, train_log.tsv and "
+            "authors' supervised format (+ .json config side file), classes.tsv, reference_ccres.npy (cCREs "
+            "accessible in the training cells), train_log.tsv and "
             "metrics.tsv (held-out validation accuracy, micro/macro F1, balanced accuracy)."))
     p.add_argument("--checkpoint", required=True, help="pretrained EpiAgent checkpoint (.pth)")
     _input_args(p)
@@ -97,4 +100,8 @@ def register(subparsers) -> None:
                    help="mask classes predicted for fewer than this fraction of cells (default 0.005)")
     q.add_argument("--no-mask", action="store_true", help="do not compute masked predictions")
     q.add_argument("--max-len", type=int, default=8190, help="top tokens per cell (default 8190)")
+    q.add_argument("--restrict-ccres", nargs="?", const="auto", metavar="NPY",
+                   help="drop the cCREs the annotator never saw accessible in training (reference_ccres.npy "
+                        "beside the checkpoint, or this .npy of cCRE indices): for references measured on a "
+                        "smaller peak panel than the new data")
     q.set_defaults(func=_annotate)
