@@ -153,20 +153,196 @@ class FragmentChunk:
         return len(self.start)
 
 
+READ_BYTES_MAX = 1 << 24     # decompressed text handed to the parser per read (16 MiB)
+SLOW_LINES = 65_536          # lines per chunk read by the general (pandas) parser
+INFLATE_BLOCK = 1 << 22      # background inflate: block size ...
+INFLATE_DEPTH = 8            # ... and blocks decompressed ahead (bounded memory: 32 MiB)
+
+
+PARSE_AHEAD = 2              # parsed chunks queued ahead of the consumer
+
+
+class _Raised:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def _in_background(make_gen, depth: int = 2):
+    """Iterate ``make_gen()`` in a background thread, ``depth`` items ahead (bounded memory).
+
+    An exception of the producer is re-raised in the consumer; a consumer that stops early stops
+    the producer (and closes its generator)."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(max(depth, 1))
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run():
+        gen = make_gen()
+        try:
+            for item in gen:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as exc:  # handed to the consumer
+            put(_Raised(exc))
+        finally:
+            gen.close()
+
+    t = threading.Thread(target=run, daemon=True, name="epiflow-parse")
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        try:
+            while True:
+                q.get_nowait()
+        except queue.Empty:
+            pass
+        t.join(timeout=10)
+
+
+class _Inflater:
+    """Decompress a gzip/bgzip file in a background thread, up to ``depth`` blocks ahead.
+
+    ISA-L (``isal``; the standard library's gzip without it) releases the GIL while inflating, so
+    decompression runs beside the parser. ``readinto`` like a raw binary stream; an error of the
+    thread (truncated or corrupt file) is raised there."""
+
+    def __init__(self, path, block: int = INFLATE_BLOCK, depth: int = INFLATE_DEPTH):
+        import queue
+        import threading
+
+        self._q: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._cur = memoryview(b"")
+        self._eof = False
+        self._t = threading.Thread(target=self._run, args=(Path(path), block), daemon=True,
+                                   name="epiflow-inflate")
+        self._t.start()
+
+    def _run(self, path: Path, block: int):
+        try:
+            try:
+                from isal import igzip as gz
+            except ImportError:  # pragma: no cover - isal is a declared dependency
+                gz = gzip
+            with gz.open(path, "rb") as fh:
+                while not self._stop.is_set():
+                    b = fh.read(block)
+                    self._put(b)
+                    if not b:
+                        return
+        except BaseException as exc:  # handed to the reading thread
+            self._put(exc)
+
+    def _put(self, item) -> None:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def readinto(self, mv) -> int:
+        n = 0
+        while n < len(mv):
+            if not len(self._cur):
+                if self._eof:
+                    break
+                item = self._q.get()
+                if isinstance(item, BaseException):
+                    self._eof = True
+                    raise item
+                if not item:
+                    self._eof = True
+                    break
+                self._cur = memoryview(item)
+            k = min(len(self._cur), len(mv) - n)
+            mv[n:n + k] = self._cur[:k]
+            self._cur = self._cur[k:]
+            n += k
+        return n
+
+    def close(self) -> None:
+        import queue
+
+        self._stop.set()
+        try:
+            while True:
+                self._q.get_nowait()
+        except queue.Empty:
+            pass
+        self._t.join(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _open_bytes(path: Path):
+    """Binary stream of the decompressed file (gzip/bgzip: :class:`_Inflater`; else the file)."""
+    if _is_gzip(path):
+        return _Inflater(path)
+    return open(path, "rb", buffering=0)
+
+
+def _decompress_errors() -> tuple:
+    import zlib
+
+    errs: list = [EOFError, OSError, zlib.error]
+    try:
+        from isal import isal_zlib
+
+        errs.append(isal_zlib.error)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errs)
+
+
 @dataclass
 class FragmentReader:
     """Stream a fragment file in validated chunks.
 
     ``for chunk in FragmentReader(path, whitelist=...)`` yields :class:`FragmentChunk`. After (or
     during) iteration ``reader.barcodes`` holds the barcode of every code, and ``reader.stats`` the
-    number of lines read, skipped by the whitelist, and so on. Iterating twice re-reads the file.
+    number of lines read, skipped by the whitelist, and so on. Iterating twice re-reads the file
+    (codes stay the same).
+
+    Speed: gzip/bgzip is inflated by ISA-L in a background thread while a compiled parser
+    (:mod:`epiflow.corpus._fragkernels`) reads the canonical lines (digits, ``\\n`` line ends),
+    interning chromosome names and barcodes in hash tables; a part of the file that is not in that
+    form (CRLF line ends, ``2.0`` counts, malformed lines, ...) goes through pandas' parser with the
+    same validation and errors. ``chunksize`` bounds the lines per chunk (chunks may be shorter: at
+    most ~32 MiB of text is held at once).
     """
 
     path: str | os.PathLike
     whitelist: np.ndarray | list | str | os.PathLike | None = None
     chunksize: int = DEFAULT_CHUNKSIZE
     region: tuple[str, int, int] | None = None
-    barcodes: np.ndarray = field(init=False)
     stats: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self):
@@ -176,9 +352,48 @@ class FragmentReader:
             self.whitelist = read_barcode_list(self.whitelist)
         elif self.whitelist is not None:
             self.whitelist = check_unique_barcodes(self.whitelist, path=None, what="barcode whitelist")
-        self._index = pd.Index(self.whitelist if self.whitelist is not None else np.zeros(0, dtype=object))
-        self.barcodes = np.asarray(self._index, dtype=object)
+        self._frozen = self.whitelist is not None
+        self._chroms = self._bcs = None  # string tables, created on first read (compiled code)
+        self._bc_cache = (0, np.zeros(0, dtype=object))
+        self._chrom_cache = (0, np.zeros(0, dtype=str))
         self._n_header, self._ncols = self._sniff()
+
+    # -- interned names ----------------------------------------------------------------------
+    def _tables(self):
+        if self._bcs is None:
+            from ._fragkernels import StringTable
+
+            self._chroms = StringTable(64, 1 << 12)
+            self._bcs = StringTable(1 << 12, 1 << 16)
+            if self._frozen:
+                self._bcs.intern(np.asarray(self.whitelist, dtype=object))
+        return self._chroms, self._bcs
+
+    @property
+    def n_barcodes(self) -> int:
+        if self._bcs is None:
+            return len(self.whitelist) if self._frozen else 0
+        return self._bcs.n
+
+    @property
+    def barcodes(self) -> np.ndarray:
+        """Barcode of every code (whitelist order, else order of first appearance)."""
+        if self._frozen:
+            return np.asarray(self.whitelist, dtype=object)
+        if self._bcs is None:
+            return np.zeros(0, dtype=object)
+        n = self._bcs.n
+        if self._bc_cache[0] != n:
+            self._bc_cache = (n, np.asarray(self._bcs.names(), dtype=object))
+        return self._bc_cache[1]
+
+    def _chrom_names(self) -> np.ndarray:
+        n = self._tables()[0].n
+        if self._chrom_cache[0] != n:
+            names = self._chroms.names()
+            self._chrom_cache = (n, normalize_chrom(np.asarray(names, dtype=object)).astype(str)
+                                 if n else np.zeros(0, dtype=str))
+        return self._chrom_cache[1]
 
     # -- header / layout ---------------------------------------------------------------------
     def _sniff(self) -> tuple[int, int]:
@@ -235,16 +450,8 @@ class FragmentReader:
             return None
         return tbi
 
-    def _raw_chunks(self) -> Iterator[pd.DataFrame]:
-        # all columns are named (no usecols), plus one overflow column that must stay empty: pandas
-        # does not reliably flag a line with one extra field at a chunk boundary
-        names = (["chrom", "start", "end", "barcode", "count"]
-                 + [f"extra{i}" for i in range(5, self._ncols)])[: self._ncols] + ["_overflow"]
-        usecols = None
-        dtype = {"chrom": "category", "start": np.int64, "end": np.int64, "barcode": "category",
-                 "_overflow": "category"}
-        if "count" in names:
-            dtype["count"] = np.float64  # float so that NaN / non-integers can be reported, not crash
+    def _source(self):
+        """(binary stream, header lines to skip)."""
         if self.region is not None and self._pysam_iter() is not None:
             import io
 
@@ -253,37 +460,108 @@ class FragmentReader:
             chrom, s, e = self.region
             with pysam.TabixFile(str(self.path)) as tb:
                 text = "\n".join(tb.fetch(chrom, s, e))
-            yield from pd.read_csv(io.StringIO(text + "\n"), sep="\t", header=None, names=names,
-                                   usecols=usecols, dtype=dtype, chunksize=self.chunksize,
-                                   engine="c", skip_blank_lines=False)
-            return
-        reader = pd.read_csv(self.path, sep="\t", header=None, names=names, usecols=usecols, dtype=dtype,
-                             chunksize=self.chunksize, engine="c", skiprows=self._n_header, index_col=False,
-                             compression="gzip" if _is_gzip(self.path) else None,
-                             skip_blank_lines=False, na_filter=True, low_memory=False)
-        yield from reader
+            return io.BytesIO((text + "\n").encode("utf-8") if text else b""), 0
+        return _open_bytes(self.path), self._n_header
+
+    def _read_size(self) -> int:
+        return int(min(READ_BYTES_MAX, max(1 << 16, self.chunksize * 64)))
+
+    def _raw_chunks(self) -> Iterator[FragmentChunk]:
+        """Validated chunks of the whole file, before the region / whitelist filters."""
+        errors = _decompress_errors()
+        chunksize = max(int(self.chunksize), 1)
+        ncols = self._ncols
+        line = self._n_header + 1
+        fh, skip = self._source()  # starts inflating in the background ...
+        with fh:
+            from . import _fragkernels as K  # ... while the compiled kernels load
+
+            ct, bt = self._tables()
+            read = self._read_size()
+            buf = np.empty(2 * read + 1, dtype=np.uint8)
+            have = 0          # valid bytes in buf
+            eof = False
+            while not eof:
+                if len(buf) - have < read + 1:  # a line longer than the buffer: grow it
+                    nbuf = np.empty(2 * len(buf), dtype=np.uint8)
+                    nbuf[:have] = buf[:have]
+                    buf = nbuf
+                try:
+                    k = fh.readinto(memoryview(buf)[have:have + read])
+                except errors as exc:
+                    raise InputFormatError(
+                        f"the compressed fragment file ends early or is corrupt (after line {line - 1}: "
+                        f"{exc})", path=str(self.path), line=line,
+                        fix="the file is truncated; re-download it (check its sha256)") from None
+                eof = not k
+                have += k
+                if eof:
+                    if have and buf[have - 1] != K.NL:
+                        buf[have] = K.NL
+                        have += 1
+                    cut = have
+                else:
+                    cut = K.last_line_end(buf, have)
+                    if cut == 0:
+                        continue
+                pos = 0
+                if skip:
+                    pos, m = K.line_ends(buf, 0, cut, skip)
+                    skip -= m
+                while pos < cut:
+                    end, m = K.line_ends(buf, pos, cut, chunksize)
+                    out = [np.empty(m, np.int64) for _ in range(5)]
+                    st, n, newpos = K.parse_block(
+                        buf, pos, end, m, ncols,
+                        ct.slots, ct.hashes, ct.offs, ct.pool, ct.state,
+                        bt.slots, bt.hashes, bt.offs, bt.pool, bt.state, self._frozen, *out)
+                    if n:
+                        yield FragmentChunk(out[0][:n], self._chrom_names(), out[1][:n], out[2][:n],
+                                            out[3][:n], out[4][:n], line, n)
+                        line += n
+                    pos = newpos
+                    if st == K.GROW_CHROM:
+                        ct.grow()
+                    elif st == K.GROW_BC:
+                        bt.grow()
+                    elif st == K.SLOW:
+                        end, m = K.line_ends(buf, pos, cut, min(chunksize, SLOW_LINES))
+                        yield self._slow_chunk(buf[pos:end].tobytes(), line, m)
+                        line += m
+                        pos = end
+                rest = have - cut
+                buf[:rest] = buf[cut:have]
+                have = rest
+
+    def _slow_chunk(self, text: bytes, line0: int, nrows: int) -> FragmentChunk:
+        """Parse lines that are not in the canonical form with pandas (same checks and errors)."""
+        import io
+
+        # all columns are named (no usecols), plus one overflow column that must stay empty: pandas
+        # does not reliably flag a line with one extra field
+        names = (["chrom", "start", "end", "barcode", "count"]
+                 + [f"extra{i}" for i in range(5, self._ncols)])[: self._ncols] + ["_overflow"]
+        dtype = {"chrom": "category", "start": np.int64, "end": np.int64, "barcode": "category",
+                 "_overflow": "category"}
+        if "count" in names:
+            dtype["count"] = np.float64  # float so that NaN / non-integers can be reported, not crash
+        try:
+            df = pd.read_csv(io.BytesIO(text), sep="\t", header=None, names=names, dtype=dtype,
+                             engine="c", index_col=False, skip_blank_lines=False, na_filter=True,
+                             low_memory=False)
+        except (ValueError, pd.errors.ParserError, TypeError, UnicodeDecodeError) as exc:
+            raise self._locate_bad_line(line0, nrows, str(exc).splitlines()[0]) from None
+        if len(df) != nrows:
+            raise self._locate_bad_line(line0, nrows, f"{len(df)} rows parsed from {nrows} lines")
+        return self._validate(df, line0)
 
     def __iter__(self) -> Iterator[FragmentChunk]:
-        line = self._n_header + 1
         n_lines = n_skipped = n_yield = 0
         self.stats = {}
-        it = self._raw_chunks()
-        while True:
-            try:
-                df = next(it)
-            except StopIteration:
-                break
-            except (ValueError, pd.errors.ParserError, TypeError) as exc:
-                raise self._locate_bad_line(line, self.chunksize, str(exc).splitlines()[0]) from None
-            except (EOFError, OSError) as exc:
-                raise InputFormatError(
-                    f"the compressed fragment file ends early or is corrupt (after line {line - 1}: {exc})",
-                    path=str(self.path), line=line,
-                    fix="the file is truncated; re-download it (check its sha256)") from None
-            chunk = self._validate(df, line)
-            n = len(df)
-            n_lines += n
-            line += n
+        # parsing runs one chunk ahead in a background thread (the compiled kernels release the GIL),
+        # so the consumer's work on chunk i (e.g. overlap counting) overlaps the parsing of chunk i+1
+        for chunk in _in_background(self._raw_chunks, depth=PARSE_AHEAD):
+            n_lines += chunk.n_raw
             if self.region is not None:
                 keep = (chunk.chrom == normalize_chrom([self.region[0]])[0]) & \
                        (chunk.end > self.region[1]) & (chunk.start < self.region[2])
@@ -331,25 +609,19 @@ class FragmentReader:
             if badc.any():
                 fail(badc, lambda i: f"count {cnt[i]!r} is not a positive integer (field 'count')",
                      "the 5th column must be the number of reads/duplicates of the fragment (>= 1)")
-        chroms = normalize_chrom(np.asarray(chrom_cat.categories, dtype=object)) \
-            if len(chrom_cat.categories) else np.zeros(0, dtype=str)
-        # barcode codes: chunk-local categories -> global codes
-        cats = pd.Index(np.asarray(bc_cat.categories, dtype=object))
-        glob = self._index.get_indexer(cats)
-        if self.whitelist is None:
-            new = glob < 0
-            if new.any():
-                # keep the order of first appearance within the chunk
-                first_pos = pd.Series(np.arange(n)).groupby(bc_codes).min()
-                new_cats = np.flatnonzero(new)
-                new_cats = new_cats[np.argsort(first_pos.reindex(new_cats).to_numpy(), kind="stable")]
-                self._index = self._index.append(pd.Index(cats[new_cats]))
-                self.barcodes = np.asarray(self._index, dtype=object)
-                glob = self._index.get_indexer(cats)
-        code = glob[bc_codes].astype(np.int64)
-        return FragmentChunk(chrom_codes.astype(np.int64), np.asarray(chroms).astype(str),
-                             start.astype(np.int64), end.astype(np.int64), code, cnt.astype(np.int64),
-                             line0, n)
+        # chromosome and barcode codes: chunk-local categories -> the reader's tables, new names in
+        # order of first appearance
+        ctab, btab = self._tables()
+        cgl = ctab.intern(np.asarray(chrom_cat.categories, dtype=object)[pd.unique(chrom_codes)])
+        cmap = np.empty(len(chrom_cat.categories), dtype=np.int64)
+        cmap[pd.unique(chrom_codes)] = cgl
+        appear = pd.unique(bc_codes)
+        bgl = btab.intern(np.asarray(bc_cat.categories, dtype=object)[appear], frozen=self._frozen)
+        bmap = np.full(len(bc_cat.categories), -1, dtype=np.int64)
+        bmap[appear] = bgl
+        return FragmentChunk(cmap[chrom_codes].astype(np.int64), self._chrom_names(),
+                             start.astype(np.int64), end.astype(np.int64), bmap[bc_codes],
+                             cnt.astype(np.int64), line0, n)
 
 
 def _subset_chunk(c: FragmentChunk, keep: np.ndarray) -> FragmentChunk:

@@ -1,0 +1,556 @@
+"""Compiled (numba) kernels of the fragment reader and fragment-to-cCRE counting.
+
+Internal module: :mod:`epiflow.corpus.readers` and :mod:`epiflow.corpus.mapping` wrap these.
+Kernels are ``cache=True`` (compiled once per installation, then loaded from ``__pycache__``) and
+``nogil=True`` (they run while another thread inflates the next gzip block).
+
+Fragment lines are parsed in their canonical form only: ``chrom<TAB>start<TAB>end<TAB>barcode``
+``[<TAB>count]`` (plus any further columns), decimal digits for the numbers, ``start <= end`` and
+``count >= 1``, ``\\n`` line ends, no ``\\r`` or ``"`` in the text fields. The parser stops at the
+first line not in that form and the caller reads that part of the file with the general (pandas)
+parser, which either accepts it with the same meaning (``2.0`` counts, CRLF line ends, ...) or
+raises the error naming the line; so the fast path never changes what a file means.
+
+Strings (chromosomes, barcodes) are interned in an open-addressing hash table kept in numpy arrays
+(exact: a hash match is confirmed by comparing the bytes), codes in order of first appearance.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+TAB = 9
+NL = 10
+CR = 13
+QUOTE = 34
+
+# parse_block status
+OK = 0            # stopped after max_lines lines or at the end of the buffer
+SLOW = 1          # the line at the returned position is not canonical: use the general parser
+GROW_CHROM = 2    # the chromosome table is full: grow it and call again from the returned position
+GROW_BC = 3       # the barcode table is full
+
+_FNV_OFFSET = np.uint64(14695981039346656037)
+_FNV_PRIME = np.uint64(1099511628211)
+
+
+# ----------------------------------------------------------------------------------------------
+# string table
+# ----------------------------------------------------------------------------------------------
+
+class StringTable:
+    """Interned byte strings -> int codes (first appearance order), numpy-backed for the kernels."""
+
+    def __init__(self, capacity: int = 1024, pool_bytes: int = 1 << 16):
+        cap = 1 << max(int(np.ceil(np.log2(max(capacity, 8) * 2))), 4)
+        self.slots = np.full(cap, -1, dtype=np.int64)          # code, or -1
+        self.hashes = np.zeros(cap // 2, dtype=np.uint64)       # hash of each code
+        self.offs = np.zeros(cap // 2 + 1, dtype=np.int64)      # code i = pool[offs[i]:offs[i+1]]
+        self.pool = np.zeros(max(pool_bytes, 64), dtype=np.uint8)
+        self.state = np.zeros(1, dtype=np.int64)                # number of codes
+        self._names: list[str] = []
+
+    @property
+    def n(self) -> int:
+        return int(self.state[0])
+
+    def grow(self) -> None:
+        """Double the slots, codes and byte pool and rehash (called when a kernel reports full)."""
+        n = self.n
+        cap = len(self.slots) * 2
+        hashes = np.zeros(cap // 2, dtype=np.uint64)
+        hashes[:n] = self.hashes[:n]
+        offs = np.zeros(cap // 2 + 1, dtype=np.int64)
+        offs[:n + 1] = self.offs[:n + 1]
+        slots = np.full(cap, -1, dtype=np.int64)
+        _rehash(slots, hashes, n)
+        self.slots, self.hashes, self.offs = slots, hashes, offs
+        used = int(self.offs[n])
+        pool = np.zeros(max(len(self.pool) * 2, used + (1 << 16)), dtype=np.uint8)
+        pool[:used] = self.pool[:used]
+        self.pool = pool
+
+    def intern(self, names, frozen: bool = False) -> np.ndarray:
+        """Codes of ``names`` (str), inserting unknown ones unless ``frozen`` (then -1)."""
+        enc = [str(s).encode("utf-8") for s in names]
+        out = np.empty(len(enc), dtype=np.int64)
+        for i, b in enumerate(enc):
+            arr = np.frombuffer(b, dtype=np.uint8)
+            while True:
+                c = _intern_one(arr, 0, len(arr), self.slots, self.hashes, self.offs, self.pool,
+                                self.state, frozen)
+                if c != -2:
+                    break
+                self.grow()
+            out[i] = c
+        return out
+
+    def names(self) -> list[str]:
+        """Decoded names of all codes (cached; only new codes are decoded)."""
+        n = self.n
+        if len(self._names) < n:
+            k0 = len(self._names)
+            o = self.offs
+            raw = self.pool[o[k0]:o[n]].tobytes()
+            base = int(o[k0])
+            self._names.extend(raw[int(o[i]) - base:int(o[i + 1]) - base].decode("utf-8", "replace")
+                               for i in range(k0, n))
+        return self._names
+
+
+@nb.njit(cache=True, nogil=True)
+def _rehash(slots, hashes, n):
+    mask = np.uint64(len(slots) - 1)
+    for c in range(n):
+        s = np.int64(hashes[c] & mask)
+        while slots[s] >= 0:
+            s = (s + 1) & (len(slots) - 1)
+        slots[s] = c
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _hash(buf, s, e):
+    h = _FNV_OFFSET
+    for k in range(s, e):
+        h = (h ^ np.uint64(buf[k])) * _FNV_PRIME
+    return h
+
+
+@nb.njit(cache=True, nogil=True)
+def _intern_one(buf, s, e, slots, hashes, offs, pool, state, frozen):
+    """Code of buf[s:e]; inserts when new (-1 if ``frozen``); -2 when the table must grow first."""
+    return _intern_hashed(buf, s, e, _hash(buf, s, e), slots, hashes, offs, pool, state, frozen)
+
+
+@nb.njit(cache=True, nogil=True)
+def _intern_hashed(buf, s, e, h, slots, hashes, offs, pool, state, frozen):
+    nslot = len(slots)
+    j = np.int64(h & np.uint64(nslot - 1))
+    ln = e - s
+    while True:
+        c = slots[j]
+        if c < 0:
+            break
+        if hashes[c] == h and offs[c + 1] - offs[c] == ln:
+            o = offs[c]
+            same = True
+            for k in range(ln):
+                if pool[o + k] != buf[s + k]:
+                    same = False
+                    break
+            if same:
+                return c
+        j = (j + 1) & (nslot - 1)
+    if frozen:
+        return -1
+    n = state[0]
+    if (n + 1) * 2 >= nslot or n + 1 >= len(hashes) or offs[n] + ln > len(pool):
+        return -2
+    o = offs[n]
+    for k in range(ln):
+        pool[o + k] = buf[s + k]
+    offs[n + 1] = o + ln
+    hashes[n] = h
+    slots[j] = n
+    state[0] = n + 1
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# fragment line parser
+# ----------------------------------------------------------------------------------------------
+
+@nb.njit(cache=True, nogil=True)
+def parse_block(buf, pos, end, max_lines, ncols,
+                c_slots, c_hashes, c_offs, c_pool, c_state,
+                b_slots, b_hashes, b_offs, b_pool, b_state, b_frozen,
+                out_chrom, out_start, out_end, out_bc, out_cnt):
+    """Parse canonical lines of ``buf[pos:end]`` (``buf[end - 1]`` must be ``\\n``).
+
+    Returns ``(status, n_lines, new_pos)``: rows ``[0, n_lines)`` of the outputs are filled and
+    ``new_pos`` is the start of the first line not parsed."""
+    n = 0
+    prev_s = -1
+    prev_e = -1
+    prev_code = -1
+    while n < max_lines and pos < end:
+        line0 = pos
+        p = pos
+        # chrom: usually the previous line's (sorted files), compared in place
+        s = p
+        ce = -1
+        code = -1
+        if prev_code >= 0:
+            ln = prev_e - prev_s
+            k = 0
+            while k < ln and buf[s + k] == buf[prev_s + k]:
+                k += 1
+            if k == ln and buf[s + ln] == TAB:
+                ce = s + ln
+                code = prev_code
+        if ce < 0:
+            while True:
+                ch = buf[p]
+                if ch <= QUOTE and (ch == TAB or ch == NL or ch == CR or ch == QUOTE):
+                    break
+                p += 1
+            if ch != TAB or p == s:
+                return SLOW, n, line0
+            ce = p
+        p = ce + 1
+        # start
+        v = np.int64(0)
+        d = 0
+        while True:
+            ch = buf[p]
+            if ch < 48 or ch > 57:
+                break
+            v = v * 10 + (ch - 48)
+            d += 1
+            p += 1
+        if ch != TAB or d == 0 or d > 18:
+            return SLOW, n, line0
+        start = v
+        p += 1
+        v = np.int64(0)
+        d = 0
+        while True:
+            ch = buf[p]
+            if ch < 48 or ch > 57:
+                break
+            v = v * 10 + (ch - 48)
+            d += 1
+            p += 1
+        if ch != TAB or d == 0 or d > 18 or v < start:
+            return SLOW, n, line0
+        stop = v
+        p += 1
+        # barcode (hashed while scanning)
+        bs = p
+        bh = _FNV_OFFSET
+        while True:
+            ch = buf[p]
+            if ch <= QUOTE and (ch == TAB or ch == NL or ch == CR or ch == QUOTE):
+                break
+            bh = (bh ^ np.uint64(ch)) * _FNV_PRIME
+            p += 1
+        be = p
+        if p == bs or ch == CR or ch == QUOTE:
+            return SLOW, n, line0
+        cnt = np.int64(1)
+        if ncols == 4:
+            if ch != NL:
+                return SLOW, n, line0
+        else:
+            if ch != TAB:
+                return SLOW, n, line0
+            p += 1
+            v = np.int64(0)
+            d = 0
+            while True:
+                ch = buf[p]
+                if ch < 48 or ch > 57:
+                    break
+                v = v * 10 + (ch - 48)
+                d += 1
+                p += 1
+            if d == 0 or d > 18 or v < 1:
+                return SLOW, n, line0
+            cnt = v
+            if ncols == 5:
+                if ch != NL:
+                    return SLOW, n, line0
+            else:
+                # further columns: exactly ncols fields, any non-empty text
+                if ch != TAB:
+                    return SLOW, n, line0
+                nf = 5
+                while True:
+                    p += 1
+                    fs = p
+                    while True:
+                        ch = buf[p]
+                        if ch == TAB or ch == NL or ch == CR or ch == QUOTE:
+                            break
+                        p += 1
+                    nf += 1
+                    if p == fs or ch == CR or ch == QUOTE:
+                        return SLOW, n, line0
+                    if ch == NL:
+                        break
+                if nf != ncols:
+                    return SLOW, n, line0
+        # barcode code: open-addressing lookup, written out here (a call costs more than the lookup)
+        nslot = len(b_slots)
+        j = np.int64(bh & np.uint64(nslot - 1))
+        ln = be - bs
+        bcode = -1
+        while True:
+            c = b_slots[j]
+            if c < 0:
+                break
+            if b_hashes[c] == bh and b_offs[c + 1] - b_offs[c] == ln:
+                o = b_offs[c]
+                same = True
+                for k in range(ln):
+                    if b_pool[o + k] != buf[bs + k]:
+                        same = False
+                        break
+                if same:
+                    bcode = c
+                    break
+            j = (j + 1) & (nslot - 1)
+        if bcode < 0 and not b_frozen:
+            nn = b_state[0]
+            if (nn + 1) * 2 >= nslot or nn + 1 >= len(b_hashes) or b_offs[nn] + ln > len(b_pool):
+                return GROW_BC, n, line0
+            o = b_offs[nn]
+            for k in range(ln):
+                b_pool[o + k] = buf[bs + k]
+            b_offs[nn + 1] = o + ln
+            b_hashes[nn] = bh
+            b_slots[j] = nn
+            b_state[0] = nn + 1
+            bcode = nn
+        if code < 0:
+            code = _intern_one(buf, s, ce, c_slots, c_hashes, c_offs, c_pool, c_state, False)
+            if code == -2:
+                return GROW_CHROM, n, line0
+            prev_s = s
+            prev_e = ce
+            prev_code = code
+        out_chrom[n] = code
+        out_start[n] = start
+        out_end[n] = stop
+        out_bc[n] = bcode
+        out_cnt[n] = cnt
+        n += 1
+        pos = p + 1
+    return OK, n, pos
+
+
+@nb.njit(cache=True, nogil=True)
+def last_line_end(buf, n):
+    """Position after the last ``\n`` in ``buf[:n]`` (0 when there is none)."""
+    p = n - 1
+    while p >= 0 and buf[p] != NL:
+        p -= 1
+    return p + 1
+
+
+@nb.njit(cache=True, nogil=True)
+def line_ends(buf, pos, end, k):
+    """Position after the k-th ``\n`` from ``pos`` (or ``end``) and the number of lines found."""
+    m = 0
+    p = pos
+    blk = 4096
+    while end - p >= blk:  # whole blocks first (a branch-free count the compiler vectorises)
+        c = 0
+        for q in range(p, p + blk):
+            c += buf[q] == NL
+        if m + c >= k:
+            break
+        m += c
+        p += blk
+    while p < end and m < k:
+        if buf[p] == NL:
+            m += 1
+        p += 1
+    return p, m
+
+
+# ----------------------------------------------------------------------------------------------
+# fragments -> per-chunk canonical CSR
+# ----------------------------------------------------------------------------------------------
+
+@nb.njit(cache=True, nogil=True)
+def _search_left(a, lo, hi, x):
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if a[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@nb.njit(cache=True, nogil=True)
+def _search_right(a, lo, hi, x):
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if a[mid] <= x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@nb.njit(cache=True, nogil=True)
+def count_overlaps(codes, start, end, bc, w, code2k, koff, kstart, kend, kid, kmaxlen, ksorted,
+                   n_rows, n_frag, n_in):
+    """Overlap every fragment with the cCREs of its chromosome and sum weights per (row, cCRE).
+
+    ``code2k[code]`` is the cCRE-index chromosome of a fragment chromosome code (-1: none); the
+    cCREs of chromosome k are ``koff[k]:koff[k+1]`` of ``kstart``/``kend``/``kid``, sorted by start
+    (``ksorted[k]``: their ends are sorted too). A fragment overlaps a cCRE when
+    ``start < cCRE end and cCRE start < end``. ``n_frag``/``n_in`` (per row) are incremented.
+    Returns a canonical CSR (sorted column indices, no duplicates): ``indptr, indices, data``.
+    """
+    m = len(start)
+    lo = np.empty(m, np.int64)
+    hi = np.empty(m, np.int64)
+    rowcnt = np.zeros(n_rows + 1, np.int64)
+    for i in range(m):
+        r = bc[i]
+        n_frag[r] += 1
+        k = code2k[codes[i]]
+        if k < 0:
+            lo[i] = 0
+            hi[i] = 0
+            continue
+        a = koff[k]
+        b = koff[k + 1]
+        s = start[i]
+        e = end[i]
+        h = _search_left(kstart, a, b, e)            # cCREs starting before the fragment's end
+        if ksorted[k]:
+            l = _search_right(kend, a, h, s)         # first cCRE ending after the fragment's start
+            c = h - l if h > l else 0
+        else:
+            l = _search_left(kstart, a, h, s - kmaxlen[k] + 1)
+            c = 0
+            for j in range(l, h):
+                if kend[j] > s:
+                    c += 1
+        lo[i] = l
+        hi[i] = h
+        if c > 0:
+            n_in[r] += 1
+            rowcnt[r + 1] += c
+    indptr = np.cumsum(rowcnt)
+    nnz = indptr[n_rows]
+    fill = indptr[:n_rows].copy()
+    ind = np.empty(nnz, np.int64)
+    dat = np.empty(nnz, np.float32)
+    for i in range(m):
+        l = lo[i]
+        h = hi[i]
+        if h <= l:
+            continue
+        r = bc[i]
+        k = code2k[codes[i]]
+        s = start[i]
+        q = fill[r]
+        wi = np.float32(w[i])
+        if ksorted[k]:
+            for j in range(l, h):
+                ind[q] = kid[j]
+                dat[q] = wi
+                q += 1
+        else:
+            for j in range(l, h):
+                if kend[j] > s:
+                    ind[q] = kid[j]
+                    dat[q] = wi
+                    q += 1
+        fill[r] = q
+    # canonical rows: sort (rows are mostly sorted already) and sum duplicates, compacting in place
+    out_ptr = np.zeros(n_rows + 1, np.int64)
+    q = 0
+    for r in range(n_rows):
+        a = indptr[r]
+        b = indptr[r + 1]
+        if b > a:
+            srt = True
+            for j in range(a + 1, b):
+                if ind[j] < ind[j - 1]:
+                    srt = False
+                    break
+            if not srt:
+                o = np.argsort(ind[a:b], kind="mergesort")
+                ti = ind[a:b][o]
+                td = dat[a:b][o]
+                ind[a:b] = ti
+                dat[a:b] = td
+            cur = ind[a]
+            acc = dat[a]
+            for j in range(a + 1, b):
+                if ind[j] == cur:
+                    acc += dat[j]
+                else:
+                    ind[q] = cur
+                    dat[q] = acc
+                    q += 1
+                    cur = ind[j]
+                    acc = dat[j]
+            ind[q] = cur
+            dat[q] = acc
+            q += 1
+        out_ptr[r + 1] = q
+    return out_ptr, ind[:q].astype(np.int32), dat[:q].copy()
+
+
+@nb.njit(cache=True, nogil=True)
+def merge_csr(ap, ai, ad, bp, bi, bd, n_rows):
+    """Sum of two canonical CSR matrices with ``n_rows`` rows (``ap``/``bp`` may have fewer rows:
+    missing rows are empty). Linear time; returns a canonical CSR."""
+    na = len(ap) - 1
+    nb_ = len(bp) - 1
+    cap = (ap[na] if na > 0 else 0) + (bp[nb_] if nb_ > 0 else 0)
+    op = np.zeros(n_rows + 1, np.int64)
+    oi = np.empty(cap, np.int32)
+    od = np.empty(cap, np.float32)
+    q = 0
+    for r in range(n_rows):
+        i = ap[r] if r < na else 0
+        ie = ap[r + 1] if r < na else 0
+        j = bp[r] if r < nb_ else 0
+        je = bp[r + 1] if r < nb_ else 0
+        while i < ie and j < je:
+            if ai[i] < bi[j]:
+                oi[q] = ai[i]
+                od[q] = ad[i]
+                i += 1
+            elif bi[j] < ai[i]:
+                oi[q] = bi[j]
+                od[q] = bd[j]
+                j += 1
+            else:
+                oi[q] = ai[i]
+                od[q] = ad[i] + bd[j]
+                i += 1
+                j += 1
+            q += 1
+        while i < ie:
+            oi[q] = ai[i]
+            od[q] = ad[i]
+            i += 1
+            q += 1
+        while j < je:
+            oi[q] = bi[j]
+            od[q] = bd[j]
+            j += 1
+            q += 1
+        op[r + 1] = q
+    return op, oi[:q].copy(), od[:q].copy()
+
+
+def warmup() -> None:
+    """Load every kernel (from numba's cache, else compile): numba's one-time start-up cost of a
+    process (~0.3-0.5 s of CPU), for callers that want to pay it up front (e.g. benchmarks)."""
+    t = StringTable(8, 64)
+    t.intern(["a"])
+    buf = np.frombuffer(b"chr1\t1\t2\tA\t1\n", dtype=np.uint8).copy()
+    out = [np.empty(1, np.int64) for _ in range(5)]
+    c = StringTable(8, 64)
+    parse_block(buf, 0, len(buf), 1, 5, c.slots, c.hashes, c.offs, c.pool, c.state,
+                t.slots, t.hashes, t.offs, t.pool, t.state, False, *out)
+    line_ends(buf, 0, len(buf), 1)
+    last_line_end(buf, len(buf))
+    z = np.zeros(1, np.int64)
+    count_overlaps(z, z, z + 2, z, z + 1, z, np.array([0, 1]), z, z + 3, z, z + 3,
+                   np.ones(1, np.bool_), 1, np.zeros(1, np.int64), np.zeros(1, np.int64))
+    ip = np.zeros(2, np.int64)
+    merge_csr(ip, np.zeros(0, np.int32), np.zeros(0, np.float32), ip, np.zeros(0, np.int32),
+              np.zeros(0, np.float32), 1)
