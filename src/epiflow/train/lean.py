@@ -48,13 +48,14 @@ def cca_head(model, cell_rows: torch.Tensor, emb_rows: torch.Tensor) -> torch.Te
     return model.fc2_for_CCA(model.layer_norm_for_CCA(F.gelu(model.fc1_for_CCA(z)))).squeeze(-1)
 
 
-def _bounds(sorted_vals: torch.Tensor, a: int, b: int) -> tuple[int, int]:
-    """Slice of a sorted 1-d tensor holding the values in ``[a, b)``."""
+def _chunk_bounds(sorted_vals: torch.Tensor, n: int, chunk: int) -> list[int]:
+    """Start offsets in a sorted 1-d tensor of the chunks ``[0, chunk), [chunk, 2 chunk), ...`` of
+    ``range(n)`` plus the end (one device synchronisation for all chunks)."""
+    edges = torch.arange(0, n + chunk, chunk, device=sorted_vals.device, dtype=sorted_vals.dtype)
+    edges = edges.clamp(max=n)
     if sorted_vals.numel() == 0:
-        return 0, 0
-    ab = torch.tensor([a, b], device=sorted_vals.device, dtype=sorted_vals.dtype)
-    lo, hi = torch.searchsorted(sorted_vals, ab).tolist()
-    return int(lo), int(hi)
+        return [0] * len(edges)
+    return torch.searchsorted(sorted_vals, edges).tolist()
 
 
 def _sr_dlogits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
@@ -147,11 +148,12 @@ class ChunkedSRLoss(torch.autograd.Function):
         order = torch.argsort(pos_cols, stable=True)
         rows, cols = pos_rows[order], pos_cols[order]
         total = hf.new_zeros(())
-        for a in range(0, n, chunk):
+        cb = _chunk_bounds(cols, n, chunk)
+        for j, a in enumerate(range(0, n, chunk)):
             b = min(n, a + chunk)
             x = torch.addmm(bias[a:b].float(), hf, weight[a:b].float().t())
             total = total + F.softplus(x).sum()
-            lo, hi = _bounds(cols, a, b)
+            lo, hi = cb[j], cb[j + 1]
             if hi > lo:
                 xp = x[rows[lo:hi], cols[lo:hi] - a]
                 total = total + (pos_weight * F.softplus(-xp) - F.softplus(xp)).sum()
@@ -167,9 +169,10 @@ class ChunkedSRLoss(torch.autograd.Function):
         go = grad_out.detach().float().reshape(())
         grad_h = torch.zeros_like(hf)
         grad_bias = torch.empty(n, dtype=torch.float32, device=h.device)
-        for a in range(0, n, ctx.chunk):
+        cb = _chunk_bounds(cols, n, ctx.chunk)
+        for j, a in enumerate(range(0, n, ctx.chunk)):
             b = min(n, a + ctx.chunk)
-            lo, hi = _bounds(cols, a, b)
+            lo, hi = cb[j], cb[j + 1]
             G = _sr_dlogits(hf, weight[a:b], bias[a:b], rows[lo:hi], cols[lo:hi] - a, ctx.pos_weight)
             G.mul_(go)
             grad_h.addmm_(G, weight[a:b].float())
@@ -292,7 +295,10 @@ class LeanTables:
                 continue
             order = torch.argsort(r["ids"], stable=True)
             cca.append({**r, "order": order, "sorted": r["ids"][order]})
-        prep = {"cca": cca, "dec": None}
+        V = W.shape[0]
+        for r in cca:
+            r["bounds"] = _chunk_bounds(r["sorted"], V, self.chunk)
+        prep = {"cca": cca, "dec": None, "emb_bounds": [_chunk_bounds(idx, V, self.chunk) for idx, _ in self.store.emb]}
         if self.decoder is not None:
             D = self.decoder.weight.shape[1]
             recs = [r for r in self.store.sr if r.get("scale") is not None]
@@ -324,7 +330,9 @@ class LeanTables:
                 cols = torch.cat(_all_gather_padded(cols, self._world))
             if H.shape[0]:
                 order = torch.argsort(cols, stable=True)
-                prep["dec"] = {"H": H, "scale": scale, "pw": pw, "rows": rows[order], "cols": cols[order]}
+                cols = cols[order]
+                prep["dec"] = {"H": H, "scale": scale, "pw": pw, "rows": rows[order], "cols": cols,
+                               "bounds": _chunk_bounds(cols, self.decoder.weight.shape[0], self.chunk)}
         self._prep = prep
         return prep
 
@@ -333,18 +341,18 @@ class LeanTables:
         W = self.embedding.weight
         V, D = W.shape
         prep = self._prepare()
-        for a in range(0, V, self.chunk):
+        for j, a in enumerate(range(0, V, self.chunk)):
             b = min(V, a + self.chunk)
             buf = torch.zeros(b - a, D + 1, dtype=torch.float32, device=W.device)
             g, cnt = buf[:, :D], buf[:, D]
-            for idx, val in self.store.emb:
-                lo, hi = _bounds(idx, a, b)
+            for (idx, val), eb in zip(self.store.emb, prep["emb_bounds"]):
+                lo, hi = eb[j], eb[j + 1]
                 if hi > lo:
                     i = idx[lo:hi] - a
                     g.index_add_(0, i, val[lo:hi].float())
                     cnt.index_add_(0, i, torch.ones(hi - lo, device=W.device))
             for r in prep["cca"]:
-                lo, hi = _bounds(r["sorted"], a, b)
+                lo, hi = r["bounds"][j], r["bounds"][j + 1]
                 for s in range(lo, hi, self.query_chunk):
                     sel = r["order"][s:min(hi, s + self.query_chunk)]
                     ids = r["ids"][sel]
@@ -371,9 +379,9 @@ class LeanTables:
             return
         Wd, bd = self.decoder.weight, self.decoder.bias
         n = Wd.shape[0]
-        for a in range(0, n, self.chunk):
+        for j, a in enumerate(range(0, n, self.chunk)):
             b = min(n, a + self.chunk)
-            lo, hi = _bounds(d["cols"], a, b)
+            lo, hi = d["bounds"][j], d["bounds"][j + 1]
             G = _sr_dlogits(d["H"], Wd[a:b].detach(), bd[a:b].detach(), d["rows"][lo:hi], d["cols"][lo:hi] - a,
                             d["pw"])
             G.mul_(d["scale"][:, None])
