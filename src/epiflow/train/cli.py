@@ -54,7 +54,8 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model forward")
     p.add_argument("--memory-lean", action="store_true",
-                   help="sparse embedding gradients, low-rank decoder gradients, row-wise AdamW states")
+                   help="no table-sized gradients (rebuilt chunk by chunk from per-step records), sparse "
+                        "input-token gradients, row-wise AdamW states for the cCRE embedding and decoder")
     p.add_argument("--lean-momentum", action="store_true", help="memory-lean: keep a bf16 first moment")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")

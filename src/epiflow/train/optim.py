@@ -93,8 +93,8 @@ class RowwiseAdamW:
     optionally ``m`` in bfloat16 ``[rows, dim]`` (first moment; off by default). Versus dense fp32
     AdamW (``2 x rows x dim`` floats) this stores ``rows`` floats: 5.4 MB instead of 5.6 GB for the
     paper's embedding. Updates of sparse gradients are lazy (only the rows present are touched, as
-    in ``torch.optim.SparseAdam``); the decoder update takes its gradient chunk by chunk from low-rank
-    factors, so its dense ``[N, D]`` gradient never exists.
+    in ``torch.optim.SparseAdam``); in memory-lean mode the table gradients are rebuilt chunk by chunk of
+    rows (:mod:`epiflow.train.lean`), so no dense ``[N, D]`` gradient ever exists.
 
     The learning rate is read from a torch optimiser ``lr_source`` (param group 0) so one scheduler
     drives both optimisers; ``lr_scale`` is this table's multiplier of it.
