@@ -511,10 +511,8 @@ class FragmentReader:
                 while pos < cut:
                     end, m = K.line_ends(buf, pos, cut, chunksize)
                     out = [np.empty(m, np.int64) for _ in range(5)]
-                    st, n, newpos = K.parse_block(
-                        buf, pos, end, m, ncols,
-                        ct.slots, ct.hashes, ct.offs, ct.pool, ct.state,
-                        bt.slots, bt.hashes, bt.offs, bt.pool, bt.state, self._frozen, *out)
+                    st, n, newpos = K.parse_block(buf, pos, end, m, ncols, *ct.arrays(), *bt.arrays(),
+                                                  self._frozen, *out)
                     if n:
                         yield FragmentChunk(out[0][:n], self._chrom_names(), out[1][:n], out[2][:n],
                                             out[3][:n], out[4][:n], line, n)
