@@ -194,3 +194,37 @@ def test_geometric_merge_gives_the_same_counts(tmp_path, monkeypatch):
     got = map_fragments(FragmentReader(p, chunksize=11), CcreIndex.from_frame(cc))
     assert list(got.barcodes) == list(ref.barcodes)
     assert (got.counts != ref.counts).nnz == 0 and got.counts.shape == ref.counts.shape
+
+
+@pytest.mark.parametrize("overlapping", [False, True])
+@pytest.mark.parametrize("sort", [True, False])
+def test_compiled_counting_matches_vectorised_overlaps(tmp_path, overlapping, sort):
+    """map_fragments (compiled galloping search) == CcreIndex.query_codes (numpy searchsorted) +
+    a scipy COO sum, on coordinate-sorted and shuffled fragments, with fragments on chromosomes
+    absent from the cCRE set."""
+    rng = np.random.default_rng(11)
+    if overlapping:
+        cc = _random_intervals(rng, 400, span=200_000, maxlen=3000)
+    else:
+        rows = []
+        for c in ("chr1", "chr2", "chrX"):
+            pos = np.sort(rng.choice(np.arange(0, 200_000, 700), 150, replace=False))
+            rows += [(c, p, p + rng.integers(50, 600)) for p in pos]
+        cc = pd.DataFrame(rows, columns=["chrom", "start", "end"])
+    fr = _random_intervals(rng, 20_000, chroms=("chr1", "chr2", "chrX", "chr5"), span=200_000, maxlen=900)
+    fr["barcode"] = rng.choice([f"c{i}" for i in range(50)], len(fr))
+    fr["count"] = rng.integers(1, 5, len(fr))
+    if sort:
+        fr = fr.sort_values(["chrom", "start"], kind="stable").reset_index(drop=True)
+    p = _write_frags(tmp_path / "f.tsv", fr)
+    idx = CcreIndex.from_frame(cc)
+    got = map_fragments(FragmentReader(p, chunksize=3_001), idx)
+    iq, ic = idx.query(fr["chrom"].to_numpy(), fr["start"].to_numpy(), fr["end"].to_numpy())
+    rows = pd.Index(got.barcodes).get_indexer(fr["barcode"].to_numpy())
+    ref = sp.coo_matrix((fr["count"].to_numpy()[iq].astype(np.float32), (rows[iq], ic)),
+                        shape=got.counts.shape).tocsr()
+    assert (got.counts != ref).nnz == 0 and got.counts.nnz > 1000
+    assert got.counts.has_canonical_format
+    hit = np.zeros(len(fr), bool)
+    hit[iq] = True
+    np.testing.assert_array_equal(got.n_in_ccres, np.bincount(rows[hit], minlength=len(got.barcodes)))

@@ -256,3 +256,82 @@ def test_10x_mtx_mismatch(tmp_path):
     (d / "peaks.bed").write_text("chr1\t1\t10\nchr1\t20\t30\nchr2\t1\t5\n")
     with pytest.raises(InputFormatError, match="does not match"):
         read_matrix(d, "10x_mtx")
+
+
+# ---------------------------------------------------------------- compiled parser vs general parser
+
+def _py_parse(text: str):
+    """Reference: plain Python parse of canonical lines (chrom, start, end, barcode, count)."""
+    rows = [ln.rstrip("\r").split("\t") for ln in text.splitlines() if ln and not ln.startswith("#")]
+    return [(r[0], int(r[1]), int(r[2]), r[3], int(float(r[4])) if len(r) > 4 else 1) for r in rows]
+
+
+def _as_rows(df):
+    return list(zip(df["chrom"], df["start"], df["end"], df["barcode"], df["count"]))
+
+
+@pytest.mark.parametrize("chunksize", [3, 50, 100_000])
+@pytest.mark.parametrize("gz", [False, True])
+def test_many_barcodes_long_and_short_and_many_contigs(tmp_path, chunksize, gz):
+    """Thousands of barcodes (1 to 60 bytes, shared prefixes, > 24 bytes compared byte-wise), 150
+    contigs: the string tables grow several times; codes follow the order of first appearance."""
+    rng = np.random.default_rng(3)
+    pref = "ACGTACGTACGTACGTACGTACGTACGT"  # long common prefix: words equal, tail differs
+    bcs = ([f"{pref}{i}" for i in range(700)] + [f"B{i}" for i in range(900)]
+           + ["x" * k for k in range(1, 60)] + [f"{i:016d}-1" for i in range(600)])
+    contigs = [f"chr{i}" for i in range(1, 23)] + [f"chrUn_contig{i}_random" for i in range(128)]
+    n = 6000
+    lines = [f"{contigs[rng.integers(len(contigs))]}\t{s}\t{s + rng.integers(0, 500)}\t"
+             f"{bcs[rng.integers(len(bcs))]}\t{rng.integers(1, 9)}"
+             for s in rng.integers(0, 10 ** 9, n)]
+    p = _frag(tmp_path, lines, gz=gz, name="f.tsv.gz" if gz else "f.tsv", header=["# h"])
+    df = read_fragments(p, chunksize=chunksize)
+    ref = _py_parse("\n".join(lines))
+    norm = {c: ("chr" + c[3:]) for c in contigs}
+    assert _as_rows(df) == [(norm[c], s, e, b, k) for c, s, e, b, k in ref]
+    rd = FragmentReader(p, chunksize=chunksize)
+    codes = np.concatenate([c.barcode for c in rd])
+    first = list(dict.fromkeys(r[3] for r in ref))
+    assert list(rd.barcodes) == first
+    assert [first[i] for i in codes] == [r[3] for r in ref]
+
+
+def test_whitelist_with_long_barcodes(tmp_path):
+    long_a, long_b = "Q" * 30 + "A", "Q" * 30 + "B"  # equal first 24 bytes
+    p = _frag(tmp_path, [f"chr1\t1\t5\t{long_a}\t1", f"chr1\t2\t5\t{long_b}\t2", "chr1\t3\t5\tS\t3"])
+    rd = FragmentReader(p, whitelist=[long_b, "S"])
+    chunks = list(rd)
+    assert np.concatenate([c.barcode for c in chunks]).tolist() == [0, 1]
+    assert np.concatenate([c.count for c in chunks]).tolist() == [2, 3]
+    assert rd.stats["skipped_not_whitelisted"] == 1
+
+
+@pytest.mark.parametrize("chunksize", [2, 1000])
+def test_non_canonical_lines_read_like_pandas(tmp_path, chunksize):
+    """CRLF line ends and counts like '2.0' are not the compiled parser's form: those parts of the
+    file go through pandas, with the same meaning and continuous line numbers."""
+    canon = [f"chr1\t{i}\t{i + 10}\tC{i % 3}\t{1 + i % 2}" for i in range(20)]
+    odd = ["chr2\t5\t9\tD\t2.0", "chr2\t6\t9\tC1\t3\r", "chr2\t7\t9\tE\t1"]
+    lines = canon[:10] + odd + canon[10:]
+    p = _frag(tmp_path, lines)
+    df = read_fragments(p, chunksize=chunksize)
+    assert _as_rows(df) == _py_parse("\n".join(lines))
+    crlf = tmp_path / "crlf.tsv"
+    crlf.write_bytes(("\r\n".join(ln.rstrip("\r") for ln in lines) + "\r\n").encode())
+    pd.testing.assert_frame_equal(read_fragments(crlf, chunksize=chunksize), df)
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("\n".join(lines + ["chr1\t9\t3\tC1\t1"] + canon) + "\n")
+    with pytest.raises(InputFormatError, match=r"line 24: start 9 > end 3"):
+        read_fragments(bad, chunksize=chunksize)
+
+
+def test_no_trailing_newline_and_long_file_in_small_reads(tmp_path, monkeypatch):
+    import epiflow.corpus.readers as readers
+
+    monkeypatch.setattr(readers, "READ_BYTES_MAX", 1 << 16)  # many reads, lines cut across reads
+    lines = [f"chr{1 + i % 3}\t{i}\t{i + 7}\tBC{i % 97}\t{1 + i % 4}" for i in range(20_000)]
+    p = tmp_path / "f.tsv.gz"
+    with gzip.open(p, "wt") as fh:
+        fh.write("\n".join(lines))  # no final newline
+    df = read_fragments(p, chunksize=5000)
+    assert _as_rows(df) == _py_parse("\n".join(lines))

@@ -84,12 +84,15 @@ class CcreIndex:
     """
 
     def __init__(self, chrom, start, end):
-        chrom = normalize_chrom(np.asarray(chrom).astype(str))
         start = np.asarray(start, dtype=np.int64)
         end = np.asarray(end, dtype=np.int64)
         self.n = len(start)
         self.by_chrom: dict[str, _ChromIndex] = {}
-        uniq, inv = np.unique(chrom, return_inverse=True)
+        # chromosome codes by hashing (names in sorted order, as np.unique gave them)
+        codes, names = pd.factorize(np.asarray(chrom, dtype=object), sort=False)
+        norm = normalize_chrom(np.asarray(names, dtype=object).astype(str)) if len(names) else np.zeros(0, str)
+        uniq, remap = np.unique(norm, return_inverse=True)
+        inv = remap[codes] if len(codes) else np.zeros(0, np.int64)
         order = np.lexsort((start, inv))
         inv_sorted = inv[order]
         bounds = np.searchsorted(inv_sorted, np.arange(len(uniq) + 1))

@@ -481,6 +481,7 @@ class FragmentReader:
             buf = np.empty(2 * read + 1, dtype=np.uint8)
             have = 0          # valid bytes in buf
             eof = False
+            line_len = 24.0   # mean bytes per line (updated as lines are parsed)
             while not eof:
                 if len(buf) - have < read + 1:  # a line longer than the buffer: grow it
                     nbuf = np.empty(2 * len(buf), dtype=np.uint8)
@@ -509,10 +510,14 @@ class FragmentReader:
                     pos, m = K.line_ends(buf, 0, cut, skip)
                     skip -= m
                 while pos < cut:
-                    end, m = K.line_ends(buf, pos, cut, chunksize)
+                    # outputs sized from the mean line length so far (a chunk that fills them ends
+                    # early; the next one goes on from there)
+                    m = min(chunksize, int((cut - pos) / line_len * 1.05) + 64)
                     out = [np.empty(m, np.int64) for _ in range(5)]
-                    st, n, newpos = K.parse_block(buf, pos, end, m, ncols, *ct.arrays(), *bt.arrays(),
+                    st, n, newpos = K.parse_block(buf, pos, cut, m, ncols, *ct.arrays(), *bt.arrays(),
                                                   self._frozen, *out)
+                    if n >= 64:
+                        line_len = (newpos - pos) / n
                     if n:
                         yield FragmentChunk(out[0][:n], self._chrom_names(), out[1][:n], out[2][:n],
                                             out[3][:n], out[4][:n], line, n)
