@@ -20,14 +20,18 @@ Canonical input AnnData (built by :func:`canonical_input` from the user's column
 * ``obs['batch']``: batch (integration; also used by tools that model batches);
 * ``obs['condition']``: ``control`` / ``perturbed`` and ``uns['holdout']``: the cell type whose
   perturbed cells are held out and must be predicted from its control cells (perturbation);
+* ``obs['perturbation']``: ``uns['control']`` or the perturbed gene(s) joined by ``+``, and
+  ``uns['heldout']``: the perturbations whose cells were removed and must be predicted (genetic:
+  unseen genetic perturbations, the held-out split of EpiAgent's own genetic task);
 * ``uns['params']``: nothing; adapter parameters travel separately as a JSON-able dict.
 
 Outputs (:class:`BaselineOutput`)
 ---------------------------------
 ``embedding`` (cells x d float32), ``labels`` (one str per cell; annotation), ``imputed`` (cells x
 kept features float32, with ``features`` = indices of the kept input features), ``predicted``
-(predicted perturbed cells x features float32, with ``features``), ``info`` (JSON-able dict:
-parameters actually used, epochs, notes).
+(predicted perturbed cells x features float32, with ``features``; for ``genetic`` one row per
+held-out perturbation, its mean predicted accessibility, named in ``groups``), ``info`` (JSON-able
+dict: parameters actually used, epochs, notes).
 """
 
 from __future__ import annotations
@@ -42,9 +46,9 @@ import numpy as np
 
 from ..errors import EpiflowError
 
-TASKS = ("feature_extraction", "integration", "annotation", "imputation", "perturbation")
+TASKS = ("feature_extraction", "integration", "annotation", "imputation", "perturbation", "genetic")
 OUTPUT_KIND = {"feature_extraction": "embedding", "integration": "embedding", "annotation": "labels",
-               "imputation": "imputed", "perturbation": "predicted"}
+               "imputation": "imputed", "perturbation": "predicted", "genetic": "predicted"}
 
 
 @dataclass
@@ -54,6 +58,7 @@ class BaselineOutput:
     imputed: np.ndarray | None = None
     predicted: np.ndarray | None = None
     features: np.ndarray | None = None
+    groups: np.ndarray | None = None
     info: dict = field(default_factory=dict)
 
     def check(self, task: str, n_cells: int) -> "BaselineOutput":
@@ -69,6 +74,9 @@ class BaselineOutput:
             if arr.ndim != 2 or not np.isfinite(arr).all():
                 raise EpiflowError(f"'{kind}' must be a finite 2-d matrix, got shape {arr.shape}"
                                    + ("" if arr.ndim != 2 else " with NaN/inf values"), field=kind)
+        if task == "genetic" and (self.groups is None or len(self.groups) != len(val)):
+            raise EpiflowError("genetic: 'groups' must name the held-out perturbation of every predicted row",
+                               field="groups")
         return self
 
 
@@ -114,7 +122,8 @@ REGISTRY: dict[str, AdapterSpec] = {s.tool: s for s in [
     AdapterSpec("sccase", "scCASE", ("imputation",), f"{_A}.others:fit_sccase", "venv", "sccase"),
     AdapterSpec("scgen", "scGen", ("perturbation",), f"{_A}.others:fit_scgen", "venv", "scgen"),
     AdapterSpec("scpram", "scPRAM", ("perturbation",), f"{_A}.others:fit_scpram", "venv", "scpram"),
-    AdapterSpec("gears", "GEARS", ("perturbation",), f"{_A}.others:fit_gears", "venv", "cell-gears"),
+    AdapterSpec("gears", "GEARS", ("genetic",), f"{_A}.others:fit_gears", "venv", "cell-gears",
+                note="needs a gene-GO table (param go); GO and co-expression graphs built offline"),
 ]}
 
 # Paper baselines that cannot be installed from PyPI (listed in the status table).
@@ -149,7 +158,7 @@ def save_output(out: BaselineOutput, path) -> None:
             arrays["info_json"] = np.array(json.dumps(v, default=_json_default))
         elif v is not None:
             arr = np.asarray(v)
-            if f.name == "labels":
+            if f.name in ("labels", "groups"):
                 arr = arr.astype(str)
             arrays[f.name] = arr
     with open(path, "wb") as fh:

@@ -37,7 +37,8 @@ def _run(args: argparse.Namespace) -> int:
     adata = load_counts(corpus=args.corpus, counts=args.counts, dataset=args.dataset)
     inp, ctx = canonical_input(adata, args.task, label_key=args.label_key, batch_key=args.batch_key,
                                condition_key=args.condition_key, control=args.control, holdout=args.holdout,
-                               seed=args.seed, min_open_fraction=args.min_open_fraction, top_n=args.top_n)
+                               seed=args.seed, min_open_fraction=args.min_open_fraction, top_n=args.top_n,
+                               perturbation_key=args.perturbation_key, holdout_fraction=args.holdout_fraction)
     log.info("%s on %s: %d cells x %d features", spec.method, args.task, inp.n_obs, inp.n_vars)
     out = run_baseline(args.tool, inp, args.task, params, env=args.env, cache=args.env_cache,
                        envs_dir=args.envs_dir, timeout=args.timeout, threads=args.threads)
@@ -122,7 +123,8 @@ def register(subparsers) -> None:
                                           "predictions.tsv.")
     p.add_argument("--tool", required=True, help="see `epiflow list-baselines`")
     p.add_argument("--task", required=True,
-                   choices=["feature_extraction", "integration", "annotation", "imputation", "perturbation"])
+                   choices=["feature_extraction", "integration", "annotation", "imputation", "perturbation",
+                            "genetic"])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--corpus", help="corpus folder (raw counts of its shards)")
     src.add_argument("--counts", help="h5ad of raw counts")
@@ -131,7 +133,12 @@ def register(subparsers) -> None:
     p.add_argument("--batch-key", default="batch")
     p.add_argument("--condition-key", default="condition")
     p.add_argument("--control", default="control")
-    p.add_argument("--holdout", help="perturbation: cell type whose perturbed cells are predicted")
+    p.add_argument("--holdout", help="perturbation: cell type whose perturbed cells are predicted; genetic: "
+                                      "comma-separated held-out perturbations (default: EpiAgent's seeded split)")
+    p.add_argument("--perturbation-key", default="perturbation",
+                   help="genetic: obs column of perturbation labels (control or gene symbols joined by '+')")
+    p.add_argument("--holdout-fraction", type=float, default=0.25,
+                   help="genetic: fraction of the perturbations held out (EpiAgent's split)")
     p.add_argument("--min-open-fraction", type=float, default=0.03, help="imputation cCRE filter (paper: 0.03)")
     p.add_argument("--top-n", type=int, default=50_000, help="perturbation input: most accessible cCREs")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="adapter parameter (JSON value)")

@@ -6,7 +6,9 @@
   per-task preprocessing: annotation gets the same stratified 2/3 reference, 1/3 query split as
   EpiAgent (:func:`epiflow.tasks.annotation.stratified_split`) with query labels hidden; imputation
   keeps the cCREs open in >= 3 % of cells; perturbation keeps the top-50,000 most accessible cCREs and
-  removes the held-out cell type's perturbed cells;
+  removes the held-out cell type's perturbed cells; genetic keeps the top-50,000 most accessible
+  cCREs and removes the cells of the held-out perturbations (EpiAgent's own seeded split,
+  :func:`epiflow.tasks.perturbation.holdout_split`, over the perturbations with >= 3 cells);
 * :func:`run_baseline` — runs the adapter in-process or in the tool's venv (``env='auto'`` uses the
   registry's default);
 * :func:`evaluate` — metric rows (``task, dataset, method, metric, value``) with the same metric
@@ -98,13 +100,18 @@ def _column(adata, key: str, what: str) -> np.ndarray:
 def canonical_input(adata, task: str, *, label_key: str = "cell_type", batch_key: str | None = "batch",
                     condition_key: str = "condition", control: str = "control", holdout: str | None = None,
                     query_fraction: float = 1 / 3, seed: int = 0, min_open_fraction: float = 0.03,
-                    top_n: int = 50_000):
+                    top_n: int = 50_000, perturbation_key: str = "perturbation", holdout_fraction: float = 0.25,
+                    min_cells: int = 3):
     """(adapter input AnnData, evaluation context dict) for ``task`` (see the module docstring)."""
     import anndata as ad
 
     from ..tasks.features import labelled_mask
 
     x = sp.csr_matrix(adata.X, dtype=np.float32)
+    if task == "genetic":
+        return _genetic_input(adata, x, perturbation_key=perturbation_key, control=control, holdout=holdout,
+                              holdout_fraction=holdout_fraction, seed=seed, top_n=top_n, min_cells=min_cells,
+                              label_key=label_key)
     labels = _column(adata, label_key, "label") if label_key in adata.obs or task != "integration" else None
     keep = np.ones(adata.n_obs, dtype=bool)
     if labels is not None and task in ("feature_extraction", "annotation", "imputation", "perturbation"):
@@ -163,6 +170,46 @@ def canonical_input(adata, task: str, *, label_key: str = "cell_type", batch_key
         sub.uns["holdout"] = holdout
     ctx["features"] = features
     ctx["obs"] = adata.obs.iloc[np.flatnonzero(keep)].copy()
+    return sub, ctx
+
+
+def _genetic_input(adata, x, *, perturbation_key, control, holdout, holdout_fraction, seed, top_n, min_cells,
+                   label_key):
+    """Input of the ``genetic`` task (see the module docstring)."""
+    import anndata as ad
+
+    from ..tasks.perturbation import holdout_split
+
+    lab = _column(adata, perturbation_key, "perturbation")
+    is_ctrl = lab == control
+    if is_ctrl.sum() < min_cells:
+        raise EpiflowError(f"{int(is_ctrl.sum())} cells have {perturbation_key} == {control!r}; need >= {min_cells}",
+                           field=f"obs/{perturbation_key}", fix="pass --control with the control label")
+    counts = pd.Series(lab[~is_ctrl]).value_counts()
+    perts = sorted(counts[counts >= min_cells].index)
+    if holdout:
+        held = sorted(h.strip() for h in (holdout.split(",") if isinstance(holdout, str) else holdout) if h.strip())
+        bad = [h for h in held if h not in perts]
+        if bad:
+            raise EpiflowError(f"held-out perturbation(s) {bad} are not among {perts[:20]}", field="holdout")
+        train = [p for p in perts if p not in held]
+    else:
+        train, held = holdout_split(perts, holdout_fraction, seed)
+    use = is_ctrl | np.isin(lab, perts)
+    features = top_accessible(x[use], top_n)
+    keep = is_ctrl | np.isin(lab, train)
+    obs = pd.DataFrame({"perturbation": lab}, index=adata.obs_names.astype(str))
+    if label_key in adata.obs:
+        obs["label"] = adata.obs[label_key].astype(str).to_numpy()
+    sub = ad.AnnData(X=x[keep][:, features], obs=obs.iloc[np.flatnonzero(keep)].copy(),
+                     var=adata.var.iloc[features].copy())
+    sub.uns["heldout"] = np.asarray(held, dtype=str)
+    sub.uns["control"] = control
+    ctx = {"task": "genetic", "features": features, "heldout": held, "train": train,
+           "real_ctrl": x[is_ctrl][:, features], "real_pert": {p: x[lab == p][:, features] for p in held},
+           "obs": adata.obs.iloc[np.flatnonzero(keep)].copy()}
+    log.info("genetic: %d controls, %d perturbations (%d train, %d held out: %s), %d features",
+             int(is_ctrl.sum()), len(perts), len(train), len(held), held, len(features))
     return sub, ctx
 
 
@@ -247,5 +294,37 @@ def evaluate(out: BaselineOutput, adata, ctx: dict, *, dataset: str, method: str
             sets = top_da(scores, k)
             acc = direction_accuracy(pm - mean_c, sets["up"], sets["down"])
             v[f"dir_acc@{k}"] = acc["all"]
+    elif task == "genetic":
+        return _genetic_rows(out, ctx, dataset=dataset, method=method, seed=seed)
     v["runtime_s"] = float(out.info.get("runtime_s", np.nan))
     return metric_rows(task, dataset, method, v)
+
+
+def _genetic_rows(out: BaselineOutput, ctx: dict, *, dataset: str, method: str, seed: int) -> list[dict]:
+    """Per held-out perturbation, the metrics of EpiAgent's genetic task
+    (:func:`epiflow.tasks.perturbation.evaluate_group`: Pearson of the mean accessibility and of its
+    change from the controls over the top-1,000 DA cCREs, direction accuracies); the predicted change
+    is the prediction minus the real controls' mean. Rows: means over the groups, then ``[group]``."""
+    from ..tasks.perturbation import GENE_TASK, _summary_rows, evaluate_group
+
+    groups = np.asarray(out.groups).astype(str)
+    pred = np.asarray(out.predicted, np.float64)
+    X_ctrl = ctx["real_ctrl"].copy()
+    X_ctrl.data[:] = 1.0
+    real_ctrl = np.asarray(X_ctrl.mean(0)).ravel()
+    per_group = {}
+    for p in ctx["heldout"]:
+        rows = np.flatnonzero(groups == p)
+        if rows.size == 0:
+            raise EpiflowError(f"{method} returned no prediction for the held-out perturbation {p!r}", field="groups")
+        m = pred[rows].mean(0)
+        X_pert = ctx["real_pert"][p].copy()
+        X_pert.data[:] = 1.0
+        values, _, info = evaluate_group(X_ctrl=X_ctrl, X_pert=X_pert, predicted={method: {"mean": m, "change": m - real_ctrl}},
+                                         task=GENE_TASK, seed=seed)
+        values[method].update(n_cells_perturbed=info["n_pert"])
+        per_group[p] = values
+    extra = {method: {"n_heldout_perturbations": len(ctx["heldout"]), "n_train_perturbations": len(ctx["train"]),
+                      "n_features": len(ctx["features"]), "runtime_s": float(out.info.get("runtime_s", np.nan))}}
+    rows = _summary_rows("genetic", dataset, per_group, extra)
+    return rows

@@ -5,13 +5,20 @@ The env files are conda specs (``snakemake --sdm conda`` builds them as they are
 to the main environment's packages) from the file's ``pip:`` list:
 
 1. ``<cache>/<tool>-<hash>/`` where ``hash`` is the SHA-256 of the env file (first 12 hex digits)
-   plus the Python version, so editing the file builds a new environment; ``cache`` is the
+   and of its post-deploy script (if any) plus the Python version, so editing either builds a new
+   environment; ``cache`` is the
    ``cache`` argument, else ``$EPIFLOW_ENV_CACHE``, else ``~/.cache/epiflow/envs``;
 2. built in a temporary folder beside it (``python -m venv --without-pip``; packages installed by
    the main environment's pip with ``pip --python <env python>``), ``torch==2.13.0`` first when the
-   list holds it (the only torch allowed: a local CPU wheel), then the rest of the list; the folder
-   is renamed into place only when everything installed, with ``epiflow-env.json`` (the spec,
-   ``pip freeze``, build seconds) inside. A lock file serialises concurrent builds of the same env;
+   list holds it (the only torch allowed: a local CPU wheel), then the rest of the list; then, when
+   ``envs/baseline-<tool>.post-deploy.sh`` exists, that script (the file Snakemake itself runs after
+   creating a conda env from the yaml, inside the activated env) with ``bash``, the env's ``bin`` first
+   on ``PATH`` and ``$EPIFLOW_PIP`` set to a pip command that installs into the env (the script
+   falls back to ``python -m pip`` under conda): the place for steps a requirements list cannot
+   express (``pip install --no-deps`` of a tool whose declared pins cannot be met on Python 3.11,
+   a build from a patched source distribution). The folder is renamed into place only when
+   everything installed, with ``epiflow-env.json`` (the spec, ``pip freeze``, build seconds)
+   inside. A lock file serialises concurrent builds of the same env;
 3. :func:`run_in_venv` writes the AnnData to an h5ad, runs ``python -m epiflow.baselines.runner``
    with the env's Python and only ``epiflow``'s own source on ``PYTHONPATH`` (a folder holding a
    link to the package), and reads the ``.npz`` output back.
@@ -55,6 +62,7 @@ class EnvSpec:
     path: Path
     pip: tuple[str, ...]
     digest: str
+    post_deploy: Path | None = None
 
     @property
     def needs_torch(self) -> bool:
@@ -72,6 +80,11 @@ def _req_name(req: str) -> str:
 
 def env_file(tool: str, envs_dir=None) -> Path:
     return Path(envs_dir or repo_envs_dir()) / f"baseline-{tool}.yaml"
+
+
+def post_deploy_file(tool: str, envs_dir=None) -> Path:
+    """``envs/baseline-<tool>.post-deploy.sh`` (Snakemake's name for a conda env's post-deploy script)."""
+    return Path(envs_dir or repo_envs_dir()) / f"baseline-{tool}.post-deploy.sh"
 
 
 def read_env_spec(tool: str, envs_dir=None) -> EnvSpec:
@@ -99,9 +112,11 @@ def read_env_spec(tool: str, envs_dir=None) -> EnvSpec:
         if _req_name(r) == "torch" and r.replace(" ", "") != TORCH_SPEC:
             raise ConfigError(f"torch must be pinned as '{TORCH_SPEC}' (the local CPU wheel), got '{r}'",
                               path=str(path), field="dependencies.pip")
+    post = post_deploy_file(tool, envs_dir)
+    post = post if post.exists() else None
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    digest = hashlib.sha256(raw + py.encode()).hexdigest()[:12]
-    return EnvSpec(tool, path, reqs, digest)
+    digest = hashlib.sha256(raw + (post.read_bytes() if post else b"") + py.encode()).hexdigest()[:12]
+    return EnvSpec(tool, path, reqs, digest, post)
 
 
 def env_python(env_dir: Path) -> Path:
@@ -122,6 +137,27 @@ def _pip(python: Path, args: list[str], log_fh, timeout: int) -> None:
         raise EpiflowError(f"pip install {' '.join(args)} took more than {timeout} s", field="pip") from None
     if r.returncode != 0:
         raise EpiflowError(f"pip install {' '.join(args)} failed (exit {r.returncode})", field="pip")
+
+
+def _post_deploy(script: Path, env_dir: Path, log_fh, timeout: int) -> None:
+    """Run the post-deploy script for the env at ``env_dir`` (see the module docstring)."""
+    import shlex
+
+    py = env_python(env_dir)
+    environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "CONDA_PREFIX")}
+    environ.update(PATH=f"{Path(env_dir) / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+                   VIRTUAL_ENV=str(env_dir), PYTHONNOUSERSITE="1",
+                   EPIFLOW_PIP=f"{shlex.quote(sys.executable)} -m pip --python {shlex.quote(str(py))}")
+    log_fh.write(f"$ bash {script}\n")
+    log_fh.flush()
+    with tempfile.TemporaryDirectory(prefix="epiflow-post-deploy-") as work:
+        try:
+            r = subprocess.run(["bash", str(script)], stdout=log_fh, stderr=subprocess.STDOUT, env=environ,
+                               cwd=work, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise EpiflowError(f"{script.name} took more than {timeout} s", path=str(script)) from None
+    if r.returncode != 0:
+        raise EpiflowError(f"{script.name} failed (exit {r.returncode})", path=str(script))
 
 
 def ensure_env(tool: str, *, cache=None, envs_dir=None, timeout: int = DEFAULT_TIMEOUT) -> Path:
@@ -151,9 +187,12 @@ def ensure_env(tool: str, *, cache=None, envs_dir=None, timeout: int = DEFAULT_T
                 if spec.needs_torch:
                     _pip(py, [TORCH_SPEC], fh, timeout)
                 _pip(py, rest, fh, timeout)
+                if spec.post_deploy is not None:
+                    _post_deploy(spec.post_deploy, tmp, fh, timeout)
                 freeze = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "freeze"],
                                         capture_output=True, text=True).stdout.split()
             meta = {"tool": tool, "env_file": str(spec.path), "digest": spec.digest, "pip": list(spec.pip),
+                    "post_deploy": str(spec.post_deploy) if spec.post_deploy else None,
                     "python": f"{sys.version_info.major}.{sys.version_info.minor}", "freeze": freeze,
                     "build_seconds": round(time.perf_counter() - t0, 1)}
             (tmp / "epiflow-env.json").write_text(json.dumps(meta, indent=1))
