@@ -335,3 +335,34 @@ def test_no_trailing_newline_and_long_file_in_small_reads(tmp_path, monkeypatch)
         fh.write("\n".join(lines))  # no final newline
     df = read_fragments(p, chunksize=5000)
     assert _as_rows(df) == _py_parse("\n".join(lines))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_parallel_parse_gives_the_same_chunks(tmp_path, monkeypatch, threads):
+    """Buffers parsed by several threads (tables read-only, new barcodes / chromosomes interned
+    afterwards in file order) give the same codes, names and counts as one thread; a non-canonical
+    line inside a parallel part falls back to the sequential path."""
+    import epiflow.corpus.readers as readers
+
+    monkeypatch.setattr(readers, "PARALLEL_MIN_BYTES", 256)
+    monkeypatch.setattr(readers, "READ_BYTES_MAX", 1 << 14)
+    monkeypatch.setattr(readers, "MAX_NEW_CHROMS", 2)  # parts meeting 3 new contigs fall back
+    rng = np.random.default_rng(8)
+    contigs = [f"chr{i}" for i in range(1, 23)] + [f"chrUn_c{i}" for i in range(40)]
+    bcs = [f"{'ACGT' * 7}{i}" for i in range(300)] + [f"b{i}" for i in range(3000)]
+    lines = [f"{contigs[min(int(i / 150), len(contigs) - 1)]}\t{i}\t{i + 9}\t"
+             f"{bcs[rng.integers(len(bcs))]}\t{rng.integers(1, 4)}" for i in range(9000)]
+    lines[4321] = lines[4321] + ".0"  # '3.0'-style count: not canonical
+    p = _frag(tmp_path, lines, gz=True, name="f.tsv.gz")
+    one = FragmentReader(p, chunksize=100_000, threads=1)
+    many = FragmentReader(p, chunksize=100_000, threads=threads)
+    a, b = list(one), list(many)
+    cat = lambda cs, f: np.concatenate([getattr(c, f) for c in cs])  # noqa: E731
+    for f in ("start", "end", "barcode", "count"):
+        np.testing.assert_array_equal(cat(a, f), cat(b, f))
+    np.testing.assert_array_equal(np.concatenate([c.chrom for c in a]), np.concatenate([c.chrom for c in b]))
+    assert list(one.barcodes) == list(many.barcodes)
+    assert [c.first_line for c in b] == list(np.cumsum([0] + [c.n_raw for c in b[:-1]]) + 1)
+    wl = FragmentReader(p, chunksize=100_000, threads=threads, whitelist=bcs[::7])
+    w1 = FragmentReader(p, chunksize=100_000, threads=1, whitelist=bcs[::7])
+    np.testing.assert_array_equal(cat(list(wl), "barcode"), cat(list(w1), "barcode"))

@@ -86,7 +86,10 @@ class StringTable:
 
     def intern(self, names, frozen: bool = False) -> np.ndarray:
         """Codes of ``names`` (str), inserting unknown ones unless ``frozen`` (then -1)."""
-        enc = [str(s).encode("utf-8") for s in names]
+        return self.intern_bytes([str(s).encode("utf-8") for s in names], frozen)
+
+    def intern_bytes(self, enc, frozen: bool = False) -> np.ndarray:
+        """Codes of byte strings, inserting unknown ones unless ``frozen`` (then -1)."""
         out = np.empty(len(enc), dtype=np.int64)
         for i, b in enumerate(enc):
             arr = np.frombuffer(b, dtype=np.uint8).copy()
@@ -223,12 +226,20 @@ def _lookup_insert(buf, s, e, h, w0, w1, w2, slots, shash, words, offs, pool, st
 def parse_block(buf, pos, end, max_lines, ncols,
                 c_slots, c_shash, c_words, c_offs, c_pool, c_state,
                 b_slots, b_shash, b_words, b_offs, b_pool, b_state, b_frozen,
-                out_chrom, out_start, out_end, out_bc, out_cnt):
+                out_chrom, out_start, out_end, out_bc, out_cnt,
+                lookup_only, miss_idx, miss_pos, new_pos, new_len):
     """Parse canonical lines of ``buf[pos:end]`` (``buf[end - 1]`` must be ``\\n``).
 
-    Returns ``(status, n_lines, new_pos)``: rows ``[0, n_lines)`` of the outputs are filled and
-    ``new_pos`` is the start of the first line not parsed."""
+    Returns ``(status, n_lines, next, n_miss, n_new)``: rows ``[0, n_lines)`` of the outputs are
+    filled and ``next`` is the start of the first line not parsed. With ``lookup_only`` the tables
+    are only read (several threads may parse parts of a buffer at once): a barcode (not frozen) not
+    in its table gets code -1 and the line is listed in ``miss_idx``/``miss_pos`` (row, line start;
+    ``n_miss`` of them) for :func:`fix_misses`, which interns them in file order; a chromosome not in
+    its table gets the provisional code ``-2 - k``, its name is ``buf[new_pos[k]:][:new_len[k]]``
+    (``n_new`` names in order of appearance; SLOW when ``new_pos`` is full)."""
     n = 0
+    nm = 0
+    nnew = 0
     prev_s = -1
     prev_e = -1
     prev_code = -1
@@ -239,7 +250,7 @@ def parse_block(buf, pos, end, max_lines, ncols,
         s = p
         ce = -1
         code = -1
-        if prev_code >= 0:
+        if prev_code != -1:
             ln = prev_e - prev_s
             k = 0
             while k < ln and buf[s + k] == buf[prev_s + k]:
@@ -254,7 +265,7 @@ def parse_block(buf, pos, end, max_lines, ncols,
                     break
                 p += 1
             if ch != TAB or p == s:
-                return SLOW, n, line0
+                return SLOW, n, line0, nm, nnew
             ce = p
         p = ce + 1
         # start
@@ -268,7 +279,7 @@ def parse_block(buf, pos, end, max_lines, ncols,
             d += 1
             p += 1
         if ch != TAB or d == 0 or d > 18:
-            return SLOW, n, line0
+            return SLOW, n, line0, nm, nnew
         start = v
         p += 1
         v = np.int64(0)
@@ -281,7 +292,7 @@ def parse_block(buf, pos, end, max_lines, ncols,
             d += 1
             p += 1
         if ch != TAB or d == 0 or d > 18 or v < start:
-            return SLOW, n, line0
+            return SLOW, n, line0, nm, nnew
         stop = v
         p += 1
         # barcode (hashed and packed while scanning, as in _intern_one)
@@ -319,14 +330,14 @@ def parse_block(buf, pos, end, max_lines, ncols,
         bh = _final(bh, p - bs)
         be = p
         if p == bs or ch == CR or ch == QUOTE:
-            return SLOW, n, line0
+            return SLOW, n, line0, nm, nnew
         cnt = np.int64(1)
         if ncols == 4:
             if ch != NL:
-                return SLOW, n, line0
+                return SLOW, n, line0, nm, nnew
         else:
             if ch != TAB:
-                return SLOW, n, line0
+                return SLOW, n, line0, nm, nnew
             p += 1
             v = np.int64(0)
             d = 0
@@ -338,15 +349,15 @@ def parse_block(buf, pos, end, max_lines, ncols,
                 d += 1
                 p += 1
             if d == 0 or d > 18 or v < 1:
-                return SLOW, n, line0
+                return SLOW, n, line0, nm, nnew
             cnt = v
             if ncols == 5:
                 if ch != NL:
-                    return SLOW, n, line0
+                    return SLOW, n, line0, nm, nnew
             else:
                 # further columns: exactly ncols fields, any non-empty text
                 if ch != TAB:
-                    return SLOW, n, line0
+                    return SLOW, n, line0, nm, nnew
                 nf = 5
                 while True:
                     p += 1
@@ -358,11 +369,11 @@ def parse_block(buf, pos, end, max_lines, ncols,
                         p += 1
                     nf += 1
                     if p == fs or ch == CR or ch == QUOTE:
-                        return SLOW, n, line0
+                        return SLOW, n, line0, nm, nnew
                     if ch == NL:
                         break
                 if nf != ncols:
-                    return SLOW, n, line0
+                    return SLOW, n, line0, nm, nnew
         # barcode code: the lookup is written out here (numba's inlining of _lookup_insert is
         # slower); new barcodes (unless frozen: a whitelist, unknown ones get -1) are inserted there
         mask = len(b_slots) - 1
@@ -389,18 +400,46 @@ def parse_block(buf, pos, end, max_lines, ncols,
                         bcode = c
                         break
             j = (j + 1) & mask
+        miss = False
         if bcode < 0 and not b_frozen:
-            bcode = _lookup_insert(buf, bs, be, bh, w0, w1, w2, b_slots, b_shash, b_words, b_offs, b_pool,
-                                   b_state, b_frozen)
-            if bcode == -2:
-                return GROW_BC, n, line0
-        if code < 0:
-            code = _intern_one(buf, s, ce, c_slots, c_shash, c_words, c_offs, c_pool, c_state, False)
+            if lookup_only:
+                miss = True
+            else:
+                bcode = _lookup_insert(buf, bs, be, bh, w0, w1, w2, b_slots, b_shash, b_words, b_offs,
+                                       b_pool, b_state, b_frozen)
+                if bcode == -2:
+                    return GROW_BC, n, line0, nm, nnew
+        if code == -1:
+            code = _intern_one(buf, s, ce, c_slots, c_shash, c_words, c_offs, c_pool, c_state,
+                               lookup_only)
             if code == -2:
-                return GROW_CHROM, n, line0
+                return GROW_CHROM, n, line0, nm, nnew
+            if code == -1:  # lookup_only: a chromosome new to the table gets a provisional code
+                ln = ce - s
+                for q in range(nnew):
+                    if new_len[q] == ln:
+                        same = True
+                        for k in range(ln):
+                            if buf[new_pos[q] + k] != buf[s + k]:
+                                same = False
+                                break
+                        if same:
+                            code = -2 - q
+                            break
+                if code == -1:
+                    if nnew == len(new_pos):
+                        return SLOW, n, line0, nm, nnew
+                    new_pos[nnew] = s
+                    new_len[nnew] = ln
+                    code = -2 - nnew
+                    nnew += 1
             prev_s = s
             prev_e = ce
             prev_code = code
+        if miss:
+            miss_idx[nm] = n
+            miss_pos[nm] = line0
+            nm += 1
         out_chrom[n] = code
         out_start[n] = start
         out_end[n] = stop
@@ -408,7 +447,30 @@ def parse_block(buf, pos, end, max_lines, ncols,
         out_cnt[n] = cnt
         n += 1
         pos = p + 1
-    return OK, n, pos
+    return OK, n, pos, nm, nnew
+
+
+@nb.njit(cache=True, nogil=True)
+def fix_misses(buf, miss_idx, miss_pos, k0, nm, out_bc,
+               b_slots, b_shash, b_words, b_offs, b_pool, b_state):
+    """Intern the barcodes of the lines a ``lookup_only`` parse missed, in file order (so codes
+    keep the order of first appearance). Returns ``(status, k)``: OK, or GROW_BC with ``k`` the miss
+    to resume from after growing the table."""
+    for k in range(k0, nm):
+        i = miss_idx[k]
+        p = miss_pos[k]
+        for f in range(3):  # chrom, start, end
+            while buf[p] != TAB:
+                p += 1
+            p += 1
+        s = p
+        while buf[p] != TAB and buf[p] != NL:
+            p += 1
+        c = _intern_one(buf, s, p, b_slots, b_shash, b_words, b_offs, b_pool, b_state, False)
+        if c == -2:
+            return GROW_BC, k
+        out_bc[i] = c
+    return OK, nm
 
 
 @nb.njit(cache=True, nogil=True)
@@ -696,7 +758,10 @@ def warmup() -> None:
     buf = np.frombuffer(b"chr1\t1\t2\tA\t1\n", dtype=np.uint8).copy()
     out = [np.empty(1, np.int64) for _ in range(5)]
     c = StringTable(8, 64)
-    parse_block(buf, 0, len(buf), 1, 5, *c.arrays(), *t.arrays(), False, *out)
+    e = [np.zeros(1, np.int64) for _ in range(4)]
+    parse_block(buf, 0, len(buf), 1, 5, *c.arrays(), *t.arrays(), False, *out, True, *e)
+    parse_block(buf, 0, len(buf), 1, 5, *c.arrays(), *t.arrays(), False, *out, False, *e)
+    fix_misses(buf, e[0], e[1], 0, 1, out[3], *t.arrays())
     line_ends(buf, 0, len(buf), 1)
     last_line_end(buf, len(buf))
     z = np.zeros(1, np.int64)

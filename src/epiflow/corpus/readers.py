@@ -20,6 +20,7 @@ Matrices
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import os
@@ -160,6 +161,11 @@ INFLATE_DEPTH = 8            # ... and blocks decompressed ahead (bounded memory
 
 
 PARSE_AHEAD = 2              # parsed chunks queued ahead of the consumer
+MAX_PARSE_THREADS = 4        # threads parsing parts of a buffer at once (default: min(this, cores - 2))
+PARALLEL_MIN_BYTES = 1 << 20  # smaller parts are parsed by one thread
+MAX_NEW_CHROMS = 64          # chromosomes new to the table that one parallel part may meet
+_NO_MISS = np.zeros(0, dtype=np.int64)
+
 
 
 class _Raised:
@@ -336,13 +342,17 @@ class FragmentReader:
     interning chromosome names and barcodes in hash tables; a part of the file that is not in that
     form (CRLF line ends, ``2.0`` counts, malformed lines, ...) goes through pandas' parser with the
     same validation and errors. ``chunksize`` bounds the lines per chunk (chunks may be shorter: at
-    most ~32 MiB of text is held at once).
+    most ~16 MiB of text is parsed at once). Parsing runs in a background thread one chunk ahead of
+    the consumer, and each buffer is parsed by ``threads`` threads at once (default: the usable
+    cores less 2, at most 4; 1 on a 2-core machine) that only read the string tables; the few lines with a new barcode or
+    chromosome are then interned in file order, so codes do not depend on the thread count.
     """
 
     path: str | os.PathLike
     whitelist: np.ndarray | list | str | os.PathLike | None = None
     chunksize: int = DEFAULT_CHUNKSIZE
     region: tuple[str, int, int] | None = None
+    threads: int | None = None
     stats: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self):
@@ -473,7 +483,13 @@ class FragmentReader:
         ncols = self._ncols
         line = self._n_header + 1
         fh, skip = self._source()  # starts inflating in the background ...
-        with fh:
+        nthreads = self._nthreads()
+        pool = None
+        if nthreads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(nthreads - 1, thread_name_prefix="epiflow-parse")
+        with fh, (pool if pool is not None else contextlib.nullcontext()):
             from . import _fragkernels as K  # ... while the compiled kernels load
 
             ct, bt = self._tables()
@@ -510,12 +526,20 @@ class FragmentReader:
                     pos, m = K.line_ends(buf, 0, cut, skip)
                     skip -= m
                 while pos < cut:
+                    if pool is not None and cut - pos >= PARALLEL_MIN_BYTES:
+                        got = self._parse_parallel(K, pool, nthreads, buf, pos, cut, chunksize, line)
+                        if got is not None:
+                            yield got
+                            line += got.n_raw
+                            line_len = (cut - pos) / max(got.n_raw, 1)
+                            pos = cut
+                            continue
                     # outputs sized from the mean line length so far (a chunk that fills them ends
                     # early; the next one goes on from there)
                     m = min(chunksize, int((cut - pos) / line_len * 1.05) + 64)
                     out = [np.empty(m, np.int64) for _ in range(5)]
-                    st, n, newpos = K.parse_block(buf, pos, cut, m, ncols, *ct.arrays(), *bt.arrays(),
-                                                  self._frozen, *out)
+                    st, n, newpos, _, _ = K.parse_block(buf, pos, cut, m, ncols, *ct.arrays(), *bt.arrays(),
+                                                        self._frozen, *out, False, *(_NO_MISS,) * 4)
                     if n >= 64:
                         line_len = (newpos - pos) / n
                     if n:
@@ -535,6 +559,68 @@ class FragmentReader:
                 rest = have - cut
                 buf[:rest] = buf[cut:have]
                 have = rest
+
+    def _nthreads(self) -> int:
+        if self.threads is not None:
+            return max(int(self.threads), 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        # inflating and the consumer (overlap counting) keep ~2 cores busy already
+        return max(1, min(MAX_PARSE_THREADS, cores - 2))
+
+    def _parse_parallel(self, K, pool, T: int, buf, pos: int, cut: int, chunksize: int,
+                        line0: int) -> FragmentChunk | None:
+        """Parse ``buf[pos:cut]`` in ``T`` parts at once (the string tables are only read), then
+        intern the misses in file order. None (nothing changed) when the part is not all canonical
+        lines or holds more than ``chunksize`` lines: the caller parses it sequentially."""
+        bounds = [pos]
+        for i in range(1, T):
+            b = int(K.line_ends(buf, pos + (cut - pos) * i // T, cut, 1)[0])
+            bounds.append(max(b, bounds[-1]))
+        bounds.append(cut)
+        parts = [(bounds[i], bounds[i + 1]) for i in range(T) if bounds[i + 1] > bounds[i]]
+
+        def count(ab):
+            return int(K.line_ends(buf, ab[0], ab[1], 1 << 62)[1])
+
+        futs = [pool.submit(count, ab) for ab in parts[1:]]
+        sizes = [count(parts[0])] + [f.result() for f in futs]
+        total = sum(sizes)
+        if total > chunksize or total == 0:
+            return None
+        offs = np.concatenate([[0], np.cumsum(sizes)])
+        out = [np.empty(total, np.int64) for _ in range(5)]
+        miss_idx = np.empty(total, np.int64)
+        miss_pos = np.empty(total, np.int64)
+        new_pos = np.empty((len(parts), MAX_NEW_CHROMS), np.int64)
+        new_len = np.empty((len(parts), MAX_NEW_CHROMS), np.int64)
+        ct, bt = self._tables()
+        ncols, frozen = self._ncols, self._frozen
+
+        def parse(i):
+            a, b = offs[i], offs[i + 1]
+            return K.parse_block(buf, parts[i][0], parts[i][1], sizes[i], ncols, *ct.arrays(), *bt.arrays(),
+                                 frozen, *(o[a:b] for o in out), True, miss_idx[a:b], miss_pos[a:b],
+                                 new_pos[i], new_len[i])
+
+        futs = [pool.submit(parse, i) for i in range(1, len(parts))]
+        res = [parse(0)] + [f.result() for f in futs]
+        if any(r[0] != K.OK or r[1] != sizes[i] for i, r in enumerate(res)):
+            return None
+        for i, (_, _, _, nm, nnew) in enumerate(res):  # in file order: codes by first appearance
+            a, b = offs[i], offs[i + 1]
+            if nnew:  # chromosomes new to the table: provisional codes -2 - k -> interned codes
+                names = [buf[new_pos[i, k]:new_pos[i, k] + new_len[i, k]].tobytes() for k in range(nnew)]
+                codes = ct.intern_bytes(names)
+                seg = out[0][a:b]
+                prov = seg <= -2
+                seg[prov] = codes[-2 - seg[prov]]
+            k = 0
+            while k < nm:  # barcodes new to the table
+                st, k = K.fix_misses(buf, miss_idx[a:a + nm] + a, miss_pos[a:a + nm], k, nm, out[3],
+                                     *bt.arrays())
+                if st == K.GROW_BC:
+                    bt.grow()
+        return FragmentChunk(out[0], self._chrom_names(), out[1], out[2], out[3], out[4], line0, total)
 
     def _slow_chunk(self, text: bytes, line0: int, nrows: int) -> FragmentChunk:
         """Parse lines that are not in the canonical form with pandas (same checks and errors)."""
