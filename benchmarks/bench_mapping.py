@@ -147,6 +147,14 @@ def worker_authors(folder: Path, epiagent_path: str | None):
 
 
 def _maxrss_mb() -> float:
+    """Peak resident memory of this process: VmHWM (Linux; ru_maxrss of a forked child can keep the
+    parent's peak, e.g. of the data generation), else ru_maxrss."""
+    try:
+        for ln in Path("/proc/self/status").read_text().splitlines():
+            if ln.startswith("VmHWM:"):
+                return int(ln.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

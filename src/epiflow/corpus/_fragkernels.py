@@ -708,15 +708,31 @@ def count_overlaps(codes, start, end, bc, w, code2k, koff, kstart, kend, kid, km
 @nb.njit(cache=True, nogil=True)
 def merge_csr(ap, ai, ad, bp, bi, bd, n_rows):
     """Sum of two canonical CSR matrices with ``n_rows`` rows (``ap``/``bp`` may have fewer rows:
-    missing rows are empty). Linear time; returns a canonical CSR."""
+    missing rows are empty). Linear time, two passes (the output is allocated at its exact size);
+    returns a canonical CSR."""
     na = len(ap) - 1
     nb_ = len(bp) - 1
-    cap = (ap[na] if na > 0 else 0) + (bp[nb_] if nb_ > 0 else 0)
     op = np.zeros(n_rows + 1, np.int64)
-    oi = np.empty(cap, np.int32)
-    od = np.empty(cap, np.float32)
-    q = 0
-    for r in range(n_rows):
+    for r in range(n_rows):  # pass 1: entries per row
+        i = ap[r] if r < na else 0
+        ie = ap[r + 1] if r < na else 0
+        j = bp[r] if r < nb_ else 0
+        je = bp[r + 1] if r < nb_ else 0
+        c = 0
+        while i < ie and j < je:
+            if ai[i] < bi[j]:
+                i += 1
+            elif bi[j] < ai[i]:
+                j += 1
+            else:
+                i += 1
+                j += 1
+            c += 1
+        op[r + 1] = op[r] + c + (ie - i) + (je - j)
+    oi = np.empty(op[n_rows], np.int32)
+    od = np.empty(op[n_rows], np.float32)
+    for r in range(n_rows):  # pass 2: fill
+        q = op[r]
         i = ap[r] if r < na else 0
         ie = ap[r + 1] if r < na else 0
         j = bp[r] if r < nb_ else 0
@@ -746,8 +762,7 @@ def merge_csr(ap, ai, ad, bp, bi, bd, n_rows):
             od[q] = bd[j]
             j += 1
             q += 1
-        op[r + 1] = q
-    return op, oi[:q].copy(), od[:q].copy()
+    return op, oi, od
 
 
 def warmup() -> None:

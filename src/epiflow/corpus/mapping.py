@@ -209,24 +209,27 @@ class FragmentCounts:
     stats: dict = field(default_factory=dict)
 
 
-def _merge(acc, parts, n_rows: int, n_cols: int) -> sp.csr_matrix:
-    """Sum canonical CSR parts (possibly with fewer rows) into one n_rows x n_cols CSR matrix
-    (linear-time row-wise merges, compiled)."""
+def _merge(mats: list, n_rows: int, n_cols: int) -> sp.csr_matrix:
+    """Sum canonical CSR matrices (possibly with fewer rows) into one n_rows x n_cols CSR matrix
+    (linear-time row-wise merges, compiled). ``mats`` is consumed (emptied) so that every input is
+    freed as soon as it has been merged."""
     from ._fragkernels import merge_csr
 
-    mats = ([acc] if acc is not None else []) + list(parts)
     if not mats:
         return sp.csr_matrix((n_rows, n_cols), dtype=np.float32)
+    mats.reverse()  # pop() from the end takes them in order
     while len(mats) > 1:  # pairwise rounds: every entry is copied O(log k) times
         nxt = []
-        for a, b in zip(mats[0::2], mats[1::2]):
+        while len(mats) >= 2:
+            a, b = mats.pop(), mats.pop()
             ip, ix, d = merge_csr(a.indptr.astype(np.int64), a.indices, a.data,
                                   b.indptr.astype(np.int64), b.indices, b.data, n_rows)
+            del a, b
             nxt.append(sp.csr_matrix((d, ix, ip), shape=(n_rows, n_cols)))
-        if len(mats) % 2:
-            nxt.append(mats[-1])
-        mats = nxt
-    m = mats[0]
+        nxt.extend(mats)
+        mats[:] = nxt[::-1]
+        del nxt
+    m = mats.pop()
     if m.shape[0] != n_rows:
         ip = np.concatenate([m.indptr, np.full(n_rows - m.shape[0], m.indptr[-1], m.indptr.dtype)])
         m = sp.csr_matrix((m.data, m.indices, ip), shape=(n_rows, n_cols))
@@ -297,11 +300,14 @@ def map_fragments(reader: FragmentReader, index: CcreIndex, *, use_count_column:
         pending_nnz += m.nnz
         # merge geometrically (when the pending part outgrows the merged part): amortised linear cost
         if pending_nnz > max(0 if acc is None else acc.nnz, MERGE_MIN_NNZ):
-            acc = _merge(acc, pending, nb, index.n)
-            pending, pending_nnz = [], 0
+            mats = ([acc] if acc is not None else []) + pending
+            acc, pending, pending_nnz = None, [], 0
+            acc = _merge(mats, nb, index.n)
     bar.close()
     nb = reader.n_barcodes
-    acc = _merge(acc, pending, nb, index.n)
+    mats = ([acc] if acc is not None else []) + pending
+    acc = pending = None
+    acc = _merge(mats, nb, index.n)
     n_frag = np.concatenate([n_frag, np.zeros(nb - len(n_frag), np.int64)])
     n_in = np.concatenate([n_in, np.zeros(nb - len(n_in), np.int64)])
     stats = dict(reader.stats)

@@ -157,7 +157,7 @@ class FragmentChunk:
 READ_BYTES_MAX = 1 << 24     # decompressed text handed to the parser per read (16 MiB)
 SLOW_LINES = 65_536          # lines per chunk read by the general (pandas) parser
 INFLATE_BLOCK = 1 << 22      # background inflate: block size ...
-INFLATE_DEPTH = 8            # ... and blocks decompressed ahead (bounded memory: 32 MiB)
+INFLATE_DEPTH = 4            # ... and blocks decompressed ahead (bounded memory: 16 MiB)
 
 
 PARSE_AHEAD = 2              # parsed chunks queued ahead of the consumer
