@@ -35,10 +35,10 @@ if _fe_unknown:
     )
 # per-dataset tables written for only some datasets of a task: panels draw the datasets that have them
 PARTIAL_UNIT_TABLES = {
-    "trajectory.tsv": "config tasks.feature_extraction.trajectory.datasets is empty: the trajectory "
-    "(PAGA + pseudotime vs a known order of cell types, e.g. Buenrostro 2018 haematopoiesis) runs on "
-    "no dataset (list the evaluated datasets whose cell types follow tasks.feature_extraction."
-    "trajectory.order)",
+    "trajectory.tsv": "no dataset gets a trajectory.tsv: config tasks.feature_extraction.trajectory."
+    "datasets is empty, so the trajectory (PAGA + pseudotime vs a known order of cell types, e.g. "
+    "Buenrostro 2018 haematopoiesis) runs on none (list the evaluated datasets whose cell types follow "
+    "tasks.feature_extraction.trajectory.order)",
 }
 if FE_CFG["enabled"] and not FE_TRAJECTORY and workflow.is_main_process:
     from snakemake.logging import logger
