@@ -179,6 +179,34 @@ def test_env_spec_rules(tmp_path):
         venv.read_env_spec("missing", tmp_path)
 
 
+def test_post_deploy_script_runs_in_the_env(tmp_path, monkeypatch):
+    """envs/baseline-<tool>.post-deploy.sh (Snakemake's conda post-deploy script) also runs in the
+    venv build: env's python first on PATH, $EPIFLOW_PIP installing into the env; it is part of the
+    env's hash; a failing script leaves nothing in the cache."""
+    envs = tmp_path / "envs"
+    envs.mkdir()
+    (envs / "baseline-x.yaml").write_text("dependencies:\n  - pip:\n      - numpy\n")
+    s0 = venv.read_env_spec("x", envs)
+    assert s0.post_deploy is None
+    script = envs / "baseline-x.post-deploy.sh"
+    script.write_text('set -eu\necho "$EPIFLOW_PIP" > "$VIRTUAL_ENV/pip.txt"\n'
+                      'command -v python > "$VIRTUAL_ENV/python.txt"\n')
+    s1 = venv.read_env_spec("x", envs)
+    assert s1.post_deploy == script and s1.digest != s0.digest
+    calls = []
+    monkeypatch.setattr(venv, "_pip", lambda py, args, fh, timeout: calls.append(list(args)))
+    env = venv.ensure_env("x", cache=tmp_path / "cache", envs_dir=envs)
+    assert calls == [["numpy"]] and env.name == f"x-{s1.digest}"
+    pip_cmd = (env / "pip.txt").read_text().split()
+    assert pip_cmd[1:4] == ["-m", "pip", "--python"] and pip_cmd[4].endswith("/bin/python")
+    assert (env / "python.txt").read_text().strip() == pip_cmd[4]  # the env's python is first on PATH
+    assert venv.env_info(env)["post_deploy"] == str(script)
+    script.write_text("exit 3\n")
+    with pytest.raises(EpiflowError, match="post-deploy.sh failed"):
+        venv.ensure_env("x", cache=tmp_path / "cache", envs_dir=envs)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()) == [env.name]
+
+
 def test_output_roundtrip_and_check(tmp_path):
     out = base.BaselineOutput(embedding=np.ones((3, 2), np.float32), labels=np.array(["a", "b", "a"]),
                               info={"x": np.int64(3), "y": [1.5]})

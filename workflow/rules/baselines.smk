@@ -17,12 +17,15 @@
 #     label_key: cell_type
 #     batch_key: batch
 #     condition_key: condition      # perturbation
+#     (genetic task, GEARS: obs column 'perturbation' unless baselines.perturbation_key; the GO table
+#      comes from params: {gears: {go: ../shared/data/go_bp_human.tsv.gz}}; the config schema must
+#      list 'genetic' under baselines.tasks for it to be configured)
 #     genes: null                   # BED6 gene file for gene-activity scores (annotation)
 #     seed: 0
 
 
 wildcard_constraints:
-    bl_task=r"feature_extraction|integration|annotation|imputation|perturbation",
+    bl_task=r"feature_extraction|integration|annotation|imputation|perturbation|genetic",
     bl_tool=r"[a-z_]+",
     bl_dataset=r"[A-Za-z0-9._-]+",
 
@@ -52,11 +55,13 @@ rule run_baseline:
         label_key=BL.get("label_key", "cell_type"),
         batch_key=BL.get("batch_key", "batch"),
         condition_key=BL.get("condition_key", "condition"),
+        perturbation_key=BL.get("perturbation_key", "perturbation"),
         seed=BL.get("seed", 0),
     shell:
         "python -m epiflow run-baseline --tool {wildcards.bl_tool} --task {wildcards.bl_task}"
         " --corpus {input.corpus} {params.dataset} --label-key {params.label_key}"
         " --batch-key {params.batch_key} --condition-key {params.condition_key}"
+        " --perturbation-key {params.perturbation_key}"
         " {params.tool_params} --env {params.env} {params.cache} --threads {threads}"
         " --seed {params.seed} --out-dir {params.outdir} > {log} 2>&1"
 
