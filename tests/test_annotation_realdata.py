@@ -15,26 +15,13 @@ pytestmark = pytest.mark.realdata
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory, data_dir):
-    from epiflow.corpus.build import build_corpus, candidate_set
-    from epiflow.corpus.manifest import load_manifest
-    from epiflow.corpus.mapping import map_dataset, write_mapped
+    from conftest import build_bone_marrow_corpus
     from epiflow.corpus.shard import open_corpus
     from epiflow.model import EpiAgentConfig, from_config, save_epiagent_checkpoint
 
     tmp = tmp_path_factory.mktemp("real_tasks")
-    d = Path(data_dir)
-    (tmp / "manifest.tsv").write_text(
-        "name\tformat\tpath\tgenome\ttissue\tbatch_key\n"
-        f"bm0828\th5ad\t{d}/buenrostro2018_bm0828.h5ad\thg19\tbone_marrow\tdonor\n"
-        f"granja\th5ad\t{d}/granja2019_bmmc.h5ad\thg19\tbone_marrow\tdonor\n")
-    entries = load_manifest(tmp / "manifest.tsv")
-    cand, _ = candidate_set(entries, "hg19")
-    for e in entries:
-        a, rep = map_dataset(e, cand, "hg19", tss={"hg19": d / "hg19_tss.bed.gz"})
-        write_mapped(a, tmp / f"{e.name}.h5ad", rep, tmp / f"{e.name}.json")
-    build_corpus(cand, [tmp / f"{e.name}.h5ad" for e in entries], tmp / "corpus", genome="hg19",
-                 min_cells=10, min_ccres_per_cell=30, shard_size=600)
-    corpus = open_corpus(tmp / "corpus")
+    corpus_dir = build_bone_marrow_corpus(tmp, Path(data_dir), shard_size=600)
+    corpus = open_corpus(corpus_dir)
     torch.manual_seed(0)
     ckpt = save_epiagent_checkpoint(from_config(EpiAgentConfig.preset("tiny", n_ccres=corpus.n_ccres)),
                                     tmp / "checkpoint.pth", write_config=True)
