@@ -207,6 +207,13 @@ def test_post_deploy_script_runs_in_the_env(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()) == [env.name]
 
 
+def test_relative_path_params_become_absolute(tmp_path, monkeypatch):
+    (tmp_path / "genes.bed").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    p = venv._absolute_paths({"genes": "genes.bed", "model": "MLP", "n": 3, "missing": "nope.bed"})
+    assert p == {"genes": str(tmp_path / "genes.bed"), "model": "MLP", "n": 3, "missing": "nope.bed"}
+
+
 def test_output_roundtrip_and_check(tmp_path):
     out = base.BaselineOutput(embedding=np.ones((3, 2), np.float32), labels=np.array(["a", "b", "a"]),
                               info={"x": np.int64(3), "y": [1.5]})

@@ -223,6 +223,17 @@ def _package_path_dir(tmpdir: Path) -> Path:
     return d
 
 
+def _absolute_paths(params: dict) -> dict:
+    """Parameter values naming an existing file or folder relative to the caller's working directory
+    become absolute: the tool runs in a temporary working directory."""
+    out = {}
+    for k, v in params.items():
+        if isinstance(v, str) and v and not os.path.isabs(v) and os.path.exists(v):
+            v = os.path.abspath(v)
+        out[k] = v
+    return out
+
+
 def run_in_venv(tool: str, adata, task: str, params: dict, *, cache=None, envs_dir=None,
                 timeout: int | None = None, build_timeout: int = DEFAULT_TIMEOUT, threads: int | None = None):
     """Run ``tool``'s adapter on ``adata`` in the tool's own environment; returns its BaselineOutput."""
@@ -233,7 +244,7 @@ def run_in_venv(tool: str, adata, task: str, params: dict, *, cache=None, envs_d
         td = Path(td)
         inp, par, out = td / "input.h5ad", td / "params.json", td / "output.npz"
         adata.write_h5ad(inp)
-        par.write_text(json.dumps(params))
+        par.write_text(json.dumps(_absolute_paths(params)))
         environ = {k: v for k, v in os.environ.items()
                    if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")}
         environ.update(PYTHONPATH=str(_package_path_dir(td)), PYTHONNOUSERSITE="1", MPLBACKEND="Agg")
