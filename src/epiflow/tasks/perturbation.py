@@ -9,10 +9,13 @@ stimulation. Leave-one-cell-type-out: for every held-out cell type T,
    cosine cost, uniform weights) matches every perturbed cell to an unperturbed cell of its type;
 2. the model gets a learnable [PER] token added at position 0 and is fine-tuned on
    * every unperturbed cell (no token, reconstructs itself; classifier label 0),
-   * every perturbed cell of the other types (no token, reconstructs itself; label 1),
+   * every perturbed cell of the other types (WITH [PER], reconstructs itself; label 1),
    * for every perturbed cell of the other types, its matched unperturbed partner duplicated WITH
-     [PER], trained to reproduce the perturbed cell (CCA + SR targets from the partner; label 1),
-   with the auxiliary "unperturbed vs perturbed + predicted" classifier weighted 0.01;
+     [PER], trained to reproduce the perturbed cell (CCA + SR targets of the perturbed partner; label 1),
+   with the auxiliary "unperturbed vs perturbed + predicted" classifier weighted 0.01. [PER] thus
+   means "decode the perturbed state": without it the model only ever reconstructs unperturbed cells.
+   (Perturbed cells reconstructing themselves WITHOUT the token - ``perturbed_self_token=False`` -
+   make the token-free path hedge between the two states, which shrinks the change the token carries);
 3. the unperturbed cells of T are encoded with [PER] and decoded with the signal decoder (calibrated
    sigmoid probabilities) -> predicted perturbed cells of T.
 
@@ -279,8 +282,10 @@ def predict_stimulation(cells: CellSet, base_model, *, condition_key: str = "con
                         cell_type_key: str = "cell_type", holdout=None, out_dir=None, dataset: str = "data",
                         settings: FinetuneSettings | None = None, ks=DEFAULT_KS, n_top: int = 1000,
                         min_cells: int = 3, save_cells: bool = True, svg: bool = False, seed: int = 0,
-                        max_ot_cells: int = 2000) -> pd.DataFrame:
-    """Leave-one-cell-type-out stimulation prediction; returns (and writes to ``out_dir``) the metrics."""
+                        max_ot_cells: int = 2000, perturbed_self_token: bool = True) -> pd.DataFrame:
+    """Leave-one-cell-type-out stimulation prediction; returns (and writes to ``out_dir``) the metrics.
+    ``perturbed_self_token``: the perturbed training cells reconstruct themselves with [PER] (default) or
+    without it (the previous behaviour, for comparison)."""
     import copy
 
     settings = settings or FinetuneSettings(seed=seed)
@@ -325,7 +330,8 @@ def predict_stimulation(cells: CellSet, base_model, *, condition_key: str = "con
         ok = train_partner >= 0
         ex = pd.concat([
             pd.DataFrame({"input": all_ctrl, "target": all_ctrl, "cond": -1, "label": 0}),
-            pd.DataFrame({"input": train_pert, "target": train_pert, "cond": -1, "label": 1}),
+            pd.DataFrame({"input": train_pert, "target": train_pert, "cond": 0 if perturbed_self_token else -1,
+                          "label": 1}),
             pd.DataFrame({"input": train_partner[ok], "target": train_pert[ok], "cond": 0, "label": 1}),
         ], ignore_index=True)
         model = conditioned_model(copy.deepcopy(base_model), num_conditions=1)
@@ -357,6 +363,7 @@ def predict_stimulation(cells: CellSet, base_model, *, condition_key: str = "con
         for m in values:
             values[m].update(n_cells_control=info["n_ctrl"], n_cells_perturbed=info["n_pert"],
                              n_top_used=info["n_top_used"])
+        values["EpiAgent"]["per_token_norm"] = float(model.condition_embedding.weight.detach().norm())
         values["EpiAgent"]["finetune_steps"] = len(hist)
         values["EpiAgent"]["finetune_final_loss"] = hist[-1]["loss"] if hist else float("nan")
         per_group[T] = values

@@ -8,8 +8,10 @@ conditional token, the training loop and decoding.
   with a cosine cost and uniform weights; every perturbed cell gets the unperturbed cell that carries
   most of its mass as partner. :func:`ot_match_groups` does it per group (cell type / perturbation).
 * :func:`conditioned_model` - the pretrained EpiAgent plus a learnable [PER] token
-  (``condition_embedding``, 1 row) or the gene-perturbation GNN over a gene graph
-  (``perturbation_gnn``); both are added to the input at position 0.
+  (``condition_embedding``, 1 row, initialised N(0, s) with s the standard deviation of the cCRE input
+  embeddings, :func:`token_scale`) or the gene-perturbation GNN over a gene graph
+  (``perturbation_gnn``; its LayerNorm output is on that scale already); both are added to the input at
+  position 0.
 * :func:`finetune_conditioned` - the loop: every example is (input cell, target cell, conditional
   token or -1, class label). Loss = CCA (K negatives per positive, default 1; positives = ALL
   accessible cCREs of the target cell) + SR (BCE, pos_weight of the checkpoint) on the target
@@ -170,6 +172,13 @@ def load_base_model(checkpoint, *, num_heads: int | None = None, n_ccres: int | 
     return model
 
 
+def token_scale(model) -> float:
+    """Standard deviation of the model's cCRE input embeddings (the scale of one input token)."""
+    w = model.cCRE_embedding.weight.detach()
+    s = float(w[NUM_SPECIAL:].float().std()) if w.shape[0] > NUM_SPECIAL + 1 else float(w.float().std())
+    return s if math.isfinite(s) and s > 0 else 1.0
+
+
 def conditioned_model(base, *, num_conditions: int = 0, gene_graph=None):
     """A copy of ``base`` with ``num_conditions`` [PER] tokens and/or a gene GNN over ``gene_graph``
     (:class:`epiflow.genome.gene_graph.GeneGraph`). Base weights are copied; new ones freshly initialised."""
@@ -182,8 +191,13 @@ def conditioned_model(base, *, num_conditions: int = 0, gene_graph=None):
         kw.update(num_genes=gene_graph.n_genes, gnn_edges=gene_graph.n_edges)
     cfg = base.config.replace(**kw)
     model = EpiAgent.from_config(cfg, backend="sdpa")
-    if num_conditions:  # a small [PER] token, on the scale of a few cCRE embeddings
-        nn.init.normal_(model.condition_embedding.weight, 0.0, 0.02)
+    if num_conditions:
+        # the [PER] token is ADDED to the [CLS] input embedding: it must be on the scale of the model's
+        # input embeddings to move the cell embedding at all (a N(0, 0.02) token next to N(0, 1) cCRE rows
+        # changed the demo model's cell embedding by ~1 % of the cell-to-cell spread and the decoded
+        # accessibility by ~0.0002: the fine-tuned model ignored the token and hedged between the
+        # unperturbed and the perturbed profile instead)
+        nn.init.normal_(model.condition_embedding.weight, 0.0, token_scale(base))
     sd = {k: v for k, v in base.state_dict().items()
           if not k.startswith(("condition_embedding", "perturbation_gnn"))}
     missing, unexpected = model.load_state_dict(sd, strict=False)
