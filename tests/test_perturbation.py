@@ -331,9 +331,20 @@ def test_make_perturbation_benchmark_real_cells(tmp_path, data_dir):
     rows = (g.obs["perturbation"] == gene).to_numpy()
     ctrl = (g.obs["perturbation"] == "control").to_numpy()
     assert Xg[rows][:, direct].mean() < 0.5 * Xg[ctrl][:, direct].mean()
-    for f in ("stimulation_corpus/corpus.json", "genetic_corpus/corpus.json", "README.md", "go.tsv",
-              "truth/params.json"):
+    for f in ("stimulation_corpus/corpus.json", "genetic_corpus/corpus.json", "source_corpus/corpus.json",
+              "README.md", "go.tsv", "truth/params.json"):
         assert (out / f).exists(), f
+    # the pretraining corpus: the unmodified cells over the same vocabulary (no perturbed cell in it)
+    import json
+
+    meta = {k: json.loads((out / k / "corpus.json").read_text()) for k in ("source_corpus", "stimulation_corpus")}
+    assert meta["source_corpus"]["vocab_id"] == meta["stimulation_corpus"]["vocab_id"]
+    from epiflow.tasks.perturbation_train import cells_from_corpus
+
+    src = cells_from_corpus(out / "source_corpus", "cell_type")
+    raw = ad.read_h5ad(h5)
+    assert src.n_cells == raw.n_obs
+    assert (src.binary() != (sp.csr_matrix(raw.X) > 0).astype(np.float32)).nnz == 0
 
 
 def test_paper_manifest_parses():

@@ -36,7 +36,8 @@ via_gene, Jaccard, closing probability.
 
 Outputs: ``stimulation.h5ad``, ``genetic.h5ad`` (raw counts CSR int32, var chrom/start/end, obs labels
 + ``cell_id``), optional corpus folders ``stimulation_corpus/`` and ``genetic_corpus/`` (shards over the
-same peaks, df of those cells; ready for ``epiflow pretrain`` / ``predict-*``), ``truth/``,
+same peaks, df of those cells; ready for ``predict-*``) and ``source_corpus/`` (the unmodified input
+cells, same peaks: pretrain there so that the model never saw a perturbed cell), ``truth/``,
 ``go.tsv`` (the GO annotations of the data set's genes), ``README.md``.
 """
 
@@ -297,6 +298,10 @@ def make_perturbation_benchmark(adata, tss, go, out_dir, *, cell_type_key: str =
     if write_corpora:
         write_corpus(out / "stimulation_corpus", Xs, obs_s, peaks, genome=genome)
         write_corpus(out / "genetic_corpus", Xg, obs_g, peaks, genome=genome)
+        # the unmodified input cells over the same peaks: pretrain here, so that the pretrained model has
+        # never seen a perturbed cell (the held-out types' perturbed cells in particular)
+        obs_0 = pd.DataFrame({"cell_id": cell_id, "cell_type": ctype, "dataset": "source"})
+        write_corpus(out / "source_corpus", X0, obs_0, peaks, genome=genome)
     readme = (__doc__ or "").split("Generative rule", 1)[-1]
     with atomic_path(out / "README.md") as tmp:
         Path(tmp).write_text(f"# Semi-synthetic perturbation benchmark (epiflow make-perturbation-benchmark)\n\n"

@@ -109,7 +109,9 @@ def _common(p: argparse.ArgumentParser, key: str, key_help: str) -> None:
     ft.add_argument("--epochs", type=int, default=3, help="passes over the training examples (default 3)")
     ft.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (tests / quick runs)")
     ft.add_argument("--batch-size", type=int, default=16)
-    ft.add_argument("--lr", type=float, default=1e-4, help="learning rate of the pretrained weights")
+    ft.add_argument("--lr", type=float, default=1e-4,
+                    help="learning rate of the pretrained weights (default 1e-4, for the paper-size model; the "
+                         "tiny demo model needs ~1e-3 for the [PER] token to take effect)")
     ft.add_argument("--new-lr", type=float, default=1e-3, help="learning rate of the new token / GNN / classifier")
     ft.add_argument("--aux-weight", type=float, default=0.01, help="weight of the auxiliary classifier (0.01)")
     ft.add_argument("--cca-k", type=int, default=1, help="CCA negatives per positive (1)")
