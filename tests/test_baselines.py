@@ -214,6 +214,31 @@ def test_relative_path_params_become_absolute(tmp_path, monkeypatch):
     assert p == {"genes": str(tmp_path / "genes.bed"), "model": "MLP", "n": 3, "missing": "nope.bed"}
 
 
+def test_status_table_in_readme_matches_docs(tmp_path):
+    """README.md's Baselines table is the copy of docs/baselines.md's, and it has a row for every
+    registered tool and for the tools not on PyPI, with the required columns."""
+    from epiflow.baselines import status
+
+    root = status.repo_root()
+    docs, readme = root / "docs" / "baselines.md", root / "README.md"
+    assert status.check(docs, readme) == [], "run: python -m epiflow.baselines.status --write"
+    rows = status.table_rows(status.block(docs.read_text()))
+    assert rows[0] == status.COLUMNS
+    names = " ".join(r[0] for r in rows[1:])
+    for spec in base.REGISTRY.values():
+        assert spec.method.split("-")[-1].split("+")[0].lower() in names.lower(), spec.method
+    for name in base.NOT_ON_PYPI:
+        assert name in names
+    assert all(len(r) == len(status.COLUMNS) and all(r) for r in rows[1:])
+    assert not any("pending" in c for r in rows for c in r)
+    # the checker notices a difference, --write repairs it
+    d, r = tmp_path / "d.md", tmp_path / "r.md"
+    d.write_text(f"x\n{status.START}\n| a | b |\n{status.END}\n")
+    r.write_text(f"# top\n{status.START}\n| a | c |\n{status.END}\ntail\n")
+    assert status.check(d, r) and status.write_readme(d, r)
+    assert status.check(d, r) == [] and r.read_text().startswith("# top") and r.read_text().endswith("tail\n")
+
+
 def test_output_roundtrip_and_check(tmp_path):
     out = base.BaselineOutput(embedding=np.ones((3, 2), np.float32), labels=np.array(["a", "b", "a"]),
                               info={"x": np.int64(3), "y": [1.5]})
