@@ -320,8 +320,8 @@ def _genetic_rows(out: BaselineOutput, ctx: dict, *, dataset: str, method: str, 
         m = pred[rows].mean(0)
         X_pert = ctx["real_pert"][p].copy()
         X_pert.data[:] = 1.0
-        values, _, info = evaluate_group(X_ctrl=X_ctrl, X_pert=X_pert, predicted={method: {"mean": m, "change": m - real_ctrl}},
-                                         task=GENE_TASK, seed=seed)
+        predicted = {method: {"mean": m, "change": m - real_ctrl}}
+        values, _, info = evaluate_group(X_ctrl=X_ctrl, X_pert=X_pert, predicted=predicted, task=GENE_TASK, seed=seed)
         values[method].update(n_cells_perturbed=info["n_pert"])
         per_group[p] = values
     extra = {method: {"n_heldout_perturbations": len(ctx["heldout"]), "n_train_perturbations": len(ctx["train"]),

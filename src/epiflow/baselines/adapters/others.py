@@ -3,8 +3,9 @@
 Every adapter keeps all cells and features of the canonical input (the tools' own cell / feature
 filters are switched off: the task's preprocessing has already been applied by
 :func:`epiflow.baselines.run.canonical_input`), and maps the tool's output back to the input order.
-Tools that could not be installed or run here keep a stub that raises a clear error naming the
-reason (see ``docs/baselines.md``).
+Where a tool needs a compatibility step on Python 3.11 (pins, ``--no-deps`` installs, a patched
+build, a run-time alias), the step is in its ``envs/baseline-<tool>.yaml`` / ``.post-deploy.sh``
+or, for run-time aliases, in the adapter below, and ``docs/baselines.md`` lists it.
 """
 
 from __future__ import annotations
@@ -377,7 +378,8 @@ def fit_cellcano(adata, task: str, params: dict) -> BaselineOutput:
     train = ad.AnnData(X=x[ref], obs=pd.DataFrame({cu.Celltype_COLUMN: adata.obs["label"].astype(str).to_numpy()[ref]},
                                                   index=adata.obs_names[ref].astype(str)), var=var.copy())
     train = cu._process_adata(train, process_type="train")
-    train = cu._select_feature(train, fs_method=params.get("fs", "F-test"), num_features=int(params.get("num_features", 3000)))
+    train = cu._select_feature(train, fs_method=params.get("fs", "F-test"),
+                               num_features=int(params.get("num_features", 3000)))
     train = cu._scale_data(train)
     x_train = cu._extract_adata(train)
     enc = OneHotEncoder(handle_unknown="ignore")
@@ -566,14 +568,3 @@ def fit_gears(adata, task: str, params: dict) -> BaselineOutput:
                           info={"epochs": epochs, "n_train_conditions": len(fit_c), "n_val_conditions": len(val_c),
                                 "go_graph_nodes": len(pert_list), "go_graph_edges": int(len(go_edges)),
                                 "coexpression_edges": int(len(co))})
-
-
-def _not_available(tool: str, reason: str):
-    def fit(adata, task, params):
-        raise EpiflowError(f"{tool}: {reason}", fix="see docs/baselines.md (status table)")
-    fit.__name__ = f"fit_{tool}"
-    return fit
-
-
-# Tools whose adapter is not available here; the reasons are those found when installing / running
-# them on Python 3.11 (docs/baselines.md).
