@@ -297,7 +297,8 @@ def evaluate(out: BaselineOutput, adata, ctx: dict, *, dataset: str, method: str
     elif task == "genetic":
         return _genetic_rows(out, ctx, dataset=dataset, method=method, seed=seed)
     v["runtime_s"] = float(out.info.get("runtime_s", np.nan))
-    return metric_rows(task, dataset, method, v)
+    # rows carry EpiAgent's task names so both land in the same tables (stimulated perturbation)
+    return metric_rows("stimulated_perturbation" if task == "perturbation" else task, dataset, method, v)
 
 
 def _genetic_rows(out: BaselineOutput, ctx: dict, *, dataset: str, method: str, seed: int) -> list[dict]:
