@@ -183,11 +183,10 @@ def cell_sentences(tfidf, max_len: int | None = None, *, return_values: bool = F
     try:
         tokens, values = _rank_order(indptr, data, cols, n_jobs=n_jobs)
     except _ZeroValues:  # explicit zeros stored (rare): drop them first
-        keep = data != 0
-        rows = _row_ids(indptr)[keep]
-        data, cols = data[keep], cols[keep]
-        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=tf.shape[0]))]).astype(np.int64)
-        tokens, values = _rank_order(indptr, data, cols, n_jobs=n_jobs)
+        tf = tf.copy()
+        tf.eliminate_zeros()
+        indptr = tf.indptr.astype(np.int64)
+        tokens, values = _rank_order(indptr, tf.data, tf.indices, n_jobs=n_jobs)
     if max_len is not None:
         indptr, (tokens, values) = truncate_sentences(indptr, tokens, max_len, values)
     if return_values:
