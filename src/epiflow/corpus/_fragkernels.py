@@ -222,6 +222,22 @@ def _lookup_insert(buf, s, e, h, w0, w1, w2, slots, shash, words, offs, pool, st
 # fragment line parser
 # ----------------------------------------------------------------------------------------------
 
+@nb.njit(cache=True, nogil=True, inline="always")
+def _uint_at(buf, p):
+    """The decimal digits at ``buf[p:]``: ``(value, digit count, position of the first non-digit,
+    that byte)``."""
+    v = np.int64(0)
+    d = 0
+    while True:
+        ch = buf[p]
+        if ch < 48 or ch > 57:
+            break
+        v = v * 10 + (ch - 48)
+        d += 1
+        p += 1
+    return v, d, p, ch
+
+
 @nb.njit(cache=True, nogil=True)
 def parse_block(buf, pos, end, max_lines, ncols,
                 c_slots, c_shash, c_words, c_offs, c_pool, c_state,
@@ -269,28 +285,12 @@ def parse_block(buf, pos, end, max_lines, ncols,
             ce = p
         p = ce + 1
         # start
-        v = np.int64(0)
-        d = 0
-        while True:
-            ch = buf[p]
-            if ch < 48 or ch > 57:
-                break
-            v = v * 10 + (ch - 48)
-            d += 1
-            p += 1
+        v, d, p, ch = _uint_at(buf, p)
         if ch != TAB or d == 0 or d > 18:
             return SLOW, n, line0, nm, nnew
         start = v
         p += 1
-        v = np.int64(0)
-        d = 0
-        while True:
-            ch = buf[p]
-            if ch < 48 or ch > 57:
-                break
-            v = v * 10 + (ch - 48)
-            d += 1
-            p += 1
+        v, d, p, ch = _uint_at(buf, p)
         if ch != TAB or d == 0 or d > 18 or v < start:
             return SLOW, n, line0, nm, nnew
         stop = v
@@ -339,15 +339,7 @@ def parse_block(buf, pos, end, max_lines, ncols,
             if ch != TAB:
                 return SLOW, n, line0, nm, nnew
             p += 1
-            v = np.int64(0)
-            d = 0
-            while True:
-                ch = buf[p]
-                if ch < 48 or ch > 57:
-                    break
-                v = v * 10 + (ch - 48)
-                d += 1
-                p += 1
+            v, d, p, ch = _uint_at(buf, p)
             if d == 0 or d > 18 or v < 1:
                 return SLOW, n, line0, nm, nnew
             cnt = v
