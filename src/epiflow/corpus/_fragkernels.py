@@ -136,6 +136,18 @@ def _mix(h, w):
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
+def _slot_word(nw, wd, w0, w1, w2):
+    """Keep packed word number ``nw`` of a name if it is one of the first three (compared words)."""
+    if nw == 0:
+        return wd, w1, w2
+    if nw == 1:
+        return w0, wd, w2
+    if nw == 2:
+        return w0, w1, wd
+    return w0, w1, w2
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
 def _final(h, ln):
     h = (h ^ np.uint64(ln)) * _MIX
     return h ^ (h >> _S32)
@@ -156,23 +168,13 @@ def _intern_one(buf, s, e, slots, shash, words, offs, pool, state, frozen):
         wd = (wd << _S8) | np.uint64(buf[k])
         if ((k - s + 1) & 7) == 0:
             h = _mix(h, wd)
-            if nw == 0:
-                w0 = wd
-            elif nw == 1:
-                w1 = wd
-            elif nw == 2:
-                w2 = wd
+            w0, w1, w2 = _slot_word(nw, wd, w0, w1, w2)
             nw += 1
             wd = np.uint64(0)
     ln = e - s
     if ln & 7:
         h = _mix(h, wd)
-        if nw == 0:
-            w0 = wd
-        elif nw == 1:
-            w1 = wd
-        elif nw == 2:
-            w2 = wd
+        w0, w1, w2 = _slot_word(nw, wd, w0, w1, w2)
     h = _final(h, ln)
     return _lookup_insert(buf, s, e, h, w0, w1, w2, slots, shash, words, offs, pool, state, frozen)
 
@@ -311,22 +313,12 @@ def parse_block(buf, pos, end, max_lines, ncols,
             p += 1
             if ((p - bs) & 7) == 0:
                 bh = _mix(bh, wd)
-                if nw == 0:
-                    w0 = wd
-                elif nw == 1:
-                    w1 = wd
-                elif nw == 2:
-                    w2 = wd
+                w0, w1, w2 = _slot_word(nw, wd, w0, w1, w2)
                 nw += 1
                 wd = np.uint64(0)
         if (p - bs) & 7:
             bh = _mix(bh, wd)
-            if nw == 0:
-                w0 = wd
-            elif nw == 1:
-                w1 = wd
-            elif nw == 2:
-                w2 = wd
+            w0, w1, w2 = _slot_word(nw, wd, w0, w1, w2)
         bh = _final(bh, p - bs)
         be = p
         if p == bs or ch == CR or ch == QUOTE:
