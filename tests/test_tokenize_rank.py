@@ -91,3 +91,52 @@ def test_tfidf_errors_name_the_ccre():
     z = sp.csr_matrix(np.array([[1.0, 2.0]]))
     z.data[0] = 0.0
     assert global_tfidf(z, np.array([0.5, 0.5])).nnz == 1
+
+
+def test_huge_near_tie_group_falls_back_to_exact_sort():
+    # 3,000 distinct values inside one truncated-key bucket, ascending by position: the compiled
+    # insertion sort would need ~n^2/2 moves, so it gives up and the exact group re-sort runs
+    n = 3000
+    data = 1.0 + np.arange(n) * np.spacing(1.0)
+    indptr = np.array([0, n, 2 * n])
+    data = np.r_[data, data[::-1]]
+    for cols in (None, np.arange(2 * n) % 7):
+        order, values = _rank_order(indptr, data, cols)
+        ref = _reference(indptr, data)
+        expect = ref if cols is None else cols[ref] + 4
+        np.testing.assert_array_equal(order, expect)
+        np.testing.assert_array_equal(values, data[ref])
+
+
+def _tfidf_reference(counts, df):
+    """The formula with numpy, in the authors' dtypes (float32 row scaling, float64 from 1/df)."""
+    counts = sp.csr_matrix(counts)
+    rs = np.asarray(counts.sum(axis=1, dtype=np.float32)).ravel().astype(np.float32)
+    inv_rs = (np.float32(1.0) / rs).astype(np.float32)
+    tf32 = counts.data.astype(np.float32) * np.repeat(inv_rs, np.diff(counts.indptr))
+    with np.errstate(divide="ignore"):
+        inv_df = 1.0 / np.asarray(df, dtype=np.float64)
+    return np.log1p(tf32 * inv_df[counts.indices] * 10000)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.int64, np.uint8, np.float16])
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_tfidf_kernel_is_bit_exact_for_every_dtype(dtype, index_dtype):
+    rng = np.random.default_rng(3)
+    counts = sp.random(200, 3000, density=0.03, random_state=4, format="csr")
+    counts.data = rng.geometric(0.6, counts.nnz).astype(dtype)
+    counts.indices = counts.indices.astype(index_dtype)
+    counts.indptr = counts.indptr.astype(index_dtype)
+    df = (np.bincount(counts.indices, minlength=3000) + 1) / 201
+    df[rng.integers(0, 3000, 50)] = 0.0  # df = 0 is allowed where no cell has the cCRE ...
+    counts = counts.tocsc()
+    for j in np.flatnonzero(df == 0):
+        counts.data[counts.indptr[j]:counts.indptr[j + 1]] = 0
+    counts = counts.tocsr()
+    counts.eliminate_zeros()
+    tf = global_tfidf(counts, df, n_jobs=2)
+    np.testing.assert_array_equal(tf.indices, counts.indices)
+    assert tf.data.dtype == np.float64
+    assert tf.data.tobytes() == _tfidf_reference(counts, df).tobytes()
+    with pytest.raises(InputFormatError, match="document frequency is zero"):  # ... not elsewhere
+        global_tfidf(counts, np.where(np.arange(3000) == counts.indices[0], 0.0, df))

@@ -49,6 +49,8 @@ def _as_csr(counts, name: str = "counts") -> sp.csr_matrix:
     return counts
 
 
+_KERNEL_DTYPES = tuple(np.dtype(t) for t in (np.float32, np.float64, np.int32, np.int64))
+
 BLOCK = 1 << 16  # stored values per work unit: a few hundred kB per array, in cache
 
 
@@ -118,29 +120,36 @@ def global_tfidf(counts, df, *, n_jobs: int | None = None) -> sp.csr_matrix:
     rs = np.asarray(counts.sum(axis=1, dtype=np.float32)).ravel().astype(np.float32)
     with np.errstate(divide="ignore"):
         inv_rs = (np.float32(1.0) / rs).astype(np.float32)
+    from . import _kernels as K
+
     indptr = counts.indptr
-    lens = np.diff(indptr)
+    data, indices = counts.data, counts.indices
+    if data.dtype not in _KERNEL_DTYPES:  # the first operation is a cast to float32 anyway
+        data = data.astype(np.float32)
+    if indices.dtype not in (np.int32, np.int64):
+        indices = indices.astype(np.int64)
     val = np.empty(counts.nnz, dtype=np.float64)
     OK, BAD_COUNTS, ZEROS, BAD_DF = 0, 1, 2, 3
+    # 1/df is checked per stored value only when some entry is bad (a cCRE absent from the corpus
+    # has df = 0, which is fine as long as no cell has it)
+    check_df = not bool(((inv_df > 0) & (inv_df < np.inf)).all())
 
     def work(r0: int, r1: int) -> int:
         s, e = int(indptr[r0]), int(indptr[r1])
         if e == s:
             return OK
-        x = counts.data[s:e]
+        x = data[s:e]
         lo, hi = x.min(), x.max()  # NaN propagates into both
         if not (lo >= 0 and hi < np.inf):
             return BAD_COUNTS
         if lo == 0:
             return ZEROS
+        # one compiled pass, the authors' arithmetic and dtypes: float32 row scaling, then float64
+        # from 1/df, times 1e4
+        K.tfidf_block(data, indices, indptr, r0, r1, inv_rs, inv_df, val)
         v = val[s:e]
-        np.take(inv_df, counts.indices[s:e], out=v)  # 1/df of every stored value
-        if not (v.min() > 0 and v.max() < np.inf):  # NaN fails both
+        if check_df and not (v.min() > 0 and v.max() < np.inf):  # NaN fails both
             return BAD_DF
-        # same arithmetic and dtypes as the authors: float32 row scaling, then float64 from 1/df
-        tf32 = np.asarray(x, dtype=np.float32) * np.repeat(inv_rs[r0:r1], lens[r0:r1])
-        np.multiply(tf32, v, out=v)
-        np.multiply(v, 10000, out=v)
         np.log1p(v, out=v)
         return OK
 
@@ -181,14 +190,18 @@ def cell_sentences(tfidf, max_len: int | None = None, *, return_values: bool = F
     indptr = tf.indptr.astype(np.int64)
     data, cols = tf.data, tf.indices
     try:
-        tokens, values = _rank_order(indptr, data, cols, n_jobs=n_jobs)
+        tokens, values = _rank_order(indptr, data, cols, n_jobs=n_jobs, with_values=return_values)
     except _ZeroValues:  # explicit zeros stored (rare): drop them first
         tf = tf.copy()
         tf.eliminate_zeros()
         indptr = tf.indptr.astype(np.int64)
-        tokens, values = _rank_order(indptr, tf.data, tf.indices, n_jobs=n_jobs)
+        tokens, values = _rank_order(indptr, tf.data, tf.indices, n_jobs=n_jobs,
+                                     with_values=return_values)
     if max_len is not None:
-        indptr, (tokens, values) = truncate_sentences(indptr, tokens, max_len, values)
+        if return_values:
+            indptr, (tokens, values) = truncate_sentences(indptr, tokens, max_len, values)
+        else:
+            indptr, tokens = truncate_sentences(indptr, tokens, max_len)
     if return_values:
         return indptr, tokens, values
     return indptr, tokens
@@ -202,7 +215,8 @@ _MASK63 = np.uint64(0x7FFF_FFFF_FFFF_FFFF)
 
 
 def _rank_order(indptr: np.ndarray, data: np.ndarray, cols: np.ndarray | None = None, *,
-                block: int = BLOCK, min_value_bits: int = 36, n_jobs: int | None = None):
+                block: int = BLOCK, min_value_bits: int = 36, n_jobs: int | None = None,
+                with_values: bool = True):
     """Sort each CSR row by value descending, ties by position (= ascending cCRE).
 
     ``data`` must not hold NaN. The bit pattern of a non-negative float64 is monotone in its value
@@ -210,22 +224,25 @@ def _rank_order(indptr: np.ndarray, data: np.ndarray, cols: np.ndarray | None = 
     values becomes one array of unique 64-bit integer keys ``(row in block, value bits descending,
     position)`` that a plain (SIMD) sort orders. The value bits are truncated to fit, which can merge
     two values that differ only in their last bits: such a group is then in position order, not value
-    order. A vectorised check finds every place where a row's sorted values increase; only the key
-    groups concerned are re-sorted exactly. Everything happens block by block, in cache and on
-    ``n_jobs`` threads; the loop runs over blocks, not cells.
+    order. A compiled pass unpacks the sorted keys and puts each such group in exact order (stable
+    insertion sort; a vectorised exact re-sort of the groups concerned if they are huge).
+    Everything happens block by block, in cache and on ``n_jobs`` threads; the loop runs over
+    blocks, not cells.
 
     Returns ``(order, data[order])``, or ``(cols[order] + NUM_SPECIAL, data[order])`` (token ids,
-    int64) when ``cols`` is given. Raises ``InputFormatError`` on NaN and ``_ZeroValues`` when a
+    int64) when ``cols`` is given; the second item is None when ``with_values`` is False. Raises ``InputFormatError`` on NaN and ``_ZeroValues`` when a
     stored value is zero (the caller drops those first).
     """
     data = np.ascontiguousarray(data, dtype=np.float64)
     nnz = len(data)
     first = np.empty(nnz, dtype=np.int64)
-    values = np.empty(nnz, dtype=np.float64)
+    values = np.empty(nnz, dtype=np.float64) if with_values else None
     if nnz == 0:
         return first, values
     indptr = np.asarray(indptr, dtype=np.int64)
     lens = np.diff(indptr)
+    bits_all = data.view(np.uint64)
+    from . import _kernels as K
 
     def work(r0: int, r1: int) -> None:
         s, e = int(indptr[r0]), int(indptr[r1])
@@ -243,50 +260,75 @@ def _rank_order(indptr: np.ndarray, data: np.ndarray, cols: np.ndarray | None = 
         qbits = 64 - nbits - rbits
         if qbits < min_value_bits:  # one enormous row: exact lexsort of the block
             o = np.lexsort((-d, np.repeat(np.arange(r1 - r0), lens[r0:r1])))
-            sv = d[o]
-        else:
+            if values is not None:
+                values[s:e] = d[o]
+            if cols is None:
+                np.add(o, s, out=first[s:e])
+            else:
+                out = first[s:e]
+                out[:] = cols[s:e][o]
+                out += NUM_SPECIAL
+            return
+        if lo > 0:  # the usual case (TF-IDF values are positive): one compiled pass
+            key = np.empty(e - s, dtype=np.uint64)
+            K.build_keys(bits_all, indptr, r0, r1, np.uint64(63 - qbits), np.uint64(nbits),
+                         np.uint64(qbits + nbits), key)
+        else:  # IEEE order: negatives have all bits flipped, positives the sign bit set
             bits = d.view(np.uint64)
-            if lo < 0:  # IEEE order: negatives have all bits flipped, positives the sign bit set
-                key = np.where(bits >> np.uint64(63), bits, ~bits & _MASK63)  # = ~(ascending key)
-                key >>= np.uint64(64 - qbits)
-            else:  # sign bit is 0: ascending key = descending value
-                key = _MASK63 - bits
-                key >>= np.uint64(63 - qbits)
+            key = np.where(bits >> np.uint64(63), bits, ~bits & _MASK63)  # = ~(ascending key)
+            key >>= np.uint64(64 - qbits)
             key <<= np.uint64(nbits)
             key |= np.arange(e - s, dtype=np.uint64)
             if r1 - r0 > 1:
                 key |= np.repeat(np.arange(r1 - r0, dtype=np.uint64) << np.uint64(qbits + nbits),
                                  lens[r0:r1])
-            key.sort()
-            hi = key >> np.uint64(nbits)
-            group_start = np.empty(e - s, dtype=bool)  # first element of a (row, truncated value) group
-            group_start[0] = True
-            np.not_equal(hi[1:], hi[:-1], out=group_start[1:])
-            key &= np.uint64((1 << nbits) - 1)
-            o = key.view(np.int64)
-            sv = d[o]
-            viol = np.flatnonzero(sv[1:] > sv[:-1]) + 1
-            viol = viol[~group_start[viol]]  # an increase inside a key group (never across rows/groups)
-            if viol.size:
-                starts = np.flatnonzero(group_start)
-                bad = np.unique(np.searchsorted(starts, viol, side="right") - 1)
-                glen = np.r_[starts[1:], e - s][bad] - starts[bad]
-                gid = np.repeat(np.arange(len(bad)), glen)
-                idx = np.repeat(starts[bad] - np.cumsum(glen) + glen, glen) + np.arange(int(glen.sum()))
-                # stable: equal values keep their position order (ascending cCRE)
-                perm = np.lexsort((-sv[idx], gid))
-                o[idx] = o[idx][perm]
-                sv[idx] = sv[idx][perm]
-        values[s:e] = sv
-        if cols is None:
-            np.add(o, s, out=first[s:e])
-        else:
-            out = first[s:e]
-            out[:] = cols[s:e][o]
-            out += NUM_SPECIAL
+        key.sort()
+        o = np.empty(e - s, dtype=np.int64)
+        sv = values[s:e] if values is not None else np.empty(e - s)
+        ids = first[s:e]
+        c = cols[s:e] if cols is not None else _NO_COLS
+        base = NUM_SPECIAL if cols is not None else s
+        if not K.unpack_sorted(key, np.uint64(nbits), d, c, cols is not None, base, o, sv, ids):
+            # values a few ulps apart in very large key groups: exact re-sort of those groups
+            np.bitwise_and(key, np.uint64((1 << nbits) - 1), out=o.view(np.uint64))
+            np.take(d, o, out=sv)
+            _repair_groups(key, nbits, o, sv)
+            if cols is None:
+                np.add(o, s, out=ids)
+            else:
+                ids[:] = c[o]
+                ids += NUM_SPECIAL
 
     _for_blocks(work, _row_blocks(indptr, block), n_jobs)
     return first, values
+
+
+def _repair_groups(key: np.ndarray, nbits: int, o: np.ndarray, sv: np.ndarray) -> None:
+    """Re-sort exactly, in place, the key groups of a sorted block in which a value increases.
+
+    ``key`` are the sorted keys (``(row | truncated value) << nbits | position``), ``o`` the positions
+    and ``sv`` the values in key order. Only the groups with an increase are touched; within them the
+    sort is stable, so equal values keep ascending cCRE order."""
+    n = len(key)
+    hi = key >> np.uint64(nbits)
+    group_start = np.empty(n, dtype=bool)  # first element of a (row, truncated value) group
+    group_start[0] = True
+    np.not_equal(hi[1:], hi[:-1], out=group_start[1:])
+    viol = np.flatnonzero(sv[1:] > sv[:-1]) + 1
+    viol = viol[~group_start[viol]]  # an increase inside a key group (never across rows/groups)
+    if not viol.size:
+        return
+    starts = np.flatnonzero(group_start)
+    bad = np.unique(np.searchsorted(starts, viol, side="right") - 1)
+    glen = np.r_[starts[1:], n][bad] - starts[bad]
+    gid = np.repeat(np.arange(len(bad)), glen)
+    idx = np.repeat(starts[bad] - np.cumsum(glen) + glen, glen) + np.arange(int(glen.sum()))
+    perm = np.lexsort((-sv[idx], gid))
+    o[idx] = o[idx][perm]
+    sv[idx] = sv[idx][perm]
+
+
+_NO_COLS = np.empty(0, dtype=np.int64)
 
 
 def _lengths(indptr):
