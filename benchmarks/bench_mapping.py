@@ -169,7 +169,7 @@ def worker_main(which: str, folder: Path, chunksize: int, epiagent_path: str | N
                                        else worker_authors(folder, epiagent_path))
         info = {"s": t, "bedtools_s": t_bt, "pandas_s": t_pd, "cpu_s": cpu}
     order = np.argsort(bc.astype(str))
-    sp.save_npz(folder / f"{which}.npz", sp.csr_matrix(M)[order])
+    sp.save_npz(folder / f"{which}.npz", sp.csr_matrix(M)[order], compressed=False)
     info["max_rss_mb"] = _maxrss_mb()
     print(json.dumps(info))
 
