@@ -298,3 +298,50 @@ def test_task_dataset_missing_from_the_manifest_is_rejected(tmp_path):
     assert proc.returncode != 0, err
     assert "config key 'tasks.annotation.datasets': 'atlas_b9' is not a dataset of the manifest" in err, err
     assert "buenrostro2018_bm0828" in err  # the known names are listed
+
+
+def test_two_zeroshot_annotators_each_train_once_and_label_their_datasets(tmp_path):
+    """tasks.zeroshot_annotation.annotators (the paper's EpiAgent-B and -NT): one train_annotator job per
+    annotator, one annotate_zeroshot job per (annotator, dataset), each naming its annotator as method."""
+    over = _write_config(tmp_path, {"tasks": {"zeroshot_annotation": {"annotators": [
+        {"name": "EpiAgent-B", "reference": ["atlas_b1"], "datasets": ["atlas_b3"]},
+        {"name": "EpiAgent-NT", "reference": ["atlas_b1", "atlas_b2"], "datasets": ["pbmc_fragments", "atlas_b3"],
+         "label_key": "lineage"}]}}})
+    res = tmp_path / "res"
+    proc = snakemake("all", "-n", "-p", "--cores", "2", "--configfile", "config/config.yaml", str(over),
+                     "--config", f"results_dir={res}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    shells = [ln[len("Shell command: "):] for ln in out.splitlines() if ln.startswith("Shell command: ")]
+    train = sorted(s for s in shells if "epiflow train-annotator" in s)
+    assert len(train) == 2, train
+    assert "--dataset atlas_b1 " in train[0] and train[0].split("--out-dir ")[1].startswith(
+        f"{res}/tasks/zeroshot_annotation/annotator-EpiAgent-B ")
+    assert "--dataset atlas_b1,atlas_b2 " in train[1] and "annotator-EpiAgent-NT " in train[1]
+    zs = f"{res}/tasks/zeroshot_annotation"
+    annotate = {s.split("--out-dir ")[1].split()[0]: s for s in shells if "epiflow annotate-zeroshot" in s}
+    assert set(annotate) == {f"{zs}/EpiAgent-B.atlas_b3", f"{zs}/EpiAgent-NT.pbmc_fragments",
+                             f"{zs}/EpiAgent-NT.atlas_b3"}, annotate
+    b = annotate[f"{zs}/EpiAgent-B.atlas_b3"]
+    assert f"--checkpoint {zs}/annotator-EpiAgent-B/checkpoint.pth" in b
+    assert "--dataset atlas_b3 --method EpiAgent-B " in b
+    nt = annotate[f"{zs}/EpiAgent-NT.pbmc_fragments"]
+    assert f"--checkpoint {zs}/annotator-EpiAgent-NT/checkpoint.pth" in nt and "--method EpiAgent-NT" in nt
+    assert "rule figure:" in out and f"{res}/figures/fig6b.png" in out
+
+
+def test_zeroshot_annotator_names_are_checked(tmp_path):
+    over = _write_config(tmp_path, {"tasks": {"zeroshot_annotation": {"annotators": [
+        {"name": "EpiAgent-B", "reference": ["atlas_b1"], "datasets": ["atlas_b3"]},
+        {"name": "EpiAgent-B", "reference": ["atlas_b2"], "datasets": ["atlas_b9"]}]}}})
+    proc = snakemake("all", "-n", "--cores", "1", "--configfile", "config/config.yaml", str(over),
+                     "--config", f"results_dir={tmp_path / 'res'}")
+    err = proc.stdout + proc.stderr
+    assert proc.returncode != 0, err
+    assert "EpiAgent-B is used twice" in err or "atlas_b9' is not a dataset of the manifest" in err, err
+    bad = _write_config(tmp_path, {"tasks": {"zeroshot_annotation": {"annotators": [
+        {"name": "Epi Agent", "reference": ["atlas_b1"], "datasets": ["atlas_b3"]}]}}})
+    proc = snakemake("all", "-n", "--cores", "1", "--configfile", "config/config.yaml", str(bad))
+    err = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "invalid configuration" in err, err
+    assert "tasks.zeroshot_annotation.annotators.0.name" in err, err

@@ -84,7 +84,8 @@ def test_demo_workflow_produces_every_declared_output(demo_run):
     for sub in ("logs", "benchmarks"):
         names = {p.stem for p in (res / sub).rglob("*.*")}
         for rule in ("simulate", "candidate_ccres", "build_corpus", "pretrain", "embed", "summarize",
-                     "atlas_b1", "knockout_screen", "tumor_pair", "atlas", "train_annotator", "pbmc_fragments"):
+                     "atlas_b1", "knockout_screen", "tumor_pair", "atlas", "annotator-EpiAgent-B",
+                     "annotator-EpiAgent-NT", "EpiAgent-B.pbmc_fragments", "pbmc_fragments"):
             assert rule in names, (sub, rule, sorted(names))
 
 
@@ -107,6 +108,8 @@ def test_summary_gathers_the_metrics(demo_run):
     zs = [r for r in rows if r["task"] == "zeroshot_annotation" and r["metric"] == "accuracy"
           and r["dataset"] == "pbmc_fragments"]
     assert zs and all(0.0 <= float(r["value"]) <= 1.0 for r in zs), zs
+    # config/test.yaml trains two annotators (EpiAgent-B and -NT analogues) and scores both
+    assert {"EpiAgent-B", "EpiAgent-NT"} <= {r["method"] for r in zs}, zs
     n_cells = [float(r["value"]) for r in rows if r["task"] == "corpus" and r["metric"] == "n_cells"]
     assert n_cells and n_cells[0] > 0
 

@@ -110,6 +110,16 @@ def test_annotate_zeroshot_on_new_dataset(trained):
     # cell types differ in a third of the cCREs: the fine-tuned annotator is far above chance (1/3)
     assert v["accuracy"] > 0.6
     assert (res_dir / "confusion.png").stat().st_size > 0
+    # a named annotator (the workflow's tasks.zeroshot_annotation.annotators) labels its metric rows
+    named = tmp / "annotated_b"
+    rc = main(["annotate-zeroshot", "--checkpoint", str(out / "checkpoint.pth"), "--input", str(query),
+               "--label-key", "cell_type", "--label-map", str(qmap), "--out-dir", str(named), "--device", "cpu",
+               "--method", "EpiAgent-B"])
+    assert rc == 0
+    mb = pd.read_csv(named / "metrics.tsv", sep="\t")
+    assert set(mb["method"]) <= {"EpiAgent-B", "EpiAgent-B-masked"} and "EpiAgent-B" in set(mb["method"])
+    vb = mb[mb["method"] == "EpiAgent-B"].set_index("metric")["value"]
+    assert vb["accuracy"] == v["accuracy"]
 
 
 def test_annotate_rejects_base_checkpoint(base_ckpt, tmp_path):

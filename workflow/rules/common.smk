@@ -108,6 +108,16 @@ def check_dataset_keys(names):
         for t, c in config["tasks"].items()
         for key in ["datasets"] + TASK_DATASET_KEYS.get(t, [])
     ]
+    zs = config["tasks"]["zeroshot_annotation"]
+    sections += [
+        (
+            f"tasks.zeroshot_annotation.annotators[{a['name']}].{key}",
+            a[key],
+            zs["enabled"],
+        )
+        for a in zs.get("annotators") or []
+        for key in ("reference", "datasets")
+    ]
     sections.append(
         (
             "baselines.datasets",
@@ -167,8 +177,90 @@ TASK_OUTPUTS = {
     ),
     "zeroshot_annotation": ("zeroshot_annotation", ["metrics.tsv", "confusion.png"]),
 }
-# the zero-shot annotator (rule train_annotator), trained once on tasks.zeroshot_annotation.reference
-ANNOTATOR = f"{R}/tasks/zeroshot_annotation/annotator"
+# Zero-shot annotators (train_annotator in tasks.smk, one job per annotator). By default one, named "annotator",
+# from the keys of tasks.zeroshot_annotation (folder {R}/tasks/zeroshot_annotation/annotator, results
+# of dataset D in .../zeroshot_annotation/D, method EpiAgent-zeroshot). With
+# tasks.zeroshot_annotation.annotators (the paper's EpiAgent-B and -NT), each entry NAME has its own
+# reference, datasets and labels (the other keys are shared): folder .../annotator-NAME, results of
+# dataset D in .../zeroshot_annotation/NAME.D, method NAME.
+ZS_ROOT = f"{R}/tasks/zeroshot_annotation"
+ANNOTATOR = f"{ZS_ROOT}/annotator"
+
+
+def zs_annotators():
+    """Annotator folder basename -> its settings (name, method, reference, datasets, label_key,
+    label_map, query_label_map, units = {result folder: dataset})."""
+    t = config["tasks"]["zeroshot_annotation"]
+    named = t.get("annotators") or []
+    if not named:
+        return {
+            "annotator": dict(
+                name="annotator",
+                method="EpiAgent-zeroshot",
+                reference=list(t["reference"]),
+                datasets=list(t["datasets"]),
+                label_key=t["label_key"],
+                label_map=t["label_map"],
+                query_label_map=t["query_label_map"],
+                units={ds: ds for ds in t["datasets"]},
+            )
+        }
+    names = [a["name"] for a in named]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise WorkflowError(
+            f"config tasks.zeroshot_annotation.annotators: the name {', '.join(dup)} is used twice; "
+            "give every annotator its own name"
+        )
+    out = {}
+    for a in named:
+        out[f"annotator-{a['name']}"] = dict(
+            name=a["name"],
+            method=a["name"],
+            reference=list(a["reference"]),
+            datasets=list(a["datasets"]),
+            label_key=a.get("label_key") or t["label_key"],
+            label_map=a.get("label_map", t["label_map"]),
+            query_label_map=a.get("query_label_map", t["query_label_map"]),
+            units={f"{a['name']}.{ds}": ds for ds in a["datasets"]},
+        )
+    return out
+
+
+def zs_unit(unit):
+    """(annotator folder basename, settings, dataset) of a zero-shot result folder."""
+    for key, a in zs_annotators().items():
+        if unit in a["units"]:
+            return key, a, a["units"][unit]
+    raise WorkflowError(
+        f"'{unit}' is not a zero-shot result folder of this configuration "
+        f"(tasks.zeroshot_annotation: {', '.join(u for a in zs_annotators().values() for u in a['units'])})"
+    )
+
+
+def zs_settings(wildcards):
+    key = wildcards.zs_annotator
+    if key not in zs_annotators():
+        raise WorkflowError(
+            f"{ZS_ROOT}/{key}: not an annotator of this configuration "
+            f"({', '.join(zs_annotators())})"
+        )
+    return zs_annotators()[key]
+
+
+def zs_annotator_file(name):
+    """Input function: file `name` of the annotator that labels result folder {zs_dataset}."""
+    return lambda w: f"{ZS_ROOT}/{zs_unit(w.zs_dataset)[0]}/{name}"
+
+
+def zs_query_label_map(w):
+    a = zs_unit(w.zs_dataset)[1]
+    return a["query_label_map"] or a["label_map"] or []
+
+
+def annotator_dirs():
+    """Folders of the trained annotators (their metrics.tsv go into the task table)."""
+    return [f"{ZS_ROOT}/{key}" for key in zs_annotators()]
 
 
 def task_units(task):
@@ -176,6 +268,8 @@ def task_units(task):
     cfg = config["tasks"][task]
     if task == "integration":
         return [cfg["name"]]
+    if task == "zeroshot_annotation":
+        return [u for a in zs_annotators().values() for u in a["units"]]
     return cfg["datasets"]
 
 
@@ -193,7 +287,7 @@ def task_files(names=None):
                 if names is None or name in names
             ]
         if task == "zeroshot_annotation":
-            files.append(f"{ANNOTATOR}/metrics.tsv")
+            files += [f"{d}/metrics.tsv" for d in annotator_dirs()]
     return files
 
 
@@ -384,13 +478,15 @@ def knockout_args():
     return " ".join(p for p in parts if p)
 
 
-def annotator_args():
-    """`epiflow train-annotator` options from config['tasks']['zeroshot_annotation']."""
+def annotator_args(wildcards):
+    """`epiflow train-annotator` options from config['tasks']['zeroshot_annotation'] (and the
+    annotator's own entry of its `annotators`)."""
     t = config["tasks"]["zeroshot_annotation"]
+    a = zs_annotators()[wildcards.zs_annotator]
     parts = [
-        datasets_arg("--dataset", t["reference"]),
-        f"--label-key {t['label_key']}",
-        opt("--label-map", t["label_map"]),
+        datasets_arg("--dataset", a["reference"]),
+        f"--label-key {a['label_key']}",
+        opt("--label-map", a["label_map"]),
         f"--classifier {t['classifier']}",
         f"--epochs {t['epochs']}",
         opt("--max-steps", t["max_steps"]),

@@ -166,7 +166,7 @@ def table_metrics(name):
     folder = TASK_OUTPUTS[name][0]
     files = [f"{R}/tasks/{folder}/{u}/metrics.tsv" for u in task_units(name)]
     if name == "zeroshot_annotation":
-        files.append(f"{ANNOTATOR}/metrics.tsv")
+        files += [f"{d}/metrics.tsv" for d in annotator_dirs()]
     return files
 
 
@@ -208,18 +208,21 @@ def table_caption(wildcards):
         )
     else:
         cfg = config["tasks"][wildcards.table]
+        trained = {f"{d}/metrics.tsv" for d in annotator_dirs()}
         units = [
-            os.path.basename(os.path.dirname(f))
-            for f in files
-            if not f.startswith(ANNOTATOR)
+            os.path.basename(os.path.dirname(f)) for f in files if f not in trained
         ]
         extra = ""
         if wildcards.table == "integration" and cfg.get("query"):
             extra = f" (query: {', '.join(cfg['query'])})"
         if wildcards.table == "zeroshot_annotation":
             extra = (
-                f" (annotator trained on {', '.join(cfg.get('reference') or [])}; its "
-                "training / validation rows included)"
+                " ("
+                + "; ".join(
+                    f"{a['method']} trained on {', '.join(a['reference'])}"
+                    for a in zs_annotators().values()
+                )
+                + "; the annotators' training / validation rows included)"
             )
         what = (
             f"Every metric of the {report_category(wildcards.table)} benchmark "

@@ -12,8 +12,9 @@ wildcard_constraints:
     ge_dataset=r"[A-Za-z0-9._-]+",
     in_name=r"[A-Za-z0-9._-]+",
     ko_dataset=r"[A-Za-z0-9._-]+",
-    # 'annotator' is the folder of the trained annotator (rule train_annotator)
-    zs_dataset=r"(?!annotator/)[A-Za-z0-9._-]+",
+    # 'annotator' / 'annotator-NAME' are the folders of the trained annotators (rule train_annotator)
+    zs_dataset=r"(?!annotator(?:-[A-Za-z0-9_-]*)?/)[A-Za-z0-9._-]+",
+    zs_annotator=r"annotator(?:-[A-Za-z0-9_-]+)?",
 
 
 # Fine-tuned embeddings (tasks.feature_extraction.finetune_epochs > 0): the verb fine-tunes a copy of
@@ -439,23 +440,24 @@ rule knockout:
 
 
 # Zero-shot annotation, step 1: the pretrained model + the authors' classifier head fine-tuned on the
-# reference datasets (coarse labels); step 2 (annotate_zeroshot) labels other datasets with it.
+# reference datasets (coarse labels), once per annotator (common.smk: zs_annotators); step 2
+# (annotate_zeroshot) labels other datasets with it.
 rule train_annotator:
     input:
         checkpoint=checkpoint_file,
         corpus=rules.build_corpus.output.corpus,
-        label_map=lambda w: config["tasks"]["zeroshot_annotation"]["label_map"] or [],
+        label_map=lambda w: zs_settings(w)["label_map"] or [],
     output:
-        model=f"{ANNOTATOR}/checkpoint.pth",
-        model_config=f"{ANNOTATOR}/checkpoint.pth.json",
-        classes=f"{ANNOTATOR}/classes.tsv",
-        ccres=f"{ANNOTATOR}/reference_ccres.npy",
-        metrics=f"{ANNOTATOR}/metrics.tsv",
-        train_log=f"{ANNOTATOR}/train_log.tsv",
+        model=f"{ZS_ROOT}/{{zs_annotator}}/checkpoint.pth",
+        model_config=f"{ZS_ROOT}/{{zs_annotator}}/checkpoint.pth.json",
+        classes=f"{ZS_ROOT}/{{zs_annotator}}/classes.tsv",
+        ccres=f"{ZS_ROOT}/{{zs_annotator}}/reference_ccres.npy",
+        metrics=f"{ZS_ROOT}/{{zs_annotator}}/metrics.tsv",
+        train_log=f"{ZS_ROOT}/{{zs_annotator}}/train_log.tsv",
     log:
-        f"{R}/logs/train_annotator.log",
+        f"{R}/logs/train_annotator/{{zs_annotator}}.log",
     benchmark:
-        f"{R}/benchmarks/train_annotator.tsv"
+        f"{R}/benchmarks/train_annotator/{{zs_annotator}}.tsv"
     conda:
         "../../envs/epiflow.yaml"
     threads: res("train_annotator", "threads")
@@ -464,7 +466,7 @@ rule train_annotator:
         runtime=res("train_annotator", "runtime"),
     params:
         outdir=lambda w, output: os.path.dirname(output.model),
-        args=annotator_args(),
+        args=annotator_args,
     shell:
         "python -m epiflow train-annotator --input {input.corpus} --checkpoint {input.checkpoint}"
         " {params.args} --out-dir {params.outdir} > {log} 2>&1"
@@ -472,21 +474,17 @@ rule train_annotator:
 
 rule annotate_zeroshot:
     input:
-        checkpoint=rules.train_annotator.output.model,
-        model_config=rules.train_annotator.output.model_config,
-        classes=rules.train_annotator.output.classes,
-        ccres=rules.train_annotator.output.ccres,
+        checkpoint=zs_annotator_file("checkpoint.pth"),
+        model_config=zs_annotator_file("checkpoint.pth.json"),
+        classes=zs_annotator_file("classes.tsv"),
+        ccres=zs_annotator_file("reference_ccres.npy"),
         corpus=rules.build_corpus.output.corpus,
-        label_map=lambda w: (
-            config["tasks"]["zeroshot_annotation"]["query_label_map"]
-            or config["tasks"]["zeroshot_annotation"]["label_map"]
-            or []
-        ),
+        label_map=zs_query_label_map,
     output:
-        metrics=f"{R}/tasks/zeroshot_annotation/{{zs_dataset}}/metrics.tsv",
-        predictions=f"{R}/tasks/zeroshot_annotation/{{zs_dataset}}/predictions.tsv",
+        metrics=f"{ZS_ROOT}/{{zs_dataset}}/metrics.tsv",
+        predictions=f"{ZS_ROOT}/{{zs_dataset}}/predictions.tsv",
         confusion=report(
-            f"{R}/tasks/zeroshot_annotation/{{zs_dataset}}/confusion.png",
+            f"{ZS_ROOT}/{{zs_dataset}}/confusion.png",
             caption="../report/zeroshot_annotation.rst",
             category="Zero-shot annotation",
             subcategory="{zs_dataset}",
@@ -504,8 +502,13 @@ rule annotate_zeroshot:
         runtime=res("annotate_zeroshot", "runtime"),
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
-        dataset=lambda w: "" if w.zs_dataset == "all" else f"--dataset {w.zs_dataset}",
-        label_key=config["tasks"]["zeroshot_annotation"]["label_key"],
+        dataset=lambda w: (
+            ""
+            if zs_unit(w.zs_dataset)[2] == "all"
+            else f"--dataset {zs_unit(w.zs_dataset)[2]}"
+        ),
+        method=lambda w: f"--method {zs_unit(w.zs_dataset)[1]['method']}",
+        label_key=lambda w: zs_unit(w.zs_dataset)[1]["label_key"],
         label_map=lambda w, input: opt("--label-map", input.label_map),
         min_fraction=config["tasks"]["zeroshot_annotation"]["min_class_fraction"],
         device=config["tasks"]["zeroshot_annotation"]["device"],
@@ -517,7 +520,7 @@ rule annotate_zeroshot:
         ),
     shell:
         "python -m epiflow annotate-zeroshot --input {input.corpus} --checkpoint {input.checkpoint}"
-        " --classes {input.classes} {params.dataset} --label-key {params.label_key}"
+        " --classes {input.classes} {params.dataset} {params.method} --label-key {params.label_key}"
         " {params.label_map} --min-class-fraction {params.min_fraction}"
         " --device {params.device} {params.heads} {params.restrict}"
         " --out-dir {params.outdir} > {log} 2>&1"

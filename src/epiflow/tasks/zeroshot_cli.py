@@ -39,6 +39,7 @@ def _annotate(args) -> int:
                    label_key=args.label_key, label_map=args.label_map,
                    min_class_fraction=None if args.no_mask else args.min_class_fraction,
                    out_dir=args.out_dir, dataset=args.dataset, device=args.device, max_len=args.max_len,
+                   method=args.method,
                    restrict_ccres=(None if args.restrict_ccres is None
                                    else True if args.restrict_ccres == "auto" else args.restrict_ccres))
     t = res["metrics"]
@@ -99,6 +100,9 @@ def register(subparsers) -> None:
     q.add_argument("--min-class-fraction", type=float, default=0.005,
                    help="mask classes predicted for fewer than this fraction of cells (default 0.005)")
     q.add_argument("--no-mask", action="store_true", help="do not compute masked predictions")
+    q.add_argument("--method", default="EpiAgent-zeroshot",
+                   help="method name of the metric rows (default EpiAgent-zeroshot; e.g. EpiAgent-B, "
+                        "EpiAgent-NT when a run has several annotators)")
     q.add_argument("--max-len", type=int, default=8190, help="top tokens per cell (default 8190)")
     q.add_argument("--restrict-ccres", nargs="?", const="auto", metavar="NPY",
                    help="drop the cCREs the annotator never saw accessible in training (reference_ccres.npy "
