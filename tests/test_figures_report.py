@@ -75,11 +75,16 @@ def test_every_enabled_task_has_a_report_table_in_all(test_workflow):
     all_inputs = {str(f) for f in test_workflow.get_rule("all").input}
     assert set(tables) <= all_inputs
     assert set(g["figure_targets"]()) <= all_inputs
-    # the table of a task gathers the metrics of each of its datasets (and the annotator's)
+    # the table of a task gathers the metrics of each of its datasets (and the annotators'); the test
+    # config has two annotators (EpiAgent-B and -NT analogues), each with its own result folders
     zs = g["table_metrics"]("zeroshot_annotation")
-    assert f"{g['ANNOTATOR']}/metrics.tsv" in zs
-    for ds in g["config"]["tasks"]["zeroshot_annotation"]["datasets"]:
-        assert f"{R}/tasks/zeroshot_annotation/{ds}/metrics.tsv" in zs
+    annotators = g["config"]["tasks"]["zeroshot_annotation"]["annotators"]
+    assert [a["name"] for a in annotators] == ["EpiAgent-B", "EpiAgent-NT"]
+    for a in annotators:
+        assert f"{R}/tasks/zeroshot_annotation/annotator-{a['name']}/metrics.tsv" in zs
+        for ds in a["datasets"]:
+            assert f"{R}/tasks/zeroshot_annotation/{a['name']}.{ds}/metrics.tsv" in zs
+    assert len(zs) == 2 + sum(len(a["datasets"]) for a in annotators)
     rule = test_workflow.get_rule("benchmark_table")
     assert rule.output[0].flags["report"].subcategory == "Tables"
 
