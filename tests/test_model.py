@@ -207,6 +207,7 @@ def test_attention_kernels_agree_directly():
 
 def test_backend_selection_errors():
     assert resolve_backend("auto", "cpu") == "sdpa"
+    assert resolve_backend("auto", "cpu", training=True) == "packed"  # CPU training: no pad waste
     assert resolve_backend("PACKED") == "packed"
     with pytest.raises(ConfigError, match="unknown attention backend"):
         resolve_backend("xformers")
@@ -215,6 +216,34 @@ def test_backend_selection_errors():
             resolve_backend("flash", "cpu")
         with pytest.raises(ConfigError, match="flash"):
             _tiny().set_backend("flash")
+
+
+def test_auto_backend_packs_in_training_and_pads_in_inference(monkeypatch):
+    """backend 'auto' on CPU: a model in train mode runs the packed path, in eval mode the padded
+    sdpa path; both give the padded model's outputs (dropout 0 here)."""
+    import epiflow.model.epiagent as ep
+
+    torch.manual_seed(0)
+    ref = from_config(EpiAgentConfig.preset("tiny", n_ccres=50, dropout=0.0))
+    auto = from_config(EpiAgentConfig.preset("tiny", n_ccres=50, dropout=0.0)).set_backend("auto")
+    auto.load_state_dict(ref.state_dict())
+    assert auto.backend == "auto"
+    ids = _random_batch([10, 20, 3])
+    calls = []
+    real = ep.attention_packed
+    monkeypatch.setattr(ep, "attention_packed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        expect = ref.eval()(ids)
+        auto.train()
+        got = auto(ids)
+        assert len(calls) == auto.config.num_layers  # one packed attention per layer
+        close(got.cell_embedding, expect.cell_embedding.numpy())
+        mask = ids != 0
+        close(got.hidden[mask], expect.hidden[mask].numpy())
+        auto.eval()
+        auto(ids)
+        assert len(calls) == auto.config.num_layers  # eval: the padded sdpa path
+    assert auto.backend == "auto"
 
 
 def test_dropout_active_in_training_only():

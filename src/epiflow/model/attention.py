@@ -45,14 +45,21 @@ def _torch_varlen():
     return varlen_attn
 
 
-def resolve_backend(name: str | None, device: torch.device | str | None = None) -> str:
-    """Validate a backend name; ``"auto"`` picks flash > packed on CUDA and sdpa on CPU."""
+def resolve_backend(name: str | None, device: torch.device | str | None = None, *,
+                    training: bool = False) -> str:
+    """Validate a backend name; ``"auto"`` picks flash > packed on CUDA; on CPU packed for training
+    and sdpa for inference.
+
+    On CPU the packed path (one SDPA call per sequence, no pad tokens) trains about twice as fast as
+    the padded batch (random subsamples of sentences have very different lengths, and dropout and the
+    backward pass work on every padded position), while for inference, whose batches are sorted by
+    length, the single padded SDPA call is slightly faster (benchmarks/README.md)."""
     name = "sdpa" if name is None else str(name).lower()
     dev = torch.device(device) if device is not None else None
     if name == "auto":
         if dev is not None and dev.type == "cuda":
             return "flash" if flash_attn_available() else "packed"
-        return "sdpa"
+        return "packed" if training else "sdpa"
     if name not in BACKENDS:
         raise ConfigError(f"unknown attention backend {name!r}", field="backend",
                           fix=f"use one of {', '.join(BACKENDS)} or 'auto'")

@@ -268,7 +268,8 @@ def load_epiagent_checkpoint(path, num_heads: int | None = None, backend: str = 
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.set_backend(backend)
     log.info("loaded %s: %s model, %d cCREs, %d x %d, %d heads, %s attention", path.name, cfg.kind,
-             cfg.n_ccres, cfg.num_layers, cfg.dim, cfg.num_heads, model.backend)
+             cfg.n_ccres, cfg.num_layers, cfg.dim, cfg.num_heads,
+             "auto (CPU: packed to train, sdpa to infer)" if model.backend == "auto" else model.backend)
     return model.eval()
 
 

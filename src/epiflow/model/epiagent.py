@@ -181,7 +181,7 @@ class EpiAgent(nn.Module):
         super().__init__()
         cfg.validate()
         self.config = cfg
-        self.backend = resolve_backend(backend)
+        self.backend = _backend_setting(backend)
         D = cfg.dim
         # --- authors' keys, in their order
         self.cCRE_embedding = nn.Embedding(cfg.vocab_size, D)
@@ -233,7 +233,7 @@ class EpiAgent(nn.Module):
 
     def set_backend(self, backend: str) -> "EpiAgent":
         dev = next(self.parameters()).device
-        self.backend = resolve_backend(backend, None if dev.type == "meta" else dev)
+        self.backend = _backend_setting(backend, None if dev.type == "meta" else dev)
         return self
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> "EpiAgent":
@@ -342,7 +342,7 @@ class EpiAgent(nn.Module):
         if input_ids.ndim != 2:
             raise ConfigError(f"input_ids must be [B, L], got shape {list(input_ids.shape)}", field="input_ids")
         input_ids = input_ids.long()
-        backend = resolve_backend(backend or self.backend, input_ids.device)
+        backend = resolve_backend(backend or self.backend, input_ids.device, training=self.training)
         self._check_ids(input_ids, input_ids.shape[1])
         cond = self.conditional_embedding(batch_ids, condition_ids, perturbation, cond_embedding)
         mask = input_ids != 0
@@ -367,7 +367,7 @@ class EpiAgent(nn.Module):
                       backend: str | None = None) -> PackedOutput:
         """Encode a packed batch: ``tokens`` [T] holds ``[CLS] sentence [SEP]`` of every cell back to back,
         ``cu_seqlens`` [B+1] the boundaries. Uses the ``packed`` (or ``flash``) attention."""
-        backend = resolve_backend(backend or self.backend, tokens.device)
+        backend = resolve_backend(backend or self.backend, tokens.device, training=self.training)
         if backend == "sdpa":
             backend = "packed"
         tokens = tokens.long()
@@ -431,6 +431,13 @@ class EpiAgent(nn.Module):
 
 
 # --------------------------------------------------------------------------- helpers
+def _backend_setting(backend: str | None, device=None) -> str:
+    """The model's attention setting: a validated backend name; ``"auto"`` is kept as is and resolved
+    at each call from the device and the train / eval mode (:func:`resolve_backend`)."""
+    name = resolve_backend(backend, device)  # validates (raises on unknown names, flash without CUDA)
+    return "auto" if str(backend).lower() == "auto" else name
+
+
 def expand_rows(cell_embedding: torch.Tensor, offsets) -> torch.Tensor:
     """Repeat row i of ``cell_embedding`` ``offsets[i+1] - offsets[i]`` times (CCA query rows)."""
     offsets = torch.as_tensor(offsets, device=cell_embedding.device).long()

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import InputFormatError, VocabularyMismatchError
 from ..tokenize import build_input_ids, cell_sentences, global_tfidf, truncate_sentences
+from .attention import resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,8 @@ def embed_sentences(model, indptr, tokens, *, batch_ids=None, batch_tokens: int 
     finally:
         bar.close()
         model.train(was_training)
-    log.info("embedded %d cells in %d batches on %s (%s attention)", n, len(batches), device, model.backend)
+    log.info("embedded %d cells in %d batches on %s (%s attention)", n, len(batches), device,
+             resolve_backend(model.backend, device))
     return out
 
 
