@@ -23,8 +23,9 @@ def add_common_finetune_args(p: argparse.ArgumentParser, *, epochs: int, lr: flo
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-heads", type=int, help="attention heads (if the checkpoint has no side file)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--backend", default="sdpa", choices=["sdpa", "packed", "flash", "auto"],
-                   help="attention backend (default sdpa)")
+    p.add_argument("--backend", default="auto", choices=["sdpa", "packed", "flash", "auto"],
+                   help="attention backend (default auto: on CPU packed while fine-tuning, padded sdpa "
+                        "for inference; on CUDA flash-attn if installed, else packed)")
     p.add_argument("--lsi-components", type=int, default=50, help="SVD components of the LSI baseline")
     p.add_argument("--trainer", choices=["task", "shared"], default="task",
                    help="fine-tuning loop: task = this task's loop (default; supports --max-steps), shared = "

@@ -136,8 +136,9 @@ def register(subparsers) -> None:
     g.add_argument("--max-len", type=int, help="tokens per cell (default: the model's rank limit - 2)")
     g.add_argument("--num-heads", type=int, help="attention heads (if the checkpoint has no side file)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--backend", default="sdpa", choices=["sdpa", "packed", "flash", "auto"],
-                   help="attention backend (default sdpa)")
+    g.add_argument("--backend", default="auto", choices=["sdpa", "packed", "flash", "auto"],
+                   help="attention backend (default auto: on CPU packed while fine-tuning, padded sdpa "
+                        "for inference; on CUDA flash-attn if installed, else packed)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar while fine-tuning")
     p.add_argument("--no-umap", action="store_true", help="skip UMAPs and figures")
     p.add_argument("--svg", action="store_true", help="also write SVG figures")

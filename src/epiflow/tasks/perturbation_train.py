@@ -164,7 +164,9 @@ def ot_match_groups(emb, ctrl_rows, pert_rows, groups) -> np.ndarray:
 def load_base_model(checkpoint, *, num_heads: int | None = None, n_ccres: int | None = None):
     from ..model import load_epiagent_checkpoint
 
-    model = load_epiagent_checkpoint(checkpoint, num_heads=num_heads, n_ccres=n_ccres, mmap=False)
+    # backend auto: packed attention while training (no pad waste), padded sdpa for inference on CPU
+    model = load_epiagent_checkpoint(checkpoint, num_heads=num_heads, n_ccres=n_ccres, mmap=False,
+                                     backend="auto")
     if getattr(model, "signal_decoder", None) is None or getattr(model, "fc1_for_CCA", None) is None:
         raise CheckpointError("the checkpoint has no signal decoder / CCA head (kind "
                               f"{model.config.kind})", path=str(checkpoint),

@@ -230,11 +230,12 @@ def apply_label_map(labels, label_map: dict[str, str] | None) -> np.ndarray:
 # ----------------------------------------------------------------------------- model / batches
 def load_model(checkpoint, num_heads: int | None = None, *, n_ccres: int | None = None, device=None):
     """Load a checkpoint (authors' format) as a trainable float32 model on ``device`` (a real copy,
-    not memory-mapped)."""
+    not memory-mapped), attention backend ``auto`` (packed while training, padded sdpa for inference
+    on CPU)."""
     from ..model import load_epiagent_checkpoint
 
     return load_epiagent_checkpoint(checkpoint, num_heads, n_ccres=n_ccres, mmap=False,
-                                    device=device or "cpu", dtype=torch.float32)
+                                    device=device or "cpu", dtype=torch.float32, backend="auto")
 
 
 def copy_encoder(dst, src) -> None:
