@@ -151,7 +151,7 @@ def batch_conditioned_model(base, n_batches: int, seed: int = 0):
                               "pretrain output)")
     cfg = base.config.replace(num_batches=int(n_batches), classifier=None, num_classes=0)
     torch.manual_seed(seed)
-    model = EpiAgent.from_config(cfg)
+    model = EpiAgent.from_config(cfg, backend=base.backend)  # auto: packed while training on CPU
     sd = {k: v for k, v in base.state_dict().items() if not k.startswith(("batch_embedding", "classifier"))}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or [m for m in missing if not m.startswith("batch_embedding")]:

@@ -192,7 +192,7 @@ def conditioned_model(base, *, num_conditions: int = 0, gene_graph=None):
     if gene_graph is not None:
         kw.update(num_genes=gene_graph.n_genes, gnn_edges=gene_graph.n_edges)
     cfg = base.config.replace(**kw)
-    model = EpiAgent.from_config(cfg, backend="sdpa")
+    model = EpiAgent.from_config(cfg, backend=base.backend)  # auto: packed while training on CPU
     if num_conditions:
         # the [PER] token is ADDED to the [CLS] input embedding: it must be on the scale of the model's
         # input embeddings to move the cell embedding at all (a N(0, 0.02) token next to N(0, 1) cCRE rows

@@ -276,7 +276,7 @@ def supervised_model(base, num_classes: int, *, classifier: str = "mlp", seed: i
                               num_classes=int(num_classes), num_batches=0, num_conditions=0, num_genes=0,
                               gnn_edges=0)
     torch.manual_seed(seed)
-    model = EpiAgent.from_config(cfg)
+    model = EpiAgent.from_config(cfg, backend=base.backend)  # auto: packed while training on CPU
     copy_encoder(model, base)
     return model
 
