@@ -230,8 +230,9 @@ def _rank_order(indptr: np.ndarray, data: np.ndarray, cols: np.ndarray | None = 
     blocks, not cells.
 
     Returns ``(order, data[order])``, or ``(cols[order] + NUM_SPECIAL, data[order])`` (token ids,
-    int64) when ``cols`` is given; the second item is None when ``with_values`` is False. Raises ``InputFormatError`` on NaN and ``_ZeroValues`` when a
-    stored value is zero (the caller drops those first).
+    int64) when ``cols`` is given; the second item is None when ``with_values`` is False. Raises
+    ``InputFormatError`` on NaN and ``_ZeroValues`` when a stored value is zero (the caller drops
+    those first).
     """
     data = np.ascontiguousarray(data, dtype=np.float64)
     nnz = len(data)
@@ -258,16 +259,19 @@ def _rank_order(indptr: np.ndarray, data: np.ndarray, cols: np.ndarray | None = 
         nbits = max(e - s - 1, 1).bit_length()
         rbits = max(r1 - r0 - 1, 1).bit_length()
         qbits = 64 - nbits - rbits
+        ids = first[s:e]
+
+        def put_ids(o):  # ids of the positions o in the block: token ids, or positions in data
+            if cols is None:
+                np.add(o, s, out=ids)
+            else:
+                np.add(cols[s:e][o], NUM_SPECIAL, out=ids)
+
         if qbits < min_value_bits:  # one enormous row: exact lexsort of the block
             o = np.lexsort((-d, np.repeat(np.arange(r1 - r0), lens[r0:r1])))
             if values is not None:
                 values[s:e] = d[o]
-            if cols is None:
-                np.add(o, s, out=first[s:e])
-            else:
-                out = first[s:e]
-                out[:] = cols[s:e][o]
-                out += NUM_SPECIAL
+            put_ids(o)
             return
         if lo > 0:  # the usual case (TF-IDF values are positive): one compiled pass
             key = np.empty(e - s, dtype=np.uint64)
@@ -285,7 +289,6 @@ def _rank_order(indptr: np.ndarray, data: np.ndarray, cols: np.ndarray | None = 
         key.sort()
         o = np.empty(e - s, dtype=np.int64)
         sv = values[s:e] if values is not None else np.empty(e - s)
-        ids = first[s:e]
         c = cols[s:e] if cols is not None else _NO_COLS
         base = NUM_SPECIAL if cols is not None else s
         if not K.unpack_sorted(key, np.uint64(nbits), d, c, cols is not None, base, o, sv, ids):
@@ -293,11 +296,7 @@ def _rank_order(indptr: np.ndarray, data: np.ndarray, cols: np.ndarray | None = 
             np.bitwise_and(key, np.uint64((1 << nbits) - 1), out=o.view(np.uint64))
             np.take(d, o, out=sv)
             _repair_groups(key, nbits, o, sv)
-            if cols is None:
-                np.add(o, s, out=ids)
-            else:
-                ids[:] = c[o]
-                ids += NUM_SPECIAL
+            put_ids(o)
 
     _for_blocks(work, _row_blocks(indptr, block), n_jobs)
     return first, values
