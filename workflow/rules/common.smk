@@ -177,14 +177,13 @@ TASK_OUTPUTS = {
     ),
     "zeroshot_annotation": ("zeroshot_annotation", ["metrics.tsv", "confusion.png"]),
 }
-# Zero-shot annotators (train_annotator in tasks.smk, one job per annotator). By default one, named "annotator",
-# from the keys of tasks.zeroshot_annotation (folder {R}/tasks/zeroshot_annotation/annotator, results
+# Zero-shot annotators (train_annotator in tasks.smk, one job per annotator). By default one, named
+# "annotator", from the keys of tasks.zeroshot_annotation (folder {R}/tasks/zeroshot_annotation/annotator, results
 # of dataset D in .../zeroshot_annotation/D, method EpiAgent-zeroshot). With
 # tasks.zeroshot_annotation.annotators (the paper's EpiAgent-B and -NT), each entry NAME has its own
 # reference, datasets and labels (the other keys are shared): folder .../annotator-NAME, results of
 # dataset D in .../zeroshot_annotation/NAME.D, method NAME.
 ZS_ROOT = f"{R}/tasks/zeroshot_annotation"
-ANNOTATOR = f"{ZS_ROOT}/annotator"
 
 
 def zs_annotators():
@@ -482,7 +481,7 @@ def annotator_args(wildcards):
     """`epiflow train-annotator` options from config['tasks']['zeroshot_annotation'] (and the
     annotator's own entry of its `annotators`)."""
     t = config["tasks"]["zeroshot_annotation"]
-    a = zs_annotators()[wildcards.zs_annotator]
+    a = zs_settings(wildcards)
     parts = [
         datasets_arg("--dataset", a["reference"]),
         f"--label-key {a['label_key']}",
