@@ -102,7 +102,7 @@ def test_paper_manifest_sources():
     names = [e.name for e in entries]
     for key in DOWNSTREAM:
         assert any(n.startswith(key) for n in names), key
-    corpus = [e for e in entries if e.extra.get("role") == "corpus"]
+    corpus = [e for e in entries if e.role == "corpus"]
     assert len(corpus) >= 10
     tenx = [e for e in corpus if e.name.startswith("tenx_")]
     assert tenx and all(e.url and e.url.startswith("https://cf.10xgenomics.com/") for e in tenx)

@@ -17,7 +17,7 @@ from epiflow.genome.intervals import chrom_sort_key, merge_intervals, overlap_pa
 from epiflow.simulate import PRESETS, get_preset, simulate_corpus
 
 MANIFEST_COLUMNS = ["name", "format", "path", "sha256", "genome", "tissue", "barcodes", "labels",
-                    "cell_type_key", "batch_key", "peaks"]
+                    "cell_type_key", "batch_key", "peaks", "role"]
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,8 @@ def run_dir(tmp_path):
 def test_summarize_concatenates_and_adds_corpus_and_pretraining(run_dir):
     tmp, corpus, a, b = run_dir
     table = summarize([a, b], corpus=corpus, pretrain_metrics=tmp / "metrics.csv", out=tmp / "s.tsv")
-    assert list(table.columns) == ["task", "dataset", "method", "metric", "value", "source"]
+    assert list(table.columns) == ["task", "dataset", "method", "metric", "value", "seen_in_pretraining",
+                                   "source"]
     got = {(r.task, r.method, r.metric): r.value for r in table.itertuples()}
     assert got[("corpus", "-", "n_cells")] == 436 and got[("corpus", "-", "n_ccres")] == 720
     assert got[("corpus", "-", "n_shards")] == 1

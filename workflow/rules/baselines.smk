@@ -32,7 +32,7 @@ wildcard_constraints:
 
 rule run_baseline:
     input:
-        corpus=rules.build_corpus.output.corpus,
+        corpus=dataset_input("bl_dataset"),
     output:
         metrics=f"{R}/baselines/{{bl_task}}/{{bl_dataset}}/{{bl_tool}}/metrics.tsv",
         output=f"{R}/baselines/{{bl_task}}/{{bl_dataset}}/{{bl_tool}}/output.npz",

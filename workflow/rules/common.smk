@@ -84,15 +84,162 @@ def manifest_file(wildcards=None):
     return config["datasets"]["manifest"]
 
 
-def dataset_names(wildcards=None):
-    """Names of the manifest's datasets (after the simulation ran, for the demo)."""
+def manifest_entries():
+    """The manifest's datasets (after the simulation ran, for the demo)."""
     if USE_SIMULATED:
         path = checkpoints.simulate.get().output.manifest
     else:
         path = config["datasets"]["manifest"]
     from epiflow.corpus.manifest import load_manifest
 
-    return [entry.name for entry in load_manifest(path)]
+    return load_manifest(path)
+
+
+def dataset_names(wildcards=None):
+    """Names of the manifest's datasets (after the simulation ran, for the demo)."""
+    return [entry.name for entry in manifest_entries()]
+
+
+# ---- corpus vs downstream datasets (manifest column `role`) -----------------------------------
+# Corpus datasets make the vocabulary, the document frequency and the pretraining cells
+# ({R}/corpus). Downstream datasets are mapped onto the same candidate cCREs and tokenized onto the
+# corpus vocabulary with the corpus df (rule downstream_corpus: one corpus-format folder
+# {R}/downstream/<name> each); the tasks find either kind by name through data_dir().
+DOWNSTREAM_ROOT = f"{R}/downstream"
+
+
+def dataset_roles():
+    """Dataset name -> 'corpus' | 'downstream'."""
+    return {e.name: e.role for e in manifest_entries()}
+
+
+def corpus_dataset_names():
+    return [n for n, r in dataset_roles().items() if r == "corpus"]
+
+
+def downstream_dataset_names():
+    return [n for n, r in dataset_roles().items() if r == "downstream"]
+
+
+def has_corpus():
+    """Whether the run builds a corpus (the demo always does: known before its simulation runs)."""
+    return True if USE_SIMULATED else bool(corpus_dataset_names())
+
+
+def data_dir(names, key="the task"):
+    """The folder (corpus format) holding the cells of the datasets `names` ('all': every corpus
+    cell): {R}/corpus for corpus datasets, {R}/downstream/<name> for a downstream dataset. The one
+    place that resolves a dataset name to its shards; a task reading several datasets at once
+    needs them in one folder."""
+    names = [names] if isinstance(names, str) else list(names)
+    roles = dataset_roles()
+    dirs = {}
+    for n in names:
+        if n == "all" or roles.get(n) == "corpus":
+            if not corpus_dataset_names():
+                raise WorkflowError(
+                    f"invalid configuration:\n  - {key}: '{n}' needs the corpus, but the manifest "
+                    f"{manifest_file()} has no dataset of role 'corpus' (only downstream datasets, "
+                    "named one by one)"
+                )
+            dirs.setdefault(f"{R}/corpus", []).append(n)
+        elif roles.get(n) == "downstream":
+            dirs.setdefault(f"{DOWNSTREAM_ROOT}/{n}", []).append(n)
+        else:
+            raise WorkflowError(
+                f"invalid configuration:\n  - {key}: '{n}' is not a dataset of the manifest "
+                f"{manifest_file()} ({', '.join(sorted(roles))}; or 'all')"
+            )
+    if len(dirs) > 1:
+        raise WorkflowError(
+            f"invalid configuration:\n  - {key}: {', '.join(names)} are read together but live in "
+            f"different folders ({'; '.join(f'{d}: {v}' for d, v in dirs.items())}): corpus "
+            "datasets and each downstream dataset are tokenized separately. List datasets of one "
+            "kind (e.g. downstream datasets one at a time, or as an integration query), or give "
+            "them the same manifest role"
+        )
+    return next(iter(dirs))
+
+
+def dataset_input(key, *path):
+    """Input function: data_dir() of the dataset in wildcard `key` (or of the config list at
+    config path `path`)."""
+
+    def f(wildcards):
+        if path:
+            value = config
+            for part in path:
+                value = value[part]
+            return data_dir(value, ".".join(path))
+        return data_dir(wildcards[key], f"dataset {wildcards[key]}")
+
+    return f
+
+
+def embeddings_file(dataset):
+    """Zero-shot embeddings of a dataset's cells: rule embed (corpus) or embed_downstream."""
+    if data_dir(dataset).startswith(DOWNSTREAM_ROOT + "/"):
+        return f"{R}/embed/downstream/{dataset}.h5ad"
+    return f"{R}/embed/embeddings.h5ad"
+
+
+def seen_inputs(wildcards):
+    """The folders telling `epiflow summarize` which datasets the model saw in pretraining: the
+    corpus (seen, when the workflow pretrained on it) and each downstream folder (never seen)."""
+    return {
+        "corpus": [f"{R}/corpus"] if corpus_dataset_names() else [],
+        "downstream": [f"{DOWNSTREAM_ROOT}/{d}" for d in downstream_dataset_names()],
+    }
+
+
+def seen_args(wildcards, input):
+    """`epiflow summarize` options for its column seen_in_pretraining (inputs of seen_inputs)."""
+    parts = [
+        opt("--corpus", list(input.corpus)),
+        opt("--downstream", list(input.downstream)),
+        # an external checkpoint: what it was trained on is not known here
+        "--external-checkpoint" if EXTERNAL_CHECKPOINT else "",
+    ]
+    return " ".join(p for p in parts if p)
+
+
+def check_roles():
+    """A run without corpus datasets must bring its model and vocabulary (nothing to pretrain on)."""
+    if USE_SIMULATED or has_corpus():
+        return
+    missing = []
+    if not EXTERNAL_CHECKPOINT:
+        missing.append(
+            "model.checkpoint: no dataset of the manifest has role 'corpus', so there is nothing "
+            "to pretrain on; give published or earlier weights"
+        )
+    voc = config["vocabulary"]
+    if voc["mode"] != "external" or not voc["external_df"]:
+        missing.append(
+            "vocabulary: without corpus datasets the downstream datasets are tokenized onto the "
+            "checkpoint's own vocabulary: set vocabulary.mode: external with external_bed and "
+            "external_df (its document frequencies)"
+        )
+    if missing:
+        raise WorkflowError(
+            "invalid configuration:\n  - "
+            + "\n  - ".join(missing)
+            + f"\n(manifest {manifest_file()}: every dataset is 'downstream')"
+        )
+
+
+def downstream_vocab_inputs(wildcards):
+    """The vocabulary a downstream dataset is tokenized onto: the corpus (vocab.bed, df.npy), or,
+    without corpus datasets, the external vocabulary (= the candidates) and its df."""
+    if dataset_roles().get(wildcards.dataset) != "downstream":
+        raise WorkflowError(
+            f"{DOWNSTREAM_ROOT}/{wildcards.dataset}: '{wildcards.dataset}' is not a downstream "
+            "dataset of the manifest (column role)"
+        )
+    if corpus_dataset_names():
+        return {"corpus": f"{R}/corpus"}
+    check_roles()
+    return {"df": config["vocabulary"]["external_df"]}
 
 
 # keys of a task's config naming further datasets (beside `datasets`), checked like them
@@ -141,9 +288,9 @@ def check_dataset_keys(names):
 
 
 def mapped_files(wildcards):
-    names = dataset_names()
-    check_dataset_keys(names)
-    return expand(f"{R}/mapped/{{dataset}}.h5ad", dataset=names)
+    """The mapped corpus datasets (downstream datasets never enter the corpus)."""
+    check_dataset_keys(dataset_names())
+    return expand(f"{R}/mapped/{{dataset}}.h5ad", dataset=corpus_dataset_names())
 
 
 def ccre_sources(wildcards=None):
@@ -291,10 +438,12 @@ def task_files(names=None):
 
 
 def all_targets():
-    targets = [f"{R}/corpus"]
+    check_roles()
+    targets = [f"{R}/corpus"] if has_corpus() else []
     if not EXTERNAL_CHECKPOINT:
         targets += [f"{R}/pretrain/checkpoint.pth", f"{R}/pretrain/loss.png"]
-    targets.append(f"{R}/embed/embeddings.h5ad")
+    if has_corpus():
+        targets.append(f"{R}/embed/embeddings.h5ad")
     targets += task_files()
     targets += baseline_targets()
     targets.append(f"{R}/summary.tsv")

@@ -102,3 +102,39 @@ rule build_corpus:
         " --genome {params.genome} --vocabulary {params.vocabulary}"
         " --min-cells {params.min_cells} --min-ccres-per-cell {params.min_ccres}"
         " --shard-size {params.shard_size} --out {output.corpus} > {log} 2>&1"
+
+
+# Downstream datasets (manifest role `downstream`): mapped like the others, never in the corpus;
+# tokenized onto the corpus vocabulary with the corpus document frequency (or, in a run without
+# corpus datasets, onto the external vocabulary with its df) into a corpus-format folder each.
+rule downstream_corpus:
+    input:
+        unpack(downstream_vocab_inputs),
+        ccres=rules.candidate_ccres.output.bed,
+        stats=rules.candidate_ccres.output.stats,
+        mapped=f"{R}/mapped/{{dataset}}.h5ad",
+    output:
+        folder=directory(f"{R}/downstream/{{dataset}}"),
+    log:
+        f"{R}/logs/downstream_corpus/{{dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/downstream_corpus/{{dataset}}.tsv"
+    conda:
+        "../../envs/epiflow.yaml"
+    threads: res("downstream_corpus", "threads")
+    resources:
+        mem_mb=res("downstream_corpus", "mem_mb"),
+        runtime=res("downstream_corpus", "runtime"),
+    params:
+        genome=config["genome"],
+        vocab=lambda w, input: (
+            f"--corpus {input.corpus}"
+            if "corpus" in input.keys()
+            else f"--vocab {input.ccres} --df {input.df}"
+        ),
+        min_ccres=config["qc"]["min_ccres_per_cell"],
+        shard_size=config["shard_size"],
+    shell:
+        "python -m epiflow tokenize-downstream --ccres {input.ccres} --mapped {input.mapped}"
+        " {params.vocab} --genome {params.genome} --min-ccres-per-cell {params.min_ccres}"
+        " --shard-size {params.shard_size} --out {output.folder} > {log} 2>&1"

@@ -26,3 +26,16 @@ rule embed:
         "python -m epiflow embed --checkpoint {input.checkpoint} --corpus {input.corpus}"
         " --backend {params.backend} {params.heads} --batch-tokens {params.batch_tokens}"
         " {params.device} --no-progress --out {output.h5ad} > {log} 2>&1"
+
+
+# the same for the cells of one downstream dataset (its folder of rule downstream_corpus)
+use rule embed as embed_downstream with:
+    input:
+        checkpoint=checkpoint_file,
+        corpus=f"{R}/downstream/{{dataset}}",
+    output:
+        h5ad=f"{R}/embed/downstream/{{dataset}}.h5ad",
+    log:
+        f"{R}/logs/embed_downstream/{{dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/embed_downstream/{{dataset}}.tsv"

@@ -44,7 +44,8 @@ rule figure:
 # that task's figures; results/summary.tsv holds all of them together.
 rule benchmark_table:
     input:
-        table_inputs,
+        unpack(seen_inputs),
+        metrics=table_inputs,
     output:
         tsv=report(
             f"{R}/tables/{{table}}.tsv",
@@ -65,5 +66,7 @@ rule benchmark_table:
         runtime=res("summarize", "runtime"),
     params:
         caption=table_caption,
+        seen=seen_args,
     shell:
-        "python -m epiflow summarize --metrics {input} --out {output.tsv} > {log} 2>&1"
+        "python -m epiflow summarize --metrics {input.metrics} {params.seen}"
+        " --no-corpus-rows --out {output.tsv} > {log} 2>&1"

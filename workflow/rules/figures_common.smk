@@ -232,5 +232,7 @@ def table_caption(wildcards):
     return (
         f"{what}: one row per task, dataset, method and metric "
         f"(long format; column source = the metrics.tsv it comes from), gathered by "
-        f"'epiflow summarize' from {len(files)} metrics table(s)."
+        f"'epiflow summarize' from {len(files)} metrics table(s). Column seen_in_pretraining: "
+        "true = the dataset's cells were in the pretraining corpus, false = a downstream dataset "
+        "never seen in pretraining, unknown = an external checkpoint (model.checkpoint)."
     )

@@ -25,6 +25,10 @@ checkpoint simulate:
         preset=config["datasets"]["simulate"]["preset"],
         seed=config["datasets"]["simulate"]["seed"],
         n_cells=opt("--n-cells", config["datasets"]["simulate"]["n_cells"]),
+        downstream=opt(
+            "--downstream",
+            ",".join(config["datasets"]["simulate"].get("downstream") or []),
+        ),
     shell:
         "python -m epiflow simulate --out {params.outdir} --preset {params.preset}"
-        " --seed {params.seed} {params.n_cells} --force > {log} 2>&1"
+        " --seed {params.seed} {params.n_cells} {params.downstream} --force > {log} 2>&1"

@@ -3,7 +3,7 @@
 
 rule summarize:
     input:
-        corpus=rules.build_corpus.output.corpus,
+        unpack(seen_inputs),
         pretrain=pretrain_metrics_file,
         metrics=task_metrics_files,
     output:
@@ -24,8 +24,10 @@ rule summarize:
         mem_mb=res("summarize", "mem_mb"),
         runtime=res("summarize", "runtime"),
     params:
+        # column seen_in_pretraining: corpus datasets true, downstream false (external model: unknown)
+        seen=seen_args,
         pretrain=lambda w, input: opt("--pretrain-metrics", list(input.pretrain)),
         metrics=lambda w, input: opt("--metrics", list(input.metrics)),
     shell:
-        "python -m epiflow summarize --corpus {input.corpus} {params.pretrain}"
-        " {params.metrics} --out {output.tsv} > {log} 2>&1"
+        "python -m epiflow summarize {params.seen}"
+        " {params.pretrain} {params.metrics} --out {output.tsv} > {log} 2>&1"

@@ -70,8 +70,8 @@ FE_MODEL_ARGS = " ".join(
 
 rule evaluate_features:
     input:
-        embeddings=rules.embed.output.h5ad,
-        corpus=rules.build_corpus.output.corpus,
+        embeddings=lambda w: embeddings_file(w.fe_dataset),
+        corpus=dataset_input("fe_dataset"),
         checkpoint=checkpoint_file,
     output:
         metrics=f"{R}/tasks/feature_extraction/{{fe_dataset}}/metrics.tsv",
@@ -160,7 +160,7 @@ use rule evaluate_features as evaluate_features_trajectory with:
 rule annotate:
     input:
         checkpoint=checkpoint_file,
-        corpus=rules.build_corpus.output.corpus,
+        corpus=dataset_input("an_dataset"),
     output:
         metrics=f"{R}/tasks/annotation/{{an_dataset}}/metrics.tsv",
         predictions=f"{R}/tasks/annotation/{{an_dataset}}/predictions.tsv",
@@ -202,7 +202,7 @@ rule annotate:
 rule impute:
     input:
         checkpoint=checkpoint_file,
-        corpus=rules.build_corpus.output.corpus,
+        corpus=dataset_input("im_dataset"),
     output:
         metrics=f"{R}/tasks/imputation/{{im_dataset}}/metrics.tsv",
         imputed=f"{R}/tasks/imputation/{{im_dataset}}/imputed.h5ad",
@@ -242,7 +242,7 @@ rule impute:
 rule predict_stimulation:
     input:
         checkpoint=checkpoint_file,
-        corpus=rules.build_corpus.output.corpus,
+        corpus=dataset_input("st_dataset"),
     output:
         metrics=f"{R}/tasks/stimulation/{{st_dataset}}/metrics.tsv",
         means=f"{R}/tasks/stimulation/{{st_dataset}}/mean_accessibility.tsv.gz",
@@ -286,7 +286,7 @@ rule predict_stimulation:
 rule predict_genetic:
     input:
         checkpoint=checkpoint_file,
-        corpus=rules.build_corpus.output.corpus,
+        corpus=dataset_input("ge_dataset"),
         go=lambda w: demo_file("genetic", "go", "go.tsv"),
     output:
         metrics=f"{R}/tasks/genetic/{{ge_dataset}}/metrics.tsv",
@@ -341,7 +341,14 @@ INTEGRATION_QUERY_OUTPUT = (
 rule integrate:
     input:
         checkpoint=checkpoint_file,
-        corpus=rules.build_corpus.output.corpus,
+        corpus=dataset_input(None, "tasks", "integration", "datasets"),
+        query=lambda w: (
+            data_dir(
+                config["tasks"]["integration"]["query"], "tasks.integration.query"
+            )
+            if config["tasks"]["integration"]["query"]
+            else []
+        ),
     output:
         **INTEGRATION_QUERY_OUTPUT,
         metrics=f"{R}/tasks/integration/{{in_name}}/metrics.tsv",
@@ -378,7 +385,7 @@ rule integrate:
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
         query=lambda w, input: (
-            f"--query {input.corpus} "
+            f"--query {input.query} "
             + datasets_arg("--query-dataset", config["tasks"]["integration"]["query"])
             if config["tasks"]["integration"]["query"]
             else ""
@@ -399,7 +406,7 @@ rule integrate:
 rule knockout:
     input:
         checkpoint=checkpoint_file,
-        corpus=rules.build_corpus.output.corpus,
+        corpus=dataset_input("ko_dataset"),
         tss=lambda w: demo_file("knockout", "tss", "tss.bed"),
     output:
         metrics=f"{R}/tasks/knockout/{{ko_dataset}}/metrics.tsv",
@@ -445,7 +452,10 @@ rule knockout:
 rule train_annotator:
     input:
         checkpoint=checkpoint_file,
-        corpus=rules.build_corpus.output.corpus,
+        corpus=lambda w: data_dir(
+            zs_settings(w)["reference"],
+            f"tasks.zeroshot_annotation reference of {w.zs_annotator}",
+        ),
         label_map=lambda w: zs_settings(w)["label_map"] or [],
     output:
         model=f"{ZS_ROOT}/{{zs_annotator}}/checkpoint.pth",
@@ -478,7 +488,7 @@ rule annotate_zeroshot:
         model_config=zs_annotator_file("checkpoint.pth.json"),
         classes=zs_annotator_file("classes.tsv"),
         ccres=zs_annotator_file("reference_ccres.npy"),
-        corpus=rules.build_corpus.output.corpus,
+        corpus=lambda w: data_dir(zs_unit(w.zs_dataset)[2], f"dataset {w.zs_dataset}"),
         label_map=zs_query_label_map,
     output:
         metrics=f"{ZS_ROOT}/{{zs_dataset}}/metrics.tsv",

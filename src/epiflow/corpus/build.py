@@ -143,29 +143,40 @@ def _read_candidates(ccres) -> pd.DataFrame:
 def build_corpus(ccres, mapped, out, *, genome: str = "", min_cells: int = 100,
                  min_ccres_per_cell: int = 100, shard_size: int = 5000, vocabulary: str = "curate",
                  external_df=None, block_size: int | None = None, overwrite: bool = True,
-                 progress: bool = False):
+                 progress: bool = False, role: str = "corpus", fixed_vocab=None, meta_extra: dict | None = None):
     """Build the corpus folder ``out`` from candidate cCREs and mapped datasets (see the module doc).
 
     ``ccres``: candidate BED path or DataFrame (the external vocabulary itself when
     ``vocabulary='external'``). ``mapped``: paths of ``map-dataset`` outputs. ``external_df``: path
     or array of document frequencies to use instead of the corpus df (external vocabulary only).
+    ``vocabulary='fixed'`` (with ``fixed_vocab``, a BED path or DataFrame of candidate intervals in
+    token order, and ``external_df``): the vocabulary and df of another corpus, as
+    :func:`tokenize_downstream` uses it. ``role``: ``corpus`` refuses datasets mapped with the manifest
+    role ``downstream``; recorded in ``corpus.json``.
     Returns the opened :class:`~epiflow.corpus.shard.Corpus`.
     """
     from tqdm.auto import tqdm
 
-    if vocabulary not in ("curate", "external"):
+    if vocabulary not in ("curate", "external", "fixed"):
         raise ConfigError(f"unknown vocabulary mode '{vocabulary}'", field="vocabulary",
                           fix="use 'curate' or 'external'")
     if shard_size < 1:
         raise ConfigError("shard_size must be >= 1", field="shard_size")
-    if external_df is not None and vocabulary != "external":
+    if external_df is not None and vocabulary == "curate":
         raise ConfigError("an external document frequency needs vocabulary 'external'", field="external_df",
                           fix="pass --vocabulary external, or drop --external-df")
+    if vocabulary == "fixed" and (fixed_vocab is None or external_df is None):
+        raise ConfigError("a fixed vocabulary needs its cCREs and document frequency", field="vocabulary",
+                          fix="pass fixed_vocab (vocab.bed) and external_df (df.npy) of the corpus")
     block_size = int(block_size or shard_size)
     out = Path(out)
     cand = _read_candidates(ccres)
     n_cand = len(cand)
     cand_id = vocab_id_from_intervals(cand["chrom"], cand["start"], cand["end"])
+    fixed_index = None
+    if vocabulary == "fixed":
+        fixed_index = _fixed_vocab_index(cand, _read_candidates(fixed_vocab))
+    n_df = n_cand if fixed_index is None else len(fixed_index)
     mapped = [Path(p) for p in mapped]
     if not mapped:
         raise ConfigError("no mapped datasets given", field="mapped", fix="pass the map-dataset outputs")
@@ -180,9 +191,9 @@ def build_corpus(ccres, mapped, out, *, genome: str = "", min_cells: int = 100,
             raise InputFormatError(f"cannot read the document frequency ({exc})", path=ext_src,
                                    fix="give a .npy saved with numpy.save") from None
         ext_dfv = np.asarray(ext_dfv, dtype=np.float64).ravel()
-        if len(ext_dfv) != n_cand:
+        if len(ext_dfv) != n_df:
             raise VocabularyMismatchError(
-                f"the external document frequency has {len(ext_dfv)} values, the vocabulary {n_cand}",
+                f"the external document frequency has {len(ext_dfv)} values, the vocabulary {n_df}",
                 path=ext_src, fix="use the df file of the same cCRE set")
 
     # ---- pass 1: QC on candidates, accessibility --------------------------------------------
@@ -192,6 +203,12 @@ def build_corpus(ccres, mapped, out, *, genome: str = "", min_cells: int = 100,
     seen_names: dict[str, Path] = {}
     for p in tqdm(mapped, desc="pass 1 (QC, accessibility)", disable=not progress):
         a, rep = _open_mapped(p, n_cand, cand_id)
+        if role == "corpus" and rep.get("role") == "downstream":
+            a.file.close()
+            raise ConfigError(f"dataset '{rep.get('dataset', p.stem)}' has the manifest role 'downstream': "
+                              "it must not enter the pretraining corpus", path=str(p), field="role",
+                              fix="build the corpus from the corpus-role datasets only; tokenize downstream "
+                                  "datasets with 'epiflow tokenize-downstream'")
         try:
             obs = a.obs.copy()
             name = str(obs["dataset"].iloc[0]) if "dataset" in obs and len(obs) else p.stem
@@ -216,6 +233,12 @@ def build_corpus(ccres, mapped, out, *, genome: str = "", min_cells: int = 100,
         from ..genome.ccre import filter_vocab
 
         vocab, keep_index, stats = filter_vocab(cand, cells_open, min_cells)
+    elif vocabulary == "fixed":
+        keep_index = fixed_index
+        vocab = cand[["chrom", "start", "end"]].iloc[keep_index].reset_index(drop=True)
+        stats = pd.DataFrame({"chrom": vocab["chrom"], "start": vocab["start"], "end": vocab["end"],
+                              "width": vocab["end"] - vocab["start"], "cells_open": cells_open[keep_index],
+                              "kept": True})
     else:
         keep_index = np.arange(n_cand, dtype=np.int64)
         vocab = cand[["chrom", "start", "end"]].reset_index(drop=True)
@@ -268,7 +291,7 @@ def build_corpus(ccres, mapped, out, *, genome: str = "", min_cells: int = 100,
         })
     n_total = int(sum(k.sum() for k in keep2))
     if n_total == 0:
-        raise ConfigError(f"no cell has >= {min_ccres_per_cell} accessible cCREs: the corpus is empty",
+        raise ConfigError(f"no cell has >= {min_ccres_per_cell} accessible cCREs: the {role} folder is empty",
                           field="min_ccres_per_cell", fix="lower min_ccres_per_cell or check the mapping")
     if external_df is not None:
         df_src, dfv = ext_src, ext_dfv
@@ -333,10 +356,11 @@ def build_corpus(ccres, mapped, out, *, genome: str = "", min_cells: int = 100,
             "shards": shard_paths, "shard_cells": shard_cells,
             "datasets": [r["dataset"] for r in qc_rows],
             "vocabulary": vocabulary, "n_candidates": int(n_cand), "candidates_id": cand_id,
-            "df_source": df_src,
+            "df_source": df_src, "role": role,
             "params": {"min_cells": int(min_cells), "min_ccres_per_cell": int(min_ccres_per_cell),
                        "shard_size": int(shard_size)},
         }
+        meta.update(meta_extra or {})
         write_corpus_meta(tmp, meta)
         _replace_dir(tmp, out, overwrite)
     except BaseException:
@@ -344,6 +368,52 @@ def build_corpus(ccres, mapped, out, *, genome: str = "", min_cells: int = 100,
         raise
     log.info("corpus %s: %d cells, %d cCREs, %d shard(s)", out, n_total, n_voc, len(shard_paths))
     return open_corpus(out)
+
+
+def _fixed_vocab_index(cand: pd.DataFrame, vocab: pd.DataFrame) -> np.ndarray:
+    """Candidate row of every vocabulary cCRE (vocabulary order); an error if one is no candidate."""
+    key = ["chrom", "start", "end"]
+    c = cand[key].astype({"chrom": str, "start": np.int64, "end": np.int64}).reset_index(drop=True)
+    v = vocab[key].astype({"chrom": str, "start": np.int64, "end": np.int64}).reset_index(drop=True)
+    c["_row"] = np.arange(len(c))
+    m = v.merge(c.drop_duplicates(key), on=key, how="left")
+    miss = m["_row"].isna().to_numpy()
+    if miss.any():
+        first = v[miss].iloc[0]
+        raise VocabularyMismatchError(
+            f"{int(miss.sum())} of the {len(v)} vocabulary cCREs are not candidate cCREs (first: "
+            f"{first['chrom']}:{first['start']}-{first['end']})", field="ccres",
+            fix="map the dataset onto the candidate cCREs the corpus was built from")
+    return m["_row"].to_numpy(np.int64)
+
+
+def tokenize_downstream(ccres, mapped, out, *, corpus=None, vocab=None, df=None, genome: str = "",
+                        min_ccres_per_cell: int = 100, shard_size: int = 5000, overwrite: bool = True,
+                        progress: bool = False):
+    """Tokenize downstream datasets onto a corpus vocabulary with the corpus document frequency.
+
+    The same streaming passes as :func:`build_corpus` (per-cell QC on the candidates and on the
+    vocabulary, global TF-IDF rank-ordered sentences, shards), but the vocabulary and ``df`` are not
+    computed from these cells: they come from ``corpus`` (its ``vocab.bed`` and ``df.npy``), or from
+    ``vocab`` + ``df`` (e.g. an external vocabulary and its document frequency when no corpus is
+    built). ``out`` is a corpus folder of the same format (``corpus.json`` ``role: downstream``), so
+    every task reads it like the corpus.
+    """
+    extra: dict = {}
+    if corpus is not None:
+        c = open_corpus(corpus)
+        vocab = c.root / "vocab.bed" if vocab is None else vocab
+        df = c.root / "df.npy" if df is None else df
+        genome = genome or c.meta.get("genome", "")
+        extra["source_corpus"] = {"path": str(Path(corpus).resolve()), "vocab_id": c.vocab_id,
+                                  "datasets": list(c.meta.get("datasets", []))}
+    if vocab is None or df is None:
+        raise ConfigError("downstream tokenization needs the corpus vocabulary and document frequency",
+                          field="corpus", fix="pass --corpus DIR, or --vocab BED and --df NPY")
+    extra["vocab_source"] = str(vocab)
+    return build_corpus(ccres, mapped, out, genome=genome, min_cells=0, min_ccres_per_cell=min_ccres_per_cell,
+                        shard_size=shard_size, vocabulary="fixed", external_df=df, fixed_vocab=vocab,
+                        overwrite=overwrite, progress=progress, role="downstream", meta_extra=extra)
 
 
 def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -398,7 +468,10 @@ def candidate_set(entries, genome: str, *, sources=(), external_vocab=None, chai
         df = _primary(read_bed(s)[["chrom", "start", "end"]], genome, str(s))
         sets.append(df)
         info_src.append({"source": str(s), "n": int(len(df)), "genome": genome})
+    skipped = [e.name for e in entries or () if e.role == "downstream"]
     for e in entries or ():
+        if e.role == "downstream":  # never seen by the vocabulary: its peaks are no candidates
+            continue
         if e.format == "fragments":
             p = e.peaks_path(data_mirror)
             if p is None:
@@ -427,4 +500,5 @@ def candidate_set(entries, genome: str, *, sources=(), external_vocab=None, chai
                           fix="pass --sources BED files, add a 'peaks' BED to fragment datasets, or use "
                               "--external-vocab")
     cand = candidate_ccres(sets)
-    return cand, {"mode": "curate", "genome": genome, "sources": info_src, "n_candidates": int(len(cand))}
+    return cand, {"mode": "curate", "genome": genome, "sources": info_src, "n_candidates": int(len(cand)),
+                  "downstream_not_used": skipped}

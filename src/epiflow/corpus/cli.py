@@ -85,6 +85,27 @@ def _build_corpus(args) -> int:
     return 0
 
 
+def _tokenize_downstream(args) -> int:
+    from .build import tokenize_downstream
+
+    side = {}
+    sp = _sidecar(args.ccres)
+    if sp.exists():
+        try:
+            side = json.loads(sp.read_text())
+        except json.JSONDecodeError:
+            side = {}
+    df = args.df or (side.get("external_df") if args.corpus is None else None)
+    vocab = args.vocab or (args.ccres if args.corpus is None and side.get("mode") == "external" else None)
+    out = tokenize_downstream(args.ccres, args.mapped, args.out, corpus=args.corpus, vocab=vocab, df=df,
+                              genome=args.genome or side.get("genome", ""),
+                              min_ccres_per_cell=args.min_ccres_per_cell, shard_size=args.shard_size,
+                              progress=True)
+    print(json.dumps({"out": str(args.out), "n_cells": out.n_cells, "n_ccres": out.n_ccres,
+                      "shards": len(out.shard_paths), "vocab_id": out.vocab_id}))
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("candidate-ccres", help="candidate cCREs: merged union of peak sets, or an external vocabulary",
                        description="Union of --sources BED files and the peaks of the manifest's datasets "
@@ -139,3 +160,23 @@ def register(sub) -> None:
     p.add_argument("--external-df", help="document frequency .npy to use (external vocabulary)")
     p.add_argument("--out", required=True, help="corpus folder")
     p.set_defaults(func=_build_corpus)
+
+    p = sub.add_parser("tokenize-downstream",
+                       help="tokenize downstream datasets onto the corpus vocabulary with the corpus df",
+                       description="Writes downstream datasets (manifest role 'downstream', mapped onto the "
+                                   "same candidate cCREs) as a corpus folder of the same format: per-cell QC, "
+                                   "the corpus vocabulary (--corpus DIR: its vocab.bed and df.npy; or --vocab "
+                                   "and --df, e.g. an external vocabulary when no corpus is built), global "
+                                   "TF-IDF cell sentences in shards. These cells never enter the vocabulary "
+                                   "count, the document frequency or pretraining.")
+    p.add_argument("--ccres", required=True, help="candidate cCRE BED the datasets were mapped onto")
+    p.add_argument("--mapped", nargs="+", required=True, help="mapped downstream datasets (.h5ad)")
+    p.add_argument("--corpus", help="corpus folder whose vocab.bed and df.npy are used")
+    p.add_argument("--vocab", help="vocabulary BED (candidate intervals in token order) instead of --corpus")
+    p.add_argument("--df", help="document frequency .npy of that vocabulary (default with an external "
+                                "vocabulary and no --corpus: the candidates' .json external_df)")
+    p.add_argument("--genome", choices=["hg19", "hg38"], help="default: the corpus' or candidates' genome")
+    p.add_argument("--min-ccres-per-cell", type=int, default=100, help="drop cells with fewer accessible cCREs")
+    p.add_argument("--shard-size", type=int, default=5000, help="cells per shard")
+    p.add_argument("--out", required=True, help="output folder (corpus format, role downstream)")
+    p.set_defaults(func=_tokenize_downstream)

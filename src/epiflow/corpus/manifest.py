@@ -14,6 +14,16 @@ A manifest is a TSV (header line) or a YAML list (or ``{datasets: [...]}``) of e
 ``cell_type_key``     optional obs column (matrix inputs) or label column holding the cell type
 ``batch_key``         optional obs/label column holding the batch (default: the dataset name)
 ``peaks``             optional BED of the dataset's peaks (fragments), used for candidate cCREs
+``role``              ``corpus`` (default when absent or empty): in the vocabulary count, the corpus
+                      document frequency and the pretraining cells; ``downstream``: mapped onto the
+                      candidate cCREs and tokenized onto the corpus vocabulary with the corpus
+                      document frequency, never seen by curation or pretraining (its peaks are not
+                      candidate cCREs either)
+``split``             optional ``heldout:FRACTION[:SEED]`` or ``rest:FRACTION[:SEED]``: keep only the
+                      held-out part (a stratified FRACTION of the file's cells, per ``cell_type``,
+                      drawn with SEED, default 0) or the rest. Two entries on the same file with the
+                      same FRACTION and SEED and the two parts hold disjoint, complementary cells
+                      (e.g. pretrain on ``rest``, evaluate the ``heldout`` quarter as ``downstream``)
 ====================  =============================================================================
 
 Other columns are kept in :attr:`DatasetEntry.extra`. ``data_mirror`` is a folder searched for the
@@ -42,7 +52,9 @@ log = logging.getLogger(__name__)
 FORMATS = ("fragments", "10x_h5", "10x_mtx", "h5ad")
 GENOMES = ("hg19", "hg38")
 FIELDS = ("name", "format", "path", "url", "sha256", "genome", "tissue", "barcodes", "labels",
-          "cell_type_key", "batch_key", "peaks")
+          "cell_type_key", "batch_key", "peaks", "role", "split")
+ROLES = ("corpus", "downstream")
+SPLIT_PARTS = ("heldout", "rest")
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -60,6 +72,8 @@ class DatasetEntry:
     cell_type_key: str | None = None
     batch_key: str | None = None
     peaks: str | None = None
+    role: str = "corpus"
+    split: str | None = None
     extra: dict = field(default_factory=dict)
     manifest: Path | None = None
     line: int | None = None  # line in a TSV manifest, entry number (1-based) in YAML
@@ -67,6 +81,14 @@ class DatasetEntry:
     def where(self) -> dict:
         """Keyword arguments locating this entry for error messages."""
         return {"path": str(self.manifest) if self.manifest else None, "line": self.line}
+
+    @property
+    def is_downstream(self) -> bool:
+        return self.role == "downstream"
+
+    def split_spec(self) -> tuple[str, float, int] | None:
+        """``(part, fraction, seed)`` of the ``split`` field, or None (all cells of the file)."""
+        return parse_split(self.split, **self.where()) if self.split else None
 
     def _resolve_aux(self, value: str | None, fld: str, data_mirror=None) -> Path | None:
         if not value:
@@ -102,6 +124,48 @@ def _clean(v):
     return s if s and s.lower() not in ("na", "nan", "none", "-") else None
 
 
+def parse_split(value: str, *, path=None, line=None) -> tuple[str, float, int]:
+    """``heldout:0.25[:SEED]`` / ``rest:0.25[:SEED]`` -> ``(part, fraction, seed)``; a clear error else."""
+    fix = ("write heldout:FRACTION[:SEED] or rest:FRACTION[:SEED], e.g. heldout:0.25:0 "
+           "(FRACTION in (0, 1), SEED an integer)")
+    parts = str(value).strip().split(":")
+    if len(parts) not in (2, 3) or parts[0] not in SPLIT_PARTS:
+        raise ConfigError(f"invalid split '{value}'", field="split", fix=fix, path=path, line=line)
+    try:
+        frac = float(parts[1])
+        seed = int(parts[2]) if len(parts) == 3 else 0
+    except ValueError:
+        raise ConfigError(f"invalid split '{value}'", field="split", fix=fix, path=path, line=line) from None
+    if not 0.0 < frac < 1.0:
+        raise ConfigError(f"split fraction {frac} is not in (0, 1)", field="split", fix=fix, path=path,
+                          line=line)
+    return parts[0], frac, seed
+
+
+def split_mask(labels, part: str, fraction: float, seed: int = 0):
+    """Boolean mask of the cells in ``part`` of a stratified split of a file's cells.
+
+    Per label (stratum), ``round(fraction * n_label)`` cells form the held-out part, drawn by one
+    permutation from ``numpy.random.default_rng(seed)`` over all cells of the file (vectorised; the
+    same file, fraction and seed always give the same cells). ``part='heldout'`` returns them,
+    ``'rest'`` the complement.
+    """
+    import numpy as np
+
+    labels = np.asarray(labels).astype(str)
+    n = len(labels)
+    _, codes = np.unique(labels, return_inverse=True)
+    perm = np.random.default_rng(int(seed)).permutation(n)
+    order = perm[np.argsort(codes[perm], kind="stable")]  # cells grouped by label, random within
+    counts = np.bincount(codes, minlength=codes.max() + 1 if n else 0)
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]]) if n else np.zeros(0, dtype=np.int64)
+    pos = np.arange(n) - start[codes[order]]
+    take = np.rint(fraction * counts).astype(np.int64)
+    held = np.zeros(n, dtype=bool)
+    held[order[pos < take[codes[order]]]] = True
+    return held if part == "heldout" else ~held
+
+
 def _entry_from_record(rec: dict, manifest: Path, line: int) -> DatasetEntry:
     where = {"path": str(manifest), "line": line}
     rec = {str(k).strip(): _clean(v) for k, v in rec.items()}
@@ -132,10 +196,44 @@ def _entry_from_record(rec: dict, manifest: Path, line: int) -> DatasetEntry:
         for k in ("barcodes", "labels", "peaks"):
             if rec.get(k):
                 log.warning("%s: field '%s' is only used for fragment inputs (dataset %s)", manifest, k, name)
-    known = {k: rec.get(k) for k in FIELDS if k not in ("name", "format", "genome")}
+    role = rec.get("role") or "corpus"
+    if role not in ROLES:
+        raise ConfigError(f"dataset '{name}': unknown role '{role}'", field="role",
+                          fix="use 'corpus' (pretraining corpus; the default when empty) or 'downstream' "
+                              "(evaluated only, never seen in pretraining)", **where)
+    if rec.get("split"):
+        parse_split(rec["split"], **where)
+    known = {k: rec.get(k) for k in FIELDS if k not in ("name", "format", "genome", "role")}
     extra = {k: v for k, v in rec.items() if k not in FIELDS}
     return DatasetEntry(name=name, format=fmt, genome=genome, tissue=known.pop("tissue") or "",
-                        extra=extra, manifest=manifest, line=line, **known)
+                        role=role, extra=extra, manifest=manifest, line=line, **known)
+
+
+def _check_splits(entries: list[DatasetEntry], path: Path) -> None:
+    """Entries that split the same file must use the same fraction and seed (else their cells may
+    overlap) and must not take the same part twice."""
+    by_file: dict[tuple, list[DatasetEntry]] = {}
+    for e in entries:
+        if e.split:
+            by_file.setdefault((e.path, e.url), []).append(e)
+    for group in by_file.values():
+        specs = [e.split_spec() for e in group]
+        first = group[0]
+        for e, (part, frac, seed) in zip(group[1:], specs[1:]):
+            if (frac, seed) != specs[0][1:]:
+                raise ConfigError(
+                    f"datasets '{first.name}' (line {first.line}) and '{e.name}' split the same file with "
+                    f"different fraction/seed ({first.split} vs {e.split}): their cells could overlap",
+                    path=str(path), line=e.line, field="split",
+                    fix="give both entries the same FRACTION and SEED (heldout:F:S and rest:F:S)")
+        seen: dict[str, DatasetEntry] = {}
+        for e, (part, _, _) in zip(group, specs):
+            if part in seen:
+                raise ConfigError(
+                    f"datasets '{seen[part].name}' (line {seen[part].line}) and '{e.name}' take the same "
+                    f"part '{part}' of the same file: they would hold the same cells",
+                    path=str(path), line=e.line, field="split", fix="use 'heldout' for one and 'rest' for the other")
+            seen[part] = e
 
 
 def load_manifest(path: str | os.PathLike) -> list[DatasetEntry]:
@@ -183,6 +281,7 @@ def load_manifest(path: str | os.PathLike) -> list[DatasetEntry]:
             raise ConfigError(f"dataset name '{e.name}' is used twice (also at line {seen[e.name]})",
                               path=str(path), line=e.line, field="name", fix="names must be unique")
         seen[e.name] = e.line
+    _check_splits(entries, path)
     return entries
 
 

@@ -461,7 +461,7 @@ def map_dataset(entry, ccres: pd.DataFrame, genome: str, *, chain: str | None = 
     index = CcreIndex.from_frame(ccres)
     report: dict = {"dataset": entry.name, "format": entry.format, "path": str(path),
                     "genome_declared": entry.genome, "genome_target": genome, "n_ccres": int(index.n),
-                    "lifted": entry.genome != genome}
+                    "lifted": entry.genome != genome, "role": entry.role}
     lift = None
     if entry.genome != genome:
         from ..genome.liftover import load_chain
@@ -509,6 +509,15 @@ def map_dataset(entry, ccres: pd.DataFrame, genome: str, *, chain: str | None = 
         report["build_detected"] = getattr(r, "build", None)
         report["build_scores"] = {k: float(v) for k, v in dict(getattr(r, "scores", {}) or {}).items()}
     X = sp.csr_matrix(X, dtype=np.float32)
+    spec = entry.split_spec()
+    if spec is not None:  # one part of a stratified split of the file's cells (manifest 'split')
+        from .manifest import split_mask
+
+        part, frac, seed = spec
+        rows = np.flatnonzero(split_mask(obs["cell_type"].to_numpy(), part, frac, seed))
+        report["split"] = {"part": part, "fraction": frac, "seed": seed, "stratify": "cell_type",
+                           "n_cells_file": int(X.shape[0])}
+        X, obs = X[rows], obs.iloc[rows].copy()
     obs["n_ccres"] = np.diff(X.indptr).astype(np.int64)
     report["n_cells"] = int(X.shape[0])
     report["median_ccres_per_cell"] = float(np.median(obs["n_ccres"])) if len(obs) else 0.0

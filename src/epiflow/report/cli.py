@@ -13,6 +13,12 @@ def register(subparsers) -> None:
                     "pretraining losses (metrics.csv), write --out and print the headline numbers.")
     p.add_argument("--metrics", nargs="*", default=[], help="metrics.tsv files of the tasks")
     p.add_argument("--corpus", help="corpus folder (adds its corpus.json numbers)")
+    p.add_argument("--downstream", nargs="*", default=[],
+                   help="folders of downstream datasets (epiflow tokenize-downstream): never seen in pretraining")
+    p.add_argument("--external-checkpoint", action="store_true",
+                   help="the model is an external checkpoint: whether it saw a dataset is unknown")
+    p.add_argument("--no-corpus-rows", action="store_true",
+                   help="--corpus / --downstream only fill seen_in_pretraining (no corpus size rows)")
     p.add_argument("--pretrain-metrics", help="metrics.csv of 'epiflow pretrain' (adds the last values)")
     p.add_argument("--out", help="summary TSV (task, dataset, method, metric, value, source)")
     p.add_argument("--table", help="only print an existing summary TSV (e.g. results/summary.tsv)")
@@ -26,6 +32,8 @@ def _summarize(args: argparse.Namespace) -> int:
     if args.table:
         print(format_summary(read_summary(args.table), all_metrics=args.all))
         return 0
-    table = summarize(args.metrics, corpus=args.corpus, pretrain_metrics=args.pretrain_metrics, out=args.out)
+    table = summarize(args.metrics, corpus=args.corpus, pretrain_metrics=args.pretrain_metrics, out=args.out,
+                      downstream=args.downstream, external_checkpoint=args.external_checkpoint,
+                      corpus_rows=not args.no_corpus_rows)
     print(format_summary(table, all_metrics=args.all))
     return 0

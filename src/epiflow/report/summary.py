@@ -4,6 +4,12 @@ Every task writes its numbers in the long format ``task dataset method metric va
 :mod:`epiflow.tasks.features`). :func:`summarize` concatenates such tables and adds rows describing
 the corpus (``corpus.json``: cells, cCREs, shards) and the pretraining run (the last row of its
 ``metrics.csv``), so ``results/summary.tsv`` is the single place to read a run's outcome.
+
+Column ``seen_in_pretraining`` says per row whether the model saw the cells of its dataset in
+pretraining: ``true`` for the pretraining corpus' datasets (``all`` = every corpus cell), ``false``
+for downstream datasets (folders of ``epiflow tokenize-downstream``), ``partly`` for a row over
+datasets of both kinds, ``unknown`` when the model is an external checkpoint (published or earlier
+weights: what they were trained on is not recorded here) or the dataset is in neither list.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from ..io import atomic_path
 log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ["task", "dataset", "method", "metric", "value"]
+SEEN_COLUMN = "seen_in_pretraining"
 
 
 def _read_metrics(path: Path) -> pd.DataFrame:
@@ -34,27 +41,32 @@ def _read_metrics(path: Path) -> pd.DataFrame:
     if missing:
         raise InputFormatError(f"metrics table lacks column(s) {', '.join(missing)}", path=path, line=1,
                                fix=f"the header must be: {' '.join(METRIC_COLUMNS)}")
-    df = df[METRIC_COLUMNS].copy()
+    df = df[METRIC_COLUMNS + ([SEEN_COLUMN] if SEEN_COLUMN in df.columns else [])].copy()
     df["value"] = pd.to_numeric(df["value"], errors="coerce")
     df["source"] = str(path)
     return df
 
 
-def _corpus_rows(corpus_dir: Path) -> pd.DataFrame:
+def _corpus_meta(corpus_dir: Path) -> dict:
     meta_path = corpus_dir / "corpus.json"
     try:
-        meta = json.loads(meta_path.read_text())
+        return json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise InputFormatError(f"cannot read corpus metadata ({exc})", path=meta_path,
                                fix="pass a corpus folder written by 'epiflow build-corpus'") from None
+
+
+def _corpus_rows(corpus_dir: Path, dataset: str = "all") -> pd.DataFrame:
+    meta_path = corpus_dir / "corpus.json"
+    meta = _corpus_meta(corpus_dir)
     rows = []
     for key, value in meta.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        rows.append({"task": "corpus", "dataset": "all", "method": "-", "metric": key, "value": float(value)})
+        rows.append({"task": "corpus", "dataset": dataset, "method": "-", "metric": key, "value": float(value)})
     shards = sorted((corpus_dir / "shards").glob("shard_*.h5"))
     if shards and not any(r["metric"] == "n_shards" for r in rows):
-        rows.append({"task": "corpus", "dataset": "all", "method": "-", "metric": "n_shards",
+        rows.append({"task": "corpus", "dataset": dataset, "method": "-", "metric": "n_shards",
                      "value": float(len(shards))})
     out = pd.DataFrame(rows, columns=METRIC_COLUMNS)
     out["source"] = str(meta_path)
@@ -80,22 +92,62 @@ def _pretrain_rows(metrics_csv: Path) -> pd.DataFrame:
     return out
 
 
+def seen_in_pretraining(datasets, corpus_datasets, downstream_datasets, *, external: bool = False):
+    """``true`` / ``false`` / ``partly`` / ``unknown`` for each entry of ``datasets`` (a name, ``all``,
+    or comma-separated names), see the module doc."""
+    corpus_set, down_set = set(corpus_datasets), set(downstream_datasets)
+    out = []
+    for value in datasets:
+        if external:
+            out.append("unknown")
+            continue
+        kinds = set()
+        for name in str(value).split(","):
+            name = name.strip()
+            if name == "all" or name in corpus_set:
+                kinds.add("true")
+            elif name in down_set:
+                kinds.add("false")
+            else:
+                kinds.add("unknown")
+        out.append(kinds.pop() if len(kinds) == 1 else ("partly" if kinds == {"true", "false"} else "unknown"))
+    return out
+
+
 def summarize(metrics: Iterable[str | Path] = (), *, corpus: str | Path | None = None,
-              pretrain_metrics: str | Path | None = None, out: str | Path | None = None) -> pd.DataFrame:
+              pretrain_metrics: str | Path | None = None, out: str | Path | None = None,
+              downstream: Iterable[str | Path] = (), external_checkpoint: bool = False,
+              corpus_rows: bool = True) -> pd.DataFrame:
     """Concatenate task metrics tables (+ corpus and pretraining facts) into one long table.
 
-    Columns: ``task dataset method metric value source``. Written atomically to ``out`` (TSV) if given.
+    ``corpus``: the corpus folder the model was pretrained on (its datasets were seen);
+    ``downstream``: folders of downstream datasets (never seen; their sizes are added as ``corpus``
+    rows of that dataset); ``external_checkpoint``: the model is not this run's pretraining (seen:
+    unknown); ``corpus_rows=False``: the folders only fill that column (no size rows). Columns: ``task dataset method metric value seen_in_pretraining source``. Written
+    atomically to ``out`` (TSV) if given.
     """
     parts = []
+    corpus_datasets: list[str] = []
+    downstream_datasets: list[str] = []
     if corpus is not None:
-        parts.append(_corpus_rows(Path(corpus)))
+        if corpus_rows:
+            parts.append(_corpus_rows(Path(corpus)))
+        corpus_datasets = [str(d) for d in _corpus_meta(Path(corpus)).get("datasets", [])]
+    for folder in downstream:
+        names = [str(d) for d in _corpus_meta(Path(folder)).get("datasets", [])] or [Path(folder).name]
+        downstream_datasets += names
+        if corpus_rows:
+            parts.append(_corpus_rows(Path(folder), ",".join(names)))
     if pretrain_metrics is not None:
         parts.append(_pretrain_rows(Path(pretrain_metrics)))
     for path in metrics:
         parts.append(_read_metrics(Path(path)))
     parts = [p for p in parts if len(p)]
     table = (pd.concat(parts, ignore_index=True) if parts
-             else pd.DataFrame(columns=METRIC_COLUMNS + ["source"]))
+             else pd.DataFrame(columns=METRIC_COLUMNS + [SEEN_COLUMN, "source"]))
+    table[SEEN_COLUMN] = seen_in_pretraining(table["dataset"], corpus_datasets, downstream_datasets,
+                                             external=external_checkpoint)
+    table = table[METRIC_COLUMNS + [SEEN_COLUMN, "source"]]
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -137,8 +189,9 @@ def format_summary(table: pd.DataFrame, all_metrics: bool = False) -> str:
                 overall = [m for m in dict.fromkeys(part["metric"]) if "[" not in str(m)]
                 sel = part[part["metric"].isin(overall[:_MAX_FALLBACK])]
             part = sel if len(sel) else part
-        wide = part.pivot_table(index=["dataset", "method"], columns="metric", values="value",
-                                aggfunc="last", sort=False)
+        index = ["dataset", "method"] + ([SEEN_COLUMN] if SEEN_COLUMN in part.columns else [])
+        wide = part.pivot_table(index=index, columns="metric", values="value", aggfunc="last", sort=False)
+        wide.index = wide.index.rename({SEEN_COLUMN: "seen"})
         order = [m for m in _HEADLINE.get(task, _TASK_HEADLINE) if m in wide.columns]
         wide = wide[order + [c for c in wide.columns if c not in order]]
         with pd.option_context("display.width", 160, "display.max_columns", 40,

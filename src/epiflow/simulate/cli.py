@@ -18,6 +18,9 @@ def register(subparsers) -> None:
     p.add_argument("--n-cells", type=int, default=None, help="total cells (rescales every dataset)")
     p.add_argument("--n-ccres", type=int, default=None, help="number of true cCREs")
     p.add_argument("--n-genes", type=int, default=None, help="number of synthetic genes")
+    p.add_argument("--downstream", default="",
+                   help="comma-separated dataset names given the manifest role 'downstream' (evaluated, "
+                        "never in the pretraining corpus); default: every dataset is 'corpus'")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_run)
 
@@ -28,6 +31,7 @@ def _run(args) -> int:
     from .core import simulate_corpus
 
     paths = simulate_corpus(args.out, args.preset, seed=args.seed, overwrite=args.force,
-                            n_cells=args.n_cells, n_ccres=args.n_ccres, n_genes=args.n_genes)
+                            n_cells=args.n_cells, n_ccres=args.n_ccres, n_genes=args.n_genes,
+                            downstream=[d for d in args.downstream.split(",") if d.strip()])
     logging.getLogger("epiflow.simulate").info("wrote %s (manifest %s)", paths["out"], paths["manifest"])
     return 0

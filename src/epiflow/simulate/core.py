@@ -32,7 +32,7 @@ KO_DATASET = "knockout_screen"
 CANCER_DATASET = "tumor_pair"
 PEAK_STYLES = ("fixed500", "variable", "summit300")
 MANIFEST_COLUMNS = ["name", "format", "path", "sha256", "genome", "tissue", "barcodes", "labels",
-                    "cell_type_key", "batch_key", "peaks"]
+                    "cell_type_key", "batch_key", "peaks", "role"]
 
 
 @dataclass
@@ -385,14 +385,20 @@ def _truth_tables(lay: Layout, p: SimPreset, eff: Effects, datasets: list[Datase
 # main entry
 # --------------------------------------------------------------------------------------------------
 def simulate_corpus(out_dir, preset: str | SimPreset = "demo", seed: int = 0, *, overwrite: bool = False,
-                    **overrides) -> dict:
+                    downstream=(), **overrides) -> dict:
     """Write the synthetic corpus to ``out_dir`` (atomically) and return the paths written.
 
     ``preset`` is ``'demo'`` / ``'test'`` or a :class:`SimPreset`; ``overrides`` change preset fields
-    (``n_cells`` rescales every dataset). Same preset + seed -> byte-identical files.
+    (``n_cells`` rescales every dataset). ``downstream``: dataset names given the manifest role
+    ``downstream`` (the others: ``corpus``). Same preset + seed -> byte-identical files.
     """
     p = preset.replace(**overrides) if isinstance(preset, SimPreset) else get_preset(preset, **overrides)
     seed = int(seed)
+    downstream = [str(d) for d in (downstream or ())]
+    unknown = sorted(set(downstream) - set(dataset_batches(p)))
+    if unknown:
+        raise ConfigError(f"--downstream names {', '.join(unknown)}, which the simulation does not write",
+                          field="downstream", fix=f"use dataset names of: {', '.join(dataset_batches(p))}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output folder {out} exists and is not empty", path=str(out),
@@ -400,7 +406,7 @@ def simulate_corpus(out_dir, preset: str | SimPreset = "demo", seed: int = 0, *,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        _write_all(tmp, p, seed)
+        _write_all(tmp, p, seed, downstream)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -424,7 +430,7 @@ def _paths(out: Path, p: SimPreset) -> dict:
     return d
 
 
-def _write_all(tmp: Path, p: SimPreset, seed: int) -> None:
+def _write_all(tmp: Path, p: SimPreset, seed: int, downstream=()) -> None:
     from tqdm import tqdm
 
     steps = tqdm(total=5, desc="simulate", disable=not log.isEnabledFor(logging.INFO), leave=False)
@@ -483,7 +489,8 @@ def _write_all(tmp: Path, p: SimPreset, seed: int) -> None:
         manifest.append({"name": ds.name, "format": ds.fmt, "path": f"datasets/{path.name}",
                          "sha256": sha256_file(path), "genome": "hg38", "tissue": ds.tissue,
                          "barcodes": aux.get("barcodes", ""), "labels": aux.get("labels", ""),
-                         "cell_type_key": "cell_type", "batch_key": "batch", "peaks": aux.get("peaks", "")})
+                         "cell_type_key": "cell_type", "batch_key": "batch", "peaks": aux.get("peaks", ""),
+                         "role": "downstream" if ds.name in downstream else "corpus"})
     write_tsv(tmp / "manifest.tsv", pd.DataFrame(manifest, columns=MANIFEST_COLUMNS))
     steps.update()
 

@@ -44,7 +44,7 @@ folder, which is the only TSS annotation that fits). No liftover is needed.
 
 | file | contents |
 |---|---|
-| `manifest.tsv` | the datasets (columns {', '.join(['name', 'format', 'path', 'sha256', 'genome', 'tissue', 'barcodes', 'labels', 'cell_type_key', 'batch_key', 'peaks'])}; paths relative to this folder) |
+| `manifest.tsv` | the datasets (columns {', '.join(['name', 'format', 'path', 'sha256', 'genome', 'tissue', 'barcodes', 'labels', 'cell_type_key', 'batch_key', 'peaks', 'role'])}; paths relative to this folder) |
 | `datasets/*.h5ad` | cells x peaks raw counts (CSR int32), `var` chrom/start/end, `var_names` `chrom:start-end`; `obs` labels (cell_type, lineage, batch, + condition / perturbation / state) plus `n_fragments`, `frip` |
 | `datasets/pbmc_fragments.tsv.gz` | 10x-style fragments (chrom, start, end, barcode, duplicate count; sorted; BGZF), incl. empty-droplet barcodes; `_barcodes.tsv` (cell whitelist), `_labels.tsv` (barcode, cell_type, lineage, batch), `_peaks.bed` |
 | `ccre_sources.bed` | a source cCRE set (BED4, like ENCODE): {int(tables['ccres']['in_sources'].sum())} of the true cCREs (narrower, jittered) + {len(lay.sources) - int(tables['ccres']['in_sources'].sum())} elements never accessible in these cells |
