@@ -187,3 +187,24 @@ def test_paper_run_accepts_files_from_data_mirror(tmp_path):
     assert proc.returncode != 0  # the other published datasets are still missing
     assert "zhang2021_adult_tissues" not in out and "domcke2020_fetal_tissues (line 3" in out
     assert str(mirror) in out  # the message shows where a mirrored file is looked for
+
+
+def test_paper_downstream_datasets_stay_out_of_the_corpus(dry_run):
+    """Issue 15: the corpus (vocabulary, df, pretraining cells) holds the corpus-role datasets only;
+    the downstream ones are tokenized onto it and evaluated from their own folders."""
+    _, jobs = dry_run
+    roles = {e.name: e.role for e in load_manifest(ROOT / PAPER["datasets"]["manifest"])}
+    # PAPER_FACTS: of the datasets used downstream only Li 2023a and Lee 2023 are in the paper's corpus
+    assert roles["li2023a_brain"] == roles["lee2023"] == "corpus"
+    for name in ("buenrostro2018_hematopoiesis", "kanemaru2023_heart", "li2023b", "ameen2022_fetal_heart",
+                 "lareau2019_lps_bmmc", "liscovitchbrauer2021_crispr_sciatac", "pierce2021_spear_atac",
+                 "terekhanova2023_pancancer"):
+        assert roles[name] == "downstream", name
+    (build,) = jobs["build_corpus"]
+    for name, role in roles.items():
+        assert (f"/mapped/{name}.h5ad" in build) == (role == "corpus"), name
+    assert len(jobs["downstream_corpus"]) == sum(r == "downstream" for r in roles.values())
+    (pretrain,) = jobs["pretrain"]
+    assert "/downstream/" not in pretrain
+    for cmd in jobs["evaluate_features"] + jobs["annotate"] + jobs["impute"]:
+        assert "/downstream/" in cmd, cmd

@@ -69,7 +69,8 @@ def test_demo_workflow_produces_every_declared_output(demo_run):
     outs = _declared_outputs(demo_run)
     res = demo_run / "results" / "test"
     rules_seen = {p.relative_to(res).parts[0] for p in outs}
-    for stage in ("simulate", "candidates", "mapped", "corpus", "pretrain", "embed", "tasks", "baselines"):
+    for stage in ("simulate", "candidates", "mapped", "corpus", "downstream", "pretrain", "embed", "tasks",
+                  "baselines"):
         assert stage in rules_seen, sorted(rules_seen)
     tasks_seen = {p.relative_to(res / "tasks").parts[0] for p in outs if p.is_relative_to(res / "tasks")}
     assert tasks_seen == {"feature_extraction", "annotation", "imputation", "stimulation", "genetic",
@@ -125,3 +126,37 @@ def test_html_report(demo_run):
                          "Genetic perturbation", "Integration", "Knockout", "Zero-shot annotation",
                          "Pretraining", "summary.tsv"):
         assert caption_word in text, caption_word
+
+
+@pytest.mark.slow
+def test_downstream_dataset_never_enters_pretraining(demo_run):
+    """The demo declares pbmc_fragments downstream (config datasets.simulate.downstream): none of its
+    cells is in the corpus the model was pretrained on; it is tokenized onto the corpus vocabulary with
+    the corpus df, evaluated from its own folder, and the summary says the model never saw it."""
+    import numpy as np
+
+    from epiflow.corpus.shard import open_corpus
+
+    res = demo_run / "results" / "test"
+    corpus = open_corpus(res / "corpus")
+    ds = open_corpus(res / "downstream" / "pbmc_fragments")
+    assert "pbmc_fragments" not in corpus.meta["datasets"] and ds.meta["datasets"] == ["pbmc_fragments"]
+    assert ds.meta["role"] == "downstream" and ds.vocab_id == corpus.vocab_id
+    assert np.array_equal(np.load(res / "corpus" / "df.npy"), np.load(res / "downstream" / "pbmc_fragments" / "df.npy"))
+    corpus_obs = [s.obs for s in corpus.iter_shards()]
+    corpus_ids = set(np.concatenate([o["cell_id"].astype(str) for o in corpus_obs]))
+    ds_ids = set(np.concatenate([s.obs["cell_id"].astype(str) for s in ds.iter_shards()]))
+    assert ds_ids and not corpus_ids & ds_ids
+    assert not any((o["dataset"].astype(str) == "pbmc_fragments").any() for o in corpus_obs)
+    # the downstream peaks were no candidate cCREs
+    import json
+
+    cand = json.loads((res / "candidates" / "candidates.bed.json").read_text())
+    assert cand["downstream_not_used"] == ["pbmc_fragments"]
+    with open(res / "summary.tsv") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    seen = {(r["task"], r["dataset"]): r["seen_in_pretraining"] for r in rows}
+    assert seen[("zeroshot_annotation", "pbmc_fragments")] == "false"
+    assert seen[("query_mapping", "pbmc_fragments")] == "false"
+    assert seen[("feature_extraction", "atlas_b1")] == "true"
+    assert seen[("corpus", "pbmc_fragments")] == "false"

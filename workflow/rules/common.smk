@@ -103,7 +103,7 @@ def dataset_names(wildcards=None):
 # ---- corpus vs downstream datasets (manifest column `role`) -----------------------------------
 # Corpus datasets make the vocabulary, the document frequency and the pretraining cells
 # ({R}/corpus). Downstream datasets are mapped onto the same candidate cCREs and tokenized onto the
-# corpus vocabulary with the corpus df (rule downstream_corpus: one corpus-format folder
+# corpus vocabulary with the corpus df (rule downstream_corpus writes one corpus-format folder
 # {R}/downstream/<name> each); the tasks find either kind by name through data_dir().
 DOWNSTREAM_ROOT = f"{R}/downstream"
 
@@ -178,14 +178,15 @@ def dataset_input(key, *path):
 
 def embeddings_file(dataset):
     """Zero-shot embeddings of a dataset's cells: rule embed (corpus) or embed_downstream."""
-    if data_dir(dataset).startswith(DOWNSTREAM_ROOT + "/"):
+    if data_dir(dataset).startswith(f"{DOWNSTREAM_ROOT}/"):
         return f"{R}/embed/downstream/{dataset}.h5ad"
     return f"{R}/embed/embeddings.h5ad"
 
 
 def seen_inputs(wildcards):
     """The folders telling `epiflow summarize` which datasets the model saw in pretraining: the
-    corpus (seen, when the workflow pretrained on it) and each downstream folder (never seen)."""
+    corpus (seen, when the workflow pretrained on it) and each downstream folder (never seen).
+    """
     return {
         "corpus": [f"{R}/corpus"] if corpus_dataset_names() else [],
         "downstream": [f"{DOWNSTREAM_ROOT}/{d}" for d in downstream_dataset_names()],
@@ -437,8 +438,40 @@ def task_files(names=None):
     return files
 
 
+def check_task_folders():
+    """Before planning (a manifest known at parse time): every task unit's datasets resolve to one
+    folder (data_dir), so a mix of corpus and downstream datasets stops the run with its config key.
+    """
+    if USE_SIMULATED:
+        return  # the simulated manifest exists only after rule simulate (the jobs check it)
+    check_dataset_keys(dataset_names())
+    units = []
+    for task, cfg in config["tasks"].items():
+        if not cfg["enabled"]:
+            continue
+        if task == "integration":
+            units.append((cfg["datasets"], "tasks.integration.datasets"))
+            if cfg["query"]:
+                units.append((cfg["query"], "tasks.integration.query"))
+        elif task == "zeroshot_annotation":
+            for key, a in zs_annotators().items():
+                units.append(
+                    (a["reference"], f"tasks.zeroshot_annotation reference of {key}")
+                )
+                units += [
+                    ([d], f"tasks.zeroshot_annotation.datasets") for d in a["datasets"]
+                ]
+        else:
+            units += [([d], f"tasks.{task}.datasets") for d in cfg["datasets"]]
+    if BL.get("enabled", False):
+        units += [([d], "baselines.datasets") for d in BL.get("datasets", ["all"])]
+    for names, key in units:
+        data_dir(names, key)
+
+
 def all_targets():
     check_roles()
+    check_task_folders()
     targets = [f"{R}/corpus"] if has_corpus() else []
     if not EXTERNAL_CHECKPOINT:
         targets += [f"{R}/pretrain/checkpoint.pth", f"{R}/pretrain/loss.png"]
