@@ -159,4 +159,10 @@ def test_downstream_dataset_never_enters_pretraining(demo_run):
     assert seen[("zeroshot_annotation", "pbmc_fragments")] == "false"
     assert seen[("query_mapping", "pbmc_fragments")] == "false"
     assert seen[("feature_extraction", "atlas_b1")] == "true"
+    # config/test.yaml evaluates it with the zero-shot embeddings of rule embed_downstream
+    assert seen[("feature_extraction", "pbmc_fragments")] == "false"
+    import anndata as ad
+
+    emb = ad.read_h5ad(res / "embed" / "downstream" / "pbmc_fragments.h5ad")
+    assert set(emb.obs["cell_id"].astype(str)) == ds_ids and "X_epiagent" in emb.obsm
     assert seen[("corpus", "pbmc_fragments")] == "false"

@@ -291,7 +291,8 @@ def build_corpus(ccres, mapped, out, *, genome: str = "", min_cells: int = 100,
         })
     n_total = int(sum(k.sum() for k in keep2))
     if n_total == 0:
-        raise ConfigError(f"no cell has >= {min_ccres_per_cell} accessible cCREs: the {role} folder is empty",
+        raise ConfigError(f"no cell has >= {min_ccres_per_cell} accessible cCREs: the "
+                          f"{'corpus' if role == 'corpus' else 'downstream folder'} is empty",
                           field="min_ccres_per_cell", fix="lower min_ccres_per_cell or check the mapping")
     if external_df is not None:
         df_src, dfv = ext_src, ext_dfv
