@@ -121,9 +121,15 @@ def downstream_dataset_names():
     return [n for n, r in dataset_roles().items() if r == "downstream"]
 
 
+def manifest_known():
+    """Whether the manifest can be read while planning: not for the demo (written by rule
+    simulate), nor when its file is absent (the jobs that need it report that)."""
+    return not USE_SIMULATED and os.path.exists(config["datasets"]["manifest"])
+
+
 def has_corpus():
-    """Whether the run builds a corpus (the demo always does: known before its simulation runs)."""
-    return True if USE_SIMULATED else bool(corpus_dataset_names())
+    """Whether the run builds a corpus (assumed while the manifest is not known: the demo always does)."""
+    return bool(corpus_dataset_names()) if manifest_known() else True
 
 
 def data_dir(names, key="the task"):
@@ -206,7 +212,7 @@ def seen_args(wildcards, input):
 
 def check_roles():
     """A run without corpus datasets must bring its model and vocabulary (nothing to pretrain on)."""
-    if USE_SIMULATED or has_corpus():
+    if has_corpus():
         return
     missing = []
     if not EXTERNAL_CHECKPOINT:
@@ -442,8 +448,8 @@ def check_task_folders():
     """Before planning (a manifest known at parse time): every task unit's datasets resolve to one
     folder (data_dir), so a mix of corpus and downstream datasets stops the run with its config key.
     """
-    if USE_SIMULATED:
-        return  # the simulated manifest exists only after rule simulate (the jobs check it)
+    if not manifest_known():
+        return  # e.g. the demo: its manifest exists only after rule simulate (the jobs check it)
     check_dataset_keys(dataset_names())
     units = []
     for task, cfg in config["tasks"].items():

@@ -233,6 +233,6 @@ def table_caption(wildcards):
         f"{what}: one row per task, dataset, method and metric "
         f"(long format; column source = the metrics.tsv it comes from), gathered by "
         f"'epiflow summarize' from {len(files)} metrics table(s). Column seen_in_pretraining: "
-        "true = the dataset's cells were in the pretraining corpus, false = a downstream dataset "
-        "never seen in pretraining, unknown = an external checkpoint (model.checkpoint)."
+        "true = the dataset's cells were in EpiAgent's pretraining corpus, false = a downstream "
+        "dataset it never saw in pretraining, unknown = external weights (a given checkpoint)."
     )
