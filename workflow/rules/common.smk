@@ -201,9 +201,10 @@ def seen_inputs(wildcards):
 
 def seen_args(wildcards, input):
     """`epiflow summarize` options for its column seen_in_pretraining (inputs of seen_inputs)."""
+    # (getattr: while the demo's manifest is pending, the inputs are the checkpoint's placeholder)
     parts = [
-        opt("--corpus", list(input.corpus)),
-        opt("--downstream", list(input.downstream)),
+        opt("--corpus", list(getattr(input, "corpus", []))),
+        opt("--downstream", list(getattr(input, "downstream", []))),
         # an external checkpoint: what it was trained on is not known here
         "--external-checkpoint" if EXTERNAL_CHECKPOINT else "",
     ]
