@@ -36,7 +36,7 @@ rule figure:
         args=figure_args,
         caption=figure_caption,
     shell:
-        "python -m epiflow figure {wildcards.panel} {params.args}"
+        '"$EPIFLOW_PYTHON" -m epiflow figure {wildcards.panel} {params.args}'
         " --out {output.png} > {log} 2>&1"
 
 
@@ -66,4 +66,4 @@ rule benchmark_table:
     params:
         caption=table_caption,
     shell:
-        "python -m epiflow summarize --metrics {input} --out {output.tsv} > {log} 2>&1"
+        '"$EPIFLOW_PYTHON" -m epiflow summarize --metrics {input} --out {output.tsv} > {log} 2>&1'
