@@ -322,6 +322,24 @@ def test_run_tests_script_fails_when_no_test_is_collected(tmp_path):
     assert "collected no tests" in proc.stderr
 
 
+def test_run_tests_script_fails_when_the_static_checks_fail(tmp_path):
+    """CI's command runs scripts/lint.sh (ruff, mypy) and fails when it fails, even if pytest passed."""
+    stub = tmp_path / "repo"
+    (stub / "scripts").mkdir(parents=True)
+    (stub / "scripts" / "setup_env.sh").write_text("exit 0\n")
+    (stub / "scripts" / "lint.sh").write_text("echo lint-ran; exit 1\n")
+    (stub / "scripts" / "run_tests.sh").write_text((ROOT / "scripts/run_tests.sh").read_text())
+    (stub / ".venv" / "bin").mkdir(parents=True)
+    (stub / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    (stub / "tests").mkdir()
+    (stub / "tests" / "test_ok.py").write_text("def test_ok():\n    assert True\n")
+    proc = subprocess.run(["bash", "scripts/run_tests.sh", "tests", "-p", "no:cacheprovider"], cwd=stub,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "lint-ran" in proc.stdout, proc.stdout + proc.stderr
+    assert "1 passed" in proc.stdout and "static checks failed" in proc.stderr
+    assert "scripts/lint.sh" in (ROOT / "scripts" / "run_tests.sh").read_text()
+
+
 def test_task_dataset_missing_from_the_manifest_is_rejected(tmp_path):
     if not (ROOT.parent / "shared" / "data").exists():
         pytest.skip("config/realdata.yaml reads ../shared/data, which is absent")

@@ -262,8 +262,8 @@ def load_epiagent_checkpoint(path, num_heads: int | None = None, backend: str = 
     # load_state_dict(assign=True) writes flags into sd._metadata: keep a pristine copy for saving
     source_metadata = copy.deepcopy(getattr(sd, "_metadata", None))
     model.load_state_dict(sd, strict=True, assign=True)
-    model._source_keys = list(sd.keys())
-    model._source_metadata = source_metadata
+    setattr(model, "_source_keys", list(sd.keys()))  # noqa: B010 (plain attributes on an nn.Module)
+    setattr(model, "_source_metadata", source_metadata)  # noqa: B010
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.set_backend(backend)
@@ -287,7 +287,7 @@ def save_epiagent_checkpoint(model: EpiAgent, path, *, write_config: bool = Fals
     if src_meta is not None and list(out.keys()) == getattr(model, "_source_keys", None):
         meta = src_meta
     if meta is not None:
-        out._metadata = meta
+        setattr(out, "_metadata", meta)  # noqa: B010 (torch.save pickles it, as state_dict() does)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -315,7 +315,7 @@ def inspect_checkpoint(path, num_heads: int | None = None) -> dict:
     with torch.device("meta"):
         model = EpiAgent(cfg)
     check_state_dict(model, sd, path)
-    counts = {}
+    counts: dict[str, int] = {}
     for k, v in sd.items():
         top = k.split(".")[0]
         group = {"cCRE_embedding": "embeddings", "rank_embedding": "embeddings",

@@ -25,6 +25,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import h5py
 import numpy as np
@@ -98,6 +99,13 @@ def build_index(corpus_dir) -> CorpusIndex:
         counts.append(len(ip) - 1)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return CorpusIndex(list(paths), offsets, np.concatenate(lens), corpus.n_ccres, corpus.vocab_id)
+
+
+class SentenceSource(Protocol):
+    """What :func:`make_batch` reads cells from: a :class:`ShardCache`, or the in-memory
+    ``epiflow.train.finetune.CellSet``."""
+
+    def sentences(self, uids) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 class ShardCache:
@@ -203,7 +211,7 @@ def epoch_plan(index: CorpusIndex, train_uids: np.ndarray, epoch: int, cfg: Plan
         if len(cells) == 0:
             continue
         cells = cells[rng.permutation(len(cells))]
-        win_batches = []
+        win_batches: list[np.ndarray] = []
         for b0 in range(0, len(cells), int(cfg.bucket_cells)):
             bucket = cells[b0:b0 + int(cfg.bucket_cells)]
             bucket = bucket[np.argsort(padded[bucket], kind="stable")]
@@ -237,7 +245,7 @@ def _csr_lengths(ptr):
     return np.diff(np.asarray(ptr, dtype=np.int64))
 
 
-def make_batch(cache: ShardCache, uids, epoch: int, cfg: BatchConfig, *, train: bool = True) -> dict:
+def make_batch(cache: SentenceSource, uids, epoch: int, cfg: BatchConfig, *, train: bool = True) -> dict:
     """Tensors of one (rank's) micro-batch.
 
     Keys: ``uids`` [B]; ``input_ids`` [B, L]; ``pos_ptr``/``pos_ccre`` (CSR of ALL accessible cCREs,

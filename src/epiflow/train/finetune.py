@@ -172,7 +172,7 @@ def finetune(model, data, objectives=("cca", "sr"), *, labels=None, cells=None, 
             bucket = bucket[np.argsort(padded[bucket], kind="stable")]
             cuts = _cut_budget(padded[bucket], cfg.batch_tokens, 1, cfg.max_cells)
             batches += [bucket[x:y] for x, y in zip(cuts[:-1], cuts[1:])]
-        sums = {}
+        sums: dict[str, float] = {}
         for i in rng.permutation(len(batches)):
             uids = batches[i]
             b = make_batch(cs, uids, epoch, bcfg, train=True)
