@@ -28,7 +28,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from ..io import atomic_path, atomic_write_text
 from . import distributed as D
 from .data import (
     BatchConfig,
+    CorpusIndex,
     MicroBatchStream,
     PlanConfig,
     ShardCache,
@@ -54,6 +55,9 @@ from .metrics import MetricsLogger, peak_memory_mb, plot_losses
 from .objectives import bce_sum, k_for_epoch, pos_rows_cols, sr_loss_sum
 from .optim import SCHEDULES, make_adamw, make_scheduler
 from .rng import mix64
+
+if TYPE_CHECKING:
+    from ..model import EpiAgent
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +264,9 @@ def _cell_lengths(index, uids):
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate_cca(model, index, uids, *, max_len: int, seed: int, batch_tokens: int = 16384,
-                 max_pos: int | None = 2000, device=None, max_cells: int | None = None) -> dict:
+def evaluate_cca(model: EpiAgent, index: CorpusIndex, uids: np.ndarray, *, max_len: int, seed: int,
+                 batch_tokens: int = 16384, max_pos: int | None = 2000, device: str | torch.device | None = None,
+                 max_cells: int | None = None) -> dict:
     """Held-out CCA AUROC: each cell's accessible cCREs (top ``max_pos`` by TF-IDF) versus as many
     inaccessible cCREs sampled uniformly (K = 1), scored by the CCA head on the cell's zero-shot
     embedding (top-``max_len`` input); ``sklearn.metrics.roc_auc_score`` over all queries pooled."""
@@ -297,7 +302,8 @@ def evaluate_cca(model, index, uids, *, max_len: int, seed: int, batch_tokens: i
 
 
 # ----------------------------------------------------------------------------- the run
-def pretrain(corpus_dir, out_dir, config: PretrainConfig | None = None, **kw) -> dict:
+def pretrain(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, config: PretrainConfig | None = None,
+             **kw: Any) -> dict:
     """Pretrain EpiAgent on a corpus folder; returns a summary dict (also in ``summary.json``)."""
     cfg = dataclasses.replace(config, **kw) if config is not None else PretrainConfig(**kw)
     cfg.validate()
