@@ -5,4 +5,8 @@
 # is the set its code imports.
 set -euo pipefail
 PIP=${EPIFLOW_PIP:-python -m pip}
-$PIP install --no-deps cellcano==1.0.4
+# exact version, its files' sha256 checked (pip reads hashes only from a requirements file)
+req=$(mktemp)
+trap 'rm -f "$req"' EXIT
+echo "cellcano==1.0.4 --hash=sha256:0821149683da14a72e059c5637d7ed73efe6b94bf60fad3798dbfeecc118b371" > "$req"
+$PIP install --no-deps --require-hashes -r "$req"

@@ -207,6 +207,42 @@ def test_post_deploy_script_runs_in_the_env(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()) == [env.name]
 
 
+def test_env_installs_its_lock_with_hashes(tmp_path, monkeypatch):
+    """With envs/baseline-<tool>.lock.txt beside the yaml the venv builder installs the lock
+    (--require-hashes --no-deps), then torch==2.13.0 when listed; the lock is part of the env's hash."""
+    envs = tmp_path / "envs"
+    envs.mkdir()
+    (envs / "baseline-x.yaml").write_text("dependencies:\n  - pip:\n      - torch==2.13.0\n      - numpy==2.4.6\n")
+    s0 = venv.read_env_spec("x", envs)
+    assert s0.lock is None
+    lock = envs / "baseline-x.lock.txt"
+    lock.write_text("numpy==2.4.6 --hash=sha256:" + "0" * 64 + "\n")
+    s1 = venv.read_env_spec("x", envs)
+    assert s1.lock == lock and s1.digest != s0.digest
+    lock.write_text("numpy==2.4.6 --hash=sha256:" + "1" * 64 + "\n")
+    assert venv.read_env_spec("x", envs).digest != s1.digest
+    calls = []
+    monkeypatch.setattr(venv, "_pip", lambda py, args, fh, timeout: calls.append(list(args)))
+    env = venv.ensure_env("x", cache=tmp_path / "cache", envs_dir=envs)
+    assert calls == [["--require-hashes", "--no-deps", "-r", str(lock)], ["torch==2.13.0"]]
+    assert venv.env_info(env)["lock"] == str(lock)
+
+
+def test_shipped_env_files_are_locked():
+    """Every envs/baseline-<tool>.yaml has its lock, and the yaml's pip list is the lock's exact
+    versions (scripts/lock.sh writes both), so conda and venv builds install the same packages."""
+    import re
+
+    for tool in base.REGISTRY:
+        spec = venv.read_env_spec(tool)
+        assert spec.lock is not None, f"envs/baseline-{tool}.lock.txt missing: bash scripts/lock.sh {tool}"
+        text = spec.lock.read_text()
+        locked = set(re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*==\S+?) \\$", text, flags=re.M))
+        assert locked and text.count("--hash=sha256:") >= len(locked), tool
+        assert {r for r in spec.pip if venv._req_name(r) != "torch"} == locked, tool
+        assert all("==" in r for r in spec.pip), tool
+
+
 def test_relative_path_params_become_absolute(tmp_path, monkeypatch):
     (tmp_path / "genes.bed").write_text("x")
     monkeypatch.chdir(tmp_path)

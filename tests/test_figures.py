@@ -3,7 +3,6 @@ what is missing, and the workflow rebuilds one panel as a named target."""
 
 from __future__ import annotations
 
-import gzip
 import os
 import subprocess
 import sys

@@ -1,7 +1,6 @@
 """In-silico cCRE knockout: promoter targets, chimeras, effect sign on a transparent embedding, CLI."""
 
 import gzip
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -102,6 +102,28 @@ def test_bisect_on_anndata_in_place():
         leiden_bisect(x, 0)
 
 
+def test_bisect_on_more_than_10k_cells():
+    """>= 8,192 cells take scanpy's pynndescent path (smaller tests never reach it), where scanpy 1.11
+    + scipy >= 1.15 crashed with "'csr_array' object has no attribute 'getnnz'" on every real dataset
+    (issue 16). Costs ~30 s of numba compilation once per process; the run itself takes a second."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from epiflow.metrics.clustering import _SCANPY_BRUTE_MAX
+
+    x, y = blobs(5, n_per=2_100, sep=20.0, dims=8, seed=3)
+    assert x.shape[0] > 10_000 > _SCANPY_BRUTE_MAX
+    a = ad.AnnData(obs={"y": y.astype(str)})
+    a.obsm["X_emb"] = x
+    labels, res, reached = leiden_bisect(a, 5, use_rep="X_emb", n_neighbors=15)
+    assert reached and len(labels) == x.shape[0]
+    scores = clustering_scores(a.obs["y"], labels)
+    assert scores["NMI"] == pytest.approx(1.0) and scores["ARI"] == pytest.approx(1.0)
+    g = a.obsp["connectivities"]
+    assert sp.issparse(g) and g.shape == (x.shape[0],) * 2
+    assert a.obsp["distances"].getnnz(axis=1).min() >= 14  # every cell has its k - 1 neighbours
+
+
 # --------------------------------------------------------------------- silhouette
 def test_label_silhouette_known_value():
     x = np.array([[0.0], [1.0], [10.0], [11.0]])

@@ -104,6 +104,39 @@ def test_bad_config_is_rejected_naming_the_key(case, tmp_path):
     assert "Traceback" not in err
 
 
+# ------------------------------------------------------------------ the jobs' interpreter
+def test_every_job_runs_epiflow_with_the_snakemake_interpreter(tmp_path):
+    """Rules call `"$EPIFLOW_PYTHON" -m epiflow`, never `python` from PATH; the shell prefix sets it to
+    config `python`, else the interpreter running Snakemake, so `.venv/bin/snakemake all` works
+    without activating .venv (issue 16)."""
+    proc = snakemake("all", "-n", "-p", "--cores", "1", "--config", f"results_dir={tmp_path / 'res'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shells = re.findall(r"^Shell command: (.*)$", proc.stdout + proc.stderr, flags=re.M)
+    calls = [s for s in shells if "-m epiflow" in s]
+    assert len(calls) >= 15, shells
+    assert all(s.strip().startswith('"$EPIFLOW_PYTHON" -m epiflow ') for s in calls), calls
+    assert not any(re.search(r"(^|[\s;(])python3? -m epiflow", s) for s in shells)
+    assert any("torchrun_launch.sh" in s for s in shells)
+    assert "${EPIFLOW_PYTHON:-python}" in (ROOT / "scripts" / "torchrun_launch.sh").read_text()
+
+    # for real, with nothing of the environment on PATH: the first job runs with Snakemake's Python
+    env = {"HOME": os.environ.get("HOME", str(tmp_path)), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+
+    def simulate(res: Path, *config: str) -> tuple[subprocess.CompletedProcess, str]:
+        p = subprocess.run([*SNAKEMAKE, str(res / "simulate" / "manifest.tsv"), "--cores", "1", "--configfile",
+                            "config/test.yaml", "--config", f"results_dir={res}", *config], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+        log = res / "logs" / "simulate.log"
+        return p, log.read_text() if log.exists() else ""
+
+    proc, log = simulate(tmp_path / "real")
+    assert proc.returncode == 0, proc.stderr[-3000:] + log[-2000:]
+    assert (tmp_path / "real" / "simulate" / "manifest.tsv").stat().st_size > 0
+    # config `python` overrides it
+    proc, log = simulate(tmp_path / "other", "python=/nonexistent/bin/python3")
+    assert proc.returncode != 0 and "/nonexistent/bin/python3" in log + proc.stderr
+
+
 # ------------------------------------------------------------------ SLURM profile
 def _dry_run_jobs(out: str) -> dict[str, dict]:
     """rule name -> {'resources': {...}, 'shell': str} parsed from `snakemake -n -p` output."""
@@ -287,6 +320,24 @@ def test_run_tests_script_fails_when_no_test_is_collected(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 5, proc.stdout + proc.stderr
     assert "collected no tests" in proc.stderr
+
+
+def test_run_tests_script_fails_when_the_static_checks_fail(tmp_path):
+    """CI's command runs scripts/lint.sh (ruff, mypy) and fails when it fails, even if pytest passed."""
+    stub = tmp_path / "repo"
+    (stub / "scripts").mkdir(parents=True)
+    (stub / "scripts" / "setup_env.sh").write_text("exit 0\n")
+    (stub / "scripts" / "lint.sh").write_text("echo lint-ran; exit 1\n")
+    (stub / "scripts" / "run_tests.sh").write_text((ROOT / "scripts/run_tests.sh").read_text())
+    (stub / ".venv" / "bin").mkdir(parents=True)
+    (stub / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    (stub / "tests").mkdir()
+    (stub / "tests" / "test_ok.py").write_text("def test_ok():\n    assert True\n")
+    proc = subprocess.run(["bash", "scripts/run_tests.sh", "tests", "-p", "no:cacheprovider"], cwd=stub,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "lint-ran" in proc.stdout, proc.stdout + proc.stderr
+    assert "1 passed" in proc.stdout and "static checks failed" in proc.stderr
+    assert "scripts/lint.sh" in (ROOT / "scripts" / "run_tests.sh").read_text()
 
 
 def test_task_dataset_missing_from_the_manifest_is_rejected(tmp_path):

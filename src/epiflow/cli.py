@@ -37,7 +37,27 @@ COMMAND_MODULES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Steps whose module is registered alone when the command line names them: importing every step
+# module imports torch (epiflow.model, epiflow.train), seconds per call, and the workflow runs these
+# light steps (one job per figure and table) dozens of times. `--help` still lists every step.
+LIGHT_COMMANDS = {
+    "figure": "epiflow.plots.cli",
+    "summarize": "epiflow.report.cli",
+    "baselines-table": "epiflow.baselines.cli",
+}
+
+
+def _requested_command(argv: list[str] | None) -> str | None:
+    args = sys.argv[1:] if argv is None else argv
+    for a in args:
+        if a in ("-h", "--help", "--version"):
+            return None
+        if not a.startswith("-"):
+            return a
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="epiflow",
         description="EpiAgent for scATAC-seq: corpus, tokenization, model, pretraining, downstream tasks.",
@@ -46,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="<step>")
     sub.required = True
-    for name in COMMAND_MODULES:
+    light = LIGHT_COMMANDS.get(_requested_command(argv) or "")
+    for name in [light] if light else COMMAND_MODULES:
         if importlib.util.find_spec(name.rsplit(".", 1)[0]) is None:
             continue
         if importlib.util.find_spec(name) is None:
@@ -56,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -58,7 +58,7 @@ rule run_baseline:
         perturbation_key=BL.get("perturbation_key", "perturbation"),
         seed=BL.get("seed", 0),
     shell:
-        "python -m epiflow run-baseline --tool {wildcards.bl_tool} --task {wildcards.bl_task}"
+        '"$EPIFLOW_PYTHON" -m epiflow run-baseline --tool {wildcards.bl_tool} --task {wildcards.bl_task}'
         " --corpus {input.corpus} {params.dataset} --label-key {params.label_key}"
         " --batch-key {params.batch_key} --condition-key {params.condition_key}"
         " --perturbation-key {params.perturbation_key}"
@@ -82,4 +82,4 @@ rule baselines_table:
         mem_mb=res("baselines_table", "mem_mb"),
         runtime=res("baselines_table", "runtime"),
     shell:
-        "python -m epiflow baselines-table {input} --out {output} > {log} 2>&1"
+        '"$EPIFLOW_PYTHON" -m epiflow baselines-table {input} --out {output} > {log} 2>&1'

@@ -49,13 +49,28 @@ R = config["results_dir"]
 REPO = Path(workflow.basedir).parent
 LAUNCHER = str(REPO / "scripts" / "torchrun_launch.sh")
 
-# Jobs call `python -m epiflow`; the package source is put on PYTHONPATH so that the same code runs
+
+# The Python every job runs epiflow with: config `python`, else the one running Snakemake, so
+# `.venv/bin/snakemake ...` works without activating .venv; with --sdm conda, `python` of the job's
+# conda env. The shell prefix exports it as $EPIFLOW_PYTHON (rules: `"$EPIFLOW_PYTHON" -m epiflow`,
+# scripts/torchrun_launch.sh reads it too).
+def _job_python():
+    import shlex, sys
+
+    sdm = getattr(
+        getattr(workflow, "deployment_settings", None), "deployment_method", ""
+    )
+    py = config.get("python") or ("python" if "conda" in str(sdm) else sys.executable)
+    return shlex.quote(str(py)).replace("{", "{{").replace("}", "}}")
+
+
+# Jobs call `"$EPIFLOW_PYTHON" -m epiflow`; the package source is put on PYTHONPATH so that the same code runs
 # in the project's virtualenv (where it is installed anyway) and in the conda environment of
 # envs/epiflow.yaml (--use-conda), which holds only the dependencies.
 # (braces doubled: Snakemake formats the prefix like a shell command)
 shell.prefix(
     "set -euo pipefail; export PYTHONPATH='%s'${{PYTHONPATH:+:$PYTHONPATH}}; "
-    % (REPO / "src")
+    "export EPIFLOW_PYTHON=%s; " % (REPO / "src", _job_python())
 )
 USE_SIMULATED = config["datasets"]["manifest"] is None
 EXTERNAL_CHECKPOINT = config["model"]["checkpoint"]

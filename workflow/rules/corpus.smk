@@ -32,7 +32,7 @@ rule candidate_ccres:
         chain=opt("--chain", config["chain"]),
         mirror=opt("--data-mirror", config["data_mirror"]),
     shell:
-        "python -m epiflow candidate-ccres --manifest {input.manifest}"
+        '"$EPIFLOW_PYTHON" -m epiflow candidate-ccres --manifest {input.manifest}'
         " --genome {params.genome} {params.sources} {params.external}"
         " {params.external_df} {params.chain} {params.mirror}"
         " --out {output.bed} --stats {output.stats} > {log} 2>&1"
@@ -67,7 +67,7 @@ rule map_dataset:
         ),
         chunksize=config["mapping"]["chunksize"],
     shell:
-        "python -m epiflow map-dataset --manifest {input.manifest}"
+        '"$EPIFLOW_PYTHON" -m epiflow map-dataset --manifest {input.manifest}'
         " --dataset {wildcards.dataset} --ccres {input.ccres} --genome {params.genome}"
         " {params.chain} {params.tss} {params.mirror} {params.counts}"
         " --chunksize {params.chunksize}"
@@ -98,7 +98,7 @@ rule build_corpus:
         min_ccres=config["qc"]["min_ccres_per_cell"],
         shard_size=config["shard_size"],
     shell:
-        "python -m epiflow build-corpus --ccres {input.ccres} --mapped {input.mapped}"
+        '"$EPIFLOW_PYTHON" -m epiflow build-corpus --ccres {input.ccres} --mapped {input.mapped}'
         " --genome {params.genome} --vocabulary {params.vocabulary}"
         " --min-cells {params.min_cells} --min-ccres-per-cell {params.min_ccres}"
         " --shard-size {params.shard_size} --out {output.corpus} > {log} 2>&1"
@@ -135,6 +135,6 @@ rule downstream_corpus:
         min_ccres=config["qc"]["min_ccres_per_cell"],
         shard_size=config["shard_size"],
     shell:
-        "python -m epiflow tokenize-downstream --ccres {input.ccres} --mapped {input.mapped}"
+        '"$EPIFLOW_PYTHON" -m epiflow tokenize-downstream --ccres {input.ccres} --mapped {input.mapped}'
         " {params.vocab} --genome {params.genome} --min-ccres-per-cell {params.min_ccres}"
         " --shard-size {params.shard_size} --out {output.folder} > {log} 2>&1"

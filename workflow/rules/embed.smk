@@ -23,7 +23,7 @@ rule embed:
         batch_tokens=config["embed"]["batch_tokens"],
         device=opt("--device", device_arg(config["embed"]["device"])),
     shell:
-        "python -m epiflow embed --checkpoint {input.checkpoint} --corpus {input.corpus}"
+        '"$EPIFLOW_PYTHON" -m epiflow embed --checkpoint {input.checkpoint} --corpus {input.corpus}'
         " --backend {params.backend} {params.heads} --batch-tokens {params.batch_tokens}"
         " {params.device} --no-progress --out {output.h5ad} > {log} 2>&1"
 

@@ -36,7 +36,7 @@ rule figure:
         args=figure_args,
         caption=figure_caption,
     shell:
-        "python -m epiflow figure {wildcards.panel} {params.args}"
+        '"$EPIFLOW_PYTHON" -m epiflow figure {wildcards.panel} {params.args}'
         " --out {output.png} > {log} 2>&1"
 
 
@@ -68,5 +68,5 @@ rule benchmark_table:
         caption=table_caption,
         seen=seen_args,
     shell:
-        "python -m epiflow summarize --metrics {input.metrics} {params.seen}"
+        '"$EPIFLOW_PYTHON" -m epiflow summarize --metrics {input.metrics} {params.seen}'
         " --no-corpus-rows --out {output.tsv} > {log} 2>&1"

@@ -29,5 +29,5 @@ rule summarize:
         pretrain=lambda w, input: opt("--pretrain-metrics", list(input.pretrain)),
         metrics=lambda w, input: opt("--metrics", list(input.metrics)),
     shell:
-        "python -m epiflow summarize {params.seen}"
+        '"$EPIFLOW_PYTHON" -m epiflow summarize {params.seen}'
         " {params.pretrain} {params.metrics} --out {output.tsv} > {log} 2>&1"

@@ -110,7 +110,7 @@ rule evaluate_features:
         model=FE_MODEL_ARGS,
         trajectory="",
     shell:
-        "python -m epiflow evaluate-features --embeddings EpiAgent={input.embeddings}"
+        '"$EPIFLOW_PYTHON" -m epiflow evaluate-features --embeddings EpiAgent={input.embeddings}'
         " --corpus {input.corpus} {params.dataset} --label-key {params.label_key}"
         " --lsi-components {params.lsi} --n-neighbors {params.neighbors}"
         " --checkpoint {input.checkpoint} {params.model}"
@@ -193,7 +193,7 @@ rule annotate:
         dataset=lambda w: "" if w.an_dataset == "all" else f"--dataset {w.an_dataset}",
         args=finetune_args("annotation"),
     shell:
-        "python -m epiflow annotate --corpus {input.corpus} --checkpoint {input.checkpoint}"
+        '"$EPIFLOW_PYTHON" -m epiflow annotate --corpus {input.corpus} --checkpoint {input.checkpoint}'
         " {params.dataset} {params.args} --out-dir {params.outdir} > {log} 2>&1"
 
 
@@ -233,7 +233,7 @@ rule impute:
         dataset=lambda w: "" if w.im_dataset == "all" else f"--dataset {w.im_dataset}",
         args=finetune_args("imputation"),
     shell:
-        "python -m epiflow impute --corpus {input.corpus} --checkpoint {input.checkpoint}"
+        '"$EPIFLOW_PYTHON" -m epiflow impute --corpus {input.corpus} --checkpoint {input.checkpoint}'
         " {params.dataset} {params.args} --out-dir {params.outdir} > {log} 2>&1"
 
 
@@ -276,7 +276,7 @@ rule predict_stimulation:
         dataset=lambda w: "" if w.st_dataset == "all" else f"--dataset {w.st_dataset}",
         args=stimulation_args(),
     shell:
-        "python -m epiflow predict-stimulation --corpus {input.corpus}"
+        '"$EPIFLOW_PYTHON" -m epiflow predict-stimulation --corpus {input.corpus}'
         " --checkpoint {input.checkpoint} {params.dataset} {params.args}"
         " --no-progress --out-dir {params.outdir} > {log} 2>&1"
 
@@ -322,7 +322,7 @@ rule predict_genetic:
         dataset=lambda w: "" if w.ge_dataset == "all" else f"--dataset {w.ge_dataset}",
         args=genetic_args(),
     shell:
-        "python -m epiflow predict-genetic --corpus {input.corpus}"
+        '"$EPIFLOW_PYTHON" -m epiflow predict-genetic --corpus {input.corpus}'
         " --checkpoint {input.checkpoint} --go {input.go} {params.dataset} {params.args}"
         " --no-progress --out-dir {params.outdir} > {log} 2>&1"
 
@@ -397,7 +397,7 @@ rule integrate:
             else ""
         ),
     shell:
-        "python -m epiflow integrate --input {input.corpus} --checkpoint {input.checkpoint}"
+        '"$EPIFLOW_PYTHON" -m epiflow integrate --input {input.corpus} --checkpoint {input.checkpoint}'
         " {params.args} {params.common} {params.query} --out-dir {params.outdir} > {log} 2>&1"
 
 
@@ -441,7 +441,7 @@ rule knockout:
         dataset=lambda w: "" if w.ko_dataset == "all" else f"--dataset {w.ko_dataset}",
         args=knockout_args(),
     shell:
-        "python -m epiflow knockout --input {input.corpus} --checkpoint {input.checkpoint}"
+        '"$EPIFLOW_PYTHON" -m epiflow knockout --input {input.corpus} --checkpoint {input.checkpoint}'
         " --tss {input.tss} --vocab {input.corpus}/vocab.bed {params.dataset} {params.args}"
         " --out-dir {params.outdir} > {log} 2>&1"
 
@@ -478,7 +478,7 @@ rule train_annotator:
         outdir=lambda w, output: os.path.dirname(output.model),
         args=annotator_args,
     shell:
-        "python -m epiflow train-annotator --input {input.corpus} --checkpoint {input.checkpoint}"
+        '"$EPIFLOW_PYTHON" -m epiflow train-annotator --input {input.corpus} --checkpoint {input.checkpoint}'
         " {params.args} --out-dir {params.outdir} > {log} 2>&1"
 
 
@@ -529,7 +529,7 @@ rule annotate_zeroshot:
             else ""
         ),
     shell:
-        "python -m epiflow annotate-zeroshot --input {input.corpus} --checkpoint {input.checkpoint}"
+        '"$EPIFLOW_PYTHON" -m epiflow annotate-zeroshot --input {input.corpus} --checkpoint {input.checkpoint}'
         " --classes {input.classes} {params.dataset} {params.method} --label-key {params.label_key}"
         " {params.label_map} --min-class-fraction {params.min_fraction}"
         " --device {params.device} {params.heads} {params.restrict}"

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     diff = check(docs, readme)
     if diff:
         print("\n".join(diff))
-        print(f"the baselines tables differ: run python -m epiflow.baselines.status --write", file=sys.stderr)
+        print("the baselines tables differ: run python -m epiflow.baselines.status --write", file=sys.stderr)
         return 1
     print("in sync")
     return 0

@@ -4,13 +4,16 @@ The env files are conda specs (``snakemake --sdm conda`` builds them as they are
 :func:`ensure_env` builds an equivalent plain virtual environment (its own site-packages; no access
 to the main environment's packages) from the file's ``pip:`` list:
 
-1. ``<cache>/<tool>-<hash>/`` where ``hash`` is the SHA-256 of the env file (first 12 hex digits)
-   and of its post-deploy script (if any) plus the Python version, so editing either builds a new
-   environment; ``cache`` is the
+1. ``<cache>/<tool>-<hash>/`` where ``hash`` is the SHA-256 of the env file (first 12 hex digits),
+   of its lock and post-deploy script (if any) plus the Python version, so editing any of them builds
+   a new environment; ``cache`` is the
    ``cache`` argument, else ``$EPIFLOW_ENV_CACHE``, else ``~/.cache/epiflow/envs``;
 2. built in a temporary folder beside it (``python -m venv --without-pip``; packages installed by
-   the main environment's pip with ``pip --python <env python>``), ``torch==2.13.0`` first when the
-   list holds it (the only torch allowed: a local CPU wheel), then the rest of the list; then, when
+   the main environment's pip with ``pip --python <env python>``): when ``envs/baseline-<tool>.lock.txt``
+   exists (written with the yaml's pip list by ``bash scripts/lock.sh <tool>`` from
+   ``envs/baseline-<tool>.in``), every package of it at its exact version with its sha256 checked
+   (``--require-hashes --no-deps``), else the yaml's pip list as it is; then ``torch==2.13.0`` when the
+   list holds it (the only torch allowed: a local CPU wheel; it is not in the lock); then, when
    ``envs/baseline-<tool>.post-deploy.sh`` exists, that script (the file Snakemake itself runs after
    creating a conda env from the yaml, inside the activated env) with ``bash``, the env's ``bin`` first
    on ``PATH`` and ``$EPIFLOW_PIP`` set to a pip command that installs into the env (the script
@@ -63,6 +66,7 @@ class EnvSpec:
     pip: tuple[str, ...]
     digest: str
     post_deploy: Path | None = None
+    lock: Path | None = None
 
     @property
     def needs_torch(self) -> bool:
@@ -85,6 +89,11 @@ def env_file(tool: str, envs_dir=None) -> Path:
 def post_deploy_file(tool: str, envs_dir=None) -> Path:
     """``envs/baseline-<tool>.post-deploy.sh`` (Snakemake's name for a conda env's post-deploy script)."""
     return Path(envs_dir or repo_envs_dir()) / f"baseline-{tool}.post-deploy.sh"
+
+
+def lock_file(tool: str, envs_dir=None) -> Path:
+    """``envs/baseline-<tool>.lock.txt``: the env's packages, exact versions and sha256 hashes."""
+    return Path(envs_dir or repo_envs_dir()) / f"baseline-{tool}.lock.txt"
 
 
 def read_env_spec(tool: str, envs_dir=None) -> EnvSpec:
@@ -114,9 +123,12 @@ def read_env_spec(tool: str, envs_dir=None) -> EnvSpec:
                               path=str(path), field="dependencies.pip")
     post = post_deploy_file(tool, envs_dir)
     post = post if post.exists() else None
+    lock = lock_file(tool, envs_dir)
+    lock = lock if lock.exists() else None
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    digest = hashlib.sha256(raw + (post.read_bytes() if post else b"") + py.encode()).hexdigest()[:12]
-    return EnvSpec(tool, path, reqs, digest, post)
+    digest = hashlib.sha256(raw + (lock.read_bytes() if lock else b"") + (post.read_bytes() if post else b"")
+                            + py.encode()).hexdigest()[:12]
+    return EnvSpec(tool, path, reqs, digest, post, lock)
 
 
 def env_python(env_dir: Path) -> Path:
@@ -183,15 +195,18 @@ def ensure_env(tool: str, *, cache=None, envs_dir=None, timeout: int = DEFAULT_T
                 if r.returncode != 0:
                     raise EpiflowError(f"python -m venv failed (exit {r.returncode})", path=str(build_log))
                 py = env_python(tmp)
-                rest = [q for q in spec.pip if _req_name(q) != "torch"]
+                if spec.lock is not None:
+                    _pip(py, ["--require-hashes", "--no-deps", "-r", str(spec.lock)], fh, timeout)
+                else:
+                    _pip(py, [q for q in spec.pip if _req_name(q) != "torch"], fh, timeout)
                 if spec.needs_torch:
                     _pip(py, [TORCH_SPEC], fh, timeout)
-                _pip(py, rest, fh, timeout)
                 if spec.post_deploy is not None:
                     _post_deploy(spec.post_deploy, tmp, fh, timeout)
                 freeze = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "freeze"],
                                         capture_output=True, text=True).stdout.split()
             meta = {"tool": tool, "env_file": str(spec.path), "digest": spec.digest, "pip": list(spec.pip),
+                    "lock": str(spec.lock) if spec.lock else None,
                     "post_deploy": str(spec.post_deploy) if spec.post_deploy else None,
                     "python": f"{sys.version_info.major}.{sys.version_info.minor}", "freeze": freeze,
                     "build_seconds": round(time.perf_counter() - t0, 1)}

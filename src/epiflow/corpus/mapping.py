@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..errors import InputFormatError
 from ..genome.intervals import normalize_chrom
 from .readers import DEFAULT_CHUNKSIZE, FragmentReader
 

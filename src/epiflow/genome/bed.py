@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import logging
-import os
 from pathlib import Path
 
 import numpy as np

@@ -58,8 +58,41 @@ def knn_graph(adata_or_embedding, *, use_rep: str | None = None, n_neighbors: in
     k = int(min(n_neighbors, n - 1))
     if k < n_neighbors:
         log.warning("only %d cells: using %d neighbours instead of %d", n, k, n_neighbors)
-    sc.pp.neighbors(a, n_neighbors=k, use_rep=rep, random_state=seed, key_added=key_added)
+    transformer = _nndescent_transformer(n, k, seed) if n >= _SCANPY_BRUTE_MAX else None
+    sc.pp.neighbors(a, n_neighbors=k, use_rep=rep, random_state=seed, key_added=key_added,
+                    transformer=transformer)
     return a
+
+
+# scanpy builds the graph by brute force below this many cells (euclidean metric) and with
+# pynndescent from here on (scanpy.neighbors.Neighbors._handle_transformer).
+_SCANPY_BRUTE_MAX = 8192
+
+
+def _nndescent_transformer(n_obs: int, n_neighbors: int, seed: int):
+    """scanpy's own default kNN transformer for ``n_obs`` cells (pynndescent with UMAP's ``n_trees`` and
+    ``n_iters``), returning a ``scipy.sparse.csr_matrix``.
+
+    pynndescent >= 0.5.13 returns a ``csr_array``, on which scanpy 1.11's neighbour extraction calls
+    ``getnnz``, a method scipy's sparse arrays do not have (scipy >= 1.15 dropped it from them):
+    ``AttributeError: 'csr_array' object has no attribute 'getnnz'`` on every dataset of >= 8,192 cells.
+    Converting the output keeps scanpy's graph identical (same parameters, same approximate search) on
+    every version pair.
+    """
+    import scanpy as sc
+    import scipy.sparse as sp
+    from pynndescent import PyNNDescentTransformer
+
+    class CsrMatrixNNDescent(PyNNDescentTransformer):
+        def transform(self, X, y=None):
+            return sp.csr_matrix(super().transform(X, y))
+
+        def fit_transform(self, X, y=None, **fit_params):
+            return sp.csr_matrix(super().fit_transform(X, y, **fit_params))
+
+    return CsrMatrixNNDescent(n_neighbors=n_neighbors, metric="euclidean", metric_kwds={}, random_state=seed,
+                              n_jobs=sc.settings.n_jobs, n_trees=min(64, 5 + round(n_obs ** 0.5 / 20.0)),
+                              n_iters=max(5, round(np.log2(n_obs))))
 
 
 def _leiden_once(a, resolution: float, seed: int, neighbors_key: str | None) -> np.ndarray:

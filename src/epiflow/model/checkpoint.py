@@ -28,7 +28,9 @@ import shutil
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,7 +62,7 @@ def sidecar_path(path) -> Path:
 
 
 # --------------------------------------------------------------------------- reading
-def read_state_dict(path, *, mmap: bool = True) -> "collections.OrderedDict[str, torch.Tensor]":
+def read_state_dict(path: str | os.PathLike, *, mmap: bool = True) -> "collections.OrderedDict[str, torch.Tensor]":
     """Load a state dict (memory-mapped by default), turning every failure into :class:`CheckpointError`."""
     path = Path(path)
     if not path.exists():
@@ -122,7 +124,8 @@ def _need_key(sd, key, path, ndim=None):
     return t
 
 
-def infer_config(sd, num_heads: int | None = None, *, path=None, overrides: dict | None = None) -> EpiAgentConfig:
+def infer_config(sd: Mapping[str, torch.Tensor], num_heads: int | None = None, *, path: str | os.PathLike | None = None,
+                 overrides: dict | None = None) -> EpiAgentConfig:
     """Sizes and kind of the model stored in a state dict."""
     path = None if path is None else str(path)
     emb = _need_key(sd, "cCRE_embedding.weight", path, 2)
@@ -189,7 +192,7 @@ def infer_config(sd, num_heads: int | None = None, *, path=None, overrides: dict
     return EpiAgentConfig(**kw).validate()
 
 
-def check_state_dict(model: EpiAgent, sd, path=None) -> None:
+def check_state_dict(model: EpiAgent, sd: Mapping[str, torch.Tensor], path: str | os.PathLike | None = None) -> None:
     """Raise :class:`CheckpointError` naming every missing / unexpected key and wrong shape."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
@@ -239,9 +242,10 @@ def _check_vocab(cfg: EpiAgentConfig, corpus, n_ccres, path) -> None:
 
 
 # --------------------------------------------------------------------------- public API
-def load_epiagent_checkpoint(path, num_heads: int | None = None, backend: str = "sdpa", *,
-                             device=None, dtype: torch.dtype | None = None, corpus=None,
-                             n_ccres: int | None = None, mmap: bool = True, **overrides) -> EpiAgent:
+def load_epiagent_checkpoint(path: str | os.PathLike, num_heads: int | None = None, backend: str = "sdpa", *,
+                             device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                             corpus: Any = None, n_ccres: int | None = None, mmap: bool = True,
+                             **overrides: Any) -> EpiAgent:
     """Load an authors'-format checkpoint (``pretrained_EpiAgent.pth``, EpiAgent-B/-NT, batch-conditioned,
     or one written by epiflow) into an :class:`EpiAgent` in eval mode.
 
@@ -262,8 +266,8 @@ def load_epiagent_checkpoint(path, num_heads: int | None = None, backend: str = 
     # load_state_dict(assign=True) writes flags into sd._metadata: keep a pristine copy for saving
     source_metadata = copy.deepcopy(getattr(sd, "_metadata", None))
     model.load_state_dict(sd, strict=True, assign=True)
-    model._source_keys = list(sd.keys())
-    model._source_metadata = source_metadata
+    setattr(model, "_source_keys", list(sd.keys()))  # noqa: B010 (plain attributes on an nn.Module)
+    setattr(model, "_source_metadata", source_metadata)  # noqa: B010
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.set_backend(backend)
@@ -273,7 +277,7 @@ def load_epiagent_checkpoint(path, num_heads: int | None = None, backend: str = 
     return model.eval()
 
 
-def save_epiagent_checkpoint(model: EpiAgent, path, *, write_config: bool = False) -> Path:
+def save_epiagent_checkpoint(model: EpiAgent, path: str | os.PathLike, *, write_config: bool = False) -> Path:
     """``torch.save`` the state dict in the authors' format, atomically (temp folder, then rename).
 
     CPU tensors in key order; the pickled ``_metadata`` of a loaded file is kept. With
@@ -287,7 +291,7 @@ def save_epiagent_checkpoint(model: EpiAgent, path, *, write_config: bool = Fals
     if src_meta is not None and list(out.keys()) == getattr(model, "_source_keys", None):
         meta = src_meta
     if meta is not None:
-        out._metadata = meta
+        setattr(out, "_metadata", meta)  # noqa: B010 (torch.save pickles it, as state_dict() does)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -304,7 +308,7 @@ def save_epiagent_checkpoint(model: EpiAgent, path, *, write_config: bool = Fals
     return path
 
 
-def inspect_checkpoint(path, num_heads: int | None = None) -> dict:
+def inspect_checkpoint(path: str | os.PathLike, num_heads: int | None = None) -> dict:
     """Kind, sizes, parameter counts and dtypes of a checkpoint (memory-mapped, nothing copied)."""
     path = Path(path)
     sd = read_state_dict(path, mmap=True)
@@ -315,7 +319,7 @@ def inspect_checkpoint(path, num_heads: int | None = None) -> dict:
     with torch.device("meta"):
         model = EpiAgent(cfg)
     check_state_dict(model, sd, path)
-    counts = {}
+    counts: dict[str, int] = {}
     for k, v in sd.items():
         top = k.split(".")[0]
         group = {"cCRE_embedding": "embeddings", "rank_embedding": "embeddings",

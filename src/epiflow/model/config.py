@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -157,7 +158,7 @@ class EpiAgentConfig:
             d["classifier_hidden"] = tuple(int(x) for x in d["classifier_hidden"])
         return cls(**d).validate()
 
-    def replace(self, **kw) -> "EpiAgentConfig":
+    def replace(self, **kw: Any) -> "EpiAgentConfig":
         return dataclasses.replace(self, **kw).validate()
 
 

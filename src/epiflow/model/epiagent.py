@@ -13,7 +13,10 @@ have (linear classifier, stimulation tokens, perturbation GNN) are registered af
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -262,8 +265,8 @@ class EpiAgent(nn.Module):
         return groups
 
     # ------------------------------------------------------------------ conditional token
-    def conditional_embedding(self, batch_ids=None, condition_ids=None, perturbation=None,
-                              cond_embedding=None) -> torch.Tensor | None:
+    def conditional_embedding(self, batch_ids: torch.Tensor | None = None, condition_ids: torch.Tensor | None = None,
+                              perturbation: torch.Tensor | None = None, cond_embedding: torch.Tensor | None = None) -> torch.Tensor | None:
         """Sum of the conditional tokens for position 0, ``[B, D]`` (None if there is none).
 
         ``batch_ids`` / ``condition_ids``: LongTensor [B], -1 = no token for that cell;
@@ -336,8 +339,9 @@ class EpiAgent(nn.Module):
         return tok + self.rank_embedding(positions)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor, batch_ids=None, *, cond_embedding=None, condition_ids=None,
-                perturbation=None, backend: str | None = None) -> EpiAgentOutput:
+    def forward(self, input_ids: torch.Tensor, batch_ids: torch.Tensor | None = None, *, cond_embedding: torch.Tensor | None = None,
+                condition_ids: torch.Tensor | None = None, perturbation: torch.Tensor | None = None,
+                backend: str | None = None) -> EpiAgentOutput:
         """Encode a padded batch ``[B, L]`` (PAD = 0, ``[CLS] sentence [SEP]`` right-padded)."""
         if input_ids.ndim != 2:
             raise ConfigError(f"input_ids must be [B, L], got shape {list(input_ids.shape)}", field="input_ids")
@@ -359,11 +363,12 @@ class EpiAgent(nn.Module):
         hidden = hp.new_zeros(B, L, hp.shape[-1]).index_put((mask,), hp)
         return EpiAgentOutput(hidden, hp[packing.starts], mask)
 
-    def encode(self, input_ids, batch_ids=None, cond_embedding=None, **kw) -> EpiAgentOutput:
+    def encode(self, input_ids: torch.Tensor, batch_ids: torch.Tensor | None = None, cond_embedding: torch.Tensor | None = None,
+               **kw: Any) -> EpiAgentOutput:
         return self.forward(input_ids, batch_ids, cond_embedding=cond_embedding, **kw)
 
-    def encode_packed(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, batch_ids=None, *,
-                      cond_embedding=None, condition_ids=None, perturbation=None,
+    def encode_packed(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, batch_ids: torch.Tensor | None = None, *,
+                      cond_embedding: torch.Tensor | None = None, condition_ids: torch.Tensor | None = None, perturbation: torch.Tensor | None = None,
                       backend: str | None = None) -> PackedOutput:
         """Encode a packed batch: ``tokens`` [T] holds ``[CLS] sentence [SEP]`` of every cell back to back,
         ``cu_seqlens`` [B+1] the boundaries. Uses the ``packed`` (or ``flash``) attention."""
@@ -381,7 +386,7 @@ class EpiAgent(nn.Module):
         hp = self.EpiAgent_transformer(x, _Ctx(backend, packing=packing))
         return PackedOutput(hp, hp[packing.starts], packing)
 
-    def layer_outputs(self, input_ids: torch.Tensor, batch_ids=None, **kw) -> list[torch.Tensor]:
+    def layer_outputs(self, input_ids: torch.Tensor, batch_ids: torch.Tensor | None = None, **kw: Any) -> list[torch.Tensor]:
         """``[embeddings, layer0_output, ...]`` of a padded batch with the sdpa backend (for checks)."""
         input_ids = input_ids.long()
         self._check_ids(input_ids, input_ids.shape[1])
@@ -423,7 +428,7 @@ class EpiAgent(nn.Module):
         return self._need("classifier", "classifier")(cell_embedding)
 
     # ------------------------------------------------------------------ checkpoint
-    def save_epiagent_checkpoint(self, path, *, write_config: bool = False):
+    def save_epiagent_checkpoint(self, path: str | os.PathLike, *, write_config: bool = False) -> Path:
         """Write the state dict in the authors' format (plain ``torch.save``; atomic)."""
         from .checkpoint import save_epiagent_checkpoint
 
@@ -438,7 +443,7 @@ def _backend_setting(backend: str | None, device=None) -> str:
     return "auto" if str(backend).lower() == "auto" else name
 
 
-def expand_rows(cell_embedding: torch.Tensor, offsets) -> torch.Tensor:
+def expand_rows(cell_embedding: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Repeat row i of ``cell_embedding`` ``offsets[i+1] - offsets[i]`` times (CCA query rows)."""
     offsets = torch.as_tensor(offsets, device=cell_embedding.device).long()
     return cell_embedding.repeat_interleave(offsets[1:] - offsets[:-1], dim=0)

@@ -50,7 +50,7 @@ class PerturbationGNN(nn.Module):
         self.register_buffer("edge_index", torch.zeros(2, num_edges, dtype=torch.int64))
         self.register_buffer("edge_weight", torch.ones(num_edges))
 
-    def set_graph(self, edge_index, edge_weight=None) -> None:
+    def set_graph(self, edge_index: torch.Tensor, edge_weight: torch.Tensor | None = None) -> None:
         """Replace the gene graph (``edge_index`` [2, E] of gene indices, optional weights [E])."""
         ei = torch.as_tensor(edge_index, dtype=torch.int64, device=self.gene_embedding.weight.device)
         if ei.ndim != 2 or ei.shape[0] != 2:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +21,11 @@ import torch
 from ..errors import InputFormatError, VocabularyMismatchError
 from ..tokenize import build_input_ids, cell_sentences, global_tfidf, truncate_sentences
 from .attention import resolve_backend
+
+if TYPE_CHECKING:
+    import anndata
+
+    from .epiagent import EpiAgent
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +37,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast_dtype(device) -> torch.dtype | None:
+def autocast_dtype(device: str | torch.device) -> torch.dtype | None:
     """bf16 autocast on CUDA (fp16 on GPUs without bf16), none on CPU (fp32)."""
     device = torch.device(device)
     if device.type != "cuda":
@@ -42,7 +49,7 @@ def autocast_dtype(device) -> torch.dtype | None:
 
 
 @contextlib.contextmanager
-def inference_context(device):
+def inference_context(device: str | torch.device) -> Iterator[None]:
     """``torch.inference_mode()`` plus autocast where :func:`autocast_dtype` asks for it."""
     dt = autocast_dtype(device)
     with torch.inference_mode():
@@ -68,8 +75,9 @@ def token_budget_batches(lengths, batch_tokens: int = DEFAULT_BATCH_TOKENS, max_
     return batches
 
 
-def embed_sentences(model, indptr, tokens, *, batch_ids=None, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                    device=None, backend: str | None = None, max_len: int = MAX_SENTENCE,
+def embed_sentences(model: EpiAgent, indptr: np.ndarray, tokens: np.ndarray, *, batch_ids: np.ndarray | None = None,
+                    batch_tokens: int = DEFAULT_BATCH_TOKENS, device: str | torch.device | None = None,
+                    backend: str | None = None, max_len: int = MAX_SENTENCE,
                     progress: bool = True, desc: str = "embed") -> np.ndarray:
     """Cell embeddings ``[n_cells, dim]`` (float32) of rank-ordered sentences (CSR ``indptr``/``tokens``)."""
     device = default_device() if device is None else torch.device(device)
@@ -134,9 +142,10 @@ def _anndata_sentences(adata, model, df, max_len):
     return cell_sentences(tf, max_len=max_len)
 
 
-def embed(data, model, *, df=None, key: str = "X_epiagent", batch_ids=None, batch_key: str | None = None,
-          batch_tokens: int = DEFAULT_BATCH_TOKENS, device=None, backend: str | None = None,
-          max_len: int = MAX_SENTENCE, progress: bool = True):
+def embed(data: Any, model: EpiAgent, *, df: np.ndarray | None = None, key: str = "X_epiagent",
+          batch_ids: np.ndarray | None = None, batch_key: str | None = None,
+          batch_tokens: int = DEFAULT_BATCH_TOKENS, device: str | torch.device | None = None, backend: str | None = None,
+          max_len: int = MAX_SENTENCE, progress: bool = True) -> anndata.AnnData:
     """Embed cells with ``model`` and return an AnnData with ``obsm[key]``.
 
     ``data``: an AnnData of raw counts (cells x the model's cCREs; TF-IDF with ``df`` or
@@ -159,7 +168,8 @@ def embed(data, model, *, df=None, key: str = "X_epiagent", batch_ids=None, batc
             data = ad.read_h5ad(p)
         else:
             data = read_shard(p)
-    kw = dict(batch_tokens=batch_tokens, device=device, backend=backend, max_len=max_len, progress=progress)
+    kw: dict[str, Any] = dict(batch_tokens=batch_tokens, device=device, backend=backend, max_len=max_len,
+                              progress=progress)
 
     def ids_for(obs):
         if batch_ids is not None:

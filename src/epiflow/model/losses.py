@@ -15,22 +15,29 @@ import torch
 import torch.nn.functional as F
 
 
-def _pw(pos_weight, like: torch.Tensor) -> torch.Tensor:
+def _pw(pos_weight: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(pos_weight, device=like.device).to(like.dtype)
 
 
-def bce_with_logits(logits, target, pos_weight=1.0):
+def bce_with_logits(logits: torch.Tensor, target: torch.Tensor, pos_weight: float | torch.Tensor = 1.0) -> torch.Tensor:
     """``BCEWithLogitsLoss(pos_weight=...)`` with mean reduction."""
     target = target.to(logits.dtype)
     return F.binary_cross_entropy_with_logits(logits, target, pos_weight=_pw(pos_weight, logits))
 
 
-def sr_loss(signal_logits, target, pos_weight=100.0):
+def sr_loss(
+    signal_logits: torch.Tensor, target: torch.Tensor, pos_weight: float | torch.Tensor = 100.0
+) -> torch.Tensor:
     """Signal reconstruction with a dense 0/1 target ``[B, n_cCRE]``."""
     return bce_with_logits(signal_logits, target, pos_weight)
 
 
-def sr_loss_sparse(signal_logits, pos_rows, pos_cols, pos_weight=100.0):
+def sr_loss_sparse(
+    signal_logits: torch.Tensor,
+    pos_rows: torch.Tensor,
+    pos_cols: torch.Tensor,
+    pos_weight: float | torch.Tensor = 100.0,
+) -> torch.Tensor:
     """Signal reconstruction from the positives only.
 
     ``pos_rows`` / ``pos_cols``: LongTensors of equal length, the (cell, cCRE index j) pairs that are
@@ -44,7 +51,7 @@ def sr_loss_sparse(signal_logits, pos_rows, pos_cols, pos_weight=100.0):
     return (total / x.numel()).to(signal_logits.dtype)
 
 
-def positives_from_input_ids(input_ids, num_special: int = 4):
+def positives_from_input_ids(input_ids: torch.Tensor, num_special: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rows, cCRE indices)`` of the cCRE tokens in a padded batch (for :func:`sr_loss_sparse`).
 
     Note: the authors' SR target covers ALL accessible cCREs of a cell, not only its <= 8,190 input
@@ -53,29 +60,31 @@ def positives_from_input_ids(input_ids, num_special: int = 4):
     return r, input_ids[r, c].long() - num_special
 
 
-def dense_target(rows, cols, shape, device=None):
+def dense_target(
+    rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], device: str | torch.device | None = None
+) -> torch.Tensor:
     """Dense 0/1 target ``[B, n_cCRE]`` from positive pairs (tests and small models only)."""
     out = torch.zeros(shape, device=device if device is not None else rows.device)
     out[rows.long(), cols.long()] = 1.0
     return out
 
 
-def cca_loss(cca_logits, target, pos_weight=1.0):
+def cca_loss(cca_logits: torch.Tensor, target: torch.Tensor, pos_weight: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Cell-cCRE alignment: BCE over all queries of the batch (``pos_weight`` = K of the schedule)."""
     return bce_with_logits(cca_logits, target, pos_weight)
 
 
-def rlm_loss(rlm_logits, target, pos_weight=1.0):
+def rlm_loss(rlm_logits: torch.Tensor, target: torch.Tensor, pos_weight: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Replaced-LM: BCE over all cCRE tokens of the batch (1 = the token is accessible in the cell)."""
     return bce_with_logits(rlm_logits, target, pos_weight)
 
 
-def focal_loss(logits, target, gamma: float = 2.0, alpha: float = 1.0):
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float = 1.0) -> torch.Tensor:
     """Focal loss of the authors' classifier: ``alpha * mean((1 - p_t)^gamma * CE)``, ``p_t = exp(-CE)``."""
     ce = F.cross_entropy(logits, target.long(), reduction="none")
     return alpha * ((1.0 - torch.exp(-ce)) ** gamma * ce).mean()
 
 
-def classification_loss(logits, target):
+def classification_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy (the paper's single-linear-layer classifier)."""
     return F.cross_entropy(logits, target.long())

@@ -210,7 +210,7 @@ def evaluate_imputation(matrices: dict, labels, reference, *, n_pcs: int = 50, n
     from ..metrics.imputation import pca_leiden_scores, signal_agreement
 
     y = np.asarray(labels).astype(str)
-    out, per_cell, per_ccre = {}, {}, {}
+    out, per_cell = {}, {}
     for method, m in matrices.items():
         vals = pca_leiden_scores(m, y, n_pcs=n_pcs, n_neighbors=n_neighbors, seed=seed, max_iter=max_iter)
         agr = signal_agreement(m, y, reference)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -351,7 +352,13 @@ def truncate_sentences(indptr, tokens, max_len: int, *extra):
     return new_indptr, np.asarray(tokens)[mask]
 
 
-def subsample_sentences(indptr, tokens, max_len: int, rng: np.random.Generator, *extra):
+class UniformSource(Protocol):
+    """``np.random.Generator``, or anything else whose ``random(n)`` gives ``n`` uniforms in [0, 1)."""
+
+    def random(self, n: int) -> np.ndarray: ...
+
+
+def subsample_sentences(indptr, tokens, max_len: int, rng: UniformSource, *extra):
     """Sample ``max_len`` tokens uniformly without replacement from every longer sentence, keeping
     their rank order (SPEC §2, training rule). Shorter sentences are unchanged. Vectorised: one random
     key per token, the ``max_len`` smallest keys of each long row are kept.

@@ -22,9 +22,11 @@ long sentences, CCA negatives, RLM replacements) is keyed by (seed, epoch, cell)
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import h5py
 import numpy as np
@@ -60,7 +62,7 @@ class CorpusIndex:
     def n_shards(self) -> int:
         return len(self.shard_paths)
 
-    def shard_of(self, uids) -> np.ndarray:
+    def shard_of(self, uids: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.shard_offsets, np.asarray(uids, dtype=np.int64), side="right") - 1
 
 
@@ -77,7 +79,7 @@ def _open_h5(path: Path):
     return f
 
 
-def build_index(corpus_dir) -> CorpusIndex:
+def build_index(corpus_dir: str | os.PathLike) -> CorpusIndex:
     corpus = open_corpus(corpus_dir)
     paths = corpus.shard_paths
     if not paths:
@@ -98,6 +100,13 @@ def build_index(corpus_dir) -> CorpusIndex:
         counts.append(len(ip) - 1)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return CorpusIndex(list(paths), offsets, np.concatenate(lens), corpus.n_ccres, corpus.vocab_id)
+
+
+class SentenceSource(Protocol):
+    """What :func:`make_batch` reads cells from: a :class:`ShardCache`, or the in-memory
+    ``epiflow.train.finetune.CellSet``."""
+
+    def sentences(self, uids) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 class ShardCache:
@@ -139,7 +148,8 @@ class ShardCache:
 
 
 # ----------------------------------------------------------------------------- splits and plans
-def split_cells(n_cells: int, eval_fraction: float, seed: int, max_eval: int | None = 2000):
+def split_cells(n_cells: int, eval_fraction: float, seed: int,
+                max_eval: int | None = 2000) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of cell uids into (train, held-out) sets."""
     n_eval = int(round(n_cells * float(eval_fraction)))
     if eval_fraction > 0:
@@ -203,7 +213,7 @@ def epoch_plan(index: CorpusIndex, train_uids: np.ndarray, epoch: int, cfg: Plan
         if len(cells) == 0:
             continue
         cells = cells[rng.permutation(len(cells))]
-        win_batches = []
+        win_batches: list[np.ndarray] = []
         for b0 in range(0, len(cells), int(cfg.bucket_cells)):
             bucket = cells[b0:b0 + int(cfg.bucket_cells)]
             bucket = bucket[np.argsort(padded[bucket], kind="stable")]
@@ -237,7 +247,7 @@ def _csr_lengths(ptr):
     return np.diff(np.asarray(ptr, dtype=np.int64))
 
 
-def make_batch(cache: ShardCache, uids, epoch: int, cfg: BatchConfig, *, train: bool = True) -> dict:
+def make_batch(cache: SentenceSource, uids: np.ndarray, epoch: int, cfg: BatchConfig, *, train: bool = True) -> dict:
     """Tensors of one (rank's) micro-batch.
 
     Keys: ``uids`` [B]; ``input_ids`` [B, L]; ``pos_ptr``/``pos_ccre`` (CSR of ALL accessible cCREs,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from ..tokenize import NUM_SPECIAL
 from .data import BatchConfig, CorpusIndex, _cut_budget, make_batch
 from .objectives import bce_sum, pos_rows_cols, sr_loss_sum
 from .optim import make_adamw, make_scheduler
+
+if TYPE_CHECKING:
+    from ..model import EpiAgent
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +176,7 @@ def finetune(model, data, objectives=("cca", "sr"), *, labels=None, cells=None, 
             bucket = bucket[np.argsort(padded[bucket], kind="stable")]
             cuts = _cut_budget(padded[bucket], cfg.batch_tokens, 1, cfg.max_cells)
             batches += [bucket[x:y] for x, y in zip(cuts[:-1], cuts[1:])]
-        sums = {}
+        sums: dict[str, float] = {}
         for i in rng.permutation(len(batches)):
             uids = batches[i]
             b = make_batch(cs, uids, epoch, bcfg, train=True)
@@ -227,7 +231,8 @@ def finetune(model, data, objectives=("cca", "sr"), *, labels=None, cells=None, 
     return {"history": history, "steps": step}
 
 
-def embed_cells(model, data, *, batch_tokens: int = 65536, max_len: int = 8190, device=None, batch_ids=None,
+def embed_cells(model: EpiAgent, data: Any, *, batch_tokens: int = 65536, max_len: int = 8190,
+                device: str | torch.device | None = None, batch_ids: np.ndarray | None = None,
                 progress: bool = False) -> np.ndarray:
     """Zero-shot (or fine-tuned) cell embeddings ``[n_cells, dim]`` of ``data`` (top-``max_len`` tokens)."""
     from ..model.inference import embed_sentences

@@ -33,6 +33,8 @@ count) is all-reduced. Global-norm clipping includes both tables (first pass ove
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -226,7 +228,7 @@ class LeanTables:
                                         weight_decay=weight_decay, momentum=momentum)
         self._world = 1
         self._coef = 1.0
-        self._prep = None
+        self._prep: dict[str, Any] | None = None
         self.peak_store_bytes = 0
         self._hook = self.embedding.weight.register_post_accumulate_grad_hook(self._collect)
 
@@ -298,7 +300,7 @@ class LeanTables:
         V = W.shape[0]
         for r in cca:
             r["bounds"] = _chunk_bounds(r["sorted"], V, self.chunk)
-        prep = {"cca": cca, "dec": None, "emb_bounds": [_chunk_bounds(idx, V, self.chunk) for idx, _ in self.store.emb]}
+        prep: dict[str, Any] = {"cca": cca, "dec": None, "emb_bounds": [_chunk_bounds(idx, V, self.chunk) for idx, _ in self.store.emb]}
         if self.decoder is not None:
             D = self.decoder.weight.shape[1]
             recs = [r for r in self.store.sr if r.get("scale") is not None]
@@ -306,12 +308,12 @@ class LeanTables:
                 H = torch.cat([r["h"] for r in recs], 0)
                 scale = torch.cat([r["scale"].expand(r["h"].shape[0]) for r in recs])
                 pw = torch.cat([torch.full((r["h"].shape[0],), r["pw"], device=dev) for r in recs])
-                offs, rows, cols, o = [], [], [], 0
+                row_parts, col_parts, o = [], [], 0
                 for r in recs:
-                    rows.append(r["rows"] + o)
-                    cols.append(r["cols"])
+                    row_parts.append(r["rows"] + o)
+                    col_parts.append(r["cols"])
                     o += r["h"].shape[0]
-                rows, cols = torch.cat(rows), torch.cat(cols)
+                rows, cols = torch.cat(row_parts), torch.cat(col_parts)
             else:
                 H = W.new_zeros(0, D, dtype=torch.float32)
                 scale = pw = W.new_zeros(0, dtype=torch.float32)

@@ -15,11 +15,13 @@ so the positives are gathered from the logits by their flat index (on the device
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 
-def k_for_epoch(epoch: int, schedule=(1, 2, 5), epochs_per_block: int | None = None,
+def k_for_epoch(epoch: int, schedule: Sequence[int] = (1, 2, 5), epochs_per_block: int | None = None,
                 total_epochs: int = 12) -> int:
     """CCA negatives per positive for 0-based ``epoch``: the paper's 1 / 2 / 5 for epochs 1-4 / 5-8 /
     9-12, i.e. ``schedule`` spread over equal blocks of ``total_epochs`` (or ``epochs_per_block``)."""

@@ -16,6 +16,7 @@ Schedules (``lr`` is the configured peak/base learning rate):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -45,7 +46,8 @@ def lr_factor(step: int, schedule: str, warmup: int, total_steps: int, min_lr_ra
                       fix=f"use one of {', '.join(SCHEDULES)}")
 
 
-def make_scheduler(optimizer, schedule: str, warmup: int, total_steps: int, min_lr_ratio: float = 0.0):
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int, total_steps: int,
+                   min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown learning-rate schedule {schedule!r}", field="schedule",
                           fix=f"use one of {', '.join(SCHEDULES)}")
@@ -53,7 +55,7 @@ def make_scheduler(optimizer, schedule: str, warmup: int, total_steps: int, min_
         optimizer, lambda s: lr_factor(s, schedule, warmup, total_steps, min_lr_ratio))
 
 
-def inverse_sqrt_lambda(warmup: int):
+def inverse_sqrt_lambda(warmup: int) -> Callable[[int], float]:
     """The authors' LambdaLR factor function (peak ``1 / sqrt(warmup)`` at step ``warmup - 1``)."""
     return lambda s: lr_factor(s, "inverse_sqrt", warmup, 0)
 
@@ -100,7 +102,8 @@ class RowwiseAdamW:
     drives both optimisers; ``lr_scale`` is this table's multiplier of it.
     """
 
-    def __init__(self, weight: torch.Tensor, lr_source, lr_scale: float = 1.0, betas=(0.9, 0.999),
+    def __init__(self, weight: torch.Tensor, lr_source: torch.optim.Optimizer, lr_scale: float = 1.0,
+                 betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, momentum: bool = False):
         self.weight = weight
         self.lr_source = lr_source
@@ -128,7 +131,7 @@ class RowwiseAdamW:
     def state_bytes(self) -> int:
         return self.v.numel() * 4 + (0 if self.m is None else self.m.numel() * 2)
 
-    def begin_step(self):
+    def begin_step(self) -> None:
         self.step_count += 1
 
     @torch.no_grad()

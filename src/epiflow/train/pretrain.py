@@ -28,6 +28,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from ..io import atomic_path, atomic_write_text
 from . import distributed as D
 from .data import (
     BatchConfig,
+    CorpusIndex,
     MicroBatchStream,
     PlanConfig,
     ShardCache,
@@ -53,6 +55,9 @@ from .metrics import MetricsLogger, peak_memory_mb, plot_losses
 from .objectives import bce_sum, k_for_epoch, pos_rows_cols, sr_loss_sum
 from .optim import SCHEDULES, make_adamw, make_scheduler
 from .rng import mix64
+
+if TYPE_CHECKING:
+    from ..model import EpiAgent
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +219,7 @@ class PretrainObjective(nn.Module):
         loss = w_sr * sr / norms["sr"] + w_cca * cca / max(norms["cca"], 1.0)
         terms = [sr.detach(), cca.detach()]
         if rlm:
+            assert rlm_logits is not None
             rl = bce_sum(rlm_logits, batch["rlm_label"].to(dev), pos_weight=1.0)
             loss = loss + w_rlm * rl / max(norms["rlm"], 1.0)
             terms.append(rl.detach())
@@ -258,8 +264,9 @@ def _cell_lengths(index, uids):
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate_cca(model, index, uids, *, max_len: int, seed: int, batch_tokens: int = 16384,
-                 max_pos: int | None = 2000, device=None, max_cells: int | None = None) -> dict:
+def evaluate_cca(model: EpiAgent, index: CorpusIndex, uids: np.ndarray, *, max_len: int, seed: int,
+                 batch_tokens: int = 16384, max_pos: int | None = 2000, device: str | torch.device | None = None,
+                 max_cells: int | None = None) -> dict:
     """Held-out CCA AUROC: each cell's accessible cCREs (top ``max_pos`` by TF-IDF) versus as many
     inaccessible cCREs sampled uniformly (K = 1), scored by the CCA head on the cell's zero-shot
     embedding (top-``max_len`` input); ``sklearn.metrics.roc_auc_score`` over all queries pooled."""
@@ -295,7 +302,8 @@ def evaluate_cca(model, index, uids, *, max_len: int, seed: int, batch_tokens: i
 
 
 # ----------------------------------------------------------------------------- the run
-def pretrain(corpus_dir, out_dir, config: PretrainConfig | None = None, **kw) -> dict:
+def pretrain(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, config: PretrainConfig | None = None,
+             **kw: Any) -> dict:
     """Pretrain EpiAgent on a corpus folder; returns a summary dict (also in ``summary.json``)."""
     cfg = dataclasses.replace(config, **kw) if config is not None else PretrainConfig(**kw)
     cfg.validate()
@@ -319,6 +327,7 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
     mcfg = build_model_config(cfg.model_config, index.n_ccres, cfg.model_overrides, cfg.dropout)
     if cfg.max_len is None:
         cfg = dataclasses.replace(cfg, max_len=min(8190, mcfg.max_rank - 2))
+    assert cfg.max_len is not None
     if mcfg.max_rank < cfg.max_len + 2:
         raise ConfigError(f"max_len {cfg.max_len} (+ CLS/SEP) exceeds the model's {mcfg.max_rank} rank embeddings",
                           field="max_len", fix=f"use --max-len {mcfg.max_rank - 2} or a larger model")
@@ -366,7 +375,7 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
         log.warning("--resume given but %s does not exist; starting from scratch", state_path)
 
     objective = PretrainObjective(model, lean)
-    runner = objective
+    runner: Any = objective  # the objective, or its DDP wrapper
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -374,9 +383,9 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
             DDP._set_params_and_buffers_to_ignore_for_model(
                 objective, ["model." + n for n in lean.param_names()])
         runner = DDP(objective, device_ids=[dev.index] if dev.type == "cuda" else None,
-                     find_unused_parameters=True, **({"gradient_as_bucket_view": True} if lean is not None else {}))
+                     find_unused_parameters=True, gradient_as_bucket_view=lean is not None)
     if cfg.compile:
-        model.forward = torch.compile(model.forward, dynamic=True)
+        model.forward = torch.compile(model.forward, dynamic=True)  # type: ignore[method-assign]
 
     if info.is_main:
         atomic_write_text(out_dir / "model_config.json", json.dumps(
@@ -406,8 +415,9 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
             continue
         k = k_for_epoch(epoch, cfg.k_schedule, n_blocks, cfg.epochs)
         rlm = epoch < cfg.rlm_epochs
-        if getattr(model, "criterion_CCA", None) is not None:
-            model.criterion_CCA.pos_weight.fill_(float(k))
+        crit_cca = getattr(model, "criterion_CCA", None)
+        if crit_cca is not None:
+            crit_cca.pos_weight.fill_(float(k))
         plan = epoch_plan(index, train_uids, epoch, plan_cfg)
         first = (step - epoch_start) * cfg.grad_accum
         last_micro = min(n_steps, total_steps - epoch_start) * cfg.grad_accum
