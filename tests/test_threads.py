@@ -1,0 +1,77 @@
+"""The CPU thread policy of the CLI (issue #15): passive OpenMP waiting set before torch loads, and
+``--threads`` on every verb."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from epiflow import threads
+from epiflow.cli import build_parser
+from epiflow.errors import ConfigError
+
+
+def _env(**kw):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", *threads.THREAD_VARS)}
+    env.update(kw)
+    return env
+
+
+def test_configure_env_defaults_and_user_override():
+    env = {}
+    assert threads.configure_env(env)["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    threads.configure_env(env)
+    assert env["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's value wins
+
+
+def test_default_threads_follows_omp_num_threads():
+    assert threads.default_threads({"OMP_NUM_THREADS": "3"}) == 3
+    assert threads.default_threads({"OMP_NUM_THREADS": "4,2"}) == 4  # nested-level syntax
+    assert threads.default_threads({"OMP_NUM_THREADS": "0"}) == threads.available_cpus()
+    assert threads.default_threads({}) == threads.available_cpus()
+
+
+def test_every_verb_takes_threads():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert len(sub.choices) > 10
+    for name, verb in sub.choices.items():
+        assert "--threads" in verb._option_string_actions, name
+    args = parser.parse_args(["pretrain", "--corpus", "c", "--out", "o", "--threads", "3"])
+    assert args.threads == 3
+    assert parser.parse_args(["pretrain", "--corpus", "c", "--out", "o"]).threads is None
+
+
+def test_bad_threads_is_a_config_error():
+    with pytest.raises(ConfigError, match="threads"):
+        threads.apply(0)
+
+
+_PROBE = ("import json, os, sys; sys.argv = ['epiflow'] + sys.argv[1:]; import epiflow.cli as c; "
+          "import torch; parser = c.build_parser(); args = parser.parse_args(sys.argv[1:]); "
+          "c._threads.apply(args.threads); "
+          "print(json.dumps({'policy': os.environ.get('OMP_WAIT_POLICY'), 'torch': torch.get_num_threads(), "
+          "'omp': os.environ.get('OMP_NUM_THREADS'), 'parallel': torch.__config__.parallel_info()}))")
+
+
+def _probe(argv, env):
+    r = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_cli_sets_wait_policy_before_torch_and_threads():
+    # the entry point module sets the policy before torch (and its libgomp) loads
+    out = _probe(["pretrain", "--corpus", "c", "--out", "o", "--threads", "1"], _env(OMP_NUM_THREADS="2"))
+    assert out["policy"] == "PASSIVE"
+    assert out["torch"] == 1 and out["omp"] == "1"  # --threads wins over the environment
+    # without --threads: the threads the job was given (Snakemake exports OMP_NUM_THREADS)
+    out = _probe(["pretrain", "--corpus", "c", "--out", "o"], _env(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="ACTIVE"))
+    assert out["torch"] == 1
+    assert out["policy"] == "ACTIVE"  # a user's setting is kept
