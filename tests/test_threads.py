@@ -75,3 +75,53 @@ def test_cli_sets_wait_policy_before_torch_and_threads():
     out = _probe(["pretrain", "--corpus", "c", "--out", "o"], _env(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="ACTIVE"))
     assert out["torch"] == 1
     assert out["policy"] == "ACTIVE"  # a user's setting is kept
+
+
+_MALLOC_PROBE = r"""
+import ctypes, json, sys
+if sys.argv[1] == "cli":
+    import epiflow.cli  # noqa: F401  (the entry point applies the allocator policy at import)
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+n = 8 << 20
+libc.free(libc.malloc(n))  # with glibc's dynamic threshold this raises the threshold above n
+before = libc.mallinfo2().hblkhd
+p = libc.malloc(n)
+print(json.dumps({"mmapped": libc.mallinfo2().hblkhd - before}))
+libc.free(p)
+"""
+
+
+def _mmapped(mode, env):
+    r = subprocess.run([sys.executable, "-c", _MALLOC_PROBE, mode], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])["mmapped"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator policy (Linux)")
+def test_cli_fixes_the_mmap_threshold():
+    """Issue #15 memory growth: after a large block is freed, glibc's dynamic threshold serves the
+    next block of that size from the heap (which then fragments as batch shapes vary); the CLI fixes
+    the threshold, so the block is mmapped again and returned to the system when freed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "EPIFLOW_MMAP_THRESHOLD")}
+    try:
+        if _mmapped("plain", env) != 0:
+            pytest.skip("this libc does not use a dynamic mmap threshold")
+    except (AssertionError, AttributeError):
+        pytest.skip("not glibc >= 2.33 (no mallinfo2)")
+    assert _mmapped("cli", env) >= 8 << 20
+    assert _mmapped("cli", {**env, "EPIFLOW_MMAP_THRESHOLD": "0"}) == 0  # opt-out: glibc's default
+
+
+def test_configure_malloc_respects_the_environment():
+    assert threads.configure_malloc({"MALLOC_MMAP_THRESHOLD_": "65536"}) is None
+    assert threads.configure_malloc({"EPIFLOW_MMAP_THRESHOLD": "0"}) is None
+    assert threads.configure_malloc({"EPIFLOW_MMAP_THRESHOLD": "lots"}) is None

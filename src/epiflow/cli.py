@@ -5,16 +5,19 @@ happen inside the handlers so that ``epiflow --help`` stays fast. User errors
 (:class:`epiflow.errors.EpiflowError`) are printed without a traceback and exit with status 2.
 
 Every verb takes ``--threads N`` (CPU threads; default ``OMP_NUM_THREADS``, which Snakemake sets to
-the rule's ``threads:``, else the available CPUs) and runs with OpenMP's passive wait policy; see
-:mod:`epiflow.threads` (issue #15: spinning OpenMP threads collapse on shared machines).
+the rule's ``threads:``, else the available CPUs) and runs with OpenMP's passive wait policy and a
+fixed glibc mmap threshold; see :mod:`epiflow.threads` (issue #15: spinning OpenMP threads collapse
+on shared machines; a dynamic mmap threshold lets the heap of a training loop grow without bound).
 """
 
 from __future__ import annotations
 
-# before anything can import torch: libgomp reads its wait policy once, when it loads
+# before anything can import torch: libgomp reads its wait policy once, when it loads; and a fixed
+# glibc mmap threshold before the first large allocation (no heap fragmentation in training loops)
 from . import threads as _threads
 
 _threads.configure_env()
+_threads.configure_malloc()
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402
