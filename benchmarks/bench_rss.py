@@ -6,15 +6,16 @@ accessible per cell; ``--corpus results/corpus`` for the demo's), once per alloc
 in a fresh process, and records after every step the current RSS (``VmRSS``), the process CPU time,
 and every 50 steps the number of live Python objects and torch tensors. Settings:
 
-* ``glibc_default``: glibc's dynamic mmap threshold (what every run used before issue #15);
-* ``epiflow``: the CLI's policy (:func:`epiflow.threads.configure_malloc`: fixed 1 MiB threshold);
-* ``mmap_128k`` / ``mmap_4m``: other fixed thresholds (``MALLOC_MMAP_THRESHOLD_``);
-* ``trim_each_step``: glibc's default plus ``malloc_trim(0)`` after every step.
+* ``glibc_default``: glibc as is (dynamic mmap threshold; what every run used before issue #15);
+* ``epiflow``: the CLI's policy (:func:`epiflow.threads.start_malloc_trimmer`: ``malloc_trim(0)``
+  every 10 s from a daemon thread);
+* ``mmap_1m`` / ``mmap_128k``: fixed mmap thresholds (``MALLOC_MMAP_THRESHOLD_``), no trimming;
+* ``trim_each_step``: ``malloc_trim(0)`` after every step.
 
 Prints one JSON object: per setting the RSS at a few steps, the growth between step ``--from`` and
 the last step (MB per 100 steps), CPU seconds per step, and the object / tensor counts.
 
-    python benchmarks/bench_rss.py --steps 200                    # ~5 min on an idle 2-core machine
+    python benchmarks/bench_rss.py --steps 200                    # each setting in turn
     python benchmarks/bench_rss.py --steps 120 --settings glibc_default,epiflow --corpus results/corpus
 """
 
@@ -30,12 +31,13 @@ import time
 from pathlib import Path
 
 SETTINGS = {
-    "glibc_default": {"EPIFLOW_MMAP_THRESHOLD": "0"},
+    "glibc_default": {"EPIFLOW_MALLOC_TRIM_S": "0"},
     "epiflow": {},
-    "mmap_128k": {"MALLOC_MMAP_THRESHOLD_": "131072"},
-    "mmap_4m": {"MALLOC_MMAP_THRESHOLD_": "4194304"},
-    "trim_each_step": {"EPIFLOW_MMAP_THRESHOLD": "0", "BENCH_TRIM": "1"},
+    "mmap_1m": {"MALLOC_MMAP_THRESHOLD_": "1048576", "EPIFLOW_MALLOC_TRIM_S": "0"},
+    "mmap_128k": {"MALLOC_MMAP_THRESHOLD_": "131072", "EPIFLOW_MALLOC_TRIM_S": "0"},
+    "trim_each_step": {"EPIFLOW_MALLOC_TRIM_S": "0", "BENCH_TRIM": "1"},
 }
+ENV_KEYS = ("MALLOC_MMAP_THRESHOLD_", "EPIFLOW_MMAP_THRESHOLD", "EPIFLOW_MALLOC_TRIM_S", "BENCH_TRIM")
 
 
 def _rss_mb() -> float:
@@ -52,10 +54,11 @@ def _child(args) -> None:
     from epiflow import threads
 
     threads.configure_env()
-    threshold = threads.configure_malloc()
+    threads.configure_malloc()
     import torch
 
     threads.apply(1)
+    trimmer = threads.start_malloc_trimmer()
     from epiflow.train import PretrainConfig, pretrain
     from epiflow.train import metrics as M
 
@@ -85,7 +88,8 @@ def _child(args) -> None:
     b = rows[-1]
     keep = sorted({1, 10, 25, 50, 100, 200, 500, 1000, args.from_step, last} & set(by_step))
     print(json.dumps({
-        "mmap_threshold": threshold or os.environ.get("MALLOC_MMAP_THRESHOLD_"), "steps": last,
+        "mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "trimmer": trimmer is not None,
+        "steps": last,
         "rss_mb_at": {s: by_step[s]["rss_mb"] for s in keep},
         "growth_mb_per_100_steps": round((b["rss_mb"] - a["rss_mb"]) / max(b["step"] - a["step"], 1) * 100, 1),
         "cpu_s_per_step": round((b["cpu_s"] - a["cpu_s"]) / max(b["step"] - a["step"], 1), 4),
@@ -97,7 +101,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--from-step", type=int, default=25, help="growth is measured from this step on")
-    ap.add_argument("--settings", default="glibc_default,epiflow,mmap_128k,mmap_4m,trim_each_step")
+    ap.add_argument("--settings", default="glibc_default,epiflow,mmap_1m,trim_each_step")
     ap.add_argument("--corpus", default=None)
     ap.add_argument("--parallel", action="store_true", help="run the settings at the same time")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -118,8 +122,7 @@ def main() -> None:
 
             corpus = str(write_toy_corpus(Path(wd) / "corpus", n_cells=600, n_ccres=4930, n_types=4, seed=0,
                                           shard_size=300, p_in=0.2, p_out=0.01, p_common=0.3, frac_common=0.02))
-        base = {k: v for k, v in os.environ.items()
-                if k not in ("MALLOC_MMAP_THRESHOLD_", "EPIFLOW_MMAP_THRESHOLD", "BENCH_TRIM")}
+        base = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
         procs = {}
         for name in names:
             cmd = [sys.executable, __file__, "--child", "--workdir", wd, "--corpus", corpus,

@@ -25,6 +25,7 @@ processes lengthen the wall time of both the step and the matmul, not their CPU 
 no thread spins).
 
     python benchmarks/bench_train.py --speed --threads 1    # tiny and small, 20 steps each
+    python benchmarks/bench_train.py --speed --configs small --steps 4 --repeats 1 --profile
     python benchmarks/bench_train.py --quick           # CPU, 50,000 cCREs x 64, 3 steps per mode
     python benchmarks/bench_train.py                   # CPU, 300,000 cCREs x 128, 4 steps per mode
     python benchmarks/bench_train.py --device cuda --paper   # GPU: paper sizes (1,355,445 x 512, 18 layers)
@@ -218,7 +219,19 @@ def _speed_child(args) -> None:
                           batch_tokens=args.batch_tokens, max_len=args.max_len, lr=1e-4, ckpt_every=0,
                           eval_fraction=0.0, progress=False, device="cpu", k_schedule=(args.k,))
     t0 = time.perf_counter()
-    s = pretrain(args.workdir + "/corpus", out, pcfg)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            s = pretrain(args.workdir + "/corpus", out, pcfg)
+        ka = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in ka)
+        top = sorted(ka, key=lambda e: -e.self_cpu_time_total)[:25]
+        profile_rows = [{"op": e.key, "self_cpu_share": round(e.self_cpu_time_total / total, 4),
+                         "calls": e.count} for e in top]
+    else:
+        s = pretrain(args.workdir + "/corpus", out, pcfg)
+        profile_rows = None
     wall = time.perf_counter() - t0
     mm_after = matmul_gflops()
     # FLOPs of the same steps: the plan and batches are a pure function of (seed, epoch, step)
@@ -253,7 +266,7 @@ def _speed_child(args) -> None:
         "achieved_gflop_per_cpu_s": None if cpu is None else float(fl.sum() / cpu / 1e9),
         "matmul_gflop_per_cpu_s_per_thread": mm_cpu,
         "share_of_matmul_cpu_time": None if cpu is None else float(fl.sum() / cpu / 1e9 / mm_cpu),
-        "wall_s_incl_setup": wall}))
+        "wall_s_incl_setup": wall, **({"profile_top_self_cpu": profile_rows} if profile_rows else {})}))
 
 
 def speed(args) -> dict:
@@ -272,6 +285,7 @@ def speed(args) -> dict:
                 cmd = [sys.executable, __file__, "--child", "speed", "--child-config", name, "--workdir", wd,
                        "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens),
                        "--max-len", str(args.max_len), "--k", str(args.k), "--threads", str(args.threads)]
+                cmd += ["--profile"] if args.profile else []
                 load = os.getloadavg()[0]
                 r = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 row = (json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0
@@ -338,6 +352,7 @@ def main() -> None:
     ap.add_argument("--speed", action="store_true", help="tokens/s and FLOP rate of tiny and small (issue #15)")
     ap.add_argument("--configs", default="tiny,small", help="--speed: model presets")
     ap.add_argument("--repeats", type=int, default=2, help="--speed: runs per preset (best is reported)")
+    ap.add_argument("--profile", action="store_true", help="--speed: torch.profiler self-CPU shares of the run")
     ap.add_argument("--child-config", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)

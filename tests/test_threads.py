@@ -107,21 +107,70 @@ def _mmapped(mode, env):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator policy (Linux)")
-def test_cli_fixes_the_mmap_threshold():
-    """Issue #15 memory growth: after a large block is freed, glibc's dynamic threshold serves the
-    next block of that size from the heap (which then fragments as batch shapes vary); the CLI fixes
-    the threshold, so the block is mmapped again and returned to the system when freed."""
+def test_opt_in_fixed_mmap_threshold():
+    """EPIFLOW_MMAP_THRESHOLD: after a large block is freed, glibc's dynamic threshold serves the next
+    block of that size from the heap; with the fixed threshold it is mmapped again (and returned to
+    the system when freed)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "EPIFLOW_MMAP_THRESHOLD")}
     try:
         if _mmapped("plain", env) != 0:
             pytest.skip("this libc does not use a dynamic mmap threshold")
     except (AssertionError, AttributeError):
         pytest.skip("not glibc >= 2.33 (no mallinfo2)")
-    assert _mmapped("cli", env) >= 8 << 20
-    assert _mmapped("cli", {**env, "EPIFLOW_MMAP_THRESHOLD": "0"}) == 0  # opt-out: glibc's default
+    assert _mmapped("cli", {**env, "EPIFLOW_MMAP_THRESHOLD": str(1 << 20)}) >= 8 << 20
+    assert _mmapped("cli", env) == 0  # default: glibc's own policy
 
 
 def test_configure_malloc_respects_the_environment():
-    assert threads.configure_malloc({"MALLOC_MMAP_THRESHOLD_": "65536"}) is None
-    assert threads.configure_malloc({"EPIFLOW_MMAP_THRESHOLD": "0"}) is None
+    assert threads.configure_malloc({"MALLOC_MMAP_THRESHOLD_": "65536", "EPIFLOW_MMAP_THRESHOLD": "1"}) is None
+    assert threads.configure_malloc({}) is None
     assert threads.configure_malloc({"EPIFLOW_MMAP_THRESHOLD": "lots"}) is None
+
+
+_TRIM_PROBE = r"""
+import ctypes, json, sys, time
+from epiflow import threads
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+blocks = [libc.malloc(4096) for _ in range(40000)]  # ~160 MB of small blocks: heap, not mmap
+for b in blocks:
+    libc.memset(b, 1, 4096)
+for b in blocks[:-1]:
+    libc.free(b)  # the last block pins the heap top: free pages stay in the heap (fragmentation)
+before = rss()
+threads.start_malloc_trimmer(float(sys.argv[1]) if sys.argv[1] != "env" else None)
+time.sleep(1.0)
+print(json.dumps({"before": before, "after": rss()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator policy (Linux)")
+@pytest.mark.parametrize("interval, env_value, trims", [("0.1", None, True), ("env", "0", False), ("env", "0.1", True)])
+def test_malloc_trimmer_returns_free_heap_pages(interval, env_value, trims):
+    """Issue #15 memory growth: free pages held inside a fragmented heap go back to the system."""
+    env = {k: v for k, v in os.environ.items() if k != "EPIFLOW_MALLOC_TRIM_S"}
+    if env_value is not None:
+        env["EPIFLOW_MALLOC_TRIM_S"] = env_value
+    r = subprocess.run([sys.executable, "-c", _TRIM_PROBE, interval], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["before"] > 150  # the freed blocks are still resident
+    if trims:
+        assert out["after"] < out["before"] - 100
+    else:
+        assert out["after"] > out["before"] - 20
+
+
+def test_cli_starts_the_trimmer_once():
+    t1 = threads.start_malloc_trimmer(3600.0)
+    t2 = threads.start_malloc_trimmer(3600.0)
+    assert t1 is not None and t1 is t2 and t1.daemon

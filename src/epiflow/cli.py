@@ -6,14 +6,14 @@ happen inside the handlers so that ``epiflow --help`` stays fast. User errors
 
 Every verb takes ``--threads N`` (CPU threads; default ``OMP_NUM_THREADS``, which Snakemake sets to
 the rule's ``threads:``, else the available CPUs) and runs with OpenMP's passive wait policy and a
-fixed glibc mmap threshold; see :mod:`epiflow.threads` (issue #15: spinning OpenMP threads collapse
-on shared machines; a dynamic mmap threshold lets the heap of a training loop grow without bound).
+thread that returns free heap pages to the system every 10 s; see :mod:`epiflow.threads` (issue #15:
+spinning OpenMP threads collapse on shared machines; the heap of a training loop grows without it).
 """
 
 from __future__ import annotations
 
-# before anything can import torch: libgomp reads its wait policy once, when it loads; and a fixed
-# glibc mmap threshold before the first large allocation (no heap fragmentation in training loops)
+# before anything can import torch: libgomp reads its wait policy once, when it loads (and the
+# opt-in fixed glibc mmap threshold must come before the first large allocation)
 from . import threads as _threads
 
 _threads.configure_env()
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         _threads.apply(getattr(args, "threads", None))
+        _threads.start_malloc_trimmer()  # free heap pages back to the system every 10 s
         rc = args.func(args)
     except EpiflowError as exc:
         print(f"epiflow {args.command}: error: {exc}", file=sys.stderr)

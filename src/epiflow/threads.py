@@ -20,15 +20,16 @@ The policy, in two parts:
    ``--threads`` nothing changes: torch follows ``OMP_NUM_THREADS``, which Snakemake exports as the
    rule's ``threads:`` (so a job uses the threads it was given), or one thread per core.
 
-3. :func:`configure_malloc`, also at the entry point: a fixed glibc ``mmap`` threshold (default
-   1 MiB; ``mallopt(M_MMAP_THRESHOLD)``), so that every large block (activations, gradients of a
-   step) is its own mapping, returned to the system when freed. glibc's default threshold is
-   *dynamic*: it rises to the size of every mmapped block freed (up to 32 MiB), after which blocks
-   of those sizes come from the heap, and a training loop whose batches change shape every step
-   fragments the heap without bound (the demo pretraining went from 1.2 GB RSS after 25 steps to
-   1.8 GB after 200 with a constant set of live tensors; see ``benchmarks/bench_threads.py
-   --memory``). ``MALLOC_MMAP_THRESHOLD_`` in the environment (glibc's own variable) wins, and
-   ``EPIFLOW_MMAP_THRESHOLD=0`` leaves glibc's default.
+3. :func:`start_malloc_trimmer`, started by the CLI: a daemon thread that calls glibc's
+   ``malloc_trim(0)`` every ``EPIFLOW_MALLOC_TRIM_S`` seconds (default 10; 0 turns it off), which
+   hands the free pages inside the heap back to the system. A training loop whose batches change
+   shape every step fragments glibc's heap (its mmap threshold is dynamic: it rises to the size of
+   every large block freed, up to 32 MiB, after which blocks of those sizes come from the heap):
+   the demo pretraining went from 1.2 GB RSS after 25 steps to 1.8 GB after 200 with a constant set
+   of live Python objects and tensors, and on to 3.3 GB after 1,000. A fixed mmap threshold
+   (:func:`configure_malloc`, opt-in with ``EPIFLOW_MMAP_THRESHOLD=bytes``, or glibc's
+   ``MALLOC_MMAP_THRESHOLD_``) also stops it, but costs a page fault per page of every large block,
+   every step (1.5-2x slower steps of the tiny model); see ``benchmarks/bench_rss.py``.
 
 Library use (``import epiflow.train``) leaves the process's settings alone; call
 ``epiflow.threads.apply(n)`` there to get the same behaviour (the wait policy only takes effect
@@ -57,17 +58,69 @@ def configure_env(environ=None) -> dict:
     return {k: env[k] for k in ENV_DEFAULTS}
 
 
-M_MMAP_THRESHOLD = -3          # mallopt parameter numbers (malloc.h)
-DEFAULT_MMAP_THRESHOLD = 1 << 20
+M_MMAP_THRESHOLD = -3          # mallopt parameter number (malloc.h)
+DEFAULT_TRIM_INTERVAL_S = 10.0
+_trimmer = None
+
+
+def _glibc():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+    except OSError:  # pragma: no cover
+        return None
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "malloc_trim"):
+        return None  # pragma: no cover - musl etc.
+    return libc
+
+
+def start_malloc_trimmer(interval_s: float | None = None, environ=None):
+    """Start (once per process) the daemon thread that calls ``malloc_trim(0)`` every ``interval_s``
+    seconds (default ``EPIFLOW_MALLOC_TRIM_S`` or 10); returns the thread, or None when off / not
+    glibc. ``malloc_trim`` runs without the GIL (a ctypes call) and takes glibc's arena lock for
+    a few milliseconds."""
+    global _trimmer
+    import threading
+
+    env = os.environ if environ is None else environ
+    if interval_s is None:
+        raw = str(env.get("EPIFLOW_MALLOC_TRIM_S", DEFAULT_TRIM_INTERVAL_S)).strip()
+        try:
+            interval_s = float(raw)
+        except ValueError:
+            log.warning("EPIFLOW_MALLOC_TRIM_S=%r is not a number of seconds; not trimming", raw)
+            return None
+    if interval_s <= 0:
+        return None
+    if _trimmer is not None and _trimmer.is_alive():
+        return _trimmer
+    libc = _glibc()
+    if libc is None:
+        return None
+    import ctypes
+
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.malloc_trim.restype = ctypes.c_int
+    stop = threading.Event()
+
+    def run():
+        while not stop.wait(interval_s):
+            libc.malloc_trim(0)
+
+    _trimmer = threading.Thread(target=run, name="epiflow-malloc-trim", daemon=True)
+    _trimmer.stop = stop
+    _trimmer.start()
+    return _trimmer
 
 
 def configure_malloc(environ=None) -> int | None:
-    """Fix glibc's mmap threshold (see the module docstring); returns the threshold set, or None when
-    left alone (not glibc, ``MALLOC_MMAP_THRESHOLD_`` given, or ``EPIFLOW_MMAP_THRESHOLD=0``)."""
+    """Opt-in fixed glibc mmap threshold: ``EPIFLOW_MMAP_THRESHOLD=bytes`` (``mallopt``); returns the
+    threshold set, or None (not asked for, ``MALLOC_MMAP_THRESHOLD_`` given, or not glibc)."""
     env = os.environ if environ is None else environ
     if "MALLOC_MMAP_THRESHOLD_" in env:
         return None
-    raw = str(env.get("EPIFLOW_MMAP_THRESHOLD", DEFAULT_MMAP_THRESHOLD)).strip()
+    raw = str(env.get("EPIFLOW_MMAP_THRESHOLD", "0")).strip()
     try:
         value = int(raw)
     except ValueError:
@@ -75,18 +128,14 @@ def configure_malloc(environ=None) -> int | None:
         return None
     if value <= 0:
         return None
-    try:
-        import ctypes
+    libc = _glibc()
+    if libc is None:  # pragma: no cover
+        return None
+    import ctypes
 
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        return None
-    if not hasattr(libc, "gnu_get_libc_version"):  # pragma: no cover - musl etc.
-        return None
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return value if mallopt(M_MMAP_THRESHOLD, value) == 1 else None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.mallopt.restype = ctypes.c_int
+    return value if libc.mallopt(M_MMAP_THRESHOLD, value) == 1 else None
 
 
 def available_cpus() -> int:
