@@ -161,13 +161,18 @@ def main() -> None:
     for load in ("idle", "loaded"):
         for name in names:
             rows = [r for r in runs if r["load"] == load and r["setting"] == name and "error" not in r]
+            timeouts = sum(1 for r in runs if r["load"] == load and r["setting"] == name
+                           and "timed out" in r.get("error", ""))
+            if timeouts:  # a run that timed out took more than timeout / steps seconds per step
+                summary.setdefault(load, {})[name] = {"timed_out_runs": timeouts,
+                                                      "step_s_at_least": round(args.timeout / args.steps, 1)}
             if not rows:
                 continue
             vals = sorted(r["step_s_median"] for r in rows)
             cpus = sorted(r["cpu_s_per_step"] for r in rows)
-            summary.setdefault(load, {})[name] = {
+            summary.setdefault(load, {}).setdefault(name, {}).update({
                 "step_s": round(vals[len(vals) // 2], 3), "step_s_range": [round(vals[0], 3), round(vals[-1], 3)],
-                "cpu_s_per_step": round(cpus[len(cpus) // 2], 3), "runs": len(rows)}
+                "cpu_s_per_step": round(cpus[len(cpus) // 2], 3), "runs": len(rows)})
     print(json.dumps({"steps": args.steps, "repeats": args.repeats, "burners": args.burners,
                       "cpus": len(os.sched_getaffinity(0)), "summary": summary, "runs": runs}, indent=1))
 

@@ -6,8 +6,9 @@ happen inside the handlers so that ``epiflow --help`` stays fast. User errors
 
 Every verb takes ``--threads N`` (CPU threads; default ``OMP_NUM_THREADS``, which Snakemake sets to
 the rule's ``threads:``, else the available CPUs) and runs with OpenMP's passive wait policy and a
-thread that returns free heap pages to the system every 10 s; see :mod:`epiflow.threads` (issue #15:
-spinning OpenMP threads collapse on shared machines; the heap of a training loop grows without it).
+thread that returns free heap pages to the system every 10 s of CPU time; see
+:mod:`epiflow.threads` (issue #15: spinning OpenMP threads collapse on shared machines; the heap of
+a training loop grows without the trimming).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         _threads.apply(getattr(args, "threads", None))
-        _threads.start_malloc_trimmer()  # free heap pages back to the system every 10 s
+        _threads.start_malloc_trimmer()  # free heap pages back to the system every 10 CPU-s
         rc = args.func(args)
     except EpiflowError as exc:
         print(f"epiflow {args.command}: error: {exc}", file=sys.stderr)
