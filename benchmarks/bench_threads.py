@@ -13,7 +13,8 @@ competing load (``--burners`` processes spinning on one core each). Settings:
 * ``spin10k_2``: ``GOMP_SPINCOUNT=10000`` (a short spin, then sleep);
 * ``threads_1``: ``OMP_NUM_THREADS=1``;
 * ``epiflow``: what the CLI does now (:mod:`epiflow.threads`: ``configure_env`` + ``apply`` with the
-  default thread count, under Snakemake's environment for 2 threads).
+  default thread count, under Snakemake's environment for 2 threads): the same as ``passive_2``,
+  run as a separate setting to show the run-to-run noise of the machine.
 
 Every (load, setting) pair runs ``--repeats`` times, interleaved, and the load average is recorded
 before each run: the development machine is shared, so read the spread as well as the medians.
@@ -66,10 +67,6 @@ def _child(args) -> None:
 
     from epiflow.train import PretrainConfig, pretrain
 
-    if args.policy:
-        from epiflow import threads
-
-        threads.apply(None)  # torch is loaded now: also the inter-op pool
     from epiflow.train import metrics as M
 
     marks = []  # process CPU time and wall time at the end of every step

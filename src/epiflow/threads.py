@@ -15,9 +15,9 @@ The policy, in two parts:
    the user wins.
 2. :func:`apply`, called by the CLI once the arguments are parsed: ``--threads N`` goes to
    ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` (for libraries not loaded
-   yet, and child processes) and to ``torch.set_num_threads`` (if torch is already loaded), and
-   torch's inter-op pool gets one thread (epiflow runs no inter-op parallel work). Without
-   ``--threads`` nothing changes: torch follows ``OMP_NUM_THREADS``, which Snakemake exports as the
+   yet, and child processes) and to ``torch.set_num_threads`` (if torch is already loaded). Torch's
+   inter-op pool is left alone: it starts only on first use, and epiflow runs no inter-op parallel
+   work (``torch.jit.fork``). Without ``--threads`` nothing changes: torch follows ``OMP_NUM_THREADS``, which Snakemake exports as the
    rule's ``threads:`` (so a job uses the threads it was given), or one thread per core.
 
 3. :func:`start_malloc_trimmer`, started by the CLI: a daemon thread that calls glibc's
@@ -191,10 +191,6 @@ def apply(threads: int | None = None) -> int:
 def _torch_threads(torch, n: int) -> None:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
-    try:  # only possible before the inter-op pool has started; harmless afterwards
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
 
 
 def describe() -> dict:
