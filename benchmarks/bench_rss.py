@@ -3,17 +3,20 @@
 Runs ``epiflow.train.pretrain`` (tiny model, 4,096 padded tokens per step, CCA + SR + RLM + AdamW,
 1 thread) for ``--steps`` steps on a corpus (default: a demo-sized toy corpus, ~4,900 cCREs, ~300
 accessible per cell; ``--corpus results/corpus`` for the demo's), once per allocator setting, each
-in a fresh process, and records after every step the current RSS (``VmRSS``), the process CPU time,
+in a fresh process, and records after every step the current RSS (``VmRSS``; with
+``trim_each_step`` right after the trim, so the lowest point of the step), the process CPU time,
 and every 50 steps the number of live Python objects and torch tensors. Settings:
 
 * ``glibc_default``: glibc as is (dynamic mmap threshold; what every run used before issue #15);
 * ``epiflow``: the CLI's policy (:func:`epiflow.threads.start_malloc_trimmer`: ``malloc_trim(0)``
-  every 10 s from a daemon thread);
+  from a daemon thread every 10 s of process CPU time);
+* ``trim_2s``: the same every 2 s of CPU time;
 * ``mmap_1m`` / ``mmap_128k``: fixed mmap thresholds (``MALLOC_MMAP_THRESHOLD_``), no trimming;
 * ``trim_each_step``: ``malloc_trim(0)`` after every step.
 
-Prints one JSON object: per setting the RSS at a few steps, the growth between step ``--from`` and
-the last step (MB per 100 steps), CPU seconds per step, and the object / tensor counts.
+Prints one JSON object: per setting the RSS at a few steps, the peak RSS (``VmHWM``), the growth
+between step ``--from-step`` and the last step (MB per 100 steps), CPU seconds per step, and the
+object / tensor counts.
 
     python benchmarks/bench_rss.py --steps 200                    # each setting in turn
     python benchmarks/bench_rss.py --steps 120 --settings glibc_default,epiflow --corpus results/corpus
@@ -33,6 +36,7 @@ from pathlib import Path
 SETTINGS = {
     "glibc_default": {"EPIFLOW_MALLOC_TRIM_S": "0"},
     "epiflow": {},
+    "trim_2s": {"EPIFLOW_MALLOC_TRIM_S": "2"},
     "mmap_1m": {"MALLOC_MMAP_THRESHOLD_": "1048576", "EPIFLOW_MALLOC_TRIM_S": "0"},
     "mmap_128k": {"MALLOC_MMAP_THRESHOLD_": "131072", "EPIFLOW_MALLOC_TRIM_S": "0"},
     "trim_each_step": {"EPIFLOW_MALLOC_TRIM_S": "0", "BENCH_TRIM": "1"},
@@ -40,9 +44,9 @@ SETTINGS = {
 ENV_KEYS = ("MALLOC_MMAP_THRESHOLD_", "EPIFLOW_MMAP_THRESHOLD", "EPIFLOW_MALLOC_TRIM_S", "BENCH_TRIM")
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmRSS:") -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field):
             return float(line.split()[1]) / 1024.0
     return float("nan")
 
@@ -90,7 +94,7 @@ def _child(args) -> None:
     print(json.dumps({
         "mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "trimmer": trimmer is not None,
         "steps": last,
-        "rss_mb_at": {s: by_step[s]["rss_mb"] for s in keep},
+        "rss_mb_at": {s: by_step[s]["rss_mb"] for s in keep}, "peak_rss_mb": round(_rss_mb("VmHWM:"), 1),
         "growth_mb_per_100_steps": round((b["rss_mb"] - a["rss_mb"]) / max(b["step"] - a["step"], 1) * 100, 1),
         "cpu_s_per_step": round((b["cpu_s"] - a["cpu_s"]) / max(b["step"] - a["step"], 1), 4),
         "py_objects_at": {r["step"]: r["py_objects"] for r in rows if "py_objects" in r},
