@@ -19,7 +19,8 @@ competing load (``--burners`` processes spinning on one core each). Settings:
 Every (load, setting) pair runs ``--repeats`` times, interleaved, and the load average is recorded
 before each run: the development machine is shared, so read the spread as well as the medians.
 Prints one JSON object: per run the median seconds per step (after the first two steps), the
-process CPU seconds per step (after the first two steps; includes spinning), and the 1-minute load average; then a summary
+process CPU seconds per step (after the first two steps; includes spinning), and the 1-minute
+load average; then a summary
 table of medians over repeats.
 
     python benchmarks/bench_threads.py --quick           # 12 steps, 2 repeats, 1 burner

@@ -1,13 +1,14 @@
-"""CPU thread policy of every ``epiflow`` verb (issue #15: training speed on shared machines).
+"""CPU thread and allocator policy of every ``epiflow`` verb (issue #15: training on shared machines).
 
 PyTorch's CPU wheel runs its intra-op parallelism on GNU OpenMP (libgomp). By default libgomp
 threads *spin* on a barrier for a while before they sleep, and torch starts one thread per core.
 On a node shared with other jobs this collapses: a thread that lost its core to another process
 holds up every parallel region, while its siblings burn their own time slices spinning (measured
-on the 2-core development machine with one competing process: a pretraining step of the tiny model
-went from ~0.2 s to 2-4 s, see ``benchmarks/bench_threads.py`` and ``benchmarks/README.md``).
+on the loaded 2-core development machine: a 2-thread step of the tiny model took 16.6 s and 4.3 CPU
+s, against 1.5-8 s and 0.65-0.7 CPU s with passive waiting; ``benchmarks/bench_threads.py`` and
+``benchmarks/README.md``).
 
-The policy, in two parts:
+The policy, in three parts:
 
 1. :func:`configure_env`, called by the CLI entry point before anything imports torch (libgomp
    reads its environment once, when it is loaded): ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads
@@ -17,23 +18,24 @@ The policy, in two parts:
    ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` (for libraries not loaded
    yet, and child processes) and to ``torch.set_num_threads`` (if torch is already loaded). Torch's
    inter-op pool is left alone: it starts only on first use, and epiflow runs no inter-op parallel
-   work (``torch.jit.fork``). Without ``--threads`` nothing changes: torch follows ``OMP_NUM_THREADS``, which Snakemake exports as the
-   rule's ``threads:`` (so a job uses the threads it was given), or one thread per core.
-
+   work (``torch.jit.fork``). Without ``--threads`` nothing changes: torch follows
+   ``OMP_NUM_THREADS``, which Snakemake exports as the rule's ``threads:`` (so a job uses the
+   threads it was given), or takes one thread per core.
 3. :func:`start_malloc_trimmer`, started by the CLI: a daemon thread that calls glibc's
    ``malloc_trim(0)`` every ``EPIFLOW_MALLOC_TRIM_S`` seconds of the process's CPU time (default
-   10; 0 turns it off), which hands the free pages inside the heap back to the system. A training loop whose batches change
-   shape every step fragments glibc's heap (its mmap threshold is dynamic: it rises to the size of
-   every large block freed, up to 32 MiB, after which blocks of those sizes come from the heap):
-   the demo pretraining went from 1.2 GB RSS after 25 steps to 1.8 GB after 200 with a constant set
-   of live Python objects and tensors, and on to 3.3 GB after 1,000. A fixed mmap threshold
-   (:func:`configure_malloc`, opt-in with ``EPIFLOW_MMAP_THRESHOLD=bytes``, or glibc's
-   ``MALLOC_MMAP_THRESHOLD_``) also stops it, but costs a page fault per page of every large block,
-   every step (1.5-2x slower steps of the tiny model); see ``benchmarks/bench_rss.py``.
+   10; 0 turns it off), which hands the free pages inside the heap back to the system. A training
+   loop whose batches change shape every step fragments glibc's heap (its mmap threshold is
+   dynamic: it rises to the size of every large block freed, up to 32 MiB, after which blocks of
+   those sizes come from the heap): the demo pretraining went from 1.2 GB RSS after 25 steps to
+   1.8 GB after 200 with a constant set of live Python objects and tensors, and on to 3.3 GB after
+   1,000; one ``malloc_trim(0)`` brings it back to ~0.4 GB. Trimming after every step, or a low
+   fixed mmap threshold (:func:`configure_malloc`, opt-in with ``EPIFLOW_MMAP_THRESHOLD=bytes``, or
+   glibc's ``MALLOC_MMAP_THRESHOLD_``), keeps the RSS there but costs +50-90 % CPU per tiny step
+   (the pages are faulted in again); see ``benchmarks/bench_rss.py``.
 
 Library use (``import epiflow.train``) leaves the process's settings alone; call
-``epiflow.threads.apply(n)`` there to get the same behaviour (the wait policy only takes effect
-when set before torch is imported).
+``epiflow.threads.apply(n)`` / ``start_malloc_trimmer()`` there to get the same behaviour (the wait
+policy only takes effect when set before torch is imported).
 """
 
 from __future__ import annotations
