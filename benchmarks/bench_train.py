@@ -13,6 +13,19 @@ Prints one JSON object, dense and lean side by side:
   analytic estimate for the same shapes.
 * ``side_by_side``: the headline rows of both.
 
+``--speed`` (issue #15) measures instead the throughput of a full pretraining step (CCA + SR + RLM,
+AdamW included; ``epiflow.train.pretrain`` on a demo-sized corpus, ~4,900 cCREs, ~300 accessible per
+cell, 4,096 padded tokens per step) for the ``tiny`` and ``small`` presets, each in its own process
+on ``--threads`` threads under epiflow's thread policy, next to the machine's fp32 matmul rate on the
+same threads (median of 1,024^3 ``torch.mm`` products, measured before and after the run): tokens/s,
+the model FLOPs per step (analytic: encoder linears and attention, twice in RLM epochs, signal
+decoder, CCA and RLM heads, x3 for forward + backward) and the achieved share of the matmul rate,
+both per wall second and per process CPU second (the latter holds on a shared machine: other
+processes lengthen the wall time of both the step and the matmul, not their CPU time, as long as
+no thread spins).
+
+    python benchmarks/bench_train.py --speed --threads 1    # tiny and small, 20 steps each
+    python benchmarks/bench_train.py --speed --configs small --steps 4 --repeats 1 --profile
     python benchmarks/bench_train.py --quick           # CPU, 50,000 cCREs x 64, 3 steps per mode
     python benchmarks/bench_train.py                   # CPU, 300,000 cCREs x 128, 4 steps per mode
     python benchmarks/bench_train.py --device cuda --paper   # GPU: paper sizes (1,355,445 x 512, 18 layers)
@@ -134,6 +147,169 @@ def _child(args) -> None:
                       "loss_last": float(m["loss"].iloc[-1])}))
 
 
+def matmul_gflops(n: int = 1024, reps: int = 7) -> dict:
+    """fp32 ``torch.mm`` rate of this process's threads, n x n x n products: median over ``reps`` of
+    wall time and of process CPU time (the CPU-time rate does not depend on how many other
+    processes share the cores, as long as no thread spins: per core, multiply by the threads)."""
+    import time
+
+    import numpy as np
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    wall, cpu = [], []
+    for _ in range(reps):
+        t, c = time.perf_counter(), time.process_time()
+        torch.mm(a, b)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    flop = 2.0 * n ** 3
+    return {"wall": flop / float(np.median(wall)) / 1e9, "cpu": flop / max(float(np.median(cpu)), 1e-9) / 1e9}
+
+
+def step_flops(cfg, lengths, n_queries: int, rlm: bool) -> float:
+    """Model FLOPs of one training step (forward + backward = 3 x forward) of cells whose input
+    sentences (with [CLS]/[SEP]) have ``lengths``: encoder linears and attention scores (twice with
+    the RLM copy), RLM head on every cCRE token of the copy, CCA head on ``n_queries`` queries,
+    signal decoder over all cCREs per cell. Embedding lookups, norms and the optimiser are left out."""
+    import numpy as np
+
+    lengths = np.asarray(lengths, dtype=np.float64)
+    D, F_, Lyr = cfg.dim, cfg.ffn, cfg.num_layers
+    passes = 2 if rlm else 1
+    linear = lengths.sum() * Lyr * 2 * (4 * D * D + 2 * D * F_)
+    attn = Lyr * (4 * lengths ** 2 * D).sum()
+    sr = len(lengths) * 2 * D * cfg.n_ccres
+    cca = n_queries * 2 * (2 * D * cfg.cca_hidden + cfg.cca_hidden)
+    rlm_head = (lengths - 2).sum() * 2 * (D * cfg.rlm_hidden + cfg.rlm_hidden) if rlm else 0.0
+    return 3.0 * (passes * (linear + attn) + sr + cca + rlm_head)
+
+
+def _speed_child(args) -> None:
+    from epiflow import threads
+
+    threads.configure_env()
+    threads.apply(args.threads)
+    import time
+
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    threads.apply(args.threads)
+    from epiflow.train import PretrainConfig, pretrain
+    from epiflow.model import from_config
+    from epiflow.train.data import BatchConfig, PlanConfig, ShardCache, build_index, epoch_plan, make_batch, split_cells
+    from epiflow.train.pretrain import build_model_config
+
+    mm_before = matmul_gflops()
+    from epiflow.train import metrics as M
+
+    marks = []  # process CPU time at the end of every step
+    log_row = M.MetricsLogger.log
+
+    def log_and_mark(self, row):
+        marks.append(time.process_time())
+        log_row(self, row)
+
+    M.MetricsLogger.log = log_and_mark
+    out = Path(args.workdir) / f"speed_{args.child_config}"
+    pcfg = PretrainConfig(model_config=args.child_config, epochs=1, max_steps=args.steps, rlm_epochs=1,
+                          batch_tokens=args.batch_tokens, max_len=args.max_len, lr=1e-4, ckpt_every=0,
+                          eval_fraction=0.0, progress=False, device="cpu", k_schedule=(args.k,))
+    t0 = time.perf_counter()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            s = pretrain(args.workdir + "/corpus", out, pcfg)
+        ka = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in ka)
+        top = sorted(ka, key=lambda e: -e.self_cpu_time_total)[:25]
+        profile_rows = [{"op": e.key, "self_cpu_share": round(e.self_cpu_time_total / total, 4),
+                         "calls": e.count} for e in top]
+    else:
+        s = pretrain(args.workdir + "/corpus", out, pcfg)
+        profile_rows = None
+    wall = time.perf_counter() - t0
+    mm_after = matmul_gflops()
+    # FLOPs of the same steps: the plan and batches are a pure function of (seed, epoch, step)
+    index = build_index(args.workdir + "/corpus")
+    train, _ = split_cells(index.n_cells, 0.0, 0, 2000)
+    plan = epoch_plan(index, train, 0, PlanConfig(batch_tokens=args.batch_tokens, max_len=args.max_len))
+    cache = ShardCache(index, 3)
+    bcfg = BatchConfig(n_ccres=index.n_ccres, max_len=args.max_len, k=args.k, rlm=True, seed=0)
+    mcfg = build_model_config(args.child_config, index.n_ccres)
+    flops = []
+    for mb in plan[:s["steps"]]:
+        b = make_batch(cache, mb, 0, bcfg)
+        lens = (b["input_ids"] != 0).sum(1).numpy()
+        flops.append(step_flops(mcfg, lens, len(b["cca_ids"]), rlm=True))
+    m = pd.read_csv(out / "metrics.csv")
+    skip = 2 if len(m) > 4 else 0
+    steps_timed = slice(skip, len(m))
+    tok = m["tokens"].to_numpy()[steps_timed]
+    fl = np.asarray(flops)[steps_timed]
+    t = float(np.sum(m["step_s"].to_numpy()[steps_timed]))
+    cpu = float(marks[-1] - marks[skip - 1]) if skip else None  # CPU seconds of the timed steps
+    mm = max(mm_before["wall"], mm_after["wall"])
+    mm_cpu = max(mm_before["cpu"], mm_after["cpu"]) / torch.get_num_threads()
+    print(json.dumps({
+        "config": args.child_config, "threads": torch.get_num_threads(), "steps": int(len(m)),
+        "steps_timed": int(len(tok)), "parameters": int(sum(p.numel() for p in from_config(mcfg).parameters())),
+        "tokens_per_step": float(tok.mean()), "step_s_median": float(np.median(m["step_s"].to_numpy()[steps_timed])),
+        "tokens_per_s": float(tok.sum() / t), "gflop_per_step": float(fl.mean() / 1e9),
+        "achieved_gflops": float(fl.sum() / t / 1e9), "matmul_gflops_before": mm_before["wall"],
+        "matmul_gflops_after": mm_after["wall"], "share_of_matmul": float(fl.sum() / t / 1e9 / mm),
+        "cpu_s_per_step": None if cpu is None else cpu / len(tok),
+        "achieved_gflop_per_cpu_s": None if cpu is None else float(fl.sum() / cpu / 1e9),
+        "matmul_gflop_per_cpu_s_per_thread": mm_cpu,
+        "share_of_matmul_cpu_time": None if cpu is None else float(fl.sum() / cpu / 1e9 / mm_cpu),
+        "wall_s_incl_setup": wall, **({"profile_top_self_cpu": profile_rows} if profile_rows else {})}))
+
+
+def speed(args) -> dict:
+    """Full pretraining step throughput of tiny and small next to the fp32 matmul rate."""
+    import time
+
+    from epiflow.train.toy import write_toy_corpus
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as wd:
+        write_toy_corpus(Path(wd) / "corpus", n_cells=600, n_ccres=4930, n_types=4, seed=0, shard_size=300,
+                         p_in=0.2, p_out=0.01, p_common=0.3, frac_common=0.02)
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        for rep in range(args.repeats):
+            for name in args.configs.split(","):
+                cmd = [sys.executable, __file__, "--child", "speed", "--child-config", name, "--workdir", wd,
+                       "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens),
+                       "--max-len", str(args.max_len), "--k", str(args.k), "--threads", str(args.threads)]
+                cmd += ["--profile"] if args.profile else []
+                load = os.getloadavg()[0]
+                r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                row = (json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0
+                       else {"config": name, "error": r.stderr[-2000:]})
+                row["loadavg_1min_before"] = round(load, 2)
+                row["at"] = time.strftime("%H:%M:%S")
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                rows.setdefault(name, []).append(row)
+    best = {}
+    for name, rs in rows.items():
+        ok = [r for r in rs if "error" not in r]
+        if ok:
+            r = max(ok, key=lambda r: r["tokens_per_s"])
+            best[name] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+                          if k in ("tokens_per_s", "achieved_gflops", "matmul_gflops_before", "matmul_gflops_after",
+                                   "share_of_matmul", "gflop_per_step", "tokens_per_step", "step_s_median",
+                                   "cpu_s_per_step", "achieved_gflop_per_cpu_s",
+                                   "matmul_gflop_per_cpu_s_per_thread", "share_of_matmul_cpu_time",
+                                   "parameters", "loadavg_1min_before")}
+    return {"threads": args.threads, "steps": args.steps, "batch_tokens": args.batch_tokens, "k": args.k,
+            "best_of_repeats": best, "runs": rows,
+            "target": "small: share_of_matmul >= 0.25"}
+
+
 def _scaled_estimate(args, corpus: Path) -> dict:
     """memory_estimate for the scaled run's shapes: the largest micro-batch of its plan, its longest
     sentence and cell, K and chunk (an upper bound of the lean records)."""
@@ -173,9 +349,23 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=2, help="CCA negatives per positive")
     ap.add_argument("--chunk", type=int, default=16384, help="lean: rows per chunk")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--speed", action="store_true", help="tokens/s and FLOP rate of tiny and small (issue #15)")
+    ap.add_argument("--configs", default="tiny,small", help="--speed: model presets")
+    ap.add_argument("--repeats", type=int, default=2, help="--speed: runs per preset (best is reported)")
+    ap.add_argument("--profile", action="store_true", help="--speed: torch.profiler self-CPU shares of the run")
+    ap.add_argument("--child-config", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.speed or args.child == "speed":
+        args.steps = 20 if args.steps is None else args.steps
+        if "--max-len" not in sys.argv:
+            args.max_len = 1022
+        if args.child:
+            _speed_child(args)
+        else:
+            print(json.dumps(speed(args), indent=1))
+        return
     if args.paper:
         args.n_ccres, args.dim, args.layers, args.max_len = 1_355_445, 512, 18, 8190
         args.batch_tokens = max(args.batch_tokens, 32768)

@@ -3,18 +3,31 @@
 Each subpackage that offers steps has a ``cli.py`` with ``register(subparsers)``; heavy imports
 happen inside the handlers so that ``epiflow --help`` stays fast. User errors
 (:class:`epiflow.errors.EpiflowError`) are printed without a traceback and exit with status 2.
+
+Every verb takes ``--threads N`` (CPU threads; default ``OMP_NUM_THREADS``, which Snakemake sets to
+the rule's ``threads:``, else the available CPUs) and runs with OpenMP's passive wait policy and a
+thread that returns free heap pages to the system every 10 s of CPU time; see
+:mod:`epiflow.threads` (issue #15: spinning OpenMP threads collapse on shared machines; the heap of
+a training loop grows without the trimming).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import importlib.util
-import logging
-import sys
+# before anything can import torch: libgomp reads its wait policy once, when it loads (and the
+# opt-in fixed glibc mmap threshold must come before the first large allocation)
+from . import threads as _threads
 
-from . import __version__
-from .errors import EpiflowError
+_threads.configure_env()
+_threads.configure_malloc()
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .errors import EpiflowError  # noqa: E402
 
 # Subpackages that contribute steps, in the order they appear in --help.
 COMMAND_MODULES = [
@@ -73,7 +86,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if importlib.util.find_spec(name) is None:
             continue
         importlib.import_module(name).register(sub)
+    for verb in sub.choices.values():
+        add_threads_arg(verb)
     return parser
+
+
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    """``--threads N`` on a verb (kept as is where the verb defines its own ``--threads``)."""
+    if "--threads" in parser._option_string_actions:
+        return
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads (default: $OMP_NUM_THREADS as set by Snakemake, else the "
+                             "available CPUs); OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE "
+                             "unless set)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        _threads.apply(getattr(args, "threads", None))
+        _threads.start_malloc_trimmer()  # free heap pages back to the system every 10 CPU-s
         rc = args.func(args)
     except EpiflowError as exc:
         print(f"epiflow {args.command}: error: {exc}", file=sys.stderr)
