@@ -791,6 +791,15 @@ def _finish_matrix(X, barcodes, var: pd.DataFrame, obs: pd.DataFrame | None, pat
         if data.min() < 0:
             raise InputFormatError(f"the {what} matrix contains negative counts (min {data.min()})",
                                    path=str(path), field="X", fix="give raw (non-negative) counts")
+        frac = data != np.floor(data)
+        if frac.any():
+            k = int(np.flatnonzero(frac)[0])
+            row = int(np.searchsorted(X.indptr, k, side="right") - 1)
+            raise InputFormatError(
+                f"the {what} matrix holds non-integer counts: {int(frac.sum()):,} of {X.nnz:,} stored values "
+                f"(first: {float(data[k])!r} at cell {row + 1}, peak {int(X.indices[k]) + 1}); normalised or "
+                "scaled values would be tokenised as if they were counts", path=str(path), field="X",
+                fix="give raw integer counts (e.g. adata.layers['counts'] or the fragment file)")
     check_unique_barcodes(barcodes, path=str(path), what=f"{what} barcodes (obs_names)")
     if len(var) == 0:
         raise InputFormatError(f"the {what} has no peaks", path=str(path), fix="check the file")
