@@ -10,7 +10,9 @@
 Exact resume: batches are a pure function of (seed, step) (see :mod:`epiflow.train.data`), dropout
 is re-seeded from (seed, step, rank) at every step, and the optimiser/scheduler states are restored,
 so a run killed after a checkpoint and resumed ends with bit-identical weights (on the same hardware
-and thread settings).
+and thread settings; checked on CPU with 1 and 2 threads: the one op that made 2-thread runs differ,
+the backward of ``cell[q_cell]``, a parallel atomic ``index_put_``, is now an ``index_select``).
+The training state, its resume rules and stop signals: :mod:`epiflow.train.resume`.
 
 Losses are sums divided by denominators over the whole optimiser step (all ranks and accumulation
 micro-batches; :func:`epiflow.train.data.step_normalizers`), so one process with a whole batch and
@@ -195,8 +197,10 @@ class PretrainObjective(nn.Module):
             out = model(inp)
             cell = out.cell_embedding[:B]
             q_cell = batch["cca_cell"].to(dev, non_blocking=True)
-            if self.lean is None:
-                cca_logits = model.cca_logits(cell[q_cell], batch["cca_ids"].to(dev, non_blocking=True))
+            if self.lean is None:  # index_select, not cell[q_cell]: the backward of advanced indexing
+                # with repeated rows is a parallel atomic index_put_ on CPU (run-to-run float differences
+                # with >= 2 threads); index_select's backward (index_add_) sums in a fixed order
+                cca_logits = model.cca_logits(cell.index_select(0, q_cell), batch["cca_ids"].to(dev, non_blocking=True))
             rlm_logits = None
             if rlm:
                 hid = out.hidden[B:]
