@@ -1,5 +1,6 @@
 # Shared helpers: configuration validation, result paths, dataset names, resources, targets.
 import os
+import shlex
 from pathlib import Path
 
 import yaml
@@ -62,14 +63,15 @@ EXTERNAL_CHECKPOINT = config["model"]["checkpoint"]
 
 
 def opt(flag, value):
-    """`--flag value` for the command line, or nothing when value is None/empty."""
+    """`--flag value` for the command line, or nothing when value is None/empty (values shell-quoted:
+    paths may hold spaces)."""
     if value is None or value == "" or value == []:
         return ""
     if isinstance(value, bool):
         return flag if value else ""
     if isinstance(value, (list, tuple)):
-        return f"{flag} " + " ".join(str(v) for v in value)
-    return f"{flag} {value}"
+        return f"{flag} " + " ".join(shlex.quote(str(v)) for v in value)
+    return f"{flag} {shlex.quote(str(value))}"
 
 
 def res(rule_name, key):

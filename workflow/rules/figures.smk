@@ -37,7 +37,7 @@ rule figure:
         caption=figure_caption,
     shell:
         "python -m epiflow figure {wildcards.panel} {params.args}"
-        " --out {output.png} > {log} 2>&1"
+        " --out {output.png:q} > {log:q} 2>&1"
 
 
 # One table per benchmark in the report (the metrics of every dataset of a task, long format), beside
@@ -66,4 +66,4 @@ rule benchmark_table:
     params:
         caption=table_caption,
     shell:
-        "python -m epiflow summarize --metrics {input} --out {output.tsv} > {log} 2>&1"
+        "python -m epiflow summarize --metrics {input:q} --out {output.tsv:q} > {log:q} 2>&1"

@@ -26,5 +26,5 @@ checkpoint simulate:
         seed=config["datasets"]["simulate"]["seed"],
         n_cells=opt("--n-cells", config["datasets"]["simulate"]["n_cells"]),
     shell:
-        "python -m epiflow simulate --out {params.outdir} --preset {params.preset}"
-        " --seed {params.seed} {params.n_cells} --force > {log} 2>&1"
+        "python -m epiflow simulate --out {params.outdir:q} --preset {params.preset}"
+        " --seed {params.seed} {params.n_cells} --force > {log:q} 2>&1"

@@ -27,5 +27,5 @@ rule summarize:
         pretrain=lambda w, input: opt("--pretrain-metrics", list(input.pretrain)),
         metrics=lambda w, input: opt("--metrics", list(input.metrics)),
     shell:
-        "python -m epiflow summarize --corpus {input.corpus} {params.pretrain}"
-        " {params.metrics} --out {output.tsv} > {log} 2>&1"
+        "python -m epiflow summarize --corpus {input.corpus:q} {params.pretrain}"
+        " {params.metrics} --out {output.tsv:q} > {log:q} 2>&1"
