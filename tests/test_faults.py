@@ -291,6 +291,43 @@ def _state_step(path):
         return -1
 
 
+def test_stop_signal_in_process_saves_the_step_and_resume_matches(corpus, tmp_path, monkeypatch):
+    """Fast version: SIGTERM arrives during step 3; the state is saved at step 3, TrainingInterrupted
+    says so, the handler is removed again, and resuming gives the uninterrupted run's weights."""
+    import importlib
+
+    from epiflow.train.pretrain import PretrainConfig, pretrain
+    from epiflow.train.resume import TrainingInterrupted
+
+    P = importlib.import_module("epiflow.train.pretrain")
+    cfg = PretrainConfig(epochs=2, rlm_epochs=1, max_steps=6, batch_tokens=768, ckpt_every=1000, lr=2e-3,
+                         seed=3, progress=False)
+    pretrain(corpus, tmp_path / "full", cfg)
+    real_log = P.MetricsLogger.log
+
+    def log_and_signal(self, row):
+        real_log(self, row)
+        if row["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(P.MetricsLogger, "log", log_and_signal)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM after step 3") as exc:
+        pretrain(corpus, tmp_path / "cut", cfg)
+    assert exc.value.step == 3 and _state_step(tmp_path / "cut" / "train_state.pt") == 3
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is only installed during the run
+    assert not (tmp_path / "cut" / "eval.json").exists()
+    monkeypatch.setattr(P.MetricsLogger, "log", real_log)
+    import dataclasses
+
+    pretrain(corpus, tmp_path / "cut", dataclasses.replace(cfg, resume=True))
+    a = torch.load(tmp_path / "full" / "checkpoint.pth", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_stop_signal_saves_and_resume_is_bit_identical_with_two_threads(corpus, tmp_path, sig):
     """SLURM's warning (SIGUSR1) or termination (SIGTERM) signal: the run saves a state at the end of
