@@ -33,7 +33,8 @@ def _config_errors(cfg, schema):
 
 def _coerce_numbers(cfg, schema):
     """PyYAML (YAML 1.1) reads `1e-3` (no dot) as a string: a number field given a string that parses
-    as a number gets that number (a note says so). Returns the notes; changes `cfg` in place."""
+    as a number gets that number (a note says so). Returns the notes; changes `cfg` in place.
+    """
     notes = []
 
     def resolve(node):
@@ -81,8 +82,10 @@ def _coerce_numbers(cfg, schema):
                     continue
                 num = int(num)
             obj[key] = num
-            notes.append(f"config key '{full}': read the string {value!r} as the number {num!r} "
-                         f"(YAML reads exponents without a dot as text; writing {num!r} avoids this note)")
+            notes.append(
+                f"config key '{full}': read the string {value!r} as the number {num!r} "
+                f"(YAML reads exponents without a dot as text; writing {num!r} avoids this note)"
+            )
 
     walk(cfg, schema, "")
     return notes

@@ -97,7 +97,7 @@ def figure_inputs(wildcards):
 def figure_args(wildcards):
     plan = figure_plan(wildcards.panel)
     parts = [opt("--metrics", plan["metrics"])]
-    parts += ["--table " + shlex.quote(f"{u}={f}") for u, f in plan["tables"]]
+    parts += [f"--table {shlex.quote(f'{u}={f}')}" for u, f in plan["tables"]]
     return " ".join(x for x in parts if x)
 
 
