@@ -267,11 +267,13 @@ def test_resume_with_other_settings_errors_or_restarts_when_asked(corpus, tmp_pa
     assert main(_pretrain_argv(corpus, out, ["--max-steps", "2"])) == 0
     assert main(_pretrain_argv(corpus, out, ["--max-steps", "2", "--resume", "--lr", "1e-3"])) == 2
     assert "lr 0.002 -> 0.001" in capsys.readouterr().err
-    (out / ".train_state.pt.abcd1234.tmp.pt").write_bytes(b"")  # left by a kill
+    (out / ".train_state.pt.abcd1234.tmp.pt").write_bytes(b"")  # left by kills
+    (out / ".checkpoint.pth.k2j3h4g5").mkdir()
     assert main(_pretrain_argv(corpus, out, ["--max-steps", "2", "--resume", "--lr", "1e-3",
                                              "--restart-if-changed"])) == 0
     assert (out / "train_state.pt.previous").exists()
     assert not (out / ".train_state.pt.abcd1234.tmp.pt").exists()
+    assert not (out / ".checkpoint.pth.k2j3h4g5").exists()
     st = torch.load(out / "train_state.pt", weights_only=False)
     assert st["config"]["lr"] == 1e-3 and st["step"] == 2 and len(st["config_hash"]) == 16
 

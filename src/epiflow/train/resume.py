@@ -32,8 +32,9 @@ from ..errors import CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 
 STATE_NAME = "train_state.pt"
-#: atomic_path temporaries: ".<name>.<8 random chars>.tmp<suffix>" (files or folders)
-_TMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
+#: atomic_path temporaries ".<name>.<8 random chars>.tmp<suffix>" (files or folders), and the temp folder
+#: of save_epiagent_checkpoint ".checkpoint.pth.<8 random chars>"
+_TMP_RE = re.compile(r"^(\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?|\.checkpoint\.pth\.[A-Za-z0-9_]{8})$")
 
 
 class TrainingInterrupted(Exception):
