@@ -278,6 +278,17 @@ def test_resume_with_other_settings_errors_or_restarts_when_asked(corpus, tmp_pa
     assert st["config"]["lr"] == 1e-3 and st["step"] == 2 and len(st["config_hash"]) == 16
 
 
+def test_a_state_of_another_corpus_is_refused_or_set_aside(corpus, tmp_path, capsys):
+    other = write_toy_corpus(tmp_path / "other", n_cells=120, n_ccres=300, seed=5, shard_size=60)
+    out = tmp_path / "o"
+    assert main(_pretrain_argv(corpus, out, ["--max-steps", "2"])) == 0
+    assert main(_pretrain_argv(other, out, ["--max-steps", "2", "--resume"])) == 2
+    assert "corpus n_cells 160 -> 120" in capsys.readouterr().err
+    assert main(_pretrain_argv(other, out, ["--max-steps", "2", "--resume", "--restart-if-changed"])) == 0
+    assert torch.load(out / "train_state.pt", weights_only=False)["n_cells"] == 120
+    assert torch.load(out / "train_state.pt.previous", weights_only=False)["n_cells"] == 160
+
+
 def _env(threads: int, delay=None):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")

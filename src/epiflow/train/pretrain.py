@@ -335,7 +335,9 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
                           field="max_len", fix=f"use --max-len {mcfg.max_rank - 2} or a larger model")
     # an existing state: refused without --resume, checked against these settings (before any work)
     load_state = R.prepare_state(state_path, cfg.to_dict(), PretrainConfig.RESUME_KEYS, resume=cfg.resume,
-                                 restart_if_changed=cfg.restart_if_changed, may_move=info.is_main)
+                                 restart_if_changed=cfg.restart_if_changed, may_move=info.is_main,
+                                 data={"n_ccres": index.n_ccres, "vocab_id": index.vocab_id,
+                                       "n_cells": index.n_cells})
     D.barrier(info)
     train_uids, eval_uids = split_cells(index.n_cells, cfg.eval_fraction, cfg.seed, cfg.eval_max_cells)
     plan_cfg = PlanConfig(batch_tokens=cfg.batch_tokens, world_size=info.world_size, max_len=cfg.max_len,
@@ -561,6 +563,7 @@ def _save_all(out_dir, cfg, model, opt, sched, lean, step, info, index) -> None:
         "lean": None if lean is None else lean.state_dict(),
         "rng": _rng_states(info.device), "config": cfg.to_dict(),
         "world_size": info.world_size, "n_ccres": index.n_ccres, "vocab_id": index.vocab_id,
+        "n_cells": int(index.n_cells),
         "data_position": {"step": int(step), "micro_batch": int(step) * cfg.grad_accum},
     }
     state["config_hash"] = R.config_hash(state["config"], PretrainConfig.RESUME_KEYS)

@@ -97,10 +97,11 @@ def settings_diff(old: dict, new: dict, keys) -> list[str]:
 
 
 def prepare_state(path: Path, cfg_dict: dict, keys, *, resume: bool, restart_if_changed: bool,
-                  may_move: bool = True) -> bool:
+                  may_move: bool = True, data: dict | None = None) -> bool:
     """Decide, before any work, what to do with an existing state at ``path``; returns whether to
     load it. Refuses to overwrite a state without ``resume``; with ``restart_if_changed`` a state of
-    other settings is moved to ``<path>.previous`` (the run starts afresh)."""
+    other settings (or, ``data``, of another corpus: n_ccres, vocab_id, n_cells) is moved to
+    ``<path>.previous`` (the run starts afresh)."""
     path = Path(path)
     if not path.exists():
         if resume:
@@ -119,9 +120,11 @@ def prepare_state(path: Path, cfg_dict: dict, keys, *, resume: bool, restart_if_
     old_cfg = st.get("config") or {}
     new_hash = config_hash(cfg_dict, keys)
     old_hash = st.get("config_hash") or config_hash(old_cfg, keys)
-    if old_hash == new_hash:
+    data_diff = [f"corpus {k} {st.get(k)!r} -> {v!r}" for k, v in (data or {}).items()
+                 if k in st and st.get(k) != v]
+    if old_hash == new_hash and not data_diff:
         return True
-    diff = settings_diff(old_cfg, cfg_dict, keys)
+    diff = settings_diff(old_cfg, cfg_dict, keys) + data_diff
     if restart_if_changed:
         prev = path.with_name(path.name + ".previous")
         if may_move:
@@ -129,7 +132,7 @@ def prepare_state(path: Path, cfg_dict: dict, keys, *, resume: bool, restart_if_
         log.warning("the training state at %s (step %s) was made with other settings (%s): set aside as "
                     "%s; starting afresh", path, step, "; ".join(diff) or "settings hash differs", prev.name)
         return False
-    raise CheckpointError("cannot resume exactly: settings differ from the interrupted run: "
+    raise CheckpointError("cannot resume exactly: settings or corpus differ from the interrupted run: "
                           + (", ".join(diff) or f"settings hash {old_hash} -> {new_hash}"),
                           path=str(path), fix="resume with the original settings (see its config), or "
                                               "use a new --out folder")
