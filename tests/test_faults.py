@@ -59,6 +59,22 @@ def test_whitelist_matching_no_barcode_is_an_error_and_writes_nothing(tmp_path, 
     assert not out.exists() and not out.with_suffix(".json").exists()
 
 
+def test_whitelist_matching_nothing_stops_early_in_a_long_file(tmp_path, monkeypatch):
+    import epiflow.corpus.mapping as M
+
+    rng = np.random.default_rng(3)
+    s = np.sort(rng.integers(0, 10 ** 7, 5000))
+    pd.DataFrame({"c": "chr1", "s": s, "e": s + 100, "b": "A-1", "n": 1}).to_csv(
+        tmp_path / "f.tsv", sep="\t", header=False, index=False)
+    (tmp_path / "wl.txt").write_text("A\n")
+    (e,) = load_manifest(_manifest(tmp_path, [["ds", "fragments", "f.tsv", "hg19", "x", "", "wl.txt"]]))
+    monkeypatch.setattr(M, "WHITELIST_EARLY_LINES", 1000)
+    with pytest.raises(InputFormatError, match=r"none of the 1 whitelist barcodes occurs in the first [\d,]+ lines") as exc:
+        map_dataset(e, pd.DataFrame({"chrom": ["chr1"], "start": [0], "end": [10 ** 7]}), "hg19", chunksize=500)
+    n = int(str(exc.value).split("the first ")[1].split(" lines")[0].replace(",", ""))
+    assert 1000 <= n < 5000  # stopped before reading the whole file
+
+
 def test_whitelist_partial_match_warns_with_numbers(tmp_path, caplog):
     _fragments(tmp_path)
     (tmp_path / "wl.txt").write_text("A-1\nX\nY\nZ\n")
