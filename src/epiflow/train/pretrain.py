@@ -4,7 +4,9 @@
 
 * ``checkpoint.pth`` (+ ``checkpoint.pth.json``): the model in the authors' key format;
 * ``model_config.json``: sizes, ``num_heads``, the corpus ``vocab_id``;
-* ``train_state.pt``: model, optimiser(s), scheduler, RNG states, data position (step), config;
+* ``train_state.pt`` (in ``state_dir`` when given): model, optimiser(s), scheduler, RNG states, data
+  position (step), config and its hash, ``metrics.csv`` so far; an existing one is refused without
+  ``resume`` (see :mod:`epiflow.train.resume`);
 * ``metrics.csv`` (+ ``tensorboard/``), ``loss.png``; ``eval.json``: held-out CCA AUROC.
 
 Exact resume: batches are a pure function of (seed, step) (see :mod:`epiflow.train.data`), dropout
