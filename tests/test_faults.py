@@ -69,7 +69,8 @@ def test_whitelist_matching_nothing_stops_early_in_a_long_file(tmp_path, monkeyp
     (tmp_path / "wl.txt").write_text("A\n")
     (e,) = load_manifest(_manifest(tmp_path, [["ds", "fragments", "f.tsv", "hg19", "x", "", "wl.txt"]]))
     monkeypatch.setattr(M, "WHITELIST_EARLY_LINES", 1000)
-    with pytest.raises(InputFormatError, match=r"none of the 1 whitelist barcodes occurs in the first [\d,]+ lines") as exc:
+    with pytest.raises(InputFormatError,
+                       match=r"none of the 1 whitelist barcodes occurs in the first [\d,]+ lines") as exc:
         map_dataset(e, pd.DataFrame({"chrom": ["chr1"], "start": [0], "end": [10 ** 7]}), "hg19", chunksize=500)
     n = int(str(exc.value).split("the first ")[1].split(" lines")[0].replace(",", ""))
     assert 1000 <= n < 5000  # stopped before reading the whole file

@@ -60,6 +60,11 @@ def _strip_ansi(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = _strip_ansi(str(exc)).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 def _is_train_state(path) -> bool:
     """Whether a torch zip file is an epiflow training state (its pickle names the format string)."""
     try:
@@ -111,7 +116,7 @@ def read_state_dict(path, *, mmap: bool = True) -> "collections.OrderedDict[str,
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
         raise CheckpointError(
             f"cannot be read as a torch checkpoint ({size} bytes; the file is truncated, corrupt or not a "
-            f"torch file: {_strip_ansi(str(exc)).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__})",
+            f"torch file: {_first_line(exc)})",
             path=str(path), fix="download or copy the checkpoint again and compare its size/sha256") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"holds a {type(obj).__name__}, not a state dict", path=str(path),
