@@ -110,16 +110,56 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        _check_device(args)
+        _check_outputs(args)
         _threads.apply(getattr(args, "threads", None))
         _threads.start_malloc_trimmer()  # free heap pages back to the system every 10 CPU-s
         rc = args.func(args)
     except EpiflowError as exc:
         print(f"epiflow {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except PermissionError as exc:  # e.g. an output folder that is not writable
+        where = exc.filename or "a file"
+        print(f"epiflow {args.command}: error: {where}: permission denied ({exc.strerror}). Fix: choose "
+              f"a folder you can write to, or fix its permissions.", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
+
+
+def _check_outputs(args) -> None:
+    """Every verb's output paths (``--out``, ``--report``, ``--stats``) must be writable before any work."""
+    from .io import check_writable
+
+    for name in ("out", "report", "stats"):
+        v = getattr(args, name, None)
+        if isinstance(v, str) and v and v != "-":
+            check_writable(v, what=f"--{name} path")
+
+
+def _check_device(args) -> None:
+    """``--device cuda...`` with a torch that has no CUDA (or sees no GPU): a clear error up front."""
+    dev = getattr(args, "device", None)
+    if not isinstance(dev, str) or not dev.strip().lower().startswith("cuda"):
+        return
+    import torch
+
+    from .errors import ConfigError
+
+    if not torch.backends.cuda.is_built():
+        raise ConfigError(f"--device {dev}: this torch ({torch.__version__}) is built without CUDA",
+                          field="device", fix="use --device cpu (or auto), or install a CUDA build of torch")
+    n = torch.cuda.device_count()
+    if n == 0:
+        raise ConfigError(f"--device {dev}: torch sees no CUDA GPU (torch {torch.__version__}, "
+                          f"CUDA_VISIBLE_DEVICES={__import__('os').environ.get('CUDA_VISIBLE_DEVICES', 'unset')})",
+                          field="device", fix="use --device cpu (or auto), or run on a machine with a GPU")
+    idx = dev.split(":", 1)[1] if ":" in dev else ""
+    if idx.strip().isdigit() and int(idx) >= n:
+        raise ConfigError(f"--device {dev}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})",
+                          field="device", fix=f"use cuda:0 .. cuda:{n - 1}")
 
 
 if __name__ == "__main__":  # pragma: no cover

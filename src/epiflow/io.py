@@ -37,6 +37,34 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise
 
 
+def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """Raise :class:`~epiflow.errors.EpiflowError` naming ``path`` unless it can be written.
+
+    Called before any work (the CLI does it for every verb's ``--out``), so that an unwritable
+    output fails in a second with a clear message instead of a ``PermissionError`` traceback after
+    the work. ``path`` may be a file or a folder, existing or not; nothing is created: a probe file
+    is made and removed in ``path`` (an existing folder) or in its nearest existing ancestor.
+    """
+    from .errors import EpiflowError
+
+    path = Path(path)
+    probe_dir = path if path.is_dir() else path.parent
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    try:
+        if not probe_dir.is_dir():
+            raise EpiflowError(f"cannot write the {what}: {probe_dir} is a file, not a folder",
+                               path=str(path), fix="choose another output path")
+        fd, probe = tempfile.mkstemp(prefix=".epiflow-write-test.", dir=probe_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise EpiflowError(f"cannot write the {what} ({exc.strerror or exc} in {probe_dir})",
+                           path=str(path), fix="choose a folder you can write to, or fix its "
+                                               "permissions") from None
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -59,11 +59,11 @@ rule run_baseline:
         seed=BL.get("seed", 0),
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow run-baseline --tool {wildcards.bl_tool} --task {wildcards.bl_task}'
-        " --corpus {input.corpus} {params.dataset} --label-key {params.label_key}"
+        " --corpus {input.corpus:q} {params.dataset} --label-key {params.label_key}"
         " --batch-key {params.batch_key} --condition-key {params.condition_key}"
         " --perturbation-key {params.perturbation_key}"
         " {params.tool_params} --env {params.env} {params.cache} --threads {threads}"
-        " --seed {params.seed} --out-dir {params.outdir} > {log} 2>&1"
+        " --seed {params.seed} --out-dir {params.outdir:q} > {log:q} 2>&1"
 
 
 rule baselines_table:
@@ -82,4 +82,4 @@ rule baselines_table:
         mem_mb=res("baselines_table", "mem_mb"),
         runtime=res("baselines_table", "runtime"),
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow baselines-table {input} --out {output} > {log} 2>&1'
+        '"$EPIFLOW_PYTHON" -m epiflow baselines-table {input:q} --out {output:q} > {log:q} 2>&1'

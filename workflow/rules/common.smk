@@ -1,5 +1,6 @@
 # Shared helpers: configuration validation, result paths, dataset names, resources, targets.
 import os
+import shlex
 from pathlib import Path
 
 import yaml
@@ -30,10 +31,74 @@ def _config_errors(cfg, schema):
     return problems
 
 
+def _coerce_numbers(cfg, schema):
+    """PyYAML (YAML 1.1) reads `1e-3` (no dot) as a string: a number field given a string that parses
+    as a number gets that number (a note says so). Returns the notes; changes `cfg` in place.
+    """
+    notes = []
+
+    def resolve(node):
+        while isinstance(node, dict) and "$ref" in node:
+            node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+        return node
+
+    def types(node):
+        node = resolve(node)
+        if not isinstance(node, dict):
+            return set()
+        t = node.get("type")
+        out = {t} if isinstance(t, str) else set(t or [])
+        for key in ("anyOf", "oneOf", "allOf"):
+            for sub in node.get(key, []):
+                out |= types(sub)
+        return out
+
+    def walk(obj, node, path):
+        node = resolve(node)
+        if not isinstance(node, dict) or not isinstance(obj, dict):
+            return
+        props = dict(node.get("properties", {}))
+        for part in node.get("allOf", []):
+            props.update(resolve(part).get("properties", {}))
+        for key, value in list(obj.items()):
+            sub = props.get(key)
+            if sub is None or sub is False:
+                continue
+            full = f"{path}.{key}" if path else str(key)
+            if isinstance(value, dict):
+                walk(value, sub, full)
+                continue
+            if not isinstance(value, str):
+                continue
+            ts = types(sub)
+            if not ts & {"number", "integer"} or "string" in ts:
+                continue
+            try:
+                num = float(value)
+            except ValueError:
+                continue
+            if "number" not in ts:
+                if not num.is_integer():
+                    continue
+                num = int(num)
+            obj[key] = num
+            notes.append(
+                f"config key '{full}': read the string {value!r} as the number {num!r} "
+                f"(YAML reads exponents without a dot as text; writing {num!r} avoids this note)"
+            )
+
+    walk(cfg, schema, "")
+    return notes
+
+
 def validate_config(cfg, schema_file):
     """Fail before any job runs when the configuration has a wrong key or type."""
+    import sys
+
     with open(schema_file) as fh:
         schema = yaml.safe_load(fh)
+    for note in _coerce_numbers(cfg, schema):
+        print(f"epiflow: note: {note}", file=sys.stderr)
     problems = _config_errors(cfg, schema)
     if problems:
         raise WorkflowError(
@@ -77,14 +142,15 @@ EXTERNAL_CHECKPOINT = config["model"]["checkpoint"]
 
 
 def opt(flag, value):
-    """`--flag value` for the command line, or nothing when value is None/empty."""
+    """`--flag value` for the command line, or nothing when value is None/empty (values shell-quoted:
+    paths may hold spaces)."""
     if value is None or value == "" or value == []:
         return ""
     if isinstance(value, bool):
         return flag if value else ""
     if isinstance(value, (list, tuple)):
-        return f"{flag} " + " ".join(str(v) for v in value)
-    return f"{flag} {value}"
+        return f"{flag} " + " ".join(shlex.quote(str(v)) for v in value)
+    return f"{flag} {shlex.quote(str(value))}"
 
 
 def res(rule_name, key):

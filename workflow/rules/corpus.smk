@@ -32,10 +32,10 @@ rule candidate_ccres:
         chain=opt("--chain", config["chain"]),
         mirror=opt("--data-mirror", config["data_mirror"]),
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow candidate-ccres --manifest {input.manifest}'
+        '"$EPIFLOW_PYTHON" -m epiflow candidate-ccres --manifest {input.manifest:q}'
         " --genome {params.genome} {params.sources} {params.external}"
         " {params.external_df} {params.chain} {params.mirror}"
-        " --out {output.bed} --stats {output.stats} > {log} 2>&1"
+        " --out {output.bed:q} --stats {output.stats:q} > {log:q} 2>&1"
 
 
 rule map_dataset:
@@ -58,7 +58,12 @@ rule map_dataset:
     params:
         genome=config["genome"],
         chain=opt("--chain", config["chain"]),
-        tss=opt("--tss-dir", config["tss_dir"]),
+        tss=(
+            opt("--tss-dir", config["tss_dir"])
+            if config["mapping"]["check_build"]
+            else "--no-build-check"
+        ),
+        min_frac=config["mapping"]["min_frac_in_ccres"],
         mirror=opt("--data-mirror", config["data_mirror"]),
         counts=(
             "--use-count-column"
@@ -67,11 +72,11 @@ rule map_dataset:
         ),
         chunksize=config["mapping"]["chunksize"],
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow map-dataset --manifest {input.manifest}'
-        " --dataset {wildcards.dataset} --ccres {input.ccres} --genome {params.genome}"
+        '"$EPIFLOW_PYTHON" -m epiflow map-dataset --manifest {input.manifest:q}'
+        " --dataset {wildcards.dataset} --ccres {input.ccres:q} --genome {params.genome}"
         " {params.chain} {params.tss} {params.mirror} {params.counts}"
-        " --chunksize {params.chunksize}"
-        " --out {output.h5ad} --report {output.report} > {log} 2>&1"
+        " --chunksize {params.chunksize} --min-frac-in-ccres {params.min_frac}"
+        " --out {output.h5ad:q} --report {output.report:q} > {log:q} 2>&1"
 
 
 rule build_corpus:
@@ -98,10 +103,10 @@ rule build_corpus:
         min_ccres=config["qc"]["min_ccres_per_cell"],
         shard_size=config["shard_size"],
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow build-corpus --ccres {input.ccres} --mapped {input.mapped}'
+        '"$EPIFLOW_PYTHON" -m epiflow build-corpus --ccres {input.ccres:q} --mapped {input.mapped:q}'
         " --genome {params.genome} --vocabulary {params.vocabulary}"
         " --min-cells {params.min_cells} --min-ccres-per-cell {params.min_ccres}"
-        " --shard-size {params.shard_size} --out {output.corpus} > {log} 2>&1"
+        " --shard-size {params.shard_size} --out {output.corpus:q} > {log:q} 2>&1"
 
 
 # Downstream datasets (manifest role `downstream`): mapped like the others, never in the corpus;
@@ -128,13 +133,13 @@ rule downstream_corpus:
     params:
         genome=config["genome"],
         vocab=lambda w, input: (
-            f"--corpus {input.corpus}"
+            f"--corpus {shlex.quote(str(input.corpus))}"
             if "corpus" in input.keys()
-            else f"--vocab {input.ccres} --df {input.df}"
+            else f"--vocab {shlex.quote(str(input.ccres))} --df {shlex.quote(str(input.df))}"
         ),
         min_ccres=config["qc"]["min_ccres_per_cell"],
         shard_size=config["shard_size"],
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow tokenize-downstream --ccres {input.ccres} --mapped {input.mapped}'
+        '"$EPIFLOW_PYTHON" -m epiflow tokenize-downstream --ccres {input.ccres:q} --mapped {input.mapped:q}'
         " {params.vocab} --genome {params.genome} --min-ccres-per-cell {params.min_ccres}"
-        " --shard-size {params.shard_size} --out {output.folder} > {log} 2>&1"
+        " --shard-size {params.shard_size} --out {output.folder:q} > {log:q} 2>&1"

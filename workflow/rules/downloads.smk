@@ -32,6 +32,6 @@ rule download:
         mirror=config["data_mirror"] or "",
     shell:
         "if [ -n '{params.mirror}' ] && [ -f '{params.mirror}/{wildcards.download}' ]; then"
-        " cp '{params.mirror}/{wildcards.download}' {output}.part;"
-        " else curl -fsSL --retry 3 -o {output}.part '{params.url}'; fi > {log} 2>&1;"
-        " mv {output}.part {output}"
+        " cp '{params.mirror}/{wildcards.download}' {output:q}.part;"
+        " else curl -fsSL --retry 3 -o {output:q}.part '{params.url}'; fi > {log:q} 2>&1;"
+        " mv {output:q}.part {output:q}"

@@ -23,9 +23,9 @@ rule embed:
         batch_tokens=config["embed"]["batch_tokens"],
         device=opt("--device", device_arg(config["embed"]["device"])),
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow embed --checkpoint {input.checkpoint} --corpus {input.corpus}'
+        '"$EPIFLOW_PYTHON" -m epiflow embed --checkpoint {input.checkpoint:q} --corpus {input.corpus:q}'
         " --backend {params.backend} {params.heads} --batch-tokens {params.batch_tokens}"
-        " {params.device} --no-progress --out {output.h5ad} > {log} 2>&1"
+        " {params.device} --no-progress --out {output.h5ad:q} > {log:q} 2>&1"
 
 
 # the same for the cells of one downstream dataset (its folder of rule downstream_corpus)

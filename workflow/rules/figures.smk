@@ -37,7 +37,7 @@ rule figure:
         caption=figure_caption,
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow figure {wildcards.panel} {params.args}'
-        " --out {output.png} > {log} 2>&1"
+        " --out {output.png:q} > {log:q} 2>&1"
 
 
 # One table per benchmark in the report (the metrics of every dataset of a task, long format), beside
@@ -68,5 +68,5 @@ rule benchmark_table:
         caption=table_caption,
         seen=seen_args,
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow summarize --metrics {input.metrics} {params.seen}'
-        " --no-corpus-rows --out {output.tsv} > {log} 2>&1"
+        '"$EPIFLOW_PYTHON" -m epiflow summarize --metrics {input.metrics:q} {params.seen}'
+        " --no-corpus-rows --out {output.tsv:q} > {log:q} 2>&1"

@@ -2,6 +2,7 @@
 # inputs, command-line arguments, report categories and captions; the per-benchmark tables of
 # the report. Panels: epiflow.plots.figures.PANELS.
 import os
+import shlex
 
 from snakemake.io import is_flagged
 
@@ -96,7 +97,7 @@ def figure_inputs(wildcards):
 def figure_args(wildcards):
     plan = figure_plan(wildcards.panel)
     parts = [opt("--metrics", plan["metrics"])]
-    parts += [f"--table {u}={f}" for u, f in plan["tables"]]
+    parts += [f"--table {shlex.quote(f'{u}={f}')}" for u, f in plan["tables"]]
     return " ".join(x for x in parts if x)
 
 

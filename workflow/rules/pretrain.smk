@@ -3,6 +3,16 @@
 # Locally the launcher runs `epiflow pretrain` in-process; on SLURM the profile sets the `mpi`
 # resource to `srun --ntasks-per-node=1 ...`, which starts the launcher once per node, and the
 # launcher starts one torchrun per node (see scripts/torchrun_launch.sh).
+#
+# Resume: the training state lives in {results}/pretrain_state/ (PRETRAIN_STATE), which is NOT an
+# output of the rule, so Snakemake's --rerun-incomplete (or its cleanup of a failed job) cannot delete
+# it; the rule always passes --resume (continue from the state if there is one) and
+# --restart-if-changed (a state made with other settings is set aside and the run starts afresh;
+# the settings hash is stored in the state). Kill the job or the whole snakemake process at any
+# point, run the same command again: pretraining continues from its last checkpoint
+# (pretrain.ckpt_every steps). On SLURM a job at its time limit saves on SIGUSR1/SIGTERM and the
+# next submission (profile `retries`) resumes; see profiles/slurm/config.yaml.
+PRETRAIN_STATE = f"{R}/pretrain_state"
 
 
 rule pretrain:
@@ -10,7 +20,6 @@ rule pretrain:
         corpus=rules.build_corpus.output.corpus,
     output:
         checkpoint=f"{R}/pretrain/checkpoint.pth",
-        state=f"{R}/pretrain/train_state.pt",
         metrics=f"{R}/pretrain/metrics.csv",
         eval=f"{R}/pretrain/eval.json",
         loss=report(
@@ -33,7 +42,9 @@ rule pretrain:
     params:
         launcher=LAUNCHER,
         outdir=lambda w, output: os.path.dirname(output.checkpoint),
+        state_dir=PRETRAIN_STATE,
         args=pretrain_args(),
     shell:
-        "{resources.mpi} bash {params.launcher} --corpus {input.corpus}"
-        " --out {params.outdir} {params.args} --no-progress > {log} 2>&1"
+        "{resources.mpi} bash {params.launcher:q} --corpus {input.corpus:q}"
+        " --out {params.outdir:q} --state-dir {params.state_dir:q} --resume --restart-if-changed"
+        " {params.args} --no-progress > {log:q} 2>&1"

@@ -30,5 +30,5 @@ checkpoint simulate:
             ",".join(config["datasets"]["simulate"].get("downstream") or []),
         ),
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow simulate --out {params.outdir} --preset {params.preset}'
-        " --seed {params.seed} {params.n_cells} {params.downstream} --force > {log} 2>&1"
+        '"$EPIFLOW_PYTHON" -m epiflow simulate --out {params.outdir:q} --preset {params.preset}'
+        " --seed {params.seed} {params.n_cells} {params.downstream} --force > {log:q} 2>&1"

@@ -30,4 +30,4 @@ rule summarize:
         metrics=lambda w, input: opt("--metrics", list(input.metrics)),
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow summarize {params.seen}'
-        " {params.pretrain} {params.metrics} --out {output.tsv} > {log} 2>&1"
+        " {params.pretrain} {params.metrics} --out {output.tsv:q} > {log:q} 2>&1"

@@ -25,6 +25,7 @@ wildcard_constraints:
 # the Spearman correlation with `order` for every embedding, and declares trajectory.tsv / .png
 # (the input of panel fig2f); the other datasets to rule evaluate_features.
 import re
+import shlex
 
 FE_CFG = config["tasks"]["feature_extraction"]
 FE_TRAJECTORY = list(FE_CFG["trajectory"]["datasets"]) if FE_CFG["enabled"] else []
@@ -110,11 +111,11 @@ rule evaluate_features:
         model=FE_MODEL_ARGS,
         trajectory="",
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow evaluate-features --embeddings EpiAgent={input.embeddings}'
-        " --corpus {input.corpus} {params.dataset} --label-key {params.label_key}"
+        '"$EPIFLOW_PYTHON" -m epiflow evaluate-features --embeddings EpiAgent={input.embeddings:q}'
+        " --corpus {input.corpus:q} {params.dataset} --label-key {params.label_key}"
         " --lsi-components {params.lsi} --n-neighbors {params.neighbors}"
-        " --checkpoint {input.checkpoint} {params.model}"
-        " {params.trajectory} --seed {params.seed} --out-dir {params.outdir} > {log} 2>&1"
+        " --checkpoint {input.checkpoint:q} {params.model}"
+        " {params.trajectory} --seed {params.seed} --out-dir {params.outdir:q} > {log:q} 2>&1"
 
 
 use rule evaluate_features as evaluate_features_trajectory with:
@@ -193,8 +194,8 @@ rule annotate:
         dataset=lambda w: "" if w.an_dataset == "all" else f"--dataset {w.an_dataset}",
         args=finetune_args("annotation"),
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow annotate --corpus {input.corpus} --checkpoint {input.checkpoint}'
-        " {params.dataset} {params.args} --out-dir {params.outdir} > {log} 2>&1"
+        '"$EPIFLOW_PYTHON" -m epiflow annotate --corpus {input.corpus:q} --checkpoint {input.checkpoint:q}'
+        " {params.dataset} {params.args} --out-dir {params.outdir:q} > {log:q} 2>&1"
 
 
 # Imputation: fine-tuning with CCA + MSE reconstruction of the TF-IDF signal, imputed values from the
@@ -233,8 +234,8 @@ rule impute:
         dataset=lambda w: "" if w.im_dataset == "all" else f"--dataset {w.im_dataset}",
         args=finetune_args("imputation"),
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow impute --corpus {input.corpus} --checkpoint {input.checkpoint}'
-        " {params.dataset} {params.args} --out-dir {params.outdir} > {log} 2>&1"
+        '"$EPIFLOW_PYTHON" -m epiflow impute --corpus {input.corpus:q} --checkpoint {input.checkpoint:q}'
+        " {params.dataset} {params.args} --out-dir {params.outdir:q} > {log:q} 2>&1"
 
 
 # Stimulated perturbation (out-of-sample): [PER] token fine-tuned on OT-matched control ->
@@ -276,9 +277,9 @@ rule predict_stimulation:
         dataset=lambda w: "" if w.st_dataset == "all" else f"--dataset {w.st_dataset}",
         args=stimulation_args(),
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow predict-stimulation --corpus {input.corpus}'
-        " --checkpoint {input.checkpoint} {params.dataset} {params.args}"
-        " --no-progress --out-dir {params.outdir} > {log} 2>&1"
+        '"$EPIFLOW_PYTHON" -m epiflow predict-stimulation --corpus {input.corpus:q}'
+        " --checkpoint {input.checkpoint:q} {params.dataset} {params.args}"
+        " --no-progress --out-dir {params.outdir:q} > {log:q} 2>&1"
 
 
 # Unseen genetic perturbations: gene tokens through a GNN over the GO Jaccard gene graph, fine-tuned
@@ -322,9 +323,9 @@ rule predict_genetic:
         dataset=lambda w: "" if w.ge_dataset == "all" else f"--dataset {w.ge_dataset}",
         args=genetic_args(),
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow predict-genetic --corpus {input.corpus}'
-        " --checkpoint {input.checkpoint} --go {input.go} {params.dataset} {params.args}"
-        " --no-progress --out-dir {params.outdir} > {log} 2>&1"
+        '"$EPIFLOW_PYTHON" -m epiflow predict-genetic --corpus {input.corpus:q}'
+        " --checkpoint {input.checkpoint:q} --go {input.go:q} {params.dataset} {params.args}"
+        " --no-progress --out-dir {params.outdir:q} > {log:q} 2>&1"
 
 
 # Batch integration of the configured datasets together (one job): OT-matched partners across
@@ -397,8 +398,8 @@ rule integrate:
             else ""
         ),
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow integrate --input {input.corpus} --checkpoint {input.checkpoint}'
-        " {params.args} {params.common} {params.query} --out-dir {params.outdir} > {log} 2>&1"
+        '"$EPIFLOW_PYTHON" -m epiflow integrate --input {input.corpus:q} --checkpoint {input.checkpoint:q}'
+        " {params.args} {params.common} {params.query} --out-dir {params.outdir:q} > {log:q} 2>&1"
 
 
 # In-silico knockout of the promoter cCREs of the configured genes between two cell states
@@ -441,9 +442,9 @@ rule knockout:
         dataset=lambda w: "" if w.ko_dataset == "all" else f"--dataset {w.ko_dataset}",
         args=knockout_args(),
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow knockout --input {input.corpus} --checkpoint {input.checkpoint}'
-        " --tss {input.tss} --vocab {input.corpus}/vocab.bed {params.dataset} {params.args}"
-        " --out-dir {params.outdir} > {log} 2>&1"
+        '"$EPIFLOW_PYTHON" -m epiflow knockout --input {input.corpus:q} --checkpoint {input.checkpoint:q}'
+        " --tss {input.tss:q} --vocab {input.corpus:q}/vocab.bed {params.dataset} {params.args}"
+        " --out-dir {params.outdir:q} > {log:q} 2>&1"
 
 
 # Zero-shot annotation, step 1: the pretrained model + the authors' classifier head fine-tuned on the
@@ -478,8 +479,8 @@ rule train_annotator:
         outdir=lambda w, output: os.path.dirname(output.model),
         args=annotator_args,
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow train-annotator --input {input.corpus} --checkpoint {input.checkpoint}'
-        " {params.args} --out-dir {params.outdir} > {log} 2>&1"
+        '"$EPIFLOW_PYTHON" -m epiflow train-annotator --input {input.corpus:q} --checkpoint {input.checkpoint:q}'
+        " {params.args} --out-dir {params.outdir:q} > {log:q} 2>&1"
 
 
 rule annotate_zeroshot:
@@ -529,8 +530,8 @@ rule annotate_zeroshot:
             else ""
         ),
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow annotate-zeroshot --input {input.corpus} --checkpoint {input.checkpoint}'
-        " --classes {input.classes} {params.dataset} {params.method} --label-key {params.label_key}"
+        '"$EPIFLOW_PYTHON" -m epiflow annotate-zeroshot --input {input.corpus:q} --checkpoint {input.checkpoint:q}'
+        " --classes {input.classes:q} {params.dataset} {params.method} --label-key {params.label_key}"
         " {params.label_map} --min-class-fraction {params.min_fraction}"
         " --device {params.device} {params.heads} {params.restrict}"
-        " --out-dir {params.outdir} > {log} 2>&1"
+        " --out-dir {params.outdir:q} > {log:q} 2>&1"

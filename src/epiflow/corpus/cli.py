@@ -46,18 +46,21 @@ def _map_dataset(args) -> int:
 
     entry = get_dataset(load_manifest(args.manifest), args.dataset)
     ccres = read_bed(args.ccres)[["chrom", "start", "end"]]
-    tss = None
-    if args.tss_dir:
+    tss = None if args.no_build_check else "builtin"
+    if args.tss_dir and not args.no_build_check:
         from ..genome.build import find_tss_files
 
         tss = find_tss_files(args.tss_dir)
         if len(tss) < 2:
-            log.warning("--tss-dir %s lacks hg19_tss.bed[.gz] and hg38_tss.bed[.gz]: genome build not "
-                        "checked", args.tss_dir)
-            tss = None
+            from ..errors import ConfigError
+
+            raise ConfigError(f"--tss-dir {args.tss_dir} lacks hg19_tss.bed[.gz] and hg38_tss.bed[.gz]",
+                              field="tss_dir", fix="point it at a folder with both files, or leave it unset "
+                                                   "(the TSS tables shipped with epiflow are used)")
     adata, report = map_dataset(entry, ccres, args.genome, chain=args.chain, tss=tss,
                                 data_mirror=args.data_mirror, use_count_column=args.use_count_column,
-                                chunksize=args.chunksize, progress=True)
+                                chunksize=args.chunksize, progress=True,
+                                min_frac_in_ccres=args.min_frac_in_ccres)
     report_path = args.report or Path(args.out).with_suffix(".json")
     write_mapped(adata, args.out, report, report_path)
     log.info("%s: %d cells x %d cCREs -> %s", entry.name, adata.n_obs, adata.n_vars, args.out)
@@ -133,7 +136,13 @@ def register(sub) -> None:
     p.add_argument("--ccres", required=True, help="candidate cCRE BED (from candidate-ccres)")
     p.add_argument("--genome", required=True, choices=["hg19", "hg38"])
     p.add_argument("--chain", help="chain file/URL/builtin:NAME (default: builtin where available)")
-    p.add_argument("--tss-dir", help="folder with hg19_tss.bed.gz and hg38_tss.bed.gz: check the declared build")
+    p.add_argument("--tss-dir", help="folder with hg19_tss.bed.gz and hg38_tss.bed.gz for the genome-build "
+                                     "check (default: the TSS tables shipped with epiflow)")
+    p.add_argument("--no-build-check", action="store_true",
+                   help="do not check the declared genome build against the data (TSS proximity)")
+    p.add_argument("--min-frac-in-ccres", type=float, default=None,
+                   help="stop when less than this fraction of the fragments (peak counts) fall in the cCREs "
+                        "(default 0.10; 0 disables)")
     p.add_argument("--data-mirror", help="folder searched for dataset files before downloading")
     p.add_argument("--use-count-column", dest="use_count_column", action="store_true", default=True,
                    help="weight each fragment by its 5th (count) column (the default, as the authors' code)")

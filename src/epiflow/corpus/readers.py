@@ -241,6 +241,7 @@ class _Inflater:
         self._stop = threading.Event()
         self._cur = memoryview(b"")
         self._eof = False
+        self._pending = None  # an error of the thread, raised after the bytes decoded before it
         self._t = threading.Thread(target=self._run, args=(Path(path), block), daemon=True,
                                    name="epiflow-inflate")
         self._t.start()
@@ -252,8 +253,24 @@ class _Inflater:
             except ImportError:  # pragma: no cover - isal is a declared dependency
                 gz = gzip
             with gz.open(path, "rb") as fh:
+                read1 = getattr(fh, "read1", None)
                 while not self._stop.is_set():
-                    b = fh.read(block)
+                    if read1 is None:
+                        b = fh.read(block)
+                    else:  # read1 pieces gathered into a block: a truncated file loses no decoded bytes
+                        parts, size = [], 0
+                        try:
+                            while size < block:
+                                piece = read1(min(block - size, 1 << 16))
+                                if not piece:
+                                    break
+                                parts.append(piece)
+                                size += len(piece)
+                        except BaseException:
+                            if parts:
+                                self._put(b"".join(parts))
+                            raise
+                        b = b"".join(parts)
                     self._put(b)
                     if not b:
                         return
@@ -276,8 +293,12 @@ class _Inflater:
             if not len(self._cur):
                 if self._eof:
                     break
-                item = self._q.get()
+                item = self._pending if self._pending is not None else self._q.get()
                 if isinstance(item, BaseException):
+                    if n:  # hand over what was decoded before the error; raise it at the next call
+                        self._pending = item
+                        break
+                    self._pending = None
                     self._eof = True
                     raise item
                 if not item:
@@ -507,8 +528,8 @@ class FragmentReader:
                     k = fh.readinto(memoryview(buf)[have:have + read])
                 except errors as exc:
                     raise InputFormatError(
-                        f"the compressed fragment file ends early or is corrupt (after line {line - 1}: "
-                        f"{exc})", path=str(self.path), line=line,
+                        f"the compressed fragment file ends early or is corrupt ({line - 1:,} complete "
+                        f"lines decoded before the damage: {exc})", path=str(self.path), line=line,
                         fix="the file is truncated; re-download it (check its sha256)") from None
                 eof = not k
                 have += k
@@ -791,6 +812,15 @@ def _finish_matrix(X, barcodes, var: pd.DataFrame, obs: pd.DataFrame | None, pat
         if data.min() < 0:
             raise InputFormatError(f"the {what} matrix contains negative counts (min {data.min()})",
                                    path=str(path), field="X", fix="give raw (non-negative) counts")
+        frac = data != np.floor(data)
+        if frac.any():
+            k = int(np.flatnonzero(frac)[0])
+            row = int(np.searchsorted(X.indptr, k, side="right") - 1)
+            raise InputFormatError(
+                f"the {what} matrix holds non-integer counts: {int(frac.sum()):,} of {X.nnz:,} stored values "
+                f"(first: {float(data[k])!r} at cell {row + 1}, peak {int(X.indices[k]) + 1}); normalised or "
+                "scaled values would be tokenised as if they were counts", path=str(path), field="X",
+                fix="give raw integer counts (e.g. adata.layers['counts'] or the fragment file)")
     check_unique_barcodes(barcodes, path=str(path), what=f"{what} barcodes (obs_names)")
     if len(var) == 0:
         raise InputFormatError(f"the {what} has no peaks", path=str(path), fix="check the file")

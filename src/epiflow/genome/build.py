@@ -54,8 +54,32 @@ class BuildReport:
                 "margin": self.margin, "n": self.n, "window": self.window, **self.details}
 
 
+def packaged_tss() -> dict[str, dict[str, np.ndarray]]:
+    """The TSS positions that ship with epiflow (``genome/data/tss_<build>.npz``, made by
+    ``scripts/build_tss_data.py`` from the project's hg19/hg38 TSS BED files): ``{build: {chrom:
+    sorted positions}}`` for hg19 and hg38. Used when no TSS files are configured, so that genome-build
+    detection is on by default with nothing to configure."""
+    global _PACKAGED
+    if _PACKAGED is None:
+        from importlib.resources import files
+
+        out = {}
+        for b in ("hg19", "hg38"):
+            with files("epiflow.genome").joinpath("data", f"tss_{b}.npz").open("rb") as fh:
+                z = np.load(fh)
+                out[b] = {c: np.cumsum(z[c].astype(np.int64)) for c in z.files}
+        _PACKAGED = out
+    return _PACKAGED
+
+
+_PACKAGED = None
+
+
 def _tss_positions(obj) -> dict[str, np.ndarray]:
-    """chrom -> sorted unique TSS positions, from a BED path or a DataFrame (chrom, start[, end, strand])."""
+    """chrom -> sorted unique TSS positions, from a BED path, a DataFrame (chrom, start[, end, strand])
+    or already such a dict (e.g. from :func:`packaged_tss`)."""
+    if isinstance(obj, dict):
+        return obj
     df = obj if isinstance(obj, pd.DataFrame) else read_bed(obj)
     chrom = normalize_chrom(df["chrom"].to_numpy())
     start = df["start"].to_numpy(np.int64)

@@ -56,6 +56,27 @@ def _shape(t) -> str:
     return "[" + ",".join(str(int(s)) for s in t.shape) + "]"
 
 
+def _strip_ansi(text: str) -> str:
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = _strip_ansi(str(exc)).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _is_train_state(path) -> bool:
+    """Whether a torch zip file is an epiflow training state (its pickle names the format string)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+            return name is not None and b"epiflow-train-state" in zf.read(name)
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def sidecar_path(path) -> Path:
     p = Path(path)
     return p.with_name(p.name + ".json")
@@ -85,14 +106,19 @@ def read_state_dict(path: str | os.PathLike, *, mmap: bool = True) -> "collectio
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if is_zip and _is_train_state(path):
+            raise CheckpointError(
+                "this is an epiflow training state (train_state.pt: model, optimiser, scheduler, RNG and "
+                "data position for `epiflow pretrain --resume`), not a model checkpoint", path=str(path),
+                fix="pass the checkpoint.pth written next to it (or in the run's --out folder)") from None
+        first = _strip_ansi(str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"not a plain tensor state dict (torch.load(weights_only=True) refused it: {first[:300]})",
             path=str(path), fix="pass a file written with torch.save(model.state_dict(), path)") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
         raise CheckpointError(
             f"cannot be read as a torch checkpoint ({size} bytes; the file is truncated, corrupt or not a "
-            f"torch file: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__})",
+            f"torch file: {_first_line(exc)})",
             path=str(path), fix="download or copy the checkpoint again and compare its size/sha256") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"holds a {type(obj).__name__}, not a state dict", path=str(path),
@@ -170,10 +196,15 @@ def infer_config(sd: Mapping[str, torch.Tensor], num_heads: int | None = None, *
         if has("perturbation_gnn.edge_index"):
             kw["gnn_edges"] = int(sd["perturbation_gnn.edge_index"].shape[-1])
     overrides = dict(overrides or {})
+    side_heads = overrides.pop("num_heads", None)
     if num_heads is None:
-        num_heads = overrides.pop("num_heads", None)
-    else:
-        overrides.pop("num_heads", None)
+        num_heads = side_heads
+    elif side_heads is not None and int(side_heads) != int(num_heads):
+        raise ConfigError(
+            f"num_heads={num_heads} was asked for, but the checkpoint's side file says it was trained with "
+            f"num_heads={side_heads} (same weights, different attention: the embeddings would be wrong)",
+            path=path, field="num_heads",
+            fix=f"drop --num-heads (the side file {path}.json gives it), or pass --num-heads {side_heads}")
     if num_heads is None:
         if dim == 512:
             num_heads = 8

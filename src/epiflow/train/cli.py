@@ -47,7 +47,14 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-fraction", type=float, default=0.05, help="held-out cells for eval.json")
     p.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/train_state.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue exactly from the training state (OUT/train_state.pt, or in --state-dir) if "
+                        "there is one; without --resume a folder holding a state is refused")
+    p.add_argument("--state-dir", default=None,
+                   help="folder of train_state.pt (default: OUT); the workflow keeps it outside its outputs")
+    p.add_argument("--restart-if-changed", action="store_true",
+                   help="with --resume: a state made with other settings is set aside (train_state.pt.previous) "
+                        "and the run starts afresh, instead of an error")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda[:i]")
     p.add_argument("--backend", default="auto", help="attention backend auto|sdpa|packed|flash")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -78,7 +85,8 @@ def config_from_args(args):
         backend=args.backend, precision=args.precision, compile=args.compile, memory_lean=args.memory_lean,
         lean_momentum=args.lean_momentum, gradient_checkpointing=args.gradient_checkpointing,
         num_workers=args.num_workers, window_shards=args.window_shards, tensorboard=args.tensorboard,
-        progress=not args.no_progress)
+        progress=not args.no_progress, state_dir=getattr(args, "state_dir", None),
+        restart_if_changed=getattr(args, "restart_if_changed", False))
 
 
 def _pretrain(args) -> int:
@@ -87,7 +95,14 @@ def _pretrain(args) -> int:
 
     from .pretrain import pretrain
 
-    summary = pretrain(args.corpus, args.out, config_from_args(args))
+    from .resume import TrainingInterrupted
+
+    try:
+        summary = pretrain(args.corpus, args.out, config_from_args(args))
+    except TrainingInterrupted as exc:
+        logging.getLogger("epiflow.train").warning(
+            "%s. Run the same command with --resume to continue from step %d.", exc, exc.step)
+        return 128 + exc.signum
     if summary.get("eval"):
         logging.getLogger("epiflow.train").info("held-out CCA AUROC %.4f", summary["eval"]["cca_auroc"])
     print(json.dumps({k: summary[k] for k in ("steps", "world_size", "wall_s") if k in summary}

@@ -271,7 +271,7 @@ class LeanTables:
         ids = ids.long()
         emb = F.embedding(ids, self.embedding.weight.detach())
         with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = cca_head(self.model, cell[q_cell], emb)
+            logits = cca_head(self.model, cell.index_select(0, q_cell), emb)  # deterministic backward (see pretrain)
         rec = {"cell": cell.detach(), "q_cell": q_cell, "ids": ids, "labels": labels, "pw": float(pos_weight),
                "autocast": autocast_dtype, "scale": None}
         self.store.cca.append(rec)

@@ -4,13 +4,17 @@
 
 * ``checkpoint.pth`` (+ ``checkpoint.pth.json``): the model in the authors' key format;
 * ``model_config.json``: sizes, ``num_heads``, the corpus ``vocab_id``;
-* ``train_state.pt``: model, optimiser(s), scheduler, RNG states, data position (step), config;
+* ``train_state.pt`` (in ``state_dir`` when given): model, optimiser(s), scheduler, RNG states, data
+  position (step), config and its hash, ``metrics.csv`` so far; an existing one is refused without
+  ``resume`` (see :mod:`epiflow.train.resume`);
 * ``metrics.csv`` (+ ``tensorboard/``), ``loss.png``; ``eval.json``: held-out CCA AUROC.
 
 Exact resume: batches are a pure function of (seed, step) (see :mod:`epiflow.train.data`), dropout
 is re-seeded from (seed, step, rank) at every step, and the optimiser/scheduler states are restored,
 so a run killed after a checkpoint and resumed ends with bit-identical weights (on the same hardware
-and thread settings).
+and thread settings; checked on CPU with 1 and 2 threads: the one op that made 2-thread runs differ,
+the backward of ``cell[q_cell]``, a parallel atomic ``index_put_``, is now an ``index_select``).
+The training state, its resume rules and stop signals: :mod:`epiflow.train.resume`.
 
 Losses are sums divided by denominators over the whole optimiser step (all ranks and accumulation
 micro-batches; :func:`epiflow.train.data.step_normalizers`), so one process with a whole batch and
@@ -37,6 +41,7 @@ import torch.nn as nn
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_path, atomic_write_text
 from . import distributed as D
+from . import resume as R
 from .data import (
     BatchConfig,
     CorpusIndex,
@@ -111,6 +116,8 @@ class PretrainConfig:
     tensorboard: bool = False
     progress: bool = True
     resume: bool = False
+    state_dir: str | None = None           # where train_state.pt lives (default: out_dir); see train/resume.py
+    restart_if_changed: bool = False       # with resume: a state of other settings is set aside, not an error
 
     def validate(self) -> "PretrainConfig":
         def bad(f, msg, fix=None):
@@ -197,8 +204,10 @@ class PretrainObjective(nn.Module):
             out = model(inp)
             cell = out.cell_embedding[:B]
             q_cell = batch["cca_cell"].to(dev, non_blocking=True)
-            if self.lean is None:
-                cca_logits = model.cca_logits(cell[q_cell], batch["cca_ids"].to(dev, non_blocking=True))
+            if self.lean is None:  # index_select, not cell[q_cell]: the backward of advanced indexing
+                # with repeated rows is a parallel atomic index_put_ on CPU (run-to-run float differences
+                # with >= 2 threads); index_select's backward (index_add_) sums in a fixed order
+                cca_logits = model.cca_logits(cell.index_select(0, q_cell), batch["cca_ids"].to(dev, non_blocking=True))
             rlm_logits = None
             if rlm:
                 hid = out.hidden[B:]
@@ -310,19 +319,23 @@ def pretrain(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     out_dir = Path(out_dir)
     info = D.init(cfg.device)
     try:
-        return _pretrain(Path(corpus_dir), out_dir, cfg, info)
+        with R.StopSignals() as stop:  # SIGUSR1/SIGTERM (e.g. a SLURM time limit): save, then stop
+            return _pretrain(Path(corpus_dir), out_dir, cfg, info, stop)
     finally:
         D.shutdown(info)
 
 
-def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.DistInfo) -> dict:
+def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.DistInfo,
+              stop: R.StopSignals | None = None) -> dict:
     from ..model import from_config
 
     dev = info.device
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     D.barrier(info)
-    state_path = out_dir / "train_state.pt"
+    state_path = R.state_path(out_dir, cfg.state_dir)
+    if info.is_main:
+        R.clean_stale_temps(out_dir, state_path.parent)
     index = build_index(corpus_dir)
     mcfg = build_model_config(cfg.model_config, index.n_ccres, cfg.model_overrides, cfg.dropout)
     if cfg.max_len is None:
@@ -331,6 +344,12 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
     if mcfg.max_rank < cfg.max_len + 2:
         raise ConfigError(f"max_len {cfg.max_len} (+ CLS/SEP) exceeds the model's {mcfg.max_rank} rank embeddings",
                           field="max_len", fix=f"use --max-len {mcfg.max_rank - 2} or a larger model")
+    # an existing state: refused without --resume, checked against these settings (before any work)
+    load_state = R.prepare_state(state_path, cfg.to_dict(), PretrainConfig.RESUME_KEYS, resume=cfg.resume,
+                                 restart_if_changed=cfg.restart_if_changed, may_move=info.is_main,
+                                 data={"n_ccres": index.n_ccres, "vocab_id": index.vocab_id,
+                                       "n_cells": index.n_cells})
+    D.barrier(info)
     train_uids, eval_uids = split_cells(index.n_cells, cfg.eval_fraction, cfg.seed, cfg.eval_max_cells)
     plan_cfg = PlanConfig(batch_tokens=cfg.batch_tokens, world_size=info.world_size, max_len=cfg.max_len,
                           window_shards=cfg.window_shards, bucket_cells=cfg.bucket_cells, seed=cfg.seed,
@@ -368,11 +387,10 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
     sched = make_scheduler(opt, cfg.schedule, warmup, total_steps, cfg.min_lr_ratio)
 
     step = 0
-    if cfg.resume and state_path.exists():
-        step = _load_state(state_path, cfg, model, opt, sched, lean, dev, index)
+    if load_state:
+        step = _load_state(state_path, cfg, model, opt, sched, lean, dev, index, out_dir=out_dir,
+                           restore_metrics=info.is_main)
         log.info("resuming from step %d of %d (%s)", step, total_steps, state_path)
-    elif cfg.resume:
-        log.warning("--resume given but %s does not exist; starting from scratch", state_path)
 
     objective = PretrainObjective(model, lean)
     runner: Any = objective  # the objective, or its DDP wrapper
@@ -392,7 +410,7 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
             {**mcfg.to_dict(), "num_heads": mcfg.num_heads, "vocab_id": index.vocab_id,
              "corpus": str(corpus_dir)}, indent=2))
     metrics = MetricsLogger(out_dir, enabled=info.is_main, tensorboard=cfg.tensorboard,
-                            resume_step=step if cfg.resume else None)
+                            resume_step=step if load_state else None)
     autocast_dtype = _autocast_dtype(cfg, dev)
     weights = (cfg.w_sr, cfg.w_cca, cfg.w_rlm)
     n_blocks = cfg.k_epochs_per_block
@@ -477,6 +495,9 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
                 pbar.set_postfix(loss=f"{last['loss']:.4f}", cca=f"{cca_m:.3f}", lr=f"{lr_now:.2e}")
             if cfg.ckpt_every and step % int(cfg.ckpt_every) == 0 and step < total_steps:
                 _save_all(out_dir, cfg, model, opt, sched, lean, step, info, index)
+            if stop is not None and step < total_steps and R.stop_requested(stop, info):
+                _save_all(out_dir, cfg, model, opt, sched, lean, step, info, index)
+                raise R.TrainingInterrupted(stop.signum, step, state_path)
             if delay:
                 time.sleep(delay)
         del it
@@ -554,16 +575,19 @@ def _save_all(out_dir, cfg, model, opt, sched, lean, step, info, index) -> None:
         "lean": None if lean is None else lean.state_dict(),
         "rng": _rng_states(info.device), "config": cfg.to_dict(),
         "world_size": info.world_size, "n_ccres": index.n_ccres, "vocab_id": index.vocab_id,
+        "n_cells": int(index.n_cells),
         "data_position": {"step": int(step), "micro_batch": int(step) * cfg.grad_accum},
     }
-    with atomic_path(out_dir / "train_state.pt") as tmp:
+    state["config_hash"] = R.config_hash(state["config"], PretrainConfig.RESUME_KEYS)
+    state["metrics_csv"] = R.metrics_text(out_dir)  # Snakemake may delete metrics.csv of a killed job
+    with atomic_path(R.state_path(out_dir, cfg.state_dir)) as tmp:
         torch.save(state, tmp)
     model.save_epiagent_checkpoint(out_dir / "checkpoint.pth", write_config=True)
     log.info("checkpoint at step %d -> %s", step, out_dir)
     D.barrier(info)
 
 
-def _load_state(path, cfg, model, opt, sched, lean, dev, index) -> int:
+def _load_state(path, cfg, model, opt, sched, lean, dev, index, *, out_dir=None, restore_metrics=False) -> int:
     try:
         st = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
@@ -591,4 +615,6 @@ def _load_state(path, cfg, model, opt, sched, lean, dev, index) -> int:
     if lean is not None:
         lean.load_state_dict(st["lean"])
     _set_rng_states(st["rng"], dev)
+    if restore_metrics and out_dir is not None:
+        R.restore_metrics(out_dir, st, int(st["step"]))
     return int(st["step"])
