@@ -31,7 +31,8 @@ The policy, in three parts:
    1,000; one ``malloc_trim(0)`` brings it back to ~0.4 GB. Trimming after every step, or a low
    fixed mmap threshold (:func:`configure_malloc`, opt-in with ``EPIFLOW_MMAP_THRESHOLD=bytes``, or
    glibc's ``MALLOC_MMAP_THRESHOLD_``), keeps the RSS there but costs +50-90 % CPU per tiny step
-   (the pages are faulted in again); see ``benchmarks/bench_rss.py``.
+   (the pages are faulted in again); the default interval costs 5-10 % and halves the growth rate
+   on the demo corpus without stopping it; see ``benchmarks/bench_rss.py``.
 
 Library use (``import epiflow.train``) leaves the process's settings alone; call
 ``epiflow.threads.apply(n)`` / ``start_malloc_trimmer()`` there to get the same behaviour (the wait
