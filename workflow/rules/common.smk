@@ -345,6 +345,7 @@ def pretrain_args():
         "--k-schedule " + ",".join(str(k) for k in p["k_schedule"]),
         f"--rlm-epochs {p['rlm_epochs']}",
         opt("--cca-max-pos", p["cca_max_pos"]),
+        f"--cca-negatives {p.get('cca_negatives', 'uniform')}",
         f"--seed {p['seed']}",
         f"--eval-fraction {p['eval_fraction']}",
         f"--ckpt-every {p['ckpt_every']}",

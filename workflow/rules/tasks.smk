@@ -105,6 +105,7 @@ rule evaluate_features:
         dataset=lambda w: "" if w.fe_dataset == "all" else f"--dataset {w.fe_dataset}",
         label_key=FE_CFG["label_key"],
         lsi=FE_CFG["lsi_components"],
+        lsi_recipe=FE_CFG.get("lsi_recipe", "plain+l2"),
         neighbors=FE_CFG["n_neighbors"],
         seed=FE_CFG["seed"],
         model=FE_MODEL_ARGS,
@@ -112,7 +113,7 @@ rule evaluate_features:
     shell:
         "python -m epiflow evaluate-features --embeddings EpiAgent={input.embeddings}"
         " --corpus {input.corpus} {params.dataset} --label-key {params.label_key}"
-        " --lsi-components {params.lsi} --n-neighbors {params.neighbors}"
+        " --lsi-components {params.lsi} --lsi-recipe {params.lsi_recipe} --n-neighbors {params.neighbors}"
         " --checkpoint {input.checkpoint} {params.model}"
         " {params.trajectory} --seed {params.seed} --out-dir {params.outdir} > {log} 2>&1"
 
@@ -146,6 +147,7 @@ use rule evaluate_features as evaluate_features_trajectory with:
         dataset=lambda w: "" if w.fe_dataset == "all" else f"--dataset {w.fe_dataset}",
         label_key=FE_CFG["label_key"],
         lsi=FE_CFG["lsi_components"],
+        lsi_recipe=FE_CFG.get("lsi_recipe", "plain+l2"),
         neighbors=FE_CFG["n_neighbors"],
         seed=FE_CFG["seed"],
         model=FE_MODEL_ARGS,

@@ -44,6 +44,9 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rlm-epochs", type=int, default=2, help="RLM warm-up epochs (default 2)")
     p.add_argument("--cca-max-pos", type=int, default=None,
                    help="cap CCA positives per cell (default: all accessible cCREs, as the paper)")
+    p.add_argument("--cca-negatives", choices=["uniform", "df"], default="uniform",
+                   help="CCA negatives drawn uniformly from the inaccessible cCREs (default, the paper) or in "
+                        "proportion to their corpus document frequency (df: popularity-matched, issue #15)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-fraction", type=float, default=0.05, help="held-out cells for eval.json")
     p.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
@@ -73,7 +76,8 @@ def config_from_args(args):
         weight_decay=args.weight_decay, clip_grad=(args.clip_grad or None), batch_tokens=args.batch_tokens,
         max_cells=args.max_cells, grad_accum=args.grad_accum, max_len=args.max_len,
         k_schedule=tuple(args.k_schedule), k_epochs_per_block=args.k_epochs_per_block,
-        rlm_epochs=args.rlm_epochs, cca_max_pos=args.cca_max_pos, seed=args.seed,
+        rlm_epochs=args.rlm_epochs, cca_max_pos=args.cca_max_pos,
+        cca_negatives=args.cca_negatives, seed=args.seed,
         eval_fraction=args.eval_fraction, ckpt_every=args.ckpt_every, resume=args.resume, device=args.device,
         backend=args.backend, precision=args.precision, compile=args.compile, memory_lean=args.memory_lean,
         lean_momentum=args.lean_momentum, gradient_checkpointing=args.gradient_checkpointing,

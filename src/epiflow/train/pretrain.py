@@ -57,6 +57,7 @@ from .rng import mix64
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "epiflow-train-state"
+CCA_NEGATIVES = ("uniform", "df")
 
 
 @dataclass
@@ -87,6 +88,7 @@ class PretrainConfig:
     w_cca: float = 1.0
     w_rlm: float = 1.0
     cca_max_pos: int | None = None
+    cca_negatives: str = "uniform"         # uniform (paper) | df: drawn in proportion to the corpus df
     seed: int = 0
     eval_fraction: float = 0.05
     eval_max_cells: int = 2000
@@ -125,6 +127,9 @@ class PretrainConfig:
             bad("rlm_fraction", f"must be in [0, 1], got {self.rlm_fraction}")
         if self.precision not in ("auto", "fp32", "bf16"):
             bad("precision", f"unknown precision {self.precision!r}", "use auto, fp32 or bf16")
+        if self.cca_negatives not in CCA_NEGATIVES:
+            bad("cca_negatives", f"unknown CCA negative sampling {self.cca_negatives!r}",
+                f"use one of {', '.join(CCA_NEGATIVES)} (uniform = the paper)")
         if not 0.0 <= self.eval_fraction < 1.0:
             bad("eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         return self
@@ -138,6 +143,7 @@ class PretrainConfig:
     # settings that must not change when resuming (they define the data order and the model)
     RESUME_KEYS = ("model_config", "model_overrides", "dropout", "seed", "batch_tokens", "max_cells",
                    "grad_accum", "max_len", "k_schedule", "k_epochs_per_block", "rlm_epochs", "epochs",
+                   "cca_negatives",
                    "eval_fraction", "eval_max_cells", "window_shards", "bucket_cells", "memory_lean",
                    "schedule", "lr", "warmup", "max_steps")
 
@@ -254,6 +260,23 @@ def _autocast_dtype(cfg: PretrainConfig, device):
 
 def _cell_lengths(index, uids):
     return index.lengths[np.asarray(uids, dtype=np.int64)]
+
+
+def _negative_weights(cfg: PretrainConfig, corpus_dir: Path, n_ccres: int):
+    """Sampling weights of the CCA negatives: None (uniform, the paper) or the corpus df (``df``)."""
+    if cfg.cca_negatives == "uniform":
+        return None
+    path = Path(corpus_dir) / "df.npy"
+    try:
+        df = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cca_negatives 'df' needs the corpus document frequencies ({exc})", path=str(path),
+                          field="cca_negatives", fix="rebuild the corpus, or use cca_negatives uniform") from None
+    df = np.asarray(df, dtype=np.float64).ravel()
+    if len(df) != n_ccres or not np.all(np.isfinite(df)) or (df < 0).any() or df.sum() <= 0:
+        raise ConfigError(f"the corpus df has {len(df)} values (corpus: {n_ccres} cCREs) or invalid entries",
+                          path=str(path), field="cca_negatives", fix="rebuild the corpus")
+    return df
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -387,6 +410,7 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
     autocast_dtype = _autocast_dtype(cfg, dev)
     weights = (cfg.w_sr, cfg.w_cca, cfg.w_rlm)
     n_blocks = cfg.k_epochs_per_block
+    neg_weights = _negative_weights(cfg, corpus_dir, index.n_ccres)
 
     pbar = None
     if cfg.progress and info.is_main:
@@ -412,7 +436,8 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
         first = (step - epoch_start) * cfg.grad_accum
         last_micro = min(n_steps, total_steps - epoch_start) * cfg.grad_accum
         bcfg = BatchConfig(n_ccres=index.n_ccres, max_len=cfg.max_len, k=k, rlm=rlm,
-                           rlm_fraction=cfg.rlm_fraction, seed=cfg.seed, cca_max_pos=cfg.cca_max_pos)
+                           rlm_fraction=cfg.rlm_fraction, seed=cfg.seed, cca_max_pos=cfg.cca_max_pos,
+                           neg_weights=neg_weights)
         stream = MicroBatchStream(index, plan, epoch, first, info.rank, info.world_size, bcfg,
                                   cache_shards=cfg.window_shards + 1, stop=last_micro)
         it = iter(loader(stream, cfg.num_workers, pin_memory=(dev.type == "cuda")))
