@@ -177,3 +177,35 @@ def test_pretrain_with_df_negatives_runs(tmp_path):
         model_config="tiny", max_steps=3, epochs=1, batch_tokens=512, progress=False, device="cpu",
         cca_negatives="df", eval_fraction=0.1, ckpt_every=0))
     assert s["steps"] == 3 and math.isfinite(s["last"]["loss"])
+
+
+def test_cli_embed_readout_mean(fixtures_dir, tmp_path):
+    """``epiflow embed --readout mean`` writes the mean-pooled embedding (default stays [CLS])."""
+    import anndata as ad
+
+    from epiflow.cli import main as cli_main
+    from epiflow.model import load_epiagent_checkpoint
+
+    d = np.load(fixtures_dir / "tokenization_io.npz", allow_pickle=False)
+    counts = sp.csr_matrix((d["counts_data"], d["counts_indices"], d["counts_indptr"]),
+                           shape=tuple(d["counts_shape"]))[:12]
+    import pandas as pd
+
+    h5ad = tmp_path / "counts.h5ad"
+    ad.AnnData(X=counts, obs=pd.DataFrame(index=[f"c{i}" for i in range(12)])).write_h5ad(h5ad)
+    np.save(tmp_path / "df.npy", d["df"])
+    ckpt = fixtures_dir / "epiagent_tiny.pth"
+    outs = {}
+    for readout in ("cls", "mean"):
+        out = tmp_path / f"{readout}.h5ad"
+        assert cli_main(["embed", "--checkpoint", str(ckpt), "--num-heads", "4", "--input", str(h5ad),
+                         "--df", str(tmp_path / "df.npy"), "--out", str(out), "--device", "cpu",
+                         "--no-progress", "--readout", readout]) == 0
+        outs[readout] = ad.read_h5ad(out).obsm["X_epiagent"]
+    model = load_epiagent_checkpoint(ckpt, num_heads=4)
+    from epiflow.model import embed
+
+    a = ad.read_h5ad(h5ad)
+    want = embed(a, model, df=d["df"], device="cpu", progress=False, readout="mean").obsm["X_epiagent"]
+    np.testing.assert_allclose(outs["mean"], want, atol=1e-5, rtol=1e-5)
+    assert not np.allclose(outs["cls"], outs["mean"])

@@ -22,7 +22,8 @@ rule embed:
         heads=opt("--num-heads", config["model"]["num_heads"]),
         batch_tokens=config["embed"]["batch_tokens"],
         device=opt("--device", device_arg(config["embed"]["device"])),
+        readout=config["embed"].get("readout", "cls"),
     shell:
         "python -m epiflow embed --checkpoint {input.checkpoint} --corpus {input.corpus}"
         " --backend {params.backend} {params.heads} --batch-tokens {params.batch_tokens}"
-        " {params.device} --no-progress --out {output.h5ad} > {log} 2>&1"
+        " {params.device} --readout {params.readout} --no-progress --out {output.h5ad} > {log} 2>&1"
