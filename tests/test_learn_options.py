@@ -209,3 +209,16 @@ def test_cli_embed_readout_mean(fixtures_dir, tmp_path):
     want = embed(a, model, df=d["df"], device="cpu", progress=False, readout="mean").obsm["X_epiagent"]
     np.testing.assert_allclose(outs["mean"], want, atol=1e-5, rtol=1e-5)
     assert not np.allclose(outs["cls"], outs["mean"])
+
+
+def test_pretrain_cli_init_and_negatives_flags():
+    import argparse
+
+    from epiflow.train.cli import add_pretrain_args, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_pretrain_args(p)
+    c = config_from_args(p.parse_args(["--corpus", "c", "--out", "o", "--init", "bert", "--cca-negatives", "df"]))
+    assert c.model_overrides == {"init": "bert"} and c.cca_negatives == "df"
+    c = config_from_args(p.parse_args(["--corpus", "c", "--out", "o"]))
+    assert c.model_overrides == {} and c.cca_negatives == "uniform"  # the paper's defaults

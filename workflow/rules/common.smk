@@ -332,6 +332,7 @@ def pretrain_args():
     m, p = config["model"], config["pretrain"]
     parts = [
         f"--model-config {m['preset']}",
+        opt("--init", m.get("init")),
         f"--backend {m['backend']}",
         f"--epochs {p['epochs']}",
         opt("--max-steps", p["max_steps"]),

@@ -22,6 +22,9 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (checkpoint.pth, train_state.pt, metrics.csv, ...)")
     p.add_argument("--model-config", default="tiny", help="preset tiny|small|paper or a JSON file (default tiny)")
     p.add_argument("--dropout", type=float, default=None, help="override the model dropout")
+    p.add_argument("--init", choices=["authors", "bert"], default=None,
+                   help="parameter initialisation: authors = PyTorch defaults, N(0, 1) embeddings (the preset's "
+                        "default); bert = N(0, 0.02) for embeddings and linear layers (an option, issue #15)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (inverse_sqrt: see --schedule)")
@@ -71,7 +74,8 @@ def config_from_args(args):
     from .pretrain import PretrainConfig
 
     return PretrainConfig(
-        model_config=args.model_config, dropout=args.dropout, epochs=args.epochs, max_steps=args.max_steps,
+        model_config=args.model_config, dropout=args.dropout,
+        model_overrides={} if args.init is None else {"init": args.init}, epochs=args.epochs, max_steps=args.max_steps,
         lr=args.lr, schedule=args.schedule, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
         weight_decay=args.weight_decay, clip_grad=(args.clip_grad or None), batch_tokens=args.batch_tokens,
         max_cells=args.max_cells, grad_accum=args.grad_accum, max_len=args.max_len,
