@@ -230,6 +230,15 @@ def run(args) -> dict:
         row[f"zs[{readout}]"] = {**score(emb, labels, args.seed), "embed_s": round(time.time() - t1, 1)}
         z = (emb - emb.mean(0)) / (emb.std(0) + 1e-6)
         row[f"zs[{readout},z]"] = score(z, labels, args.seed)
+    if args.finetune_epochs > 0:  # the feature-extraction task's fine-tuning (CCA K=1 + SR) on the held-out cells
+        from epiflow.tasks.features_finetune import finetune_embeddings
+
+        t1 = time.time()
+        ft = finetune_embeddings(out_dir / "checkpoint.pth", work / "corpus_held", epochs=args.finetune_epochs,
+                                 lr=args.finetune_lr, max_len=max_len, seed=args.seed, device="cpu",
+                                 zero_shot=False, progress=False)
+        row["ft[cls]"] = {**score(ft["finetuned"], labels, args.seed), "epochs": args.finetune_epochs,
+                          "lr": args.finetune_lr, "steps": ft.get("steps"), "ft_s": round(time.time() - t1, 1)}
     row["total_wall_s"] = round(time.time() - t0, 1)
     (out_dir / "result.json").write_text(json.dumps(row, indent=2, default=str))
     table = Path(args.table) if args.table else work / "sweep.tsv"
@@ -239,7 +248,7 @@ def run(args) -> dict:
             fh.write("name\tpreset\tsteps\tepochs\tpretrain_wall_s\theldout_cca_auroc\tdf_only_auroc\t"
                      "readouts\toptions\n")
         ro = "; ".join(f"{k}: NMI {v['NMI']:.3f} ARI {v['ARI']:.3f}" for k, v in row.items()
-                       if k.startswith("zs["))
+                       if k.startswith(("zs[", "ft[")))
         fh.write(f"{args.name}\t{args.preset}\t{row['steps']}\t{row['epochs']}\t{row['pretrain_wall_s']}\t"
                  f"{row['heldout_cca_auroc']}\t{row['df_only_auroc']}\t{ro}\t{json.dumps(row['options'])}\n")
     print(json.dumps(row, indent=2, default=str))
@@ -262,6 +271,8 @@ def main(argv=None):
     p.add_argument("--model", action="append", default=[], help="model-config field=value (repeatable)")
     p.add_argument("--readouts", nargs="+", default=["cls"])
     p.add_argument("--table", default=None)
+    p.add_argument("--finetune-epochs", type=int, default=0, help="also fine-tune on the held-out cells (CCA + SR)")
+    p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--steps-only-eval", action="store_true", help="re-evaluate an existing run folder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -222,3 +222,28 @@ def test_pretrain_cli_init_and_negatives_flags():
     assert c.model_overrides == {"init": "bert"} and c.cca_negatives == "df"
     c = config_from_args(p.parse_args(["--corpus", "c", "--out", "o"]))
     assert c.model_overrides == {} and c.cca_negatives == "uniform"  # the paper's defaults
+
+
+def test_evaluate_cca_reports_the_popularity_only_auroc(tmp_path):
+    """eval.json carries the AUROC of the cell-independent df score next to the CCA AUROC; on the toy
+    corpus, whose accessibility is cell-type specific, df alone is informative but not perfect."""
+    import json
+
+    from epiflow.train.data import build_index
+    from epiflow.train.pretrain import PretrainConfig, evaluate_cca, pretrain
+    from epiflow.train.toy import write_toy_corpus
+    from epiflow.model import from_config
+
+    corpus = write_toy_corpus(tmp_path / "corpus")
+    s = pretrain(corpus, tmp_path / "run", PretrainConfig(
+        model_config="tiny", max_steps=2, epochs=1, batch_tokens=512, progress=False, device="cpu",
+        eval_fraction=0.1, ckpt_every=0))
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert ev == s["eval"] and 0.5 < ev["cca_auroc_df_only"] < 1.0
+    # without df: no popularity field; a constant df scores 0.5
+    index = build_index(corpus)
+    model = from_config(EpiAgentConfig.preset("tiny", n_ccres=index.n_ccres))
+    uids = np.arange(20)
+    assert "cca_auroc_df_only" not in evaluate_cca(model, index, uids, max_len=62, seed=0)
+    ev2 = evaluate_cca(model, index, uids, max_len=62, seed=0, df=np.ones(index.n_ccres))
+    assert ev2["cca_auroc_df_only"] == pytest.approx(0.5)
