@@ -23,6 +23,7 @@ One TSV row per run is appended to ``--table`` (default ``WORK/sweep.tsv``); the
     OMP_NUM_THREADS=1 python benchmarks/transfer_sweep.py prepare
     OMP_NUM_THREADS=1 python benchmarks/transfer_sweep.py baselines
     OMP_NUM_THREADS=1 python benchmarks/transfer_sweep.py run --name base --set epochs=6 --set lr=0.002
+    OMP_NUM_THREADS=1 python benchmarks/transfer_sweep.py lsi-grid --h5ad ../shared/data/buenrostro2018_bm0828.h5ad
 """
 
 from __future__ import annotations
@@ -158,6 +159,26 @@ def baselines(work: Path, seed: int = 0) -> dict:
     return res
 
 
+def lsi_grid(h5ad: Path, seeds=(0, 1)) -> dict:
+    """Every LSI recipe on the raw peaks of an h5ad (obs ``cell_type``), Leiden seeds averaged."""
+    import anndata as ad
+
+    from epiflow.baselines.lsi import LSI_RECIPES, lsi
+    from epiflow.metrics.clustering import clustering_scores, leiden_bisect
+
+    a = ad.read_h5ad(h5ad)
+    x = a.X.tocsr()
+    keep = np.diff(x.indptr) > 0
+    x, lab = x[keep], a.obs["cell_type"].astype(str).to_numpy()[keep]
+    out = {}
+    for recipe in LSI_RECIPES:
+        emb = lsi(x, 50, recipe=recipe, seed=0)
+        s = [clustering_scores(lab, leiden_bisect(emb, len(set(lab)), seed=sd)[0]) for sd in seeds]
+        out[recipe] = {m: round(float(np.mean([v[m] for v in s])), 4) for m in ("NMI", "ARI")}
+        log.info("%s %s %s", h5ad.name, recipe, out[recipe])
+    return out
+
+
 def df_auroc(model, index, uids, max_len: int, seed: int, df: np.ndarray) -> float:
     """AUROC of a cell-independent score (corpus df of the queried cCRE) on the held-out CCA queries."""
     from sklearn.metrics import roc_auc_score
@@ -257,7 +278,8 @@ def run(args) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("prepare", "baselines", "run"))
+    p.add_argument("what", choices=("prepare", "baselines", "run", "lsi-grid"))
+    p.add_argument("--h5ad", nargs="*", default=[], help="lsi-grid: h5ad files of raw peak counts")
     p.add_argument("--work", default=str(ROOT / "results" / "transfer"))
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--heldout", type=float, default=0.25)
@@ -276,6 +298,9 @@ def main(argv=None):
     p.add_argument("--steps-only-eval", action="store_true", help="re-evaluate an existing run folder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.what == "lsi-grid":
+        print(json.dumps({Path(h).name: lsi_grid(Path(h)) for h in args.h5ad}, indent=2))
+        return
     work = Path(args.work)
     info = prepare(work, Path(args.data), args.heldout, args.seed, args.min_cells, args.min_ccres, args.max_cells)
     if args.what == "prepare":
