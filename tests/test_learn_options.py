@@ -218,10 +218,13 @@ def test_pretrain_cli_init_and_negatives_flags():
 
     p = argparse.ArgumentParser()
     add_pretrain_args(p)
-    c = config_from_args(p.parse_args(["--corpus", "c", "--out", "o", "--init", "bert", "--cca-negatives", "df"]))
+    c = config_from_args(p.parse_args(["--corpus", "c", "--out", "o", "--init", "bert", "--cca-negatives", "df",
+                                       "--w-sr", "0.1", "--w-rlm", "2"]))
     assert c.model_overrides == {"init": "bert"} and c.cca_negatives == "df"
+    assert (c.w_sr, c.w_cca, c.w_rlm) == (0.1, 1.0, 2.0)
     c = config_from_args(p.parse_args(["--corpus", "c", "--out", "o"]))
     assert c.model_overrides == {} and c.cca_negatives == "uniform"  # the paper's defaults
+    assert (c.w_sr, c.w_cca, c.w_rlm) == (1.0, 1.0, 1.0)
 
 
 def test_evaluate_cca_reports_the_popularity_only_auroc(tmp_path):
