@@ -24,6 +24,7 @@ One TSV row per run is appended to ``--table`` (default ``WORK/sweep.tsv``); the
     OMP_NUM_THREADS=1 python benchmarks/transfer_sweep.py baselines
     OMP_NUM_THREADS=1 python benchmarks/transfer_sweep.py run --name base --set epochs=6 --set lr=0.002
     OMP_NUM_THREADS=1 python benchmarks/transfer_sweep.py lsi-grid --h5ad ../shared/data/buenrostro2018_bm0828.h5ad
+    OMP_NUM_THREADS=1 python benchmarks/transfer_sweep.py diagnose --name base   # depth structure, Leiden seeds
 """
 
 from __future__ import annotations
@@ -179,6 +180,34 @@ def lsi_grid(h5ad: Path, seeds=(0, 1)) -> dict:
     return out
 
 
+def diagnose(work: Path, name: str, seeds=(1, 2, 3)) -> dict:
+    """Depth structure of a run's held-out embeddings: variance fraction and |Spearman with the number
+    of accessible cCREs| of the first 5 PCs, NMI / ARI after regressing log depth out, and the
+    Leiden-seed spread of the plain [CLS] scores."""
+    from scipy.stats import spearmanr
+
+    from epiflow.model import load_epiagent_checkpoint
+    from epiflow.model.inference import embed
+
+    counts, labels, _ = held_out(work)
+    depth = np.diff(counts.indptr)
+    model = load_epiagent_checkpoint(work / "runs" / name / "checkpoint.pth").eval()
+    out = {}
+    for readout in ("cls", "mean"):
+        e = embed(work / "corpus_held", model, progress=False, device="cpu", readout=readout).obsm["X_epiagent"]
+        u, sv, _ = np.linalg.svd(e - e.mean(0), full_matrices=False)
+        pcs = u * sv
+        x = np.c_[np.ones(len(depth)), np.log(depth)]
+        resid = e - x @ np.linalg.lstsq(x, e, rcond=None)[0]
+        out[readout] = {
+            "pc_var_frac": np.round(sv[:5] ** 2 / (sv ** 2).sum(), 3).tolist(),
+            "pc_abs_spearman_depth": [round(abs(float(spearmanr(pcs[:, i], depth).statistic)), 3) for i in range(5)],
+            "depth_regressed": score(resid, labels),
+            "leiden_seeds": {sd: score(e, labels, sd) for sd in seeds},
+        }
+    return out
+
+
 def df_auroc(model, index, uids, max_len: int, seed: int, df: np.ndarray) -> float:
     """AUROC of a cell-independent score (corpus df of the queried cCRE) on the held-out CCA queries."""
     from sklearn.metrics import roc_auc_score
@@ -278,7 +307,7 @@ def run(args) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("prepare", "baselines", "run", "lsi-grid"))
+    p.add_argument("what", choices=("prepare", "baselines", "run", "lsi-grid", "diagnose"))
     p.add_argument("--h5ad", nargs="*", default=[], help="lsi-grid: h5ad files of raw peak counts")
     p.add_argument("--work", default=str(ROOT / "results" / "transfer"))
     p.add_argument("--data", default=str(DEFAULT_DATA))
@@ -305,6 +334,8 @@ def main(argv=None):
     info = prepare(work, Path(args.data), args.heldout, args.seed, args.min_cells, args.min_ccres, args.max_cells)
     if args.what == "prepare":
         print(json.dumps(info, indent=2))
+    elif args.what == "diagnose":
+        print(json.dumps(diagnose(work, args.name), indent=2))
     elif args.what == "baselines":
         print(json.dumps(baselines(work, args.seed), indent=2))
     else:
