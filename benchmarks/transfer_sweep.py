@@ -200,7 +200,7 @@ def diagnose(work: Path, name: str, seeds=(1, 2, 3)) -> dict:
         x = np.c_[np.ones(len(depth)), np.log(depth)]
         resid = e - x @ np.linalg.lstsq(x, e, rcond=None)[0]
         out[readout] = {
-            "pc_var_frac": np.round(sv[:5] ** 2 / (sv ** 2).sum(), 3).tolist(),
+            "pc_var_frac": [round(float(v), 3) for v in sv[:5] ** 2 / (sv ** 2).sum()],
             "pc_abs_spearman_depth": [round(abs(float(spearmanr(pcs[:, i], depth).statistic)), 3) for i in range(5)],
             "depth_regressed": score(resid, labels),
             "leiden_seeds": {sd: score(e, labels, sd) for sd in seeds},
