@@ -44,15 +44,19 @@ def test_tfidf_known_values():
 
 def test_lsi_drops_depth_component_and_separates_types():
     x, y = typed_counts()
-    emb, info = lsi(x, n_components=20, return_info=True)
+    # the log TF-IDF (former default) has a depth first component; the default (plain) one does not here
+    emb, info = lsi(x, n_components=20, return_info=True, recipe="log+us")
     assert abs(info["depth_spearman"]) > 0.9 and info["dropped_first"]
     assert emb.shape == (x.shape[0], 19) and emb.dtype == np.float32
     labels, _, reached = leiden_bisect(emb, 3, n_neighbors=10)
     assert reached
     assert clustering_scores(y, labels) == pytest.approx({"NMI": 1.0, "ARI": 1.0})
     # forced choices
-    assert lsi(x, 20, drop_first=False).shape == (x.shape[0], 20)
-    np.testing.assert_allclose(lsi(x, 20, drop_first=True), emb)  # deterministic for a seed
+    assert lsi(x, 20, drop_first=False, recipe="log+us").shape == (x.shape[0], 20)
+    np.testing.assert_allclose(lsi(x, 20, drop_first=True, recipe="log+us"), emb)  # deterministic for a seed
+    # the default recipe separates the types too
+    labels, _, _ = leiden_bisect(lsi(x, 20), 3, n_neighbors=10)
+    assert clustering_scores(y, labels)["NMI"] > 0.95
 
 
 def test_lsi_keeps_first_component_without_depth_variation():
@@ -83,7 +87,7 @@ def test_lsi_errors_and_clipping():
 @pytest.mark.realdata
 def test_lsi_real_data_drops_depth(data_dir):
     a = ad.read_h5ad(data_dir / "buenrostro2018_bm0828.h5ad")
-    emb, info = lsi(a.X, 30, return_info=True)
+    emb, info = lsi(a.X, 30, return_info=True, recipe="log+us")
     assert info["dropped_first"] and abs(info["depth_spearman"]) > 0.9
     assert emb.shape == (a.n_obs, 29)
 

@@ -602,6 +602,7 @@ def pretrain_args():
     m, p = config["model"], config["pretrain"]
     parts = [
         f"--model-config {m['preset']}",
+        opt("--init", m.get("init")),
         f"--backend {m['backend']}",
         f"--epochs {p['epochs']}",
         opt("--max-steps", p["max_steps"]),
@@ -615,6 +616,8 @@ def pretrain_args():
         "--k-schedule " + ",".join(str(k) for k in p["k_schedule"]),
         f"--rlm-epochs {p['rlm_epochs']}",
         opt("--cca-max-pos", p["cca_max_pos"]),
+        f"--cca-negatives {p.get('cca_negatives', 'uniform')}",
+        f"--w-sr {p.get('w_sr', 1.0)} --w-cca {p.get('w_cca', 1.0)} --w-rlm {p.get('w_rlm', 1.0)}",
         f"--seed {p['seed']}",
         f"--eval-fraction {p['eval_fraction']}",
         f"--ckpt-every {p['ckpt_every']}",

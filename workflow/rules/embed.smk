@@ -22,10 +22,11 @@ rule embed:
         heads=opt("--num-heads", config["model"]["num_heads"]),
         batch_tokens=config["embed"]["batch_tokens"],
         device=opt("--device", device_arg(config["embed"]["device"])),
+        readout=config["embed"].get("readout", "cls"),
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow embed --checkpoint {input.checkpoint:q} --corpus {input.corpus:q}'
         " --backend {params.backend} {params.heads} --batch-tokens {params.batch_tokens}"
-        " {params.device} --no-progress --out {output.h5ad:q} > {log:q} 2>&1"
+        " {params.device} --readout {params.readout} --no-progress --out {output.h5ad:q} > {log:q} 2>&1"
 
 
 # the same for the cells of one downstream dataset (its folder of rule downstream_corpus)

@@ -106,6 +106,7 @@ rule evaluate_features:
         dataset=lambda w: "" if w.fe_dataset == "all" else f"--dataset {w.fe_dataset}",
         label_key=FE_CFG["label_key"],
         lsi=FE_CFG["lsi_components"],
+        lsi_recipe=FE_CFG.get("lsi_recipe", "plain+l2"),
         neighbors=FE_CFG["n_neighbors"],
         seed=FE_CFG["seed"],
         model=FE_MODEL_ARGS,
@@ -113,7 +114,7 @@ rule evaluate_features:
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow evaluate-features --embeddings EpiAgent={input.embeddings:q}'
         " --corpus {input.corpus:q} {params.dataset} --label-key {params.label_key}"
-        " --lsi-components {params.lsi} --n-neighbors {params.neighbors}"
+        " --lsi-components {params.lsi} --lsi-recipe {params.lsi_recipe} --n-neighbors {params.neighbors}"
         " --checkpoint {input.checkpoint:q} {params.model}"
         " {params.trajectory} --seed {params.seed} --out-dir {params.outdir:q} > {log:q} 2>&1"
 
@@ -147,6 +148,7 @@ use rule evaluate_features as evaluate_features_trajectory with:
         dataset=lambda w: "" if w.fe_dataset == "all" else f"--dataset {w.fe_dataset}",
         label_key=FE_CFG["label_key"],
         lsi=FE_CFG["lsi_components"],
+        lsi_recipe=FE_CFG.get("lsi_recipe", "plain+l2"),
         neighbors=FE_CFG["n_neighbors"],
         seed=FE_CFG["seed"],
         model=FE_MODEL_ARGS,

@@ -7,13 +7,25 @@ Recipe (Cusanovich et al. 2018 / ArchR / Signac style), all on a cells x cCREs (
    IDF = log(1 + n_cells / (1 + number of cells in which the feature is accessible));
    TF-IDF = log1p(TF * IDF * 1e4)  (features never accessible are all zero and drop out);
 3. ``sklearn.decomposition.TruncatedSVD`` (randomized, ``random_state=seed``), cell coordinates
-   U * S; the components are not otherwise scaled;
+   U * S;
 4. the first component of LSI on scATAC data usually tracks sequencing depth rather than biology:
    with ``drop_first='auto'`` it is dropped when ``|Spearman(component 1, depth)| > 0.9``, where depth
    is the number of accessible features per cell; ``True`` / ``False`` force it.
 
 The result has ``n_components`` columns, or ``n_components - 1`` when the first was dropped
 (as in Signac's habit of computing 50 and using 2:50).
+
+Recipes (``recipe='TFIDF+SCALE'``; the field's variants differ by ~0.1 NMI on the same cells, see
+docs/results_notes.md #15):
+
+* TF-IDF ``log`` (above: ``log1p(TF * log-IDF * 1e4)``, ArchR's default), ``plain`` (``TF * log-IDF``,
+  no outer log: Cusanovich 2018 / SnapATAC), ``signac`` (``log1p(TF * n_cells / n_open * 1e4)``,
+  Signac ``RunTFIDF`` method 1);
+* scaling of the kept components: ``us`` (U * S, unscaled), ``zscore`` (each component z-scored
+  over cells, = Signac ``RunSVD(scale.embeddings = TRUE)``), ``l2`` (each cell's vector L2-normalised).
+
+``DEFAULT_RECIPE`` (``plain+l2``) had the best mean NMI and ARI over three real bone-marrow sets (#15);
+``log+us`` is the former default.
 """
 
 from __future__ import annotations
@@ -28,25 +40,59 @@ from ..errors import EpiflowError
 log = logging.getLogger(__name__)
 
 DEPTH_SPEARMAN_THRESHOLD = 0.9
+TFIDF_KINDS = ("log", "plain", "signac")
+SCALINGS = ("us", "zscore", "l2")
+LSI_RECIPES = tuple(f"{t}+{s}" for t in TFIDF_KINDS for s in SCALINGS)
+DEFAULT_RECIPE = "plain+l2"
 
 
-def tfidf_lsi_matrix(counts) -> sp.csr_matrix:
-    """The log TF-IDF matrix of step 1-2 above (CSR float32, cells x features)."""
+def parse_recipe(recipe: str | None) -> tuple[str, str]:
+    """``'TFIDF+SCALE'`` -> ``(tfidf, scaling)`` (None = :data:`DEFAULT_RECIPE`); clear error otherwise."""
+    r = DEFAULT_RECIPE if recipe is None else str(recipe)
+    parts = r.split("+")
+    if len(parts) != 2 or parts[0] not in TFIDF_KINDS or parts[1] not in SCALINGS:
+        raise EpiflowError(f"unknown LSI recipe {recipe!r}", field="lsi_recipe",
+                           fix=f"use TFIDF+SCALE with TFIDF in {TFIDF_KINDS} and SCALE in {SCALINGS}, "
+                               f"e.g. {DEFAULT_RECIPE}")
+    return parts[0], parts[1]
+
+
+def scale_components(emb: np.ndarray, scaling: str) -> np.ndarray:
+    """Scale LSI cell coordinates (``us``: unchanged, ``zscore``: per component, ``l2``: per cell)."""
+    emb = np.asarray(emb, dtype=np.float64)
+    if scaling == "zscore":
+        sd = emb.std(axis=0, ddof=1) if emb.shape[0] > 1 else np.ones(emb.shape[1])
+        return (emb - emb.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    if scaling == "l2":
+        n = np.linalg.norm(emb, axis=1, keepdims=True)
+        return emb / np.where(n > 0, n, 1.0)
+    return emb
+
+
+def tfidf_lsi_matrix(counts, kind: str = "log") -> sp.csr_matrix:
+    """The TF-IDF matrix of step 1-2 above (CSR float32, cells x features); ``kind`` see the recipes."""
+    if kind not in TFIDF_KINDS:
+        raise EpiflowError(f"unknown TF-IDF kind {kind!r}", field="lsi_recipe", fix=f"use one of {TFIDF_KINDS}")
     x = sp.csr_matrix(counts, dtype=np.float32, copy=True)
     x.eliminate_zeros()
     x.data[:] = 1.0
     n_cells = x.shape[0]
     depth = np.asarray(x.sum(axis=1)).ravel()
     df = np.bincount(x.indices, minlength=x.shape[1]).astype(np.float64)
-    idf = np.log1p(n_cells / (1.0 + df))
     rows = np.repeat(np.arange(n_cells), np.diff(x.indptr))
     with np.errstate(divide="ignore", invalid="ignore"):
         tf = x.data / depth[rows]
-    x.data = np.log1p(tf * idf[x.indices] * 1e4).astype(np.float32)
+        if kind == "signac":
+            x.data = np.log1p(tf * (n_cells / df)[x.indices] * 1e4).astype(np.float32)
+            return x
+    idf = np.log1p(n_cells / (1.0 + df))
+    v = tf * idf[x.indices]
+    x.data = (np.log1p(v * 1e4) if kind == "log" else v).astype(np.float32)
     return x
 
 
-def lsi(counts_csr, n_components: int = 50, drop_first="auto", seed: int = 0, *, return_info: bool = False):
+def lsi(counts_csr, n_components: int = 50, drop_first="auto", seed: int = 0, *, return_info: bool = False,
+        recipe: str | None = None):
     """LSI embedding of a cells x features count matrix (see the module docstring).
 
     Parameters
@@ -57,7 +103,8 @@ def lsi(counts_csr, n_components: int = 50, drop_first="auto", seed: int = 0, *,
     drop_first : ``'auto'`` (drop if ``|rho(comp1, depth)| > 0.9``), ``True`` or ``False``
     seed : ``random_state`` of the randomized SVD
     return_info : also return ``{'depth_spearman', 'dropped_first', 'n_components',
-        'explained_variance_ratio'}``
+        'explained_variance_ratio', 'recipe'}``
+    recipe : ``'TFIDF+SCALE'`` (module docstring); None = :data:`DEFAULT_RECIPE`
 
     Returns
     -------
@@ -68,12 +115,13 @@ def lsi(counts_csr, n_components: int = 50, drop_first="auto", seed: int = 0, *,
 
     if drop_first not in ("auto", True, False):
         raise EpiflowError(f"drop_first must be 'auto', True or False, got {drop_first!r}", field="drop_first")
+    kind, scaling = parse_recipe(recipe)
     if not sp.issparse(counts_csr):
         counts_csr = sp.csr_matrix(np.asarray(counts_csr))
     if counts_csr.ndim != 2:
         raise EpiflowError("counts must be a 2-d cells x features matrix", field="counts")
     n_cells, n_feat = counts_csr.shape
-    x = tfidf_lsi_matrix(counts_csr)
+    x = tfidf_lsi_matrix(counts_csr, kind)
     depth = np.diff(x.indptr)
     if (depth == 0).any():
         raise EpiflowError(f"{int((depth == 0).sum())} of {n_cells} cells have no accessible feature",
@@ -97,8 +145,9 @@ def lsi(counts_csr, n_components: int = 50, drop_first="auto", seed: int = 0, *,
     drop = bool(abs(rho) > DEPTH_SPEARMAN_THRESHOLD) if drop_first == "auto" else bool(drop_first)
     log.info("LSI: %d cells x %d features -> %d components; |Spearman(comp1, depth)| = %.3f%s",
              n_cells, n_feat, k, abs(rho), " -> first component dropped" if drop else "")
-    out = np.ascontiguousarray(emb[:, 1:] if drop else emb, dtype=np.float32)
+    out = np.ascontiguousarray(scale_components(emb[:, 1:] if drop else emb, scaling), dtype=np.float32)
     if return_info:
         return out, {"depth_spearman": rho, "dropped_first": drop, "n_components": int(out.shape[1]),
-                     "explained_variance_ratio": svd.explained_variance_ratio_.tolist()}
+                     "explained_variance_ratio": svd.explained_variance_ratio_.tolist(),
+                     "recipe": f"{kind}+{scaling}"}
     return out

@@ -26,6 +26,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-key", default=None,
                    help="obs column of integer batch ids (batch-conditioned checkpoints; default: none)")
     p.add_argument("--key", default="X_epiagent", help="obsm key")
+    p.add_argument("--readout", choices=["cls", "mean"], default="cls",
+                   help="cell embedding: encoder output at [CLS] (default, the paper) or the mean of the cCRE-token "
+                        "outputs (an option, docs/results_notes.md #15)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_embed)
 
@@ -54,7 +57,7 @@ def _embed(args: argparse.Namespace) -> int:
     model = load_epiagent_checkpoint(args.checkpoint, num_heads=args.num_heads, backend=backend,
                                      corpus=args.corpus)
     kw = dict(key=args.key, batch_key=args.batch_key, batch_tokens=args.batch_tokens, device=device,
-              progress=not args.no_progress)
+              progress=not args.no_progress, readout=args.readout)
     if args.corpus:
         result = embed(args.corpus, model, **kw)
     else:

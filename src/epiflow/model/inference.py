@@ -31,6 +31,25 @@ log = logging.getLogger(__name__)
 
 MAX_SENTENCE = 8190
 DEFAULT_BATCH_TOKENS = 65_536
+READOUTS = ("cls", "mean")
+
+
+def check_readout(readout: str) -> str:
+    """``cls`` (the paper: encoder output at [CLS]) or ``mean`` (mean of the cCRE-token outputs;
+    an option, issue #15)."""
+    if readout not in READOUTS:
+        raise InputFormatError(f"unknown cell-embedding readout {readout!r}", field="readout",
+                               fix=f"use one of {', '.join(READOUTS)} (cls = the paper)")
+    return readout
+
+
+def cell_readout(out, input_ids: torch.Tensor, readout: str = "cls") -> torch.Tensor:
+    """The cell embedding ``[B, D]`` of a padded model output: ``cls`` = ``out.cell_embedding``,
+    ``mean`` = the mean of the outputs at the cCRE tokens (ids > 3; not [CLS], [SEP] or padding)."""
+    if readout == "cls":
+        return out.cell_embedding
+    m = (input_ids >= 4).to(out.hidden.dtype)
+    return (out.hidden * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1.0)
 
 
 def default_device() -> torch.device:
@@ -78,8 +97,10 @@ def token_budget_batches(lengths, batch_tokens: int = DEFAULT_BATCH_TOKENS, max_
 def embed_sentences(model: EpiAgent, indptr: np.ndarray, tokens: np.ndarray, *, batch_ids: np.ndarray | None = None,
                     batch_tokens: int = DEFAULT_BATCH_TOKENS, device: str | torch.device | None = None,
                     backend: str | None = None, max_len: int = MAX_SENTENCE,
-                    progress: bool = True, desc: str = "embed") -> np.ndarray:
-    """Cell embeddings ``[n_cells, dim]`` (float32) of rank-ordered sentences (CSR ``indptr``/``tokens``)."""
+                    progress: bool = True, desc: str = "embed", readout: str = "cls") -> np.ndarray:
+    """Cell embeddings ``[n_cells, dim]`` (float32) of rank-ordered sentences (CSR ``indptr``/``tokens``);
+    ``readout`` see :func:`cell_readout`."""
+    check_readout(readout)
     device = default_device() if device is None else torch.device(device)
     max_len = min(int(max_len), model.config.max_rank - 2)
     indptr = np.asarray(indptr, dtype=np.int64)
@@ -107,7 +128,7 @@ def embed_sentences(model: EpiAgent, indptr: np.ndarray, tokens: np.ndarray, *, 
             for rows in batches:
                 ids = torch.from_numpy(build_input_ids(indptr, tokens, rows)).to(device, non_blocking=True)
                 b = None if batch_ids is None else torch.from_numpy(batch_ids[rows]).to(device)
-                emb = model(ids, batch_ids=b).cell_embedding
+                emb = cell_readout(model(ids, batch_ids=b), ids, readout)
                 out[rows] = emb.float().cpu().numpy()
                 bar.update(len(rows))
     finally:
@@ -145,7 +166,7 @@ def _anndata_sentences(adata, model, df, max_len):
 def embed(data: Any, model: EpiAgent, *, df: np.ndarray | None = None, key: str = "X_epiagent",
           batch_ids: np.ndarray | None = None, batch_key: str | None = None,
           batch_tokens: int = DEFAULT_BATCH_TOKENS, device: str | torch.device | None = None, backend: str | None = None,
-          max_len: int = MAX_SENTENCE, progress: bool = True) -> anndata.AnnData:
+          max_len: int = MAX_SENTENCE, progress: bool = True, readout: str = "cls") -> anndata.AnnData:
     """Embed cells with ``model`` and return an AnnData with ``obsm[key]``.
 
     ``data``: an AnnData of raw counts (cells x the model's cCREs; TF-IDF with ``df`` or
@@ -153,7 +174,8 @@ def embed(data: Any, model: EpiAgent, *, df: np.ndarray | None = None, key: str 
     :class:`~epiflow.corpus.shard.Shard`, a :class:`~epiflow.corpus.shard.Corpus`, or a path to a corpus
     folder / shard ``.h5`` / ``.h5ad``. Shards and corpora use their stored rank order (top
     ``max_len`` tokens). ``batch_ids`` (int per cell, -1 = none) or ``batch_key`` (an obs column of
-    integer batch ids) add the batch token of batch-conditioned models.
+    integer batch ids) add the batch token of batch-conditioned models. ``readout``: ``cls`` (the
+    paper) or ``mean`` (:func:`cell_readout`).
     """
     import anndata as ad
     import pandas as pd
@@ -169,7 +191,8 @@ def embed(data: Any, model: EpiAgent, *, df: np.ndarray | None = None, key: str 
         else:
             data = read_shard(p)
     kw: dict[str, Any] = dict(batch_tokens=batch_tokens, device=device, backend=backend, max_len=max_len,
-                              progress=progress)
+                              progress=progress,
+                              readout=check_readout(readout))
 
     def ids_for(obs):
         if batch_ids is not None:

@@ -52,7 +52,7 @@ def _evaluate_features(args: argparse.Namespace) -> int:
     adata, methods, info, cells = load_feature_inputs(
         embeddings, corpus=args.corpus, counts_h5ad=args.counts, embedding_key=args.embedding_key,
         label_key=args.label_key, dataset=args.dataset, lsi_components=args.lsi_components,
-        lsi_drop_first=drop, seed=args.seed, return_cells=True)
+        lsi_drop_first=drop, seed=args.seed, return_cells=True, lsi_recipe=args.lsi_recipe)
     dataset = args.dataset
     if dataset is None:
         ds = adata.obs["dataset"].astype(str).unique() if "dataset" in adata.obs else []
@@ -115,6 +115,11 @@ def register(subparsers) -> None:
     p.add_argument("--lsi-components", type=int, default=50, help="SVD components of LSI (default 50)")
     p.add_argument("--lsi-drop-first", choices=["auto", "yes", "no"], default="auto",
                    help="drop the first LSI component: auto = when |Spearman(comp1, depth)| > 0.9")
+    from ..baselines.lsi import DEFAULT_RECIPE, LSI_RECIPES
+
+    p.add_argument("--lsi-recipe", choices=LSI_RECIPES, default=DEFAULT_RECIPE,
+                   help=f"LSI TF-IDF + component scaling (default {DEFAULT_RECIPE}; log+us = the former default; "
+                        "see epiflow.baselines.lsi)")
     p.add_argument("--n-neighbors", type=int, default=15, help="kNN graph size (default 15)")
     p.add_argument("--max-iter", type=int, default=30, help="most Leiden runs of the bisection (default 30)")
     p.add_argument("--seed", type=int, default=0)

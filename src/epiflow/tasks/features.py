@@ -401,7 +401,7 @@ def corpus_counts(corpus_dir, keys: np.ndarray, *, use_dataset: bool):
 def load_feature_inputs(embeddings: Mapping[str, str | os.PathLike] | None = None, *, corpus=None,
                         counts_h5ad=None, embedding_key: str = "X_epiagent", label_key: str = "cell_type",
                         dataset: str | None = None, lsi_components: int = 50, lsi_drop_first="auto",
-                        seed: int = 0, return_cells: bool = False):
+                        seed: int = 0, return_cells: bool = False, lsi_recipe: str | None = None):
     """Assemble the AnnData evaluated by ``epiflow evaluate-features``.
 
     ``embeddings``: ``{method: path}`` of ``epiflow embed`` outputs (AnnData with ``obsm[embedding_key]``
@@ -409,7 +409,7 @@ def load_feature_inputs(embeddings: Mapping[str, str | os.PathLike] | None = Non
     ``corpus`` folder (cells matched on ``cell_id``, plus ``dataset`` when both sides have it) or from
     ``counts_h5ad`` (its ``X``, cells matched on ``obs_names``). Without embeddings the cells and labels
     are those of ``counts_h5ad``/the corpus and only LSI is evaluated. ``dataset`` keeps only the cells
-    whose ``obs['dataset']`` equals it.
+    whose ``obs['dataset']`` equals it. ``lsi_recipe``: :func:`epiflow.baselines.lsi` recipe (None = its default).
 
     Returns ``(adata, methods, lsi_info)``: ``adata.obsm`` holds ``X_<method>`` per embedding and
     ``X_lsi``; ``methods`` maps method names to those keys (LSI last). With ``return_cells`` a fourth
@@ -501,7 +501,8 @@ def load_feature_inputs(embeddings: Mapping[str, str | os.PathLike] | None = Non
     if base.n_obs == 0:
         raise EpiflowError("no cells to evaluate" + (f" for dataset '{dataset}'" if dataset else ""),
                            field="dataset")
-    emb, info = lsi(counts, n_components=lsi_components, drop_first=lsi_drop_first, seed=seed, return_info=True)
+    emb, info = lsi(counts, n_components=lsi_components, drop_first=lsi_drop_first, seed=seed, return_info=True,
+                    recipe=lsi_recipe)
     base.obsm["X_lsi"] = emb
     methods["LSI"] = "X_lsi"
     return (base, methods, info, cells) if return_cells else (base, methods, info)

@@ -22,6 +22,9 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (checkpoint.pth, train_state.pt, metrics.csv, ...)")
     p.add_argument("--model-config", default="tiny", help="preset tiny|small|paper or a JSON file (default tiny)")
     p.add_argument("--dropout", type=float, default=None, help="override the model dropout")
+    p.add_argument("--init", choices=["authors", "bert"], default=None,
+                   help="parameter initialisation: authors = PyTorch defaults, N(0, 1) embeddings (the preset's "
+                        "default); bert = N(0, 0.02) for embeddings and linear layers (an option, issue #15)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (inverse_sqrt: see --schedule)")
@@ -44,6 +47,12 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rlm-epochs", type=int, default=2, help="RLM warm-up epochs (default 2)")
     p.add_argument("--cca-max-pos", type=int, default=None,
                    help="cap CCA positives per cell (default: all accessible cCREs, as the paper)")
+    p.add_argument("--cca-negatives", choices=["uniform", "df"], default="uniform",
+                   help="CCA negatives drawn uniformly from the inaccessible cCREs (default, the paper) or in "
+                        "proportion to their corpus document frequency (df: popularity-matched, issue #15)")
+    p.add_argument("--w-sr", type=float, default=1.0, help="weight of the SR loss (default 1, the paper's sum)")
+    p.add_argument("--w-cca", type=float, default=1.0, help="weight of the CCA loss (default 1)")
+    p.add_argument("--w-rlm", type=float, default=1.0, help="weight of the RLM loss (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-fraction", type=float, default=0.05, help="held-out cells for eval.json")
     p.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
@@ -75,12 +84,14 @@ def config_from_args(args):
     from .pretrain import PretrainConfig
 
     return PretrainConfig(
-        model_config=args.model_config, dropout=args.dropout, epochs=args.epochs, max_steps=args.max_steps,
+        model_config=args.model_config, dropout=args.dropout,
+        model_overrides={} if args.init is None else {"init": args.init}, epochs=args.epochs, max_steps=args.max_steps,
         lr=args.lr, schedule=args.schedule, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
         weight_decay=args.weight_decay, clip_grad=(args.clip_grad or None), batch_tokens=args.batch_tokens,
         max_cells=args.max_cells, grad_accum=args.grad_accum, max_len=args.max_len,
         k_schedule=tuple(args.k_schedule), k_epochs_per_block=args.k_epochs_per_block,
-        rlm_epochs=args.rlm_epochs, cca_max_pos=args.cca_max_pos, seed=args.seed,
+        rlm_epochs=args.rlm_epochs, cca_max_pos=args.cca_max_pos,
+        cca_negatives=args.cca_negatives, w_sr=args.w_sr, w_cca=args.w_cca, w_rlm=args.w_rlm, seed=args.seed,
         eval_fraction=args.eval_fraction, ckpt_every=args.ckpt_every, resume=args.resume, device=args.device,
         backend=args.backend, precision=args.precision, compile=args.compile, memory_lean=args.memory_lean,
         lean_momentum=args.lean_momentum, gradient_checkpointing=args.gradient_checkpointing,

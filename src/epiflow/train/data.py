@@ -36,7 +36,7 @@ from ..corpus.shard import SHARD_FORMAT, open_corpus
 from ..errors import InputFormatError
 from ..tokenize import NUM_SPECIAL, build_input_ids, subsample_sentences, truncate_sentences
 from . import rng as krng
-from .sampling import rlm_replace, sample_complement
+from .sampling import rlm_replace, sample_complement, sample_complement_weighted
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +241,7 @@ class BatchConfig:
     rlm_fraction: float = 0.5
     seed: int = 0
     cca_max_pos: int | None = None  # optional cap on CCA positives per cell (None = all, as the paper)
+    neg_weights: np.ndarray | None = None  # CCA negatives drawn with these weights (None = uniform, paper)
 
 
 def _csr_lengths(ptr):
@@ -275,9 +276,12 @@ def make_batch(cache: SentenceSource, uids: np.ndarray, epoch: int, cfg: BatchCo
     else:
         cp_ptr, cp_tok = full_ptr, full_tok
     n_pos = _csr_lengths(cp_ptr)
-    neg_ptr, neg = sample_complement(
-        krng.cell_keys(cfg.seed, epoch, krng.NEGATIVES if train else krng.EVAL_NEGATIVES, uids),
-        full_ptr, pos_ccre, cfg.n_ccres, int(cfg.k) * n_pos)
+    neg_keys = krng.cell_keys(cfg.seed, epoch, krng.NEGATIVES if train else krng.EVAL_NEGATIVES, uids)
+    if cfg.neg_weights is None:
+        neg_ptr, neg = sample_complement(neg_keys, full_ptr, pos_ccre, cfg.n_ccres, int(cfg.k) * n_pos)
+    else:
+        neg_ptr, neg = sample_complement_weighted(neg_keys, full_ptr, pos_ccre, cfg.n_ccres,
+                                                  int(cfg.k) * n_pos, cfg.neg_weights)
     n_neg = _csr_lengths(neg_ptr)
     q_len = n_pos + n_neg
     q_ptr = np.concatenate([[0], np.cumsum(q_len)]).astype(np.int64)

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "epiflow-train-state"
+CCA_NEGATIVES = ("uniform", "df")
 
 
 @dataclass
@@ -97,6 +98,7 @@ class PretrainConfig:
     w_cca: float = 1.0
     w_rlm: float = 1.0
     cca_max_pos: int | None = None
+    cca_negatives: str = "uniform"         # uniform (paper) | df: drawn in proportion to the corpus df
     seed: int = 0
     eval_fraction: float = 0.05
     eval_max_cells: int = 2000
@@ -137,6 +139,9 @@ class PretrainConfig:
             bad("rlm_fraction", f"must be in [0, 1], got {self.rlm_fraction}")
         if self.precision not in ("auto", "fp32", "bf16"):
             bad("precision", f"unknown precision {self.precision!r}", "use auto, fp32 or bf16")
+        if self.cca_negatives not in CCA_NEGATIVES:
+            bad("cca_negatives", f"unknown CCA negative sampling {self.cca_negatives!r}",
+                f"use one of {', '.join(CCA_NEGATIVES)} (uniform = the paper)")
         if not 0.0 <= self.eval_fraction < 1.0:
             bad("eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         return self
@@ -150,6 +155,7 @@ class PretrainConfig:
     # settings that must not change when resuming (they define the data order and the model)
     RESUME_KEYS = ("model_config", "model_overrides", "dropout", "seed", "batch_tokens", "max_cells",
                    "grad_accum", "max_len", "k_schedule", "k_epochs_per_block", "rlm_epochs", "epochs",
+                   "cca_negatives",
                    "eval_fraction", "eval_max_cells", "window_shards", "bucket_cells", "memory_lean",
                    "schedule", "lr", "warmup", "max_steps")
 
@@ -271,14 +277,46 @@ def _cell_lengths(index, uids):
     return index.lengths[np.asarray(uids, dtype=np.int64)]
 
 
+def _corpus_df(corpus_dir: Path, n_ccres: int):
+    """The corpus document frequencies (None when absent or of another size: the eval then skips the
+    popularity-only AUROC)."""
+    try:
+        df = np.load(Path(corpus_dir) / "df.npy")
+    except (OSError, ValueError):
+        return None
+    return df if df.ndim == 1 and len(df) == n_ccres else None
+
+
+def _negative_weights(cfg: PretrainConfig, corpus_dir: Path, n_ccres: int):
+    """Sampling weights of the CCA negatives: None (uniform, the paper) or the corpus df (``df``)."""
+    if cfg.cca_negatives == "uniform":
+        return None
+    path = Path(corpus_dir) / "df.npy"
+    try:
+        df = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cca_negatives 'df' needs the corpus document frequencies ({exc})", path=str(path),
+                          field="cca_negatives", fix="rebuild the corpus, or use cca_negatives uniform") from None
+    df = np.asarray(df, dtype=np.float64).ravel()
+    if len(df) != n_ccres or not np.all(np.isfinite(df)) or (df < 0).any() or df.sum() <= 0:
+        raise ConfigError(f"the corpus df has {len(df)} values (corpus: {n_ccres} cCREs) or invalid entries",
+                          path=str(path), field="cca_negatives", fix="rebuild the corpus")
+    return df
+
+
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_cca(model: EpiAgent, index: CorpusIndex, uids: np.ndarray, *, max_len: int, seed: int,
                  batch_tokens: int = 16384, max_pos: int | None = 2000, device: str | torch.device | None = None,
-                 max_cells: int | None = None) -> dict:
+                 max_cells: int | None = None, df: np.ndarray | None = None) -> dict:
     """Held-out CCA AUROC: each cell's accessible cCREs (top ``max_pos`` by TF-IDF) versus as many
     inaccessible cCREs sampled uniformly (K = 1), scored by the CCA head on the cell's zero-shot
-    embedding (top-``max_len`` input); ``sklearn.metrics.roc_auc_score`` over all queries pooled."""
+    embedding (top-``max_len`` input); ``sklearn.metrics.roc_auc_score`` over all queries pooled.
+
+    With ``df`` (the corpus document frequencies) also ``cca_auroc_df_only``: the AUROC of the
+    cell-independent score "df of the queried cCRE" on the same queries. Popular cCREs are both more
+    often accessible and rarely drawn as uniform negatives, so this alone reaches ~0.85 on real data
+    (issue #15); only the excess of ``cca_auroc`` over it comes from the cell embedding."""
     from sklearn.metrics import roc_auc_score
 
     uids = np.asarray(uids, dtype=np.int64)
@@ -294,7 +332,7 @@ def evaluate_cca(model: EpiAgent, index: CorpusIndex, uids: np.ndarray, *, max_l
     from .data import _cut_budget
 
     cuts = _cut_budget(padded, int(batch_tokens), 1, max_cells)
-    logits, labels = [], []
+    logits, labels, ids = [], [], []
     for a, b_ in zip(cuts[:-1], cuts[1:]):
         b = make_batch(cache, order[a:b_], 0, bcfg, train=False)
         out = model(b["input_ids"].to(device))
@@ -302,12 +340,17 @@ def evaluate_cca(model: EpiAgent, index: CorpusIndex, uids: np.ndarray, *, max_l
                               b["cca_ids"].to(device)).float().cpu().numpy()
         logits.append(lg)
         labels.append(b["cca_label"].numpy())
+        ids.append(b["cca_ids"].numpy())
     model.train(was_training)
     y = np.concatenate(labels)
     x = np.concatenate(logits)
-    auc = float(roc_auc_score(y, x)) if 0 < y.sum() < len(y) else float("nan")
-    return {"cca_auroc": auc, "n_cells": int(len(uids)), "n_queries": int(len(y)),
-            "positives": int(y.sum())}
+    ok = 0 < y.sum() < len(y)
+    auc = float(roc_auc_score(y, x)) if ok else float("nan")
+    out = {"cca_auroc": auc, "n_cells": int(len(uids)), "n_queries": int(len(y)), "positives": int(y.sum())}
+    if df is not None:
+        q = np.concatenate(ids) - 4
+        out["cca_auroc_df_only"] = float(roc_auc_score(y, np.asarray(df, dtype=np.float64)[q])) if ok else float("nan")
+    return out
 
 
 # ----------------------------------------------------------------------------- the run
@@ -414,6 +457,7 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
     autocast_dtype = _autocast_dtype(cfg, dev)
     weights = (cfg.w_sr, cfg.w_cca, cfg.w_rlm)
     n_blocks = cfg.k_epochs_per_block
+    neg_weights = _negative_weights(cfg, corpus_dir, index.n_ccres)
 
     pbar = None
     if cfg.progress and info.is_main:
@@ -440,7 +484,8 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
         first = (step - epoch_start) * cfg.grad_accum
         last_micro = min(n_steps, total_steps - epoch_start) * cfg.grad_accum
         bcfg = BatchConfig(n_ccres=index.n_ccres, max_len=cfg.max_len, k=k, rlm=rlm,
-                           rlm_fraction=cfg.rlm_fraction, seed=cfg.seed, cca_max_pos=cfg.cca_max_pos)
+                           rlm_fraction=cfg.rlm_fraction, seed=cfg.seed, cca_max_pos=cfg.cca_max_pos,
+                           neg_weights=neg_weights)
         stream = MicroBatchStream(index, plan, epoch, first, info.rank, info.world_size, bcfg,
                                   cache_shards=cfg.window_shards + 1, stop=last_micro)
         it = iter(loader(stream, cfg.num_workers, pin_memory=(dev.type == "cuda")))
@@ -516,7 +561,8 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
                "lean_peak_store_mb": None if lean is None else lean.peak_store_bytes / 2**20}
     if info.is_main:
         ev = evaluate_cca(model, index, eval_uids, max_len=cfg.max_len, seed=cfg.seed,
-                          batch_tokens=cfg.batch_tokens, max_pos=cfg.eval_max_pos, device=dev)
+                          batch_tokens=cfg.batch_tokens, max_pos=cfg.eval_max_pos, device=dev,
+                          df=_corpus_df(corpus_dir, index.n_ccres))
         atomic_write_text(out_dir / "eval.json", json.dumps(ev, indent=2))
         summary["eval"] = ev
         try:
@@ -604,7 +650,8 @@ def _load_state(path, cfg, model, opt, sched, lean, dev, index, *, out_dir=None,
                     "identical to an uninterrupted one", info_world(model), st.get("world_size"))
     old = st["config"]
     new = cfg.to_dict()
-    diff = [k for k in PretrainConfig.RESUME_KEYS if old.get(k) != new.get(k)]
+    defaults = PretrainConfig().to_dict()  # states written before a key existed had its default
+    diff = [k for k in PretrainConfig.RESUME_KEYS if old.get(k, defaults.get(k)) != new.get(k)]
     if diff:
         raise CheckpointError("cannot resume exactly: settings differ from the interrupted run: "
                               + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff),

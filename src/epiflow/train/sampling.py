@@ -163,3 +163,58 @@ def rlm_replace(keys_pos, keys_tok, input_indptr, input_tokens, pos_indptr, pos_
     new_tokens[np.flatnonzero(chosen)] = repl + NUM_SPECIAL
     labels = (~chosen).astype(np.float32)
     return new_tokens, labels
+
+
+def sample_complement_weighted(keys, pos_indptr, pos_ccres, n_ccres: int, k, weights,
+                               *, oversample: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Like :func:`sample_complement` but cCRE ``j`` is drawn with probability proportional to
+    ``weights[j]`` (e.g. its document frequency: popularity-matched CCA negatives, an option of
+    issue #15; the paper samples uniformly).
+
+    Successive sampling, vectorised over the batch: each row draws ``ceil(oversample * k_i) + 8``
+    candidates with replacement from the weight distribution (inverse CDF), positives and repeats are
+    dropped, and the first ``k_i`` distinct ones in draw order are kept (a weighted sample without
+    replacement). Rows left short (a tiny or exhausted complement) are filled with uniform draws from
+    the rest of their complement, so every row still gets ``min(k_i, N - n_pos_i)`` distinct negatives.
+    Zero-weight cCREs are only ever drawn by that fill.
+    """
+    pos_indptr = np.asarray(pos_indptr, dtype=np.int64)
+    pos_ccres = np.asarray(pos_ccres, dtype=np.int64)
+    keys = np.asarray(keys, dtype=np.uint64)
+    w = np.asarray(weights, dtype=np.float64).ravel()
+    if w.shape[0] != n_ccres or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError("weights must be n_ccres finite non-negative values with a positive sum")
+    npos = np.diff(pos_indptr)
+    nrows = len(npos)
+    want = np.maximum(np.minimum(np.asarray(k, dtype=np.int64), n_ccres - npos), 0)
+    n_draw = np.where(want > 0, np.ceil(want * oversample).astype(np.int64) + 8, 0)
+    r = _row_ids(n_draw)
+    ctr = np.arange(len(r), dtype=np.int64) - np.repeat(_offsets(n_draw)[:-1], n_draw)
+    u = krng.uniform(keys[r] ^ np.uint64(0xA5A5A5A5), ctr.astype(np.uint64))
+    cdf = np.cumsum(w)
+    cand = np.minimum(np.searchsorted(cdf, u * cdf[-1], side="right"), n_ccres - 1)
+    stride = np.int64(n_ccres)
+    is_pos = np.isin(r * stride + cand, _row_ids(npos) * stride + pos_ccres)
+    # first occurrence of each (row, cCRE) in draw order, positives removed
+    order = np.lexsort((ctr, cand, r))
+    rs, cs = r[order], cand[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (rs[1:] != rs[:-1]) | (cs[1:] != cs[:-1])
+    keep = order[first]
+    keep = keep[~is_pos[keep]]
+    keep = keep[np.lexsort((ctr[keep], r[keep]))]  # back to draw order within rows
+    cnt = np.bincount(r[keep], minlength=nrows)
+    rank = np.arange(len(keep)) - np.repeat(_offsets(cnt)[:-1], cnt)
+    keep = keep[rank < want[r[keep]]]
+    got_r, got_c = r[keep], cand[keep]
+    short = want - np.bincount(got_r, minlength=nrows)
+    if short.any():  # fill uniformly from the complement of positives + what was drawn
+        ex_r = np.concatenate([_row_ids(npos), got_r])
+        ex_c = np.concatenate([pos_ccres, got_c])
+        o = np.lexsort((ex_c, ex_r))
+        ex_ptr = _offsets(np.bincount(ex_r, minlength=nrows))
+        _, fill = sample_complement(keys, ex_ptr, ex_c[o], n_ccres, short)
+        got_r = np.concatenate([got_r, _row_ids(short)])
+        got_c = np.concatenate([got_c, fill])
+    o = np.argsort(got_r, kind="stable")
+    return _offsets(want), got_c[o]
