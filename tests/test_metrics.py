@@ -102,10 +102,12 @@ def test_bisect_on_anndata_in_place():
         leiden_bisect(x, 0)
 
 
+@pytest.mark.slow
 def test_bisect_on_more_than_10k_cells():
     """>= 8,192 cells take scanpy's pynndescent path (smaller tests never reach it), where scanpy 1.11
     + scipy >= 1.15 crashed with "'csr_array' object has no attribute 'getnnz'" on every real dataset
-    (issue 16). Costs ~30 s of numba compilation once per process; the run itself takes a second."""
+    (issue 16). Marked slow: pynndescent's numba compilation (not cached, once per process) costs
+    ~30 s on an idle 2-core machine (139 s under load); the clustering itself takes a second."""
     import anndata as ad
     import scipy.sparse as sp
 
