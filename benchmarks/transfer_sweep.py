@@ -236,7 +236,6 @@ def _parse_value(v: str):
 
 
 def run(args) -> dict:
-    import torch
 
     from epiflow.model import load_epiagent_checkpoint
     from epiflow.model.inference import embed

@@ -95,10 +95,15 @@ def add_threads_arg(parser: argparse.ArgumentParser) -> None:
     """``--threads N`` on a verb (kept as is where the verb defines its own ``--threads``)."""
     if "--threads" in parser._option_string_actions:
         return
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads (default: $OMP_NUM_THREADS as set by Snakemake, else the "
-                             "available CPUs); OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE "
-                             "unless set)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads (default: $OMP_NUM_THREADS as set by Snakemake, else the "
+        "available CPUs); OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE "
+        "unless set)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except PermissionError as exc:  # e.g. an output folder that is not writable
         where = exc.filename or "a file"
-        print(f"epiflow {args.command}: error: {where}: permission denied ({exc.strerror}). Fix: choose "
-              f"a folder you can write to, or fix its permissions.", file=sys.stderr)
+        print(
+            f"epiflow {args.command}: error: {where}: permission denied ({exc.strerror}). Fix: choose "
+            f"a folder you can write to, or fix its permissions.",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -149,17 +157,26 @@ def _check_device(args) -> None:
     from .errors import ConfigError
 
     if not torch.backends.cuda.is_built():
-        raise ConfigError(f"--device {dev}: this torch ({torch.__version__}) is built without CUDA",
-                          field="device", fix="use --device cpu (or auto), or install a CUDA build of torch")
+        raise ConfigError(
+            f"--device {dev}: this torch ({torch.__version__}) is built without CUDA",
+            field="device",
+            fix="use --device cpu (or auto), or install a CUDA build of torch",
+        )
     n = torch.cuda.device_count()
     if n == 0:
-        raise ConfigError(f"--device {dev}: torch sees no CUDA GPU (torch {torch.__version__}, "
-                          f"CUDA_VISIBLE_DEVICES={__import__('os').environ.get('CUDA_VISIBLE_DEVICES', 'unset')})",
-                          field="device", fix="use --device cpu (or auto), or run on a machine with a GPU")
+        raise ConfigError(
+            f"--device {dev}: torch sees no CUDA GPU (torch {torch.__version__}, "
+            f"CUDA_VISIBLE_DEVICES={__import__('os').environ.get('CUDA_VISIBLE_DEVICES', 'unset')})",
+            field="device",
+            fix="use --device cpu (or auto), or run on a machine with a GPU",
+        )
     idx = dev.split(":", 1)[1] if ":" in dev else ""
     if idx.strip().isdigit() and int(idx) >= n:
-        raise ConfigError(f"--device {dev}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})",
-                          field="device", fix=f"use cuda:0 .. cuda:{n - 1}")
+        raise ConfigError(
+            f"--device {dev}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})",
+            field="device",
+            fix=f"use cuda:0 .. cuda:{n - 1}",
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -53,15 +53,20 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
         probe_dir = probe_dir.parent
     try:
         if not probe_dir.is_dir():
-            raise EpiflowError(f"cannot write the {what}: {probe_dir} is a file, not a folder",
-                               path=str(path), fix="choose another output path")
+            raise EpiflowError(
+                f"cannot write the {what}: {probe_dir} is a file, not a folder",
+                path=str(path),
+                fix="choose another output path",
+            )
         fd, probe = tempfile.mkstemp(prefix=".epiflow-write-test.", dir=probe_dir)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise EpiflowError(f"cannot write the {what} ({exc.strerror or exc} in {probe_dir})",
-                           path=str(path), fix="choose a folder you can write to, or fix its "
-                                               "permissions") from None
+        raise EpiflowError(
+            f"cannot write the {what} ({exc.strerror or exc} in {probe_dir})",
+            path=str(path),
+            fix="choose a folder you can write to, or fix its permissions",
+        ) from None
     return path
 
 
