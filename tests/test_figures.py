@@ -182,9 +182,10 @@ def test_workflow_rebuilds_one_panel_as_a_named_target(results, tmp_path):
     the figure job; a panel the config cannot produce stops with a message naming the missing table."""
     res = tmp_path / "results" / "test"
     src = pd.read_csv(results["metrics"][0], sep="\t")
-    fe = src[src["task"] == "feature_extraction"].assign(dataset="atlas_b1")
-    _write(fe[fe["dataset"] == "atlas_b1"].drop_duplicates(["method", "metric"]),
-           res / "tasks" / "feature_extraction" / "atlas_b1" / "metrics.tsv")
+    fe = src[src["task"] == "feature_extraction"].drop_duplicates(["method", "metric"])
+    # every feature-extraction dataset of config/test.yaml (atlas_b1, and the downstream pbmc_fragments)
+    for name in ("atlas_b1", "pbmc_fragments"):
+        _write(fe.assign(dataset=name), res / "tasks" / "feature_extraction" / name / "metrics.tsv")
     _write(_long([("feature_extraction", "atlas_b1", "LDA", "NMI", 0.3),
                   ("feature_extraction", "atlas_b1", "LDA", "ARI", 0.2)]), res / "baselines" / "metrics.tsv")
     common = ["-s", str(ROOT / "workflow" / "Snakefile"), "--directory", str(tmp_path), "--cores", "1",
