@@ -67,16 +67,21 @@ def _map_dataset(args) -> int:
     return 0
 
 
+def _read_sidecar(ccres) -> dict:
+    """The candidate set's JSON summary (vocabulary mode, external df, genome), or {} when absent or unreadable."""
+    sp = _sidecar(ccres)
+    if not sp.exists():
+        return {}
+    try:
+        return json.loads(sp.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
 def _build_corpus(args) -> int:
     from .build import build_corpus
 
-    side = {}
-    sp = _sidecar(args.ccres)
-    if sp.exists():
-        try:
-            side = json.loads(sp.read_text())
-        except json.JSONDecodeError:
-            side = {}
+    side = _read_sidecar(args.ccres)
     vocabulary = args.vocabulary or ("external" if side.get("mode") == "external" else "curate")
     external_df = args.external_df or (side.get("external_df") if vocabulary == "external" else None)
     genome = args.genome or side.get("genome", "")
@@ -91,13 +96,7 @@ def _build_corpus(args) -> int:
 def _tokenize_downstream(args) -> int:
     from .build import tokenize_downstream
 
-    side = {}
-    sp = _sidecar(args.ccres)
-    if sp.exists():
-        try:
-            side = json.loads(sp.read_text())
-        except json.JSONDecodeError:
-            side = {}
+    side = _read_sidecar(args.ccres)
     df = args.df or (side.get("external_df") if args.corpus is None else None)
     vocab = args.vocab or (args.ccres if args.corpus is None and side.get("mode") == "external" else None)
     out = tokenize_downstream(args.ccres, args.mapped, args.out, corpus=args.corpus, vocab=vocab, df=df,
