@@ -157,6 +157,11 @@ def test_pretrain_config_cca_negatives_option(tmp_path):
     assert PretrainConfig().cca_negatives == "uniform"  # the paper's uniform negatives by default
     with pytest.raises(ConfigError, match="cca_negatives"):
         PretrainConfig(cca_negatives="hard").validate()
+    assert PretrainConfig().sr_objective == "bce"  # the paper's SR by default
+    with pytest.raises(ConfigError, match="sr_objective"):
+        PretrainConfig(sr_objective="poisson").validate()
+    with pytest.raises(ConfigError, match="memory-lean"):
+        PretrainConfig(sr_objective="multinomial", memory_lean=True).validate()
 
 
 def test_pretrain_with_df_negatives_runs(tmp_path):
@@ -177,6 +182,21 @@ def test_pretrain_with_df_negatives_runs(tmp_path):
         model_config="tiny", max_steps=3, epochs=1, batch_tokens=512, progress=False, device="cpu",
         cca_negatives="df", eval_fraction=0.1, ckpt_every=0))
     assert s["steps"] == 3 and math.isfinite(s["last"]["loss"])
+
+
+def test_pretrain_with_multinomial_sr_runs_and_logs_per_cell_nll(tmp_path):
+    """The depth-invariant SR option trains; its logged SR is the mean per-cell multinomial NLL (about
+    log(n cCREs) at the start, not the paper BCE's per-entry mean)."""
+    from epiflow.train.pretrain import PretrainConfig, pretrain
+    from epiflow.train.toy import write_toy_corpus
+
+    corpus = write_toy_corpus(tmp_path / "corpus")
+    s = pretrain(corpus, tmp_path / "run", PretrainConfig(
+        model_config="tiny", max_steps=3, epochs=1, batch_tokens=512, progress=False, device="cpu",
+        sr_objective="multinomial", eval_fraction=0.1, ckpt_every=0))
+    n = len(np.load(corpus / "df.npy"))
+    assert s["steps"] == 3 and math.isfinite(s["last"]["loss"])
+    assert 0.5 * math.log(n) < s["last"]["sr"] < 2.0 * math.log(n)
 
 
 def test_cli_embed_readout_mean(fixtures_dir, tmp_path):
@@ -219,11 +239,11 @@ def test_pretrain_cli_init_and_negatives_flags():
     p = argparse.ArgumentParser()
     add_pretrain_args(p)
     c = config_from_args(p.parse_args(["--corpus", "c", "--out", "o", "--init", "bert", "--cca-negatives", "df",
-                                       "--w-sr", "0.1", "--w-rlm", "2"]))
-    assert c.model_overrides == {"init": "bert"} and c.cca_negatives == "df"
+                                       "--w-sr", "0.1", "--w-rlm", "2", "--sr-objective", "multinomial"]))
+    assert c.model_overrides == {"init": "bert"} and c.cca_negatives == "df" and c.sr_objective == "multinomial"
     assert (c.w_sr, c.w_cca, c.w_rlm) == (0.1, 1.0, 2.0)
     c = config_from_args(p.parse_args(["--corpus", "c", "--out", "o"]))
-    assert c.model_overrides == {} and c.cca_negatives == "uniform"  # the paper's defaults
+    assert c.model_overrides == {} and c.cca_negatives == "uniform" and c.sr_objective == "bce"  # the paper's
     assert (c.w_sr, c.w_cca, c.w_rlm) == (1.0, 1.0, 1.0)
 
 

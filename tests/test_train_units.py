@@ -21,7 +21,7 @@ from epiflow.train.data import (
     step_normalizers,
 )
 from epiflow.train.lean import FactorStore, chunked_sr_loss_sum
-from epiflow.train.objectives import k_for_epoch, sr_loss_dense_reference, sr_loss_sum
+from epiflow.train.objectives import k_for_epoch, sr_loss_dense_reference, sr_loss_sum, sr_multinomial_sum
 from epiflow.train.optim import RowwiseAdamW, inverse_sqrt_lambda, lr_factor, make_scheduler
 from epiflow.train.sampling import distinct_ranks, rlm_replace, sample_complement
 from epiflow.train.toy import write_toy_corpus
@@ -126,6 +126,24 @@ def test_sr_softplus_identity_equals_dense_bce():
     from epiflow.model import sr_loss
 
     assert torch.allclose(ours, sr_loss(logits, target, 100.0), rtol=1e-6)
+
+
+def test_sr_multinomial_is_per_cell_mean_nll_and_shift_invariant():
+    torch.manual_seed(1)
+    B, N = 4, 23
+    logits = torch.randn(B, N) * 2
+    target = torch.rand(B, N) < 0.3
+    target[3] = False  # a cell without positives adds nothing
+    rows, cols = torch.nonzero(target, as_tuple=True)
+    logp = torch.log_softmax(logits, dim=1)
+    want = sum(-(logp[i][target[i]]).mean() for i in range(B) if target[i].any())
+    got = sr_multinomial_sum(logits, rows, cols)
+    assert torch.allclose(got, want, rtol=1e-6)
+    # a per-cell constant (depth) does not change it, unlike the paper's BCE
+    shifted = logits + torch.arange(B, dtype=logits.dtype)[:, None] * 5.0
+    assert torch.allclose(sr_multinomial_sum(shifted, rows, cols), got, rtol=1e-5)
+    assert not torch.allclose(sr_loss_sum(shifted, rows, cols), sr_loss_sum(logits, rows, cols))
+    assert sr_multinomial_sum(logits, rows[:0], cols[:0]).item() == 0.0
 
 
 def test_sr_matches_golden_fixture(fixtures_dir):

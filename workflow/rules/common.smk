@@ -617,6 +617,7 @@ def pretrain_args():
         f"--rlm-epochs {p['rlm_epochs']}",
         opt("--cca-max-pos", p["cca_max_pos"]),
         f"--cca-negatives {p.get('cca_negatives', 'uniform')}",
+        f"--sr-objective {p.get('sr_objective', 'bce')}",
         f"--w-sr {p.get('w_sr', 1.0)} --w-cca {p.get('w_cca', 1.0)} --w-rlm {p.get('w_rlm', 1.0)}",
         f"--seed {p['seed']}",
         f"--eval-fraction {p['eval_fraction']}",

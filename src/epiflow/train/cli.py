@@ -50,6 +50,9 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cca-negatives", choices=["uniform", "df"], default="uniform",
                    help="CCA negatives drawn uniformly from the inaccessible cCREs (default, the paper) or in "
                         "proportion to their corpus document frequency (df: popularity-matched, issue #15)")
+    p.add_argument("--sr-objective", choices=["bce", "multinomial"], default="bce",
+                   help="SR loss: bce (the paper: BCE over every cCRE, pos_weight 100) or "
+                        "multinomial (softmax over the cCREs, depth-invariant; an option, docs/results_notes.md #15)")
     p.add_argument("--w-sr", type=float, default=1.0, help="weight of the SR loss (default 1, the paper's sum)")
     p.add_argument("--w-cca", type=float, default=1.0, help="weight of the CCA loss (default 1)")
     p.add_argument("--w-rlm", type=float, default=1.0, help="weight of the RLM loss (default 1)")
@@ -91,7 +94,7 @@ def config_from_args(args):
         max_cells=args.max_cells, grad_accum=args.grad_accum, max_len=args.max_len,
         k_schedule=tuple(args.k_schedule), k_epochs_per_block=args.k_epochs_per_block,
         rlm_epochs=args.rlm_epochs, cca_max_pos=args.cca_max_pos,
-        cca_negatives=args.cca_negatives, w_sr=args.w_sr, w_cca=args.w_cca, w_rlm=args.w_rlm, seed=args.seed,
+        cca_negatives=args.cca_negatives, sr_objective=args.sr_objective, w_sr=args.w_sr, w_cca=args.w_cca, w_rlm=args.w_rlm, seed=args.seed,
         eval_fraction=args.eval_fraction, ckpt_every=args.ckpt_every, resume=args.resume, device=args.device,
         backend=args.backend, precision=args.precision, compile=args.compile, memory_lean=args.memory_lean,
         lean_momentum=args.lean_momentum, gradient_checkpointing=args.gradient_checkpointing,

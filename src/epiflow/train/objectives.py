@@ -43,6 +43,29 @@ def sr_loss_sum(logits: torch.Tensor, pos_rows: torch.Tensor, pos_cols: torch.Te
     return total
 
 
+def sr_multinomial_sum(logits: torch.Tensor, pos_rows: torch.Tensor, pos_cols: torch.Tensor) -> torch.Tensor:
+    """Depth-invariant signal reconstruction (an option, not the paper's SR): the decoder logits of a
+    cell are a softmax over the cCREs and each accessible cCRE is one draw of a multinomial, so
+
+        loss_i = mean_{j accessible in i} [logsumexp_k x_ik - x_ij]
+
+    summed over the cells (divide by the number of cells). Adding a constant to a cell's logits does
+    not change it, so the cell embedding need not encode how many cCREs are open (the per-cell
+    library size of scVI / cisTopic), where the paper's BCE asks for exactly that."""
+    x = logits.float()
+    if pos_rows.numel() == 0:
+        return x.sum() * 0.0
+    lse = torch.logsumexp(x, dim=1)
+    nll = lse[pos_rows] - x[pos_rows, pos_cols]
+    counts = torch.bincount(pos_rows, minlength=x.shape[0]).clamp_min(1).to(x.dtype)
+    return (nll / counts[pos_rows]).sum()
+
+
+def sr_norm_key(sr_objective: str) -> str:
+    """The step denominator of the SR sum: every cell x cCRE entry (paper BCE) or every cell."""
+    return "cells" if sr_objective == "multinomial" else "sr"
+
+
 def sr_loss_dense_reference(logits: torch.Tensor, target: torch.Tensor, pos_weight: float = 100.0):
     """The dense formulation (for tests): mean BCE-with-logits with ``pos_weight``."""
     return F.binary_cross_entropy_with_logits(logits.float(), target.float(),

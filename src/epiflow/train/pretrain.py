@@ -57,7 +57,7 @@ from .data import (
 )
 from .lean import LeanTables
 from .metrics import MetricsLogger, peak_memory_mb, plot_losses
-from .objectives import bce_sum, k_for_epoch, pos_rows_cols, sr_loss_sum
+from .objectives import bce_sum, k_for_epoch, pos_rows_cols, sr_loss_sum, sr_multinomial_sum, sr_norm_key
 from .optim import SCHEDULES, make_adamw, make_scheduler
 from .rng import mix64
 
@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = "epiflow-train-state"
 CCA_NEGATIVES = ("uniform", "df")
+SR_OBJECTIVES = ("bce", "multinomial")
 
 
 @dataclass
@@ -94,6 +95,7 @@ class PretrainConfig:
     rlm_epochs: int = 2
     rlm_fraction: float = 0.5
     sr_pos_weight: float = 100.0
+    sr_objective: str = "bce"              # bce (paper) | multinomial: depth-invariant softmax SR (#15 option)
     w_sr: float = 1.0
     w_cca: float = 1.0
     w_rlm: float = 1.0
@@ -142,6 +144,12 @@ class PretrainConfig:
         if self.cca_negatives not in CCA_NEGATIVES:
             bad("cca_negatives", f"unknown CCA negative sampling {self.cca_negatives!r}",
                 f"use one of {', '.join(CCA_NEGATIVES)} (uniform = the paper)")
+        if self.sr_objective not in SR_OBJECTIVES:
+            bad("sr_objective", f"unknown SR objective {self.sr_objective!r}",
+                f"use one of {', '.join(SR_OBJECTIVES)} (bce = the paper)")
+        if self.sr_objective != "bce" and self.memory_lean:
+            bad("sr_objective", f"sr_objective {self.sr_objective!r} is not implemented in memory-lean mode",
+                "use sr_objective bce with memory_lean, or turn memory_lean off")
         if not 0.0 <= self.eval_fraction < 1.0:
             bad("eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         return self
@@ -155,7 +163,7 @@ class PretrainConfig:
     # settings that must not change when resuming (they define the data order and the model)
     RESUME_KEYS = ("model_config", "model_overrides", "dropout", "seed", "batch_tokens", "max_cells",
                    "grad_accum", "max_len", "k_schedule", "k_epochs_per_block", "rlm_epochs", "epochs",
-                   "cca_negatives",
+                   "cca_negatives", "sr_objective",
                    "eval_fraction", "eval_max_cells", "window_shards", "bucket_cells", "memory_lean",
                    "schedule", "lr", "warmup", "max_steps")
 
@@ -193,10 +201,11 @@ class PretrainObjective(nn.Module):
     inside the wrapped forward). Returns the weighted loss already divided by the step denominators
     and multiplied by ``world_size`` (DDP averages gradients), plus the raw sums for logging."""
 
-    def __init__(self, model, lean: LeanTables | None = None):
+    def __init__(self, model, lean: LeanTables | None = None, sr_objective: str = "bce"):
         super().__init__()
         self.model = model
         self.lean = lean
+        self.sr_objective = sr_objective
 
     def forward(self, batch: dict, k: int, norms: dict, weights: tuple, world: int, sr_pos_weight: float,
                 autocast_dtype=None):
@@ -221,7 +230,9 @@ class PretrainObjective(nn.Module):
             if self.lean is None:
                 sig = model.signal_logits(cell)
         rows, cols = pos_rows_cols(batch["pos_ptr"].to(dev), batch["pos_ccre"].to(dev, non_blocking=True))
-        if self.lean is None:
+        if self.sr_objective == "multinomial":
+            sr = sr_multinomial_sum(sig, rows, cols)
+        elif self.lean is None:
             sr = sr_loss_sum(sig, rows, cols, sr_pos_weight)
         else:
             sr = self.lean.sr_loss_sum(cell.float(), rows, cols, sr_pos_weight)
@@ -231,7 +242,7 @@ class PretrainObjective(nn.Module):
             cca = self.lean.cca_loss_sum(cell, q_cell, batch["cca_ids"].to(dev, non_blocking=True),
                                          batch["cca_label"].to(dev), float(k), autocast_dtype)
         w_sr, w_cca, w_rlm = weights
-        loss = w_sr * sr / norms["sr"] + w_cca * cca / max(norms["cca"], 1.0)
+        loss = w_sr * sr / norms[sr_norm_key(self.sr_objective)] + w_cca * cca / max(norms["cca"], 1.0)
         terms = [sr.detach(), cca.detach()]
         if rlm:
             assert rlm_logits is not None
@@ -435,7 +446,7 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
                            restore_metrics=info.is_main)
         log.info("resuming from step %d of %d (%s)", step, total_steps, state_path)
 
-    objective = PretrainObjective(model, lean)
+    objective = PretrainObjective(model, lean, cfg.sr_objective)
     runner: Any = objective  # the objective, or its DDP wrapper
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -521,7 +532,7 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
             # logging (global sums)
             stats = torch.cat([terms, torch.tensor([float(n_tok)], device=dev)])
             D.all_reduce_sum(stats, info)
-            sr_m = float(stats[0]) / norms["sr"]
+            sr_m = float(stats[0]) / norms[sr_norm_key(cfg.sr_objective)]
             cca_m = float(stats[1]) / max(norms["cca"], 1.0)
             rlm_m = float(stats[2]) / max(norms["rlm"], 1.0) if rlm else 0.0
             dt = time.time() - t0
