@@ -285,7 +285,7 @@ def run(args) -> dict:
         t1 = time.time()
         ft = finetune_embeddings(out_dir / "checkpoint.pth", work / "corpus_held", epochs=args.finetune_epochs,
                                  lr=args.finetune_lr, max_len=max_len, seed=args.seed, device="cpu",
-                                 zero_shot=False, progress=False)
+                                 zero_shot=False, progress=False, sr_objective=cfg.sr_objective)
         row["ft[cls]"] = {**score(ft["finetuned"], labels, args.seed), "epochs": args.finetune_epochs,
                           "lr": args.finetune_lr, "steps": ft.get("steps"), "ft_s": round(time.time() - t1, 1)}
     row["total_wall_s"] = round(time.time() - t0, 1)

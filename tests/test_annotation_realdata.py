@@ -1,6 +1,7 @@
 """Annotation and imputation on real data (../shared/data): Buenrostro 2018 BM0828 and Granja 2019
 mapped by the corpus stage onto one hg19 cCRE set, a tiny randomly initialised model, a few
-fine-tuning steps (plumbing and baselines on real inputs; ~25 s). A full run uses a pretrained model
+fine-tuning steps on the 256 top-ranked cCREs of each cell (plumbing and baselines on real inputs; the
+Buenrostro cells hold thousands of accessible cCREs, so full-length sentences would cost 5x the time). A full run uses a pretrained model
 and all epochs: ``epiflow annotate --corpus CORPUS --checkpoint checkpoint.pth --dataset bm0828
 --out-dir OUT`` and ``epiflow impute ... --dataset granja``."""
 
@@ -32,7 +33,8 @@ def test_annotate_buenrostro(real):
     from epiflow.tasks.annotation import annotate
 
     tmp, corpus, ckpt = real
-    pred, met = annotate(corpus, ckpt, dataset="bm0828", max_steps=3, out_dir=tmp / "ann", progress=False)
+    pred, met = annotate(corpus, ckpt, dataset="bm0828", max_steps=3, max_len=256,
+                         out_dir=tmp / "ann", progress=False)
     t = met.set_index(["method", "metric"])["value"]
     assert t[("EpiAgent", "n_classes")] == 7
     assert t[("EpiAgent", "n_query")] + t[("EpiAgent", "n_reference")] == len(pred) > 500
@@ -46,7 +48,8 @@ def test_impute_granja(real):
     from epiflow.tasks.imputation import impute
 
     tmp, corpus, ckpt = real
-    adata, met = impute(corpus, ckpt, dataset="granja", max_steps=3, out_dir=tmp / "imp", progress=False)
+    adata, met = impute(corpus, ckpt, dataset="granja", max_steps=3, max_len=256,
+                        out_dir=tmp / "imp", progress=False)
     t = met.set_index(["method", "metric"])["value"]
     assert adata.n_obs > 400 and adata.n_vars == t[("Raw", "n_ccres_kept")] > 100
     assert set(adata.obs["dataset"]) == {"granja"}

@@ -60,6 +60,7 @@ FE_MODEL_ARGS = " ".join(
     for x in [
         f"--finetune-epochs {FE_CFG['finetune_epochs']}",
         f"--finetune-lr {FE_CFG['finetune_lr']}",
+        f"--sr-objective {FE_CFG.get('sr_objective') or config['pretrain'].get('sr_objective', 'bce')}",
         f"--device {FE_CFG['device']}",
         f"--backend {config['model']['backend']}",
         opt("--num-heads", config["model"]["num_heads"]),

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
@@ -21,6 +22,53 @@ from ..errors import EpiflowError
 log = logging.getLogger(__name__)
 
 _REP = "X_emb"
+
+# umap-learn and pynndescent jit-compile their numba kernels without numba's on-disk cache, which costs
+# 10-15 s in every new process that builds a kNN graph (most workflow jobs, each on a few hundred cells)
+# and about a minute for pynndescent (>= 8,192 cells). Their dispatchers are switched to numba's cache
+# before the first compile, so only the first process on a machine pays it. Same code, same results.
+_NUMBA_CACHED_MODULES = ("umap.umap_", "umap.layouts", "umap.spectral", "pynndescent.pynndescent_",
+                         "pynndescent.utils", "pynndescent.rp_trees", "pynndescent.distances",
+                         "pynndescent.sparse", "pynndescent.sparse_nndescent", "pynndescent.graph_utils")
+_numba_cache_done = False
+
+
+def enable_numba_cache() -> int:
+    """Turn on numba's on-disk cache for the kernels of umap-learn and pynndescent (once per process).
+
+    Returns how many dispatchers were switched. A module that is missing, or a kernel whose cache has no
+    writable location, is left as it was (it compiles as before)."""
+    global _numba_cache_done
+    if _numba_cache_done or os.environ.get("EPIFLOW_NO_NUMBA_CACHE"):
+        return 0
+    _numba_cache_done = True
+    try:
+        import importlib
+        import warnings
+
+        from numba.core.errors import NumbaWarning
+        from numba.core.registry import CPUDispatcher
+    except Exception:  # noqa: BLE001 - numba absent or changed: nothing to speed up
+        return 0
+    # a kernel that holds dynamic globals (pynndescent's nn_descent) cannot be cached: numba says so
+    # when it compiles it, and compiles it as before
+    warnings.filterwarnings("ignore", message="Cannot cache compiled function", category=NumbaWarning)
+    n = 0
+    for name in _NUMBA_CACHED_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except Exception:  # noqa: BLE001
+            continue
+        for obj in list(vars(mod).values()):
+            if isinstance(obj, CPUDispatcher) and getattr(obj, "_cache", None) is not None:
+                try:
+                    if type(obj._cache).__name__ == "NullCache":
+                        obj.enable_caching()
+                        n += 1
+                except Exception:  # noqa: BLE001 - no writable cache location for this kernel
+                    pass
+    log.debug("numba on-disk cache enabled for %d umap/pynndescent kernels", n)
+    return n
 
 
 def _as_adata(adata_or_embedding, use_rep: str | None):
@@ -51,6 +99,7 @@ def knn_graph(adata_or_embedding, *, use_rep: str | None = None, n_neighbors: in
     """
     import scanpy as sc
 
+    enable_numba_cache()
     a, rep = _as_adata(adata_or_embedding, use_rep)
     n = a.n_obs
     if n < 3:

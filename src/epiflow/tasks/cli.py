@@ -70,7 +70,8 @@ def _evaluate_features(args: argparse.Namespace) -> int:
             adata, cells, args.checkpoint, dataset=dataset, epochs=args.finetune_epochs,
             zero_shot_key="X_epiagent" if ZEROSHOT_METHOD in methods else None, lr=args.finetune_lr,
             batch_tokens=args.finetune_batch_tokens, max_len=args.max_len, seed=args.seed,
-            num_heads=args.num_heads, device=args.device, backend=args.backend, progress=not args.no_progress)
+            num_heads=args.num_heads, device=args.device, backend=args.backend, progress=not args.no_progress,
+            sr_objective=args.sr_objective)
         lsi_key = methods.pop("LSI")
         methods.update(added)
         methods["LSI"] = lsi_key  # LSI last
@@ -136,6 +137,9 @@ def register(subparsers) -> None:
     g.add_argument("--finetune-epochs", type=int, default=0,
                    help="epochs of CCA + SR fine-tuning on the evaluated cells (default 0: zero-shot only)")
     g.add_argument("--finetune-lr", type=float, default=5e-4, help="fine-tuning learning rate (default 5e-4)")
+    g.add_argument("--sr-objective", choices=["bce", "multinomial"], default="bce",
+                   help="SR loss of the fine-tuning: bce (the paper, default) or multinomial (depth-invariant; "
+                        "use the one the model was pretrained with)")
     g.add_argument("--finetune-batch-tokens", type=int, default=4096,
                    help="tokens per fine-tuning batch (default 4096)")
     g.add_argument("--max-len", type=int, help="tokens per cell (default: the model's rank limit - 2)")

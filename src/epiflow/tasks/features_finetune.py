@@ -51,7 +51,7 @@ def _need_heads(model) -> None:
 def finetune_embeddings(checkpoint, cells, *, epochs: int = 2, lr: float = 1e-4, k: int = 1,
                         batch_tokens: int = 4096, max_len: int | None = None, weight_decay: float = 0.01,
                         seed: int = 0, num_heads: int | None = None, device=None, backend: str = "sdpa",
-                        zero_shot: bool = True, progress: bool = True) -> dict:
+                        zero_shot: bool = True, progress: bool = True, sr_objective: str = "bce") -> dict:
     """Zero-shot and CCA (K = ``k``) + SR fine-tuned embeddings of ``cells`` (see the module docstring).
 
     ``checkpoint``: a checkpoint path (``epiflow pretrain``'s ``checkpoint.pth`` with its side file, or
@@ -99,7 +99,7 @@ def finetune_embeddings(checkpoint, cells, *, epochs: int = 2, lr: float = 1e-4,
     t0 = time.perf_counter()
     res = finetune(model, cs, OBJECTIVES, epochs=epochs, lr=float(lr), k=int(k), batch_tokens=int(batch_tokens),
                    max_len=ml, weight_decay=float(weight_decay), seed=int(seed), device=str(dev),
-                   progress=progress)
+                   progress=progress, sr_objective=sr_objective)
     out["seconds"] = time.perf_counter() - t0
     out["history"], out["steps"] = res["history"], int(res["steps"])
     model.eval()

@@ -32,7 +32,7 @@ from ..corpus.shard import Shard, open_corpus, read_shard
 from ..errors import ConfigError
 from ..tokenize import NUM_SPECIAL
 from .data import BatchConfig, CorpusIndex, _cut_budget, make_batch
-from .objectives import bce_sum, pos_rows_cols, sr_loss_sum
+from .objectives import bce_sum, pos_rows_cols, sr_loss_sum, sr_multinomial_sum
 from .optim import make_adamw, make_scheduler
 
 if TYPE_CHECKING:
@@ -111,6 +111,7 @@ class FinetuneConfig:
     max_len: int | None = None
     k: int = 1
     sr_pos_weight: float = 100.0
+    sr_objective: str = "bce"        # bce (the paper) | multinomial (depth-invariant; see train.objectives)
     weights: dict | None = None      # per-objective loss weights
     seed: int = 0
     device: str | None = None
@@ -134,6 +135,9 @@ def finetune(model, data, objectives=("cca", "sr"), *, labels=None, cells=None, 
     if bad or not objectives:
         raise ConfigError(f"unknown fine-tuning objective(s) {bad or objectives}", field="objectives",
                           fix=f"choose from {', '.join(OBJECTIVES)}")
+    if cfg.sr_objective not in ("bce", "multinomial"):
+        raise ConfigError(f"unknown SR objective {cfg.sr_objective!r}", field="sr_objective",
+                          fix="use bce (the paper) or multinomial")
     cs = CellSet.from_any(data)
     if model.config.n_ccres != cs.n_ccres:
         from ..errors import VocabularyMismatchError
@@ -202,6 +206,8 @@ def finetune(model, data, objectives=("cca", "sr"), *, labels=None, cells=None, 
                     # sum((x - y)^2) = sum(x^2) + sum_pos((x - v)^2 - x^2): no dense target
                     xp = sig[rows, cols]
                     terms["sr"] = (sig.pow(2).sum() + ((xp - vals).pow(2) - xp.pow(2)).sum()) / sig.numel()
+                elif cfg.sr_objective == "multinomial":
+                    terms["sr"] = sr_multinomial_sum(sig, rows, cols) / len(sig)
                 else:
                     terms["sr"] = sr_loss_sum(sig, rows, cols, cfg.sr_pos_weight) / sig.numel()
             if "classify" in objectives:
