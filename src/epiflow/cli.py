@@ -34,7 +34,6 @@ COMMAND_MODULES = [
     "epiflow.simulate.cli",
     "epiflow.genome.cli",
     "epiflow.corpus.cli",
-    "epiflow.tokenize.cli",
     "epiflow.model.cli",
     "epiflow.train.cli",
     "epiflow.tasks.cli",
@@ -50,14 +49,45 @@ COMMAND_MODULES = [
 ]
 
 
-# Steps whose module is registered alone when the command line names them: importing every step
-# module imports torch (epiflow.model, epiflow.train), seconds per call, and the workflow runs these
-# light steps (one job per figure and table) dozens of times. `--help` still lists every step.
-LIGHT_COMMANDS = {
-    "figure": "epiflow.plots.cli",
+# The module that registers each step: the command line names one step, and only its module is
+# imported (importing every step module imports torch, seconds per call, and the workflow runs steps
+# that never need it, e.g. one job per figure, table or mapped dataset, dozens of times). `--help`, or
+# a name not listed here, registers every module. tests/test_cli_light.py keeps this table in step
+# with what the modules register.
+VERB_MODULES = {
+    "simulate": "epiflow.simulate.cli",
+    "detect-build": "epiflow.genome.cli",
+    "liftover": "epiflow.genome.cli",
+    "candidate-ccres": "epiflow.corpus.cli",
+    "map-dataset": "epiflow.corpus.cli",
+    "build-corpus": "epiflow.corpus.cli",
+    "tokenize-downstream": "epiflow.corpus.cli",
+    "embed": "epiflow.model.cli",
+    "inspect-checkpoint": "epiflow.model.cli",
+    "pretrain": "epiflow.train.cli",
+    "pretrain-launch": "epiflow.train.cli",
+    "evaluate-features": "epiflow.tasks.cli",
+    "annotate": "epiflow.tasks.annotation_cli",
+    "impute": "epiflow.tasks.imputation_cli",
+    "predict-stimulation": "epiflow.tasks.perturbation_cli",
+    "predict-genetic": "epiflow.tasks.perturbation_cli",
+    "make-perturbation-benchmark": "epiflow.tasks.perturbation_cli",
+    "gene-graph": "epiflow.tasks.perturbation_cli",
+    "integrate": "epiflow.tasks.integration_cli",
+    "knockout": "epiflow.tasks.knockout_cli",
+    "train-annotator": "epiflow.tasks.zeroshot_cli",
+    "annotate-zeroshot": "epiflow.tasks.zeroshot_cli",
     "summarize": "epiflow.report.cli",
+    "figure": "epiflow.plots.cli",
+    "run-baseline": "epiflow.baselines.cli",
+    "baseline-env": "epiflow.baselines.cli",
     "baselines-table": "epiflow.baselines.cli",
+    "list-baselines": "epiflow.baselines.cli",
 }
+# the steps that never import torch (kept so by tests/test_cli_light.py)
+LIGHT_COMMANDS = {v: m for v, m in VERB_MODULES.items()
+                  if v in ("figure", "summarize", "baselines-table", "simulate", "candidate-ccres", "map-dataset",
+                           "build-corpus", "tokenize-downstream", "detect-build", "liftover")}
 
 
 def _requested_command(argv: list[str] | None) -> str | None:
@@ -79,8 +109,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="<step>")
     sub.required = True
-    light = LIGHT_COMMANDS.get(_requested_command(argv) or "")
-    for name in [light] if light else COMMAND_MODULES:
+    one = VERB_MODULES.get(_requested_command(argv) or "")
+    for name in [one] if one else COMMAND_MODULES:
         if importlib.util.find_spec(name.rsplit(".", 1)[0]) is None:
             continue
         if importlib.util.find_spec(name) is None:
