@@ -25,6 +25,7 @@ One TSV row per run is appended to ``--table`` (default ``WORK/sweep.tsv``); the
     OMP_NUM_THREADS=1 python benchmarks/transfer_sweep.py run --name base --set epochs=6 --set lr=0.002
     OMP_NUM_THREADS=1 python benchmarks/transfer_sweep.py lsi-grid --h5ad ../shared/data/buenrostro2018_bm0828.h5ad
     OMP_NUM_THREADS=1 python benchmarks/transfer_sweep.py diagnose --name base   # depth structure, Leiden seeds
+    OMP_NUM_THREADS=1 python benchmarks/transfer_sweep.py annotate --name base   # annotation vs LSI + SVM
 """
 
 from __future__ import annotations
@@ -208,6 +209,24 @@ def diagnose(work: Path, name: str, seeds=(1, 2, 3)) -> dict:
     return out
 
 
+def annotate_heldout(work: Path, name: str, seed: int = 0) -> dict:
+    """The annotation task (``epiflow.tasks.annotation.annotate``, its defaults: a linear head fine-tuned
+    with the encoder, 20 epochs) on the held-out cells with a run's checkpoint, next to LSI + logistic
+    regression and LSI + SVM on the same reference / query split (1/3 query, stratified)."""
+    from epiflow.tasks.annotation import annotate
+
+    out_dir = work / "runs" / name / "annotation"
+    t0 = time.time()
+    _, met = annotate(work / "corpus_held", work / "runs" / name / "checkpoint.pth", dataset="granja2019_heldout",
+                      out_dir=out_dir, seed=seed, backend="auto", progress=False, figures=False)
+    t = met[met["metric"].isin(["accuracy", "macro_f1"])].pivot_table(index="method", columns="metric",
+                                                                        values="value")
+    res = {m: {k: round(float(v), 4) for k, v in row.items()} for m, row in t.iterrows()}
+    res["wall_s"] = round(time.time() - t0, 1)
+    (out_dir / "result.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
 def df_auroc(model, index, uids, max_len: int, seed: int, df: np.ndarray) -> float:
     """AUROC of a cell-independent score (corpus df of the queried cCRE) on the held-out CCA queries."""
     from sklearn.metrics import roc_auc_score
@@ -243,12 +262,13 @@ def run(args) -> dict:
     from epiflow.train.pretrain import PretrainConfig, evaluate_cca, pretrain
 
     work = Path(args.work)
+    train_seed = args.seed if args.train_seed is None else args.train_seed
     sets = dict(kv.split("=", 1) for kv in args.set)
     sets = {k: _parse_value(v) for k, v in sets.items()}
     model_over = {k: _parse_value(v) for k, v in (kv.split("=", 1) for kv in args.model)}
     out_dir = work / "runs" / args.name
     cfg = PretrainConfig(model_config=args.preset, model_overrides=model_over, progress=False,
-                         eval_fraction=0.02, ckpt_every=0, device="cpu", seed=args.seed)
+                         eval_fraction=0.02, ckpt_every=0, device="cpu", seed=train_seed)
     cfg = PretrainConfig(**{**cfg.__dict__, **sets})
     t0 = time.time()
     if args.steps_only_eval and (out_dir / "checkpoint.pth").exists():
@@ -262,7 +282,7 @@ def run(args) -> dict:
     row = {"name": args.name, "preset": args.preset, "options": {**sets, **{f"model.{k}": v for k, v in
                                                                              model_over.items()}},
            "steps": summary["steps"], "epochs": cfg.epochs, "pretrain_wall_s": round(wall, 1),
-           "last_loss": summary.get("last", {}).get("loss")}
+           "last_loss": summary.get("last", {}).get("loss"), "train_seed": train_seed}
     index = build_index(work / "corpus_held")
     uids = np.arange(index.n_cells)
     max_len = min(8190, model.config.max_rank - 2) if cfg.max_len is None else cfg.max_len
@@ -284,7 +304,7 @@ def run(args) -> dict:
 
         t1 = time.time()
         ft = finetune_embeddings(out_dir / "checkpoint.pth", work / "corpus_held", epochs=args.finetune_epochs,
-                                 lr=args.finetune_lr, max_len=max_len, seed=args.seed, device="cpu",
+                                 lr=args.finetune_lr, max_len=max_len, seed=train_seed, device="cpu",
                                  zero_shot=False, progress=False, sr_objective=cfg.sr_objective)
         row["ft[cls]"] = {**score(ft["finetuned"], labels, args.seed), "epochs": args.finetune_epochs,
                           "lr": args.finetune_lr, "steps": ft.get("steps"), "ft_s": round(time.time() - t1, 1)}
@@ -306,12 +326,14 @@ def run(args) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("prepare", "baselines", "run", "lsi-grid", "diagnose"))
+    p.add_argument("what", choices=("prepare", "baselines", "run", "lsi-grid", "diagnose", "annotate"))
     p.add_argument("--h5ad", nargs="*", default=[], help="lsi-grid: h5ad files of raw peak counts")
     p.add_argument("--work", default=str(ROOT / "results" / "transfer"))
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--heldout", type=float, default=0.25)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the split, evaluation and Leiden seed")
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="pretraining / fine-tuning seed (default: --seed); the split stays that of --seed")
     p.add_argument("--min-cells", type=int, default=20, help="vocabulary curation threshold (cells)")
     p.add_argument("--min-ccres", type=int, default=30, help="cells with fewer accessible cCREs are dropped")
     p.add_argument("--max-cells", type=int, default=None, help="stratified subset of the data set first")
@@ -335,6 +357,8 @@ def main(argv=None):
         print(json.dumps(info, indent=2))
     elif args.what == "diagnose":
         print(json.dumps(diagnose(work, args.name), indent=2))
+    elif args.what == "annotate":
+        print(json.dumps(annotate_heldout(work, args.name, args.seed), indent=2))
     elif args.what == "baselines":
         print(json.dumps(baselines(work, args.seed), indent=2))
     else:

@@ -20,6 +20,7 @@ def corpus(tmp_path_factory):
                             n_types=4, seed=1, shard_size=100)
 
 
+@pytest.mark.slow  # ~380 steps: a full (small) pretraining run
 def test_pretraining_learns_cca_on_held_out_cells(corpus, tmp_path):
     out = tmp_path / "run"
     s = pretrain(corpus, out, PretrainConfig(model_config="tiny", epochs=6, rlm_epochs=1, lr=3e-3,

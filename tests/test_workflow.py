@@ -319,8 +319,9 @@ def test_run_tests_script_fails_when_no_test_is_collected(tmp_path):
     (stub / ".venv" / "bin").mkdir(parents=True)
     (stub / ".venv" / "bin" / "python").symlink_to(sys.executable)
     (stub / "tests").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("EPIFLOW_NO_LINT", "EPIFLOW_TEST_WORKERS")}
     proc = subprocess.run(["bash", "scripts/run_tests.sh", "tests", "-p", "no:cacheprovider"], cwd=stub,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 5, proc.stdout + proc.stderr
     assert "collected no tests" in proc.stderr
 
@@ -336,8 +337,9 @@ def test_run_tests_script_fails_when_the_static_checks_fail(tmp_path):
     (stub / ".venv" / "bin" / "python").symlink_to(sys.executable)
     (stub / "tests").mkdir()
     (stub / "tests" / "test_ok.py").write_text("def test_ok():\n    assert True\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("EPIFLOW_NO_LINT", "EPIFLOW_TEST_WORKERS")}
     proc = subprocess.run(["bash", "scripts/run_tests.sh", "tests", "-p", "no:cacheprovider"], cwd=stub,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 1 and "lint-ran" in proc.stdout, proc.stdout + proc.stderr
     assert "1 passed" in proc.stdout and "static checks failed" in proc.stderr
     assert "scripts/lint.sh" in (ROOT / "scripts" / "run_tests.sh").read_text()
