@@ -166,3 +166,22 @@ def test_transfer_config_dry_runs(tmp_path):
     tools = {re.search(r"--tool (\S+)", c).group(1) for c in jobs["run_baseline"]}
     assert {"lsi", "pca"} <= tools
     assert "pretrain" in jobs
+
+
+
+def test_transfer_learn_config_layers_the_learning_options(tmp_path):
+    """config/transfer_learn.yaml on top of config/transfer.yaml: the pretraining and the
+    feature-extraction fine-tuning take the #15 options; the paper's defaults stay in config.yaml."""
+    res = tmp_path / "res"
+    proc = snakemake("all", "-n", "-p", "--cores", "2", "--configfile", "config/transfer.yaml",
+                     "config/transfer_learn.yaml", "--config", f"results_dir={res}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    jobs = _jobs_by_rule(out)
+    (pre,) = jobs["pretrain"]
+    for flag in ("--init bert", "--cca-negatives df", "--sr-objective multinomial", "--lr 0.005"):
+        assert flag in pre, (flag, pre)
+    assert all("--sr-objective multinomial" in c for c in jobs["evaluate_features"])
+    base = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    assert base["pretrain"]["sr_objective"] == "bce" and base["pretrain"]["cca_negatives"] == "uniform"
+    assert base["model"]["init"] is None
