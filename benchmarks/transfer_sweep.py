@@ -217,7 +217,7 @@ def annotate_heldout(work: Path, name: str, seed: int = 0) -> dict:
 
     out_dir = work / "runs" / name / "annotation"
     t0 = time.time()
-    _, met = annotate(work / "corpus_held", work / "runs" / name / "checkpoint.pth", dataset="granja2019_heldout",
+    _, met = annotate(work / "corpus_held", work / "runs" / name / "checkpoint.pth", dataset=None,
                       out_dir=out_dir, seed=seed, backend="auto", progress=False, figures=False)
     t = met[met["metric"].isin(["accuracy", "macro_f1"])].pivot_table(index="method", columns="metric",
                                                                         values="value")
