@@ -85,9 +85,19 @@ VERB_MODULES = {
     "list-baselines": "epiflow.baselines.cli",
 }
 # the steps that never import torch (kept so by tests/test_cli_light.py)
-LIGHT_COMMANDS = {v: m for v, m in VERB_MODULES.items()
-                  if v in ("figure", "summarize", "baselines-table", "simulate", "candidate-ccres", "map-dataset",
-                           "build-corpus", "tokenize-downstream", "detect-build", "liftover")}
+_NO_TORCH = (
+    "figure",
+    "summarize",
+    "baselines-table",
+    "simulate",
+    "candidate-ccres",
+    "map-dataset",
+    "build-corpus",
+    "tokenize-downstream",
+    "detect-build",
+    "liftover",
+)
+LIGHT_COMMANDS = {v: VERB_MODULES[v] for v in _NO_TORCH}
 
 
 def _requested_command(argv: list[str] | None) -> str | None:
