@@ -47,8 +47,9 @@ def test_cca_head_is_the_models():
     assert torch.equal(cca_head(m, cell, m.cCRE_embedding.weight[ids]), m.cca_logits(cell, ids))
 
 
+@pytest.mark.parametrize("sr_objective", ["bce", "multinomial"])
 @pytest.mark.parametrize("world", [1, 2], ids=["1-rank", "2-identical-ranks"])
-def test_rebuilt_table_gradients_match_autograd(corpus, world, monkeypatch):
+def test_rebuilt_table_gradients_match_autograd(corpus, world, sr_objective, monkeypatch):
     """Two accumulated micro-batches (with RLM inputs): the embedding and decoder gradients rebuilt
     chunk by chunk equal the dense autograd gradients; every other gradient is unchanged. With
     ``world`` 2 the collectives are faked as two ranks holding the same micro-batches (all-reduce =
@@ -65,9 +66,9 @@ def test_rebuilt_table_gradients_match_autograd(corpus, world, monkeypatch):
     lean = LeanTables(lean_m, opt, weight_decay=0.0, chunk=37, query_chunk=11)
     w = (1.0, 1.0, 1.0)
     for b in batches:
-        loss, _ = PretrainObjective(dense, None)(b, 2, norms, w, world, 100.0)
+        loss, _ = PretrainObjective(dense, None, sr_objective)(b, 2, norms, w, world, 100.0)
         loss.backward()
-        loss2, _ = PretrainObjective(lean_m, lean)(b, 2, norms, w, world, 100.0)
+        loss2, _ = PretrainObjective(lean_m, lean, sr_objective)(b, 2, norms, w, world, 100.0)
         assert torch.allclose(loss, loss2, rtol=1e-5)
         loss2.backward()
     assert lean_m.cCRE_embedding.weight.grad is None and lean_m.signal_decoder.weight.grad is None

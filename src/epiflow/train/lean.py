@@ -61,10 +61,20 @@ def _chunk_bounds(sorted_vals: torch.Tensor, n: int, chunk: int) -> list[int]:
 
 
 def _sr_dlogits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                pos_weight) -> torch.Tensor:
+                pos_weight, lse: torch.Tensor | None = None, inv: torch.Tensor | None = None) -> torch.Tensor:
     """dBCE/dlogits of one column chunk: ``sigmoid(x)`` for every entry, ``-p sigmoid(-x)`` for the
-    positives (``rows``, chunk-relative ``cols``); ``pos_weight`` a float or a per-row tensor."""
+    positives (``rows``, chunk-relative ``cols``); ``pos_weight`` a float or a per-row tensor.
+
+    With ``lse`` (per-row logsumexp over ALL columns) the multinomial SR instead
+    (:func:`epiflow.train.objectives.sr_multinomial_sum`): ``softmax(x) - y / L`` with ``inv`` = 1 / L
+    per row."""
     x = torch.addmm(b.float(), h, w.float().t())
+    if lse is not None:
+        assert inv is not None
+        G = torch.exp(x - lse[:, None])
+        if rows.numel():
+            G[rows, cols] -= inv[rows]
+        return G
     G = torch.sigmoid(x)
     if rows.numel():
         p = pos_weight[rows] if torch.is_tensor(pos_weight) else pos_weight
@@ -126,7 +136,7 @@ class LeanStore:
         for r in recs:
             w = weight if weight is not None else r["weight"]
             b = bias if bias is not None else r["bias"]
-            G = _sr_dlogits(r["h"], w, b, r["rows"], r["cols"], r["pw"]) * r["scale"]
+            G = _sr_dlogits(r["h"], w, b, r["rows"], r["cols"], r["pw"], r.get("lse"), r.get("inv")) * r["scale"]
             Gs.append(G)
             Hs.append(r["h"])
         return torch.cat(Gs, 0), torch.cat(Hs, 0)
@@ -186,6 +196,62 @@ class ChunkedSRLoss(torch.autograd.Function):
 
 def chunked_sr_loss_sum(h, weight, bias, pos_rows, pos_cols, pos_weight, store, chunk: int = 65536):
     return ChunkedSRLoss.apply(h, weight, bias, pos_rows, pos_cols, float(pos_weight), store, int(chunk))
+
+
+class ChunkedMultinomialSR(torch.autograd.Function):
+    """The multinomial SR (:func:`epiflow.train.objectives.sr_multinomial_sum`) of ``h W^T + b``,
+    chunked over N like :class:`ChunkedSRLoss`: a first pass over the chunks gives each row's
+    logsumexp, the positives' logits are gathered on the way; backward returns the gradients of ``h``
+    and ``b`` and records ``(h, positives, lse, 1/L)`` for the weight gradient at the step."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, pos_rows, pos_cols, store: LeanStore, chunk: int):
+        hf = h.float()
+        n, B = weight.shape[0], h.shape[0]
+        order = torch.argsort(pos_cols, stable=True)
+        rows, cols = pos_rows[order], pos_cols[order]
+        lse = hf.new_full((B,), float("-inf"))
+        xpos = hf.new_empty(rows.shape[0])
+        cb = _chunk_bounds(cols, n, chunk)
+        for j, a in enumerate(range(0, n, chunk)):
+            b = min(n, a + chunk)
+            x = torch.addmm(bias[a:b].float(), hf, weight[a:b].float().t())
+            lse = torch.logaddexp(lse, torch.logsumexp(x, 1))
+            lo, hi = cb[j], cb[j + 1]
+            if hi > lo:
+                xpos[lo:hi] = x[rows[lo:hi], cols[lo:hi] - a]
+        inv = 1.0 / torch.bincount(rows, minlength=B).clamp_min(1).to(hf.dtype)
+        total = (inv[rows] * (lse[rows] - xpos)).sum()
+        ctx.save_for_backward(h, weight, bias, rows, cols, lse, inv)
+        ctx.store, ctx.chunk = store, int(chunk)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, bias, rows, cols, lse, inv = ctx.saved_tensors
+        hf = h.float().detach()
+        n = weight.shape[0]
+        go = grad_out.detach().float().reshape(())
+        has_pos = torch.zeros_like(inv)
+        has_pos[rows] = 1.0  # a row without positives adds nothing (its softmax term too)
+        lse_eff = torch.where(has_pos > 0, lse, torch.full_like(lse, float("inf")))
+        grad_h = torch.zeros_like(hf)
+        grad_bias = torch.empty(n, dtype=torch.float32, device=h.device)
+        cb = _chunk_bounds(cols, n, ctx.chunk)
+        for j, a in enumerate(range(0, n, ctx.chunk)):
+            b = min(n, a + ctx.chunk)
+            lo, hi = cb[j], cb[j + 1]
+            G = _sr_dlogits(hf, weight[a:b], bias[a:b], rows[lo:hi], cols[lo:hi] - a, 0.0, lse_eff, inv)
+            G.mul_(go)
+            grad_h.addmm_(G, weight[a:b].float())
+            grad_bias[a:b] = G.sum(0)
+        ctx.store.sr.append({"h": hf, "rows": rows, "cols": cols, "pw": 0.0, "scale": go, "weight": weight,
+                             "bias": bias, "lse": lse_eff, "inv": inv})
+        return grad_h.to(h.dtype), None, grad_bias.to(bias.dtype), None, None, None, None
+
+
+def chunked_sr_multinomial_sum(h, weight, bias, pos_rows, pos_cols, store, chunk: int = 65536):
+    return ChunkedMultinomialSR.apply(h, weight, bias, pos_rows, pos_cols, store, int(chunk))
 
 
 def _all_gather_padded(t: torch.Tensor, world: int) -> list[torch.Tensor]:
@@ -263,6 +329,10 @@ class LeanTables:
         return chunked_sr_loss_sum(cell_embedding, self.decoder.weight, self.decoder.bias, pos_rows, pos_cols,
                                    pos_weight, self.store, self.chunk)
 
+    def sr_multinomial_sum(self, cell_embedding, pos_rows, pos_cols):
+        return chunked_sr_multinomial_sum(cell_embedding, self.decoder.weight, self.decoder.bias, pos_rows, pos_cols,
+                                          self.store, self.chunk)
+
     def cca_loss_sum(self, cell: torch.Tensor, q_cell: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
                      pos_weight: float, autocast_dtype=None) -> torch.Tensor:
         """Sum of BCE-with-logits(pos_weight) of the CCA head; the queried embedding rows get their
@@ -308,6 +378,11 @@ class LeanTables:
                 H = torch.cat([r["h"] for r in recs], 0)
                 scale = torch.cat([r["scale"].expand(r["h"].shape[0]) for r in recs])
                 pw = torch.cat([torch.full((r["h"].shape[0],), r["pw"], device=dev) for r in recs])
+                multi = [r.get("lse") is not None for r in recs]
+                if any(multi) and not all(multi):
+                    raise RuntimeError("one optimiser step mixes the BCE and the multinomial SR")
+                lse = torch.cat([r["lse"] for r in recs]) if all(multi) else None
+                inv = torch.cat([r["inv"] for r in recs]) if all(multi) else None
                 row_parts, col_parts, o = [], [], 0
                 for r in recs:
                     row_parts.append(r["rows"] + o)
@@ -317,6 +392,7 @@ class LeanTables:
             else:
                 H = W.new_zeros(0, D, dtype=torch.float32)
                 scale = pw = W.new_zeros(0, dtype=torch.float32)
+                lse = inv = None
                 rows = cols = torch.zeros(0, dtype=torch.long, device=dev)
             if self._world > 1:
                 Hs = _all_gather_padded(H, self._world)
@@ -324,6 +400,10 @@ class LeanTables:
                 H = torch.cat(Hs)
                 scale = torch.cat(_all_gather_padded(scale, self._world)) / self._world
                 pw = torch.cat(_all_gather_padded(pw, self._world))
+                if lse is not None:
+                    assert inv is not None
+                    lse = torch.cat(_all_gather_padded(lse, self._world))
+                    inv = torch.cat(_all_gather_padded(inv, self._world))
                 rs = _all_gather_padded(rows, self._world)
                 starts = [0]
                 for s in sizes[:-1]:
@@ -333,7 +413,7 @@ class LeanTables:
             if H.shape[0]:
                 order = torch.argsort(cols, stable=True)
                 cols = cols[order]
-                prep["dec"] = {"H": H, "scale": scale, "pw": pw, "rows": rows[order], "cols": cols,
+                prep["dec"] = {"H": H, "scale": scale, "pw": pw, "lse": lse, "inv": inv, "rows": rows[order], "cols": cols,
                                "bounds": _chunk_bounds(cols, self.decoder.weight.shape[0], self.chunk)}
         self._prep = prep
         return prep
@@ -385,7 +465,7 @@ class LeanTables:
             b = min(n, a + self.chunk)
             lo, hi = d["bounds"][j], d["bounds"][j + 1]
             G = _sr_dlogits(d["H"], Wd[a:b].detach(), bd[a:b].detach(), d["rows"][lo:hi], d["cols"][lo:hi] - a,
-                            d["pw"])
+                            d["pw"], d["lse"], d["inv"])
             G.mul_(d["scale"][:, None])
             yield a, b, G.t() @ d["H"]
 

@@ -147,9 +147,6 @@ class PretrainConfig:
         if self.sr_objective not in SR_OBJECTIVES:
             bad("sr_objective", f"unknown SR objective {self.sr_objective!r}",
                 f"use one of {', '.join(SR_OBJECTIVES)} (bce = the paper)")
-        if self.sr_objective != "bce" and self.memory_lean:
-            bad("sr_objective", f"sr_objective {self.sr_objective!r} is not implemented in memory-lean mode",
-                "use sr_objective bce with memory_lean, or turn memory_lean off")
         if not 0.0 <= self.eval_fraction < 1.0:
             bad("eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         return self
@@ -231,7 +228,10 @@ class PretrainObjective(nn.Module):
                 sig = model.signal_logits(cell)
         rows, cols = pos_rows_cols(batch["pos_ptr"].to(dev), batch["pos_ccre"].to(dev, non_blocking=True))
         if self.sr_objective == "multinomial":
-            sr = sr_multinomial_sum(sig, rows, cols)
+            if self.lean is None:
+                sr = sr_multinomial_sum(sig, rows, cols)
+            else:
+                sr = self.lean.sr_multinomial_sum(cell.float(), rows, cols)
         elif self.lean is None:
             sr = sr_loss_sum(sig, rows, cols, sr_pos_weight)
         else:
