@@ -26,6 +26,7 @@ One TSV row per run is appended to ``--table`` (default ``WORK/sweep.tsv``); the
     OMP_NUM_THREADS=1 python benchmarks/transfer_sweep.py lsi-grid --h5ad ../shared/data/buenrostro2018_bm0828.h5ad
     OMP_NUM_THREADS=1 python benchmarks/transfer_sweep.py diagnose --name base   # depth structure, Leiden seeds
     OMP_NUM_THREADS=1 python benchmarks/transfer_sweep.py annotate --name base   # annotation vs LSI + SVM
+    OMP_NUM_THREADS=1 python benchmarks/transfer_sweep.py cross --names base     # Buenrostro 2018, zero-shot
 """
 
 from __future__ import annotations
@@ -209,6 +210,75 @@ def diagnose(work: Path, name: str, seeds=(1, 2, 3)) -> dict:
     return out
 
 
+def prepare_cross(work: Path, data: Path, min_ccres: int) -> Path:
+    """(once) Buenrostro 2018 BM0828 (another study, its own peaks) mapped onto the pretraining
+    corpus's vocabulary and tokenized with its df: ``WORK/corpus_buen``."""
+    from epiflow.corpus.build import build_corpus
+    from epiflow.corpus.manifest import load_manifest
+    from epiflow.corpus.mapping import map_dataset, write_mapped
+    from epiflow.genome.bed import read_bed
+
+    out = work / "corpus_buen"
+    if (out / "corpus.json").exists():
+        return out
+    (work / "manifest_buen.tsv").write_text(
+        "name\tformat\tpath\tgenome\ttissue\tcell_type_key\n"
+        f"buenrostro2018\th5ad\t{data}\thg19\tbone_marrow\tcell_type\n")
+    vocab = read_bed(work / "corpus_pre" / "vocab.bed")[["chrom", "start", "end"]]
+    # only ~3 % of its counts fall in the 10,000-peak Granja panel: the panel, not a build mismatch
+    m, rep = map_dataset(load_manifest(work / "manifest_buen.tsv")[0], vocab, "hg19", min_frac_in_ccres=0.0)
+    write_mapped(m, work / "mapped_buen.h5ad", rep, work / "mapped_buen.json")
+    build_corpus(vocab, [work / "mapped_buen.h5ad"], out, genome="hg19", min_ccres_per_cell=min_ccres,
+                 shard_size=5000, vocabulary="external", external_df=work / "corpus_pre" / "df.npy")
+    return out
+
+
+def cross_study(work: Path, data: Path, names: list[str], min_ccres: int, seed: int = 0) -> dict:
+    """Zero-shot [CLS] embeddings of the Buenrostro cells by each run's model, next to LSI (default
+    recipe) and PCA on the same cells and vocabulary, and LSI on the study's own peaks (same cells)."""
+    import anndata as ad
+
+    from epiflow.baselines.adapters.light import _pca
+    from epiflow.baselines.lsi import lsi
+    from epiflow.baselines.preprocess import log_normalise
+    from epiflow.model import load_epiagent_checkpoint
+    from epiflow.model.inference import embed
+
+    corpus = prepare_cross(work, data, min_ccres)
+    from epiflow.corpus.shard import open_corpus
+
+    c = open_corpus(corpus)
+    shards = list(c.iter_shards())
+    import scipy.sparse as sp
+
+    counts = sp.vstack([sh.counts_csr() for sh in shards], format="csr")
+    obs = np.concatenate([sh.obs["cell_id"].astype(str).to_numpy() if "cell_id" in sh.obs else
+                          sh.obs.index.astype(str).to_numpy() for sh in shards])
+    labels = np.concatenate([sh.obs["cell_type"].astype(str).to_numpy() for sh in shards])
+    res_path = work / "cross_buenrostro.json"
+    res = json.loads(res_path.read_text()) if res_path.exists() else {}
+    res["n_cells"], res["n_types"] = int(len(labels)), int(len(np.unique(labels)))
+    if "LSI[corpus vocab]" not in res:
+        res["LSI[corpus vocab]"] = score(lsi(counts, 50, seed=seed), labels, seed)
+        emb, _ = _pca(log_normalise(counts), 50, seed)
+        res["PCA[corpus vocab]"] = score(emb, labels, seed)
+        own = ad.read_h5ad(data)
+        own_ids = own.obs_names.astype(str).to_numpy()
+        pos = {b: i for i, b in enumerate(own_ids)}
+        keep = [pos.get(b.split(":", 1)[-1], pos.get(b)) for b in obs]
+        if all(k is not None for k in keep):
+            X = sp.csr_matrix(own.X)[np.asarray(keep)]
+            res["LSI[own peaks]"] = score(lsi(X, 50, seed=seed), labels, seed)
+        else:
+            res["LSI[own peaks]"] = "cell ids not matched"
+    for name in names:
+        model = load_epiagent_checkpoint(work / "runs" / name / "checkpoint.pth").eval()
+        e = embed(corpus, model, progress=False, device="cpu").obsm["X_epiagent"]
+        res[f"EpiAgent[{name}]"] = score(e, labels, seed)
+    res_path.write_text(json.dumps(res, indent=2))
+    return res
+
+
 def annotate_heldout(work: Path, name: str, seed: int = 0) -> dict:
     """The annotation task (``epiflow.tasks.annotation.annotate``, its defaults: a linear head fine-tuned
     with the encoder, 20 epochs) on the held-out cells with a run's checkpoint, next to LSI + logistic
@@ -326,7 +396,7 @@ def run(args) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("prepare", "baselines", "run", "lsi-grid", "diagnose", "annotate"))
+    p.add_argument("what", choices=("prepare", "baselines", "run", "lsi-grid", "diagnose", "annotate", "cross"))
     p.add_argument("--h5ad", nargs="*", default=[], help="lsi-grid: h5ad files of raw peak counts")
     p.add_argument("--work", default=str(ROOT / "results" / "transfer"))
     p.add_argument("--data", default=str(DEFAULT_DATA))
@@ -338,6 +408,9 @@ def main(argv=None):
     p.add_argument("--min-ccres", type=int, default=30, help="cells with fewer accessible cCREs are dropped")
     p.add_argument("--max-cells", type=int, default=None, help="stratified subset of the data set first")
     p.add_argument("--name", default="run")
+    p.add_argument("--names", nargs="*", default=[], help="cross: the runs to evaluate (default --name)")
+    p.add_argument("--cross-data", default=str(DEFAULT_DATA.parent / "buenrostro2018_bm0828.h5ad"),
+                   help="cross: the other study's h5ad (default Buenrostro 2018 BM0828)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--set", action="append", default=[], help="PretrainConfig field=value (repeatable)")
     p.add_argument("--model", action="append", default=[], help="model-config field=value (repeatable)")
@@ -357,6 +430,9 @@ def main(argv=None):
         print(json.dumps(info, indent=2))
     elif args.what == "diagnose":
         print(json.dumps(diagnose(work, args.name), indent=2))
+    elif args.what == "cross":
+        print(json.dumps(cross_study(work, Path(args.cross_data), args.names or [args.name], args.min_ccres,
+                                     args.seed), indent=2))
     elif args.what == "annotate":
         print(json.dumps(annotate_heldout(work, args.name, args.seed), indent=2))
     elif args.what == "baselines":
