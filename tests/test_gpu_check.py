@@ -1,0 +1,95 @@
+"""benchmarks/gpu_check.py (issue #20): the prepared GPU check, run on CPU (--cpu-smoke), its error handling
+and its helpers. The GPU figures themselves need a GPU machine (benchmarks/README.md, "GPU check")."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+PARTS = ["env", "golden", "bench_model", "bench_train", "pretrain_cli", "torchrun", "tasks"]
+GOALS = {"golden_fp32", "golden_bf16", "packed_bf16_mfu_L8192", "lean_peak_gb_per_gpu", "lean_state_gb_per_gpu",
+         "pretrain_stop_resume", "total_time_s"}
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(args, tmp_path, timeout):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), *args], capture_output=True,
+                          text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+def test_peak_table_and_json_parsing():
+    g = _gpu_check()
+    assert g.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and g.peak_tflops("NVIDIA H200") == 989.0
+    assert g.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and g.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert g.peak_tflops("NVIDIA H100 NVL") is None and g.peak_tflops("Tesla T4") is None
+    assert g.peak_tflops(None) is None
+    assert g._last_json('log line\n{\n "a": {"b": 1}\n}\n') == {"a": {"b": 1}}
+    with pytest.raises(ValueError):
+        g._last_json("no json here")
+    goals = g.goals({}, smoke=False, total_s=500.0)
+    assert set(goals) == GOALS and goals["total_time_s"]["pass"] is False
+    assert all(goals[k]["pass"] is None for k in GOALS - {"total_time_s"})  # nothing measured: null, not fail
+
+
+def test_gpu_mode_without_cuda_fails_into_json(tmp_path):
+    """A part that fails (here: GPU mode on a machine without CUDA) becomes an error entry; the others run."""
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = _run(["--parts", "golden", "--workdir", str(tmp_path / "work")], tmp_path, 300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert list(report["parts"]) == PARTS and report["mode"] == "gpu"
+    golden = report["parts"]["golden"]
+    assert golden["ok"] is False and "no CUDA device" in golden["error"] and golden["seconds"] > 0
+    assert all(report["parts"][p] == {"skipped": "not in --parts"} for p in PARTS if p != "golden")
+    assert report["goals"]["golden_fp32"]["pass"] is None
+    assert json.loads((tmp_path / "out" / "gpu_check.json").read_text()) == report
+    assert "===== golden" in (tmp_path / "out" / "gpu_check.log").read_text()
+
+
+@pytest.mark.slow
+def test_cpu_smoke_every_part(tmp_path):
+    """--cpu-smoke: every part runs on CPU with tiny sizes (60-130 s on 2 shared cores: mostly the start-up of
+    the ~15 Python processes the parts run), one JSON object on stdout and in OUT/gpu_check.json."""
+    proc = _run(["--cpu-smoke"], tmp_path, 900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["mode"] == "cpu-smoke" and list(report["parts"]) == PARTS
+    assert json.loads((tmp_path / "out" / "gpu_check.json").read_text()) == report
+    assert (tmp_path / "out" / "gpu_check.log").stat().st_size > 0
+    for name, part in report["parts"].items():
+        assert part.get("ok") is not False, (name, part)
+        assert part.get("ok") is True or "skipped" in part, (name, part)
+    parts = report["parts"]
+    assert parts["env"]["cuda_available"] is False and parts["env"]["torch"]
+    if "skipped" not in parts["golden"]:  # the fixtures are in ../shared (skipped with a reason elsewhere)
+        assert parts["golden"]["fp32_ok"] and parts["golden"]["bf16_ok"]
+        assert set(parts["golden"]["backends"]) == {"sdpa", "packed"} and len(parts["golden"]["runs"]) == 12
+    for key in ("realistic", "long_L"):
+        assert parts["bench_model"][key]["variants"]["packed"]["tokens_per_s"] > 0
+    assert parts["bench_train"]["lean"]["state_gb"] <= parts["bench_train"]["dense"]["state_gb"]
+    pc = parts["pretrain_cli"]
+    assert pc["run1"]["exit_code"] == 138 and pc["run1"]["stopped_at_step"] < pc["max_steps"]
+    assert pc["metrics_steps_once"] and pc["resume_larger_max_steps"]["refused"]
+    assert parts["torchrun"]["collective"]["backend"] == "gloo" and "skipped" in parts["torchrun"]["pretrain_launch"]
+    assert parts["tasks"]["embed"]["finite"] and parts["tasks"]["annotate"]["exit_code"] == 0
+    goals = report["goals"]
+    assert set(goals) == GOALS and all({"goal", "value", "pass"} <= set(v) for v in goals.values())
+    assert goals["pretrain_stop_resume"]["pass"] is True
+    assert goals["packed_bf16_mfu_L8192"]["pass"] is None and goals["lean_peak_gb_per_gpu"]["pass"] is None
