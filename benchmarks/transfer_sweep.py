@@ -289,7 +289,7 @@ def annotate_heldout(work: Path, name: str, seed: int = 0) -> dict:
     t0 = time.time()
     _, met = annotate(work / "corpus_held", work / "runs" / name / "checkpoint.pth", dataset=None,
                       out_dir=out_dir, seed=seed, backend="auto", progress=False, figures=False)
-    t = met[met["metric"].isin(["accuracy", "macro_f1"])].pivot_table(index="method", columns="metric",
+    t = met[met["metric"].isin(["accuracy", "macro_F1"])].pivot_table(index="method", columns="metric",
                                                                         values="value")
     res = {m: {k: round(float(v), 4) for k, v in row.items()} for m, row in t.iterrows()}
     res["wall_s"] = round(time.time() - t0, 1)
