@@ -82,6 +82,23 @@ def _sr_dlogits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, rows: torch.T
     return G
 
 
+def _sr_input_grads(hf, weight, bias, rows, cols, chunk: int, go, pos_weight, lse=None, inv=None):
+    """Gradients of an SR sum w.r.t. ``h`` and the decoder bias, chunk by chunk over the vocabulary
+    (``rows``/``cols`` sorted by column; ``go`` = dLoss/dsum)."""
+    n = weight.shape[0]
+    grad_h = torch.zeros_like(hf)
+    grad_bias = torch.empty(n, dtype=torch.float32, device=hf.device)
+    cb = _chunk_bounds(cols, n, chunk)
+    for j, a in enumerate(range(0, n, chunk)):
+        b = min(n, a + chunk)
+        lo, hi = cb[j], cb[j + 1]
+        G = _sr_dlogits(hf, weight[a:b], bias[a:b], rows[lo:hi], cols[lo:hi] - a, pos_weight, lse, inv)
+        G.mul_(go)
+        grad_h.addmm_(G, weight[a:b].float())
+        grad_bias[a:b] = G.sum(0)
+    return grad_h, grad_bias
+
+
 class _Tap(torch.autograd.Function):
     """Identity on a scalar loss term; its backward stores dLoss/dterm in ``rec['scale']``."""
 
@@ -177,18 +194,8 @@ class ChunkedSRLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         h, weight, bias, rows, cols = ctx.saved_tensors
         hf = h.float().detach()
-        n = weight.shape[0]
         go = grad_out.detach().float().reshape(())
-        grad_h = torch.zeros_like(hf)
-        grad_bias = torch.empty(n, dtype=torch.float32, device=h.device)
-        cb = _chunk_bounds(cols, n, ctx.chunk)
-        for j, a in enumerate(range(0, n, ctx.chunk)):
-            b = min(n, a + ctx.chunk)
-            lo, hi = cb[j], cb[j + 1]
-            G = _sr_dlogits(hf, weight[a:b], bias[a:b], rows[lo:hi], cols[lo:hi] - a, ctx.pos_weight)
-            G.mul_(go)
-            grad_h.addmm_(G, weight[a:b].float())
-            grad_bias[a:b] = G.sum(0)
+        grad_h, grad_bias = _sr_input_grads(hf, weight, bias, rows, cols, ctx.chunk, go, ctx.pos_weight)
         ctx.store.sr.append({"h": hf, "rows": rows, "cols": cols, "pw": ctx.pos_weight, "scale": go,
                              "weight": weight, "bias": bias})
         return grad_h.to(h.dtype), None, grad_bias.to(bias.dtype), None, None, None, None, None
@@ -230,21 +237,11 @@ class ChunkedMultinomialSR(torch.autograd.Function):
     def backward(ctx, grad_out):
         h, weight, bias, rows, cols, lse, inv = ctx.saved_tensors
         hf = h.float().detach()
-        n = weight.shape[0]
         go = grad_out.detach().float().reshape(())
         has_pos = torch.zeros_like(inv)
         has_pos[rows] = 1.0  # a row without positives adds nothing (its softmax term too)
         lse_eff = torch.where(has_pos > 0, lse, torch.full_like(lse, float("inf")))
-        grad_h = torch.zeros_like(hf)
-        grad_bias = torch.empty(n, dtype=torch.float32, device=h.device)
-        cb = _chunk_bounds(cols, n, ctx.chunk)
-        for j, a in enumerate(range(0, n, ctx.chunk)):
-            b = min(n, a + ctx.chunk)
-            lo, hi = cb[j], cb[j + 1]
-            G = _sr_dlogits(hf, weight[a:b], bias[a:b], rows[lo:hi], cols[lo:hi] - a, 0.0, lse_eff, inv)
-            G.mul_(go)
-            grad_h.addmm_(G, weight[a:b].float())
-            grad_bias[a:b] = G.sum(0)
+        grad_h, grad_bias = _sr_input_grads(hf, weight, bias, rows, cols, ctx.chunk, go, 0.0, lse_eff, inv)
         ctx.store.sr.append({"h": hf, "rows": rows, "cols": cols, "pw": 0.0, "scale": go, "weight": weight,
                              "bias": bias, "lse": lse_eff, "inv": inv})
         return grad_h.to(h.dtype), None, grad_bias.to(bias.dtype), None, None, None, None
