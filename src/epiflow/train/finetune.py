@@ -32,7 +32,7 @@ from ..corpus.shard import Shard, open_corpus, read_shard
 from ..errors import ConfigError
 from ..tokenize import NUM_SPECIAL
 from .data import BatchConfig, CorpusIndex, _cut_budget, make_batch
-from .objectives import bce_sum, pos_rows_cols, sr_loss_sum, sr_multinomial_sum
+from .objectives import SR_OBJECTIVES, bce_sum, pos_rows_cols, sr_loss_sum, sr_multinomial_sum
 from .optim import make_adamw, make_scheduler
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ def finetune(model, data, objectives=("cca", "sr"), *, labels=None, cells=None, 
     if bad or not objectives:
         raise ConfigError(f"unknown fine-tuning objective(s) {bad or objectives}", field="objectives",
                           fix=f"choose from {', '.join(OBJECTIVES)}")
-    if cfg.sr_objective not in ("bce", "multinomial"):
+    if cfg.sr_objective not in SR_OBJECTIVES:
         raise ConfigError(f"unknown SR objective {cfg.sr_objective!r}", field="sr_objective",
                           fix="use bce (the paper) or multinomial")
     cs = CellSet.from_any(data)

@@ -227,8 +227,11 @@ class ChunkedMultinomialSR(torch.autograd.Function):
             lo, hi = cb[j], cb[j + 1]
             if hi > lo:
                 xpos[lo:hi] = x[rows[lo:hi], cols[lo:hi] - a]
-        inv = 1.0 / torch.bincount(rows, minlength=B).clamp_min(1).to(hf.dtype)
+        counts = torch.bincount(rows, minlength=B)
+        inv = 1.0 / counts.clamp_min(1).to(hf.dtype)
         total = (inv[rows] * (lse[rows] - xpos)).sum()
+        # a row without positives adds nothing, its softmax term neither: lse = inf makes its gradient 0
+        lse = torch.where(counts > 0, lse, torch.full_like(lse, float("inf")))
         ctx.save_for_backward(h, weight, bias, rows, cols, lse, inv)
         ctx.store, ctx.chunk = store, int(chunk)
         return total
@@ -238,12 +241,9 @@ class ChunkedMultinomialSR(torch.autograd.Function):
         h, weight, bias, rows, cols, lse, inv = ctx.saved_tensors
         hf = h.float().detach()
         go = grad_out.detach().float().reshape(())
-        has_pos = torch.zeros_like(inv)
-        has_pos[rows] = 1.0  # a row without positives adds nothing (its softmax term too)
-        lse_eff = torch.where(has_pos > 0, lse, torch.full_like(lse, float("inf")))
-        grad_h, grad_bias = _sr_input_grads(hf, weight, bias, rows, cols, ctx.chunk, go, 0.0, lse_eff, inv)
+        grad_h, grad_bias = _sr_input_grads(hf, weight, bias, rows, cols, ctx.chunk, go, 0.0, lse, inv)
         ctx.store.sr.append({"h": hf, "rows": rows, "cols": cols, "pw": 0.0, "scale": go, "weight": weight,
-                             "bias": bias, "lse": lse_eff, "inv": inv})
+                             "bias": bias, "lse": lse, "inv": inv})
         return grad_h.to(h.dtype), None, grad_bias.to(bias.dtype), None, None, None, None
 
 

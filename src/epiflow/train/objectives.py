@@ -61,6 +61,9 @@ def sr_multinomial_sum(logits: torch.Tensor, pos_rows: torch.Tensor, pos_cols: t
     return (nll / counts[pos_rows]).sum()
 
 
+SR_OBJECTIVES = ("bce", "multinomial")  # bce = the paper's SR; multinomial = sr_multinomial_sum
+
+
 def sr_norm_key(sr_objective: str) -> str:
     """The step denominator of the SR sum: every cell x cCRE entry (paper BCE) or every cell."""
     return "cells" if sr_objective == "multinomial" else "sr"

@@ -57,7 +57,7 @@ from .data import (
 )
 from .lean import LeanTables
 from .metrics import MetricsLogger, peak_memory_mb, plot_losses
-from .objectives import bce_sum, k_for_epoch, pos_rows_cols, sr_loss_sum, sr_multinomial_sum, sr_norm_key
+from .objectives import bce_sum, k_for_epoch, pos_rows_cols, SR_OBJECTIVES, sr_loss_sum, sr_multinomial_sum, sr_norm_key
 from .optim import SCHEDULES, make_adamw, make_scheduler
 from .rng import mix64
 
@@ -68,7 +68,6 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = "epiflow-train-state"
 CCA_NEGATIVES = ("uniform", "df")
-SR_OBJECTIVES = ("bce", "multinomial")
 
 
 @dataclass
