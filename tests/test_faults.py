@@ -357,16 +357,23 @@ def test_stop_signal_in_process_saves_the_step_and_resume_matches(corpus, tmp_pa
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.fixture(scope="module")
+def full_two_threads(corpus, tmp_path_factory):
+    """The uninterrupted 2-thread run the signal tests compare against (built once for both signals)."""
+    full = tmp_path_factory.mktemp("signal") / "full"
+    subprocess.run([sys.executable, "-m", "epiflow", *_pretrain_argv(corpus, full, ["--ckpt-every", "1000"])],
+                   check=True, env=_env(2), capture_output=True, timeout=300)
+    return full
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_stop_signal_saves_and_resume_is_bit_identical_with_two_threads(corpus, tmp_path, sig):
+def test_stop_signal_saves_and_resume_is_bit_identical_with_two_threads(corpus, full_two_threads, tmp_path, sig):
     """SLURM's warning (SIGUSR1) or termination (SIGTERM) signal: the run saves a state at the end of
     the step and exits 128+sig; resuming ends bit-identical to an uninterrupted run, with 2 threads
     (the thread count the workflow's demo uses)."""
     cmd = [sys.executable, "-m", "epiflow"]
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    argv = _pretrain_argv(corpus, full, ["--ckpt-every", "1000"])
-    subprocess.run(cmd + argv, check=True, env=_env(2), capture_output=True, timeout=300)
+    full, cut = full_two_threads, tmp_path / "cut"
     proc = subprocess.Popen(cmd + _pretrain_argv(corpus, cut, ["--ckpt-every", "1000"]), env=_env(2, delay=0.5),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240

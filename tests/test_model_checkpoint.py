@@ -203,3 +203,26 @@ def test_inspect_checkpoint_cli(fixtures_dir, capsys, tmp_path):
     bad.write_bytes(b"\x00" * 10)
     assert cli_main(["inspect-checkpoint", str(bad)]) == 2
     assert "truncated" in capsys.readouterr().err
+
+
+def test_loading_skips_random_init_and_never_imports_dynamo(tmp_path):
+    """The model is built on meta without its random fill (a meta-tensor fill imports torch._dynamo,
+    1-2 s in every verb that loads a checkpoint); the loaded weights are the file's, and torch.nn.init
+    is restored afterwards."""
+    import subprocess
+    import sys
+
+    cfg = EpiAgentConfig.preset("tiny", n_ccres=50, max_rank=64)
+    model = EpiAgent.from_config(cfg)
+    path = model.save_epiagent_checkpoint(tmp_path / "m.pth", write_config=True)
+    code = ("import sys; from epiflow.model import load_epiagent_checkpoint as load; "
+            f"m = load({str(path)!r}); print(int(m.cCRE_embedding.weight.abs().sum() > 0), "
+            "int('torch._dynamo' in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["1", "0"], proc.stdout
+    normal = torch.nn.init.normal_
+    back = load_epiagent_checkpoint(path)
+    assert torch.nn.init.normal_ is normal
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k

@@ -18,6 +18,7 @@ byte-identical file when saved under the same file name (zip records are named a
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import json
 import logging
@@ -37,6 +38,33 @@ import torch
 from ..errors import CheckpointError, ConfigError, VocabularyMismatchError
 from .config import NUM_SPECIAL, EpiAgentConfig
 from .epiagent import EpiAgent
+
+# the random fills of torch.nn.init: on a meta tensor each goes through a Python meta kernel whose first
+# call imports torch._dynamo (1-2 s in every process that loads a checkpoint)
+_RANDOM_INITS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                 "xavier_uniform_", "xavier_normal_", "orthogonal_", "sparse_")
+
+
+@contextlib.contextmanager
+def meta_without_init():
+    """Build modules on the ``meta`` device without their random initialisation.
+
+    Meta tensors hold no values, so the fill is skipped, not lost: every parameter is then replaced by a
+    checkpoint tensor (``load_state_dict(assign=True)``). Not thread-safe (``torch.nn.init`` is patched
+    for the duration), like any module-level patch."""
+    saved = {name: getattr(torch.nn.init, name) for name in _RANDOM_INITS if hasattr(torch.nn.init, name)}
+
+    def _skip(tensor, *args, **kwargs):
+        return tensor
+
+    try:
+        for name in saved:
+            setattr(torch.nn.init, name, _skip)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +319,7 @@ def load_epiagent_checkpoint(path: str | os.PathLike, num_heads: int | None = No
     side.update(overrides)
     cfg = infer_config(sd, num_heads, path=path, overrides=side)
     _check_vocab(cfg, corpus, n_ccres, path)
-    with torch.device("meta"):
+    with meta_without_init():
         model = EpiAgent(cfg, backend="sdpa")
     check_state_dict(model, sd, path)
     # load_state_dict(assign=True) writes flags into sd._metadata: keep a pristine copy for saving
@@ -347,7 +375,7 @@ def inspect_checkpoint(path: str | os.PathLike, num_heads: int | None = None) ->
     heads_known = num_heads is not None or "num_heads" in side or int(sd.get("cCRE_embedding.weight",
                                                                                   torch.empty(0, 0)).shape[-1]) == 512
     cfg = infer_config(sd, num_heads if heads_known else 1, path=path, overrides=side)
-    with torch.device("meta"):
+    with meta_without_init():
         model = EpiAgent(cfg)
     check_state_dict(model, sd, path)
     counts: dict[str, int] = {}

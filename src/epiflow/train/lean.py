@@ -542,9 +542,10 @@ def memory_estimate(model_config, *, cells_per_gpu: int = 4, grad_accum: int = 4
     cfg = model_config
     D, V, N = int(cfg.dim), int(cfg.vocab_size), int(cfg.n_ccres)
     if n_params is None:
-        with torch.device("meta"):
-            from ..model import EpiAgent
+        from ..model import EpiAgent
+        from ..model.checkpoint import meta_without_init
 
+        with meta_without_init():
             n_params = sum(p.numel() for p in EpiAgent(cfg).parameters())
     P = int(n_params)
     n_tab = V * D + N * D
