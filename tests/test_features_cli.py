@@ -169,3 +169,45 @@ def test_cli_errors(toy, capsys):
     assert main(["evaluate-features", "--embeddings", str(tmp / "emb.h5ad"), "--out-dir", str(out)]) == 2
     assert "--corpus" in capsys.readouterr().err
     assert not (out / "metrics.tsv").exists()
+
+
+def test_cli_lsi_on_the_datasets_own_features(toy):
+    """--own-features: LSI on the dataset's own cell x peak matrix (other features, cells in another order
+    and more of them), matched on the cell's barcode, is a row beside LSI on the corpus vocabulary."""
+    from epiflow.baselines import lsi
+    from epiflow.tasks.features import OWN_FEATURES_KEY, load_feature_inputs
+
+    tmp, corpus, obs, y = toy
+    rng = np.random.default_rng(5)
+    a_obs = obs[obs["dataset"] == "toyA"].reset_index(drop=True)
+    n_own = 450
+    p = np.full((3, n_own), 0.02)
+    for t in range(3):
+        p[t, 300 + t * 50:300 + (t + 1) * 50] = 0.5  # the signal sits on peaks the corpus never had
+    x = (rng.random((len(a_obs), n_own)) < p[y]).astype(np.float32)
+    extra = (rng.random((15, n_own)) < 0.05).astype(np.float32)  # cells of the file not in the corpus
+    names = np.concatenate([a_obs["cell_id"].to_numpy(), [f"x{i}" for i in range(15)]])
+    order = rng.permutation(len(names))
+    src = ad.AnnData(X=sp.csr_matrix(np.vstack([x, extra])[order]), obs=pd.DataFrame(index=names[order]))
+    src.write_h5ad(tmp / "own.h5ad")
+    emb = make_embeddings(tmp / "emb.h5ad", obs, y)
+
+    adata, methods, info = load_feature_inputs({"EpiAgent": emb}, corpus=corpus, dataset="toyA", lsi_components=10,
+                                               own_features_h5ad=tmp / "own.h5ad")
+    assert list(methods) == ["EpiAgent", "LSI", "LSI-own-features"]
+    idx = pd.Index(names[order]).get_indexer(adata.obs["cell_id"].to_numpy())
+    want = lsi(sp.csr_matrix(np.vstack([x, extra])[order])[idx], 10)
+    np.testing.assert_allclose(adata.obsm[OWN_FEATURES_KEY], want, rtol=1e-5, atol=1e-5)
+    assert info["own_features"]["n_features"] == n_own
+
+    out = tmp / "fe_own"
+    assert main(["evaluate-features", "--embeddings", str(emb), "--corpus", str(corpus), "--dataset", "toyA",
+                 "--lsi-components", "10", "--n-neighbors", "10", "--no-umap", "--own-features", str(tmp / "own.h5ad"),
+                 "--out-dir", str(out)]) == 0
+    v = pd.read_csv(out / "metrics.tsv", sep="\t").set_index(["method", "metric"])["value"]
+    assert v["LSI-own-features", "NMI"] > 0.9 and v["LSI-own-features", "n_features"] == n_own
+    assert v["LSI-own-features", "n_cells"] == v["LSI", "n_cells"] == 114
+
+    src[: len(names) // 2].write_h5ad(tmp / "half.h5ad")  # some evaluated cells are missing
+    with pytest.raises(Exception, match="evaluated cells are not in the own-features file"):
+        load_feature_inputs({"EpiAgent": emb}, corpus=corpus, dataset="toyA", own_features_h5ad=tmp / "half.h5ad")

@@ -162,6 +162,12 @@ def test_transfer_config_dry_runs(tmp_path):
         == ["buenrostro2018_bm0828", "granja2019_d6t1_heldout"]
     fe = jobs["evaluate_features"] + jobs["evaluate_features_trajectory"]
     assert len(fe) == 2 and all("/downstream/" in c and "--finetune-epochs 2" in c for c in fe)
+    # LSI on each dataset's own peaks beside LSI on the corpus vocabulary (when the h5ad is here)
+    for c in fe:
+        src = {"granja2019_d6t1_heldout": "granja2019_bmmc_d6t1.h5ad",
+               "buenrostro2018_bm0828": "buenrostro2018_bm0828.h5ad"}[re.search(r"--dataset (\S+)", c).group(1)]
+        local = (ROOT / "config" / "manifests" / "../../../shared/data" / src).exists()
+        assert (re.search(rf"--own-features \S+/{src}", c) is not None) == local, c
     assert len(jobs["annotate"]) == 2
     tools = {re.search(r"--tool (\S+)", c).group(1) for c in jobs["run_baseline"]}
     assert {"lsi", "pca"} <= tools

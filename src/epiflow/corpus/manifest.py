@@ -308,9 +308,11 @@ def _download(url: str, dest: Path, entry: DatasetEntry) -> Path:
 
 
 def resolve_dataset(entry: DatasetEntry, *, data_mirror: str | os.PathLike | None = None,
-                    download_dir: str | os.PathLike | None = None, verify: bool = True) -> Path:
+                    download_dir: str | os.PathLike | None = None, verify: bool = True,
+                    local_only: bool = False) -> Path:
     """The local path of the dataset's file: its ``path``, else the ``data_mirror`` copy of the URL's
-    (or path's) file name, else a download into ``download_dir``. Checks ``sha256`` when given."""
+    (or path's) file name, else a download into ``download_dir`` (not with ``local_only``: then a file
+    that is not local is a :class:`ConfigError`). Checks ``sha256`` when given."""
     p: Path | None = None
     tried = []
     if entry.path:
@@ -326,7 +328,7 @@ def resolve_dataset(entry: DatasetEntry, *, data_mirror: str | os.PathLike | Non
         tried.append(str(m))
         if m.exists():
             p = m
-    if p is None and entry.url:
+    if p is None and entry.url and not local_only:
         ddir = Path(download_dir) if download_dir else (
             (entry.manifest.parent if entry.manifest else Path.cwd()) / "downloads")
         dest = ddir / Path(urllib.parse.urlparse(entry.url).path).name

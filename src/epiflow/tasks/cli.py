@@ -52,7 +52,8 @@ def _evaluate_features(args: argparse.Namespace) -> int:
     adata, methods, info, cells = load_feature_inputs(
         embeddings, corpus=args.corpus, counts_h5ad=args.counts, embedding_key=args.embedding_key,
         label_key=args.label_key, dataset=args.dataset, lsi_components=args.lsi_components,
-        lsi_drop_first=drop, seed=args.seed, return_cells=True, lsi_recipe=args.lsi_recipe)
+        lsi_drop_first=drop, seed=args.seed, return_cells=True, lsi_recipe=args.lsi_recipe,
+        own_features_h5ad=args.own_features)
     dataset = args.dataset
     if dataset is None:
         ds = adata.obs["dataset"].astype(str).unique() if "dataset" in adata.obs else []
@@ -60,6 +61,13 @@ def _evaluate_features(args: argparse.Namespace) -> int:
     extra = metric_rows("feature_extraction", dataset, "LSI",
                         {"lsi_depth_spearman": info["depth_spearman"],
                          "lsi_dropped_first": int(info["dropped_first"])})
+    if "own_features" in info:
+        from .features import OWN_FEATURES_METHOD
+
+        own = info["own_features"]
+        extra += metric_rows("feature_extraction", dataset, OWN_FEATURES_METHOD,
+                             {"n_features": own["n_features"], "lsi_depth_spearman": own["depth_spearman"],
+                              "lsi_dropped_first": int(own["dropped_first"])})
     if args.checkpoint is not None:
         from .features_finetune import FINETUNED_METHOD, ZEROSHOT_METHOD, add_model_embeddings
 
@@ -72,9 +80,9 @@ def _evaluate_features(args: argparse.Namespace) -> int:
             batch_tokens=args.finetune_batch_tokens, max_len=args.max_len, seed=args.seed,
             num_heads=args.num_heads, device=args.device, backend=args.backend, progress=not args.no_progress,
             sr_objective=args.sr_objective)
-        lsi_key = methods.pop("LSI")
+        baselines = {m: methods.pop(m) for m in [k for k in methods if k.startswith("LSI")]}
         methods.update(added)
-        methods["LSI"] = lsi_key  # LSI last
+        methods.update(baselines)  # the LSI rows last
         extra = rows + extra
     table = evaluate_features(
         adata, label_key=args.label_key, embeddings=methods, out_dir=args.out_dir, dataset=dataset,
@@ -121,6 +129,10 @@ def register(subparsers) -> None:
     p.add_argument("--lsi-recipe", choices=LSI_RECIPES, default=DEFAULT_RECIPE,
                    help=f"LSI TF-IDF + component scaling (default {DEFAULT_RECIPE}; log+us = the former default; "
                         "see epiflow.baselines.lsi)")
+    p.add_argument("--own-features", metavar="H5AD",
+                   help="the dataset's own cell x peak counts (X; cells matched on their barcode), e.g. the "
+                        "published matrix a downstream dataset was mapped from: adds LSI on those features "
+                        "(method LSI-own-features), the baseline that needs no shared vocabulary")
     p.add_argument("--n-neighbors", type=int, default=15, help="kNN graph size (default 15)")
     p.add_argument("--max-iter", type=int, default=30, help="most Leiden runs of the bisection (default 30)")
     p.add_argument("--seed", type=int, default=0)

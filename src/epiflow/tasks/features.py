@@ -401,7 +401,8 @@ def corpus_counts(corpus_dir, keys: np.ndarray, *, use_dataset: bool):
 def load_feature_inputs(embeddings: Mapping[str, str | os.PathLike] | None = None, *, corpus=None,
                         counts_h5ad=None, embedding_key: str = "X_epiagent", label_key: str = "cell_type",
                         dataset: str | None = None, lsi_components: int = 50, lsi_drop_first="auto",
-                        seed: int = 0, return_cells: bool = False, lsi_recipe: str | None = None):
+                        seed: int = 0, return_cells: bool = False, lsi_recipe: str | None = None,
+                        own_features_h5ad=None):
     """Assemble the AnnData evaluated by ``epiflow evaluate-features``.
 
     ``embeddings``: ``{method: path}`` of ``epiflow embed`` outputs (AnnData with ``obsm[embedding_key]``
@@ -410,6 +411,9 @@ def load_feature_inputs(embeddings: Mapping[str, str | os.PathLike] | None = Non
     ``counts_h5ad`` (its ``X``, cells matched on ``obs_names``). Without embeddings the cells and labels
     are those of ``counts_h5ad``/the corpus and only LSI is evaluated. ``dataset`` keeps only the cells
     whose ``obs['dataset']`` equals it. ``lsi_recipe``: :func:`epiflow.baselines.lsi` recipe (None = its default).
+    ``own_features_h5ad``: the dataset's own cell x peak matrix (e.g. the published h5ad a downstream dataset
+    was mapped from): LSI on it, same recipe, is added as method ``LSI-own-features`` (key
+    ``X_lsi_own_features``), the cells matched on their ``barcode`` (the source file's obs_names).
 
     Returns ``(adata, methods, lsi_info)``: ``adata.obsm`` holds ``X_<method>`` per embedding and
     ``X_lsi``; ``methods`` maps method names to those keys (LSI last). With ``return_cells`` a fourth
@@ -505,4 +509,51 @@ def load_feature_inputs(embeddings: Mapping[str, str | os.PathLike] | None = Non
                     recipe=lsi_recipe)
     base.obsm["X_lsi"] = emb
     methods["LSI"] = "X_lsi"
+    if own_features_h5ad is not None:
+        keys = _source_barcodes(base.obs, cells.obs if cells is not None else None)
+        own = own_feature_counts(own_features_h5ad, keys)
+        emb_own, info_own = lsi(own, n_components=min(lsi_components, min(own.shape) - 1), drop_first=lsi_drop_first,
+                                seed=seed, return_info=True, recipe=lsi_recipe)
+        base.obsm[OWN_FEATURES_KEY] = emb_own
+        methods[OWN_FEATURES_METHOD] = OWN_FEATURES_KEY
+        info["own_features"] = {"n_features": int(own.shape[1]), "depth_spearman": info_own["depth_spearman"],
+                                "dropped_first": info_own["dropped_first"]}
     return (base, methods, info, cells) if return_cells else (base, methods, info)
+
+
+OWN_FEATURES_METHOD = "LSI-own-features"
+OWN_FEATURES_KEY = "X_lsi_own_features"
+
+
+def _source_barcodes(obs: pd.DataFrame, cell_obs: pd.DataFrame | None) -> np.ndarray:
+    """The cells' names in the file they were read from: obs 'barcode', else the cell id after 'dataset:'."""
+    for frame in (cell_obs, obs):
+        if frame is not None and "barcode" in frame:
+            return frame["barcode"].astype(str).to_numpy()
+    ids = obs["cell_id"].astype(str) if "cell_id" in obs else pd.Series(obs.index.astype(str))
+    return ids.str.split(":", n=1).str[-1].to_numpy()
+
+
+def own_feature_counts(path, barcodes: np.ndarray) -> sp.csr_matrix:
+    """Rows of the h5ad at ``path`` (a cell x feature count matrix in X) for ``barcodes``, in that order."""
+    import anndata as ad
+
+    path = Path(path)
+    if not path.exists():
+        raise InputFormatError("own-features file does not exist", path=str(path), field="--own-features",
+                               fix="pass the cell x peak h5ad the dataset was mapped from")
+    try:
+        a = ad.read_h5ad(path)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a user input problem
+        raise InputFormatError(f"not a readable h5ad ({exc})", path=str(path), field="--own-features") from None
+    names = pd.Index(a.obs_names.astype(str))
+    if not names.is_unique:
+        raise InputFormatError(f"{int(names.duplicated().sum())} duplicated cell names (obs_names)", path=str(path),
+                               field="obs_names", fix="make the cell names unique (adata.obs_names_make_unique())")
+    idx = names.get_indexer(pd.Index(barcodes))
+    if (idx < 0).any():
+        miss = np.asarray(barcodes)[idx < 0]
+        raise EpiflowError(f"{len(miss)} of {len(barcodes)} evaluated cells are not in the own-features file "
+                           f"(e.g. {', '.join(map(str, miss[:3]))})", path=str(path), field="obs_names",
+                           fix="pass the h5ad the dataset was mapped from (cells are matched on their barcode)")
+    return sp.csr_matrix(a.X, dtype=np.float32)[idx]
