@@ -26,7 +26,7 @@
 
 wildcard_constraints:
     bl_task=r"feature_extraction|integration|annotation|imputation|perturbation|genetic",
-    bl_tool=r"[a-z_]+",
+    bl_tool=r"[a-z][a-z0-9_]*",
     bl_dataset=r"[A-Za-z0-9._-]+",
 
 

@@ -107,6 +107,8 @@ REGISTRY: dict[str, AdapterSpec] = {s.tool: s for s in [
                 note="gene-activity scores (or features), PCA, linear SVM"),
     AdapterSpec("mlp", "MLP", ("annotation",), f"{_A}.light:fit_mlp", "inprocess",
                 note="gene-activity scores (or features), scikit-learn MLP"),
+    AdapterSpec("snapatac2", "SnapATAC2", ("feature_extraction", "integration"), f"{_A}.snap:fit_snapatac2", "venv",
+                "snapatac2", note="feature selection + spectral embedding; mnc_correct for integration"),
     AdapterSpec("harmony", "Harmony", ("integration",), f"{_A}.harmony:fit_harmony", "venv", "harmonypy"),
     AdapterSpec("peakvi", "PeakVI", ("feature_extraction", "integration"), f"{_A}.scvi_models:fit_peakvi",
                 "venv", "scvi-tools"),
