@@ -170,7 +170,7 @@ def test_transfer_config_dry_runs(tmp_path):
         assert (re.search(rf"--own-features \S+/{src}", c) is not None) == local, c
     assert len(jobs["annotate"]) == 2
     tools = {re.search(r"--tool (\S+)", c).group(1) for c in jobs["run_baseline"]}
-    assert {"lsi", "pca"} <= tools
+    assert {"lsi", "pca", "snapatac2"} <= tools
     assert "pretrain" in jobs
 
 
