@@ -229,7 +229,7 @@ def finetune(model, data, objectives=("cca", "sr"), *, labels=None, cells=None, 
             step += 1
             bar.update(1)
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(uids)
+                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * len(uids)
         history.append({k: v / len(cells) for k, v in sums.items()} | {"epoch": epoch + 1})
         log.info("finetune epoch %d: %s", epoch + 1, history[-1])
     bar.close()
