@@ -248,6 +248,35 @@ def data_dir(names, key="the task"):
     return next(iter(dirs))
 
 
+def own_features_input(wildcards):
+    """The dataset's own cell x peak h5ad (manifest format h5ad) for the LSI-own-features row
+    (tasks.feature_extraction.lsi_own_features), or nothing (fragments, simulated data, or the
+    file is not local: map_dataset reports that)."""
+    if (
+        not config["tasks"]["feature_extraction"].get("lsi_own_features", True)
+        or not manifest_known()
+    ):
+        return []
+    from epiflow.corpus.manifest import resolve_dataset
+
+    for entry in manifest_entries():
+        if entry.name == wildcards.fe_dataset and entry.format == "h5ad" and entry.path:
+            try:
+                return [
+                    str(
+                        resolve_dataset(
+                            entry,
+                            data_mirror=config["data_mirror"],
+                            verify=False,
+                            local_only=True,
+                        )
+                    )
+                ]
+            except Exception:  # not local (still to download): no own-features row
+                return []
+    return []
+
+
 def dataset_input(key, *path):
     """Input function: data_dir() of the dataset in wildcard `key` (or of the config list at
     config path `path`)."""

@@ -53,24 +53,6 @@ _FE_NAME = r"[A-Za-z0-9._-]"
 _FE_TRAJ_ALT = "|".join(re.escape(d) for d in FE_TRAJECTORY)
 
 
-def own_features_input(wildcards):
-    """The dataset's own cell x peak h5ad (manifest format h5ad) for the LSI-own-features row
-    (tasks.feature_extraction.lsi_own_features), or nothing (fragments, simulated data, or the
-    file is not local: map_dataset reports that)."""
-    if not FE_CFG.get("lsi_own_features", True) or not manifest_known():
-        return []
-    from epiflow.corpus.manifest import resolve_dataset
-
-    for entry in manifest_entries():
-        if entry.name == wildcards.fe_dataset and entry.format == "h5ad" and entry.path:
-            try:
-                return [str(resolve_dataset(entry, data_mirror=config["data_mirror"], verify=False,
-                                             local_only=True))]
-            except Exception:  # not local (still to download): no own-features row
-                return []
-    return []
-
-
 # options of evaluate-features for the model: the zero-shot embeddings come from rule embed, the
 # verb fine-tunes (finetune_epochs > 0) a copy of the checkpoint on the evaluated cells
 FE_MODEL_ARGS = " ".join(
@@ -131,7 +113,9 @@ rule evaluate_features:
         seed=FE_CFG["seed"],
         model=FE_MODEL_ARGS,
         trajectory="",
-        own=lambda w, input: f"--own-features {shlex.quote(input.own[0])}" if input.own else "",
+        own=lambda w, input: (
+            f"--own-features {shlex.quote(input.own[0])}" if input.own else ""
+        ),
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow evaluate-features --embeddings EpiAgent={input.embeddings:q}'
         " --corpus {input.corpus:q} {params.dataset} --label-key {params.label_key}"
