@@ -512,7 +512,7 @@ def load_feature_inputs(embeddings: Mapping[str, str | os.PathLike] | None = Non
     if own_features_h5ad is not None:
         keys = _source_barcodes(base.obs, cells.obs if cells is not None else None)
         own = own_feature_counts(own_features_h5ad, keys)
-        emb_own, info_own = lsi(own, n_components=min(lsi_components, min(own.shape) - 1), drop_first=lsi_drop_first,
+        emb_own, info_own = lsi(own, n_components=lsi_components, drop_first=lsi_drop_first,
                                 seed=seed, return_info=True, recipe=lsi_recipe)
         base.obsm[OWN_FEATURES_KEY] = emb_own
         methods[OWN_FEATURES_METHOD] = OWN_FEATURES_KEY
