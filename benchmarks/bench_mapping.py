@@ -10,9 +10,16 @@ memory is measured separately, as the maximum resident set size):
   the same semantics) written to a file, then pandas ``read_csv`` of it and a scipy CSR build
   (barcode codes via ``pd.factorize``) - the usual notebook recipe (the authors' preprocessing
   builds its matrix from such an intersect file too)
+* snapatac2: ``snap.pp.import_fragments`` (in memory, ``sorted_by_barcode=False``, no cell filter)
+  + ``snap.pp.make_peak_matrix(counting_strategy='fragment')``, in the Python of its own
+  environment (``--snapatac2-python``; by default the interpreter when it imports snapatac2, else
+  the epiflow ``snapatac2`` baseline environment when it is built, see ``--build-snapatac2-env``).
+  SnapATAC2 counts each fragment line once (it ignores the count column), so its matrix is compared
+  with epiflow's ``use_count_column=False`` matrix (``epiflow_lines``, also timed).
 
-Both matrices are compared. Without ``bedtools`` on PATH the baseline is skipped with a JSON note
-(Debian: ``apt-get install bedtools``). Prints one JSON object.
+All matrices are compared. Without ``bedtools`` on PATH the bedtools baselines are skipped with a
+JSON note (Debian: ``apt-get install bedtools``), without snapatac2 the snapatac2 one. Prints one
+JSON object.
 
     python benchmarks/bench_mapping.py --quick
 """
@@ -35,11 +42,12 @@ from pathlib import Path
 import numpy as np
 
 CHROMS = [f"chr{i}" for i in range(1, 23)] + ["chrX"]
+SPAN = 50_000_000  # synthetic chromosome length
 
 
 def make_data(folder: Path, n_frag: int, n_ccres: int, n_cells: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    span = 50_000_000
+    span = SPAN
     # cCREs: non-overlapping 200-1000 bp intervals, sorted
     per = np.full(len(CHROMS), n_ccres // len(CHROMS))
     per[: n_ccres % len(CHROMS)] += 1
@@ -71,7 +79,7 @@ def make_data(folder: Path, n_frag: int, n_ccres: int, n_cells: int, seed: int =
             fh.write("\n".join(lines.tolist()) + "\n")
 
 
-def worker_epiflow(folder: Path, chunksize: int, warm: bool = False):
+def worker_epiflow(folder: Path, chunksize: int, warm: bool = False, use_count_column: bool = True):
     import pandas as pd
 
     from epiflow.corpus.mapping import CcreIndex, map_fragments
@@ -85,7 +93,7 @@ def worker_epiflow(folder: Path, chunksize: int, warm: bool = False):
     c0 = _cpu_s()
     cc = pd.read_csv(folder / "ccres.bed", sep="\t", header=None, names=["chrom", "start", "end"])
     res = map_fragments(FragmentReader(folder / "fragments.tsv.gz", chunksize=chunksize),
-                        CcreIndex.from_frame(cc))
+                        CcreIndex.from_frame(cc), use_count_column=use_count_column)
     t = time.perf_counter() - t0
     return (t, _cpu_s() - c0), res.counts, res.barcodes
 
@@ -146,6 +154,32 @@ def worker_authors(folder: Path, epiagent_path: str | None):
     return (t2 - t0, t_bt, t2 - t1, _cpu_s() - c0), a.X, np.asarray(a.obs_names, dtype=object)
 
 
+def worker_snapatac2(folder: Path, threads: int):
+    """SnapATAC2's own route: fragments into an in-memory AnnData, then a cell x peak matrix counting
+    each fragment that overlaps a peak once (``counting_strategy='fragment'``)."""
+    import snapatac2 as snap
+
+    t0 = time.perf_counter()
+    c0 = _cpu_s()
+    sizes = {c: SPAN + 10_000 for c in CHROMS}
+    data = snap.pp.import_fragments(folder / "fragments.tsv.gz", sizes, file=None, min_num_fragments=0,
+                                    sorted_by_barcode=False, tempdir=folder, n_jobs=threads)
+    t1 = time.perf_counter()
+    peaks = snap.pp.make_peak_matrix(data, peak_file=folder / "ccres.bed", counting_strategy="fragment")
+    t2 = time.perf_counter()
+    cpu = _cpu_s() - c0
+    # columns in the order of ccres.bed (the names are chrom:start-end)
+    import pandas as pd
+
+    cc = pd.read_csv(folder / "ccres.bed", sep="\t", header=None, names=["chrom", "start", "end"])
+    want = (cc["chrom"] + ":" + cc["start"].astype(str) + "-" + cc["end"].astype(str)).to_numpy()
+    col = pd.Index(np.asarray(peaks.var_names)).get_indexer(want)
+    if (col < 0).any():
+        raise RuntimeError(f"snapatac2 peak names do not match ccres.bed (e.g. {peaks.var_names[0]})")
+    M = peaks.X.tocsc()[:, col]
+    return (t2 - t0, t1 - t0, t2 - t1, cpu), M, np.asarray(peaks.obs_names, dtype=object)
+
+
 def _maxrss_mb() -> float:
     """Peak resident memory of this process: VmHWM (Linux; ru_maxrss of a forked child can keep the
     parent's peak, e.g. of the data generation), else ru_maxrss."""
@@ -158,12 +192,17 @@ def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def worker_main(which: str, folder: Path, chunksize: int, epiagent_path: str | None = None):
+def worker_main(which: str, folder: Path, chunksize: int, epiagent_path: str | None = None,
+                threads: int = 1):
     import scipy.sparse as sp
 
-    if which in ("epiflow", "epiflow_warm"):
-        (t, cpu), M, bc = worker_epiflow(folder, chunksize, warm=which == "epiflow_warm")
+    if which in ("epiflow", "epiflow_warm", "epiflow_lines"):
+        (t, cpu), M, bc = worker_epiflow(folder, chunksize, warm=which == "epiflow_warm",
+                                         use_count_column=which != "epiflow_lines")
         info = {"s": t, "cpu_s": cpu}
+    elif which == "snapatac2":
+        (t, t_imp, t_mat, cpu), M, bc = worker_snapatac2(folder, threads)
+        info = {"s": t, "import_s": t_imp, "matrix_s": t_mat, "cpu_s": cpu}
     else:
         (t, t_bt, t_pd, cpu), M, bc = (worker_bedtools(folder) if which == "bedtools"
                                        else worker_authors(folder, epiagent_path))
@@ -174,12 +213,20 @@ def worker_main(which: str, folder: Path, chunksize: int, epiagent_path: str | N
     print(json.dumps(info))
 
 
-def run_worker(which: str, folder: Path, chunksize: int, epiagent_path: str | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--worker", which, "--folder", str(folder), "--chunksize", str(chunksize)]
+def run_worker(which: str, folder: Path, chunksize: int, epiagent_path: str | None = None,
+               python: str | None = None, threads: int = 1) -> dict:
+    cmd = [python or sys.executable, __file__, "--worker", which, "--folder", str(folder),
+           "--chunksize", str(chunksize), "--threads", str(threads)]
     if epiagent_path:
         cmd += ["--epiagent-path", epiagent_path]
+    env = None
+    if python:  # another environment's interpreter: none of this one's paths
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    if which == "snapatac2":  # its Rust thread pools (rayon, polars) take every core unless told
+        env = dict(env if env is not None else os.environ)
+        env.update(RAYON_NUM_THREADS=str(threads), POLARS_MAX_THREADS=str(threads))
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{which} worker failed:\n{r.stderr[-3000:]}")
     info = json.loads(r.stdout.strip().splitlines()[-1])
@@ -199,12 +246,21 @@ def main(argv=None):
                     help="keep the generated files in this folder and reuse them when present")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method; the best time is reported")
     ap.add_argument("--skip-authors", action="store_true", help="do not run the epiagent baseline")
-    ap.add_argument("--worker", choices=["epiflow", "epiflow_warm", "bedtools", "authors"],
-                    help=argparse.SUPPRESS)
+    ap.add_argument("--snapatac2-python", default="auto",
+                    help="Python of an environment with snapatac2; 'auto' (default): this interpreter when "
+                         "it imports snapatac2, else the epiflow snapatac2 baseline environment when it is "
+                         "built; 'off': skip SnapATAC2")
+    ap.add_argument("--build-snapatac2-env", action="store_true",
+                    help="with --snapatac2-python auto, build the epiflow snapatac2 environment when missing "
+                         "(envs/baseline-snapatac2.yaml; about 10-15 min once)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads SnapATAC2 may use (default: the CPUs of this process)")
+    ap.add_argument("--worker", choices=["epiflow", "epiflow_warm", "epiflow_lines", "bedtools", "authors",
+                                         "snapatac2"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        worker_main(args.worker, Path(args.folder), args.chunksize, args.epiagent_path)
+        worker_main(args.worker, Path(args.folder), args.chunksize, args.epiagent_path, args.threads or 1)
         return
     n_frag = args.fragments or (200_000 if args.quick else 4_000_000)
     n_cc = args.ccres or (50_000 if args.quick else 300_000)
@@ -218,8 +274,38 @@ def main(argv=None):
             _run(args, Path(tmp), n_frag, n_cc, chunksize)
 
 
-def _best(which, folder, chunksize, repeat, epiagent_path=None) -> dict:
-    runs = [run_worker(which, folder, chunksize, epiagent_path) for _ in range(max(repeat, 1))]
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def find_snapatac2_python(choice: str, build: bool = False) -> tuple[str | None, str]:
+    """(python, how) for the SnapATAC2 run; python None with the reason when there is none."""
+    if choice == "off":
+        return None, "skipped (--snapatac2-python off)"
+    if choice != "auto":
+        if not Path(choice).exists():
+            raise SystemExit(f"--snapatac2-python {choice}: no such file")
+        return choice, "given"
+    import importlib.util
+
+    if importlib.util.find_spec("snapatac2") is not None:
+        return sys.executable, "this interpreter"
+    try:
+        from epiflow.baselines import venv
+    except ImportError as exc:
+        return None, f"skipped: snapatac2 not importable and epiflow not installed ({exc})"
+    env_dir = venv.read_env_spec("snapatac2").env_dir(venv.default_cache())
+    if not venv.env_python(env_dir).exists():
+        if not build:
+            return None, (f"skipped: snapatac2 not importable and its environment {env_dir} is not built "
+                          "(--build-snapatac2-env builds it, or pip install snapatac2)")
+        env_dir = venv.ensure_env("snapatac2")
+    return str(venv.env_python(env_dir)), f"epiflow environment {env_dir.name}"
+
+
+def _best(which, folder, chunksize, repeat, epiagent_path=None, python=None, threads=1) -> dict:
+    runs = [run_worker(which, folder, chunksize, epiagent_path, python, threads)
+            for _ in range(max(repeat, 1))]
     best = dict(min(runs, key=lambda r: r["s"]))
     best["all_s"] = [round(r["s"], 3) for r in runs]
     best["cpu_s"] = min(r["cpu_s"] for r in runs)
@@ -290,7 +376,47 @@ def _run(args, folder: Path, n_frag: int, n_cc: int, chunksize: int):
                         f"process_speedup_vs_{label}": round(base["process_s"] / ours["process_s"], 2),
                         f"identical_counts_{label}": bool(same)})
         out["target_speedup"] = 5
+    _run_snapatac2(args, folder, chunksize, ours, out)
     print(json.dumps(out, indent=2))
+
+
+def _run_snapatac2(args, folder: Path, chunksize: int, ours: dict, out: dict) -> None:
+    """SnapATAC2 beside epiflow: times (fresh process each), and its matrix against epiflow's with each
+    fragment line counted once (SnapATAC2 ignores the count column)."""
+    import scipy.sparse as sp
+
+    python, how = find_snapatac2_python(args.snapatac2_python, args.build_snapatac2_env)
+    out["snapatac2"] = how
+    if python is None:
+        return
+    threads = args.threads or _cpus()
+    vr = subprocess.run([python, "-c", "import snapatac2; print(snapatac2.__version__)"],
+                        capture_output=True, text=True)
+    out["snapatac2_version"] = vr.stdout.strip() or "unknown"
+    lines = _best("epiflow_lines", folder, chunksize, args.repeat)
+    snap = _best("snapatac2", folder, chunksize, args.repeat, python=python, threads=threads)
+    A = sp.load_npz(folder / "epiflow_lines.npz")
+    A = A[np.flatnonzero(np.diff(A.indptr) > 0)]
+    B = sp.csr_matrix(sp.load_npz(folder / "snapatac2.npz"))
+    B = B[np.flatnonzero(np.diff(B.indptr) > 0)]
+    B.data = B.data.astype(A.dtype)
+    same = A.shape == B.shape and (A != B).nnz == 0
+    out.update({"snapatac2_threads": threads, "snapatac2_counting_strategy": "fragment",
+                "epiflow_lines_s": round(lines["s"], 3), "epiflow_lines_process_s": round(lines["process_s"], 3),
+                "snapatac2_s": round(snap["s"], 3), "snapatac2_all_s": snap["all_s"],
+                "snapatac2_import_s": round(snap["import_s"], 3),
+                "snapatac2_matrix_s": round(snap["matrix_s"], 3),
+                "snapatac2_cpu_s": round(snap["cpu_s"], 3), "snapatac2_process_s": round(snap["process_s"], 3),
+                "snapatac2_max_rss_mb": round(snap["max_rss_mb"], 1),
+                "speedup_vs_snapatac2": round(snap["s"] / lines["s"], 2),
+                "process_speedup_vs_snapatac2": round(snap["process_s"] / lines["process_s"], 2),
+                "cpu_ratio_vs_snapatac2": round(snap["cpu_s"] / lines["cpu_s"], 2),
+                "identical_counts_snapatac2": bool(same),
+                "snapatac2_shape": list(B.shape), "epiflow_lines_shape": list(A.shape),
+                "target_speedup_vs_snapatac2": 4})
+    if not same:
+        D = (A - B) if A.shape == B.shape else None
+        out["snapatac2_differences"] = (int(D.nnz) if D is not None else "shapes differ")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ tests build it). A build that fails skips with the error's first line.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,3 +129,26 @@ def test_snapatac2_spectral_and_mnc_integration(adata):
     cor, inp_i, m_i = _run(adata, "snapatac2", "integration", {"n_components": 10}, batch_key="batch")
     assert cor.info["correction"] == "mnc_correct" and cor.embedding.shape[0] == inp_i.n_obs
     assert np.isfinite(m_i["iLISI"]) and m_i["NMI"] > 0.5
+
+
+def test_bench_mapping_matches_snapatac2(tmp_path, capsys):
+    """benchmarks/bench_mapping.py runs SnapATAC2 (import_fragments + make_peak_matrix with
+    counting_strategy='fragment') in its own environment beside epiflow, and the two cell x cCRE
+    matrices are identical, entry for entry, when epiflow counts each fragment line once."""
+    import importlib.util
+    import json
+
+    need_env("snapatac2")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_mapping.py"
+    spec = importlib.util.spec_from_file_location("bench_mapping", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--fragments", "30000", "--ccres", "3000", "--cells", "150", "--skip-authors",
+                "--threads", "1", "--data-dir", str(tmp_path / "data")])
+    out = json.loads(capsys.readouterr().out)
+    assert out["snapatac2"].startswith("epiflow environment snapatac2-") or out["snapatac2"] == "this interpreter"
+    assert out["snapatac2_version"] == "2.9.0"
+    assert out["identical_counts_snapatac2"] is True
+    assert out["snapatac2_shape"] == out["epiflow_lines_shape"] and out["snapatac2_shape"][1] == 3000
+    assert out["snapatac2_shape"][0] > 100  # the cells with a fragment in a cCRE
+    assert out["snapatac2_s"] > 0 and out["epiflow_lines_s"] > 0
