@@ -131,6 +131,19 @@ def test_snapatac2_spectral_and_mnc_integration(adata):
     assert np.isfinite(m_i["iLISI"]) and m_i["NMI"] > 0.5
 
 
+def test_snapatac2_svm_annotation(adata):
+    """SnapATAC2+SVM: a linear SVM fitted on the reference cells' spectral embedding labels the query cells;
+    its table name is SnapATAC2+SVM, and the labels of the reference cells are never given to the query."""
+    from epiflow.baselines.base import get_adapter
+
+    assert get_adapter("snapatac2", "annotation").method_for("annotation") == "SnapATAC2+SVM"
+    assert get_adapter("snapatac2").method_for("feature_extraction") == "SnapATAC2"
+    out, inp, m = _run(adata, "snapatac2", "annotation", {"n_components": 10})
+    assert out.labels.shape == (inp.n_obs,) and out.info["classifier"] == "LinearSVC"
+    assert set(out.labels) <= set(inp.obs["label"].astype(str))
+    assert m["accuracy"] > 0.6 and 0 < m["macro_F1"] <= 1
+
+
 def test_bench_mapping_matches_snapatac2(tmp_path, capsys):
     """benchmarks/bench_mapping.py runs SnapATAC2 (import_fragments + make_peak_matrix with
     counting_strategy='fragment') in its own environment beside epiflow, and the two cell x cCRE

@@ -89,6 +89,11 @@ class AdapterSpec:
     default_env: str = "venv"  # 'inprocess' (main env is enough) or 'venv'
     pypi: str = ""            # the PyPI distribution of the tool ('' for our own implementation)
     note: str = ""
+    task_methods: tuple[tuple[str, str], ...] = ()  # (task, name) where a task's table names it otherwise
+
+    def method_for(self, task: str | None) -> str:
+        """The method's name in the metrics table of ``task`` (e.g. SnapATAC2+SVM for annotation)."""
+        return dict(self.task_methods).get(task, self.method)
 
     def load(self) -> Callable[..., BaselineOutput]:
         mod, fn = self.entry.split(":")
@@ -107,8 +112,10 @@ REGISTRY: dict[str, AdapterSpec] = {s.tool: s for s in [
                 note="gene-activity scores (or features), PCA, linear SVM"),
     AdapterSpec("mlp", "MLP", ("annotation",), f"{_A}.light:fit_mlp", "inprocess",
                 note="gene-activity scores (or features), scikit-learn MLP"),
-    AdapterSpec("snapatac2", "SnapATAC2", ("feature_extraction", "integration"), f"{_A}.snap:fit_snapatac2", "venv",
-                "snapatac2", note="feature selection + spectral embedding; mnc_correct for integration"),
+    AdapterSpec("snapatac2", "SnapATAC2", ("feature_extraction", "integration", "annotation"),
+                f"{_A}.snap:fit_snapatac2", "venv", "snapatac2",
+                note="feature selection + spectral embedding; mnc_correct for integration; spectral + linear "
+                     "SVM for annotation", task_methods=(("annotation", "SnapATAC2+SVM"),)),
     AdapterSpec("harmony", "Harmony", ("integration",), f"{_A}.harmony:fit_harmony", "venv", "harmonypy"),
     AdapterSpec("peakvi", "PeakVI", ("feature_extraction", "integration"), f"{_A}.scvi_models:fit_peakvi",
                 "venv", "scvi-tools"),

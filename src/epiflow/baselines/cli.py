@@ -39,12 +39,13 @@ def _run(args: argparse.Namespace) -> int:
                                condition_key=args.condition_key, control=args.control, holdout=args.holdout,
                                seed=args.seed, min_open_fraction=args.min_open_fraction, top_n=args.top_n,
                                perturbation_key=args.perturbation_key, holdout_fraction=args.holdout_fraction)
-    log.info("%s on %s: %d cells x %d features", spec.method, args.task, inp.n_obs, inp.n_vars)
+    method = args.method or spec.method_for(args.task)
+    log.info("%s on %s: %d cells x %d features", method, args.task, inp.n_obs, inp.n_vars)
     out = run_baseline(args.tool, inp, args.task, params, env=args.env, cache=args.env_cache,
                        envs_dir=args.envs_dir, timeout=args.timeout, threads=args.threads)
     dataset = args.dataset or (str(inp.obs["dataset"].iloc[0]) if "dataset" in inp.obs
                                and inp.obs["dataset"].nunique() == 1 else "all")
-    rows = evaluate(out, inp, ctx, dataset=dataset, method=args.method or spec.method, seed=args.seed,
+    rows = evaluate(out, inp, ctx, dataset=dataset, method=method, seed=args.seed,
                     n_neighbors=args.n_neighbors)
     od = Path(args.out_dir)
     od.mkdir(parents=True, exist_ok=True)
@@ -67,10 +68,10 @@ def _run(args: argparse.Namespace) -> int:
         with atomic_path(od / "predictions.tsv") as tmp:
             tab.to_csv(tmp, sep="\t", index=False)
     with atomic_path(od / "info.json") as tmp:
-        Path(tmp).write_text(json.dumps({"tool": args.tool, "method": spec.method, "task": args.task,
+        Path(tmp).write_text(json.dumps({"tool": args.tool, "method": method, "task": args.task,
                                          "params": params, **out.info}, indent=1, default=str))
     write_metrics(metrics_frame(rows), od / "metrics.tsv")
-    log.info("%s: wrote %s", spec.method, od / "metrics.tsv")
+    log.info("%s: wrote %s", method, od / "metrics.tsv")
     return 0
 
 

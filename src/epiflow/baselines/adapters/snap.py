@@ -1,5 +1,6 @@
 """SnapATAC2 (Zhang et al., Nature Methods 2024): feature selection + spectral embedding, and its
-mutual-nearest-centroid batch correction for integration. Runs in the tool's own environment
+mutual-nearest-centroid batch correction for integration, and a linear SVM on the spectral embedding for
+annotation (``SnapATAC2+SVM``). Runs in the tool's own environment
 (``envs/baseline-snapatac2.yaml``); the input is the plain cell x cCRE count matrix of the task's cells,
 as LSI gets it."""
 
@@ -17,7 +18,14 @@ from ..base import BaselineOutput
 def fit_snapatac2(adata, task: str, params: dict) -> BaselineOutput:
     """``snap.pp.select_features`` (its defaults: the most accessible features, the top and bottom 0.5 %
     left out) then ``snap.tl.spectral`` (``n_comps`` components, cosine similarity, its default); for
-    integration ``snap.pp.mnc_correct`` (mutual nearest centroids) on obs['batch']."""
+    integration ``snap.pp.mnc_correct`` (mutual nearest centroids) on obs['batch'].
+
+    Annotation: the spectral embedding of all the task's cells (unsupervised; no label is read), each
+    component scaled to unit s.d. over the reference cells, then scikit-learn's ``LinearSVC`` (param C,
+    default 1) fitted on the reference cells (obs['split'] == 'reference') predicts every cell. Unlike
+    LSI+SVM, whose LSI is fitted on the reference cells and projects the query, the spectral embedding
+    is computed with the query cells in it (SnapATAC2 has no projection of new cells onto an embedding;
+    its usual route is to embed everything)."""
     import anndata as ad
     import snapatac2 as snap
 
@@ -41,4 +49,13 @@ def fit_snapatac2(adata, task: str, params: dict) -> BaselineOutput:
         snap.pp.mnc_correct(a, batch="batch", use_rep="X_spectral", key_added="X_corrected", n_jobs=threads)
         info["correction"] = "mnc_correct"
         emb = np.asarray(a.obsm["X_corrected"], dtype=np.float32)
+    if task == "annotation":
+        from sklearn.svm import LinearSVC
+
+        from .light import _reference
+
+        ref, y = _reference(adata)
+        z = emb / (emb[ref].std(axis=0, keepdims=True) + 1e-8)
+        svm = LinearSVC(C=float(params.get("C", 1.0)), random_state=seed, max_iter=5000).fit(z[ref], y)
+        return BaselineOutput(labels=svm.predict(z).astype(str), info={**info, "classifier": "LinearSVC"})
     return BaselineOutput(embedding=emb, info=info)
