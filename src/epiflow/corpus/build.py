@@ -449,7 +449,7 @@ def candidate_set(entries, genome: str, *, sources=(), external_vocab=None, chai
     """
     from ..genome.bed import normalize_genome, read_bed
     from ..genome.ccre import candidate_ccres, load_external_vocab
-    from .manifest import resolve_dataset
+    from .manifest import FRAGMENT_FORMATS, resolve_dataset
     from .mapping import check_chroms
     from .readers import read_peak_intervals
 
@@ -473,7 +473,7 @@ def candidate_set(entries, genome: str, *, sources=(), external_vocab=None, chai
     for e in entries or ():
         if e.role == "downstream":  # never seen by the vocabulary: its peaks are no candidates
             continue
-        if e.format == "fragments":
+        if e.format in FRAGMENT_FORMATS:
             p = e.peaks_path(data_mirror)
             if p is None:
                 continue

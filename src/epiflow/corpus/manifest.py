@@ -4,16 +4,20 @@ A manifest is a TSV (header line) or a YAML list (or ``{datasets: [...]}``) of e
 
 ====================  =============================================================================
 ``name``              unique dataset name (letters, digits, ``._-``)
-``format``            ``fragments`` | ``10x_h5`` | ``10x_mtx`` | ``h5ad``
+``format``            ``fragments`` | ``snapatac2`` | ``10x_h5`` | ``10x_mtx`` | ``h5ad``
+                      (``snapatac2``: the ``.h5ad`` of ``snapatac2.pp.import_fragments(..., file=)``,
+                      whose stored fragments are mapped like a fragment file's; labels from its obs
+                      unless ``labels`` is given)
 ``path`` / ``url``    file (relative to the manifest folder, or absolute) or a URL to download
 ``sha256``            optional checksum of the file; checked before use
 ``genome``            ``hg19`` | ``hg38``
 ``tissue``            free text (stored in the corpus obs)
-``barcodes``          optional whitelist (fragments): one barcode per line
-``labels``            optional TSV barcode -> label columns (fragments; header line)
+``barcodes``          optional whitelist (fragments, snapatac2): one barcode per line
+``labels``            optional TSV barcode -> label columns (fragments, snapatac2; header line)
 ``cell_type_key``     optional obs column (matrix inputs) or label column holding the cell type
 ``batch_key``         optional obs/label column holding the batch (default: the dataset name)
-``peaks``             optional BED of the dataset's peaks (fragments), used for candidate cCREs
+``peaks``             optional BED of the dataset's peaks (fragments, snapatac2), used for candidate
+                      cCREs
 ``role``              ``corpus`` (default when absent or empty): in the vocabulary count, the corpus
                       document frequency and the pretraining cells; ``downstream``: mapped onto the
                       candidate cCREs and tokenized onto the corpus vocabulary with the corpus
@@ -49,7 +53,8 @@ from ..io import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("fragments", "10x_h5", "10x_mtx", "h5ad")
+FORMATS = ("fragments", "snapatac2", "10x_h5", "10x_mtx", "h5ad")
+FRAGMENT_FORMATS = ("fragments", "snapatac2")  # fragments mapped onto the cCREs (whitelist, labels, peaks)
 GENOMES = ("hg19", "hg38")
 FIELDS = ("name", "format", "path", "url", "sha256", "genome", "tissue", "barcodes", "labels",
           "cell_type_key", "batch_key", "peaks", "role", "split")
@@ -192,7 +197,7 @@ def _entry_from_record(rec: dict, manifest: Path, line: int) -> DatasetEntry:
     if sha and not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
         raise ConfigError(f"'{sha}' is not a sha256 hex digest", field="sha256",
                           fix="64 hexadecimal characters (sha256sum FILE), or leave it empty", **where)
-    if fmt != "fragments":
+    if fmt not in FRAGMENT_FORMATS:
         for k in ("barcodes", "labels", "peaks"):
             if rec.get(k):
                 log.warning("%s: field '%s' is only used for fragment inputs (dataset %s)", manifest, k, name)

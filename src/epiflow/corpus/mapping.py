@@ -265,7 +265,7 @@ def no_whitelisted_barcode(reader, lines: int, *, early: bool):
     from ..errors import InputFormatError
 
     wl = [str(b) for b in list(reader.whitelist)[:3]]
-    seen = _example_barcodes(reader.path)
+    seen = reader.example_barcodes() if hasattr(reader, "example_barcodes") else _example_barcodes(reader.path)
     scope = f"the first {lines:,} lines" if early else f"all {lines:,} lines"
     return InputFormatError(
         f"none of the {len(reader.whitelist):,} whitelist barcodes occurs in {scope} of the fragment file "
@@ -566,7 +566,7 @@ def map_dataset(entry, ccres: pd.DataFrame, genome: str, *, chain: str | None = 
     import anndata as ad
 
     from ..genome.bed import normalize_genome
-    from .manifest import resolve_dataset
+    from .manifest import FRAGMENT_FORMATS, resolve_dataset
     from .readers import read_labels, read_matrix
 
     genome = normalize_genome(genome)
@@ -584,8 +584,14 @@ def map_dataset(entry, ccres: pd.DataFrame, genome: str, *, chain: str | None = 
         lift = _lifter(load_chain(spec))
     checker = _build_checker(entry, tss, path)
     where = entry.where()
-    if entry.format == "fragments":
-        reader = FragmentReader(path, whitelist=entry.barcodes_path(data_mirror), chunksize=chunksize)
+    if entry.format in FRAGMENT_FORMATS:
+        if entry.format == "snapatac2":  # fragments stored by snapatac2.pp.import_fragments
+            from .snapfile import SnapAtac2FragmentReader, read_obs
+
+            reader = SnapAtac2FragmentReader(path, whitelist=entry.barcodes_path(data_mirror),
+                                             chunksize=chunksize)
+        else:
+            reader = FragmentReader(path, whitelist=entry.barcodes_path(data_mirror), chunksize=chunksize)
         fc = map_fragments(reader, index, use_count_column=use_count_column, lift=lift,
                            on_first_chunk=checker, genome=entry.genome, progress=progress)
         labels = None
@@ -594,6 +600,8 @@ def map_dataset(entry, ccres: pd.DataFrame, genome: str, *, chain: str | None = 
             table = read_labels(lp)
             labels = table.reindex(pd.Index(fc.barcodes.astype(str)))
             report.update(_check_label_match(entry, table, fc, lp, where))
+        elif entry.format == "snapatac2":  # the file's own obs (QC columns, and e.g. cell types added there)
+            labels = read_obs(path).reindex(pd.Index(fc.barcodes.astype(str)))
         if reader.whitelist is not None:
             found = int((fc.n_fragments > 0).sum())
             report["whitelist_barcodes"] = int(len(reader.whitelist))
