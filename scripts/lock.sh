@@ -45,10 +45,15 @@ lock_main() {
   compile requirements/lock.txt pyproject.toml --extra workflow --extra liftover --extra dev requirements/lock.in
 }
 
+# A baseline's .in file may leave packages out of its lock with a line `# lock: omit PKG [PKG ...]`
+# (a dependency the tool imports only for a feature epiflow never calls, e.g. one that builds from
+# source); the environment installs the lock with --no-deps, so the omitted packages are not installed.
 lock_baseline() {
   local tool=$1 in=envs/baseline-$1.in
   [ -f "$in" ] || { echo "lock.sh: no $in (the pip requirements of baseline '$tool')" >&2; exit 1; }
-  compile "envs/baseline-$tool.lock.txt" "$in"
+  local omit=() pkg
+  for pkg in $(sed -n 's/^# *lock: *omit *//p' "$in"); do omit+=(--no-emit-package "$pkg"); done
+  compile "envs/baseline-$tool.lock.txt" "$in" "${omit[@]}"
   "${PYTHON:-python3}" scripts/baseline_yaml.py "$tool"
 }
 

@@ -25,7 +25,7 @@ from test_baselines import genes_bed, synthetic, synthetic_genetic  # noqa: E402
 pytestmark = pytest.mark.slow
 
 SIZE = {"castle": "1.7 GB", "scopen": "0.6 GB", "sccase": "0.9 GB", "scgen": "1.8 GB", "scpram": "1.9 GB",
-        "gears": "1.7 GB", "cellcano": "1.9 GB", "snapatac2": "1.1 GB (macs3 and cykhash compile from source, ~13 min)"}
+        "gears": "1.7 GB", "cellcano": "1.9 GB", "snapatac2": "1.0 GB"}
 
 
 def need_env(tool: str):

@@ -169,7 +169,7 @@ def _snapatac2_python():
     env = venv.read_env_spec("snapatac2").env_dir(venv.default_cache())
     if not (env / "epiflow-env.json").exists():
         pytest.skip(f"snapatac2 is not installed: its environment is not in the cache ({env}); "
-                    "run `epiflow baseline-env --tool snapatac2` (~13 min once)")
+                    "run `epiflow baseline-env --tool snapatac2` (~1 GB, about 30 s once)")
     return str(venv.env_python(env))
 
 
