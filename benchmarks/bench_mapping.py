@@ -15,7 +15,9 @@ memory is measured separately, as the maximum resident set size):
   environment (``--snapatac2-python``; by default the interpreter when it imports snapatac2, else
   the epiflow ``snapatac2`` baseline environment when it is built, see ``--build-snapatac2-env``).
   SnapATAC2 counts each fragment line once (it ignores the count column), so its matrix is compared
-  with epiflow's ``use_count_column=False`` matrix (``epiflow_lines``, also timed).
+  with epiflow's ``use_count_column=False`` matrix (``epiflow_lines``, also timed). Then SnapATAC2
+  writes its ``.h5ad`` (untimed) and epiflow maps the fragments stored there (``epiflow_snapfile``,
+  manifest format ``snapatac2``); that matrix is compared too.
 
 All matrices are compared. Without ``bedtools`` on PATH the bedtools baselines are skipped with a
 JSON note (Debian: ``apt-get install bedtools``), without snapatac2 the snapatac2 one. Prints one
@@ -77,6 +79,29 @@ def make_data(folder: Path, n_frag: int, n_ccres: int, n_cells: int, seed: int =
                 f"{c}\t", s.astype(str)), "\t"), np.char.add(e.astype(str), "\t")),
                 np.char.add(np.char.add(b, "\t"), n.astype(str)))
             fh.write("\n".join(lines.tolist()) + "\n")
+
+
+def worker_snapatac2_file(folder: Path, threads: int):
+    """(SnapATAC2's env) write the fragments into a SnapATAC2 .h5ad, for the epiflow_snapfile run."""
+    import snapatac2 as snap
+
+    sizes = {c: SPAN + 10_000 for c in CHROMS}
+    snap.pp.import_fragments(folder / "fragments.tsv.gz", sizes, file=folder / "snap.h5ad", min_num_fragments=0,
+                             sorted_by_barcode=False, tempdir=folder, n_jobs=threads).close()
+
+
+def worker_epiflow_snapfile(folder: Path, chunksize: int):
+    """epiflow reading the fragments stored in SnapATAC2's .h5ad (manifest format snapatac2)."""
+    import pandas as pd
+
+    from epiflow.corpus.mapping import CcreIndex, map_fragments
+    from epiflow.corpus.snapfile import SnapAtac2FragmentReader
+
+    t0 = time.perf_counter()
+    c0 = _cpu_s()
+    cc = pd.read_csv(folder / "ccres.bed", sep="\t", header=None, names=["chrom", "start", "end"])
+    res = map_fragments(SnapAtac2FragmentReader(folder / "snap.h5ad", chunksize=chunksize), CcreIndex.from_frame(cc))
+    return (time.perf_counter() - t0, _cpu_s() - c0), res.counts, res.barcodes
 
 
 def worker_epiflow(folder: Path, chunksize: int, warm: bool = False, use_count_column: bool = True):
@@ -203,6 +228,13 @@ def worker_main(which: str, folder: Path, chunksize: int, epiagent_path: str | N
     elif which == "snapatac2":
         (t, t_imp, t_mat, cpu), M, bc = worker_snapatac2(folder, threads)
         info = {"s": t, "import_s": t_imp, "matrix_s": t_mat, "cpu_s": cpu}
+    elif which == "snapatac2_file":
+        worker_snapatac2_file(folder, threads)
+        print(json.dumps({"s": 0.0, "cpu_s": 0.0, "max_rss_mb": _maxrss_mb()}))
+        return
+    elif which == "epiflow_snapfile":
+        (t, cpu), M, bc = worker_epiflow_snapfile(folder, chunksize)
+        info = {"s": t, "cpu_s": cpu}
     else:
         (t, t_bt, t_pd, cpu), M, bc = (worker_bedtools(folder) if which == "bedtools"
                                        else worker_authors(folder, epiagent_path))
@@ -256,7 +288,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="threads SnapATAC2 may use (default: the CPUs of this process)")
     ap.add_argument("--worker", choices=["epiflow", "epiflow_warm", "epiflow_lines", "bedtools", "authors",
-                                         "snapatac2"], help=argparse.SUPPRESS)
+                                         "snapatac2", "snapatac2_file", "epiflow_snapfile"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -417,6 +449,16 @@ def _run_snapatac2(args, folder: Path, chunksize: int, ours: dict, out: dict) ->
     if not same:
         D = (A - B) if A.shape == B.shape else None
         out["snapatac2_differences"] = (int(D.nnz) if D is not None else "shapes differ")
+    # epiflow reading SnapATAC2's own file (manifest format snapatac2): written once by SnapATAC2, untimed
+    run_worker("snapatac2_file", folder, chunksize, python=python, threads=threads)
+    sf = _best("epiflow_snapfile", folder, chunksize, args.repeat)
+    C = sp.load_npz(folder / "epiflow_snapfile.npz")
+    C = C[np.flatnonzero(np.diff(C.indptr) > 0)]
+    out.update({"snapatac2_file_mb": round((folder / "snap.h5ad").stat().st_size / 2 ** 20, 1),
+                "epiflow_snapfile_s": round(sf["s"], 3), "epiflow_snapfile_cpu_s": round(sf["cpu_s"], 3),
+                "epiflow_snapfile_process_s": round(sf["process_s"], 3),
+                "epiflow_snapfile_max_rss_mb": round(sf["max_rss_mb"], 1),
+                "identical_counts_snapfile": bool(A.shape == C.shape and (A != C).nnz == 0)})
 
 
 if __name__ == "__main__":

@@ -165,3 +165,4 @@ def test_bench_mapping_matches_snapatac2(tmp_path, capsys):
     assert out["snapatac2_shape"] == out["epiflow_lines_shape"] and out["snapatac2_shape"][1] == 3000
     assert out["snapatac2_shape"][0] > 100  # the cells with a fragment in a cCRE
     assert out["snapatac2_s"] > 0 and out["epiflow_lines_s"] > 0
+    assert out["identical_counts_snapfile"] is True and out["epiflow_snapfile_s"] > 0  # its .h5ad as input

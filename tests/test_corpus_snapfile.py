@@ -106,14 +106,20 @@ def test_reader_gives_the_fragments_and_the_counts_of_the_fragment_file(tmp_path
     assert b.stats["fragments_in_ccres"] == a.stats["fragments_in_ccres"]
 
 
-def test_whitelist_reads_only_its_cells_in_its_order(tmp_path):
+@pytest.mark.parametrize("chunksize", [7, 10_000])  # a cell per chunk; one chunk spanning skipped cells
+def test_whitelist_reads_only_its_cells_in_its_order(tmp_path, chunksize):
     fr = _fragments()
     snap = write_snap_layout(tmp_path / "s.h5ad", fr)
-    wl = ["TTT-1", "NOPE-1", "AAC-1"]
-    rd = SnapAtac2FragmentReader(snap, whitelist=wl, chunksize=7)
-    res = map_fragments(rd, CcreIndex.from_frame(_ccres()))
+    wl = ["TTT-1", "NOPE-1", "AAC-1", "CGT-1"]
+    rd = SnapAtac2FragmentReader(snap, whitelist=wl, chunksize=chunksize)
+    cc = _ccres()
+    res = map_fragments(rd, CcreIndex.from_frame(cc))
     assert list(res.barcodes) == wl
     assert res.n_fragments.tolist() == [int((fr["barcode"] == b).sum()) for b in wl]
+    full = map_fragments(SnapAtac2FragmentReader(snap), CcreIndex.from_frame(cc))
+    rows = pd.Index(full.barcodes).get_indexer(["TTT-1", "AAC-1", "CGT-1"])
+    np.testing.assert_array_equal(res.counts[[0, 2, 3]].toarray(), full.counts[rows].toarray())
+    assert res.counts[1].nnz == 0
     assert rd.stats["skipped_not_whitelisted"] == int((~fr["barcode"].isin(wl)).sum())
     with pytest.raises(InputFormatError, match="none of the 2 whitelist barcodes") as e:
         map_fragments(SnapAtac2FragmentReader(snap, whitelist=["X-1", "Y-1"]), CcreIndex.from_frame(_ccres()))

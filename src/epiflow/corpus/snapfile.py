@@ -162,8 +162,6 @@ class SnapAtac2FragmentReader:
         return rows[order], codes[order]
 
     def __iter__(self):
-        import h5py  # noqa: F401
-
         indptr, offsets = self.layout["indptr"], self.layout["offsets"]
         rows, codes = self._rows()
         n_cells_file = len(indptr) - 1
@@ -171,40 +169,41 @@ class SnapAtac2FragmentReader:
             from .mapping import no_whitelisted_barcode
 
             raise no_whitelisted_barcode(self, int(indptr[-1]), early=False)
-        skipped_frag = int(indptr[-1] - (indptr[rows + 1] - indptr[rows]).sum()) if len(rows) else int(indptr[-1])
-        chrom_codes_all = np.arange(len(self._chroms), dtype=np.int64)
+        n_sel = indptr[rows + 1] - indptr[rows]
+        skipped_frag = int(indptr[-1] - n_sel.sum())
         n_read = 0
         with _open(self.path) as f:
             g = f[FRAGMENTS_KEY]
             ind_ds, dat_ds = g["indices"], g["data"]
             i = 0
             while i < len(rows):
-                # a run of cells (contiguous in the file when there is no whitelist) of <= chunksize fragments
+                # the next cells (in file order) whose span of the file holds <= chunksize fragments (at
+                # least one cell); cells between them that the whitelist leaves out are read and dropped
+                lo = int(indptr[rows[i]])
                 j = i + 1
-                total = indptr[rows[i] + 1] - indptr[rows[i]]
-                while j < len(rows) and rows[j] == rows[j - 1] + 1:
-                    nxt = indptr[rows[j] + 1] - indptr[rows[j]]
-                    if total + nxt > self.chunksize:
-                        break
-                    total += nxt
+                while j < len(rows) and indptr[rows[j] + 1] - lo <= self.chunksize:
                     j += 1
-                lo, hi = int(indptr[rows[i]]), int(indptr[rows[j - 1] + 1])
+                hi = int(indptr[rows[j - 1] + 1])
                 pos = np.asarray(ind_ds[lo:hi], dtype=np.int64)
                 length = np.asarray(dat_ds[lo:hi], dtype=np.int64)
-                per_cell = np.diff(indptr[rows[i]:rows[j - 1] + 2])
-                bc = np.repeat(codes[i:j], per_cell)
+                sel = n_sel[i:j]
+                if hi - lo != sel.sum():  # keep the selected cells' segments only
+                    first = indptr[rows[i:j]] - lo
+                    take = np.repeat(first - np.concatenate([[0], np.cumsum(sel)[:-1]]), sel) + np.arange(sel.sum())
+                    pos, length = pos[take], length[take]
+                bc = np.repeat(codes[i:j], sel)
                 cc = np.searchsorted(offsets, pos, side="right") - 1
                 bad = (cc < 0) | (cc >= len(self._chroms)) | (length < 0)
                 if bad.any():
                     k = int(np.flatnonzero(bad)[0])
-                    raise InputFormatError(f"fragment {lo + k} lies outside the reference sequences "
-                                           f"(position {pos[k]}, length {length[k]})", path=str(self.path),
-                                           field=FRAGMENTS_KEY, fix="re-run import_fragments")
+                    raise InputFormatError(f"a fragment lies outside the reference sequences (position {pos[k]}, "
+                                           f"length {length[k]})", path=str(self.path), field=FRAGMENTS_KEY,
+                                           fix="re-run import_fragments")
                 start = pos - offsets[cc]
                 n_read += len(pos)
-                yield FragmentChunk(chrom_codes=cc, chroms=self._chroms[chrom_codes_all], start=start,
-                                    end=start + length, barcode=bc, count=np.ones(len(pos), np.int64),
-                                    first_line=lo + 1, n_raw=len(pos))
+                yield FragmentChunk(chrom_codes=cc, chroms=self._chroms, start=start, end=start + length,
+                                    barcode=bc, count=np.ones(len(pos), np.int64), first_line=lo + 1,
+                                    n_raw=len(pos))
                 i = j
         self.stats = {"lines": n_read + skipped_frag, "fragments": n_read,
                       "skipped_not_whitelisted": skipped_frag, "cells_in_file": int(n_cells_file),
