@@ -185,7 +185,7 @@ def test_transfer_learn_config_layers_the_learning_options(tmp_path):
     assert proc.returncode == 0, out
     jobs = _jobs_by_rule(out)
     (pre,) = jobs["pretrain"]
-    for flag in ("--init bert", "--cca-negatives df", "--sr-objective multinomial", "--lr 0.005"):
+    for flag in ("--init bert", "--cca-negatives df", "--sr-objective multinomial", "--lr 0.005", "--epochs 12"):
         assert flag in pre, (flag, pre)
     assert all("--sr-objective multinomial" in c for c in jobs["evaluate_features"])
     base = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
