@@ -139,7 +139,7 @@ def test_manifest_format_snapatac2_with_labels_from_obs(tmp_path):
     cc = _ccres()
     a, rep = map_dataset(snap_e, cc, "hg38", tss=None, min_frac_in_ccres=0)
     b, _ = map_dataset(frag_e, cc, "hg38", tss=None, min_frac_in_ccres=0, use_count_column=False)
-    assert rep["format"] == "snapatac2" and rep["fragments_used"] == len(fr)
+    assert rep["format"] == "snapatac2" and rep["fragments_used"] == len(fr) and not rep["use_count_column"]
     assert a.obs.set_index("barcode")["cell_type"].to_dict() == obs["cell_type"].to_dict()
     assert "n_fragment" in a.obs  # the file's own QC column is kept
     A, ba = _by_barcode(a.X, a.obs["barcode"])

@@ -592,8 +592,9 @@ def map_dataset(entry, ccres: pd.DataFrame, genome: str, *, chain: str | None = 
                                              chunksize=chunksize)
         else:
             reader = FragmentReader(path, whitelist=entry.barcodes_path(data_mirror), chunksize=chunksize)
-        fc = map_fragments(reader, index, use_count_column=use_count_column, lift=lift,
-                           on_first_chunk=checker, genome=entry.genome, progress=progress)
+        # a SnapATAC2 file has no count column (each distinct fragment stored once): reported as such
+        fc = map_fragments(reader, index, use_count_column=use_count_column and entry.format == "fragments",
+                           lift=lift, on_first_chunk=checker, genome=entry.genome, progress=progress)
         labels = None
         lp = entry.labels_path(data_mirror)
         if lp is not None:
