@@ -472,6 +472,13 @@ def test_load_counts_dataset_filter(adata, tmp_path):
     assert load_counts(counts=p, dataset="syn").n_obs == adata.n_obs
     with pytest.raises(EpiflowError, match="no cell of dataset"):
         load_counts(counts=p, dataset="other")
+    two = adata.copy()
+    two.obs["dataset"] = np.where(np.arange(two.n_obs) % 3 == 0, "a", np.where(np.arange(two.n_obs) % 3 == 1, "b", "c"))
+    two.write_h5ad(p)
+    sel = load_counts(counts=p, dataset="a,c")  # several datasets together (an integration's batches)
+    assert sel.n_obs == int((two.obs["dataset"] != "b").sum()) and set(sel.obs["dataset"]) == {"a", "c"}
+    with pytest.raises(EpiflowError, match="no cell of dataset 'd'"):
+        load_counts(counts=p, dataset="a,d")
 
 
 def test_runner_reports_user_errors(adata, tmp_path, capsys):

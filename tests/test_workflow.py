@@ -401,3 +401,22 @@ def test_zeroshot_annotator_names_are_checked(tmp_path):
     err = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "invalid configuration" in err, err
     assert "tasks.zeroshot_annotation.annotators.0.name" in err, err
+
+
+def test_demo_baselines_plan_snapatac2_beside_lsi_and_integrate_the_integration_datasets(tmp_path):
+    """The demo's baselines: LSI and SnapATAC2 on atlas_b1 (feature extraction), SnapATAC2+SVM (annotation),
+    and SnapATAC2's integration of the integration task's datasets together, in one job named after it."""
+    proc = snakemake("all", "-n", "-p", "--cores", "1", "--config", f"results_dir={tmp_path / 'res'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = [s for s in re.findall(r"^Shell command: (.*)$", proc.stdout + proc.stderr, flags=re.M)
+             if "run-baseline" in s]
+    demo = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    integ = demo["tasks"]["integration"]
+    planned = sorted((re.search(r"--tool (\S+)", c)[1], re.search(r"--task (\S+)", c)[1],
+                      re.search(r"--out-dir (\S+)", c)[1].split("/baselines/")[1]) for c in calls)
+    assert planned == sorted([("lsi", "feature_extraction", "feature_extraction/atlas_b1/lsi"),
+                              ("snapatac2", "feature_extraction", "feature_extraction/atlas_b1/snapatac2"),
+                              ("snapatac2", "annotation", "annotation/atlas_b1/snapatac2"),
+                              ("snapatac2", "integration", f"integration/{integ['name']}/snapatac2")])
+    (job,) = [c for c in calls if "--task integration" in c]
+    assert f"--dataset {','.join(integ['datasets'])} " in job

@@ -9,7 +9,8 @@
 # Config (see config/README.md; helper functions in common.smk):
 #   baselines:
 #     enabled: false
-#     datasets: [atlas_b1]          # manifest names, or 'all'
+#     datasets: [atlas_b1]          # manifest names, or 'all' (integration baselines instead take
+#                                   # tasks.integration.datasets together, folder tasks.integration.name)
 #     tasks: {feature_extraction: [lsi, lda], integration: [pca, harmony], annotation: [pca_svm, mlp]}
 #     params: {peakvi: {max_epochs: 50}}   # per tool, passed as --param key=value (JSON values)
 #     env_cache: null               # venv cache; null = $EPIFLOW_ENV_CACHE or ~/.cache/epiflow/envs
@@ -32,7 +33,7 @@ wildcard_constraints:
 
 rule run_baseline:
     input:
-        corpus=dataset_input("bl_dataset"),
+        corpus=baseline_corpus,
     output:
         metrics=f"{R}/baselines/{{bl_task}}/{{bl_dataset}}/{{bl_tool}}/metrics.tsv",
         output=f"{R}/baselines/{{bl_task}}/{{bl_dataset}}/{{bl_tool}}/output.npz",
@@ -48,7 +49,7 @@ rule run_baseline:
         runtime=res("run_baseline", "runtime"),
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
-        dataset=lambda w: "" if w.bl_dataset == "all" else f"--dataset {w.bl_dataset}",
+        dataset=baseline_dataset_arg,
         env=baseline_env_mode,
         cache=lambda w: opt("--env-cache", BL.get("env_cache")),
         tool_params=baseline_params,

@@ -829,6 +829,34 @@ def baseline_params(wildcards):
     return " ".join(f"--param '{k}={json.dumps(v)}'" for k, v in p.items())
 
 
+def baseline_units(task):
+    """The dataset folders of a baseline task: baselines.datasets, except for integration, whose
+    baselines integrate what the integration task integrates (tasks.integration.datasets, in one job
+    named tasks.integration.name; none when that task is off)."""
+    if task == "integration":
+        t = config["tasks"]["integration"]
+        return [t["name"]] if t.get("enabled") else []
+    return BL.get("datasets", ["all"])
+
+
+def baseline_dataset_names(wildcards):
+    """The manifest datasets a baseline job reads (its unit's datasets)."""
+    t = config["tasks"]["integration"]
+    if wildcards.bl_task == "integration" and wildcards.bl_dataset == t["name"]:
+        return list(t["datasets"])
+    return [wildcards.bl_dataset]
+
+
+def baseline_corpus(wildcards):
+    names = baseline_dataset_names(wildcards)
+    return data_dir(names, f"baselines {wildcards.bl_task} {wildcards.bl_dataset}")
+
+
+def baseline_dataset_arg(wildcards):
+    names = baseline_dataset_names(wildcards)
+    return "" if names == ["all"] else f"--dataset {','.join(names)}"
+
+
 def baseline_targets():
     """Every baseline metrics table of the config, and the merged table."""
     if not BL.get("enabled", False):
@@ -836,7 +864,7 @@ def baseline_targets():
     files = [
         f"{R}/baselines/{task}/{ds}/{tool}/metrics.tsv"
         for task, tools in (BL.get("tasks") or {}).items()
-        for ds in BL.get("datasets", ["all"])
+        for ds in baseline_units(task)
         for tool in tools
     ]
     return files + ([f"{R}/baselines/metrics.tsv"] if files else [])

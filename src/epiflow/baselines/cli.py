@@ -43,8 +43,9 @@ def _run(args: argparse.Namespace) -> int:
     log.info("%s on %s: %d cells x %d features", method, args.task, inp.n_obs, inp.n_vars)
     out = run_baseline(args.tool, inp, args.task, params, env=args.env, cache=args.env_cache,
                        envs_dir=args.envs_dir, timeout=args.timeout, threads=args.threads)
-    dataset = args.dataset or (str(inp.obs["dataset"].iloc[0]) if "dataset" in inp.obs
-                               and inp.obs["dataset"].nunique() == 1 else "all")
+    # the metrics' dataset: one dataset's name, else 'all' (as the EpiAgent tasks name a multi-dataset run)
+    dataset = (str(inp.obs["dataset"].iloc[0]) if "dataset" in inp.obs and inp.obs["dataset"].nunique() == 1
+               else "all")
     rows = evaluate(out, inp, ctx, dataset=dataset, method=method, seed=args.seed,
                     n_neighbors=args.n_neighbors)
     od = Path(args.out_dir)
@@ -129,7 +130,7 @@ def register(subparsers) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--corpus", help="corpus folder (raw counts of its shards)")
     src.add_argument("--counts", help="h5ad of raw counts")
-    p.add_argument("--dataset", help="only the cells of this obs['dataset']")
+    p.add_argument("--dataset", help="only the cells of this obs['dataset'] (several: comma-separated)")
     p.add_argument("--label-key", default="cell_type")
     p.add_argument("--batch-key", default="batch")
     p.add_argument("--condition-key", default="condition")

@@ -54,7 +54,8 @@ def stratified_split(labels, query_fraction: float = 1 / 3, seed: int = 0) -> np
 
 
 def load_counts(*, corpus=None, counts=None, dataset: str | None = None):
-    """AnnData of raw counts (X CSR float32, obs, var with chrom/start/end when known)."""
+    """AnnData of raw counts (X CSR float32, obs, var with chrom/start/end when known); ``dataset``: only
+    the cells of that obs['dataset'] (comma-separated names: of any of them)."""
     import anndata as ad
 
     if (corpus is None) == (counts is None):
@@ -82,9 +83,13 @@ def load_counts(*, corpus=None, counts=None, dataset: str | None = None):
         if "dataset" not in a.obs:
             raise InputFormatError("obs has no 'dataset' column to select --dataset", path=str(counts or corpus),
                                    field="obs/dataset")
-        a = a[a.obs["dataset"].astype(str).to_numpy() == dataset].copy()
-        if a.n_obs == 0:
-            raise EpiflowError(f"no cell of dataset '{dataset}'", path=str(counts or corpus), field="obs/dataset")
+        names = [d for d in str(dataset).split(",") if d]  # several: 'a,b,c' (e.g. an integration's batches)
+        have = a.obs["dataset"].astype(str).to_numpy()
+        missing = [d for d in names if not (have == d).any()]
+        if missing:
+            raise EpiflowError(f"no cell of dataset {', '.join(map(repr, missing))} (have: "
+                               f"{', '.join(sorted(set(have)))})", path=str(counts or corpus), field="obs/dataset")
+        a = a[np.isin(have, names)].copy()
     a.obs_names = a.obs_names.astype(str)
     a.obs_names_make_unique()
     return a
