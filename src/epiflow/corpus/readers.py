@@ -80,6 +80,15 @@ def read_barcode_list(path: str | os.PathLike, what: str = "barcode whitelist") 
     return check_unique_barcodes(np.asarray(bcs, dtype=object), path=str(path), what=what)
 
 
+def load_whitelist(whitelist):
+    """A barcode whitelist given as a file (one per line) or as barcodes, checked for duplicates; None stays."""
+    if whitelist is None:
+        return None
+    if not isinstance(whitelist, (list, np.ndarray, pd.Index)):
+        return read_barcode_list(whitelist)
+    return check_unique_barcodes(whitelist, path=None, what="barcode whitelist")
+
+
 def check_unique_barcodes(barcodes, *, path: str | None, what: str, line_offset: int = 1) -> np.ndarray:
     """Raise if a barcode occurs twice (names the first duplicate and its line/position)."""
     bcs = pd.Index(np.asarray(barcodes, dtype=object))
@@ -379,10 +388,7 @@ class FragmentReader:
     def __post_init__(self):
         self.path = Path(self.path)
         _need_file(self.path, "fragment file")
-        if self.whitelist is not None and not isinstance(self.whitelist, (list, np.ndarray, pd.Index)):
-            self.whitelist = read_barcode_list(self.whitelist)
-        elif self.whitelist is not None:
-            self.whitelist = check_unique_barcodes(self.whitelist, path=None, what="barcode whitelist")
+        self.whitelist = load_whitelist(self.whitelist)
         self._frozen = self.whitelist is not None
         self._chroms = self._bcs = None  # string tables, created on first read (compiled code)
         self._bc_cache = (0, np.zeros(0, dtype=object))

@@ -28,7 +28,7 @@ import pandas as pd
 
 from ..errors import InputFormatError
 from ..genome.intervals import normalize_chrom
-from .readers import DEFAULT_CHUNKSIZE, FragmentChunk, _need_file, check_unique_barcodes, read_barcode_list
+from .readers import DEFAULT_CHUNKSIZE, FragmentChunk, _need_file, check_unique_barcodes, load_whitelist
 
 FRAGMENTS_KEY = "obsm/fragment_paired"
 SINGLE_KEY = "obsm/fragment_single"
@@ -127,10 +127,7 @@ class SnapAtac2FragmentReader:
     def __post_init__(self):
         self.path = Path(self.path)
         _need_file(self.path, "SnapATAC2 file")
-        if self.whitelist is not None and not isinstance(self.whitelist, (list, np.ndarray, pd.Index)):
-            self.whitelist = read_barcode_list(self.whitelist)
-        elif self.whitelist is not None:
-            self.whitelist = check_unique_barcodes(self.whitelist, path=None, what="barcode whitelist")
+        self.whitelist = load_whitelist(self.whitelist)
         self.layout = read_layout(self.path)
         check_unique_barcodes(self.layout["barcodes"], path=str(self.path), what="obs names (cell barcodes)")
         self._chroms = normalize_chrom(self.layout["chroms"]).astype(str)
