@@ -104,15 +104,22 @@ def _reference(adata) -> tuple[np.ndarray, np.ndarray]:
 
 def fit_pca_svm(adata, task: str, params: dict) -> BaselineOutput:
     """PCA (fitted on the reference cells) then a linear SVM (scikit-learn ``LinearSVC``)."""
-    from sklearn.svm import LinearSVC
 
     ref, y = _reference(adata)
     x, info = annotation_features(adata, params)
     seed = int(params.get("seed", 0))
     pcs, k = _pca(x, int(params.get("n_components", 50)), seed, fit_rows=ref)
-    pcs /= pcs[ref].std(axis=0, keepdims=True) + 1e-8
-    svm = LinearSVC(C=float(params.get("C", 1.0)), random_state=seed, max_iter=5000).fit(pcs[ref], y)
-    return BaselineOutput(labels=svm.predict(pcs).astype(str), info={**info, "n_components": k})
+    return BaselineOutput(labels=svm_labels(pcs, ref, y, params, seed), info={**info, "n_components": k})
+
+
+def svm_labels(emb, ref, y, params: dict, seed: int) -> np.ndarray:
+    """Each component scaled to unit s.d. over the reference rows, a linear SVM (``LinearSVC``, param C)
+    fitted on them, labels predicted for every row."""
+    from sklearn.svm import LinearSVC
+
+    z = emb / (emb[ref].std(axis=0, keepdims=True) + 1e-8)
+    svm = LinearSVC(C=float(params.get("C", 1.0)), random_state=seed, max_iter=5000).fit(z[ref], y)
+    return svm.predict(z).astype(str)
 
 
 def fit_mlp(adata, task: str, params: dict) -> BaselineOutput:

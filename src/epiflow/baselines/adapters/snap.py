@@ -50,12 +50,8 @@ def fit_snapatac2(adata, task: str, params: dict) -> BaselineOutput:
         info["correction"] = "mnc_correct"
         emb = np.asarray(a.obsm["X_corrected"], dtype=np.float32)
     if task == "annotation":
-        from sklearn.svm import LinearSVC
-
-        from .light import _reference
+        from .light import _reference, svm_labels
 
         ref, y = _reference(adata)
-        z = emb / (emb[ref].std(axis=0, keepdims=True) + 1e-8)
-        svm = LinearSVC(C=float(params.get("C", 1.0)), random_state=seed, max_iter=5000).fit(z[ref], y)
-        return BaselineOutput(labels=svm.predict(z).astype(str), info={**info, "classifier": "LinearSVC"})
+        return BaselineOutput(labels=svm_labels(emb, ref, y, params, seed), info={**info, "classifier": "LinearSVC"})
     return BaselineOutput(embedding=emb, info=info)
