@@ -12,10 +12,8 @@ from epiflow.cli import main
 from epiflow.errors import ConfigError, EpiflowError
 from epiflow.model import EpiAgentConfig, from_config, save_epiagent_checkpoint
 from epiflow.tasks.features import METRIC_COLUMNS
-from epiflow.tasks.imputation import (_batch_targets, decode_signal, finetune_imputation, impute,
-                                      lsi_reconstruction, sr_mse_sparse)
+from epiflow.tasks.imputation import decode_signal, finetune_imputation, impute, lsi_reconstruction
 from epiflow.tasks.annotation import load_cells, load_model
-from epiflow.train import rng as krng
 from epiflow.train.toy import write_toy_corpus
 
 
@@ -27,35 +25,6 @@ def toy(tmp_path_factory):
     ckpt = save_epiagent_checkpoint(from_config(EpiAgentConfig.preset("tiny", n_ccres=250)),
                                     tmp / "checkpoint.pth", write_config=True)
     return tmp, corpus, ckpt
-
-
-def test_sr_mse_sparse_equals_dense():
-    g = torch.Generator().manual_seed(0)
-    pred = torch.randn(4, 30, generator=g)
-    rows = torch.tensor([0, 0, 2, 3, 3, 3])
-    cols = torch.tensor([1, 7, 0, 2, 29, 5])
-    vals = torch.rand(6, generator=g) * 5
-    dense = torch.zeros(4, 30)
-    dense[rows, cols] = vals
-    assert sr_mse_sparse(pred, rows, cols, vals).item() == pytest.approx(torch.mean((pred - dense) ** 2).item(),
-                                                                         rel=1e-6)
-    assert sr_mse_sparse(pred, rows[:0], cols[:0], vals[:0]).item() == pytest.approx((pred ** 2).mean().item())
-
-
-def test_batch_targets_positives_and_k1_negatives(toy):
-    _, corpus, _ = toy
-    shard, _ = load_cells(corpus)
-    rows = np.array([3, 10, 50])
-    r, c, v, qr, qi, ql = _batch_targets(shard, rows, shard.n_ccres, krng.cell_keys(0, 0, krng.NEGATIVES, rows), None)
-    dense = shard.tfidf_csr()[rows].toarray()
-    np.testing.assert_allclose(dense[r.numpy(), c.numpy()], v.numpy())
-    assert int((dense > 0).sum()) == len(v)  # every accessible cCRE is an SR positive
-    for i in range(3):
-        pos = set(qi[(qr == i) & (ql == 1)].tolist())
-        neg = qi[(qr == i) & (ql == 0)].tolist()
-        assert len(neg) == len(pos) == int((dense[i] > 0).sum())  # K = 1
-        assert len(set(neg)) == len(neg) and not pos & set(neg)
-        assert all(dense[i, t - 4] == 0 for t in neg)
 
 
 def test_lsi_reconstruction_of_low_rank_matrix_is_exact():
@@ -110,10 +79,12 @@ def test_finetuning_improves_reconstruction(toy):
     shard, _ = load_cells(corpus)
     model = load_model(ckpt)
     before = decode_signal(model, shard, clip=False)
-    log = finetune_imputation(model, shard, epochs=4, lr=1e-3, batch_size=16, progress=False)
+    # 8 epochs: over 4 the ratio varies 0.63-0.79 with the seed (old and new loop alike); over 8 it is 0.55-0.60
+    log = finetune_imputation(model, shard, epochs=8, lr=1e-3, batch_size=16, progress=False)
     after = decode_signal(model, shard, clip=False)
     first, last = log["sr_mse"].iloc[:3].mean(), log["sr_mse"].iloc[-3:].mean()
     assert last < 0.75 * first
+    assert log["cca"].iloc[-3:].mean() < log["cca"].iloc[:3].mean()  # CCA is BCE and learns too
     target = shard.tfidf_csr().toarray()
     assert ((after - target) ** 2).mean() < ((before - target) ** 2).mean()
 

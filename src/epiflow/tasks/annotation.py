@@ -243,18 +243,14 @@ TRAINERS = ("task", "shared")
 def shared_finetune(model, shard, objectives, *, cells=None, labels=None, epochs: int, lr: float,
                     max_len: int | None, weight_decay: float, seed: int, device, progress: bool,
                     batch_tokens: int = 4096) -> pd.DataFrame:
-    """Run the generic loop :func:`epiflow.train.finetune` (token-budget batches, cosine schedule) and
-    return its per-epoch history as the training log (``step`` = epoch end)."""
+    """``--trainer shared``: the engine with token-budget batches and a cosine schedule
+    (:func:`epiflow.train.finetune.finetune`); returns its per-step log."""
     from ..train.finetune import finetune
 
     res = finetune(model, shard, objectives, cells=cells, labels=labels, epochs=int(epochs), lr=float(lr),
                    max_len=effective_max_len(model, max_len), weight_decay=weight_decay, seed=int(seed),
                    device=str(device), progress=progress, batch_tokens=int(batch_tokens))
-    hist = pd.DataFrame(res["history"])
-    loss_cols = [c for c in hist.columns if c != "epoch"]
-    hist["loss"] = hist[loss_cols].sum(axis=1) if loss_cols else np.nan
-    hist["step"] = np.linspace(0, res["steps"], len(hist) + 1)[1:].round().astype(int) if len(hist) else []
-    return hist
+    return res["log"]
 
 
 def check_trainer(trainer: str, max_steps) -> None:
@@ -365,51 +361,19 @@ def finetune_classifier(model, shard, rows, y, *, head: str = "linear", epochs: 
                         weight_decay: float = 0.01, focal_gamma: float = 2.0, max_steps: int | None = None,
                         seed: int = 0, device=None, grad_clip: float = 1.0, progress: bool = True):
     """Train encoder + classifier on the cells ``rows`` of ``shard`` with integer labels ``y``
-    (in place). Returns the per-step log (DataFrame: step, epoch, loss, accuracy)."""
-    from tqdm.auto import tqdm
-
-    from ..model.losses import classification_loss, focal_loss
+    (in place) with the engine (:func:`epiflow.train.engine.fit`; the head at ``head_lr``, default
+    10 x ``lr``). Returns the per-step log (DataFrame: step, epoch, loss, accuracy, lr)."""
+    from ..train.engine import Classification, FitConfig, fit
 
     check_train_args(epochs, lr, batch_size, max_steps)
-    device = resolve_device(device)
-    rows = np.asarray(rows, dtype=np.int64)
-    y = torch.as_tensor(np.asarray(y, dtype=np.int64))
-    max_len = effective_max_len(model, max_len)
-    head_params = [p for p in model.classifier.parameters()]
-    opt = make_optimizer(model, head_params, lr, float(head_lr if head_lr is not None else 10 * lr), weight_decay)
-    rng = np.random.default_rng([int(seed), 4242])
-    torch.manual_seed(int(seed))
-    n_steps = total_steps(len(rows), batch_size, epochs, max_steps)
-    model.to(device).train()
-    log_rows, step = [], 0
-    bar = tqdm(total=n_steps, desc="fine-tune classifier", unit="step", disable=not progress, leave=False)
-    try:
-        for ep in range(int(epochs)):
-            for b in epoch_batches(len(rows), int(batch_size), rng):
-                if step >= n_steps:
-                    break
-                ids = torch.from_numpy(batch_input_ids(shard, rows[b], max_len, rng)).to(device)
-                target = y[b].to(device)
-                with autocast_ctx(device):
-                    logits = model.classify(model(ids).cell_embedding).float()
-                loss = (classification_loss(logits, target) if head == "linear"
-                        else focal_loss(logits, target, gamma=focal_gamma))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                opt.step()
-                acc = float((logits.argmax(1) == target).float().mean())
-                log_rows.append({"step": step, "epoch": ep, "loss": float(loss.detach()), "accuracy": acc})
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-            if step >= n_steps:
-                break
-    finally:
-        bar.close()
-        model.eval()
-    return pd.DataFrame(log_rows, columns=["step", "epoch", "loss", "accuracy"])
+    obj = Classification(shard, rows, y, loss="ce" if head == "linear" else "focal", focal_gamma=focal_gamma,
+                         max_len=effective_max_len(model, max_len))
+    cfg = FitConfig(epochs=int(epochs), max_steps=max_steps, batch_size=int(batch_size), lr=float(lr),
+                    head_lr=float(head_lr if head_lr is not None else 10 * lr), weight_decay=weight_decay,
+                    clip_grad=grad_clip, seed=int(seed), device=str(resolve_device(device)), progress=progress,
+                    desc="fine-tune classifier")
+    hist = fit(model, obj, cfg)
+    return hist[["step", "epoch", "loss", "accuracy", "lr"]]
 
 
 @torch.no_grad()
@@ -575,9 +539,10 @@ def annotate(data, checkpoint, label_key: str = "cell_type", *, head: str = "lin
     embedded demo with the tiny model: with a few hundred reference cells, 5 epochs (~50 steps) leave
     the classifier near the majority class; ~200 steps are needed.
 
-    ``trainer``: ``"task"`` (this module's loop: fixed-size cell batches, constant learning rate,
-    ``max_steps``, per-step log) or ``"shared"`` (:func:`epiflow.train.finetune`: token-budget batches,
-    cosine schedule, one learning rate; no ``max_steps``).
+    ``trainer``: two settings of the one engine (:func:`epiflow.train.engine.fit`): ``"task"``
+    (fixed-size cell batches, constant learning rate, head at ``head_lr``, ``max_steps``) or
+    ``"shared"`` (:func:`epiflow.train.finetune`: token-budget batches, cosine schedule, one learning
+    rate; no ``max_steps``).
     """
     check_trainer(trainer, max_steps)
     if head not in HEADS:
@@ -651,8 +616,7 @@ def annotate(data, checkpoint, label_key: str = "cell_type", *, head: str = "lin
         vals = classification_scores(yq, np.asarray(pr)[q_rows].astype(str))
         vals.update({"n_reference": len(ref_rows), "n_query": len(q_rows), "n_classes": len(classes)})
         if method == "EpiAgent":
-            vals.update({"train_steps": int(train_log["step"].iloc[-1]) + (trainer == "task") if len(train_log)
-                         else 0, "train_seconds": train_s,
+            vals.update({"train_steps": int(train_log["step"].iloc[-1]) if len(train_log) else 0, "train_seconds": train_s,
                          "train_loss_first": float(train_log["loss"].iloc[0]) if len(train_log) else math.nan,
                          "train_loss_last": float(train_log["loss"].tail(max(1, len(train_log) // 10)).mean())
                          if len(train_log) else math.nan})

@@ -56,18 +56,6 @@ METHODS = ("Raw", "LSI-recon", "EpiAgent")
 
 
 # ============================================================================ losses
-def sr_mse_sparse(pred: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of ``pred`` [B, N] against a sparse target (``values`` at ``(rows, cols)``,
-    zero elsewhere), without a dense target: ``(sum x^2 + sum_nz [(x - v)^2 - x^2]) / (B N)``."""
-    x = pred.float()
-    total = (x * x).sum()
-    if rows.numel():
-        xp = x[rows, cols]
-        v = values.float()
-        total = total + ((xp - v) ** 2 - xp * xp).sum()
-    return total / x.numel()
-
-
 def _need_heads(model) -> None:
     for attr, what in (("signal_decoder", "signal decoder"), ("fc1_for_CCA", "CCA head")):
         if getattr(model, attr, None) is None:
@@ -75,93 +63,27 @@ def _need_heads(model) -> None:
                               field="checkpoint", fix="use a pretrained (base) checkpoint with the pretraining heads")
 
 
-def _batch_targets(shard, rows, n_ccres: int, keys, cca_max_pos: int | None):
-    """Positives (all accessible cCREs, TF-IDF values) and CCA queries (positives + K=1 negatives)."""
-    from ..train.sampling import sample_complement
-
-    rows = np.asarray(rows, dtype=np.int64)
-    starts, ends = shard.indptr[rows], shard.indptr[rows + 1]
-    lens = ends - starts
-    idx = np.repeat(starts, lens) + (np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens))
-    ptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    tok = shard.tokens[idx].astype(np.int64)
-    val = shard.tfidf[idx].astype(np.float32)
-    r = np.repeat(np.arange(len(rows)), lens)
-    # CCA positives: all (or the top cca_max_pos) accessible cCREs
-    if cca_max_pos is not None:
-        within = np.arange(len(tok)) - np.repeat(ptr[:-1], lens)
-        keep = within < int(cca_max_pos)
-        cp_tok, cp_row = tok[keep], r[keep]
-        n_pos = np.minimum(lens, int(cca_max_pos))
-    else:
-        cp_tok, cp_row, n_pos = tok, r, lens
-    neg_ptr, neg = sample_complement(keys, ptr, tok - NUM_SPECIAL, n_ccres, n_pos)
-    n_neg = np.diff(neg_ptr)
-    q_ids = np.concatenate([cp_tok, neg + NUM_SPECIAL])
-    q_row = np.concatenate([cp_row, np.repeat(np.arange(len(rows)), n_neg)])
-    q_lab = np.concatenate([np.ones(len(cp_tok), np.float32), np.zeros(len(neg), np.float32)])
-    return (torch.from_numpy(r), torch.from_numpy(tok - NUM_SPECIAL), torch.from_numpy(val),
-            torch.from_numpy(q_row), torch.from_numpy(q_ids), torch.from_numpy(q_lab))
-
-
 def finetune_imputation(model, shard, *, epochs: int = 5, lr: float = 5e-4, head_lr: float | None = None,
                         batch_size: int = 16,
                         max_len: int | None = None, weight_decay: float = 0.01, cca_weight: float = 1.0,
                         sr_weight: float = 1.0, cca_max_pos: int | None = None, max_steps: int | None = None,
                         seed: int = 0, device=None, grad_clip: float = 1.0, progress: bool = True) -> pd.DataFrame:
-    """Fine-tune ``model`` in place with CCA (K = 1) + MSE signal reconstruction on all cells of
-    ``shard`` (AdamW; the signal decoder and CCA head at ``head_lr``, default 10 x ``lr``).
-    Returns the per-step log (step, epoch, loss, cca, sr_mse)."""
-    from tqdm.auto import tqdm
-
-    from ..train import rng as krng
+    """Fine-tune ``model`` in place with CCA (BCE, K = 1) + MSE signal reconstruction of the TF-IDF
+    values on all cells of ``shard``, with the engine (:func:`epiflow.train.engine.fit`; the signal
+    decoder and CCA head at ``head_lr``, default 10 x ``lr``).
+    Returns the per-step log (step, epoch, loss, cca, sr_mse, lr)."""
+    from ..train.engine import FitConfig, Reconstruction, fit
 
     check_train_args(epochs, lr, batch_size, max_steps)
     _need_heads(model)
-    device = resolve_device(device)
-    max_len = effective_max_len(model, max_len)
-    n = shard.n_cells
-    heads = [p for name, p in model.named_parameters()
-             if name.startswith(("signal_decoder", "fc1_for_CCA", "layer_norm_for_CCA", "fc2_for_CCA"))]
-    opt = make_optimizer(model, heads, lr, float(head_lr if head_lr is not None else 10 * lr), weight_decay)
-    rng = np.random.default_rng([int(seed), 777])
-    torch.manual_seed(int(seed))
-    n_steps = total_steps(n, batch_size, epochs, max_steps)
-    model.to(device).train()
-    logs, step = [], 0
-    bar = tqdm(total=n_steps, desc="fine-tune imputation", unit="step", disable=not progress, leave=False)
-    try:
-        for ep in range(int(epochs)):
-            for b in epoch_batches(n, int(batch_size), rng):
-                if step >= n_steps:
-                    break
-                ids = torch.from_numpy(batch_input_ids(shard, b, max_len, rng)).to(device)
-                keys = krng.cell_keys(seed, ep, krng.NEGATIVES, b)
-                r, c, v, qr, qi, ql = (t.to(device) for t in _batch_targets(shard, b, model.n_ccres, keys,
-                                                                            cca_max_pos))
-                with autocast_ctx(device):
-                    emb = model(ids).cell_embedding
-                    pred = model.signal_logits(emb)
-                    cca_logit = model.cca_logits(emb[qr], qi)
-                sr = sr_mse_sparse(pred, r, c, v)
-                cca = F.binary_cross_entropy_with_logits(cca_logit.float(), ql)
-                loss = cca_weight * cca + sr_weight * sr
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                opt.step()
-                logs.append({"step": step, "epoch": ep, "loss": float(loss.detach()), "cca": float(cca.detach()),
-                             "sr_mse": float(sr.detach())})
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-            if step >= n_steps:
-                break
-    finally:
-        bar.close()
-        model.eval()
-    return pd.DataFrame(logs, columns=["step", "epoch", "loss", "cca", "sr_mse"])
+    obj = Reconstruction(shard, sr="mse", k=1, cca_max_pos=cca_max_pos, max_len=effective_max_len(model, max_len),
+                         weights={"cca": float(cca_weight), "sr": float(sr_weight)})
+    cfg = FitConfig(epochs=int(epochs), max_steps=max_steps, batch_size=int(batch_size), lr=float(lr),
+                    head_lr=float(head_lr if head_lr is not None else 10 * lr), weight_decay=weight_decay,
+                    clip_grad=grad_clip, seed=int(seed), device=str(resolve_device(device)), progress=progress,
+                    desc="fine-tune imputation")
+    hist = fit(model, obj, cfg).rename(columns={"sr": "sr_mse"})
+    return hist[["step", "epoch", "loss", "cca", "sr_mse", "lr"]]
 
 
 @torch.no_grad()
@@ -278,10 +200,11 @@ def impute(data, checkpoint, label_key: str = "cell_type", *, epochs: int = 15, 
     imputed TF-IDF), ``metrics`` the long table (task ``imputation``, methods Raw / LSI-recon /
     EpiAgent; metrics on the labelled cells).
 
-    ``trainer``: ``"task"`` (this module's loop: CCA as BCE with K = 1, SR as MSE; ``max_steps``,
-    per-step log, decoder / CCA head at ``head_lr``) or ``"shared"`` (:func:`epiflow.train.finetune`
-    with objective ``"mse"``: CCA *and* SR as MSE regressions of TF-IDF, cosine schedule, one
-    learning rate; no ``max_steps``).
+    ``trainer``: two settings of the one engine (:func:`epiflow.train.engine.fit`), both CCA as BCE
+    with K = 1 and SR as MSE of the TF-IDF: ``"task"`` (fixed-size cell batches, constant learning
+    rate, decoder / CCA head at ``head_lr``, ``max_steps``) or ``"shared"``
+    (:func:`epiflow.train.finetune` with objective ``"mse"``: token-budget batches, cosine schedule,
+    one learning rate; no ``max_steps``).
     """
     check_trainer(trainer, max_steps)
     import anndata as ad
@@ -333,8 +256,7 @@ def impute(data, checkpoint, label_key: str = "cell_type", *, epochs: int = 15, 
         vals = dict(scores[method])
         vals.update({"n_cells": int(lab.sum()), "n_ccres_kept": len(keep), "n_ccres_total": shard.n_ccres})
         if method == "EpiAgent":
-            vals.update({"train_steps": int(train_log["step"].iloc[-1]) + (trainer == "task") if len(train_log)
-                         else 0, "train_seconds": train_s,
+            vals.update({"train_steps": int(train_log["step"].iloc[-1]) if len(train_log) else 0, "train_seconds": train_s,
                          "train_loss_first": float(train_log["loss"].iloc[0]) if len(train_log) else math.nan,
                          "train_loss_last": float(train_log["loss"].tail(max(1, len(train_log) // 10)).mean())
                          if len(train_log) else math.nan})

@@ -1,20 +1,17 @@
-"""Generic fine-tuning loop used by the downstream tasks (SPEC §5).
+"""Token-budget fine-tuning on the engine (SPEC §5): ``finetune(model, data, objectives=(...))``.
 
-``finetune(model, data, objectives=(...))`` trains ``model`` in place on the cells of ``data`` (a
-corpus folder, a :class:`~epiflow.corpus.shard.Shard`, shard paths, or a list of those) with any
-combination of
+A thin front end of :func:`epiflow.train.engine.fit` that trains ``model`` in place on the cells of
+``data`` (a corpus folder, a :class:`~epiflow.corpus.shard.Shard`, shard paths, or a list of those)
+with token-budget batches, a cosine schedule with 5 % warm-up, and
 
 * ``"cca"``  - cell-cCRE alignment, K negatives per positive (default K = 1, pos_weight = K);
-* ``"sr"``   - signal reconstruction, BCE with pos_weight 100 (no dense target on the host);
-* ``"classify"`` - classifier on the cell embedding: cross-entropy (``linear`` head) or the
+* ``"sr"``   - signal reconstruction, BCE with pos_weight 100 (or ``sr_objective="multinomial"``);
+* ``"classify"`` - classifier on the cell embedding (alone): cross-entropy (``linear`` head) or the
   authors' focal loss (``mlp`` head), labels from ``labels``;
-* ``"mse"``  - the imputation variant: CCA and SR as **MSE regression of TF-IDF values** (decoder
-  outputs regress the cell's TF-IDF vector, 0 for inaccessible cCREs; CCA queries regress the TF-IDF
-  of positives and 0 for negatives).
+* ``"mse"``  - the imputation variant: CCA as BCE (as pretraining) and SR as **MSE regression of
+  the TF-IDF values** (0 for inaccessible cCREs).
 
-Batches come from :mod:`epiflow.train.data` (token budget, length bucketing, rank-preserving random
-subsampling of long sentences, vectorised negatives), so the loop shares its semantics with
-pretraining. ``embed_cells`` gives the zero-shot (or fine-tuned) embeddings.
+``embed_cells`` gives the zero-shot (or fine-tuned) embeddings.
 """
 
 from __future__ import annotations
@@ -26,14 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..corpus.shard import Shard, open_corpus, read_shard
 from ..errors import ConfigError
 from ..tokenize import NUM_SPECIAL
-from .data import BatchConfig, CorpusIndex, _cut_budget, make_batch
-from .objectives import SR_OBJECTIVES, bce_sum, pos_rows_cols, sr_loss_sum, sr_multinomial_sum
-from .optim import make_adamw, make_scheduler
+from .data import CorpusIndex
+from .objectives import SR_OBJECTIVES
 
 if TYPE_CHECKING:
     from ..model import EpiAgent
@@ -103,11 +98,11 @@ class FinetuneConfig:
     epochs: int = 5
     lr: float = 1e-4
     schedule: str = "cosine"
-    warmup: int | None = None
+    warmup: int | None = None        # default: 5 % of the steps
     weight_decay: float = 0.01
     clip_grad: float | None = 1.0
     batch_tokens: int = 16384
-    max_cells: int | None = None
+    max_cells: int | None = None     # unused (kept for configs); the token budget sets the batch
     max_len: int | None = None
     k: int = 1
     sr_pos_weight: float = 100.0
@@ -120,11 +115,17 @@ class FinetuneConfig:
 
 def finetune(model, data, objectives=("cca", "sr"), *, labels=None, cells=None, batch_ids=None,
              config: FinetuneConfig | None = None, **kw) -> dict:
-    """Fine-tune ``model`` in place; returns ``{"history": [per-epoch mean losses], "steps": n}``.
+    """Fine-tune ``model`` in place with :func:`epiflow.train.engine.fit` (token-budget batches, cosine
+    schedule with 5 % warm-up); returns ``{"history": [per-epoch mean losses], "steps": n, "log":
+    per-step DataFrame}``.
 
     ``cells``: indices of the cells of ``data`` to train on (default all); ``labels``: class index per
     cell of ``data`` (for ``"classify"``); ``batch_ids``: conditional batch token per cell (-1 = none).
+    ``"classify"`` trains alone; ``"cca"`` / ``"sr"`` / ``"mse"`` combine into one reconstruction
+    objective (``"mse"``: CCA as BCE and SR as MSE of the TF-IDF values).
     """
+    from .engine import Classification, FitConfig, Reconstruction, fit
+
     cfg = config or FinetuneConfig()
     if kw:
         import dataclasses
@@ -135,6 +136,10 @@ def finetune(model, data, objectives=("cca", "sr"), *, labels=None, cells=None, 
     if bad or not objectives:
         raise ConfigError(f"unknown fine-tuning objective(s) {bad or objectives}", field="objectives",
                           fix=f"choose from {', '.join(OBJECTIVES)}")
+    if "classify" in objectives and len(objectives) > 1:
+        raise ConfigError(f"'classify' trains alone, not with {[o for o in objectives if o != 'classify']}",
+                          field="objectives", fix="run the reconstruction objectives and the classifier one after "
+                                                  "the other")
     if cfg.sr_objective not in SR_OBJECTIVES:
         raise ConfigError(f"unknown SR objective {cfg.sr_objective!r}", field="sr_objective",
                           fix="use bce (the paper) or multinomial")
@@ -144,97 +149,36 @@ def finetune(model, data, objectives=("cca", "sr"), *, labels=None, cells=None, 
 
         raise VocabularyMismatchError(f"the model has {model.config.n_ccres} cCREs but the data has {cs.n_ccres}",
                                       field="data", fix="fine-tune on data tokenized with the model's vocabulary")
+    rows = np.arange(cs.n_cells) if cells is None else np.asarray(cells, dtype=np.int64)
+    max_len = cfg.max_len or min(8190, model.config.max_rank - 2)
+    w = {"cca": 1.0, "sr": 1.0, "classify": 1.0, "mse": 1.0, **(cfg.weights or {})}
     if "classify" in objectives:
         if labels is None:
             raise ConfigError("objective 'classify' needs labels (one class index per cell)", field="labels")
-        labels = torch.as_tensor(np.array(labels, dtype=np.int64))
         if getattr(model, "classifier", None) is None:
             raise ConfigError("the model has no classifier head", field="classifier",
                               fix="build it with EpiAgentConfig(classifier='linear'|'mlp', num_classes=C)")
-    regression = "mse" in objectives
-    device = torch.device(cfg.device) if cfg.device else next(model.parameters()).device
-    model.to(device).train()
-    max_len = cfg.max_len or min(8190, model.config.max_rank - 2)
-    cells = np.arange(cs.n_cells) if cells is None else np.asarray(cells, dtype=np.int64)
-    bid = None if batch_ids is None else torch.as_tensor(np.array(batch_ids, dtype=np.int64))
-    w = {"cca": 1.0, "sr": 1.0, "classify": 1.0, "mse": 1.0, **(cfg.weights or {})}
-    padded = np.minimum(cs.lengths, max_len) + 2
-    rng = np.random.default_rng(cfg.seed)
-    steps_per_epoch = len(_cut_budget(np.sort(padded[cells]), cfg.batch_tokens, 1, cfg.max_cells)) - 1
-    total = max(1, steps_per_epoch * cfg.epochs)
-    opt = make_adamw(list(model.named_parameters()), cfg.lr, cfg.weight_decay)
-    sched = make_scheduler(opt, cfg.schedule, cfg.warmup if cfg.warmup is not None else max(1, total // 20),
-                           total)
-    bcfg = BatchConfig(n_ccres=cs.n_ccres, max_len=max_len, k=cfg.k, seed=cfg.seed)
-    use_cca = "cca" in objectives or regression
-    use_sr = "sr" in objectives or regression
-    history, step = [], 0
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc="finetune", unit="step", disable=not cfg.progress, leave=False)
-    for epoch in range(cfg.epochs):
-        order = cells[rng.permutation(len(cells))]
-        batches = []
-        for a in range(0, len(order), 512):  # length buckets of 512 shuffled cells
-            bucket = order[a:a + 512]
-            bucket = bucket[np.argsort(padded[bucket], kind="stable")]
-            cuts = _cut_budget(padded[bucket], cfg.batch_tokens, 1, cfg.max_cells)
-            batches += [bucket[x:y] for x, y in zip(cuts[:-1], cuts[1:])]
-        sums: dict[str, float] = {}
-        for i in rng.permutation(len(batches)):
-            uids = batches[i]
-            b = make_batch(cs, uids, epoch, bcfg, train=True)
-            ids = b["input_ids"].to(device)
-            out = model(ids, batch_ids=None if bid is None else bid[uids].to(device))
-            cell = out.cell_embedding
-            terms = {}
-            rows, cols = pos_rows_cols(b["pos_ptr"].to(device), b["pos_ccre"].to(device))
-            if use_cca:
-                q = b["cca_ids"].to(device)
-                lg = model.cca_logits(cell[b["cca_cell"].to(device)], q)
-                if regression:
-                    tgt = torch.zeros_like(lg)
-                    pos = b["cca_label"].to(device) > 0
-                    tgt[pos] = torch.from_numpy(cs.values(uids)).to(device)  # positives are in sentence order
-                    terms["cca"] = F.mse_loss(lg.float(), tgt)
-                else:
-                    terms["cca"] = bce_sum(lg, b["cca_label"].to(device), float(cfg.k)) / len(lg)
-            if use_sr:
-                sig = model.signal_logits(cell).float()
-                if regression:
-                    vals = torch.from_numpy(cs.values(uids)).to(device)
-                    # sum((x - y)^2) = sum(x^2) + sum_pos((x - v)^2 - x^2): no dense target
-                    xp = sig[rows, cols]
-                    terms["sr"] = (sig.pow(2).sum() + ((xp - vals).pow(2) - xp.pow(2)).sum()) / sig.numel()
-                elif cfg.sr_objective == "multinomial":
-                    terms["sr"] = sr_multinomial_sum(sig, rows, cols) / len(sig)
-                else:
-                    terms["sr"] = sr_loss_sum(sig, rows, cols, cfg.sr_pos_weight) / sig.numel()
-            if "classify" in objectives:
-                logits = model.classify(cell)
-                y = labels[uids].to(device)
-                if model.config.classifier == "mlp":
-                    from ..model.losses import focal_loss
-
-                    terms["classify"] = focal_loss(logits, y)
-                else:
-                    terms["classify"] = F.cross_entropy(logits, y)
-            loss = sum(w["mse" if regression and k in ("cca", "sr") else k] * v for k, v in terms.items())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            opt.step()
-            sched.step()
-            step += 1
-            bar.update(1)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * len(uids)
-        history.append({k: v / len(cells) for k, v in sums.items()} | {"epoch": epoch + 1})
-        log.info("finetune epoch %d: %s", epoch + 1, history[-1])
-    bar.close()
-    model.eval()
-    return {"history": history, "steps": step}
+        obj = Classification(cs, rows, np.asarray(labels, dtype=np.int64)[rows],
+                             loss="focal" if model.config.classifier == "mlp" else "ce", max_len=max_len)
+    else:
+        mse = "mse" in objectives
+        sr = "mse" if mse else (cfg.sr_objective if "sr" in objectives else None)
+        obj = Reconstruction(cs, input_rows=rows, sr=sr,
+                             cca=mse or "cca" in objectives, k=cfg.k, max_len=max_len,
+                             conditions=None if batch_ids is None else np.asarray(batch_ids, dtype=np.int64)[rows],
+                             weights={"cca": w["mse"] if mse else w["cca"], "sr": w["mse"] if mse else w["sr"]},
+                             heads_at_head_lr=False, sr_pos_weight=cfg.sr_pos_weight)
+    fc = FitConfig(epochs=cfg.epochs, batch_tokens=int(cfg.batch_tokens), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                   schedule=cfg.schedule, warmup=0 if cfg.warmup is None else int(cfg.warmup),
+                   warmup_fraction=0.05 if cfg.warmup is None else 0.0, clip_grad=cfg.clip_grad, seed=cfg.seed,
+                   device=cfg.device, progress=cfg.progress, desc="finetune")
+    steps = fit(model, obj, fc)
+    terms = [c for c in steps.columns if c in ("cca", "sr", "classify")]
+    hist = steps.groupby("epoch")[terms].mean()
+    history = [{k: float(v) for k, v in row.items()} | {"epoch": int(ep) + 1} for ep, row in hist.iterrows()]
+    for h in history:
+        log.info("finetune epoch %d: %s", h["epoch"], h)
+    return {"history": history, "steps": int(len(steps)), "log": steps}
 
 
 def embed_cells(model: EpiAgent, data: Any, *, batch_tokens: int = 65536, max_len: int = 8190,

@@ -61,6 +61,18 @@ def sr_multinomial_sum(logits: torch.Tensor, pos_rows: torch.Tensor, pos_cols: t
     return (nll / counts[pos_rows]).sum()
 
 
+def sr_mse_sum(pred: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Imputation's signal reconstruction: sum of squared errors of ``pred`` ``[B, N]`` against a
+    sparse target (``values`` at ``(rows, cols)``, 0 elsewhere), without a dense target:
+    ``sum x^2 + sum_nz [(x - v)^2 - x^2]`` (divide by ``B * N`` for the mean)."""
+    x = pred.float()
+    total = (x * x).sum()
+    if rows.numel():
+        xp = x[rows, cols]
+        total = total + ((xp - values.float()) ** 2 - xp * xp).sum()
+    return total
+
+
 SR_OBJECTIVES = ("bce", "multinomial")  # bce = the paper's SR; multinomial = sr_multinomial_sum
 
 

@@ -170,3 +170,21 @@ class RowwiseAdamW:
             b = min(n, a + int(chunk))
             rows = torch.arange(a, b, device=self.weight.device)
             self.update_rows(rows, G[:, a:b].float().t() @ Hf)
+
+
+def finetune_param_groups(named_params, head_prefixes, lr: float, head_lr: float, weight_decay: float):
+    """The one parameter-group policy of fine-tuning (:func:`epiflow.train.engine.fit`): parameters
+    whose name starts with one of ``head_prefixes`` at ``head_lr``, the others at ``lr``; no weight
+    decay on biases, norms, 1-d tensors and embeddings. Frozen parameters are left out."""
+    head_prefixes = tuple(head_prefixes)
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or "norm" in name.lower() or "embedding" in name or name.endswith(".bias")
+        groups.setdefault((bool(head_prefixes) and name.startswith(head_prefixes), not no_decay), []).append(p)
+    out = [{"params": ps, "lr": head_lr if is_head else lr, "weight_decay": weight_decay if decay else 0.0}
+           for (is_head, decay), ps in sorted(groups.items())]
+    if not out:
+        raise ConfigError("no trainable parameters", field="model", fix="unfreeze the encoder or the head")
+    return out
