@@ -197,16 +197,24 @@ def test_stimulation_epiagent_beats_no_change(tmp_path):
     from epiflow.tasks.perturbation import load_task_inputs, predict_stimulation
     from epiflow.tasks.perturbation_train import FinetuneSettings
 
+    # R^2 of one fine-tuning seed on this toy varies by +-0.05 (EpiAgent_delta 0.69-0.80 over seeds 0 / 1,
+    # with the old per-task loop as with the engine): the R^2 check uses the mean of two seeds
     corpus, _, _ = _stim_corpus(tmp_path / "corpus", seed=0)
-    cells, model, dataset = load_task_inputs(corpus, "condition", _tiny_checkpoint(tmp_path / "tiny.pth", 240))
-    table = predict_stimulation(cells, model, holdout=["T0"], dataset=dataset, ks=(10, 20), n_top=50,
-                                save_cells=False, settings=FinetuneSettings(epochs=30, lr=3e-3, progress=False))
-    v = table.set_index(["method", "metric"])["value"]
-    assert v[("no_change", "dir_acc@10")] == pytest.approx(0.5)
+    r2: dict[str, list] = {}
+    for seed in (0, 1):
+        cells, model, dataset = load_task_inputs(corpus, "condition", _tiny_checkpoint(tmp_path / "tiny.pth", 240))
+        table = predict_stimulation(cells, model, holdout=["T0"], dataset=dataset, ks=(10, 20), n_top=50,
+                                    save_cells=False,
+                                    settings=FinetuneSettings(epochs=30, lr=3e-3, progress=False, seed=seed))
+        v = table.set_index(["method", "metric"])["value"]
+        assert v[("no_change", "dir_acc@10")] == pytest.approx(0.5)
+        for m in ("EpiAgent", "EpiAgent_delta", "no_change"):
+            r2.setdefault(m, []).append(v[(m, "R2_top50")])
+        for m in ("EpiAgent", "EpiAgent_delta"):
+            assert v[(m, "dir_acc@10")] >= 0.9 and v[(m, "dir_acc@20")] >= 0.8, (m, seed)
+        assert v[("EpiAgent", "per_token_norm")] > 1.0
     for m in ("EpiAgent", "EpiAgent_delta"):
-        assert v[(m, "R2_top50")] > v[("no_change", "R2_top50")] + 0.03, m
-        assert v[(m, "dir_acc@10")] >= 0.9 and v[(m, "dir_acc@20")] >= 0.8, m
-    assert v[("EpiAgent", "per_token_norm")] > 1.0
+        assert np.mean(r2[m]) > np.mean(r2["no_change"]) + 0.03, (m, r2)
 
 
 def _genetic_corpus(root, n_ccres=200, n_genes=8, ctrl=40, per_gene=20, seed=3):

@@ -25,8 +25,8 @@ Outputs in ``out_dir`` (each written atomically): ``metrics.tsv`` (the long tabl
 confusion of EpiAgent and the best LSI baseline), ``sankey.png`` (true -> predicted flows of the
 query cells) and, with ``save_model``, ``finetuned.pth`` (+ ``.json`` side file and ``classes.json``).
 
-The helpers :func:`load_cells`, :func:`load_model`, :func:`batch_input_ids` and :func:`make_optimizer`
-are shared with :mod:`epiflow.tasks.imputation`.
+The helpers :func:`load_cells`, :func:`load_model` and :func:`batch_input_ids`
+are shared with :mod:`epiflow.tasks.imputation`; training runs on :func:`epiflow.train.engine.fit`.
 """
 
 from __future__ import annotations
@@ -169,45 +169,6 @@ def batch_input_ids(shard, rows, max_len: int, rng: np.random.Generator | None) 
 def effective_max_len(model, max_len: int | None) -> int:
     cap = int(model.config.max_rank) - 2
     return cap if max_len is None else max(1, min(int(max_len), cap))
-
-
-def make_optimizer(model, head_params, lr: float, head_lr: float, weight_decay: float):
-    """AdamW: encoder / embeddings at ``lr``, ``head_params`` at ``head_lr``; no decay on biases,
-    LayerNorms and embeddings."""
-    head_ids = {id(p) for p in head_params}
-    groups = {(True, True): [], (True, False): [], (False, True): [], (False, False): []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = p.ndim < 2 or "norm" in name.lower() or "embedding" in name
-        groups[(id(p) in head_ids, not no_decay)].append(p)
-    pg = []
-    for (is_head, decay), params in groups.items():
-        if params:
-            pg.append({"params": params, "lr": head_lr if is_head else lr,
-                       "weight_decay": weight_decay if decay else 0.0})
-    return torch.optim.AdamW(pg)
-
-
-def autocast_ctx(device: torch.device):
-    from ..model.inference import autocast_dtype
-
-    dt = autocast_dtype(device)
-    if dt is None:
-        import contextlib
-
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dt)
-
-
-def epoch_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    perm = rng.permutation(n)
-    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
-def total_steps(n: int, batch_size: int, epochs: int, max_steps: int | None) -> int:
-    steps = int(epochs) * int(math.ceil(n / max(int(batch_size), 1)))
-    return steps if max_steps is None else min(steps, int(max_steps))
 
 
 def check_train_args(epochs, lr, batch_size, max_steps):

@@ -40,13 +40,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError, EpiflowError
-from ..tokenize import NUM_SPECIAL
-from .annotation import (_figure, obs_labels, autocast_ctx, batch_input_ids, cell_ids, check_train_args, check_trainer,
-                         dataset_name, effective_max_len, epoch_batches, load_cells, load_model, make_optimizer,
-                         resolve_device, shared_finetune, total_steps)
+from .annotation import (_figure, obs_labels, batch_input_ids, cell_ids, check_train_args, check_trainer,
+                         dataset_name, effective_max_len, load_cells, load_model, resolve_device, shared_finetune)
 from .features import _write_tsv, labelled_mask, metric_rows, metrics_frame, write_metrics
 
 log = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ from ..errors import ConfigError, EpiflowError
 from ..io import atomic_path
 from .features import labelled_mask, metric_rows, metrics_frame, write_metrics
 from .zeroshot import (_dataset_name, _device, apply_label_map, classification_scores, covered_ccres, load_cells,
-                       load_model, obs_column, read_label_map, restrict_to_ccres, sample_input_ids)
+                       load_model, obs_column, read_label_map, restrict_to_ccres)
 
 log = logging.getLogger(__name__)
 
@@ -166,59 +166,22 @@ def finetune_reconstruction(model, cells, targets: sp.csr_matrix | None = None, 
                             weight_decay: float = 0.01, seed: int = 0, device=None, progress: bool = True,
                             desc: str = "fine-tune") -> list[float]:
     """Fine-tune with signal reconstruction + cell-cCRE alignment (K = 1) towards ``targets`` (binary
-    CSR cells x cCREs; default: each cell's own accessible cCREs). CCA queries per cell: its target
-    cCREs and as many uniformly drawn cCREs labelled by membership in the target. ``batch_ids``
-    (int per cell) feed the batch token. Returns the loss per step."""
-    from tqdm.auto import tqdm
+    CSR cells x cCREs; default: each cell's own accessible cCREs) with the engine
+    (:func:`epiflow.train.engine.fit`, :class:`~epiflow.train.engine.Reconstruction`): CCA queries per
+    cell are its target cCREs and as many distinct cCREs drawn from those *not* in the target.
+    ``batch_ids`` (int per cell) feed the batch token. Returns the loss per step."""
+    from ..train.engine import FitConfig, Reconstruction, fit
 
-    from ..model import losses
-
-    dev = _device(device)
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    if targets is None:
-        targets = cells.counts_csr()
-        targets.data[:] = 1.0
-    targets = sp.csr_matrix(targets)
-    n, N = targets.shape
-    model.to(dev).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    max_len = int(min(max_len, model.config.max_rank - 2))
-    sr_w = float(model.pos_weight("SR"))
-    order, pos = rng.permutation(n), 0
-    hist = []
-    bar = tqdm(range(int(max_steps)), desc=desc, unit="step", disable=not progress, leave=False)
-    for _ in bar:
-        if pos + batch_size > n:
-            order, pos = rng.permutation(n), 0
-        rows = order[pos:pos + batch_size]
-        pos += batch_size
-        ids = sample_input_ids(cells, rows, max_len, rng).to(dev)
-        b = None if batch_ids is None else torch.as_tensor(np.asarray(batch_ids)[rows], device=dev)
-        emb = model(ids, batch_ids=b).cell_embedding
-        t = targets[rows]
-        prow = np.repeat(np.arange(len(rows)), np.diff(t.indptr))
-        pcol = t.indices.astype(np.int64)
-        sr = losses.sr_loss_sparse(model.signal_logits(emb), torch.from_numpy(prow).to(dev),
-                                   torch.from_numpy(pcol).to(dev), sr_w)
-        ncol = rng.integers(0, N, len(pcol))
-        lab_neg = np.asarray(t[prow, ncol]).ravel() > 0 if len(pcol) else np.zeros(0, bool)
-        qrow = np.concatenate([prow, prow])
-        qcol = np.concatenate([pcol, ncol])
-        qlab = np.concatenate([np.ones(len(pcol)), lab_neg.astype(np.float64)])
-        cca_logits = model.cca_logits(emb[torch.from_numpy(qrow).to(dev)],
-                                      torch.from_numpy(qcol + 4).to(dev))
-        cca = losses.cca_loss(cca_logits, torch.from_numpy(qlab).float().to(dev), 1.0)
-        lv = sr + cca
-        opt.zero_grad(set_to_none=True)
-        lv.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        hist.append(float(lv.detach()))
-        bar.set_postfix(loss=f"{hist[-1]:.4f}")
-    bar.close()
-    model.eval()
-    return hist
+    if targets is not None:
+        targets = sp.csr_matrix(targets)
+        targets.eliminate_zeros()
+    obj = Reconstruction(cells, targets=targets, k=1, max_len=int(max_len), heads_at_head_lr=False,
+                         conditions=None if batch_ids is None else np.asarray(batch_ids, dtype=np.int64),
+                         condition_key="batch_ids")
+    cfg = FitConfig(epochs=int(max_steps), max_steps=int(max_steps), batch_size=int(batch_size), lr=float(lr),
+                    weight_decay=float(weight_decay), seed=int(seed), device=str(_device(device)),
+                    progress=progress, desc=desc)
+    return fit(model, obj, cfg)["loss"].tolist()
 
 
 def embed_cells(model, cells, *, batch_ids=None, device=None, max_len: int = 8190, progress: bool = True,

@@ -34,10 +34,9 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError, InputFormatError
-from ..tokenize import build_input_ids, subsample_sentences, truncate_sentences
+from ..tokenize import build_input_ids, truncate_sentences
 
 log = logging.getLogger(__name__)
 
@@ -247,104 +246,38 @@ def _cond_kwargs(mode: str, cond: np.ndarray, device):
     raise ConfigError(f"unknown conditioning mode {mode!r}")
 
 
-def _negatives(pos_rows: np.ndarray, pos_cols: np.ndarray, lens: np.ndarray, n: int, k: int,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``min(k * L_i, N - L_i)`` inaccessible cCREs per row, without replacement (dense per batch)."""
-    B = len(lens)
-    keys = rng.random((B, n))
-    keys[pos_rows, pos_cols] = 2.0
-    n_neg = np.minimum(k * lens, n - lens)
-    kmax = int(n_neg.max(initial=0))
-    if kmax == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    part = np.argpartition(keys, kmax - 1, axis=1)[:, :kmax] if kmax < n else np.tile(np.arange(n), (B, 1))
-    order = np.take_along_axis(keys, part, 1).argsort(1)
-    part = np.take_along_axis(part, order, 1)
-    take = np.arange(kmax)[None, :] < n_neg[:, None]
-    rows = np.repeat(np.arange(B), take.sum(1))
-    return rows, part[take].astype(np.int64)
-
-
 def finetune_conditioned(model, cells: CellSet, examples: pd.DataFrame, *, mode: str,
                          settings: FinetuneSettings | None = None):
     """Fine-tune ``model`` in place on ``examples`` (columns ``input``, ``target`` = rows of ``cells``,
-    ``cond`` = token id or -1, ``label`` = 0 unperturbed / 1 perturbed or predicted).
+    ``cond`` = token id or -1, ``label`` = 0 unperturbed / 1 perturbed or predicted) with the engine
+    (:func:`epiflow.train.engine.fit`): CCA (K = ``cca_k`` distinct negatives per positive from the
+    target's inaccessible cCREs) + SR of the *target* cell from the *input* cell and its conditional
+    token, plus an auxiliary perturbed / unperturbed head (weight ``aux_weight``). The new parameters
+    ([PER] token, GNN, auxiliary head) train at ``new_lr``.
 
     Returns ``(model, aux_head, history)``; ``history`` is a list of per-step dicts."""
-    from tqdm.auto import tqdm
-
-    from ..train.objectives import bce_sum, sr_loss_sum
+    from ..train.engine import FitConfig, Reconstruction, fit
 
     st = settings or FinetuneSettings()
-    dev = _device(st.device)
-    torch.manual_seed(st.seed)
-    rng = np.random.default_rng(st.seed)
-    model.to(dev).train()
-    D, N = model.config.dim, model.config.n_ccres
-    aux = nn.Linear(D, 1).to(dev)
-    new_names = ("condition_embedding", "perturbation_gnn")
-    base_params = [p for n, p in model.named_parameters() if not n.startswith(new_names)]
-    new_params = [p for n, p in model.named_parameters() if n.startswith(new_names)] + list(aux.parameters())
-    opt = torch.optim.AdamW([{"params": base_params, "lr": st.lr}, {"params": new_params, "lr": st.new_lr}],
-                            weight_decay=st.weight_decay)
-    max_len = min(st.max_len or model.config.max_rank - 2, model.config.max_rank - 2)
-    pos_weight = float(model.pos_weight("SR"))
-    inp = examples["input"].to_numpy(np.int64)
-    tgt = examples["target"].to_numpy(np.int64)
-    cond = examples["cond"].to_numpy(np.int64)
-    lab = examples["label"].to_numpy(np.float32)
-    n_ex = len(examples)
-    if n_ex == 0:
+    if mode not in ("condition", "gene"):
+        raise ConfigError(f"unknown conditioning mode {mode!r}")
+    if len(examples) == 0:
         raise InputFormatError("no training examples", field="examples")
-    steps_per_epoch = math.ceil(n_ex / st.batch_size)
-    total = steps_per_epoch * st.epochs if st.max_steps is None else int(st.max_steps)
-    history = []
-    bar = tqdm(total=total, desc="fine-tune", unit="step", disable=not st.progress, leave=False)
-    step = 0
-    try:
-        while step < total:
-            perm = rng.permutation(n_ex)
-            for a in range(0, n_ex, st.batch_size):
-                if step >= total:
-                    break
-                b = perm[a:a + st.batch_size]
-                sub_in = cells.subset(inp[b])
-                ip, itok = subsample_sentences(sub_in.indptr, sub_in.tokens, max_len, rng)
-                ids = torch.from_numpy(build_input_ids(ip, itok)).to(dev)
-                sub_t = cells.subset(tgt[b])
-                lens = np.diff(sub_t.indptr)
-                pr = np.repeat(np.arange(len(b)), lens)
-                pc = sub_t.tokens.astype(np.int64) - NUM_SPECIAL
-                nr, nc = _negatives(pr, pc, lens, N, st.cca_k, rng)
-                out = model(ids, **_cond_kwargs(mode, cond[b], dev))
-                emb = out.cell_embedding
-                logits = model.signal_logits(emb)
-                sr = sr_loss_sum(logits, torch.from_numpy(pr).to(dev), torch.from_numpy(pc).to(dev),
-                                 pos_weight) / logits.numel()
-                q_rows = torch.from_numpy(np.concatenate([pr, nr])).to(dev)
-                q_tok = torch.from_numpy(np.concatenate([pc, nc]) + NUM_SPECIAL).to(dev)
-                q_lab = torch.cat([torch.ones(len(pr)), torch.zeros(len(nr))]).to(dev)
-                cca = bce_sum(model.cca_logits(emb[q_rows], q_tok), q_lab, float(st.cca_k)) / max(len(q_lab), 1)
-                aux_loss = F.binary_cross_entropy_with_logits(aux(emb).squeeze(-1),
-                                                              torch.from_numpy(lab[b]).to(dev))
-                loss = cca + sr + st.aux_weight * aux_loss
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), 1.0)
-                opt.step()
-                rec = {"step": step, "loss": float(loss.detach()), "cca": float(cca.detach()), "sr": float(sr.detach()),
-                       "aux": float(aux_loss.detach())}
-                history.append(rec)
-                st.log.append(rec)
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                step += 1
-    finally:
-        bar.close()
-    model.eval()
-    if history:
-        log.info("fine-tuned %d steps: loss %.4f -> %.4f", len(history), history[0]["loss"], history[-1]["loss"])
-    return model, aux, history
+    obj = Reconstruction(cells, input_rows=examples["input"].to_numpy(np.int64), targets=cells,
+                         target_rows=examples["target"].to_numpy(np.int64), k=int(st.cca_k),
+                         max_len=min(st.max_len or model.config.max_rank - 2, model.config.max_rank - 2),
+                         conditions=examples["cond"].to_numpy(np.int64),
+                         condition_key="condition_ids" if mode == "condition" else "perturbation",
+                         aux_labels=examples["label"].to_numpy(np.float32), weights={"aux": float(st.aux_weight)},
+                         heads_at_head_lr=False, new_prefixes=("condition_embedding", "perturbation_gnn"))
+    cfg = FitConfig(epochs=int(st.epochs), max_steps=st.max_steps, batch_size=int(st.batch_size), lr=float(st.lr),
+                    head_lr=float(st.new_lr), weight_decay=float(st.weight_decay), seed=int(st.seed),
+                    device=str(_device(st.device)), progress=st.progress, desc="fine-tune")
+    hist = fit(model, obj, cfg)
+    history = [{"step": int(r["step"]) - 1, "loss": r["loss"], "cca": r["cca"], "sr": r["sr"], "aux": r["aux"]}
+               for r in hist.to_dict("records")]
+    st.log.extend(history)
+    return model, obj.aux, history
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -13,7 +13,7 @@ their next best class).
 
 Shared helpers of the downstream tasks in this file: :func:`load_cells` (corpus / shard / h5ad ->
 :class:`~epiflow.corpus.shard.Shard`), :func:`read_label_map` / :func:`apply_label_map`,
-:func:`load_model`, :func:`sample_input_ids`.
+:func:`load_model`. Training runs on :func:`epiflow.train.engine.fit`.
 
 Label-map file (``resources/label_maps/*.tsv``): tab-separated, header ``source<TAB>target``, ``#``
 comments; a source label missing from the map, or mapped to an empty target, becomes unlabelled
@@ -247,19 +247,6 @@ def copy_encoder(dst, src) -> None:
         raise ConfigError(f"unexpected keys when copying the encoder: {unexpected[:5]}")
 
 
-def sample_input_ids(cells, rows, max_len: int, rng: np.random.Generator, *, train: bool = True) -> torch.Tensor:
-    """``[CLS] sentence [SEP]`` of the given cells; sentences longer than ``max_len`` are randomly
-    subsampled keeping the rank order (training) or truncated to the top ``max_len`` (inference)."""
-    from ..tokenize import build_input_ids, subsample_sentences, truncate_sentences
-
-    sub = cells.subset(np.asarray(rows))
-    if train:
-        ip, tok = subsample_sentences(sub.indptr, sub.tokens, max_len, rng)
-    else:
-        ip, tok = truncate_sentences(sub.indptr, sub.tokens, max_len)
-    return torch.from_numpy(build_input_ids(ip, tok))
-
-
 def _device(device) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -296,7 +283,6 @@ def train_annotator(checkpoint, cells, *, out_dir, label_key: str = "cell_type",
     config), ``classes.tsv``, ``train_log.tsv`` (step, loss), ``metrics.tsv`` (validation accuracy /
     macro F1 ...). Returns a dict with paths, classes and the metrics table.
     """
-    from ..model import losses
     from ..model.checkpoint import save_epiagent_checkpoint
 
     out = Path(out_dir)
@@ -339,42 +325,26 @@ def train_annotator(checkpoint, cells, *, out_dir, label_key: str = "cell_type",
     model = supervised_model(base, len(classes), classifier=classifier, seed=seed).to(dev)
     del base
     max_len = int(min(max_len, model.config.max_rank - 2))
-    head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
     enc = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
     if freeze_encoder:
         for p in enc:
             p.requires_grad_(False)
-    groups = [{"params": head, "lr": head_lr}] + ([] if freeze_encoder else [{"params": enc, "lr": lr}])
-    opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
-    steps_per_epoch = max(1, int(np.ceil(len(train_idx) / batch_size)))
-    total = int(max_steps) if max_steps is not None else max(1, int(round(epochs * steps_per_epoch)))
-    loss_fn = losses.focal_loss if loss == "focal" else losses.classification_loss
-    from tqdm.auto import tqdm
+    from ..train.engine import Classification, FitConfig, fit
 
-    log_rows = []
-    model.train()
-    order = rng.permutation(train_idx)
-    pos = 0
-    bar = tqdm(range(total), desc="train annotator", unit="step", disable=not progress, leave=False)
-    for step in bar:
-        if pos + batch_size > len(order):
-            order, pos = rng.permutation(train_idx), 0
-        rows = order[pos:pos + batch_size]
-        pos += batch_size
-        ids = sample_input_ids(cells, rows, max_len, rng).to(dev)
-        logits = model.classify(model(ids).cell_embedding)
-        lv = loss_fn(logits, torch.from_numpy(y_all[rows]).to(dev))
-        opt.zero_grad(set_to_none=True)
-        lv.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        log_rows.append({"step": step + 1, "loss": float(lv.detach())})
-        bar.set_postfix(loss=f"{float(lv.detach()):.4f}")
-    bar.close()
-    model.eval()
-    if freeze_encoder:
-        for p in enc:
-            p.requires_grad_(True)
+    obj = Classification(cells, train_idx, y_all[train_idx], loss="focal" if loss == "focal" else "ce",
+                         max_len=max_len)
+    # max_steps replaces the epochs (not only caps them)
+    cfg = FitConfig(epochs=float(epochs) if max_steps is None else int(max_steps), max_steps=max_steps, batch_size=int(batch_size), lr=float(lr),
+                    head_lr=float(head_lr), weight_decay=float(weight_decay), seed=int(seed), device=str(dev),
+                    progress=progress, desc="train annotator")
+    try:
+        hist = fit(model, obj, cfg)
+    finally:
+        if freeze_encoder:
+            for p in enc:
+                p.requires_grad_(True)
+    total = len(hist)
+    log_rows = hist[["step", "loss"]].to_dict("records")
 
     ckpt = save_epiagent_checkpoint(model.cpu(), out / "checkpoint.pth", write_config=True)
     with atomic_path(out / CLASSES_FILE) as tmp:
