@@ -207,3 +207,38 @@ def test_cli_round_trip(tmp_path):
     assert cli_main(["map-dataset", "--manifest", str(tmp_path / "manifest.tsv"), "--dataset", "nope",
                      "--ccres", str(cand), "--genome", "hg38", "--out", str(tmp_path / "x.h5ad")]) == 2
     assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_shard_is_the_one_cell_container(tmp_path):
+    """Shard.from_any reads a corpus folder, a shard file, an AnnData / .h5ad and lists of those;
+    concat, subset, binary and sentences agree with the stored cells."""
+    from epiflow.corpus.shard import Shard
+    from epiflow.errors import InputFormatError
+    from epiflow.train.toy import write_toy_corpus
+
+    corpus = write_toy_corpus(tmp_path / "c", n_cells=30, n_ccres=40, n_types=2, seed=1, shard_size=12)
+    c = open_corpus(corpus)
+    whole = Shard.from_any(corpus)
+    assert whole.n_cells == 30 and whole.n_ccres == 40
+    parts = [Shard.from_any(p) for p in c.shard_paths]
+    assert [p.n_cells for p in parts] == [12, 12, 6]
+    again = Shard.from_any(list(c.shard_paths))
+    np.testing.assert_array_equal(again.tokens, whole.tokens)
+    np.testing.assert_array_equal(Shard.concat(parts).indptr, whole.indptr)
+    sub = whole.subset([3, 20])
+    ptr, tok = whole.sentences([3, 20])
+    np.testing.assert_array_equal(tok, sub.tokens)
+    np.testing.assert_array_equal(ptr, sub.indptr)
+    b = whole.binary()
+    assert (b != (whole.counts_csr() > 0).astype(np.float32)).nnz == 0
+    # an AnnData of counts, tokenized with the corpus df: the same sentences
+    a = whole.to_anndata()
+    a.var["df"] = c.df()
+    from_ad = Shard.from_any(a)
+    np.testing.assert_array_equal(from_ad.tokens, whole.tokens)
+    a.write_h5ad(tmp_path / "cells.h5ad")
+    np.testing.assert_array_equal(Shard.from_any(tmp_path / "cells.h5ad").indptr, whole.indptr)
+    with pytest.raises(InputFormatError, match="number of cCREs"):
+        Shard.concat([whole, Shard.from_any(a[:, :20].copy())])
+    with pytest.raises(InputFormatError, match="no cells"):
+        Shard.concat([])

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from epiflow.model import EpiAgentConfig, from_config
-from epiflow.train.finetune import CellSet, embed_cells, finetune
+from epiflow.corpus.shard import Shard
+from epiflow.train.finetune import embed_cells, finetune
 from epiflow.train.toy import write_toy_corpus
 
 torch.set_num_threads(1)
@@ -31,7 +32,7 @@ def test_cca_sr_finetune_reduces_losses(corpus):
 
 
 def test_classifier_finetune_learns_labels(corpus):
-    cs = CellSet.from_any(corpus)
+    cs = Shard.from_any(corpus)
     y = cs.obs["cell_type"].astype("category").cat.codes.to_numpy()
     m = _model(classifier="linear", num_classes=3)
     r = finetune(m, cs, ("classify",), labels=y, epochs=4, lr=3e-3, batch_tokens=1024, progress=False)

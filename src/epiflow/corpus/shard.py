@@ -20,6 +20,11 @@ A shard is one HDF5 file (default 5,000 cells) holding a compact CSR of rank-ord
 
 Every cCRE accessible in a cell is stored (no cap): the cap of 8,190 tokens is applied when batches
 are built (top-k at inference, random rank-preserving subsample in training).
+
+:class:`Shard` is also epiflow's one in-memory container of cells: every task and the training
+engine take one (:meth:`Shard.from_any` reads a corpus folder, shard files, an AnnData or an .h5ad;
+:meth:`Shard.subset` / :meth:`Shard.concat`; token ids, counts, TF-IDF and obs). Pretraining streams
+shards instead (:mod:`epiflow.train.data`).
 """
 
 from __future__ import annotations
@@ -77,6 +82,11 @@ class Shard:
     def sentence(self, i: int) -> np.ndarray:
         return self.tokens[self.indptr[i]:self.indptr[i + 1]]
 
+    def sentences(self, uids) -> tuple[np.ndarray, np.ndarray]:
+        """``(indptr, tokens)`` of the cells ``uids`` (what :func:`epiflow.train.data.make_batch` reads)."""
+        sub = self.subset(uids)
+        return sub.indptr, sub.tokens.astype(np.int64)
+
     def counts_csr(self) -> sp.csr_matrix:
         """Raw counts as a cells x cCREs CSR matrix with sorted column indices."""
         m = sp.csr_matrix((self.counts.astype(np.float32), self.tokens.astype(np.int64) - NUM_SPECIAL,
@@ -98,6 +108,54 @@ class Shard:
         return Shard(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), self.tokens[idx],
                      self.counts[idx], self.tfidf[idx], self.obs.iloc[rows].reset_index(drop=True),
                      self.n_ccres, self.vocab_id, self.genome, dict(self.attrs))
+
+    def binary(self, rows=None) -> sp.csr_matrix:
+        """Cells x cCREs 0/1 accessibility (float32 CSR, sorted indices)."""
+        cs = self if rows is None else self.subset(rows)
+        m = sp.csr_matrix((np.ones(len(cs.tokens), np.float32), cs.tokens.astype(np.int64) - NUM_SPECIAL,
+                           cs.indptr), shape=(cs.n_cells, cs.n_ccres))
+        m.sort_indices()
+        return m
+
+    @classmethod
+    def concat(cls, shards) -> "Shard":
+        """One Shard holding the cells of ``shards`` (same vocabulary) in order."""
+        shards = list(shards)
+        if not shards:
+            raise InputFormatError("no cells to read (no shard given)", field="shards")
+        n = {int(x.n_ccres) for x in shards}
+        if len(n) != 1:
+            raise InputFormatError(f"shards disagree on the number of cCREs ({sorted(n)})", field="n_ccres",
+                                   fix="use shards of one corpus (one vocabulary)")
+        if len(shards) == 1:
+            return shards[0]
+        lens = np.concatenate([x.lengths for x in shards])
+        return cls(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+                   np.concatenate([x.tokens for x in shards]), np.concatenate([x.counts for x in shards]),
+                   np.concatenate([x.tfidf for x in shards]), pd.concat([x.obs for x in shards], ignore_index=True),
+                   n.pop(), shards[0].vocab_id, shards[0].genome, dict(shards[0].attrs))
+
+    @classmethod
+    def from_any(cls, data, *, df=None) -> "Shard":
+        """The cells of ``data``: a Shard, a corpus folder, a shard file, an AnnData of raw counts or an
+        .h5ad path (tokenized with ``df``, ``var['df']`` or these cells' document frequency), or a list of
+        those (concatenated)."""
+        if isinstance(data, cls):
+            return data
+        if isinstance(data, (list, tuple)):
+            return cls.concat([cls.from_any(x, df=df) for x in data])
+        if hasattr(data, "obs") and hasattr(data, "X"):
+            return _shard_from_anndata(data, df)
+        p = Path(data)
+        if (p / "corpus.json").exists():
+            return cls.concat(list(open_corpus(p).iter_shards()))
+        if p.suffix == ".h5ad":
+            if not p.exists():
+                raise InputFormatError("file does not exist", path=str(p))
+            import anndata as ad
+
+            return _shard_from_anndata(ad.read_h5ad(p), df)
+        return read_shard(p)
 
     def to_anndata(self, var: pd.DataFrame | None = None):
         """AnnData with raw counts in ``X`` (CSR), the TF-IDF in ``layers['tfidf']`` and ``obs``."""
@@ -132,6 +190,21 @@ def shard_from_counts(counts, df, obs: pd.DataFrame, *, vocab_id: str = "", geno
                                field="obs")
     return Shard(indptr, tokens.astype(np.int32), cnt, values.astype(np.float32), obs,
                  int(counts.shape[1]), vocab_id, genome)
+
+
+def _shard_from_anndata(adata, df=None) -> Shard:
+    """Rank-ordered sentences of an AnnData of raw counts (``layers['counts']`` or ``X``), TF-IDF with
+    ``df``, ``var['df']`` or the document frequency of these cells; obs gets ``cell_id`` (obs names)."""
+    from ..tokenize import document_frequency
+
+    X = sp.csr_matrix(adata.layers["counts"] if "counts" in adata.layers else adata.X)
+    if df is None:
+        df = adata.var["df"].to_numpy() if "df" in adata.var else document_frequency(X)
+    df = np.where(np.asarray(df, dtype=np.float64) > 0, df, 1.0 / max(X.shape[0], 1))
+    obs = adata.obs.reset_index(drop=True).copy()
+    if "cell_id" not in obs:
+        obs["cell_id"] = np.asarray(adata.obs_names).astype(str)
+    return shard_from_counts(X, df, obs)
 
 
 def write_shard(path: str | os.PathLike, shard: Shard) -> Path:

@@ -55,26 +55,6 @@ HEADS = ("linear", "mlp_focal")
 
 
 # ============================================================================ shared helpers
-def _concat_shards(shards):
-    from ..corpus.shard import Shard
-
-    shards = list(shards)
-    if not shards:
-        raise InputFormatError("no shards to read", field="shards")
-    n = {int(s.n_ccres) for s in shards}
-    if len(n) != 1:
-        raise InputFormatError(f"shards disagree on the number of cCREs ({sorted(n)})", field="n_ccres",
-                               fix="use shards of one corpus")
-    if len(shards) == 1:
-        return shards[0]
-    lens = np.concatenate([np.diff(s.indptr) for s in shards])
-    return Shard(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
-                 np.concatenate([s.tokens for s in shards]), np.concatenate([s.counts for s in shards]),
-                 np.concatenate([s.tfidf for s in shards]),
-                 pd.concat([s.obs for s in shards], ignore_index=True), n.pop(), shards[0].vocab_id,
-                 shards[0].genome, dict(shards[0].attrs))
-
-
 def load_cells(data, *, dataset: str | None = None):
     """All cells of ``data`` as one :class:`~epiflow.corpus.shard.Shard`.
 
@@ -88,7 +68,7 @@ def load_cells(data, *, dataset: str | None = None):
     if isinstance(data, Shard):
         shard = data
     elif isinstance(data, (list, tuple)):
-        shard = _concat_shards(read_shard(p) for p in data)
+        shard = Shard.concat(read_shard(p) for p in data)
     else:
         if isinstance(data, (str, os.PathLike)) and not Path(data).is_dir():
             p = Path(data)
@@ -98,7 +78,7 @@ def load_cells(data, *, dataset: str | None = None):
             shard = read_shard(p)
         else:
             corpus = data if isinstance(data, Corpus) else open_corpus(data)
-            shard = _concat_shards(corpus.iter_shards())
+            shard = Shard.concat(corpus.iter_shards())
             try:
                 vocab = corpus.vocab()
             except Exception:  # noqa: BLE001 - the vocabulary is only used for var names

@@ -358,8 +358,7 @@ def corpus_cells(corpus_dir, keys: np.ndarray, *, use_dataset: bool):
     """
     from tqdm.auto import tqdm
 
-    from ..corpus.shard import open_corpus
-    from .annotation import _concat_shards
+    from ..corpus.shard import Shard, open_corpus
 
     corpus = open_corpus(corpus_dir)
     want = pd.Index(keys)
@@ -388,7 +387,7 @@ def corpus_cells(corpus_dir, keys: np.ndarray, *, use_dataset: bool):
         raise EpiflowError(f"{len(miss)} embedded cells are not in the corpus (e.g. {list(miss[:3])})",
                            path=str(corpus.root), field="obs/cell_id",
                            fix="use the corpus the embeddings were computed from")
-    return _concat_shards(parts).subset(idx)
+    return Shard.concat(parts).subset(idx)
 
 
 def corpus_counts(corpus_dir, keys: np.ndarray, *, use_dataset: bool):

@@ -56,8 +56,8 @@ def finetune_embeddings(checkpoint, cells, *, epochs: int = 2, lr: float = 1e-4,
 
     ``checkpoint``: a checkpoint path (``epiflow pretrain``'s ``checkpoint.pth`` with its side file, or
     the authors' file with ``num_heads``) or an :class:`~epiflow.model.EpiAgent` (copied, not
-    modified). ``cells``: anything :class:`epiflow.train.finetune.CellSet` reads (a Shard, a corpus
-    folder, shard paths, a CellSet); the embeddings follow its cell order.
+    modified). ``cells``: anything :meth:`epiflow.corpus.shard.Shard.from_any` reads (a Shard, a corpus
+    folder, shard paths, an AnnData); the embeddings follow its cell order.
 
     Returns a dict: ``zero_shot`` (``[n_cells, dim]`` float32, or None when ``zero_shot`` is False),
     ``finetuned`` (None when ``epochs`` is 0), ``history`` (per-epoch mean losses of
@@ -66,7 +66,8 @@ def finetune_embeddings(checkpoint, cells, *, epochs: int = 2, lr: float = 1e-4,
     """
     import torch
 
-    from ..train.finetune import CellSet, embed_cells, finetune
+    from ..corpus.shard import Shard
+    from ..train.finetune import embed_cells, finetune
     from .annotation import effective_max_len, load_model, resolve_device
 
     epochs = int(epochs)
@@ -79,7 +80,7 @@ def finetune_embeddings(checkpoint, cells, *, epochs: int = 2, lr: float = 1e-4,
         raise ConfigError(f"CCA negatives per positive must be >= 1, got {k}", field="k")
     if epochs == 0 and not zero_shot:
         raise ConfigError("nothing to compute: zero_shot is False and epochs is 0", field="finetune_epochs")
-    cs = CellSet.from_any(cells)
+    cs = Shard.from_any(cells)
     if cs.n_cells == 0:
         raise ConfigError("no cells to embed", field="cells")
     dev = resolve_device(device)

@@ -67,6 +67,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..corpus.shard import Shard
 from ..errors import InputFormatError
 from ..io import atomic_path
 from ..metrics.perturbation import (
@@ -81,7 +82,6 @@ from ..metrics.perturbation import (
 )
 from .features import metric_rows, metrics_frame, write_metrics
 from .perturbation_train import (
-    CellSet,
     FinetuneSettings,
     _missing,
     conditioned_model,
@@ -278,7 +278,7 @@ def _summary_rows(task, dataset, per_group: dict[str, dict[str, dict]], extra: d
 
 
 # ----------------------------------------------------------------------------- stimulation
-def predict_stimulation(cells: CellSet, base_model, *, condition_key: str = "condition", control: str = "control",
+def predict_stimulation(cells: Shard, base_model, *, condition_key: str = "condition", control: str = "control",
                         cell_type_key: str = "cell_type", holdout=None, out_dir=None, dataset: str = "data",
                         settings: FinetuneSettings | None = None, ks=DEFAULT_KS, n_top: int = 1000,
                         min_cells: int = 3, save_cells: bool = True, svg: bool = False, seed: int = 0,
@@ -396,7 +396,7 @@ def holdout_split(perturbations, fraction: float = 0.25, seed: int = 0) -> tuple
     return [p for p in perts if p not in held], held
 
 
-def predict_genetic(cells: CellSet, base_model, gene_graph, *, perturbation_key: str = "perturbation",
+def predict_genetic(cells: Shard, base_model, gene_graph, *, perturbation_key: str = "perturbation",
                     control: str = "control", holdout=None, holdout_fraction: float = 0.25, out_dir=None,
                     dataset: str = "data", settings: FinetuneSettings | None = None, ks=DEFAULT_KS,
                     n_top: int = 1000, min_cells: int = 3, save_cells: bool = True, svg: bool = False,

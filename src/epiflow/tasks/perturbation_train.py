@@ -1,9 +1,9 @@
 """Fine-tuning machinery of the perturbation tasks (SPEC §5): cells, OT matching, model with a
 conditional token, the training loop and decoding.
 
-* :class:`CellSet` - rank-ordered sentences (CSR ``indptr`` / ``tokens``, token ids = cCRE + 4) and obs
-  of the cells of a task, from a corpus folder (:func:`cells_from_corpus`) or an AnnData of raw counts
-  (:func:`cells_from_anndata`). :meth:`CellSet.binary` is the cells x cCREs 0/1 accessibility.
+* the cells of a task are a :class:`~epiflow.corpus.shard.Shard` (the one cell container), from a
+  corpus folder (:func:`cells_from_corpus`) or an AnnData of raw counts (:func:`cells_from_anndata`);
+  :meth:`Shard.binary` is the cells x cCREs 0/1 accessibility.
 * :func:`ot_match` - exact optimal transport (POT ``ot.emd``) between unperturbed and perturbed cells
   with a cosine cost and uniform weights; every perturbed cell gets the unperturbed cell that carries
   most of its mass as partner. :func:`ot_match_groups` does it per group (cell type / perturbation).
@@ -12,7 +12,7 @@ conditional token, the training loop and decoding.
   embeddings, :func:`token_scale`) or the gene-perturbation GNN over a gene graph
   (``perturbation_gnn``; its LayerNorm output is on that scale already); both are added to the input at
   position 0.
-* :func:`finetune_conditioned` - the loop: every example is (input cell, target cell, conditional
+* :func:`finetune_conditioned` - training (on :func:`epiflow.train.engine.fit`): every example is (input cell, target cell, conditional
   token or -1, class label). Loss = CCA (K negatives per positive, default 1; positives = ALL
   accessible cCREs of the target cell) + SR (BCE, pos_weight of the checkpoint) on the target
   cell + ``aux_weight`` (0.01) x BCE of a linear classifier "unperturbed (0) vs perturbed or
@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 import torch.nn as nn
 
+from ..corpus.shard import Shard
 from ..errors import CheckpointError, ConfigError, InputFormatError
 from ..tokenize import build_input_ids, truncate_sentences
 
@@ -44,84 +44,37 @@ NUM_SPECIAL = 4
 
 
 # ----------------------------------------------------------------------------- cells
-@dataclass
-class CellSet:
-    indptr: np.ndarray          # [n+1] int64
-    tokens: np.ndarray          # rank-ordered token ids (cCRE + 4)
-    obs: pd.DataFrame
-    n_ccres: int
-
-    @property
-    def n_cells(self) -> int:
-        return len(self.indptr) - 1
-
-    def subset(self, rows) -> "CellSet":
-        rows = np.asarray(rows, dtype=np.int64)
-        starts, ends = self.indptr[rows], self.indptr[rows + 1]
-        lens = ends - starts
-        idx = np.repeat(starts, lens) + (np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens))
-        return CellSet(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), self.tokens[idx],
-                       self.obs.iloc[rows].reset_index(drop=True), self.n_ccres)
-
-    def binary(self, rows=None) -> sp.csr_matrix:
-        """Cells x cCREs 0/1 accessibility (float32 CSR)."""
-        cs = self if rows is None else self.subset(rows)
-        m = sp.csr_matrix((np.ones(len(cs.tokens), np.float32), cs.tokens.astype(np.int64) - NUM_SPECIAL,
-                           cs.indptr), shape=(cs.n_cells, cs.n_ccres))
-        m.sort_indices()
-        return m
-
-
 def _missing(values: pd.Series) -> np.ndarray:
     s = values.astype(str).str.strip().str.lower()
     return (values.isna() | s.isin(["", "nan", "none", "na", "<na>"])).to_numpy()
 
 
-def cells_from_corpus(corpus, key: str, *, dataset: str | None = None) -> CellSet:
+def cells_from_corpus(corpus, key: str, *, dataset: str | None = None) -> Shard:
     """The cells of a corpus folder whose obs ``key`` is set (optionally of one ``dataset``)."""
     from ..corpus.shard import Corpus, open_corpus
 
     c = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
-    ptrs, toks, obs = [np.zeros(1, np.int64)], [], []
-    offset = 0
+    parts = []
     for shard in c.iter_shards():
         if key not in shard.obs:
             continue
         keep = ~_missing(shard.obs[key])
         if dataset is not None:
             keep &= shard.obs.get("dataset", pd.Series([""] * shard.n_cells)).astype(str).to_numpy() == dataset
-        if not keep.any():
-            continue
-        sub = shard.subset(np.flatnonzero(keep))
-        ptrs.append(sub.indptr[1:] + offset)
-        offset += int(sub.indptr[-1])
-        toks.append(sub.tokens)
-        obs.append(sub.obs)
-    if not obs:
+        if keep.any():
+            parts.append(shard.subset(np.flatnonzero(keep)))
+    if not parts:
         raise InputFormatError(f"no cell of the corpus has obs column {key!r} set"
                                + (f" in dataset {dataset!r}" if dataset else ""), path=str(c.root),
                                field=key, fix="pass the obs column holding the condition / perturbation labels "
                                               "(it must be a label column of the corpus manifest)")
-    return CellSet(np.concatenate(ptrs).astype(np.int64), np.concatenate(toks),
-                   pd.concat(obs, ignore_index=True), c.n_ccres)
+    return Shard.concat(parts)
 
 
-def cells_from_anndata(adata, df=None) -> CellSet:
+def cells_from_anndata(adata, df=None) -> Shard:
     """Rank-ordered sentences of an AnnData of raw counts (TF-IDF with ``df`` or ``var['df']``, or the
     document frequency of these cells when neither is given)."""
-    from ..corpus.shard import shard_from_counts
-    from ..tokenize import document_frequency
-
-    X = adata.layers["counts"] if "counts" in adata.layers else adata.X
-    X = sp.csr_matrix(X)
-    if df is None:
-        df = adata.var["df"].to_numpy() if "df" in adata.var else document_frequency(X)
-    df = np.where(np.asarray(df, dtype=np.float64) > 0, df, 1.0 / max(X.shape[0], 1))
-    sh = shard_from_counts(X, df, adata.obs.reset_index(drop=True))
-    obs = sh.obs.copy()
-    if "cell_id" not in obs:
-        obs["cell_id"] = adata.obs_names.astype(str)
-    return CellSet(sh.indptr.astype(np.int64), sh.tokens, obs, int(X.shape[1]))
+    return Shard.from_any(adata, df=df)
 
 
 # ----------------------------------------------------------------------------- OT
@@ -246,7 +199,7 @@ def _cond_kwargs(mode: str, cond: np.ndarray, device):
     raise ConfigError(f"unknown conditioning mode {mode!r}")
 
 
-def finetune_conditioned(model, cells: CellSet, examples: pd.DataFrame, *, mode: str,
+def finetune_conditioned(model, cells: Shard, examples: pd.DataFrame, *, mode: str,
                          settings: FinetuneSettings | None = None):
     """Fine-tune ``model`` in place on ``examples`` (columns ``input``, ``target`` = rows of ``cells``,
     ``cond`` = token id or -1, ``label`` = 0 unperturbed / 1 perturbed or predicted) with the engine
@@ -281,7 +234,7 @@ def finetune_conditioned(model, cells: CellSet, examples: pd.DataFrame, *, mode:
 
 
 # ----------------------------------------------------------------------------- decoding
-def decode(model, cells: CellSet, rows, *, mode: str | None = None, cond: int | np.ndarray = -1,
+def decode(model, cells: Shard, rows, *, mode: str | None = None, cond: int | np.ndarray = -1,
            batch_size: int = 64, calibrate: bool = True, device=None, max_len: int | None = None) -> np.ndarray:
     """Decoder probabilities ``[len(rows), n_cCRE]`` (float32) of ``cells[rows]`` encoded with the
     conditional token ``cond`` (-1 = none)."""
@@ -306,7 +259,7 @@ def decode(model, cells: CellSet, rows, *, mode: str | None = None, cond: int | 
     return out
 
 
-def zero_shot_embeddings(model, cells: CellSet, *, device=None, progress: bool = False) -> np.ndarray:
+def zero_shot_embeddings(model, cells: Shard, *, device=None, progress: bool = False) -> np.ndarray:
     from ..model.inference import embed_sentences
 
     return embed_sentences(model, cells.indptr, cells.tokens, device=_device(device), progress=progress,

@@ -70,7 +70,7 @@ def load_cells(source, *, df=None, dataset: str | None = None, max_cells: int | 
         shards = list(source.iter_shards())
         if not shards:
             raise InputFormatError("the corpus has no shards", path=str(source.root))
-        source = concat_shards(shards)
+        source = Shard.concat(shards)
     if isinstance(source, ad.AnnData):
         if df is None:
             if "df" not in source.var:
@@ -116,24 +116,6 @@ def dataset_names(dataset) -> list[str]:
     if isinstance(dataset, str):
         return [d.strip() for d in dataset.split(",") if d.strip()]
     return [str(d) for d in dataset]
-
-
-def concat_shards(shards):
-    """One Shard holding the cells of several shards of the same vocabulary, in order."""
-    from ..corpus.shard import Shard
-
-    shards = list(shards)
-    if len(shards) == 1:
-        return shards[0]
-    n = {s.n_ccres for s in shards}
-    if len(n) != 1:
-        raise InputFormatError(f"shards with different vocabularies ({sorted(n)} cCREs)", field="n_ccres")
-    lens = np.concatenate([s.lengths for s in shards])
-    return Shard(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
-                 np.concatenate([s.tokens for s in shards]), np.concatenate([s.counts for s in shards]),
-                 np.concatenate([s.tfidf for s in shards]),
-                 pd.concat([s.obs for s in shards], ignore_index=True), shards[0].n_ccres,
-                 shards[0].vocab_id, shards[0].genome, dict(shards[0].attrs))
 
 
 def covered_ccres(cells) -> np.ndarray:

@@ -104,7 +104,7 @@ def build_index(corpus_dir: str | os.PathLike) -> CorpusIndex:
 
 class SentenceSource(Protocol):
     """What :func:`make_batch` reads cells from: a :class:`ShardCache`, or the in-memory
-    ``epiflow.train.finetune.CellSet``."""
+    :class:`epiflow.corpus.shard.Shard`."""
 
     def sentences(self, uids) -> tuple[np.ndarray, np.ndarray]: ...
 

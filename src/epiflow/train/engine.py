@@ -18,7 +18,7 @@ resume) with the same loss functions (:mod:`epiflow.train.objectives`).
 
 Objectives (:class:`Classification`, :class:`Reconstruction`) read cells from any container with
 ``indptr`` / ``tokens`` (token ids, rank-ordered CSR; ``tfidf`` for the MSE variant): a
-:class:`~epiflow.corpus.shard.Shard`, :class:`epiflow.train.finetune.CellSet`, the task cell sets.
+:class:`~epiflow.corpus.shard.Shard`, the one cell container (:meth:`Shard.from_any`).
 CCA negatives are always the paper's: for every positive, K distinct cCREs drawn without replacement
 from the cCREs *not* accessible in the target cell (:func:`epiflow.train.sampling.sample_complement`),
 keyed by (seed, epoch, example) so that they do not depend on how a step is batched.

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ..corpus.shard import Shard, open_corpus, read_shard
+from ..corpus.shard import Shard
 from ..errors import ConfigError
 from ..tokenize import NUM_SPECIAL
-from .data import CorpusIndex
 from .objectives import SR_OBJECTIVES
 
 if TYPE_CHECKING:
@@ -36,60 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("cca", "sr", "classify", "mse")
-
-
-class CellSet:
-    """Cells held in memory (tokens and TF-IDF, rank-ordered CSR); quacks like a ShardCache."""
-
-    def __init__(self, indptr, tokens, tfidf, n_ccres: int, obs=None):
-        self.indptr = np.asarray(indptr, dtype=np.int64)
-        self.tokens = np.asarray(tokens, dtype=np.int64)
-        self.tfidf = np.asarray(tfidf, dtype=np.float32)
-        self.n_ccres = int(n_ccres)
-        self.obs = obs
-        self.lengths = np.diff(self.indptr)
-        self.index = CorpusIndex([], np.array([0, len(self.lengths)]), self.lengths, self.n_ccres)
-
-    @property
-    def n_cells(self) -> int:
-        return len(self.lengths)
-
-    def _gather(self, uids, arr):
-        uids = np.asarray(uids, dtype=np.int64)
-        ln = self.lengths[uids]
-        ptr = np.concatenate([[0], np.cumsum(ln)]).astype(np.int64)
-        src = np.repeat(self.indptr[uids], ln) + (np.arange(int(ptr[-1])) - np.repeat(ptr[:-1], ln))
-        return ptr, arr[src]
-
-    def sentences(self, uids):
-        return self._gather(uids, self.tokens)
-
-    def values(self, uids):
-        return self._gather(uids, self.tfidf)[1]
-
-    @classmethod
-    def from_any(cls, data) -> "CellSet":
-        if isinstance(data, CellSet):
-            return data
-        if isinstance(data, Shard):
-            shards = [data]
-        elif isinstance(data, (str, Path)) and (Path(data) / "corpus.json").exists():
-            shards = list(open_corpus(data).iter_shards())
-        elif isinstance(data, (str, Path)):
-            shards = [read_shard(data)]
-        else:
-            shards = [s if isinstance(s, Shard) else read_shard(s) for s in data]
-        if not shards:
-            raise ConfigError("no cells to fine-tune on", field="data")
-        n = {s.n_ccres for s in shards}
-        if len(n) != 1:
-            raise ConfigError(f"shards disagree on the vocabulary size ({sorted(n)})", field="data")
-        lens = np.concatenate([s.lengths for s in shards])
-        import pandas as pd
-
-        return cls(np.concatenate([[0], np.cumsum(lens)]), np.concatenate([s.tokens for s in shards]),
-                   np.concatenate([s.tfidf for s in shards]), n.pop(),
-                   pd.concat([s.obs for s in shards], ignore_index=True))
 
 
 @dataclass
@@ -143,7 +87,9 @@ def finetune(model, data, objectives=("cca", "sr"), *, labels=None, cells=None, 
     if cfg.sr_objective not in SR_OBJECTIVES:
         raise ConfigError(f"unknown SR objective {cfg.sr_objective!r}", field="sr_objective",
                           fix="use bce (the paper) or multinomial")
-    cs = CellSet.from_any(data)
+    cs = Shard.from_any(data)
+    if cs.n_cells == 0:
+        raise ConfigError("no cells to fine-tune on", field="data")
     if model.config.n_ccres != cs.n_ccres:
         from ..errors import VocabularyMismatchError
 
@@ -187,9 +133,9 @@ def embed_cells(model: EpiAgent, data: Any, *, batch_tokens: int = 65536, max_le
     """Zero-shot (or fine-tuned) cell embeddings ``[n_cells, dim]`` of ``data`` (top-``max_len`` tokens)."""
     from ..model.inference import embed_sentences
 
-    cs = CellSet.from_any(data)
+    cs = Shard.from_any(data)
     return embed_sentences(model, cs.indptr, cs.tokens, batch_ids=batch_ids, batch_tokens=batch_tokens,
                            device=device, max_len=max_len, progress=progress)
 
 
-__all__ = ["finetune", "FinetuneConfig", "CellSet", "embed_cells", "OBJECTIVES", "NUM_SPECIAL"]
+__all__ = ["finetune", "FinetuneConfig", "embed_cells", "OBJECTIVES", "NUM_SPECIAL"]
