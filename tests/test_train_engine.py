@@ -170,3 +170,25 @@ def test_errors(shard):
         fit(_model(), Reconstruction(shard, input_rows=[]), FitConfig(progress=False))
     with pytest.raises(ConfigError, match="targets"):
         Reconstruction(shard, input_rows=[0, 1], target_rows=[0])
+
+
+def test_predict_heads_match_the_model_and_batching(shard):
+    from epiflow.train.engine import predict
+
+    m = _model(classifier="linear", num_classes=3).eval()
+    rows = np.array([5, 0, 17, 33])
+    out = predict(m, shard, ("embedding", "classify", "logits", "signal"), rows=rows, max_len=20)
+    with torch.no_grad():
+        ids = input_ids(shard, rows, 20, None)
+        cell = m(ids).cell_embedding
+        np.testing.assert_allclose(out["embedding"], cell.numpy(), atol=1e-5)
+        np.testing.assert_allclose(out["logits"], m.classify(cell).numpy(), atol=1e-5)
+        np.testing.assert_allclose(out["signal"], m.signal_logits(cell).numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["classify"].sum(1), 1, rtol=1e-5)
+    # one cell a batch gives the same numbers; columns and calibration
+    one = predict(m, shard, "signal", rows=rows, max_len=20, max_cells=1, columns=[3, 7], calibrate=True)
+    pw = float(m.pos_weight("SR"))
+    np.testing.assert_allclose(one, 1 / (1 + np.exp(-(out["signal"][:, [3, 7]] - np.log(pw)))), atol=1e-5)
+    assert predict(m, shard, "embedding", rows=[]).shape == (0, 64)
+    with pytest.raises(ConfigError, match="head"):
+        predict(m, shard, "umap")

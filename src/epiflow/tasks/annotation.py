@@ -317,28 +317,15 @@ def finetune_classifier(model, shard, rows, y, *, head: str = "linear", epochs: 
     return hist[["step", "epoch", "loss", "accuracy", "lr"]]
 
 
-@torch.no_grad()
 def predict_proba(model, shard, rows=None, *, max_len: int | None = None, batch_size: int = 64,
                   device=None) -> tuple[np.ndarray, np.ndarray]:
     """``(class probabilities [n, C], cell embeddings [n, D])`` of the given cells (top ``max_len``
-    tokens, eval mode)."""
-    from ..model.inference import inference_context, token_budget_batches
+    tokens, eval mode; :func:`epiflow.train.engine.predict`)."""
+    from ..train.engine import predict
 
-    device = resolve_device(device)
-    rows = np.arange(shard.n_cells) if rows is None else np.asarray(rows, dtype=np.int64)
-    max_len = effective_max_len(model, max_len)
-    model.to(device).eval()
-    lens = np.minimum(np.diff(shard.indptr)[rows], max_len) + 2
-    probs = np.zeros((len(rows), model.config.num_classes), dtype=np.float32)
-    embs = np.zeros((len(rows), model.config.dim), dtype=np.float32)
-    with inference_context(device):
-        for sel in token_budget_batches(lens, batch_tokens=int(batch_size) * int(lens.max(initial=2)),
-                                        max_cells=int(batch_size)):
-            ids = torch.from_numpy(batch_input_ids(shard, rows[sel], max_len, None)).to(device)
-            emb = model(ids).cell_embedding
-            probs[sel] = torch.softmax(model.classify(emb).float(), -1).cpu().numpy()
-            embs[sel] = emb.float().cpu().numpy()
-    return probs, embs
+    out = predict(model, shard, ("classify", "embedding"), rows=rows, max_len=max_len, max_cells=int(batch_size),
+                  device=resolve_device(device))
+    return out["classify"], out["embedding"]
 
 
 def zero_shot_embeddings(model, shard, *, max_len: int | None = None, device=None) -> np.ndarray:

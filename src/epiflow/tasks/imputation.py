@@ -39,10 +39,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import torch
 
 from ..errors import ConfigError, EpiflowError
-from .annotation import (_figure, obs_labels, batch_input_ids, cell_ids, check_train_args, check_trainer,
+from .annotation import (_figure, obs_labels, cell_ids, check_train_args, check_trainer,
                          dataset_name, effective_max_len, load_cells, load_model, resolve_device, shared_finetune)
 from .features import _write_tsv, labelled_mask, metric_rows, metrics_frame, write_metrics
 
@@ -83,24 +82,14 @@ def finetune_imputation(model, shard, *, epochs: int = 5, lr: float = 5e-4, head
     return hist[["step", "epoch", "loss", "cca", "sr_mse", "lr"]]
 
 
-@torch.no_grad()
 def decode_signal(model, shard, columns=None, *, max_len: int | None = None, batch_size: int = 64, device=None,
                   clip: bool = True) -> np.ndarray:
-    """Signal-decoder output [n_cells, len(columns)] (float32) of every cell (top ``max_len`` tokens)."""
-    from ..model.inference import inference_context
+    """Signal-decoder output [n_cells, len(columns)] (float32) of every cell (top ``max_len`` tokens;
+    :func:`epiflow.train.engine.predict`), negatives clipped to 0 with ``clip``."""
+    from ..train.engine import predict
 
-    device = resolve_device(device)
-    max_len = effective_max_len(model, max_len)
-    cols = np.arange(model.n_ccres) if columns is None else np.asarray(columns, dtype=np.int64)
-    cols_t = torch.from_numpy(cols).to(device)
-    out = np.zeros((shard.n_cells, len(cols)), dtype=np.float32)
-    model.to(device).eval()
-    with inference_context(device):
-        for a in range(0, shard.n_cells, int(batch_size)):
-            rows = np.arange(a, min(a + int(batch_size), shard.n_cells))
-            ids = torch.from_numpy(batch_input_ids(shard, rows, max_len, None)).to(device)
-            pred = model.signal_logits(model(ids).cell_embedding).float()[:, cols_t]
-            out[rows] = pred.cpu().numpy()
+    out = predict(model, shard, "signal", columns=columns, max_len=max_len, max_cells=int(batch_size),
+                  device=resolve_device(device))
     if clip:
         np.maximum(out, 0.0, out=out)
     return out

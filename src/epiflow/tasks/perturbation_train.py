@@ -36,7 +36,6 @@ import torch.nn as nn
 
 from ..corpus.shard import Shard
 from ..errors import CheckpointError, ConfigError, InputFormatError
-from ..tokenize import build_input_ids, truncate_sentences
 
 log = logging.getLogger(__name__)
 
@@ -237,26 +236,15 @@ def finetune_conditioned(model, cells: Shard, examples: pd.DataFrame, *, mode: s
 def decode(model, cells: Shard, rows, *, mode: str | None = None, cond: int | np.ndarray = -1,
            batch_size: int = 64, calibrate: bool = True, device=None, max_len: int | None = None) -> np.ndarray:
     """Decoder probabilities ``[len(rows), n_cCRE]`` (float32) of ``cells[rows]`` encoded with the
-    conditional token ``cond`` (-1 = none)."""
-    from ..model.inference import inference_context
+    conditional token ``cond`` (-1 = none); :func:`epiflow.train.engine.predict`."""
+    from ..train.engine import predict
 
+    if mode is not None and mode not in ("condition", "gene"):
+        raise ConfigError(f"unknown conditioning mode {mode!r}")
     dev = _device(device) if device is not None else next(model.parameters()).device
-    model.to(dev).eval()
-    rows = np.asarray(rows, dtype=np.int64)
-    cond = np.broadcast_to(np.asarray(cond, dtype=np.int64), rows.shape)
-    max_len = min(max_len or model.config.max_rank - 2, model.config.max_rank - 2)
-    shift = math.log(float(model.pos_weight("SR"))) if calibrate else 0.0
-    out = np.zeros((len(rows), model.config.n_ccres), dtype=np.float32)
-    with inference_context(dev):
-        for a in range(0, len(rows), batch_size):
-            sub = cells.subset(rows[a:a + batch_size])
-            ip, it = truncate_sentences(sub.indptr, sub.tokens, max_len)
-            ids = torch.from_numpy(build_input_ids(ip, it)).to(dev)
-            c = cond[a:a + batch_size]
-            kw = {} if mode is None or (c < 0).all() else _cond_kwargs(mode, np.ascontiguousarray(c), dev)
-            emb = model(ids, **kw).cell_embedding
-            out[a:a + len(c)] = torch.sigmoid(model.signal_logits(emb).float() - shift).cpu().numpy()
-    return out
+    return predict(model, cells, "signal", rows=rows, conditions=None if mode is None else cond,
+                   condition_key="condition_ids" if mode == "condition" else "perturbation", calibrate=calibrate,
+                   max_len=max_len, max_cells=int(batch_size), device=dev)
 
 
 def zero_shot_embeddings(model, cells: Shard, *, device=None, progress: bool = False) -> np.ndarray:

@@ -377,14 +377,12 @@ def read_classes(path) -> list[str]:
 
 def predict(model, cells, *, device=None, max_len: int = 8190, batch_tokens: int = 65_536,
             progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Class index and logits ``[n_cells, C]`` of every cell (inference mode, top-``max_len`` tokens)."""
-    from ..model.inference import embed_sentences
+    """Class index and logits ``[n_cells, C]`` of every cell (inference mode, top-``max_len`` tokens;
+    :func:`epiflow.train.engine.predict`)."""
+    from ..train.engine import predict as engine_predict
 
-    dev = _device(device)
-    emb = embed_sentences(model, cells.indptr, cells.tokens, device=dev, max_len=max_len,
-                          batch_tokens=batch_tokens, progress=progress, desc="annotate")
-    with torch.inference_mode():
-        logits = model.classify(torch.from_numpy(emb).to(dev)).float().cpu().numpy()
+    logits = engine_predict(model, cells, "logits", max_len=max_len, batch_tokens=batch_tokens,
+                            device=_device(device), progress=progress, desc="annotate")
     return logits.argmax(1), logits
 
 

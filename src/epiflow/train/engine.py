@@ -13,6 +13,9 @@ owns everything the tasks used to do differently:
 * the learning-rate schedule (:mod:`epiflow.train.optim`: constant / linear / cosine with warm-up),
   gradient clipping, bf16 autocast on CUDA, the progress bar and the per-step log.
 
+``predict(model, cells, head)`` is the matching inference (embedding, class probabilities, decoded
+signal) that the tasks use.
+
 Pretraining keeps its own driver (:mod:`epiflow.train.pretrain`: DDP, memory-lean mode, exact
 resume) with the same loss functions (:mod:`epiflow.train.objectives`).
 
@@ -321,6 +324,79 @@ def fit(model, objective: Objective, config: FitConfig | None = None, **override
     return hist
 
 
+# ----------------------------------------------------------------------------- inference
+HEADS = ("embedding", "classify", "logits", "signal")
+
+
+@torch.no_grad()
+def predict(model, cells, head="embedding", *, rows=None, conditions=None, condition_key: str = "batch_ids",
+            columns=None, calibrate: bool = False, max_len: int | None = None, batch_tokens: int = 65_536,
+            max_cells: int = 4096, device=None, progress: bool = False, desc: str = "predict"):
+    """What the model says about ``cells`` (rows ``rows``, default all), in eval mode with each cell's
+    top ``max_len`` tokens, in token-budget batches:
+
+    * ``"embedding"``: the cell embedding ``[n, dim]``;
+    * ``"classify"``: class probabilities ``[n, C]`` (softmax); ``"logits"``: classifier logits;
+    * ``"signal"``: signal-decoder logits ``[n, len(columns)]``, or probabilities with ``calibrate``
+      (``sigmoid(x - log pos_weight)``, the accessibility probability under the SR criterion).
+
+    ``head`` may be a tuple of those: then a dict of arrays from one pass. ``conditions``: one int per
+    predicted row (or one for all) fed as ``condition_key`` (-1 = none). Float32 arrays in ``rows`` order."""
+    from ..model.inference import inference_context, token_budget_batches
+
+    heads = (head,) if isinstance(head, str) else tuple(head)
+    bad = [h for h in heads if h not in HEADS]
+    if bad:
+        raise ConfigError(f"unknown prediction head(s) {bad}", field="head", fix=f"use {', '.join(HEADS)}")
+    dev = resolve_device(device, model)
+    rows = np.arange(len(np.asarray(cells.indptr)) - 1) if rows is None else np.asarray(rows, dtype=np.int64)
+    ml = max_input_len(model, max_len)
+    cond = None if conditions is None else np.broadcast_to(np.asarray(conditions, dtype=np.int64), rows.shape)
+    cols = None if columns is None else torch.as_tensor(np.asarray(columns, dtype=np.int64), device=dev)
+    shift = math.log(float(model.pos_weight("SR"))) if calibrate else 0.0
+    was_training = model.training
+    model.to(dev).eval()
+    out: dict[str, np.ndarray] = {}
+    lens = np.minimum(np.diff(np.asarray(cells.indptr))[rows], ml) + 2
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(rows), desc=desc, unit="cell", disable=not progress, leave=False)
+    try:
+        with inference_context(dev):
+            for sel in token_budget_batches(lens, batch_tokens, max_cells):
+                ids = input_ids(cells, rows[sel], ml, None).to(dev)
+                kw = {}
+                if conditions is not None:
+                    c = np.ascontiguousarray(cond[sel])
+                    if (c >= 0).any():
+                        kw[condition_key] = torch.from_numpy(c).to(dev)
+                cell = model(ids, **kw).cell_embedding
+                for h in heads:
+                    if h == "embedding":
+                        v = cell
+                    elif h in ("classify", "logits"):
+                        v = model.classify(cell).float()
+                        v = torch.softmax(v, -1) if h == "classify" else v
+                    else:
+                        v = model.signal_logits(cell).float()
+                        v = v if cols is None else v[:, cols]
+                        v = torch.sigmoid(v - shift) if calibrate else v
+                    v = v.float().cpu().numpy()
+                    if h not in out:
+                        out[h] = np.zeros((len(rows), v.shape[1]), dtype=np.float32)
+                    out[h][sel] = v
+                bar.update(len(sel))
+    finally:
+        bar.close()
+        model.train(was_training)
+    for h in heads:
+        if h not in out:  # no rows
+            width = {"embedding": model.config.dim, "signal": model.n_ccres if cols is None else len(cols)}.get(
+                h, int(getattr(model.config, "num_classes", 0)))
+            out[h] = np.zeros((0, width), dtype=np.float32)
+    return out[heads[0]] if isinstance(head, str) else out
+
+
 # ----------------------------------------------------------------------------- objectives
 class Classification(Objective):
     """Cross-entropy (``linear`` head) or the authors' focal loss on the cell embedding.
@@ -481,4 +557,4 @@ class Reconstruction(Objective):
 
 __all__ = ["FitConfig", "LossOutput", "StepContext", "Objective", "fit", "Classification", "Reconstruction",
            "input_ids", "train_keys", "gather_rows", "cca_queries", "planned_steps", "epoch_batches", "max_input_len",
-           "resolve_device", "autocast", "SR_LOSSES"]
+           "resolve_device", "autocast", "SR_LOSSES", "predict", "HEADS"]
