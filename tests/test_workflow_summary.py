@@ -83,3 +83,30 @@ def test_printout_keeps_headline_metrics_only(tmp_path):
     assert "R2_all" in text and "R2_all[B]" not in text and "k_used_up" not in text
     assert "score" in text and "score[x]" not in text
     assert "R2_all[B]" in format_summary(table, all_metrics=True)
+
+
+def test_compare_summaries_script(tmp_path, capsys):
+    """scripts/compare_summaries.py: the rows of both tables whose value changed, as Markdown."""
+    import importlib.util
+    from pathlib import Path
+
+    import pandas as pd
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "compare_summaries.py"
+    spec = importlib.util.spec_from_file_location("compare_summaries", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cols = ["task", "dataset", "method", "metric", "value", "seen_in_pretraining", "source"]
+    a = pd.DataFrame([["annotation", "d", "EpiAgent", "accuracy", 0.5, "false", "x"],
+                      ["annotation", "d", "LSI+SVM", "accuracy", 0.7, "false", "x"],
+                      ["corpus", "all", "-", "n_cells", 10, "true", "x"]], columns=cols)
+    b = a.copy()
+    b.loc[0, "value"] = 0.6
+    a.to_csv(tmp_path / "a.tsv", sep="\t", index=False)
+    b.to_csv(tmp_path / "b.tsv", sep="\t", index=False)
+    assert mod.main([str(tmp_path / "a.tsv"), str(tmp_path / "b.tsv")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == "| annotation | d | EpiAgent | accuracy | 0.5 | 0.6 | +0.1 |" and len(out) == 3
+    assert len(mod.compare(a, b, changed_only=False)) == 3
+    assert mod.compare(a, b, tasks=["corpus"]).empty
+    assert mod.main([str(tmp_path / "a.tsv"), str(tmp_path / "missing.tsv")]) == 2
