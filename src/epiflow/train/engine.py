@@ -268,9 +268,9 @@ def fit(model, objective: Objective, config: FitConfig | None = None, **override
         raise ConfigError("no training examples", field="cells", fix="check the cell selection and labels")
     dev = resolve_device(cfg.device, model)
     model.to(dev).train()
+    torch.manual_seed(int(cfg.seed))  # the objective's new modules and dropout
     objective.setup(model)
     extra = [m.to(dev).train() for m in objective.modules()]
-    torch.manual_seed(int(cfg.seed))
     rng = np.random.default_rng([int(cfg.seed), 1818])
     lengths = objective.lengths()
     total = planned_steps(n, cfg, lengths)
