@@ -46,3 +46,43 @@ def build_bone_marrow_corpus(out: Path, data: Path, shard_size: int) -> Path:
     build_corpus(cand, [out / f"{e.name}.h5ad" for e in entries], out / "corpus", genome="hg19",
                  min_cells=10, min_ccres_per_cell=30, shard_size=shard_size)
     return out / "corpus"
+
+
+# ----------------------------------------------------------------------------- shared toy data
+@pytest.fixture(scope="session")
+def toy_corpus(tmp_path_factory):
+    """Factory of toy corpora (:func:`epiflow.train.toy.write_toy_corpus`), one per parameter set and
+    test process: ``toy_corpus(n_cells=120, n_ccres=250, n_types=3, seed=2, shard_size=70)``."""
+    cache: dict = {}
+
+    def make(**kw):
+        key = tuple(sorted(kw.items()))
+        if key not in cache:
+            from epiflow.train.toy import write_toy_corpus
+
+            cache[key] = write_toy_corpus(tmp_path_factory.mktemp("toy_corpus") / "corpus", **kw)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory of untrained checkpoints (authors' format + ``.json`` side file) of the ``tiny`` preset with
+    overrides, seeded: ``tiny_checkpoint(250)``, ``tiny_checkpoint(240, dim=32, dropout=0.0)``."""
+    cache: dict = {}
+
+    def make(n_ccres: int, seed: int = 0, **overrides):
+        key = (int(n_ccres), int(seed), tuple(sorted(overrides.items())))
+        if key not in cache:
+            import torch
+
+            from epiflow.model import EpiAgentConfig, from_config, save_epiagent_checkpoint
+
+            torch.manual_seed(seed)
+            model = from_config(EpiAgentConfig.preset("tiny", n_ccres=int(n_ccres), **overrides))
+            cache[key] = save_epiagent_checkpoint(model, tmp_path_factory.mktemp("tiny_ckpt") / "checkpoint.pth",
+                                                  write_config=True)
+        return cache[key]
+
+    return make

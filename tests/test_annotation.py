@@ -15,17 +15,12 @@ from epiflow.model import EpiAgentConfig, from_config, load_epiagent_checkpoint,
 from epiflow.tasks.annotation import (annotate, finetune_classifier, attach_classifier, load_cells, load_model,
                                       lsi_reference_projection, predict_proba, sankey_figure, stratified_split)
 from epiflow.tasks.features import METRIC_COLUMNS
-from epiflow.train.toy import write_toy_corpus
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ann")
-    corpus = write_toy_corpus(tmp / "corpus", n_cells=150, n_ccres=300, n_types=3, seed=1, shard_size=80)
-    torch.manual_seed(0)
-    model = from_config(EpiAgentConfig.preset("tiny", n_ccres=300))
-    ckpt = save_epiagent_checkpoint(model, tmp / "ckpt" / "checkpoint.pth", write_config=True)
-    return tmp, corpus, ckpt
+def toy(tmp_path_factory, toy_corpus, tiny_checkpoint):
+    return (tmp_path_factory.mktemp("ann"), toy_corpus(n_cells=150, n_ccres=300, n_types=3, seed=1, shard_size=80),
+            tiny_checkpoint(300))
 
 
 def test_stratified_split_is_seeded_and_stratified():

@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-import torch
 
 from epiflow.cli import main
 from epiflow.errors import ConfigError, EpiflowError
@@ -14,17 +13,12 @@ from epiflow.model import EpiAgentConfig, from_config, save_epiagent_checkpoint
 from epiflow.tasks.features import METRIC_COLUMNS
 from epiflow.tasks.imputation import decode_signal, finetune_imputation, impute, lsi_reconstruction
 from epiflow.tasks.annotation import load_cells, load_model
-from epiflow.train.toy import write_toy_corpus
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("imp")
-    corpus = write_toy_corpus(tmp / "corpus", n_cells=120, n_ccres=250, n_types=3, seed=2, shard_size=70)
-    torch.manual_seed(0)
-    ckpt = save_epiagent_checkpoint(from_config(EpiAgentConfig.preset("tiny", n_ccres=250)),
-                                    tmp / "checkpoint.pth", write_config=True)
-    return tmp, corpus, ckpt
+def toy(tmp_path_factory, toy_corpus, tiny_checkpoint):
+    return (tmp_path_factory.mktemp("imp"), toy_corpus(n_cells=120, n_ccres=250, n_types=3, seed=2, shard_size=70),
+            tiny_checkpoint(250))
 
 
 def test_lsi_reconstruction_of_low_rank_matrix_is_exact():

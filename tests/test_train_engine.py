@@ -14,14 +14,11 @@ from epiflow.train.engine import (Classification, FitConfig, Reconstruction, Ste
                                   epoch_batches, fit, input_ids, planned_steps)
 from epiflow.train.objectives import sr_mse_sum
 from epiflow.train.optim import finetune_param_groups
-from epiflow.train.toy import write_toy_corpus
 
 
 @pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    corpus = write_toy_corpus(tmp_path_factory.mktemp("engine") / "c", n_cells=60, n_ccres=120, n_types=3, seed=4,
-                              shard_size=60)
-    return load_cells(corpus)[0]
+def shard(toy_corpus):
+    return load_cells(toy_corpus(n_cells=60, n_ccres=120, n_types=3, seed=4, shard_size=60))[0]
 
 
 def _model(n=120, **kw):
