@@ -113,24 +113,18 @@ def _stim_corpus(root, n_types=3, per_type=36, n_ccres=240, seed=0):
     return root, opened, closed
 
 
-def _tiny_checkpoint(path, n_ccres):
-    import torch
-
-    from epiflow.model import EpiAgent, EpiAgentConfig
-
-    torch.manual_seed(0)
-    cfg = EpiAgentConfig.preset("tiny", n_ccres=n_ccres, max_rank=128, num_layers=1, dim=32, num_heads=2, ffn=64,
-                                dropout=0.0)
-    EpiAgent.from_config(cfg).save_epiagent_checkpoint(path, write_config=True)
-    return path
+@pytest.fixture
+def tiny_ckpt(tiny_checkpoint):
+    """An untrained 1 x 32 model over ``n`` cCREs (max_rank 128, no dropout)."""
+    return lambda n: tiny_checkpoint(n, max_rank=128, num_layers=1, dim=32, num_heads=2, ffn=64, dropout=0.0)
 
 
-def test_predict_stimulation_end_to_end(tmp_path):
+def test_predict_stimulation_end_to_end(tmp_path, tiny_ckpt):
     from epiflow.tasks.perturbation import load_task_inputs, predict_stimulation
     from epiflow.tasks.perturbation_train import FinetuneSettings
 
     corpus, opened, closed = _stim_corpus(tmp_path / "corpus")
-    ckpt = _tiny_checkpoint(tmp_path / "tiny.pth", 240)
+    ckpt = tiny_ckpt(240)
     cells, model, dataset = load_task_inputs(corpus, "condition", ckpt)
     out = tmp_path / "out"
     table = predict_stimulation(cells, model, holdout=["T0"], out_dir=out, dataset=dataset, ks=(10, 1000),
@@ -157,7 +151,7 @@ def test_predict_stimulation_end_to_end(tmp_path):
     assert np.isin(top, np.r_[opened, closed]).mean() > 0.8
 
 
-def test_per_token_on_the_input_embedding_scale_and_trained(tmp_path):
+def test_per_token_on_the_input_embedding_scale_and_trained(tmp_path, tiny_ckpt):
     """The [PER] token is added to the [CLS] input embedding: it starts on the scale of the cCRE embeddings
     (a N(0, 0.02) token next to N(0, 1) rows left the cell embedding unchanged), moves the cell embedding,
     and is trained (it receives gradient)."""
@@ -169,7 +163,7 @@ def test_per_token_on_the_input_embedding_scale_and_trained(tmp_path):
     from epiflow.tokenize import build_input_ids, truncate_sentences
 
     corpus, _, _ = _stim_corpus(tmp_path / "corpus", n_types=2, per_type=10, n_ccres=80)
-    cells, base, _ = load_task_inputs(corpus, "condition", _tiny_checkpoint(tmp_path / "tiny.pth", 80))
+    cells, base, _ = load_task_inputs(corpus, "condition", tiny_ckpt(80))
     model = conditioned_model(base, num_conditions=1)
     tok = model.condition_embedding.weight.detach().clone()
     assert token_scale(base) == pytest.approx(float(base.cCRE_embedding.weight[4:].std()), rel=1e-4)
@@ -189,7 +183,7 @@ def test_per_token_on_the_input_embedding_scale_and_trained(tmp_path):
 
 
 @pytest.mark.slow
-def test_stimulation_epiagent_beats_no_change(tmp_path):
+def test_stimulation_epiagent_beats_no_change(tmp_path, tiny_ckpt):
     """On a seeded toy (3 cell types, a known opening / closing program) EpiAgent with the [PER] token,
     fine-tuned on two cell types, predicts the held-out type's perturbed cells better than 'no change':
     higher R^2 over the top DA cCREs and direction accuracy far above chance - the prediction decoded from
@@ -202,7 +196,7 @@ def test_stimulation_epiagent_beats_no_change(tmp_path):
     corpus, _, _ = _stim_corpus(tmp_path / "corpus", seed=0)
     r2: dict[str, list] = {}
     for seed in (0, 1):
-        cells, model, dataset = load_task_inputs(corpus, "condition", _tiny_checkpoint(tmp_path / "tiny.pth", 240))
+        cells, model, dataset = load_task_inputs(corpus, "condition", tiny_ckpt(240))
         table = predict_stimulation(cells, model, holdout=["T0"], dataset=dataset, ks=(10, 20), n_top=50,
                                     save_cells=False,
                                     settings=FinetuneSettings(epochs=30, lr=3e-3, progress=False, seed=seed))
@@ -243,12 +237,12 @@ def _genetic_corpus(root, n_ccres=200, n_genes=8, ctrl=40, per_gene=20, seed=3):
     return root, go
 
 
-def test_predict_genetic_cli_end_to_end(tmp_path):
+def test_predict_genetic_cli_end_to_end(tmp_path, tiny_ckpt):
     from epiflow.cli import main
 
     corpus, go = _genetic_corpus(tmp_path / "corpus")
     go.to_csv(tmp_path / "go.tsv", sep="\t", index=False)
-    ckpt = _tiny_checkpoint(tmp_path / "tiny.pth", 200)
+    ckpt = tiny_ckpt(200)
     out = tmp_path / "out"
     rc = main(["predict-genetic", "--corpus", str(corpus), "--checkpoint", str(ckpt), "--perturbation-key",
                "perturbation", "--go", str(tmp_path / "go.tsv"), "--out-dir", str(out), "--max-steps", "4",
@@ -270,21 +264,21 @@ def test_predict_genetic_cli_end_to_end(tmp_path):
         assert (out / f).exists()
 
 
-def test_predict_stimulation_cli_errors(tmp_path):
+def test_predict_stimulation_cli_errors(tmp_path, tiny_ckpt):
     from epiflow.cli import main
 
     corpus, _, _ = _stim_corpus(tmp_path / "corpus", n_types=2, per_type=8, n_ccres=60)
-    ckpt = _tiny_checkpoint(tmp_path / "tiny.pth", 60)
+    ckpt = tiny_ckpt(60)
     base = ["predict-stimulation", "--corpus", str(corpus), "--checkpoint", str(ckpt), "--out-dir",
             str(tmp_path / "o"), "--max-steps", "1", "--no-progress"]
     assert main(base + ["--control", "nope"]) == 2                 # no control cells: clear error
     assert main(base + ["--condition-key", "missing"]) == 2       # no such obs column
     assert not (tmp_path / "o" / "metrics.tsv").exists()
-    wrong = _tiny_checkpoint(tmp_path / "wrong.pth", 61)
+    wrong = tiny_ckpt(61)
     assert main(base[:4] + [str(wrong)] + base[5:]) == 2          # vocabulary mismatch
 
 
-def test_predict_stimulation_device_auto(tmp_path):
+def test_predict_stimulation_device_auto(tmp_path, tiny_ckpt):
     """`--device auto` (the documented default, passed explicitly by the workflow) picks CUDA when
     available, else the CPU; an unknown device is a clear user error, not a torch traceback."""
     import torch
@@ -300,7 +294,7 @@ def test_predict_stimulation_device_auto(tmp_path):
         _device("gpu0")
 
     corpus, _, _ = _stim_corpus(tmp_path / "corpus", n_types=2, per_type=8, n_ccres=60)
-    ckpt = _tiny_checkpoint(tmp_path / "tiny.pth", 60)
+    ckpt = tiny_ckpt(60)
     base = ["predict-stimulation", "--corpus", str(corpus), "--checkpoint", str(ckpt), "--max-steps", "1",
             "--k", "5", "--n-top", "20", "--no-save-cells", "--no-progress"]
     assert main(base + ["--device", "auto", "--out-dir", str(tmp_path / "auto")]) == 0

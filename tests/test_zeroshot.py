@@ -11,7 +11,7 @@ import torch
 from epiflow.cli import main
 from epiflow.corpus.shard import shard_from_counts, write_corpus_meta, write_shard
 from epiflow.errors import InputFormatError
-from epiflow.model import EpiAgentConfig, from_config, load_epiagent_checkpoint, save_epiagent_checkpoint
+from epiflow.model import load_epiagent_checkpoint
 from epiflow.tasks.zeroshot import (apply_label_map, classification_scores, mask_rare_classes, read_label_map)
 
 N_CCRES = 120
@@ -43,12 +43,8 @@ def _corpus(root: Path, n=150, seed=0, names=TYPES, dataset="atlas"):
 
 
 @pytest.fixture(scope="module")
-def base_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = EpiAgentConfig.preset("tiny", n_ccres=N_CCRES, dropout=0.0)
-    path = tmp_path_factory.mktemp("base") / "base.pth"
-    save_epiagent_checkpoint(from_config(cfg), path, write_config=True)
-    return path
+def base_ckpt(tiny_checkpoint):
+    return tiny_checkpoint(N_CCRES, dropout=0.0)
 
 
 @pytest.fixture(scope="module")
