@@ -189,3 +189,12 @@ def test_predict_heads_match_the_model_and_batching(shard):
     assert predict(m, shard, "embedding", rows=[]).shape == (0, 64)
     with pytest.raises(ConfigError, match="head"):
         predict(m, shard, "umap")
+
+
+def test_token_budget_counts_the_capped_input(shard):
+    """Token budgets count each example's model input (top max_len + [CLS]/[SEP]), not its full sentence."""
+    obj = Reconstruction(shard, max_len=8)
+    obj.setup(_model())
+    assert (obj.lengths() == np.minimum(np.diff(shard.indptr), 8) + 2).all()
+    h = fit(_model(), obj, FitConfig(epochs=1, batch_tokens=100, progress=False))
+    assert len(h) == planned_steps(60, FitConfig(batch_tokens=100), obj.lengths()) == 6  # 10 cells x 10 tokens

@@ -125,6 +125,13 @@ class Objective:
 
     def setup(self, model) -> None:
         """Called by :func:`fit` before the optimiser is built (create extra modules here)."""
+        self.input_cap = max_input_len(model, getattr(self, "max_len", None))
+
+    def _padded(self, indptr, rows) -> np.ndarray:
+        """Padded input length of each example (for token budgets): ``min(len, cap) + 2``."""
+        lens = np.diff(np.asarray(indptr))[rows]
+        cap = getattr(self, "input_cap", None)
+        return (lens if cap is None else np.minimum(lens, cap)) + 2
 
     def modules(self) -> list[torch.nn.Module]:
         return []
@@ -419,7 +426,7 @@ class Classification(Objective):
         self.n_examples = len(self.rows)
 
     def lengths(self):
-        return np.diff(np.asarray(self.cells.indptr))[self.rows] + 2
+        return self._padded(self.cells.indptr, self.rows)
 
     def __call__(self, model, rows, ctx):
         from ..model.losses import classification_loss, focal_loss
@@ -497,6 +504,7 @@ class Reconstruction(Objective):
         self.aux = None
 
     def setup(self, model) -> None:
+        super().setup(model)
         if self.aux_labels is not None and self.aux is None:
             self.aux = torch.nn.Linear(int(model.config.dim), 1)
 
@@ -504,7 +512,7 @@ class Reconstruction(Objective):
         return [] if self.aux is None else [self.aux]
 
     def lengths(self):
-        return np.diff(np.asarray(self.cells.indptr))[self.input_rows] + 2
+        return self._padded(self.cells.indptr, self.input_rows)
 
     def _targets(self, ex: np.ndarray):
         rows = self.target_rows[ex]
