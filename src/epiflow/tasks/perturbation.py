@@ -334,7 +334,7 @@ def predict_stimulation(cells: Shard, base_model, *, condition_key: str = "condi
                           "label": 1}),
             pd.DataFrame({"input": train_partner[ok], "target": train_pert[ok], "cond": 0, "label": 1}),
         ], ignore_index=True)
-        model = conditioned_model(copy.deepcopy(base_model), num_conditions=1)
+        model = conditioned_model(copy.deepcopy(base_model), num_conditions=1, seed=settings.seed)
         st = copy.copy(settings)
         st.log = []
         log.info("held-out %s: fine-tuning on %d examples (%d [PER] pairs)", T, len(ex), int(ok.sum()))
@@ -461,7 +461,7 @@ def predict_genetic(cells: Shard, base_model, gene_graph, *, perturbation_key: s
         pd.DataFrame({"input": partners, "target": train_cells, "cond": [pidx[p] for p in lab[train_cells]],
                       "label": 1}),
     ], ignore_index=True)
-    model = conditioned_model(copy.deepcopy(base_model), gene_graph=gene_graph)
+    model = conditioned_model(copy.deepcopy(base_model), gene_graph=gene_graph, seed=settings.seed)
     model = _GeneTableModel(model, table)
     model, _, history = finetune_conditioned(model, cells, ex, mode="condition", settings=settings)
     Xb = cells.binary()

@@ -132,9 +132,16 @@ def token_scale(model) -> float:
     return s if math.isfinite(s) and s > 0 else 1.0
 
 
-def conditioned_model(base, *, num_conditions: int = 0, gene_graph=None):
+def conditioned_model(base, *, num_conditions: int = 0, gene_graph=None, seed: int = 0):
     """A copy of ``base`` with ``num_conditions`` [PER] tokens and/or a gene GNN over ``gene_graph``
-    (:class:`epiflow.genome.gene_graph.GeneGraph`). Base weights are copied; new ones freshly initialised."""
+    (:class:`epiflow.genome.gene_graph.GeneGraph`). Base weights are copied; new ones freshly initialised
+    from ``seed`` (the global random state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return _conditioned_model(base, num_conditions, gene_graph)
+
+
+def _conditioned_model(base, num_conditions: int, gene_graph):
     from ..model import EpiAgent
 
     kw = {}
@@ -188,14 +195,6 @@ def _device(name):
         return torch.device(name)
     except (RuntimeError, TypeError):
         raise ConfigError(f"--device: unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-
-
-def _cond_kwargs(mode: str, cond: np.ndarray, device):
-    if mode == "condition":
-        return {"condition_ids": torch.from_numpy(cond).to(device)}
-    if mode == "gene":
-        return {"perturbation": torch.from_numpy(cond).to(device)}
-    raise ConfigError(f"unknown conditioning mode {mode!r}")
 
 
 def finetune_conditioned(model, cells: Shard, examples: pd.DataFrame, *, mode: str,

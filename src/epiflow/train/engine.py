@@ -98,7 +98,13 @@ class LossOutput:
 
     @property
     def loss(self) -> torch.Tensor:
-        return sum(float(self.weights.get(k, 1.0)) * v for k, v in self.terms.items())
+        parts = [float(self.weights.get(k, 1.0)) * v for k, v in self.terms.items()]
+        if not parts:
+            raise ConfigError("the objective returned no loss term", field="objective")
+        total = parts[0]
+        for p in parts[1:]:
+            total = total + p
+        return total
 
 
 @dataclass
@@ -373,7 +379,7 @@ def predict(model, cells, head="embedding", *, rows=None, conditions=None, condi
             for sel in token_budget_batches(lens, batch_tokens, max_cells):
                 ids = input_ids(cells, rows[sel], ml, None).to(dev)
                 kw = {}
-                if conditions is not None:
+                if cond is not None:
                     c = np.ascontiguousarray(cond[sel])
                     if (c >= 0).any():
                         kw[condition_key] = torch.from_numpy(c).to(dev)
@@ -501,7 +507,7 @@ class Reconstruction(Objective):
         self.head_prefixes = ((("signal_decoder", "fc1_for_CCA", "layer_norm_for_CCA", "fc2_for_CCA")
                                if heads_at_head_lr else ()) + tuple(new_prefixes))
         self.sr_pos_weight = sr_pos_weight
-        self.aux = None
+        self.aux: torch.nn.Linear | None = None
 
     def setup(self, model) -> None:
         super().setup(model)

@@ -68,7 +68,7 @@ def finetune(model, data, objectives=("cca", "sr"), *, labels=None, cells=None, 
     ``"classify"`` trains alone; ``"cca"`` / ``"sr"`` / ``"mse"`` combine into one reconstruction
     objective (``"mse"``: CCA as BCE and SR as MSE of the TF-IDF values).
     """
-    from .engine import Classification, FitConfig, Reconstruction, fit
+    from .engine import Classification, FitConfig, Objective, Reconstruction, fit
 
     cfg = config or FinetuneConfig()
     if kw:
@@ -98,6 +98,7 @@ def finetune(model, data, objectives=("cca", "sr"), *, labels=None, cells=None, 
     rows = np.arange(cs.n_cells) if cells is None else np.asarray(cells, dtype=np.int64)
     max_len = cfg.max_len or min(8190, model.config.max_rank - 2)
     w = {"cca": 1.0, "sr": 1.0, "classify": 1.0, "mse": 1.0, **(cfg.weights or {})}
+    obj: Objective
     if "classify" in objectives:
         if labels is None:
             raise ConfigError("objective 'classify' needs labels (one class index per cell)", field="labels")
