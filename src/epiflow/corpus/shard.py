@@ -43,7 +43,7 @@ import scipy.sparse as sp
 
 from ..errors import InputFormatError, VocabularyMismatchError
 from ..io import atomic_path
-from ..tokenize import NUM_SPECIAL, cell_sentences, global_tfidf
+from ..tokenize import NUM_SPECIAL, cell_sentences, gather_rows, global_tfidf
 
 SHARD_FORMAT = "epiflow-shard"
 CORPUS_FORMAT = "epiflow-corpus"
@@ -84,8 +84,8 @@ class Shard:
 
     def sentences(self, uids) -> tuple[np.ndarray, np.ndarray]:
         """``(indptr, tokens)`` of the cells ``uids`` (what :func:`epiflow.train.data.make_batch` reads)."""
-        sub = self.subset(uids)
-        return sub.indptr, sub.tokens.astype(np.int64)
+        ptr, tok = gather_rows(self.indptr, uids, self.tokens)
+        return ptr, tok.astype(np.int64)
 
     def counts_csr(self) -> sp.csr_matrix:
         """Raw counts as a cells x cCREs CSR matrix with sorted column indices."""
@@ -102,11 +102,8 @@ class Shard:
 
     def subset(self, rows) -> "Shard":
         rows = np.asarray(rows, dtype=np.int64)
-        starts, ends = self.indptr[rows], self.indptr[rows + 1]
-        lens = ends - starts
-        idx = np.repeat(starts, lens) + (np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens))
-        return Shard(np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), self.tokens[idx],
-                     self.counts[idx], self.tfidf[idx], self.obs.iloc[rows].reset_index(drop=True),
+        ptr, (tokens, counts, tfidf) = gather_rows(self.indptr, rows, self.tokens, self.counts, self.tfidf)
+        return Shard(ptr, tokens, counts, tfidf, self.obs.iloc[rows].reset_index(drop=True),
                      self.n_ccres, self.vocab_id, self.genome, dict(self.attrs))
 
     def binary(self, rows=None) -> sp.csr_matrix:

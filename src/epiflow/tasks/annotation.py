@@ -25,7 +25,7 @@ Outputs in ``out_dir`` (each written atomically): ``metrics.tsv`` (the long tabl
 confusion of EpiAgent and the best LSI baseline), ``sankey.png`` (true -> predicted flows of the
 query cells) and, with ``save_model``, ``finetuned.pth`` (+ ``.json`` side file and ``classes.json``).
 
-The helpers :func:`load_cells`, :func:`load_model` and :func:`batch_input_ids`
+The helpers :func:`load_cells` and :func:`load_model`
 are shared with :mod:`epiflow.tasks.imputation`; training runs on :func:`epiflow.train.engine.fit`.
 """
 
@@ -46,6 +46,7 @@ import torch
 
 from ..errors import ConfigError, EpiflowError, InputFormatError
 from ..io import atomic_path
+from ..train.engine import max_input_len as effective_max_len
 from .features import _write_tsv, labelled_mask, metric_rows, metrics_frame, write_metrics
 
 log = logging.getLogger(__name__)
@@ -126,29 +127,6 @@ def resolve_device(device=None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def batch_input_ids(shard, rows, max_len: int, rng: np.random.Generator | None) -> np.ndarray:
-    """``[CLS] sentence [SEP]`` input ids of ``rows``: a rank-preserving random subsample of ``max_len``
-    tokens (training, ``rng`` given) or the top ``max_len`` tokens (``rng`` None)."""
-    from ..tokenize import build_input_ids, subsample_sentences, truncate_sentences
-
-    rows = np.asarray(rows, dtype=np.int64)
-    starts, ends = shard.indptr[rows], shard.indptr[rows + 1]
-    lens = ends - starts
-    idx = np.repeat(starts, lens) + (np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens))
-    ptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    tok = shard.tokens[idx]
-    if rng is None:
-        ptr, tok = truncate_sentences(ptr, tok, max_len)
-    else:
-        ptr, tok = subsample_sentences(ptr, tok, max_len, rng)
-    return build_input_ids(ptr, tok)
-
-
-def effective_max_len(model, max_len: int | None) -> int:
-    cap = int(model.config.max_rank) - 2
-    return cap if max_len is None else max(1, min(int(max_len), cap))
 
 
 def check_train_args(epochs, lr, batch_size, max_steps):

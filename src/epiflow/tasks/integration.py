@@ -172,9 +172,6 @@ def finetune_reconstruction(model, cells, targets: sp.csr_matrix | None = None, 
     ``batch_ids`` (int per cell) feed the batch token. Returns the loss per step."""
     from ..train.engine import FitConfig, Reconstruction, fit
 
-    if targets is not None:
-        targets = sp.csr_matrix(targets)
-        targets.eliminate_zeros()
     obj = Reconstruction(cells, targets=targets, k=1, max_len=int(max_len), heads_at_head_lr=False,
                          conditions=None if batch_ids is None else np.asarray(batch_ids, dtype=np.int64),
                          condition_key="batch_ids")

@@ -9,6 +9,7 @@ from .core import (
     build_input_ids,
     cell_sentences,
     document_frequency,
+    gather_rows,
     global_tfidf,
     subsample_sentences,
     truncate_sentences,
@@ -17,5 +18,5 @@ from .core import (
 __all__ = [
     "PAD", "CLS", "SEP", "MASK", "NUM_SPECIAL",
     "global_tfidf", "cell_sentences", "document_frequency",
-    "truncate_sentences", "subsample_sentences", "build_input_ids",
+    "truncate_sentences", "subsample_sentences", "build_input_ids", "gather_rows",
 ]

@@ -384,6 +384,19 @@ def subsample_sentences(indptr, tokens, max_len: int, rng: UniformSource, *extra
     return new_indptr, tokens[mask]
 
 
+def gather_rows(indptr, rows, *arrays):
+    """The rows ``rows`` of the CSR arrays ``arrays`` (all aligned with ``indptr``), vectorised:
+    ``(new_indptr, gathered)`` with ``gathered`` one array, or a tuple when several are given."""
+    rows = np.asarray(rows, dtype=np.int64)
+    indptr = np.asarray(indptr)
+    starts = indptr[rows].astype(np.int64)
+    lens = indptr[rows + 1].astype(np.int64) - starts
+    ptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    src = np.repeat(starts, lens) + (np.arange(int(ptr[-1]), dtype=np.int64) - np.repeat(ptr[:-1], lens))
+    out = tuple(np.asarray(a)[src] for a in arrays)
+    return ptr, (out[0] if len(out) == 1 else out)
+
+
 def build_input_ids(indptr, tokens, rows=None, pad_to: int | None = None):
     """Model input ``[CLS] + sentence + [SEP]``, right-padded with PAD, for the selected rows.
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..tokenize import NUM_SPECIAL
+from ..tokenize import NUM_SPECIAL, gather_rows
 
 log = logging.getLogger(__name__)
 
@@ -173,17 +173,6 @@ def max_input_len(model, max_len: int | None) -> int:
     return cap if max_len is None else max(1, min(int(max_len), cap))
 
 
-def gather_rows(indptr, arr, rows) -> tuple[np.ndarray, np.ndarray]:
-    """CSR rows ``rows`` of ``(indptr, arr)`` as ``(ptr, values)`` (vectorised)."""
-    rows = np.asarray(rows, dtype=np.int64)
-    indptr = np.asarray(indptr)
-    starts = indptr[rows].astype(np.int64)
-    lens = indptr[rows + 1].astype(np.int64) - starts
-    ptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    src = np.repeat(starts, lens) + (np.arange(int(ptr[-1]), dtype=np.int64) - np.repeat(ptr[:-1], lens))
-    return ptr, np.asarray(arr)[src]
-
-
 def input_ids(cells, rows, max_len: int, keys: np.ndarray | None = None) -> torch.Tensor:
     """``[CLS] sentence [SEP]`` of ``rows``: the top ``max_len`` tokens (``keys`` None: inference) or,
     for sentences longer than ``max_len``, a rank-preserving random subsample keyed by ``keys`` (one
@@ -191,7 +180,7 @@ def input_ids(cells, rows, max_len: int, keys: np.ndarray | None = None) -> torc
     from ..tokenize import build_input_ids, subsample_sentences, truncate_sentences
     from . import rng as krng
 
-    ptr, tok = gather_rows(cells.indptr, cells.tokens, rows)
+    ptr, tok = gather_rows(cells.indptr, rows, cells.tokens)
     lens = np.diff(ptr)
     if keys is not None and lens.max(initial=0) > max_len:
         ptr, tok = subsample_sentences(ptr, tok, max_len, krng.KeyedUniform(krng.per_element_uniform(keys, lens)))
@@ -486,7 +475,8 @@ class Reconstruction(Objective):
         self.target_rows = self.input_rows if target_rows is None else np.asarray(target_rows, dtype=np.int64)
         self.t_col = self._t_tokens = self.t_val = None
         if sp.issparse(targets):  # CSR cells x cCREs: the non-zeros are the positives
-            t = sp.csr_matrix(targets)
+            t = sp.csr_matrix(targets, copy=True)
+            t.eliminate_zeros()
             self.t_ptr, self.t_col = t.indptr.astype(np.int64), t.indices.astype(np.int64)
             if sr == "mse":
                 self.t_val = t.data.astype(np.float32)
@@ -522,12 +512,15 @@ class Reconstruction(Objective):
 
     def _targets(self, ex: np.ndarray):
         rows = self.target_rows[ex]
-        if self.t_col is not None:
-            ptr, col = gather_rows(self.t_ptr, self.t_col, rows)
+        src = self.t_col if self.t_col is not None else self._t_tokens
+        if self.t_val is None:
+            ptr, col = gather_rows(self.t_ptr, rows, src)
+            val = None
         else:
-            ptr, tok = gather_rows(self.t_ptr, self._t_tokens, rows)
-            col = tok.astype(np.int64) - NUM_SPECIAL
-        val = None if self.t_val is None else gather_rows(self.t_ptr, self.t_val, rows)[1].astype(np.float32)
+            ptr, (col, val) = gather_rows(self.t_ptr, rows, src, self.t_val)
+            val = val.astype(np.float32)
+        if self.t_col is None:
+            col = col.astype(np.int64) - NUM_SPECIAL
         return ptr, col, val
 
     def __call__(self, model, rows, ctx):
@@ -570,5 +563,5 @@ class Reconstruction(Objective):
 
 
 __all__ = ["FitConfig", "LossOutput", "StepContext", "Objective", "fit", "Classification", "Reconstruction",
-           "input_ids", "train_keys", "gather_rows", "cca_queries", "planned_steps", "epoch_batches", "max_input_len",
+           "input_ids", "train_keys", "cca_queries", "planned_steps", "epoch_batches", "max_input_len",
            "resolve_device", "autocast", "SR_LOSSES", "predict", "HEADS"]
