@@ -14,7 +14,7 @@ from epiflow.errors import ConfigError, EpiflowError, VocabularyMismatchError
 from epiflow.model import EpiAgentConfig, from_config, load_epiagent_checkpoint, save_epiagent_checkpoint
 from epiflow.tasks.annotation import (annotate, finetune_classifier, attach_classifier, load_cells, load_model,
                                       lsi_reference_projection, predict_proba, sankey_figure, stratified_split)
-from epiflow.tasks.features import METRIC_COLUMNS
+from epiflow.metrics.table import METRIC_COLUMNS
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from epiflow.baselines import lsi
 from epiflow.baselines.lsi import tfidf_lsi_matrix
 from epiflow.errors import EpiflowError
 from epiflow.metrics import clustering_scores, leiden_bisect
-from epiflow.tasks.features import (METRIC_COLUMNS, evaluate_features, labelled_mask, trajectory,
-                                    write_metrics)
+from epiflow.tasks.features import evaluate_features, labelled_mask, trajectory
+from epiflow.metrics.table import METRIC_COLUMNS, write_metrics
 
 TYPES = ["T0", "T1", "T2"]
 

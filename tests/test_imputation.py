@@ -10,7 +10,7 @@ import scipy.sparse as sp
 from epiflow.cli import main
 from epiflow.errors import ConfigError, EpiflowError
 from epiflow.model import EpiAgentConfig, from_config, save_epiagent_checkpoint
-from epiflow.tasks.features import METRIC_COLUMNS
+from epiflow.metrics.table import METRIC_COLUMNS
 from epiflow.tasks.imputation import decode_signal, finetune_imputation, impute, lsi_reconstruction
 from epiflow.tasks.annotation import load_cells, load_model
 

@@ -26,7 +26,7 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..io import atomic_path
-    from ..tasks.features import metrics_frame, write_metrics
+    from ..metrics.table import metrics_frame, write_metrics
     from .base import get_adapter, save_output
     from .run import canonical_input, evaluate, load_counts, run_baseline
 
@@ -105,7 +105,7 @@ def _table(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from ..errors import InputFormatError
-    from ..tasks.features import METRIC_COLUMNS, metrics_frame, write_metrics
+    from ..metrics.table import METRIC_COLUMNS, metrics_frame, write_metrics
 
     parts = []
     for path in args.metrics:

@@ -255,7 +255,7 @@ def _embedding_scores(emb, labels, seed: int, n_neighbors: int) -> dict:
 def evaluate(out: BaselineOutput, adata, ctx: dict, *, dataset: str, method: str, seed: int = 0,
              n_neighbors: int = 15, ks=(10, 50, 100)) -> list[dict]:
     """Metric rows of one baseline run (the long table of :mod:`epiflow.tasks.features`)."""
-    from ..tasks.features import metric_rows
+    from ..metrics.table import metric_rows
 
     task = ctx["task"]
     v: dict[str, float] = {"n_cells": adata.n_obs, "n_features": adata.n_vars}

@@ -29,11 +29,12 @@ import numpy as np
 import pandas as pd
 
 from ..errors import EpiflowError, InputFormatError
+from ..metrics.table import METRIC_COLUMNS
+from ..metrics.table import read_metrics as _read_one
 from .embedding import _figure, category_palette, embedding_panel, save_figure
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = ["task", "dataset", "method", "metric", "value"]
 
 
 @dataclass(frozen=True)
@@ -188,20 +189,7 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
 # ----------------------------------------------------------------------------- reading
 def read_metrics(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     """Concatenate long metrics tables (``task dataset method metric value``)."""
-    parts = []
-    for p in paths:
-        try:
-            df = pd.read_csv(p, sep="\t")
-        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-            raise InputFormatError(f"cannot read metrics table ({exc})", path=p,
-                                   fix="pass a metrics.tsv written by an epiflow task verb") from None
-        missing = [c for c in METRIC_COLUMNS if c not in df.columns]
-        if missing:
-            raise InputFormatError(f"metrics table lacks column(s) {', '.join(missing)}", path=p, line=1,
-                                   fix=f"the header must be: {' '.join(METRIC_COLUMNS)}")
-        df = df[METRIC_COLUMNS].copy()
-        df["value"] = pd.to_numeric(df["value"], errors="coerce")
-        parts.append(df)
+    parts = [_read_one(p) for p in paths]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=METRIC_COLUMNS)
 
 

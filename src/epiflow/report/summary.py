@@ -24,25 +24,15 @@ import pandas as pd
 
 from ..errors import InputFormatError
 from ..io import atomic_path
+from ..metrics.table import METRIC_COLUMNS, read_metrics
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = ["task", "dataset", "method", "metric", "value"]
 SEEN_COLUMN = "seen_in_pretraining"
 
 
 def _read_metrics(path: Path) -> pd.DataFrame:
-    try:
-        df = pd.read_csv(path, sep="\t")
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise InputFormatError(f"cannot read metrics table ({exc})", path=path,
-                               fix="pass the metrics.tsv written by an 'epiflow' task verb") from None
-    missing = [c for c in METRIC_COLUMNS if c not in df.columns]
-    if missing:
-        raise InputFormatError(f"metrics table lacks column(s) {', '.join(missing)}", path=path, line=1,
-                               fix=f"the header must be: {' '.join(METRIC_COLUMNS)}")
-    df = df[METRIC_COLUMNS + ([SEEN_COLUMN] if SEEN_COLUMN in df.columns else [])].copy()
-    df["value"] = pd.to_numeric(df["value"], errors="coerce")
+    df = read_metrics(path, extra=[SEEN_COLUMN])
     df["source"] = str(path)
     return df
 

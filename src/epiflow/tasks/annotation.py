@@ -47,7 +47,8 @@ import torch
 from ..errors import ConfigError, EpiflowError, InputFormatError
 from ..io import atomic_path
 from ..train.engine import max_input_len as effective_max_len
-from .features import _write_tsv, labelled_mask, metric_rows, metrics_frame, write_metrics
+from .features import labelled_mask
+from ..metrics.table import metric_rows, metrics_frame, write_metrics, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -543,10 +544,10 @@ def annotate(data, checkpoint, label_key: str = "cell_type", *, head: str = "lin
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_metrics(metrics, out / "metrics.tsv")
-        _write_tsv(pred_df, out / "predictions.tsv")
-        _write_tsv(train_log, out / "train_log.tsv")
+        write_tsv(pred_df, out / "predictions.tsv")
+        write_tsv(train_log, out / "train_log.tsv")
         conf = confusion_table(yq, ordered["EpiAgent"][q_rows].astype(str), labels=list(classes))
-        _write_tsv(conf, out / "confusion.tsv", index=True)
+        write_tsv(conf, out / "confusion.tsv", index=True)
         if figures:
             tables = {"EpiAgent": conf}
             lsi_methods = [m for m in ("LSI+LogReg", "LSI+SVM") if m in ordered]

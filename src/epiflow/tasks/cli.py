@@ -33,7 +33,8 @@ def _parse_embeddings(items: list[str] | None) -> dict[str, str]:
 
 def _evaluate_features(args: argparse.Namespace) -> int:
     from ..errors import EpiflowError
-    from .features import evaluate_features, load_feature_inputs, metric_rows
+    from .features import evaluate_features, load_feature_inputs
+    from ..metrics.table import metric_rows
 
     embeddings = _parse_embeddings(args.embeddings)
     if args.corpus is None and args.counts is None:

@@ -56,7 +56,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import EpiflowError, InputFormatError
-from ..io import atomic_path
+from ..metrics.table import metric_rows, metrics_frame, write_metrics, write_tsv
 from ..metrics import (HEMATOPOIESIS_ORDER, clustering_scores, label_silhouette, leiden_bisect,
                        order_spearman, order_spearman_cells, parse_order)
 
@@ -64,38 +64,8 @@ log = logging.getLogger(__name__)
 
 TASK = "feature_extraction"
 TRAJECTORY_TASK = "trajectory"
-METRIC_COLUMNS = ["task", "dataset", "method", "metric", "value"]
 DEFAULT_EMBEDDINGS = {"EpiAgent": "X_epiagent", "LSI": "X_lsi"}
 MISSING_LABELS = {"", "nan", "none", "na", "n/a", "<na>"}
-
-
-# ----------------------------------------------------------------------------- the long table
-def metric_rows(task: str, dataset: str, method: str, values: Mapping[str, float]) -> list[dict]:
-    return [{"task": task, "dataset": dataset, "method": method, "metric": str(k), "value": float(v)}
-            for k, v in values.items()]
-
-
-def metrics_frame(rows) -> pd.DataFrame:
-    """The common long metrics table (columns ``task, dataset, method, metric, value``)."""
-    df = pd.DataFrame(list(rows), columns=METRIC_COLUMNS)
-    df["value"] = df["value"].astype(float)
-    return df
-
-
-def write_metrics(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a metrics table atomically as TSV (``%.6g`` floats, ``nan`` for missing)."""
-    missing = [c for c in METRIC_COLUMNS if c not in df.columns]
-    if missing:
-        raise EpiflowError(f"metrics table lacks columns {missing}", field="metrics")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        df[METRIC_COLUMNS].to_csv(tmp, sep="\t", index=False, float_format="%.6g", na_rep="nan")
-    return path
-
-
-def _write_tsv(df: pd.DataFrame, path: Path, index: bool = False) -> None:
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, sep="\t", index=index, float_format="%.6g", na_rep="nan")
 
 
 def labelled_mask(labels) -> np.ndarray:
@@ -330,12 +300,12 @@ def evaluate_features(adata, *, label_key: str = "cell_type", embeddings: Mappin
             umap_figure(umap_panels, out / "umap.png", svg=svg,
                         suptitle=f"Feature extraction on {dataset}\nUMAP of each embedding, coloured by {label_key}")
         if traj_tables:
-            _write_tsv(pd.concat(traj_tables, ignore_index=True), out / "trajectory.tsv")
+            write_tsv(pd.concat(traj_tables, ignore_index=True), out / "trajectory.tsv")
         if traj_panels:
             trajectory_figure(traj_panels, out / "trajectory.png", svg=svg,
                               suptitle=f"Trajectory on {dataset}: PAGA + diffusion pseudotime rooted in "
                                        f"{root_type}\nknown order: {_order_text(order)}")
-        _write_tsv(cells, out / "cells.tsv")
+        write_tsv(cells, out / "cells.tsv")
         write_metrics(table, out / "metrics.tsv")  # last: its presence means the run completed
         log.info("wrote %s", out / "metrics.tsv")
     return table

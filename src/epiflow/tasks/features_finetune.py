@@ -126,7 +126,8 @@ def add_model_embeddings(adata, cells, checkpoint, *, dataset: str, epochs: int 
     Returns ``(methods, rows)``: ``{method: obsm key}`` of the embeddings added, and the metric rows
     (task ``feature_extraction``) describing the fine-tuning of each EpiAgent method.
     """
-    from .features import TASK, metric_rows
+    from .features import TASK
+    from ..metrics.table import metric_rows
 
     n = getattr(cells, "n_cells", None)
     if n is not None and int(n) != adata.n_obs:

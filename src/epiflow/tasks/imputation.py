@@ -43,7 +43,8 @@ import scipy.sparse as sp
 from ..errors import ConfigError, EpiflowError
 from .annotation import (_figure, obs_labels, cell_ids, check_train_args, check_trainer,
                          dataset_name, effective_max_len, load_cells, load_model, resolve_device, shared_finetune)
-from .features import _write_tsv, labelled_mask, metric_rows, metrics_frame, write_metrics
+from .features import labelled_mask
+from ..metrics.table import metric_rows, metrics_frame, write_metrics, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +280,7 @@ def impute(data, checkpoint, label_key: str = "cell_type", *, epochs: int = 15, 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_metrics(metrics, out / "metrics.tsv")
-        _write_tsv(train_log, out / "train_log.tsv")
+        write_tsv(train_log, out / "train_log.tsv")
         lab_ids = ids[lab]
         pc = pd.DataFrame({"cell_id": lab_ids, label_key: y})
         pcc = pd.DataFrame({"ccre_index": keep})
@@ -288,8 +289,8 @@ def impute(data, checkpoint, label_key: str = "cell_type", *, epochs: int = 15, 
             pc[f"mse_{m}"] = agreement[m]["mse_cell"]
             pcc[f"pearson_{m}"] = agreement[m]["pearson_ccre"]
             pcc[f"mse_{m}"] = agreement[m]["mse_ccre"]
-        _write_tsv(pc, out / "per_cell.tsv")
-        _write_tsv(pcc, out / "per_ccre.tsv")
+        write_tsv(pc, out / "per_cell.tsv")
+        write_tsv(pcc, out / "per_ccre.tsv")
         with atomic_path(out / "imputed.h5ad") as tmp:
             adata.write_h5ad(tmp)
         if figures:

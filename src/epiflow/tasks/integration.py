@@ -37,7 +37,8 @@ import torch
 
 from ..errors import ConfigError, EpiflowError
 from ..io import atomic_path
-from .features import labelled_mask, metric_rows, metrics_frame, write_metrics
+from .features import labelled_mask
+from ..metrics.table import metric_rows, metrics_frame, write_metrics
 from .zeroshot import (_dataset_name, _device, apply_label_map, classification_scores, covered_ccres, load_cells,
                        load_model, obs_column, read_label_map, restrict_to_ccres)
 

@@ -32,7 +32,7 @@ import scipy.sparse as sp
 
 from ..errors import EpiflowError, InputFormatError
 from ..io import atomic_path
-from .features import metric_rows, metrics_frame, write_metrics
+from ..metrics.table import metric_rows, metrics_frame, write_metrics
 from .zeroshot import load_cells, load_model, obs_column
 
 log = logging.getLogger(__name__)

@@ -80,7 +80,7 @@ from ..metrics.perturbation import (
     top_da,
     wasserstein,
 )
-from .features import metric_rows, metrics_frame, write_metrics
+from ..metrics.table import metric_rows, metrics_frame, write_metrics
 from .perturbation_train import (
     FinetuneSettings,
     _missing,

@@ -32,7 +32,8 @@ import torch
 
 from ..errors import ConfigError, EpiflowError, InputFormatError
 from ..io import atomic_path
-from .features import labelled_mask, metric_rows, metrics_frame, write_metrics
+from .features import labelled_mask
+from ..metrics.table import metric_rows, metrics_frame, write_metrics
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,153 @@
+"""What every task verb needs before its own work: the cells as one
+:class:`~epiflow.corpus.shard.Shard`, a trainable copy of the model, the device, the result container
+(issue #18: one loader, one model loader, one device resolver, one result type for every task).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import EpiflowError, InputFormatError
+from ..train.engine import resolve_device
+
+__all__ = ["TaskResult", "dataset_names", "load_cells", "load_model", "resolve_device", "corpus_vocab",
+           "corpus_df"]
+
+
+def dataset_names(dataset) -> list[str]:
+    """``None`` -> []; ``"a,b"`` or ``["a", "b"]`` -> the names."""
+    if dataset is None:
+        return []
+    if isinstance(dataset, str):
+        return [d.strip() for d in dataset.split(",") if d.strip()]
+    return [str(d) for d in dataset]
+
+
+def load_cells(source, *, df=None, dataset=None, max_cells: int | None = None, seed: int = 0):
+    """The cells of ``source`` as one Shard (rank-ordered sentences, counts, TF-IDF, obs).
+
+    ``source``: a Shard, a corpus folder, a shard ``.h5``, an ``.h5ad`` path or AnnData of raw counts
+    (tokenized with ``df``: an array or a ``df.npy`` path, else ``var['df']``; a model must see the
+    document frequency of the corpus it was trained on, so an h5ad without either is an error), or a
+    list of those. ``dataset`` keeps the cells whose ``obs['dataset']`` is one of the names (a list or a
+    comma-separated string; corpus order kept); ``max_cells`` draws a random subset (``seed``).
+    """
+    from ..corpus.shard import Shard
+
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        if not p.exists():
+            raise InputFormatError("input does not exist", path=str(p),
+                                   fix="pass a corpus folder, a shard .h5 or an .h5ad of raw counts")
+        if p.is_dir() and not (p / "corpus.json").exists():
+            raise InputFormatError("not a corpus folder (no corpus.json)", path=str(p),
+                                   fix="pass the folder written by epiflow build-corpus / tokenize-downstream")
+        if p.suffix == ".h5ad":
+            import anndata as ad
+
+            source = ad.read_h5ad(p)
+    if isinstance(df, (str, os.PathLike)):
+        try:
+            df = np.load(df)
+        except (OSError, ValueError) as exc:
+            raise InputFormatError(f"cannot read the document frequencies ({exc})", path=str(df),
+                                   fix="pass the df.npy of the model's corpus") from None
+    if hasattr(source, "obs") and hasattr(source, "X") and not isinstance(source, Shard):
+        if df is None and "df" not in source.var:
+            raise InputFormatError("no document frequencies for an h5ad input", field="df",
+                                   fix="pass --df <corpus>/df.npy (the corpus the model was trained on)")
+        if df is not None and np.shape(df) != (source.n_vars,):
+            raise InputFormatError(f"df has {np.shape(df)[0]} entries but the h5ad has {source.n_vars} cCREs",
+                                   field="df", fix="use the df.npy of the corpus whose vocabulary the h5ad uses")
+    sh = Shard.from_any(source, df=df)
+    names = dataset_names(dataset)
+    if names:
+        if "dataset" not in sh.obs:
+            raise InputFormatError("obs has no 'dataset' column to select a dataset", field="obs/dataset")
+        have_col = sh.obs["dataset"].astype(str).to_numpy()
+        missing = [n for n in names if not (have_col == n).any()]
+        if missing:
+            raise EpiflowError(f"no cell of dataset {', '.join(repr(m) for m in missing)} "
+                               f"(have: {sorted(set(have_col))})", field="dataset",
+                               fix="pass datasets that the input holds")
+        sh = sh.subset(np.flatnonzero(np.isin(have_col, names)))
+    if max_cells is not None and sh.n_cells > max_cells:
+        rows = np.sort(np.random.default_rng(seed).choice(sh.n_cells, int(max_cells), replace=False))
+        sh = sh.subset(rows)
+    if sh.n_cells == 0:
+        raise InputFormatError("no cells in the input", field="cells")
+    return sh
+
+
+def corpus_vocab(source) -> pd.DataFrame | None:
+    """The ``vocab.bed`` of a corpus folder (None for other inputs or when absent)."""
+    if isinstance(source, (str, os.PathLike)) and (Path(source) / "vocab.bed").exists():
+        from ..genome.bed import read_bed
+
+        return read_bed(Path(source) / "vocab.bed")
+    return None
+
+
+def corpus_df(source) -> np.ndarray | None:
+    """The ``df.npy`` of a corpus folder (None for other inputs or when absent)."""
+    if isinstance(source, (str, os.PathLike)) and (Path(source) / "df.npy").exists():
+        return np.load(Path(source) / "df.npy")
+    return None
+
+
+def load_model(checkpoint, *, n_ccres: int | None = None, num_heads: int | None = None, backend: str = "auto",
+               device=None, dropout: float | None = None):
+    """A trainable float32 copy of a checkpoint (a path, or an :class:`~epiflow.model.EpiAgent` that is
+    deep-copied) on ``device`` (None: CPU) with attention ``backend`` (auto: packed while training on
+    CPU, padded sdpa for inference; flash-attn on CUDA when installed)."""
+    import torch
+
+    from ..errors import VocabularyMismatchError
+    from ..model import EpiAgent, load_epiagent_checkpoint
+
+    if isinstance(checkpoint, EpiAgent):
+        model = copy.deepcopy(checkpoint)
+        if n_ccres is not None and model.n_ccres != int(n_ccres):
+            raise VocabularyMismatchError(f"the model has {model.n_ccres} cCREs but the data has {n_ccres}",
+                                          field="n_ccres", fix="use a model trained on this cCRE vocabulary")
+    else:
+        p = Path(checkpoint)
+        if not p.exists():
+            raise InputFormatError("checkpoint does not exist", path=str(p),
+                                   fix="pass checkpoint.pth written by epiflow pretrain (or the authors' file)")
+        kw = {} if dropout is None else {"dropout": float(dropout)}
+        model = load_epiagent_checkpoint(p, num_heads=num_heads, n_ccres=n_ccres, mmap=False,
+                                         dtype=torch.float32, **kw)
+    model.to(resolve_device(device) if device is not None else torch.device("cpu"))
+    model.set_backend(backend)
+    return model
+
+
+@dataclass
+class TaskResult:
+    """What a task's ``run`` returns; :func:`epiflow.report.results.write_task_result` writes it.
+
+    - ``metrics``: the long metrics table (``metrics.tsv``);
+    - ``tables``: name -> DataFrame, written as ``<name>.tsv`` (e.g. predictions, knockout; with the
+      index when it is not a plain range);
+    - ``history``: the per-step training log (``train_log.tsv``), if the task trained;
+    - ``models``: name -> fine-tuned model, written as ``<name>.pth`` (+ side file) when asked;
+    - ``h5ad``: name -> AnnData, written as ``<name>.h5ad``;
+    - ``texts``: file name -> text (e.g. ``classes.json``), written as is;
+    - ``data``: arrays the figures draw (embeddings, scores ...), not written.
+    """
+
+    metrics: pd.DataFrame
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    history: pd.DataFrame | None = None
+    models: dict[str, Any] = field(default_factory=dict)
+    h5ad: dict[str, Any] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)

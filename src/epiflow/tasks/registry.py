@@ -1,0 +1,77 @@
+"""The one registry of the downstream tasks (issue #18): for each config key under ``tasks``, its
+verbs and their settings, its results folder, the files of one result folder that the workflow's
+``all`` asks for, the ``task`` values of its metrics rows, the baseline task whose tools add rows to
+the same comparison, and the tables only some of its result folders get.
+
+The workflow's rules (``common.smk``: outputs, argv), the figures (``figures_common.smk``; the panels
+of :data:`epiflow.plots.figures.PANELS` name a task key) and the report tables read it. Light: the
+workflow imports it while planning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import config as C
+
+
+@dataclass(frozen=True)
+class Task:
+    key: str                                  # config key under `tasks`
+    folder: str                               # results/tasks/<folder>/<unit>/
+    benchmark: str                            # report category of its figures and tables
+    verbs: dict[str, type]                    # verb -> settings dataclass (the first runs the task)
+    outputs: tuple[str, ...]                  # files of one result folder that `all` asks for
+    metrics_tasks: tuple[str, ...]            # values of the `task` column of its metrics rows
+    baseline_task: str | None = None          # config baselines.tasks key adding rows to its comparison
+    partial_tables: dict[str, str] = field(default_factory=dict)  # table -> why no folder may get it
+
+    @property
+    def verb(self) -> str:
+        return next(iter(self.verbs))
+
+
+TASKS: dict[str, Task] = {t.key: t for t in [
+    Task("feature_extraction", "feature_extraction", "Feature extraction",
+         {"evaluate-features": C.FeaturesConfig}, ("metrics.tsv", "umap.png"), ("feature_extraction", "trajectory"),
+         baseline_task="feature_extraction",
+         partial_tables={"trajectory.tsv": (
+             "no dataset gets a trajectory.tsv: config tasks.feature_extraction.trajectory.datasets is empty, "
+             "so the trajectory (PAGA + pseudotime vs a known order of cell types, e.g. Buenrostro 2018 "
+             "haematopoiesis) runs on none (list the evaluated datasets whose cell types follow "
+             "tasks.feature_extraction.trajectory.order)")}),
+    Task("annotation", "annotation", "Annotation", {"annotate": C.AnnotationConfig},
+         ("metrics.tsv", "confusion.png", "sankey.png"), ("annotation",), baseline_task="annotation"),
+    Task("imputation", "imputation", "Imputation", {"impute": C.ImputationConfig},
+         ("metrics.tsv", "imputation_box.png"), ("imputation",), baseline_task="imputation"),
+    Task("stimulation", "stimulation", "Stimulated perturbation", {"predict-stimulation": C.StimulationConfig},
+         ("metrics.tsv", "scatter.png", "direction.png"), ("stimulated_perturbation",),
+         baseline_task="perturbation"),
+    Task("genetic", "genetic", "Genetic perturbation", {"predict-genetic": C.GeneticConfig},
+         ("metrics.tsv", "scatter.png", "direction.png"), ("genetic_perturbation",),
+         baseline_task="perturbation"),
+    Task("integration", "integration", "Integration and query mapping", {"integrate": C.IntegrationConfig},
+         ("metrics.tsv", "umap_batch.png", "umap_cell_type.png"), ("integration", "query_mapping"),
+         baseline_task="integration"),
+    Task("knockout", "knockout", "In-silico cCRE knockout", {"knockout": C.KnockoutConfig},
+         ("metrics.tsv", "knockout_effects.png", "knockout_umap.png"), ("knockout",)),
+    Task("zeroshot_annotation", "zeroshot_annotation", "Zero-shot annotation",
+         {"train-annotator": C.AnnotatorConfig, "annotate-zeroshot": C.ZeroshotConfig},
+         ("metrics.tsv", "confusion.png"), ("zeroshot_annotation",)),
+]}
+
+
+def task_of_metrics(metrics_task: str) -> Task | None:
+    """The task whose metrics rows carry ``task`` = ``metrics_task``."""
+    for t in TASKS.values():
+        if metrics_task in t.metrics_tasks:
+            return t
+    return None
+
+
+def verb_config(verb: str) -> type:
+    """The settings dataclass of a task verb."""
+    for t in TASKS.values():
+        if verb in t.verbs:
+            return t.verbs[verb]
+    raise KeyError(verb)
