@@ -371,11 +371,11 @@ def test_two_zeroshot_annotators_each_train_once_and_label_their_datasets(tmp_pa
     shells = [ln[len("Shell command: "):] for ln in out.splitlines() if ln.startswith("Shell command: ")]
     train = sorted(s for s in shells if "epiflow train-annotator" in s)
     assert len(train) == 2, train
-    assert "--dataset atlas_b1 " in train[0] and train[0].split("--out-dir ")[1].startswith(
+    assert "--dataset atlas_b1 " in train[0] and train[0].split("--out ")[1].startswith(
         f"{res}/tasks/zeroshot_annotation/annotator-EpiAgent-B ")
     assert "--dataset atlas_b1,atlas_b2 " in train[1] and "annotator-EpiAgent-NT " in train[1]
     zs = f"{res}/tasks/zeroshot_annotation"
-    annotate = {s.split("--out-dir ")[1].split()[0]: s for s in shells if "epiflow annotate-zeroshot" in s}
+    annotate = {s.split("--out ")[1].split()[0]: s for s in shells if "epiflow annotate-zeroshot" in s}
     assert set(annotate) == {f"{zs}/EpiAgent-B.atlas_b3", f"{zs}/EpiAgent-NT.pbmc_fragments",
                              f"{zs}/EpiAgent-NT.atlas_b3"}, annotate
     b = annotate[f"{zs}/EpiAgent-B.atlas_b3"]
@@ -413,7 +413,7 @@ def test_demo_baselines_plan_snapatac2_beside_lsi_and_integrate_the_integration_
     demo = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     integ = demo["tasks"]["integration"]
     planned = sorted((re.search(r"--tool (\S+)", c)[1], re.search(r"--task (\S+)", c)[1],
-                      re.search(r"--out-dir (\S+)", c)[1].split("/baselines/")[1]) for c in calls)
+                      re.search(r"--out (\S+)", c)[1].split("/baselines/")[1]) for c in calls)
     assert planned == sorted([("lsi", "feature_extraction", "feature_extraction/atlas_b1/lsi"),
                               ("snapatac2", "feature_extraction", "feature_extraction/atlas_b1/snapatac2"),
                               ("snapatac2", "annotation", "annotation/atlas_b1/snapatac2"),

@@ -163,7 +163,7 @@ def test_transfer_config_dry_runs(tmp_path):
     assert sorted(re.search(r"--out \S+/downstream/(\S+)", c).group(1) for c in jobs["downstream_corpus"]) \
         == ["buenrostro2018_bm0828", "granja2019_d6t1_heldout"]
     fe = jobs["evaluate_features"] + jobs["evaluate_features_trajectory"]
-    assert len(fe) == 2 and all("/downstream/" in c and "--finetune-epochs 2" in c for c in fe)
+    assert len(fe) == 2 and all("/downstream/" in c and "--epochs 2" in c for c in fe)
     # LSI on each dataset's own peaks beside LSI on the corpus vocabulary (when the h5ad is here)
     for c in fe:
         src = {"granja2019_d6t1_heldout": "granja2019_bmmc_d6t1.h5ad",

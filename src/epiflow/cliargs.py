@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import shlex
 import types
 import typing
@@ -39,14 +40,14 @@ _MISSING = dataclasses.MISSING
 def setting(default: Any = _MISSING, help: str = "", *, choices: Iterable | None = None,
             min: float | None = None, exclusive_min: float | None = None, max: float | None = None,
             aliases: Iterable[str] = (), repeat: bool = False, cli: bool = True, metavar: str | None = None,
-            default_factory: Any = _MISSING) -> Any:
+            pattern: str | None = None, default_factory: Any = _MISSING) -> Any:
     """A dataclass field with what its flag and schema need: ``help`` (shown by ``--help``; the default
     is appended), ``choices``, bounds (``min``, ``exclusive_min``, ``max``), ``aliases`` (former flag
     names, still accepted), ``repeat`` (a list given by repeating the flag instead of commas),
-    ``cli=False`` (a setting of the Python API only)."""
+    ``cli=False`` (a setting of the Python API only), ``pattern`` (a regular expression a text must match)."""
     meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "min": min,
             "exclusive_min": exclusive_min, "max": max, "aliases": tuple(aliases), "repeat": repeat,
-            "cli": cli, "metavar": metavar}
+            "cli": cli, "metavar": metavar, "pattern": pattern}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -185,6 +186,8 @@ def check_config(cfg) -> None:
             continue
         items = list(value) if kind.is_list else [value]
         for v in items:
+            if meta.get("pattern") and isinstance(v, str) and not re.fullmatch(meta["pattern"], v):
+                raise ConfigError(f"{where} is {v!r}, which does not match {meta['pattern']}", field=f.name)
             if meta.get("choices") and v not in meta["choices"]:
                 raise ConfigError(f"{where} is {v!r}", field=f.name,
                                   fix=f"use one of {', '.join(map(str, meta['choices']))}")
@@ -254,6 +257,8 @@ def schema_properties(cls, *, exclude: Iterable[str] = ()) -> dict[str, dict]:
             item["type"] = "number"
         if meta.get("choices"):
             item["enum"] = list(meta["choices"])
+        if meta.get("pattern"):
+            item["pattern"] = f"^(?:{meta['pattern']})$"
         for key, schema_key in (("min", "minimum"), ("exclusive_min", "exclusiveMinimum"), ("max", "maximum")):
             if meta.get(key) is not None:
                 item[schema_key] = meta[key]

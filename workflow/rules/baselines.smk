@@ -64,7 +64,7 @@ rule run_baseline:
         " --batch-key {params.batch_key} --condition-key {params.condition_key}"
         " --perturbation-key {params.perturbation_key}"
         " {params.tool_params} --env {params.env} {params.cache} --threads {threads}"
-        " --seed {params.seed} --out-dir {params.outdir:q} > {log:q} 2>&1"
+        " --seed {params.seed} --out {params.outdir:q} > {log:q} 2>&1"
 
 
 rule baselines_table:

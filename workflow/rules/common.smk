@@ -91,13 +91,42 @@ def _coerce_numbers(cfg, schema):
     return notes
 
 
+def _rename_legacy_task_keys(cfg):
+    """Former key names of task settings (e.g. knockout finetune_steps -> max_steps) are read as
+    the new ones, with a note; both at once is an error. Changes `cfg` in place; returns the notes."""
+    from epiflow.cliargs import legacy_keys
+    from epiflow.tasks.registry import TASKS
+
+    notes = []
+    for key, task in TASKS.items():
+        sec = (cfg.get("tasks") or {}).get(key)
+        if not isinstance(sec, dict):
+            continue
+        for cls in task.verbs.values():
+            for old, new in legacy_keys(cls).items():
+                if old not in sec:
+                    continue
+                if new in sec:
+                    raise WorkflowError(
+                        f"invalid configuration:\n  - tasks.{key}: both '{old}' (the former name) and "
+                        f"'{new}' are set; keep only '{new}'"
+                    )
+                sec[new] = sec.pop(old)
+                notes.append(
+                    f"config key 'tasks.{key}.{old}' is now 'tasks.{key}.{new}' (read as such; "
+                    "rename it to silence this note)"
+                )
+    return notes
+
+
 def validate_config(cfg, schema_file):
     """Fail before any job runs when the configuration has a wrong key or type."""
     import sys
 
-    with open(schema_file) as fh:
-        schema = yaml.safe_load(fh)
-    for note in _coerce_numbers(cfg, schema):
+    from epiflow.tasks.registry import workflow_schema
+
+    schema = workflow_schema(schema_file)  # + the task settings of epiflow.tasks.config
+    for note in _rename_legacy_task_keys(cfg) + _coerce_numbers(cfg, schema):
         print(f"epiflow: note: {note}", file=sys.stderr)
     problems = _config_errors(cfg, schema)
     if problems:
@@ -425,23 +454,11 @@ def checkpoint_file(wildcards=None):
     return f"{R}/pretrain/checkpoint.pth"
 
 
-TASK_OUTPUTS = {
-    # config key under tasks -> (results subfolder, files of one dataset that `all` asks for)
-    "feature_extraction": ("feature_extraction", ["metrics.tsv", "umap.png"]),
-    "annotation": ("annotation", ["metrics.tsv", "confusion.png", "sankey.png"]),
-    "imputation": ("imputation", ["metrics.tsv", "imputation_box.png"]),
-    "stimulation": ("stimulation", ["metrics.tsv", "scatter.png", "direction.png"]),
-    "genetic": ("genetic", ["metrics.tsv", "scatter.png", "direction.png"]),
-    "integration": (
-        "integration",
-        ["metrics.tsv", "umap_batch.png", "umap_cell_type.png"],
-    ),
-    "knockout": (
-        "knockout",
-        ["metrics.tsv", "knockout_effects.png", "knockout_umap.png"],
-    ),
-    "zeroshot_annotation": ("zeroshot_annotation", ["metrics.tsv", "confusion.png"]),
-}
+# config key under tasks -> (results subfolder, files of one result folder that `all` asks for),
+# from the one task registry (epiflow.tasks.registry), which the figures and tables read too
+from epiflow.tasks.registry import TASKS
+
+TASK_OUTPUTS = {key: (t.folder, list(t.outputs)) for key, t in TASKS.items()}
 # Zero-shot annotators (train_annotator in tasks.smk, one job per annotator). By default one, named
 # "annotator", from the keys of tasks.zeroshot_annotation (folder {R}/tasks/zeroshot_annotation/annotator, results
 # of dataset D in .../zeroshot_annotation/D, method EpiAgent-zeroshot). With
@@ -449,6 +466,25 @@ TASK_OUTPUTS = {
 # reference, datasets and labels (the other keys are shared): folder .../annotator-NAME, results of
 # dataset D in .../zeroshot_annotation/NAME.D, method NAME.
 ZS_ROOT = f"{R}/tasks/zeroshot_annotation"
+
+
+def task_setting(task, key):
+    """A task's setting: its config value, else the default of the first of the task's verbs that
+    has it (epiflow.tasks.config: the one place the defaults are declared)."""
+    import dataclasses
+
+    value = config["tasks"][task].get(key)
+    if value is not None:
+        return value
+    for cls in TASKS[task].verbs.values():
+        for f in dataclasses.fields(cls):
+            if f.name == key:
+                return (
+                    f.default
+                    if f.default is not dataclasses.MISSING
+                    else f.default_factory()
+                )
+    raise KeyError(f"tasks.{task}.{key}")
 
 
 def zs_annotators():
@@ -463,9 +499,9 @@ def zs_annotators():
                 method="EpiAgent-zeroshot",
                 reference=list(t["reference"]),
                 datasets=list(t["datasets"]),
-                label_key=t["label_key"],
-                label_map=t["label_map"],
-                query_label_map=t["query_label_map"],
+                label_key=task_setting("zeroshot_annotation", "label_key"),
+                label_map=t.get("label_map"),
+                query_label_map=t.get("query_label_map"),
                 units={ds: ds for ds in t["datasets"]},
             )
         }
@@ -483,9 +519,10 @@ def zs_annotators():
             method=a["name"],
             reference=list(a["reference"]),
             datasets=list(a["datasets"]),
-            label_key=a.get("label_key") or t["label_key"],
-            label_map=a.get("label_map", t["label_map"]),
-            query_label_map=a.get("query_label_map", t["query_label_map"]),
+            label_key=a.get("label_key")
+            or task_setting("zeroshot_annotation", "label_key"),
+            label_map=a.get("label_map", t.get("label_map")),
+            query_label_map=a.get("query_label_map", t.get("query_label_map")),
             units={f"{a['name']}.{ds}": ds for ds in a["datasets"]},
         )
     return out
@@ -616,6 +653,26 @@ def device_arg(device):
     return None if device in (None, "auto") else device
 
 
+def verb_args(task, verb=None, **values):
+    """The settings flags of a task's verb (epiflow.tasks.registry: TASKS[task].verbs) from config
+    tasks.<task> (its keys are the settings' names, epiflow.tasks.config), the model's backend and
+    num_heads (config model), and per-job `values`; keys that are not settings of the verb (enabled,
+    datasets, files ...) are left out, as are null values (the verb's default). The one
+    config-to-command-line builder of the task rules (epiflow.cliargs.to_argv)."""
+    from epiflow.cliargs import argv_string
+
+    spec = TASKS[task]
+    cls = spec.verbs[verb or spec.verb]
+    vals = {
+        "backend": config["model"]["backend"],
+        "num_heads": config["model"]["num_heads"],
+        "progress": False,  # job logs: no progress bars
+    }
+    vals.update(config["tasks"][task])
+    vals.update(values)
+    return argv_string(cls, vals)
+
+
 def pretrain_metrics_file(wildcards=None):
     return [] if EXTERNAL_CHECKPOINT else [f"{R}/pretrain/metrics.csv"]
 
@@ -661,45 +718,6 @@ def pretrain_args():
     return " ".join(x for x in parts if x)
 
 
-def finetune_args(task):
-    """Options shared by the fine-tuning task verbs (annotate, impute) from config['tasks'][task]."""
-    t = config["tasks"][task]
-    parts = [
-        f"--label-key {t['label_key']}",
-        f"--epochs {t['epochs']}",
-        f"--lr {t['lr']}",
-        f"--batch-size {t['batch_size']}",
-        opt("--max-steps", t["max_steps"]),
-        f"--seed {t['seed']}",
-        f"--device {t['device']}",
-        f"--backend {config['model']['backend']}",
-        opt("--num-heads", config["model"]["num_heads"]),
-    ]
-    if task == "annotation":
-        parts.append(f"--head {t['head']}")
-    if task == "imputation":
-        parts.append(f"--min-cell-fraction {t['min_cell_fraction']}")
-    return " ".join(p for p in parts if p)
-
-
-def stimulation_args():
-    """`epiflow predict-stimulation` options from config['tasks']['stimulation']."""
-    t = config["tasks"]["stimulation"]
-    parts = [
-        f"--condition-key {t['condition_key']}",
-        f"--control {t['control']}",
-        f"--cell-type-key {t['cell_type_key']}",
-        f"--epochs {t['epochs']}",
-        opt("--max-steps", t["max_steps"]),
-        f"--batch-size {t['batch_size']}",
-        f"--lr {t['lr']}",
-        f"--seed {t['seed']}",
-        f"--device {t['device']}",
-        opt("--num-heads", config["model"]["num_heads"]),
-    ]
-    return " ".join(p for p in parts if p)
-
-
 def demo_file(task, key, name):
     """A task's annotation file (config tasks.<task>.<key>); null: the demo's simulate/<name>."""
     path = config["tasks"][task][key]
@@ -718,88 +736,6 @@ def datasets_arg(flag, datasets):
     if "all" in datasets:
         return ""
     return f"{flag} {','.join(datasets)}"
-
-
-def genetic_args():
-    """`epiflow predict-genetic` options from config['tasks']['genetic']."""
-    t = config["tasks"]["genetic"]
-    parts = [
-        f"--perturbation-key {t['perturbation_key']}",
-        f"--control {t['control']}",
-        f"--holdout-fraction {t['holdout_fraction']}",
-        f"--epochs {t['epochs']}",
-        opt("--max-steps", t["max_steps"]),
-        f"--batch-size {t['batch_size']}",
-        f"--lr {t['lr']}",
-        opt("--max-len", t["max_len"]),
-        f"--seed {t['seed']}",
-        f"--device {t['device']}",
-        opt("--num-heads", config["model"]["num_heads"]),
-    ]
-    return " ".join(p for p in parts if p)
-
-
-def integration_args():
-    """`epiflow integrate` options from config['tasks']['integration']."""
-    t = config["tasks"]["integration"]
-    parts = [
-        datasets_arg("--dataset", t["datasets"]),
-        f"--batch-key {t['batch_key']}",
-        f"--label-key {t['label_key']}",
-        opt("--label-map", t["label_map"]),
-        f"--max-steps {t['max_steps']}",
-        f"--batch-size {t['batch_size']}",
-        f"--lr {t['lr']}",
-        f"--max-len {t['max_len']}",
-        opt("--max-cells", t["max_cells"]),
-        f"--seed {t['seed']}",
-        f"--device {t['device']}",
-        opt("--num-heads", config["model"]["num_heads"]),
-    ]
-    return " ".join(p for p in parts if p)
-
-
-def knockout_args():
-    """`epiflow knockout` options from config['tasks']['knockout'] (the TSS file is an input)."""
-    t = config["tasks"]["knockout"]
-    parts = [
-        f"--state-key {t['state_key']}",
-        f"--state-a {t['state_a']}",
-        f"--state-b {t['state_b']}",
-        "--genes " + ",".join(t["genes"]),
-        f"--upstream {t['upstream']}",
-        f"--downstream {t['downstream']}",
-        f"--finetune-steps {t['finetune_steps']}",
-        f"--n-reference {t['n_reference']}",
-        f"--n-query {t['n_query']}",
-        f"--n-random {t['n_random']}",
-        f"--seed {t['seed']}",
-        f"--device {t['device']}",
-        opt("--num-heads", config["model"]["num_heads"]),
-    ]
-    return " ".join(p for p in parts if p)
-
-
-def annotator_args(wildcards):
-    """`epiflow train-annotator` options from config['tasks']['zeroshot_annotation'] (and the
-    annotator's own entry of its `annotators`)."""
-    t = config["tasks"]["zeroshot_annotation"]
-    a = zs_settings(wildcards)
-    parts = [
-        datasets_arg("--dataset", a["reference"]),
-        f"--label-key {a['label_key']}",
-        opt("--label-map", a["label_map"]),
-        f"--classifier {t['classifier']}",
-        f"--epochs {t['epochs']}",
-        opt("--max-steps", t["max_steps"]),
-        f"--batch-size {t['batch_size']}",
-        f"--lr {t['lr']}",
-        opt("--max-cells", t["max_cells"]),
-        f"--seed {t['seed']}",
-        f"--device {t['device']}",
-        opt("--num-heads", config["model"]["num_heads"]),
-    ]
-    return " ".join(p for p in parts if p)
 
 
 # ---- baselines (rules in baselines.smk) -------------------------------------------------------

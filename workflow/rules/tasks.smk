@@ -17,7 +17,7 @@ wildcard_constraints:
     zs_annotator=r"annotator(?:-[A-Za-z0-9_-]+)?",
 
 
-# Fine-tuned embeddings (tasks.feature_extraction.finetune_epochs > 0): the verb fine-tunes a copy of
+# Fine-tuned embeddings (tasks.feature_extraction.epochs > 0): the verb fine-tunes a copy of
 # the model on the evaluated cells with CCA (K = 1) + SR and evaluates it (EpiAgent-finetuned) beside
 # the zero-shot embeddings of rule embed (EpiAgent) and LSI.
 # Trajectory (EpiAgent Fig. 2d-g): the datasets of tasks.feature_extraction.trajectory.datasets go to
@@ -35,12 +35,10 @@ if _fe_unknown:
         f"config tasks.feature_extraction.trajectory.datasets lists {_fe_unknown}, which are not in "
         f"tasks.feature_extraction.datasets ({FE_CFG['datasets']}): the trajectory runs on evaluated datasets"
     )
-# per-dataset tables written for only some datasets of a task: panels draw the datasets that have them
+# per-dataset tables written for only some datasets of a task (the registry's partial_tables): panels
+# draw the datasets that have them
 PARTIAL_UNIT_TABLES = {
-    "trajectory.tsv": "no dataset gets a trajectory.tsv: config tasks.feature_extraction.trajectory."
-    "datasets is empty, so the trajectory (PAGA + pseudotime vs a known order of cell types, e.g. "
-    "Buenrostro 2018 haematopoiesis) runs on none (list the evaluated datasets whose cell types follow "
-    "tasks.feature_extraction.trajectory.order)",
+    table: why for t in TASKS.values() for table, why in t.partial_tables.items()
 }
 if FE_CFG["enabled"] and not FE_TRAJECTORY and workflow.is_main_process:
     from snakemake.logging import logger
@@ -53,21 +51,19 @@ _FE_NAME = r"[A-Za-z0-9._-]"
 _FE_TRAJ_ALT = "|".join(re.escape(d) for d in FE_TRAJECTORY)
 
 
-# options of evaluate-features for the model: the zero-shot embeddings come from rule embed, the
-# verb fine-tunes (finetune_epochs > 0) a copy of the checkpoint on the evaluated cells
-FE_MODEL_ARGS = " ".join(
-    x
-    for x in [
-        f"--finetune-epochs {FE_CFG['finetune_epochs']}",
-        f"--finetune-lr {FE_CFG['finetune_lr']}",
-        f"--sr-objective {FE_CFG.get('sr_objective') or config['pretrain'].get('sr_objective', 'bce')}",
-        f"--device {FE_CFG['device']}",
-        f"--backend {config['model']['backend']}",
-        opt("--num-heads", config["model"]["num_heads"]),
-        "--no-progress",
-    ]
-    if x
-)
+# settings of evaluate-features from tasks.feature_extraction (the zero-shot embeddings come from
+# rule embed; the verb fine-tunes a copy of the checkpoint when epochs > 0); the SR loss of that
+# fine-tuning defaults to the one of pretraining
+def fe_args(trajectory):
+    traj = FE_CFG.get("trajectory") or {}
+    return verb_args(
+        "feature_extraction",
+        sr_objective=FE_CFG.get("sr_objective")
+        or config["pretrain"].get("sr_objective", "bce"),
+        trajectory=trajectory,
+        root_type=traj.get("root_type") if trajectory else None,
+        order=traj.get("order") if trajectory else None,
+    )
 
 
 rule evaluate_features:
@@ -106,22 +102,14 @@ rule evaluate_features:
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
         dataset=lambda w: "" if w.fe_dataset == "all" else f"--dataset {w.fe_dataset}",
-        label_key=FE_CFG["label_key"],
-        lsi=FE_CFG["lsi_components"],
-        lsi_recipe=FE_CFG.get("lsi_recipe", "plain+l2"),
-        neighbors=FE_CFG["n_neighbors"],
-        seed=FE_CFG["seed"],
-        model=FE_MODEL_ARGS,
-        trajectory="",
+        args=fe_args(False),
         own=lambda w, input: (
             f"--own-features {shlex.quote(input.own[0])}" if input.own else ""
         ),
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow evaluate-features --embeddings EpiAgent={input.embeddings:q}'
-        " --corpus {input.corpus:q} {params.dataset} --label-key {params.label_key}"
-        " --lsi-components {params.lsi} --lsi-recipe {params.lsi_recipe} --n-neighbors {params.neighbors}"
-        " --checkpoint {input.checkpoint:q} {params.model} {params.own}"
-        " {params.trajectory} --seed {params.seed} --out-dir {params.outdir:q} > {log:q} 2>&1"
+        " --corpus {input.corpus:q} {params.dataset} --checkpoint {input.checkpoint:q} {params.args}"
+        " {params.own} --out {params.outdir:q} > {log:q} 2>&1"
 
 
 use rule evaluate_features as evaluate_features_trajectory with:
@@ -151,15 +139,9 @@ use rule evaluate_features as evaluate_features_trajectory with:
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
         dataset=lambda w: "" if w.fe_dataset == "all" else f"--dataset {w.fe_dataset}",
-        label_key=FE_CFG["label_key"],
-        lsi=FE_CFG["lsi_components"],
-        lsi_recipe=FE_CFG.get("lsi_recipe", "plain+l2"),
-        neighbors=FE_CFG["n_neighbors"],
-        seed=FE_CFG["seed"],
-        model=FE_MODEL_ARGS,
-        trajectory=(
-            f"--trajectory --root-type '{FE_CFG['trajectory']['root_type']}'"
-            f" --order '{FE_CFG['trajectory']['order']}'"
+        args=fe_args(True),
+        own=lambda w, input: (
+            f"--own-features {shlex.quote(input.own[0])}" if input.own else ""
         ),
 
 
@@ -199,10 +181,10 @@ rule annotate:
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
         dataset=lambda w: "" if w.an_dataset == "all" else f"--dataset {w.an_dataset}",
-        args=finetune_args("annotation"),
+        args=verb_args("annotation"),
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow annotate --corpus {input.corpus:q} --checkpoint {input.checkpoint:q}'
-        " {params.dataset} {params.args} --out-dir {params.outdir:q} > {log:q} 2>&1"
+        " {params.dataset} {params.args} --out {params.outdir:q} > {log:q} 2>&1"
 
 
 # Imputation: fine-tuning with CCA + MSE reconstruction of the TF-IDF signal, imputed values from the
@@ -239,10 +221,10 @@ rule impute:
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
         dataset=lambda w: "" if w.im_dataset == "all" else f"--dataset {w.im_dataset}",
-        args=finetune_args("imputation"),
+        args=verb_args("imputation"),
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow impute --corpus {input.corpus:q} --checkpoint {input.checkpoint:q}'
-        " {params.dataset} {params.args} --out-dir {params.outdir:q} > {log:q} 2>&1"
+        " {params.dataset} {params.args} --out {params.outdir:q} > {log:q} 2>&1"
 
 
 # Stimulated perturbation (out-of-sample): [PER] token fine-tuned on OT-matched control ->
@@ -282,11 +264,11 @@ rule predict_stimulation:
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
         dataset=lambda w: "" if w.st_dataset == "all" else f"--dataset {w.st_dataset}",
-        args=stimulation_args(),
+        args=verb_args("stimulation"),
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow predict-stimulation --corpus {input.corpus:q}'
         " --checkpoint {input.checkpoint:q} {params.dataset} {params.args}"
-        " --no-progress --out-dir {params.outdir:q} > {log:q} 2>&1"
+        " --out {params.outdir:q} > {log:q} 2>&1"
 
 
 # Unseen genetic perturbations: gene tokens through a GNN over the GO Jaccard gene graph, fine-tuned
@@ -328,11 +310,11 @@ rule predict_genetic:
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
         dataset=lambda w: "" if w.ge_dataset == "all" else f"--dataset {w.ge_dataset}",
-        args=genetic_args(),
+        args=verb_args("genetic"),
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow predict-genetic --corpus {input.corpus:q}'
         " --checkpoint {input.checkpoint:q} --go {input.go:q} {params.dataset} {params.args}"
-        " --no-progress --out-dir {params.outdir:q} > {log:q} 2>&1"
+        " --out {params.outdir:q} > {log:q} 2>&1"
 
 
 # Batch integration of the configured datasets together (one job): OT-matched partners across
@@ -398,15 +380,12 @@ rule integrate:
             if config["tasks"]["integration"]["query"]
             else ""
         ),
-        args=integration_args(),
-        common=(
-            "--common-ccres"
-            if config["tasks"]["integration"].get("common_ccres")
-            else ""
-        ),
+        dataset=datasets_arg("--dataset", config["tasks"]["integration"]["datasets"]),
+        label_map=opt("--label-map", config["tasks"]["integration"].get("label_map")),
+        args=verb_args("integration"),
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow integrate --input {input.corpus:q} --checkpoint {input.checkpoint:q}'
-        " {params.args} {params.common} {params.query} --out-dir {params.outdir:q} > {log:q} 2>&1"
+        '"$EPIFLOW_PYTHON" -m epiflow integrate --corpus {input.corpus:q} --checkpoint {input.checkpoint:q}'
+        " {params.dataset} {params.args} {params.label_map} {params.query} --out {params.outdir:q} > {log:q} 2>&1"
 
 
 # In-silico knockout of the promoter cCREs of the configured genes between two cell states
@@ -447,11 +426,11 @@ rule knockout:
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
         dataset=lambda w: "" if w.ko_dataset == "all" else f"--dataset {w.ko_dataset}",
-        args=knockout_args(),
+        args=verb_args("knockout"),
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow knockout --input {input.corpus:q} --checkpoint {input.checkpoint:q}'
+        '"$EPIFLOW_PYTHON" -m epiflow knockout --corpus {input.corpus:q} --checkpoint {input.checkpoint:q}'
         " --tss {input.tss:q} --vocab {input.corpus:q}/vocab.bed {params.dataset} {params.args}"
-        " --out-dir {params.outdir:q} > {log:q} 2>&1"
+        " --out {params.outdir:q} > {log:q} 2>&1"
 
 
 # Zero-shot annotation, step 1: the pretrained model + the authors' classifier head fine-tuned on the
@@ -484,10 +463,14 @@ rule train_annotator:
         runtime=res("train_annotator", "runtime"),
     params:
         outdir=lambda w, output: os.path.dirname(output.model),
-        args=annotator_args,
+        dataset=lambda w: datasets_arg("--dataset", zs_settings(w)["reference"]),
+        label_map=lambda w, input: opt("--label-map", input.label_map),
+        args=lambda w: verb_args(
+            "zeroshot_annotation", "train-annotator", label_key=zs_settings(w)["label_key"]
+        ),
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow train-annotator --input {input.corpus:q} --checkpoint {input.checkpoint:q}'
-        " {params.args} --out-dir {params.outdir:q} > {log:q} 2>&1"
+        '"$EPIFLOW_PYTHON" -m epiflow train-annotator --corpus {input.corpus:q} --checkpoint {input.checkpoint:q}'
+        " {params.dataset} {params.args} {params.label_map} --out {params.outdir:q} > {log:q} 2>&1"
 
 
 rule annotate_zeroshot:
@@ -525,20 +508,19 @@ rule annotate_zeroshot:
             if zs_unit(w.zs_dataset)[2] == "all"
             else f"--dataset {zs_unit(w.zs_dataset)[2]}"
         ),
-        method=lambda w: f"--method {zs_unit(w.zs_dataset)[1]['method']}",
-        label_key=lambda w: zs_unit(w.zs_dataset)[1]["label_key"],
+        args=lambda w: verb_args(
+            "zeroshot_annotation",
+            "annotate-zeroshot",
+            method=zs_unit(w.zs_dataset)[1]["method"],
+            label_key=zs_unit(w.zs_dataset)[1]["label_key"],
+        ),
         label_map=lambda w, input: opt("--label-map", input.label_map),
-        min_fraction=config["tasks"]["zeroshot_annotation"]["min_class_fraction"],
-        device=config["tasks"]["zeroshot_annotation"]["device"],
-        heads=opt("--num-heads", config["model"]["num_heads"]),
         restrict=lambda w, input: (
             f"--restrict-ccres {input.ccres}"
             if config["tasks"]["zeroshot_annotation"].get("restrict_ccres")
             else ""
         ),
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow annotate-zeroshot --input {input.corpus:q} --checkpoint {input.checkpoint:q}'
-        " --classes {input.classes:q} {params.dataset} {params.method} --label-key {params.label_key}"
-        " {params.label_map} --min-class-fraction {params.min_fraction}"
-        " --device {params.device} {params.heads} {params.restrict}"
-        " --out-dir {params.outdir:q} > {log:q} 2>&1"
+        '"$EPIFLOW_PYTHON" -m epiflow annotate-zeroshot --corpus {input.corpus:q} --checkpoint {input.checkpoint:q}'
+        " --classes {input.classes:q} {params.dataset} {params.args} {params.label_map} {params.restrict}"
+        " --out {params.outdir:q} > {log:q} 2>&1"

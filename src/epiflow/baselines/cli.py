@@ -152,7 +152,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, help="OMP/MKL threads in the tool's venv")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-neighbors", type=int, default=15)
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out", "--out-dir", dest="out_dir", required=True)
     p.set_defaults(func=_run)
 
     e = subparsers.add_parser("baseline-env", help="build (or find) the virtual environment of baseline tools")

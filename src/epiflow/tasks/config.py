@@ -30,7 +30,7 @@ DEFAULT_KS = [100, 250, 500, 1000]
 class ModelRuntime:
     """Where and how the model runs (every verb that loads a checkpoint)."""
 
-    device: str = setting("auto", "cpu, cuda, cuda:N or auto (CUDA when available)")
+    device: str = setting("auto", "cpu, cuda, cuda:N or auto (CUDA when available)", pattern=r"auto|cpu|cuda(:[0-9]+)?")
     backend: str = setting("auto", "attention backend: auto = on CPU packed while fine-tuning, padded sdpa "
                            "for inference; on CUDA flash-attn if installed, else packed", choices=BACKENDS)
     num_heads: int | None = setting(None, "attention heads (needed only when the checkpoint has no .json "

@@ -75,3 +75,23 @@ def verb_config(verb: str) -> type:
         if verb in t.verbs:
             return t.verbs[verb]
     raise KeyError(verb)
+
+
+def workflow_schema(path) -> dict:
+    """The workflow's config schema (``workflow/schemas/config.schema.yaml``) with the settings of each
+    task's verbs added to its ``tasks.<task>`` section (:func:`epiflow.cliargs.schema_properties`): the
+    settings are declared once, in :mod:`epiflow.tasks.config`; the YAML file declares only the
+    workflow's own keys (datasets, files, names)."""
+    import yaml
+
+    from ..cliargs import schema_properties
+
+    with open(path) as fh:
+        schema = yaml.safe_load(fh)
+    sections = schema["properties"]["tasks"]["properties"]
+    for key, task in TASKS.items():
+        props = sections[key]["properties"]
+        for cls in task.verbs.values():
+            for name, prop in schema_properties(cls).items():
+                props.setdefault(name, prop)
+    return schema
