@@ -22,12 +22,14 @@ FORMATTED=(
   src/epiflow/genome/__init__.py
   src/epiflow/io.py
   src/epiflow/metrics/classification.py
+  src/epiflow/model/derive.py
   src/epiflow/model/losses.py
   src/epiflow/plots/__init__.py
   src/epiflow/report/__init__.py
   src/epiflow/simulate/__init__.py
   src/epiflow/tasks/__init__.py
   tests/test_annotation_metrics.py
+  tests/test_model_derive.py
 )
 rc=0
 "$BIN/ruff" check --quiet . || rc=1

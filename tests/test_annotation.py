@@ -11,8 +11,8 @@ import torch
 from epiflow.cli import main
 from epiflow.corpus.shard import open_corpus
 from epiflow.errors import ConfigError, EpiflowError, VocabularyMismatchError
-from epiflow.model import EpiAgentConfig, from_config, load_epiagent_checkpoint, save_epiagent_checkpoint
-from epiflow.tasks.annotation import (annotate, finetune_classifier, attach_classifier, load_cells, load_model,
+from epiflow.model import EpiAgentConfig, derive, from_config, load_epiagent_checkpoint, save_epiagent_checkpoint
+from epiflow.tasks.annotation import (annotate, finetune_classifier, load_cells, load_model,
                                       lsi_reference_projection, predict_proba, sankey_figure, stratified_split)
 from epiflow.metrics.table import METRIC_COLUMNS
 
@@ -128,7 +128,7 @@ def test_finetune_classifier_updates_encoder_and_head(toy):
     _, corpus, ckpt = toy
     shard, _ = load_cells(corpus)
     model = load_model(ckpt)
-    attach_classifier(model, 3, "linear")
+    model = derive(model, classes=3, classifier="linear")
     w0 = model.EpiAgent_transformer.layers[0].mixer.Wqkv.weight.detach().clone()
     h0 = model.classifier.fc.weight.detach().clone()
     y = np.searchsorted(["type0", "type1", "type2"], shard.obs["cell_type"].astype(str).to_numpy())

@@ -158,13 +158,13 @@ def test_per_token_on_the_input_embedding_scale_and_trained(tmp_path, tiny_ckpt)
     import torch
 
     from epiflow.tasks.perturbation import load_task_inputs
-    from epiflow.tasks.perturbation_train import (FinetuneSettings, conditioned_model, finetune_conditioned,
-                                                  token_scale)
+    from epiflow.model import derive, token_scale
+    from epiflow.tasks.perturbation_train import FinetuneSettings, finetune_conditioned
     from epiflow.tokenize import build_input_ids, truncate_sentences
 
     corpus, _, _ = _stim_corpus(tmp_path / "corpus", n_types=2, per_type=10, n_ccres=80)
     cells, base, _ = load_task_inputs(corpus, "condition", tiny_ckpt(80))
-    model = conditioned_model(base, num_conditions=1)
+    model = derive(base, conditions=1)
     tok = model.condition_embedding.weight.detach().clone()
     assert token_scale(base) == pytest.approx(float(base.cCRE_embedding.weight[4:].std()), rel=1e-4)
     assert float(tok.std()) == pytest.approx(token_scale(base), rel=0.35)
@@ -385,21 +385,21 @@ def test_paper_manifest_parses():
     assert entries["pierce2021_spear_atac"].extra["perturbation_key"] == "perturbation"
 
 
-def test_conditioned_model_new_weights_come_from_the_seed(tiny_ckpt):
+def test_condition_token_comes_from_the_seed(tiny_ckpt):
     """The [PER] token is drawn from ``seed``, not from whatever ran before, and the global state is kept."""
     import torch
 
     from epiflow.model import load_epiagent_checkpoint
-    from epiflow.tasks.perturbation_train import conditioned_model
+    from epiflow.model import derive
 
     base = load_epiagent_checkpoint(tiny_ckpt(60))
     torch.manual_seed(123)
-    a = conditioned_model(base, num_conditions=1, seed=5).condition_embedding.weight.detach().clone()
+    a = derive(base, conditions=1, seed=5).condition_embedding.weight.detach().clone()
     after = torch.rand(1)
     torch.manual_seed(999)
     torch.rand(7)
-    b = conditioned_model(base, num_conditions=1, seed=5).condition_embedding.weight.detach()
-    c = conditioned_model(base, num_conditions=1, seed=6).condition_embedding.weight.detach()
+    b = derive(base, conditions=1, seed=5).condition_embedding.weight.detach()
+    c = derive(base, conditions=1, seed=6).condition_embedding.weight.detach()
     assert torch.equal(a, b) and not torch.equal(a, c)
     torch.manual_seed(123)
-    assert torch.equal(torch.rand(1), after)  # conditioned_model left the global stream untouched
+    assert torch.equal(torch.rand(1), after)  # derive left the global stream untouched

@@ -4,6 +4,7 @@ losses and inference (``embed``). See SPEC §3 and §6.
 >>> from epiflow.model import load_epiagent_checkpoint
 >>> model = load_epiagent_checkpoint("epiagent_tiny.pth", num_heads=4, backend="sdpa")
 >>> out = model(input_ids); out.cell_embedding          # [B, D]
+>>> clf = derive(model, classes=12, classifier="linear")  # a fine-tuning model from a base
 """
 
 from . import losses
@@ -17,6 +18,7 @@ from .checkpoint import (
     save_epiagent_checkpoint,
 )
 from .config import PRESETS, EpiAgentConfig
+from .derive import derive, token_scale
 from .epiagent import (
     EpiAgent,
     EpiAgentOutput,
@@ -47,7 +49,7 @@ def __getattr__(name):  # lazy: inference pulls in anndata / tqdm
 
 __all__ = [
     "EpiAgent", "EpiAgentConfig", "EpiAgentOutput", "PackedOutput", "PRESETS", "BACKENDS", "Packing",
-    "from_config", "load_epiagent_checkpoint", "save_epiagent_checkpoint", "read_state_dict",
+    "from_config", "derive", "token_scale", "load_epiagent_checkpoint", "save_epiagent_checkpoint", "read_state_dict",
     "infer_config", "check_state_dict", "inspect_checkpoint", "resolve_backend", "flash_attn_available",
     "expand_rows", "token_mask", "approx_flops_per_token", "PerturbationGNN", "losses",
     "sr_loss", "sr_loss_sparse", "cca_loss", "rlm_loss", "focal_loss", "classification_loss",

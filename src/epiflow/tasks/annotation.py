@@ -262,18 +262,12 @@ def fit_predict_linear(x_ref, y_ref, x_all, kind: str = "logreg", seed: int = 0)
 
 
 # ============================================================================ fine-tuning
-def attach_classifier(model, n_classes: int, head: str):
-    """Give ``model`` a new classifier (authors' key names: ``classifier.fc`` for the linear head,
-    ``classifier.fc1..fc3`` for the MLP) and return its parameters."""
-    from ..model.epiagent import Classifier
-
+def classifier_kind(head: str) -> str:
+    """The model's classifier for a ``head`` of this task: ``linear`` -> ``"linear"``, ``mlp_focal`` ->
+    ``"mlp"`` (:func:`epiflow.model.derive`; the classifier's parameters are ``classifier.*``)."""
     if head not in HEADS:
         raise ConfigError(f"unknown head {head!r}", field="head", fix=f"use one of {', '.join(HEADS)}")
-    cfg = model.config.replace(classifier="linear" if head == "linear" else "mlp", num_classes=int(n_classes))
-    dev = next(model.parameters()).device
-    model.classifier = Classifier(cfg).to(dev)
-    model.config = cfg
-    return list(model.classifier.parameters())
+    return "linear" if head == "linear" else "mlp"
 
 
 def finetune_classifier(model, shard, rows, y, *, head: str = "linear", epochs: int = 5, lr: float = 5e-4,
@@ -494,9 +488,9 @@ def annotate(data, checkpoint, label_key: str = "cell_type", *, head: str = "lin
         extra["LSI+LogReg"] = {"lsi_components": info["n_components"], "lsi_dropped_first": int(info["dropped_first"])}
 
     # --- EpiAgent fine-tuned end to end
-    with torch.random.fork_rng(devices=[]):  # seeded head initialisation, global RNG untouched
-        torch.manual_seed(int(seed))
-        attach_classifier(model, len(classes), head)
+    from ..model import derive
+
+    model = derive(model, classes=len(classes), classifier=classifier_kind(head), seed=seed)  # seeded new head
     t0 = time.perf_counter()
     if trainer == "shared":
         y_full = np.zeros(shard.n_cells, dtype=np.int64)

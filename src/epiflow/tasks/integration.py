@@ -10,7 +10,8 @@ Method (EpiAgent, batch-conditioned fine-tuning):
 3. **Filtering**: a 2-component Gaussian mixture on the matched distances of each batch pair; the
    matches in the component with the lower mean are kept (close, trustworthy partners).
 4. **Fine-tuning with a batch token** (``batch_embedding`` added at position 0; the authors'
-   batch-conditioned layout: the base keys plus ``batch_embedding.weight``): signal reconstruction
+   batch-conditioned layout: the base keys plus ``batch_embedding.weight``, zero-initialised by
+   :func:`epiflow.model.derive`): signal reconstruction
    (BCE, pos_weight 100) and cell-cCRE alignment (K = 1) whose *targets* are the cCREs accessible in the
    cell **or in its kept partners** (union), so batch-specific signal is left to the batch token.
 5. **Embeddings with and without the batch token**; the zero-shot and an LSI baseline beside them.
@@ -33,9 +34,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import torch
 
-from ..errors import ConfigError, EpiflowError
+from ..errors import EpiflowError
 from ..io import atomic_path
 from .features import labelled_mask
 from ..metrics.table import metric_rows, metrics_frame, write_metrics
@@ -141,27 +141,6 @@ def partner_targets(cells, matches: pd.DataFrame) -> sp.csr_matrix:
 
 
 # ----------------------------------------------------------------------------- fine-tuning
-def batch_conditioned_model(base, n_batches: int, seed: int = 0):
-    """The base model plus a ``batch_embedding`` of ``n_batches`` rows (initialised to zero, so the model
-    starts as the pretrained one); all other weights copied from ``base``."""
-    from ..model import EpiAgent
-
-    if getattr(base, "signal_decoder", None) is None or getattr(base, "fc1_for_CCA", None) is None:
-        raise ConfigError(f"a {base.kind} checkpoint has no signal decoder / CCA head to fine-tune with",
-                          fix="start from a pretrained EpiAgent checkpoint (pretrained_EpiAgent.pth or epiflow "
-                              "pretrain output)")
-    cfg = base.config.replace(num_batches=int(n_batches), classifier=None, num_classes=0)
-    torch.manual_seed(seed)
-    model = EpiAgent.from_config(cfg, backend=base.backend)  # auto: packed while training on CPU
-    sd = {k: v for k, v in base.state_dict().items() if not k.startswith(("batch_embedding", "classifier"))}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if unexpected or [m for m in missing if not m.startswith("batch_embedding")]:
-        raise ConfigError(f"cannot copy the base model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        model.batch_embedding.weight.zero_()
-    return model
-
-
 def finetune_reconstruction(model, cells, targets: sp.csr_matrix | None = None, *, batch_ids=None,
                             max_steps: int = 200, batch_size: int = 16, lr: float = 1e-4, max_len: int = 2048,
                             weight_decay: float = 0.01, seed: int = 0, device=None, progress: bool = True,
@@ -303,7 +282,9 @@ def integrate(checkpoint, cells, *, out_dir, batch_key: str = "batch", label_key
     z0 = embed_cells(base, cells, device=device, progress=progress, desc="zero-shot embed")
     matches = match_batches(z0, batches, max_ot_cells=max_ot_cells, seed=seed)
     targets = partner_targets(cells, matches)
-    model = batch_conditioned_model(base, len(names), seed=seed)
+    from ..model import derive
+
+    model = derive(base, batches=len(names), seed=seed)  # zero batch tokens: starts as the base
     hist = finetune_reconstruction(model, cells, targets, batch_ids=bids, max_steps=max_steps,
                                    batch_size=batch_size, lr=lr, max_len=max_len, seed=seed, device=device,
                                    progress=progress, desc="integrate")

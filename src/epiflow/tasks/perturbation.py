@@ -84,7 +84,6 @@ from ..metrics.table import metric_rows, metrics_frame, write_metrics
 from .perturbation_train import (
     FinetuneSettings,
     _missing,
-    conditioned_model,
     decode,
     finetune_conditioned,
     ot_match,
@@ -288,6 +287,8 @@ def predict_stimulation(cells: Shard, base_model, *, condition_key: str = "condi
     without it (the previous behaviour, for comparison)."""
     import copy
 
+    from ..model import derive
+
     settings = settings or FinetuneSettings(seed=seed)
     for key in (condition_key, cell_type_key):
         if key not in cells.obs:
@@ -334,7 +335,7 @@ def predict_stimulation(cells: Shard, base_model, *, condition_key: str = "condi
                           "label": 1}),
             pd.DataFrame({"input": train_partner[ok], "target": train_pert[ok], "cond": 0, "label": 1}),
         ], ignore_index=True)
-        model = conditioned_model(copy.deepcopy(base_model), num_conditions=1, seed=settings.seed)
+        model = derive(base_model, conditions=1, seed=settings.seed)
         st = copy.copy(settings)
         st.log = []
         log.info("held-out %s: fine-tuning on %d examples (%d [PER] pairs)", T, len(ex), int(ok.sum()))
@@ -402,9 +403,9 @@ def predict_genetic(cells: Shard, base_model, gene_graph, *, perturbation_key: s
                     n_top: int = 1000, min_cells: int = 3, save_cells: bool = True, svg: bool = False,
                     seed: int = 0) -> pd.DataFrame:
     """Unseen genetic perturbation prediction with the gene GNN token; returns (and writes) the metrics."""
-    import copy
 
     from ..genome.gene_graph import GeneGraph
+    from ..model import derive
 
     settings = settings or FinetuneSettings(seed=seed)
     if perturbation_key not in cells.obs:
@@ -461,7 +462,7 @@ def predict_genetic(cells: Shard, base_model, gene_graph, *, perturbation_key: s
         pd.DataFrame({"input": partners, "target": train_cells, "cond": [pidx[p] for p in lab[train_cells]],
                       "label": 1}),
     ], ignore_index=True)
-    model = conditioned_model(copy.deepcopy(base_model), gene_graph=gene_graph, seed=settings.seed)
+    model = derive(base_model, gene_graph=gene_graph, seed=settings.seed)
     model = _GeneTableModel(model, table)
     model, _, history = finetune_conditioned(model, cells, ex, mode="condition", settings=settings)
     Xb = cells.binary()

@@ -7,10 +7,11 @@ conditional token, the training loop and decoding.
 * :func:`ot_match` - exact optimal transport (POT ``ot.emd``) between unperturbed and perturbed cells
   with a cosine cost and uniform weights; every perturbed cell gets the unperturbed cell that carries
   most of its mass as partner. :func:`ot_match_groups` does it per group (cell type / perturbation).
-* :func:`conditioned_model` - the pretrained EpiAgent plus a learnable [PER] token
-  (``condition_embedding``, 1 row, initialised N(0, s) with s the standard deviation of the cCRE input
-  embeddings, :func:`token_scale`) or the gene-perturbation GNN over a gene graph
-  (``perturbation_gnn``; its LayerNorm output is on that scale already); both are added to the input at
+* the model: the pretrained EpiAgent plus a learnable [PER] token (``condition_embedding``, 1 row,
+  initialised N(0, s) with s the standard deviation of the cCRE input embeddings,
+  :func:`epiflow.model.token_scale`) or the gene-perturbation GNN over a gene graph
+  (``perturbation_gnn``; its LayerNorm output is on that scale already), made by
+  :func:`epiflow.model.derive` (``conditions=1`` / ``gene_graph=``); both are added to the input at
   position 0.
 * :func:`finetune_conditioned` - training (on :func:`epiflow.train.engine.fit`): every example is (input cell, target cell, conditional
   token or -1, class label). Loss = CCA (K negatives per positive, default 1; positives = ALL
@@ -26,20 +27,16 @@ conditional token, the training loop and decoding.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn as nn
 
 from ..corpus.shard import Shard
 from ..errors import CheckpointError, ConfigError, InputFormatError
 
 log = logging.getLogger(__name__)
-
-NUM_SPECIAL = 4
 
 
 # ----------------------------------------------------------------------------- cells
@@ -122,50 +119,6 @@ def load_base_model(checkpoint, *, num_heads: int | None = None, n_ccres: int | 
         raise CheckpointError("the checkpoint has no signal decoder / CCA head (kind "
                               f"{model.config.kind})", path=str(checkpoint),
                               fix="fine-tune from a pretrained (base) EpiAgent checkpoint")
-    return model
-
-
-def token_scale(model) -> float:
-    """Standard deviation of the model's cCRE input embeddings (the scale of one input token)."""
-    w = model.cCRE_embedding.weight.detach()
-    s = float(w[NUM_SPECIAL:].float().std()) if w.shape[0] > NUM_SPECIAL + 1 else float(w.float().std())
-    return s if math.isfinite(s) and s > 0 else 1.0
-
-
-def conditioned_model(base, *, num_conditions: int = 0, gene_graph=None, seed: int = 0):
-    """A copy of ``base`` with ``num_conditions`` [PER] tokens and/or a gene GNN over ``gene_graph``
-    (:class:`epiflow.genome.gene_graph.GeneGraph`). Base weights are copied; new ones freshly initialised
-    from ``seed`` (the global random state is left as it was)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        return _conditioned_model(base, num_conditions, gene_graph)
-
-
-def _conditioned_model(base, num_conditions: int, gene_graph):
-    from ..model import EpiAgent
-
-    kw = {}
-    if num_conditions:
-        kw["num_conditions"] = int(num_conditions)
-    if gene_graph is not None:
-        kw.update(num_genes=gene_graph.n_genes, gnn_edges=gene_graph.n_edges)
-    cfg = base.config.replace(**kw)
-    model = EpiAgent.from_config(cfg, backend=base.backend)  # auto: packed while training on CPU
-    if num_conditions:
-        # the [PER] token is ADDED to the [CLS] input embedding: it must be on the scale of the model's
-        # input embeddings to move the cell embedding at all (a N(0, 0.02) token next to N(0, 1) cCRE rows
-        # changed the demo model's cell embedding by ~1 % of the cell-to-cell spread and the decoded
-        # accessibility by ~0.0002: the fine-tuned model ignored the token and hedged between the
-        # unperturbed and the perturbed profile instead)
-        nn.init.normal_(model.condition_embedding.weight, 0.0, token_scale(base))
-    sd = {k: v for k, v in base.state_dict().items()
-          if not k.startswith(("condition_embedding", "perturbation_gnn"))}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if unexpected:
-        raise CheckpointError(f"unexpected keys {unexpected[:5]}")
-    if gene_graph is not None:
-        model.perturbation_gnn.set_graph(torch.from_numpy(gene_graph.edge_index),
-                                         torch.from_numpy(gene_graph.edge_weight))
     return model
 
 

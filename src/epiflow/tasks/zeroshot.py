@@ -221,15 +221,6 @@ def load_model(checkpoint, num_heads: int | None = None, *, n_ccres: int | None 
                                     device=device or "cpu", dtype=torch.float32, backend="auto")
 
 
-def copy_encoder(dst, src) -> None:
-    """Copy the embedding + encoder weights (the keys both models share) from ``src`` into ``dst``."""
-    sd = {k: v for k, v in src.state_dict().items()
-          if k.startswith(("cCRE_embedding.", "rank_embedding.", "EpiAgent_transformer."))}
-    missing, unexpected = dst.load_state_dict(sd, strict=False)
-    if unexpected:
-        raise ConfigError(f"unexpected keys when copying the encoder: {unexpected[:5]}")
-
-
 def _device(device) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -237,20 +228,6 @@ def _device(device) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- training
-def supervised_model(base, num_classes: int, *, classifier: str = "mlp", seed: int = 0):
-    """A supervised EpiAgent (authors' layout: encoder + classifier, no pretraining heads) whose
-    embedding and encoder weights are copied from ``base``; the classifier is freshly initialised."""
-    from ..model import EpiAgent
-
-    cfg = base.config.replace(pretrain_heads=False, criterion_buffers=False, classifier=classifier,
-                              num_classes=int(num_classes), num_batches=0, num_conditions=0, num_genes=0,
-                              gnn_edges=0)
-    torch.manual_seed(seed)
-    model = EpiAgent.from_config(cfg, backend=base.backend)  # auto: packed while training on CPU
-    copy_encoder(model, base)
-    return model
-
-
 def train_annotator(checkpoint, cells, *, out_dir, label_key: str = "cell_type", label_map=None,
                     num_heads: int | None = None, classifier: str = "mlp", loss: str = "focal",
                     epochs: float = 3.0, max_steps: int | None = None, batch_size: int = 16,
@@ -266,6 +243,7 @@ def train_annotator(checkpoint, cells, *, out_dir, label_key: str = "cell_type",
     config), ``classes.tsv``, ``train_log.tsv`` (step, loss), ``metrics.tsv`` (validation accuracy /
     macro F1 ...). Returns a dict with paths, classes and the metrics table.
     """
+    from ..model import derive
     from ..model.checkpoint import save_epiagent_checkpoint
 
     out = Path(out_dir)
@@ -305,7 +283,8 @@ def train_annotator(checkpoint, cells, *, out_dir, label_key: str = "cell_type",
     val_idx = idx[val[idx]]
 
     base = load_model(checkpoint, num_heads, n_ccres=cells.n_ccres)
-    model = supervised_model(base, len(classes), classifier=classifier, seed=seed).to(dev)
+    # the authors' supervised layout: embeddings + encoder copied, new classifier, no pretraining heads
+    model = derive(base, classes=len(classes), classifier=classifier, pretrain_heads=False, seed=seed).to(dev)
     del base
     max_len = int(min(max_len, model.config.max_rank - 2))
     enc = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
