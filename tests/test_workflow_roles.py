@@ -147,7 +147,7 @@ def test_a_task_reading_corpus_and_downstream_datasets_together_is_refused(tmp_p
         "baselines": {"enabled": False}})
     assert rc == 0, out
     (integ,) = _jobs_by_rule(out)["integrate"]
-    assert f"--input {tmp_path / 'res'}/corpus " in integ
+    assert f"--corpus {tmp_path / 'res'}/corpus " in integ
     assert f"--query {tmp_path / 'res'}/downstream/newstudy" in integ
 
 

@@ -93,7 +93,8 @@ def _coerce_numbers(cfg, schema):
 
 def _rename_legacy_task_keys(cfg):
     """Former key names of task settings (e.g. knockout finetune_steps -> max_steps) are read as
-    the new ones, with a note; both at once is an error. Changes `cfg` in place; returns the notes."""
+    the new ones, with a note; both at once is an error. Changes `cfg` in place; returns the notes.
+    """
     from epiflow.cliargs import legacy_keys
     from epiflow.tasks.registry import TASKS
 
@@ -671,6 +672,21 @@ def verb_args(task, verb=None, **values):
     vals.update(config["tasks"][task])
     vals.update(values)
     return argv_string(cls, vals)
+
+
+# settings of evaluate-features from tasks.feature_extraction (the zero-shot embeddings come from
+# rule embed; the verb fine-tunes a copy of the checkpoint when epochs > 0); the SR loss of that
+# fine-tuning defaults to the one of pretraining
+def fe_args(trajectory):
+    traj = config["tasks"]["feature_extraction"].get("trajectory") or {}
+    return verb_args(
+        "feature_extraction",
+        sr_objective=config["tasks"]["feature_extraction"].get("sr_objective")
+        or config["pretrain"].get("sr_objective", "bce"),
+        trajectory=trajectory,
+        root_type=traj.get("root_type") if trajectory else None,
+        order=traj.get("order") if trajectory else None,
+    )
 
 
 def pretrain_metrics_file(wildcards=None):

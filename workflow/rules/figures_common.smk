@@ -4,19 +4,16 @@
 import os
 import shlex
 
-from snakemake.io import is_flagged
-
 from epiflow.plots.figures import PANELS
 
-# metrics `task` -> config baselines.tasks key whose tools add rows to the same comparison
-FIGURE_BASELINE_TASK = {
-    "feature_extraction": "feature_extraction",
-    "annotation": "annotation",
-    "imputation": "imputation",
-    "integration": "integration",
-    "stimulated_perturbation": "perturbation",
-    "genetic_perturbation": "perturbation",
-}
+from epiflow.tasks.registry import TASKS, task_of_metrics
+
+
+def figure_baseline_task(metrics_task):
+    """The config baselines.tasks key whose tools add rows to the comparison of a metrics `task`
+    (the task registry's baseline_task)."""
+    task = task_of_metrics(metrics_task)
+    return task.baseline_task if task else None
 
 
 def _figure_units(task_key):
@@ -43,10 +40,10 @@ def figure_plan(name):
             "tables": [],
             "problems": [f"config tasks.{p.task_key} is absent or not enabled"],
         }
-    folder = TASK_OUTPUTS.get(p.task_key, (p.task_key, []))[0]
+    folder = TASKS[p.task_key].folder
     base = f"{R}/tasks/{folder}"
     metrics = [f"{base}/{u}/metrics.tsv" for u in units] if p.needs_metrics else []
-    bl_task = FIGURE_BASELINE_TASK.get(p.metrics_task)
+    bl_task = figure_baseline_task(p.metrics_task)
     bl_table = f"{R}/baselines/metrics.tsv"
     if (
         p.baselines
@@ -58,7 +55,9 @@ def figure_plan(name):
     problems = []
     # tables that the config writes for only some datasets of the task (PARTIAL_UNIT_TABLES, e.g.
     # trajectory.tsv in rules/tasks.smk): the panel draws the datasets that have them
-    partial = globals().get("PARTIAL_UNIT_TABLES", {})
+    partial = {
+        table: why for t in TASKS.values() for table, why in t.partial_tables.items()
+    }
     for t in sorted(set(p.tables) & set(partial)):
         made = [x for x in tables if os.path.basename(x[1]) != t or _producible(x[1])]
         if not any(os.path.basename(x[1]) == t for x in made):
@@ -120,21 +119,8 @@ def _run_description(with_model=True):
 
 
 def report_category(task_key):
-    """Report category of a task: the one its task rules give their own figures (so that the paper
-    panels and the table of a benchmark sit under the same heading as the task's figures), else the
-    benchmark name of its panels."""
-    folder = TASK_OUTPUTS.get(task_key, (task_key, []))[0]
-    prefix = f"{R}/tasks/{folder}/"
-    for r in workflow.rules:
-        if r.name in ("figure", "benchmark_table"):
-            continue
-        for f in r.output:
-            if str(f).startswith(prefix) and is_flagged(f, "report"):
-                category = f.flags["report"].category
-                if isinstance(category, str) and category:
-                    return category
-    names = [p.benchmark for p in PANELS.values() if p.task_key == task_key]
-    return names[0] if names else task_key
+    """Report category of a task (the registry's): its figures, panels and table sit under it."""
+    return TASKS[task_key].category
 
 
 def figure_caption(wildcards):
@@ -164,7 +150,7 @@ def table_metrics(name):
     cfg = config["tasks"].get(name)
     if not cfg or not cfg.get("enabled", False):
         return []
-    folder = TASK_OUTPUTS[name][0]
+    folder = TASKS[name].folder
     files = [f"{R}/tasks/{folder}/{u}/metrics.tsv" for u in task_units(name)]
     if name == "zeroshot_annotation":
         files += [f"{d}/metrics.tsv" for d in annotator_dirs()]
@@ -173,7 +159,7 @@ def table_metrics(name):
 
 def table_targets():
     """One table per enabled task (and one of the baseline tools), for `all` and the report."""
-    names = [t for t in TASK_OUTPUTS if table_metrics(t)]
+    names = [t for t in TASKS if table_metrics(t)]
     if table_metrics("baselines"):
         names.append("baselines")
     return [f"{R}/tables/{n}.tsv" for n in names]

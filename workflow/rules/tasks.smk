@@ -51,21 +51,6 @@ _FE_NAME = r"[A-Za-z0-9._-]"
 _FE_TRAJ_ALT = "|".join(re.escape(d) for d in FE_TRAJECTORY)
 
 
-# settings of evaluate-features from tasks.feature_extraction (the zero-shot embeddings come from
-# rule embed; the verb fine-tunes a copy of the checkpoint when epochs > 0); the SR loss of that
-# fine-tuning defaults to the one of pretraining
-def fe_args(trajectory):
-    traj = FE_CFG.get("trajectory") or {}
-    return verb_args(
-        "feature_extraction",
-        sr_objective=FE_CFG.get("sr_objective")
-        or config["pretrain"].get("sr_objective", "bce"),
-        trajectory=trajectory,
-        root_type=traj.get("root_type") if trajectory else None,
-        order=traj.get("order") if trajectory else None,
-    )
-
-
 rule evaluate_features:
     input:
         embeddings=lambda w: embeddings_file(w.fe_dataset),
@@ -78,7 +63,7 @@ rule evaluate_features:
         umap=report(
             f"{R}/tasks/feature_extraction/{{fe_dataset}}/umap.png",
             caption="../report/feature_extraction.rst",
-            category="Feature extraction",
+            category=TASKS["feature_extraction"].category,
             subcategory="{fe_dataset}",
             labels={"dataset": "{fe_dataset}", "figure": "UMAP (EpiAgent | LSI)"},
         ),
@@ -119,7 +104,7 @@ use rule evaluate_features as evaluate_features_trajectory with:
         umap=report(
             f"{R}/tasks/feature_extraction/{{fe_dataset}}/umap.png",
             caption="../report/feature_extraction.rst",
-            category="Feature extraction",
+            category=TASKS["feature_extraction"].category,
             subcategory="{fe_dataset}",
             labels={"dataset": "{fe_dataset}", "figure": "UMAP (EpiAgent | LSI)"},
         ),
@@ -127,7 +112,7 @@ use rule evaluate_features as evaluate_features_trajectory with:
         trajectory_png=report(
             f"{R}/tasks/feature_extraction/{{fe_dataset}}/trajectory.png",
             caption="../report/feature_extraction.rst",
-            category="Feature extraction",
+            category=TASKS["feature_extraction"].category,
             subcategory="{fe_dataset}",
             labels={
                 "dataset": "{fe_dataset}",
@@ -157,14 +142,14 @@ rule annotate:
         confusion=report(
             f"{R}/tasks/annotation/{{an_dataset}}/confusion.png",
             caption="../report/annotation.rst",
-            category="Annotation",
+            category=TASKS["annotation"].category,
             subcategory="{an_dataset}",
             labels={"dataset": "{an_dataset}", "figure": "confusion matrix"},
         ),
         sankey=report(
             f"{R}/tasks/annotation/{{an_dataset}}/sankey.png",
             caption="../report/annotation.rst",
-            category="Annotation",
+            category=TASKS["annotation"].category,
             subcategory="{an_dataset}",
             labels={"dataset": "{an_dataset}", "figure": "Sankey: true -> predicted"},
         ),
@@ -201,7 +186,7 @@ rule impute:
         box=report(
             f"{R}/tasks/imputation/{{im_dataset}}/imputation_box.png",
             caption="../report/imputation.rst",
-            category="Imputation",
+            category=TASKS["imputation"].category,
             subcategory="{im_dataset}",
             labels={
                 "dataset": "{im_dataset}",
@@ -240,14 +225,14 @@ rule predict_stimulation:
         scatter=report(
             f"{R}/tasks/stimulation/{{st_dataset}}/scatter.png",
             caption="../report/stimulation.rst",
-            category="Stimulated perturbation",
+            category=TASKS["stimulation"].category,
             subcategory="{st_dataset}",
             labels={"dataset": "{st_dataset}", "figure": "predicted vs observed mean"},
         ),
         direction=report(
             f"{R}/tasks/stimulation/{{st_dataset}}/direction.png",
             caption="../report/stimulation.rst",
-            category="Stimulated perturbation",
+            category=TASKS["stimulation"].category,
             subcategory="{st_dataset}",
             labels={"dataset": "{st_dataset}", "figure": "direction accuracy"},
         ),
@@ -286,14 +271,14 @@ rule predict_genetic:
         scatter=report(
             f"{R}/tasks/genetic/{{ge_dataset}}/scatter.png",
             caption="../report/genetic.rst",
-            category="Genetic perturbation",
+            category=TASKS["genetic"].category,
             subcategory="{ge_dataset}",
             labels={"dataset": "{ge_dataset}", "figure": "predicted vs observed mean"},
         ),
         direction=report(
             f"{R}/tasks/genetic/{{ge_dataset}}/direction.png",
             caption="../report/genetic.rst",
-            category="Genetic perturbation",
+            category=TASKS["genetic"].category,
             subcategory="{ge_dataset}",
             labels={"dataset": "{ge_dataset}", "figure": "direction accuracy"},
         ),
@@ -351,14 +336,14 @@ rule integrate:
         umap_batch=report(
             f"{R}/tasks/integration/{{in_name}}/umap_batch.png",
             caption="../report/integration.rst",
-            category="Integration",
+            category=TASKS["integration"].category,
             subcategory="{in_name}",
             labels={"reference": "{in_name}", "figure": "UMAP by batch"},
         ),
         umap_type=report(
             f"{R}/tasks/integration/{{in_name}}/umap_cell_type.png",
             caption="../report/integration.rst",
-            category="Integration",
+            category=TASKS["integration"].category,
             subcategory="{in_name}",
             labels={"reference": "{in_name}", "figure": "UMAP by cell type"},
         ),
@@ -402,14 +387,14 @@ rule knockout:
         effects=report(
             f"{R}/tasks/knockout/{{ko_dataset}}/knockout_effects.png",
             caption="../report/knockout.rst",
-            category="Knockout",
+            category=TASKS["knockout"].category,
             subcategory="{ko_dataset}",
             labels={"dataset": "{ko_dataset}", "figure": "knockout effects vs random"},
         ),
         umap=report(
             f"{R}/tasks/knockout/{{ko_dataset}}/knockout_umap.png",
             caption="../report/knockout.rst",
-            category="Knockout",
+            category=TASKS["knockout"].category,
             subcategory="{ko_dataset}",
             labels={"dataset": "{ko_dataset}", "figure": "UMAP of the chimeric cells"},
         ),
@@ -466,7 +451,9 @@ rule train_annotator:
         dataset=lambda w: datasets_arg("--dataset", zs_settings(w)["reference"]),
         label_map=lambda w, input: opt("--label-map", input.label_map),
         args=lambda w: verb_args(
-            "zeroshot_annotation", "train-annotator", label_key=zs_settings(w)["label_key"]
+            "zeroshot_annotation",
+            "train-annotator",
+            label_key=zs_settings(w)["label_key"],
         ),
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow train-annotator --corpus {input.corpus:q} --checkpoint {input.checkpoint:q}'
@@ -487,7 +474,7 @@ rule annotate_zeroshot:
         confusion=report(
             f"{ZS_ROOT}/{{zs_dataset}}/confusion.png",
             caption="../report/zeroshot_annotation.rst",
-            category="Zero-shot annotation",
+            category=TASKS["zeroshot_annotation"].category,
             subcategory="{zs_dataset}",
             labels={"dataset": "{zs_dataset}", "figure": "confusion matrix"},
         ),

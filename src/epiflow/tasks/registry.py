@@ -19,7 +19,7 @@ from . import config as C
 class Task:
     key: str                                  # config key under `tasks`
     folder: str                               # results/tasks/<folder>/<unit>/
-    benchmark: str                            # report category of its figures and tables
+    category: str                             # report category of its figures, panels and table
     verbs: dict[str, type]                    # verb -> settings dataclass (the first runs the task)
     outputs: tuple[str, ...]                  # files of one result folder that `all` asks for
     metrics_tasks: tuple[str, ...]            # values of the `task` column of its metrics rows
@@ -50,10 +50,10 @@ TASKS: dict[str, Task] = {t.key: t for t in [
     Task("genetic", "genetic", "Genetic perturbation", {"predict-genetic": C.GeneticConfig},
          ("metrics.tsv", "scatter.png", "direction.png"), ("genetic_perturbation",),
          baseline_task="perturbation"),
-    Task("integration", "integration", "Integration and query mapping", {"integrate": C.IntegrationConfig},
+    Task("integration", "integration", "Integration", {"integrate": C.IntegrationConfig},
          ("metrics.tsv", "umap_batch.png", "umap_cell_type.png"), ("integration", "query_mapping"),
          baseline_task="integration"),
-    Task("knockout", "knockout", "In-silico cCRE knockout", {"knockout": C.KnockoutConfig},
+    Task("knockout", "knockout", "Knockout", {"knockout": C.KnockoutConfig},
          ("metrics.tsv", "knockout_effects.png", "knockout_umap.png"), ("knockout",)),
     Task("zeroshot_annotation", "zeroshot_annotation", "Zero-shot annotation",
          {"train-annotator": C.AnnotatorConfig, "annotate-zeroshot": C.ZeroshotConfig},
