@@ -290,7 +290,7 @@ def own_features_input(wildcards):
     from epiflow.corpus.manifest import resolve_dataset
 
     for entry in manifest_entries():
-        if entry.name == wildcards.fe_dataset and entry.format == "h5ad" and entry.path:
+        if entry.name == wildcards.unit and entry.format == "h5ad" and entry.path:
             try:
                 return [
                     str(
@@ -551,12 +551,12 @@ def zs_settings(wildcards):
 
 
 def zs_annotator_file(name):
-    """Input function: file `name` of the annotator that labels result folder {zs_dataset}."""
-    return lambda w: f"{ZS_ROOT}/{zs_unit(w.zs_dataset)[0]}/{name}"
+    """Input function: file `name` of the annotator that labels result folder {unit}."""
+    return lambda w: f"{ZS_ROOT}/{zs_unit(w.unit)[0]}/{name}"
 
 
 def zs_query_label_map(w):
-    a = zs_unit(w.zs_dataset)[1]
+    a = zs_unit(w.unit)[1]
     return a["query_label_map"] or a["label_map"] or []
 
 

@@ -1,19 +1,12 @@
-# Stage 4: downstream tasks (each task's folder: results/tasks/<task>/<dataset>/, with metrics.tsv
-# in the common long format task, dataset, method, metric, value).
+# Stage 4: downstream tasks (each task's folder: results/tasks/<task>/<unit>/; a unit is a dataset, or the
+# integration's name; metrics.tsv in the common long format task, dataset, method, metric, value).
 # Feature extraction: Leiden (bisected to the number of cell types) NMI / ARI and UMAPs of the
 # EpiAgent embeddings beside the LSI baseline, per evaluated dataset ('all' = every corpus cell).
 
 
 wildcard_constraints:
-    fe_dataset=r"[A-Za-z0-9._-]+",
-    an_dataset=r"[A-Za-z0-9._-]+",
-    im_dataset=r"[A-Za-z0-9._-]+",
-    st_dataset=r"[A-Za-z0-9._-]+",
-    ge_dataset=r"[A-Za-z0-9._-]+",
-    in_name=r"[A-Za-z0-9._-]+",
-    ko_dataset=r"[A-Za-z0-9._-]+",
-    # 'annotator' / 'annotator-NAME' are the folders of the trained annotators (rule train_annotator)
-    zs_dataset=r"(?!annotator(?:-[A-Za-z0-9_-]*)?/)[A-Za-z0-9._-]+",
+    # one result folder of a task (a dataset; the integration's name; a zero-shot NAME.dataset)
+    unit=r"[A-Za-z0-9._-]+",
     zs_annotator=r"annotator(?:-[A-Za-z0-9_-]+)?",
 
 
@@ -53,27 +46,27 @@ _FE_TRAJ_ALT = "|".join(re.escape(d) for d in FE_TRAJECTORY)
 
 rule evaluate_features:
     input:
-        embeddings=lambda w: embeddings_file(w.fe_dataset),
-        corpus=dataset_input("fe_dataset"),
+        embeddings=lambda w: embeddings_file(w.unit),
+        corpus=dataset_input("unit"),
         checkpoint=checkpoint_file,
         own=own_features_input,
     output:
-        metrics=f"{R}/tasks/feature_extraction/{{fe_dataset}}/metrics.tsv",
-        cells=f"{R}/tasks/feature_extraction/{{fe_dataset}}/cells.tsv",
+        metrics=f"{R}/tasks/feature_extraction/{{unit}}/metrics.tsv",
+        cells=f"{R}/tasks/feature_extraction/{{unit}}/cells.tsv",
         umap=report(
-            f"{R}/tasks/feature_extraction/{{fe_dataset}}/umap.png",
+            f"{R}/tasks/feature_extraction/{{unit}}/umap.png",
             caption="../report/feature_extraction.rst",
             category=TASKS["feature_extraction"].category,
-            subcategory="{fe_dataset}",
-            labels={"dataset": "{fe_dataset}", "figure": "UMAP (EpiAgent | LSI)"},
+            subcategory="{unit}",
+            labels={"dataset": "{unit}", "figure": "UMAP (EpiAgent | LSI)"},
         ),
     log:
-        f"{R}/logs/evaluate_features/{{fe_dataset}}.log",
+        f"{R}/logs/evaluate_features/{{unit}}.log",
     benchmark:
-        f"{R}/benchmarks/evaluate_features/{{fe_dataset}}.tsv"
+        f"{R}/benchmarks/evaluate_features/{{unit}}.tsv"
     wildcard_constraints:
         # the datasets with a trajectory belong to rule evaluate_features_trajectory
-        fe_dataset=(
+        unit=(
             rf"(?!(?:{_FE_TRAJ_ALT})(?!{_FE_NAME})){_FE_NAME}+"
             if FE_TRAJECTORY
             else rf"{_FE_NAME}+"
@@ -86,7 +79,7 @@ rule evaluate_features:
         runtime=res("evaluate_features", "runtime"),
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
-        dataset=lambda w: "" if w.fe_dataset == "all" else f"--dataset {w.fe_dataset}",
+        dataset=lambda w: "" if w.unit == "all" else f"--dataset {w.unit}",
         args=fe_args(False),
         own=lambda w, input: (
             f"--own-features {shlex.quote(input.own[0])}" if input.own else ""
@@ -99,31 +92,31 @@ rule evaluate_features:
 
 use rule evaluate_features as evaluate_features_trajectory with:
     output:
-        metrics=f"{R}/tasks/feature_extraction/{{fe_dataset}}/metrics.tsv",
-        cells=f"{R}/tasks/feature_extraction/{{fe_dataset}}/cells.tsv",
+        metrics=f"{R}/tasks/feature_extraction/{{unit}}/metrics.tsv",
+        cells=f"{R}/tasks/feature_extraction/{{unit}}/cells.tsv",
         umap=report(
-            f"{R}/tasks/feature_extraction/{{fe_dataset}}/umap.png",
+            f"{R}/tasks/feature_extraction/{{unit}}/umap.png",
             caption="../report/feature_extraction.rst",
             category=TASKS["feature_extraction"].category,
-            subcategory="{fe_dataset}",
-            labels={"dataset": "{fe_dataset}", "figure": "UMAP (EpiAgent | LSI)"},
+            subcategory="{unit}",
+            labels={"dataset": "{unit}", "figure": "UMAP (EpiAgent | LSI)"},
         ),
-        trajectory=f"{R}/tasks/feature_extraction/{{fe_dataset}}/trajectory.tsv",
+        trajectory=f"{R}/tasks/feature_extraction/{{unit}}/trajectory.tsv",
         trajectory_png=report(
-            f"{R}/tasks/feature_extraction/{{fe_dataset}}/trajectory.png",
+            f"{R}/tasks/feature_extraction/{{unit}}/trajectory.png",
             caption="../report/feature_extraction.rst",
             category=TASKS["feature_extraction"].category,
-            subcategory="{fe_dataset}",
+            subcategory="{unit}",
             labels={
-                "dataset": "{fe_dataset}",
+                "dataset": "{unit}",
                 "figure": "trajectory (PAGA + pseudotime)",
             },
         ),
     wildcard_constraints:
-        fe_dataset=_FE_TRAJ_ALT if FE_TRAJECTORY else r"(?!)",
+        unit=_FE_TRAJ_ALT if FE_TRAJECTORY else r"(?!)",
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
-        dataset=lambda w: "" if w.fe_dataset == "all" else f"--dataset {w.fe_dataset}",
+        dataset=lambda w: "" if w.unit == "all" else f"--dataset {w.unit}",
         args=fe_args(True),
         own=lambda w, input: (
             f"--own-features {shlex.quote(input.own[0])}" if input.own else ""
@@ -135,28 +128,28 @@ use rule evaluate_features as evaluate_features_trajectory with:
 rule annotate:
     input:
         checkpoint=checkpoint_file,
-        corpus=dataset_input("an_dataset"),
+        corpus=dataset_input("unit"),
     output:
-        metrics=f"{R}/tasks/annotation/{{an_dataset}}/metrics.tsv",
-        predictions=f"{R}/tasks/annotation/{{an_dataset}}/predictions.tsv",
+        metrics=f"{R}/tasks/annotation/{{unit}}/metrics.tsv",
+        predictions=f"{R}/tasks/annotation/{{unit}}/predictions.tsv",
         confusion=report(
-            f"{R}/tasks/annotation/{{an_dataset}}/confusion.png",
+            f"{R}/tasks/annotation/{{unit}}/confusion.png",
             caption="../report/annotation.rst",
             category=TASKS["annotation"].category,
-            subcategory="{an_dataset}",
-            labels={"dataset": "{an_dataset}", "figure": "confusion matrix"},
+            subcategory="{unit}",
+            labels={"dataset": "{unit}", "figure": "confusion matrix"},
         ),
         sankey=report(
-            f"{R}/tasks/annotation/{{an_dataset}}/sankey.png",
+            f"{R}/tasks/annotation/{{unit}}/sankey.png",
             caption="../report/annotation.rst",
             category=TASKS["annotation"].category,
-            subcategory="{an_dataset}",
-            labels={"dataset": "{an_dataset}", "figure": "Sankey: true -> predicted"},
+            subcategory="{unit}",
+            labels={"dataset": "{unit}", "figure": "Sankey: true -> predicted"},
         ),
     log:
-        f"{R}/logs/annotate/{{an_dataset}}.log",
+        f"{R}/logs/annotate/{{unit}}.log",
     benchmark:
-        f"{R}/benchmarks/annotate/{{an_dataset}}.tsv"
+        f"{R}/benchmarks/annotate/{{unit}}.tsv"
     conda:
         "../../envs/epiflow.yaml"
     threads: res("annotate", "threads")
@@ -165,7 +158,7 @@ rule annotate:
         runtime=res("annotate", "runtime"),
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
-        dataset=lambda w: "" if w.an_dataset == "all" else f"--dataset {w.an_dataset}",
+        dataset=lambda w: "" if w.unit == "all" else f"--dataset {w.unit}",
         args=verb_args("annotation"),
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow annotate --corpus {input.corpus:q} --checkpoint {input.checkpoint:q}'
@@ -177,26 +170,26 @@ rule annotate:
 rule impute:
     input:
         checkpoint=checkpoint_file,
-        corpus=dataset_input("im_dataset"),
+        corpus=dataset_input("unit"),
     output:
-        metrics=f"{R}/tasks/imputation/{{im_dataset}}/metrics.tsv",
-        imputed=f"{R}/tasks/imputation/{{im_dataset}}/imputed.h5ad",
-        per_cell=f"{R}/tasks/imputation/{{im_dataset}}/per_cell.tsv",
-        per_ccre=f"{R}/tasks/imputation/{{im_dataset}}/per_ccre.tsv",
+        metrics=f"{R}/tasks/imputation/{{unit}}/metrics.tsv",
+        imputed=f"{R}/tasks/imputation/{{unit}}/imputed.h5ad",
+        per_cell=f"{R}/tasks/imputation/{{unit}}/per_cell.tsv",
+        per_ccre=f"{R}/tasks/imputation/{{unit}}/per_ccre.tsv",
         box=report(
-            f"{R}/tasks/imputation/{{im_dataset}}/imputation_box.png",
+            f"{R}/tasks/imputation/{{unit}}/imputation_box.png",
             caption="../report/imputation.rst",
             category=TASKS["imputation"].category,
-            subcategory="{im_dataset}",
+            subcategory="{unit}",
             labels={
-                "dataset": "{im_dataset}",
+                "dataset": "{unit}",
                 "figure": "Pearson r / MSE per cell and cCRE",
             },
         ),
     log:
-        f"{R}/logs/impute/{{im_dataset}}.log",
+        f"{R}/logs/impute/{{unit}}.log",
     benchmark:
-        f"{R}/benchmarks/impute/{{im_dataset}}.tsv"
+        f"{R}/benchmarks/impute/{{unit}}.tsv"
     conda:
         "../../envs/epiflow.yaml"
     threads: res("impute", "threads")
@@ -205,7 +198,7 @@ rule impute:
         runtime=res("impute", "runtime"),
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
-        dataset=lambda w: "" if w.im_dataset == "all" else f"--dataset {w.im_dataset}",
+        dataset=lambda w: "" if w.unit == "all" else f"--dataset {w.unit}",
         args=verb_args("imputation"),
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow impute --corpus {input.corpus:q} --checkpoint {input.checkpoint:q}'
@@ -217,29 +210,29 @@ rule impute:
 rule predict_stimulation:
     input:
         checkpoint=checkpoint_file,
-        corpus=dataset_input("st_dataset"),
+        corpus=dataset_input("unit"),
     output:
-        metrics=f"{R}/tasks/stimulation/{{st_dataset}}/metrics.tsv",
-        means=f"{R}/tasks/stimulation/{{st_dataset}}/mean_accessibility.tsv.gz",
-        cells=f"{R}/tasks/stimulation/{{st_dataset}}/predicted_cells.h5ad",
+        metrics=f"{R}/tasks/stimulation/{{unit}}/metrics.tsv",
+        means=f"{R}/tasks/stimulation/{{unit}}/mean_accessibility.tsv.gz",
+        cells=f"{R}/tasks/stimulation/{{unit}}/predicted_cells.h5ad",
         scatter=report(
-            f"{R}/tasks/stimulation/{{st_dataset}}/scatter.png",
+            f"{R}/tasks/stimulation/{{unit}}/scatter.png",
             caption="../report/stimulation.rst",
             category=TASKS["stimulation"].category,
-            subcategory="{st_dataset}",
-            labels={"dataset": "{st_dataset}", "figure": "predicted vs observed mean"},
+            subcategory="{unit}",
+            labels={"dataset": "{unit}", "figure": "predicted vs observed mean"},
         ),
         direction=report(
-            f"{R}/tasks/stimulation/{{st_dataset}}/direction.png",
+            f"{R}/tasks/stimulation/{{unit}}/direction.png",
             caption="../report/stimulation.rst",
             category=TASKS["stimulation"].category,
-            subcategory="{st_dataset}",
-            labels={"dataset": "{st_dataset}", "figure": "direction accuracy"},
+            subcategory="{unit}",
+            labels={"dataset": "{unit}", "figure": "direction accuracy"},
         ),
     log:
-        f"{R}/logs/predict_stimulation/{{st_dataset}}.log",
+        f"{R}/logs/predict_stimulation/{{unit}}.log",
     benchmark:
-        f"{R}/benchmarks/predict_stimulation/{{st_dataset}}.tsv"
+        f"{R}/benchmarks/predict_stimulation/{{unit}}.tsv"
     conda:
         "../../envs/epiflow.yaml"
     threads: res("predict_stimulation", "threads")
@@ -248,7 +241,7 @@ rule predict_stimulation:
         runtime=res("predict_stimulation", "runtime"),
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
-        dataset=lambda w: "" if w.st_dataset == "all" else f"--dataset {w.st_dataset}",
+        dataset=lambda w: "" if w.unit == "all" else f"--dataset {w.unit}",
         args=verb_args("stimulation"),
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow predict-stimulation --corpus {input.corpus:q}'
@@ -261,31 +254,31 @@ rule predict_stimulation:
 rule predict_genetic:
     input:
         checkpoint=checkpoint_file,
-        corpus=dataset_input("ge_dataset"),
+        corpus=dataset_input("unit"),
         go=lambda w: demo_file("genetic", "go", "go.tsv"),
     output:
-        metrics=f"{R}/tasks/genetic/{{ge_dataset}}/metrics.tsv",
-        split=f"{R}/tasks/genetic/{{ge_dataset}}/split.tsv",
-        means=f"{R}/tasks/genetic/{{ge_dataset}}/mean_accessibility.tsv.gz",
-        cells=f"{R}/tasks/genetic/{{ge_dataset}}/predicted_cells.h5ad",
+        metrics=f"{R}/tasks/genetic/{{unit}}/metrics.tsv",
+        split=f"{R}/tasks/genetic/{{unit}}/split.tsv",
+        means=f"{R}/tasks/genetic/{{unit}}/mean_accessibility.tsv.gz",
+        cells=f"{R}/tasks/genetic/{{unit}}/predicted_cells.h5ad",
         scatter=report(
-            f"{R}/tasks/genetic/{{ge_dataset}}/scatter.png",
+            f"{R}/tasks/genetic/{{unit}}/scatter.png",
             caption="../report/genetic.rst",
             category=TASKS["genetic"].category,
-            subcategory="{ge_dataset}",
-            labels={"dataset": "{ge_dataset}", "figure": "predicted vs observed mean"},
+            subcategory="{unit}",
+            labels={"dataset": "{unit}", "figure": "predicted vs observed mean"},
         ),
         direction=report(
-            f"{R}/tasks/genetic/{{ge_dataset}}/direction.png",
+            f"{R}/tasks/genetic/{{unit}}/direction.png",
             caption="../report/genetic.rst",
             category=TASKS["genetic"].category,
-            subcategory="{ge_dataset}",
-            labels={"dataset": "{ge_dataset}", "figure": "direction accuracy"},
+            subcategory="{unit}",
+            labels={"dataset": "{unit}", "figure": "direction accuracy"},
         ),
     log:
-        f"{R}/logs/predict_genetic/{{ge_dataset}}.log",
+        f"{R}/logs/predict_genetic/{{unit}}.log",
     benchmark:
-        f"{R}/benchmarks/predict_genetic/{{ge_dataset}}.tsv"
+        f"{R}/benchmarks/predict_genetic/{{unit}}.tsv"
     conda:
         "../../envs/epiflow.yaml"
     threads: res("predict_genetic", "threads")
@@ -294,7 +287,7 @@ rule predict_genetic:
         runtime=res("predict_genetic", "runtime"),
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
-        dataset=lambda w: "" if w.ge_dataset == "all" else f"--dataset {w.ge_dataset}",
+        dataset=lambda w: "" if w.unit == "all" else f"--dataset {w.unit}",
         args=verb_args("genetic"),
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow predict-genetic --corpus {input.corpus:q}'
@@ -307,7 +300,7 @@ rule predict_genetic:
 # query datasets labelled by their nearest reference cells (query_predictions.tsv, read by the
 # fig4g panel, is an output only when tasks.integration.query names datasets).
 INTEGRATION_QUERY_OUTPUT = (
-    {"query": f"{R}/tasks/integration/{{in_name}}/query_predictions.tsv"}
+    {"query": f"{R}/tasks/integration/{{unit}}/query_predictions.tsv"}
     if config["tasks"]["integration"]["query"]
     else {}
 )
@@ -326,31 +319,31 @@ rule integrate:
         ),
     output:
         **INTEGRATION_QUERY_OUTPUT,
-        metrics=f"{R}/tasks/integration/{{in_name}}/metrics.tsv",
-        embeddings=f"{R}/tasks/integration/{{in_name}}/embeddings.h5ad",
-        batches=f"{R}/tasks/integration/{{in_name}}/batches.tsv",
-        matches=f"{R}/tasks/integration/{{in_name}}/matches.tsv",
-        model=f"{R}/tasks/integration/{{in_name}}/checkpoint.pth",
-        model_config=f"{R}/tasks/integration/{{in_name}}/checkpoint.pth.json",
-        train_log=f"{R}/tasks/integration/{{in_name}}/train_log.tsv",
+        metrics=f"{R}/tasks/integration/{{unit}}/metrics.tsv",
+        embeddings=f"{R}/tasks/integration/{{unit}}/embeddings.h5ad",
+        batches=f"{R}/tasks/integration/{{unit}}/batches.tsv",
+        matches=f"{R}/tasks/integration/{{unit}}/matches.tsv",
+        model=f"{R}/tasks/integration/{{unit}}/checkpoint.pth",
+        model_config=f"{R}/tasks/integration/{{unit}}/checkpoint.pth.json",
+        train_log=f"{R}/tasks/integration/{{unit}}/train_log.tsv",
         umap_batch=report(
-            f"{R}/tasks/integration/{{in_name}}/umap_batch.png",
+            f"{R}/tasks/integration/{{unit}}/umap_batch.png",
             caption="../report/integration.rst",
             category=TASKS["integration"].category,
-            subcategory="{in_name}",
-            labels={"reference": "{in_name}", "figure": "UMAP by batch"},
+            subcategory="{unit}",
+            labels={"reference": "{unit}", "figure": "UMAP by batch"},
         ),
         umap_type=report(
-            f"{R}/tasks/integration/{{in_name}}/umap_cell_type.png",
+            f"{R}/tasks/integration/{{unit}}/umap_cell_type.png",
             caption="../report/integration.rst",
             category=TASKS["integration"].category,
-            subcategory="{in_name}",
-            labels={"reference": "{in_name}", "figure": "UMAP by cell type"},
+            subcategory="{unit}",
+            labels={"reference": "{unit}", "figure": "UMAP by cell type"},
         ),
     log:
-        f"{R}/logs/integrate/{{in_name}}.log",
+        f"{R}/logs/integrate/{{unit}}.log",
     benchmark:
-        f"{R}/benchmarks/integrate/{{in_name}}.tsv"
+        f"{R}/benchmarks/integrate/{{unit}}.tsv"
     conda:
         "../../envs/epiflow.yaml"
     threads: res("integrate", "threads")
@@ -378,30 +371,30 @@ rule integrate:
 rule knockout:
     input:
         checkpoint=checkpoint_file,
-        corpus=dataset_input("ko_dataset"),
+        corpus=dataset_input("unit"),
         tss=lambda w: demo_file("knockout", "tss", "tss.bed"),
     output:
-        metrics=f"{R}/tasks/knockout/{{ko_dataset}}/metrics.tsv",
-        knockout=f"{R}/tasks/knockout/{{ko_dataset}}/knockout.tsv",
-        random=f"{R}/tasks/knockout/{{ko_dataset}}/random.tsv",
+        metrics=f"{R}/tasks/knockout/{{unit}}/metrics.tsv",
+        knockout=f"{R}/tasks/knockout/{{unit}}/knockout.tsv",
+        random=f"{R}/tasks/knockout/{{unit}}/random.tsv",
         effects=report(
-            f"{R}/tasks/knockout/{{ko_dataset}}/knockout_effects.png",
+            f"{R}/tasks/knockout/{{unit}}/knockout_effects.png",
             caption="../report/knockout.rst",
             category=TASKS["knockout"].category,
-            subcategory="{ko_dataset}",
-            labels={"dataset": "{ko_dataset}", "figure": "knockout effects vs random"},
+            subcategory="{unit}",
+            labels={"dataset": "{unit}", "figure": "knockout effects vs random"},
         ),
         umap=report(
-            f"{R}/tasks/knockout/{{ko_dataset}}/knockout_umap.png",
+            f"{R}/tasks/knockout/{{unit}}/knockout_umap.png",
             caption="../report/knockout.rst",
             category=TASKS["knockout"].category,
-            subcategory="{ko_dataset}",
-            labels={"dataset": "{ko_dataset}", "figure": "UMAP of the chimeric cells"},
+            subcategory="{unit}",
+            labels={"dataset": "{unit}", "figure": "UMAP of the chimeric cells"},
         ),
     log:
-        f"{R}/logs/knockout/{{ko_dataset}}.log",
+        f"{R}/logs/knockout/{{unit}}.log",
     benchmark:
-        f"{R}/benchmarks/knockout/{{ko_dataset}}.tsv"
+        f"{R}/benchmarks/knockout/{{unit}}.tsv"
     conda:
         "../../envs/epiflow.yaml"
     threads: res("knockout", "threads")
@@ -410,7 +403,7 @@ rule knockout:
         runtime=res("knockout", "runtime"),
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
-        dataset=lambda w: "" if w.ko_dataset == "all" else f"--dataset {w.ko_dataset}",
+        dataset=lambda w: "" if w.unit == "all" else f"--dataset {w.unit}",
         args=verb_args("knockout"),
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow knockout --corpus {input.corpus:q} --checkpoint {input.checkpoint:q}'
@@ -466,22 +459,25 @@ rule annotate_zeroshot:
         model_config=zs_annotator_file("checkpoint.pth.json"),
         classes=zs_annotator_file("classes.tsv"),
         ccres=zs_annotator_file("reference_ccres.npy"),
-        corpus=lambda w: data_dir(zs_unit(w.zs_dataset)[2], f"dataset {w.zs_dataset}"),
+        corpus=lambda w: data_dir(zs_unit(w.unit)[2], f"dataset {w.unit}"),
         label_map=zs_query_label_map,
     output:
-        metrics=f"{ZS_ROOT}/{{zs_dataset}}/metrics.tsv",
-        predictions=f"{ZS_ROOT}/{{zs_dataset}}/predictions.tsv",
+        metrics=f"{ZS_ROOT}/{{unit}}/metrics.tsv",
+        predictions=f"{ZS_ROOT}/{{unit}}/predictions.tsv",
         confusion=report(
-            f"{ZS_ROOT}/{{zs_dataset}}/confusion.png",
+            f"{ZS_ROOT}/{{unit}}/confusion.png",
             caption="../report/zeroshot_annotation.rst",
             category=TASKS["zeroshot_annotation"].category,
-            subcategory="{zs_dataset}",
-            labels={"dataset": "{zs_dataset}", "figure": "confusion matrix"},
+            subcategory="{unit}",
+            labels={"dataset": "{unit}", "figure": "confusion matrix"},
         ),
     log:
-        f"{R}/logs/annotate_zeroshot/{{zs_dataset}}.log",
+        f"{R}/logs/annotate_zeroshot/{{unit}}.log",
     benchmark:
-        f"{R}/benchmarks/annotate_zeroshot/{{zs_dataset}}.tsv"
+        f"{R}/benchmarks/annotate_zeroshot/{{unit}}.tsv"
+    wildcard_constraints:
+        # 'annotator' / 'annotator-NAME' are the folders of the trained annotators (train_annotator)
+        unit=r"(?!annotator(?:-[A-Za-z0-9_-]*)?/)[A-Za-z0-9._-]+",
     conda:
         "../../envs/epiflow.yaml"
     threads: res("annotate_zeroshot", "threads")
@@ -491,15 +487,13 @@ rule annotate_zeroshot:
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
         dataset=lambda w: (
-            ""
-            if zs_unit(w.zs_dataset)[2] == "all"
-            else f"--dataset {zs_unit(w.zs_dataset)[2]}"
+            "" if zs_unit(w.unit)[2] == "all" else f"--dataset {zs_unit(w.unit)[2]}"
         ),
         args=lambda w: verb_args(
             "zeroshot_annotation",
             "annotate-zeroshot",
-            method=zs_unit(w.zs_dataset)[1]["method"],
-            label_key=zs_unit(w.zs_dataset)[1]["label_key"],
+            method=zs_unit(w.unit)[1]["method"],
+            label_key=zs_unit(w.unit)[1]["label_key"],
         ),
         label_map=lambda w, input: opt("--label-map", input.label_map),
         restrict=lambda w, input: (
