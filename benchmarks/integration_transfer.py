@@ -26,10 +26,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    import pandas as pd
-
-    from epiflow.corpus.shard import Shard
-    from epiflow.tasks.integration import integrate
+    from epiflow.report.results import write_task_result
+    from epiflow.tasks.common import load_cells, load_model
+    from epiflow.tasks.config import IntegrationConfig
+    from epiflow.tasks.integration import run
+    from epiflow.tasks.zeroshot import read_label_map
 
     res = Path(a.results)
     folders = [res / "downstream" / d for d in a.datasets.split(",")]
@@ -38,12 +39,15 @@ def main(argv=None) -> int:
         print(f"error: missing {missing}: run the transfer workflow first "
               "(snakemake --configfile config/transfer.yaml config/transfer_learn.yaml)", file=sys.stderr)
         return 2
-    cells = Shard.from_any(folders)
+    cells = load_cells(folders)
     cells.obs["batch"] = cells.obs["dataset"].astype(str)
-    integrate(res / "pretrain" / "checkpoint.pth", cells, out_dir=a.out, batch_key="batch", label_key="cell_type",
-              label_map=ROOT / "resources" / "label_maps" / "hematopoiesis_shared_coarse.tsv", max_steps=a.steps,
-              common_ccres=True, umap=False, progress=False, seed=a.seed)
-    m = pd.read_csv(Path(a.out) / "metrics.tsv", sep="\t")
+    cfg = IntegrationConfig(batch_key="batch", label_key="cell_type", max_steps=a.steps, common_ccres=True,
+                            umap=False, progress=False, seed=a.seed)
+    model = load_model(res / "pretrain" / "checkpoint.pth", n_ccres=cells.n_ccres, device=cfg.device)
+    result = run(cells, model, cfg,
+                 label_map=read_label_map(ROOT / "resources" / "label_maps" / "hematopoiesis_shared_coarse.tsv"))
+    write_task_result(result, a.out, models=True)
+    m = result.metrics
     keep = ["NMI", "ARI", "iLISI", "kBET", "graph_connectivity", "batch_ASW", "final_loss"]
     print(m[m.metric.isin(keep)].pivot_table(index="method", columns="metric", values="value").round(3).to_string())
     return 0

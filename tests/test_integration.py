@@ -14,6 +14,11 @@ from epiflow.corpus.shard import shard_from_counts, write_corpus_meta, write_sha
 from epiflow.model import load_epiagent_checkpoint
 from epiflow.tasks.integration import gmm_keep, map_query, match_batches, ot_match, partner_targets
 
+# the files `epiflow integrate` writes (workflow rule integrate, registry outputs), with a query
+INTEGRATE_FILES = {"metrics.tsv", "checkpoint.pth", "checkpoint.pth.json", "batches.tsv", "matches.tsv",
+                   "embeddings.h5ad", "umap_batch.png", "umap_cell_type.png", "query_predictions.tsv",
+                   "train_log.tsv"}
+
 N_CCRES = 120
 
 
@@ -115,12 +120,13 @@ def test_integrate_cli_end_to_end(tmp_path, base_ckpt):
     ref = _corpus(tmp_path / "ref", n=120, seed=0)
     query = _corpus(tmp_path / "query", n=40, seed=3, batches=("q",), dataset="query")
     out = tmp_path / "integ"
-    rc = main(["integrate", "--checkpoint", str(base_ckpt), "--input", str(ref), "--batch-key", "donor",
+    rc = main(["integrate", "--checkpoint", str(base_ckpt), "--corpus", str(ref), "--batch-key", "donor",
                "--query", str(query), "--max-steps", "15", "--batch-size", "16", "--lr", "1e-3",
-               "--device", "cpu", "--out-dir", str(out)])
+               "--device", "cpu", "--no-progress", "--out", str(out)])
     assert rc == 0
-    for f in ("metrics.tsv", "checkpoint.pth", "batches.tsv", "matches.tsv", "embeddings.h5ad",
-              "umap_batch.png", "umap_cell_type.png", "query_predictions.tsv", "train_log.tsv"):
+    # the same files as before the verb moved onto its settings (issue #18), and no other
+    assert {f.name for f in out.iterdir()} == INTEGRATE_FILES
+    for f in INTEGRATE_FILES:
         assert (out / f).stat().st_size > 0, f
     # authors' batch-conditioned layout: base keys, then batch_embedding [n_batches, D]
     sd = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
@@ -151,16 +157,28 @@ def test_integrate_cli_end_to_end(tmp_path, base_ckpt):
     assert not np.allclose(e.obsm["X_epiagent_bc"], e.obsm["X_epiagent_bc_nobatch"])
 
 
+def _run(ckpt, ref, *, query=None, **settings):
+    from epiflow.tasks.common import load_cells, load_model
+    from epiflow.tasks.config import IntegrationConfig
+    from epiflow.tasks.integration import run
+
+    cells = load_cells(ref)
+    cfg = IntegrationConfig(**{"device": "cpu", "progress": False, **settings})
+    model = load_model(ckpt, n_ccres=cells.n_ccres)
+    return run(cells, model, cfg, query=None if query is None else load_cells(query))
+
+
 def test_integrate_on_the_cCREs_common_to_all_batches(tmp_path, base_ckpt):
-    """Batches on different peak panels: --common-ccres keeps the cCREs accessible in every batch, for the
+    """Batches on different peak panels: common_ccres keeps the cCREs accessible in every batch, for the
     reference and the query alike."""
-    from epiflow.tasks.integration import integrate
+    from epiflow.report.results import write_task_result
 
     ref = _corpus(tmp_path / "ref", n=80, seed=0, panel0=np.arange(90))  # d1 never has cCREs 90..119
     query = _corpus(tmp_path / "query", n=20, seed=3, batches=("q",), dataset="query")
-    res = integrate(base_ckpt, ref, out_dir=tmp_path / "o", batch_key="donor", query=query, common_ccres=True,
-                    max_steps=2, lr=1e-3, device="cpu", umap=False, lsi=False, progress=False)
-    t = res["metrics"].set_index(["task", "method", "metric"])["value"]
+    res = _run(base_ckpt, ref, query=query, batch_key="donor", common_ccres=True, max_steps=2, lr=1e-3,
+               umap=False, lsi=False)
+    write_task_result(res, tmp_path / "o", models=True)
+    t = res.metrics.set_index(["task", "method", "metric"])["value"]
     assert t[("integration", "EpiAgent-BC", "n_common_ccres")] == 90
     # the partner targets (cell + partners) hold no cCRE outside the common panel
     own = t[("integration", "EpiAgent-BC", "mean_own_ccres")]
@@ -168,21 +186,41 @@ def test_integrate_on_the_cCREs_common_to_all_batches(tmp_path, base_ckpt):
     assert t[("query_mapping", "EpiAgent-BC", "n_query_cells")] == 20
     qp = pd.read_csv(tmp_path / "o" / "query_predictions.tsv", sep="\t")
     assert len(qp) == 20 and set(qp["pred_EpiAgent-BC"]) <= {"HSC", "GMP", "CLP"}
+    # umap off: no coordinates to draw, and the result folder has every file but the figures
+    assert res.data["umap"] == {} and res.data["batches"] == ["d1", "d2"]
+    assert {f.name for f in (tmp_path / "o").iterdir()} == INTEGRATE_FILES - {"umap_batch.png", "umap_cell_type.png"}
     # without the option the batch-1-only cCREs stay: more cCREs per cell
-    res2 = integrate(base_ckpt, ref, out_dir=tmp_path / "o2", batch_key="donor", max_steps=1, device="cpu",
-                     umap=False, lsi=False, progress=False)
-    t2 = res2["metrics"].set_index(["task", "method", "metric"])["value"]
+    res2 = _run(base_ckpt, ref, batch_key="donor", max_steps=1, umap=False, lsi=False)
+    t2 = res2.metrics.set_index(["task", "method", "metric"])["value"]
     assert t2[("integration", "EpiAgent-BC", "n_common_ccres")] == N_CCRES
     assert t2[("integration", "EpiAgent-BC", "mean_own_ccres")] > own
+    assert "query_predictions" not in res2.tables and len(res2.history) == 1
 
 
 def test_integrate_needs_two_batches(tmp_path, base_ckpt):
     from epiflow.errors import EpiflowError
-    from epiflow.tasks.integration import integrate
 
     ref = _corpus(tmp_path / "ref", n=30, batches=("only",))
     with pytest.raises(EpiflowError, match="2 batches"):
-        integrate(base_ckpt, ref, out_dir=tmp_path / "o", batch_key="donor", max_steps=1, umap=False)
+        _run(base_ckpt, ref, batch_key="donor", max_steps=1, umap=False)
+
+
+def test_integrate_flags_are_its_settings_and_former_names_still_parse():
+    """The verb's flags come from IntegrationConfig; --input / --out-dir (former names) still parse."""
+    from epiflow.cli import build_parser
+    from epiflow.cliargs import config_from_args
+    from epiflow.tasks.config import IntegrationConfig
+
+    parser = build_parser(["integrate"])
+    new = parser.parse_args(["integrate", "--corpus", "c", "--checkpoint", "m.pth", "--out", "o", "--no-lsi",
+                             "--no-umap", "--max-steps", "7", "--common-ccres", "--backend", "sdpa"])
+    old = parser.parse_args(["integrate", "--input", "c", "--checkpoint", "m.pth", "--out-dir", "o", "--no-lsi",
+                             "--no-umap", "--max-steps", "7", "--common-ccres", "--backend", "sdpa"])
+    assert vars(new) == vars(old)
+    cfg = config_from_args(IntegrationConfig, new)
+    assert (cfg.lsi, cfg.umap, cfg.max_steps, cfg.common_ccres, cfg.backend) == (False, False, 7, True, "sdpa")
+    assert config_from_args(IntegrationConfig, parser.parse_args(
+        ["integrate", "--corpus", "c", "--checkpoint", "m", "--out", "o"])) == IntegrationConfig()
 
 
 # ------------------------------------------------------------------ workflow: query outputs and fig4g

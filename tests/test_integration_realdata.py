@@ -37,8 +37,11 @@ def real(tmp_path_factory, data_dir):
 
 
 def test_granja_donors_integrated_and_buenrostro_mapped(real):
-    from epiflow.tasks.integration import integrate
-    from epiflow.tasks.zeroshot import load_cells
+    from epiflow.report.results import write_task_result
+    from epiflow.tasks.common import load_cells, load_model
+    from epiflow.tasks.config import IntegrationConfig
+    from epiflow.tasks.integration import run
+    from epiflow.tasks.zeroshot import read_label_map
 
     tmp, corpus, ckpt = real
     torch.set_num_threads(2)
@@ -46,9 +49,10 @@ def test_granja_donors_integrated_and_buenrostro_mapped(real):
     query = load_cells(corpus, dataset="bm0828", max_cells=120, seed=1)
     assert set(ref.obs["batch"]) == {"BMMC_D5T1", "BMMC_D6T1"}  # the two donors
     out = tmp / "integ"
-    res = integrate(ckpt, ref, out_dir=out, batch_key="batch", label_key="cell_type", label_map=COARSE,
-                    query=query, max_steps=4, batch_size=8, lr=1e-3, max_len=254, seed=0, device="cpu",
-                    umap=False, progress=False)
+    cfg = IntegrationConfig(batch_key="batch", label_key="cell_type", max_steps=4, batch_size=8, lr=1e-3,
+                            max_len=254, seed=0, device="cpu", umap=False, progress=False)
+    res = run(ref, load_model(ckpt, n_ccres=ref.n_ccres), cfg, query=query, label_map=read_label_map(COARSE))
+    write_task_result(res, out, models=True)
     m = pd.read_csv(out / "metrics.tsv", sep="\t")
     integ = m[m["task"] == "integration"].set_index(["method", "metric"])["value"]
     methods = ["EpiAgent-BC", "EpiAgent-BC-nobatch", "EpiAgent-zeroshot", "LSI"]
@@ -83,7 +87,7 @@ def test_granja_donors_integrated_and_buenrostro_mapped(real):
     assert len(qp) == 120 and qp["cell"].str.startswith("bm0828:BM0828_").all()
     assert set(qp["label"]) <= {"HSC", "CMP.LMPP", "GMP", "CLP", "MEP"}
     assert set(qp["pred_EpiAgent-BC"]) <= {"HSC", "CMP.LMPP", "GMP", "CLP", "B", "CD8.N"}
-    assert res["batches"] == ["BMMC_D5T1", "BMMC_D6T1"]
+    assert res.data["batches"] == ["BMMC_D5T1", "BMMC_D6T1"]
 
 
 def test_promoter_knockout_targets_on_the_real_vocabulary(real, data_dir):

@@ -11,7 +11,9 @@ import torch
 from epiflow.cli import main
 from epiflow.corpus.shard import shard_from_counts, write_corpus_meta, write_shard
 from epiflow.model import EpiAgentConfig, from_config, save_epiagent_checkpoint
-from epiflow.tasks.knockout import chimeric_cells, knockout_effects, promoter_ccres, read_tss, set_column
+from epiflow.tasks.config import KnockoutConfig
+from epiflow.tasks.knockout import (chimeric_cells, knockout_effects, knockout_targets, promoter_ccres, read_tss,
+                                    set_column)
 
 N = 60
 
@@ -74,7 +76,7 @@ def test_promoter_targets_from_tss_bed_and_gtf(tmp_path):
     assert sorted(zip(t2["gene"], t2["ccre"])) == sorted(zip(t["gene"], t["ccre"]))
 
 
-def test_knockout_cli_on_tiny_model(tmp_path):
+def _ko_corpus(tmp_path):
     xa, xb = _states(40, 40, seed=1)
     counts = sp.vstack([xa, xb]).tocsr()
     root = tmp_path / "corpus"
@@ -87,32 +89,96 @@ def test_knockout_cli_on_tiny_model(tmp_path):
     write_shard(root / "shards/shard_00000.h5", shard_from_counts(counts, df, obs, vocab_id="toy"))
     write_corpus_meta(root, {"n_cells": 80, "n_ccres": N, "vocab_id": "toy", "genome": "hg38",
                              "shards": ["shards/shard_00000.h5"], "shard_cells": [80]})
+    return root
+
+
+@pytest.fixture
+def ko_inputs(tmp_path):
+    root = _ko_corpus(tmp_path)
     tss = tmp_path / "tss.bed"
     tss.write_text("chr1\t51200\t51201\tGENEB\t.\t+\n")  # promoter window covers cCREs 39..41
     torch.manual_seed(0)
     ckpt = tmp_path / "base.pth"
     save_epiagent_checkpoint(from_config(EpiAgentConfig.preset("tiny", n_ccres=N, dropout=0.0)), ckpt,
                              write_config=True)
+    return root, tss, ckpt
+
+
+def test_knockout_cli_on_tiny_model(tmp_path, ko_inputs):
+    root, tss, ckpt = ko_inputs
     out = tmp_path / "ko"
-    rc = main(["knockout", "--checkpoint", str(ckpt), "--input", str(root), "--genes", "GENEB", "--tss", str(tss),
-               "--n-reference", "150", "--n-query", "10", "--n-random", "5", "--finetune-steps", "3",
-               "--device", "cpu", "--out-dir", str(out)])
+    rc = main(["knockout", "--checkpoint", str(ckpt), "--corpus", str(root), "--genes", "GENEB", "--tss", str(tss),
+               "--n-reference", "150", "--n-query", "10", "--n-random", "5", "--max-steps", "3",
+               "--device", "cpu", "--out", str(out)])
     assert rc == 0
+    # the same files as before the verb moved onto its settings (issue #18), and no other
+    assert {f.name for f in out.iterdir()} == {"metrics.tsv", "knockout.tsv", "random.tsv", "knockout_umap.png",
+                                               "knockout_effects.png"}
     tab = pd.read_csv(out / "knockout.tsv", sep="\t")
     assert set(tab["gene"]) == {"GENEB"} and sorted(tab["ccre"]) == [39, 40, 41]
     assert np.isfinite(tab["mean_effect"]).all() and tab["p_value"].between(0, 1).all()
     m = pd.read_csv(out / "metrics.tsv", sep="\t")
     assert list(m.columns) == ["task", "dataset", "method", "metric", "value"]
     assert (m["metric"] == "mean_effect[GENEB:40]").any()
+    assert m.set_index("metric")["value"]["finetune_steps"] == 3
     assert (out / "knockout_umap.png").stat().st_size > 0 and (out / "knockout_effects.png").stat().st_size > 0
     assert len(pd.read_csv(out / "random.tsv", sep="\t")) == 5
 
 
-def test_knockout_needs_both_states(tmp_path):
+def test_knockout_run_equals_the_cli_with_former_flag_names(tmp_path, ko_inputs):
+    """run() with the corpus df gives the numbers the CLI writes; the former flags (--input, --out-dir,
+    --finetune-steps, --no-figures) still work; --ccres is a comma list."""
+    from epiflow.report.results import write_task_result
+    from epiflow.tasks.common import corpus_df, load_cells, load_model
+    from epiflow.tasks.knockout import run
+
+    root, _, ckpt = ko_inputs
+    out = tmp_path / "ko"
+    rc = main(["knockout", "--checkpoint", str(ckpt), "--input", str(root), "--ccres", "40,10",
+               "--n-reference", "120", "--n-query", "8", "--n-random", "4", "--finetune-steps", "2",
+               "--no-figures", "--no-progress", "--device", "cpu", "--out-dir", str(out)])
+    assert rc == 0
+    assert {f.name for f in out.iterdir()} == {"metrics.tsv", "knockout.tsv", "random.tsv"}
+    cfg = KnockoutConfig(ccres=[40, 10], n_reference=120, n_query=8, n_random=4, max_steps=2, figures=False,
+                         progress=False, device="cpu")
+    cells = load_cells(root)
+    res = run(cells, load_model(ckpt, n_ccres=cells.n_ccres), cfg, knockout_targets(cfg), df=corpus_df(root))
+    assert res.tables["knockout"]["ccre"].tolist() == [40, 10] and len(res.data["finetune_loss"]) == 2
+    assert set(res.models) == {"model"} and res.data["dataset"] == "pair"
+    write_task_result(res, tmp_path / "api")
+    for f in ("metrics.tsv", "knockout.tsv", "random.tsv"):
+        assert (tmp_path / "api" / f).read_text() == (out / f).read_text(), f
+
+
+def test_knockout_targets_from_the_settings():
+    vocab = pd.DataFrame({"chrom": ["1", "chr1", "chr1"], "start": [9000, 20000, 50300],
+                          "end": [9100, 20100, 50400]})
+    tss = pd.DataFrame({"chrom": ["chr1", "chr1"], "tss": [10000, 50000], "strand": ["+", "-"],
+                        "gene": ["GP", "GM"]})
+    t = knockout_targets(KnockoutConfig(genes=["GP", "GM"]), tss=tss, vocab=vocab)
+    assert sorted(zip(t["gene"], t["ccre"])) == [("GM", 2), ("GP", 0)]  # chrom names normalised
+    # cCRE indices win over genes
+    assert knockout_targets(KnockoutConfig(ccres=[3, 1], genes=["GP"]))["ccre"].tolist() == [3, 1]
     from epiflow.errors import EpiflowError
-    from epiflow.tasks.knockout import run_knockout
+
+    with pytest.raises(EpiflowError, match="give targets"):
+        knockout_targets(KnockoutConfig(genes=["GP"]))
+    with pytest.raises(EpiflowError, match="vocabulary"):
+        knockout_targets(KnockoutConfig(genes=["GP"]), tss=tss)
+    with pytest.raises(EpiflowError, match="no cCRE of the vocabulary"):
+        knockout_targets(KnockoutConfig(genes=["NOPE"]), tss=tss, vocab=vocab)
+
+
+def test_knockout_needs_both_states(tiny_checkpoint):
+    from epiflow.errors import EpiflowError
+    from epiflow.tasks.common import load_model
+    from epiflow.tasks.knockout import run
 
     xa, _ = _states(10, 1)
     sh = shard_from_counts(xa, np.full(N, 0.4), pd.DataFrame({"state": ["normal"] * 10}))
+    model = load_model(tiny_checkpoint(N), n_ccres=N)
     with pytest.raises(EpiflowError, match="both states"):
-        run_knockout("unused.pth", sh, out_dir=tmp_path / "o", targets=[1])
+        run(sh, model, KnockoutConfig(device="cpu"), [1])
+    sh.obs["state"] = ["normal"] * 5 + ["cancer"] * 5
+    with pytest.raises(EpiflowError, match="target cCRE indices"):
+        run(sh, model, KnockoutConfig(device="cpu"), [N])

@@ -23,24 +23,29 @@ cell-type ASW, iLISI, kBET (global and per label), graph connectivity and batch 
 Query mapping (task ``query_mapping``): query cells are embedded **without** a batch token; each gets the
 majority label of its ``k = 20`` nearest reference cells (Euclidean); accuracy and macro F1 against the
 known labels.
+
+API: :func:`run` (loaded cells + model + :class:`~epiflow.tasks.config.IntegrationConfig`) returns a
+:class:`~epiflow.tasks.common.TaskResult`; ``epiflow integrate`` (:mod:`.integration_cli`) writes it
+and draws the UMAPs (:mod:`epiflow.plots.integration`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..errors import EpiflowError
-from ..io import atomic_path
+from ..errors import EpiflowError, VocabularyMismatchError
+from ..metrics.table import metric_rows, metrics_frame
+from .common import TaskResult, resolve_device
 from .features import labelled_mask
-from ..metrics.table import metric_rows, metrics_frame, write_metrics
-from .zeroshot import (_dataset_name, _device, apply_label_map, classification_scores, covered_ccres, load_cells,
-                       load_model, obs_column, read_label_map, restrict_to_ccres)
+from .zeroshot import _dataset_name, apply_label_map, classification_scores, covered_ccres, obs_column, restrict_to_ccres
+
+if TYPE_CHECKING:
+    from .config import IntegrationConfig
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +147,7 @@ def partner_targets(cells, matches: pd.DataFrame) -> sp.csr_matrix:
 
 # ----------------------------------------------------------------------------- fine-tuning
 def finetune_reconstruction(model, cells, targets: sp.csr_matrix | None = None, *, batch_ids=None,
-                            max_steps: int = 200, batch_size: int = 16, lr: float = 1e-4, max_len: int = 2048,
+                            max_steps: int = 200, batch_size: int = 16, lr: float = 1e-4, max_len: int | None = 2048,
                             weight_decay: float = 0.01, seed: int = 0, device=None, progress: bool = True,
                             desc: str = "fine-tune") -> list[float]:
     """Fine-tune with signal reconstruction + cell-cCRE alignment (K = 1) towards ``targets`` (binary
@@ -152,11 +157,12 @@ def finetune_reconstruction(model, cells, targets: sp.csr_matrix | None = None, 
     ``batch_ids`` (int per cell) feed the batch token. Returns the loss per step."""
     from ..train.engine import FitConfig, Reconstruction, fit
 
-    obj = Reconstruction(cells, targets=targets, k=1, max_len=int(max_len), heads_at_head_lr=False,
+    obj = Reconstruction(cells, targets=targets, k=1, max_len=None if max_len is None else int(max_len),
+                         heads_at_head_lr=False,
                          conditions=None if batch_ids is None else np.asarray(batch_ids, dtype=np.int64),
                          condition_key="batch_ids")
     cfg = FitConfig(epochs=int(max_steps), max_steps=int(max_steps), batch_size=int(batch_size), lr=float(lr),
-                    weight_decay=float(weight_decay), seed=int(seed), device=str(_device(device)),
+                    weight_decay=float(weight_decay), seed=int(seed), device=str(resolve_device(device)),
                     progress=progress, desc=desc)
     return fit(model, obj, cfg)["loss"].tolist()
 
@@ -165,7 +171,7 @@ def embed_cells(model, cells, *, batch_ids=None, device=None, max_len: int = 819
                 desc: str = "embed") -> np.ndarray:
     from ..model.inference import embed_sentences
 
-    return embed_sentences(model, cells.indptr, cells.tokens, batch_ids=batch_ids, device=_device(device),
+    return embed_sentences(model, cells.indptr, cells.tokens, batch_ids=batch_ids, device=resolve_device(device),
                            max_len=max_len, progress=progress, desc=desc)
 
 
@@ -229,125 +235,15 @@ def evaluate_integration(embeddings: dict[str, np.ndarray], batches, labels, *, 
     return rows, coords, ok
 
 
-def _umap_figures(coords, batches, labels, out: Path, dataset: str) -> None:
-    from ..plots import umap_figure
-
-    if not coords:
-        return
-    umap_figure({m: (xy, batches, f"{m}: by batch") for m, xy in coords.items()}, out / "umap_batch.png",
-                suptitle=f"Integration of {dataset}: UMAP coloured by batch")
-    umap_figure({m: (xy, labels, f"{m}: by cell type") for m, xy in coords.items()}, out / "umap_cell_type.png",
-                suptitle=f"Integration of {dataset}: UMAP coloured by cell type")
-
-
 # ----------------------------------------------------------------------------- pipeline
-def integrate(checkpoint, cells, *, out_dir, batch_key: str = "batch", label_key: str = "cell_type",
-              label_map=None, query=None, query_label_key: str | None = None, num_heads: int | None = None,
-              max_steps: int = 200, batch_size: int = 16, lr: float = 1e-4, max_len: int = 2048,
-              max_ot_cells: int = 5000, k_query: int = 20, lsi: bool = True, umap: bool = True,
-              common_ccres: bool = False, seed: int = 0, device=None, dataset: str | None = None,
-              progress: bool = True) -> dict:
-    """Run the whole integration (module docstring) and write ``out_dir``:
-    ``checkpoint.pth`` (+ ``.json``; batch-conditioned, authors' layout), ``batches.tsv`` (batch id ->
-    name), ``matches.tsv``, ``train_log.tsv``, ``embeddings.h5ad`` (obs + ``obsm`` per method),
-    ``umap_batch.png``, ``umap_cell_type.png``, with a query ``query_predictions.tsv``, and
-    ``metrics.tsv`` (written last). Returns a dict with the metrics table and the fine-tuned model.
+def _labelled_count(labels) -> int:
+    return int(labelled_mask(np.asarray(labels, dtype=object)).sum())
 
-    ``common_ccres``: keep only the cCREs accessible in every batch (reference and query cells alike),
-    for batches measured on different peak panels (e.g. Granja 2019's 5,000-peak subset beside
-    Buenrostro 2018's 36,000 peaks), where the panel itself would otherwise be the batch effect.
-    """
+
+def _embeddings_adata(cells, labels, embs: dict[str, np.ndarray]):
+    """obs of the reference cells (+ ``label_mapped``) with one ``obsm`` per method."""
     import anndata as ad
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cells = load_cells(cells)
-    if isinstance(label_map, (str, os.PathLike)):
-        label_map = read_label_map(label_map)
-    batches = np.asarray(obs_column(cells, batch_key, "batch")).astype(str)
-    names = sorted(set(batches))
-    bids = pd.Index(names).get_indexer(batches)
-    labels = apply_label_map(obs_column(cells, label_key), label_map)
-    ds = dataset or _dataset_name(cells)
-    shared = None
-    if common_ccres:
-        shared = np.logical_and.reduce([covered_ccres(cells.subset(np.flatnonzero(batches == b))) for b in names])
-        if not shared.any():
-            raise EpiflowError("the batches have no accessible cCRE in common", field="common_ccres",
-                               fix="integrate without --common-ccres")
-        log.info("keeping the %d cCREs accessible in every batch (of %d)", int(shared.sum()), cells.n_ccres)
-        cells = restrict_to_ccres(cells, shared)
-
-    base = load_model(checkpoint, num_heads, n_ccres=cells.n_ccres)
-    z0 = embed_cells(base, cells, device=device, progress=progress, desc="zero-shot embed")
-    matches = match_batches(z0, batches, max_ot_cells=max_ot_cells, seed=seed)
-    targets = partner_targets(cells, matches)
-    from ..model import derive
-
-    model = derive(base, batches=len(names), seed=seed)  # zero batch tokens: starts as the base
-    hist = finetune_reconstruction(model, cells, targets, batch_ids=bids, max_steps=max_steps,
-                                   batch_size=batch_size, lr=lr, max_len=max_len, seed=seed, device=device,
-                                   progress=progress, desc="integrate")
-    e_bc = embed_cells(model, cells, batch_ids=bids, device=device, progress=progress, desc="embed (batch token)")
-    e_nb = embed_cells(model, cells, device=device, progress=progress, desc="embed (no batch token)")
-    embs = {"EpiAgent-BC": e_bc, "EpiAgent-BC-nobatch": e_nb, "EpiAgent-zeroshot": z0}
-    if lsi:
-        from ..baselines import lsi as run_lsi
-
-        embs["LSI"] = run_lsi(cells.counts_csr(), n_components=min(50, cells.n_cells - 1, cells.n_ccres - 1),
-                              seed=seed)
-    rows = metric_rows(TASK, ds, "EpiAgent-BC", {
-        "matches_total": len(matches), "matches_kept": int(matches["kept"].sum()),
-        "steps": len(hist), "final_loss": hist[-1] if hist else float("nan"),
-        "mean_target_ccres": float(np.diff(targets.indptr).mean()),
-        "mean_own_ccres": float(np.diff(cells.indptr).mean()),
-        "n_common_ccres": int(shared.sum()) if shared is not None else cells.n_ccres})
-    r, coords, ok = evaluate_integration(embs, batches, labels, dataset=ds, seed=seed, umap=umap,
-                                         k_lisi=min(90, int(ok_n(labels)) - 1), k_kbet=min(50, int(ok_n(labels)) - 1))
-    rows += r
-
-    qres = None
-    if query is not None:
-        q = load_cells(query)
-        if q.n_ccres != cells.n_ccres:
-            from ..errors import VocabularyMismatchError
-
-            raise VocabularyMismatchError(f"the query has {q.n_ccres} cCREs but the reference {cells.n_ccres}",
-                                          field="query", fix="map both onto the checkpoint's cCRE vocabulary")
-        if shared is not None:
-            q = restrict_to_ccres(q, shared)
-        qk = query_label_key or label_key
-        qlab = apply_label_map(obs_column(q, qk), label_map)
-        qz = embed_cells(base, q, device=device, progress=progress, desc="embed query (zero-shot)")
-        qe = embed_cells(model, q, device=device, progress=progress, desc="embed query (no batch token)")
-        qds = _dataset_name(q)
-        ref_lab = labels
-        refm = np.array([v is not None for v in ref_lab])
-        qres = pd.DataFrame({"cell": q.obs["cell_id"].astype(str).to_numpy() if "cell_id" in q.obs
-                             else np.arange(q.n_cells).astype(str), "label": qlab})
-        qok = np.array([v is not None for v in qlab])
-        for method, ref_e, qq in (("EpiAgent-BC", e_bc, qe), ("EpiAgent-BC-nobatch", e_nb, qe),
-                                  ("EpiAgent-zeroshot", z0, qz)):
-            pred, frac = map_query(ref_e[refm], ref_lab[refm], qq, k=k_query)
-            qres[f"pred_{method}"] = pred
-            qres[f"vote_{method}"] = frac
-            vals = {"n_query_cells": q.n_cells, "n_query_labelled": int(qok.sum()), "k": k_query}
-            if qok.any():
-                vals.update(classification_scores(qlab[qok], pred[qok]))
-            rows += metric_rows(QUERY_TASK, qds, method, vals)
-        with atomic_path(out / "query_predictions.tsv") as tmp:
-            qres.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-
-    from ..model.checkpoint import save_epiagent_checkpoint
-
-    save_epiagent_checkpoint(model.cpu(), out / "checkpoint.pth", write_config=True)
-    with atomic_path(out / "batches.tsv") as tmp:
-        pd.DataFrame({"index": range(len(names)), "batch": names}).to_csv(tmp, sep="\t", index=False)
-    with atomic_path(out / "matches.tsv") as tmp:
-        matches.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-    with atomic_path(out / "train_log.tsv") as tmp:
-        pd.DataFrame({"step": np.arange(1, len(hist) + 1), "loss": hist}).to_csv(tmp, sep="\t", index=False,
-                                                                                float_format="%.6g")
     obs = cells.obs.copy()
     obs.index = (obs["cell_id"].astype(str) if "cell_id" in obs else obs.index.astype(str)).to_numpy()
     if not obs.index.is_unique:
@@ -359,15 +255,115 @@ def integrate(checkpoint, cells, *, out_dir, batch_key: str = "batch", label_key
     a = ad.AnnData(obs=obs)
     for m, e in embs.items():
         a.obsm[f"X_{m.replace('-', '_').lower()}"] = np.asarray(e, dtype=np.float32)
-    with atomic_path(out / "embeddings.h5ad") as tmp:
-        a.write_h5ad(tmp)
-    if umap:
-        _umap_figures(coords, batches[ok], np.asarray(labels, dtype=object)[ok].astype(str), out, ds)
-    table = metrics_frame(rows)
-    write_metrics(table, out / "metrics.tsv")
-    return {"metrics": table, "model": model, "matches": matches, "embeddings": embs, "query": qres,
-            "batches": names}
+    return a
 
 
-def ok_n(labels) -> int:
-    return int(labelled_mask(np.asarray(labels, dtype=object)).sum())
+def run(cells, model, cfg: IntegrationConfig, *, query=None, label_map: dict[str, str] | None = None,
+        dataset: str | None = None) -> TaskResult:
+    """The whole integration (module docstring) of the reference ``cells`` (a Shard,
+    :func:`epiflow.tasks.common.load_cells`) with the pretrained ``model`` (its weights are not changed;
+    the batch-conditioned model is a new one), settings ``cfg``; ``query``: cells to map (a Shard);
+    ``label_map``: original -> shared label (:func:`epiflow.tasks.zeroshot.read_label_map`); ``dataset``:
+    the name of the metrics rows (default: the cells' one dataset, else ``all``).
+
+    Returns a :class:`~epiflow.tasks.common.TaskResult`: ``metrics`` (tasks ``integration`` and
+    ``query_mapping``), ``tables`` ``batches`` (batch id -> name), ``matches`` and, with a query,
+    ``query_predictions``; ``history`` (step, loss); ``models["checkpoint"]`` (the batch-conditioned
+    model, authors' layout); ``h5ad["embeddings"]`` (obs + ``obsm`` per method); ``data``:
+    ``embeddings`` (method -> array), ``umap`` (method -> UMAP coordinates of the labelled cells, when
+    ``cfg.umap``), ``umap_batches`` / ``umap_labels`` (their batches and labels), ``batches`` (the
+    batch names), ``dataset``.
+
+    ``cfg.common_ccres``: keep only the cCREs accessible in every batch (reference and query cells alike),
+    for batches measured on different peak panels (e.g. Granja 2019's 5,000-peak subset beside
+    Buenrostro 2018's 36,000 peaks), where the panel itself would otherwise be the batch effect.
+    """
+    seed, device, progress = cfg.seed, cfg.device, cfg.progress
+    if model.n_ccres != cells.n_ccres:
+        raise VocabularyMismatchError(f"the model has {model.n_ccres} cCREs but the cells have {cells.n_ccres}",
+                                      field="n_ccres", fix="use a model trained on this cCRE vocabulary")
+    batches = np.asarray(obs_column(cells, cfg.batch_key, "batch")).astype(str)
+    names = sorted(set(batches))
+    bids = pd.Index(names).get_indexer(batches)
+    labels = apply_label_map(obs_column(cells, cfg.label_key), label_map)
+    ds = dataset or _dataset_name(cells)
+    shared = None
+    if cfg.common_ccres:
+        shared = np.logical_and.reduce([covered_ccres(cells.subset(np.flatnonzero(batches == b))) for b in names])
+        if not shared.any():
+            raise EpiflowError("the batches have no accessible cCRE in common", field="common_ccres",
+                               fix="integrate without --common-ccres")
+        log.info("keeping the %d cCREs accessible in every batch (of %d)", int(shared.sum()), cells.n_ccres)
+        cells = restrict_to_ccres(cells, shared)
+
+    base = model
+    z0 = embed_cells(base, cells, device=device, progress=progress, desc="zero-shot embed")
+    matches = match_batches(z0, batches, max_ot_cells=cfg.max_ot_cells, seed=seed)
+    targets = partner_targets(cells, matches)
+    from ..model import derive
+
+    model = derive(base, batches=len(names), seed=seed)  # zero batch tokens: starts as the base
+    hist = finetune_reconstruction(model, cells, targets, batch_ids=bids, max_steps=cfg.max_steps,
+                                   batch_size=cfg.batch_size, lr=cfg.lr, max_len=cfg.max_len, seed=seed,
+                                   device=device, progress=progress, desc="integrate")
+    e_bc = embed_cells(model, cells, batch_ids=bids, device=device, progress=progress, desc="embed (batch token)")
+    e_nb = embed_cells(model, cells, device=device, progress=progress, desc="embed (no batch token)")
+    embs = {"EpiAgent-BC": e_bc, "EpiAgent-BC-nobatch": e_nb, "EpiAgent-zeroshot": z0}
+    if cfg.lsi:
+        from ..baselines import lsi as run_lsi
+
+        embs["LSI"] = run_lsi(cells.counts_csr(), n_components=min(50, cells.n_cells - 1, cells.n_ccres - 1),
+                              seed=seed)
+    rows = metric_rows(TASK, ds, "EpiAgent-BC", {
+        "matches_total": len(matches), "matches_kept": int(matches["kept"].sum()),
+        "steps": len(hist), "final_loss": hist[-1] if hist else float("nan"),
+        "mean_target_ccres": float(np.diff(targets.indptr).mean()),
+        "mean_own_ccres": float(np.diff(cells.indptr).mean()),
+        "n_common_ccres": int(shared.sum()) if shared is not None else cells.n_ccres})
+    n_lab = _labelled_count(labels)
+    r, coords, ok = evaluate_integration(embs, batches, labels, dataset=ds, seed=seed, umap=cfg.umap,
+                                         k_lisi=min(90, n_lab - 1), k_kbet=min(50, n_lab - 1))
+    rows += r
+
+    tables = {"batches": pd.DataFrame({"index": range(len(names)), "batch": names}), "matches": matches}
+    if query is not None:
+        tables["query_predictions"], qrows = _map_query(query, cells.n_ccres, shared, base, model, cfg, label_map,
+                                                        labels, {"EpiAgent-BC": e_bc, "EpiAgent-BC-nobatch": e_nb,
+                                                                 "EpiAgent-zeroshot": z0})
+        rows += qrows
+    history = pd.DataFrame({"step": np.arange(1, len(hist) + 1), "loss": hist})
+    return TaskResult(metrics=metrics_frame(rows), tables=tables, history=history, models={"checkpoint": model},
+                      h5ad={"embeddings": _embeddings_adata(cells, labels, embs)},
+                      data={"embeddings": embs, "umap": coords, "umap_batches": batches[ok],
+                            "umap_labels": np.asarray(labels, dtype=object)[ok].astype(str), "batches": names,
+                            "dataset": ds})
+
+
+def _map_query(q, n_ccres: int, shared, base, model, cfg: IntegrationConfig, label_map, ref_lab,
+               ref_embs: dict[str, np.ndarray]) -> tuple[pd.DataFrame, list]:
+    """Query mapping: the query embedded without a batch token (fine-tuned model, and zero-shot),
+    labelled by the ``k_query`` nearest labelled reference cells; the predictions and metric rows."""
+    device, progress = cfg.device, cfg.progress
+    if q.n_ccres != n_ccres:
+        raise VocabularyMismatchError(f"the query has {q.n_ccres} cCREs but the reference {n_ccres}",
+                                      field="query", fix="map both onto the checkpoint's cCRE vocabulary")
+    if shared is not None:
+        q = restrict_to_ccres(q, shared)
+    qlab = apply_label_map(obs_column(q, cfg.query_label_key or cfg.label_key), label_map)
+    qz = embed_cells(base, q, device=device, progress=progress, desc="embed query (zero-shot)")
+    qe = embed_cells(model, q, device=device, progress=progress, desc="embed query (no batch token)")
+    qds = _dataset_name(q)
+    refm = np.array([v is not None for v in ref_lab])
+    qres = pd.DataFrame({"cell": q.obs["cell_id"].astype(str).to_numpy() if "cell_id" in q.obs
+                         else np.arange(q.n_cells).astype(str), "label": qlab})
+    qok = np.array([v is not None for v in qlab])
+    rows: list = []
+    for method, qq in (("EpiAgent-BC", qe), ("EpiAgent-BC-nobatch", qe), ("EpiAgent-zeroshot", qz)):
+        pred, frac = map_query(ref_embs[method][refm], ref_lab[refm], qq, k=cfg.k_query)
+        qres[f"pred_{method}"] = pred
+        qres[f"vote_{method}"] = frac
+        vals = {"n_query_cells": q.n_cells, "n_query_labelled": int(qok.sum()), "k": cfg.k_query}
+        if qok.any():
+            vals.update(classification_scores(qlab[qok], pred[qok]))
+        rows += metric_rows(QUERY_TASK, qds, method, vals)
+    return qres, rows

@@ -17,7 +17,12 @@
    their 20 nearest reference cells), and a bar chart of the mean effects with the random control.
 
 Targets come from gene promoters: :func:`promoter_ccres` intersects TSS upstream windows (from
-``hg19_tss.bed.gz`` / ``hg38_tss.bed.gz`` BED6 or any GTF) with the cCRE vocabulary.
+``hg19_tss.bed.gz`` / ``hg38_tss.bed.gz`` BED6 or any GTF) with the cCRE vocabulary
+(:func:`knockout_targets` picks them from the settings).
+
+API: :func:`run` (loaded cells + model + :class:`~epiflow.tasks.config.KnockoutConfig` + targets)
+returns a :class:`~epiflow.tasks.common.TaskResult`; ``epiflow knockout`` (:mod:`.knockout_cli`) reads
+the TSS / vocabulary / df files, writes the result and draws the figures (:mod:`epiflow.plots.knockout`).
 """
 
 from __future__ import annotations
@@ -25,15 +30,19 @@ from __future__ import annotations
 import gzip
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import EpiflowError, InputFormatError
-from ..io import atomic_path
-from ..metrics.table import metric_rows, metrics_frame, write_metrics
-from .zeroshot import load_cells, load_model, obs_column
+from ..metrics.table import metric_rows, metrics_frame
+from .common import TaskResult
+from .zeroshot import obs_column
+
+if TYPE_CHECKING:
+    from .config import KnockoutConfig
 
 log = logging.getLogger(__name__)
 
@@ -203,116 +212,69 @@ def knockout_effects(embed_fn, xa, xb, targets: pd.DataFrame, *, n_reference: in
             "n_targets": len(tgt), "score_r": score_r}
 
 
-# ----------------------------------------------------------------------------- figures
-def knockout_figures(res: dict, out: Path, *, title: str = "", seed: int = 0) -> None:
-    import anndata as ad
-    import scanpy as sc
-
-    from ..metrics import knn_graph
-    from ..plots import save_figure
-    from ..plots.embedding import _figure
-
-    ref_emb = res["reference_embedding"]
-    a = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(ref_emb))]))
-    a.obsm["X_e"] = np.asarray(ref_emb, dtype=np.float32)
-    knn_graph(a, use_rep="X_e", n_neighbors=15, seed=seed)
-    sc.tl.umap(a, random_state=seed)
-    xy = a.obsm["X_umap"]
-    tab = res["table"]
-    nt = res["n_targets"]
-    fig = _figure(6.4, 5.2)
-    ax = fig.add_subplot(1, 1, 1)
-    pts = ax.scatter(xy[:, 0], xy[:, 1], c=res["reference_scores"], cmap="coolwarm", s=6, linewidths=0,
-                     rasterized=True)
-    fig.colorbar(pts, ax=ax, label="cancerization score")
-    knn = res["query_knn"]
-    for i in range(nt):
-        start = xy[knn[i, 0]].mean(1).mean(0)  # added
-        end = xy[knn[i, 1]].mean(1).mean(0)    # removed
-        ax.annotate("", xy=end, xytext=start, arrowprops=dict(arrowstyle="->", lw=1.5, color="black"))
-        lab = str(tab["gene"].iloc[i]) if "gene" in tab else str(tab["ccre"].iloc[i])
-        ax.text(start[0], start[1], lab, fontsize=7)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_xlabel("UMAP1")
-    ax.set_ylabel("UMAP2")
-    ax.set_title(title or "in-silico knockout: query cells, cCRE added -> removed", fontsize=9)
-    save_figure(fig, out / "knockout_umap.png")
-
-    fig = _figure(1.5 + 0.45 * (nt + 1), 3.6)
-    ax = fig.add_subplot(1, 1, 1)
-    names = [(f"{g}:{c}" if "gene" in tab else str(c)) for g, c in
-             zip(tab["gene"] if "gene" in tab else tab["ccre"], tab["ccre"])] + ["random"]
-    means = list(tab["mean_effect"]) + [float(np.mean(res["random_effects"]))]
-    sds = list(tab["sd_effect"]) + [float(np.std(res["random_effects"]))]
-    cols = ["#c0392b" if p < 0.05 else "#7f8c8d" for p in tab["p_value"]] + ["#bdc3c7"]
-    ax.bar(range(len(means)), means, yerr=sds, color=cols, capsize=2)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(means)), names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("change of mean score (removed - added)")
-    ax.set_title("knockout effects (red: p < 0.05 vs random)", fontsize=9)
-    save_figure(fig, out / "knockout_effects.png")
-
-
 # ----------------------------------------------------------------------------- pipeline
-def run_knockout(checkpoint, cells, *, out_dir, state_key: str = "state", state_a: str = "normal",
-                 state_b: str = "cancer", genes=None, tss=None, targets=None, vocab=None, upstream: int = 2000,
-                 downstream: int = 500, num_heads: int | None = None, finetune_steps: int = 0,
-                 batch_size: int = 16, lr: float = 1e-4, n_reference: int = 1000, n_query: int = 50,
-                 n_random: int = 50, k: int = 20, alternative: str = "less", seed: int = 0, device=None,
-                 dataset: str | None = None, figures: bool = True, progress: bool = True) -> dict:
-    """Knockout analysis with an EpiAgent checkpoint (module docstring). Targets: ``targets`` (DataFrame
-    with ``ccre`` [+ ``gene``], or a list of vocabulary indices), or ``genes`` with a ``tss`` file
-    (BED6 / GTF) and the corpus ``vocab`` (BED3 path or DataFrame). Writes ``knockout.tsv``,
-    ``random.tsv``, ``knockout_umap.png``, ``knockout_effects.png`` and ``metrics.tsv``."""
+def knockout_targets(cfg: KnockoutConfig, *, tss: pd.DataFrame | None = None,
+                     vocab: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The target cCREs of the settings: ``cfg.ccres`` (vocabulary indices; column ``ccre``), else the
+    promoter cCREs of ``cfg.genes`` (``gene, ccre, chrom, start, end``; :func:`promoter_ccres` with the
+    ``cfg.upstream`` / ``cfg.downstream`` window) from ``tss`` (:func:`read_tss`) and the cCRE
+    vocabulary ``vocab`` (``chrom, start, end`` in token order: the corpus ``vocab.bed``)."""
+    if cfg.ccres:
+        return pd.DataFrame({"ccre": np.asarray(list(cfg.ccres), dtype=np.int64)})
+    if not cfg.genes or tss is None:
+        raise EpiflowError("give targets: --ccres, or --genes with --tss", field="targets")
+    if vocab is None:
+        raise EpiflowError("promoter targets need the cCRE vocabulary", field="vocab",
+                           fix="pass --vocab <corpus>/vocab.bed")
+    from ..genome.intervals import normalize_chrom
+
+    vocab = vocab.assign(chrom=normalize_chrom(vocab["chrom"].to_numpy()))
+    targets = promoter_ccres(tss, vocab, cfg.genes, upstream=cfg.upstream, downstream=cfg.downstream)
+    if targets.empty:
+        raise EpiflowError(f"no cCRE of the vocabulary lies in the promoters of {list(cfg.genes)}", field="genes",
+                           fix="check the genome build of --tss and the gene names")
+    return targets
+
+
+def run(cells, model, cfg: KnockoutConfig, targets, *, df: np.ndarray | None = None,
+        dataset: str | None = None) -> TaskResult:
+    """Knockout analysis (module docstring) of the ``cells`` of states ``cfg.state_a`` / ``cfg.state_b``
+    (a Shard, :func:`epiflow.tasks.common.load_cells`) with ``model`` (fine-tuned **in place** for
+    ``cfg.max_steps`` steps when > 0). ``targets``: a DataFrame with ``ccre`` [+ ``gene`` ...]
+    (:func:`knockout_targets`) or a list of vocabulary indices. ``df``: the document frequencies of the
+    model's corpus, used to tokenize the chimeric cells (None: the fraction of the cells in which each
+    cCRE is accessible). ``dataset``: the name of the metrics rows (default: the first cell's dataset,
+    else ``all``).
+
+    Returns a :class:`~epiflow.tasks.common.TaskResult`: ``metrics`` (task ``knockout``), ``tables``
+    ``knockout`` (per target) and ``random`` (per random cCRE); ``models["model"]`` when fine-tuned;
+    ``data``: what :func:`knockout_effects` returns besides the tables (``random_effects``,
+    ``reference_scores``, ``reference_embedding``, ``query_knn``, ``n_targets``, ``score_r``), plus
+    ``dataset`` and ``finetune_loss`` (per step).
+    """
     from ..corpus.shard import shard_from_counts
     from .integration import embed_cells, finetune_reconstruction
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    src_path = cells if isinstance(cells, (str, Path)) else None
-    cells = load_cells(cells)
+    state_key, state_a, state_b = cfg.state_key, cfg.state_a, cfg.state_b
     states = np.asarray(obs_column(cells, state_key, "state")).astype(str)
     ia, ib = np.flatnonzero(states == state_a), np.flatnonzero(states == state_b)
     if len(ia) == 0 or len(ib) == 0:
         raise EpiflowError(f"need cells of both states '{state_a}' and '{state_b}' in obs['{state_key}'] "
                            f"(have: {sorted(set(states))})", field=f"obs/{state_key}",
                            fix="pass --state-key / --state-a / --state-b")
-    if targets is None:
-        if genes is None or tss is None:
-            raise EpiflowError("give targets: --ccres, or --genes with --tss", field="targets")
-        if vocab is None and src_path is not None and (Path(src_path) / "vocab.bed").exists():
-            vocab = Path(src_path) / "vocab.bed"
-        if vocab is None:
-            raise EpiflowError("promoter targets need the cCRE vocabulary", field="vocab",
-                               fix="pass --vocab <corpus>/vocab.bed")
-        if not isinstance(vocab, pd.DataFrame):
-            from ..genome.bed import read_bed
-
-            vocab = read_bed(vocab)
-        from ..genome.intervals import normalize_chrom
-
-        vocab = vocab.assign(chrom=normalize_chrom(vocab["chrom"].to_numpy()))
-        targets = promoter_ccres(read_tss(tss), vocab, genes, upstream=upstream, downstream=downstream)
-        if targets.empty:
-            raise EpiflowError(f"no cCRE of the vocabulary lies in the promoters of {list(genes)}", field="genes",
-                               fix="check the genome build of --tss and the gene names")
-    elif not isinstance(targets, pd.DataFrame):
+    if not isinstance(targets, pd.DataFrame):
         targets = pd.DataFrame({"ccre": np.asarray(list(targets), dtype=np.int64)})
     if (targets["ccre"] < 0).any() or (targets["ccre"] >= cells.n_ccres).any():
         raise EpiflowError(f"target cCRE indices must be in 0..{cells.n_ccres - 1}", field="ccre")
 
-    model = load_model(checkpoint, num_heads, n_ccres=cells.n_ccres)
-    hist = []
-    if finetune_steps:
-        hist = finetune_reconstruction(model, cells, max_steps=finetune_steps, batch_size=batch_size, lr=lr,
+    device, progress, seed = cfg.device, cfg.progress, cfg.seed
+    hist: list[float] = []
+    if cfg.max_steps:
+        hist = finetune_reconstruction(model, cells, max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                        seed=seed, device=device, progress=progress, desc="fine-tune")
-    df = None
-    # TF-IDF of modified cells uses the corpus document frequency: recover it from the stored cells
-    # (tfidf = count-based tf * idf(df)); the corpus df.npy is preferred when the source is a corpus
-    if src_path is not None and (Path(src_path) / "df.npy").exists():
-        df = np.load(Path(src_path) / "df.npy")
     if df is None:
+        # TF-IDF of modified cells uses the document frequency: recover it from the cells when the
+        # corpus df is not given
         x = _binary(cells.counts_csr())
         df = np.maximum(np.asarray(x.mean(0)).ravel(), 1.0 / cells.n_cells)
 
@@ -322,26 +284,20 @@ def run_knockout(checkpoint, cells, *, out_dir, state_key: str = "state", state_
 
     counts = cells.counts_csr()
     all_emb = embed_cells(model, cells, device=device, progress=progress)
-    res = knockout_effects(embed_fn, counts[ia], counts[ib], targets, n_reference=n_reference, n_query=n_query,
-                           n_random=n_random, k=k, alternative=alternative, seed=seed,
-                           emb_a=all_emb[ia], emb_b=all_emb[ib])
+    res = knockout_effects(embed_fn, counts[ia], counts[ib], targets, n_reference=cfg.n_reference,
+                           n_query=cfg.n_query, n_random=cfg.n_random, k=cfg.k, alternative=cfg.alternative,
+                           seed=seed, emb_a=all_emb[ia], emb_b=all_emb[ib])
     ds = dataset or (str(cells.obs["dataset"].iloc[0]) if "dataset" in cells.obs else "all")
-    tab = res["table"]
+    tab = res.pop("table")
+    rand = res.pop("random")
     rows = metric_rows(TASK, ds, "EpiAgent", {
-        "n_targets": len(tab), "n_random": len(res["random"]), "n_query": n_query, "n_reference": n_reference,
+        "n_targets": len(tab), "n_random": len(rand), "n_query": cfg.n_query, "n_reference": cfg.n_reference,
         "reference_score_r": res["score_r"], "random_mean_effect": float(np.mean(res["random_effects"])),
         "n_significant": int((tab["p_value"] < 0.05).sum()), "finetune_steps": len(hist)})
     for _, r in tab.iterrows():
         name = f"{r['gene']}:{int(r['ccre'])}" if "gene" in tab else str(int(r["ccre"]))
         rows += metric_rows(TASK, ds, "EpiAgent", {f"mean_effect[{name}]": r["mean_effect"],
                                                    f"p_value[{name}]": r["p_value"]})
-    with atomic_path(out / "knockout.tsv") as tmp:
-        tab.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-    with atomic_path(out / "random.tsv") as tmp:
-        res["random"].to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-    if figures:
-        knockout_figures(res, out, title=f"{state_a} -> {state_b}: in-silico knockout on {ds}", seed=seed)
-    table = metrics_frame(rows)
-    write_metrics(table, out / "metrics.tsv")
-    res["metrics"] = table
-    return res
+    return TaskResult(metrics=metrics_frame(rows), tables={"knockout": tab, "random": rand},
+                      models={"model": model} if hist else {},
+                      data={**res, "dataset": ds, "finetune_loss": hist})
