@@ -13,11 +13,11 @@ from ..metrics.table import write_metrics, write_tsv
 
 
 def write_task_result(result, out: str | os.PathLike, *, models: bool = False) -> list[Path]:
-    """Write ``metrics.tsv``, ``<name>.tsv`` for every table, ``train_log.tsv``, the texts, the
-    ``.h5ad`` files and (``models=True``) ``<name>.pth`` with its side file. Returns the paths."""
+    """Write ``<name>.tsv`` for every table, ``train_log.tsv``, the texts, the ``.h5ad`` files,
+    (``models=True``) ``<name>.pth`` with its side file, and last ``metrics.tsv``. Returns the paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = [write_metrics(result.metrics, out / "metrics.tsv")]
+    written = []
     for name, df in result.tables.items():
         written.append(write_tsv(df, out / f"{name}.tsv", index=not isinstance(df.index, pd.RangeIndex)))
     if result.history is not None:
@@ -34,4 +34,5 @@ def write_task_result(result, out: str | os.PathLike, *, models: bool = False) -
 
         for name, model in result.models.items():
             written.append(save_epiagent_checkpoint(model, out / f"{name}.pth", write_config=True))
+    written.append(write_metrics(result.metrics, out / "metrics.tsv"))  # last: the folder is complete
     return written
