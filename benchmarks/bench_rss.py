@@ -63,7 +63,7 @@ def _child(args) -> None:
 
     threads.apply(1)
     trimmer = threads.start_malloc_trimmer()
-    from epiflow.train import PretrainConfig, pretrain
+    from epiflow.train.pretrain import PretrainConfig, pretrain
     from epiflow.train import metrics as M
 
     libc = ctypes.CDLL(None)

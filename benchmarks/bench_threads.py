@@ -66,7 +66,7 @@ def _child(args) -> None:
     import pandas as pd
     import torch
 
-    from epiflow.train import PretrainConfig, pretrain
+    from epiflow.train.pretrain import PretrainConfig, pretrain
 
     from epiflow.train import metrics as M
 

@@ -102,7 +102,7 @@ def _child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from epiflow.train import PretrainConfig, pretrain
+    from epiflow.train.pretrain import PretrainConfig, pretrain
 
     lean = args.child == "lean"
     out = Path(args.workdir) / f"run_{args.child}"
@@ -198,7 +198,7 @@ def _speed_child(args) -> None:
     import torch
 
     threads.apply(args.threads)
-    from epiflow.train import PretrainConfig, pretrain
+    from epiflow.train.pretrain import PretrainConfig, pretrain
     from epiflow.model import from_config
     from epiflow.train.data import BatchConfig, PlanConfig, ShardCache, build_index, epoch_plan, make_batch, split_cells
     from epiflow.train.pretrain import build_model_config

@@ -21,7 +21,7 @@ def _run(rank, world, port, corpus, out, lean):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from epiflow.train import PretrainConfig, pretrain
+    from epiflow.train.pretrain import PretrainConfig, pretrain
 
     # the global micro-batch budget is batch_tokens x world: 1 x 1024 == 2 x 512
     pretrain(corpus, out, PretrainConfig(batch_tokens=1024 // world, max_steps=4, epochs=2, rlm_epochs=1,

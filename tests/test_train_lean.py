@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from epiflow.model import EpiAgentConfig, from_config
-from epiflow.train import PretrainConfig, pretrain
+from epiflow.train.pretrain import PretrainConfig, pretrain
 from epiflow.train.data import BatchConfig, ShardCache, build_index, make_batch, step_normalizers
 from epiflow.train.lean import LeanTables, cca_head, memory_estimate
 from epiflow.train.pretrain import PretrainObjective, _clip

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from epiflow.train import PretrainConfig, pretrain
+from epiflow.train.pretrain import PretrainConfig, pretrain
 from epiflow.train.toy import write_toy_corpus
 
 torch.set_num_threads(1)

@@ -9,9 +9,9 @@ import jsonschema
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
 from epiflow.tasks.registry import workflow_schema
 
+ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = workflow_schema(ROOT / "workflow/schemas/config.schema.yaml")  # + the task settings
 RAW_SCHEMA = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
 DEFAULT = yaml.safe_load((ROOT / "config/config.yaml").read_text())

@@ -80,10 +80,11 @@ def _kind(tp) -> _Kind:
     return _Kind(tp, optional, False)
 
 
-def fields(cls) -> list[tuple[dataclasses.Field, _Kind]]:
-    """The dataclass's fields with their kinds (resolved type hints)."""
+def fields(cls) -> list[tuple[dataclasses.Field, Any]]:
+    """The dataclass's fields with their kinds (resolved type hints; None for a ``cli=False`` field,
+    which may have any type)."""
     hints = typing.get_type_hints(cls)
-    return [(f, _kind(hints[f.name])) for f in dataclasses.fields(cls)]
+    return [(f, _kind(hints[f.name]) if f.metadata.get("cli", True) else None) for f in dataclasses.fields(cls)]
 
 
 def flag(name: str) -> str:
@@ -135,12 +136,13 @@ def add_config_args(parser, cls, *, exclude: Iterable[str] = (), defaults: Mappi
             continue
         default = (defaults or {}).get(f.name, _default(f))
         names = [flag(f.name), *meta.get("aliases", ())]
-        help_text = meta.get("help", "")
+        help_text = meta.get("help", "").replace("%", "%%")  # argparse formats help with %
         if kind.base is bool and not kind.is_list:
             target.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text + (" (default: yes)" if default else " (default: no)"))
             continue
         shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        shown = str(shown).replace("%", "%%")
         suffix = f" (default: {shown})" if default not in (None, _MISSING, [], ()) else ""
         kw: dict[str, Any] = dict(dest=f.name, help=(help_text + suffix).strip() or None)
         if meta.get("metavar"):
@@ -177,6 +179,8 @@ def config_from_args(cls, args: argparse.Namespace, **overrides):
 def check_config(cfg) -> None:
     """Bounds and choices the fields declare; a ConfigError naming the field (and its flag)."""
     for f, kind in fields(type(cfg)):
+        if kind is None:
+            continue
         value = getattr(cfg, f.name)
         meta = f.metadata
         where = f"{f.name} ({flag(f.name)})"

@@ -700,37 +700,14 @@ def task_metrics_files(wildcards=None):
 
 
 def pretrain_args():
-    """`epiflow pretrain` options from config['model'] and config['pretrain']."""
+    """`epiflow pretrain` settings flags from config['pretrain'] (keys = the fields of
+    epiflow.train.config.PretrainConfig) and config['model'] (preset, init, backend)."""
+    from epiflow.cliargs import argv_string
+    from epiflow.train.config import PretrainConfig
+
     m, p = config["model"], config["pretrain"]
-    parts = [
-        f"--model-config {m['preset']}",
-        opt("--init", m.get("init")),
-        f"--backend {m['backend']}",
-        f"--epochs {p['epochs']}",
-        opt("--max-steps", p["max_steps"]),
-        f"--lr {p['lr']}",
-        f"--schedule {p['schedule']}",
-        opt("--warmup", p["warmup"]),
-        f"--batch-tokens {p['batch_tokens']}",
-        opt("--max-cells", p["max_cells"]),
-        f"--grad-accum {p['grad_accum']}",
-        opt("--max-len", p["max_len"]),
-        "--k-schedule " + ",".join(str(k) for k in p["k_schedule"]),
-        f"--rlm-epochs {p['rlm_epochs']}",
-        opt("--cca-max-pos", p["cca_max_pos"]),
-        f"--cca-negatives {p.get('cca_negatives', 'uniform')}",
-        f"--sr-objective {p.get('sr_objective', 'bce')}",
-        f"--w-sr {p.get('w_sr', 1.0)} --w-cca {p.get('w_cca', 1.0)} --w-rlm {p.get('w_rlm', 1.0)}",
-        f"--seed {p['seed']}",
-        f"--eval-fraction {p['eval_fraction']}",
-        f"--ckpt-every {p['ckpt_every']}",
-        f"--device {p['device']}",
-        f"--precision {p['precision']}",
-        f"--num-workers {p['num_workers']}",
-        opt("--memory-lean", p["memory_lean"]),
-        opt("--gradient-checkpointing", p["gradient_checkpointing"]),
-        p["extra_args"],
-    ]
+    vals = dict(p, model_config=m["preset"], backend=m["backend"], progress=False)
+    parts = [argv_string(PretrainConfig, vals), opt("--init", m.get("init")), p["extra_args"]]
     return " ".join(x for x in parts if x)
 
 

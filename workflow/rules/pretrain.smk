@@ -47,4 +47,4 @@ rule pretrain:
     shell:
         "{resources.mpi} bash {params.launcher:q} --corpus {input.corpus:q}"
         " --out {params.outdir:q} --state-dir {params.state_dir:q} --resume --restart-if-changed"
-        " {params.args} --no-progress > {log:q} 2>&1"
+        " {params.args} > {log:q} 2>&1"

@@ -77,6 +77,9 @@ def verb_config(verb: str) -> type:
     raise KeyError(verb)
 
 
+PRETRAIN_WORKFLOW_KEYS = ("model_config", "backend", "resume", "state_dir", "restart_if_changed", "progress")
+
+
 def workflow_schema(path) -> dict:
     """The workflow's config schema (``workflow/schemas/config.schema.yaml``) with the settings of each
     task's verbs added to its ``tasks.<task>`` section (:func:`epiflow.cliargs.schema_properties`): the
@@ -88,6 +91,13 @@ def workflow_schema(path) -> dict:
 
     with open(path) as fh:
         schema = yaml.safe_load(fh)
+    from ..train.config import PretrainConfig
+
+    # pretraining: model_config / backend come from the `model` section; the run-control settings
+    # (resume, state folder, progress) are the workflow's
+    pre = schema["properties"]["pretrain"]["properties"]
+    for name, prop in schema_properties(PretrainConfig, exclude=PRETRAIN_WORKFLOW_KEYS).items():
+        pre.setdefault(name, prop)
     sections = schema["properties"]["tasks"]["properties"]
     for key, task in TASKS.items():
         props = sections[key]["properties"]

@@ -73,7 +73,7 @@ def sr_mse_sum(pred: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, value
     return total
 
 
-SR_OBJECTIVES = ("bce", "multinomial")  # bce = the paper's SR; multinomial = sr_multinomial_sum
+from .config import SR_OBJECTIVES  # noqa: E402,F401 (declared with the settings)
 
 
 def sr_norm_key(sr_objective: str) -> str:

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ConfigError
 
-SCHEDULES = ("cosine", "linear", "constant", "inverse_sqrt")
+from .config import SCHEDULES  # noqa: E402,F401 (declared with the settings)
 
 
 def lr_factor(step: int, schedule: str, warmup: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:

@@ -30,7 +30,6 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,8 +56,9 @@ from .data import (
 )
 from .lean import LeanTables
 from .metrics import MetricsLogger, peak_memory_mb, plot_losses
-from .objectives import bce_sum, k_for_epoch, pos_rows_cols, SR_OBJECTIVES, sr_loss_sum, sr_multinomial_sum, sr_norm_key
-from .optim import SCHEDULES, make_adamw, make_scheduler
+from .objectives import bce_sum, k_for_epoch, pos_rows_cols, sr_loss_sum, sr_multinomial_sum, sr_norm_key
+from .config import CCA_NEGATIVES, PretrainConfig  # noqa: F401 (CCA_NEGATIVES: re-exported)
+from .optim import make_adamw, make_scheduler
 from .rng import mix64
 
 if TYPE_CHECKING:
@@ -67,101 +67,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "epiflow-train-state"
-CCA_NEGATIVES = ("uniform", "df")
-
-
-@dataclass
-class PretrainConfig:
-    model_config: str = "tiny"             # preset (tiny / small / paper) or a JSON file of EpiAgentConfig
-    model_overrides: dict = field(default_factory=dict)
-    dropout: float | None = None           # override the model's dropout (e.g. 0 for equivalence tests)
-    epochs: int = 12
-    max_steps: int | None = None
-    lr: float = 1e-4
-    schedule: str = "cosine"
-    warmup: int | None = None              # default: 5 % of the steps (at most 2,000)
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-8
-    clip_grad: float | None = 1.0
-    batch_tokens: int = 16384              # padded tokens per rank and micro-batch
-    max_cells: int | None = None           # optional cap on cells per rank and micro-batch
-    grad_accum: int = 1
-    max_len: int | None = None             # default: min(8190, model max_rank - 2)
-    k_schedule: tuple = (1, 2, 5)
-    k_epochs_per_block: int | None = None  # default: epochs / len(k_schedule) (paper: 4)
-    rlm_epochs: int = 2
-    rlm_fraction: float = 0.5
-    sr_pos_weight: float = 100.0
-    sr_objective: str = "bce"              # bce (paper) | multinomial: depth-invariant softmax SR (#15 option)
-    w_sr: float = 1.0
-    w_cca: float = 1.0
-    w_rlm: float = 1.0
-    cca_max_pos: int | None = None
-    cca_negatives: str = "uniform"         # uniform (paper) | df: drawn in proportion to the corpus df
-    seed: int = 0
-    eval_fraction: float = 0.05
-    eval_max_cells: int = 2000
-    eval_max_pos: int = 2000
-    ckpt_every: int = 1000
-    device: str = "auto"
-    backend: str = "auto"
-    precision: str = "auto"                # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32 / bf16
-    compile: bool = False
-    memory_lean: bool = False
-    lean_momentum: bool = False
-    lean_chunk: int = 16384                # rows per chunk of the lean gradient passes
-    gradient_checkpointing: bool = False
-    num_workers: int = 0
-    window_shards: int = 2
-    bucket_cells: int = 1024
-    tensorboard: bool = False
-    progress: bool = True
-    resume: bool = False
-    state_dir: str | None = None           # where train_state.pt lives (default: out_dir); see train/resume.py
-    restart_if_changed: bool = False       # with resume: a state of other settings is set aside, not an error
-
-    def validate(self) -> "PretrainConfig":
-        def bad(f, msg, fix=None):
-            raise ConfigError(msg, field=f, fix=fix)
-
-        if self.schedule not in SCHEDULES:
-            bad("schedule", f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
-        if self.epochs < 1:
-            bad("epochs", f"must be >= 1, got {self.epochs}")
-        if self.grad_accum < 1:
-            bad("grad_accum", f"must be >= 1, got {self.grad_accum}")
-        if self.batch_tokens < 8:
-            bad("batch_tokens", f"must be >= 8, got {self.batch_tokens}")
-        if not self.k_schedule or any(int(k) < 0 for k in self.k_schedule):
-            bad("k_schedule", f"needs non-negative integers, got {self.k_schedule}", "e.g. 1,2,5")
-        if not 0.0 <= self.rlm_fraction <= 1.0:
-            bad("rlm_fraction", f"must be in [0, 1], got {self.rlm_fraction}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            bad("precision", f"unknown precision {self.precision!r}", "use auto, fp32 or bf16")
-        if self.cca_negatives not in CCA_NEGATIVES:
-            bad("cca_negatives", f"unknown CCA negative sampling {self.cca_negatives!r}",
-                f"use one of {', '.join(CCA_NEGATIVES)} (uniform = the paper)")
-        if self.sr_objective not in SR_OBJECTIVES:
-            bad("sr_objective", f"unknown SR objective {self.sr_objective!r}",
-                f"use one of {', '.join(SR_OBJECTIVES)} (bce = the paper)")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            bad("eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
-        return self
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        d["k_schedule"] = list(self.k_schedule)
-        return d
-
-    # settings that must not change when resuming (they define the data order and the model)
-    RESUME_KEYS = ("model_config", "model_overrides", "dropout", "seed", "batch_tokens", "max_cells",
-                   "grad_accum", "max_len", "k_schedule", "k_epochs_per_block", "rlm_epochs", "epochs",
-                   "cca_negatives", "sr_objective",
-                   "eval_fraction", "eval_max_cells", "window_shards", "bucket_cells", "memory_lean",
-                   "schedule", "lr", "warmup", "max_steps")
 
 
 # ----------------------------------------------------------------------------- model building
