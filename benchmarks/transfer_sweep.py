@@ -280,15 +280,23 @@ def cross_study(work: Path, data: Path, names: list[str], min_ccres: int, seed: 
 
 
 def annotate_heldout(work: Path, name: str, seed: int = 0) -> dict:
-    """The annotation task (``epiflow.tasks.annotation.annotate``, its defaults: a linear head fine-tuned
+    """The annotation task (``epiflow.tasks.annotation.run``, its defaults: a linear head fine-tuned
     with the encoder, 20 epochs) on the held-out cells with a run's checkpoint, next to LSI + logistic
     regression and LSI + SVM on the same reference / query split (1/3 query, stratified)."""
-    from epiflow.tasks.annotation import annotate
+    from epiflow.report.results import write_task_result
+    from epiflow.tasks.annotation import run
+    from epiflow.tasks.common import load_cells, load_model
+    from epiflow.tasks.config import AnnotationConfig
 
     out_dir = work / "runs" / name / "annotation"
     t0 = time.time()
-    _, met = annotate(work / "corpus_held", work / "runs" / name / "checkpoint.pth", dataset=None,
-                      out_dir=out_dir, seed=seed, backend="auto", progress=False, figures=False)
+    cfg = AnnotationConfig(seed=seed, backend="auto", progress=False, figures=False)
+    cells = load_cells(work / "corpus_held")
+    model = load_model(work / "runs" / name / "checkpoint.pth", n_ccres=cells.n_ccres, backend=cfg.backend,
+                       device=cfg.device)
+    res = run(cells, model, cfg)
+    write_task_result(res, out_dir)
+    met = res.metrics
     t = met[met["metric"].isin(["accuracy", "macro_F1"])].pivot_table(index="method", columns="metric",
                                                                         values="value")
     res = {m: {k: round(float(v), 4) for k, v in row.items()} for m, row in t.iterrows()}

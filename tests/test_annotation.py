@@ -11,10 +11,30 @@ import torch
 from epiflow.cli import main
 from epiflow.corpus.shard import open_corpus
 from epiflow.errors import ConfigError, EpiflowError, VocabularyMismatchError
-from epiflow.model import EpiAgentConfig, derive, from_config, load_epiagent_checkpoint, save_epiagent_checkpoint
-from epiflow.tasks.annotation import (annotate, finetune_classifier, load_cells, load_model,
-                                      lsi_reference_projection, predict_proba, sankey_figure, stratified_split)
 from epiflow.metrics.table import METRIC_COLUMNS
+from epiflow.model import EpiAgentConfig, derive, from_config, load_epiagent_checkpoint, save_epiagent_checkpoint
+from epiflow.plots.annotation import annotation_figures, sankey_figure
+from epiflow.report.results import write_task_result
+from epiflow.tasks.annotation import (finetune_classifier, lsi_reference_projection,
+                                      predict_proba, run, stratified_split)
+from epiflow.tasks.common import corpus_vocab, load_cells, load_model
+from epiflow.tasks.config import AnnotationConfig
+
+FILES = {"metrics.tsv", "predictions.tsv", "confusion.tsv", "train_log.tsv", "confusion.png", "sankey.png"}
+
+
+def annotate(cells, checkpoint, *, out=None, dataset=None, **settings):
+    """run() on the cells / checkpoint as the CLI does it (figures with ``figures``), written to ``out``."""
+    cfg = AnnotationConfig(**settings)
+    shard = load_cells(cells, dataset=dataset)
+    model = load_model(checkpoint, n_ccres=shard.n_ccres, num_heads=cfg.num_heads, backend=cfg.backend,
+                       device=cfg.device)
+    res = run(shard, model, cfg, dataset=dataset)
+    if out is not None:
+        write_task_result(res, out, models=cfg.save_model)
+        if cfg.figures:
+            annotation_figures(res, out, svg=cfg.svg)
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +65,10 @@ def test_lsi_projection_of_reference_equals_its_fit():
 
 def test_load_cells_dataset_filter_and_errors(toy):
     tmp, corpus, _ = toy
-    shard, vocab = load_cells(corpus)
-    assert shard.n_cells == 150 and len(vocab) == 300
-    assert load_cells(open_corpus(corpus).shard_paths)[0].n_cells == 150
-    assert load_cells(corpus, dataset="toy")[0].n_cells == 150
+    shard = load_cells(corpus)
+    assert shard.n_cells == 150 and len(corpus_vocab(corpus)) == 300
+    assert load_cells(open_corpus(corpus).shard_paths).n_cells == 150
+    assert load_cells(corpus, dataset="toy").n_cells == 150
     with pytest.raises(EpiflowError, match="no cell of dataset"):
         load_cells(corpus, dataset="nope")
 
@@ -56,7 +76,8 @@ def test_load_cells_dataset_filter_and_errors(toy):
 def test_annotate_outputs_and_long_table(toy):
     tmp, corpus, ckpt = toy
     out = tmp / "out_linear"
-    pred, met = annotate(corpus, ckpt, epochs=1, max_steps=2, seed=0, out_dir=out, progress=False)
+    res = annotate(corpus, ckpt, epochs=1, max_steps=2, seed=0, out=out, progress=False)
+    pred, met = res.tables["predictions"], res.metrics
     assert list(met.columns) == METRIC_COLUMNS
     assert set(met["method"]) == {"EpiAgent", "EpiAgent-frozen+LogReg", "LSI+LogReg", "LSI+SVM"}
     assert set(met["task"]) == {"annotation"} and set(met["dataset"]) == {"toy"}
@@ -68,7 +89,7 @@ def test_annotate_outputs_and_long_table(toy):
     assert len(pred) == 150 and set(pred["split"]) == {"reference", "query"}
     assert {"cell_id", "dataset", "split", "true", "pred_EpiAgent", "prob_EpiAgent"} <= set(pred.columns)
     assert pred["prob_EpiAgent"].between(0, 1).all()
-    for f in ("metrics.tsv", "predictions.tsv", "confusion.tsv", "train_log.tsv", "confusion.png", "sankey.png"):
+    for f in FILES:
         assert (out / f).stat().st_size > 0, f
     assert not list(out.glob("*.tmp*")) and not list(out.glob(".*"))
     back = pd.read_csv(out / "metrics.tsv", sep="\t")
@@ -76,18 +97,22 @@ def test_annotate_outputs_and_long_table(toy):
     conf = pd.read_csv(out / "confusion.tsv", sep="\t", index_col=0)
     assert conf.to_numpy().sum() == 50
     assert len(pd.read_csv(out / "train_log.tsv", sep="\t")) == 2
+    assert res.models["finetuned"].config.num_classes == 3 and not res.texts  # classes.json with save_model
 
 
 def test_annotate_is_deterministic_and_leaves_the_model_alone(toy):
     tmp, corpus, ckpt = toy
     model = load_epiagent_checkpoint(ckpt, mmap=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    p1, m1 = annotate(corpus, model, epochs=1, max_steps=2, seed=5, baselines=False, progress=False)
-    p2, m2 = annotate(corpus, model, epochs=1, max_steps=2, seed=5, baselines=False, progress=False)
-    pd.testing.assert_frame_equal(p1, p2)
+    shard = load_cells(corpus)
+    cfg = AnnotationConfig(epochs=1, max_steps=2, seed=5, baselines=False, progress=False)
+    r1 = run(shard, load_model(model, n_ccres=shard.n_ccres), cfg)
+    r2 = run(shard, load_model(model, n_ccres=shard.n_ccres), cfg)
+    pd.testing.assert_frame_equal(r1.tables["predictions"], r2.tables["predictions"])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert not hasattr(model, "classifier")
+    assert hasattr(r1.models["finetuned"], "classifier")  # run fine-tunes the copy it is given
 
 
 def test_unlabelled_cells_are_predicted_not_scored(tmp_path, toy):
@@ -97,8 +122,9 @@ def test_unlabelled_cells_are_predicted_not_scored(tmp_path, toy):
     sh = read_shard(open_corpus(corpus).shard_paths[0])
     sh.obs.loc[:9, "cell_type"] = ["", "nan", "NA", None, "None", "", "", "", "", ""]
     write_shard(tmp_path / "s.h5", sh)
-    pred, met = annotate(tmp_path / "s.h5", ckpt, epochs=1, max_steps=1, baselines=False, figures=False,
-                         progress=False, out_dir=tmp_path / "o")
+    res = annotate(tmp_path / "s.h5", ckpt, epochs=1, max_steps=1, baselines=False, figures=False,
+                   progress=False, out=tmp_path / "o")
+    pred, met = res.tables["predictions"], res.metrics
     assert (pred["split"] == "unlabelled").sum() == 10
     assert met.set_index(["method", "metric"]).loc[("EpiAgent", "n_query"), "value"] + \
         met.set_index(["method", "metric"]).loc[("EpiAgent", "n_reference"), "value"] == 70
@@ -108,7 +134,7 @@ def test_mlp_focal_head_and_saved_model(toy):
     tmp, corpus, ckpt = toy
     out = tmp / "out_mlp"
     annotate(corpus, ckpt, head="mlp_focal", epochs=1, max_steps=1, baselines=False, figures=False,
-             save_model=True, out_dir=out, progress=False)
+             save_model=True, out=out, progress=False)
     m = load_epiagent_checkpoint(out / "finetuned.pth")
     assert m.config.classifier == "mlp" and m.config.num_classes == 3
     assert json.loads((out / "classes.json").read_text())["classes"] == ["type0", "type1", "type2"]
@@ -118,7 +144,7 @@ def test_finetuning_beats_chance_on_separable_types(toy):
     """Real end-to-end training of the tiny (randomly initialised) model: loss falls, query accuracy
     far above chance (1/3) on separable synthetic types."""
     tmp, corpus, ckpt = toy
-    pred, met = annotate(corpus, ckpt, epochs=6, lr=5e-4, batch_size=16, seed=0, baselines=False, progress=False)
+    met = annotate(corpus, ckpt, epochs=6, lr=5e-4, batch_size=16, seed=0, baselines=False, progress=False).metrics
     ep = met[met.method == "EpiAgent"].set_index("metric")["value"]
     assert ep["train_loss_last"] < 0.5 * ep["train_loss_first"]
     assert ep["accuracy"] > 0.8 and ep["macro_F1"] > 0.8
@@ -126,7 +152,7 @@ def test_finetuning_beats_chance_on_separable_types(toy):
 
 def test_finetune_classifier_updates_encoder_and_head(toy):
     _, corpus, ckpt = toy
-    shard, _ = load_cells(corpus)
+    shard = load_cells(corpus)
     model = load_model(ckpt)
     model = derive(model, classes=3, classifier="linear")
     w0 = model.EpiAgent_transformer.layers[0].mixer.Wqkv.weight.detach().clone()
@@ -156,6 +182,8 @@ def test_errors(toy, tmp_path):
                                      tmp_path / "o.pth", write_config=True)
     with pytest.raises(VocabularyMismatchError):
         annotate(corpus, other, max_steps=1, progress=False)
+    with pytest.raises(VocabularyMismatchError):  # run checks a model it is given
+        run(load_cells(corpus), load_model(other), AnnotationConfig(max_steps=1, progress=False))
 
 
 def test_sankey_handles_unmatched_labels(tmp_path):
@@ -177,3 +205,36 @@ def test_cli_annotate(toy, capsys):
                "--head", "mlp_focal", "--label-key", "nope"])
     assert rc == 2
     assert "label column 'nope'" in capsys.readouterr().err
+
+
+def test_cli_writes_the_files_of_run(toy, capsys):
+    """The CLI (new flag names, figures on) writes exactly the task's files, with the numbers of
+    run() + write_task_result for the same settings; --save-model adds the model and its classes."""
+    tmp, corpus, ckpt = toy
+    out = tmp / "cli_files"
+    rc = main(["annotate", "--input", str(corpus), "--checkpoint", str(ckpt), "--out", str(out), "--max-steps", "2",
+               "--seed", "3", "--device", "cpu", "--no-progress", "--save-model"])
+    assert rc == 0
+    assert {p.name for p in out.iterdir()} == FILES | {"finetuned.pth", "finetuned.pth.json", "classes.json"}
+    ref = tmp / "run_files"
+    annotate(corpus, ckpt, out=ref, max_steps=2, seed=3, device="cpu", progress=False, figures=False)
+    for name in ("predictions.tsv", "confusion.tsv"):
+        pd.testing.assert_frame_equal(pd.read_csv(out / name, sep="\t"), pd.read_csv(ref / name, sep="\t"),
+                                      check_exact=False, rtol=1e-4, atol=1e-5)  # float sums of other threads
+    a, b = (pd.read_csv(d / "metrics.tsv", sep="\t") for d in (out, ref))
+    pd.testing.assert_frame_equal(a[a["metric"] != "train_seconds"].reset_index(drop=True),
+                                  b[b["metric"] != "train_seconds"].reset_index(drop=True), check_exact=False,
+                                  rtol=1e-4, atol=1e-5)
+
+
+def test_shared_trainer(toy, capsys):
+    """--trainer shared: token-budget batches and a cosine schedule (epiflow.train.finetune)."""
+    tmp, corpus, ckpt = toy
+    out = tmp / "cli_shared"
+    rc = main(["annotate", "--corpus", str(corpus), "--checkpoint", str(ckpt), "--out", str(out),
+               "--trainer", "shared", "--epochs", "1", "--no-baselines", "--no-figures", "--no-progress"])
+    assert rc == 0
+    log = pd.read_csv(out / "train_log.tsv", sep="\t")
+    assert len(log) >= 1 and np.isfinite(log["loss"]).all()
+    m = pd.read_csv(out / "metrics.tsv", sep="\t")
+    assert m.query("method == 'EpiAgent' and metric == 'train_steps'")["value"].item() == len(log)

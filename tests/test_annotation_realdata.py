@@ -3,7 +3,7 @@ mapped by the corpus stage onto one hg19 cCRE set, a tiny randomly initialised m
 fine-tuning steps on the 256 top-ranked cCREs of each cell (plumbing and baselines on real inputs; the
 Buenrostro cells hold thousands of accessible cCREs, so full-length sentences would cost 5x the time). A full run uses a pretrained model
 and all epochs: ``epiflow annotate --corpus CORPUS --checkpoint checkpoint.pth --dataset bm0828
---out-dir OUT`` and ``epiflow impute ... --dataset granja``."""
+--out OUT`` and ``epiflow impute ... --dataset granja``."""
 
 from pathlib import Path
 
@@ -30,11 +30,17 @@ def real(tmp_path_factory, data_dir):
 
 
 def test_annotate_buenrostro(real):
-    from epiflow.tasks.annotation import annotate
+    from epiflow.plots.annotation import annotation_figures
+    from epiflow.tasks.annotation import run
+    from epiflow.tasks.common import load_cells, load_model
+    from epiflow.tasks.config import AnnotationConfig
 
     tmp, corpus, ckpt = real
-    pred, met = annotate(corpus, ckpt, dataset="bm0828", max_steps=3, max_len=256,
-                         out_dir=tmp / "ann", progress=False)
+    cells = load_cells(corpus, dataset="bm0828")
+    res = run(cells, load_model(ckpt, n_ccres=cells.n_ccres), AnnotationConfig(max_steps=3, max_len=256,
+                                                                                progress=False), dataset="bm0828")
+    pred, met = res.tables["predictions"], res.metrics
+    annotation_figures(res, tmp / "ann")
     t = met.set_index(["method", "metric"])["value"]
     assert t[("EpiAgent", "n_classes")] == 7
     assert t[("EpiAgent", "n_query")] + t[("EpiAgent", "n_reference")] == len(pred) > 500
@@ -45,11 +51,18 @@ def test_annotate_buenrostro(real):
 
 
 def test_impute_granja(real):
-    from epiflow.tasks.imputation import impute
+    from epiflow.plots.imputation import imputation_figures
+    from epiflow.tasks.common import corpus_vocab, load_cells, load_model
+    from epiflow.tasks.config import ImputationConfig
+    from epiflow.tasks.imputation import run
 
     tmp, corpus, ckpt = real
-    adata, met = impute(corpus, ckpt, dataset="granja", max_steps=3, max_len=256,
-                        out_dir=tmp / "imp", progress=False)
+    cells = load_cells(corpus, dataset="granja")
+    res = run(cells, load_model(ckpt, n_ccres=cells.n_ccres), ImputationConfig(max_steps=3, max_len=256,
+                                                                                 progress=False),
+              vocab=corpus_vocab(corpus), dataset="granja")
+    adata, met = res.h5ad["imputed"], res.metrics
+    imputation_figures(res, tmp / "imp")
     t = met.set_index(["method", "metric"])["value"]
     assert adata.n_obs > 400 and adata.n_vars == t[("Raw", "n_ccres_kept")] > 100
     assert set(adata.obs["dataset"]) == {"granja"}

@@ -10,7 +10,7 @@ import torch
 from epiflow.cli import main
 from epiflow.errors import ConfigError
 from epiflow.model import EpiAgentConfig, from_config, save_epiagent_checkpoint
-from epiflow.tasks.annotation import load_cells
+from epiflow.tasks.common import load_cells
 from epiflow.tasks.features import load_feature_inputs
 from epiflow.tasks.features_finetune import (FINETUNED_KEY, FINETUNED_METHOD, ZEROSHOT_KEY, add_model_embeddings,
                                              finetune_embeddings)
@@ -138,7 +138,7 @@ def test_cli_given_zero_shot_file_is_used_and_errors(toy, capsys):
     import anndata as ad
 
     tmp, corpus, model, ckpt = toy
-    shard, _ = load_cells(corpus)
+    shard = load_cells(corpus)
     e = ad.AnnData(obs=shard.obs.astype(str).set_index(shard.obs["cell_id"].astype(str).to_numpy()))
     y = shard.obs["cell_type"].str[-1].astype(int).to_numpy()
     e.obsm["X_epiagent"] = (np.eye(8)[y] * 50 + np.random.default_rng(0).normal(size=(len(y), 8))).astype(

@@ -11,8 +11,27 @@ from epiflow.cli import main
 from epiflow.errors import ConfigError, EpiflowError
 from epiflow.model import EpiAgentConfig, from_config, save_epiagent_checkpoint
 from epiflow.metrics.table import METRIC_COLUMNS
-from epiflow.tasks.imputation import decode_signal, finetune_imputation, impute, lsi_reconstruction
-from epiflow.tasks.annotation import load_cells, load_model
+from epiflow.plots.imputation import imputation_figures
+from epiflow.report.results import write_task_result
+from epiflow.tasks.common import corpus_vocab, load_cells, load_model
+from epiflow.tasks.config import ImputationConfig
+from epiflow.tasks.imputation import decode_signal, finetune_imputation, lsi_reconstruction, run
+
+FILES = {"metrics.tsv", "imputed.h5ad", "per_cell.tsv", "per_ccre.tsv", "train_log.tsv", "imputation_box.png"}
+
+
+def impute(cells, checkpoint, *, out=None, dataset=None, **settings):
+    """run() on the cells / checkpoint as the CLI does it (figures with ``figures``), written to ``out``."""
+    cfg = ImputationConfig(**settings)
+    shard = load_cells(cells, dataset=dataset)
+    model = load_model(checkpoint, n_ccres=shard.n_ccres, num_heads=cfg.num_heads, backend=cfg.backend,
+                       device=cfg.device)
+    res = run(shard, model, cfg, vocab=corpus_vocab(cells), dataset=dataset)
+    if out is not None:
+        write_task_result(res, out, models=cfg.save_model)
+        if cfg.figures:
+            imputation_figures(res, out, svg=cfg.svg)
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +51,8 @@ def test_lsi_reconstruction_of_low_rank_matrix_is_exact():
 def test_impute_outputs_and_long_table(toy):
     tmp, corpus, ckpt = toy
     out = tmp / "out"
-    adata, met = impute(corpus, ckpt, epochs=1, max_steps=2, seed=0, out_dir=out, progress=False)
+    res = impute(corpus, ckpt, epochs=1, max_steps=2, seed=0, out=out, progress=False)
+    adata, met = res.h5ad["imputed"], res.metrics
     assert list(met.columns) == METRIC_COLUMNS
     assert set(met["method"]) == {"Raw", "LSI-recon", "EpiAgent"} and set(met["task"]) == {"imputation"}
     t = met.set_index(["method", "metric"])["value"]
@@ -45,12 +65,12 @@ def test_impute_outputs_and_long_table(toy):
     assert adata.shape == (120, kept) and adata.X.dtype == np.float32 and (adata.X >= 0).all()
     assert {"chrom", "start", "end", "ccre_index"} <= set(adata.var.columns)
     assert adata.obs_names[0] == "cell0"
-    for f in ("metrics.tsv", "imputed.h5ad", "per_cell.tsv", "per_ccre.tsv", "train_log.tsv", "imputation_box.png"):
+    for f in FILES:
         assert (out / f).stat().st_size > 0, f
     back = ad.read_h5ad(out / "imputed.h5ad")
     np.testing.assert_allclose(back.X, adata.X)
     # raw layer = the corpus TF-IDF of the kept cCREs
-    shard, _ = load_cells(corpus)
+    shard = load_cells(corpus)
     np.testing.assert_allclose(back.layers["raw_tfidf"].toarray(),
                                shard.tfidf_csr()[:, adata.var["ccre_index"].to_numpy()].toarray())
     pc = pd.read_csv(out / "per_cell.tsv", sep="\t")
@@ -60,9 +80,10 @@ def test_impute_outputs_and_long_table(toy):
 
 def test_min_cell_fraction_filters_ccres(toy):
     _, corpus, ckpt = toy
-    shard, _ = load_cells(corpus)
+    shard = load_cells(corpus)
     n_open = np.diff(shard.counts_csr().tocsc().indptr)  # cells in which each cCRE is open
-    adata, met = impute(corpus, ckpt, epochs=1, max_steps=1, min_cell_fraction=0.2, figures=False, progress=False)
+    adata = impute(corpus, ckpt, epochs=1, max_steps=1, min_cell_fraction=0.2, figures=False,
+                   progress=False).h5ad["imputed"]
     assert adata.n_vars == int((n_open >= 0.2 * 120).sum()) < shard.n_ccres
     np.testing.assert_array_equal(adata.var["ccre_index"], np.flatnonzero(n_open >= 24))
 
@@ -70,7 +91,7 @@ def test_min_cell_fraction_filters_ccres(toy):
 def test_finetuning_improves_reconstruction(toy):
     """Real training: the MSE reconstruction loss falls and the imputed signal tracks the cell types."""
     _, corpus, ckpt = toy
-    shard, _ = load_cells(corpus)
+    shard = load_cells(corpus)
     model = load_model(ckpt)
     before = decode_signal(model, shard, clip=False)
     # 8 epochs: over 4 the ratio varies 0.63-0.79 with the seed (old and new loop alike); over 8 it is 0.55-0.60
@@ -96,6 +117,8 @@ def test_errors(toy, tmp_path):
         impute(corpus, ckpt, min_cell_fraction=1.0, progress=False)
     with pytest.raises(ConfigError):
         impute(corpus, ckpt, epochs=0, progress=False)
+    with pytest.raises(ConfigError):
+        impute(corpus, ckpt, trainer="shared", max_steps=3, progress=False)
 
 
 def test_cli_impute(toy, capsys):
@@ -110,3 +133,38 @@ def test_cli_impute(toy, capsys):
     assert list(m.columns) == METRIC_COLUMNS
     rc = main(["impute", "--corpus", str(tmp / "nope"), "--checkpoint", str(ckpt), "--out-dir", str(out)])
     assert rc == 2
+
+
+def test_cli_writes_the_files_of_run(toy, capsys):
+    """The CLI (new flag names, figures on) writes exactly the task's files, with the numbers of
+    run() + write_task_result for the same settings; --save-model adds the model."""
+    tmp, corpus, ckpt = toy
+    out = tmp / "cli_files"
+    rc = main(["impute", "--input", str(corpus), "--checkpoint", str(ckpt), "--out", str(out), "--max-steps", "1",
+               "--seed", "3", "--device", "cpu", "--no-progress", "--save-model"])
+    assert rc == 0
+    assert {p.name for p in out.iterdir()} == FILES | {"finetuned.pth", "finetuned.pth.json"}
+    ref = tmp / "run_files"
+    impute(corpus, ckpt, out=ref, max_steps=1, seed=3, device="cpu", progress=False, figures=False)
+    for name in ("per_cell.tsv", "per_ccre.tsv"):
+        pd.testing.assert_frame_equal(pd.read_csv(out / name, sep="\t"), pd.read_csv(ref / name, sep="\t"),
+                                      check_exact=False, rtol=1e-4, atol=1e-5)  # float sums of other threads
+    a, b = (pd.read_csv(d / "metrics.tsv", sep="\t") for d in (out, ref))
+    pd.testing.assert_frame_equal(a[a["metric"] != "train_seconds"].reset_index(drop=True),
+                                  b[b["metric"] != "train_seconds"].reset_index(drop=True), check_exact=False,
+                                  rtol=1e-4, atol=1e-5)
+    x, y = ad.read_h5ad(out / "imputed.h5ad"), ad.read_h5ad(ref / "imputed.h5ad")
+    np.testing.assert_allclose(x.X, y.X, rtol=1e-4, atol=1e-5)
+    assert x.var.equals(y.var) and x.uns["epiflow_imputation"]["epochs"] == 15
+
+
+def test_shared_trainer(toy, capsys):
+    """--trainer shared: token-budget batches and a cosine schedule (epiflow.train.finetune)."""
+    tmp, corpus, ckpt = toy
+    out = tmp / "cli_shared"
+    rc = main(["impute", "--corpus", str(corpus), "--checkpoint", str(ckpt), "--out", str(out),
+               "--trainer", "shared", "--epochs", "1", "--no-figures", "--no-progress"])
+    assert rc == 0
+    log = pd.read_csv(out / "train_log.tsv", sep="\t")
+    assert len(log) >= 1 and np.isfinite(log["loss"]).all()
+    assert ad.read_h5ad(out / "imputed.h5ad").uns["epiflow_imputation"]["trainer"] == "shared"

@@ -8,7 +8,7 @@ import torch
 
 from epiflow.errors import ConfigError
 from epiflow.model import EpiAgentConfig, from_config
-from epiflow.tasks.annotation import load_cells
+from epiflow.tasks.common import load_cells
 from epiflow.train import rng as krng
 from epiflow.train.engine import (Classification, FitConfig, Reconstruction, StepContext, cca_queries,
                                   epoch_batches, fit, input_ids, planned_steps)
@@ -18,7 +18,7 @@ from epiflow.train.optim import finetune_param_groups
 
 @pytest.fixture(scope="module")
 def shard(toy_corpus):
-    return load_cells(toy_corpus(n_cells=60, n_ccres=120, n_types=3, seed=4, shard_size=60))[0]
+    return load_cells(toy_corpus(n_cells=60, n_ccres=120, n_types=3, seed=4, shard_size=60))
 
 
 def _model(n=120, **kw):

@@ -68,7 +68,8 @@ def finetune_embeddings(checkpoint, cells, *, epochs: int = 2, lr: float = 1e-4,
 
     from ..corpus.shard import Shard
     from ..train.finetune import embed_cells, finetune
-    from .annotation import effective_max_len, load_model, resolve_device
+    from ..train.engine import max_input_len as effective_max_len
+    from .common import load_model, resolve_device
 
     epochs = int(epochs)
     if epochs < 0:

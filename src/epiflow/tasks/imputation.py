@@ -2,7 +2,8 @@
 regression of the TF-IDF values, read the imputed matrix from the signal decoder, and evaluate it as
 the paper does, beside the raw data and an LSI-reconstruction baseline.
 
-:func:`impute`:
+:func:`run` (on cells and a model loaded by :func:`epiflow.tasks.common.load_cells` /
+:func:`epiflow.tasks.common.load_model`):
 
 1. fine-tunes all parameters on all cells of the input (labels are not used for training):
    ``loss = cca_weight * CCA + sr_weight * SR_mse`` where CCA is the pretraining cell-cCRE alignment
@@ -21,35 +22,38 @@ the paper does, beside the raw data and an LSI-reconstruction baseline.
      (median and mean over cells / cCREs; constant rows or columns have no r and are counted in
      ``n_nan_pearson_*``) — :mod:`epiflow.metrics.imputation`.
 
-Outputs in ``out_dir`` (atomic): ``metrics.tsv`` (long table, task ``imputation``), ``imputed.h5ad``
-(cells x kept cCREs, ``X`` = imputed float32, ``layers['raw_tfidf']`` sparse observed TF-IDF, ``var``
-chrom/start/end/ccre_index, ``obs`` of the shards), ``per_cell.tsv`` / ``per_ccre.tsv`` (the
-per-cell / per-cCRE values of every method), ``train_log.tsv``, ``imputation_box.png`` and, with
-``save_model``, ``finetuned.pth`` (+ side file).
+It returns a :class:`~epiflow.tasks.common.TaskResult`; ``epiflow impute``
+(:mod:`epiflow.tasks.imputation_cli`) writes it with :func:`epiflow.report.results.write_task_result`:
+``metrics.tsv`` (long table, task ``imputation``), ``imputed.h5ad`` (cells x kept cCREs, ``X`` =
+imputed float32, ``layers['raw_tfidf']`` sparse observed TF-IDF, ``var`` chrom/start/end/ccre_index,
+``obs`` of the shards), ``per_cell.tsv`` / ``per_ccre.tsv`` (the per-cell / per-cCRE values of every
+method), ``train_log.tsv`` and, with ``save_model``, ``finetuned.pth`` (+ side file); the figure
+``imputation_box.png`` comes from :func:`epiflow.plots.imputation.imputation_figures`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ConfigError, EpiflowError
-from .annotation import (_figure, obs_labels, cell_ids, check_train_args, check_trainer,
-                         dataset_name, effective_max_len, load_cells, load_model, resolve_device, shared_finetune)
+from ..metrics.table import metric_rows, metrics_frame
+from .annotation import (WEIGHT_DECAY, cell_ids, check_model_vocab, check_trainer, dataset_name,
+                         effective_max_len, obs_labels, shared_finetune)
+from .common import TaskResult, resolve_device
+from .config import ImputationConfig
 from .features import labelled_mask
-from ..metrics.table import metric_rows, metrics_frame, write_metrics, write_tsv
 
 log = logging.getLogger(__name__)
 
 TASK = "imputation"
 METHODS = ("Raw", "LSI-recon", "EpiAgent")
+N_NEIGHBORS = 15  # kNN graph of the PCA + Leiden scoring
 
 
 # ============================================================================ losses
@@ -60,7 +64,7 @@ def _need_heads(model) -> None:
                               field="checkpoint", fix="use a pretrained (base) checkpoint with the pretraining heads")
 
 
-def finetune_imputation(model, shard, *, epochs: int = 5, lr: float = 5e-4, head_lr: float | None = None,
+def finetune_imputation(model, shard, *, epochs: float = 5, lr: float = 5e-4, head_lr: float | None = None,
                         batch_size: int = 16,
                         max_len: int | None = None, weight_decay: float = 0.01, cca_weight: float = 1.0,
                         sr_weight: float = 1.0, cca_max_pos: int | None = None, max_steps: int | None = None,
@@ -71,11 +75,10 @@ def finetune_imputation(model, shard, *, epochs: int = 5, lr: float = 5e-4, head
     Returns the per-step log (step, epoch, loss, cca, sr_mse, lr)."""
     from ..train.engine import FitConfig, Reconstruction, fit
 
-    check_train_args(epochs, lr, batch_size, max_steps)
     _need_heads(model)
     obj = Reconstruction(shard, sr="mse", k=1, cca_max_pos=cca_max_pos, max_len=effective_max_len(model, max_len),
                          weights={"cca": float(cca_weight), "sr": float(sr_weight)})
-    cfg = FitConfig(epochs=int(epochs), max_steps=max_steps, batch_size=int(batch_size), lr=float(lr),
+    cfg = FitConfig(epochs=float(epochs), max_steps=max_steps, batch_size=int(batch_size), lr=float(lr),
                     head_lr=float(head_lr if head_lr is not None else 10 * lr), weight_decay=weight_decay,
                     clip_grad=grad_clip, seed=int(seed), device=str(resolve_device(device)), progress=progress,
                     desc="fine-tune imputation")
@@ -137,55 +140,23 @@ def evaluate_imputation(matrices: dict, labels, reference, *, n_pcs: int = 50, n
     return out, per_cell
 
 
-def imputation_figure(agreement: dict, scores: dict, path, *, title: str = "", svg: bool = False):
-    """Box plots of per-cell / per-cCRE Pearson r and MSE per method, and NMI / ARI bars."""
-    from ..plots import category_palette, save_figure
-
-    methods = list(agreement)
-    pal = category_palette(methods)
-    fig = _figure(15.0, 3.6)
-    axes = fig.subplots(1, 5)
-    panels = [("pearson_cell", "Pearson r per cell"), ("mse_cell", "MSE per cell"),
-              ("pearson_ccre", "Pearson r per cCRE"), ("mse_ccre", "MSE per cCRE")]
-    for ax, (key, lab) in zip(axes, panels):
-        data = [np.asarray(agreement[m][key])[np.isfinite(agreement[m][key])] for m in methods]
-        bp = ax.boxplot(data, showfliers=False, patch_artist=True, widths=0.6)
-        for patch, m in zip(bp["boxes"], methods):
-            patch.set_facecolor(pal[m])
-            patch.set_alpha(0.7)
-        ax.set_xticks(range(1, len(methods) + 1), methods, rotation=20, fontsize=8)
-        ax.set_title(lab, fontsize=9)
-        if key.startswith("mse"):
-            ax.set_yscale("log")
-    ax = axes[4]
-    w = 0.8 / max(len(methods), 1)
-    for i, m in enumerate(methods):
-        ax.bar(np.arange(2) + (i - (len(methods) - 1) / 2) * w, [scores[m]["NMI"], scores[m]["ARI"]], w,
-               color=pal[m], label=m)
-    ax.set_xticks([0, 1], ["NMI", "ARI"])
-    ax.set_ylim(0, 1.25)
-    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
-    ax.set_title("PCA + Leiden (bisected)", fontsize=9)
-    ax.legend(fontsize=7, frameon=False, loc="upper center", ncol=len(methods))
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path, svg=svg)
-
-
 # ============================================================================ the task
-def impute(data, checkpoint, label_key: str = "cell_type", *, epochs: int = 15, lr: float = 5e-4,
-           head_lr: float | None = None, batch_size: int = 16, max_len: int | None = None, seed: int = 0,
-           out_dir: str | os.PathLike | None = None, dataset: str | None = None, max_steps: int | None = None,
-           min_cell_fraction: float = 0.03, cca_weight: float = 1.0, sr_weight: float = 1.0,
-           cca_max_pos: int | None = None, lsi_components: int = 50, n_pcs: int = 50, n_neighbors: int = 15,
-           num_heads: int | None = None, device=None, backend: str = "sdpa", weight_decay: float = 0.01,
-           save_model: bool = False, figures: bool = True, svg: bool = False, progress: bool = True,
-           trainer: str = "task"):
+def run(cells, model, settings: ImputationConfig | None = None, *, vocab: pd.DataFrame | None = None,
+        dataset: str | None = None) -> TaskResult:
     """Fine-tune for imputation, impute, evaluate (see the module docstring).
 
-    Returns ``(imputed, metrics)``: ``imputed`` an AnnData of all cells x the kept cCREs (``X`` float32
-    imputed TF-IDF), ``metrics`` the long table (task ``imputation``, methods Raw / LSI-recon /
-    EpiAgent; metrics on the labelled cells).
+    ``cells``: a :class:`~epiflow.corpus.shard.Shard` (:func:`epiflow.tasks.common.load_cells`);
+    ``model``: a trainable pretrained (base) :class:`~epiflow.model.EpiAgent` with its pretraining heads
+    (:func:`epiflow.tasks.common.load_model`, which copies), fine-tuned IN PLACE; ``vocab``: the
+    corpus' cCREs (``vocab.bed``, :func:`epiflow.tasks.common.corpus_vocab`) for the var names of the
+    imputed matrix (None: ``ccre<j>``); ``dataset``: the name of the metric rows (default: the cells'
+    one ``obs['dataset']``, else ``all``).
+
+    Returns a :class:`~epiflow.tasks.common.TaskResult`: ``metrics`` (task ``imputation``, methods Raw
+    / LSI-recon / EpiAgent; metrics on the labelled cells), ``tables`` ``per_cell`` / ``per_ccre``,
+    ``history`` (the per-step log), ``h5ad`` ``imputed`` (all cells x the kept cCREs, ``X`` float32
+    imputed TF-IDF), ``models`` ``finetuned``, ``data`` ``agreement`` (method -> per-cell / per-cCRE
+    arrays), ``scores`` (method -> values), ``dataset``, ``n_ccres_kept``.
 
     ``trainer``: two settings of the one engine (:func:`epiflow.train.engine.fit`), both CCA as BCE
     with K = 1 and SR as MSE of the TF-IDF: ``"task"`` (fixed-size cell batches, constant learning
@@ -193,14 +164,18 @@ def impute(data, checkpoint, label_key: str = "cell_type", *, epochs: int = 15, 
     (:func:`epiflow.train.finetune` with objective ``"mse"``: token-budget batches, cosine schedule,
     one learning rate; no ``max_steps``).
     """
-    check_trainer(trainer, max_steps)
     import anndata as ad
 
+    from ..cliargs import check_config
     from ..metrics.imputation import open_fraction_filter
 
-    check_train_args(epochs, lr, batch_size, max_steps)
+    cfg = settings if settings is not None else ImputationConfig()
+    check_config(cfg)
+    check_trainer(cfg.trainer, cfg.max_steps)
+    check_model_vocab(model, cells)
     t_start = time.perf_counter()
-    shard, vocab = load_cells(data, dataset=dataset)
+    shard = cells
+    seed, max_len, label_key = int(cfg.seed), cfg.max_len, cfg.label_key
     ds_name = dataset_name(shard, dataset)
     labels_all = obs_labels(shard, label_key)
     lab = labelled_mask(labels_all)
@@ -209,46 +184,48 @@ def impute(data, checkpoint, label_key: str = "cell_type", *, epochs: int = 15, 
         raise EpiflowError(f"need at least 2 labelled cell types in obs['{label_key}'] for the evaluation",
                            field=f"obs/{label_key}")
     counts = shard.counts_csr()
-    keep = np.flatnonzero(open_fraction_filter(counts, min_cell_fraction))
+    keep = np.flatnonzero(open_fraction_filter(counts, cfg.min_cell_fraction))
     if len(keep) < 3:
-        raise EpiflowError(f"only {len(keep)} cCREs are open in >= {min_cell_fraction:.0%} of the cells",
+        raise EpiflowError(f"only {len(keep)} cCREs are open in >= {cfg.min_cell_fraction:.0%} of the cells",
                            field="min_cell_fraction", fix="lower --min-cell-fraction")
     log.info("imputation on %s: %d cells (%d labelled, %d types), %d of %d cCREs open in >= %.1f%% of cells",
              ds_name, shard.n_cells, int(lab.sum()), len(np.unique(y)), len(keep), shard.n_ccres,
-             100 * min_cell_fraction)
-    device = resolve_device(device)
-    model = load_model(checkpoint, n_ccres=shard.n_ccres, num_heads=num_heads, backend=backend, device=device)
+             100 * cfg.min_cell_fraction)
+    device = resolve_device(cfg.device)
+    model.to(device)
     _need_heads(model)
 
     t0 = time.perf_counter()
-    if trainer == "shared":
-        train_log = shared_finetune(model, shard, ("mse",), epochs=epochs, lr=lr, max_len=max_len,
-                                    weight_decay=weight_decay, seed=seed, device=device, progress=progress)
+    if cfg.trainer == "shared":
+        train_log = shared_finetune(model, shard, ("mse",), epochs=cfg.epochs, lr=cfg.lr, max_len=max_len,
+                                    weight_decay=WEIGHT_DECAY, seed=seed, device=device, progress=cfg.progress)
     else:
-        train_log = finetune_imputation(model, shard, epochs=epochs, lr=lr, head_lr=head_lr,
-                                        batch_size=batch_size, max_len=max_len, weight_decay=weight_decay,
-                                        cca_weight=cca_weight, sr_weight=sr_weight, cca_max_pos=cca_max_pos,
-                                        max_steps=max_steps, seed=seed, device=device, progress=progress)
+        train_log = finetune_imputation(model, shard, epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr,
+                                        batch_size=cfg.batch_size, max_len=max_len, weight_decay=WEIGHT_DECAY,
+                                        cca_weight=cfg.cca_weight, sr_weight=cfg.sr_weight,
+                                        cca_max_pos=cfg.cca_max_pos, max_steps=cfg.max_steps, seed=seed,
+                                        device=device, progress=cfg.progress)
     train_s = time.perf_counter() - t0
     imputed = decode_signal(model, shard, keep, max_len=max_len, device=device)
 
     raw = shard.tfidf_csr()[:, keep]
     raw_dense = raw.toarray().astype(np.float32)
-    lsi_rec = lsi_reconstruction(raw, lsi_components, seed)
+    lsi_rec = lsi_reconstruction(raw, cfg.lsi_components, seed)
     mats = {"Raw": raw_dense[lab], "LSI-recon": lsi_rec[lab], "EpiAgent": imputed[lab]}
-    scores, agreement = evaluate_imputation(mats, y, raw_dense[lab], n_pcs=n_pcs, n_neighbors=n_neighbors,
+    scores, agreement = evaluate_imputation(mats, y, raw_dense[lab], n_pcs=cfg.n_pcs, n_neighbors=N_NEIGHBORS,
                                             seed=seed)
     rows = []
     for method in METHODS:
         vals = dict(scores[method])
         vals.update({"n_cells": int(lab.sum()), "n_ccres_kept": len(keep), "n_ccres_total": shard.n_ccres})
         if method == "EpiAgent":
-            vals.update({"train_steps": int(train_log["step"].iloc[-1]) if len(train_log) else 0, "train_seconds": train_s,
+            vals.update({"train_steps": int(train_log["step"].iloc[-1]) if len(train_log) else 0,
+                         "train_seconds": train_s,
                          "train_loss_first": float(train_log["loss"].iloc[0]) if len(train_log) else math.nan,
                          "train_loss_last": float(train_log["loss"].tail(max(1, len(train_log) // 10)).mean())
                          if len(train_log) else math.nan})
         if method == "LSI-recon":
-            vals["lsi_components"] = int(min(lsi_components, min(raw.shape) - 1))
+            vals["lsi_components"] = int(min(cfg.lsi_components, min(raw.shape) - 1))
         rows += metric_rows(TASK, ds_name, method, vals)
     metrics = metrics_frame(rows)
 
@@ -270,36 +247,20 @@ def impute(data, checkpoint, label_key: str = "cell_type", *, epochs: int = 15, 
         var.index = [f"ccre{j}" for j in keep]
     adata = ad.AnnData(X=imputed, obs=obs, var=var)
     adata.layers["raw_tfidf"] = sp.csr_matrix(raw, dtype=np.float32)
-    adata.uns["epiflow_imputation"] = {"dataset": ds_name, "min_cell_fraction": float(min_cell_fraction),
-                                       "epochs": int(epochs), "lr": float(lr), "seed": int(seed),
-                                       "trainer": trainer}
+    epochs = float(cfg.epochs)
+    adata.uns["epiflow_imputation"] = {"dataset": ds_name, "min_cell_fraction": float(cfg.min_cell_fraction),
+                                       "epochs": int(epochs) if epochs.is_integer() else epochs,
+                                       "lr": float(cfg.lr), "seed": seed, "trainer": cfg.trainer}
 
-    if out_dir is not None:
-        from ..io import atomic_path
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_metrics(metrics, out / "metrics.tsv")
-        write_tsv(train_log, out / "train_log.tsv")
-        lab_ids = ids[lab]
-        pc = pd.DataFrame({"cell_id": lab_ids, label_key: y})
-        pcc = pd.DataFrame({"ccre_index": keep})
-        for m in METHODS:
-            pc[f"pearson_{m}"] = agreement[m]["pearson_cell"]
-            pc[f"mse_{m}"] = agreement[m]["mse_cell"]
-            pcc[f"pearson_{m}"] = agreement[m]["pearson_ccre"]
-            pcc[f"mse_{m}"] = agreement[m]["mse_ccre"]
-        write_tsv(pc, out / "per_cell.tsv")
-        write_tsv(pcc, out / "per_ccre.tsv")
-        with atomic_path(out / "imputed.h5ad") as tmp:
-            adata.write_h5ad(tmp)
-        if figures:
-            imputation_figure({m: agreement[m] for m in METHODS}, scores, out / "imputation_box.png",
-                              title=f"{ds_name}: imputation vs per-cell-type mean TF-IDF ({len(keep)} cCREs)",
-                              svg=svg)
-        if save_model:
-            from ..model import save_epiagent_checkpoint
-
-            save_epiagent_checkpoint(model, out / "finetuned.pth", write_config=True)
+    pc = pd.DataFrame({"cell_id": ids[lab], label_key: y})
+    pcc = pd.DataFrame({"ccre_index": keep})
+    for m in METHODS:
+        pc[f"pearson_{m}"] = agreement[m]["pearson_cell"]
+        pc[f"mse_{m}"] = agreement[m]["mse_cell"]
+        pcc[f"pearson_{m}"] = agreement[m]["pearson_ccre"]
+        pcc[f"mse_{m}"] = agreement[m]["mse_ccre"]
     log.info("imputation done in %.1f s", time.perf_counter() - t_start)
-    return adata, metrics
+    return TaskResult(metrics=metrics, tables={"per_cell": pc, "per_ccre": pcc}, history=train_log,
+                      models={"finetuned": model}, h5ad={"imputed": adata},
+                      data={"agreement": {m: agreement[m] for m in METHODS}, "scores": scores,
+                            "dataset": ds_name, "n_ccres_kept": len(keep)})
