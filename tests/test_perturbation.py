@@ -119,22 +119,35 @@ def tiny_ckpt(tiny_checkpoint):
     return lambda n: tiny_checkpoint(n, max_rank=128, num_layers=1, dim=32, num_heads=2, ffn=64, dropout=0.0)
 
 
+def _inputs(corpus, ckpt):
+    """The cells of a corpus folder and a trainable copy of the checkpoint (what the verbs load)."""
+    from epiflow.tasks.common import load_cells, load_model
+
+    cells = load_cells(corpus)
+    return cells, load_model(ckpt, n_ccres=cells.n_ccres)
+
+
+# the files of one result folder (the workflow's outputs, the figure panels)
+STIM_FILES = {"metrics.tsv", "mean_accessibility.tsv.gz", "predicted_cells.h5ad", "scatter.png", "direction.png",
+              "finetune_loss.tsv"}
+GENE_FILES = STIM_FILES | {"split.tsv"}
+
+
 def test_predict_stimulation_end_to_end(tmp_path, tiny_ckpt):
-    from epiflow.tasks.perturbation import load_task_inputs, predict_stimulation
-    from epiflow.tasks.perturbation_train import FinetuneSettings
+    """The verb writes the same files as before the settings dataclass (no more, no fewer)."""
+    from epiflow.cli import main
 
     corpus, opened, closed = _stim_corpus(tmp_path / "corpus")
     ckpt = tiny_ckpt(240)
-    cells, model, dataset = load_task_inputs(corpus, "condition", ckpt)
     out = tmp_path / "out"
-    table = predict_stimulation(cells, model, holdout=["T0"], out_dir=out, dataset=dataset, ks=(10, 1000),
-                                n_top=50, settings=FinetuneSettings(max_steps=6, batch_size=16, progress=False))
-    for f in ("metrics.tsv", "mean_accessibility.tsv.gz", "predicted_cells.h5ad", "scatter.png", "direction.png",
-              "finetune_loss.tsv"):
-        assert (out / f).exists(), f
+    assert main(["predict-stimulation", "--corpus", str(corpus), "--checkpoint", str(ckpt), "--holdout", "T0",
+                 "--k", "10,1000", "--n-top", "50", "--max-steps", "6", "--batch-size", "16", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert {f.name for f in out.iterdir()} == STIM_FILES
     written = pd.read_csv(out / "metrics.tsv", sep="\t")
     assert list(written.columns) == ["task", "dataset", "method", "metric", "value"]
-    v = table.set_index(["method", "metric"])["value"]
+    assert set(written["dataset"]) == {"toy_stim"}
+    v = written.set_index(["method", "metric"])["value"]
     # the known program is learned by the mean shift of the other cell types; no change carries no signal
     assert v[("mean_shift", "dir_acc@10")] > 0.9
     assert v[("no_change", "dir_acc@10")] == pytest.approx(0.5)
@@ -157,13 +170,13 @@ def test_per_token_on_the_input_embedding_scale_and_trained(tmp_path, tiny_ckpt)
     and is trained (it receives gradient)."""
     import torch
 
-    from epiflow.tasks.perturbation import load_task_inputs
+    from epiflow.tasks.config import StimulationConfig
     from epiflow.model import derive, token_scale
-    from epiflow.tasks.perturbation_train import FinetuneSettings, finetune_conditioned
+    from epiflow.tasks.perturbation_train import finetune_conditioned
     from epiflow.tokenize import build_input_ids, truncate_sentences
 
     corpus, _, _ = _stim_corpus(tmp_path / "corpus", n_types=2, per_type=10, n_ccres=80)
-    cells, base, _ = load_task_inputs(corpus, "condition", tiny_ckpt(80))
+    cells, base = _inputs(corpus, tiny_ckpt(80))
     model = derive(base, conditions=1)
     tok = model.condition_embedding.weight.detach().clone()
     assert token_scale(base) == pytest.approx(float(base.cCRE_embedding.weight[4:].std()), rel=1e-4)
@@ -178,7 +191,7 @@ def test_per_token_on_the_input_embedding_scale_and_trained(tmp_path, tiny_ckpt)
     assert float((e1 - e0).norm(dim=1).mean()) > 0.2 * float(spread)
     ex = pd.DataFrame({"input": np.arange(10), "target": np.arange(10, 20), "cond": 0, "label": 1})
     finetune_conditioned(model, cells, ex, mode="condition",
-                         settings=FinetuneSettings(max_steps=3, batch_size=5, progress=False))
+                         settings=StimulationConfig(max_steps=3, batch_size=5, progress=False))
     assert not torch.allclose(model.condition_embedding.weight.detach(), tok)
 
 
@@ -188,8 +201,8 @@ def test_stimulation_epiagent_beats_no_change(tmp_path, tiny_ckpt):
     fine-tuned on two cell types, predicts the held-out type's perturbed cells better than 'no change':
     higher R^2 over the top DA cCREs and direction accuracy far above chance - the prediction decoded from
     the token (EpiAgent_delta = real controls + decoded change with vs without [PER]) as well."""
-    from epiflow.tasks.perturbation import load_task_inputs, predict_stimulation
-    from epiflow.tasks.perturbation_train import FinetuneSettings
+    from epiflow.tasks.config import StimulationConfig
+    from epiflow.tasks.perturbation import run_stimulation
 
     # R^2 of one fine-tuning seed on this toy varies a lot (R2_top50 over seeds 0-3: EpiAgent 0.83 / 0.68 /
     # 0.76 / 0.83, EpiAgent_delta 0.80 / 0.66 / 0.74 / 0.77, no change 0.69; the per-task loop before the
@@ -198,11 +211,12 @@ def test_stimulation_epiagent_beats_no_change(tmp_path, tiny_ckpt):
     corpus, _, _ = _stim_corpus(tmp_path / "corpus", seed=0)
     r2: dict[str, list] = {}
     for seed in range(4):
-        cells, model, dataset = load_task_inputs(corpus, "condition", tiny_ckpt(240))
-        table = predict_stimulation(cells, model, holdout=["T0"], dataset=dataset, ks=(10, 20), n_top=50,
-                                    save_cells=False,
-                                    settings=FinetuneSettings(epochs=30, lr=3e-3, progress=False, seed=seed))
-        v = table.set_index(["method", "metric"])["value"]
+        cells, model = _inputs(corpus, tiny_ckpt(240))
+        cfg = StimulationConfig(holdout=["T0"], k=[10, 20], n_top=50, save_cells=False, epochs=30, lr=3e-3,
+                                progress=False, seed=seed)
+        result = run_stimulation(cells, model, cfg)
+        assert "predicted_cells" not in result.h5ad
+        v = result.metrics.set_index(["method", "metric"])["value"]
         assert v[("no_change", "dir_acc@10")] == pytest.approx(0.5)
         for m in ("EpiAgent", "EpiAgent_delta", "no_change"):
             r2.setdefault(m, []).append(v[(m, "R2_top50")])
@@ -251,6 +265,7 @@ def test_predict_genetic_cli_end_to_end(tmp_path, tiny_ckpt):
                "perturbation", "--go", str(tmp_path / "go.tsv"), "--out-dir", str(out), "--max-steps", "4",
                "--holdout", "G0", "--holdout", "G5", "--k", "5,20", "--n-top", "30", "--no-progress"])
     assert rc == 0
+    assert {f.name for f in out.iterdir()} == GENE_FILES
     t = pd.read_csv(out / "metrics.tsv", sep="\t")
     assert set(t["task"]) == {"genetic_perturbation"}
     v = t.set_index(["method", "metric"])["value"]
@@ -288,13 +303,13 @@ def test_predict_stimulation_device_auto(tmp_path, tiny_ckpt):
 
     from epiflow.cli import main
     from epiflow.errors import ConfigError
-    from epiflow.tasks.perturbation_train import _device
+    from epiflow.tasks.common import resolve_device
 
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert _device("auto").type == expected and _device(None).type == expected
-    assert _device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == expected and resolve_device(None).type == expected
+    assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ConfigError, match="gpu0"):
-        _device("gpu0")
+        resolve_device("gpu0")
 
     corpus, _, _ = _stim_corpus(tmp_path / "corpus", n_types=2, per_type=8, n_ccres=60)
     ckpt = tiny_ckpt(60)
@@ -314,7 +329,7 @@ def test_make_perturbation_benchmark_real_cells(tmp_path, data_dir):
     if not h5.exists():
         pytest.skip("buenrostro2018_bm0828.h5ad not in the shared data")
     out = tmp_path / "bench"
-    rc = main(["make-perturbation-benchmark", "--input", str(h5), "--tss", str(data_dir / "hg19_tss.bed.gz"),
+    rc = main(["make-perturbation-benchmark", "--corpus", str(h5), "--tss", str(data_dir / "hg19_tss.bed.gz"),
                "--go", str(data_dir / "go_bp_human.tsv.gz"), "--out", str(out), "--n-genes", "6"])
     assert rc == 0
     import anndata as ad
@@ -344,9 +359,9 @@ def test_make_perturbation_benchmark_real_cells(tmp_path, data_dir):
 
     meta = {k: json.loads((out / k / "corpus.json").read_text()) for k in ("source_corpus", "stimulation_corpus")}
     assert meta["source_corpus"]["vocab_id"] == meta["stimulation_corpus"]["vocab_id"]
-    from epiflow.tasks.perturbation_train import cells_from_corpus
+    from epiflow.tasks.common import load_cells
 
-    src = cells_from_corpus(out / "source_corpus", "cell_type")
+    src = load_cells(out / "source_corpus")
     raw = ad.read_h5ad(h5)
     assert src.n_cells == raw.n_obs
     assert (src.binary() != (sp.csr_matrix(raw.X) > 0).astype(np.float32)).nnz == 0
@@ -403,3 +418,65 @@ def test_condition_token_comes_from_the_seed(tiny_ckpt):
     assert torch.equal(a, b) and not torch.equal(a, c)
     torch.manual_seed(123)
     assert torch.equal(torch.rand(1), after)  # derive left the global stream untouched
+
+
+def test_perturbation_verbs_flags():
+    """The settings of predict-stimulation / predict-genetic are their flags (one declaration), with the
+    standard I/O flags and their former names; make-perturbation-benchmark and gene-graph take the same
+    I/O flag names."""
+    import dataclasses
+
+    from epiflow.cli import build_parser
+    from epiflow.cliargs import flag
+    from epiflow.tasks.config import GeneticConfig, StimulationConfig
+
+    def opts(verb):
+        parser = build_parser([verb])
+        sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+        return sub.choices[verb]._option_string_actions
+
+    for verb, cls in (("predict-stimulation", StimulationConfig), ("predict-genetic", GeneticConfig)):
+        o = opts(verb)
+        for f in dataclasses.fields(cls):
+            assert flag(f.name) in o, (verb, f.name)
+        for name in ("--corpus", "--checkpoint", "--out", "--out-dir", "--dataset", "--df", "--backend",
+                     "--no-save-cells", "--no-progress"):
+            assert name in o, (verb, name)
+    o = opts("make-perturbation-benchmark")
+    assert o["--input"].dest == o["--corpus"].dest == "corpus" and "--out" in o
+    o = opts("gene-graph")
+    assert {"--go", "--out", "--jaccard-threshold", "--top-neighbours", "--gaf-aspect"} <= set(o)
+
+
+def test_verb_inputs_backend_and_dataset(tmp_path, tiny_ckpt):
+    """The verbs load the cells with tasks.common, the model with the --backend asked for; the metrics'
+    dataset is --dataset, else the cells' one obs 'dataset'."""
+    from epiflow.cli import build_parser
+    from epiflow.cliargs import config_from_args
+    from epiflow.tasks.config import StimulationConfig
+    from epiflow.tasks.perturbation_cli import _inputs
+
+    corpus, _, _ = _stim_corpus(tmp_path / "corpus", n_types=2, per_type=8, n_ccres=60)
+    argv = ["predict-stimulation", "--corpus", str(corpus), "--checkpoint", str(tiny_ckpt(60)), "--out",
+            str(tmp_path / "o"), "--backend", "sdpa", "--device", "cpu"]
+    args = build_parser(argv).parse_args(argv)
+    cfg = config_from_args(StimulationConfig, args)
+    cells, model, dataset = _inputs(args, cfg, cfg.condition_key)
+    assert model.backend == "sdpa" and cells.n_cells == 16 and dataset == "toy_stim"
+    args = build_parser(argv).parse_args(argv + ["--dataset", "toy_stim"])
+    assert _inputs(args, cfg, cfg.condition_key)[2] == "toy_stim"
+
+
+def test_labelled_cells_keeps_the_cells_with_a_label(tmp_path):
+    from epiflow.errors import InputFormatError
+    from epiflow.tasks.common import load_cells
+    from epiflow.tasks.perturbation_train import labelled_cells
+
+    corpus, _, _ = _stim_corpus(tmp_path / "corpus", n_types=2, per_type=8, n_ccres=60)
+    cells = load_cells(corpus)
+    assert labelled_cells(cells, "condition") is cells
+    cells.obs.loc[[0, 3], "condition"] = np.nan
+    kept = labelled_cells(cells, "condition")
+    assert kept.n_cells == 14 and "c0" not in set(kept.obs["cell_id"]) and "c3" not in set(kept.obs["cell_id"])
+    with pytest.raises(InputFormatError, match="no column"):
+        labelled_cells(cells, "nope")

@@ -40,7 +40,6 @@ import time
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import torch
 
 from ..errors import ConfigError, EpiflowError, VocabularyMismatchError
 from ..metrics.table import metric_rows, metrics_frame

@@ -1,7 +1,7 @@
 """Perturbation prediction (SPEC §5): stimulated (out-of-sample) and unseen genetic perturbations.
 
-Stimulated perturbation, :func:`predict_stimulation`
-----------------------------------------------------
+Stimulated perturbation, :func:`run_stimulation`
+------------------------------------------------
 Cells carry a condition label (obs ``condition_key``): the unperturbed ``control`` label or a
 stimulation. Leave-one-cell-type-out: for every held-out cell type T,
 
@@ -19,8 +19,8 @@ stimulation. Leave-one-cell-type-out: for every held-out cell type T,
 3. the unperturbed cells of T are encoded with [PER] and decoded with the signal decoder (calibrated
    sigmoid probabilities) -> predicted perturbed cells of T.
 
-Genetic perturbation, :func:`predict_genetic`
----------------------------------------------
+Genetic perturbation, :func:`run_genetic`
+-----------------------------------------
 Cells carry a perturbation label (obs ``perturbation_key``: ``control`` or gene symbol(s) joined by
 ``+``). One learnable token per gene, passed through the GNN (one SGConv, LayerNorm) over the GEARS
 gene graph (:mod:`epiflow.genome.gene_graph`), is the conditional token. ``holdout_fraction`` (25 %)
@@ -50,26 +50,25 @@ draws (seeded) so that both sides are 0/1 cells). Genetic: ``pearson_top{n}`` (o
 ``pearson_delta_top{n}`` (of the change from the controls), direction accuracies. Rows with a
 ``[group]`` suffix are per held-out group; rows without it are the means over groups.
 
-Outputs (``out_dir``, each written atomically): ``metrics.tsv`` (long format ``task, dataset,
-method, metric, value``), ``mean_accessibility.tsv.gz`` (per group and cCRE: real control / perturbed
-means, DA score, each method's prediction), ``predicted_cells.h5ad`` (EpiAgent's predicted cells,
-decoder probabilities, obs = source cell and group; skip with ``save_cells=False``),
-``scatter.png`` (real vs predicted mean accessibility, top-n DA cCREs highlighted), ``direction.png``
-(direction accuracy by k, methods side by side), ``finetune_loss.tsv``.
+Both return a :class:`~epiflow.tasks.common.TaskResult` and write nothing; the verbs
+(:mod:`epiflow.tasks.perturbation_cli`) write it: ``metrics.tsv`` (long format ``task, dataset,
+method, metric, value``), ``mean_accessibility.tsv.gz`` (``data['mean_accessibility']``: per group and
+cCRE, real control / perturbed means, DA score, each method's prediction), ``predicted_cells.h5ad``
+(EpiAgent's predicted cells, decoder probabilities, obs = source cell and group; not with
+``save_cells=False``), ``finetune_loss.tsv``, ``split.tsv`` (genetic) and the figures of
+:mod:`epiflow.plots.perturbation` (``scatter.png``: real vs predicted mean accessibility, top-n DA
+cCREs highlighted; ``direction.png``: direction accuracy by k, methods side by side).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..corpus.shard import Shard
 from ..errors import InputFormatError
-from ..io import atomic_path
 from ..metrics.perturbation import (
     DEFAULT_KS,
     cap_k,
@@ -80,12 +79,15 @@ from ..metrics.perturbation import (
     top_da,
     wasserstein,
 )
-from ..metrics.table import metric_rows, metrics_frame, write_metrics
+from ..metrics.table import metric_rows, metrics_frame
+from .common import TaskResult
+from .config import GeneticConfig, StimulationConfig
 from .perturbation_train import (
-    FinetuneSettings,
     _missing,
+    check_base_model,
     decode,
     finetune_conditioned,
+    labelled_cells,
     ot_match,
     ot_match_groups,
     zero_shot_embeddings,
@@ -160,101 +162,38 @@ def evaluate_group(*, X_ctrl, X_pert, predicted: dict, task: str, ks=DEFAULT_KS,
     return values, frame, info
 
 
-# ----------------------------------------------------------------------------- outputs
-def _write_outputs(out_dir: Path, rows, frames: dict, cells_parts, history, *, dataset: str, task: str,
-                   n_top: int, ks, svg: bool = False) -> pd.DataFrame:
+# ----------------------------------------------------------------------------- result
+def mean_accessibility(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The per-group, per-cCRE frames of :func:`evaluate_group` as one table (``group`` first)."""
+    big = pd.concat([f.assign(group=g) for g, f in frames.items()], ignore_index=True)
+    return big[["group"] + [c for c in big.columns if c != "group"]]
+
+
+def _result(rows, frames: dict, cells_parts, history, *, tables: dict | None = None) -> TaskResult:
     import anndata as ad
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = metrics_frame(rows)
-    write_metrics(table, out_dir / "metrics.tsv")
+    result = TaskResult(metrics=metrics_frame(rows), tables=dict(tables or {}), data={"frames": frames})
     if frames:
-        big = pd.concat([f.assign(group=g) for g, f in frames.items()], ignore_index=True)
-        cols = ["group"] + [c for c in big.columns if c != "group"]
-        with atomic_path(out_dir / "mean_accessibility.tsv.gz") as tmp:
-            big[cols].to_csv(tmp, sep="\t", index=False, float_format="%.6g", compression="gzip")
+        result.data["mean_accessibility"] = mean_accessibility(frames)
     if cells_parts:
         X = np.concatenate([c[0] for c in cells_parts]).astype(np.float32)
         obs = pd.concat([c[1] for c in cells_parts], ignore_index=True)
         obs.index = [f"pred{i}" for i in range(len(obs))]
         a = ad.AnnData(X=X, obs=obs.astype(str))
         a.uns["note"] = "EpiAgent-predicted perturbed cells: calibrated signal-decoder probabilities"
-        with atomic_path(out_dir / "predicted_cells.h5ad") as tmp:
-            a.write_h5ad(tmp)
+        result.h5ad["predicted_cells"] = a
     if history:
-        with atomic_path(out_dir / "finetune_loss.tsv") as tmp:
-            pd.DataFrame(history).to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-    plot_scatter(frames, out_dir / "scatter.png", n_top=n_top, svg=svg)
-    plot_direction(table, out_dir / "direction.png", ks=ks, svg=svg)
-    return table
+        result.tables["finetune_loss"] = pd.DataFrame(history)
+    return result
 
 
-def plot_scatter(frames: dict, path: Path, *, n_top: int = 1000, svg: bool = False):
-    """Real vs predicted mean accessibility, one row per group, one column per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not frames:
-        return None
-    groups = list(frames)
-    methods = [c[5:] for c in frames[groups[0]].columns if c.startswith("pred_")]
-    fig, axes = plt.subplots(len(groups), len(methods), figsize=(3.2 * len(methods), 3.0 * len(groups)),
-                             squeeze=False)
-    for i, g in enumerate(groups):
-        f = frames[g]
-        top = f["top_da"].to_numpy()
-        for j, m in enumerate(methods):
-            ax = axes[i, j]
-            x, y = f["real_perturbed"].to_numpy(), f[f"pred_{m}"].to_numpy()
-            ax.scatter(x[~top], y[~top], s=2, c="0.7", alpha=0.5, rasterized=True, label="all cCREs")
-            ax.scatter(x[top], y[top], s=3, c="tab:red", alpha=0.7, rasterized=True, label=f"top-{n_top} DA")
-            ax.set_title(f"{g}: {m}\nR²={r2_linear(x, y):.3f} (top {r2_linear(x[top], y[top]):.3f})", fontsize=8)
-            ax.set_xlabel("real mean accessibility", fontsize=7)
-            ax.set_ylabel("predicted", fontsize=7)
-            ax.tick_params(labelsize=6)
-    axes[0, 0].legend(fontsize=6, loc="upper left")
-    fig.tight_layout()
-    _save_fig(fig, path, svg)
-    return path
-
-
-def plot_direction(table: pd.DataFrame, path: Path, *, ks=DEFAULT_KS, svg: bool = False):
-    """Direction accuracy (mean over groups) by k, methods side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = table[table["metric"].isin([f"dir_acc@{k}" for k in ks])]
-    if t.empty:
-        return None
-    methods = list(dict.fromkeys(t["method"]))
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(ks), 3.2))
-    w = 0.8 / max(len(methods), 1)
-    for i, m in enumerate(methods):
-        vals = [float(t[(t["method"] == m) & (t["metric"] == f"dir_acc@{k}")]["value"].mean()) for k in ks]
-        ax.bar(np.arange(len(ks)) + (i - (len(methods) - 1) / 2) * w, vals, w, label=m)
-    ax.axhline(0.5, color="0.5", lw=0.8, ls="--")
-    ax.set_xticks(np.arange(len(ks)), [f"top {k}" for k in ks])
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("direction accuracy (up + down DA)")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    _save_fig(fig, path, svg)
-    return path
-
-
-def _save_fig(fig, path: Path, svg: bool):
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    if svg:
-        with atomic_path(path.with_suffix(".svg")) as tmp:
-            fig.savefig(tmp, format="svg")
-    plt.close(fig)
+def dataset_label(cells: Shard, dataset: str | None = None, default: str = "data") -> str:
+    """The ``dataset`` column of the metrics: ``dataset`` when given, else the cells' one obs
+    'dataset', else ``default``."""
+    if dataset:
+        return str(dataset)
+    ds = cells.obs["dataset"].astype(str).unique() if "dataset" in cells.obs else []
+    return str(ds[0]) if len(ds) == 1 else default
 
 
 def _nanmean(x) -> float:
@@ -277,19 +216,23 @@ def _summary_rows(task, dataset, per_group: dict[str, dict[str, dict]], extra: d
 
 
 # ----------------------------------------------------------------------------- stimulation
-def predict_stimulation(cells: Shard, base_model, *, condition_key: str = "condition", control: str = "control",
-                        cell_type_key: str = "cell_type", holdout=None, out_dir=None, dataset: str = "data",
-                        settings: FinetuneSettings | None = None, ks=DEFAULT_KS, n_top: int = 1000,
-                        min_cells: int = 3, save_cells: bool = True, svg: bool = False, seed: int = 0,
-                        max_ot_cells: int = 2000, perturbed_self_token: bool = True) -> pd.DataFrame:
-    """Leave-one-cell-type-out stimulation prediction; returns (and writes to ``out_dir``) the metrics.
-    ``perturbed_self_token``: the perturbed training cells reconstruct themselves with [PER] (default) or
-    without it (the previous behaviour, for comparison)."""
-    import copy
+def run_stimulation(cells: Shard, base_model, settings: StimulationConfig | None = None, *,
+                    dataset: str | None = None, max_ot_cells: int = 2000,
+                    perturbed_self_token: bool = True) -> TaskResult:
+    """Leave-one-cell-type-out stimulation prediction of ``cells`` (those whose condition is set) with
+    ``base_model`` (a pretrained EpiAgent with signal decoder and CCA head, not modified).
 
-    from ..model import derive
-
-    settings = settings or FinetuneSettings(seed=seed)
+    Returns the metrics, ``tables['finetune_loss']``, ``h5ad['predicted_cells']`` (``save_cells``) and
+    ``data['frames']`` / ``data['mean_accessibility']`` (per group and cCRE). ``dataset``: the metrics'
+    dataset column (default :func:`dataset_label`). ``max_ot_cells``: the largest side of the
+    Wasserstein OT problem. ``perturbed_self_token``: the perturbed training cells reconstruct
+    themselves with [PER] (default) or without it (the previous behaviour, for comparison)."""
+    cfg = settings or StimulationConfig()
+    condition_key, cell_type_key, control = cfg.condition_key, cfg.cell_type_key, cfg.control
+    holdout, min_cells, ks, n_top, seed = cfg.holdout, cfg.min_cells, list(cfg.k), cfg.n_top, cfg.seed
+    check_base_model(base_model)
+    cells = labelled_cells(cells, condition_key)
+    dataset = dataset_label(cells, dataset)
     for key in (condition_key, cell_type_key):
         if key not in cells.obs:
             raise InputFormatError(f"obs has no column {key!r}", field=key,
@@ -319,7 +262,7 @@ def predict_stimulation(cells: Shard, base_model, *, condition_key: str = "condi
         raise InputFormatError(f"leave-one-cell-type-out needs >= 2 cell types with >= {min_cells} unperturbed and "
                                f"perturbed cells each; usable: {types}", field=cell_type_key)
     log.info("stimulation: %d cells, %d cell types, holding out %s", cells.n_cells, len(types), hold)
-    emb = zero_shot_embeddings(base_model, cells, device=settings.device)
+    emb = zero_shot_embeddings(base_model, cells, device=cfg.device)
     all_ctrl = np.flatnonzero(keep & is_ctrl)
     all_pert = np.flatnonzero(keep & ~is_ctrl)
     partners = ot_match_groups(emb, all_ctrl, all_pert, ctype)
@@ -335,11 +278,11 @@ def predict_stimulation(cells: Shard, base_model, *, condition_key: str = "condi
                           "label": 1}),
             pd.DataFrame({"input": train_partner[ok], "target": train_pert[ok], "cond": 0, "label": 1}),
         ], ignore_index=True)
-        model = derive(base_model, conditions=1, seed=settings.seed)
-        st = copy.copy(settings)
-        st.log = []
+        from ..model import derive
+
+        model = derive(base_model, conditions=1, seed=cfg.seed)
         log.info("held-out %s: fine-tuning on %d examples (%d [PER] pairs)", T, len(ex), int(ok.sum()))
-        model, _, hist = finetune_conditioned(model, cells, ex, mode="condition", settings=st)
+        model, _, hist = finetune_conditioned(model, cells, ex, mode="condition", settings=cfg)
         history += [dict(h, holdout=T) for h in hist]
         q_ctrl = all_ctrl[ctype[all_ctrl] == T]
         q_pert = all_pert[ctype[all_pert] == T]
@@ -369,16 +312,13 @@ def predict_stimulation(cells: Shard, base_model, *, condition_key: str = "condi
         values["EpiAgent"]["finetune_final_loss"] = hist[-1]["loss"] if hist else float("nan")
         per_group[T] = values
         frames[T] = frame
-        if save_cells:
+        if cfg.save_cells:
             cells_parts.append((P_per, pd.DataFrame({"source_cell": cells.obs["cell_id"].astype(str).to_numpy()[q_ctrl]
                                                      if "cell_id" in cells.obs else q_ctrl.astype(str),
                                                      "group": T})))
         del model
     rows = _summary_rows(STIM_TASK, dataset, per_group)
-    if out_dir is None:
-        return metrics_frame(rows)
-    return _write_outputs(Path(out_dir), rows, frames, cells_parts, history, dataset=dataset, task=STIM_TASK,
-                          n_top=n_top, ks=ks, svg=svg)
+    return _result(rows, frames, cells_parts, history)
 
 
 # ----------------------------------------------------------------------------- genetic
@@ -397,20 +337,25 @@ def holdout_split(perturbations, fraction: float = 0.25, seed: int = 0) -> tuple
     return [p for p in perts if p not in held], held
 
 
-def predict_genetic(cells: Shard, base_model, gene_graph, *, perturbation_key: str = "perturbation",
-                    control: str = "control", holdout=None, holdout_fraction: float = 0.25, out_dir=None,
-                    dataset: str = "data", settings: FinetuneSettings | None = None, ks=DEFAULT_KS,
-                    n_top: int = 1000, min_cells: int = 3, save_cells: bool = True, svg: bool = False,
-                    seed: int = 0) -> pd.DataFrame:
-    """Unseen genetic perturbation prediction with the gene GNN token; returns (and writes) the metrics."""
+def run_genetic(cells: Shard, base_model, gene_graph, settings: GeneticConfig | None = None, *,
+                dataset: str | None = None) -> TaskResult:
+    """Unseen genetic perturbation prediction of ``cells`` (those whose perturbation is set) with the
+    gene GNN token over ``gene_graph`` (:class:`epiflow.genome.gene_graph.GeneGraph`), fine-tuning a
+    copy of ``base_model``.
 
+    Returns the metrics, ``tables['split']`` (perturbation, split = train / heldout),
+    ``tables['finetune_loss']``, ``h5ad['predicted_cells']`` (``save_cells``) and ``data['frames']`` /
+    ``data['mean_accessibility']``. ``dataset``: the metrics' dataset column (default
+    :func:`dataset_label`)."""
     from ..genome.gene_graph import GeneGraph
     from ..model import derive
 
-    settings = settings or FinetuneSettings(seed=seed)
-    if perturbation_key not in cells.obs:
-        raise InputFormatError(f"obs has no column {perturbation_key!r}", field=perturbation_key,
-                               fix="pass --perturbation-key naming the obs column of perturbation labels")
+    cfg = settings or GeneticConfig()
+    perturbation_key, control, holdout = cfg.perturbation_key, cfg.control, cfg.holdout
+    min_cells, ks, n_top, seed = cfg.min_cells, list(cfg.k), cfg.n_top, cfg.seed
+    check_base_model(base_model)
+    cells = labelled_cells(cells, perturbation_key)
+    dataset = dataset_label(cells, dataset)
     lab = cells.obs[perturbation_key].astype(str).to_numpy()
     is_ctrl = lab == control
     if is_ctrl.sum() < min_cells:
@@ -435,7 +380,7 @@ def predict_genetic(cells: Shard, base_model, gene_graph, *, perturbation_key: s
         held = sorted(holdout)
         train = [p for p in perts if p not in held]
     else:
-        train, held = holdout_split(perts, holdout_fraction, seed)
+        train, held = holdout_split(perts, cfg.holdout_fraction, seed)
     log.info("genetic: %d controls, %d perturbations (%d train, %d held out: %s); gene graph %d genes, %d edges",
              int(is_ctrl.sum()), len(perts), len(train), len(held), held, gene_graph.n_genes, gene_graph.n_edges)
     max_genes = max(len(split_genes(p)) for p in perts)
@@ -444,7 +389,7 @@ def predict_genetic(cells: Shard, base_model, gene_graph, *, perturbation_key: s
         g = [gidx[x] for x in split_genes(p)]
         return g + [-1] * (max_genes - len(g))
 
-    emb = zero_shot_embeddings(base_model, cells, device=settings.device)
+    emb = zero_shot_embeddings(base_model, cells, device=cfg.device)
     ctrl = np.flatnonzero(is_ctrl)
     train_cells = np.flatnonzero(np.isin(lab, train))
     partners = np.empty(len(train_cells), dtype=np.int64)
@@ -462,9 +407,9 @@ def predict_genetic(cells: Shard, base_model, gene_graph, *, perturbation_key: s
         pd.DataFrame({"input": partners, "target": train_cells, "cond": [pidx[p] for p in lab[train_cells]],
                       "label": 1}),
     ], ignore_index=True)
-    model = derive(base_model, gene_graph=gene_graph, seed=settings.seed)
+    model = derive(base_model, gene_graph=gene_graph, seed=cfg.seed)
     model = _GeneTableModel(model, table)
-    model, _, history = finetune_conditioned(model, cells, ex, mode="condition", settings=settings)
+    model, _, history = finetune_conditioned(model, cells, ex, mode="condition", settings=cfg)
     Xb = cells.binary()
     X_ctrl = Xb[ctrl]
     real_ctrl = _mean(X_ctrl)
@@ -486,22 +431,15 @@ def predict_genetic(cells: Shard, base_model, gene_graph, *, perturbation_key: s
             values[m].update(n_cells_perturbed=info["n_pert"], n_top_used=info["n_top_used"])
         per_group[p] = values
         frames[p] = frame
-        if save_cells:
+        if cfg.save_cells:
             cells_parts.append((P, pd.DataFrame({"source_cell": ctrl.astype(str), "group": p})))
     extra = {"EpiAgent": {"finetune_steps": len(history),
                           "finetune_final_loss": history[-1]["loss"] if history else float("nan"),
                           "n_train_perturbations": len(train), "n_heldout_perturbations": len(held),
                           "gene_graph_edges": gene_graph.n_edges}}
     rows = _summary_rows(GENE_TASK, dataset, per_group, extra)
-    if out_dir is None:
-        return metrics_frame(rows)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "split.tsv") as tmp:
-        pd.DataFrame({"perturbation": train + held, "split": ["train"] * len(train) + ["heldout"] * len(held)}) \
-            .to_csv(tmp, sep="\t", index=False)
-    return _write_outputs(out, rows, frames, cells_parts, history, dataset=dataset, task=GENE_TASK,
-                          n_top=n_top, ks=ks, svg=svg)
+    split = pd.DataFrame({"perturbation": train + held, "split": ["train"] * len(train) + ["heldout"] * len(held)})
+    return _result(rows, frames, cells_parts, history, tables={"split": split})
 
 
 class _GeneTableModel:
@@ -534,17 +472,3 @@ class _GeneTableModel:
     def eval(self):
         self.model.eval()
         return self
-
-
-# ----------------------------------------------------------------------------- helpers for the CLI
-def load_task_inputs(corpus, key: str, checkpoint, *, dataset: str | None = None, num_heads: int | None = None):
-    from ..corpus.shard import open_corpus
-    from .perturbation_train import cells_from_corpus, load_base_model
-
-    c = open_corpus(corpus)
-    cells = cells_from_corpus(c, key, dataset=dataset)
-    model = load_base_model(checkpoint, num_heads=num_heads, n_ccres=c.n_ccres)
-    if dataset is None:
-        ds = cells.obs["dataset"].astype(str).unique() if "dataset" in cells.obs else []
-        dataset = str(ds[0]) if len(ds) == 1 else Path(os.fspath(corpus)).name
-    return cells, model, dataset

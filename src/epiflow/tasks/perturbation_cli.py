@@ -4,6 +4,12 @@
 * ``epiflow predict-genetic`` - unseen genetic perturbations (gene tokens through the GO-graph GNN).
 * ``epiflow make-perturbation-benchmark`` - semi-synthetic benchmarks from real cells, with truth.
 * ``epiflow gene-graph`` - the GEARS-style GO Jaccard gene graph as an edge list.
+
+The settings flags of ``predict-*`` are generated from :class:`~epiflow.tasks.config.StimulationConfig`
+/ :class:`~epiflow.tasks.config.GeneticConfig`; the I/O flags are the standard ones
+(:func:`epiflow.cliargs.add_io_args`). The task modules compute (:func:`epiflow.tasks.perturbation.run_stimulation`,
+``run_genetic``); this module loads the inputs (:mod:`epiflow.tasks.common`) and writes the result
+(:func:`write_result`, figures of :mod:`epiflow.plots.perturbation`).
 """
 
 from __future__ import annotations
@@ -11,72 +17,96 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..cliargs import add_config_args, add_io_args, config_from_args, fields
+from .config import DEFAULT_KS, GeneticConfig, StimulationConfig
 
-def _ks(text: str) -> tuple[int, ...]:
-    try:
-        ks = tuple(int(x) for x in str(text).split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--k must be comma-separated integers, got {text!r}") from None
-    if not ks or min(ks) < 1:
-        raise argparse.ArgumentTypeError("--k needs positive integers")
-    return ks
-
-
-def _settings(args):
-    from .perturbation_train import FinetuneSettings
-
-    return FinetuneSettings(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-                            new_lr=args.new_lr, aux_weight=args.aux_weight, cca_k=args.cca_k, max_len=args.max_len,
-                            seed=args.seed, device=args.device, progress=not args.no_progress)
+# the gene-graph settings of predict-genetic, also the flags of gene-graph
+GRAPH_FIELDS = ("jaccard_threshold", "top_neighbours", "gaf_aspect")
 
 
 def _print(table, out_dir):
-    import numpy as np
-
     show = table[~table["metric"].str.contains(r"\[", regex=True)]
     keys = [m for m in show["metric"].unique() if m.startswith(("R2_", "pearson", "dir_acc@", "wasserstein"))]
     show = show[show["metric"].isin(keys)]
     if len(show):
         print(show.pivot_table(index="method", columns="metric", values="value", sort=False,
-                               aggfunc=np.mean).to_string(float_format=lambda x: f"{x:.3f}"))
+                               aggfunc="mean").to_string(float_format=lambda x: f"{x:.3f}"))
     print(f"wrote {Path(out_dir) / 'metrics.tsv'}")
 
 
-def _predict_stimulation(args) -> int:
-    from .perturbation import load_task_inputs, predict_stimulation
+def write_result(result, out, *, n_top: int = 1000, ks=DEFAULT_KS, svg: bool = False) -> list[Path]:
+    """Write a perturbation task's result into ``out``: ``metrics.tsv``, ``finetune_loss.tsv``,
+    ``split.tsv`` (genetic), ``predicted_cells.h5ad`` (when kept), ``mean_accessibility.tsv.gz``,
+    ``scatter.png`` and ``direction.png``."""
+    from ..io import atomic_path
+    from ..plots.perturbation import perturbation_figures
+    from ..report.results import write_task_result
 
-    cells, model, dataset = load_task_inputs(args.corpus, args.condition_key, args.checkpoint,
-                                             dataset=args.dataset, num_heads=args.num_heads)
-    table = predict_stimulation(cells, model, condition_key=args.condition_key, control=args.control,
-                                cell_type_key=args.cell_type_key, holdout=args.holdout, out_dir=args.out_dir,
-                                dataset=dataset, settings=_settings(args), ks=args.k, n_top=args.n_top,
-                                min_cells=args.min_cells, save_cells=not args.no_save_cells, svg=args.svg,
-                                seed=args.seed)
-    _print(table, args.out_dir)
+    out = Path(out)
+    written = write_task_result(result, out)
+    means = result.data.get("mean_accessibility")
+    if means is not None:
+        with atomic_path(out / "mean_accessibility.tsv.gz") as tmp:
+            means.to_csv(tmp, sep="\t", index=False, float_format="%.6g", compression="gzip")
+        written.append(out / "mean_accessibility.tsv.gz")
+    return written + perturbation_figures(result, out, n_top=n_top, ks=ks, svg=svg)
+
+
+def _dataset(cells, key: str, args) -> str:
+    """The metrics' dataset column: --dataset, else the one obs 'dataset' of the labelled cells, else
+    the name of the input."""
+    from .perturbation_train import _missing
+
+    if args.dataset:
+        return str(args.dataset)
+    obs = cells.obs
+    if "dataset" in obs and key in obs:
+        ds = obs.loc[~_missing(obs[key]), "dataset"].astype(str).unique()
+        if len(ds) == 1:
+            return str(ds[0])
+    p = Path(args.corpus)
+    return p.name if p.is_dir() else p.stem
+
+
+def _inputs(args, cfg, key: str):
+    from .common import load_cells, load_model, resolve_device
+
+    resolve_device(cfg.device)  # an unknown device: a clear error before any loading
+    cells = load_cells(args.corpus, df=args.df, dataset=args.dataset)
+    model = load_model(args.checkpoint, n_ccres=cells.n_ccres, num_heads=cfg.num_heads, backend=cfg.backend,
+                       device=cfg.device)
+    return cells, model, _dataset(cells, key, args)
+
+
+def _predict_stimulation(args) -> int:
+    from .perturbation import run_stimulation
+
+    cfg = config_from_args(StimulationConfig, args)
+    cells, model, dataset = _inputs(args, cfg, cfg.condition_key)
+    result = run_stimulation(cells, model, cfg, dataset=dataset)
+    write_result(result, args.out, n_top=cfg.n_top, ks=cfg.k, svg=cfg.svg)
+    _print(result.metrics, args.out)
     return 0
 
 
 def _predict_genetic(args) -> int:
     from ..genome.gene_graph import build_gene_graph
-    from .perturbation import load_task_inputs, predict_genetic
+    from .perturbation import run_genetic
 
-    cells, model, dataset = load_task_inputs(args.corpus, args.perturbation_key, args.checkpoint,
-                                             dataset=args.dataset, num_heads=args.num_heads)
-    graph = build_gene_graph(args.go, threshold=args.jaccard_threshold, top_k=args.top_neighbours,
-                             aspect=args.gaf_aspect)
-    table = predict_genetic(cells, model, graph, perturbation_key=args.perturbation_key, control=args.control,
-                            holdout=args.holdout, holdout_fraction=args.holdout_fraction, out_dir=args.out_dir,
-                            dataset=dataset, settings=_settings(args), ks=args.k, n_top=args.n_top,
-                            min_cells=args.min_cells, save_cells=not args.no_save_cells, svg=args.svg,
-                            seed=args.seed)
-    _print(table, args.out_dir)
+    cfg = config_from_args(GeneticConfig, args)
+    cells, model, dataset = _inputs(args, cfg, cfg.perturbation_key)
+    graph = build_gene_graph(args.go, threshold=cfg.jaccard_threshold, top_k=cfg.top_neighbours,
+                             aspect=cfg.gaf_aspect)
+    result = run_genetic(cells, model, graph, cfg, dataset=dataset)
+    write_result(result, args.out, n_top=cfg.n_top, ks=cfg.k, svg=cfg.svg)
+    _print(result.metrics, args.out)
     return 0
 
 
 def _make_benchmark(args) -> int:
     from .perturbation_benchmark import make_perturbation_benchmark
 
-    info = make_perturbation_benchmark(args.input, args.tss, args.go, args.out, cell_type_key=args.cell_type_key,
+    info = make_perturbation_benchmark(args.corpus, args.tss, args.go, args.out, cell_type_key=args.cell_type_key,
                                        seed=args.seed, n_genes=args.n_genes, window=args.window,
                                        write_corpora=not args.no_corpus, genome=args.genome)
     print(f"wrote {info['out']}: stimulation {info['stimulation_cells']} cells ({', '.join(info['cell_types'])}); "
@@ -87,48 +117,22 @@ def _make_benchmark(args) -> int:
 def _gene_graph(args) -> int:
     from ..genome.gene_graph import build_gene_graph, write_gene_graph
 
-    g = build_gene_graph(args.go, threshold=args.jaccard_threshold, top_k=args.top_neighbours, aspect=args.gaf_aspect)
+    cfg = config_from_args(GeneticConfig, args)  # checks the bounds of the graph settings
+    g = build_gene_graph(args.go, threshold=cfg.jaccard_threshold, top_k=cfg.top_neighbours, aspect=cfg.gaf_aspect)
     write_gene_graph(g, args.out)
     print(f"wrote {args.out}: {g.n_genes} genes, {g.n_edges} edges")
     return 0
 
 
-def _common(p: argparse.ArgumentParser, key: str, key_help: str) -> None:
-    p.add_argument("--corpus", required=True, help="corpus folder holding the cells (obs label columns)")
-    p.add_argument("--checkpoint", required=True, help="pretrained EpiAgent checkpoint (with signal decoder + CCA head)")
-    p.add_argument("--num-heads", type=int, help="attention heads (if no <checkpoint>.json side file; 512-wide: 8)")
-    p.add_argument(f"--{key}-key", default=key, help=key_help)
-    p.add_argument("--control", default="control", help="label of the unperturbed cells (default control)")
-    p.add_argument("--dataset", help="use only the cells whose obs 'dataset' is NAME")
-    p.add_argument("--holdout", action="append", help="held-out group (repeatable; default: see above)")
-    p.add_argument("--k", type=_ks, default=(100, 250, 500, 1000),
-                   help="top-k DA cCREs for direction accuracy (comma list; capped at what is available)")
-    p.add_argument("--n-top", type=int, default=1000, help="top-n DA cCREs for R2 / Pearson / Wasserstein (default 1000)")
-    p.add_argument("--min-cells", type=int, default=3, help="fewest cells per group (default 3)")
-    ft = p.add_argument_group("fine-tuning")
-    ft.add_argument("--epochs", type=int, default=3, help="passes over the training examples (default 3)")
-    ft.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (tests / quick runs)")
-    ft.add_argument("--batch-size", type=int, default=16)
-    ft.add_argument("--lr", type=float, default=1e-4,
-                    help="learning rate of the pretrained weights (default 1e-4, for the paper-size model; the "
-                         "tiny demo model needs ~1e-3 for the [PER] token to take effect)")
-    ft.add_argument("--new-lr", type=float, default=1e-3, help="learning rate of the new token / GNN / classifier")
-    ft.add_argument("--aux-weight", type=float, default=0.01, help="weight of the auxiliary classifier (0.01)")
-    ft.add_argument("--cca-k", type=int, default=1, help="CCA negatives per positive (1)")
-    ft.add_argument("--max-len", type=int, help="tokens per cell (default: the model's rank embeddings - 2)")
-    ft.add_argument("--device", default="auto",
-                    help="auto (CUDA when available, else CPU; default), cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-save-cells", action="store_true", help="do not write predicted_cells.h5ad")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--svg", action="store_true", help="also write SVG figures")
-    p.add_argument("--out-dir", required=True, help="output folder (metrics.tsv, predictions, figures)")
+def _graph_args(p: argparse.ArgumentParser) -> None:
+    """The gene-graph settings of :class:`~epiflow.tasks.config.GeneticConfig` as flags."""
+    add_config_args(p, GeneticConfig, exclude=[f.name for f, _ in fields(GeneticConfig) if f.name not in GRAPH_FIELDS],
+                    group="gene graph")
 
 
-def _graph_args(p):
-    p.add_argument("--jaccard-threshold", type=float, default=0.1, help="keep edges with Jaccard > this (0.1)")
-    p.add_argument("--top-neighbours", type=int, default=20, help="neighbours per gene (20)")
-    p.add_argument("--gaf-aspect", default="P", help="GAF files: GO aspect to keep (P = biological process)")
+CELLS_HELP = ("cells: a corpus folder (obs label columns; epiflow build-corpus / tokenize-downstream), a shard "
+              ".h5, or an .h5ad of raw counts over the model's cCREs (with --df or var['df'])")
+CHECKPOINT_HELP = "pretrained EpiAgent checkpoint (with signal decoder + CCA head)"
 
 
 def register(subparsers) -> None:
@@ -140,8 +144,8 @@ def register(subparsers) -> None:
                      "shift of the other types'. Writes metrics.tsv (R2 all / top-n DA, direction accuracy "
                      "at k, Wasserstein), mean_accessibility.tsv.gz, predicted_cells.h5ad, scatter.png, "
                      "direction.png."))
-    _common(p, "condition", "obs column of the condition (default condition)")
-    p.add_argument("--cell-type-key", default="cell_type", help="obs column of the cell types (default cell_type)")
+    add_io_args(p, cells_help=CELLS_HELP, checkpoint_help=CHECKPOINT_HELP)
+    add_config_args(p, StimulationConfig)
     p.set_defaults(func=_predict_stimulation)
 
     p = subparsers.add_parser(
@@ -150,10 +154,9 @@ def register(subparsers) -> None:
                      "Jaccard gene graph on 75%% of the perturbations; predict the held-out 25%% from the "
                      "control cells. Writes metrics.tsv (Pearson of mean accessibility over top-n DA, "
                      "direction accuracy), split.tsv, predictions and figures."))
-    _common(p, "perturbation", "obs column of the perturbation (control label or gene symbols joined by '+')")
+    add_io_args(p, cells_help=CELLS_HELP, checkpoint_help=CHECKPOINT_HELP)
     p.add_argument("--go", required=True, help="GO annotations: TSV gene_symbol<TAB>go_id (e.g. go.tsv) or GAF")
-    p.add_argument("--holdout-fraction", type=float, default=0.25, help="fraction of perturbations held out (0.25)")
-    _graph_args(p)
+    add_config_args(p, GeneticConfig)
     p.set_defaults(func=_predict_genetic)
 
     p = subparsers.add_parser(
@@ -162,7 +165,8 @@ def register(subparsers) -> None:
                      "and GO-aware gene knockouts (close cCREs near the gene's TSS and, more weakly, near its "
                      "GO neighbours') to real cells. Writes stimulation.h5ad, genetic.h5ad, corpus folders, "
                      "truth/ and README.md (the generative rule)."))
-    p.add_argument("--input", required=True, help="h5ad of raw counts (cells x peaks, obs cell type)")
+    add_io_args(p, checkpoint=None, df=False, dataset=False,
+                cells_help="h5ad of raw counts (cells x peaks, obs cell type)")
     p.add_argument("--tss", required=True, help="TSS BED of the same genome build as the peaks")
     p.add_argument("--go", required=True, help="GO annotations (TSV gene_symbol, go_id or GAF)")
     p.add_argument("--cell-type-key", default="cell_type")
@@ -171,12 +175,11 @@ def register(subparsers) -> None:
     p.add_argument("--genome", help="genome build stored with the outputs (default: the input's uns['genome'])")
     p.add_argument("--no-corpus", action="store_true", help="do not write the corpus folders")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_make_benchmark)
 
     p = subparsers.add_parser("gene-graph", help="GEARS-style gene graph (GO Jaccard > 0.1, top 20) as TSV",
                               description="Write the gene graph edge list (gene, neighbour, jaccard).")
     p.add_argument("--go", required=True, help="GO annotations (TSV gene_symbol, go_id or GAF)")
     _graph_args(p)
-    p.add_argument("--out", required=True, help="output TSV")
+    add_io_args(p, cells=None, checkpoint=None, out="file")
     p.set_defaults(func=_gene_graph)

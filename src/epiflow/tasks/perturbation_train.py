@@ -1,8 +1,8 @@
 """Fine-tuning machinery of the perturbation tasks (SPEC §5): cells, OT matching, model with a
 conditional token, the training loop and decoding.
 
-* the cells of a task are a :class:`~epiflow.corpus.shard.Shard` (the one cell container), from a
-  corpus folder (:func:`cells_from_corpus`) or an AnnData of raw counts (:func:`cells_from_anndata`);
+* the cells of a task are a :class:`~epiflow.corpus.shard.Shard` (the one cell container, loaded by
+  :func:`epiflow.tasks.common.load_cells`); :func:`labelled_cells` keeps those whose label is set;
   :meth:`Shard.binary` is the cells x cCREs 0/1 accessibility.
 * :func:`ot_match` - exact optimal transport (POT ``ot.emd``) between unperturbed and perturbed cells
   with a cosine cost and uniform weights; every perturbed cell gets the unperturbed cell that carries
@@ -13,7 +13,8 @@ conditional token, the training loop and decoding.
   (``perturbation_gnn``; its LayerNorm output is on that scale already), made by
   :func:`epiflow.model.derive` (``conditions=1`` / ``gene_graph=``); both are added to the input at
   position 0.
-* :func:`finetune_conditioned` - training (on :func:`epiflow.train.engine.fit`): every example is (input cell, target cell, conditional
+* :func:`finetune_conditioned` - training (on :func:`epiflow.train.engine.fit`, with the
+  :func:`fit_config` of the task's settings, :class:`epiflow.tasks.config.PerturbationConfig`): every example is (input cell, target cell, conditional
   token or -1, class label). Loss = CCA (K negatives per positive, default 1; positives = ALL
   accessible cCREs of the target cell) + SR (BCE, pos_weight of the checkpoint) on the target
   cell + ``aux_weight`` (0.01) x BCE of a linear classifier "unperturbed (0) vs perturbed or
@@ -27,14 +28,14 @@ conditional token, the training loop and decoding.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..corpus.shard import Shard
 from ..errors import CheckpointError, ConfigError, InputFormatError
+from .common import resolve_device
+from .config import PerturbationConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,32 +46,16 @@ def _missing(values: pd.Series) -> np.ndarray:
     return (values.isna() | s.isin(["", "nan", "none", "na", "<na>"])).to_numpy()
 
 
-def cells_from_corpus(corpus, key: str, *, dataset: str | None = None) -> Shard:
-    """The cells of a corpus folder whose obs ``key`` is set (optionally of one ``dataset``)."""
-    from ..corpus.shard import Corpus, open_corpus
-
-    c = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
-    parts = []
-    for shard in c.iter_shards():
-        if key not in shard.obs:
-            continue
-        keep = ~_missing(shard.obs[key])
-        if dataset is not None:
-            keep &= shard.obs.get("dataset", pd.Series([""] * shard.n_cells)).astype(str).to_numpy() == dataset
-        if keep.any():
-            parts.append(shard.subset(np.flatnonzero(keep)))
-    if not parts:
-        raise InputFormatError(f"no cell of the corpus has obs column {key!r} set"
-                               + (f" in dataset {dataset!r}" if dataset else ""), path=str(c.root),
-                               field=key, fix="pass the obs column holding the condition / perturbation labels "
-                                              "(it must be a label column of the corpus manifest)")
-    return Shard.concat(parts)
-
-
-def cells_from_anndata(adata, df=None) -> Shard:
-    """Rank-ordered sentences of an AnnData of raw counts (TF-IDF with ``df`` or ``var['df']``, or the
-    document frequency of these cells when neither is given)."""
-    return Shard.from_any(adata, df=df)
+def labelled_cells(cells: Shard, key: str) -> Shard:
+    """The cells whose obs ``key`` is set (all of them: ``cells`` itself)."""
+    if key not in cells.obs:
+        raise InputFormatError(f"obs has no column {key!r}", field=key,
+                               fix="pass the obs column holding the condition / perturbation labels")
+    keep = ~_missing(cells.obs[key])
+    if not keep.any():
+        raise InputFormatError(f"no cell has obs column {key!r} set", field=key,
+                               fix="pass the obs column holding the condition / perturbation labels")
+    return cells if keep.all() else cells.subset(np.flatnonzero(keep))
 
 
 # ----------------------------------------------------------------------------- OT
@@ -109,60 +94,42 @@ def ot_match_groups(emb, ctrl_rows, pert_rows, groups) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- model
-def load_base_model(checkpoint, *, num_heads: int | None = None, n_ccres: int | None = None):
-    from ..model import load_epiagent_checkpoint
-
-    # backend auto: packed attention while training (no pad waste), padded sdpa for inference on CPU
-    model = load_epiagent_checkpoint(checkpoint, num_heads=num_heads, n_ccres=n_ccres, mmap=False,
-                                     backend="auto")
+def check_base_model(model) -> None:
+    """The perturbation tasks decode with the signal decoder and train the CCA head: a base model."""
     if getattr(model, "signal_decoder", None) is None or getattr(model, "fc1_for_CCA", None) is None:
-        raise CheckpointError("the checkpoint has no signal decoder / CCA head (kind "
-                              f"{model.config.kind})", path=str(checkpoint),
+        raise CheckpointError(f"the checkpoint has no signal decoder / CCA head (kind {model.config.kind})",
                               fix="fine-tune from a pretrained (base) EpiAgent checkpoint")
-    return model
 
 
 # ----------------------------------------------------------------------------- training
-@dataclass
-class FinetuneSettings:
-    epochs: int = 3
-    max_steps: int | None = None
-    batch_size: int = 16
-    lr: float = 1e-4
-    new_lr: float = 1e-3            # [PER] token / GNN / classifier
-    weight_decay: float = 0.0
-    cca_k: int = 1
-    aux_weight: float = 0.01
-    max_len: int | None = None      # default: model max_rank - 2
-    seed: int = 0
-    device: str | None = None
-    progress: bool = True
-    log: list = field(default_factory=list)
+WEIGHT_DECAY = 0.0  # AdamW weight decay of the perturbation fine-tuning
 
 
-def _device(name):
-    """'auto' (or None) -> CUDA when available, else CPU; anything else as torch spells it."""
-    if name is None or str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"--device: unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+def fit_config(settings: PerturbationConfig):
+    """The engine's :class:`~epiflow.train.engine.FitConfig` of the task's settings: the pretrained
+    weights at ``lr``, the new ones ([PER] token, GNN, auxiliary head) at ``new_lr``."""
+    from ..train.engine import FitConfig
+
+    st = settings
+    return FitConfig(epochs=float(st.epochs), max_steps=st.max_steps, batch_size=int(st.batch_size), lr=float(st.lr),
+                     head_lr=float(st.new_lr), weight_decay=WEIGHT_DECAY, seed=int(st.seed),
+                     device=str(resolve_device(st.device)), progress=st.progress, desc="fine-tune")
 
 
 def finetune_conditioned(model, cells: Shard, examples: pd.DataFrame, *, mode: str,
-                         settings: FinetuneSettings | None = None):
+                         settings: PerturbationConfig | None = None):
     """Fine-tune ``model`` in place on ``examples`` (columns ``input``, ``target`` = rows of ``cells``,
     ``cond`` = token id or -1, ``label`` = 0 unperturbed / 1 perturbed or predicted) with the engine
     (:func:`epiflow.train.engine.fit`): CCA (K = ``cca_k`` distinct negatives per positive from the
     target's inaccessible cCREs) + SR of the *target* cell from the *input* cell and its conditional
     token, plus an auxiliary perturbed / unperturbed head (weight ``aux_weight``). The new parameters
-    ([PER] token, GNN, auxiliary head) train at ``new_lr``.
+    ([PER] token, GNN, auxiliary head) train at ``new_lr``. ``settings``: the task's
+    (:class:`~epiflow.tasks.config.StimulationConfig` / :class:`~epiflow.tasks.config.GeneticConfig`).
 
     Returns ``(model, aux_head, history)``; ``history`` is a list of per-step dicts."""
-    from ..train.engine import FitConfig, Reconstruction, fit
+    from ..train.engine import Reconstruction, fit
 
-    st = settings or FinetuneSettings()
+    st = settings or PerturbationConfig()
     if mode not in ("condition", "gene"):
         raise ConfigError(f"unknown conditioning mode {mode!r}")
     if len(examples) == 0:
@@ -174,13 +141,10 @@ def finetune_conditioned(model, cells: Shard, examples: pd.DataFrame, *, mode: s
                          condition_key="condition_ids" if mode == "condition" else "perturbation",
                          aux_labels=examples["label"].to_numpy(np.float32), weights={"aux": float(st.aux_weight)},
                          heads_at_head_lr=False, new_prefixes=("condition_embedding", "perturbation_gnn"))
-    cfg = FitConfig(epochs=int(st.epochs), max_steps=st.max_steps, batch_size=int(st.batch_size), lr=float(st.lr),
-                    head_lr=float(st.new_lr), weight_decay=float(st.weight_decay), seed=int(st.seed),
-                    device=str(_device(st.device)), progress=st.progress, desc="fine-tune")
+    cfg = fit_config(st)
     hist = fit(model, obj, cfg)
     history = [{"step": int(r["step"]) - 1, "loss": r["loss"], "cca": r["cca"], "sr": r["sr"], "aux": r["aux"]}
                for r in hist.to_dict("records")]
-    st.log.extend(history)
     return model, obj.aux, history
 
 
@@ -193,7 +157,7 @@ def decode(model, cells: Shard, rows, *, mode: str | None = None, cond: int | np
 
     if mode is not None and mode not in ("condition", "gene"):
         raise ConfigError(f"unknown conditioning mode {mode!r}")
-    dev = _device(device) if device is not None else next(model.parameters()).device
+    dev = resolve_device(device, model)
     return predict(model, cells, "signal", rows=rows, conditions=None if mode is None else cond,
                    condition_key="condition_ids" if mode == "condition" else "perturbation", calibrate=calibrate,
                    max_len=max_len, max_cells=int(batch_size), device=dev)
@@ -202,5 +166,5 @@ def decode(model, cells: Shard, rows, *, mode: str | None = None, cond: int | np
 def zero_shot_embeddings(model, cells: Shard, *, device=None, progress: bool = False) -> np.ndarray:
     from ..model.inference import embed_sentences
 
-    return embed_sentences(model, cells.indptr, cells.tokens, device=_device(device), progress=progress,
+    return embed_sentences(model, cells.indptr, cells.tokens, device=resolve_device(device), progress=progress,
                            desc="zero-shot embed")
