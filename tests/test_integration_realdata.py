@@ -38,7 +38,7 @@ def real(tmp_path_factory, data_dir):
 
 def test_granja_donors_integrated_and_buenrostro_mapped(real):
     from epiflow.tasks.integration import integrate
-    from epiflow.tasks.zeroshot import load_cells
+    from epiflow.tasks.common import load_cells
 
     tmp, corpus, ckpt = real
     torch.set_num_threads(2)

@@ -39,8 +39,10 @@ from ..errors import ConfigError, EpiflowError
 from ..io import atomic_path
 from .features import labelled_mask
 from ..metrics.table import metric_rows, metrics_frame, write_metrics
-from .zeroshot import (_dataset_name, _device, apply_label_map, classification_scores, covered_ccres, load_cells,
-                       load_model, obs_column, read_label_map, restrict_to_ccres)
+from .common import load_cells, load_model
+from .common import resolve_device as _device
+from .zeroshot import (_dataset_name, apply_label_map, classification_scores, covered_ccres, obs_column, read_label_map,
+                       restrict_to_ccres)
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +301,7 @@ def integrate(checkpoint, cells, *, out_dir, batch_key: str = "batch", label_key
         log.info("keeping the %d cCREs accessible in every batch (of %d)", int(shared.sum()), cells.n_ccres)
         cells = restrict_to_ccres(cells, shared)
 
-    base = load_model(checkpoint, num_heads, n_ccres=cells.n_ccres)
+    base = load_model(checkpoint, num_heads=num_heads, n_ccres=cells.n_ccres)
     z0 = embed_cells(base, cells, device=device, progress=progress, desc="zero-shot embed")
     matches = match_batches(z0, batches, max_ot_cells=max_ot_cells, seed=seed)
     targets = partner_targets(cells, matches)

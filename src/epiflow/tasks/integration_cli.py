@@ -6,7 +6,7 @@ from __future__ import annotations
 
 def _integrate(args) -> int:
     from .integration import integrate
-    from .zeroshot import load_cells
+    from .common import load_cells
 
     cells = load_cells(args.input, df=args.df, dataset=args.dataset, max_cells=args.max_cells, seed=args.seed)
     query = None if args.query is None else load_cells(args.query, df=args.df, dataset=args.query_dataset)

@@ -33,7 +33,8 @@ import scipy.sparse as sp
 from ..errors import EpiflowError, InputFormatError
 from ..io import atomic_path
 from ..metrics.table import metric_rows, metrics_frame, write_metrics
-from .zeroshot import load_cells, load_model, obs_column
+from .common import load_cells, load_model
+from .zeroshot import obs_column
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +303,7 @@ def run_knockout(checkpoint, cells, *, out_dir, state_key: str = "state", state_
     if (targets["ccre"] < 0).any() or (targets["ccre"] >= cells.n_ccres).any():
         raise EpiflowError(f"target cCRE indices must be in 0..{cells.n_ccres - 1}", field="ccre")
 
-    model = load_model(checkpoint, num_heads, n_ccres=cells.n_ccres)
+    model = load_model(checkpoint, num_heads=num_heads, n_ccres=cells.n_ccres)
     hist = []
     if finetune_steps:
         hist = finetune_reconstruction(model, cells, max_steps=finetune_steps, batch_size=batch_size, lr=lr,

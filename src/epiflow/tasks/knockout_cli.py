@@ -6,7 +6,7 @@ from __future__ import annotations
 def _knockout(args) -> int:
     from ..errors import EpiflowError
     from .knockout import run_knockout
-    from .zeroshot import load_cells
+    from .common import load_cells
 
     targets = None
     if args.ccres:
