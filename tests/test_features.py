@@ -12,7 +12,9 @@ from epiflow.baselines import lsi
 from epiflow.baselines.lsi import tfidf_lsi_matrix
 from epiflow.errors import EpiflowError
 from epiflow.metrics import clustering_scores, leiden_bisect
-from epiflow.tasks.features import evaluate_features, labelled_mask, trajectory
+from epiflow.tasks.cli import write_features
+from epiflow.tasks.config import FeaturesConfig
+from epiflow.tasks.features import labelled_mask, run, trajectory
 from epiflow.metrics.table import METRIC_COLUMNS, write_metrics
 
 TYPES = ["T0", "T1", "T2"]
@@ -116,7 +118,11 @@ def test_evaluate_features_blobs(tmp_path):
     a.obs.iloc[:5, a.obs.columns.get_loc("cell_type")] = ""  # excluded from the metrics
     a.obs.iloc[5:7, a.obs.columns.get_loc("cell_type")] = np.nan
     out = tmp_path / "fe"
-    table = evaluate_features(a, out_dir=out, n_neighbors=10)
+    cfg = FeaturesConfig(n_neighbors=10)
+    result = run(a, cfg)
+    assert not out.exists()  # run computes, the CLI side writes
+    write_features(result, out, cfg)
+    table = result.metrics
     assert list(table.columns) == METRIC_COLUMNS
     v = table.set_index(["method", "metric"])["value"]
     assert v["EpiAgent", "NMI"] == pytest.approx(1.0) and v["EpiAgent", "ARI"] == pytest.approx(1.0)
@@ -137,13 +143,14 @@ def test_evaluate_features_blobs(tmp_path):
 def test_evaluate_features_errors(tmp_path):
     a = blob_adata()
     with pytest.raises(EpiflowError, match="X_finetuned"):
-        evaluate_features(a, embeddings={"FT": "X_finetuned"}, umap=False)
+        run(a, FeaturesConfig(umap=False), embeddings={"FT": "X_finetuned"})
     with pytest.raises(EpiflowError, match="label"):
-        evaluate_features(a, label_key="celltype", umap=False)
+        run(a, FeaturesConfig(label_key="celltype", umap=False))
+    with pytest.raises(EpiflowError, match="n_neighbors"):
+        run(a, FeaturesConfig(n_neighbors=1))
     a.obsm["X_epiagent"][3, 0] = np.nan
     with pytest.raises(EpiflowError, match="NaN"):
-        evaluate_features(a, umap=False, out_dir=tmp_path / "x")
-    assert not (tmp_path / "x" / "metrics.tsv").exists()
+        run(a, FeaturesConfig(umap=False))
 
 
 def test_write_metrics_rejects_wrong_table(tmp_path):
@@ -200,7 +207,10 @@ def test_trajectory_buenrostro_lsi(data_dir, tmp_path):
     assert m.idxmin() == "HSC" and m["HSC"] < m["MPP"] < m[["GMP", "MEP", "CLP"]].min()
     assert set(m.index) == {"HSC", "MPP", "LMPP", "CMP", "GMP", "MEP", "CLP"}
     # the whole evaluation with the trajectory, as the CLI runs it
-    table = evaluate_features(a, embeddings={"LSI": "X_lsi"}, out_dir=tmp_path, run_trajectory=True)
+    cfg = FeaturesConfig(trajectory=True)
+    result = run(a, cfg, embeddings={"LSI": "X_lsi"})
+    write_features(result, tmp_path, cfg)
+    table = result.metrics
     v = table.set_index(["task", "metric"])["value"]
     assert v["trajectory", "spearman_types"] > 0.7
     assert v["feature_extraction", "leiden_reached"] == 1

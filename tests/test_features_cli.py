@@ -96,6 +96,9 @@ def test_cli_evaluate_features_corpus(toy, capsys):
     assert v["LSI", "n_dims"] == 20 - v["LSI", "lsi_dropped_first"]
     for f in ["umap.png", "umap_EpiAgent.png", "umap_EpiAgent-FT.png", "umap_LSI.png", "cells.tsv"]:
         assert (out / f).exists(), f
+    # the files the command wrote before the settings refactoring (#18), no more, no fewer
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["metrics.tsv", "cells.tsv", "umap.png", "umap_EpiAgent.png", "umap_EpiAgent-FT.png", "umap_LSI.png"])
     assert "NMI" in capsys.readouterr().out
 
 

@@ -1,6 +1,7 @@
 """Fine-tuned feature extraction (epiflow.tasks.features_finetune): CCA (K = 1) + SR fine-tuning of a
 tiny model on a structured toy corpus, the zero-shot embedding it starts from, the metric rows, and
-``epiflow evaluate-features --checkpoint --finetune-epochs N [--trajectory]``."""
+``epiflow evaluate-features --checkpoint --epochs N [--trajectory]`` (former names ``--finetune-epochs`` ...)
+and :func:`epiflow.tasks.features.run` with a model."""
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,8 @@ from epiflow.cli import main
 from epiflow.errors import ConfigError
 from epiflow.model import EpiAgentConfig, from_config, save_epiagent_checkpoint
 from epiflow.tasks.common import load_cells
-from epiflow.tasks.features import load_feature_inputs
+from epiflow.tasks.config import FeaturesConfig
+from epiflow.tasks.features import load_feature_inputs, run
 from epiflow.tasks.features_finetune import (FINETUNED_KEY, FINETUNED_METHOD, ZEROSHOT_KEY, add_model_embeddings,
                                              finetune_embeddings)
 from epiflow.train.finetune import embed_cells
@@ -103,11 +105,15 @@ def test_add_model_embeddings_rows_and_keys(toy):
 def test_cli_finetuned_beside_zero_shot_and_lsi_with_trajectory(toy, capsys):
     tmp, corpus, _, ckpt = toy
     out = tmp / "cli_ft"
-    rc = main(["evaluate-features", "--corpus", str(corpus), "--checkpoint", str(ckpt), "--finetune-epochs", "1",
-               "--finetune-lr", "1e-3", "--device", "cpu", "--no-progress", "--lsi-components", "10",
+    rc = main(["evaluate-features", "--corpus", str(corpus), "--checkpoint", str(ckpt), "--epochs", "1",
+               "--lr", "1e-3", "--device", "cpu", "--no-progress", "--lsi-components", "10",
                "--n-neighbors", "10", "--trajectory", "--root-type", "type0", "--order", "type0 < type1 < type2",
-               "--out-dir", str(out)])
+               "--out", str(out)])
     assert rc == 0
+    # the files the command wrote before the settings refactoring (#18), no more, no fewer
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["metrics.tsv", "cells.tsv", "trajectory.tsv", "umap.png", "umap_EpiAgent.png",
+         f"umap_{FINETUNED_METHOD}.png", "umap_LSI.png", "trajectory.png"])
     t = pd.read_csv(out / "metrics.tsv", sep="\t")
     assert list(dict.fromkeys(t["method"])) == ["EpiAgent", FINETUNED_METHOD, "LSI"]
     v = t.set_index(["task", "method", "metric"])["value"]
@@ -163,3 +169,25 @@ def test_cli_given_zero_shot_file_is_used_and_errors(toy, capsys):
     assert "--corpus" in capsys.readouterr().err
     assert main(["evaluate-features", "--corpus", str(corpus), "--checkpoint", str(ckpt), "--finetune-epochs",
                  "-1", "--out-dir", str(tmp / "e3")]) == 2
+    assert "epochs" in capsys.readouterr().err
+    assert main(["evaluate-features", "--corpus", str(corpus), "--counts", str(counts),
+                 "--out-dir", str(tmp / "e4")]) == 2
+    assert "--counts" in capsys.readouterr().err
+
+
+def test_run_with_a_model_equals_the_cli(toy):
+    """run(adata, cfg, model=, cells=) computes the EpiAgent embeddings itself (zero-shot + fine-tuned,
+    LSI rows last) and returns the tables the CLI writes; nothing is written and the model is untouched."""
+    tmp, corpus, model, _ = toy
+    adata, methods, info, cells = load_feature_inputs(corpus=corpus, lsi_components=10, return_cells=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = FeaturesConfig(epochs=1, lr=1e-3, device="cpu", progress=False, n_neighbors=10, umap=False)
+    res = run(adata, cfg, embeddings=methods, model=model, cells=cells, lsi_info=info)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    t = res.metrics
+    assert list(dict.fromkeys(t["method"])) == ["EpiAgent", FINETUNED_METHOD, "LSI"]
+    assert {"lsi_depth_spearman", "lsi_dropped_first"} <= set(t[t["method"] == "LSI"]["metric"])
+    assert set(res.tables) == {"cells"} and len(res.tables["cells"]) == 120
+    assert res.data["umap_panels"] == {} and res.data["dataset"] == "toy"
+    with pytest.raises(ConfigError, match="sentences"):
+        run(adata, cfg, embeddings=methods, model=model)

@@ -153,6 +153,31 @@ def test_cli_embed_corpus_and_input(fixtures_dir, tok, reference, tmp_path):
                      "--input", str(h5ad), "--df", str(tmp_path / "df.npy"), "--out", str(out2),
                      "--device", "cpu", "--no-progress"]) == 0
     np.testing.assert_allclose(ad.read_h5ad(out2).obsm["X_epiagent"], reference, **TOL)
+    # one flag for every kind of cells (#18): --corpus takes the h5ad too, and a single shard
+    out3 = tmp_path / "emb3.h5ad"
+    assert cli_main(["embed", "--checkpoint", str(fixtures_dir / "epiagent_tiny.pth"), "--num-heads", "4",
+                     "--corpus", str(h5ad), "--df", str(tmp_path / "df.npy"), "--out", str(out3),
+                     "--device", "cpu", "--no-progress"]) == 0
+    np.testing.assert_allclose(ad.read_h5ad(out3).obsm["X_epiagent"], reference, **TOL)
+    out4 = tmp_path / "emb4.h5ad"
+    assert cli_main(["embed", "--checkpoint", str(fixtures_dir / "epiagent_tiny.pth"), "--num-heads", "4",
+                     "--corpus", str(corpus / "shards" / "shard_00001.h5"), "--out", str(out4),
+                     "--device", "cpu", "--no-progress"]) == 0
+    np.testing.assert_allclose(ad.read_h5ad(out4).obsm["X_epiagent"], reference[30:], **TOL)
+
+
+def test_cli_embed_flags(tmp_path, capsys):
+    """The I/O flags named as on every verb; --backend takes the same choices as the task verbs."""
+    from epiflow.tasks.config import BACKENDS
+
+    with pytest.raises(SystemExit):
+        cli_main(["embed", "--checkpoint", "c.pth", "--corpus", str(tmp_path), "--out", str(tmp_path / "e.h5ad"),
+                  "--backend", "nope"])
+    err = capsys.readouterr().err
+    assert "nope" in err and all(b in err for b in BACKENDS)
+    rc = cli_main(["embed", "--checkpoint", "c.pth", "--corpus", str(tmp_path / "nowhere"),
+                   "--out", str(tmp_path / "e.h5ad")])
+    assert rc == 2 and "nowhere" in capsys.readouterr().err
 
 
 def test_cli_embed_vocabulary_mismatch_writes_nothing(fixtures_dir, tok, tmp_path, capsys):

@@ -12,6 +12,8 @@ from epiflow.cli import main
 from epiflow.corpus.shard import shard_from_counts, write_corpus_meta, write_shard
 from epiflow.errors import InputFormatError
 from epiflow.model import load_epiagent_checkpoint
+from epiflow.tasks.common import load_cells, load_model
+from epiflow.tasks.config import AnnotatorConfig, ZeroshotConfig
 from epiflow.tasks.zeroshot import (apply_label_map, classification_scores, mask_rare_classes, read_label_map)
 
 N_CCRES = 120
@@ -58,6 +60,9 @@ def trained(tmp_path_factory, base_ckpt):
                "--out-dir", str(out), "--max-steps", "60", "--batch-size", "16", "--lr", "3e-4",
                "--head-lr", "3e-3", "--device", "cpu"])
     assert rc == 0
+    # the annotator folder annotate-zeroshot reads: the same files as before the settings refactoring (#18)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth", "checkpoint.pth.json", "classes.tsv",
+                                                     "metrics.tsv", "reference_ccres.npy", "train_log.tsv"]
     return tmp, out
 
 
@@ -93,9 +98,14 @@ def test_annotate_zeroshot_on_new_dataset(trained):
     qmap = tmp / "qmap.tsv"
     qmap.write_text("source\ttarget\nHSC\tHSC\nGMP\tGMP\n")  # CLP unmapped -> excluded from the metrics
     res_dir = tmp / "annotated"
-    rc = main(["annotate-zeroshot", "--checkpoint", str(out / "checkpoint.pth"), "--input", str(query),
-               "--label-key", "cell_type", "--label-map", str(qmap), "--out-dir", str(res_dir), "--device", "cpu"])
+    rc = main(["annotate-zeroshot", "--checkpoint", str(out / "checkpoint.pth"), "--corpus", str(query),
+               "--label-key", "cell_type", "--label-map", str(qmap), "--out", str(res_dir), "--device", "cpu"])
     assert rc == 0
+    assert sorted(p.name for p in res_dir.iterdir()) == ["confusion.png", "metrics.tsv", "predictions.tsv"]
+    assert list(pd.read_csv(res_dir / "predictions.tsv", sep="\t").columns) == [
+        "cell", "prediction", "probability", "prediction_masked", "label", "label_mapped"]
+    # unmapped known labels are written as empty fields, as before
+    assert "\tCLP\t\n" in (res_dir / "predictions.tsv").read_text()
     pred = pd.read_csv(res_dir / "predictions.tsv", sep="\t")
     assert len(pred) == 90 and set(pred["prediction"]) <= {"CLP", "GMP", "HSC"}
     assert pred["label_mapped"].isna().sum() == (pred["label"] == "CLP").sum()
@@ -120,11 +130,41 @@ def test_annotate_zeroshot_on_new_dataset(trained):
 
 def test_annotate_rejects_base_checkpoint(base_ckpt, tmp_path):
     from epiflow.errors import ConfigError
-    from epiflow.tasks.zeroshot import annotate
+    from epiflow.tasks.zeroshot import run_annotate
 
     corpus = _corpus(tmp_path / "c", n=20)
-    with pytest.raises(ConfigError):
-        annotate(base_ckpt, corpus, classes=["a", "b"])
+    with pytest.raises(ConfigError, match="without a classifier"):
+        run_annotate(load_model(base_ckpt), load_cells(corpus), ["a", "b"])
+
+
+def test_run_train_and_run_annotate_compute_without_writing(base_ckpt, trained, tmp_path):
+    """The Python API: run_train returns the annotator (model, classes, cCREs seen, log, metrics) and
+    run_annotate its predictions; write_annotator writes the folder annotate-zeroshot reads."""
+    from epiflow.errors import ConfigError
+    from epiflow.tasks.zeroshot import read_classes, run_annotate, run_train
+    from epiflow.tasks.zeroshot_cli import write_annotator
+
+    tmp, _ = trained
+    cells = load_cells(tmp / "atlas")
+    cfg = AnnotatorConfig(max_steps=5, batch_size=8, device="cpu", progress=False)
+    res = run_train(load_model(base_ckpt), cells, cfg, label_map={"HSC": "HSC", "GMP": "GMP", "CLP.2": "CLP"})
+    assert res.data["classes"] == ["CLP", "GMP", "HSC"] and res.models["checkpoint"].kind == "supervised"
+    assert len(res.history) == 5 and list(res.history.columns) == ["step", "loss"]
+    assert res.tables["classes"]["label"].tolist() == ["CLP", "GMP", "HSC"]
+    assert res.data["reference_ccres"].dtype == np.int64
+    assert {"train", "validation"} == set(res.metrics["method"])
+    out = write_annotator(res, tmp_path / "annot")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["checkpoint.pth", "checkpoint.pth.json", "classes.tsv",
+                                                            "metrics.tsv", "reference_ccres.npy", "train_log.tsv"]
+    model = load_model(out)
+    pred = run_annotate(model, load_cells(tmp / "atlas"), read_classes(out.parent / "classes.tsv"),
+                        ZeroshotConfig(device="cpu", progress=False, mask=False))
+    assert len(pred.data["predictions"]) == 150 and "prediction_masked" not in pred.data["predictions"]
+    assert not list(tmp_path.glob("*.tsv"))
+    with pytest.raises(ConfigError, match="2 names"):
+        run_annotate(model, cells, ["a", "b"], ZeroshotConfig(device="cpu", progress=False))
+    with pytest.raises(ConfigError, match="val_fraction"):
+        run_train(load_model(base_ckpt), cells, AnnotatorConfig(val_fraction=0.95))
 
 
 def test_label_map_parsing(tmp_path):
@@ -179,7 +219,6 @@ def test_load_cells_selects_several_datasets():
     """`--dataset a,b` (the workflow's integration / annotator reference) keeps the cells of every named
     dataset, in corpus order; a name without cells is an error naming it."""
     from epiflow.errors import EpiflowError
-    from epiflow.tasks.zeroshot import load_cells
 
     counts, _ = _counts(9, seed=1)
     names = np.array(["b1", "b2", "b3"] * 3, dtype=object)
@@ -222,7 +261,7 @@ def test_annotate_restricted_to_the_reference_ccres(trained, tmp_path):
     """train-annotator writes the cCREs of its training cells; annotate-zeroshot --restrict-ccres drops the
     others from new cells (a new dataset measured on a larger panel than the reference)."""
     from epiflow.errors import InputFormatError
-    from epiflow.tasks.zeroshot import REFERENCE_CCRES_FILE, annotate
+    from epiflow.tasks.zeroshot import REFERENCE_CCRES_FILE, read_reference_ccres, run_annotate
 
     tmp, out = trained
     seen = np.load(out / REFERENCE_CCRES_FILE)
@@ -239,11 +278,21 @@ def test_annotate_restricted_to_the_reference_ccres(trained, tmp_path):
         "metric")["value"]
     assert v["median_ccres_per_cell_kept"] < 0.7 * v["median_ccres_per_cell"]
     assert v["accuracy"] > 0.5  # the types still differ within the kept half
-    # True: the list beside the checkpoint (all cCREs here: nothing dropped)
-    r = annotate(out / "checkpoint.pth", query, label_key="cell_type", restrict_ccres=True, device="cpu",
-                 progress=False)
-    t = r["metrics"].set_index(["method", "metric"])["value"]
+    # no value: the list beside the checkpoint (all cCREs here: nothing dropped)
+    rc = main(["annotate-zeroshot", "--checkpoint", str(out / "checkpoint.pth"), "--input", str(query),
+               "--label-key", "cell_type", "--restrict-ccres", "--out-dir", str(tmp_path / "auto"),
+               "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    t = pd.read_csv(tmp_path / "auto" / "metrics.tsv", sep="\t").set_index(["method", "metric"])["value"]
     assert t[("EpiAgent-zeroshot", "median_ccres_per_cell_kept")] == t[("EpiAgent-zeroshot",
                                                                          "median_ccres_per_cell")]
+    # the same through the Python API
+    r = run_annotate(load_model(out / "checkpoint.pth"), load_cells(query),
+                     pd.read_csv(out / "classes.tsv", sep="\t")["label"].tolist(),
+                     ZeroshotConfig(label_key="cell_type", device="cpu", progress=False),
+                     restrict_ccres=read_reference_ccres(out / REFERENCE_CCRES_FILE))
+    pd.testing.assert_series_equal(r.metrics.set_index(["method", "metric"])["value"], t, check_names=False)
     with pytest.raises(InputFormatError, match="cCRE list is missing"):
-        annotate(out / "checkpoint.pth", query, restrict_ccres=tmp_path / "nope.npy", progress=False)
+        read_reference_ccres(tmp_path / "nope.npy")
+    assert main(["annotate-zeroshot", "--checkpoint", str(out / "checkpoint.pth"), "--input", str(query),
+                 "--restrict-ccres", str(tmp_path / "nope.npy"), "--out", str(tmp_path / "nope")]) == 2

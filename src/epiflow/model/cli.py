@@ -8,17 +8,18 @@ import argparse
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "embed", help="cell embeddings (obsm['X_epiagent']) from an EpiAgent checkpoint",
-        description="Embed the cells of a corpus (or an h5ad of raw counts over the checkpoint's cCREs) "
-                    "and write an AnnData with obs and obsm['X_epiagent'].")
-    p.add_argument("--checkpoint", required=True, help="authors'-format .pth (e.g. pretrained_EpiAgent.pth)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--corpus", help="corpus folder (epiflow build-corpus)")
-    src.add_argument("--input", help="h5ad of raw counts, cells x the checkpoint's cCREs")
-    p.add_argument("--df", help="document frequencies (.npy, float64 [n_cCREs]) for --input; default: "
-                                "var['df'] of the h5ad")
-    p.add_argument("--out", required=True, help="output .h5ad")
-    p.add_argument("--backend", default="auto", help="attention backend: sdpa, packed, flash or auto "
-                                                     "(flash > packed on CUDA, sdpa on CPU)")
+        description="Embed the cells of a corpus, a shard or an h5ad of raw counts over the checkpoint's cCREs "
+                    "(--corpus; --input is its former name) and write an AnnData with obs and obsm['X_epiagent'].")
+    from ..cliargs import add_io_args
+    from ..tasks.config import BACKENDS
+
+    add_io_args(p, out="file", dataset=False,
+                cells_help="cells: a corpus folder (epiflow build-corpus), a shard .h5, or an .h5ad of raw counts "
+                           "over the checkpoint's cCREs (with --df or var['df'])",
+                checkpoint_help="authors'-format .pth (e.g. pretrained_EpiAgent.pth) or epiflow pretrain's "
+                                "checkpoint.pth")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="attention backend: sdpa, packed, flash or auto (flash > packed on CUDA, sdpa on CPU)")
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads (needed unless the width is 512 or a <checkpoint>.json exists)")
     p.add_argument("--batch-tokens", type=int, default=65_536, help="padded tokens per batch")
@@ -41,6 +42,7 @@ def register(subparsers) -> None:
 
 def _embed(args: argparse.Namespace) -> int:
     import logging
+    from pathlib import Path
 
     import numpy as np
 
@@ -54,19 +56,26 @@ def _embed(args: argparse.Namespace) -> int:
     from .attention import resolve_backend
 
     backend = resolve_backend(args.backend, device)
+    src = Path(args.corpus)
+    if not src.exists():
+        raise InputFormatError("input does not exist", path=str(src),
+                               fix="pass a corpus folder, a shard .h5 or an .h5ad of raw counts")
+    h5ad = src.suffix == ".h5ad"
     model = load_epiagent_checkpoint(args.checkpoint, num_heads=args.num_heads, backend=backend,
-                                     corpus=args.corpus)
+                                     corpus=src if src.is_dir() else None)
     kw = dict(key=args.key, batch_key=args.batch_key, batch_tokens=args.batch_tokens, device=device,
               progress=not args.no_progress, readout=args.readout)
-    if args.corpus:
-        result = embed(args.corpus, model, **kw)
+    if not h5ad:  # a corpus folder or a shard
+        if args.df:
+            log.warning("--df is ignored for a corpus or a shard (their TF-IDF ranks are stored)")
+        result = embed(src, model, **kw)
     else:
         import anndata as ad
 
         try:
-            adata = ad.read_h5ad(args.input)
+            adata = ad.read_h5ad(src)
         except (OSError, KeyError, ValueError) as exc:
-            raise InputFormatError(f"cannot read h5ad ({exc})", path=args.input) from None
+            raise InputFormatError(f"cannot read h5ad ({exc})", path=str(src)) from None
         df = None
         if args.df:
             try:

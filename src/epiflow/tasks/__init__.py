@@ -2,7 +2,7 @@
 and writes the common long metrics table (``task, dataset, method, metric, value``; see
 :mod:`epiflow.tasks.features`) and figures.
 
-Task modules are imported on demand (``from epiflow.tasks.features import evaluate_features``) so that
+Task modules are imported on demand (``from epiflow.tasks.features import run``) so that
 importing the package stays light.
 """
 

@@ -1,7 +1,7 @@
 """Unsupervised feature extraction (SPEC §5): how well do cell embeddings separate cell types?
 
 For every embedding (``obsm`` key) of an AnnData — EpiAgent zero-shot, EpiAgent fine-tuned, and the
-LSI baseline beside them — :func:`evaluate_features`
+LSI baseline beside them — :func:`run`
 
 1. keeps the cells with a label (missing / empty / ``nan`` / ``None`` / ``NA`` labels are excluded
    from the metrics; how many is logged and reported as ``n_cells_unlabelled``);
@@ -10,7 +10,8 @@ LSI baseline beside them — :func:`evaluate_features`
    (:func:`epiflow.metrics.leiden_bisect`; ``leiden_reached`` = 0 says it could not be reached);
 3. scores the clusters against the labels: NMI and ARI (scikit-learn), plus the cell-type
    silhouette (scIB ASW, rescaled to [0, 1]);
-4. draws UMAPs coloured by cell type (``umap_<method>.png`` and all side by side in ``umap.png``);
+4. computes the UMAP of each embedding (the CLI draws them coloured by cell type:
+   ``umap_<method>.png`` and all side by side in ``umap.png``, :mod:`epiflow.plots.features`);
 5. optionally (:func:`trajectory`) runs PAGA on the cell types and diffusion pseudotime rooted in the
    ``root_type`` cell closest to that type's centroid, and compares the mean pseudotime per type with
    a known order (Spearman) — the haematopoiesis analysis of EpiAgent Fig. 2d-g on Buenrostro 2018.
@@ -30,17 +31,18 @@ One row per number, tab-separated, with a header::
   ``spearman_cells`` (per-cell pseudotime vs its type's tier), ``spearman_cells_p``,
   ``n_cells_unreachable`` and ``mean_pseudotime[<type>]`` per type.
 
-Other outputs of :func:`evaluate_features` (in ``out_dir``, each written atomically):
-``cells.tsv`` (cell, label, Leiden cluster per method, pseudotime per method if the trajectory ran),
-``umap.png``, ``umap_<method>.png``, and with the trajectory ``trajectory.tsv`` (per method and type:
-tier, n_cells, mean / median / sd pseudotime) and ``trajectory.png``.
+:func:`run` computes and returns (a :class:`~epiflow.tasks.common.TaskResult`); ``epiflow
+evaluate-features`` (:mod:`epiflow.tasks.cli`) writes the other outputs, each atomically: ``cells.tsv``
+(cell, label, Leiden cluster per method, pseudotime per method if the trajectory ran), ``umap.png``,
+``umap_<method>.png``, and with the trajectory ``trajectory.tsv`` (per method and type: tier, n_cells,
+mean / median / sd pseudotime) and ``trajectory.png``.
 
 :func:`load_feature_inputs` assembles the evaluated AnnData for the CLI (``epiflow evaluate-features``):
 embeddings read from ``epiflow embed`` outputs, counts of the same cells from the corpus shards
 (or an h5ad), and the LSI baseline computed on those counts. The EpiAgent embeddings can also be
 computed by the command from a checkpoint (:mod:`epiflow.tasks.features_finetune`): zero-shot
 (method ``EpiAgent``) and after CCA (K = 1) + SR fine-tuning on the evaluated cells (method
-``EpiAgent-finetuned``, ``--finetune-epochs N``), both evaluated beside LSI, trajectory included.
+``EpiAgent-finetuned``, ``--epochs N``), both evaluated beside LSI, trajectory included.
 """
 
 from __future__ import annotations
@@ -55,10 +57,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..errors import EpiflowError, InputFormatError
-from ..metrics.table import metric_rows, metrics_frame, write_metrics, write_tsv
+from ..cliargs import check_config
+from ..errors import ConfigError, EpiflowError, InputFormatError
+from ..metrics.table import metric_rows, metrics_frame
 from ..metrics import (HEMATOPOIESIS_ORDER, clustering_scores, label_silhouette, leiden_bisect,
                        order_spearman, order_spearman_cells, parse_order)
+
+from .config import FeaturesConfig
 
 log = logging.getLogger(__name__)
 
@@ -202,27 +207,81 @@ def trajectory(adata, embedding_key: str, *, label_key: str = "cell_type", root_
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate_features(adata, *, label_key: str = "cell_type", embeddings: Mapping[str, str] | None = None,
-                      out_dir: str | os.PathLike | None = None, dataset: str | None = None,
-                      n_neighbors: int = 15, seed: int = 0, max_iter: int = 30, umap: bool = True,
-                      run_trajectory: bool = False, root_type: str = "HSC", order=HEMATOPOIESIS_ORDER,
-                      svg: bool = False, extra_rows=None) -> pd.DataFrame:
-    """Evaluate each embedding of ``adata`` (see the module docstring) and return the metrics table.
+def dataset_label(adata, dataset: str | None = None) -> str:
+    """``dataset``, else the one ``obs['dataset']`` value of the cells, else ``all``."""
+    if dataset is not None:
+        return str(dataset)
+    ds = adata.obs["dataset"].astype(str).unique() if "dataset" in adata.obs else []
+    return str(ds[0]) if len(ds) == 1 else "all"
 
+
+def lsi_rows(info: Mapping, dataset: str) -> list[dict]:
+    """Metric rows describing the LSI baseline(s) of :func:`load_feature_inputs` (its ``lsi_info``)."""
+    rows = metric_rows(TASK, dataset, "LSI", {"lsi_depth_spearman": info["depth_spearman"],
+                                              "lsi_dropped_first": int(info["dropped_first"])})
+    if "own_features" in info:
+        own = info["own_features"]
+        rows += metric_rows(TASK, dataset, OWN_FEATURES_METHOD,
+                            {"n_features": own["n_features"], "lsi_depth_spearman": own["depth_spearman"],
+                             "lsi_dropped_first": int(own["dropped_first"])})
+    return rows
+
+
+def run(adata, cfg: FeaturesConfig | None = None, *, embeddings: Mapping[str, str] | None = None,
+        dataset: str | None = None, model=None, cells=None, lsi_info: Mapping | None = None,
+        extra_rows=None):
+    """Evaluate each embedding of ``adata`` (see the module docstring); nothing is written.
+
+    ``cfg``: the settings (:class:`~epiflow.tasks.config.FeaturesConfig`; default: its defaults).
     ``embeddings``: ``{method name: obsm key}`` (default EpiAgent -> ``X_epiagent``, LSI -> ``X_lsi``;
-    every key must exist). ``out_dir``: where ``metrics.tsv``, ``cells.tsv`` and the figures go
-    (nothing is written when ``None``). ``extra_rows``: further metric rows (dicts with the table's
-    columns) appended to the table, e.g. LSI settings. ``run_trajectory``: also run :func:`trajectory`.
+    every key must exist). ``model`` (with ``cells``, the :class:`~epiflow.corpus.shard.Shard` of the
+    same cells in the same order): an EpiAgent whose embeddings are computed here
+    (:func:`epiflow.tasks.features_finetune.add_model_embeddings`: zero-shot as method ``EpiAgent``
+    unless ``embeddings`` names it, and with ``cfg.epochs`` > 0 after CCA + SR fine-tuning of a copy,
+    ``EpiAgent-finetuned``; the LSI methods stay last). ``lsi_info``: the third item of
+    :func:`load_feature_inputs` (its rows describe the LSI baselines). ``extra_rows``: further metric
+    rows (dicts with the table's columns) appended to the table.
+
+    Returns a :class:`~epiflow.tasks.common.TaskResult`: ``metrics``; ``tables['cells']`` (cell,
+    label, Leiden cluster, UMAP coordinates and pseudotime per method) and, with ``cfg.trajectory``,
+    ``tables['trajectory']`` (per method and type: tier, n_cells, mean / median / sd pseudotime);
+    ``data``: ``umap_panels`` / ``trajectory_panels`` (what :func:`epiflow.plots.features.feature_figures`
+    draws), ``dataset``, ``label_key``, ``root_type``, ``order``, ``methods``.
     """
     import anndata as ad
     import scanpy as sc
 
+    from .common import TaskResult
+
+    cfg = FeaturesConfig() if cfg is None else cfg
+    check_config(cfg)
+    label_key = cfg.label_key
     embeddings = dict(DEFAULT_EMBEDDINGS if embeddings is None else embeddings)
+    dataset = dataset_label(adata, dataset)
+    extra: list[dict] = []
+    if model is not None:
+        from .features_finetune import FINETUNED_METHOD, ZEROSHOT_METHOD, add_model_embeddings
+
+        if cells is None:
+            raise ConfigError("embedding cells with a model needs their tokenized sentences", field="cells",
+                              fix="pass the Shard of the evaluated cells (a corpus, not --counts)")
+        if cfg.epochs > 0 and FINETUNED_METHOD in embeddings:
+            raise EpiflowError(f"method name {FINETUNED_METHOD!r} is reserved for --epochs", field="--embeddings",
+                               fix="name the embeddings file otherwise")
+        added, extra = add_model_embeddings(
+            adata, cells, model, dataset=dataset, epochs=cfg.epochs,
+            zero_shot_key="X_epiagent" if ZEROSHOT_METHOD in embeddings else None, lr=cfg.lr,
+            batch_tokens=cfg.batch_tokens, max_len=cfg.max_len, seed=cfg.seed, num_heads=cfg.num_heads,
+            device=cfg.device, backend=cfg.backend, progress=cfg.progress, sr_objective=cfg.sr_objective)
+        baselines = {m: embeddings.pop(m) for m in [k for k in embeddings if k.startswith("LSI")]}
+        embeddings.update(added)
+        embeddings.update(baselines)  # the LSI rows last
+    if lsi_info is not None:
+        extra += lsi_rows(lsi_info, dataset)
+    if extra_rows:
+        extra += list(extra_rows)
     if not embeddings:
         raise EpiflowError("no embedding to evaluate", field="embeddings")
-    if dataset is None:
-        ds = adata.obs["dataset"].astype(str).unique() if "dataset" in adata.obs else []
-        dataset = str(ds[0]) if len(ds) == 1 else "all"
     labels_all = _labels(adata, label_key)
     mask = labelled_mask(labels_all)
     n_unlab = int((~mask).sum())
@@ -237,16 +296,19 @@ def evaluate_features(adata, *, label_key: str = "cell_type", embeddings: Mappin
     obs = pd.DataFrame({label_key: pd.Categorical(labels)}, index=adata.obs_names[mask].astype(str))
     embs = {m: _embedding(adata, k)[mask] for m, k in embeddings.items()}  # validate all before work
 
+    n_neighbors, seed = cfg.n_neighbors, cfg.seed
     rows: list[dict] = []
-    cells = pd.DataFrame({"cell": obs.index, label_key: labels})
-    umap_panels, traj_panels, traj_tables = {}, {}, []
+    cells_tab = pd.DataFrame({"cell": obs.index, label_key: labels})
+    umap_panels: dict = {}
+    traj_panels: dict = {}
+    traj_tables = []
     for method, key in embeddings.items():
         sub = ad.AnnData(obs=obs.copy())
         sub.obsm[key] = embs[method]
         log.info("%s (%s, %d dims): Leiden bisection to %d clusters on %d cells", method, key,
                  embs[method].shape[1], n_types, sub.n_obs)
         lab_pred, res, reached = leiden_bisect(sub, n_types, n_neighbors=n_neighbors, seed=seed,
-                                               max_iter=max_iter, use_rep=key)
+                                               max_iter=cfg.max_iter, use_rep=key)
         scores = clustering_scores(labels, lab_pred)
         vals = {"NMI": scores["NMI"], "ARI": scores["ARI"], "ASW_cell_type": label_silhouette(embs[method], labels,
                                                                                               seed=seed),
@@ -256,59 +318,42 @@ def evaluate_features(adata, *, label_key: str = "cell_type", embeddings: Mappin
         rows += metric_rows(TASK, dataset, method, vals)
         log.info("%s: NMI %.3f ARI %.3f (%d clusters at resolution %.3g%s)", method, vals["NMI"], vals["ARI"],
                  vals["n_clusters"], res, "" if reached else ", target NOT reached")
-        cells[f"leiden_{_slug(method)}"] = lab_pred
+        cells_tab[f"leiden_{_slug(method)}"] = lab_pred
         title = (f"{method} ({key}, {vals['n_dims']} dims) on {dataset}\n{sub.n_obs} cells; Leiden "
                  f"{vals['n_clusters']}/{n_types} clusters: NMI {vals['NMI']:.3f}, ARI {vals['ARI']:.3f}")
-        if umap:
+        if cfg.umap:
             sc.tl.umap(sub, random_state=seed)
             umap_panels[method] = (sub.obsm["X_umap"].copy(), labels, title)
-            cells[f"umap1_{_slug(method)}"] = sub.obsm["X_umap"][:, 0]
-            cells[f"umap2_{_slug(method)}"] = sub.obsm["X_umap"][:, 1]
-        if run_trajectory:
-            tab = trajectory(sub, key, label_key=label_key, root_type=root_type, order=order,
+            cells_tab[f"umap1_{_slug(method)}"] = sub.obsm["X_umap"][:, 0]
+            cells_tab[f"umap2_{_slug(method)}"] = sub.obsm["X_umap"][:, 1]
+        if cfg.trajectory:
+            tab = trajectory(sub, key, label_key=label_key, root_type=cfg.root_type, order=cfg.order,
                              n_neighbors=n_neighbors, seed=seed)
             tv = {"spearman_types": tab.attrs["spearman_types"], "spearman_types_p": tab.attrs["spearman_types_p"],
                   "spearman_cells": tab.attrs["spearman_cells"], "spearman_cells_p": tab.attrs["spearman_cells_p"],
                   "n_cells_unreachable": tab.attrs["n_cells_unreachable"]}
             tv.update({f"mean_pseudotime[{t}]": v for t, v in zip(tab["cell_type"], tab["mean_pseudotime"])})
             rows += metric_rows(TRAJECTORY_TASK, dataset, method, tv)
-            cells[f"pseudotime_{_slug(method)}"] = sub.obs["dpt_pseudotime"].to_numpy()
+            cells_tab[f"pseudotime_{_slug(method)}"] = sub.obs["dpt_pseudotime"].to_numpy()
             t2 = tab.copy()
             t2.attrs = {}
             t2.insert(0, "method", method)
             t2.insert(0, "dataset", dataset)
             traj_tables.append(t2)
-            if umap:
+            if cfg.umap:
                 con = tab.attrs["paga_connectivities"]
                 traj_panels[method] = {"coords": sub.obsm["X_umap"], "labels": labels,
                                        "pseudotime": sub.obs["dpt_pseudotime"].to_numpy(),
                                        "root": tab.attrs["root_index"], "paga": con.to_numpy(),
                                        "paga_types": list(con.index), "table": tab,
                                        "title": f"{method} ({key}) on {dataset}"}
-    if extra_rows:
-        rows += list(extra_rows)
-    table = metrics_frame(rows)
-
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        from ..plots import trajectory_figure, umap_figure
-
-        if umap_panels:
-            for method, panel in umap_panels.items():
-                umap_figure({method: panel}, out / f"umap_{_slug(method)}.png", svg=svg)
-            umap_figure(umap_panels, out / "umap.png", svg=svg,
-                        suptitle=f"Feature extraction on {dataset}\nUMAP of each embedding, coloured by {label_key}")
-        if traj_tables:
-            write_tsv(pd.concat(traj_tables, ignore_index=True), out / "trajectory.tsv")
-        if traj_panels:
-            trajectory_figure(traj_panels, out / "trajectory.png", svg=svg,
-                              suptitle=f"Trajectory on {dataset}: PAGA + diffusion pseudotime rooted in "
-                                       f"{root_type}\nknown order: {_order_text(order)}")
-        write_tsv(cells, out / "cells.tsv")
-        write_metrics(table, out / "metrics.tsv")  # last: its presence means the run completed
-        log.info("wrote %s", out / "metrics.tsv")
-    return table
+    tables = {"cells": cells_tab}
+    if traj_tables:
+        tables["trajectory"] = pd.concat(traj_tables, ignore_index=True)
+    return TaskResult(metrics=metrics_frame(rows + extra), tables=tables,
+                      data={"umap_panels": umap_panels, "trajectory_panels": traj_panels, "dataset": dataset,
+                            "label_key": label_key, "root_type": cfg.root_type, "order": _order_text(cfg.order),
+                            "methods": embeddings})
 
 
 # ----------------------------------------------------------------------------- CLI inputs

@@ -15,7 +15,7 @@ cell-cCRE alignment with K = 1 negative per positive plus signal reconstruction 
 
 Fine-tuning is unsupervised, so it uses every evaluated cell (labelled or not); the labels only enter
 the evaluation. :func:`add_model_embeddings` puts the results into the AnnData evaluated by
-:func:`epiflow.tasks.features.evaluate_features` (``obsm['X_epiagent']`` = zero-shot, method
+:func:`epiflow.tasks.features.run` (``obsm['X_epiagent']`` = zero-shot, method
 ``EpiAgent``; ``obsm['X_epiagent_finetuned']``, method ``EpiAgent-finetuned``) and returns the
 fine-tuning rows of the metrics table (``finetune_epochs``, ``finetune_steps``, ``finetune_seconds``,
 ``finetune_loss_first`` / ``finetune_loss_last`` = summed CCA + SR loss of the first / last epoch).
@@ -45,7 +45,7 @@ def _need_heads(model) -> None:
             raise ConfigError(f"the {getattr(model, 'kind', 'given')} checkpoint has no {what}; fine-tuned "
                               "feature extraction trains CCA + SR", field="checkpoint",
                               fix="use a pretrained (base) checkpoint with the pretraining heads, or "
-                                  "--finetune-epochs 0 (zero-shot only)")
+                                  "--epochs 0 (zero-shot only)")
 
 
 def finetune_embeddings(checkpoint, cells, *, epochs: int = 2, lr: float = 1e-4, k: int = 1,
@@ -67,20 +67,20 @@ def finetune_embeddings(checkpoint, cells, *, epochs: int = 2, lr: float = 1e-4,
     import torch
 
     from ..corpus.shard import Shard
-    from ..train.finetune import embed_cells, finetune
     from ..train.engine import max_input_len as effective_max_len
+    from ..train.finetune import embed_cells, finetune
     from .common import load_model, resolve_device
 
     epochs = int(epochs)
     if epochs < 0:
-        raise ConfigError(f"fine-tuning epochs must be >= 0, got {epochs}", field="finetune_epochs",
+        raise ConfigError(f"fine-tuning epochs must be >= 0, got {epochs}", field="epochs",
                           fix="0 = zero-shot only, N > 0 = fine-tune N epochs with CCA + SR")
     if epochs > 0 and not float(lr) > 0:
-        raise ConfigError(f"fine-tuning learning rate must be > 0, got {lr}", field="finetune_lr")
+        raise ConfigError(f"fine-tuning learning rate must be > 0, got {lr}", field="lr")
     if int(k) < 1:
         raise ConfigError(f"CCA negatives per positive must be >= 1, got {k}", field="k")
     if epochs == 0 and not zero_shot:
-        raise ConfigError("nothing to compute: zero_shot is False and epochs is 0", field="finetune_epochs")
+        raise ConfigError("nothing to compute: zero_shot is False and epochs is 0", field="epochs")
     cs = Shard.from_any(cells)
     if cs.n_cells == 0:
         raise ConfigError("no cells to embed", field="cells")
@@ -108,7 +108,7 @@ def finetune_embeddings(checkpoint, cells, *, epochs: int = 2, lr: float = 1e-4,
     out["finetuned"] = embed_cells(model, cs, max_len=ml, device=dev, progress=False)
     if not np.isfinite(out["finetuned"]).all():
         raise ConfigError("fine-tuning diverged: the fine-tuned embeddings hold NaN/inf values",
-                          field="finetune_lr", fix="lower --finetune-lr")
+                          field="lr", fix="lower --lr")
     return out
 
 

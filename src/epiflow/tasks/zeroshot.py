@@ -1,19 +1,22 @@
 """Zero-shot cell-type annotators (EpiAgent-B / EpiAgent-NT style; SPEC §5).
 
-:func:`train_annotator` fine-tunes a pretrained EpiAgent with the authors' supervised classifier head
+:func:`run_train` (``epiflow train-annotator``) fine-tunes a pretrained EpiAgent with the authors' supervised classifier head
 (``classifier.fc1 [256, D] -> layer_norm1 -> dropout -> fc2 [128, 256] -> GELU -> layer_norm2 ->
 fc3 [C, 128]``, focal loss) on a labelled atlas whose labels are first coarsened with a label map, and
 saves the result in the authors' supervised checkpoint format (embedding + encoder keys, then the
 classifier keys; no pretraining heads, no criterion buffers) plus ``classes.tsv`` (class index ->
-label; the state dict has no names). :func:`annotate` applies such a checkpoint to new data without
+label; the state dict has no names), written by the CLI (:mod:`epiflow.tasks.zeroshot_cli`).
+:func:`run_annotate` (``epiflow annotate-zeroshot``) applies such a checkpoint to new data without
 any training and, where the data carry known labels (mapped through a label map), reports accuracy,
 micro F1, balanced accuracy and macro F1; optionally classes predicted for fewer than
 ``min_class_fraction`` (0.5 %) of the cells are masked (their logits set to -inf, so those cells get
 their next best class).
 
-Shared helpers of the downstream tasks in this file: :func:`load_cells` (corpus / shard / h5ad ->
-:class:`~epiflow.corpus.shard.Shard`), :func:`read_label_map` / :func:`apply_label_map`,
-:func:`load_model`. Training runs on :func:`epiflow.train.engine.fit`.
+Both compute and return a :class:`~epiflow.tasks.common.TaskResult`; the cells and the model come from
+:func:`epiflow.tasks.common.load_cells` / :func:`~epiflow.tasks.common.load_model`. Helpers shared with
+other tasks in this file: :func:`read_label_map` / :func:`apply_label_map`, :func:`obs_column`,
+:func:`covered_ccres` / :func:`restrict_to_ccres`, :func:`classification_scores`. Training runs on
+:func:`epiflow.train.engine.fit`.
 
 Label-map file (``resources/label_maps/*.tsv``): tab-separated, header ``source<TAB>target``, ``#``
 comments; a source label missing from the map, or mapped to an empty target, becomes unlabelled
@@ -31,94 +34,19 @@ import pandas as pd
 import torch
 
 from ..errors import ConfigError, EpiflowError, InputFormatError
-from ..io import atomic_path
+from ..metrics.table import metric_rows, metrics_frame
+from .config import AnnotatorConfig, ZeroshotConfig
 from .features import labelled_mask
-from ..metrics.table import metric_rows, metrics_frame, write_metrics
 
 log = logging.getLogger(__name__)
 
 TASK = "zeroshot_annotation"
 CLASSES_FILE = "classes.tsv"
-# cCREs accessible in the annotator's training cells (vocabulary indices), for annotate(restrict_ccres=True)
+# cCREs accessible in the annotator's training cells (vocabulary indices), read by annotate-zeroshot --restrict-ccres
 REFERENCE_CCRES_FILE = "reference_ccres.npy"
 
 
 # ----------------------------------------------------------------------------- cells
-def load_cells(source, *, df=None, dataset: str | None = None, max_cells: int | None = None, seed: int = 0):
-    """Cells as one :class:`~epiflow.corpus.shard.Shard` (rank-ordered sentences + counts + obs).
-
-    ``source``: a Shard, a Corpus, a corpus folder, a shard ``.h5``, an ``.h5ad`` / AnnData of raw
-    counts (tokenized with ``df``: an array, a ``df.npy`` path, or ``var['df']``). ``dataset`` keeps the
-    cells whose ``obs['dataset']`` equals it (several datasets: a list or a comma-separated string; the
-    cells stay in corpus order); ``max_cells`` draws a random subset (``seed``).
-    """
-    import anndata as ad
-
-    from ..corpus.shard import Corpus, Shard, open_corpus, read_shard, shard_from_counts
-
-    if isinstance(source, (str, os.PathLike)):
-        p = Path(source)
-        if not p.exists():
-            raise InputFormatError("input does not exist", path=str(p),
-                                   fix="pass a corpus folder, a shard .h5 or an .h5ad of raw counts")
-        if p.is_dir():
-            source = open_corpus(p)
-        elif p.suffix == ".h5ad":
-            source = ad.read_h5ad(p)
-        else:
-            source = read_shard(p)
-    if isinstance(source, Corpus):
-        shards = list(source.iter_shards())
-        if not shards:
-            raise InputFormatError("the corpus has no shards", path=str(source.root))
-        source = Shard.concat(shards)
-    if isinstance(source, ad.AnnData):
-        if df is None:
-            if "df" not in source.var:
-                raise InputFormatError("no document frequencies for an h5ad input", field="df",
-                                       fix="pass --df <corpus>/df.npy (the corpus the model was trained on)")
-            df = source.var["df"].to_numpy()
-        elif isinstance(df, (str, os.PathLike)):
-            df = np.load(df)
-        df = np.asarray(df, dtype=np.float64)
-        if df.shape != (source.n_vars,):
-            raise InputFormatError(f"df has {df.shape[0]} entries but the h5ad has {source.n_vars} cCREs",
-                                   field="df", fix="use the df.npy of the corpus whose vocabulary the h5ad uses")
-        X = source.layers["counts"] if "counts" in source.layers else source.X
-        obs = source.obs.copy()
-        if "cell_id" not in obs:
-            obs["cell_id"] = source.obs_names.astype(str)
-        source = shard_from_counts(X, df, obs.reset_index(drop=True))
-    if not isinstance(source, Shard):
-        raise InputFormatError(f"cannot read cells from a {type(source).__name__}",
-                               fix="pass a corpus folder, a shard .h5 or an .h5ad")
-    sh = source
-    names = dataset_names(dataset)
-    if names:
-        if "dataset" not in sh.obs:
-            raise InputFormatError("obs has no 'dataset' column to select a dataset", field="obs/dataset")
-        have_col = sh.obs["dataset"].astype(str).to_numpy()
-        missing = [n for n in names if not (have_col == n).any()]
-        if missing:
-            have = sorted(set(have_col))
-            raise EpiflowError(f"no cell of dataset {', '.join(repr(m) for m in missing)} (have: {have})",
-                               field="dataset")
-        sh = sh.subset(np.flatnonzero(np.isin(have_col, names)))
-    if max_cells is not None and sh.n_cells > max_cells:
-        rows = np.sort(np.random.default_rng(seed).choice(sh.n_cells, int(max_cells), replace=False))
-        sh = sh.subset(rows)
-    return sh
-
-
-def dataset_names(dataset) -> list[str]:
-    """``dataset`` as a list of names: None -> [], "a,b" -> ["a", "b"], a sequence as is."""
-    if dataset is None:
-        return []
-    if isinstance(dataset, str):
-        return [d.strip() for d in dataset.split(",") if d.strip()]
-    return [str(d) for d in dataset]
-
-
 def covered_ccres(cells) -> np.ndarray:
     """Boolean mask over the vocabulary: the cCREs accessible in at least one of ``cells``."""
     from ..tokenize import NUM_SPECIAL
@@ -210,48 +138,36 @@ def apply_label_map(labels, label_map: dict[str, str] | None) -> np.ndarray:
     return out
 
 
-# ----------------------------------------------------------------------------- model / batches
-def load_model(checkpoint, num_heads: int | None = None, *, n_ccres: int | None = None, device=None):
-    """Load a checkpoint (authors' format) as a trainable float32 model on ``device`` (a real copy,
-    not memory-mapped), attention backend ``auto`` (packed while training, padded sdpa for inference
-    on CPU)."""
-    from ..model import load_epiagent_checkpoint
-
-    return load_epiagent_checkpoint(checkpoint, num_heads, n_ccres=n_ccres, mmap=False,
-                                    device=device or "cpu", dtype=torch.float32, backend="auto")
-
-
-def _device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 # ----------------------------------------------------------------------------- training
-def train_annotator(checkpoint, cells, *, out_dir, label_key: str = "cell_type", label_map=None,
-                    num_heads: int | None = None, classifier: str = "mlp", loss: str = "focal",
-                    epochs: float = 3.0, max_steps: int | None = None, batch_size: int = 16,
-                    lr: float = 1e-4, head_lr: float = 1e-3, weight_decay: float = 0.01,
-                    freeze_encoder: bool = False, max_len: int = 2048, val_fraction: float = 0.1,
-                    min_cells_per_class: int = 2, seed: int = 0, device=None, dataset: str | None = None,
-                    progress: bool = True) -> dict:
-    """Fine-tune ``checkpoint`` (pretrained EpiAgent) into a zero-shot annotator; see the module docstring.
+def run_train(base, cells, cfg: AnnotatorConfig | None = None, *, label_map=None, dataset: str | None = None,
+              min_cells_per_class: int = 2, weight_decay: float = 0.01):
+    """Fine-tune ``base`` (a pretrained EpiAgent, :func:`epiflow.tasks.common.load_model`; only its
+    embedding and encoder weights are read) into a zero-shot annotator on ``cells`` (a Shard,
+    :func:`epiflow.tasks.common.load_cells`); see the module docstring. Nothing is written.
 
-    ``cells``: anything :func:`load_cells` reads (or a Shard). ``label_map``: dict or TSV path (labels
-    coarsened before training; unmapped cells are dropped). A stratified ``val_fraction`` of the cells is
-    held out and scored. Writes in ``out_dir``: ``checkpoint.pth`` (+ ``checkpoint.pth.json`` with the
-    config), ``classes.tsv``, ``train_log.tsv`` (step, loss), ``metrics.tsv`` (validation accuracy /
-    macro F1 ...). Returns a dict with paths, classes and the metrics table.
+    ``cfg``: :class:`~epiflow.tasks.config.AnnotatorConfig` (``max_cells`` is the loader's, not used
+    here). ``label_map``: dict or TSV path (labels coarsened before training; unmapped cells are
+    dropped). A stratified ``cfg.val_fraction`` of the cells is held out and scored. ``dataset``: the
+    dataset name of the metric rows (default: the cells' one ``obs['dataset']``, else ``all``).
+
+    Returns a :class:`~epiflow.tasks.common.TaskResult`: ``metrics`` (train rows and held-out
+    validation accuracy / macro F1 ...), ``history`` (step, loss: ``train_log.tsv``), ``models``
+    ``{"checkpoint": the supervised model}`` (``checkpoint.pth`` in the authors' supervised format),
+    ``tables['classes']`` (index, label: ``classes.tsv``), ``data``: ``classes`` (the names in class
+    order) and ``reference_ccres`` (vocabulary indices of the cCREs accessible in the training cells:
+    ``reference_ccres.npy``, see :func:`write_annotator`).
     """
+    from ..cliargs import check_config
     from ..model import derive
-    from ..model.checkpoint import save_epiagent_checkpoint
+    from ..train.engine import resolve_device
+    from .common import TaskResult
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dev = _device(device)
+    cfg = AnnotatorConfig() if cfg is None else cfg
+    check_config(cfg)
+    label_key, classifier, seed = cfg.label_key, cfg.classifier, cfg.seed
+    dev = resolve_device(cfg.device)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    cells = load_cells(cells)
     if isinstance(label_map, (str, os.PathLike)):
         label_map = read_label_map(label_map)
     labels = apply_label_map(obs_column(cells, label_key), label_map)
@@ -273,64 +189,60 @@ def train_annotator(checkpoint, cells, *, out_dir, label_key: str = "cell_type",
     y_all[idx] = pd.Index(classes).get_indexer(labels[idx])
     # stratified hold-out
     val = np.zeros(cells.n_cells, bool)
-    if val_fraction > 0:
+    if cfg.val_fraction > 0:
         for c in range(len(classes)):
             m = idx[y_all[idx] == c]
-            nv = int(np.floor(len(m) * val_fraction))
+            nv = int(np.floor(len(m) * cfg.val_fraction))
             if nv >= 1 and len(m) - nv >= 1:
                 val[rng.choice(m, nv, replace=False)] = True
     train_idx = idx[~val[idx]]
     val_idx = idx[val[idx]]
 
-    base = load_model(checkpoint, num_heads, n_ccres=cells.n_ccres)
+    if base.n_ccres != cells.n_ccres:
+        from ..errors import VocabularyMismatchError
+
+        raise VocabularyMismatchError(f"the data have {cells.n_ccres} cCREs but the model {base.n_ccres}",
+                                      fix="map the data onto the checkpoint's cCRE vocabulary")
     # the authors' supervised layout: embeddings + encoder copied, new classifier, no pretraining heads
     model = derive(base, classes=len(classes), classifier=classifier, pretrain_heads=False, seed=seed).to(dev)
-    del base
-    max_len = int(min(max_len, model.config.max_rank - 2))
+    max_len = model.config.max_rank - 2 if cfg.max_len is None else int(min(cfg.max_len, model.config.max_rank - 2))
     enc = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
-    if freeze_encoder:
+    if cfg.freeze_encoder:
         for p in enc:
             p.requires_grad_(False)
     from ..train.engine import Classification, FitConfig, fit
 
-    obj = Classification(cells, train_idx, y_all[train_idx], loss="focal" if loss == "focal" else "ce",
+    obj = Classification(cells, train_idx, y_all[train_idx], loss="focal" if cfg.loss == "focal" else "ce",
                          max_len=max_len)
+    max_steps = cfg.max_steps
     # max_steps replaces the epochs (not only caps them)
-    cfg = FitConfig(epochs=float(epochs) if max_steps is None else int(max_steps), max_steps=max_steps, batch_size=int(batch_size), lr=float(lr),
-                    head_lr=float(head_lr), weight_decay=float(weight_decay), seed=int(seed), device=str(dev),
-                    progress=progress, desc="train annotator")
+    fit_cfg = FitConfig(epochs=float(cfg.epochs) if max_steps is None else int(max_steps), max_steps=max_steps,
+                        batch_size=int(cfg.batch_size), lr=float(cfg.lr), head_lr=float(cfg.head_lr),
+                        weight_decay=float(weight_decay), seed=int(seed), device=str(dev), progress=cfg.progress,
+                        desc="train annotator")
     try:
-        hist = fit(model, obj, cfg)
+        hist = fit(model, obj, fit_cfg)
     finally:
-        if freeze_encoder:
+        if cfg.freeze_encoder:
             for p in enc:
                 p.requires_grad_(True)
     total = len(hist)
-    log_rows = hist[["step", "loss"]].to_dict("records")
-
-    ckpt = save_epiagent_checkpoint(model.cpu(), out / "checkpoint.pth", write_config=True)
-    with atomic_path(out / CLASSES_FILE) as tmp:
-        pd.DataFrame({"index": range(len(classes)), "label": classes}).to_csv(tmp, sep="\t", index=False)
+    log_tab = hist[["step", "loss"]].reset_index(drop=True)
     seen = np.flatnonzero(covered_ccres(cells.subset(train_idx))).astype(np.int64)
-    with atomic_path(out / REFERENCE_CCRES_FILE) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, seen)
-    with atomic_path(out / "train_log.tsv") as tmp:
-        pd.DataFrame(log_rows).to_csv(tmp, sep="\t", index=False, float_format="%.6g")
     ds = dataset or _dataset_name(cells)
     rows = metric_rows(TASK, ds, "train", {"n_cells_train": len(train_idx), "n_cells_val": len(val_idx),
                                            "n_cells_unlabelled": n_drop, "n_classes": len(classes),
-                                           "steps": total, "final_loss": log_rows[-1]["loss"],
+                                           "steps": total, "final_loss": float(log_tab["loss"].iloc[-1]),
                                            "n_ccres_seen": len(seen)})
     if len(val_idx):
         pred, _ = predict(model, cells.subset(val_idx), device=dev, max_len=max_len, progress=False)
         vals = classification_scores(np.asarray(classes, dtype=object)[y_all[val_idx]],
                                      np.asarray(classes, dtype=object)[pred])
         rows += metric_rows(TASK, ds, "validation", vals)
-    table = metrics_frame(rows)
-    write_metrics(table, out / "metrics.tsv")
-    log.info("annotator with %d classes saved to %s", len(classes), ckpt)
-    return {"checkpoint": ckpt, "classes": classes, "metrics": table, "model": model}
+    log.info("annotator with %d classes trained", len(classes))
+    return TaskResult(metrics=metrics_frame(rows), history=log_tab, models={"checkpoint": model},
+                      tables={"classes": pd.DataFrame({"index": range(len(classes)), "label": classes})},
+                      data={"classes": classes, "reference_ccres": seen})
 
 
 def _dataset_name(cells) -> str:
@@ -360,9 +272,10 @@ def predict(model, cells, *, device=None, max_len: int = 8190, batch_tokens: int
     """Class index and logits ``[n_cells, C]`` of every cell (inference mode, top-``max_len`` tokens;
     :func:`epiflow.train.engine.predict`)."""
     from ..train.engine import predict as engine_predict
+    from ..train.engine import resolve_device
 
     logits = engine_predict(model, cells, "logits", max_len=max_len, batch_tokens=batch_tokens,
-                            device=_device(device), progress=progress, desc="annotate")
+                            device=resolve_device(device), progress=progress, desc="annotate")
     return logits.argmax(1), logits
 
 
@@ -397,70 +310,64 @@ def classification_scores(true, pred) -> dict[str, float]:
                 "n_cells": float(len(t))}
 
 
-def annotate(checkpoint, cells, *, classes=None, num_heads: int | None = None, label_key: str | None = None,
-             label_map=None, min_class_fraction: float | None = 0.005, out_dir=None, dataset: str | None = None,
-             method: str = "EpiAgent-zeroshot", device=None, max_len: int = 8190, restrict_ccres=None,
-             progress: bool = True) -> dict:
-    """Annotate ``cells`` with a supervised checkpoint, no training.
+def read_reference_ccres(path) -> np.ndarray:
+    """The annotator's cCRE list (``reference_ccres.npy`` written by ``epiflow train-annotator``)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputFormatError("the annotator's cCRE list is missing", path=str(path),
+                               fix="train the annotator with this epiflow version (it writes "
+                                   f"{REFERENCE_CCRES_FILE}) or do not restrict the cCREs")
+    return np.load(path)
 
-    ``classes``: list or ``classes.tsv`` path (default: ``classes.tsv`` beside the checkpoint).
-    With ``label_key`` the known labels (mapped through ``label_map``; cells without a mapped label are
-    excluded) score the predictions; with ``min_class_fraction`` the masked predictions are scored too
-    (method ``<method>-masked``). Writes ``predictions.tsv`` (cell, prediction, masked prediction,
-    probability, known label) and ``metrics.tsv`` to ``out_dir`` when given. Returns a dict with
-    ``predictions`` (DataFrame) and ``metrics`` (long table).
 
-    ``restrict_ccres``: drop the tokens of cCREs that the annotator never saw accessible in training
-    (``True``: ``reference_ccres.npy`` beside the checkpoint, written by :func:`train_annotator`; or a
-    path to such a file, a boolean mask or cCRE indices). Needed when the reference was measured on a
+def run_annotate(model, cells, classes, cfg: ZeroshotConfig | None = None, *, label_map=None,
+                 dataset: str | None = None, restrict_ccres=None):
+    """Annotate ``cells`` (a Shard) with a supervised ``model`` (an EpiAgent with a classifier:
+    ``epiflow train-annotator``'s ``checkpoint.pth``, or the authors' EpiAgent-B / -NT), no training.
+    Nothing is written.
+
+    ``classes``: the class names in classifier order (:func:`read_classes` of ``classes.tsv``).
+    ``cfg``: :class:`~epiflow.tasks.config.ZeroshotConfig`. With ``cfg.label_key`` the known labels
+    (mapped through ``label_map``, a dict or TSV path; cells without a mapped label are excluded) score
+    the predictions; with ``cfg.mask`` (and ``cfg.min_class_fraction`` > 0) the masked predictions are
+    scored too (method ``<method>-masked``).
+
+    ``restrict_ccres``: drop the tokens of cCREs that the annotator never saw accessible in training (a
+    boolean mask over the vocabulary or cCRE indices: :func:`read_reference_ccres` of the
+    ``reference_ccres.npy`` written beside the checkpoint). Needed when the reference was measured on a
     smaller peak panel than the new data (e.g. the 5,000-peak Granja 2019 subset against Buenrostro
     2018): otherwise most tokens of a new cell are cCREs the classifier never learnt from.
+
+    Returns a :class:`~epiflow.tasks.common.TaskResult`: ``metrics``; ``data``: ``predictions`` (cell,
+    prediction, probability, masked prediction, known label and mapped label: ``predictions.tsv``),
+    ``classes``, ``masked_classes`` (the names of the masked classes).
     """
-    from ..model import EpiAgent
+    from ..cliargs import check_config
+    from .common import TaskResult
 
-    model = checkpoint if isinstance(checkpoint, EpiAgent) else None
-    if model is None:
-        from ..model import load_epiagent_checkpoint
-
-        model = load_epiagent_checkpoint(checkpoint, num_heads)
-        if classes is None:
-            classes = Path(checkpoint).with_name(CLASSES_FILE)
+    cfg = ZeroshotConfig() if cfg is None else cfg
+    check_config(cfg)
+    label_key, method = cfg.label_key, cfg.method
+    min_class_fraction = cfg.min_class_fraction if cfg.mask else None
     if getattr(model, "classifier", None) is None:
         raise ConfigError(f"the checkpoint is a {model.kind} model without a classifier",
                           fix="pass a supervised checkpoint (epiflow train-annotator)")
-    if classes is None:
-        raise EpiflowError("no class names: pass classes=", field="classes")
-    if isinstance(classes, (str, os.PathLike)):
-        classes = read_classes(classes)
     classes = [str(c) for c in classes]
     if len(classes) != model.config.num_classes:
         raise ConfigError(f"the classifier has {model.config.num_classes} classes but {len(classes)} names "
                           "were given", field="classes", fix="pass the classes.tsv written with this checkpoint")
-    cells = load_cells(cells)
     if cells.n_ccres != model.n_ccres:
         from ..errors import VocabularyMismatchError
 
         raise VocabularyMismatchError(f"the data have {cells.n_ccres} cCREs but the model {model.n_ccres}",
                                       fix="map the data onto the checkpoint's cCRE vocabulary")
     extra: dict[str, float] = {}
-    if restrict_ccres is not None and restrict_ccres is not False:
-        keep = restrict_ccres
-        if keep is True:
-            if not isinstance(checkpoint, (str, os.PathLike)):
-                raise EpiflowError("restrict_ccres=True needs the checkpoint path (reference_ccres.npy beside it)",
-                                   field="restrict_ccres", fix="pass the cCRE list or mask itself")
-            keep = Path(checkpoint).with_name(REFERENCE_CCRES_FILE)
-        if isinstance(keep, (str, os.PathLike)):
-            if not Path(keep).exists():
-                raise InputFormatError("the annotator's cCRE list is missing", path=str(keep),
-                                       fix="train the annotator with this epiflow version (it writes "
-                                           f"{REFERENCE_CCRES_FILE}) or do not restrict the cCREs")
-            keep = np.load(keep)
+    if restrict_ccres is not None:
         before = float(np.median(cells.lengths)) if cells.n_cells else 0.0
-        cells = restrict_to_ccres(cells, keep)
+        cells = restrict_to_ccres(cells, restrict_ccres)
         extra = {"median_ccres_per_cell": before,
                  "median_ccres_per_cell_kept": float(np.median(cells.lengths)) if cells.n_cells else 0.0}
-    pred, logits = predict(model, cells, device=device, max_len=max_len, progress=progress)
+    pred, logits = predict(model, cells, device=cfg.device, max_len=cfg.max_len, progress=cfg.progress)
     z = logits - logits.max(1, keepdims=True)
     prob = np.exp(z) / np.exp(z).sum(1, keepdims=True)
     cls = np.asarray(classes, dtype=object)
@@ -493,35 +400,6 @@ def annotate(checkpoint, cells, *, classes=None, num_heads: int | None = None, l
             if "prediction_masked" in res:
                 rows += metric_rows(TASK, ds, f"{method}-masked",
                                     classification_scores(known[ok], res["prediction_masked"][ok]))
-    table = metrics_frame(rows)
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "predictions.tsv") as tmp:
-            res.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-        if label_key is not None and "label_mapped" in res:
-            _confusion_figure(res, out / "confusion.png", classes)
-        write_metrics(table, out / "metrics.tsv")
-    return {"predictions": res, "metrics": table, "masked_classes": [classes[i] for i in masked_ids]}
-
-
-def _confusion_figure(res: pd.DataFrame, path: Path, classes) -> None:
-    from ..plots import save_figure
-    from ..plots.embedding import _figure
-
-    ok = res["label_mapped"].notna()
-    if not ok.any():
-        return
-    tab = pd.crosstab(res.loc[ok, "label_mapped"].astype(str), res.loc[ok, "prediction"].astype(str))
-    frac = tab.div(tab.sum(1), axis=0)
-    fig = _figure(1.2 + 0.6 * frac.shape[1], 1.0 + 0.5 * frac.shape[0])
-    ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(frac.to_numpy(), cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(frac.shape[1]), frac.columns, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(frac.shape[0]), frac.index, fontsize=8)
-    for (i, j), v in np.ndenumerate(tab.to_numpy()):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("known (mapped)")
-    ax.set_title("zero-shot annotation (row-normalised)", fontsize=9)
-    save_figure(fig, path)
+    return TaskResult(metrics=metrics_frame(rows),
+                      data={"predictions": res, "classes": classes,
+                            "masked_classes": [classes[i] for i in masked_ids]})
