@@ -48,7 +48,6 @@ def test_panels_name_registered_tasks():
             assert task_of_metrics(p.metrics_task) is not None, p.name
 
 
-@pytest.mark.xfail(reason="verbs are being moved onto their settings (#18); removed when all are", strict=False)
 @pytest.mark.parametrize("verb", sorted(C.VERB_CONFIGS))
 def test_every_setting_is_a_flag_of_its_verb(verb):
     """The verb's flags are generated from its settings: each field is a flag, with its default."""

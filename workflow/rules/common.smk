@@ -707,7 +707,11 @@ def pretrain_args():
 
     m, p = config["model"], config["pretrain"]
     vals = dict(p, model_config=m["preset"], backend=m["backend"], progress=False)
-    parts = [argv_string(PretrainConfig, vals), opt("--init", m.get("init")), p["extra_args"]]
+    parts = [
+        argv_string(PretrainConfig, vals),
+        opt("--init", m.get("init")),
+        p["extra_args"],
+    ]
     return " ".join(x for x in parts if x)
 
 

@@ -61,7 +61,7 @@ class PretrainConfig:
     eval_fraction: float = setting(0.05, "held-out cells for eval.json", min=0, max=0.99)
     eval_max_cells: int = setting(2000, "held-out cells scored at most", cli=False)
     eval_max_pos: int = setting(2000, "positives per held-out cell scored at most", cli=False)
-    ckpt_every: int = setting(1000, "checkpoint every N steps (and at the end)", min=1)
+    ckpt_every: int = setting(1000, "checkpoint every N steps (and at the end; 0: only at the end)", min=0)
     device: str = setting("auto", "auto | cpu | cuda[:i]", pattern=r"auto|cpu|cuda(:[0-9]+)?")
     backend: str = setting("auto", "attention backend", choices=("auto", "sdpa", "packed", "flash"))
     precision: str = setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=PRECISIONS)
