@@ -81,9 +81,21 @@ class FeaturesConfig(ModelRuntime):
     svg: bool = setting(False, "also write SVG figures")
 
 
-# ----------------------------------------------------------------------------- supervised annotation
+# ----------------------------------------------------------------------------- annotation, imputation
 @dataclass
-class AnnotationConfig(Training, ModelRuntime):
+class FinetuneTask(Training, ModelRuntime):
+    """What ``annotate`` and ``impute`` share: a fine-tuned model beside LSI, written on request."""
+
+    lsi_components: int = setting(50, "SVD components of the LSI baseline(s)", min=2)
+    trainer: str = setting("task", "fine-tuning: task = this task's objective (supports max_steps), shared "
+                           "= token-budget batches with a cosine schedule", choices=("task", "shared"))
+    save_model: bool = setting(False, "also write the fine-tuned model (finetuned.pth)")
+    figures: bool = setting(True, "write the figures")
+    svg: bool = setting(False, "also write SVG figures")
+
+
+@dataclass
+class AnnotationConfig(FinetuneTask):
     """``epiflow annotate`` (``tasks.annotation``)."""
 
     label_key: str = setting("cell_type", "obs column with the cell types")
@@ -95,17 +107,11 @@ class AnnotationConfig(Training, ModelRuntime):
     batch_size: int = setting(32, "cells per step", min=1)
     focal_gamma: float = setting(2.0, "focal loss gamma (head mlp_focal)", min=0)
     query_fraction: float = setting(1 / 3, "fraction of each cell type in the query", exclusive_min=0, max=0.9)
-    lsi_components: int = setting(50, "SVD components of the LSI baselines", min=2)
-    trainer: str = setting("task", "fine-tuning: task = this task's objective (supports max_steps), shared "
-                           "= token-budget batches with a cosine schedule", choices=("task", "shared"))
     baselines: bool = setting(True, "the LSI / frozen-embedding baselines")
-    save_model: bool = setting(False, "also write the fine-tuned model (finetuned.pth)")
-    figures: bool = setting(True, "write the figures")
-    svg: bool = setting(False, "also write SVG figures")
 
 
 @dataclass
-class ImputationConfig(Training, ModelRuntime):
+class ImputationConfig(FinetuneTask):
     """``epiflow impute`` (``tasks.imputation``)."""
 
     label_key: str = setting("cell_type", "obs column with the cell types (scored by clustering)")
@@ -120,12 +126,6 @@ class ImputationConfig(Training, ModelRuntime):
     sr_weight: float = setting(1.0, "weight of the MSE reconstruction", min=0)
     cca_max_pos: int | None = setting(None, "cap on CCA positives per cell (default: all, as the paper)", min=1)
     n_pcs: int = setting(50, "principal components before Leiden", min=2)
-    lsi_components: int = setting(50, "SVD components of the LSI baseline", min=2)
-    trainer: str = setting("task", "fine-tuning: task = this task's objective (supports max_steps), shared "
-                           "= token-budget batches with a cosine schedule", choices=("task", "shared"))
-    save_model: bool = setting(False, "also write the fine-tuned model (finetuned.pth)")
-    figures: bool = setting(True, "write the figures")
-    svg: bool = setting(False, "also write SVG figures")
 
 
 # ----------------------------------------------------------------------------- perturbation
