@@ -124,7 +124,7 @@ def load_model(checkpoint, *, n_ccres: int | None = None, num_heads: int | None 
                                    fix="pass checkpoint.pth written by epiflow pretrain (or the authors' file)")
         kw = {} if dropout is None else {"dropout": float(dropout)}
         model = load_epiagent_checkpoint(p, num_heads=num_heads, n_ccres=n_ccres, mmap=False,
-                                         dtype=torch.float32, **kw)
+                                         dtype=torch.float32, backend=backend, **kw)
     model.to(resolve_device(device) if device is not None else torch.device("cpu"))
     model.set_backend(backend)
     return model
