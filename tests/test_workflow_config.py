@@ -147,3 +147,27 @@ def test_realdata_manifest_lists_existing_shared_files():
         for rel in (e.path, e.labels, e.barcodes, e.peaks):
             if rel:
                 assert (ROOT / "config/manifests" / rel).resolve().exists(), rel
+
+
+def test_check_workflow_config_notes_renames_and_problems():
+    """epiflow.workflow_config (what common.smk runs first): former setting names and numbers as text are
+    read with a note; wrong values are problems naming the key; both names at once is an error."""
+    from epiflow.errors import ConfigError
+    from epiflow.workflow_config import check_workflow_config
+
+    schema = ROOT / "workflow/schemas/config.schema.yaml"
+    cfg = copy.deepcopy(DEFAULT)
+    ko = cfg["tasks"]["knockout"]
+    ko["finetune_steps"] = ko.pop("max_steps")
+    cfg["tasks"]["annotation"]["lr"] = "1e-3"
+    notes, problems = check_workflow_config(cfg, schema)
+    assert problems == []
+    assert any("tasks.knockout.finetune_steps' is now 'tasks.knockout.max_steps'" in n for n in notes)
+    assert cfg["tasks"]["knockout"]["max_steps"] == 0 and cfg["tasks"]["annotation"]["lr"] == 0.001
+    cfg["tasks"]["annotation"]["head"] = "forest"
+    _, problems = check_workflow_config(cfg, schema)
+    assert len(problems) == 1 and "tasks.annotation.head" in problems[0]
+    both = copy.deepcopy(DEFAULT)
+    both["tasks"]["knockout"]["finetune_steps"] = 3
+    with pytest.raises(ConfigError, match="both 'finetune_steps'"):
+        check_workflow_config(both, schema)

@@ -1,0 +1,131 @@
+"""Checking the workflow's configuration (``config/*.yaml``) before any job runs: the schema file
+``workflow/schemas/config.schema.yaml`` plus the settings of the verbs (declared once, in
+``epiflow.tasks.config`` / ``epiflow.train.config``), former key names, numbers YAML read as text.
+Plain functions (the workflow's ``common.smk`` calls :func:`check_workflow_config`; tests call it too)."""
+
+from __future__ import annotations
+
+from .errors import ConfigError
+
+
+def _config_errors(cfg, schema):
+    """Human-readable problems of `cfg`, each naming the full key path (e.g. model.num_heads)."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = []
+    for err in sorted(
+        validator.iter_errors(cfg), key=lambda e: list(map(str, e.absolute_path))
+    ):
+        path = ".".join(str(p) for p in err.absolute_path)
+        if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+            allowed = sorted(err.schema.get("properties", {}))
+            for key in sorted(set(err.instance) - set(allowed)):
+                full = f"{path}.{key}" if path else str(key)
+                problems.append(
+                    f"unknown config key '{full}' (allowed here: {', '.join(allowed)})"
+                )
+        elif err.validator == "required":
+            problems.append(f"config key '{path or '<top level>'}': {err.message}")
+        else:
+            problems.append(f"config key '{path or '<top level>'}': {err.message}")
+    return problems
+
+
+def _coerce_numbers(cfg, schema):
+    """PyYAML (YAML 1.1) reads `1e-3` (no dot) as a string: a number field given a string that parses
+    as a number gets that number (a note says so). Returns the notes; changes `cfg` in place.
+    """
+    notes = []
+
+    def resolve(node):
+        while isinstance(node, dict) and "$ref" in node:
+            node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+        return node
+
+    def types(node):
+        node = resolve(node)
+        if not isinstance(node, dict):
+            return set()
+        t = node.get("type")
+        out = {t} if isinstance(t, str) else set(t or [])
+        for key in ("anyOf", "oneOf", "allOf"):
+            for sub in node.get(key, []):
+                out |= types(sub)
+        return out
+
+    def walk(obj, node, path):
+        node = resolve(node)
+        if not isinstance(node, dict) or not isinstance(obj, dict):
+            return
+        props = dict(node.get("properties", {}))
+        for part in node.get("allOf", []):
+            props.update(resolve(part).get("properties", {}))
+        for key, value in list(obj.items()):
+            sub = props.get(key)
+            if sub is None or sub is False:
+                continue
+            full = f"{path}.{key}" if path else str(key)
+            if isinstance(value, dict):
+                walk(value, sub, full)
+                continue
+            if not isinstance(value, str):
+                continue
+            ts = types(sub)
+            if not ts & {"number", "integer"} or "string" in ts:
+                continue
+            try:
+                num = float(value)
+            except ValueError:
+                continue
+            if "number" not in ts:
+                if not num.is_integer():
+                    continue
+                num = int(num)
+            obj[key] = num
+            notes.append(
+                f"config key '{full}': read the string {value!r} as the number {num!r} "
+                f"(YAML reads exponents without a dot as text; writing {num!r} avoids this note)"
+            )
+
+    walk(cfg, schema, "")
+    return notes
+
+
+def _rename_legacy_task_keys(cfg):
+    """Former key names of task settings (e.g. knockout finetune_steps -> max_steps) are read as
+    the new ones, with a note; both at once is an error. Changes `cfg` in place; returns the notes.
+    """
+    from .cliargs import legacy_keys
+    from .tasks.registry import TASKS
+
+    notes = []
+    for key, task in TASKS.items():
+        sec = (cfg.get("tasks") or {}).get(key)
+        if not isinstance(sec, dict):
+            continue
+        for cls in task.verbs.values():
+            for old, new in legacy_keys(cls).items():
+                if old not in sec:
+                    continue
+                if new in sec:
+                    raise ConfigError(f"tasks.{key}: both '{old}' (the former name) and '{new}' are set",
+                                      field=f"tasks.{key}.{old}", fix=f"keep only '{new}'")
+                sec[new] = sec.pop(old)
+                notes.append(
+                    f"config key 'tasks.{key}.{old}' is now 'tasks.{key}.{new}' (read as such; "
+                    "rename it to silence this note)"
+                )
+    return notes
+
+
+def check_workflow_config(cfg: dict, schema_file) -> tuple[list[str], list[str]]:
+    """``(notes, problems)`` of a workflow configuration against the schema file plus the settings of
+    the verbs (:func:`epiflow.tasks.registry.workflow_schema`). Former setting names are renamed and
+    numbers written as text (``1e-3``) read as numbers, in ``cfg`` itself, each with a note; a
+    problem names the full key path."""
+    from .tasks.registry import workflow_schema
+
+    schema = workflow_schema(schema_file)
+    notes = _rename_legacy_task_keys(cfg) + _coerce_numbers(cfg, schema)
+    return notes, _config_errors(cfg, schema)
