@@ -470,7 +470,7 @@ def part_tasks(c: Ctx) -> dict:
                                     w / "ckpt" / "checkpoint.pth", write_config=True)
     r = {"corpus": {"n_cells": corpus.n_cells, "n_ccres": corpus.n_ccres}, "model": preset, "device": c.dev}
     t0 = time.time()
-    rc = _cli(["annotate", "--corpus", w / "corpus", "--checkpoint", ckpt, "--out-dir", w / "ann", "--epochs", "1",
+    rc = _cli(["annotate", "--corpus", w / "corpus", "--checkpoint", ckpt, "--out", w / "ann", "--epochs", "1",
                "--device", c.dev, "--no-figures", "--no-baselines", *(["--max-steps", "2"] if c.smoke else [])])
     m = pd.read_csv(w / "ann" / "metrics.tsv", sep="\t").set_index("metric")["value"] if rc == 0 else {}
     r["annotate"] = {"exit_code": rc, "seconds": round(time.time() - t0, 1),
