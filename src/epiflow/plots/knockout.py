@@ -23,6 +23,7 @@ def knockout_figures(result, out: str | os.PathLike, *, title: str = "", seed: i
     import scanpy as sc
 
     from ..metrics import knn_graph
+    from ..tasks.knockout import target_name
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -45,7 +46,7 @@ def knockout_figures(result, out: str | os.PathLike, *, title: str = "", seed: i
         start = xy[knn[i, 0]].mean(1).mean(0)  # added
         end = xy[knn[i, 1]].mean(1).mean(0)    # removed
         ax.annotate("", xy=end, xytext=start, arrowprops=dict(arrowstyle="->", lw=1.5, color="black"))
-        lab = str(tab["gene"].iloc[i]) if "gene" in tab else str(tab["ccre"].iloc[i])
+        lab = target_name(tab.iloc[i])
         ax.text(start[0], start[1], lab, fontsize=7)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -56,8 +57,7 @@ def knockout_figures(result, out: str | os.PathLike, *, title: str = "", seed: i
 
     fig = _figure(1.5 + 0.45 * (nt + 1), 3.6)
     ax = fig.add_subplot(1, 1, 1)
-    names = [(f"{g}:{c}" if "gene" in tab else str(c)) for g, c in
-             zip(tab["gene"] if "gene" in tab else tab["ccre"], tab["ccre"])] + ["random"]
+    names = [target_name(r) for _, r in tab.iterrows()] + ["random"]
     means = list(tab["mean_effect"]) + [float(np.mean(res["random_effects"]))]
     sds = list(tab["sd_effect"]) + [float(np.std(res["random_effects"]))]
     cols = ["#c0392b" if p < 0.05 else "#7f8c8d" for p in tab["p_value"]] + ["#bdc3c7"]

@@ -200,10 +200,13 @@ class KnockoutConfig(ModelRuntime):
     state_a: str = setting("normal", "the reference state, score 0")
     state_b: str = setting("cancer", "the other state, score 1")
     genes: list[str] | None = setting(None, "genes whose promoter cCREs are the targets (comma list; needs "
-                                      "--tss)")
+                                      "--tss); GENE:BP gives that gene its own upstream window (the paper: "
+                                      "ABCC1,VEGFA,EGLN3:5000)", pattern=r"[^,\s]+")
     ccres: list[int] | None = setting(None, "target cCRE indices (vocabulary order; comma list)", min=0)
     upstream: int = setting(2000, "promoter window upstream of the TSS (bp)", min=0)
     downstream: int = setting(500, "promoter window downstream of the TSS (bp)", min=0)
+    group: bool = setting(False, "also knock out every target cCRE at once (the paper's 'Group' knockout, "
+                          "Fig. 5d-e)")
     max_steps: int = setting(0, "fine-tune (SR + CCA) on the cells first for N steps (0: zero-shot)", min=0,
                              aliases=("--finetune-steps",))
     batch_size: int = setting(16, "cells per fine-tuning step", min=1)

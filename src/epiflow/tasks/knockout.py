@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..errors import EpiflowError, InputFormatError
+from ..errors import ConfigError, EpiflowError, InputFormatError
 from ..metrics.table import metric_rows, metrics_frame
 from .common import TaskResult
 from .zeroshot import obs_column
@@ -126,10 +126,10 @@ def chimeric_cells(xa, xb, pairs_a, pairs_b, scores, rng) -> sp.csr_matrix:
     return _binary(parts[0] + parts[1])
 
 
-def set_column(x: sp.csr_matrix, j: int, value: bool) -> sp.csr_matrix:
-    """Copy of binary ``x`` with column ``j`` set to 1 (``value``) or 0 in every row."""
+def set_column(x: sp.csr_matrix, j, value: bool) -> sp.csr_matrix:
+    """Copy of binary ``x`` with column ``j`` (an index, or several) set to 1 (``value``) or 0 in every row."""
     x = sp.csr_matrix(x, copy=True).tolil()
-    x[:, j] = 1.0 if value else 0.0
+    x[:, np.atleast_1d(np.asarray(j, dtype=np.int64))] = 1.0 if value else 0.0
     return _binary(x.tocsr())
 
 
@@ -145,13 +145,15 @@ def knn_score(ref_emb, ref_scores, emb, k: int = 20) -> tuple[np.ndarray, np.nda
 # ----------------------------------------------------------------------------- core
 def knockout_effects(embed_fn, xa, xb, targets: pd.DataFrame, *, n_reference: int = 1000, n_query: int = 50,
                      n_random: int = 50, k: int = 20, alternative: str = "less", seed: int = 0,
-                     emb_a=None, emb_b=None, random_pool=None) -> dict:
+                     emb_a=None, emb_b=None, random_pool=None, group: bool = False) -> dict:
     """The knockout analysis on binary/count matrices of the two states (cells x cCREs).
 
     ``embed_fn(csr) -> embeddings`` embeds cells given as a count matrix. ``targets``: DataFrame with a
     ``ccre`` column (vocabulary index) and optionally ``gene``. ``emb_a`` / ``emb_b``: embeddings of the
     state cells for OT pairing (computed with ``embed_fn`` when absent). ``random_pool``: cCRE indices
     to draw the random knockouts from (default: cCREs accessible in some cell of either state).
+    ``group``: one more target, every target cCRE added / removed at once (the paper's "Group"
+    knockout; its row has ``ccre`` -1, ``gene`` "Group" and ``n_ccres`` the number of cCREs).
     Returns a dict with ``table`` (per target), ``random`` (per random cCRE), ``reference`` (scores,
     embeddings), ``query`` arrays and ``score_r`` (leave-one-out kNN score prediction on the reference).
     """
@@ -184,40 +186,71 @@ def knockout_effects(embed_fn, xa, xb, targets: pd.DataFrame, *, n_reference: in
         random_pool = np.flatnonzero(np.asarray((xa.sum(0) + xb.sum(0))).ravel() > 0)
     rand = rng.choice(random_pool, size=min(n_random, len(random_pool)), replace=False)
     tgt = targets["ccre"].to_numpy(dtype=np.int64)
-    all_ccres = np.concatenate([tgt, rand])
-    # all variants in one matrix: for each cCRE, the query with it added, then removed
+    sets = [np.array([j]) for j in tgt] + ([np.unique(tgt)] if group and len(tgt) else [])
+    n_sets = len(sets)
+    sets += [np.array([j]) for j in rand]
+    # all variants in one matrix: for each target (a cCRE, or the group), the query with it added, then removed
     mats = []
-    for j in all_ccres:
-        mats += [set_column(q, int(j), True), set_column(q, int(j), False)]
+    for js in sets:
+        mats += [set_column(q, js, True), set_column(q, js, False)]
     emb = embed_fn(sp.vstack(mats, format="csr"))
     sc_, idx = knn_score(ref_emb, ref_scores, emb, k)
-    sc_ = sc_.reshape(len(all_ccres), 2, n_query)
+    sc_ = sc_.reshape(len(sets), 2, n_query)
     eff = sc_[:, 1] - sc_[:, 0]  # removed - added, per query cell
-    rand_eff = eff[len(tgt):].ravel()
+    rand_eff = eff[n_sets:].ravel()
     rows = []
-    for i, j in enumerate(tgt):
+    for i in range(n_sets):
         e = eff[i]
         t, p = ttest_ind(e, rand_eff, equal_var=False, alternative=alternative) if len(rand_eff) > 1 else (np.nan,
                                                                                                             np.nan)
-        rows.append({"ccre": int(j), "mean_effect": float(e.mean()), "sd_effect": float(e.std(ddof=1)) if n_query > 1
-                     else 0.0, "score_added": float(sc_[i, 0].mean()), "score_removed": float(sc_[i, 1].mean()),
+        rows.append({"ccre": int(sets[i][0]) if i < len(tgt) else -1, "n_ccres": len(sets[i]),
+                     "mean_effect": float(e.mean()), "sd_effect": float(e.std(ddof=1)) if n_query > 1 else 0.0,
+                     "score_added": float(sc_[i, 0].mean()), "score_removed": float(sc_[i, 1].mean()),
                      "t": float(t), "p_value": float(p)})
     table = pd.DataFrame(rows)
     if len(table):
         extra = targets.reset_index(drop=True).drop(columns=["ccre"], errors="ignore")
+        if n_sets > len(tgt):  # the group row
+            extra = pd.concat([extra, pd.DataFrame([{"gene": "Group"}] if "gene" in extra else [{}])],
+                              ignore_index=True)
         table = pd.concat([extra, table], axis=1)
-    rtab = pd.DataFrame({"ccre": rand, "mean_effect": eff[len(tgt):].mean(1)})
+    rtab = pd.DataFrame({"ccre": rand, "mean_effect": eff[n_sets:].mean(1)})
     return {"table": table, "random": rtab, "random_effects": rand_eff, "reference_scores": ref_scores,
-            "reference_embedding": ref_emb, "query_knn": idx.reshape(len(all_ccres), 2, n_query, -1),
-            "n_targets": len(tgt), "score_r": score_r}
+            "reference_embedding": ref_emb, "query_knn": idx.reshape(len(sets), 2, n_query, -1),
+            "n_targets": n_sets, "score_r": score_r}
 
 
 # ----------------------------------------------------------------------------- pipeline
+def target_name(row) -> str:
+    """The name of a knockout target row: ``GENE:ccre``, the cCRE index, or ``Group``."""
+    if int(row["ccre"]) < 0:
+        return "Group"
+    gene = row.get("gene") if hasattr(row, "get") else None
+    return f"{gene}:{int(row['ccre'])}" if isinstance(gene, str) and gene else str(int(row["ccre"]))
+
+
+def gene_windows(genes, upstream: int) -> dict[str, int]:
+    """Gene -> upstream window (bp) from ``GENE`` (``upstream``) or ``GENE:BP`` entries (the paper:
+    ABCC1 and VEGFA at 2,000 bp, ``EGLN3:5000``)."""
+    out: dict[str, int] = {}
+    for g in genes:
+        name, _, bp = str(g).partition(":")
+        try:
+            win = int(bp) if bp else int(upstream)
+        except ValueError:
+            win = -1
+        if not name or win < 0:
+            raise ConfigError(f"genes entry {g!r} is not GENE or GENE:BP", field="genes",
+                              fix="e.g. VEGFA or EGLN3:5000 (an upstream window in bp, >= 0)")
+        out[name] = win
+    return out
+
+
 def knockout_targets(cfg: KnockoutConfig, *, tss: pd.DataFrame | None = None,
                      vocab: pd.DataFrame | None = None) -> pd.DataFrame:
     """The target cCREs of the settings: ``cfg.ccres`` (vocabulary indices; column ``ccre``), else the
     promoter cCREs of ``cfg.genes`` (``gene, ccre, chrom, start, end``; :func:`promoter_ccres` with the
-    ``cfg.upstream`` / ``cfg.downstream`` window) from ``tss`` (:func:`read_tss`) and the cCRE
+    ``cfg.upstream`` / ``cfg.downstream`` window, or a gene's own upstream window written ``GENE:BP``) from ``tss`` (:func:`read_tss`) and the cCRE
     vocabulary ``vocab`` (``chrom, start, end`` in token order: the corpus ``vocab.bed``)."""
     if cfg.ccres:
         return pd.DataFrame({"ccre": np.asarray(list(cfg.ccres), dtype=np.int64)})
@@ -229,7 +262,12 @@ def knockout_targets(cfg: KnockoutConfig, *, tss: pd.DataFrame | None = None,
     from ..genome.intervals import normalize_chrom
 
     vocab = vocab.assign(chrom=normalize_chrom(vocab["chrom"].to_numpy()))
-    targets = promoter_ccres(tss, vocab, cfg.genes, upstream=cfg.upstream, downstream=cfg.downstream)
+    windows = gene_windows(cfg.genes, cfg.upstream)
+    parts = [promoter_ccres(tss, vocab, [g for g, w in windows.items() if w == win], upstream=win,
+                            downstream=cfg.downstream) for win in sorted(set(windows.values()))]
+    order = {g: i for i, g in enumerate(windows)}
+    targets = pd.concat(parts, ignore_index=True)
+    targets = targets.sort_values("gene", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
     if targets.empty:
         raise EpiflowError(f"no cCRE of the vocabulary lies in the promoters of {list(cfg.genes)}", field="genes",
                            fix="check the genome build of --tss and the gene names")
@@ -286,7 +324,7 @@ def run(cells, model, cfg: KnockoutConfig, targets, *, df: np.ndarray | None = N
     all_emb = embed_cells(model, cells, device=device, progress=progress)
     res = knockout_effects(embed_fn, counts[ia], counts[ib], targets, n_reference=cfg.n_reference,
                            n_query=cfg.n_query, n_random=cfg.n_random, k=cfg.k, alternative=cfg.alternative,
-                           seed=seed, emb_a=all_emb[ia], emb_b=all_emb[ib])
+                           seed=seed, emb_a=all_emb[ia], emb_b=all_emb[ib], group=cfg.group)
     ds = dataset or (str(cells.obs["dataset"].iloc[0]) if "dataset" in cells.obs else "all")
     tab = res.pop("table")
     rand = res.pop("random")
@@ -295,7 +333,7 @@ def run(cells, model, cfg: KnockoutConfig, targets, *, df: np.ndarray | None = N
         "reference_score_r": res["score_r"], "random_mean_effect": float(np.mean(res["random_effects"])),
         "n_significant": int((tab["p_value"] < 0.05).sum()), "finetune_steps": len(hist)})
     for _, r in tab.iterrows():
-        name = f"{r['gene']}:{int(r['ccre'])}" if "gene" in tab else str(int(r["ccre"]))
+        name = target_name(r)
         rows += metric_rows(TASK, ds, "EpiAgent", {f"mean_effect[{name}]": r["mean_effect"],
                                                    f"p_value[{name}]": r["p_value"]})
     return TaskResult(metrics=metrics_frame(rows), tables={"knockout": tab, "random": rand},
