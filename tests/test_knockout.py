@@ -224,3 +224,21 @@ def test_per_gene_promoter_windows():
     t = knockout_targets(KnockoutConfig(genes=["FAR", "NEAR:5000"], upstream=2000, downstream=0), tss=tss,
                          vocab=vocab)
     assert sorted(zip(t["gene"], t["ccre"])) == [("NEAR", 0), ("NEAR", 2)]
+
+
+def test_knockout_cli_group_row(tmp_path, ko_inputs):
+    """--group adds the combined knockout through the verb: a Group row in knockout.tsv, a
+    mean_effect[Group] metric for the panels, and the figures draw it."""
+    root, tss, ckpt = ko_inputs
+    out = tmp_path / "ko"
+    rc = main(["knockout", "--checkpoint", str(ckpt), "--corpus", str(root), "--genes", "GENEB:1200", "--tss",
+               str(tss), "--downstream", "0", "--group", "--n-reference", "120", "--n-query", "8", "--n-random", "4",
+               "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    tab = pd.read_csv(out / "knockout.tsv", sep="\t")
+    # a 1,200 bp upstream window (no downstream) holds cCREs 40 (50,000-50,500) and 41 (51,000-51,500)
+    assert tab["gene"].tolist() == ["GENEB", "GENEB", "Group"] and tab["ccre"].tolist() == [40, 41, -1]
+    assert tab["n_ccres"].tolist() == [1, 1, 2]
+    m = pd.read_csv(out / "metrics.tsv", sep="\t").set_index("metric")["value"]
+    assert np.isfinite(m["mean_effect[Group]"]) and m["n_targets"] == 3
+    assert (out / "knockout_effects.png").stat().st_size > 0
