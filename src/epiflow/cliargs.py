@@ -300,5 +300,6 @@ def add_io_args(parser, *, cells: str | None = "required", checkpoint: str | Non
                        help="use only the cells whose obs 'dataset' is NAME (several: comma-separated)")
     if checkpoint:
         g.add_argument("--checkpoint", required=checkpoint == "required", metavar="PTH", help=checkpoint_help)
-    g.add_argument("--out", "--out-dir", dest="out", required=True, metavar="DIR" if out == "folder" else "FILE",
+    names = ("--out", "--out-dir") if out == "folder" else ("--out",)  # --out-dir: the former name of a folder
+    g.add_argument(*names, dest="out", required=True, metavar="DIR" if out == "folder" else "FILE",
                    help="output folder" if out == "folder" else "output file")
