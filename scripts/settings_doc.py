@@ -8,14 +8,13 @@ their one declaration, the dataclasses of src/epiflow/tasks/config.py (issue #18
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from epiflow.cliargs import fields, flag  # noqa: E402
+from epiflow.cliargs import field_default, fields, flag  # noqa: E402
 from epiflow.tasks.registry import PRETRAIN_WORKFLOW_KEYS, TASKS  # noqa: E402
 from epiflow.train.config import PretrainConfig  # noqa: E402
 
@@ -50,7 +49,7 @@ def _type(f, kind) -> str:
 
 
 def _default(f) -> str:
-    d = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    d = field_default(f)
     if isinstance(d, float):
         d = f"{d:.6g}"
     if isinstance(d, bool):

@@ -92,12 +92,21 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _default(f: dataclasses.Field):
+def field_default(f: dataclasses.Field):
+    """A dataclass field's default (its factory called), or ``dataclasses.MISSING``."""
     if f.default is not _MISSING:
         return f.default
     if f.default_factory is not _MISSING:
         return f.default_factory()
     return _MISSING
+
+
+def default_of(cls, name: str):
+    """The default of field ``name`` of settings ``cls`` (KeyError when it has no such field)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return field_default(f)
+    raise KeyError(f"{cls.__name__}.{name}")
 
 
 def _convert(value: str, base: type, name: str):
@@ -134,7 +143,7 @@ def add_config_args(parser, cls, *, exclude: Iterable[str] = (), defaults: Mappi
         meta = f.metadata
         if f.name in skip or not meta.get("cli", True):
             continue
-        default = (defaults or {}).get(f.name, _default(f))
+        default = (defaults or {}).get(f.name, field_default(f))
         names = [flag(f.name), *meta.get("aliases", ())]
         help_text = meta.get("help", "").replace("%", "%%")  # argparse formats help with %
         if kind.base is bool and not kind.is_list:

@@ -362,19 +362,16 @@ ZS_ROOT = f"{R}/tasks/zeroshot_annotation"
 def task_setting(task, key):
     """A task's setting: its config value, else the default of the first of the task's verbs that
     has it (epiflow.tasks.config: the one place the defaults are declared)."""
-    import dataclasses
+    from epiflow.cliargs import default_of
 
     value = config["tasks"][task].get(key)
     if value is not None:
         return value
     for cls in TASKS[task].verbs.values():
-        for f in dataclasses.fields(cls):
-            if f.name == key:
-                return (
-                    f.default
-                    if f.default is not dataclasses.MISSING
-                    else f.default_factory()
-                )
+        try:
+            return default_of(cls, key)
+        except KeyError:
+            continue
     raise KeyError(f"tasks.{task}.{key}")
 
 
@@ -572,7 +569,7 @@ def fe_args(trajectory):
     return verb_args(
         "feature_extraction",
         sr_objective=config["tasks"]["feature_extraction"].get("sr_objective")
-        or config["pretrain"].get("sr_objective", "bce"),
+        or pretrain_setting("sr_objective"),
         trajectory=trajectory,
         root_type=traj.get("root_type") if trajectory else None,
         order=traj.get("order") if trajectory else None,
@@ -587,6 +584,15 @@ def task_metrics_files(wildcards=None):
     files = task_files(["metrics.tsv"])
     files += [f for f in baseline_targets() if f == f"{R}/baselines/metrics.tsv"]
     return files
+
+
+def pretrain_setting(key):
+    """A pretraining setting: config pretrain.<key>, else PretrainConfig's default."""
+    from epiflow.cliargs import default_of
+    from epiflow.train.config import PretrainConfig
+
+    value = config["pretrain"].get(key)
+    return default_of(PretrainConfig, key) if value is None else value
 
 
 def pretrain_args():
