@@ -86,3 +86,22 @@ def tiny_checkpoint(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def assert_same_task_files():
+    """Check that two result folders of a task verb hold the same numbers: the given tables and
+    metrics.tsv (but its wall-time rows ``train_seconds``), to float tolerance (sums on other threads)."""
+
+    def check(out: Path, ref: Path, tables, *, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+        import pandas as pd
+
+        for name in tables:
+            pd.testing.assert_frame_equal(pd.read_csv(out / name, sep="\t"), pd.read_csv(ref / name, sep="\t"),
+                                          check_exact=False, rtol=rtol, atol=atol)
+        a, b = (pd.read_csv(d / "metrics.tsv", sep="\t") for d in (out, ref))
+        pd.testing.assert_frame_equal(a[a["metric"] != "train_seconds"].reset_index(drop=True),
+                                      b[b["metric"] != "train_seconds"].reset_index(drop=True), check_exact=False,
+                                      rtol=rtol, atol=atol)
+
+    return check

@@ -17,7 +17,7 @@ from epiflow.plots.annotation import annotation_figures, sankey_figure
 from epiflow.report.results import write_task_result
 from epiflow.tasks.annotation import (finetune_classifier, lsi_reference_projection,
                                       predict_proba, run, stratified_split)
-from epiflow.tasks.common import corpus_vocab, load_cells, load_model
+from epiflow.tasks.common import corpus_vocab, load_cells, load_inputs, load_model
 from epiflow.tasks.config import AnnotationConfig
 
 FILES = {"metrics.tsv", "predictions.tsv", "confusion.tsv", "train_log.tsv", "confusion.png", "sankey.png"}
@@ -26,10 +26,7 @@ FILES = {"metrics.tsv", "predictions.tsv", "confusion.tsv", "train_log.tsv", "co
 def annotate(cells, checkpoint, *, out=None, dataset=None, **settings):
     """run() on the cells / checkpoint as the CLI does it (figures with ``figures``), written to ``out``."""
     cfg = AnnotationConfig(**settings)
-    shard = load_cells(cells, dataset=dataset)
-    model = load_model(checkpoint, n_ccres=shard.n_ccres, num_heads=cfg.num_heads, backend=cfg.backend,
-                       device=cfg.device)
-    res = run(shard, model, cfg, dataset=dataset)
+    res = run(*load_inputs(cells, checkpoint, cfg, dataset=dataset), cfg, dataset=dataset)
     if out is not None:
         write_task_result(res, out, models=cfg.save_model)
         if cfg.figures:
@@ -207,7 +204,7 @@ def test_cli_annotate(toy, capsys):
     assert "label column 'nope'" in capsys.readouterr().err
 
 
-def test_cli_writes_the_files_of_run(toy, capsys):
+def test_cli_writes_the_files_of_run(toy, capsys, assert_same_task_files):
     """The CLI (new flag names, figures on) writes exactly the task's files, with the numbers of
     run() + write_task_result for the same settings; --save-model adds the model and its classes."""
     tmp, corpus, ckpt = toy
@@ -218,13 +215,7 @@ def test_cli_writes_the_files_of_run(toy, capsys):
     assert {p.name for p in out.iterdir()} == FILES | {"finetuned.pth", "finetuned.pth.json", "classes.json"}
     ref = tmp / "run_files"
     annotate(corpus, ckpt, out=ref, max_steps=2, seed=3, device="cpu", progress=False, figures=False)
-    for name in ("predictions.tsv", "confusion.tsv"):
-        pd.testing.assert_frame_equal(pd.read_csv(out / name, sep="\t"), pd.read_csv(ref / name, sep="\t"),
-                                      check_exact=False, rtol=1e-4, atol=1e-5)  # float sums of other threads
-    a, b = (pd.read_csv(d / "metrics.tsv", sep="\t") for d in (out, ref))
-    pd.testing.assert_frame_equal(a[a["metric"] != "train_seconds"].reset_index(drop=True),
-                                  b[b["metric"] != "train_seconds"].reset_index(drop=True), check_exact=False,
-                                  rtol=1e-4, atol=1e-5)
+    assert_same_task_files(out, ref, ("predictions.tsv", "confusion.tsv"))
 
 
 def test_shared_trainer(toy, capsys):

@@ -13,7 +13,7 @@ from epiflow.model import EpiAgentConfig, from_config, save_epiagent_checkpoint
 from epiflow.metrics.table import METRIC_COLUMNS
 from epiflow.plots.imputation import imputation_figures
 from epiflow.report.results import write_task_result
-from epiflow.tasks.common import corpus_vocab, load_cells, load_model
+from epiflow.tasks.common import corpus_vocab, load_cells, load_inputs, load_model
 from epiflow.tasks.config import ImputationConfig
 from epiflow.tasks.imputation import decode_signal, finetune_imputation, lsi_reconstruction, run
 
@@ -23,10 +23,7 @@ FILES = {"metrics.tsv", "imputed.h5ad", "per_cell.tsv", "per_ccre.tsv", "train_l
 def impute(cells, checkpoint, *, out=None, dataset=None, **settings):
     """run() on the cells / checkpoint as the CLI does it (figures with ``figures``), written to ``out``."""
     cfg = ImputationConfig(**settings)
-    shard = load_cells(cells, dataset=dataset)
-    model = load_model(checkpoint, n_ccres=shard.n_ccres, num_heads=cfg.num_heads, backend=cfg.backend,
-                       device=cfg.device)
-    res = run(shard, model, cfg, vocab=corpus_vocab(cells), dataset=dataset)
+    res = run(*load_inputs(cells, checkpoint, cfg, dataset=dataset), cfg, vocab=corpus_vocab(cells), dataset=dataset)
     if out is not None:
         write_task_result(res, out, models=cfg.save_model)
         if cfg.figures:
@@ -135,7 +132,7 @@ def test_cli_impute(toy, capsys):
     assert rc == 2
 
 
-def test_cli_writes_the_files_of_run(toy, capsys):
+def test_cli_writes_the_files_of_run(toy, capsys, assert_same_task_files):
     """The CLI (new flag names, figures on) writes exactly the task's files, with the numbers of
     run() + write_task_result for the same settings; --save-model adds the model."""
     tmp, corpus, ckpt = toy
@@ -146,13 +143,7 @@ def test_cli_writes_the_files_of_run(toy, capsys):
     assert {p.name for p in out.iterdir()} == FILES | {"finetuned.pth", "finetuned.pth.json"}
     ref = tmp / "run_files"
     impute(corpus, ckpt, out=ref, max_steps=1, seed=3, device="cpu", progress=False, figures=False)
-    for name in ("per_cell.tsv", "per_ccre.tsv"):
-        pd.testing.assert_frame_equal(pd.read_csv(out / name, sep="\t"), pd.read_csv(ref / name, sep="\t"),
-                                      check_exact=False, rtol=1e-4, atol=1e-5)  # float sums of other threads
-    a, b = (pd.read_csv(d / "metrics.tsv", sep="\t") for d in (out, ref))
-    pd.testing.assert_frame_equal(a[a["metric"] != "train_seconds"].reset_index(drop=True),
-                                  b[b["metric"] != "train_seconds"].reset_index(drop=True), check_exact=False,
-                                  rtol=1e-4, atol=1e-5)
+    assert_same_task_files(out, ref, ("per_cell.tsv", "per_ccre.tsv"))
     x, y = ad.read_h5ad(out / "imputed.h5ad"), ad.read_h5ad(ref / "imputed.h5ad")
     np.testing.assert_allclose(x.X, y.X, rtol=1e-4, atol=1e-5)
     assert x.var.equals(y.var) and x.uns["epiflow_imputation"]["epochs"] == 15

@@ -1,5 +1,5 @@
 """The task registry and the task settings (issue #18): light to import, consistent with the verbs,
-the workflow schema, the panels and the constants they mirror."""
+the workflow schema and the panels."""
 
 from __future__ import annotations
 
@@ -17,14 +17,6 @@ def test_registry_and_settings_import_nothing_heavy():
             "print(sorted(m for m in ('torch', 'scanpy', 'sklearn', 'anndata') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-
-
-def test_mirrored_constants_are_equal():
-    from epiflow.baselines.lsi import DEFAULT_RECIPE, LSI_RECIPES
-    from epiflow.metrics.ordering import HEMATOPOIESIS_ORDER
-
-    assert C.HEMATOPOIESIS_ORDER == HEMATOPOIESIS_ORDER
-    assert set(C.LSI_RECIPES) == set(LSI_RECIPES) and C.DEFAULT_LSI_RECIPE == DEFAULT_RECIPE
 
 
 def test_every_task_verb_is_registered_with_its_settings():
@@ -66,3 +58,10 @@ def test_every_setting_is_a_flag_of_its_verb(verb):
         assert flag(f.name) in opts, f"{verb}: {flag(f.name)}"
     for name in ("--corpus", "--out"):
         assert name in opts or verb == "annotate-zeroshot" and name == "--corpus"
+
+
+def test_backend_choices_are_the_models_plus_auto():
+    from epiflow.model.attention import BACKENDS as MODEL_BACKENDS
+    from epiflow.train.config import BACKENDS
+
+    assert BACKENDS[0] == "auto" and set(BACKENDS[1:]) == set(MODEL_BACKENDS)

@@ -6,7 +6,7 @@ import shlex
 
 from epiflow.plots.figures import PANELS
 
-from epiflow.tasks.registry import TASKS, task_of_metrics
+from epiflow.tasks.registry import TASKS, partial_tables, task_of_metrics
 
 
 def figure_baseline_task(metrics_task):
@@ -53,11 +53,9 @@ def figure_plan(name):
         metrics.append(bl_table)
     tables = [(u, f"{base}/{u}/{t}") for u in units for t in p.tables]
     problems = []
-    # tables that the config writes for only some datasets of the task (PARTIAL_UNIT_TABLES, e.g.
-    # trajectory.tsv in rules/tasks.smk): the panel draws the datasets that have them
-    partial = {
-        table: why for t in TASKS.values() for table, why in t.partial_tables.items()
-    }
+    # tables that the config writes for only some datasets of the task (the registry's partial
+    # tables, e.g. trajectory.tsv): the panel draws the datasets that have them
+    partial = partial_tables()
     for t in sorted(set(p.tables) & set(partial)):
         made = [x for x in tables if os.path.basename(x[1]) != t or _producible(x[1])]
         if not any(os.path.basename(x[1]) == t for x in made):

@@ -28,11 +28,6 @@ if _fe_unknown:
         f"config tasks.feature_extraction.trajectory.datasets lists {_fe_unknown}, which are not in "
         f"tasks.feature_extraction.datasets ({FE_CFG['datasets']}): the trajectory runs on evaluated datasets"
     )
-# per-dataset tables written for only some datasets of a task (the registry's partial_tables): panels
-# draw the datasets that have them
-PARTIAL_UNIT_TABLES = {
-    table: why for t in TASKS.values() for table, why in t.partial_tables.items()
-}
 if FE_CFG["enabled"] and not FE_TRAJECTORY and workflow.is_main_process:
     from snakemake.logging import logger
 

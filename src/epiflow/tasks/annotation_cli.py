@@ -16,12 +16,10 @@ from .config import AnnotationConfig
 def _annotate(args: argparse.Namespace) -> int:
     from ..report.results import write_task_result
     from .annotation import run
-    from .common import load_cells, load_model
+    from .common import load_inputs
 
     cfg = config_from_args(AnnotationConfig, args)
-    cells = load_cells(args.corpus, df=args.df, dataset=args.dataset)
-    model = load_model(args.checkpoint, n_ccres=cells.n_ccres, num_heads=cfg.num_heads, backend=cfg.backend,
-                       device=cfg.device)
+    cells, model = load_inputs(args.corpus, args.checkpoint, cfg, df=args.df, dataset=args.dataset)
     res = run(cells, model, cfg, dataset=args.dataset)
     out = Path(args.out)
     write_task_result(res, out, models=cfg.save_model)

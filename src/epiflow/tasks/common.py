@@ -17,7 +17,7 @@ import pandas as pd
 from ..errors import EpiflowError, InputFormatError
 from ..train.engine import resolve_device
 
-__all__ = ["TaskResult", "dataset_names", "load_cells", "load_model", "resolve_device", "corpus_vocab",
+__all__ = ["TaskResult", "dataset_names", "load_cells", "load_inputs", "load_model", "resolve_device", "corpus_vocab",
            "corpus_df"]
 
 
@@ -128,6 +128,17 @@ def load_model(checkpoint, *, n_ccres: int | None = None, num_heads: int | None 
     model.to(resolve_device(device) if device is not None else torch.device("cpu"))
     model.set_backend(backend)
     return model
+
+
+def load_inputs(corpus, checkpoint, settings, *, df=None, dataset=None, max_cells: int | None = None):
+    """``(cells, model)`` of a task verb: the cells (:func:`load_cells`) and a trainable copy of the
+    checkpoint on their vocabulary with the settings' ``num_heads``, ``backend`` and ``device``
+    (:func:`load_model`; an unknown device is an error before anything loads)."""
+    resolve_device(settings.device)
+    cells = load_cells(corpus, df=df, dataset=dataset, max_cells=max_cells, seed=settings.seed)
+    model = load_model(checkpoint, n_ccres=cells.n_ccres, num_heads=settings.num_heads, backend=settings.backend,
+                       device=settings.device)
+    return cells, model
 
 
 @dataclass

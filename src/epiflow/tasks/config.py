@@ -15,14 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..baselines.lsi import DEFAULT_RECIPE as DEFAULT_LSI_RECIPE
+from ..baselines.lsi import LSI_RECIPES
 from ..cliargs import setting
+from ..metrics.ordering import HEMATOPOIESIS_ORDER
+from ..train.config import BACKENDS
 
-BACKENDS = ("auto", "sdpa", "packed", "flash")
-# = epiflow.metrics.ordering.HEMATOPOIESIS_ORDER and epiflow.baselines.lsi (kept equal by a test; those
-# modules import scanpy / scikit-learn)
-HEMATOPOIESIS_ORDER = "HSC < MPP < LMPP, CMP < GMP, MEP, CLP"
-LSI_RECIPES = tuple(f"{t}+{s}" for t in ("log", "plain", "signac") for s in ("us", "zscore", "l2"))
-DEFAULT_LSI_RECIPE = "plain+l2"
 DEFAULT_KS = [100, 250, 500, 1000]
 
 

@@ -15,13 +15,11 @@ from .config import ImputationConfig
 
 def _impute(args: argparse.Namespace) -> int:
     from ..report.results import write_task_result
-    from .common import corpus_vocab, load_cells, load_model
+    from .common import corpus_vocab, load_inputs
     from .imputation import run
 
     cfg = config_from_args(ImputationConfig, args)
-    cells = load_cells(args.corpus, df=args.df, dataset=args.dataset)
-    model = load_model(args.checkpoint, n_ccres=cells.n_ccres, num_heads=cfg.num_heads, backend=cfg.backend,
-                       device=cfg.device)
+    cells, model = load_inputs(args.corpus, args.checkpoint, cfg, df=args.df, dataset=args.dataset)
     res = run(cells, model, cfg, vocab=corpus_vocab(args.corpus), dataset=args.dataset)
     out = Path(args.out)
     write_task_result(res, out, models=cfg.save_model)

@@ -8,17 +8,16 @@ def _integrate(args) -> int:
     from ..cliargs import config_from_args
     from ..plots.integration import integration_figures
     from ..report.results import write_task_result
-    from .common import load_cells, load_model
+    from .common import load_cells, load_inputs
     from .config import IntegrationConfig
     from .integration import run
     from .zeroshot import read_label_map
 
     cfg = config_from_args(IntegrationConfig, args)
-    cells = load_cells(args.corpus, df=args.df, dataset=args.dataset, max_cells=cfg.max_cells, seed=cfg.seed)
+    cells, model = load_inputs(args.corpus, args.checkpoint, cfg, df=args.df, dataset=args.dataset,
+                               max_cells=cfg.max_cells)
     query = None if args.query is None else load_cells(args.query, df=args.df, dataset=args.query_dataset)
     label_map = None if args.label_map is None else read_label_map(args.label_map)
-    model = load_model(args.checkpoint, n_ccres=cells.n_ccres, num_heads=cfg.num_heads, backend=cfg.backend,
-                       device=cfg.device)
     res = run(cells, model, cfg, query=query, label_map=label_map, dataset=args.dataset)
     if cfg.umap:
         integration_figures(res, args.out)

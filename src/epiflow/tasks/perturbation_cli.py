@@ -69,12 +69,9 @@ def _dataset(cells, key: str, args) -> str:
 
 
 def _inputs(args, cfg, key: str):
-    from .common import load_cells, load_model, resolve_device
+    from .common import load_inputs
 
-    resolve_device(cfg.device)  # an unknown device: a clear error before any loading
-    cells = load_cells(args.corpus, df=args.df, dataset=args.dataset)
-    model = load_model(args.checkpoint, n_ccres=cells.n_ccres, num_heads=cfg.num_heads, backend=cfg.backend,
-                       device=cfg.device)
+    cells, model = load_inputs(args.corpus, args.checkpoint, cfg, df=args.df, dataset=args.dataset)
     return cells, model, _dataset(cells, key, args)
 
 

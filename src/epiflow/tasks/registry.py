@@ -69,6 +69,11 @@ def task_of_metrics(metrics_task: str) -> Task | None:
     return None
 
 
+def partial_tables() -> dict[str, str]:
+    """Tables that only some result folders of a task get -> why a configuration may give them to none."""
+    return {table: why for t in TASKS.values() for table, why in t.partial_tables.items()}
+
+
 def verb_config(verb: str) -> type:
     """The settings dataclass of a task verb."""
     for t in TASKS.values():

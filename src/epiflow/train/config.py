@@ -15,6 +15,9 @@ SCHEDULES = ("cosine", "linear", "constant", "inverse_sqrt")
 CCA_NEGATIVES = ("uniform", "df")
 SR_OBJECTIVES = ("bce", "multinomial")  # bce = the paper's SR; multinomial = depth-invariant softmax SR (#15)
 PRECISIONS = ("auto", "fp32", "bf16")
+# attention backends (epiflow.model.attention.BACKENDS) and auto (packed to train on CPU, sdpa to infer;
+# flash-attn on CUDA when installed)
+BACKENDS = ("auto", "sdpa", "packed", "flash")
 
 
 @dataclass
@@ -63,7 +66,7 @@ class PretrainConfig:
     eval_max_pos: int = setting(2000, "positives per held-out cell scored at most", cli=False)
     ckpt_every: int = setting(1000, "checkpoint every N steps (and at the end; 0: only at the end)", min=0)
     device: str = setting("auto", "auto | cpu | cuda[:i]", pattern=r"auto|cpu|cuda(:[0-9]+)?")
-    backend: str = setting("auto", "attention backend", choices=("auto", "sdpa", "packed", "flash"))
+    backend: str = setting("auto", "attention backend", choices=BACKENDS)
     precision: str = setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=PRECISIONS)
     compile: bool = setting(False, "torch.compile the model forward")
     memory_lean: bool = setting(False, "no table-sized gradients (rebuilt chunk by chunk from per-step "
