@@ -405,13 +405,6 @@ def corpus_cells(corpus_dir, keys: np.ndarray, *, use_dataset: bool):
     return Shard.concat(parts).subset(idx)
 
 
-def corpus_counts(corpus_dir, keys: np.ndarray, *, use_dataset: bool):
-    """Raw counts (CSR, rows in the order of ``keys``) and obs of the given cells from a corpus
-    (see :func:`corpus_cells`)."""
-    shard = corpus_cells(corpus_dir, keys, use_dataset=use_dataset)
-    return shard.counts_csr(), shard.obs
-
-
 def load_feature_inputs(embeddings: Mapping[str, str | os.PathLike] | None = None, *, corpus=None,
                         counts_h5ad=None, embedding_key: str = "X_epiagent", label_key: str = "cell_type",
                         dataset: str | None = None, lsi_components: int = 50, lsi_drop_first="auto",
