@@ -21,6 +21,15 @@ def metric_rows(task: str, dataset: str, method: str, values: Mapping[str, float
             for k, v in values.items()]
 
 
+def dataset_label(cells, dataset: str | None = None, default: str = "all") -> str:
+    """The ``dataset`` column of a task's metrics rows: ``dataset`` when given, else the one
+    ``obs['dataset']`` value of the cells (anything with ``.obs``: a Shard, an AnnData), else ``default``."""
+    if dataset:
+        return str(dataset)
+    ds = cells.obs["dataset"].astype(str).unique() if "dataset" in cells.obs else []
+    return str(ds[0]) if len(ds) == 1 else default
+
+
 def metrics_frame(rows: Iterable[Mapping]) -> pd.DataFrame:
     """The long metrics table from rows (columns ``task, dataset, method, metric, value``)."""
     df = pd.DataFrame(list(rows), columns=METRIC_COLUMNS)

@@ -42,7 +42,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ConfigError, EpiflowError, VocabularyMismatchError
-from ..metrics.table import metric_rows, metrics_frame
+from ..metrics.table import dataset_label, metric_rows, metrics_frame
 from ..train.engine import max_input_len as effective_max_len
 from .common import TaskResult, resolve_device
 from .config import AnnotationConfig
@@ -57,13 +57,6 @@ GRAD_CLIP = 1.0
 
 
 # ============================================================================ helpers (also used by imputation)
-def dataset_name(shard, dataset: str | None) -> str:
-    if dataset is not None:
-        return str(dataset)
-    ds = shard.obs["dataset"].astype(str).unique() if "dataset" in shard.obs else []
-    return str(ds[0]) if len(ds) == 1 else "all"
-
-
 def cell_ids(shard) -> np.ndarray:
     obs = shard.obs
     ids = obs["cell_id"].astype(str).to_numpy() if "cell_id" in obs else np.array([f"cell{i}" for i in
@@ -273,7 +266,7 @@ def run(cells, model, settings: AnnotationConfig | None = None, *, dataset: str 
     t_start = time.perf_counter()
     shard = cells
     seed, max_len = int(cfg.seed), cfg.max_len
-    ds_name = dataset_name(shard, dataset)
+    ds_name = dataset_label(shard, dataset)
     labels_all = obs_labels(shard, cfg.label_key)
     lab_mask = labelled_mask(labels_all)
     lab_rows = np.flatnonzero(lab_mask)

@@ -59,7 +59,7 @@ import scipy.sparse as sp
 
 from ..cliargs import check_config
 from ..errors import ConfigError, EpiflowError, InputFormatError
-from ..metrics.table import metric_rows, metrics_frame
+from ..metrics.table import dataset_label, metric_rows, metrics_frame
 from ..metrics import (HEMATOPOIESIS_ORDER, clustering_scores, label_silhouette, leiden_bisect,
                        order_spearman, order_spearman_cells, parse_order)
 
@@ -207,14 +207,6 @@ def trajectory(adata, embedding_key: str, *, label_key: str = "cell_type", root_
 
 
 # ----------------------------------------------------------------------------- evaluation
-def dataset_label(adata, dataset: str | None = None) -> str:
-    """``dataset``, else the one ``obs['dataset']`` value of the cells, else ``all``."""
-    if dataset is not None:
-        return str(dataset)
-    ds = adata.obs["dataset"].astype(str).unique() if "dataset" in adata.obs else []
-    return str(ds[0]) if len(ds) == 1 else "all"
-
-
 def lsi_rows(info: Mapping, dataset: str) -> list[dict]:
     """Metric rows describing the LSI baseline(s) of :func:`load_feature_inputs` (its ``lsi_info``)."""
     rows = metric_rows(TASK, dataset, "LSI", {"lsi_depth_spearman": info["depth_spearman"],

@@ -42,8 +42,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ConfigError, EpiflowError
-from ..metrics.table import metric_rows, metrics_frame
-from .annotation import (WEIGHT_DECAY, cell_ids, check_model_vocab, check_trainer, dataset_name,
+from ..metrics.table import dataset_label, metric_rows, metrics_frame
+from .annotation import (WEIGHT_DECAY, cell_ids, check_model_vocab, check_trainer,
                          effective_max_len, obs_labels, shared_finetune)
 from .common import TaskResult, resolve_device
 from .config import ImputationConfig
@@ -176,7 +176,7 @@ def run(cells, model, settings: ImputationConfig | None = None, *, vocab: pd.Dat
     t_start = time.perf_counter()
     shard = cells
     seed, max_len, label_key = int(cfg.seed), cfg.max_len, cfg.label_key
-    ds_name = dataset_name(shard, dataset)
+    ds_name = dataset_label(shard, dataset)
     labels_all = obs_labels(shard, label_key)
     lab = labelled_mask(labels_all)
     y = np.asarray(labels_all[lab]).astype(str)

@@ -39,10 +39,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import EpiflowError, VocabularyMismatchError
-from ..metrics.table import metric_rows, metrics_frame
+from ..metrics.table import dataset_label, metric_rows, metrics_frame
 from .common import TaskResult, resolve_device
 from .features import labelled_mask
-from .zeroshot import _dataset_name, apply_label_map, classification_scores, covered_ccres, obs_column, restrict_to_ccres
+from .zeroshot import apply_label_map, classification_scores, covered_ccres, obs_column, restrict_to_ccres
 
 if TYPE_CHECKING:
     from .config import IntegrationConfig
@@ -286,7 +286,7 @@ def run(cells, model, cfg: IntegrationConfig, *, query=None, label_map: dict[str
     names = sorted(set(batches))
     bids = pd.Index(names).get_indexer(batches)
     labels = apply_label_map(obs_column(cells, cfg.label_key), label_map)
-    ds = dataset or _dataset_name(cells)
+    ds = dataset_label(cells, dataset)
     shared = None
     if cfg.common_ccres:
         shared = np.logical_and.reduce([covered_ccres(cells.subset(np.flatnonzero(batches == b))) for b in names])
@@ -352,7 +352,7 @@ def _map_query(q, n_ccres: int, shared, base, model, cfg: IntegrationConfig, lab
     qlab = apply_label_map(obs_column(q, cfg.query_label_key or cfg.label_key), label_map)
     qz = embed_cells(base, q, device=device, progress=progress, desc="embed query (zero-shot)")
     qe = embed_cells(model, q, device=device, progress=progress, desc="embed query (no batch token)")
-    qds = _dataset_name(q)
+    qds = dataset_label(q)
     refm = np.array([v is not None for v in ref_lab])
     qres = pd.DataFrame({"cell": q.obs["cell_id"].astype(str).to_numpy() if "cell_id" in q.obs
                          else np.arange(q.n_cells).astype(str), "label": qlab})

@@ -79,7 +79,7 @@ from ..metrics.perturbation import (
     top_da,
     wasserstein,
 )
-from ..metrics.table import metric_rows, metrics_frame
+from ..metrics.table import dataset_label, metric_rows, metrics_frame
 from .common import TaskResult
 from .config import GeneticConfig, StimulationConfig
 from .perturbation_train import (
@@ -187,15 +187,6 @@ def _result(rows, frames: dict, cells_parts, history, *, tables: dict | None = N
     return result
 
 
-def dataset_label(cells: Shard, dataset: str | None = None, default: str = "data") -> str:
-    """The ``dataset`` column of the metrics: ``dataset`` when given, else the cells' one obs
-    'dataset', else ``default``."""
-    if dataset:
-        return str(dataset)
-    ds = cells.obs["dataset"].astype(str).unique() if "dataset" in cells.obs else []
-    return str(ds[0]) if len(ds) == 1 else default
-
-
 def _nanmean(x) -> float:
     x = np.asarray(x, dtype=np.float64)
     return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
@@ -232,7 +223,7 @@ def run_stimulation(cells: Shard, base_model, settings: StimulationConfig | None
     holdout, min_cells, ks, n_top, seed = cfg.holdout, cfg.min_cells, list(cfg.k), cfg.n_top, cfg.seed
     check_base_model(base_model)
     cells = labelled_cells(cells, condition_key)
-    dataset = dataset_label(cells, dataset)
+    dataset = dataset_label(cells, dataset, default="data")
     for key in (condition_key, cell_type_key):
         if key not in cells.obs:
             raise InputFormatError(f"obs has no column {key!r}", field=key,
@@ -355,7 +346,7 @@ def run_genetic(cells: Shard, base_model, gene_graph, settings: GeneticConfig | 
     min_cells, ks, n_top, seed = cfg.min_cells, list(cfg.k), cfg.n_top, cfg.seed
     check_base_model(base_model)
     cells = labelled_cells(cells, perturbation_key)
-    dataset = dataset_label(cells, dataset)
+    dataset = dataset_label(cells, dataset, default="data")
     lab = cells.obs[perturbation_key].astype(str).to_numpy()
     is_ctrl = lab == control
     if is_ctrl.sum() < min_cells:

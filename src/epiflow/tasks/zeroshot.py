@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from ..errors import ConfigError, EpiflowError, InputFormatError
-from ..metrics.table import metric_rows, metrics_frame
+from ..metrics.table import dataset_label, metric_rows, metrics_frame
 from .config import AnnotatorConfig, ZeroshotConfig
 from .features import labelled_mask
 
@@ -229,7 +229,7 @@ def run_train(base, cells, cfg: AnnotatorConfig | None = None, *, label_map=None
     total = len(hist)
     log_tab = hist[["step", "loss"]].reset_index(drop=True)
     seen = np.flatnonzero(covered_ccres(cells.subset(train_idx))).astype(np.int64)
-    ds = dataset or _dataset_name(cells)
+    ds = dataset_label(cells, dataset)
     rows = metric_rows(TASK, ds, "train", {"n_cells_train": len(train_idx), "n_cells_val": len(val_idx),
                                            "n_cells_unlabelled": n_drop, "n_classes": len(classes),
                                            "steps": total, "final_loss": float(log_tab["loss"].iloc[-1]),
@@ -243,14 +243,6 @@ def run_train(base, cells, cfg: AnnotatorConfig | None = None, *, label_map=None
     return TaskResult(metrics=metrics_frame(rows), history=log_tab, models={"checkpoint": model},
                       tables={"classes": pd.DataFrame({"index": range(len(classes)), "label": classes})},
                       data={"classes": classes, "reference_ccres": seen})
-
-
-def _dataset_name(cells) -> str:
-    if "dataset" in cells.obs:
-        ds = cells.obs["dataset"].astype(str).unique()
-        if len(ds) == 1:
-            return str(ds[0])
-    return "all"
 
 
 # ----------------------------------------------------------------------------- inference
@@ -378,7 +370,7 @@ def run_annotate(model, cells, classes, cfg: ZeroshotConfig | None = None, *, la
     if min_class_fraction:
         mpred, masked_ids = mask_rare_classes(logits, min_class_fraction)
         res["prediction_masked"] = cls[mpred]
-    ds = dataset or _dataset_name(cells)
+    ds = dataset_label(cells, dataset)
     rows = metric_rows(TASK, ds, method, {"n_cells_total": cells.n_cells,
                                           "n_classes_masked": len(masked_ids), **extra})
     if label_key is not None:
