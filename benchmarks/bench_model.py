@@ -22,6 +22,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -56,6 +57,12 @@ def worker(args) -> dict:
 
     from epiflow.model import EpiAgentConfig, from_config, losses
 
+    backend, _, suffix = args.variant.partition("+")
+    if suffix not in ("", "cudnn"):
+        raise SystemExit(f"unknown variant {args.variant!r}: a backend, optionally with '+cudnn'")
+    # '+cudnn': let SDPA use cuDNN attention on CUDA (epiflow's default leaves it out, see
+    # epiflow.model.attention.cudnn_sdpa_allowed)
+    os.environ["EPIFLOW_SDPA_CUDNN"] = "1" if suffix else "0"
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -74,7 +81,7 @@ def worker(args) -> dict:
 
     def step(batch):
         lens = np.array([len(c) + 2 for c in batch])
-        if args.variant == "sdpa":
+        if backend == "sdpa":
             ids = np.zeros((len(batch), lens.max()), dtype=np.int64)
             for i, c in enumerate(batch):  # a handful of cells per step
                 ids[i, 0], ids[i, 1:len(c) + 1], ids[i, len(c) + 1] = 1, c, 2
@@ -89,7 +96,7 @@ def worker(args) -> dict:
             tokens = torch.from_numpy(flat).to(dev)
             cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lens)])).to(dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                po = model.encode_packed(tokens, cu, backend=args.variant)
+                po = model.encode_packed(tokens, cu, backend=backend)
                 tok_rows = po.hidden[tokens >= 4]
                 cell = po.cell_embedding
             flat_ids = tokens[tokens >= 4]
@@ -119,6 +126,16 @@ def worker(args) -> dict:
         step(b)
     sync()
     dt = time.perf_counter() - t0
+    if args.profile:  # one more step under the profiler: where a step's time goes, op by op
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            step(timed[0] if timed else batches[0])
+            sync()
+        key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        Path(f"{args.profile}.{args.variant}.txt").write_text(
+            prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
     real = int(sum(len(c) + 2 for b in timed for c in b))
     padded = int(sum(len(b) * (max(len(c) for c in b) + 2) for b in timed))
     res = {"variant": args.variant, "steps": len(timed), "seconds": round(dt, 3),
@@ -151,7 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--config", default=None, help="model preset (default: small on CPU, paper on CUDA)")
     ap.add_argument("--n-ccres", type=int, default=None, help="vocabulary (default: 50,000 for small, preset for paper)")
-    ap.add_argument("--variants", default=None, help="comma list of sdpa, packed, flash")
+    ap.add_argument("--variants", default=None, help="comma list of sdpa, packed, flash; "
+                    "'+cudnn' after one (packed+cudnn) lets SDPA use cuDNN attention on CUDA")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--cells-per-step", type=int, default=4, help="cells per step (paper: 4 per GPU)")
@@ -162,6 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", metavar="PREFIX", help="also profile one step per variant (torch.profiler) "
+                    "and write its op table to PREFIX.<variant>.txt")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")

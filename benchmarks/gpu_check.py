@@ -244,6 +244,8 @@ def part_bench_model(c: Ctx) -> dict:
 
     peak = peak_tflops(torch.cuda.get_device_name(0) if c.dev == "cuda" else None)
     variants = ["sdpa", "packed"] + (["flash"] if c.dev == "cuda" and _flash_version(c.py) else [])
+    # cuDNN attention (off by default in epiflow: one graph build per new shape) side by side
+    cudnn = ["sdpa+cudnn", "packed+cudnn"] if c.dev == "cuda" else []
     if c.smoke:
         base, realistic, L = ["--device", "cpu", "--config", "tiny", "--n-ccres", "2000", "--steps", "2"], \
             ["--median", "64", "--cap", "254", "--min-len", "20"], 254
@@ -251,8 +253,9 @@ def part_bench_model(c: Ctx) -> dict:
         base, realistic, L = ["--device", "cuda", "--config", "paper"], [], 8190
     r = {"ok": True, "config": "tiny" if c.smoke else "paper", "precision": "fp32" if c.smoke else "bf16 autocast",
          "peak_bf16_dense_tflops": peak}
-    for key, extra in (("realistic", [*realistic, "--variants", ",".join(variants)]),
-                       ("long_L", ["--variants", "packed", "--median", L, "--sigma", "0", "--cap", L, "--min-len", L])):
+    for key, extra in (("realistic", [*realistic, "--variants", ",".join(variants + cudnn)]),
+                       ("long_L", ["--variants", ",".join(["packed"] + cudnn[1:]), "--median", L, "--sigma", "0",
+                                   "--cap", L, "--min-len", L])):
         try:
             out = _last_json(c.run([c.py, ROOT / "benchmarks" / "bench_model.py", *base, *extra],
                                    what="bench_model.py").stdout)

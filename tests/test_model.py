@@ -205,6 +205,43 @@ def test_attention_kernels_agree_directly():
     assert packing.positions().tolist() == [0, 1, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4]
 
 
+def test_attention_calls_sdpa_on_4d_blocks(monkeypatch):
+    """SDPA's fused kernels take 4-D inputs only: a 3-D call falls back to the math kernel, which
+    materialises every L x L attention matrix (on an H200 the packed training path filled 137 GB
+    that way). Both paths must hand SDPA [B, H, L, d] and get the same numbers back."""
+    import torch.nn.functional as F
+
+    from epiflow.model import attention
+
+    real, shapes = F.scaled_dot_product_attention, []
+
+    def spy(q, k, v, *a, **kw):
+        shapes.append((q.dim(), k.dim(), v.dim()))
+        return real(q, k, v, *a, **kw)
+
+    torch.manual_seed(4)
+    lens = [3, 6]
+    q, k, v = (torch.randn(sum(lens), 2, 8) for _ in range(3))
+    packing = Packing.from_lengths(lens)
+    ref = attention_packed(q, k, v, packing)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    out = attention_packed(q, k, v, packing, dropout_p=0.0)
+    attention_padded(torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8),
+                     torch.ones(2, 6, dtype=torch.bool))
+    assert shapes == [(4, 4, 4)] * 3
+    assert torch.equal(out, ref) and out.shape == q.shape
+
+
+def test_cudnn_sdpa_switch(monkeypatch):
+    from epiflow.model.attention import cudnn_sdpa_allowed
+
+    monkeypatch.delenv("EPIFLOW_SDPA_CUDNN", raising=False)
+    assert not cudnn_sdpa_allowed()
+    for value, expected in (("1", True), ("true", True), ("0", False), ("", False)):
+        monkeypatch.setenv("EPIFLOW_SDPA_CUDNN", value)
+        assert cudnn_sdpa_allowed() is expected
+
+
 def test_backend_selection_errors():
     assert resolve_backend("auto", "cpu") == "sdpa"
     assert resolve_backend("auto", "cpu", training=True) == "packed"  # CPU training: no pad waste

@@ -117,10 +117,37 @@ class Packing:
         return self.cu_seqlens.to(torch.int32)
 
 
+def cudnn_sdpa_allowed() -> bool:
+    """Whether SDPA may pick PyTorch's cuDNN attention kernel on CUDA (``EPIFLOW_SDPA_CUDNN=1``).
+
+    Off by default. cuDNN attention builds (and caches) an execution graph per input shape, which
+    takes a long time (hundreds of ms have been reported), and the shapes here change at every call:
+    each cell has its own sentence length, and each padded batch its own maximum. On an H200
+    (benchmarks/README.md, GPU results) a train step of the paper model on 4 cells of realistic
+    lengths took 0.50 s in the timed loop, where it had chosen cuDNN for every attention call, but
+    72 ms of GPU time when the same shapes were repeated. Without cuDNN, SDPA uses PyTorch's own
+    flash kernel (no mask) or the memory-efficient one (a key-padding mask, or fp32), which build
+    nothing per shape. Set the variable to compare (``bench_model.py --variants packed,packed+cudnn``).
+    """
+    import os
+
+    return os.environ.get("EPIFLOW_SDPA_CUDNN", "0").strip().lower() in ("1", "true", "yes")
+
+
+def _sdpa(q, k, v, attn_mask=None, dropout_p: float = 0.0):
+    """``F.scaled_dot_product_attention`` on 4-D ``[B, H, L, d]``, without cuDNN on CUDA unless allowed."""
+    if q.is_cuda and not cudnn_sdpa_allowed():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+
+
 def attention_padded(q, k, v, key_padding_mask, dropout_p: float = 0.0):
     """q, k, v ``[B, H, L, d]``; ``key_padding_mask`` bool ``[B, L]`` (True = real token)."""
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return _sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 def attention_packed(q, k, v, packing: Packing, dropout_p: float = 0.0):
@@ -130,13 +157,16 @@ def attention_packed(q, k, v, packing: Packing, dropout_p: float = 0.0):
         if varlen_attn is not None:
             cu = packing.cu_seqlens_int32()
             return varlen_attn(q, k, v, cu, cu, packing.max_seqlen, packing.max_seqlen)
-    # one SDPA call per sequence: [H, L_i, d] blocks, no padding, no mask
-    qh, kh, vh = (x.transpose(0, 1) for x in (q, k, v))  # [H, T, d]
+    # one SDPA call per sequence: [1, H, L_i, d] blocks, no padding, no mask. The leading batch
+    # dimension matters: SDPA's fused kernels (flash, memory-efficient) take 4-D inputs only, and a
+    # 3-D call falls back to the math kernel, which materialises the L_i x L_i attention matrix and
+    # its dropout mask (on an H200 that filled 137 GB for 4 cells of the paper model).
+    qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, H, T, d]
     outs = []
-    for qi, ki, vi in zip(qh.split(packing.seqlens, 1), kh.split(packing.seqlens, 1),
-                          vh.split(packing.seqlens, 1)):
-        outs.append(F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p))
-    return torch.cat(outs, 1).transpose(0, 1)
+    for qi, ki, vi in zip(qh.split(packing.seqlens, 2), kh.split(packing.seqlens, 2),
+                          vh.split(packing.seqlens, 2)):
+        outs.append(_sdpa(qi, ki, vi, dropout_p=dropout_p))
+    return torch.cat(outs, 2)[0].transpose(0, 1)
 
 
 def attention_flash(qkv, packing: Packing, dropout_p: float = 0.0):
