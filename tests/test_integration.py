@@ -271,3 +271,37 @@ def test_fig4g_without_query_names_the_missing_table(tmp_path):
     assert "fig4g" in out and "no rule of this workflow writes" in out and "query_predictions.tsv" in out, out
     rc, out = _snakemake_dry("all", "--configfile", str(over))
     assert rc == 0 and "fig4g.png" not in out and "query_predictions.tsv" not in out, out
+
+
+def test_reference_from_several_folders_and_an_unlabelled_query(tmp_path, base_ckpt):
+    """The paper's brain reference spans corpus and downstream folders (Li2023a + Lee2023 in the corpus,
+    Li2023b downstream): `integrate --corpus A B` reads them together, batch = dataset; its query (a new
+    10x multiome dataset) has no labels: predictions, no scores."""
+    from epiflow.cli import main
+
+    a = _corpus(tmp_path / "a", n=60, seed=0, batches=("d1",), dataset="study_a")
+    b = _corpus(tmp_path / "b", n=50, seed=1, batches=("d2",), dataset="study_b")
+    q = _corpus(tmp_path / "q", n=20, seed=3, batches=("q",), dataset="newstudy")
+    from epiflow.corpus.shard import open_corpus, write_shard
+    sh = next(iter(open_corpus(q).iter_shards()))
+    sh.obs = sh.obs.drop(columns=["cell_type"])
+    write_shard(q / "shards/shard_00000.h5", sh)
+    out = tmp_path / "o"
+    rc = main(["integrate", "--corpus", str(a), str(b), "--query", str(q), "--checkpoint", str(base_ckpt),
+               "--batch-key", "dataset", "--max-steps", "2", "--lr", "1e-3", "--no-umap", "--no-lsi",
+               "--device", "cpu", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    t = pd.read_csv(out / "metrics.tsv", sep="\t")
+    batches = pd.read_csv(out / "batches.tsv", sep="\t")
+    assert set(batches.astype(str).to_numpy().ravel()) >= {"study_a", "study_b"}
+    integ = t[(t["task"] == "integration") & (t["method"] == "EpiAgent-BC")].set_index("metric")["value"]
+    assert {"NMI", "ARI", "iLISI", "kBET"} <= set(integ.index)
+    qm = t[(t["task"] == "query_mapping") & (t["method"] == "EpiAgent-BC")].set_index("metric")["value"]
+    assert qm["n_query_cells"] == 20 and qm["n_query_labelled"] == 0 and "accuracy" not in qm.index
+    qp = pd.read_csv(out / "query_predictions.tsv", sep="\t")
+    assert len(qp) == 20 and qp["label"].isna().all() and set(qp["pred_EpiAgent-BC"]) <= {"HSC", "GMP", "CLP"}
+    # a named query label column that is missing is still an error naming it
+    rc = main(["integrate", "--corpus", str(a), str(b), "--query", str(q), "--checkpoint", str(base_ckpt),
+               "--batch-key", "dataset", "--query-label-key", "cell_type", "--max-steps", "1", "--no-umap",
+               "--no-lsi", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "o2")])
+    assert rc != 0 and not (tmp_path / "o2" / "metrics.tsv").exists()

@@ -59,6 +59,49 @@ def test_dataset_selection_subset_and_errors(corpus, tmp_path):
         load_cells(tmp_path / "empty")
 
 
+def test_several_inputs_are_read_together_when_they_share_a_vocabulary(corpus, tmp_path):
+    import shutil
+
+    from epiflow.corpus.shard import Shard, open_corpus, write_shard
+
+    one = load_cells(corpus)
+    both = load_cells([corpus, corpus], dataset=None)
+    assert both.n_cells == 2 * one.n_cells and np.array_equal(both.tokens[:len(one.tokens)], one.tokens)
+    assert load_cells([corpus]).n_cells == one.n_cells  # a one-element list is the path itself
+    assert corpus_vocab([corpus, corpus]).equals(corpus_vocab(corpus))
+    assert np.array_equal(corpus_df([corpus, corpus]), corpus_df(corpus))
+    # another vocabulary of the same size: refused by name, not silently concatenated
+    # (a copy whose cCREs moved, and whose shards say so)
+    other = tmp_path / "other"
+    shutil.copytree(corpus, other)
+    vb = (other / "vocab.bed").read_text().splitlines()
+    moved = [f[0] + "\t" + str(int(f[1]) + 1) + "\t" + str(int(f[2]) + 1) for f in (x.split("\t") for x in vb)]
+    (other / "vocab.bed").write_text("".join(x + "\n" for x in moved))
+    for f in sorted((other / "shards").glob("*.h5")):
+        sh = Shard.from_any(f)
+        sh.vocab_id = "another-vocabulary"
+        write_shard(f, sh)
+    with pytest.raises(InputFormatError, match="different vocab.bed"):
+        corpus_vocab([corpus, other])
+    with pytest.raises(InputFormatError, match="different cCRE vocabularies"):
+        load_cells([corpus, other])
+    with pytest.raises(InputFormatError, match="no input"):
+        load_cells([])
+    assert open_corpus(corpus).vocab_id  # the toy corpus carries an id, so the check above is real
+
+
+def test_integrate_takes_several_corpus_paths_and_other_verbs_one():
+    from epiflow.cli import build_parser
+
+    p = build_parser()
+    a = p.parse_args(["integrate", "--corpus", "x", "y", "--query", "q", "--checkpoint", "c", "--out", "o"])
+    assert a.corpus == ["x", "y"] and a.query == "q"
+    a = p.parse_args(["integrate", "--corpus", "x", "--checkpoint", "c", "--out", "o"])
+    assert a.corpus == "x"
+    with pytest.raises(SystemExit):
+        p.parse_args(["annotate", "--corpus", "x", "y", "--checkpoint", "c", "--out", "o"])
+
+
 def test_load_model_checks_the_vocabulary_and_copies(corpus, tiny_checkpoint, tmp_path):
     ckpt = tiny_checkpoint(120)
     m = load_model(ckpt, n_ccres=120, backend="sdpa")

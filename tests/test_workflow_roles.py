@@ -128,27 +128,33 @@ def test_downstream_only_config_with_a_checkpoint_plans_no_pretraining(tmp_path)
     assert rc != 0 and "'all' needs the corpus" in out and "has no dataset of role 'corpus'" in out, out
 
 
-def test_a_task_reading_corpus_and_downstream_datasets_together_is_refused(tmp_path):
-    man = _manifest(tmp_path, [("ref_a", "corpus"), ("ref_b", "corpus"), ("newstudy", "downstream")])
-    rc, out = _dry(tmp_path, {
-        "results_dir": str(tmp_path / "res"), "datasets": {"manifest": str(man)},
-        "tasks": {"feature_extraction": {"datasets": ["ref_a"]}, "annotation": {"datasets": ["ref_a"]},
-                  **{**TASKS_OFF, "integration": {"enabled": True, "datasets": ["ref_a", "newstudy"],
-                                                  "query": []}}},
-        "baselines": {"enabled": False}})
-    assert rc != 0
-    assert "tasks.integration.datasets" in out and "different folders" in out and "Traceback" not in out
-    # a downstream dataset as the query of an integration of corpus datasets is fine
-    rc, out = _dry(tmp_path, {
-        "results_dir": str(tmp_path / "res"), "datasets": {"manifest": str(man)},
-        "tasks": {"feature_extraction": {"datasets": ["ref_a"]}, "annotation": {"datasets": ["ref_a"]},
-                  **{**TASKS_OFF, "integration": {"enabled": True, "datasets": ["ref_a", "ref_b"],
-                                                  "query": ["newstudy"]}}},
-        "baselines": {"enabled": False}})
+def test_integration_reads_corpus_and_downstream_folders_together_other_units_do_not(tmp_path):
+    """The paper's integration reference mixes corpus datasets (Li2023a, Lee2023) and a downstream one
+    (Li2023b): `integrate` gets both folders. A zero-shot annotator's reference is read from one folder,
+    so a mix there stops the run naming its key."""
+    man = _manifest(tmp_path, [("ref_a", "corpus"), ("ref_b", "corpus"), ("newstudy", "downstream"),
+                               ("query_x", "downstream")])
+    base = {"results_dir": str(tmp_path / "res"), "datasets": {"manifest": str(man)},
+            "baselines": {"enabled": False}}
+    fa = {"feature_extraction": {"datasets": ["ref_a"]}, "annotation": {"datasets": ["ref_a"]}}
+    rc, out = _dry(tmp_path, {**base, "tasks": {**fa, **{
+        **TASKS_OFF, "integration": {"enabled": True, "datasets": ["ref_a", "ref_b", "newstudy"],
+                                     "batch_key": "dataset", "query": ["query_x"]}}}})
     assert rc == 0, out
     (integ,) = _jobs_by_rule(out)["integrate"]
-    assert f"--corpus {tmp_path / 'res'}/corpus " in integ
-    assert f"--query {tmp_path / 'res'}/downstream/newstudy" in integ
+    res = tmp_path / "res"
+    assert f"--corpus {res}/corpus {res}/downstream/newstudy " in integ
+    assert f"--query {res}/downstream/query_x" in integ
+    assert "--dataset ref_a,ref_b,newstudy" in integ and "--batch-key dataset" in integ
+    # the downstream datasets are still tokenized apart from the corpus and never pretrained on
+    assert {"downstream_corpus", "integrate"} <= set(_jobs_by_rule(out))
+    rc, out = _dry(tmp_path, {**base, "tasks": {**fa, **{
+        **TASKS_OFF, "zeroshot_annotation": {"enabled": True, "datasets": ["newstudy"], "label_key": "cell_type",
+                                             "reference": ["ref_a"],
+                                             "annotators": [{"name": "mixed", "reference": ["ref_a", "query_x"],
+                                                             "datasets": ["newstudy"]}]}}}})
+    assert rc != 0
+    assert "reference of" in out and "different folders" in out and "Traceback" not in out, out
 
 
 def test_transfer_config_dry_runs(tmp_path):

@@ -290,17 +290,32 @@ CELLS_HELP = ("cells: a corpus folder (epiflow build-corpus / tokenize-downstrea
               ".h5ad of raw counts over the model's cCREs (with --df or var['df'])")
 
 
+SEVERAL_HELP = ("; several paths (one vocabulary, e.g. the corpus folder and downstream folders tokenized onto it) "
+                "are read together, in order")
+
+
+class OneOrSeveral(argparse.Action):
+    """``nargs="+"`` that stores one path as a string and several as a list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        values = list(values)
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else values)
+
+
 def add_io_args(parser, *, cells: str | None = "required", checkpoint: str | None = "required",
                 out: str = "folder", df: bool = True, dataset: bool = True, cells_help: str = CELLS_HELP,
+                several: bool = False,
                 checkpoint_help: str = "pretrained model: checkpoint.pth of epiflow pretrain (with its .json "
                                        "side file) or the authors' file") -> None:
     """The I/O flags, named the same on every verb: ``--corpus`` (the cells; ``--input`` is its former
     name on some verbs), ``--df``, ``--dataset``, ``--checkpoint`` and ``--out`` (``--out-dir`` is its
-    former name). ``cells`` / ``checkpoint``: "required", "optional" or None (no such flag)."""
+    former name). ``cells`` / ``checkpoint``: "required", "optional" or None (no such flag). ``several``:
+    ``--corpus`` takes one or more paths (a list when several: :func:`epiflow.tasks.common.load_cells`)."""
     g = parser.add_argument_group("input and output")
     if cells:
+        multi = {"nargs": "+", "action": OneOrSeveral} if several else {}
         g.add_argument("--corpus", "--input", dest="corpus", required=cells == "required", metavar="PATH",
-                       help=cells_help)
+                       help=cells_help + (SEVERAL_HELP if several else ""), **multi)
     if df and cells:
         g.add_argument("--df", metavar="NPY", help="document frequencies (df.npy of the model's corpus) for "
                                                    "an .h5ad without var['df']")

@@ -133,11 +133,15 @@ def has_corpus():
     return bool(corpus_dataset_names()) if manifest_known() else True
 
 
-def data_dir(names, key="the task"):
-    """The folder (corpus format) holding the cells of the datasets `names` ('all': every corpus
-    cell): {R}/corpus for corpus datasets, {R}/downstream/<name> for a downstream dataset. The one
-    place that resolves a dataset name to its shards; a task reading several datasets at once
-    needs them in one folder."""
+def data_dirs(names, key="the task"):
+    """The folders (corpus format) holding the cells of the datasets `names` ('all': every corpus
+    cell), in order of first mention: {R}/corpus for corpus datasets, {R}/downstream/<name> for a
+    downstream dataset. All share the corpus vocabulary and df, so a verb that takes several
+    --corpus paths (integrate) reads them together; the others take one folder (data_dir)."""
+    return list(_data_dirs(names, key))
+
+
+def _data_dirs(names, key):
     names = [names] if isinstance(names, str) else list(names)
     roles = dataset_roles()
     dirs = {}
@@ -157,13 +161,22 @@ def data_dir(names, key="the task"):
                 f"invalid configuration:\n  - {key}: '{n}' is not a dataset of the manifest "
                 f"{manifest_file()} ({', '.join(sorted(roles))}; or 'all')"
             )
+    return dirs
+
+
+def data_dir(names, key="the task"):
+    """The one folder (data_dirs) holding the cells of the datasets `names`: the one place that
+    resolves dataset names to shards for a verb that reads one folder; a mix of corpus and
+    downstream datasets is an error naming the config key."""
+    names = [names] if isinstance(names, str) else list(names)
+    dirs = _data_dirs(names, key)
     if len(dirs) > 1:
         raise WorkflowError(
             f"invalid configuration:\n  - {key}: {', '.join(names)} are read together but live in "
             f"different folders ({'; '.join(f'{d}: {v}' for d, v in dirs.items())}): corpus "
             "datasets and each downstream dataset are tokenized separately. List datasets of one "
-            "kind (e.g. downstream datasets one at a time, or as an integration query), or give "
-            "them the same manifest role"
+            "kind (e.g. downstream datasets one at a time; the integration reference and query "
+            "may mix them), or give them the same manifest role"
         )
     return next(iter(dirs))
 
@@ -491,10 +504,10 @@ def check_task_folders():
     for task, cfg in config["tasks"].items():
         if not cfg["enabled"]:
             continue
-        if task == "integration":
-            units.append((cfg["datasets"], "tasks.integration.datasets"))
+        if task == "integration":  # reads several folders together (data_dirs)
+            data_dirs(cfg["datasets"], "tasks.integration.datasets")
             if cfg["query"]:
-                units.append((cfg["query"], "tasks.integration.query"))
+                data_dirs(cfg["query"], "tasks.integration.query")
         elif task == "zeroshot_annotation":
             for key, a in zs_annotators().items():
                 units.append(

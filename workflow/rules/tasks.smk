@@ -304,9 +304,11 @@ INTEGRATION_QUERY_OUTPUT = (
 rule integrate:
     input:
         checkpoint=checkpoint_file,
-        corpus=dataset_input(None, "tasks", "integration", "datasets"),
+        corpus=lambda w: data_dirs(
+            config["tasks"]["integration"]["datasets"], "tasks.integration.datasets"
+        ),
         query=lambda w: (
-            data_dir(
+            data_dirs(
                 config["tasks"]["integration"]["query"], "tasks.integration.query"
             )
             if config["tasks"]["integration"]["query"]
@@ -348,7 +350,7 @@ rule integrate:
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
         query=lambda w, input: (
-            f"--query {input.query} "
+            f"--query {' '.join(shlex.quote(q) for q in input.query)} "
             + datasets_arg("--query-dataset", config["tasks"]["integration"]["query"])
             if config["tasks"]["integration"]["query"]
             else ""

@@ -124,6 +124,11 @@ class Shard:
         if len(n) != 1:
             raise InputFormatError(f"shards disagree on the number of cCREs ({sorted(n)})", field="n_ccres",
                                    fix="use shards of one corpus (one vocabulary)")
+        ids = {x.vocab_id for x in shards if x.vocab_id}
+        if len(ids) > 1:
+            raise InputFormatError(f"shards of different cCRE vocabularies read together ({sorted(ids)})",
+                                   field="vocab_id", fix="use shards of one corpus (one vocabulary): the corpus "
+                                                         "and the downstream folders tokenized onto it")
         if len(shards) == 1:
             return shards[0]
         lens = np.concatenate([x.lengths for x in shards])

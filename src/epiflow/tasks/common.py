@@ -41,6 +41,13 @@ def load_cells(source, *, df=None, dataset=None, max_cells: int | None = None, s
     """
     from ..corpus.shard import Shard
 
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise InputFormatError("no input given", field="corpus", fix="pass at least one corpus folder or file")
+        if len(source) > 1:  # several inputs of one vocabulary, read together in order
+            return load_cells(Shard.concat([load_cells(x, df=df) for x in source]), dataset=dataset,
+                              max_cells=max_cells, seed=seed)
+        source = source[0]
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
         if not p.exists():
@@ -86,20 +93,44 @@ def load_cells(source, *, df=None, dataset=None, max_cells: int | None = None, s
     return sh
 
 
-def corpus_vocab(source) -> pd.DataFrame | None:
-    """The ``vocab.bed`` of a corpus folder (None for other inputs or when absent)."""
-    if isinstance(source, (str, os.PathLike)) and (Path(source) / "vocab.bed").exists():
-        from ..genome.bed import read_bed
+def _first_of(source, read, what: str):
+    """``read`` of one input, or of the first of several after checking that they all agree."""
+    if not isinstance(source, (list, tuple)):
+        return read(source)
+    values = [read(x) for x in source]
+    first = values[0]
+    for x, v in zip(source[1:], values[1:]):
+        same = (v is None) == (first is None) and (
+            v is None or (v.equals(first) if isinstance(v, pd.DataFrame) else np.array_equal(v, first)))
+        if not same:
+            raise InputFormatError(f"the inputs read together have different {what}s", path=str(x),
+                                   fix=f"read together only folders of one corpus (same {what}: the corpus and the "
+                                       "downstream folders tokenized onto it)")
+    return first
 
-        return read_bed(Path(source) / "vocab.bed")
-    return None
+
+def corpus_vocab(source) -> pd.DataFrame | None:
+    """The ``vocab.bed`` of a corpus folder (None for other inputs or when absent); of several folders, their
+    common one (an error when they differ)."""
+    def read(src):
+        if isinstance(src, (str, os.PathLike)) and (Path(src) / "vocab.bed").exists():
+            from ..genome.bed import read_bed
+
+            return read_bed(Path(src) / "vocab.bed")
+        return None
+
+    return _first_of(source, read, "vocab.bed")
 
 
 def corpus_df(source) -> np.ndarray | None:
-    """The ``df.npy`` of a corpus folder (None for other inputs or when absent)."""
-    if isinstance(source, (str, os.PathLike)) and (Path(source) / "df.npy").exists():
-        return np.load(Path(source) / "df.npy")
-    return None
+    """The ``df.npy`` of a corpus folder (None for other inputs or when absent); of several folders, their
+    common one (an error when they differ)."""
+    def read(src):
+        if isinstance(src, (str, os.PathLike)) and (Path(src) / "df.npy").exists():
+            return np.load(Path(src) / "df.npy")
+        return None
+
+    return _first_of(source, read, "df.npy")
 
 
 def load_model(checkpoint, *, n_ccres: int | None = None, num_heads: int | None = None, backend: str = "auto",

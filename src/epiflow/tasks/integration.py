@@ -349,7 +349,11 @@ def _map_query(q, n_ccres: int, shared, base, model, cfg: IntegrationConfig, lab
                                       field="query", fix="map both onto the checkpoint's cCRE vocabulary")
     if shared is not None:
         q = restrict_to_ccres(q, shared)
-    qlab = apply_label_map(obs_column(q, cfg.query_label_key or cfg.label_key), label_map)
+    qkey = cfg.query_label_key or cfg.label_key
+    if qkey in q.obs or cfg.query_label_key:  # a named query label column must exist
+        qlab = apply_label_map(obs_column(q, qkey), label_map)
+    else:  # an unlabelled query (e.g. a new dataset): predictions only, no scores
+        qlab = np.full(q.n_cells, None, dtype=object)
     qz = embed_cells(base, q, device=device, progress=progress, desc="embed query (zero-shot)")
     qe = embed_cells(model, q, device=device, progress=progress, desc="embed query (no batch token)")
     qds = dataset_label(q)

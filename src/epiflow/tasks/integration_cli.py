@@ -34,7 +34,7 @@ def _integrate(args) -> int:
 
 
 def register(subparsers) -> None:
-    from ..cliargs import CELLS_HELP, add_config_args, add_io_args
+    from ..cliargs import CELLS_HELP, OneOrSeveral, add_config_args, add_io_args
     from .config import IntegrationConfig
 
     p = subparsers.add_parser(
@@ -49,9 +49,10 @@ def register(subparsers) -> None:
             "embedded without a batch token and labelled by the majority of their --k-query nearest reference "
             "cells. Writes OUT/metrics.tsv, checkpoint.pth, batches.tsv, matches.tsv, embeddings.h5ad, "
             "umap_batch.png, umap_cell_type.png[, query_predictions.tsv]."))
-    add_io_args(p, cells_help="reference cells: " + CELLS_HELP)
+    add_io_args(p, cells_help="reference cells: " + CELLS_HELP, several=True)
     g = p.add_argument_group("query and labels")
-    g.add_argument("--query", metavar="PATH", help="query cells (same formats as --corpus)")
+    g.add_argument("--query", metavar="PATH", nargs="+", action=OneOrSeveral,
+                   help="query cells (same formats as --corpus; several paths are read together)")
     g.add_argument("--query-dataset", metavar="NAME[,NAME]",
                    help="use only the query cells whose obs 'dataset' is NAME (several: comma-separated)")
     g.add_argument("--label-map", metavar="TSV",
