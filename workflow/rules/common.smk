@@ -137,7 +137,8 @@ def data_dirs(names, key="the task"):
     """The folders (corpus format) holding the cells of the datasets `names` ('all': every corpus
     cell), in order of first mention: {R}/corpus for corpus datasets, {R}/downstream/<name> for a
     downstream dataset. All share the corpus vocabulary and df, so a verb that takes several
-    --corpus paths (integrate) reads them together; the others take one folder (data_dir)."""
+    --corpus paths (integrate) reads them together; the others take one folder (data_dir).
+    """
     return list(_data_dirs(names, key))
 
 
