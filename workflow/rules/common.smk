@@ -345,6 +345,20 @@ def mapped_files(wildcards):
     return expand(f"{R}/mapped/{{dataset}}.h5ad", dataset=corpus_dataset_names())
 
 
+# ---- semi-synthetic perturbation benchmarks (config perturbation_benchmark) --------------------
+PERTURBATION_BENCHMARK_DIR = f"{R}/perturbation_benchmark"
+PERTURBATION_BENCHMARK_FILES = ("stimulation.h5ad", "genetic.h5ad")
+
+
+def generated_data(wildcards=None):
+    """Data files that a rule of this workflow writes and the manifest reads (the semi-synthetic
+    benchmarks): inputs of the jobs that read manifest datasets, so they run after it.
+    """
+    if not config["perturbation_benchmark"]["enabled"]:
+        return []
+    return [f"{PERTURBATION_BENCHMARK_DIR}/{f}" for f in PERTURBATION_BENCHMARK_FILES]
+
+
 def ccre_sources(wildcards=None):
     sources = list(config["vocabulary"]["sources"])
     if USE_SIMULATED:

@@ -6,11 +6,40 @@ wildcard_constraints:
     dataset=r"[A-Za-z0-9._-]+",
 
 
+# Semi-synthetic stimulation and genetic-knockout benchmarks built from real cells (known effects;
+# docs/perturbation.md); manifest rows pointing at these files make them datasets.
+rule perturbation_benchmark:
+    input:
+        source=lambda w: config["perturbation_benchmark"]["source"],
+        tss=lambda w: config["perturbation_benchmark"]["tss"],
+        go=lambda w: config["perturbation_benchmark"]["go"],
+    output:
+        [f"{PERTURBATION_BENCHMARK_DIR}/{f}" for f in PERTURBATION_BENCHMARK_FILES],
+    log:
+        f"{R}/logs/perturbation_benchmark.log",
+    benchmark:
+        f"{R}/benchmarks/perturbation_benchmark.tsv"
+    conda:
+        "../../envs/epiflow.yaml"
+    threads: 1
+    params:
+        out=PERTURBATION_BENCHMARK_DIR,
+        cell_type_key=config["perturbation_benchmark"]["cell_type_key"],
+        n_genes=config["perturbation_benchmark"]["n_genes"],
+        seed=config["perturbation_benchmark"]["seed"],
+    shell:
+        '"$EPIFLOW_PYTHON" -m epiflow make-perturbation-benchmark --corpus {input.source:q}'
+        " --tss {input.tss:q} --go {input.go:q} --cell-type-key {params.cell_type_key:q}"
+        " --n-genes {params.n_genes} --seed {params.seed} --no-corpus --out {params.out:q}"
+        " > {log:q} 2>&1"
+
+
 rule candidate_ccres:
     input:
         unpack(external_vocab_files),
         manifest=manifest_file,
         sources=ccre_sources,
+        generated=generated_data,
     output:
         bed=f"{R}/candidates/candidates.bed",
         stats=f"{R}/candidates/candidates.bed.json",
@@ -42,6 +71,7 @@ rule map_dataset:
     input:
         manifest=manifest_file,
         ccres=rules.candidate_ccres.output.bed,
+        generated=generated_data,
     output:
         h5ad=f"{R}/mapped/{{dataset}}.h5ad",
         report=f"{R}/mapped/{{dataset}}.json",
