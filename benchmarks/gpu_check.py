@@ -372,7 +372,13 @@ def part_pretrain_cli(c: Ctx) -> dict:
     r["run1"] = {"exit_code": rc1, "seconds": round(time.time() - t0, 1),
                  "stopped_at_step": len(pd.read_csv(metrics)) if metrics.exists() else None}
     t0 = time.time()
-    r["run2"] = {"exit_code": c.run([*argv, "--resume"]).returncode, "seconds": round(time.time() - t0, 1)}
+    # run 2 also profiles three whole steps (forward, backward, optimiser, lean tables: where a step's
+    # time goes; epiflow.train.metrics.StepProfiler), the op table's head goes into the JSON
+    prof = c.work / "pretrain_profile.txt"
+    a_ = max(n - 4, (r["run1"]["stopped_at_step"] or 0) + 2)
+    env2 = dict(os.environ, EPIFLOW_PROFILE_STEPS=f"{a_}:{a_ + 2}", EPIFLOW_PROFILE_OUT=str(prof))
+    r["run2"] = {"exit_code": c.run([*argv, "--resume"], env=env2).returncode, "seconds": round(time.time() - t0, 1)}
+    r["profile_steps"] = prof.read_text().splitlines()[:34] if prof.exists() else None
     m = pd.read_csv(metrics)
     summ = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     r["metrics_steps_once"] = m["step"].tolist() == list(range(1, n + 1))

@@ -298,3 +298,32 @@ def test_stream_with_workers_equals_without(corpus):
     assert [int(x["micro_index"]) for x in b] == list(range(2, 8))
     for x, y in zip(a, b):
         assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["cca_ids"], y["cca_ids"])
+
+
+def test_step_profiler_writes_the_op_table_of_the_chosen_steps(tmp_path, monkeypatch, toy_corpus):
+    """EPIFLOW_PROFILE_STEPS=A:B profiles whole pretraining steps (forward, backward, optimiser) and
+    writes one op table; a bad spec is a clear error; unset, nothing is written."""
+    from epiflow.errors import ConfigError
+    from epiflow.train.metrics import StepProfiler
+    from epiflow.train.pretrain import PretrainConfig, pretrain
+
+    corpus = toy_corpus(n_cells=60, n_ccres=120, n_types=3, seed=1, shard_size=25)
+    cfg = dict(model_config="tiny", epochs=1, max_steps=3, rlm_epochs=1, batch_tokens=2048, max_len=64,
+               ckpt_every=0, progress=False, device="cpu")
+    monkeypatch.setenv("EPIFLOW_PROFILE_STEPS", "2:30")  # past the end: the table covers the steps run
+    monkeypatch.setenv("EPIFLOW_PROFILE_OUT", str(tmp_path / "prof.txt"))
+    pretrain(corpus, tmp_path / "run", PretrainConfig(**cfg))
+    text = (tmp_path / "prof.txt").read_text()
+    import pandas as pd
+
+    n = len(pd.read_csv(tmp_path / "run" / "metrics.csv"))
+    assert n >= 2 and text.startswith(f"# steps 2..{n}, sorted by self_cpu_time_total")
+    assert "aten::" in text and "Self CPU" in text
+    monkeypatch.delenv("EPIFLOW_PROFILE_OUT")
+    monkeypatch.delenv("EPIFLOW_PROFILE_STEPS")
+    pretrain(corpus, tmp_path / "run2", PretrainConfig(**cfg))
+    assert not (tmp_path / "run2" / "profile_steps.txt").exists()
+    for bad in ("x", "3:2", "0"):
+        monkeypatch.setenv("EPIFLOW_PROFILE_STEPS", bad)
+        with pytest.raises(ConfigError, match="EPIFLOW_PROFILE_STEPS"):
+            StepProfiler(tmp_path)

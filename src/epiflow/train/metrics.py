@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -111,3 +112,65 @@ def peak_memory_mb(device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
     except Exception:  # pragma: no cover
         return float("nan")
+
+
+class StepProfiler:
+    """Profile a range of pretraining steps with ``torch.profiler`` (a measuring aid, off by default).
+
+    ``EPIFLOW_PROFILE_STEPS=A:B`` profiles steps A..B (1-based, inclusive; ``A`` alone: one step) and
+    writes the op table (sorted by self device time on CUDA, self CPU time otherwise) to
+    ``EPIFLOW_PROFILE_OUT`` (default ``<out>/profile_steps.txt``) when step B ends. Only the main
+    process profiles. The table says where a whole step's time goes: forward, backward, the optimiser
+    and the lean tables' updates, data movement, host synchronisation.
+    """
+
+    def __init__(self, out_dir, is_main: bool = True, device=None):
+        spec = os.environ.get("EPIFLOW_PROFILE_STEPS", "").strip()
+        self.first = self.last = None
+        self._prof = None
+        self.device = device
+        if not spec or not is_main:
+            return
+        try:
+            a, _, b = spec.partition(":")
+            self.first, self.last = int(a), int(b or a)
+        except ValueError:
+            raise ConfigError(f"EPIFLOW_PROFILE_STEPS={spec!r} is not A:B (step numbers)",
+                              field="EPIFLOW_PROFILE_STEPS", fix="e.g. EPIFLOW_PROFILE_STEPS=20:22") from None
+        if self.first < 1 or self.last < self.first:
+            raise ConfigError(f"EPIFLOW_PROFILE_STEPS={spec!r}: need 1 <= A <= B", field="EPIFLOW_PROFILE_STEPS",
+                              fix="e.g. EPIFLOW_PROFILE_STEPS=20:22")
+        self.path = Path(os.environ.get("EPIFLOW_PROFILE_OUT") or Path(out_dir) / "profile_steps.txt")
+
+    def before(self, step: int) -> None:
+        """Call before running step ``step`` (1-based)."""
+        if self.first is None or step != self.first or self._prof is not None:
+            return
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU]
+        if torch.cuda.is_available() and (self.device is None or torch.device(self.device).type == "cuda"):
+            acts.append(ProfilerActivity.CUDA)
+        self._prof = profile(activities=acts)
+        self._prof.__enter__()
+
+    def after(self, step: int, *, final: bool = False) -> None:
+        """Call after step ``step`` ended; writes the table after the last profiled step (or, with
+        ``final``, at the end of a run that stopped before it: the table then says so)."""
+        if self._prof is None or (step < self.last and not final):
+            return
+        self.last = min(self.last, step)
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        prof, self._prof = self._prof, None
+        prof.__exit__(None, None, None)
+        cuda = any(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
+        from ..io import atomic_write_text
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, f"# steps {self.first}..{self.last}, sorted by {key}\n{table}\n")

@@ -55,7 +55,7 @@ from .data import (
     step_normalizers,
 )
 from .lean import LeanTables
-from .metrics import MetricsLogger, peak_memory_mb, plot_losses
+from .metrics import MetricsLogger, StepProfiler, peak_memory_mb, plot_losses
 from .objectives import bce_sum, k_for_epoch, pos_rows_cols, sr_loss_sum, sr_multinomial_sum, sr_norm_key
 from .config import CCA_NEGATIVES, PretrainConfig  # noqa: F401 (CCA_NEGATIVES: re-exported)
 from .optim import make_adamw, make_scheduler
@@ -380,6 +380,7 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
 
         pbar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
     delay = float(os.environ.get("EPIFLOW_TRAIN_STEP_DELAY", "0") or 0)  # test hook (kill mid-run)
+    profiler = StepProfiler(out_dir, info.is_main, dev)  # EPIFLOW_PROFILE_STEPS (off by default)
     last = {}
     epoch_start = 0
     t_run = time.time()
@@ -405,6 +406,7 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
                                   cache_shards=cfg.window_shards + 1, stop=last_micro)
         it = iter(loader(stream, cfg.num_workers, pin_memory=(dev.type == "cuda")))
         while step < epoch_start + n_steps and step < total_steps:
+            profiler.before(step + 1)
             t0 = time.time()
             torch.manual_seed(_step_seed(cfg.seed, step, info.rank))
             m0 = (step - epoch_start) * cfg.grad_accum
@@ -450,6 +452,7 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
                 raise ConfigError(f"loss is not finite at step {step} ({last})", field="lr",
                                   fix="lower --lr or raise --warmup")
             metrics.log(last)
+            profiler.after(step)
             if pbar is not None:
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{last['loss']:.4f}", cca=f"{cca_m:.3f}", lr=f"{lr_now:.2e}")
@@ -466,6 +469,7 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
             break
     if pbar is not None:
         pbar.close()
+    profiler.after(step, final=True)  # a run shorter than the profiled range
     _save_all(out_dir, cfg, model, opt, sched, lean, step, info, index)
     metrics.close()
     summary = {"steps": step, "total_steps": total_steps, "epochs": cfg.epochs,
