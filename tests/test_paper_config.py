@@ -129,8 +129,9 @@ GEO_PAGE = re.compile(r"https://www\.ncbi\.nlm\.nih\.gov/geo/query/acc\.cgi\?acc
 
 
 def test_paper_manifest_accessions_and_source_files():
-    """Published datasets have no single-file URL: they name their accession (matching the source page),
-    and the GEO supplementary files established from public re-analyses, without inventing checksums."""
+    """Published datasets have no single-file URL: they name their accession (GEO series, ArrayExpress or
+    EGA study; matching the source page) and the supplementary files established from public re-analyses
+    (GEO files in the series' own folder), without inventing checksums."""
     entries = load_manifest(ROOT / PAPER["datasets"]["manifest"])
     with_acc = 0
     for e in entries:
@@ -140,16 +141,18 @@ def test_paper_manifest_accessions_and_source_files():
             assert acc == page.group(1), (e.name, acc)
         if acc:
             with_acc += 1
-            assert re.fullmatch(r"GSE\d+", acc), (e.name, acc)
+            assert re.fullmatch(r"GSE\d+|E-MTAB-\d+|EGAS\d+", acc), (e.name, acc)
         for url in (e.extra.get("source_files") or "").split():
-            assert acc and url.startswith(
-                f"https://ftp.ncbi.nlm.nih.gov/geo/series/{acc[:-3]}nnn/{acc}/suppl/{acc}_"), (e.name, url)
+            assert url.startswith("https://"), (e.name, url)
+            if "ncbi.nlm.nih.gov/geo/series/" in url:
+                assert acc and url.startswith(
+                    f"https://ftp.ncbi.nlm.nih.gov/geo/series/{acc[:-3]}nnn/{acc}/suppl/{acc}_"), (e.name, url)
         if not e.url:
             # where the file comes from, or that its source could not be identified
             assert acc or e.extra.get("source_page") or "not identified" in e.extra["note"] \
                 or "not verified" in e.extra["note"], e.name
         assert e.sha256 is None, e.name  # nothing was downloaded here: no checksum is claimed
-    assert with_acc >= 13
+    assert with_acc >= 24  # the accessions established (docs/paper.md lists the works without one)
 
 
 def _real_run(tmp_path, *config):
@@ -208,3 +211,64 @@ def test_paper_downstream_datasets_stay_out_of_the_corpus(dry_run):
     assert "/downstream/" not in pretrain
     for cmd in jobs["evaluate_features"] + jobs["annotate"] + jobs["impute"]:
         assert "/downstream/" in cmd, cmd
+
+
+# PAPER_FACTS.md ("The corpus" / "Which data each experiment uses"): the paper's reference numbers of the
+# works in its corpus and of its downstream-only datasets. 48 (Lareau 2019) is in both: its resting cells
+# are in the corpus, resting vs LPS cells are the stimulation task.
+CORPUS_REFS = {6, 7, 8, 9, 48, 57, *range(61, 79)}
+DOWNSTREAM_REFS = {37, 38, 39, 40, 48, 53, 54, 60}
+# the 10x PBMC sets whose fragments URL could be established from public code (the paper has ten)
+N_TENX_PBMC = 10
+
+
+def test_paper_manifest_lists_every_reference_of_the_paper_with_its_role():
+    entries = load_manifest(ROOT / PAPER["datasets"]["manifest"])
+    by_ref: dict[str, set[str]] = {}
+    for e in entries:
+        ref = e.extra.get("paper_ref")
+        assert ref, f"{e.name}: column paper_ref is empty"
+        by_ref.setdefault(ref, set()).add(e.role)
+    for ref in CORPUS_REFS:
+        assert "corpus" in by_ref.get(str(ref), set()), f"reference {ref} has no corpus row"
+    for ref in DOWNSTREAM_REFS:
+        assert "downstream" in by_ref.get(str(ref), set()), f"reference {ref} has no downstream row"
+    assert set(by_ref) == {str(r) for r in CORPUS_REFS | DOWNSTREAM_REFS} | {"10x"}, sorted(by_ref)
+    # of the cited works only Lareau 2019 has rows of both roles; Li 2023a and Lee 2023 are corpus-only,
+    # Li 2023b downstream-only ('10x': the PBMC sets in the corpus, the brain query downstream)
+    assert {r for r, roles in by_ref.items() if len(roles) == 2} == {"48", "10x"}
+    assert by_ref["8"] == by_ref["57"] == {"corpus"} and by_ref["39"] == {"downstream"}
+    lareau = {e.name: e for e in entries if e.extra.get("paper_ref") == "48"}
+    assert lareau["lareau2019_resting_bmmc"].role == "corpus"
+    assert lareau["lareau2019_lps_bmmc"].role == "downstream"
+    assert lareau["lareau2019_resting_bmmc"].path != lareau["lareau2019_lps_bmmc"].path  # resting cells only
+
+    tenx = [e for e in entries if e.extra.get("paper_ref") == "10x"]
+    pbmc = [e for e in tenx if e.role == "corpus"]
+    assert len(pbmc) == N_TENX_PBMC and {e.tissue for e in pbmc} == {"blood"}
+    assert len({e.url for e in pbmc}) == N_TENX_PBMC
+    assert all(e.url.startswith("https://cf.10xgenomics.com/samples/cell-") for e in pbmc)
+    (query,) = [e for e in tenx if e.role == "downstream"]
+    assert query.name == "tenx_multiome_human_brain_3k" and query.extra["paper_task"] == "integration_query"
+    assert (query.genome, query.tissue, query.format) == ("hg38", "brain", "fragments")
+    assert query.url.endswith("/human_brain_3k_atac_fragments.tsv.gz")
+    named = {e.name: e for e in entries}
+    assert named["lee2023"].tissue == named["li2023b"].tissue == "brain"
+    assert "ranzoni2021_fetal_hspc" not in named  # not among the paper's references
+
+
+def test_paper_pretraining_reads_no_downstream_dataset(dry_run):
+    """The corpus build and pretraining name every corpus-role dataset and no downstream-role one (the
+    corpus-role Lareau row holds the resting cells only). The candidate cCREs read the manifest, whose
+    downstream rows they skip by role (tests/test_roles.py)."""
+    _, jobs = dry_run
+    roles = {e.name: e.role for e in load_manifest(ROOT / PAPER["datasets"]["manifest"])}
+    (build,) = jobs["build_corpus"]
+    (pretrain,) = jobs["pretrain"]
+    (candidates,) = jobs["candidate_ccres"]
+    assert f"--manifest {PAPER['datasets']['manifest']}" in candidates
+    built = set(re.findall(r"/mapped/([A-Za-z0-9._-]+)\.h5ad", build))
+    assert built == {n for n, r in roles.items() if r == "corpus"}
+    for name, role in roles.items():
+        if role == "downstream":
+            assert not re.search(rf"(^|[\s/,=]){re.escape(name)}([\s/.,]|$)", build + " " + pretrain), name
