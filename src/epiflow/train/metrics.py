@@ -6,6 +6,7 @@ import csv
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
 from ..io import atomic_path
@@ -126,8 +127,9 @@ class StepProfiler:
 
     def __init__(self, out_dir, is_main: bool = True, device=None):
         spec = os.environ.get("EPIFLOW_PROFILE_STEPS", "").strip()
-        self.first = self.last = None
-        self._prof = None
+        self.first: int | None = None
+        self.last: int | None = None
+        self._prof: Any = None
         self.device = device
         if not spec or not is_main:
             return
@@ -158,7 +160,7 @@ class StepProfiler:
     def after(self, step: int, *, final: bool = False) -> None:
         """Call after step ``step`` ended; writes the table after the last profiled step (or, with
         ``final``, at the end of a run that stopped before it: the table then says so)."""
-        if self._prof is None or (step < self.last and not final):
+        if self._prof is None or self.last is None or (step < self.last and not final):
             return
         self.last = min(self.last, step)
         import torch
