@@ -492,3 +492,30 @@ def test_runner_reports_user_errors(adata, tmp_path, capsys):
                str(tmp_path / "p.json"), "--output", str(tmp_path / "o.npz")])
     assert rc == 2 and "EPIFLOW-ERROR" in capsys.readouterr().err
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_load_counts_reads_several_corpus_folders_of_one_vocabulary(toy_corpus, tmp_path):
+    """The integration baseline of a reference spanning the corpus and a downstream folder."""
+    import shutil
+
+    from epiflow.cli import build_parser
+    from epiflow.corpus.shard import Shard, write_shard
+
+    c = toy_corpus(n_cells=40, n_ccres=90, n_types=2, seed=3, shard_size=25)
+    one = load_counts(corpus=c)
+    both = load_counts(corpus=[c, c])
+    assert both.n_obs == 2 * one.n_obs and both.n_vars == one.n_vars
+    assert (both.X[: one.n_obs] != one.X).nnz == 0
+    other = tmp_path / "other"
+    shutil.copytree(c, other)
+    for f in sorted((other / "shards").glob("*.h5")):
+        sh = Shard.from_any(f)
+        sh.vocab_id = "another-vocabulary"
+        write_shard(f, sh)
+    (other / "corpus.json").write_text((other / "corpus.json").read_text().replace(
+        Shard.from_any(sorted((c / "shards").glob("*.h5"))[0]).vocab_id, "another-vocabulary"))
+    with pytest.raises(InputFormatError, match="different vocabularies"):
+        load_counts(corpus=[c, other])
+    a = build_parser().parse_args(["run-baseline", "--tool", "lsi", "--task", "integration", "--corpus", "x", "y",
+                                   "--out-dir", "o"])
+    assert a.corpus == ["x", "y"]

@@ -272,3 +272,16 @@ def test_paper_pretraining_reads_no_downstream_dataset(dry_run):
     for name, role in roles.items():
         if role == "downstream":
             assert not re.search(rf"(^|[\s/,=]){re.escape(name)}([\s/.,]|$)", build + " " + pretrain), name
+
+
+def test_paper_integration_reference_spans_corpus_and_downstream(dry_run):
+    """Fig. 4: the reference is Li2023a + Lee2023 (corpus) + Li2023b (downstream), one batch per study;
+    the query is the unlabelled 10x multiome brain dataset. integrate and the integration baseline read
+    the corpus folder and Li2023b's folder together."""
+    _, jobs = dry_run
+    (integ,) = jobs["integrate"]
+    assert "--corpus results/paper/corpus results/paper/downstream/li2023b " in integ
+    assert "--dataset li2023a_brain,lee2023,li2023b" in integ and "--batch-key dataset" in integ
+    assert "--query results/paper/downstream/tenx_multiome_human_brain_3k" in integ
+    base = [c for c in jobs["run_baseline"] if "--task integration" in c]
+    assert base and all("--corpus results/paper/corpus results/paper/downstream/li2023b " in c for c in base)

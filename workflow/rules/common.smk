@@ -705,8 +705,13 @@ def baseline_dataset_names(wildcards):
 
 
 def baseline_corpus(wildcards):
+    """The folders a baseline job reads: one, or for the integration reference all of its datasets'
+    (corpus and downstream folders together, as rule integrate reads them)."""
     names = baseline_dataset_names(wildcards)
-    return data_dir(names, f"baselines {wildcards.bl_task} {wildcards.bl_dataset}")
+    key = f"baselines {wildcards.bl_task} {wildcards.bl_dataset}"
+    if wildcards.bl_task == "integration":
+        return data_dirs(names, key)
+    return [data_dir(names, key)]
 
 
 def baseline_dataset_arg(wildcards):

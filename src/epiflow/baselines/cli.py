@@ -118,6 +118,8 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from ..cliargs import OneOrSeveral
+
     p = subparsers.add_parser("run-baseline", help="run one baseline tool on a task and score it",
                               description="Run a baseline (its adapter, in-process or in the tool's own "
                                           "environment) and write metrics.tsv (task, dataset, method, "
@@ -128,7 +130,9 @@ def register(subparsers) -> None:
                    choices=["feature_extraction", "integration", "annotation", "imputation", "perturbation",
                             "genetic"])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--corpus", help="corpus folder (raw counts of its shards)")
+    src.add_argument("--corpus", nargs="+", action=OneOrSeveral, metavar="PATH",
+                     help="corpus folder (raw counts of its shards); several folders of one vocabulary (the corpus "
+                          "and downstream folders tokenized onto it) are read together")
     src.add_argument("--counts", help="h5ad of raw counts")
     p.add_argument("--dataset", help="only the cells of this obs['dataset'] (several: comma-separated)")
     p.add_argument("--label-key", default="cell_type")

@@ -69,11 +69,15 @@ def load_counts(*, corpus=None, counts=None, dataset: str | None = None):
     else:
         from ..corpus.shard import open_corpus
 
-        c = open_corpus(corpus)
-        vocab = c.vocab()
+        folders = [open_corpus(x) for x in (corpus if isinstance(corpus, (list, tuple)) else [corpus])]
+        vocab = folders[0].vocab()
+        for other, path in zip(folders[1:], list(corpus)[1:] if isinstance(corpus, (list, tuple)) else []):
+            if other.vocab_id != folders[0].vocab_id or not other.vocab().equals(vocab):
+                raise InputFormatError("the corpus folders read together have different vocabularies", path=str(path),
+                                       fix="read together only the corpus and the downstream folders tokenized onto it")
         var = vocab.copy()
         var.index = (vocab["chrom"] + ":" + vocab["start"].astype(str) + "-" + vocab["end"].astype(str)).to_numpy()
-        parts = [s.to_anndata(var=var) for s in c.iter_shards()]
+        parts = [s.to_anndata(var=var) for c in folders for s in c.iter_shards()]
         a = ad.concat(parts, merge="first") if len(parts) > 1 else parts[0]
         a.var = var
         a.X = sp.csr_matrix(a.X, dtype=np.float32)
