@@ -138,12 +138,23 @@ def test_realdata_manifest_lists_existing_shared_files():
 
     entries = load_manifest(ROOT / "config/manifests/shared_hg19.tsv")
     assert {e.name for e in entries} == {"buenrostro2018_bm0828", "granja2019_bmmc",
-                                         "buenrostro2018_20cells", "pbmc_multiome"}
+                                         "buenrostro2018_20cells", "pbmc_multiome",
+                                         "semisynthetic_stimulation", "semisynthetic_genetic"}
     assert {e.genome for e in entries} == {"hg19", "hg38"}
+    # the semi-synthetic benchmarks are written by the workflow (rule perturbation_benchmark) where
+    # config/realdata.yaml's results_dir puts them; they are downstream datasets
+    generated = {e.name: e for e in entries if e.name.startswith("semisynthetic_")}
+    assert all(e.role == "downstream" for e in generated.values())
+    real = yaml.safe_load((ROOT / "config/realdata.yaml").read_text())
+    for e in generated.values():
+        assert (ROOT / "config/manifests" / e.path).resolve() == (
+            ROOT / real["results_dir"] / "perturbation_benchmark" / Path(e.path).name).resolve()
     data = ROOT.parent / "shared" / "data"
     if not data.exists():
         pytest.skip(f"{data} absent")
     for e in entries:
+        if e.name in generated:
+            continue
         for rel in (e.path, e.labels, e.barcodes, e.peaks):
             if rel:
                 assert (ROOT / "config/manifests" / rel).resolve().exists(), rel
