@@ -96,7 +96,12 @@ def make_results(root: Path) -> dict:
         rows += [("query_mapping", "q", m, "accuracy", base), ("query_mapping", "q", m, "macro_F1", base - 0.1)]
     qp = pd.DataFrame({"cell": [f"q{i}" for i in range(20)], "label": np.array(TYPES)[np.arange(20) % 4],
                        "pred_EpiAgent-BC": np.array(TYPES)[(np.arange(20) + (np.arange(20) % 5 == 0)) % 4]})
-    tables["integration"] = {"atlas": [_write(qp, root / "atlas" / "query_predictions.tsv")]}
+    umap = pd.DataFrame({"cell": [f"r{i}" for i in range(30)], "batch": np.array(["b1", "b2"])[np.arange(30) % 2],
+                         "cell_type": np.array(TYPES)[np.arange(30) % 4]})
+    for m in ("EpiAgent-BC", "EpiAgent-zeroshot", "LSI"):
+        umap[f"umap1_{m}"], umap[f"umap2_{m}"] = rng.normal(size=30), rng.normal(size=30)
+    tables["integration"] = {"atlas": [_write(qp, root / "atlas" / "query_predictions.tsv"),
+                                       _write(umap, root / "atlas" / "cells.tsv")]}
     # knockout
     rows += [("knockout", "tumor", "EpiAgent", "random_mean_effect", -0.001)]
     for i, g in enumerate(["MYC:10", "EGFR:20", "SOX2:30"]):

@@ -15,7 +15,7 @@ from epiflow.model import load_epiagent_checkpoint
 from epiflow.tasks.integration import gmm_keep, map_query, match_batches, ot_match, partner_targets
 
 # the files `epiflow integrate` writes (workflow rule integrate, registry outputs), with a query
-INTEGRATE_FILES = {"metrics.tsv", "checkpoint.pth", "checkpoint.pth.json", "batches.tsv", "matches.tsv",
+INTEGRATE_FILES = {"metrics.tsv", "checkpoint.pth", "checkpoint.pth.json", "batches.tsv", "matches.tsv", "cells.tsv",
                    "embeddings.h5ad", "umap_batch.png", "umap_cell_type.png", "query_predictions.tsv",
                    "train_log.tsv"}
 
@@ -136,6 +136,10 @@ def test_integrate_cli_end_to_end(tmp_path, base_ckpt):
     assert not torch.equal(sd["signal_decoder.weight"], base["signal_decoder.weight"])  # really trained
     assert load_epiagent_checkpoint(out / "checkpoint.pth").kind == "batch-conditioned"
     assert pd.read_csv(out / "batches.tsv", sep="\t")["batch"].tolist() == ["d1", "d2"]
+    # the UMAP of every embedding, for panels fig4c / fig4d
+    cells_tab = pd.read_csv(out / "cells.tsv", sep="\t")
+    assert {"cell", "batch", "cell_type", "umap1_EpiAgent-BC", "umap2_EpiAgent-zeroshot"} <= set(cells_tab.columns)
+    assert set(cells_tab["batch"]) == {"d1", "d2"} and cells_tab["umap1_EpiAgent-BC"].notna().all()
 
     m = pd.read_csv(out / "metrics.tsv", sep="\t")
     assert list(m.columns) == ["task", "dataset", "method", "metric", "value"]

@@ -318,6 +318,7 @@ rule integrate:
         embeddings=f"{R}/tasks/integration/{{unit}}/embeddings.h5ad",
         batches=f"{R}/tasks/integration/{{unit}}/batches.tsv",
         matches=f"{R}/tasks/integration/{{unit}}/matches.tsv",
+        cells=f"{R}/tasks/integration/{{unit}}/cells.tsv",
         model=f"{R}/tasks/integration/{{unit}}/checkpoint.pth",
         model_config=f"{R}/tasks/integration/{{unit}}/checkpoint.pth.json",
         train_log=f"{R}/tasks/integration/{{unit}}/train_log.tsv",

@@ -17,7 +17,8 @@ Every panel of :data:`PANELS` is one PNG (``results/figures/<panel>.png`` in the
   method metric value``),
 * per-dataset task tables (``cells.tsv`` and ``trajectory.tsv`` of feature extraction,
   ``predictions.tsv`` of annotation, ``per_cell.tsv`` / ``per_ccre.tsv`` of imputation,
-  ``mean_accessibility.tsv.gz`` of the perturbation tasks, ``query_predictions.tsv`` of integration,
+  ``mean_accessibility.tsv.gz`` of the perturbation tasks, ``cells.tsv`` (UMAPs) and
+  ``query_predictions.tsv`` of integration,
   ``knockout.tsv`` / ``random.tsv`` of the knockout, ``predictions.tsv`` of zero-shot annotation).
 
 No number is computed here beyond counting / row-normalising a contingency table and picking the
@@ -179,6 +180,13 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
        "Direction accuracy of the top-k DA cCREs of the unseen gene perturbations against k, per method",
        "Fig. 3i: unseen genetic perturbations, direction accuracy", "direction_lines", baselines=True),
     # ---- Fig. 4: integration and query mapping -----------------------------------------------------
+    _p("fig4c", IN, "integration", "", ["cells.tsv"],
+       "UMAP of each embedding of the integrated reference (EpiAgent with and without its batch token, "
+       "zero-shot EpiAgent, LSI), coloured by batch", "Fig. 4c: UMAP of the reference coloured by batch",
+       "umap", needs_metrics=False, colour="batch"),
+    _p("fig4d", IN, "integration", "", ["cells.tsv"],
+       "The same UMAPs coloured by cell type", "Fig. 4d: UMAP of the reference coloured by cell type",
+       "umap", needs_metrics=False, colour="cell_type"),
     _p("fig4e", IN, "integration", "integration", [],
        "Integration benchmark: NMI, ARI, kBET acceptance and iLISI per embedding",
        "Fig. 4e: integration, NMI, ARI, kBET, iLISI of every method", "bars", baselines=True,
@@ -263,12 +271,6 @@ NOT_DRAWN: dict[str, NotDrawn] = {n.name: n for n in [
              "predict-stimulation writes mean accessibilities and metrics, no per-cell predictions in a table "
              "and no UMAP coordinates (predicted cells only as an optional h5ad, save_cells)",
              ("fig3d",)),
-    NotDrawn("fig4c", "Fig. 4c: UMAP of the integrated reference coloured by batch (fine-tuned, zero-shot "
-             "EpiAgent, PCA)", "integrate writes no UMAP coordinates to a table (it draws umap_batch.png "
-             "into its task folder, in the report)", ("fig4e_batch",)),
-    NotDrawn("fig4d", "Fig. 4d: the same UMAPs coloured by cell type",
-             "integrate writes no UMAP coordinates to a table (it draws umap_cell_type.png into its task "
-             "folder, in the report)", ("fig4e_bio",)),
     NotDrawn("fig4f", "Fig. 4f: reference and query cells together on one UMAP",
              "the query cells' embeddings are not written and no joint UMAP is computed",
              ("fig4g_confusion",)),
@@ -564,7 +566,8 @@ def _umap_grid(panel: Panel, grid, colour: str) -> object:
                 continue
             m = methods[c]
             embedding_panel(ax, df[[f"umap1_{m}", f"umap2_{m}"]].to_numpy(float), df[colour].astype(str),
-                            palette=pal, title=f"{m} on {ds}", legend=(c == len(methods) - 1))
+                            palette=pal, title=f"{m} on {ds}", legend=(c == len(methods) - 1),
+                            legend_title=colour.replace("_", " "))
     return fig
 
 
