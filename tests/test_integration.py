@@ -190,9 +190,11 @@ def test_integrate_on_the_cCREs_common_to_all_batches(tmp_path, base_ckpt):
     assert t[("query_mapping", "EpiAgent-BC", "n_query_cells")] == 20
     qp = pd.read_csv(tmp_path / "o" / "query_predictions.tsv", sep="\t")
     assert len(qp) == 20 and set(qp["pred_EpiAgent-BC"]) <= {"HSC", "GMP", "CLP"}
-    # umap off: no coordinates to draw, and the result folder has every file but the figures
+    # umap off: no coordinates to draw, and the result folder has every file but the figures and the
+    # table of UMAP coordinates
     assert res.data["umap"] == {} and res.data["batches"] == ["d1", "d2"]
-    assert {f.name for f in (tmp_path / "o").iterdir()} == INTEGRATE_FILES - {"umap_batch.png", "umap_cell_type.png"}
+    assert {f.name for f in (tmp_path / "o").iterdir()} == INTEGRATE_FILES - {"umap_batch.png", "umap_cell_type.png",
+                                                                               "cells.tsv"}
     # without the option the batch-1-only cCREs stay: more cCREs per cell
     res2 = _run(base_ckpt, ref, batch_key="donor", max_steps=1, umap=False, lsi=False)
     t2 = res2.metrics.set_index(["task", "method", "metric"])["value"]
