@@ -31,7 +31,8 @@ ORDINAL = ["first", "second", "third", "fourth"]
 
 def _annotator_units(index):
     """Result folders of the zero-shot annotator number `index` (0: the first of
-    tasks.zeroshot_annotation.annotators, or the single default annotator), or the problem."""
+    tasks.zeroshot_annotation.annotators, or the single default annotator), or the problem.
+    """
     found = list(zs_annotators().values())
     if index >= len(found):
         return None, (
@@ -112,7 +113,8 @@ def figure_skipped():
 def panels_args(wildcards):
     """`epiflow figure --list` arguments: the panels this configuration cannot build, with why."""
     return " ".join(
-        "--skip " + shlex.quote(f"{name}={why}") for name, why in figure_skipped().items()
+        "--skip " + shlex.quote(f"{name}={why}")
+        for name, why in figure_skipped().items()
     )
 
 
