@@ -71,8 +71,13 @@ def make_results(root: Path) -> dict:
             per_cell[f"mse_{m}"] = rng.uniform(0.1, 1.0, n)
             per_ccre[f"pearson_{m}"] = np.clip(rng.normal(r, 0.1, 60), -1, 1)
             per_ccre[f"mse_{m}"] = rng.uniform(0.1, 1.0, 60)
+        paga = pd.DataFrame([{"dataset": ds, "method": m, "type_a": a, "type_b": b,
+                              "connectivity": 0.9 if j == i + 1 else 0.02}
+                             for m in ("EpiAgent", "LSI") for i, a in enumerate(TYPES) for j, b in enumerate(TYPES)
+                             if j > i])
         tables.setdefault("feature_extraction", {})[ds] = [_write(cells, root / ds / "cells.tsv"),
-                                                           _write(traj, root / ds / "trajectory.tsv")]
+                                                           _write(traj, root / ds / "trajectory.tsv"),
+                                                           _write(paga, root / ds / "paga.tsv")]
         tables.setdefault("annotation", {})[ds] = [_write(pred, root / ds / "predictions.tsv")]
         tables.setdefault("imputation", {})[ds] = [_write(per_cell, root / ds / "per_cell.tsv"),
                                                    _write(per_ccre, root / ds / "per_ccre.tsv")]

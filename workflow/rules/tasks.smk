@@ -15,8 +15,8 @@ wildcard_constraints:
 # the zero-shot embeddings of rule embed (EpiAgent) and LSI.
 # Trajectory (EpiAgent Fig. 2d-g): the datasets of tasks.feature_extraction.trajectory.datasets go to
 # rule evaluate_features_trajectory, which adds PAGA + diffusion pseudotime rooted in root_type and
-# the Spearman correlation with `order` for every embedding, and declares trajectory.tsv / .png
-# (the input of panels fig2d, fig2f and fig2g); the other datasets to rule evaluate_features.
+# the Spearman correlation with `order` for every embedding, and declares trajectory.tsv / .png and
+# paga.tsv (the inputs of panels fig2d-g); the other datasets to rule evaluate_features.
 import re
 import shlex
 
@@ -33,7 +33,7 @@ if FE_CFG["enabled"] and not FE_TRAJECTORY and workflow.is_main_process:
 
     logger.info(
         "epiflow: no trajectory (config tasks.feature_extraction.trajectory.datasets is empty: no "
-        "evaluated dataset has cell types of a known order); panels fig2d, fig2f and fig2g are skipped"
+        "evaluated dataset has cell types of a known order); panels fig2d-g are skipped"
     )
 _FE_NAME = r"[A-Za-z0-9._-]"
 _FE_TRAJ_ALT = "|".join(re.escape(d) for d in FE_TRAJECTORY)
@@ -97,6 +97,7 @@ use rule evaluate_features as evaluate_features_trajectory with:
             labels={"dataset": "{unit}", "figure": "UMAP (EpiAgent | LSI)"},
         ),
         trajectory=f"{R}/tasks/feature_extraction/{{unit}}/trajectory.tsv",
+        paga=f"{R}/tasks/feature_extraction/{{unit}}/paga.tsv",
         trajectory_png=report(
             f"{R}/tasks/feature_extraction/{{unit}}/trajectory.png",
             caption="../report/feature_extraction.rst",

@@ -15,14 +15,15 @@ Every panel of :data:`PANELS` is one PNG (``results/figures/<panel>.png`` in the
 
 * the long metrics tables (``metrics.tsv`` of each task and ``baselines/metrics.tsv``: ``task dataset
   method metric value``),
-* per-dataset task tables (``cells.tsv`` and ``trajectory.tsv`` of feature extraction,
+* per-dataset task tables (``cells.tsv``, ``trajectory.tsv`` and ``paga.tsv`` of feature extraction,
   ``predictions.tsv`` of annotation, ``per_cell.tsv`` / ``per_ccre.tsv`` of imputation,
   ``mean_accessibility.tsv.gz`` of the perturbation tasks, ``cells.tsv`` (UMAPs) and
   ``query_predictions.tsv`` of integration,
   ``knockout.tsv`` / ``random.tsv`` of the knockout, ``predictions.tsv`` of zero-shot annotation).
 
-No number is computed here beyond counting / row-normalising a contingency table and picking the
-best method by a metric the task wrote; a panel whose tables lack what it plots raises
+No number is computed here beyond counting / row-normalising a contingency table, placing a cell
+type at the mean UMAP position of its cells (fig2e) and picking the best method by a metric the task
+wrote; a panel whose tables lack what it plots raises
 :class:`~epiflow.errors.EpiflowError` naming the panel and the missing task, metric or column (never an
 empty or made-up figure). The zero-shot panels of the first annotator (``annotator`` option 0: Fig.
 6b-d, EpiAgent-B) and of the second (1: Fig. 6e-g, EpiAgent-NT) draw the tables they are given; the
@@ -104,6 +105,11 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
        "UMAP of the EpiAgent embeddings of the trajectory datasets (tasks.feature_extraction.trajectory."
        "datasets), coloured by cell type", "Fig. 2d: UMAP of EpiAgent embeddings, trajectory donor",
        "umap", needs_metrics=False, prefix="EpiAgent", colour="cell_type", only_with="trajectory.tsv"),
+    _p("fig2e", FE, "feature_extraction", "", ["paga.tsv", "cells.tsv"],
+       "PAGA graph of the cell types of the trajectory datasets, per EpiAgent embedding: one node per type "
+       "at the mean UMAP position of its cells (size = cells), edge width = PAGA connectivity (edges under "
+       "0.05 hidden; sibling types are not marked)", "Fig. 2e: PAGA trajectory graph", "paga",
+       needs_metrics=False, prefix="EpiAgent", min_connectivity=0.05),
     _p("fig2f", FE, "feature_extraction", "", ["trajectory.tsv", "cells.tsv"],
        "Diffusion pseudotime (PAGA, rooted in the first type of the known order) of each cell on the UMAP "
        "of each EpiAgent embedding, trajectory datasets", "Fig. 2f: pseudotime on the UMAP",
@@ -260,13 +266,9 @@ class NotDrawn:
 
 
 NOT_DRAWN: dict[str, NotDrawn] = {n.name: n for n in [
-    NotDrawn("fig2e", "Fig. 2e: PAGA trajectory graph of the cell types (dashed edges join sibling types)",
-             "the PAGA connectivities are computed by evaluate-features but written to no table (only drawn "
-             "into the task's own trajectory.png, in the report); trajectory.tsv holds per-type pseudotimes",
-             ("fig2f", "fig2g")),
     NotDrawn("fig2f_clockdml", "Fig. 2e-f: the ClockDML information the paper's pseudotime also uses",
              "no ClockDML (methylation clock) data or method in epiflow (PAPER_FACTS: not reproducible without "
-             "it); fig2f / fig2g use PAGA + diffusion pseudotime only", ("fig2f", "fig2g")),
+             "it); fig2e-g use PAGA + diffusion pseudotime only", ("fig2e", "fig2f", "fig2g")),
     NotDrawn("fig3g", "Fig. 3g: UMAP of unperturbed, perturbed and predicted cells per method",
              "predict-stimulation writes mean accessibilities and metrics, no per-cell predictions in a table "
              "and no UMAP coordinates (predicted cells only as an optional h5ad, save_cells)",
@@ -656,6 +658,55 @@ def draw_pseudotime_umap(panel: Panel, metrics, tables) -> object:
     return fig
 
 
+def draw_paga(panel: Panel, metrics, tables) -> object:
+    """The PAGA graph of paga.tsv drawn at the cell types' mean UMAP positions (cells.tsv)."""
+    cells = _tables_named(panel, tables, "cells.tsv")
+    pagas = _tables_named(panel, tables, "paga.tsv")
+    grid = []
+    for ds, paga in pagas.items():
+        _need_columns(panel, paga, ["method", "type_a", "type_b", "connectivity"], "paga.tsv")
+        _require(ds in cells, panel, f"no cells.tsv of {ds} beside its paga.tsv",
+                 "pass cells.tsv and paga.tsv of the same dataset")
+        df = cells[ds]
+        _need_columns(panel, df, ["cell_type"], "cells.tsv")
+        methods = [m for m in _pick(panel, list(dict.fromkeys(paga["method"].astype(str))))
+                   if m in _umap_methods(df)]
+        _require(bool(methods), panel, f"no EpiAgent embedding of {ds} has both PAGA rows and UMAP columns",
+                 "run evaluate-features with the trajectory and UMAPs")
+        grid += [(ds, m, df, paga[paga["method"].astype(str) == m]) for m in methods]
+    pal = category_palette(np.concatenate([df["cell_type"].astype(str).to_numpy() for _, _, df, _ in grid]))
+    lo = panel.options.get("min_connectivity", 0.0)
+    n_cols = min(len(grid), 3)
+    n_rows = int(np.ceil(len(grid) / n_cols))
+    fig = _figure(4.8 * n_cols, 4.4 * n_rows)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax, (ds, m, df, paga) in zip(axes, grid):
+        lab = df["cell_type"].astype(str)
+        xy = df[[f"umap1_{m}", f"umap2_{m}"]].astype(float)
+        cen = xy.groupby(lab.to_numpy()).mean()
+        size = lab.value_counts()
+        for _, r in paga.iterrows():
+            a, b, w = str(r["type_a"]), str(r["type_b"]), float(r["connectivity"])
+            if w >= lo and a in cen.index and b in cen.index:
+                ax.plot(cen.loc[[a, b]].iloc[:, 0], cen.loc[[a, b]].iloc[:, 1], c="black", lw=0.5 + 6 * w,
+                        alpha=0.6, zorder=1)
+        s = 80 + 600 * size.reindex(cen.index).to_numpy(float) / max(float(size.max()), 1.0)
+        ax.scatter(cen.iloc[:, 0], cen.iloc[:, 1], s=s, c=[pal[t] for t in cen.index], edgecolors="black",
+                   linewidths=0.6, zorder=2)
+        for (t, (x, y)), si in zip(cen.iterrows(), s):
+            ax.annotate(str(t), (x, y), fontsize=8, ha="center", va="bottom", xytext=(0, 2 + 0.5 * np.sqrt(si)),
+                        textcoords="offset points", zorder=3)
+        ax.margins(0.15)
+        ax.set_title(f"{m} on {ds}: PAGA graph (edge width = connectivity)", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("UMAP1", fontsize=9)
+        ax.set_ylabel("UMAP2", fontsize=9)
+    for ax in axes[len(grid):]:
+        ax.set_axis_off()
+    return fig
+
+
 def draw_sankey(panel: Panel, metrics: pd.DataFrame, tables) -> object:
     """True label -> prediction flows per dataset (and, with ``second_best``, beside the flows of the
     other prediction column whose method scores best on that metric)."""
@@ -934,6 +985,7 @@ DRAW: dict[str, Callable] = {
     "bars": draw_bars, "metric_heatmap": draw_metric_heatmap, "direction_lines": draw_direction_lines,
     "group_heatmap": draw_group_heatmap, "tradeoff": draw_tradeoff, "umap": draw_umap,
     "umap_best": draw_umap_best, "pseudotime_umap": draw_pseudotime_umap, "sankey": draw_sankey,
+    "paga": draw_paga,
     "cluster_table": draw_cluster_table, "confusion": draw_confusion, "trajectory": draw_trajectory,
     "per_unit_stat": draw_per_unit_stat, "per_cell_scatter": draw_per_cell_scatter,
     "mean_scatter": draw_mean_scatter, "knockout_bars": draw_knockout_bars,
