@@ -185,7 +185,7 @@ def figure_caption(wildcards):
         sorted({os.path.basename(f) for f in plan["metrics"]} | set(p.tables))
     )
     return (
-        f"{p.title}. Analogue of the paper's {p.paper} (docs/figures.md). "
+        f"{p.title}. The paper's {p.paper} (docs/paper.md). "
         f"Benchmark: {p.benchmark} (config tasks.{p.task_key}) on {', '.join(units)}, "
         f"with {_run_description()}. "
         f"Drawn by 'epiflow figure {p.name}' from {inputs}."
