@@ -217,3 +217,6 @@ def test_trajectory_buenrostro_lsi(data_dir, tmp_path):
     assert 0.3 < v["feature_extraction", "NMI"] <= 1.0  # observed 0.55
     assert (tmp_path / "trajectory.png").exists()
     assert len(pd.read_csv(tmp_path / "trajectory.tsv", sep="\t")) == 7
+    paga = pd.read_csv(tmp_path / "paga.tsv", sep="\t")  # 7 types: 21 pairs, the PAGA graph of panel fig2e
+    assert len(paga) == 21 and set(paga.columns) == {"dataset", "method", "type_a", "type_b", "connectivity"}
+    assert paga["connectivity"].max() > 0

@@ -110,9 +110,10 @@ def test_cli_finetuned_beside_zero_shot_and_lsi_with_trajectory(toy, capsys):
                "--n-neighbors", "10", "--trajectory", "--root-type", "type0", "--order", "type0 < type1 < type2",
                "--out", str(out)])
     assert rc == 0
-    # the files the command wrote before the settings refactoring (#18), no more, no fewer
+    # the files the command wrote before the settings refactoring (#18), no more, no fewer (paga.tsv:
+    # since #21, for panel fig2e)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["metrics.tsv", "cells.tsv", "trajectory.tsv", "umap.png", "umap_EpiAgent.png",
+        ["metrics.tsv", "cells.tsv", "trajectory.tsv", "paga.tsv", "umap.png", "umap_EpiAgent.png",
          f"umap_{FINETUNED_METHOD}.png", "umap_LSI.png", "trajectory.png"])
     t = pd.read_csv(out / "metrics.tsv", sep="\t")
     assert list(dict.fromkeys(t["method"])) == ["EpiAgent", FINETUNED_METHOD, "LSI"]
@@ -133,6 +134,9 @@ def test_cli_finetuned_beside_zero_shot_and_lsi_with_trajectory(toy, capsys):
     assert v["feature_extraction", "LSI", "NMI"] > 0.9  # separable synthetic types
     traj = pd.read_csv(out / "trajectory.tsv", sep="\t")
     assert set(traj["method"]) == {"EpiAgent", FINETUNED_METHOD, "LSI"} and len(traj) == 9
+    paga = pd.read_csv(out / "paga.tsv", sep="\t")  # one row per method and pair of the 3 types
+    assert len(paga) == 9 and set(paga["method"]) == {"EpiAgent", FINETUNED_METHOD, "LSI"}
+    assert paga["connectivity"].between(0, 1).all()
     cells = pd.read_csv(out / "cells.tsv", sep="\t")
     assert {"pseudotime_EpiAgent", f"pseudotime_{FINETUNED_METHOD}", "leiden_EpiAgent-finetuned"} <= set(cells)
     for f in ("umap_EpiAgent.png", f"umap_{FINETUNED_METHOD}.png", "umap_LSI.png", "trajectory.png"):

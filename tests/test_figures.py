@@ -1,9 +1,11 @@
-"""`epiflow figure`: every paper-panel analogue builds from small hand-made results tables, errors name
-what is missing, and the workflow rebuilds one panel as a named target."""
+"""`epiflow figure`: every paper panel builds from small hand-made results tables, the panel names carry
+the paper's letters, the panels no table can draw are listed with a reason, errors name what is
+missing, and the workflow rebuilds one panel as a named target."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,8 @@ import pytest
 
 from epiflow.cli import main
 from epiflow.errors import EpiflowError
-from epiflow.plots.figures import DRAW, PANELS, build_panel, panel_table
+from epiflow.plots.figures import (DRAW, NOT_DRAWN, PANEL_NAME, PANELS, PAPER_PANELS, build_panel, panel_table,
+                                   paper_letter)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -52,12 +55,15 @@ def make_results(root: Path) -> dict:
         cells = pd.DataFrame({"cell": [f"{ds}:c{i}" for i in range(n)], "cell_type": lab,
                               "leiden_EpiAgent": rng.integers(0, 4, n), "umap1_EpiAgent": rng.normal(size=n),
                               "umap2_EpiAgent": rng.normal(size=n), "leiden_LSI": rng.integers(0, 4, n),
-                              "umap1_LSI": rng.normal(size=n), "umap2_LSI": rng.normal(size=n)})
+                              "umap1_LSI": rng.normal(size=n), "umap2_LSI": rng.normal(size=n),
+                              "pseudotime_EpiAgent": np.where(rng.random(n) < 0.9, rng.random(n), np.nan),
+                              "pseudotime_LSI": rng.random(n)})
         traj = pd.DataFrame([{"dataset": ds, "method": m, "cell_type": t, "tier": i, "n_cells": 10,
                               "mean_pseudotime": i / 4 + (0.05 if m == "LSI" else 0)}
                              for m in ("EpiAgent", "LSI") for i, t in enumerate(TYPES)])
         pred = pd.DataFrame({"cell_id": cells["cell"], "dataset": ds, "split": ["query", "reference"] * (n // 2),
-                             "true": lab, "pred_EpiAgent": np.where(rng.random(n) < 0.8, lab, "B")})
+                             "true": lab, "pred_EpiAgent": np.where(rng.random(n) < 0.8, lab, "B"),
+                             "pred_LSI+SVM": np.where(rng.random(n) < 0.6, lab, "T")})
         per_cell = pd.DataFrame({"cell_id": cells["cell"], "cell_type": lab})
         per_ccre = pd.DataFrame({"ccre_index": np.arange(60)})
         for m, r in (("Raw", 0.4), ("LSI-recon", 0.6), ("EpiAgent", 0.8)):
@@ -65,8 +71,13 @@ def make_results(root: Path) -> dict:
             per_cell[f"mse_{m}"] = rng.uniform(0.1, 1.0, n)
             per_ccre[f"pearson_{m}"] = np.clip(rng.normal(r, 0.1, 60), -1, 1)
             per_ccre[f"mse_{m}"] = rng.uniform(0.1, 1.0, 60)
+        paga = pd.DataFrame([{"dataset": ds, "method": m, "type_a": a, "type_b": b,
+                              "connectivity": 0.9 if j == i + 1 else 0.02}
+                             for m in ("EpiAgent", "LSI") for i, a in enumerate(TYPES) for j, b in enumerate(TYPES)
+                             if j > i])
         tables.setdefault("feature_extraction", {})[ds] = [_write(cells, root / ds / "cells.tsv"),
-                                                           _write(traj, root / ds / "trajectory.tsv")]
+                                                           _write(traj, root / ds / "trajectory.tsv"),
+                                                           _write(paga, root / ds / "paga.tsv")]
         tables.setdefault("annotation", {})[ds] = [_write(pred, root / ds / "predictions.tsv")]
         tables.setdefault("imputation", {})[ds] = [_write(per_cell, root / ds / "per_cell.tsv"),
                                                    _write(per_ccre, root / ds / "per_ccre.tsv")]
@@ -90,15 +101,24 @@ def make_results(root: Path) -> dict:
         rows += [("query_mapping", "q", m, "accuracy", base), ("query_mapping", "q", m, "macro_F1", base - 0.1)]
     qp = pd.DataFrame({"cell": [f"q{i}" for i in range(20)], "label": np.array(TYPES)[np.arange(20) % 4],
                        "pred_EpiAgent-BC": np.array(TYPES)[(np.arange(20) + (np.arange(20) % 5 == 0)) % 4]})
-    tables["integration"] = {"atlas": [_write(qp, root / "atlas" / "query_predictions.tsv")]}
+    umap = pd.DataFrame({"cell": [f"r{i}" for i in range(30)], "batch": np.array(["b1", "b2"])[np.arange(30) % 2],
+                         "cell_type": np.array(TYPES)[np.arange(30) % 4]})
+    for m in ("EpiAgent-BC", "EpiAgent-zeroshot", "LSI"):
+        umap[f"umap1_{m}"], umap[f"umap2_{m}"] = rng.normal(size=30), rng.normal(size=30)
+    tables["integration"] = {"atlas": [_write(qp, root / "atlas" / "query_predictions.tsv"),
+                                       _write(umap, root / "atlas" / "cells.tsv")]}
     # knockout
     rows += [("knockout", "tumor", "EpiAgent", "random_mean_effect", -0.001)]
     for i, g in enumerate(["MYC:10", "EGFR:20", "SOX2:30"]):
         rows += [("knockout", "tumor", "EpiAgent", f"mean_effect[{g}]", -0.01 * (i + 1)),
                  ("knockout", "tumor", "EpiAgent", f"p_value[{g}]", 10.0 ** -(i + 1))]
+    ko = pd.DataFrame({"gene": ["MYC", "EGFR", "SOX2", "Group"], "ccre": [10, 20, 30, -1], "n_ccres": [1, 1, 1, 3],
+                       "mean_effect": [-0.01, -0.02, -0.03, -0.05], "sd_effect": [0.005, 0.01, 0.01, 0.02],
+                       "t": [-2.0, -3.0, -4.0, -5.0], "p_value": [0.1, 0.01, 0.001, 1e-4]})
     tables["knockout"] = {"tumor": [_write(pd.DataFrame({"ccre": np.arange(50),
                                                          "mean_effect": rng.normal(0, 0.003, 50)}),
-                                           root / "tumor" / "random.tsv")]}
+                                           root / "tumor" / "random.tsv"),
+                                    _write(ko, root / "tumor" / "knockout.tsv")]}
     # zero-shot annotation
     for m, base in (("EpiAgent-zeroshot", 0.7), ("EpiAgent-zeroshot-masked", 0.75)):
         rows += [("zeroshot_annotation", "new", m, k, base) for k in
@@ -122,7 +142,67 @@ def test_registry_covers_the_paper_figures():
     for name, p in PANELS.items():
         assert p.name == name and p.benchmark and p.title and p.paper.startswith("Fig.")
     tab = panel_table()
-    assert list(tab["panel"]) == list(PANELS)
+    assert set(tab["panel"]) == set(PANELS) | set(NOT_DRAWN)
+    assert (tab["status"] == "drawn").sum() == len(PANELS)
+
+
+def _paper_facts_panels() -> dict[str, set[str]]:
+    """fig<N> -> the letters of the result panels in PAPER_FACTS' "Figure panels" table (when the shared
+    docs are there; schematic rows -- overviews, workflows, architectures -- left out), else the
+    registry's own copy."""
+    facts = ROOT.parent / "shared" / "docs" / "PAPER_FACTS.md"
+    if not facts.exists():
+        return {f: set(letters) for f, letters in PAPER_PANELS.items()}
+    out: dict[str, set[str]] = {}
+    for fig, letters, content in re.findall(r"^\| Fig\. (\d)([a-m](?:-[a-m])?(?:, \d[a-m])*) \| (.*) \|$",
+                                            facts.read_text(), re.M):
+        if fig == "1" or re.search(r"no result|workflow|overview|architecture", content):
+            continue
+        for part in letters.split(", "):
+            out.setdefault(f"fig{fig}", set()).add(part[-1])
+    return out
+
+
+def test_panel_names_carry_the_paper_letters():
+    """Every drawn or not-drawn panel is fig<N><letter>[_<view>] with a letter of a result panel of the
+    paper's Fig. N (PAPER_FACTS), its paper column names that panel, and every result panel of the paper
+    is drawn or listed as not drawn."""
+    paper = _paper_facts_panels()
+    assert paper == {f: set(ls) for f, ls in PAPER_PANELS.items()}
+    for name in list(PANELS) + list(NOT_DRAWN):
+        m = PANEL_NAME.match(name)
+        assert m, name
+        assert m.group(2) in paper[m.group(1)], name
+        letter = paper_letter(name)
+        what = PANELS[name].paper if name in PANELS else NOT_DRAWN[name].paper
+        fig, let = letter[3], letter[4]
+        assert re.match(rf"Fig\. {fig}([a-m]-)?[a-m]?", what) and (f"{fig}{let}" in what or "-" in what), (name, what)
+    covered = {paper_letter(n) for n in PANELS if PANEL_NAME.match(n).group(3) is None} | set(NOT_DRAWN)
+    for fig, letters in paper.items():
+        for let in letters:
+            assert f"{fig}{let}" in covered, f"paper panel {fig}{let} is neither drawn nor listed as not drawn"
+    assert not set(PANELS) & set(NOT_DRAWN)
+
+
+def test_not_drawn_panels_say_why(tmp_path, capsys):
+    for name, nd in NOT_DRAWN.items():
+        assert nd.reason and len(nd.reason) > 30 and nd.paper.startswith("Fig."), name
+        assert set(nd.instead) <= set(PANELS), name
+    with pytest.raises(EpiflowError, match="fig4h.*not drawn: needs the query's RNA"):
+        build_panel("fig4h", out=tmp_path / "x.png")
+    assert main(["figure", "--list"]) == 0
+    listed = capsys.readouterr().out
+    for name, nd in NOT_DRAWN.items():
+        assert name in listed
+    assert "not drawn: needs the query's RNA" in listed
+    out = tmp_path / "panels.tsv"
+    assert main(["figure", "--list", "--skip", "fig2f=no trajectory dataset", "--out", str(out)]) == 0
+    tab = pd.read_csv(out, sep="\t").set_index("panel")
+    assert tab.loc["fig2f", "status"] == "not built: no trajectory dataset"
+    assert tab.loc["fig2b", "status"] == "drawn"
+    assert tab.loc["fig5b", "status"].startswith("not drawn: ")
+    assert main(["figure", "--list", "--skip", "fig9z=x"]) == 2
+    assert main(["figure", "--list", "--skip", "fig2f"]) == 2
 
 
 @pytest.mark.parametrize("panel", list(PANELS))
@@ -147,26 +227,26 @@ def test_missing_inputs_are_named(results, tmp_path):
     only_fe = _write(_long([("annotation", "d", "EpiAgent", "accuracy", 0.5)]), tmp_path / "m.tsv")
     with pytest.raises(EpiflowError, match="fig2b.*'feature_extraction'.*tasks.feature_extraction"):
         build_panel("fig2b", metrics=[only_fe], out=tmp_path / "x.png")
-    with pytest.raises(EpiflowError, match="fig2c.*cells.tsv"):
-        build_panel("fig2c", tables={"d1": results["tables"]["annotation"]["d1"]}, out=tmp_path / "x.png")
+    with pytest.raises(EpiflowError, match="fig2c_epiagent.*cells.tsv"):
+        build_panel("fig2c_epiagent", tables={"d1": results["tables"]["annotation"]["d1"]}, out=tmp_path / "x.png")
     bad = _write(pd.DataFrame({"cell": ["a"], "umap1_EpiAgent": [0.0], "umap2_EpiAgent": [0.0]}),
                  tmp_path / "bad" / "cells.tsv")
     with pytest.raises(EpiflowError, match="lacks column.*cell_type"):
-        build_panel("fig2c", tables={"d": [bad]}, out=tmp_path / "x.png")
+        build_panel("fig2c_epiagent", tables={"d": [bad]}, out=tmp_path / "x.png")
     with pytest.raises(EpiflowError, match="unknown figure panel 'fig9z'"):
         build_panel("fig9z", out=tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
 
 
 def test_cli(results, tmp_path, capsys):
-    out = tmp_path / "fig2c.png"
+    out = tmp_path / "fig2c_epiagent.png"
     d1 = results["tables"]["feature_extraction"]["d1"][0]
-    assert main(["figure", "fig2c", "--table", f"d1={d1}", "--out", str(out), "--svg"]) == 0
+    assert main(["figure", "fig2c_epiagent", "--table", f"d1={d1}", "--out", str(out), "--svg"]) == 0
     assert out.exists() and out.with_suffix(".svg").exists()
     assert main(["figure", "--list"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in PANELS)
-    assert main(["figure", "fig2c", "--table", "no-equals-sign", "--out", str(out)]) == 2
+    assert main(["figure", "fig2c_epiagent", "--table", "no-equals-sign", "--out", str(out)]) == 2
     assert main(["figure", "fig2b", "--metrics", str(tmp_path / "missing.tsv"), "--out", str(out)]) == 2
 
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from epiflow.plots.figures import PANELS
+from epiflow.plots.figures import NOT_DRAWN, PANELS
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -113,6 +113,35 @@ def test_captions_say_what_was_run_on_what(test_workflow):
             assert ds in cap, (name, ds)
     integ = g["table_caption"](SimpleNamespace(table="integration"))
     assert all(q in integ for q in cfg["tasks"]["integration"]["query"])
+
+
+def test_report_lists_every_paper_panel_drawn_or_not(test_workflow, tmp_path):
+    """figures/panels.tsv (rule figure_panels, in `all` and in the report's Summary) lists every panel:
+    drawn, not built with this configuration (with the planning problem), not drawable (with the reason)."""
+    import shlex
+
+    import pandas as pd
+
+    from epiflow.cli import main
+
+    g = test_workflow.globals
+    R = g["R"]
+    assert f"{R}/figures/panels.tsv" in {str(f) for f in test_workflow.get_rule("all").input}
+    rule = test_workflow.get_rule("figure_panels")
+    assert rule.output[0].flags["report"].category == "Summary"
+    skipped = g["figure_skipped"]()
+    built = {Path(f).stem for f in g["figure_targets"]()}
+    assert built | set(skipped) == set(PANELS) and not built & set(skipped)
+    cap = g["panels_caption"](None)
+    assert f"{len(PANELS) - len(skipped)} drawn" in cap and f"{len(NOT_DRAWN)} paper panels" in cap
+    out = tmp_path / "panels.tsv"
+    assert main(["figure", "--list", *shlex.split(g["panels_args"](None)), "--out", str(out)]) == 0
+    tab = pd.read_csv(out, sep="\t").set_index("panel")
+    for name in PANELS:
+        status = tab.loc[name, "status"]
+        assert status == (f"not built: {skipped[name]}" if name in skipped else "drawn"), (name, status)
+    for name, nd in NOT_DRAWN.items():
+        assert tab.loc[name, "status"] == f"not drawn: {nd.reason}"
 
 
 def _summary_table(path: Path) -> None:

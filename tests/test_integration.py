@@ -15,7 +15,7 @@ from epiflow.model import load_epiagent_checkpoint
 from epiflow.tasks.integration import gmm_keep, map_query, match_batches, ot_match, partner_targets
 
 # the files `epiflow integrate` writes (workflow rule integrate, registry outputs), with a query
-INTEGRATE_FILES = {"metrics.tsv", "checkpoint.pth", "checkpoint.pth.json", "batches.tsv", "matches.tsv",
+INTEGRATE_FILES = {"metrics.tsv", "checkpoint.pth", "checkpoint.pth.json", "batches.tsv", "matches.tsv", "cells.tsv",
                    "embeddings.h5ad", "umap_batch.png", "umap_cell_type.png", "query_predictions.tsv",
                    "train_log.tsv"}
 
@@ -136,6 +136,10 @@ def test_integrate_cli_end_to_end(tmp_path, base_ckpt):
     assert not torch.equal(sd["signal_decoder.weight"], base["signal_decoder.weight"])  # really trained
     assert load_epiagent_checkpoint(out / "checkpoint.pth").kind == "batch-conditioned"
     assert pd.read_csv(out / "batches.tsv", sep="\t")["batch"].tolist() == ["d1", "d2"]
+    # the UMAP of every embedding, for panels fig4c / fig4d
+    cells_tab = pd.read_csv(out / "cells.tsv", sep="\t")
+    assert {"cell", "batch", "cell_type", "umap1_EpiAgent-BC", "umap2_EpiAgent-zeroshot"} <= set(cells_tab.columns)
+    assert set(cells_tab["batch"]) == {"d1", "d2"} and cells_tab["umap1_EpiAgent-BC"].notna().all()
 
     m = pd.read_csv(out / "metrics.tsv", sep="\t")
     assert list(m.columns) == ["task", "dataset", "method", "metric", "value"]
@@ -186,9 +190,11 @@ def test_integrate_on_the_cCREs_common_to_all_batches(tmp_path, base_ckpt):
     assert t[("query_mapping", "EpiAgent-BC", "n_query_cells")] == 20
     qp = pd.read_csv(tmp_path / "o" / "query_predictions.tsv", sep="\t")
     assert len(qp) == 20 and set(qp["pred_EpiAgent-BC"]) <= {"HSC", "GMP", "CLP"}
-    # umap off: no coordinates to draw, and the result folder has every file but the figures
+    # umap off: no coordinates to draw, and the result folder has every file but the figures and the
+    # table of UMAP coordinates
     assert res.data["umap"] == {} and res.data["batches"] == ["d1", "d2"]
-    assert {f.name for f in (tmp_path / "o").iterdir()} == INTEGRATE_FILES - {"umap_batch.png", "umap_cell_type.png"}
+    assert {f.name for f in (tmp_path / "o").iterdir()} == INTEGRATE_FILES - {"umap_batch.png", "umap_cell_type.png",
+                                                                               "cells.tsv"}
     # without the option the batch-1-only cCREs stay: more cCREs per cell
     res2 = _run(base_ckpt, ref, batch_key="donor", max_steps=1, umap=False, lsi=False)
     t2 = res2.metrics.set_index(["task", "method", "metric"])["value"]
@@ -223,7 +229,7 @@ def test_integrate_flags_are_its_settings_and_former_names_still_parse():
         ["integrate", "--corpus", "c", "--checkpoint", "m", "--out", "o"])) == IntegrationConfig()
 
 
-# ------------------------------------------------------------------ workflow: query outputs and fig4g
+# ------------------------------------------------------------------ workflow: query outputs and fig4g_confusion
 def _snakemake_dry(target, *args):
     import os
     import subprocess
@@ -239,38 +245,43 @@ def _snakemake_dry(target, *args):
 
 
 @pytest.mark.parametrize("configfile", [None, "config/realdata.yaml"])
-def test_fig4g_is_a_named_target_built_from_the_declared_query_predictions(configfile, tmp_path):
+def test_fig4g_confusion_is_a_named_target_built_from_the_declared_query_predictions(configfile, tmp_path):
     """query_predictions.tsv is an output of rule integrate when the config names query datasets, so
-    `snakemake <results>/figures/fig4g.png` plans integrate -> figure (demo and real-data configs)."""
+    `snakemake <results>/figures/fig4g_confusion.png` plans integrate -> figure (demo and real-data configs)."""
     if configfile and not (Path(__file__).resolve().parents[2] / "shared" / "data").exists():
         pytest.skip("config/realdata.yaml reads ../shared/data, which is absent")
     res = tmp_path / "res"
-    rc, out = _snakemake_dry(f"{res}/figures/fig4g.png", *(["--configfile", configfile] if configfile else []),
+    rc, out = _snakemake_dry(f"{res}/figures/fig4g_confusion.png", *(["--configfile", configfile] if configfile else []),
                              "--config", f"results_dir={res}")
     assert rc == 0, out
     name = "bonemarrow" if configfile else "atlas"
     qp = f"{res}/tasks/integration/{name}/query_predictions.tsv"
     integ = out[out.index("rule integrate:"):]
     assert qp in integ.split("\n", 3)[2]  # the output line of the integrate job
-    assert re.search(rf"epiflow figure fig4g --table {name}={re.escape(qp)} --out {re.escape(str(res))}"
-                     r"/figures/fig4g.png", out), out
+    assert re.search(rf"epiflow figure fig4g_confusion --table {name}={re.escape(qp)} --out {re.escape(str(res))}"
+                     r"/figures/fig4g_confusion.png", out), out
     assert "--query-dataset" in out
     # and `all` builds the panel too
     rc, out = _snakemake_dry("all", *(["--configfile", configfile] if configfile else []),
                              "--config", f"results_dir={res}")
-    assert rc == 0 and f"{res}/figures/fig4g.png" in out, out
+    assert rc == 0 and f"{res}/figures/fig4g_confusion.png" in out, out
 
 
-def test_fig4g_without_query_names_the_missing_table(tmp_path):
+def test_fig4g_confusion_without_query_names_the_missing_table(tmp_path):
     import yaml
 
     over = tmp_path / "over.yaml"
     over.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "res"), "tasks": {"integration": {"query": []}}}))
-    rc, out = _snakemake_dry(f"{tmp_path}/res/figures/fig4g.png", "--configfile", str(over))
+    rc, out = _snakemake_dry(f"{tmp_path}/res/figures/fig4g_confusion.png", "--configfile", str(over))
     assert rc != 0
-    assert "fig4g" in out and "no rule of this workflow writes" in out and "query_predictions.tsv" in out, out
+    assert "fig4g_confusion" in out and "no rule of this workflow writes" in out and "query_predictions.tsv" in out, out
     rc, out = _snakemake_dry("all", "--configfile", str(over))
-    assert rc == 0 and "fig4g.png" not in out and "query_predictions.tsv" not in out, out
+    assert rc == 0, out
+    # not planned; listed in figures/panels.tsv as not built, with the missing table as the reason
+    listing = next(ln for ln in out.splitlines() if "epiflow figure --list" in ln)
+    rest = out.replace(listing, "")
+    assert "fig4g_confusion.png" not in rest and "query_predictions.tsv" not in rest, out
+    assert re.search(r"--skip 'fig4g_confusion=no rule of this workflow writes \S+/query_predictions.tsv'", listing)
 
 
 def test_reference_from_several_folders_and_an_unlabelled_query(tmp_path, base_ckpt):

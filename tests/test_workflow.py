@@ -383,7 +383,12 @@ def test_two_zeroshot_annotators_each_train_once_and_label_their_datasets(tmp_pa
     assert "--dataset atlas_b3 " in b and "--method EpiAgent-B " in b
     nt = annotate[f"{zs}/EpiAgent-NT.pbmc_fragments"]
     assert f"--checkpoint {zs}/annotator-EpiAgent-NT/checkpoint.pth" in nt and "--method EpiAgent-NT" in nt
-    assert "rule figure:" in out and f"{res}/figures/fig6b.png" in out
+    # the panels of each annotator: EpiAgent-B (fig6c-d) and EpiAgent-NT (fig6f-g), each from its own folders
+    assert "rule figure:" in out and f"{res}/figures/fig6d.png" in out and f"{res}/figures/fig6g.png" in out
+    six_d = next(s for s in shells if "epiflow figure fig6d " in s)
+    six_g = next(s for s in shells if "epiflow figure fig6g " in s)
+    assert f"{zs}/EpiAgent-B.atlas_b3/metrics.tsv" in six_d and "EpiAgent-NT" not in six_d
+    assert f"{zs}/EpiAgent-NT.pbmc_fragments/metrics.tsv" in six_g and "EpiAgent-B." not in six_g
 
 
 def test_zeroshot_annotator_names_are_checked(tmp_path):

@@ -4,7 +4,7 @@
 import os
 import shlex
 
-from epiflow.plots.figures import PANELS
+from epiflow.plots.figures import NOT_DRAWN, PANELS
 
 from epiflow.tasks.registry import TASKS, partial_tables, task_of_metrics
 
@@ -26,6 +26,23 @@ def _figure_units(task_key):
     return list(cfg["datasets"])
 
 
+ORDINAL = ["first", "second", "third", "fourth"]
+
+
+def _annotator_units(index):
+    """Result folders of the zero-shot annotator number `index` (0: the first of
+    tasks.zeroshot_annotation.annotators, or the single default annotator), or the problem.
+    """
+    found = list(zs_annotators().values())
+    if index >= len(found):
+        return None, (
+            f"the panel shows the {ORDINAL[index]} zero-shot annotator (EpiAgent-NT in config/paper.yaml) "
+            f"but config tasks.zeroshot_annotation has {len(found)} "
+            f"({', '.join(a['name'] for a in found)}; list more under annotators)"
+        )
+    return list(found[index]["units"]), None
+
+
 def _producible(path):
     return any(r.is_producer(path) for r in workflow.rules if r.name != "figure")
 
@@ -40,6 +57,10 @@ def figure_plan(name):
             "tables": [],
             "problems": [f"config tasks.{p.task_key} is absent or not enabled"],
         }
+    if "annotator" in p.options:
+        units, why = _annotator_units(p.options["annotator"])
+        if why:
+            return {"metrics": [], "tables": [], "problems": [why]}
     folder = TASKS[p.task_key].folder
     base = f"{R}/tasks/{folder}"
     metrics = [f"{base}/{u}/metrics.tsv" for u in units] if p.needs_metrics else []
@@ -77,6 +98,37 @@ def figure_targets():
         for name in PANELS
         if not figure_plan(name)["problems"]
     ]
+
+
+def figure_skipped():
+    """Panel -> why the current configuration cannot build it (the panels left out of `all`)."""
+    out = {}
+    for name in PANELS:
+        problems = figure_plan(name)["problems"]
+        if problems:
+            out[name] = "; ".join(problems)
+    return out
+
+
+def panels_args(wildcards):
+    """`epiflow figure --list` arguments: the panels this configuration cannot build, with why."""
+    return " ".join(
+        "--skip " + shlex.quote(f"{name}={why}")
+        for name, why in figure_skipped().items()
+    )
+
+
+def panels_caption(wildcards):
+    skipped = figure_skipped()
+    return (
+        f"Every result panel of the paper's Figs. 2-6 and what became of it with this configuration: "
+        f"{len(PANELS) - len(skipped)} drawn (results/figures/<panel>.png, beside this table in the "
+        f"benchmarks' categories), {len(skipped)} not built with this configuration (status 'not "
+        f"built: <why>'), and {len(NOT_DRAWN)} paper panels that no table of epiflow can draw "
+        "(status 'not drawn: <reason>', column inputs: the drawn panels closest to them). "
+        "Names: fig<N><letter> draws the paper's panel, fig<N><letter>_<view> another view of its "
+        "data (docs/paper.md). Written by 'epiflow figure --list'."
+    )
 
 
 def figure_inputs(wildcards):
@@ -133,7 +185,7 @@ def figure_caption(wildcards):
         sorted({os.path.basename(f) for f in plan["metrics"]} | set(p.tables))
     )
     return (
-        f"{p.title}. Analogue of the paper's {p.paper} (docs/figures.md). "
+        f"{p.title}. The paper's {p.paper} (docs/paper.md). "
         f"Benchmark: {p.benchmark} (config tasks.{p.task_key}) on {', '.join(units)}, "
         f"with {_run_description()}. "
         f"Drawn by 'epiflow figure {p.name}' from {inputs}."

@@ -15,8 +15,8 @@ wildcard_constraints:
 # the zero-shot embeddings of rule embed (EpiAgent) and LSI.
 # Trajectory (EpiAgent Fig. 2d-g): the datasets of tasks.feature_extraction.trajectory.datasets go to
 # rule evaluate_features_trajectory, which adds PAGA + diffusion pseudotime rooted in root_type and
-# the Spearman correlation with `order` for every embedding, and declares trajectory.tsv / .png
-# (the input of panel fig2f); the other datasets to rule evaluate_features.
+# the Spearman correlation with `order` for every embedding, and declares trajectory.tsv / .png and
+# paga.tsv (the inputs of panels fig2d-g); the other datasets to rule evaluate_features.
 import re
 import shlex
 
@@ -33,7 +33,7 @@ if FE_CFG["enabled"] and not FE_TRAJECTORY and workflow.is_main_process:
 
     logger.info(
         "epiflow: no trajectory (config tasks.feature_extraction.trajectory.datasets is empty: no "
-        "evaluated dataset has cell types of a known order); panel fig2f is skipped"
+        "evaluated dataset has cell types of a known order); panels fig2d-g are skipped"
     )
 _FE_NAME = r"[A-Za-z0-9._-]"
 _FE_TRAJ_ALT = "|".join(re.escape(d) for d in FE_TRAJECTORY)
@@ -97,6 +97,7 @@ use rule evaluate_features as evaluate_features_trajectory with:
             labels={"dataset": "{unit}", "figure": "UMAP (EpiAgent | LSI)"},
         ),
         trajectory=f"{R}/tasks/feature_extraction/{{unit}}/trajectory.tsv",
+        paga=f"{R}/tasks/feature_extraction/{{unit}}/paga.tsv",
         trajectory_png=report(
             f"{R}/tasks/feature_extraction/{{unit}}/trajectory.png",
             caption="../report/feature_extraction.rst",
@@ -293,7 +294,7 @@ rule predict_genetic:
 # Batch integration of the configured datasets together (one job): OT-matched partners across
 # batches, fine-tuning with a batch token, integration metrics beside zero-shot and LSI; optional
 # query datasets labelled by their nearest reference cells (query_predictions.tsv, read by the
-# fig4g panel, is an output only when tasks.integration.query names datasets).
+# fig4g_confusion panel, is an output only when tasks.integration.query names datasets).
 INTEGRATION_QUERY_OUTPUT = (
     {"query": f"{R}/tasks/integration/{{unit}}/query_predictions.tsv"}
     if config["tasks"]["integration"]["query"]
@@ -320,6 +321,7 @@ rule integrate:
         embeddings=f"{R}/tasks/integration/{{unit}}/embeddings.h5ad",
         batches=f"{R}/tasks/integration/{{unit}}/batches.tsv",
         matches=f"{R}/tasks/integration/{{unit}}/matches.tsv",
+        cells=f"{R}/tasks/integration/{{unit}}/cells.tsv",
         model=f"{R}/tasks/integration/{{unit}}/checkpoint.pth",
         model_config=f"{R}/tasks/integration/{{unit}}/checkpoint.pth.json",
         train_log=f"{R}/tasks/integration/{{unit}}/train_log.tsv",

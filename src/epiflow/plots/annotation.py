@@ -13,7 +13,7 @@ import pandas as pd
 
 from .embedding import _figure, category_palette, save_figure
 
-__all__ = ["annotation_figures", "confusion_figure", "sankey_figure"]
+__all__ = ["annotation_figures", "confusion_figure", "sankey_axes", "sankey_figure"]
 
 
 def annotation_figures(result, out: str | os.PathLike, *, svg: bool = False) -> list[Path]:
@@ -74,6 +74,18 @@ def confusion_figure(tables: dict, path, *, title: str = "", svg: bool = False):
 
 def sankey_figure(y_true, y_pred, path, *, title: str = "", svg: bool = False, gap: float = 0.02):
     """True -> predicted flows drawn as smooth (cubic Bezier) bands between two stacked columns."""
+    t = np.asarray(y_true).astype(str)
+    p = np.asarray(y_pred).astype(str)
+    fig = _figure(7.0, max(4.0, 0.35 * max(len(set(t)), len(set(p))) + 2))
+    ax = fig.add_subplot(1, 1, 1)
+    sankey_axes(ax, t, p, title=title, gap=gap)
+    return save_figure(fig, path, svg=svg)
+
+
+def sankey_axes(ax, y_true, y_pred, *, title: str = "", gap: float = 0.02, left_title: str = "true",
+                right_title: str = "predicted") -> None:
+    """Draw the true -> predicted flows of ``y_true`` / ``y_pred`` on ``ax`` (bands in the colour of the
+    true class; the bands of correct predictions darker)."""
     from matplotlib.patches import Rectangle
 
     t = np.asarray(y_true).astype(str)
@@ -95,8 +107,6 @@ def sankey_figure(y_true, y_pred, path, *, title: str = "", svg: bool = False, g
 
     lpos = stack(left, flows.sum(axis=1).to_numpy())
     rpos = stack(right, flows.sum(axis=0).to_numpy())
-    fig = _figure(7.0, max(4.0, 0.35 * max(len(left), len(right)) + 2))
-    ax = fig.add_subplot(1, 1, 1)
     x0, x1, w = 0.0, 1.0, 0.04
     s = np.linspace(0, 1, 60)
     bez = 3 * s ** 2 - 2 * s ** 3  # cubic Bezier with horizontal tangents at both ends
@@ -119,11 +129,10 @@ def sankey_figure(y_true, y_pred, path, *, title: str = "", svg: bool = False, g
             lo, hi = pos[nm]
             ax.add_patch(Rectangle((x, lo), w, hi - lo, color=pal[nm], lw=0))
             ax.text(x + dx, (lo + hi) / 2, nm, ha=ha, va="center", fontsize=8)
-    ax.text(x0 + w / 2, 1.03, "true", ha="center", fontsize=9, weight="bold")
-    ax.text(x1 - w / 2, 1.03, "predicted", ha="center", fontsize=9, weight="bold")
+    ax.text(x0 + w / 2, 1.03, left_title, ha="center", fontsize=9, weight="bold")
+    ax.text(x1 - w / 2, 1.03, right_title, ha="center", fontsize=9, weight="bold")
     ax.set_xlim(-0.3, 1.3)
     ax.set_ylim(min(min(v[0] for v in lpos.values()), min(v[0] for v in rpos.values())) - 0.02, 1.07)
     ax.axis("off")
     if title:
         ax.set_title(title, fontsize=10)
-    return save_figure(fig, path, svg=svg)

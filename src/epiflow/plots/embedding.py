@@ -52,7 +52,7 @@ def category_palette(categories: Sequence[str]) -> dict[str, str]:
 
 def embedding_panel(ax, coords, labels, *, palette: Mapping[str, str] | None = None, title: str = "",
                     legend: bool = True, point_size: float | None = None, xlabel: str = "UMAP1",
-                    ylabel: str = "UMAP2") -> None:
+                    ylabel: str = "UMAP2", legend_title: str = "cell type") -> None:
     """Scatter ``coords`` (n x 2) coloured by ``labels`` on ``ax``."""
     coords = np.asarray(coords)
     labels = np.asarray(labels).astype(str)
@@ -71,7 +71,7 @@ def embedding_panel(ax, coords, labels, *, palette: Mapping[str, str] | None = N
         handles = [ax.scatter([], [], c=palette[c], s=30, label=f"{c} ({int((labels == c).sum())})")
                    for c in present]
         ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False,
-                  markerscale=1.0, title="cell type", title_fontsize=8)
+                  markerscale=1.0, title=legend_title, title_fontsize=8)
 
 
 def umap_figure(panels: Mapping[str, tuple[np.ndarray, np.ndarray, str]], path, *, suptitle: str = "",

@@ -1,19 +1,34 @@
-"""Analogues of the EpiAgent paper's figure panels, drawn from the workflow's results tables.
+"""The EpiAgent paper's result panels (Figs. 2-6), drawn from the workflow's results tables.
+
+Panel names follow the paper's letters (``../shared/docs/PAPER_FACTS.md``, "Figure panels"):
+
+* ``fig<N><letter>`` draws the content of the paper's panel N<letter> (e.g. ``fig2c``: the EpiAgent
+  UMAP beside the second-best method's);
+* ``fig<N><letter>_<view>`` is a further view of the same paper panel's data (``fig2c_baselines``,
+  ``fig2i_confusion``, ``fig4e_batch``);
+* :data:`NOT_DRAWN` lists, in the same scheme, each paper panel (or part of one) that no table of ours
+  can draw, with the reason and the drawn panels closest to it (``epiflow figure --list`` prints both;
+  the workflow writes them to ``figures/panels.tsv``, in the report).
 
 Every panel of :data:`PANELS` is one PNG (``results/figures/<panel>.png`` in the workflow, built by
 ``epiflow figure <panel>``). A panel only reshapes and plots tables that the task verbs wrote:
 
 * the long metrics tables (``metrics.tsv`` of each task and ``baselines/metrics.tsv``: ``task dataset
   method metric value``),
-* per-dataset task tables (``cells.tsv`` and ``trajectory.tsv`` of feature extraction,
+* per-dataset task tables (``cells.tsv``, ``trajectory.tsv`` and ``paga.tsv`` of feature extraction,
   ``predictions.tsv`` of annotation, ``per_cell.tsv`` / ``per_ccre.tsv`` of imputation,
-  ``mean_accessibility.tsv.gz`` of the perturbation tasks, ``query_predictions.tsv`` of integration,
-  ``random.tsv`` of the knockout, ``predictions.tsv`` of zero-shot annotation).
+  ``mean_accessibility.tsv.gz`` of the perturbation tasks, ``cells.tsv`` (UMAPs) and
+  ``query_predictions.tsv`` of integration,
+  ``knockout.tsv`` / ``random.tsv`` of the knockout, ``predictions.tsv`` of zero-shot annotation).
 
-No number is computed here beyond counting / row-normalising a contingency table; a panel whose
-tables lack what it plots raises :class:`~epiflow.errors.EpiflowError` naming the panel and the
-missing task, metric or column (never an empty or made-up figure). ``docs/paper.md`` maps each panel
-to the paper's and says what differs.
+No number is computed here beyond counting / row-normalising a contingency table, placing a cell
+type at the mean UMAP position of its cells (fig2e) and picking the best method by a metric the task
+wrote; a panel whose tables lack what it plots raises
+:class:`~epiflow.errors.EpiflowError` naming the panel and the missing task, metric or column (never an
+empty or made-up figure). The zero-shot panels of the first annotator (``annotator`` option 0: Fig.
+6b-d, EpiAgent-B) and of the second (1: Fig. 6e-g, EpiAgent-NT) draw the tables they are given; the
+workflow passes each only its annotator's result folders. ``docs/paper.md`` maps each panel to the
+paper's and says what differs.
 """
 
 from __future__ import annotations
@@ -67,75 +82,101 @@ IN, KO, ZS = "Integration and query mapping", "In-silico cCRE knockout", "Zero-s
 PANELS: dict[str, Panel] = {p.name: p for p in [
     # ---- Fig. 2: typical downstream tasks --------------------------------------------------------
     _p("fig2b", FE, "feature_extraction", "feature_extraction", [],
-       "Leiden NMI and ARI of each embedding (EpiAgent zero-shot, LSI and the baseline tools) per dataset",
-       "Fig. 2b: clustering NMI / ARI of EpiAgent and the baselines", "bars", baselines=True,
+       "Leiden NMI and ARI of each embedding (EpiAgent, LSI and the baseline tools) per dataset",
+       "Fig. 2b: feature extraction, NMI and ARI of every method on each dataset", "bars", baselines=True,
        metrics=["NMI", "ARI"]),
-    _p("fig2c", FE, "feature_extraction", "", ["cells.tsv"],
-       "UMAP of the EpiAgent cell embeddings of each dataset, coloured by cell type",
-       "Fig. 2c-e: UMAPs of EpiAgent embeddings", "umap", needs_metrics=False, methods=["EpiAgent"],
-       colour="cell_type"),
-    _p("fig2d", FE, "feature_extraction", "", ["cells.tsv"],
-       "UMAPs of the baseline embeddings (LSI) of the same cells, coloured by cell type",
-       "Fig. 2c-e: UMAPs of the baselines", "umap", needs_metrics=False, methods=None, exclude=["EpiAgent"],
-       colour="cell_type"),
-    _p("fig2e", FE, "feature_extraction", "", ["cells.tsv"],
+    _p("fig2b_clusters", FE, "feature_extraction", "", ["cells.tsv"],
        "Fraction of each cell type's cells in each Leiden cluster of the EpiAgent embeddings (rows: cell "
        "types, row-normalised; the clustering behind the NMI / ARI of fig2b)",
        "Fig. 2b: the clustering behind NMI / ARI", "cluster_table", needs_metrics=False, method="EpiAgent"),
-    _p("fig2f", FE, "feature_extraction", "trajectory", ["trajectory.tsv"],
+    _p("fig2c", FE, "feature_extraction", "feature_extraction", ["cells.tsv"],
+       "UMAP of the EpiAgent embedding of higher NMI next to that of the best other embedding of cells.tsv "
+       "(NMI in metrics.tsv), coloured by cell type",
+       "Fig. 2c: UMAP of EpiAgent next to the second-best method", "umap_best", metric="NMI"),
+    _p("fig2c_epiagent", FE, "feature_extraction", "", ["cells.tsv"],
+       "UMAP of the EpiAgent cell embeddings of each dataset, coloured by cell type",
+       "Fig. 2c: UMAPs of EpiAgent embeddings", "umap", needs_metrics=False, prefix="EpiAgent",
+       colour="cell_type"),
+    _p("fig2c_baselines", FE, "feature_extraction", "", ["cells.tsv"],
+       "UMAPs of the other embeddings of cells.tsv (LSI) of the same cells, coloured by cell type",
+       "Fig. 2c: UMAPs of the other methods", "umap", needs_metrics=False, exclude_prefix="EpiAgent",
+       colour="cell_type"),
+    _p("fig2d", FE, "feature_extraction", "", ["trajectory.tsv", "cells.tsv"],
+       "UMAP of the EpiAgent embeddings of the trajectory datasets (tasks.feature_extraction.trajectory."
+       "datasets), coloured by cell type", "Fig. 2d: UMAP of EpiAgent embeddings, trajectory donor",
+       "umap", needs_metrics=False, prefix="EpiAgent", colour="cell_type", only_with="trajectory.tsv"),
+    _p("fig2e", FE, "feature_extraction", "", ["paga.tsv", "cells.tsv"],
+       "PAGA graph of the cell types of the trajectory datasets, per EpiAgent embedding: one node per type "
+       "at the mean UMAP position of its cells (size = cells), edge width = PAGA connectivity (edges under "
+       "0.05 hidden; sibling types are not marked)", "Fig. 2e: PAGA trajectory graph", "paga",
+       needs_metrics=False, prefix="EpiAgent", min_connectivity=0.05),
+    _p("fig2f", FE, "feature_extraction", "", ["trajectory.tsv", "cells.tsv"],
+       "Diffusion pseudotime (PAGA, rooted in the first type of the known order) of each cell on the UMAP "
+       "of each EpiAgent embedding, trajectory datasets", "Fig. 2f: pseudotime on the UMAP",
+       "pseudotime_umap", needs_metrics=False, prefix="EpiAgent"),
+    _p("fig2g", FE, "feature_extraction", "trajectory", ["trajectory.tsv"],
        "Mean diffusion pseudotime (PAGA, rooted in the first type of the known order) per cell type and "
        "embedding, types in their known differentiation order; Spearman rho in the legend",
-       "Fig. 2f-g: hematopoietic trajectory on Buenrostro 2018", "trajectory"),
-    _p("fig2g", AN, "annotation", "annotation", [],
+       "Fig. 2g: mean pseudotime per cell type", "trajectory"),
+    _p("fig2h", AN, "annotation", "annotation", [],
        "Accuracy and macro F1 of supervised annotation on the query third of each dataset, per method",
-       "Fig. 2h-i: annotation accuracy / macro F1 against the baselines", "bars", baselines=True,
+       "Fig. 2h: supervised annotation, accuracy and macro F1 of every method", "bars", baselines=True,
        metrics=["accuracy", "macro_F1"]),
-    _p("fig2h", AN, "annotation", "", ["predictions.tsv"],
-       "Confusion matrix of the fine-tuned EpiAgent classifier on the query cells (rows: true type, "
-       "row-normalised)", "Fig. 2j: confusion / Sankey of the annotation", "confusion",
-       needs_metrics=False, true="true", pred="pred_EpiAgent", split="query"),
-    _p("fig2i", AN, "annotation", "annotation", [],
+    _p("fig2h_scores", AN, "annotation", "annotation", [],
        "Every classification score of every annotation method (query cells)",
-       "Fig. 2h-i: annotation scores", "metric_heatmap", baselines=True,
+       "Fig. 2h: annotation scores", "metric_heatmap", baselines=True,
        metrics=["accuracy", "balanced_accuracy", "macro_F1", "micro_F1", "weighted_F1"]),
+    _p("fig2i", AN, "annotation", "annotation", ["predictions.tsv"],
+       "Sankey diagrams of the query cells: true type -> fine-tuned EpiAgent's prediction, and true type -> "
+       "the prediction of the other method of predictions.tsv with the highest accuracy",
+       "Fig. 2i: Sankey of ground truth, EpiAgent and the second-best method", "sankey", true="true",
+       pred="pred_EpiAgent", split="query", second_best="accuracy"),
+    _p("fig2i_confusion", AN, "annotation", "", ["predictions.tsv"],
+       "Confusion matrix of the fine-tuned EpiAgent classifier on the query cells (rows: true type, "
+       "row-normalised)", "Fig. 2i: prediction vs ground truth (confusion)", "confusion",
+       needs_metrics=False, true="true", pred="pred_EpiAgent", split="query"),
     _p("fig2j", IM, "imputation", "imputation", [],
        "Clustering (PCA + bisected Leiden) NMI / ARI of the raw TF-IDF signal, the LSI reconstruction and "
        "the EpiAgent imputation (and the baseline imputation tools when configured)",
-       "Fig. 2k: NMI / ARI after imputation", "bars", baselines=True,
+       "Fig. 2j: imputation, NMI / ARI of clustering the imputed matrix", "bars", baselines=True,
        metrics=["NMI", "ARI"]),
     _p("fig2k", IM, "imputation", "", ["per_cell.tsv"],
-       "Per-cell Pearson r and MSE against the cell type's mean signal, per method",
-       "Fig. 2l-m: per-cell Pearson / MSE of imputed data", "per_unit_box", needs_metrics=False,
-       unit="cell"),
-    _p("fig2l", IM, "imputation", "", ["per_ccre.tsv"],
-       "Per-cCRE Pearson r and MSE against the cell types' mean signal, per method",
-       "Fig. 2l-m: per-cCRE Pearson / MSE of imputed data", "per_unit_box", needs_metrics=False,
-       unit="cCRE"),
-    _p("fig2m", IM, "imputation", "", ["per_cell.tsv"],
+       "Per-cell Pearson r between each method's signal and the mean raw signal of the cell's type",
+       "Fig. 2k: Pearson r with the mean raw signal of the cell's type", "per_unit_stat",
+       needs_metrics=False, stat="pearson"),
+    _p("fig2k_scatter", IM, "imputation", "", ["per_cell.tsv"],
        "Per-cell Pearson r of the raw signal (x) against that of the EpiAgent imputation (y), by cell type",
-       "Fig. 2l-m: imputation improves every cell", "per_cell_scatter", needs_metrics=False,
+       "Fig. 2k: Pearson r per cell, raw vs imputed", "per_cell_scatter", needs_metrics=False,
        x="Raw", y="EpiAgent"),
+    _p("fig2l", IM, "imputation", "", ["per_cell.tsv", "per_ccre.tsv"],
+       "MSE against the cell types' mean signal, per cell and per cCRE, per method",
+       "Fig. 2l: imputation MSE (per cell / per cCRE)", "per_unit_stat", needs_metrics=False, stat="mse"),
+    _p("fig2m", IM, "imputation", "", ["per_cell.tsv", "per_ccre.tsv"],
+       "Pearson r against the cell types' mean signal, per cell and per cCRE, per method",
+       "Fig. 2m: imputation Pearson r (per cell / per cCRE)", "per_unit_stat", needs_metrics=False,
+       stat="pearson"),
     # ---- Fig. 3: perturbations ---------------------------------------------------------------------
     _p("fig3c", ST, "stimulation", "stimulated_perturbation", [],
        "R^2 of the mean accessibility of the held-out cell type's stimulated cells, all cCREs and the "
        "top-1,000 DA cCREs, per method (EpiAgent variants and the task verb's reference predictors; "
        "averaged over held-out types by the task verb)",
-       "Fig. 3c: R^2 of stimulated-perturbation prediction", "bars", baselines=True,
+       "Fig. 3c: stimulation, R^2 of mean accessibility (all / top-1,000 DA cCREs)", "bars", baselines=True,
        metrics=["R2_all", "R2_top1000"]),
+    _p("fig3c_types", ST, "stimulation", "stimulated_perturbation", [],
+       "R^2 over the top DA cCREs of each held-out cell type, per method",
+       "Fig. 3c: R^2 per held-out cell type", "group_heatmap", baselines=True, metric="R2_top1000"),
     _p("fig3d", ST, "stimulation", "", ["mean_accessibility.tsv.gz"],
        "Predicted against observed mean accessibility of the stimulated cells per held-out cell type "
-       "(EpiAgent; top DA cCREs in red)", "Fig. 3d-e: predicted vs real mean accessibility", "mean_scatter",
+       "(EpiAgent; top DA cCREs in red)", "Fig. 3d: predicted vs real mean accessibility", "mean_scatter",
        needs_metrics=False, method="EpiAgent"),
     _p("fig3e", ST, "stimulation", "stimulated_perturbation", [],
        "Direction accuracy of the top-k up / down DA cCREs against k, per method",
-       "Fig. 3f: direction accuracy of top DA cCREs", "direction_lines", baselines=True),
+       "Fig. 3e: stimulation, direction accuracy vs number of top DA cCREs", "direction_lines",
+       baselines=True),
     _p("fig3f", ST, "stimulation", "stimulated_perturbation", [],
        "Wasserstein distance (OT, Euclidean) between predicted and real stimulated cells over the top DA "
-       "cCREs (lower is better)", "Fig. 3g: Wasserstein distance", "bars", baselines=True,
-       metrics=["wasserstein_top1000"]),
-    _p("fig3g", ST, "stimulation", "stimulated_perturbation", [],
-       "R^2 over the top DA cCREs of each held-out cell type, per method",
-       "Fig. 3c-e: per cell type results", "group_heatmap", baselines=True, metric="R2_top1000"),
+       "cCREs (lower is better)", "Fig. 3f: Wasserstein distance, top-1,000 DA cCREs", "bars",
+       baselines=True, metrics=["wasserstein_top1000"]),
     _p("fig3h", GE, "genetic", "genetic_perturbation", [],
        "Pearson r of the mean accessibility (and of its change from the controls) over the top DA cCREs "
        "of the held-out (unseen) gene perturbations, per method",
@@ -145,45 +186,131 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
        "Direction accuracy of the top-k DA cCREs of the unseen gene perturbations against k, per method",
        "Fig. 3i: unseen genetic perturbations, direction accuracy", "direction_lines", baselines=True),
     # ---- Fig. 4: integration and query mapping -----------------------------------------------------
-    _p("fig4c", IN, "integration", "integration", [],
-       "Biological conservation after batch integration: NMI, ARI and cell-type ASW per embedding",
-       "Fig. 4c: integration, biological conservation", "bars", baselines=True,
-       metrics=["NMI", "ARI", "ASW_cell_type"]),
-    _p("fig4d", IN, "integration", "integration", [],
-       "Batch mixing after integration: iLISI, kBET acceptance, batch ASW and graph connectivity",
-       "Fig. 4d: integration, batch mixing", "bars", baselines=True,
-       metrics=["iLISI", "kBET", "batch_ASW", "graph_connectivity"]),
+    _p("fig4c", IN, "integration", "", ["cells.tsv"],
+       "UMAP of each embedding of the integrated reference (EpiAgent with and without its batch token, "
+       "zero-shot EpiAgent, LSI), coloured by batch", "Fig. 4c: UMAP of the reference coloured by batch",
+       "umap", needs_metrics=False, colour="batch"),
+    _p("fig4d", IN, "integration", "", ["cells.tsv"],
+       "The same UMAPs coloured by cell type", "Fig. 4d: UMAP of the reference coloured by cell type",
+       "umap", needs_metrics=False, colour="cell_type"),
     _p("fig4e", IN, "integration", "integration", [],
+       "Integration benchmark: NMI, ARI, kBET acceptance and iLISI per embedding",
+       "Fig. 4e: integration, NMI, ARI, kBET, iLISI of every method", "bars", baselines=True,
+       metrics=["NMI", "ARI", "kBET", "iLISI"]),
+    _p("fig4e_bio", IN, "integration", "integration", [],
+       "Biological conservation after batch integration: NMI, ARI and cell-type ASW per embedding",
+       "Fig. 4e: integration, biological conservation", "bars", baselines=True,
+       metrics=["NMI", "ARI", "ASW_cell_type"]),
+    _p("fig4e_batch", IN, "integration", "integration", [],
+       "Batch mixing after integration: iLISI, kBET acceptance, batch ASW and graph connectivity",
+       "Fig. 4e: integration, batch mixing", "bars", baselines=True,
+       metrics=["iLISI", "kBET", "batch_ASW", "graph_connectivity"]),
+    _p("fig4e_tradeoff", IN, "integration", "integration", [],
        "Biological conservation (NMI) against batch mixing (iLISI), one point per embedding",
-       "Fig. 4c-d: conservation vs mixing", "tradeoff", baselines=True, x="iLISI", y="NMI"),
-    _p("fig4f", IN, "integration", "query_mapping", [],
+       "Fig. 4e: conservation vs mixing", "tradeoff", baselines=True, x="iLISI", y="NMI"),
+    _p("fig4g_scores", IN, "integration", "query_mapping", [],
        "Query mapping: accuracy and macro F1 of labels transferred from the 20 nearest reference cells",
-       "Fig. 4g: query mapping accuracy", "bars", metrics=["accuracy", "macro_F1"]),
-    _p("fig4g", IN, "integration", "", ["query_predictions.tsv"],
+       "Fig. 4g: query cells with transferred labels (scores)", "bars", metrics=["accuracy", "macro_F1"]),
+    _p("fig4g_confusion", IN, "integration", "", ["query_predictions.tsv"],
        "Query mapping confusion (batch-corrected EpiAgent; rows: true type, row-normalised)",
-       "Fig. 4h: query mapping confusion", "confusion", needs_metrics=False, true="label",
-       pred="pred_EpiAgent-BC"),
+       "Fig. 4g: query cells with transferred labels (confusion)", "confusion", needs_metrics=False,
+       true="label", pred="pred_EpiAgent-BC"),
     # ---- Fig. 5: in-silico cCRE knockout -------------------------------------------------------------
-    _p("fig5b", KO, "knockout", "knockout", [],
-       "Change of the mean cancerization score of the 20 nearest reference cells when each target cCRE "
-       "is knocked out (bars) and the mean of random knockouts (dashed)",
-       "Fig. 5c: knockout effects of target cCREs", "knockout_effects"),
-    _p("fig5c", KO, "knockout", "knockout", [],
+    _p("fig5e", KO, "knockout", "knockout", ["knockout.tsv"],
+       "Change of the mean cancerization score of the 20 nearest reference cells when each target "
+       "(promoter cCRE, or all together: Group) is knocked out: mean +- SD over the query cells, the mean "
+       "of the random knockouts (dashed) and the one-sided t-test p against them",
+       "Fig. 5e: change of cancerization score per knockout vs random knockouts", "knockout_bars"),
+    _p("fig5e_pvalue", KO, "knockout", "knockout", [],
        "-log10 p of the one-sided t-test of each target knockout against the random knockouts",
-       "Fig. 5d: significance of target knockouts", "knockout_pvalues"),
-    _p("fig5d", KO, "knockout", "knockout", ["random.tsv"],
+       "Fig. 5e: one-sided t-test of each knockout", "knockout_pvalues"),
+    _p("fig5e_random", KO, "knockout", "knockout", ["random.tsv"],
        "Distribution of random-knockout effects with the target cCREs' effects marked",
        "Fig. 5e: targets against random knockouts", "knockout_random"),
-    # ---- Fig. 6: zero-shot annotators ---------------------------------------------------------------
-    _p("fig6b", ZS, "zeroshot_annotation", "zeroshot_annotation", [],
-       "Zero-shot annotation of a new dataset: accuracy, micro F1, balanced accuracy and macro F1",
-       "Fig. 6b-c: zero-shot annotation scores", "bars",
-       metrics=["accuracy", "micro_F1", "balanced_accuracy", "macro_F1"]),
+    # ---- Fig. 6: zero-shot annotators (first annotator: 6b-d, second: 6e-g) -----------------------
     _p("fig6c", ZS, "zeroshot_annotation", "", ["predictions.tsv"],
-       "Zero-shot annotation confusion (rows: the dataset's own labels mapped to the coarse classes)",
-       "Fig. 6d-e: zero-shot confusion", "confusion", needs_metrics=False, true="label_mapped",
-       pred="prediction"),
+       "Sankey diagram of the first zero-shot annotator's new dataset(s): known label (mapped to the "
+       "annotator's classes) -> prediction", "Fig. 6c: Sankey, ground truth -> EpiAgent-B", "sankey",
+       needs_metrics=False, true="label_mapped", pred="prediction", annotator=0),
+    _p("fig6c_confusion", ZS, "zeroshot_annotation", "", ["predictions.tsv"],
+       "Zero-shot annotation confusion of the first annotator (rows: the dataset's own labels mapped to the "
+       "annotator's classes, row-normalised)", "Fig. 6c: ground truth vs EpiAgent-B (confusion)",
+       "confusion", needs_metrics=False, true="label_mapped", pred="prediction", annotator=0),
+    _p("fig6d", ZS, "zeroshot_annotation", "zeroshot_annotation", [],
+       "Zero-shot annotation by the first annotator: accuracy, micro F1, balanced accuracy and macro F1",
+       "Fig. 6d: the four scores of EpiAgent-B", "bars",
+       metrics=["accuracy", "micro_F1", "balanced_accuracy", "macro_F1"], annotator=0),
+    _p("fig6f", ZS, "zeroshot_annotation", "", ["predictions.tsv"],
+       "Sankey diagram of the second zero-shot annotator's new dataset(s): known label (mapped to the "
+       "annotator's classes) -> prediction", "Fig. 6f: Sankey, ground truth -> EpiAgent-NT", "sankey",
+       needs_metrics=False, true="label_mapped", pred="prediction", annotator=1),
+    _p("fig6f_confusion", ZS, "zeroshot_annotation", "", ["predictions.tsv"],
+       "Zero-shot annotation confusion of the second annotator (rows: the dataset's own labels mapped to "
+       "the annotator's classes, row-normalised)", "Fig. 6f: ground truth vs EpiAgent-NT (confusion)",
+       "confusion", needs_metrics=False, true="label_mapped", pred="prediction", annotator=1),
+    _p("fig6g", ZS, "zeroshot_annotation", "zeroshot_annotation", [],
+       "Zero-shot annotation by the second annotator: accuracy, micro F1, balanced accuracy and macro F1",
+       "Fig. 6g: the four scores of EpiAgent-NT", "bars",
+       metrics=["accuracy", "micro_F1", "balanced_accuracy", "macro_F1"], annotator=1),
 ]}
+
+
+@dataclass(frozen=True)
+class NotDrawn:
+    """A paper panel (or part of one) that no table of ours can draw, and why."""
+
+    name: str  # the name the panel would have (same scheme as PANELS)
+    paper: str  # the paper's panel and what it shows
+    reason: str  # why it is not drawn
+    instead: tuple[str, ...] = ()  # drawn panels showing related content
+
+
+NOT_DRAWN: dict[str, NotDrawn] = {n.name: n for n in [
+    NotDrawn("fig2f_clockdml", "Fig. 2e-f: the ClockDML information the paper's pseudotime also uses",
+             "no ClockDML (methylation clock) data or method in epiflow (PAPER_FACTS: not reproducible without "
+             "it); fig2e-g use PAGA + diffusion pseudotime only", ("fig2e", "fig2f", "fig2g")),
+    NotDrawn("fig3g", "Fig. 3g: UMAP of unperturbed, perturbed and predicted cells per method",
+             "predict-stimulation writes mean accessibilities and metrics, no per-cell predictions in a table "
+             "and no UMAP coordinates (predicted cells only as an optional h5ad, save_cells)",
+             ("fig3d",)),
+    NotDrawn("fig4f", "Fig. 4f: reference and query cells together on one UMAP",
+             "the query cells' embeddings are not written and no joint UMAP is computed",
+             ("fig4g_confusion",)),
+    NotDrawn("fig4g", "Fig. 4g: UMAP of the query cells coloured by their transferred labels",
+             "query_predictions.tsv holds the transferred labels but no coordinates; the labels are drawn "
+             "as scores and a confusion matrix instead", ("fig4g_scores", "fig4g_confusion")),
+    NotDrawn("fig4h", "Fig. 4h: marker-gene expression of the query's predicted types",
+             "needs the query's RNA expression (a multiome dataset's gene counts); epiflow reads only "
+             "chromatin accessibility", ()),
+    NotDrawn("fig5b", "Fig. 5b: accessibility of the cCREs upstream of the TSS of ABCC1, VEGFA and EGLN3, "
+             "the chosen promoter cCREs marked", "the knockout writes the chosen target cCREs (knockout.tsv) "
+             "but not the accessibility of the cCREs around each TSS in normal and cancer cells", ()),
+    NotDrawn("fig5c", "Fig. 5c: reference of chimeric cells coloured by cancerization score",
+             "the reference embedding, its UMAP and the scores are not written to a table (the knockout "
+             "draws knockout_umap.png into its task folder, in the report)", ("fig5e",)),
+    NotDrawn("fig5d", "Fig. 5d: shifts of the query cells after each promoter knockout and the Group "
+             "knockout", "the query cells' nearest reference cells are not written to a table (arrows are "
+             "in the knockout's own knockout_umap.png, in the report)", ("fig5e",)),
+    NotDrawn("fig6b", "Fig. 6b: UMAP of the new dataset (EpiAgent-B embeddings), ground truth vs "
+             "EpiAgent-B labels", "annotate-zeroshot writes predictions, no cell embeddings or UMAP "
+             "coordinates", ("fig6c", "fig6c_confusion")),
+    NotDrawn("fig6e", "Fig. 6e: UMAP of the new dataset (EpiAgent-NT embeddings), ground truth vs "
+             "EpiAgent-NT labels", "annotate-zeroshot writes predictions, no cell embeddings or UMAP "
+             "coordinates", ("fig6f", "fig6f_confusion")),
+]}
+
+# The paper's result panels (PAPER_FACTS "Figure panels"; the 'a' panels and Fig. 1 are schematics).
+PAPER_PANELS: dict[str, str] = {"fig2": "bcdefghijklm", "fig3": "cdefghi", "fig4": "cdefgh", "fig5": "bcde",
+                                "fig6": "bcdefg"}
+PANEL_NAME = re.compile(r"^(fig[2-6])([a-m])(?:_([a-z0-9]+))?$")
+
+
+def paper_letter(name: str) -> str:
+    """``fig2c_baselines`` -> ``fig2c``: the paper panel a panel name belongs to."""
+    m = PANEL_NAME.match(name)
+    if not m:
+        raise EpiflowError(f"panel name '{name}' is not fig<N><letter>[_<view>]", field="panel")
+    return m.group(1) + m.group(2)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -401,19 +528,33 @@ def _need_columns(panel: Panel, df: pd.DataFrame, cols, name: str) -> None:
              f"pass the {name} written by the task verb")
 
 
-def draw_umap(panel: Panel, metrics, tables) -> object:
+def _umap_methods(df: pd.DataFrame) -> list[str]:
+    """Methods with both UMAP columns in a cells.tsv (``umap1_<method>``, ``umap2_<method>``)."""
+    return [c[len("umap1_"):] for c in df.columns
+            if c.startswith("umap1_") and f"umap2_{c[len('umap1_'):]}" in df.columns]
+
+
+def _pick(panel: Panel, found: Sequence[str]) -> list[str]:
+    """The methods of ``found`` that the panel's ``prefix`` / ``exclude_prefix`` options keep."""
+    pre, ex = panel.options.get("prefix"), panel.options.get("exclude_prefix")
+    return [m for m in found if (pre is None or m.startswith(pre)) and (ex is None or not m.startswith(ex))]
+
+
+def _cells_tables(panel: Panel, tables) -> dict[str, pd.DataFrame]:
+    """The cells.tsv tables of the datasets the panel draws (``only_with``: those that also have that
+    table, e.g. the trajectory datasets)."""
     cells = _tables_named(panel, tables, "cells.tsv")
-    colour = panel.options.get("colour", "cell_type")
-    grid = []
-    for ds, df in cells.items():
-        found = [c[len("umap1_"):] for c in df.columns if c.startswith("umap1_")]
-        want = panel.options.get("methods")
-        methods = [m for m in found if (want is None or m in want)
-                   and m not in panel.options.get("exclude", [])]
-        _require(bool(methods), panel, f"cells.tsv of {ds} has no umap1_<method> column for "
-                 f"{want or 'the baselines'} (has: {found})", "run evaluate-features with UMAPs")
-        _need_columns(panel, df, [colour], "cells.tsv")
-        grid.append((ds, df, methods))
+    only = panel.options.get("only_with")
+    if only:
+        have = _tables_named(panel, tables, only)
+        cells = {ds: df for ds, df in cells.items() if ds in have}
+        _require(bool(cells), panel, f"no dataset has both cells.tsv and {only}",
+                 f"pass cells.tsv and {only} of the same dataset")
+    return cells
+
+
+def _umap_grid(panel: Panel, grid, colour: str) -> object:
+    """One row per dataset, one UMAP per method: ``grid`` = [(dataset, cells table, methods)]."""
     n_cols = max(len(m) for _, _, m in grid)
     labels_all = np.concatenate([df[colour].astype(str).to_numpy() for _, df, _ in grid])
     pal = category_palette(labels_all)
@@ -427,7 +568,182 @@ def draw_umap(panel: Panel, metrics, tables) -> object:
                 continue
             m = methods[c]
             embedding_panel(ax, df[[f"umap1_{m}", f"umap2_{m}"]].to_numpy(float), df[colour].astype(str),
-                            palette=pal, title=f"{m} on {ds}", legend=(c == len(methods) - 1))
+                            palette=pal, title=f"{m} on {ds}", legend=(c == len(methods) - 1),
+                            legend_title=colour.replace("_", " "))
+    return fig
+
+
+def draw_umap(panel: Panel, metrics, tables) -> object:
+    colour = panel.options.get("colour", "cell_type")
+    grid = []
+    for ds, df in _cells_tables(panel, tables).items():
+        found = _umap_methods(df)
+        methods = _pick(panel, found)
+        _require(bool(methods), panel, f"cells.tsv of {ds} has no umap1_<method> column of the methods this "
+                 f"panel shows (has: {found})", "run evaluate-features with UMAPs")
+        _need_columns(panel, df, [colour], "cells.tsv")
+        grid.append((ds, df, methods))
+    return _umap_grid(panel, grid, colour)
+
+
+def _best(rows: pd.DataFrame, dataset: str, metric: str, candidates: Sequence[str], key=str) -> str | None:
+    """The candidate with the highest ``metric`` among the metrics rows of ``dataset`` (``key`` maps a
+    metrics method name to a candidate's name); None when none of them has the metric."""
+    part = rows[(rows["dataset"] == dataset) & (rows["metric"] == metric)]
+    vals = {key(m): float(v) for m, v in zip(part["method"], part["value"]) if key(m) in candidates}
+    vals = {m: v for m, v in vals.items() if np.isfinite(v)}
+    return max(vals, key=lambda m: vals[m]) if vals else None
+
+
+def draw_umap_best(panel: Panel, metrics: pd.DataFrame, tables) -> object:
+    """EpiAgent's UMAP beside the best other embedding's (by ``metric``), one row per dataset."""
+    from ..tasks.features import _slug
+
+    rows = _task_rows(panel, metrics)
+    metric = panel.options["metric"]
+    grid = []
+    for ds, df in _cells_tables(panel, tables).items():
+        _need_columns(panel, df, ["cell_type"], "cells.tsv")
+        found = _umap_methods(df)
+        ours = [m for m in found if m.startswith("EpiAgent")]
+        others = [m for m in found if not m.startswith("EpiAgent")]
+        _require(bool(ours) and bool(others), panel, f"cells.tsv of {ds} needs the UMAP of an EpiAgent "
+                 f"embedding and of another embedding (has: {found})", "run evaluate-features with UMAPs")
+        pair = [_best(rows, ds, metric, ours, key=_slug), _best(rows, ds, metric, others, key=_slug)]
+        _require(None not in pair, panel, f"no '{metric}' rows of {ds} for the embeddings of its cells.tsv "
+                 f"({found})", "pass the metrics.tsv of the same feature-extraction folder")
+        grid.append((ds, df, pair))
+    return _umap_grid(panel, grid, "cell_type")
+
+
+def draw_pseudotime_umap(panel: Panel, metrics, tables) -> object:
+    """The UMAP of each EpiAgent embedding coloured by its diffusion pseudotime (trajectory datasets)."""
+    cells = _tables_named(panel, tables, "cells.tsv")
+    have = _tables_named(panel, tables, "trajectory.tsv")
+    grid = []
+    for ds, df in cells.items():
+        if ds not in have:
+            continue
+        found = [m for m in _umap_methods(df) if f"pseudotime_{m}" in df.columns]
+        methods = _pick(panel, found)
+        _require(bool(methods), panel, f"cells.tsv of {ds} has no umap1_ / umap2_ / pseudotime_<method> "
+                 "columns of an EpiAgent embedding", "run evaluate-features with the trajectory and UMAPs")
+        grid.append((ds, df, methods))
+    _require(bool(grid), panel, "no dataset has both cells.tsv and trajectory.tsv",
+             "pass cells.tsv and trajectory.tsv of the trajectory datasets")
+    n_cols = max(len(m) for _, _, m in grid)
+    fig = _figure(4.6 * n_cols + 0.6, 4.0 * len(grid))
+    axes = fig.subplots(len(grid), n_cols, squeeze=False)
+    for r, (ds, df, methods) in enumerate(grid):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            if c >= len(methods):
+                ax.set_axis_off()
+                continue
+            m = methods[c]
+            xy = df[[f"umap1_{m}", f"umap2_{m}"]].to_numpy(float)
+            pt = df[f"pseudotime_{m}"].to_numpy(float)
+            ok = np.isfinite(pt)
+            size = float(np.clip(3000.0 / max(len(pt), 1), 1.0, 25.0))
+            ax.scatter(xy[~ok, 0], xy[~ok, 1], c="#d0d0d0", s=size, linewidths=0, rasterized=True)
+            sca = ax.scatter(xy[ok, 0], xy[ok, 1], c=pt[ok], cmap="viridis", s=size, linewidths=0,
+                             rasterized=True)
+            fig.colorbar(sca, ax=ax, shrink=0.8, label="diffusion pseudotime")
+            ax.set_title(f"{m} on {ds}" + (f" ({int((~ok).sum())} cells unreached, grey)" if (~ok).any() else ""),
+                         fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel("UMAP1", fontsize=9)
+            ax.set_ylabel("UMAP2", fontsize=9)
+    return fig
+
+
+def draw_paga(panel: Panel, metrics, tables) -> object:
+    """The PAGA graph of paga.tsv drawn at the cell types' mean UMAP positions (cells.tsv)."""
+    cells = _tables_named(panel, tables, "cells.tsv")
+    pagas = _tables_named(panel, tables, "paga.tsv")
+    grid = []
+    for ds, paga in pagas.items():
+        _need_columns(panel, paga, ["method", "type_a", "type_b", "connectivity"], "paga.tsv")
+        _require(ds in cells, panel, f"no cells.tsv of {ds} beside its paga.tsv",
+                 "pass cells.tsv and paga.tsv of the same dataset")
+        df = cells[ds]
+        _need_columns(panel, df, ["cell_type"], "cells.tsv")
+        methods = [m for m in _pick(panel, list(dict.fromkeys(paga["method"].astype(str))))
+                   if m in _umap_methods(df)]
+        _require(bool(methods), panel, f"no EpiAgent embedding of {ds} has both PAGA rows and UMAP columns",
+                 "run evaluate-features with the trajectory and UMAPs")
+        grid += [(ds, m, df, paga[paga["method"].astype(str) == m]) for m in methods]
+    pal = category_palette(np.concatenate([df["cell_type"].astype(str).to_numpy() for _, _, df, _ in grid]))
+    lo = panel.options.get("min_connectivity", 0.0)
+    n_cols = min(len(grid), 3)
+    n_rows = int(np.ceil(len(grid) / n_cols))
+    fig = _figure(4.8 * n_cols, 4.4 * n_rows)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax, (ds, m, df, paga) in zip(axes, grid):
+        lab = df["cell_type"].astype(str)
+        xy = df[[f"umap1_{m}", f"umap2_{m}"]].astype(float)
+        cen = xy.groupby(lab.to_numpy()).mean()
+        size = lab.value_counts()
+        for _, r in paga.iterrows():
+            a, b, w = str(r["type_a"]), str(r["type_b"]), float(r["connectivity"])
+            if w >= lo and a in cen.index and b in cen.index:
+                ax.plot(cen.loc[[a, b]].iloc[:, 0], cen.loc[[a, b]].iloc[:, 1], c="black", lw=0.5 + 6 * w,
+                        alpha=0.6, zorder=1)
+        s = 80 + 600 * size.reindex(cen.index).to_numpy(float) / max(float(size.max()), 1.0)
+        ax.scatter(cen.iloc[:, 0], cen.iloc[:, 1], s=s, c=[pal[t] for t in cen.index], edgecolors="black",
+                   linewidths=0.6, zorder=2)
+        for (t, (x, y)), si in zip(cen.iterrows(), s):
+            ax.annotate(str(t), (x, y), fontsize=8, ha="center", va="bottom", xytext=(0, 2 + 0.5 * np.sqrt(si)),
+                        textcoords="offset points", zorder=3)
+        ax.margins(0.15)
+        ax.set_title(f"{m} on {ds}: PAGA graph (edge width = connectivity)", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("UMAP1", fontsize=9)
+        ax.set_ylabel("UMAP2", fontsize=9)
+    for ax in axes[len(grid):]:
+        ax.set_axis_off()
+    return fig
+
+
+def draw_sankey(panel: Panel, metrics: pd.DataFrame, tables) -> object:
+    """True label -> prediction flows per dataset (and, with ``second_best``, beside the flows of the
+    other prediction column whose method scores best on that metric)."""
+    from .annotation import sankey_axes
+
+    name = panel.tables[0]
+    frames = _tables_named(panel, tables, name)
+    t, p = panel.options["true"], panel.options["pred"]
+    second = panel.options.get("second_best")
+    rows = _task_rows(panel, metrics) if second else None
+    grid = []
+    for ds, df in frames.items():
+        _need_columns(panel, df, [t, p], name)
+        if panel.options.get("split") and "split" in df.columns:
+            df = df[df["split"] == panel.options["split"]]
+        cols = [p]
+        if second:
+            others = [c[len("pred_"):] for c in df.columns if c.startswith("pred_") and c != p]
+            best = _best(rows, ds, second, others) if others else None
+            _require(best is not None, panel, f"{name} of {ds} has no other pred_<method> column with a "
+                     f"'{second}' row in the metrics", "pass the annotation predictions.tsv and metrics.tsv")
+            cols.append(f"pred_{best}")
+        for col in cols:
+            part = df[df[t].notna() & df[col].notna()]
+            _require(len(part) > 0, panel, f"no labelled cells in {name} of {ds}", "check the label column")
+            grid.append((ds, col, part))
+    n_cols = 2 if second else min(len(grid), 2)
+    n_rows = int(np.ceil(len(grid) / n_cols))
+    k = max(max(part[t].nunique(), part[col].nunique()) for _, col, part in grid)
+    fig = _figure(6.4 * n_cols, max(4.0, 0.35 * k + 2) * n_rows)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax, (ds, col, part) in zip(axes, grid):
+        method = col[len("pred_"):] if col.startswith("pred_") else col
+        sankey_axes(ax, part[t].astype(str).to_numpy(), part[col].astype(str).to_numpy(),
+                    title=f"{ds}: {t} -> {method} ({len(part)} cells)", left_title=t, right_title=method)
+    for ax in axes[len(grid):]:
+        ax.set_axis_off()
     return fig
 
 
@@ -502,28 +818,40 @@ def _method_columns(df: pd.DataFrame, prefix: str) -> list[str]:
     return _method_order([c[len(prefix):] for c in df.columns if c.startswith(prefix)])
 
 
-def draw_per_unit_box(panel: Panel, metrics, tables) -> object:
-    name = panel.tables[0]
-    frames = _tables_named(panel, tables, name)
-    fig = _figure(0.5 + 7.0, 3.6 * len(frames))
-    axes = fig.subplots(len(frames), 2, squeeze=False)
-    for row, (ds, df) in zip(axes, frames.items()):
-        methods = _method_columns(df, "pearson_")
-        _require(bool(methods), panel, f"{name} of {ds} has no pearson_<method> columns",
-                 f"pass the {name} written by 'epiflow impute'")
-        pal = _palette(methods)
-        for ax, stat, label in ((row[0], "pearson", "Pearson r"), (row[1], "mse", "MSE")):
-            data = [df[f"{stat}_{m}"].dropna().to_numpy(float) if f"{stat}_{m}" in df else np.array([])
-                    for m in methods]
+_UNITS = {"per_cell.tsv": "cell", "per_ccre.tsv": "cCRE"}
+
+
+def draw_per_unit_stat(panel: Panel, metrics, tables) -> object:
+    """Box plots of one imputation statistic (``stat``: pearson or mse) per method: one row per dataset,
+    one column per table of the panel (per cell, per cCRE)."""
+    stat = panel.options["stat"]
+    label = {"pearson": "Pearson r", "mse": "MSE"}[stat]
+    frames = {name: _tables_named(panel, tables, name) for name in panel.tables}
+    datasets = list(dict.fromkeys(ds for f in frames.values() for ds in f))
+    fig = _figure(0.5 + 3.8 * len(frames), 3.6 * len(datasets))
+    axes = fig.subplots(len(datasets), len(frames), squeeze=False)
+    for r, ds in enumerate(datasets):
+        for c, (name, per_ds) in enumerate(frames.items()):
+            ax = axes[r, c]
+            if ds not in per_ds:
+                ax.set_axis_off()
+                continue
+            df = per_ds[ds]
+            methods = _method_columns(df, f"{stat}_")
+            _require(bool(methods), panel, f"{name} of {ds} has no {stat}_<method> columns",
+                     f"pass the {name} written by 'epiflow impute'")
+            pal = _palette(methods)
+            data = [df[f"{stat}_{m}"].dropna().to_numpy(float) for m in methods]
             bp = ax.boxplot(data, patch_artist=True, showfliers=False, widths=0.6)
             for patch, m in zip(bp["boxes"], methods):
                 patch.set_facecolor(pal[m])
             ax.set_xticks(range(1, len(methods) + 1))
             ax.set_xticklabels(methods, rotation=30, ha="right", fontsize=8)
-            ax.set_ylabel(f"{label} per {panel.options['unit']}", fontsize=9)
+            unit = _UNITS.get(name, name)
+            ax.set_ylabel(f"{label} per {unit}", fontsize=9)
             if stat == "mse":
                 ax.set_yscale("log")
-            ax.set_title(f"{ds}: {label}", fontsize=10)
+            ax.set_title(f"{ds}: {label} per {unit}", fontsize=10)
             ax.spines[["top", "right"]].set_visible(False)
     return fig
 
@@ -586,24 +914,32 @@ def _bracket_rows(panel: Panel, metrics: pd.DataFrame, metric: str) -> pd.DataFr
     return sel
 
 
-def draw_knockout_effects(panel: Panel, metrics: pd.DataFrame, tables) -> object:
-    sel = _bracket_rows(panel, metrics, "mean_effect")
+def draw_knockout_bars(panel: Panel, metrics: pd.DataFrame, tables) -> object:
+    """Mean change of score per target (knockout.tsv: mean +- SD over the query cells, p of the task's
+    one-sided t-test under each target's name) beside the mean of the random knockouts (metrics.tsv)."""
+    from ..tasks.knockout import target_name
+
+    frames = _tables_named(panel, tables, "knockout.tsv")
     rows = _task_rows(panel, metrics)
-    datasets = list(dict.fromkeys(sel["dataset"]))
-    fig = _figure(1.5 + max(4.0, 0.35 * sel["target"].nunique()) * len(datasets), 3.8)
-    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
-    for ax, ds in zip(axes, datasets):
-        part = sel[sel["dataset"] == ds]
-        ax.bar(range(len(part)), part["value"].to_numpy(float), color="#1f77b4")
+    fig = _figure(1.5 + max(4.0, 0.5 * max(len(df) for df in frames.values())) * len(frames), 4.0)
+    axes = fig.subplots(1, len(frames), squeeze=False)[0]
+    for ax, (ds, df) in zip(axes, frames.items()):
+        _need_columns(panel, df, ["ccre", "mean_effect", "sd_effect", "p_value"], "knockout.tsv")
+        names = [target_name(r) for _, r in df.iterrows()]
+        p = df["p_value"].to_numpy(float)
+        mean = df["mean_effect"].to_numpy(float)
+        x = np.arange(len(df))
+        ax.bar(x, mean, yerr=df["sd_effect"].to_numpy(float), capsize=2,
+               color=np.where(p < 0.05, "#c0392b", "#7f8c8d"))
         rnd = rows[(rows["dataset"] == ds) & (rows["metric"] == "random_mean_effect")]["value"]
         if len(rnd):
             ax.axhline(float(rnd.iloc[0]), color="grey", ls="--", lw=1, label="random knockouts (mean)")
             ax.legend(fontsize=7, frameon=False)
         ax.axhline(0, color="black", lw=0.5)
-        ax.set_xticks(range(len(part)))
-        ax.set_xticklabels(part["target"], rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("change of mean cancerization score", fontsize=9)
-        ax.set_title(ds, fontsize=10)
+        ax.set_xticks(x)
+        ax.set_xticklabels([f"{n}\np={pv:.2g}" for n, pv in zip(names, p)], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("change of mean cancerization score\n(mean +- SD over query cells)", fontsize=9)
+        ax.set_title(f"{ds} (red: p < 0.05, one-sided t-test vs random)", fontsize=9)
         ax.spines[["top", "right"]].set_visible(False)
     return fig
 
@@ -648,15 +984,22 @@ def draw_knockout_random(panel: Panel, metrics: pd.DataFrame, tables) -> object:
 DRAW: dict[str, Callable] = {
     "bars": draw_bars, "metric_heatmap": draw_metric_heatmap, "direction_lines": draw_direction_lines,
     "group_heatmap": draw_group_heatmap, "tradeoff": draw_tradeoff, "umap": draw_umap,
+    "umap_best": draw_umap_best, "pseudotime_umap": draw_pseudotime_umap, "sankey": draw_sankey,
+    "paga": draw_paga,
     "cluster_table": draw_cluster_table, "confusion": draw_confusion, "trajectory": draw_trajectory,
-    "per_unit_box": draw_per_unit_box, "per_cell_scatter": draw_per_cell_scatter,
-    "mean_scatter": draw_mean_scatter, "knockout_effects": draw_knockout_effects,
+    "per_unit_stat": draw_per_unit_stat, "per_cell_scatter": draw_per_cell_scatter,
+    "mean_scatter": draw_mean_scatter, "knockout_bars": draw_knockout_bars,
     "knockout_pvalues": draw_knockout_pvalues, "knockout_random": draw_knockout_random,
 }
 
 
 # ----------------------------------------------------------------------------- entry point
 def get_panel(name: str) -> Panel:
+    if name in NOT_DRAWN:
+        nd = NOT_DRAWN[name]
+        raise EpiflowError(f"panel '{name}' ({nd.paper}) is not drawn: {nd.reason}", field="panel",
+                           fix=("see " + ", ".join(nd.instead) + " instead") if nd.instead else
+                           "'epiflow figure --list' lists the panels that are drawn")
     if name not in PANELS:
         raise EpiflowError(f"unknown figure panel '{name}'", field="panel",
                            fix=f"choose one of {', '.join(PANELS)} ('epiflow figure --list')")
@@ -688,8 +1031,27 @@ def build_panel(name: str, *, metrics: Sequence[str | os.PathLike] = (),
     return written
 
 
-def panel_table() -> pd.DataFrame:
-    """The registry as a table (panel, benchmark, config task, inputs, what it shows, paper panel)."""
-    return pd.DataFrame([{"panel": p.name, "benchmark": p.benchmark, "config_task": p.task_key,
-                          "inputs": ", ".join((["metrics.tsv"] if p.needs_metrics else []) + list(p.tables)),
-                          "shows": p.title, "paper": p.paper} for p in PANELS.values()])
+def _paper_order(name: str) -> tuple:
+    m = PANEL_NAME.match(name)
+    return (m.group(1), m.group(2), m.group(3) or "") if m else (name, "", "")
+
+
+def panel_table(skipped: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Every paper panel in the paper's order: the registry's panels (panel, benchmark, config task,
+    inputs, what it shows, paper panel, status ``drawn``) and those of :data:`NOT_DRAWN` (status
+    ``not drawn: <reason>``, the drawn panels with related content in ``inputs``). ``skipped``: panel ->
+    why the current configuration cannot build it (status ``not built: <why>``)."""
+    skipped = dict(skipped or {})
+    unknown = sorted(set(skipped) - set(PANELS))
+    if unknown:
+        raise EpiflowError(f"not panels of the registry: {', '.join(unknown)}", field="--skip",
+                           fix="name panels listed by 'epiflow figure --list'")
+    rows = [{"panel": p.name, "benchmark": p.benchmark, "config_task": p.task_key,
+             "inputs": ", ".join((["metrics.tsv"] if p.needs_metrics else []) + list(p.tables)),
+             "shows": p.title, "paper": p.paper,
+             "status": f"not built: {skipped[p.name]}" if p.name in skipped else "drawn"}
+            for p in PANELS.values()]
+    rows += [{"panel": n.name, "benchmark": "", "config_task": "",
+              "inputs": ("see " + ", ".join(n.instead)) if n.instead else "", "shows": "", "paper": n.paper,
+              "status": f"not drawn: {n.reason}"} for n in NOT_DRAWN.values()]
+    return pd.DataFrame(sorted(rows, key=lambda r: _paper_order(r["panel"])))

@@ -36,7 +36,7 @@ def _parse_embeddings(items: list[str] | None) -> dict[str, str]:
 
 def write_features(result, out, cfg) -> None:
     """The files of ``epiflow evaluate-features`` in ``out``: the figures (``cfg.umap``; SVG too with
-    ``cfg.svg``), ``cells.tsv``, ``trajectory.tsv`` (with the trajectory) and ``metrics.tsv``."""
+    ``cfg.svg``), ``cells.tsv``, ``trajectory.tsv`` and ``paga.tsv`` (with the trajectory) and ``metrics.tsv``."""
     from ..report.results import write_task_result
 
     if cfg.umap:
@@ -103,7 +103,7 @@ def register(subparsers) -> None:
             "here: zero-shot, and with --epochs N > 0 also after fine-tuning a copy of the model on the "
             "evaluated cells with CCA (K = 1) + SR (method EpiAgent-finetuned). Writes OUT/metrics.tsv (task, "
             "dataset, method, metric, value), cells.tsv, umap.png, umap_<method>.png[, trajectory.tsv, "
-            "trajectory.png]. Cells with a missing label are excluded from the metrics."))
+            "paga.tsv, trajectory.png]. Cells with a missing label are excluded from the metrics."))
     add_io_args(p, cells="optional", checkpoint="optional", df=False,
                 cells_help="corpus folder the embedded cells come from (counts for LSI, labels; sentences for "
                            "--checkpoint); without --embeddings: evaluate LSI only on its cells",

@@ -236,7 +236,8 @@ def run(adata, cfg: FeaturesConfig | None = None, *, embeddings: Mapping[str, st
 
     Returns a :class:`~epiflow.tasks.common.TaskResult`: ``metrics``; ``tables['cells']`` (cell,
     label, Leiden cluster, UMAP coordinates and pseudotime per method) and, with ``cfg.trajectory``,
-    ``tables['trajectory']`` (per method and type: tier, n_cells, mean / median / sd pseudotime);
+    ``tables['trajectory']`` (per method and type: tier, n_cells, mean / median / sd pseudotime) and
+    ``tables['paga']`` (per method and pair of types: the PAGA connectivity);
     ``data``: ``umap_panels`` / ``trajectory_panels`` (what :func:`epiflow.plots.features.feature_figures`
     draws), ``dataset``, ``label_key``, ``root_type``, ``order``, ``methods``.
     """
@@ -294,6 +295,7 @@ def run(adata, cfg: FeaturesConfig | None = None, *, embeddings: Mapping[str, st
     umap_panels: dict = {}
     traj_panels: dict = {}
     traj_tables = []
+    paga_tables: list[pd.DataFrame] = []
     for method, key in embeddings.items():
         sub = ad.AnnData(obs=obs.copy())
         sub.obsm[key] = embs[method]
@@ -332,6 +334,13 @@ def run(adata, cfg: FeaturesConfig | None = None, *, embeddings: Mapping[str, st
             t2.insert(0, "method", method)
             t2.insert(0, "dataset", dataset)
             traj_tables.append(t2)
+            con = tab.attrs["paga_connectivities"]  # type x type, symmetric: one row per pair
+            types = [str(t) for t in con.index]
+            paga_tables.append(pd.DataFrame(
+                [{"dataset": dataset, "method": method, "type_a": types[i], "type_b": types[j],
+                  "connectivity": float(con.iat[i, j])}
+                 for i in range(len(types)) for j in range(i + 1, len(types))],
+                columns=["dataset", "method", "type_a", "type_b", "connectivity"]))
             if cfg.umap:
                 con = tab.attrs["paga_connectivities"]
                 traj_panels[method] = {"coords": sub.obsm["X_umap"], "labels": labels,
@@ -342,6 +351,7 @@ def run(adata, cfg: FeaturesConfig | None = None, *, embeddings: Mapping[str, st
     tables = {"cells": cells_tab}
     if traj_tables:
         tables["trajectory"] = pd.concat(traj_tables, ignore_index=True)
+        tables["paga"] = pd.concat(paga_tables, ignore_index=True)
     return TaskResult(metrics=metrics_frame(rows + extra), tables=tables,
                       data={"umap_panels": umap_panels, "trajectory_panels": traj_panels, "dataset": dataset,
                             "label_key": label_key, "root_type": cfg.root_type, "order": _order_text(cfg.order),

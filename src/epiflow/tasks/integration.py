@@ -267,8 +267,9 @@ def run(cells, model, cfg: IntegrationConfig, *, query=None, label_map: dict[str
     the name of the metrics rows (default: the cells' one dataset, else ``all``).
 
     Returns a :class:`~epiflow.tasks.common.TaskResult`: ``metrics`` (tasks ``integration`` and
-    ``query_mapping``), ``tables`` ``batches`` (batch id -> name), ``matches`` and, with a query,
-    ``query_predictions``; ``history`` (step, loss); ``models["checkpoint"]`` (the batch-conditioned
+    ``query_mapping``), ``tables`` ``batches`` (batch id -> name), ``matches``, with ``cfg.umap``
+    ``cells`` (cell, batch, cell_type and ``umap1_<method>`` / ``umap2_<method>`` of the labelled cells)
+    and, with a query, ``query_predictions``; ``history`` (step, loss); ``models["checkpoint"]`` (the batch-conditioned
     model, authors' layout); ``h5ad["embeddings"]`` (obs + ``obsm`` per method); ``data``:
     ``embeddings`` (method -> array), ``umap`` (method -> UMAP coordinates of the labelled cells, when
     ``cfg.umap``), ``umap_batches`` / ``umap_labels`` (their batches and labels), ``batches`` (the
@@ -326,6 +327,15 @@ def run(cells, model, cfg: IntegrationConfig, *, query=None, label_map: dict[str
     rows += r
 
     tables = {"batches": pd.DataFrame({"index": range(len(names)), "batch": names}), "matches": matches}
+    if coords:  # the UMAPs of the labelled cells, per embedding (panels fig4c / fig4d)
+        from .annotation import cell_ids
+
+        umap_tab = pd.DataFrame({"cell": cell_ids(cells)[ok], "batch": batches[ok],
+                                 "cell_type": np.asarray(labels, dtype=object)[ok].astype(str)})
+        for method, xy in coords.items():
+            umap_tab[f"umap1_{method}"] = xy[:, 0]
+            umap_tab[f"umap2_{method}"] = xy[:, 1]
+        tables["cells"] = umap_tab
     if query is not None:
         tables["query_predictions"], qrows = _map_query(query, cells.n_ccres, shared, base, model, cfg, label_map,
                                                         labels, {"EpiAgent-BC": e_bc, "EpiAgent-BC-nobatch": e_nb,

@@ -35,11 +35,11 @@ TASKS: dict[str, Task] = {t.key: t for t in [
     Task("feature_extraction", "feature_extraction", "Feature extraction",
          {"evaluate-features": C.FeaturesConfig}, ("metrics.tsv", "umap.png"), ("feature_extraction", "trajectory"),
          baseline_task="feature_extraction",
-         partial_tables={"trajectory.tsv": (
-             "no dataset gets a trajectory.tsv: config tasks.feature_extraction.trajectory.datasets is empty, "
+         partial_tables={t: (
+             f"no dataset gets a {t}: config tasks.feature_extraction.trajectory.datasets is empty, "
              "so the trajectory (PAGA + pseudotime vs a known order of cell types, e.g. Buenrostro 2018 "
              "haematopoiesis) runs on none (list the evaluated datasets whose cell types follow "
-             "tasks.feature_extraction.trajectory.order)")}),
+             "tasks.feature_extraction.trajectory.order)") for t in ("trajectory.tsv", "paga.tsv")}),
     Task("annotation", "annotation", "Annotation", {"annotate": C.AnnotationConfig},
          ("metrics.tsv", "confusion.png", "sankey.png"), ("annotation",), baseline_task="annotation"),
     Task("imputation", "imputation", "Imputation", {"impute": C.ImputationConfig},
