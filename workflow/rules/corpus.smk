@@ -23,7 +23,7 @@ rule perturbation_benchmark:
         "../../envs/epiflow.yaml"
     threads: 1
     params:
-        out=PERTURBATION_BENCHMARK_DIR,
+        out=lambda w, output: os.path.dirname(output[0]),
         cell_type_key=config["perturbation_benchmark"]["cell_type_key"],
         n_genes=config["perturbation_benchmark"]["n_genes"],
         seed=config["perturbation_benchmark"]["seed"],

@@ -113,7 +113,7 @@ def figure_skipped():
 def panels_args(wildcards):
     """`epiflow figure --list` arguments: the panels this configuration cannot build, with why."""
     return " ".join(
-        "--skip " + shlex.quote(f"{name}={why}")
+        f"--skip {shlex.quote(f'{name}={why}')}"
         for name, why in figure_skipped().items()
     )
 
@@ -134,11 +134,11 @@ def panels_caption(wildcards):
 def figure_inputs(wildcards):
     plan = figure_plan(wildcards.panel)
     if plan["problems"]:
+        problems = "\n  - ".join(plan["problems"])
         raise WorkflowError(
             f"figure {wildcards.panel} ({PANELS[wildcards.panel].paper}) cannot be built "
-            "with this configuration:\n  - "
-            + "\n  - ".join(plan["problems"])
-            + "\n(docs/paper.md lists what each panel needs)"
+            f"with this configuration:\n  - {problems}\n"
+            "(docs/paper.md lists what each panel needs)"
         )
     return {"metrics": plan["metrics"], "tables": [f for _, f in plan["tables"]]}
 
