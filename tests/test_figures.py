@@ -115,10 +115,33 @@ def make_results(root: Path) -> dict:
     ko = pd.DataFrame({"gene": ["MYC", "EGFR", "SOX2", "Group"], "ccre": [10, 20, 30, -1], "n_ccres": [1, 1, 1, 3],
                        "mean_effect": [-0.01, -0.02, -0.03, -0.05], "sd_effect": [0.005, 0.01, 0.01, 0.02],
                        "t": [-2.0, -3.0, -4.0, -5.0], "p_value": [0.1, 0.01, 0.001, 1e-4]})
+    # fig5b: cCREs around two genes' TSS (one on each strand), the promoter cCREs marked
+    near = pd.DataFrame({"gene": ["MYC"] * 6 + ["EGFR"] * 4, "rel_start": [-9000, -4000, -1500, -600, 300, 8000,
+                                                                           -5000, -2500, -200, 4000]})
+    near["rel_end"] = near["rel_start"] + 500
+    near["window"] = np.where(near["gene"] == "MYC", 2000, 5000)
+    near["downstream"] = 0
+    near["target"] = [False, False, True, True, False, False, False, True, True, False]
+    near["state_a"], near["state_b"] = "normal", "cancer"
+    near["fraction_a"], near["fraction_b"] = rng.uniform(0, 0.3, 10), rng.uniform(0.1, 0.6, 10)
+    # fig5c / fig5d: reference cells with a score gradient along UMAP1, query shifts per knockout
+    score = rng.random(200)
+    ref = pd.DataFrame({"cell": np.arange(200), "score": score, "umap1": 10 * score + rng.normal(0, 1, 200),
+                        "umap2": rng.normal(0, 2, 200)})
+    shifts = []
+    for i, name in enumerate(["MYC:10", "EGFR:20", "SOX2:30", "Group"]):
+        x0, y0 = 5 + rng.normal(0, 0.5, 12), rng.normal(0, 1, 12)
+        shifts.append(pd.DataFrame({"knockout": name, "query": np.arange(12), "umap1_added": x0,
+                                    "umap2_added": y0, "umap1_removed": x0 - 0.5 * (i + 1),
+                                    "umap2_removed": y0 + rng.normal(0, 0.2, 12), "score_added": 0.5,
+                                    "score_removed": 0.5 - 0.05 * (i + 1)}))
     tables["knockout"] = {"tumor": [_write(pd.DataFrame({"ccre": np.arange(50),
                                                          "mean_effect": rng.normal(0, 0.003, 50)}),
                                            root / "tumor" / "random.tsv"),
-                                    _write(ko, root / "tumor" / "knockout.tsv")]}
+                                    _write(ko, root / "tumor" / "knockout.tsv"),
+                                    _write(near, root / "tumor" / "tss_ccres.tsv"),
+                                    _write(ref, root / "tumor" / "reference_cells.tsv"),
+                                    _write(pd.concat(shifts), root / "tumor" / "shifts.tsv")]}
     # zero-shot annotation
     for m, base in (("EpiAgent-zeroshot", 0.7), ("EpiAgent-zeroshot-masked", 0.75)):
         rows += [("zeroshot_annotation", "new", m, k, base) for k in
@@ -200,7 +223,7 @@ def test_not_drawn_panels_say_why(tmp_path, capsys):
     tab = pd.read_csv(out, sep="\t").set_index("panel")
     assert tab.loc["fig2f", "status"] == "not built: no trajectory dataset"
     assert tab.loc["fig2b", "status"] == "drawn"
-    assert tab.loc["fig5b", "status"].startswith("not drawn: ")
+    assert tab.loc["fig4h", "status"].startswith("not drawn: ")
     assert main(["figure", "--list", "--skip", "fig9z=x"]) == 2
     assert main(["figure", "--list", "--skip", "fig2f"]) == 2
 
@@ -233,6 +256,15 @@ def test_missing_inputs_are_named(results, tmp_path):
                  tmp_path / "bad" / "cells.tsv")
     with pytest.raises(EpiflowError, match="lacks column.*cell_type"):
         build_panel("fig2c_epiagent", tables={"d": [bad]}, out=tmp_path / "x.png")
+    # a knockout run on cCRE indices (--ccres) writes tss_ccres.tsv without rows: fig5b says so
+    empty = _write(pd.DataFrame(columns=["gene", "rel_start", "rel_end", "window", "downstream", "target",
+                                         "state_a", "state_b", "fraction_a", "fraction_b"]),
+                   tmp_path / "ko" / "tss_ccres.tsv")
+    with pytest.raises(EpiflowError, match="fig5b.*tss_ccres.tsv of ko has no rows") as err:
+        build_panel("fig5b", tables={"ko": [empty]}, out=tmp_path / "x.png")
+    assert "--genes" in str(err.value.fix)
+    with pytest.raises(EpiflowError, match="fig5d.*no 'shifts.tsv'"):
+        build_panel("fig5d", tables={"tumor": results["tables"]["knockout"]["tumor"][:4]}, out=tmp_path / "x.png")
     with pytest.raises(EpiflowError, match="unknown figure panel 'fig9z'"):
         build_panel("fig9z", out=tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()

@@ -111,9 +111,10 @@ def test_knockout_cli_on_tiny_model(tmp_path, ko_inputs):
                "--n-reference", "150", "--n-query", "10", "--n-random", "5", "--max-steps", "3",
                "--device", "cpu", "--out", str(out)])
     assert rc == 0
-    # the same files as before the verb moved onto its settings (issue #18), and no other
+    # the files of before the verb moved onto its settings (issue #18) and the tables of Fig. 5b-d
     assert {f.name for f in out.iterdir()} == {"metrics.tsv", "knockout.tsv", "random.tsv", "knockout_umap.png",
-                                               "knockout_effects.png"}
+                                               "knockout_effects.png", "reference_cells.tsv", "shifts.tsv",
+                                               "tss_ccres.tsv"}
     tab = pd.read_csv(out / "knockout.tsv", sep="\t")
     assert set(tab["gene"]) == {"GENEB"} and sorted(tab["ccre"]) == [39, 40, 41]
     assert np.isfinite(tab["mean_effect"]).all() and tab["p_value"].between(0, 1).all()
@@ -123,6 +124,58 @@ def test_knockout_cli_on_tiny_model(tmp_path, ko_inputs):
     assert m.set_index("metric")["value"]["finetune_steps"] == 3
     assert (out / "knockout_umap.png").stat().st_size > 0 and (out / "knockout_effects.png").stat().st_size > 0
     assert len(pd.read_csv(out / "random.tsv", sep="\t")) == 5
+    # Fig. 5b: the cCREs within 10 kb of the promoter window [49,200, 51,700) of GENEB (cCREs 29..51), the
+    # knocked-out ones marked, positions relative to the TSS, the accessible fraction in each state
+    near = pd.read_csv(out / "tss_ccres.tsv", sep="\t")
+    assert list(near.columns) == ["gene", "chrom", "tss", "strand", "window", "downstream", "ccre", "start", "end",
+                                  "rel_start", "rel_end", "target", "state_a", "state_b", "fraction_a",
+                                  "fraction_b"]
+    assert near["ccre"].tolist() == list(range(29, 52)) and set(near["gene"]) == {"GENEB"}
+    assert near.loc[near["target"], "ccre"].tolist() == [39, 40, 41]
+    assert near.set_index("ccre").loc[40, ["rel_start", "rel_end"]].tolist() == [-1200, -700]
+    assert (near["state_a"] == "normal").all() and (near["state_b"] == "cancer").all()
+    assert near[["fraction_a", "fraction_b"]].stack().between(0, 1).all()
+    # state B opens cCREs 30..59: far more accessible in the cancer cells there
+    b_open = near[near["ccre"] >= 30]
+    assert (b_open["fraction_b"] - b_open["fraction_a"]).mean() > 0.4
+    # Fig. 5c: the reference cells' UMAP and scores
+    ref = pd.read_csv(out / "reference_cells.tsv", sep="\t")
+    assert list(ref.columns) == ["cell", "score", "umap1", "umap2"] and len(ref) == 150
+    assert ref["score"].between(0, 1).all() and np.isfinite(ref[["umap1", "umap2"]]).all().all()
+    # Fig. 5d: every query cell of every target, position and score with the target added / removed; the
+    # mean scores are those of knockout.tsv
+    sh = pd.read_csv(out / "shifts.tsv", sep="\t")
+    assert list(sh.columns) == ["knockout", "gene", "ccre", "query", "umap1_added", "umap2_added",
+                                "umap1_removed", "umap2_removed", "score_added", "score_removed"]
+    assert sh["knockout"].unique().tolist() == ["GENEB:39", "GENEB:40", "GENEB:41"] and len(sh) == 3 * 10
+    means = sh.groupby("knockout", sort=False)[["score_added", "score_removed"]].mean()
+    assert np.allclose(means.to_numpy(), tab[["score_added", "score_removed"]].to_numpy())
+    lo, hi = ref[["umap1", "umap2"]].min().to_numpy(), ref[["umap1", "umap2"]].max().to_numpy()
+    pos = sh[["umap1_added", "umap2_added"]].to_numpy()
+    assert ((pos >= lo) & (pos <= hi)).all()  # a mean of reference positions lies among them
+
+
+def test_tss_neighbourhood_both_strands():
+    """Fig. 5b's table: cCREs around each gene's TSS, positions strand-aware (upstream < 0), the targets
+    marked; none for cCRE-index targets."""
+    from epiflow.tasks.knockout import tss_neighbourhood
+
+    vocab = pd.DataFrame({"chrom": ["1", "chr1", "chr1", "chr1"], "start": [9000, 20000, 50300, 49000],
+                          "end": [9100, 20100, 50400, 49100]})
+    tss = pd.DataFrame({"chrom": ["chr1", "chr1"], "tss": [10000, 50000], "strand": ["+", "-"],
+                        "gene": ["GP", "GM"]})
+    cfg = KnockoutConfig(genes=["GP", "GM"])
+    targets = knockout_targets(cfg, tss=tss, vocab=vocab)
+    near = tss_neighbourhood(cfg, tss, vocab, targets)
+    got = {(g, c): (a, b, t) for g, c, a, b, t in near[["gene", "ccre", "rel_start", "rel_end", "target"]].itertuples(
+        index=False)}
+    # GP (+): the cCRE at 9,000 lies 1,000-900 bp upstream (a target); the one at 20,000 is within 10 kb of the
+    # window's end (10,500) but not a target
+    assert got[("GP", 0)] == (-1000, -900, True) and got[("GP", 1)] == (10000, 10100, False)
+    # GM (-): upstream is to the right; 50,300-50,400 lies 399-299 bp upstream, 49,000-49,100 downstream
+    assert got[("GM", 2)] == (-399, -299, True) and got[("GM", 3)] == (901, 1001, False)
+    assert tss_neighbourhood(cfg, tss, vocab, targets, flank=1000)["ccre"].tolist() == [0, 2, 3]
+    assert tss_neighbourhood(KnockoutConfig(ccres=[1]), tss, vocab).empty
 
 
 def test_knockout_run_equals_the_cli_with_former_flag_names(tmp_path, ko_inputs):
@@ -138,7 +191,9 @@ def test_knockout_run_equals_the_cli_with_former_flag_names(tmp_path, ko_inputs)
                "--n-reference", "120", "--n-query", "8", "--n-random", "4", "--finetune-steps", "2",
                "--no-figures", "--no-progress", "--device", "cpu", "--out-dir", str(out)])
     assert rc == 0
-    assert {f.name for f in out.iterdir()} == {"metrics.tsv", "knockout.tsv", "random.tsv"}
+    assert {f.name for f in out.iterdir()} == {"metrics.tsv", "knockout.tsv", "random.tsv", "reference_cells.tsv",
+                                               "shifts.tsv", "tss_ccres.tsv"}
+    assert pd.read_csv(out / "tss_ccres.tsv", sep="\t").empty  # cCRE indices: no genes around a TSS
     cfg = KnockoutConfig(ccres=[40, 10], n_reference=120, n_query=8, n_random=4, max_steps=2, figures=False,
                          progress=False, device="cpu")
     cells = load_cells(root)
@@ -146,7 +201,7 @@ def test_knockout_run_equals_the_cli_with_former_flag_names(tmp_path, ko_inputs)
     assert res.tables["knockout"]["ccre"].tolist() == [40, 10] and len(res.data["finetune_loss"]) == 2
     assert set(res.models) == {"model"} and res.data["dataset"] == "pair"
     write_task_result(res, tmp_path / "api")
-    for f in ("metrics.tsv", "knockout.tsv", "random.tsv"):
+    for f in ("metrics.tsv", "knockout.tsv", "random.tsv", "tss_ccres.tsv"):
         assert (tmp_path / "api" / f).read_text() == (out / f).read_text(), f
 
 
@@ -242,3 +297,11 @@ def test_knockout_cli_group_row(tmp_path, ko_inputs):
     m = pd.read_csv(out / "metrics.tsv", sep="\t").set_index("metric")["value"]
     assert np.isfinite(m["mean_effect[Group]"]) and m["n_targets"] == 3
     assert (out / "knockout_effects.png").stat().st_size > 0
+    # the Group knockout's query shifts (Fig. 5d): its mean change of score is the Group row's effect
+    sh = pd.read_csv(out / "shifts.tsv", sep="\t")
+    assert sh["knockout"].unique().tolist() == ["GENEB:40", "GENEB:41", "Group"]
+    grp = sh[sh["knockout"] == "Group"]
+    assert len(grp) == 8 and (grp["ccre"] == -1).all() and (grp["gene"] == "Group").all()
+    assert np.isclose((grp["score_removed"] - grp["score_added"]).mean(), tab["mean_effect"].iloc[-1])
+    near = pd.read_csv(out / "tss_ccres.tsv", sep="\t")
+    assert near.loc[near["target"], "ccre"].tolist() == [40, 41] and (near["window"] == 1200).all()

@@ -376,6 +376,9 @@ rule knockout:
         metrics=f"{R}/tasks/knockout/{{unit}}/metrics.tsv",
         knockout=f"{R}/tasks/knockout/{{unit}}/knockout.tsv",
         random=f"{R}/tasks/knockout/{{unit}}/random.tsv",
+        reference_cells=f"{R}/tasks/knockout/{{unit}}/reference_cells.tsv",
+        shifts=f"{R}/tasks/knockout/{{unit}}/shifts.tsv",
+        tss_ccres=f"{R}/tasks/knockout/{{unit}}/tss_ccres.tsv",
         effects=report(
             f"{R}/tasks/knockout/{{unit}}/knockout_effects.png",
             caption="../report/knockout.rst",

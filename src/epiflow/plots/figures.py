@@ -19,10 +19,12 @@ Every panel of :data:`PANELS` is one PNG (``results/figures/<panel>.png`` in the
   ``predictions.tsv`` of annotation, ``per_cell.tsv`` / ``per_ccre.tsv`` of imputation,
   ``mean_accessibility.tsv.gz`` of the perturbation tasks, ``cells.tsv`` (UMAPs) and
   ``query_predictions.tsv`` of integration,
-  ``knockout.tsv`` / ``random.tsv`` of the knockout, ``predictions.tsv`` of zero-shot annotation).
+  ``knockout.tsv`` / ``random.tsv`` / ``tss_ccres.tsv`` / ``reference_cells.tsv`` / ``shifts.tsv`` of
+  the knockout, ``predictions.tsv`` of zero-shot annotation).
 
 No number is computed here beyond counting / row-normalising a contingency table, placing a cell
-type at the mean UMAP position of its cells (fig2e) and picking the best method by a metric the task
+type at the mean UMAP position of its cells (fig2e), the mean position of a knockout's query cells or
+of the low / high scored reference cells (fig5c, fig5d: arrows) and picking the best method by a metric the task
 wrote; a panel whose tables lack what it plots raises
 :class:`~epiflow.errors.EpiflowError` naming the panel and the missing task, metric or column (never an
 empty or made-up figure). The zero-shot panels of the first annotator (``annotator`` option 0: Fig.
@@ -216,6 +218,22 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
        "Fig. 4g: query cells with transferred labels (confusion)", "confusion", needs_metrics=False,
        true="label", pred="pred_EpiAgent-BC"),
     # ---- Fig. 5: in-silico cCRE knockout -------------------------------------------------------------
+    _p("fig5b", KO, "knockout", "", ["tss_ccres.tsv"],
+       "Fraction of accessible cells of each state (blue: state A, normal; red: state B, cancer) at every "
+       "cCRE within 10 kb of each target gene's promoter window (shaded), by position relative to the TSS; "
+       "the knocked-out promoter cCREs starred", "Fig. 5b: accessibility of the cCREs upstream of the TSS "
+       "of the target genes, the chosen promoter cCREs marked", "knockout_tss", needs_metrics=False),
+    _p("fig5c", KO, "knockout", "", ["reference_cells.tsv"],
+       "UMAP of the chimeric reference cells coloured by their cancerization score (the fraction of "
+       "cCREs drawn from the state-B cell); arrow: mean position of the cells scored < 0.25 -> > 0.75",
+       "Fig. 5c: reference of chimeric cells coloured by cancerization score", "knockout_reference",
+       needs_metrics=False),
+    _p("fig5d", KO, "knockout", "", ["reference_cells.tsv", "shifts.tsv"],
+       "Shift of the query cells (score 0.5) on the reference UMAP when each target (promoter cCRE, or all "
+       "together: Group) is knocked out: a query cell's position = the mean UMAP position of its 20 nearest "
+       "reference cells, with the target accessible (open) -> removed (filled); green arrow: the mean shift",
+       "Fig. 5d: shifts of query cells after each promoter knockout and the Group knockout",
+       "knockout_shifts", needs_metrics=False),
     _p("fig5e", KO, "knockout", "knockout", ["knockout.tsv"],
        "Change of the mean cancerization score of the 20 nearest reference cells when each target "
        "(promoter cCRE, or all together: Group) is knocked out: mean +- SD over the query cells, the mean "
@@ -282,15 +300,6 @@ NOT_DRAWN: dict[str, NotDrawn] = {n.name: n for n in [
     NotDrawn("fig4h", "Fig. 4h: marker-gene expression of the query's predicted types",
              "needs the query's RNA expression (a multiome dataset's gene counts); epiflow reads only "
              "chromatin accessibility", ()),
-    NotDrawn("fig5b", "Fig. 5b: accessibility of the cCREs upstream of the TSS of ABCC1, VEGFA and EGLN3, "
-             "the chosen promoter cCREs marked", "the knockout writes the chosen target cCREs (knockout.tsv) "
-             "but not the accessibility of the cCREs around each TSS in normal and cancer cells", ()),
-    NotDrawn("fig5c", "Fig. 5c: reference of chimeric cells coloured by cancerization score",
-             "the reference embedding, its UMAP and the scores are not written to a table (the knockout "
-             "draws knockout_umap.png into its task folder, in the report)", ("fig5e",)),
-    NotDrawn("fig5d", "Fig. 5d: shifts of the query cells after each promoter knockout and the Group "
-             "knockout", "the query cells' nearest reference cells are not written to a table (arrows are "
-             "in the knockout's own knockout_umap.png, in the report)", ("fig5e",)),
     NotDrawn("fig6b", "Fig. 6b: UMAP of the new dataset (EpiAgent-B embeddings), ground truth vs "
              "EpiAgent-B labels", "annotate-zeroshot writes predictions, no cell embeddings or UMAP "
              "coordinates", ("fig6c", "fig6c_confusion")),
@@ -981,6 +990,85 @@ def draw_knockout_random(panel: Panel, metrics: pd.DataFrame, tables) -> object:
     return fig
 
 
+def _knockout_frames(panel: Panel, tables, name: str, cols) -> dict[str, pd.DataFrame]:
+    frames = _tables_named(panel, tables, name)
+    for ds, df in frames.items():
+        _need_columns(panel, df, cols, name)
+        _require(len(df) > 0, panel, f"{name} of {ds} has no rows",
+                 "run the knockout with --genes and --tss (targets given as cCRE indices, --ccres, have no gene "
+                 "to show)"
+                 if name == "tss_ccres.tsv" else f"pass the {name} written by the knockout")
+    return frames
+
+
+def draw_knockout_tss(panel: Panel, metrics, tables) -> object:
+    """Fig. 5b: one axes per dataset and target gene (tss_ccres.tsv)."""
+    from .knockout import tss_accessibility_axes
+
+    frames = _knockout_frames(panel, tables, "tss_ccres.tsv",
+                              ["gene", "rel_start", "rel_end", "window", "downstream", "target", "state_a",
+                               "state_b", "fraction_a", "fraction_b"])
+    genes = {ds: list(dict.fromkeys(df["gene"].astype(str))) for ds, df in frames.items()}
+    n_cols = max(len(g) for g in genes.values())
+    fig = _figure(1.0 + 4.2 * n_cols, 3.4 * len(frames))
+    axes = fig.subplots(len(frames), n_cols, squeeze=False)
+    for r, (ds, df) in enumerate(frames.items()):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            if c >= len(genes[ds]):
+                ax.set_axis_off()
+                continue
+            g = genes[ds][c]
+            part = df[df["gene"].astype(str) == g]
+            tss_accessibility_axes(ax, part)
+            ax.set_title(f"{ds}: {g} (promoter {int(part['window'].iloc[0])} bp upstream)", fontsize=9)
+        axes[r, 0].legend(fontsize=7, frameon=False)
+    return fig
+
+
+def draw_knockout_reference(panel: Panel, metrics, tables) -> object:
+    """Fig. 5c: the reference UMAP of each dataset coloured by score (reference_cells.tsv)."""
+    from .knockout import reference_axes
+
+    frames = _knockout_frames(panel, tables, "reference_cells.tsv", ["umap1", "umap2", "score"])
+    fig = _figure(0.8 + 5.2 * len(frames), 4.6)
+    axes = fig.subplots(1, len(frames), squeeze=False)[0]
+    for ax, (ds, df) in zip(axes, frames.items()):
+        reference_axes(ax, df, colorbar=fig, arrow=True)
+        ax.set_title(f"{ds}: {len(df)} chimeric reference cells", fontsize=9)
+    return fig
+
+
+def draw_knockout_shifts(panel: Panel, metrics, tables) -> object:
+    """Fig. 5d: per dataset (row) and knockout (column), the query cells' shifts on the reference UMAP
+    (reference_cells.tsv, shifts.tsv)."""
+    from .knockout import query_shift_axes, reference_axes
+
+    refs = _knockout_frames(panel, tables, "reference_cells.tsv", ["umap1", "umap2", "score"])
+    shifts = _knockout_frames(panel, tables, "shifts.tsv",
+                              ["knockout", "umap1_added", "umap2_added", "umap1_removed", "umap2_removed"])
+    both = [ds for ds in shifts if ds in refs]
+    _require(bool(both), panel, "no dataset has both reference_cells.tsv and shifts.tsv",
+             "pass both tables of the same knockout folder")
+    names = {ds: list(dict.fromkeys(shifts[ds]["knockout"].astype(str))) for ds in both}
+    n_cols = max(len(n) for n in names.values())
+    fig = _figure(0.8 + 3.8 * n_cols, 3.8 * len(both))
+    axes = fig.subplots(len(both), n_cols, squeeze=False)
+    for r, ds in enumerate(both):
+        sh = shifts[ds]
+        for c in range(n_cols):
+            ax = axes[r, c]
+            if c >= len(names[ds]):
+                ax.set_axis_off()
+                continue
+            ko = names[ds][c]
+            reference_axes(ax, refs[ds], size=4, alpha=0.35, colorbar=fig if c == n_cols - 1 else None)
+            query_shift_axes(ax, sh[sh["knockout"].astype(str) == ko])
+            ax.set_title(f"{ds}: {ko} knocked out", fontsize=9)
+        axes[r, 0].legend(fontsize=6, frameon=False, loc="best")
+    return fig
+
+
 DRAW: dict[str, Callable] = {
     "bars": draw_bars, "metric_heatmap": draw_metric_heatmap, "direction_lines": draw_direction_lines,
     "group_heatmap": draw_group_heatmap, "tradeoff": draw_tradeoff, "umap": draw_umap,
@@ -990,6 +1078,8 @@ DRAW: dict[str, Callable] = {
     "per_unit_stat": draw_per_unit_stat, "per_cell_scatter": draw_per_cell_scatter,
     "mean_scatter": draw_mean_scatter, "knockout_bars": draw_knockout_bars,
     "knockout_pvalues": draw_knockout_pvalues, "knockout_random": draw_knockout_random,
+    "knockout_tss": draw_knockout_tss, "knockout_reference": draw_knockout_reference,
+    "knockout_shifts": draw_knockout_shifts,
 }
 
 

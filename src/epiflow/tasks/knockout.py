@@ -12,9 +12,13 @@
    (Euclidean, embeddings) with the cCRE removed minus with it added. The same is done for random
    cCREs; per target a one-sided Welch t-test compares its per-cell effects with the pooled random
    effects (default ``alternative="less"``: the knockout lowers the score more than a random one).
-6. Figures: the reference UMAP coloured by score with one arrow per target (mean position of its
-   query cells with the cCRE added -> removed; query positions are the mean UMAP coordinates of
-   their 20 nearest reference cells), and a bar chart of the mean effects with the random control.
+6. Tables for the figures (Fig. 5b-d): the UMAP of the reference cells with their scores
+   (``reference_cells``); per target and query cell, the position (mean UMAP coordinates of its 20
+   nearest reference cells) and score with the cCRE added and removed (``shifts``); the cCREs around
+   each target gene's TSS with the fraction of accessible cells in each state (``tss_ccres``,
+   :func:`tss_neighbourhood`). The verb draws the reference UMAP coloured by score with one arrow per
+   target (mean position of its query cells, added -> removed) and a bar chart of the mean effects
+   with the random control.
 
 Targets come from gene promoters: :func:`promoter_ccres` intersects TSS upstream windows (from
 ``hg19_tss.bed.gz`` / ``hg38_tss.bed.gz`` BED6 or any GTF) with the cCRE vocabulary
@@ -105,6 +109,101 @@ def promoter_ccres(tss: pd.DataFrame, vocab: pd.DataFrame, genes=None, *, upstre
     return out.drop_duplicates(["gene", "ccre"]).reset_index(drop=True)
 
 
+# cCREs this far beyond a gene's promoter windows are listed around its TSS (table tss_ccres, Fig. 5b)
+NEIGHBOURHOOD_FLANK = 10_000
+
+TSS_CCRES_COLUMNS = ["gene", "chrom", "tss", "strand", "window", "downstream", "ccre", "start", "end",
+                     "rel_start", "rel_end", "target"]
+
+
+def tss_neighbourhood(cfg: KnockoutConfig, tss: pd.DataFrame | None, vocab: pd.DataFrame | None,
+                      targets: pd.DataFrame | None = None, *, flank: int = NEIGHBOURHOOD_FLANK) -> pd.DataFrame:
+    """The cCREs of the vocabulary around the TSS of each gene of ``cfg.genes`` (the paper's Fig. 5b).
+
+    The neighbourhood of a gene spans its promoter windows (every TSS of the gene, the gene's upstream
+    window of ``GENE:BP`` or ``cfg.upstream``, ``cfg.downstream``) plus ``flank`` bp on either side.
+    Positions are relative to the gene's most upstream TSS (``tss``), strand-aware: ``rel_start`` /
+    ``rel_end`` < 0 lie upstream. ``target``: the cCRE is one of ``targets`` of this gene (the promoter
+    cCREs that are knocked out). Columns :data:`TSS_CCRES_COLUMNS`, one row per (gene, cCRE), genes in the
+    given order, cCREs from upstream to downstream; no rows
+    when the targets are cCRE indices (``cfg.ccres``) or no TSS table is given."""
+    from ..genome.intervals import normalize_chrom, overlap_pairs
+
+    empty = pd.DataFrame({c: pd.Series(dtype=object if c in ("gene", "chrom", "strand") else
+                                       bool if c == "target" else np.int64) for c in TSS_CCRES_COLUMNS})
+    if cfg.ccres or not cfg.genes or tss is None or vocab is None:
+        return empty
+    vocab = vocab.assign(chrom=normalize_chrom(vocab["chrom"].to_numpy()))
+    windows = gene_windows(cfg.genes, cfg.upstream)
+    down = int(cfg.downstream)
+    genes = []
+    for gene, win in windows.items():
+        t = tss[tss["gene"] == gene]
+        if t.empty:
+            continue
+        strand = str(t["strand"].iloc[0])
+        pos = t["tss"].to_numpy(dtype=np.int64)
+        if strand == "-":
+            ref, lo, hi = int(pos.max()), int(pos.min()) - down + 1, int(pos.max()) + win + 1
+        else:
+            ref, lo, hi = int(pos.min()), int(pos.min()) - win, int(pos.max()) + down
+        genes.append({"gene": gene, "chrom": str(t["chrom"].iloc[0]), "tss": ref, "strand": strand,
+                      "window": win, "downstream": down, "lo": max(lo - flank, 0), "hi": hi + flank})
+    if not genes:
+        return empty
+    g = pd.DataFrame(genes)
+    ia, ib = overlap_pairs(g["chrom"].to_numpy(), g["lo"].to_numpy(), g["hi"].to_numpy(),
+                           vocab["chrom"].to_numpy(), vocab["start"].to_numpy(), vocab["end"].to_numpy())
+    out = g.iloc[ia].drop(columns=["lo", "hi"]).reset_index(drop=True)
+    out["ccre"] = ib
+    out["start"] = vocab["start"].to_numpy(dtype=np.int64)[ib]
+    out["end"] = vocab["end"].to_numpy(dtype=np.int64)[ib]
+    minus = out["strand"].to_numpy() == "-"
+    ref = out["tss"].to_numpy(dtype=np.int64)
+    out["rel_start"] = np.where(minus, ref + 1 - out["end"], out["start"] - ref)
+    out["rel_end"] = np.where(minus, ref + 1 - out["start"], out["end"] - ref)
+    chosen = set()
+    if targets is not None and "gene" in targets:
+        chosen = set(zip(targets["gene"].astype(str), targets["ccre"].astype(np.int64)))
+    out["target"] = [(gn, int(c)) in chosen for gn, c in zip(out["gene"], out["ccre"])]
+    order = {gn: i for i, gn in enumerate(windows)}
+    out = out.assign(_o=out["gene"].map(order)).sort_values(["_o", "rel_start"], kind="stable")
+    return out[TSS_CCRES_COLUMNS].reset_index(drop=True)
+
+
+def reference_umap(emb, *, seed: int = 0) -> np.ndarray:
+    """2-D UMAP (scanpy, 15-NN graph) of the reference cells' embeddings."""
+    import anndata as ad
+    import scanpy as sc
+
+    from ..metrics import knn_graph
+
+    a = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(emb))]))
+    a.obsm["X_e"] = np.asarray(emb, dtype=np.float32)
+    knn_graph(a, use_rep="X_e", n_neighbors=15, seed=seed)
+    sc.tl.umap(a, random_state=seed)
+    return np.asarray(a.obsm["X_umap"], dtype=np.float64)
+
+
+def shift_table(tab: pd.DataFrame, xy: np.ndarray, query_knn: np.ndarray, query_scores: np.ndarray) -> pd.DataFrame:
+    """Per target (rows of ``tab``, the Group last) and query cell: the position (mean UMAP coordinates
+    ``xy`` of its nearest reference cells ``query_knn[i, 0 | 1, q]``) and the mean score of those cells
+    with the target added (``*_added``) and removed (``*_removed``)."""
+    parts = []
+    for i, (_, row) in enumerate(tab.iterrows()):
+        added, removed = xy[query_knn[i, 0]].mean(1), xy[query_knn[i, 1]].mean(1)
+        n = added.shape[0]
+        parts.append(pd.DataFrame({
+            "knockout": target_name(row), "gene": row["gene"] if "gene" in tab else "",
+            "ccre": int(row["ccre"]), "query": np.arange(n),
+            "umap1_added": added[:, 0], "umap2_added": added[:, 1],
+            "umap1_removed": removed[:, 0], "umap2_removed": removed[:, 1],
+            "score_added": query_scores[i, 0], "score_removed": query_scores[i, 1]}))
+    cols = ["knockout", "gene", "ccre", "query", "umap1_added", "umap2_added", "umap1_removed", "umap2_removed",
+            "score_added", "score_removed"]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
+
+
 # ----------------------------------------------------------------------------- chimeras
 def _binary(x) -> sp.csr_matrix:
     x = sp.csr_matrix(x, dtype=np.float32, copy=True)
@@ -154,8 +253,10 @@ def knockout_effects(embed_fn, xa, xb, targets: pd.DataFrame, *, n_reference: in
     to draw the random knockouts from (default: cCREs accessible in some cell of either state).
     ``group``: one more target, every target cCRE added / removed at once (the paper's "Group"
     knockout; its row has ``ccre`` -1, ``gene`` "Group" and ``n_ccres`` the number of cCREs).
-    Returns a dict with ``table`` (per target), ``random`` (per random cCRE), ``reference`` (scores,
-    embeddings), ``query`` arrays and ``score_r`` (leave-one-out kNN score prediction on the reference).
+    Returns a dict with ``table`` (per target), ``random`` (per random cCRE), ``reference_scores``,
+    ``reference_embedding``, ``query_knn`` (targets then random cCREs x added / removed x query cell x
+    neighbour: reference indices), ``query_scores`` (the same without the neighbour axis: mean
+    neighbour score), ``n_targets`` and ``score_r`` (leave-one-out kNN score prediction on the reference).
     """
     from scipy.stats import pearsonr, ttest_ind
 
@@ -217,6 +318,7 @@ def knockout_effects(embed_fn, xa, xb, targets: pd.DataFrame, *, n_reference: in
     rtab = pd.DataFrame({"ccre": rand, "mean_effect": eff[n_sets:].mean(1)})
     return {"table": table, "random": rtab, "random_effects": rand_eff, "reference_scores": ref_scores,
             "reference_embedding": ref_emb, "query_knn": idx.reshape(len(sets), 2, n_query, -1),
+            "query_scores": sc_,
             "n_targets": n_sets, "score_r": score_r}
 
 
@@ -275,20 +377,24 @@ def knockout_targets(cfg: KnockoutConfig, *, tss: pd.DataFrame | None = None,
 
 
 def run(cells, model, cfg: KnockoutConfig, targets, *, df: np.ndarray | None = None,
-        dataset: str | None = None) -> TaskResult:
+        dataset: str | None = None, neighbourhood: pd.DataFrame | None = None) -> TaskResult:
     """Knockout analysis (module docstring) of the ``cells`` of states ``cfg.state_a`` / ``cfg.state_b``
     (a Shard, :func:`epiflow.tasks.common.load_cells`) with ``model`` (fine-tuned **in place** for
     ``cfg.max_steps`` steps when > 0). ``targets``: a DataFrame with ``ccre`` [+ ``gene`` ...]
     (:func:`knockout_targets`) or a list of vocabulary indices. ``df``: the document frequencies of the
     model's corpus, used to tokenize the chimeric cells (None: the fraction of the cells in which each
     cCRE is accessible). ``dataset``: the name of the metrics rows (default: the first cell's dataset,
-    else ``all``).
+    else ``all``). ``neighbourhood``: the cCREs around the target genes' TSS (:func:`tss_neighbourhood`);
+    the fraction of accessible cells of each state is added to them.
 
     Returns a :class:`~epiflow.tasks.common.TaskResult`: ``metrics`` (task ``knockout``), ``tables``
-    ``knockout`` (per target) and ``random`` (per random cCRE); ``models["model"]`` when fine-tuned;
-    ``data``: what :func:`knockout_effects` returns besides the tables (``random_effects``,
-    ``reference_scores``, ``reference_embedding``, ``query_knn``, ``n_targets``, ``score_r``), plus
-    ``dataset`` and ``finetune_loss`` (per step).
+    ``knockout`` (per target), ``random`` (per random cCRE), ``reference_cells`` (``cell, score, umap1,
+    umap2``: the chimeric reference cells), ``shifts`` (:func:`shift_table`: per target and query cell,
+    position and score with the target added / removed) and ``tss_ccres`` (``neighbourhood`` with
+    ``state_a, state_b, fraction_a, fraction_b``; no rows without one); ``models["model"]`` when
+    fine-tuned; ``data``: what :func:`knockout_effects` returns besides the tables (``random_effects``,
+    ``reference_scores``, ``reference_embedding``, ``query_knn``, ``query_scores``, ``n_targets``,
+    ``score_r``), plus ``reference_umap``, ``dataset`` and ``finetune_loss`` (per step).
     """
     from ..corpus.shard import shard_from_counts
     from .integration import embed_cells, finetune_reconstruction
@@ -328,6 +434,19 @@ def run(cells, model, cfg: KnockoutConfig, targets, *, df: np.ndarray | None = N
     ds = dataset or (str(cells.obs["dataset"].iloc[0]) if "dataset" in cells.obs else "all")
     tab = res.pop("table")
     rand = res.pop("random")
+    # the tables of Fig. 5b-d: reference UMAP + scores, query shifts, accessibility around the TSS
+    xy = reference_umap(res["reference_embedding"], seed=seed)
+    ref_tab = pd.DataFrame({"cell": np.arange(len(xy)), "score": res["reference_scores"], "umap1": xy[:, 0],
+                            "umap2": xy[:, 1]})
+    shifts = shift_table(tab, xy, res["query_knn"][:res["n_targets"]], res["query_scores"][:res["n_targets"]])
+    near = tss_neighbourhood(cfg, None, None) if neighbourhood is None else neighbourhood.reset_index(drop=True)
+    ccre = near["ccre"].to_numpy(dtype=np.int64)
+    if len(ccre) and (ccre.min() < 0 or ccre.max() >= cells.n_ccres):
+        raise EpiflowError(f"cCREs around the TSS must be vocabulary indices 0..{cells.n_ccres - 1}", field="ccre",
+                           fix="build the neighbourhood from the corpus vocab.bed")
+    near = near.assign(state_a=state_a, state_b=state_b,
+                       fraction_a=np.asarray(_binary(counts[ia]).mean(0)).ravel()[ccre],
+                       fraction_b=np.asarray(_binary(counts[ib]).mean(0)).ravel()[ccre])
     rows = metric_rows(TASK, ds, "EpiAgent", {
         "n_targets": len(tab), "n_random": len(rand), "n_query": cfg.n_query, "n_reference": cfg.n_reference,
         "reference_score_r": res["score_r"], "random_mean_effect": float(np.mean(res["random_effects"])),
@@ -336,6 +455,8 @@ def run(cells, model, cfg: KnockoutConfig, targets, *, df: np.ndarray | None = N
         name = target_name(r)
         rows += metric_rows(TASK, ds, "EpiAgent", {f"mean_effect[{name}]": r["mean_effect"],
                                                    f"p_value[{name}]": r["p_value"]})
-    return TaskResult(metrics=metrics_frame(rows), tables={"knockout": tab, "random": rand},
+    return TaskResult(metrics=metrics_frame(rows), tables={"knockout": tab, "random": rand,
+                                                          "reference_cells": ref_tab, "shifts": shifts,
+                                                          "tss_ccres": near},
                       models={"model": model} if hist else {},
-                      data={**res, "dataset": ds, "finetune_loss": hist})
+                      data={**res, "reference_umap": xy, "dataset": ds, "finetune_loss": hist})

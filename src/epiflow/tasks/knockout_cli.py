@@ -12,7 +12,7 @@ def _knockout(args) -> int:
     from ..report.results import write_task_result
     from .common import corpus_df, corpus_vocab, load_cells, load_model
     from .config import KnockoutConfig
-    from .knockout import knockout_targets, read_tss, run
+    from .knockout import knockout_targets, read_tss, run, tss_neighbourhood
 
     cfg = config_from_args(KnockoutConfig, args)
     cells = load_cells(args.corpus, df=args.df, dataset=args.dataset)
@@ -37,7 +37,7 @@ def _knockout(args) -> int:
         df = corpus_df(args.corpus)
     model = load_model(args.checkpoint, n_ccres=cells.n_ccres, num_heads=cfg.num_heads, backend=cfg.backend,
                        device=cfg.device)
-    res = run(cells, model, cfg, targets, df=df)
+    res = run(cells, model, cfg, targets, df=df, neighbourhood=tss_neighbourhood(cfg, tss, vocab, targets))
     if cfg.figures:
         knockout_figures(res, args.out, seed=cfg.seed,
                          title=f"{cfg.state_a} -> {cfg.state_b}: in-silico knockout on {res.data['dataset']}")
@@ -45,7 +45,8 @@ def _knockout(args) -> int:
     print(res.tables["knockout"].to_string(index=False))
     print(f"random knockouts: mean effect {res.data['random_effects'].mean():.4g}; "
           f"reference score r = {res.data['score_r']:.3f}")
-    print(f"wrote {args.out}/knockout.tsv and metrics.tsv")
+    print(f"wrote {args.out}/knockout.tsv, random.tsv, reference_cells.tsv, shifts.tsv, tss_ccres.tsv and "
+          "metrics.tsv")
     return 0
 
 
@@ -62,7 +63,10 @@ def register(subparsers) -> None:
             "target cCRE added then removed; the effect is the change of the mean score of the 20 nearest "
             "reference cells, tested one-sided (Welch t) against knockouts of random cCREs. Targets: --ccres "
             "(vocabulary indices) or --genes with --tss (BED6 TSS file or GTF; promoter windows). Writes "
-            "OUT/knockout.tsv, random.tsv, knockout_umap.png, knockout_effects.png, metrics.tsv."))
+            "OUT/knockout.tsv, random.tsv, reference_cells.tsv (UMAP and score of the reference cells), "
+            "shifts.tsv (each query cell's position and score with each target added / removed), tss_ccres.tsv "
+            "(cCREs within 10 kb of the target genes' promoter windows, accessible fraction per state; empty "
+            "with --ccres), knockout_umap.png, knockout_effects.png, metrics.tsv."))
     add_io_args(p, cells_help="cells of both states: " + CELLS_HELP)
     g = p.add_argument_group("target files")
     g.add_argument("--tss", metavar="FILE",
