@@ -105,6 +105,14 @@ def make_results(root: Path) -> dict:
                          "cell_type": np.array(TYPES)[np.arange(30) % 4]})
     for m in ("EpiAgent-BC", "EpiAgent-zeroshot", "LSI"):
         umap[f"umap1_{m}"], umap[f"umap2_{m}"] = rng.normal(size=30), rng.normal(size=30)
+    # as integrate writes it with a query: the query's rows (no reference UMAP, its transferred label)
+    # and the joint UMAP of reference and query
+    umap["role"] = "reference"
+    umap = pd.concat([umap, pd.DataFrame({"cell": qp["cell"], "role": "query", "batch": "query",
+                                          "cell_type": qp["label"], "prediction": qp["pred_EpiAgent-BC"]})],
+                     ignore_index=True)
+    umap["joint_umap1"] = np.r_[rng.normal(size=30), rng.normal(2, 1, 20)]
+    umap["joint_umap2"] = rng.normal(size=50)
     tables["integration"] = {"atlas": [_write(qp, root / "atlas" / "query_predictions.tsv"),
                                        _write(umap, root / "atlas" / "cells.tsv")]}
     # knockout
@@ -148,7 +156,10 @@ def make_results(root: Path) -> dict:
                  ("accuracy", "micro_F1", "balanced_accuracy", "macro_F1")]
     zp = pd.DataFrame({"cell": [f"n{i}" for i in range(20)], "prediction": np.array(TYPES)[np.arange(20) % 4],
                        "label_mapped": np.array(TYPES)[(np.arange(20) // 5) % 4]})
-    tables["zeroshot_annotation"] = {"new": [_write(zp, root / "new" / "predictions.tsv")]}
+    zc = zp.assign(label_mapped=zp["label_mapped"].where(np.arange(20) % 7 != 0),  # a few unmapped labels
+                   umap1=rng.normal(size=20), umap2=rng.normal(size=20))
+    tables["zeroshot_annotation"] = {"new": [_write(zp, root / "new" / "predictions.tsv"),
+                                             _write(zc, root / "new" / "cells.tsv")]}
     metrics = _write(_long(rows), root / "metrics.tsv")
     return {"metrics": [metrics], "tables": tables}
 
@@ -267,6 +278,17 @@ def test_missing_inputs_are_named(results, tmp_path):
         build_panel("fig5d", tables={"tumor": results["tables"]["knockout"]["tumor"][:4]}, out=tmp_path / "x.png")
     with pytest.raises(EpiflowError, match="unknown figure panel 'fig9z'"):
         build_panel("fig9z", out=tmp_path / "x.png")
+    # the joint UMAP panels need integrate's query rows; the zero-shot UMAP needs the annotator's UMAP
+    ref_only = _write(pd.DataFrame({"cell": ["a", "b"], "role": "reference", "batch": "b1", "cell_type": "B",
+                                    "prediction": None, "joint_umap1": [0.0, 1.0], "joint_umap2": [0.0, 1.0]}),
+                      tmp_path / "ref" / "cells.tsv")
+    with pytest.raises(EpiflowError, match="fig4f.*no query cells.*--query"):
+        build_panel("fig4f", tables={"d": [ref_only, results["tables"]["integration"]["atlas"][0]]},
+                    out=tmp_path / "x.png")
+    with pytest.raises(EpiflowError, match="fig6b.*lacks column.*umap1"):
+        build_panel("fig6b", tables={"d": results["tables"]["zeroshot_annotation"]["new"][:1] +
+                                     [_write(pd.DataFrame({"cell": ["a"], "label_mapped": ["B"], "prediction": ["B"]}),
+                                             tmp_path / "z" / "cells.tsv")]}, out=tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
 
 

@@ -138,8 +138,18 @@ def test_integrate_cli_end_to_end(tmp_path, base_ckpt):
     assert pd.read_csv(out / "batches.tsv", sep="\t")["batch"].tolist() == ["d1", "d2"]
     # the UMAP of every embedding, for panels fig4c / fig4d
     cells_tab = pd.read_csv(out / "cells.tsv", sep="\t")
-    assert {"cell", "batch", "cell_type", "umap1_EpiAgent-BC", "umap2_EpiAgent-zeroshot"} <= set(cells_tab.columns)
-    assert set(cells_tab["batch"]) == {"d1", "d2"} and cells_tab["umap1_EpiAgent-BC"].notna().all()
+    assert {"cell", "role", "batch", "cell_type", "umap1_EpiAgent-BC", "umap2_EpiAgent-zeroshot"} <= set(cells_tab.columns)
+    ref_rows = cells_tab[cells_tab["role"] == "reference"]
+    assert set(ref_rows["batch"]) == {"d1", "d2"} and ref_rows["umap1_EpiAgent-BC"].notna().all()
+    assert ref_rows["prediction"].isna().all()
+    # the query's rows on the joint UMAP of reference and query, with their transferred labels (fig4f / fig4g)
+    q_rows = cells_tab[cells_tab["role"] == "query"]
+    assert len(q_rows) == 40 and set(cells_tab["role"]) == {"reference", "query"}
+    assert (q_rows["batch"] == "query").all() and q_rows["umap1_EpiAgent-BC"].isna().all()
+    assert cells_tab[["joint_umap1", "joint_umap2"]].notna().all().all()
+    qp0 = pd.read_csv(out / "query_predictions.tsv", sep="\t")
+    assert q_rows["prediction"].tolist() == qp0["pred_EpiAgent-BC"].tolist()
+    assert q_rows["cell_type"].tolist() == qp0["label"].tolist()
 
     m = pd.read_csv(out / "metrics.tsv", sep="\t")
     assert list(m.columns) == ["task", "dataset", "method", "metric", "value"]
@@ -299,9 +309,14 @@ def test_reference_from_several_folders_and_an_unlabelled_query(tmp_path, base_c
     write_shard(q / "shards/shard_00000.h5", sh)
     out = tmp_path / "o"
     rc = main(["integrate", "--corpus", str(a), str(b), "--query", str(q), "--checkpoint", str(base_ckpt),
-               "--batch-key", "dataset", "--max-steps", "2", "--lr", "1e-3", "--no-umap", "--no-lsi",
+               "--batch-key", "dataset", "--max-steps", "2", "--lr", "1e-3", "--no-lsi",
                "--device", "cpu", "--no-progress", "--out", str(out)])
     assert rc == 0
+    # the unlabelled query on the joint UMAP: its transferred labels, no known label
+    ct = pd.read_csv(out / "cells.tsv", sep="\t")
+    qc = ct[ct["role"] == "query"]
+    assert len(qc) == 20 and qc["cell_type"].isna().all() and set(qc["prediction"]) <= {"HSC", "GMP", "CLP"}
+    assert ct[["joint_umap1", "joint_umap2"]].notna().all().all()
     t = pd.read_csv(out / "metrics.tsv", sep="\t")
     batches = pd.read_csv(out / "batches.tsv", sep="\t")
     assert set(batches.astype(str).to_numpy().ravel()) >= {"study_a", "study_b"}

@@ -389,6 +389,11 @@ def test_two_zeroshot_annotators_each_train_once_and_label_their_datasets(tmp_pa
     six_g = next(s for s in shells if "epiflow figure fig6g " in s)
     assert f"{zs}/EpiAgent-B.atlas_b3/metrics.tsv" in six_d and "EpiAgent-NT" not in six_d
     assert f"{zs}/EpiAgent-NT.pbmc_fragments/metrics.tsv" in six_g and "EpiAgent-B." not in six_g
+    # the UMAPs of each annotator's embeddings (fig6b / fig6e) from the cells.tsv of its own folders
+    six_b = next(s for s in shells if "epiflow figure fig6b " in s)
+    six_e = next(s for s in shells if "epiflow figure fig6e " in s)
+    assert f"{zs}/EpiAgent-B.atlas_b3/cells.tsv" in six_b and "EpiAgent-NT" not in six_b
+    assert f"{zs}/EpiAgent-NT.pbmc_fragments/cells.tsv" in six_e and "EpiAgent-B." not in six_e
 
 
 def test_zeroshot_annotator_names_are_checked(tmp_path):

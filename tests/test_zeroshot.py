@@ -101,7 +101,8 @@ def test_annotate_zeroshot_on_new_dataset(trained):
     rc = main(["annotate-zeroshot", "--checkpoint", str(out / "checkpoint.pth"), "--corpus", str(query),
                "--label-key", "cell_type", "--label-map", str(qmap), "--out", str(res_dir), "--device", "cpu"])
     assert rc == 0
-    assert sorted(p.name for p in res_dir.iterdir()) == ["confusion.png", "metrics.tsv", "predictions.tsv"]
+    assert sorted(p.name for p in res_dir.iterdir()) == ["cells.tsv", "confusion.png", "metrics.tsv",
+                                                         "predictions.tsv"]
     assert list(pd.read_csv(res_dir / "predictions.tsv", sep="\t").columns) == [
         "cell", "prediction", "probability", "prediction_masked", "label", "label_mapped"]
     # unmapped known labels are written as empty fields, as before
@@ -116,6 +117,12 @@ def test_annotate_zeroshot_on_new_dataset(trained):
     # cell types differ in a third of the cCREs: the fine-tuned annotator is far above chance (1/3)
     assert v["accuracy"] > 0.6
     assert (res_dir / "confusion.png").stat().st_size > 0
+    # cells.tsv: labels, predictions and the UMAP of the annotator's cell embeddings (panels fig6b / fig6e)
+    cells = pd.read_csv(res_dir / "cells.tsv", sep="\t")
+    assert list(cells.columns) == ["cell", "label", "label_mapped", "prediction", "umap1", "umap2"]
+    assert cells["cell"].tolist() == pred["cell"].tolist() and cells["prediction"].tolist() == pred["prediction"].tolist()
+    assert cells["label_mapped"].isna().sum() == (cells["label"] == "CLP").sum()
+    assert cells[["umap1", "umap2"]].notna().all().all() and cells["umap1"].std() > 0
     # a named annotator (the workflow's tasks.zeroshot_annotation.annotators) labels its metric rows
     named = tmp / "annotated_b"
     rc = main(["annotate-zeroshot", "--checkpoint", str(out / "checkpoint.pth"), "--input", str(query),
@@ -160,6 +167,19 @@ def test_run_train_and_run_annotate_compute_without_writing(base_ckpt, trained, 
     pred = run_annotate(model, load_cells(tmp / "atlas"), read_classes(out.parent / "classes.tsv"),
                         ZeroshotConfig(device="cpu", progress=False, mask=False))
     assert len(pred.data["predictions"]) == 150 and "prediction_masked" not in pred.data["predictions"]
+    # the embeddings are those the classifier reads: classifying them gives the predictions
+    emb = pred.data["embeddings"]
+    assert emb.shape == (150, model.config.dim)
+    model.eval()
+    with torch.no_grad():
+        again = model.classify(torch.from_numpy(emb)).argmax(1).numpy()
+    names = np.asarray(read_classes(out.parent / "classes.tsv"))
+    assert (names[again] == pred.data["predictions"]["prediction"].to_numpy()).mean() > 0.98
+    # without UMAPs cells.tsv keeps the labels and predictions only (no label key: no label columns)
+    nou = run_annotate(model, load_cells(tmp / "atlas"), read_classes(out.parent / "classes.tsv"),
+                       ZeroshotConfig(device="cpu", progress=False, umap=False))
+    assert list(nou.data["cells"].columns) == ["cell", "prediction"]
+    assert list(pred.data["cells"].columns) == ["cell", "prediction", "umap1", "umap2"]
     assert not list(tmp_path.glob("*.tsv"))
     with pytest.raises(ConfigError, match="2 names"):
         run_annotate(model, cells, ["a", "b"], ZeroshotConfig(device="cpu", progress=False))

@@ -466,6 +466,7 @@ rule annotate_zeroshot:
     output:
         metrics=f"{ZS_ROOT}/{{unit}}/metrics.tsv",
         predictions=f"{ZS_ROOT}/{{unit}}/predictions.tsv",
+        cells=f"{ZS_ROOT}/{{unit}}/cells.tsv",
         confusion=report(
             f"{ZS_ROOT}/{{unit}}/confusion.png",
             caption="../report/zeroshot_annotation.rst",

@@ -17,10 +17,11 @@ Every panel of :data:`PANELS` is one PNG (``results/figures/<panel>.png`` in the
   method metric value``),
 * per-dataset task tables (``cells.tsv``, ``trajectory.tsv`` and ``paga.tsv`` of feature extraction,
   ``predictions.tsv`` of annotation, ``per_cell.tsv`` / ``per_ccre.tsv`` of imputation,
-  ``mean_accessibility.tsv.gz`` of the perturbation tasks, ``cells.tsv`` (UMAPs) and
-  ``query_predictions.tsv`` of integration,
+  ``mean_accessibility.tsv.gz`` of the perturbation tasks, ``cells.tsv`` (UMAPs of the reference and
+  the joint UMAP of reference and query) and ``query_predictions.tsv`` of integration,
   ``knockout.tsv`` / ``random.tsv`` / ``tss_ccres.tsv`` / ``reference_cells.tsv`` / ``shifts.tsv`` of
-  the knockout, ``predictions.tsv`` of zero-shot annotation).
+  the knockout, ``predictions.tsv`` and ``cells.tsv`` (the UMAP of the annotator's embeddings) of
+  zero-shot annotation).
 
 No number is computed here beyond counting / row-normalising a contingency table, placing a cell
 type at the mean UMAP position of its cells (fig2e), the mean position of a knockout's query cells or
@@ -210,6 +211,16 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
     _p("fig4e_tradeoff", IN, "integration", "integration", [],
        "Biological conservation (NMI) against batch mixing (iLISI), one point per embedding",
        "Fig. 4e: conservation vs mixing", "tradeoff", baselines=True, x="iLISI", y="NMI"),
+    _p("fig4f", IN, "integration", "", ["cells.tsv", "query_predictions.tsv"],
+       "Reference and query cells on one UMAP of the batch-corrected EpiAgent embeddings (reference cells "
+       "with their batch token, query cells without), reference coloured by batch, the query in its own "
+       "colour (black)", "Fig. 4f: reference and query cells together (query in its own colour)",
+       "joint_umap", needs_metrics=False, colour="batch"),
+    _p("fig4g", IN, "integration", "", ["cells.tsv", "query_predictions.tsv"],
+       "The query cells on the same joint UMAP coloured by the label transferred from their 20 nearest "
+       "reference cells (batch-corrected EpiAgent; reference cells grey), beside their known labels when "
+       "the query has them", "Fig. 4g: query cells with transferred labels", "joint_umap",
+       needs_metrics=False, colour="prediction"),
     _p("fig4g_scores", IN, "integration", "query_mapping", [],
        "Query mapping: accuracy and macro F1 of labels transferred from the 20 nearest reference cells",
        "Fig. 4g: query cells with transferred labels (scores)", "bars", metrics=["accuracy", "macro_F1"]),
@@ -246,6 +257,11 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
        "Distribution of random-knockout effects with the target cCREs' effects marked",
        "Fig. 5e: targets against random knockouts", "knockout_random"),
     # ---- Fig. 6: zero-shot annotators (first annotator: 6b-d, second: 6e-g) -----------------------
+    _p("fig6b", ZS, "zeroshot_annotation", "", ["cells.tsv"],
+       "UMAP of the first zero-shot annotator's cell embeddings (the CLS embedding its classifier reads) of "
+       "its new dataset(s), coloured by the known label (mapped to the annotator's classes) and by the "
+       "prediction", "Fig. 6b: UMAP (EpiAgent-B embeddings), ground truth vs EpiAgent-B labels",
+       "umap_truth_pred", needs_metrics=False, true="label_mapped", pred="prediction", annotator=0),
     _p("fig6c", ZS, "zeroshot_annotation", "", ["predictions.tsv"],
        "Sankey diagram of the first zero-shot annotator's new dataset(s): known label (mapped to the "
        "annotator's classes) -> prediction", "Fig. 6c: Sankey, ground truth -> EpiAgent-B", "sankey",
@@ -258,6 +274,11 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
        "Zero-shot annotation by the first annotator: accuracy, micro F1, balanced accuracy and macro F1",
        "Fig. 6d: the four scores of EpiAgent-B", "bars",
        metrics=["accuracy", "micro_F1", "balanced_accuracy", "macro_F1"], annotator=0),
+    _p("fig6e", ZS, "zeroshot_annotation", "", ["cells.tsv"],
+       "UMAP of the second zero-shot annotator's cell embeddings (the CLS embedding its classifier reads) "
+       "of its new dataset(s), coloured by the known label (mapped to the annotator's classes) and by the "
+       "prediction", "Fig. 6e: UMAP (EpiAgent-NT embeddings), ground truth vs EpiAgent-NT labels",
+       "umap_truth_pred", needs_metrics=False, true="label_mapped", pred="prediction", annotator=1),
     _p("fig6f", ZS, "zeroshot_annotation", "", ["predictions.tsv"],
        "Sankey diagram of the second zero-shot annotator's new dataset(s): known label (mapped to the "
        "annotator's classes) -> prediction", "Fig. 6f: Sankey, ground truth -> EpiAgent-NT", "sankey",
@@ -291,21 +312,9 @@ NOT_DRAWN: dict[str, NotDrawn] = {n.name: n for n in [
              "predict-stimulation writes mean accessibilities and metrics, no per-cell predictions in a table "
              "and no UMAP coordinates (predicted cells only as an optional h5ad, save_cells)",
              ("fig3d",)),
-    NotDrawn("fig4f", "Fig. 4f: reference and query cells together on one UMAP",
-             "the query cells' embeddings are not written and no joint UMAP is computed",
-             ("fig4g_confusion",)),
-    NotDrawn("fig4g", "Fig. 4g: UMAP of the query cells coloured by their transferred labels",
-             "query_predictions.tsv holds the transferred labels but no coordinates; the labels are drawn "
-             "as scores and a confusion matrix instead", ("fig4g_scores", "fig4g_confusion")),
     NotDrawn("fig4h", "Fig. 4h: marker-gene expression of the query's predicted types",
              "needs the query's RNA expression (a multiome dataset's gene counts); epiflow reads only "
              "chromatin accessibility", ()),
-    NotDrawn("fig6b", "Fig. 6b: UMAP of the new dataset (EpiAgent-B embeddings), ground truth vs "
-             "EpiAgent-B labels", "annotate-zeroshot writes predictions, no cell embeddings or UMAP "
-             "coordinates", ("fig6c", "fig6c_confusion")),
-    NotDrawn("fig6e", "Fig. 6e: UMAP of the new dataset (EpiAgent-NT embeddings), ground truth vs "
-             "EpiAgent-NT labels", "annotate-zeroshot writes predictions, no cell embeddings or UMAP "
-             "coordinates", ("fig6f", "fig6f_confusion")),
 ]}
 
 # The paper's result panels (PAPER_FACTS "Figure panels"; the 'a' panels and Fig. 1 are schematics).
@@ -586,6 +595,8 @@ def draw_umap(panel: Panel, metrics, tables) -> object:
     colour = panel.options.get("colour", "cell_type")
     grid = []
     for ds, df in _cells_tables(panel, tables).items():
+        if "role" in df.columns:  # integration's cells.tsv: the query rows belong to the joint UMAP only
+            df = df[df["role"].astype(str) == "reference"]
         found = _umap_methods(df)
         methods = _pick(panel, found)
         _require(bool(methods), panel, f"cells.tsv of {ds} has no umap1_<method> column of the methods this "
@@ -593,6 +604,82 @@ def draw_umap(panel: Panel, metrics, tables) -> object:
         _need_columns(panel, df, [colour], "cells.tsv")
         grid.append((ds, df, methods))
     return _umap_grid(panel, grid, colour)
+
+
+_QUERY_COLOUR, _BACKGROUND = "#000000", "#d9d9d9"
+
+
+def draw_joint_umap(panel: Panel, metrics, tables) -> object:
+    """The joint UMAP of reference and query (integration's cells.tsv, ``joint_umap1`` / ``joint_umap2``):
+    ``colour`` batch: every cell, reference by batch, the query black (fig4f); ``colour`` prediction: the
+    query coloured by its transferred label over the grey reference, beside its known labels if any (fig4g)."""
+    colour = panel.options["colour"]
+    grid = []
+    for ds, df in _tables_named(panel, tables, "cells.tsv").items():
+        _need_columns(panel, df, ["role", "batch", "joint_umap1", "joint_umap2"], "cells.tsv")
+        q = df["role"].astype(str) == "query"
+        _require(bool(q.any()) and df.loc[q, "joint_umap1"].notna().all(), panel,
+                 f"cells.tsv of {ds} has no query cells on the joint UMAP",
+                 "run integrate with --query and UMAPs on")
+        views = [colour]
+        if colour == "prediction":
+            _need_columns(panel, df, ["prediction", "cell_type"], "cells.tsv")
+            if df.loc[q, "cell_type"].notna().any():
+                views.append("cell_type")
+        grid.append((ds, df, q.to_numpy(), views))
+    n_cols = max(len(v) for *_, v in grid)
+    fig = _figure(5.4 * n_cols + 0.6, 4.4 * len(grid))
+    axes = fig.subplots(len(grid), n_cols, squeeze=False)
+    for r, (ds, df, q, views) in enumerate(grid):
+        xy = df[["joint_umap1", "joint_umap2"]].to_numpy(float)
+        for c in range(n_cols):
+            ax = axes[r, c]
+            if c >= len(views):
+                ax.set_axis_off()
+                continue
+            if views[c] == "batch":
+                lab = np.where(q, "query", df["batch"].astype(str).to_numpy())
+                pal = category_palette(lab[~q])
+                pal["query"] = _QUERY_COLOUR
+                embedding_panel(ax, xy, lab, palette=pal, legend_title="reference batch / query",
+                                title=f"{ds}: reference ({int((~q).sum())} cells) and query ({int(q.sum())})")
+                continue
+            col = views[c]
+            lab = df.loc[q, col].astype(str).where(df.loc[q, col].notna(), "unlabelled").to_numpy()
+            ref_types = df.loc[~q, "cell_type"].astype(str)
+            pal = category_palette(np.concatenate([ref_types.to_numpy(), df.loc[q, "prediction"].astype(str)]))
+            pal["unlabelled"] = "#7f7f7f"
+            size = float(np.clip(3000.0 / max(len(df), 1), 1.0, 25.0))
+            ax.scatter(xy[~q, 0], xy[~q, 1], c=_BACKGROUND, s=size, linewidths=0, rasterized=True)
+            embedding_panel(ax, xy[q], lab, palette=pal, point_size=size,
+                            legend_title="transferred label" if col == "prediction" else "known label",
+                            title=f"{ds}: query cells, " + ("transferred label" if col == "prediction" else
+                                                            "known label") + " (reference grey)")
+    return fig
+
+
+def draw_umap_truth_pred(panel: Panel, metrics, tables) -> object:
+    """The UMAP of cells.tsv (``umap1`` / ``umap2``) coloured by the known label and by the prediction
+    (zero-shot annotation, fig6b / fig6e), one row per dataset; cells without a mapped label grey."""
+    t, p = panel.options["true"], panel.options["pred"]
+    frames = _tables_named(panel, tables, "cells.tsv")
+    for ds, df in frames.items():
+        _need_columns(panel, df, ["umap1", "umap2", t, p], "cells.tsv")
+        _require(bool(df[t].notna().any()), panel, f"no cell of {ds} has a known label ({t})",
+                 "annotate with --label-key (and a --label-map onto the annotator's classes)")
+    labels = np.concatenate([np.concatenate([df[t].dropna().astype(str), df[p].dropna().astype(str)])
+                             for df in frames.values()])
+    pal = category_palette(labels)
+    pal["unlabelled"] = _BACKGROUND
+    fig = _figure(2 * 5.4 + 0.6, 4.4 * len(frames))
+    axes = fig.subplots(len(frames), 2, squeeze=False)
+    for r, (ds, df) in enumerate(frames.items()):
+        xy = df[["umap1", "umap2"]].to_numpy(float)
+        for ax, col, what in ((axes[r, 0], t, "ground truth"), (axes[r, 1], p, "prediction")):
+            lab = df[col].astype(str).where(df[col].notna(), "unlabelled").to_numpy()
+            embedding_panel(ax, xy, lab, palette=pal, legend_title=what,
+                            title=f"{ds}: {what}" + (f" ({col})" if col != what else ""))
+    return fig
 
 
 def _best(rows: pd.DataFrame, dataset: str, metric: str, candidates: Sequence[str], key=str) -> str | None:
@@ -1073,7 +1160,7 @@ DRAW: dict[str, Callable] = {
     "bars": draw_bars, "metric_heatmap": draw_metric_heatmap, "direction_lines": draw_direction_lines,
     "group_heatmap": draw_group_heatmap, "tradeoff": draw_tradeoff, "umap": draw_umap,
     "umap_best": draw_umap_best, "pseudotime_umap": draw_pseudotime_umap, "sankey": draw_sankey,
-    "paga": draw_paga,
+    "paga": draw_paga, "joint_umap": draw_joint_umap, "umap_truth_pred": draw_umap_truth_pred,
     "cluster_table": draw_cluster_table, "confusion": draw_confusion, "trajectory": draw_trajectory,
     "per_unit_stat": draw_per_unit_stat, "per_cell_scatter": draw_per_cell_scatter,
     "mean_scatter": draw_mean_scatter, "knockout_bars": draw_knockout_bars,

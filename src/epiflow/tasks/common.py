@@ -193,3 +193,20 @@ class TaskResult:
     h5ad: dict[str, Any] = field(default_factory=dict)
     texts: dict[str, str] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+
+
+def umap_coords(x, *, n_neighbors: int = 15, seed: int = 0) -> np.ndarray:
+    """UMAP coordinates ``[n, 2]`` of the rows of ``x``: scanpy's UMAP on the kNN graph of
+    :func:`epiflow.metrics.knn_graph` (``n_neighbors``, ``seed``), as the integration and zero-shot
+    tasks draw them."""
+    import anndata as ad
+    import scanpy as sc
+
+    from ..metrics import knn_graph
+
+    x = np.asarray(x, dtype=np.float32)
+    a = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(x))]))
+    a.obsm["X_e"] = x
+    knn_graph(a, use_rep="X_e", n_neighbors=n_neighbors, seed=seed)
+    sc.tl.umap(a, random_state=seed)
+    return np.asarray(a.obsm["X_umap"])

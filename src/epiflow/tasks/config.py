@@ -245,6 +245,7 @@ class ZeroshotConfig(ModelRuntime):
     mask: bool = setting(True, "also compute the masked predictions")
     method: str = setting("EpiAgent-zeroshot", "method name of the metric rows (e.g. EpiAgent-B, EpiAgent-NT)")
     max_len: int = setting(8190, "top tokens per cell", min=1)
+    umap: bool = setting(True, "UMAP of the annotator's cell embeddings in cells.tsv")
 
 
 # verb -> its settings

@@ -22,7 +22,8 @@ cell-type ASW, iLISI, kBET (global and per label), graph connectivity and batch 
 
 Query mapping (task ``query_mapping``): query cells are embedded **without** a batch token; each gets the
 majority label of its ``k = 20`` nearest reference cells (Euclidean); accuracy and macro F1 against the
-known labels.
+known labels. With UMAPs on, one UMAP of the batch-corrected embeddings of reference and query together
+(``cells.tsv``: ``joint_umap1`` / ``joint_umap2``, panels fig4f / fig4g).
 
 API: :func:`run` (loaded cells + model + :class:`~epiflow.tasks.config.IntegrationConfig`) returns a
 :class:`~epiflow.tasks.common.TaskResult`; ``epiflow integrate`` (:mod:`.integration_cli`) writes it
@@ -40,7 +41,7 @@ import scipy.sparse as sp
 
 from ..errors import EpiflowError, VocabularyMismatchError
 from ..metrics.table import dataset_label, metric_rows, metrics_frame
-from .common import TaskResult, resolve_device
+from .common import TaskResult, resolve_device, umap_coords
 from .features import labelled_mask
 from .zeroshot import apply_label_map, classification_scores, covered_ccres, obs_column, restrict_to_ccres
 
@@ -199,8 +200,6 @@ def evaluate_integration(embeddings: dict[str, np.ndarray], batches, labels, *, 
                          umap: bool = True):
     """Metrics rows and UMAP coordinates of each embedding: NMI / ARI (Leiden bisected), cell-type ASW,
     iLISI, kBET, kBET per label, graph connectivity, batch ASW. Cells without a label are excluded."""
-    import anndata as ad
-
     from ..metrics import clustering_scores, label_silhouette, leiden_bisect
     from ..metrics.integration import integration_scores
 
@@ -223,15 +222,7 @@ def evaluate_integration(embeddings: dict[str, np.ndarray], batches, labels, *, 
         log.info("%s: %s", method, ", ".join(f"{k} {v:.3f}" for k, v in vals.items()
                                               if k in ("NMI", "ARI", "iLISI", "kBET", "batch_ASW")))
         if umap:
-            import scanpy as sc
-
-            from ..metrics import knn_graph
-
-            a = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(x))]))
-            a.obsm["X_e"] = x
-            knn_graph(a, use_rep="X_e", n_neighbors=n_neighbors, seed=seed)
-            sc.tl.umap(a, random_state=seed)
-            coords[method] = a.obsm["X_umap"]
+            coords[method] = umap_coords(x, n_neighbors=n_neighbors, seed=seed)
     return rows, coords, ok
 
 
@@ -268,7 +259,9 @@ def run(cells, model, cfg: IntegrationConfig, *, query=None, label_map: dict[str
 
     Returns a :class:`~epiflow.tasks.common.TaskResult`: ``metrics`` (tasks ``integration`` and
     ``query_mapping``), ``tables`` ``batches`` (batch id -> name), ``matches``, with ``cfg.umap``
-    ``cells`` (cell, batch, cell_type and ``umap1_<method>`` / ``umap2_<method>`` of the labelled cells)
+    ``cells`` (cell, role, batch, cell_type and ``umap1_<method>`` / ``umap2_<method>`` of the labelled
+    reference cells; with a query also its rows, role ``query``, with ``prediction`` and the joint UMAP
+    ``joint_umap1`` / ``joint_umap2`` of reference and query, :func:`_joint_umap`)
     and, with a query, ``query_predictions``; ``history`` (step, loss); ``models["checkpoint"]`` (the batch-conditioned
     model, authors' layout); ``h5ad["embeddings"]`` (obs + ``obsm`` per method); ``data``:
     ``embeddings`` (method -> array), ``umap`` (method -> UMAP coordinates of the labelled cells, when
@@ -327,20 +320,23 @@ def run(cells, model, cfg: IntegrationConfig, *, query=None, label_map: dict[str
     rows += r
 
     tables = {"batches": pd.DataFrame({"index": range(len(names)), "batch": names}), "matches": matches}
-    if coords:  # the UMAPs of the labelled cells, per embedding (panels fig4c / fig4d)
+    qres = q_emb = None
+    if query is not None:
+        qres, qrows, q_emb = _map_query(query, cells.n_ccres, shared, base, model, cfg, label_map, labels,
+                                        {"EpiAgent-BC": e_bc, "EpiAgent-BC-nobatch": e_nb, "EpiAgent-zeroshot": z0})
+        tables["query_predictions"] = qres
+        rows += qrows
+    if coords:  # the UMAPs of the labelled cells, per embedding (panels fig4c / fig4d; fig4f / fig4g)
         from .annotation import cell_ids
 
-        umap_tab = pd.DataFrame({"cell": cell_ids(cells)[ok], "batch": batches[ok],
+        umap_tab = pd.DataFrame({"cell": cell_ids(cells)[ok], "role": "reference", "batch": batches[ok],
                                  "cell_type": np.asarray(labels, dtype=object)[ok].astype(str)})
         for method, xy in coords.items():
             umap_tab[f"umap1_{method}"] = xy[:, 0]
             umap_tab[f"umap2_{method}"] = xy[:, 1]
+        if qres is not None and q_emb is not None:
+            umap_tab = _joint_umap(umap_tab, e_bc[ok], qres, q_emb, seed=seed)
         tables["cells"] = umap_tab
-    if query is not None:
-        tables["query_predictions"], qrows = _map_query(query, cells.n_ccres, shared, base, model, cfg, label_map,
-                                                        labels, {"EpiAgent-BC": e_bc, "EpiAgent-BC-nobatch": e_nb,
-                                                                 "EpiAgent-zeroshot": z0})
-        rows += qrows
     history = pd.DataFrame({"step": np.arange(1, len(hist) + 1), "loss": hist})
     return TaskResult(metrics=metrics_frame(rows), tables=tables, history=history, models={"checkpoint": model},
                       h5ad={"embeddings": _embeddings_adata(cells, labels, embs)},
@@ -350,9 +346,10 @@ def run(cells, model, cfg: IntegrationConfig, *, query=None, label_map: dict[str
 
 
 def _map_query(q, n_ccres: int, shared, base, model, cfg: IntegrationConfig, label_map, ref_lab,
-               ref_embs: dict[str, np.ndarray]) -> tuple[pd.DataFrame, list]:
+               ref_embs: dict[str, np.ndarray]) -> tuple[pd.DataFrame, list, np.ndarray]:
     """Query mapping: the query embedded without a batch token (fine-tuned model, and zero-shot),
-    labelled by the ``k_query`` nearest labelled reference cells; the predictions and metric rows."""
+    labelled by the ``k_query`` nearest labelled reference cells; the predictions, metric rows and the query's
+    embeddings by the fine-tuned model (no batch token)."""
     device, progress = cfg.device, cfg.progress
     if q.n_ccres != n_ccres:
         raise VocabularyMismatchError(f"the query has {q.n_ccres} cCREs but the reference {n_ccres}",
@@ -380,4 +377,24 @@ def _map_query(q, n_ccres: int, shared, base, model, cfg: IntegrationConfig, lab
         if qok.any():
             vals.update(classification_scores(qlab[qok], pred[qok]))
         rows += metric_rows(QUERY_TASK, qds, method, vals)
-    return qres, rows
+    return qres, rows, qe
+
+
+def _joint_umap(ref_tab: pd.DataFrame, ref_emb: np.ndarray, qres: pd.DataFrame, q_emb: np.ndarray, *,
+                seed: int = 0, n_neighbors: int = 15) -> pd.DataFrame:
+    """``cells.tsv`` with the query: one UMAP fitted on the batch-corrected embeddings of the labelled
+    reference cells (with their batch token) and of the query cells (fine-tuned, no batch token) together
+    (``joint_umap1`` / ``joint_umap2``), the query's rows appended (``role`` query, ``batch`` query,
+    ``cell_type`` its known label or empty, ``prediction`` the label transferred by the batch-corrected
+    embedding). The reference's own UMAP columns (``umap1_<method>``) are unchanged; empty for query rows."""
+    xy = umap_coords(np.concatenate([np.asarray(ref_emb, np.float32), np.asarray(q_emb, np.float32)]),
+                     n_neighbors=n_neighbors, seed=seed)
+    n = len(ref_tab)
+    ref = ref_tab.assign(prediction=None)
+    q = pd.DataFrame({"cell": qres["cell"].to_numpy(), "role": "query", "batch": "query",
+                      "cell_type": qres["label"].to_numpy(), "prediction": qres["pred_EpiAgent-BC"].to_numpy()})
+    tab = pd.concat([ref, q], ignore_index=True)
+    tab["joint_umap1"] = xy[:, 0]
+    tab["joint_umap2"] = xy[:, 1]
+    log.info("joint UMAP of %d reference and %d query cells (EpiAgent-BC)", n, len(q))
+    return tab

@@ -10,7 +10,8 @@ label; the state dict has no names), written by the CLI (:mod:`epiflow.tasks.zer
 any training and, where the data carry known labels (mapped through a label map), reports accuracy,
 micro F1, balanced accuracy and macro F1; optionally classes predicted for fewer than
 ``min_class_fraction`` (0.5 %) of the cells are masked (their logits set to -inf, so those cells get
-their next best class).
+their next best class). It also writes the annotator's cell embeddings (the CLS readout its classifier
+reads) as a UMAP in ``cells.tsv`` beside the labels and predictions (panels fig6b / fig6e).
 
 Both compute and return a :class:`~epiflow.tasks.common.TaskResult`; the cells and the model come from
 :func:`epiflow.tasks.common.load_cells` / :func:`~epiflow.tasks.common.load_model`. Helpers shared with
@@ -271,6 +272,20 @@ def predict(model, cells, *, device=None, max_len: int = 8190, batch_tokens: int
     return logits.argmax(1), logits
 
 
+def predict_and_embed(model, cells, *, device=None, max_len: int = 8190, batch_tokens: int = 65_536,
+                      progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class index, logits ``[n_cells, C]`` and the cell embedding ``[n_cells, D]`` the classifier reads
+    (the CLS readout of the annotator's encoder) of every cell, from one inference pass
+    (:func:`epiflow.train.engine.predict`)."""
+    from ..train.engine import predict as engine_predict
+    from ..train.engine import resolve_device
+
+    out = engine_predict(model, cells, ("logits", "embedding"), max_len=max_len, batch_tokens=batch_tokens,
+                         device=resolve_device(device), progress=progress, desc="annotate")
+    logits = out["logits"]
+    return logits.argmax(1), logits, out["embedding"]
+
+
 def mask_rare_classes(logits: np.ndarray, min_fraction: float = 0.005) -> tuple[np.ndarray, list[int]]:
     """Predictions after masking classes predicted for fewer than ``min_fraction`` of the cells (their
     logits -> -inf, so those cells take their next best class). Returns ``(prediction, masked class ids)``."""
@@ -332,7 +347,9 @@ def run_annotate(model, cells, classes, cfg: ZeroshotConfig | None = None, *, la
 
     Returns a :class:`~epiflow.tasks.common.TaskResult`: ``metrics``; ``data``: ``predictions`` (cell,
     prediction, probability, masked prediction, known label and mapped label: ``predictions.tsv``),
-    ``classes``, ``masked_classes`` (the names of the masked classes).
+    ``cells`` (cell, label, label_mapped, prediction and with ``cfg.umap`` the UMAP ``umap1`` / ``umap2``
+    of the annotator's cell embeddings: ``cells.tsv``), ``embeddings`` (``[n_cells, D]``, the CLS
+    embeddings the classifier reads), ``classes``, ``masked_classes`` (the names of the masked classes).
     """
     from ..cliargs import check_config
     from .common import TaskResult
@@ -359,7 +376,8 @@ def run_annotate(model, cells, classes, cfg: ZeroshotConfig | None = None, *, la
         cells = restrict_to_ccres(cells, restrict_ccres)
         extra = {"median_ccres_per_cell": before,
                  "median_ccres_per_cell_kept": float(np.median(cells.lengths)) if cells.n_cells else 0.0}
-    pred, logits = predict(model, cells, device=cfg.device, max_len=cfg.max_len, progress=cfg.progress)
+    pred, logits, emb = predict_and_embed(model, cells, device=cfg.device, max_len=cfg.max_len,
+                                          progress=cfg.progress)
     z = logits - logits.max(1, keepdims=True)
     prob = np.exp(z) / np.exp(z).sum(1, keepdims=True)
     cls = np.asarray(classes, dtype=object)
@@ -393,5 +411,19 @@ def run_annotate(model, cells, classes, cfg: ZeroshotConfig | None = None, *, la
                 rows += metric_rows(TASK, ds, f"{method}-masked",
                                     classification_scores(known[ok], res["prediction_masked"][ok]))
     return TaskResult(metrics=metrics_frame(rows),
-                      data={"predictions": res, "classes": classes,
-                            "masked_classes": [classes[i] for i in masked_ids]})
+                      data={"predictions": res, "cells": _cells_table(res, emb, cfg), "embeddings": emb,
+                            "classes": classes, "masked_classes": [classes[i] for i in masked_ids]})
+
+
+def _cells_table(res: pd.DataFrame, emb: np.ndarray, cfg: ZeroshotConfig) -> pd.DataFrame:
+    """``cells.tsv``: cell, known label and mapped label (with a label key), prediction and, with
+    ``cfg.umap``, the UMAP (``umap1`` / ``umap2``) of the annotator's cell embeddings (panels fig6b / fig6e)."""
+    from .common import umap_coords
+
+    tab = res[[c for c in ("cell", "label", "label_mapped", "prediction") if c in res.columns]].copy()
+    if cfg.umap and len(tab) >= 3:
+        xy = umap_coords(emb, seed=cfg.seed)
+        tab["umap1"], tab["umap2"] = xy[:, 0], xy[:, 1]
+    elif cfg.umap:
+        log.warning("no UMAP of %d cells (needs at least 3)", len(tab))
+    return tab

@@ -29,7 +29,8 @@ def write_annotator(result, out) -> Path:
 
 
 def write_annotation(result, out) -> None:
-    """``predictions.tsv``, ``confusion.png`` (with known labels) and ``metrics.tsv`` in ``out``."""
+    """``predictions.tsv``, ``cells.tsv`` (labels, predictions and the UMAP of the annotator's cell
+    embeddings), ``confusion.png`` (with known labels) and ``metrics.tsv`` in ``out``."""
     from ..io import atomic_path
     from ..metrics.table import write_metrics
     from ..plots.zeroshot import confusion_figure
@@ -39,6 +40,8 @@ def write_annotation(result, out) -> None:
     res = result.data["predictions"]
     with atomic_path(out / "predictions.tsv") as tmp:
         res.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+    with atomic_path(out / "cells.tsv") as tmp:
+        result.data["cells"].to_csv(tmp, sep="\t", index=False, float_format="%.6g")
     if "label_mapped" in res:
         confusion_figure(res, out / "confusion.png")
     write_metrics(result.metrics, out / "metrics.tsv")
@@ -89,7 +92,7 @@ def _annotate(args) -> int:
     print(res.data["predictions"]["prediction"].value_counts().to_string())
     if res.data["masked_classes"]:
         print(f"masked classes (< {cfg.min_class_fraction:.2%} of cells): {', '.join(res.data['masked_classes'])}")
-    print(f"wrote {args.out}/predictions.tsv and metrics.tsv")
+    print(f"wrote {args.out}/predictions.tsv, cells.tsv and metrics.tsv")
     return 0
 
 
@@ -121,7 +124,8 @@ def register(subparsers) -> None:
             "authors' EpiAgent-B / -NT with a classes.tsv). With --label-key the known labels (through "
             "--label-map) score the predictions: accuracy, micro F1, balanced accuracy, macro F1; classes "
             "predicted for fewer than --min-class-fraction of the cells are masked and scored as "
-            "'<method>-masked'. Writes OUT/predictions.tsv, metrics.tsv, confusion.png."))
+            "'<method>-masked'. Writes OUT/predictions.tsv, cells.tsv (labels, predictions and the UMAP of the "
+            "annotator's cell embeddings; --no-umap: without it), metrics.tsv, confusion.png."))
     add_io_args(q, checkpoint_help="supervised checkpoint (.pth; epiflow train-annotator's checkpoint.pth)")
     g = q.add_argument_group("inputs besides the cells")
     g.add_argument("--classes", metavar="TSV", help="classes.tsv (index, label); default: beside the checkpoint")
