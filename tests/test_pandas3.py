@@ -17,28 +17,18 @@ def restore_setting(monkeypatch):
     ad.settings.allow_write_nullable_strings = before
 
 
-def test_pandas3_allows_nullable_string_writes(monkeypatch, restore_setting):
+@pytest.mark.parametrize("pandas_version, switched", [("3.0.1", True), ("2.3.3", False)])
+def test_nullable_string_writes_are_allowed_under_pandas3_only(monkeypatch, restore_setting, pandas_version,
+                                                               switched):
     import os
 
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version",
-                        lambda name: "3.0.1" if name == "pandas" else real(name))
+                        lambda name: pandas_version if name == "pandas" else real(name))
     ad.settings.allow_write_nullable_strings = False
     epiflow._anndata_pandas3()
-    assert os.environ["ANNDATA_ALLOW_WRITE_NULLABLE_STRINGS"] == "1"
-    assert ad.settings.allow_write_nullable_strings is True
-
-
-def test_pandas2_leaves_anndata_alone(monkeypatch, restore_setting):
-    import os
-
-    real = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version",
-                        lambda name: "2.3.3" if name == "pandas" else real(name))
-    ad.settings.allow_write_nullable_strings = False
-    epiflow._anndata_pandas3()
-    assert "ANNDATA_ALLOW_WRITE_NULLABLE_STRINGS" not in os.environ
-    assert ad.settings.allow_write_nullable_strings is False
+    assert (os.environ.get("ANNDATA_ALLOW_WRITE_NULLABLE_STRINGS") == "1") is switched
+    assert ad.settings.allow_write_nullable_strings is switched
 
 
 def test_string_dtype_h5ad_roundtrip_after_switch(tmp_path, restore_setting):

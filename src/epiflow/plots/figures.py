@@ -82,6 +82,33 @@ FE, AN, IM = "Feature extraction", "Annotation", "Imputation"
 ST, GE = "Stimulated perturbation", "Genetic perturbation"
 IN, KO, ZS = "Integration and query mapping", "In-silico cCRE knockout", "Zero-shot annotation"
 
+def _annotator_panels(annotator: int, letters: str, paper_name: str) -> list[Panel]:
+    """The four Fig. 6 panels of one zero-shot annotator (0: the first, 6b-d; 1: the second, 6e-g):
+    UMAP, Sankey (+ confusion) and the four scores."""
+    which = ("first", "second")[annotator]
+    u, s, m = (f"fig6{x}" for x in letters)
+    return [
+        _p(u, ZS, "zeroshot_annotation", "", ["cells.tsv"],
+           f"UMAP of the {which} zero-shot annotator's cell embeddings (the CLS embedding its classifier reads) "
+           "of its new dataset(s), coloured by the known label (mapped to the annotator's classes) and by the "
+           "prediction", f"Fig. 6{letters[0]}: UMAP ({paper_name} embeddings), ground truth vs {paper_name} labels",
+           "umap_truth_pred", needs_metrics=False, true="label_mapped", pred="prediction", annotator=annotator),
+        _p(s, ZS, "zeroshot_annotation", "", ["predictions.tsv"],
+           f"Sankey diagram of the {which} zero-shot annotator's new dataset(s): known label (mapped to the "
+           f"annotator's classes) -> prediction", f"Fig. 6{letters[1]}: Sankey, ground truth -> {paper_name}",
+           "sankey", needs_metrics=False, true="label_mapped", pred="prediction", annotator=annotator),
+        _p(f"{s}_confusion", ZS, "zeroshot_annotation", "", ["predictions.tsv"],
+           f"Zero-shot annotation confusion of the {which} annotator (rows: the dataset's own labels mapped to "
+           "the annotator's classes, row-normalised)",
+           f"Fig. 6{letters[1]}: ground truth vs {paper_name} (confusion)", "confusion", needs_metrics=False,
+           true="label_mapped", pred="prediction", annotator=annotator),
+        _p(m, ZS, "zeroshot_annotation", "zeroshot_annotation", [],
+           f"Zero-shot annotation by the {which} annotator: accuracy, micro F1, balanced accuracy and macro F1",
+           f"Fig. 6{letters[2]}: the four scores of {paper_name}", "bars",
+           metrics=["accuracy", "micro_F1", "balanced_accuracy", "macro_F1"], annotator=annotator),
+    ]
+
+
 PANELS: dict[str, Panel] = {p.name: p for p in [
     # ---- Fig. 2: typical downstream tasks --------------------------------------------------------
     _p("fig2b", FE, "feature_extraction", "feature_extraction", [],
@@ -257,40 +284,8 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
        "Distribution of random-knockout effects with the target cCREs' effects marked",
        "Fig. 5e: targets against random knockouts", "knockout_random"),
     # ---- Fig. 6: zero-shot annotators (first annotator: 6b-d, second: 6e-g) -----------------------
-    _p("fig6b", ZS, "zeroshot_annotation", "", ["cells.tsv"],
-       "UMAP of the first zero-shot annotator's cell embeddings (the CLS embedding its classifier reads) of "
-       "its new dataset(s), coloured by the known label (mapped to the annotator's classes) and by the "
-       "prediction", "Fig. 6b: UMAP (EpiAgent-B embeddings), ground truth vs EpiAgent-B labels",
-       "umap_truth_pred", needs_metrics=False, true="label_mapped", pred="prediction", annotator=0),
-    _p("fig6c", ZS, "zeroshot_annotation", "", ["predictions.tsv"],
-       "Sankey diagram of the first zero-shot annotator's new dataset(s): known label (mapped to the "
-       "annotator's classes) -> prediction", "Fig. 6c: Sankey, ground truth -> EpiAgent-B", "sankey",
-       needs_metrics=False, true="label_mapped", pred="prediction", annotator=0),
-    _p("fig6c_confusion", ZS, "zeroshot_annotation", "", ["predictions.tsv"],
-       "Zero-shot annotation confusion of the first annotator (rows: the dataset's own labels mapped to the "
-       "annotator's classes, row-normalised)", "Fig. 6c: ground truth vs EpiAgent-B (confusion)",
-       "confusion", needs_metrics=False, true="label_mapped", pred="prediction", annotator=0),
-    _p("fig6d", ZS, "zeroshot_annotation", "zeroshot_annotation", [],
-       "Zero-shot annotation by the first annotator: accuracy, micro F1, balanced accuracy and macro F1",
-       "Fig. 6d: the four scores of EpiAgent-B", "bars",
-       metrics=["accuracy", "micro_F1", "balanced_accuracy", "macro_F1"], annotator=0),
-    _p("fig6e", ZS, "zeroshot_annotation", "", ["cells.tsv"],
-       "UMAP of the second zero-shot annotator's cell embeddings (the CLS embedding its classifier reads) "
-       "of its new dataset(s), coloured by the known label (mapped to the annotator's classes) and by the "
-       "prediction", "Fig. 6e: UMAP (EpiAgent-NT embeddings), ground truth vs EpiAgent-NT labels",
-       "umap_truth_pred", needs_metrics=False, true="label_mapped", pred="prediction", annotator=1),
-    _p("fig6f", ZS, "zeroshot_annotation", "", ["predictions.tsv"],
-       "Sankey diagram of the second zero-shot annotator's new dataset(s): known label (mapped to the "
-       "annotator's classes) -> prediction", "Fig. 6f: Sankey, ground truth -> EpiAgent-NT", "sankey",
-       needs_metrics=False, true="label_mapped", pred="prediction", annotator=1),
-    _p("fig6f_confusion", ZS, "zeroshot_annotation", "", ["predictions.tsv"],
-       "Zero-shot annotation confusion of the second annotator (rows: the dataset's own labels mapped to "
-       "the annotator's classes, row-normalised)", "Fig. 6f: ground truth vs EpiAgent-NT (confusion)",
-       "confusion", needs_metrics=False, true="label_mapped", pred="prediction", annotator=1),
-    _p("fig6g", ZS, "zeroshot_annotation", "zeroshot_annotation", [],
-       "Zero-shot annotation by the second annotator: accuracy, micro F1, balanced accuracy and macro F1",
-       "Fig. 6g: the four scores of EpiAgent-NT", "bars",
-       metrics=["accuracy", "micro_F1", "balanced_accuracy", "macro_F1"], annotator=1),
+    *_annotator_panels(0, "bcd", "EpiAgent-B"),
+    *_annotator_panels(1, "efg", "EpiAgent-NT"),
 ]}
 
 
@@ -571,23 +566,30 @@ def _cells_tables(panel: Panel, tables) -> dict[str, pd.DataFrame]:
     return cells
 
 
-def _umap_grid(panel: Panel, grid, colour: str) -> object:
-    """One row per dataset, one UMAP per method: ``grid`` = [(dataset, cells table, methods)]."""
+def _grid_axes(grid, col_width: float, extra_width: float):
+    """A figure with one row per dataset and one axes per method (``grid`` = [(dataset, cells table,
+    methods)]; unused axes hidden) and its cells ``(ax, dataset, table, method, last_in_row)``."""
     n_cols = max(len(m) for _, _, m in grid)
-    labels_all = np.concatenate([df[colour].astype(str).to_numpy() for _, df, _ in grid])
-    pal = category_palette(labels_all)
-    fig = _figure(4.2 * n_cols + 1.8, 4.0 * len(grid))
+    fig = _figure(col_width * n_cols + extra_width, 4.0 * len(grid))
     axes = fig.subplots(len(grid), n_cols, squeeze=False)
+    cells = []
     for r, (ds, df, methods) in enumerate(grid):
         for c in range(n_cols):
-            ax = axes[r, c]
             if c >= len(methods):
-                ax.set_axis_off()
-                continue
-            m = methods[c]
-            embedding_panel(ax, df[[f"umap1_{m}", f"umap2_{m}"]].to_numpy(float), df[colour].astype(str),
-                            palette=pal, title=f"{m} on {ds}", legend=(c == len(methods) - 1),
-                            legend_title=colour.replace("_", " "))
+                axes[r, c].set_axis_off()
+            else:
+                cells.append((axes[r, c], ds, df, methods[c], c == len(methods) - 1))
+    return fig, cells
+
+
+def _umap_grid(panel: Panel, grid, colour: str) -> object:
+    """One row per dataset, one UMAP per method: ``grid`` = [(dataset, cells table, methods)]."""
+    labels_all = np.concatenate([df[colour].astype(str).to_numpy() for _, df, _ in grid])
+    pal = category_palette(labels_all)
+    fig, spots = _grid_axes(grid, 4.2, 1.8)
+    for ax, ds, df, m, last in spots:
+        embedding_panel(ax, df[[f"umap1_{m}", f"umap2_{m}"]].to_numpy(float), df[colour].astype(str),
+                        palette=pal, title=f"{m} on {ds}", legend=last, legend_title=colour.replace("_", " "))
     return fig
 
 
@@ -727,30 +729,22 @@ def draw_pseudotime_umap(panel: Panel, metrics, tables) -> object:
         grid.append((ds, df, methods))
     _require(bool(grid), panel, "no dataset has both cells.tsv and trajectory.tsv",
              "pass cells.tsv and trajectory.tsv of the trajectory datasets")
-    n_cols = max(len(m) for _, _, m in grid)
-    fig = _figure(4.6 * n_cols + 0.6, 4.0 * len(grid))
-    axes = fig.subplots(len(grid), n_cols, squeeze=False)
-    for r, (ds, df, methods) in enumerate(grid):
-        for c in range(n_cols):
-            ax = axes[r, c]
-            if c >= len(methods):
-                ax.set_axis_off()
-                continue
-            m = methods[c]
-            xy = df[[f"umap1_{m}", f"umap2_{m}"]].to_numpy(float)
-            pt = df[f"pseudotime_{m}"].to_numpy(float)
-            ok = np.isfinite(pt)
-            size = float(np.clip(3000.0 / max(len(pt), 1), 1.0, 25.0))
-            ax.scatter(xy[~ok, 0], xy[~ok, 1], c="#d0d0d0", s=size, linewidths=0, rasterized=True)
-            sca = ax.scatter(xy[ok, 0], xy[ok, 1], c=pt[ok], cmap="viridis", s=size, linewidths=0,
-                             rasterized=True)
-            fig.colorbar(sca, ax=ax, shrink=0.8, label="diffusion pseudotime")
-            ax.set_title(f"{m} on {ds}" + (f" ({int((~ok).sum())} cells unreached, grey)" if (~ok).any() else ""),
-                         fontsize=9)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_xlabel("UMAP1", fontsize=9)
-            ax.set_ylabel("UMAP2", fontsize=9)
+    fig, spots = _grid_axes(grid, 4.6, 0.6)
+    for ax, ds, df, m, _ in spots:
+        xy = df[[f"umap1_{m}", f"umap2_{m}"]].to_numpy(float)
+        pt = df[f"pseudotime_{m}"].to_numpy(float)
+        ok = np.isfinite(pt)
+        size = float(np.clip(3000.0 / max(len(pt), 1), 1.0, 25.0))
+        ax.scatter(xy[~ok, 0], xy[~ok, 1], c="#d0d0d0", s=size, linewidths=0, rasterized=True)
+        sca = ax.scatter(xy[ok, 0], xy[ok, 1], c=pt[ok], cmap="viridis", s=size, linewidths=0,
+                         rasterized=True)
+        fig.colorbar(sca, ax=ax, shrink=0.8, label="diffusion pseudotime")
+        ax.set_title(f"{m} on {ds}" + (f" ({int((~ok).sum())} cells unreached, grey)" if (~ok).any() else ""),
+                     fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("UMAP1", fontsize=9)
+        ax.set_ylabel("UMAP2", fontsize=9)
     return fig
 
 
