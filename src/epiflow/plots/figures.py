@@ -257,7 +257,7 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
        true="label", pred="pred_EpiAgent-BC"),
     # ---- Fig. 5: in-silico cCRE knockout -------------------------------------------------------------
     _p("fig5b", KO, "knockout", "", ["tss_ccres.tsv"],
-       "Fraction of accessible cells of each state (blue: state A, normal; red: state B, cancer) at every "
+       "Fraction of accessible cells of each state (blue: state A; red: state B; the paper: normal, cancer) at every "
        "cCRE within 10 kb of each target gene's promoter window (shaded), by position relative to the TSS; "
        "the knocked-out promoter cCREs starred", "Fig. 5b: accessibility of the cCREs upstream of the TSS "
        "of the target genes, the chosen promoter cCREs marked", "knockout_tss", needs_metrics=False),
