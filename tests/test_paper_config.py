@@ -95,6 +95,9 @@ def test_paper_figures_are_planned(dry_run):
                   "fig4c", "fig4d", "fig4e", "fig4f", "fig4g", "fig4g_scores", "fig5b", "fig5c", "fig5d", "fig5e",
                   "fig6b", "fig6c", "fig6d", "fig6e", "fig6f", "fig6g"):
         assert panel in planned, (panel, sorted(planned))
+    from epiflow.plots.figures import PANELS
+
+    assert set(PANELS) == planned, sorted(set(PANELS) ^ planned)  # every panel of the registry, no other
     # the paper panels no table can draw are listed, not drawn
     assert "figures/panels.tsv" in out and not planned & {"fig3g", "fig4h"}
     (traj,) = jobs["evaluate_features_trajectory"]
