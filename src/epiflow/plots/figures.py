@@ -566,19 +566,20 @@ def _cells_tables(panel: Panel, tables) -> dict[str, pd.DataFrame]:
     return cells
 
 
-def _grid_axes(grid, col_width: float, extra_width: float):
-    """A figure with one row per dataset and one axes per method (``grid`` = [(dataset, cells table,
-    methods)]; unused axes hidden) and its cells ``(ax, dataset, table, method, last_in_row)``."""
+def _grid_axes(grid, col_width: float, extra_width: float, row_height: float = 4.0):
+    """A figure with one row per dataset and one axes per item (``grid`` = [(dataset, table, items)],
+    items e.g. methods, genes or knockouts; unused axes hidden) and its cells ``(ax, dataset, table,
+    item, column, last_in_row)``."""
     n_cols = max(len(m) for _, _, m in grid)
-    fig = _figure(col_width * n_cols + extra_width, 4.0 * len(grid))
+    fig = _figure(col_width * n_cols + extra_width, row_height * len(grid))
     axes = fig.subplots(len(grid), n_cols, squeeze=False)
     cells = []
-    for r, (ds, df, methods) in enumerate(grid):
+    for r, (ds, df, items) in enumerate(grid):
         for c in range(n_cols):
-            if c >= len(methods):
+            if c >= len(items):
                 axes[r, c].set_axis_off()
             else:
-                cells.append((axes[r, c], ds, df, methods[c], c == len(methods) - 1))
+                cells.append((axes[r, c], ds, df, items[c], c, c == len(items) - 1))
     return fig, cells
 
 
@@ -587,7 +588,7 @@ def _umap_grid(panel: Panel, grid, colour: str) -> object:
     labels_all = np.concatenate([df[colour].astype(str).to_numpy() for _, df, _ in grid])
     pal = category_palette(labels_all)
     fig, spots = _grid_axes(grid, 4.2, 1.8)
-    for ax, ds, df, m, last in spots:
+    for ax, ds, df, m, _, last in spots:
         embedding_panel(ax, df[[f"umap1_{m}", f"umap2_{m}"]].to_numpy(float), df[colour].astype(str),
                         palette=pal, title=f"{m} on {ds}", legend=last, legend_title=colour.replace("_", " "))
     return fig
@@ -730,7 +731,7 @@ def draw_pseudotime_umap(panel: Panel, metrics, tables) -> object:
     _require(bool(grid), panel, "no dataset has both cells.tsv and trajectory.tsv",
              "pass cells.tsv and trajectory.tsv of the trajectory datasets")
     fig, spots = _grid_axes(grid, 4.6, 0.6)
-    for ax, ds, df, m, _ in spots:
+    for ax, ds, df, m, _, _ in spots:
         xy = df[[f"umap1_{m}", f"umap2_{m}"]].to_numpy(float)
         pt = df[f"pseudotime_{m}"].to_numpy(float)
         ok = np.isfinite(pt)
@@ -1089,21 +1090,14 @@ def draw_knockout_tss(panel: Panel, metrics, tables) -> object:
     frames = _knockout_frames(panel, tables, "tss_ccres.tsv",
                               ["gene", "rel_start", "rel_end", "window", "downstream", "target", "state_a",
                                "state_b", "fraction_a", "fraction_b"])
-    genes = {ds: list(dict.fromkeys(df["gene"].astype(str))) for ds, df in frames.items()}
-    n_cols = max(len(g) for g in genes.values())
-    fig = _figure(1.0 + 4.2 * n_cols, 3.4 * len(frames))
-    axes = fig.subplots(len(frames), n_cols, squeeze=False)
-    for r, (ds, df) in enumerate(frames.items()):
-        for c in range(n_cols):
-            ax = axes[r, c]
-            if c >= len(genes[ds]):
-                ax.set_axis_off()
-                continue
-            g = genes[ds][c]
-            part = df[df["gene"].astype(str) == g]
-            tss_accessibility_axes(ax, part)
-            ax.set_title(f"{ds}: {g} (promoter {int(part['window'].iloc[0])} bp upstream)", fontsize=9)
-        axes[r, 0].legend(fontsize=7, frameon=False)
+    grid = [(ds, df, list(dict.fromkeys(df["gene"].astype(str)))) for ds, df in frames.items()]
+    fig, spots = _grid_axes(grid, 4.2, 1.0, row_height=3.4)
+    for ax, ds, df, g, c, _ in spots:
+        part = df[df["gene"].astype(str) == g]
+        tss_accessibility_axes(ax, part)
+        ax.set_title(f"{ds}: {g} (promoter {int(part['window'].iloc[0])} bp upstream)", fontsize=9)
+        if c == 0:
+            ax.legend(fontsize=7, frameon=False)
     return fig
 
 
@@ -1131,22 +1125,15 @@ def draw_knockout_shifts(panel: Panel, metrics, tables) -> object:
     both = [ds for ds in shifts if ds in refs]
     _require(bool(both), panel, "no dataset has both reference_cells.tsv and shifts.tsv",
              "pass both tables of the same knockout folder")
-    names = {ds: list(dict.fromkeys(shifts[ds]["knockout"].astype(str))) for ds in both}
-    n_cols = max(len(n) for n in names.values())
-    fig = _figure(0.8 + 3.8 * n_cols, 3.8 * len(both))
-    axes = fig.subplots(len(both), n_cols, squeeze=False)
-    for r, ds in enumerate(both):
-        sh = shifts[ds]
-        for c in range(n_cols):
-            ax = axes[r, c]
-            if c >= len(names[ds]):
-                ax.set_axis_off()
-                continue
-            ko = names[ds][c]
-            reference_axes(ax, refs[ds], size=4, alpha=0.35, colorbar=fig if c == n_cols - 1 else None)
-            query_shift_axes(ax, sh[sh["knockout"].astype(str) == ko])
-            ax.set_title(f"{ds}: {ko} knocked out", fontsize=9)
-        axes[r, 0].legend(fontsize=6, frameon=False, loc="best")
+    grid = [(ds, shifts[ds], list(dict.fromkeys(shifts[ds]["knockout"].astype(str)))) for ds in both]
+    n_cols = max(len(k) for _, _, k in grid)
+    fig, spots = _grid_axes(grid, 3.8, 0.8, row_height=3.8)
+    for ax, ds, sh, ko, c, _ in spots:
+        reference_axes(ax, refs[ds], size=4, alpha=0.35, colorbar=fig if c == n_cols - 1 else None)
+        query_shift_axes(ax, sh[sh["knockout"].astype(str) == ko])
+        ax.set_title(f"{ds}: {ko} knocked out", fontsize=9)
+        if c == 0:
+            ax.legend(fontsize=6, frameon=False, loc="best")
     return fig
 
 
