@@ -42,7 +42,7 @@ import scipy.sparse as sp
 
 from ..errors import ConfigError, EpiflowError, InputFormatError
 from ..metrics.table import metric_rows, metrics_frame
-from .common import TaskResult
+from .common import TaskResult, umap_coords
 from .zeroshot import obs_column
 
 if TYPE_CHECKING:
@@ -169,20 +169,6 @@ def tss_neighbourhood(cfg: KnockoutConfig, tss: pd.DataFrame | None, vocab: pd.D
     order = {gn: i for i, gn in enumerate(windows)}
     out = out.assign(_o=out["gene"].map(order)).sort_values(["_o", "rel_start"], kind="stable")
     return out[TSS_CCRES_COLUMNS].reset_index(drop=True)
-
-
-def reference_umap(emb, *, seed: int = 0) -> np.ndarray:
-    """2-D UMAP (scanpy, 15-NN graph) of the reference cells' embeddings."""
-    import anndata as ad
-    import scanpy as sc
-
-    from ..metrics import knn_graph
-
-    a = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(emb))]))
-    a.obsm["X_e"] = np.asarray(emb, dtype=np.float32)
-    knn_graph(a, use_rep="X_e", n_neighbors=15, seed=seed)
-    sc.tl.umap(a, random_state=seed)
-    return np.asarray(a.obsm["X_umap"], dtype=np.float64)
 
 
 def shift_table(tab: pd.DataFrame, xy: np.ndarray, query_knn: np.ndarray, query_scores: np.ndarray) -> pd.DataFrame:
@@ -435,7 +421,7 @@ def run(cells, model, cfg: KnockoutConfig, targets, *, df: np.ndarray | None = N
     tab = res.pop("table")
     rand = res.pop("random")
     # the tables of Fig. 5b-d: reference UMAP + scores, query shifts, accessibility around the TSS
-    xy = reference_umap(res["reference_embedding"], seed=seed)
+    xy = np.asarray(umap_coords(res["reference_embedding"], seed=seed), dtype=np.float64)  # 15-NN graph
     ref_tab = pd.DataFrame({"cell": np.arange(len(xy)), "score": res["reference_scores"], "umap1": xy[:, 0],
                             "umap2": xy[:, 1]})
     shifts = shift_table(tab, xy, res["query_knn"][:res["n_targets"]], res["query_scores"][:res["n_targets"]])
