@@ -93,7 +93,15 @@ def make_results(root: Path) -> dict:
     means = pd.DataFrame({"group": groups, "ccre": np.tile(np.arange(30), 2), "real_control": rng.random(60),
                           "real_perturbed": rng.random(60), "top_da": rng.random(60) < 0.3,
                           "pred_EpiAgent": rng.random(60)})
-    tables["stimulation"] = {"stim": [_write(means, root / "stim" / "mean_accessibility.tsv.gz")]}
+    # fig3g: predict-stimulation's cells.tsv (per held-out group and method, three kinds of cells)
+    stim_cells = pd.concat([pd.DataFrame({"group": g, "method": m, "kind": np.repeat(["unperturbed", "perturbed",
+                                                                                    "predicted"], 15),
+                                          "cell": [f"{g}{i % 15}" for i in range(45)],
+                                          "umap1": np.repeat([0.0, 3.0, 2.5 if m == "EpiAgent" else 0.5], 15)
+                                          + rng.normal(0, 0.4, 45), "umap2": rng.normal(0, 1, 45)})
+                            for g in ("B", "T") for m in ("EpiAgent", "no_change")], ignore_index=True)
+    tables["stimulation"] = {"stim": [_write(means, root / "stim" / "mean_accessibility.tsv.gz"),
+                                      _write(stim_cells, root / "stim" / "cells.tsv")]}
     # integration + query mapping
     for m, base in (("EpiAgent-BC", 0.8), ("EpiAgent-zeroshot", 0.6)):
         rows += [("integration", "atlas", m, k, base) for k in
@@ -290,6 +298,32 @@ def test_missing_inputs_are_named(results, tmp_path):
                                      [_write(pd.DataFrame({"cell": ["a"], "label_mapped": ["B"], "prediction": ["B"]}),
                                              tmp_path / "z" / "cells.tsv")]}, out=tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_group_option_draws_one_held_out_type(results, tmp_path):
+    """--group (the workflow passes tasks.stimulation.focus_group, the paper's mono-1): fig3d / fig3g draw
+    that held-out type alone; a type without rows and a panel without per-group views are clear errors."""
+    from PIL import Image
+
+    stim = results["tables"]["stimulation"]
+    sizes = {}
+    for groups in ((), ("T",)):
+        for panel in ("fig3d", "fig3g"):
+            out = tmp_path / f"{panel}{len(groups)}.png"
+            build_panel(panel, tables=stim, out=out, groups=groups)
+            with Image.open(out) as im:
+                sizes[panel, len(groups)] = im.size
+    # one row (fig3g) / one scatter (fig3d) instead of two
+    assert sizes["fig3g", 1][1] < sizes["fig3g", 0][1]
+    assert sizes["fig3d", 1][0] < sizes["fig3d", 0][0]
+    with pytest.raises(EpiflowError, match="fig3g.*no group mono-1 \\(has: B, T\\)"):
+        build_panel("fig3g", tables=stim, out=tmp_path / "x.png", groups=["mono-1"])
+    with pytest.raises(EpiflowError, match="fig2b has no per-group views"):
+        build_panel("fig2b", metrics=results["metrics"], out=tmp_path / "x.png", groups=["T"])
+    cells = stim["stim"][1]
+    assert main(["figure", "fig3g", "--table", f"stim={cells}", "--group", "B", "--out", str(tmp_path / "g.png")]) == 0
+    assert main(["figure", "fig3g", "--table", f"stim={cells}", "--group", "X", "--out", str(tmp_path / "h.png")]) == 2
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "h.png").exists()
 
 
 def test_cli(results, tmp_path, capsys):

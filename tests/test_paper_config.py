@@ -99,7 +99,15 @@ def test_paper_figures_are_planned(dry_run):
 
     assert set(PANELS) == planned, sorted(set(PANELS) ^ planned)  # every panel of the registry, no other
     # the paper panels no table can draw are listed, not drawn
-    assert "figures/panels.tsv" in out and not planned & {"fig3g", "fig4h"}
+    assert "figures/panels.tsv" in out and "fig4h" not in planned
+    # Fig. 3d and 3g show the held-out mono-1 cells (tasks.stimulation.focus_group)
+    figure_jobs = jobs["figure"]
+    for panel in ("fig3d", "fig3g"):
+        (cmd,) = [c for c in figure_jobs if f"epiflow figure {panel} " in c]
+        assert "--group mono-1" in cmd, cmd
+    assert not [c for c in figure_jobs if "--group" in c and not re.search(r"figure fig3[dg] ", c)]
+    (stim,) = jobs["predict_stimulation"]
+    assert "--focus-group mono-1" in stim
     (traj,) = jobs["evaluate_features_trajectory"]
     assert "--dataset buenrostro2018_hematopoiesis" in traj and "--trajectory" in traj and "--root-type HSC" in traj
     assert "--epochs " in traj  # zero-shot and fine-tuned embeddings, both with the trajectory

@@ -128,9 +128,9 @@ def _inputs(corpus, ckpt):
 
 
 # the files of one result folder (the workflow's outputs, the figure panels)
-STIM_FILES = {"metrics.tsv", "mean_accessibility.tsv.gz", "predicted_cells.h5ad", "scatter.png", "direction.png",
-              "finetune_loss.tsv"}
-GENE_FILES = STIM_FILES | {"split.tsv"}
+GENE_FILES = {"metrics.tsv", "mean_accessibility.tsv.gz", "predicted_cells.h5ad", "scatter.png", "direction.png",
+              "finetune_loss.tsv", "split.tsv"}
+STIM_FILES = GENE_FILES - {"split.tsv"} | {"cells.tsv"}  # cells.tsv: the UMAPs of Fig. 3g
 
 
 def test_predict_stimulation_end_to_end(tmp_path, tiny_ckpt):
@@ -162,6 +162,72 @@ def test_predict_stimulation_end_to_end(tmp_path, tiny_ckpt):
     ma = pd.read_csv(out / "mean_accessibility.tsv.gz", sep="\t")
     top = ma[ma["top_da"]].sort_values("da_score", key=np.abs, ascending=False).head(20)["ccre"]
     assert np.isin(top, np.r_[opened, closed]).mean() > 0.8
+    # Fig. 3g: per method a UMAP of the held-out type's 18 unperturbed, 18 stimulated and 18 predicted cells
+    cells = pd.read_csv(out / "cells.tsv", sep="\t")
+    assert list(cells.columns) == ["group", "method", "kind", "cell", "umap1", "umap2"]
+    assert set(cells["group"]) == {"T0"}
+    assert set(cells["method"]) == {"EpiAgent", "EpiAgent_delta", "no_change", "mean_shift"}
+    counts = cells.groupby(["method", "kind"]).size()
+    assert set(counts) == {18} and len(counts) == 12
+    assert np.isfinite(cells[["umap1", "umap2"]].to_numpy()).all()
+    ep = cells[cells["method"] == "EpiAgent"]
+    # a predicted cell is named by its source: the held-out type's unperturbed cells
+    assert sorted(ep.loc[ep["kind"] == "predicted", "cell"]) == sorted(ep.loc[ep["kind"] == "unperturbed", "cell"])
+    assert ep.loc[ep["kind"] == "perturbed", "cell"].isin([f"c{i}" for i in range(18, 36)]).all()
+
+
+def test_stimulation_umaps_known_structure():
+    """stimulation_umaps: the same real cells under every method, predicted probabilities drawn as 0/1
+    cells, sets capped at max_cells; a prediction equal to the stimulated cells lies among them, one
+    equal to the unperturbed cells among those."""
+    from epiflow.tasks.perturbation import STIM_CELLS_COLUMNS, stimulation_umaps
+
+    rng = np.random.default_rng(0)
+    n, v = 60, 40
+    ctrl = (rng.random((n, v)) < np.r_[np.full(20, 0.9), np.full(20, 0.05)]).astype(np.float32)
+    pert = (rng.random((n, v)) < np.r_[np.full(20, 0.05), np.full(20, 0.9)]).astype(np.float32)
+    p_pert = np.r_[np.full(20, 0.05), np.full(20, 0.9)][None, :].repeat(n, 0)
+    predicted = {"right": {"cells": p_pert}, "unchanged": {"cells": ctrl}, "no_cells": {"mean": ctrl.mean(0)}}
+    tab = stimulation_umaps(sp.csr_matrix(ctrl), pert, predicted, np.arange(v), group="g",
+                            ctrl_names=[f"a{i}" for i in range(n)], max_cells=50)
+    assert list(tab.columns) == STIM_CELLS_COLUMNS
+    assert set(tab["method"]) == {"right", "unchanged"}     # methods without predicted cells are left out
+    assert (tab.groupby(["method", "kind"]).size() == 50).all()
+    for m in ("right", "unchanged"):   # the same 50 sampled unperturbed cells under every method
+        part = tab[tab["method"] == m]
+        assert sorted(part.loc[part["kind"] == "predicted", "cell"]) == \
+            sorted(part.loc[part["kind"] == "unperturbed", "cell"])
+
+    def nearest_kind(m):
+        """Fraction of predicted cells whose nearest real cell on the UMAP is perturbed."""
+        part = tab[tab["method"] == m]
+        xy = part[["umap1", "umap2"]].to_numpy()
+        real = part["kind"].to_numpy() != "predicted"
+        d = ((xy[~real][:, None, :] - xy[real][None, :, :]) ** 2).sum(-1)
+        return (part["kind"].to_numpy()[real][d.argmin(1)] == "perturbed").mean()
+
+    assert nearest_kind("right") > 0.9
+    assert nearest_kind("unchanged") < 0.1
+    assert stimulation_umaps(ctrl, pert, {"x": {"mean": 0}}, np.arange(v), group="g").empty
+
+
+def test_stimulation_focus_group(tmp_path, tiny_ckpt):
+    """focus_group: the UMAPs of that held-out type only (the paper's mono-1); an unknown type is a clear
+    error before any training; umap off leaves cells.tsv out."""
+    from epiflow.cli import main
+
+    corpus, _, _ = _stim_corpus(tmp_path / "corpus", n_types=3, per_type=12, n_ccres=80)
+    ckpt = tiny_ckpt(80)
+    base = ["predict-stimulation", "--corpus", str(corpus), "--checkpoint", str(ckpt), "--n-top", "20",
+            "--max-steps", "1", "--no-progress", "--holdout", "T0", "--holdout", "T2"]
+    assert main(base + ["--focus-group", "T2", "--out", str(tmp_path / "a")]) == 0
+    cells = pd.read_csv(tmp_path / "a" / "cells.tsv", sep="\t")
+    assert set(cells["group"]) == {"T2"}
+    assert set(pd.read_csv(tmp_path / "a" / "mean_accessibility.tsv.gz", sep="\t")["group"]) == {"T0", "T2"}
+    assert main(base + ["--focus-group", "T1", "--out", str(tmp_path / "b")]) == 2   # T1 is not held out
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+    assert main(base + ["--no-umap", "--no-save-cells", "--out", str(tmp_path / "c")]) == 0
+    assert {f.name for f in (tmp_path / "c").iterdir()} == STIM_FILES - {"cells.tsv", "predicted_cells.h5ad"}
 
 
 def test_per_token_on_the_input_embedding_scale_and_trained(tmp_path, tiny_ckpt):

@@ -430,3 +430,40 @@ def test_demo_baselines_plan_snapatac2_beside_lsi_and_integrate_the_integration_
                               ("snapatac2", "integration", f"integration/{integ['name']}/snapatac2")])
     (job,) = [c for c in calls if "--task integration" in c]
     assert f"--dataset {','.join(integ['datasets'])} " in job
+
+
+def test_files_a_setting_switches_off_are_not_declared(tmp_path):
+    """A file that a bool task setting switches off (the registry's `switched`: UMAP tables and figures,
+    predicted cells) is neither an output of its rule nor asked for by `all`; the panels drawn from it are
+    left out, with the reason in figures/panels.tsv. With the settings on (the demo) they are planned."""
+    res = tmp_path / "res"
+
+    def dry(cfg):
+        args = ["all", "-n", "-p", "--cores", "2", "--configfile", "config/config.yaml"]
+        if cfg:
+            args.append(str(_write_config(tmp_path, cfg)))
+        proc = snakemake(*args, "--config", f"results_dir={res}")
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-4000:]
+        return out
+
+    on = dry(None)
+    for f in ("stimulation/stimulation/cells.tsv", "stimulation/stimulation/predicted_cells.h5ad", "integration/atlas/cells.tsv",
+              "integration/atlas/umap_batch.png", "genetic/knockout_screen/predicted_cells.h5ad"):
+        assert f"{res}/tasks/{f}" in on, f
+    for panel in ("fig3g", "fig4c", "fig4f"):
+        assert f"{res}/figures/{panel}.png" in on
+    off_all = dry({"tasks": {"stimulation": {"umap": False, "save_cells": False},
+                             "integration": {"umap": False}, "genetic": {"save_cells": False}}})
+    # the panels table's job names the missing files in its reasons: the other jobs must not
+    off = "\n".join(ln for ln in off_all.splitlines() if "epiflow figure --list" not in ln)
+    for f in ("stimulation/stimulation/cells.tsv", "stimulation/stimulation/predicted_cells.h5ad", "integration/atlas/cells.tsv",
+              "integration/atlas/umap_batch.png", "integration/atlas/umap_cell_type.png",
+              "genetic/knockout_screen/predicted_cells.h5ad"):
+        assert f"{res}/tasks/{f}" not in off, f
+    assert f"{res}/tasks/stimulation/stimulation/metrics.tsv" in off and f"{res}/tasks/integration/atlas/metrics.tsv" in off
+    for panel in ("fig3g", "fig4c", "fig4d", "fig4f", "fig4g"):
+        assert f"{res}/figures/{panel}.png" not in off, panel
+    assert f"{res}/figures/fig3d.png" in off and f"{res}/figures/fig4e.png" in off
+    panels = next(ln for ln in off_all.splitlines() if "epiflow figure --list" in ln)
+    assert f"fig3g=no rule of this workflow writes {res}/tasks/stimulation/stimulation/cells.tsv" in panels

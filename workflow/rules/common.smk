@@ -403,6 +403,19 @@ def task_setting(task, key):
     raise KeyError(f"tasks.{task}.{key}")
 
 
+def switched_on(task, name):
+    """Whether a result folder of `task` gets file `name`: files that a bool setting switches off
+    (the registry's `switched`, e.g. cells.tsv without umap) only when that setting is on.
+    """
+    setting = TASKS[task].switched.get(os.path.basename(name))
+    return setting is None or bool(task_setting(task, setting))
+
+
+def switched_outputs(task, **files):
+    """The named outputs of a rule of `task` that the configuration writes (see switched_on)."""
+    return {key: f for key, f in files.items() if switched_on(task, f)}
+
+
 def zs_annotators():
     """Annotator folder basename -> its settings (name, method, reference, datasets, label_key,
     label_map, query_label_map, units = {result folder: dataset})."""
@@ -501,7 +514,7 @@ def task_files(names=None):
             files += [
                 f"{R}/tasks/{folder}/{ds}/{name}"
                 for name in outs
-                if names is None or name in names
+                if (names is None or name in names) and switched_on(task, name)
             ]
         if task == "zeroshot_annotation":
             files += [f"{d}/metrics.tsv" for d in annotator_dirs()]

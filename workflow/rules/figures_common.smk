@@ -147,6 +147,13 @@ def figure_args(wildcards):
     plan = figure_plan(wildcards.panel)
     parts = [opt("--metrics", plan["metrics"])]
     parts += [f"--table {shlex.quote(f'{u}={f}')}" for u, f in plan["tables"]]
+    p = PANELS[wildcards.panel]
+    if p.options.get(
+        "per_group"
+    ):  # fig3d, fig3g: the held-out type the paper shows (mono-1)
+        focus = task_setting(p.task_key, "focus_group")
+        if focus:
+            parts.append(f"--group {shlex.quote(str(focus))}")
     return " ".join(x for x in parts if x)
 
 

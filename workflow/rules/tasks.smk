@@ -208,9 +208,13 @@ rule predict_stimulation:
         checkpoint=checkpoint_file,
         corpus=dataset_input("unit"),
     output:
+        **switched_outputs(
+            "stimulation",
+            cells=f"{R}/tasks/stimulation/{{unit}}/predicted_cells.h5ad",
+            umaps=f"{R}/tasks/stimulation/{{unit}}/cells.tsv",
+        ),
         metrics=f"{R}/tasks/stimulation/{{unit}}/metrics.tsv",
         means=f"{R}/tasks/stimulation/{{unit}}/mean_accessibility.tsv.gz",
-        cells=f"{R}/tasks/stimulation/{{unit}}/predicted_cells.h5ad",
         scatter=report(
             f"{R}/tasks/stimulation/{{unit}}/scatter.png",
             caption="../report/stimulation.rst",
@@ -253,10 +257,12 @@ rule predict_genetic:
         corpus=dataset_input("unit"),
         go=lambda w: demo_file("genetic", "go", "go.tsv"),
     output:
+        **switched_outputs(
+            "genetic", cells=f"{R}/tasks/genetic/{{unit}}/predicted_cells.h5ad"
+        ),
         metrics=f"{R}/tasks/genetic/{{unit}}/metrics.tsv",
         split=f"{R}/tasks/genetic/{{unit}}/split.tsv",
         means=f"{R}/tasks/genetic/{{unit}}/mean_accessibility.tsv.gz",
-        cells=f"{R}/tasks/genetic/{{unit}}/predicted_cells.h5ad",
         scatter=report(
             f"{R}/tasks/genetic/{{unit}}/scatter.png",
             caption="../report/genetic.rst",
@@ -317,28 +323,31 @@ rule integrate:
         ),
     output:
         **INTEGRATION_QUERY_OUTPUT,
+        **switched_outputs(
+            "integration",
+            cells=f"{R}/tasks/integration/{{unit}}/cells.tsv",
+            umap_batch=report(
+                f"{R}/tasks/integration/{{unit}}/umap_batch.png",
+                caption="../report/integration.rst",
+                category=TASKS["integration"].category,
+                subcategory="{unit}",
+                labels={"reference": "{unit}", "figure": "UMAP by batch"},
+            ),
+            umap_type=report(
+                f"{R}/tasks/integration/{{unit}}/umap_cell_type.png",
+                caption="../report/integration.rst",
+                category=TASKS["integration"].category,
+                subcategory="{unit}",
+                labels={"reference": "{unit}", "figure": "UMAP by cell type"},
+            ),
+        ),
         metrics=f"{R}/tasks/integration/{{unit}}/metrics.tsv",
         embeddings=f"{R}/tasks/integration/{{unit}}/embeddings.h5ad",
         batches=f"{R}/tasks/integration/{{unit}}/batches.tsv",
         matches=f"{R}/tasks/integration/{{unit}}/matches.tsv",
-        cells=f"{R}/tasks/integration/{{unit}}/cells.tsv",
         model=f"{R}/tasks/integration/{{unit}}/checkpoint.pth",
         model_config=f"{R}/tasks/integration/{{unit}}/checkpoint.pth.json",
         train_log=f"{R}/tasks/integration/{{unit}}/train_log.tsv",
-        umap_batch=report(
-            f"{R}/tasks/integration/{{unit}}/umap_batch.png",
-            caption="../report/integration.rst",
-            category=TASKS["integration"].category,
-            subcategory="{unit}",
-            labels={"reference": "{unit}", "figure": "UMAP by batch"},
-        ),
-        umap_type=report(
-            f"{R}/tasks/integration/{{unit}}/umap_cell_type.png",
-            caption="../report/integration.rst",
-            category=TASKS["integration"].category,
-            subcategory="{unit}",
-            labels={"reference": "{unit}", "figure": "UMAP by cell type"},
-        ),
     log:
         f"{R}/logs/integrate/{{unit}}.log",
     benchmark:
@@ -352,7 +361,9 @@ rule integrate:
     params:
         outdir=lambda w, output: os.path.dirname(output.metrics),
         query=lambda w, input: (
-            f"--query {' '.join(shlex.quote(q) for q in input.query)} "
+            # one path or several (a single input file is a plain string)
+            opt("--query", input.query)
+            + " "
             + datasets_arg("--query-dataset", config["tasks"]["integration"]["query"])
             if config["tasks"]["integration"]["query"]
             else ""

@@ -21,6 +21,9 @@ def register(subparsers) -> None:
                    help="a per-dataset table (repeatable)")
     p.add_argument("--out", help="output PNG (with --list: the panel table as TSV)")
     p.add_argument("--svg", action="store_true", help="also write an SVG beside the PNG")
+    p.add_argument("--group", action="append", default=[], metavar="GROUP",
+                   help="panels with per-group views (fig3d, fig3g): draw only this held-out group (repeatable; "
+                        "the paper's mono-1)")
     p.add_argument("--list", action="store_true",
                    help="list the panels (drawn, and the paper panels not drawn with the reason) and exit")
     p.add_argument("--skip", action="append", default=[], metavar="PANEL=REASON",
@@ -65,6 +68,7 @@ def _figure(args: argparse.Namespace) -> int:
             raise EpiflowError(f"--table '{item}' is not DATASET=PATH", field="--table",
                                fix="e.g. --table atlas_b1=results/tasks/feature_extraction/atlas_b1/cells.tsv")
         tables.setdefault(ds, []).append(path)
-    written = build_panel(args.panel, metrics=args.metrics, tables=tables, out=args.out, svg=args.svg)
+    written = build_panel(args.panel, metrics=args.metrics, tables=tables, out=args.out, svg=args.svg,
+                          groups=args.group)
     print("wrote " + ", ".join(map(str, written)))
     return 0

@@ -197,8 +197,16 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
        "Fig. 3c: R^2 per held-out cell type", "group_heatmap", baselines=True, metric="R2_top1000"),
     _p("fig3d", ST, "stimulation", "", ["mean_accessibility.tsv.gz"],
        "Predicted against observed mean accessibility of the stimulated cells per held-out cell type "
-       "(EpiAgent; top DA cCREs in red)", "Fig. 3d: predicted vs real mean accessibility", "mean_scatter",
-       needs_metrics=False, method="EpiAgent"),
+       "(EpiAgent; top DA cCREs in red; the workflow draws tasks.stimulation.focus_group alone when set, the "
+       "paper's mono-1)", "Fig. 3d: predicted vs real mean accessibility", "mean_scatter",
+       needs_metrics=False, method="EpiAgent", per_group=True),
+    _p("fig3g", ST, "stimulation", "", ["cells.tsv"],
+       "UMAP of the held-out cell type's unperturbed (blue), real stimulated (red) and predicted (green) "
+       "cells, one UMAP per method of predict-stimulation, over the top DA cCREs (predicted probabilities "
+       "drawn once as 0/1 cells; PCA fitted on the real cells); the workflow draws "
+       "tasks.stimulation.focus_group alone when set (the paper's mono-1)",
+       "Fig. 3g: UMAP of unperturbed, perturbed and predicted cells per method", "stimulation_umap",
+       needs_metrics=False, per_group=True),
     _p("fig3e", ST, "stimulation", "stimulated_perturbation", [],
        "Direction accuracy of the top-k up / down DA cCREs against k, per method",
        "Fig. 3e: stimulation, direction accuracy vs number of top DA cCREs", "direction_lines",
@@ -303,10 +311,6 @@ NOT_DRAWN: dict[str, NotDrawn] = {n.name: n for n in [
     NotDrawn("fig2f_clockdml", "Fig. 2e-f: the ClockDML information the paper's pseudotime also uses",
              "no ClockDML (methylation clock) data or method in epiflow (PAPER_FACTS: not reproducible without "
              "it); fig2e-g use PAGA + diffusion pseudotime only", ("fig2e", "fig2f", "fig2g")),
-    NotDrawn("fig3g", "Fig. 3g: UMAP of unperturbed, perturbed and predicted cells per method",
-             "predict-stimulation writes mean accessibilities and metrics, no per-cell predictions in a table "
-             "and no UMAP coordinates (predicted cells only as an optional h5ad, save_cells)",
-             ("fig3d",)),
     NotDrawn("fig4h", "Fig. 4h: marker-gene expression of the query's predicted types",
              "needs the query's RNA expression (a multiome dataset's gene counts); epiflow reads only "
              "chromatin accessibility", ()),
@@ -996,6 +1000,27 @@ def draw_mean_scatter(panel: Panel, metrics, tables) -> object:
     return fig
 
 
+_KIND_COLOURS = {"unperturbed": "#1f77b4", "perturbed": "#d62728", "predicted": "#2ca02c"}
+
+
+def draw_stimulation_umap(panel: Panel, metrics, tables) -> object:
+    """Fig. 3g: one row per dataset and held-out type, one UMAP per method (predict-stimulation's
+    cells.tsv: ``group, method, kind, umap1, umap2``), cells coloured by kind."""
+    grid = []
+    for ds, df in _tables_named(panel, tables, "cells.tsv").items():
+        _need_columns(panel, df, ["group", "method", "kind", "umap1", "umap2"], "cells.tsv")
+        for g in dict.fromkeys(df["group"].astype(str)):
+            part = df[df["group"].astype(str) == g]
+            grid.append((f"{ds}, held out: {g}", part, list(dict.fromkeys(part["method"].astype(str)))))
+    _require(bool(grid), panel, "cells.tsv has no cells", "run predict-stimulation with UMAPs on (--umap)")
+    fig, spots = _grid_axes(grid, 4.2, 1.8)
+    for ax, label, df, m, _, last in spots:
+        part = df[df["method"].astype(str) == m]
+        embedding_panel(ax, part[["umap1", "umap2"]].to_numpy(float), part["kind"].astype(str),
+                        palette=_KIND_COLOURS, title=f"{m}\n{label}", legend=last, legend_title="cells")
+    return fig
+
+
 def _bracket_rows(panel: Panel, metrics: pd.DataFrame, metric: str) -> pd.DataFrame:
     rows = _task_rows(panel, metrics)
     pat = re.compile(re.escape(metric) + r"\[(.+)\]$")
@@ -1144,7 +1169,7 @@ DRAW: dict[str, Callable] = {
     "paga": draw_paga, "joint_umap": draw_joint_umap, "umap_truth_pred": draw_umap_truth_pred,
     "cluster_table": draw_cluster_table, "confusion": draw_confusion, "trajectory": draw_trajectory,
     "per_unit_stat": draw_per_unit_stat, "per_cell_scatter": draw_per_cell_scatter,
-    "mean_scatter": draw_mean_scatter, "knockout_bars": draw_knockout_bars,
+    "mean_scatter": draw_mean_scatter, "stimulation_umap": draw_stimulation_umap, "knockout_bars": draw_knockout_bars,
     "knockout_pvalues": draw_knockout_pvalues, "knockout_random": draw_knockout_random,
     "knockout_tss": draw_knockout_tss, "knockout_reference": draw_knockout_reference,
     "knockout_shifts": draw_knockout_shifts,
@@ -1166,12 +1191,19 @@ def get_panel(name: str) -> Panel:
 
 def build_panel(name: str, *, metrics: Sequence[str | os.PathLike] = (),
                 tables: Mapping[str, Sequence[str | os.PathLike]] | None = None,
-                out: str | os.PathLike, svg: bool = False) -> list[Path]:
+                out: str | os.PathLike, svg: bool = False, groups: Sequence[str] = ()) -> list[Path]:
     """Draw panel ``name`` from metrics tables and per-dataset tables, write ``out`` (PNG) atomically.
 
     ``tables``: ``{dataset: [paths]}``; each path is known by its file name (``cells.tsv`` ...).
+    ``groups``: a panel with per-group views (option ``per_group``: fig3d, fig3g) draws only these
+    groups (held-out cell types) of its tables.
     """
     panel = get_panel(name)
+    groups = [str(g) for g in groups]
+    if groups and not panel.options.get("per_group"):
+        raise EpiflowError(f"figure {name} has no per-group views: --group does not apply", field="--group",
+                           fix="drop --group (it applies to " + ", ".join(
+                               p for p, q in PANELS.items() if q.options.get("per_group")) + ")")
     metrics_df = read_metrics(list(metrics))
     if panel.needs_metrics:
         _require(len(metrics_df) > 0, panel, "no metrics table given",
@@ -1180,6 +1212,9 @@ def build_panel(name: str, *, metrics: Sequence[str | os.PathLike] = (),
     for ds, paths in (tables or {}).items():
         for p in paths:
             loaded.setdefault(ds, {})[table_name(p)] = read_table(p)
+    if groups:
+        loaded = {ds: {t: _only_groups(panel, ds, t, df, groups) for t, df in named.items()}
+                  for ds, named in loaded.items()}
     for needed in panel.tables:
         _tables_named(panel, loaded, needed)
     fig = DRAW[panel.draw](panel, metrics_df, loaded)
@@ -1187,6 +1222,17 @@ def build_panel(name: str, *, metrics: Sequence[str | os.PathLike] = (),
     written = save_figure(fig, out, svg=svg)
     log.info("wrote %s", ", ".join(map(str, written)))
     return written
+
+
+def _only_groups(panel: Panel, ds: str, table: str, df: pd.DataFrame, groups: Sequence[str]) -> pd.DataFrame:
+    """The rows of a per-group table (column ``group``) that belong to ``groups``."""
+    if "group" not in df.columns:
+        return df
+    have = list(dict.fromkeys(df["group"].astype(str)))
+    missing = [g for g in groups if g not in have]
+    _require(not missing, panel, f"{table} of {ds} has no group {', '.join(missing)} (has: {', '.join(have)})",
+             "name a held-out group of the task (tasks.stimulation.focus_group)")
+    return df[df["group"].astype(str).isin(groups)]
 
 
 def _paper_order(name: str) -> tuple:

@@ -153,6 +153,11 @@ class StimulationConfig(PerturbationConfig):
 
     condition_key: str = setting("condition", "obs column of the condition")
     cell_type_key: str = setting("cell_type", "obs column of the cell types")
+    umap: bool = setting(True, "UMAPs of each held-out type's unperturbed, perturbed and predicted cells, per "
+                         "method (cells.tsv; Fig. 3g)")
+    focus_group: str | None = setting(None, "the held-out cell type that the per-cell views show (the paper: "
+                                      "mono-1): the UMAPs are made for it alone and the figure panels fig3d / "
+                                      "fig3g draw it alone (default: every held-out type)")
 
 
 @dataclass

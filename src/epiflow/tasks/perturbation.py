@@ -162,6 +162,64 @@ def evaluate_group(*, X_ctrl, X_pert, predicted: dict, task: str, ks=DEFAULT_KS,
     return values, frame, info
 
 
+STIM_CELLS_COLUMNS = ["group", "method", "kind", "cell", "umap1", "umap2"]
+
+
+def stimulation_umaps(X_ctrl, X_pert, predicted: dict, top, *, group: str, ctrl_names=None, pert_names=None,
+                      seed: int = 0, max_cells: int = 1000, n_pcs: int = 30) -> pd.DataFrame:
+    """Fig. 3g: for each method of ``predicted`` (as in :func:`evaluate_group`; its ``cells`` rows are
+    the rows of ``X_ctrl``), one UMAP of the group's unperturbed, perturbed and predicted cells.
+
+    The cells are compared where the metrics compare them: over the ``top`` DA cCREs, the predicted
+    probabilities drawn once as 0/1 cells (seeded, as for the Wasserstein distance; predictions that
+    are already 0/1, e.g. ``no_change``, are kept), so that real and predicted cells are on one
+    scale. A PCA (``n_pcs`` components) is fitted on the real cells only, the predicted cells are
+    projected into it, and each method's three sets get their own UMAP
+    (:func:`epiflow.tasks.common.umap_coords`). Each set is capped at ``max_cells`` random cells (the
+    same unperturbed cells are the sources of the predicted ones). Returns :data:`STIM_CELLS_COLUMNS`
+    (``kind``: unperturbed / perturbed / predicted; ``cell``: the cell's name, for a predicted cell
+    its source cell's)."""
+    from sklearn.decomposition import PCA
+
+    from .common import umap_coords
+
+    methods = [m for m, p in predicted.items() if p.get("cells") is not None]
+    top = np.asarray(top, dtype=np.int64)
+    if not methods or len(top) == 0:
+        return pd.DataFrame(columns=STIM_CELLS_COLUMNS)
+    rng = np.random.default_rng(seed)
+
+    def pick(n):
+        return np.sort(rng.choice(n, max_cells, replace=False)) if n > max_cells else np.arange(n)
+
+    ic, ip = pick(X_ctrl.shape[0]), pick(X_pert.shape[0])
+
+    def dense(X, rows):
+        part = X[rows][:, top]
+        return np.asarray(part.toarray() if hasattr(part, "toarray") else part, dtype=np.float32)
+
+    ctrl, pert = dense(X_ctrl, ic), dense(X_pert, ip)
+    real = np.concatenate([ctrl, pert])
+    k = int(min(n_pcs, real.shape[1], real.shape[0] - 1))
+    if k < 2:
+        return pd.DataFrame(columns=STIM_CELLS_COLUMNS)
+    pca = PCA(n_components=k, random_state=seed).fit(real)
+    z_ctrl, z_pert = pca.transform(ctrl), pca.transform(pert)
+    cn = np.asarray(ctrl_names if ctrl_names is not None else np.arange(X_ctrl.shape[0])).astype(str)[ic]
+    pn = np.asarray(pert_names if pert_names is not None else np.arange(X_pert.shape[0])).astype(str)[ip]
+    kinds = np.repeat(["unperturbed", "perturbed", "predicted"], [len(ic), len(ip), len(ic)])
+    names = np.concatenate([cn, pn, cn])
+    parts = []
+    for m in methods:
+        cells = np.asarray(predicted[m]["cells"][ic][:, top], dtype=np.float64)
+        if not np.isin(cells, (0.0, 1.0)).all():
+            cells = _sample_cells(cells, rng)
+        xy = umap_coords(np.concatenate([z_ctrl, z_pert, pca.transform(cells.astype(np.float32))]), seed=seed)
+        parts.append(pd.DataFrame({"group": group, "method": m, "kind": kinds, "cell": names,
+                                   "umap1": xy[:, 0], "umap2": xy[:, 1]}))
+    return pd.concat(parts, ignore_index=True)
+
+
 # ----------------------------------------------------------------------------- result
 def mean_accessibility(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """The per-group, per-cCRE frames of :func:`evaluate_group` as one table (``group`` first)."""
@@ -208,12 +266,14 @@ def _summary_rows(task, dataset, per_group: dict[str, dict[str, dict]], extra: d
 
 # ----------------------------------------------------------------------------- stimulation
 def run_stimulation(cells: Shard, base_model, settings: StimulationConfig | None = None, *,
-                    dataset: str | None = None, max_ot_cells: int = 2000,
+                    dataset: str | None = None, max_ot_cells: int = 2000, max_umap_cells: int = 1000,
                     perturbed_self_token: bool = True) -> TaskResult:
     """Leave-one-cell-type-out stimulation prediction of ``cells`` (those whose condition is set) with
     ``base_model`` (a pretrained EpiAgent with signal decoder and CCA head, not modified).
 
-    Returns the metrics, ``tables['finetune_loss']``, ``h5ad['predicted_cells']`` (``save_cells``) and
+    Returns the metrics, ``tables['finetune_loss']``, ``tables['cells']`` (``umap``: the UMAPs of
+    :func:`stimulation_umaps` of every held-out type, or of ``focus_group`` alone; at most
+    ``max_umap_cells`` cells per set), ``h5ad['predicted_cells']`` (``save_cells``) and
     ``data['frames']`` / ``data['mean_accessibility']`` (per group and cCRE). ``dataset``: the metrics'
     dataset column (default :func:`dataset_label`). ``max_ot_cells``: the largest side of the
     Wasserstein OT problem. ``perturbed_self_token``: the perturbed training cells reconstruct
@@ -249,6 +309,10 @@ def run_stimulation(cells: Shard, base_model, settings: StimulationConfig | None
         hold = list(holdout)
     else:
         hold = types
+    focus = cfg.focus_group
+    if focus is not None and focus not in hold:
+        raise InputFormatError(f"focus_group {focus!r} is not a held-out cell type (held out: {hold})",
+                               field="focus_group", fix="name one of the held-out types, or leave it unset")
     if len(types) < 2:
         raise InputFormatError(f"leave-one-cell-type-out needs >= 2 cell types with >= {min_cells} unperturbed and "
                                f"perturbed cells each; usable: {types}", field=cell_type_key)
@@ -258,7 +322,9 @@ def run_stimulation(cells: Shard, base_model, settings: StimulationConfig | None
     all_pert = np.flatnonzero(keep & ~is_ctrl)
     partners = ot_match_groups(emb, all_ctrl, all_pert, ctype)
     Xb = cells.binary()
-    per_group, frames, cells_parts, history = {}, {}, [], []
+    names = cells.obs["cell_id"].astype(str).to_numpy() if "cell_id" in cells.obs else \
+        np.asarray(cells.obs.index, dtype=str)
+    per_group, frames, cells_parts, history, umaps = {}, {}, [], [], []
     for T in hold:
         train_pert = all_pert[(ctype[all_pert] != T) & np.isin(ctype[all_pert], types)]
         train_partner = partners[np.searchsorted(all_pert, train_pert)]
@@ -303,13 +369,16 @@ def run_stimulation(cells: Shard, base_model, settings: StimulationConfig | None
         values["EpiAgent"]["finetune_final_loss"] = hist[-1]["loss"] if hist else float("nan")
         per_group[T] = values
         frames[T] = frame
+        if cfg.umap and focus in (None, T):
+            umaps.append(stimulation_umaps(X_ctrl, X_pert, predicted, np.flatnonzero(frame["top_da"].to_numpy()),
+                                           group=T, ctrl_names=names[q_ctrl], pert_names=names[q_pert], seed=seed,
+                                           max_cells=max_umap_cells))
         if cfg.save_cells:
-            cells_parts.append((P_per, pd.DataFrame({"source_cell": cells.obs["cell_id"].astype(str).to_numpy()[q_ctrl]
-                                                     if "cell_id" in cells.obs else q_ctrl.astype(str),
-                                                     "group": T})))
+            cells_parts.append((P_per, pd.DataFrame({"source_cell": names[q_ctrl], "group": T})))
         del model
     rows = _summary_rows(STIM_TASK, dataset, per_group)
-    return _result(rows, frames, cells_parts, history)
+    tables = {"cells": pd.concat(umaps, ignore_index=True)} if cfg.umap else None
+    return _result(rows, frames, cells_parts, history, tables=tables)
 
 
 # ----------------------------------------------------------------------------- genetic

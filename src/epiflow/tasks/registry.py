@@ -1,7 +1,8 @@
 """The one registry of the downstream tasks (issue #18): for each config key under ``tasks``, its
 verbs and their settings, its results folder, the files of one result folder that the workflow's
 ``all`` asks for, the ``task`` values of its metrics rows, the baseline task whose tools add rows to
-the same comparison, and the tables only some of its result folders get.
+the same comparison, the tables only some of its result folders get, and the files that a bool setting
+switches off (the workflow declares them only when it is on).
 
 The workflow's rules (``common.smk``: outputs, argv), the figures (``figures_common.smk``; the panels
 of :data:`epiflow.plots.figures.PANELS` name a task key) and the report tables read it. Light: the
@@ -25,6 +26,7 @@ class Task:
     metrics_tasks: tuple[str, ...]            # values of the `task` column of its metrics rows
     baseline_task: str | None = None          # config baselines.tasks key adding rows to its comparison
     partial_tables: dict[str, str] = field(default_factory=dict)  # table -> why no folder may get it
+    switched: dict[str, str] = field(default_factory=dict)  # file -> the bool setting without which no folder gets it
 
     @property
     def verb(self) -> str:
@@ -46,13 +48,14 @@ TASKS: dict[str, Task] = {t.key: t for t in [
          ("metrics.tsv", "imputation_box.png"), ("imputation",), baseline_task="imputation"),
     Task("stimulation", "stimulation", "Stimulated perturbation", {"predict-stimulation": C.StimulationConfig},
          ("metrics.tsv", "scatter.png", "direction.png"), ("stimulated_perturbation",),
-         baseline_task="perturbation"),
+         baseline_task="perturbation", switched={"cells.tsv": "umap", "predicted_cells.h5ad": "save_cells"}),
     Task("genetic", "genetic", "Genetic perturbation", {"predict-genetic": C.GeneticConfig},
          ("metrics.tsv", "scatter.png", "direction.png"), ("genetic_perturbation",),
-         baseline_task="perturbation"),
+         baseline_task="perturbation", switched={"predicted_cells.h5ad": "save_cells"}),
     Task("integration", "integration", "Integration", {"integrate": C.IntegrationConfig},
          ("metrics.tsv", "umap_batch.png", "umap_cell_type.png"), ("integration", "query_mapping"),
-         baseline_task="integration"),
+         baseline_task="integration",
+         switched={f: "umap" for f in ("cells.tsv", "umap_batch.png", "umap_cell_type.png")}),
     Task("knockout", "knockout", "Knockout", {"knockout": C.KnockoutConfig},
          ("metrics.tsv", "knockout_effects.png", "knockout_umap.png", "reference_cells.tsv", "shifts.tsv",
           "tss_ccres.tsv"), ("knockout",)),
