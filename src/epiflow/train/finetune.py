@@ -46,7 +46,6 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     clip_grad: float | None = 1.0
     batch_tokens: int = 16384
-    max_cells: int | None = None     # unused (kept for configs); the token budget sets the batch
     max_len: int | None = None
     k: int = 1
     sr_pos_weight: float = 100.0
