@@ -145,8 +145,9 @@ def test_knockout_cli_on_tiny_model(tmp_path, ko_inputs):
     # Fig. 5d: every query cell of every target, position and score with the target added / removed; the
     # mean scores are those of knockout.tsv
     sh = pd.read_csv(out / "shifts.tsv", sep="\t")
-    assert list(sh.columns) == ["knockout", "gene", "ccre", "query", "umap1_added", "umap2_added",
+    assert list(sh.columns) == ["knockout", "gene", "ccre", "n_ccres", "query", "umap1_added", "umap2_added",
                                 "umap1_removed", "umap2_removed", "score_added", "score_removed"]
+    assert (sh["n_ccres"] == 1).all()
     assert sh["knockout"].unique().tolist() == ["GENEB:39", "GENEB:40", "GENEB:41"] and len(sh) == 3 * 10
     means = sh.groupby("knockout", sort=False)[["score_added", "score_removed"]].mean()
     assert np.allclose(means.to_numpy(), tab[["score_added", "score_removed"]].to_numpy())
@@ -247,7 +248,9 @@ def test_group_knockout_removes_every_target_at_once():
     res = knockout_effects(lambda x: x.toarray().astype(np.float32), xa, xb, targets, n_reference=600,
                            n_query=60, n_random=30, k=20, seed=0, group=True)
     t = res["table"]
-    assert len(t) == 4 and res["n_targets"] == 4 and res["query_knn"].shape[0] == 4 + 30
+    # the three single cCREs against 30 random cCREs, the Group against 30 random triples (size-matched)
+    assert len(t) == 4 and res["n_targets"] == 4 and res["query_knn"].shape[0] == 4 + 30 + 30
+    assert res["random"]["n_ccres"].value_counts().to_dict() == {1: 30, 3: 30}
     g = t.iloc[-1]
     assert g["gene"] == "Group" and g["ccre"] == -1 and g["n_ccres"] == 3 and (t["n_ccres"].iloc[:3] == 1).all()
     assert g["mean_effect"] < t["mean_effect"].iloc[:3].min() < 0 and g["p_value"] < 0.05
@@ -293,7 +296,8 @@ def test_knockout_cli_group_row(tmp_path, ko_inputs):
     tab = pd.read_csv(out / "knockout.tsv", sep="\t")
     # a 1,200 bp upstream window (no downstream) holds cCREs 40 (50,000-50,500) and 41 (51,000-51,500)
     assert tab["gene"].tolist() == ["GENEB", "GENEB", "Group"] and tab["ccre"].tolist() == [40, 41, -1]
-    assert tab["n_ccres"].tolist() == [1, 1, 2]
+    assert tab["n_ccres"].tolist() == [1, 1, 2] and tab["ccres"].astype(str).tolist() == ["40", "41", "40,41"]
+    assert tab["knockout"].tolist() == ["GENEB:40", "GENEB:41", "Group"]
     m = pd.read_csv(out / "metrics.tsv", sep="\t").set_index("metric")["value"]
     assert np.isfinite(m["mean_effect[Group]"]) and m["n_targets"] == 3
     assert (out / "knockout_effects.png").stat().st_size > 0
