@@ -158,7 +158,7 @@ def test_knockout_cli_on_tiny_model(tmp_path, ko_inputs):
     import matplotlib.pyplot as plt
 
     fig = _draw("fig5d", out, ["reference_cells.tsv", "shifts.tsv"])
-    assert [a.get_title() for a in fig.axes if a.get_title()] == [f"ko: GENEB:{j} knocked out" for j in (39, 40, 41)]
+    assert [a.get_title() for a in fig.axes if a.get_title()] == [f"pair: GENEB:{j} knocked out" for j in (39, 40, 41)]
     plt.close(fig)
     fig = _draw("fig5e", out, ["knockout.tsv"], out / "metrics.tsv")
     assert [t.get_text().split("\n")[0] for t in fig.axes[0].get_xticklabels()] == ["GENEB:39", "GENEB:40", "GENEB:41"]
@@ -408,11 +408,11 @@ def _draw(panel_name, out_dir, files, metrics=None):
 
     panel = PANELS[panel_name]
     paths = [out_dir / f for f in files]
-    tables = {"ko": {table_name(p): read_table(p) for p in paths}}
+    tables = {"pair": {table_name(p): read_table(p) for p in paths}}  # the corpus's dataset, as in metrics.tsv
     m = read_metrics([] if metrics is None else [metrics])
     fig = DRAW[panel.draw](panel, m, tables)
     png = out_dir / f"{panel_name}.png"
-    assert build_panel(panel_name, metrics=[] if metrics is None else [metrics], tables={"ko": paths}, out=png) == [png]
+    assert build_panel(panel_name, metrics=[] if metrics is None else [metrics], tables={"pair": paths}, out=png) == [png]
     assert png.stat().st_size > 5000
     return fig
 
@@ -436,6 +436,8 @@ def test_knockout_cli_gene_unit_tables_and_panels(tmp_path, ko_inputs):
     assert tab["knockout"].tolist() == ["GENEB", "GENEA", "Group"] and tab["gene"].tolist() == tab["knockout"].tolist()
     assert tab["ccres"].tolist() == ["40,41", "10,11", "10,11,40,41"] and tab["n_ccres"].tolist() == [2, 2, 4]
     assert (tab["ccre"] == -1).all() and tab["p_value"].between(0, 1).all()
+    assert tab[["start", "end"]].iloc[:2].to_numpy().tolist() == [[50000, 51500], [20000, 21500]]  # their span
+    assert "50000\t51500" in (out / "knockout.tsv").read_text()  # positions stay integers beside the Group
     assert np.isfinite(tab["random_mean_effect"]).all()
     assert {"knockout", "gene", "chrom", "start", "end", "ccre", "ccres", "n_ccres", "mean_effect", "sd_effect",
             "score_added", "score_removed", "random_mean_effect", "t", "p_value"} == set(tab.columns)
@@ -459,8 +461,8 @@ def test_knockout_cli_gene_unit_tables_and_panels(tmp_path, ko_inputs):
     # the paper panels draw from these per-gene tables: one fig5d column and one fig5e bar per gene + Group
     fig = _draw("fig5d", out, ["reference_cells.tsv", "shifts.tsv"])
     titles = [a.get_title() for a in fig.axes if a.get_title()]
-    assert titles == ["ko: GENEB (2 cCREs) knocked out", "ko: GENEA (2 cCREs) knocked out",
-                      "ko: Group (4 cCREs) knocked out"]
+    assert titles == ["pair: GENEB (2 cCREs) knocked out", "pair: GENEA (2 cCREs) knocked out",
+                      "pair: Group (4 cCREs) knocked out"]
     plt.close(fig)
     fig = _draw("fig5e", out, ["knockout.tsv"], out / "metrics.tsv")
     ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
@@ -469,7 +471,10 @@ def test_knockout_cli_gene_unit_tables_and_panels(tmp_path, ko_inputs):
     plt.close(fig)
     fig = _draw("fig5e_random", out, ["random.tsv"], out / "metrics.tsv")
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert labels[:3] == ["random knockouts of 1 cCRE", "random knockouts of 2 cCREs", "random knockouts of 4 cCREs"]
+    assert labels == ["random knockouts of 1 cCRE", "random knockouts of 2 cCREs", "random knockouts of 4 cCREs",
+                      "targets"]
+    lines = sorted(ln.get_xdata()[0] for ln in fig.axes[0].get_lines())
+    assert np.allclose(lines, sorted(tab["mean_effect"]))  # one line per gene + Group
     plt.close(fig)
     # the gene unit with cCRE indices
     assert main(["knockout", "--checkpoint", str(ckpt), "--corpus", str(root), "--ccres", "40,10",

@@ -279,6 +279,9 @@ def knockout_sets(targets: pd.DataFrame, unit: str = "ccre", *, group: bool = Fa
         info = pd.concat([info, pd.DataFrame([{"gene": "Group", "ccre": -1} if "gene" in extra else {"ccre": -1}])],
                          ignore_index=True)
     info["ccre"] = info["ccre"].astype(np.int64)
+    for c in ("start", "end"):  # the Group has no position: keep the others integers
+        if c in info and pd.api.types.is_numeric_dtype(info[c]):
+            info[c] = info[c].astype("Int64")
     info["ccres"] = [",".join(str(int(j)) for j in js) for js in sets]
     info["n_ccres"] = [len(js) for js in sets]
     info.insert(0, "knockout", [target_name(r) for _, r in info.iterrows()])
