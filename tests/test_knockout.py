@@ -145,14 +145,24 @@ def test_knockout_cli_on_tiny_model(tmp_path, ko_inputs):
     # Fig. 5d: every query cell of every target, position and score with the target added / removed; the
     # mean scores are those of knockout.tsv
     sh = pd.read_csv(out / "shifts.tsv", sep="\t")
-    assert list(sh.columns) == ["knockout", "gene", "ccre", "query", "umap1_added", "umap2_added",
+    assert list(sh.columns) == ["knockout", "gene", "ccre", "n_ccres", "query", "umap1_added", "umap2_added",
                                 "umap1_removed", "umap2_removed", "score_added", "score_removed"]
+    assert (sh["n_ccres"] == 1).all()
     assert sh["knockout"].unique().tolist() == ["GENEB:39", "GENEB:40", "GENEB:41"] and len(sh) == 3 * 10
     means = sh.groupby("knockout", sort=False)[["score_added", "score_removed"]].mean()
     assert np.allclose(means.to_numpy(), tab[["score_added", "score_removed"]].to_numpy())
     lo, hi = ref[["umap1", "umap2"]].min().to_numpy(), ref[["umap1", "umap2"]].max().to_numpy()
     pos = sh[["umap1_added", "umap2_added"]].to_numpy()
     assert ((pos >= lo) & (pos <= hi)).all()  # a mean of reference positions lies among them
+    # the default unit: fig5d / fig5e show one column / bar per promoter cCRE
+    import matplotlib.pyplot as plt
+
+    fig = _draw("fig5d", out, ["reference_cells.tsv", "shifts.tsv"])
+    assert [a.get_title() for a in fig.axes if a.get_title()] == [f"pair: GENEB:{j} knocked out" for j in (39, 40, 41)]
+    plt.close(fig)
+    fig = _draw("fig5e", out, ["knockout.tsv"], out / "metrics.tsv")
+    assert [t.get_text().split("\n")[0] for t in fig.axes[0].get_xticklabels()] == ["GENEB:39", "GENEB:40", "GENEB:41"]
+    plt.close(fig)
 
 
 def test_tss_neighbourhood_both_strands():
@@ -247,7 +257,9 @@ def test_group_knockout_removes_every_target_at_once():
     res = knockout_effects(lambda x: x.toarray().astype(np.float32), xa, xb, targets, n_reference=600,
                            n_query=60, n_random=30, k=20, seed=0, group=True)
     t = res["table"]
-    assert len(t) == 4 and res["n_targets"] == 4 and res["query_knn"].shape[0] == 4 + 30
+    # the three single cCREs against 30 random cCREs, the Group against 30 random triples (size-matched)
+    assert len(t) == 4 and res["n_targets"] == 4 and res["query_knn"].shape[0] == 4 + 30 + 30
+    assert res["random"]["n_ccres"].value_counts().to_dict() == {1: 30, 3: 30}
     g = t.iloc[-1]
     assert g["gene"] == "Group" and g["ccre"] == -1 and g["n_ccres"] == 3 and (t["n_ccres"].iloc[:3] == 1).all()
     assert g["mean_effect"] < t["mean_effect"].iloc[:3].min() < 0 and g["p_value"] < 0.05
@@ -293,7 +305,8 @@ def test_knockout_cli_group_row(tmp_path, ko_inputs):
     tab = pd.read_csv(out / "knockout.tsv", sep="\t")
     # a 1,200 bp upstream window (no downstream) holds cCREs 40 (50,000-50,500) and 41 (51,000-51,500)
     assert tab["gene"].tolist() == ["GENEB", "GENEB", "Group"] and tab["ccre"].tolist() == [40, 41, -1]
-    assert tab["n_ccres"].tolist() == [1, 1, 2]
+    assert tab["n_ccres"].tolist() == [1, 1, 2] and tab["ccres"].astype(str).tolist() == ["40", "41", "40,41"]
+    assert tab["knockout"].tolist() == ["GENEB:40", "GENEB:41", "Group"]
     m = pd.read_csv(out / "metrics.tsv", sep="\t").set_index("metric")["value"]
     assert np.isfinite(m["mean_effect[Group]"]) and m["n_targets"] == 3
     assert (out / "knockout_effects.png").stat().st_size > 0
@@ -305,3 +318,164 @@ def test_knockout_cli_group_row(tmp_path, ko_inputs):
     assert np.isclose((grp["score_removed"] - grp["score_added"]).mean(), tab["mean_effect"].iloc[-1])
     near = pd.read_csv(out / "tss_ccres.tsv", sep="\t")
     assert near.loc[near["target"], "ccre"].tolist() == [40, 41] and (near["window"] == 1200).all()
+
+
+def test_gene_unit_knocks_out_each_genes_promoter_ccres_together():
+    """target_unit gene (the paper's Fig. 5d-e): one set per gene = its promoter cCREs, named by the gene,
+    plus the Group of all; each is tested against random knockouts of as many cCREs."""
+    from scipy.stats import ttest_ind
+
+    from epiflow.tasks.knockout import knockout_sets
+
+    targets = pd.DataFrame({"gene": ["B", "B", "A", "B", "A"], "ccre": [40, 50, 10, 35, 12],
+                            "chrom": "chr1", "start": [4000, 5000, 1000, 3500, 1200],
+                            "end": [4100, 5100, 1100, 3600, 1300]})
+    sets, info = knockout_sets(targets, "gene", group=True)
+    assert [s.tolist() for s in sets] == [[35, 40, 50], [10, 12], [10, 12, 35, 40, 50]]
+    assert info["knockout"].tolist() == ["B", "A", "Group"] and info["gene"].tolist() == ["B", "A", "Group"]
+    assert info["ccres"].tolist() == ["35,40,50", "10,12", "10,12,35,40,50"]
+    assert info["n_ccres"].tolist() == [3, 2, 5] and (info["ccre"] == -1).all()
+    assert info[["start", "end"]].iloc[0].tolist() == [3500, 5100]  # the span of the gene's cCREs
+    # the default unit keeps one set per cCRE
+    sets1, info1 = knockout_sets(targets, "ccre")
+    assert [s.tolist() for s in sets1] == [[40], [50], [10], [35], [12]] and info1["knockout"].iloc[0] == "B:40"
+
+    xa, xb = _states()
+    res = knockout_effects(lambda x: x.toarray().astype(np.float32), xa, xb, targets, n_reference=600, n_query=60,
+                           n_random=30, k=20, seed=0, group=True, unit="gene")
+    t = res["table"].set_index("knockout")
+    assert list(t.index) == ["B", "A", "Group"] and res["n_targets"] == 3
+    # B's promoter (state-B cCREs) removed lowers the score, significantly below random triples; A raises it
+    assert t.loc["B", "mean_effect"] < 0 and t.loc["B", "p_value"] < 0.05
+    assert t.loc["A", "mean_effect"] > 0 and t.loc["A", "p_value"] > 0.5
+    # size-matched control: 30 random single cCREs, and 30 random sets of each target size (2, 3, 5)
+    rand = res["random"]
+    assert rand["n_ccres"].value_counts().sort_index().to_dict() == {1: 30, 2: 30, 3: 30, 5: 30}
+    assert res["query_knn"].shape[0] == 3 + 4 * 30
+    for ccres, m in zip(rand["ccres"], rand["n_ccres"]):
+        js = [int(j) for j in ccres.split(",")]
+        assert len(set(js)) == m  # m distinct cCREs at once
+    assert (rand.loc[rand["n_ccres"] == 1, "ccre"] >= 0).all() and (rand.loc[rand["n_ccres"] > 1, "ccre"] == -1).all()
+    for i, (name, m) in enumerate([("B", 3), ("A", 2), ("Group", 5)]):
+        eff = res["query_scores"][i, 1] - res["query_scores"][i, 0]
+        pool = res["random_effects_by_size"][m]
+        assert len(pool) == 30 * 60
+        assert np.isclose(t.loc[name, "p_value"], ttest_ind(eff, pool, equal_var=False, alternative="less").pvalue)
+        assert np.isclose(t.loc[name, "random_mean_effect"], rand.loc[rand["n_ccres"] == m, "mean_effect"].mean())
+    # the random single cCREs are the same draws as with the per-cCRE unit
+    single = knockout_effects(lambda x: x.toarray().astype(np.float32), xa, xb, targets, n_reference=600,
+                              n_query=60, n_random=30, k=20, seed=0)
+    assert single["random"]["ccre"].tolist() == rand.loc[rand["n_ccres"] == 1, "ccre"].tolist()
+    assert np.allclose(single["random_effects"], res["random_effects"])
+
+
+def test_gene_unit_targets_are_the_genes_promoter_ccres():
+    """With the gene unit, each target's cCRE set is exactly the promoter cCREs of its gene
+    (promoter_ccres with the gene's window); cCRE indices have no gene: a clear error."""
+    from epiflow.errors import ConfigError, EpiflowError
+    from epiflow.tasks.knockout import knockout_sets, run
+
+    vocab = pd.DataFrame({"chrom": ["chr1"] * 6, "start": [6500, 8500, 9800, 46000, 48500, 49900],
+                          "end": [6600, 8600, 10100, 46100, 48600, 50100]})
+    tss = pd.DataFrame({"chrom": ["chr1", "chr1"], "tss": [10000, 50000], "strand": ["+", "+"],
+                        "gene": ["NEAR", "FAR"]})
+    cfg = KnockoutConfig(genes=["NEAR", "FAR:5000"], upstream=2000, downstream=0, target_unit="gene")
+    targets = knockout_targets(cfg, tss=tss, vocab=vocab)
+    sets, info = knockout_sets(targets, cfg.target_unit)
+    assert info["knockout"].tolist() == ["NEAR", "FAR"]
+    for gene, win, js in zip(["NEAR", "FAR"], [2000, 5000], sets):
+        own = promoter_ccres(tss, vocab, [gene], upstream=win, downstream=0)
+        assert js.tolist() == sorted(own["ccre"]) and len(js) > 1
+    assert [s.tolist() for s in sets] == [[1, 2], [3, 4, 5]]
+    # cCRE indices with the gene unit
+    with pytest.raises(ConfigError, match="target_unit.*no gene") as err:
+        knockout_targets(KnockoutConfig(ccres=[1, 2], target_unit="gene"))
+    assert "--genes" in str(err.value.fix)
+    with pytest.raises(ConfigError, match="target_unit"):
+        knockout_sets(pd.DataFrame({"ccre": [1, 2]}), "gene")
+    with pytest.raises(ConfigError, match="unknown knockout unit"):
+        knockout_sets(targets, "exon")
+    xa, xb = _states(10, 10)
+    sh = shard_from_counts(sp.vstack([xa, xb]).tocsr(), np.full(N, 0.4),
+                           pd.DataFrame({"state": ["normal"] * 10 + ["cancer"] * 10}))
+    with pytest.raises(EpiflowError, match="target_unit"):
+        run(sh, None, KnockoutConfig(device="cpu", target_unit="gene", max_steps=5), [1, 2])
+
+
+def _draw(panel_name, out_dir, files, metrics=None):
+    """The figure of a paper panel drawn from a knockout folder's tables (and the Figure, to read its labels)."""
+    from epiflow.plots.figures import DRAW, PANELS, build_panel, read_metrics, read_table, table_name
+
+    panel = PANELS[panel_name]
+    paths = [out_dir / f for f in files]
+    tables = {"pair": {table_name(p): read_table(p) for p in paths}}  # the corpus's dataset, as in metrics.tsv
+    m = read_metrics([] if metrics is None else [metrics])
+    fig = DRAW[panel.draw](panel, m, tables)
+    png = out_dir / f"{panel_name}.png"
+    assert build_panel(panel_name, metrics=[] if metrics is None else [metrics], tables={"pair": paths}, out=png) == [png]
+    assert png.stat().st_size > 5000
+    return fig
+
+
+def test_knockout_cli_gene_unit_tables_and_panels(tmp_path, ko_inputs):
+    """--target-unit gene through the verb: one knockout per gene (its promoter cCREs together) + Group in
+    every table; tss_ccres.tsv still marks each cCRE; fig5d / fig5e draw one column / bar per gene;
+    --ccres with the gene unit stops with an error naming the setting."""
+    import matplotlib.pyplot as plt
+
+    root, _, ckpt = ko_inputs
+    tss = tmp_path / "tss2.bed"
+    tss.write_text("chr1\t51200\t51201\tGENEB\t.\t+\nchr1\t21200\t21201\tGENEA\t.\t+\n")
+    out = tmp_path / "ko"
+    rc = main(["knockout", "--checkpoint", str(ckpt), "--corpus", str(root), "--genes", "GENEB:1200,GENEA:1200",
+               "--tss", str(tss), "--downstream", "0", "--target-unit", "gene", "--group", "--n-reference", "120",
+               "--n-query", "8", "--n-random", "4", "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    tab = pd.read_csv(out / "knockout.tsv", sep="\t")
+    # 1,200 bp upstream, no downstream: GENEB holds cCREs 40, 41; GENEA 10, 11
+    assert tab["knockout"].tolist() == ["GENEB", "GENEA", "Group"] and tab["gene"].tolist() == tab["knockout"].tolist()
+    assert tab["ccres"].tolist() == ["40,41", "10,11", "10,11,40,41"] and tab["n_ccres"].tolist() == [2, 2, 4]
+    assert (tab["ccre"] == -1).all() and tab["p_value"].between(0, 1).all()
+    assert tab[["start", "end"]].iloc[:2].to_numpy().tolist() == [[50000, 51500], [20000, 21500]]  # their span
+    assert "50000\t51500" in (out / "knockout.tsv").read_text()  # positions stay integers beside the Group
+    assert np.isfinite(tab["random_mean_effect"]).all()
+    assert {"knockout", "gene", "chrom", "start", "end", "ccre", "ccres", "n_ccres", "mean_effect", "sd_effect",
+            "score_added", "score_removed", "random_mean_effect", "t", "p_value"} == set(tab.columns)
+    rand = pd.read_csv(out / "random.tsv", sep="\t")
+    assert list(rand.columns) == ["ccre", "ccres", "n_ccres", "mean_effect"]
+    assert rand["n_ccres"].value_counts().sort_index().to_dict() == {1: 4, 2: 4, 4: 4}
+    for m in (2, 4):
+        assert np.isclose(tab.loc[tab["n_ccres"] == m, "random_mean_effect"].iloc[0],
+                          rand.loc[rand["n_ccres"] == m, "mean_effect"].mean())
+    m = pd.read_csv(out / "metrics.tsv", sep="\t").set_index("metric")["value"]
+    assert {"mean_effect[GENEB]", "mean_effect[GENEA]", "mean_effect[Group]", "p_value[GENEA]"} <= set(m.index)
+    assert m["n_targets"] == 3 and m["n_random"] == 4
+    sh = pd.read_csv(out / "shifts.tsv", sep="\t")
+    assert sh["knockout"].unique().tolist() == ["GENEB", "GENEA", "Group"] and len(sh) == 3 * 8
+    assert sh.groupby("knockout", sort=False)["n_ccres"].first().tolist() == [2, 2, 4]
+    means = sh.groupby("knockout", sort=False)[["score_added", "score_removed"]].mean()
+    assert np.allclose(means.to_numpy(), tab[["score_added", "score_removed"]].to_numpy())
+    near = pd.read_csv(out / "tss_ccres.tsv", sep="\t")
+    assert sorted(near.loc[near["target"], "ccre"]) == [10, 11, 40, 41]  # still one row per cCRE
+    assert (out / "knockout_effects.png").stat().st_size > 0
+    # the paper panels draw from these per-gene tables: one fig5d column and one fig5e bar per gene + Group
+    fig = _draw("fig5d", out, ["reference_cells.tsv", "shifts.tsv"])
+    titles = [a.get_title() for a in fig.axes if a.get_title()]
+    assert titles == ["pair: GENEB (2 cCREs) knocked out", "pair: GENEA (2 cCREs) knocked out",
+                      "pair: Group (4 cCREs) knocked out"]
+    plt.close(fig)
+    fig = _draw("fig5e", out, ["knockout.tsv"], out / "metrics.tsv")
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert [t.split("\n")[0] for t in ticks] == ["GENEB (2 cCREs)", "GENEA (2 cCREs)", "Group (4 cCREs)"]
+    assert "random knockouts of as many cCREs (mean)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    plt.close(fig)
+    fig = _draw("fig5e_random", out, ["random.tsv"], out / "metrics.tsv")
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["random knockouts of 1 cCRE", "random knockouts of 2 cCREs", "random knockouts of 4 cCREs",
+                      "targets"]
+    lines = sorted(ln.get_xdata()[0] for ln in fig.axes[0].get_lines())
+    assert np.allclose(lines, sorted(tab["mean_effect"]))  # one line per gene + Group
+    plt.close(fig)
+    # the gene unit with cCRE indices
+    assert main(["knockout", "--checkpoint", str(ckpt), "--corpus", str(root), "--ccres", "40,10",
+                 "--target-unit", "gene", "--device", "cpu", "--out", str(tmp_path / "bad")]) == 2

@@ -275,21 +275,26 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
        "Fig. 5c: reference of chimeric cells coloured by cancerization score", "knockout_reference",
        needs_metrics=False),
     _p("fig5d", KO, "knockout", "", ["reference_cells.tsv", "shifts.tsv"],
-       "Shift of the query cells (score 0.5) on the reference UMAP when each target (promoter cCRE, or all "
-       "together: Group) is knocked out: a query cell's position = the mean UMAP position of its 20 nearest "
+       "Shift of the query cells (score 0.5) on the reference UMAP when each target (a gene's promoter "
+       "cCREs together with target_unit gene, as in the paper, else each promoter cCRE; and all together: "
+       "Group) is knocked out: a query cell's position = the mean UMAP position of its 20 nearest "
        "reference cells, with the target accessible (open) -> removed (filled); green arrow: the mean shift",
        "Fig. 5d: shifts of query cells after each promoter knockout and the Group knockout",
        "knockout_shifts", needs_metrics=False),
     _p("fig5e", KO, "knockout", "knockout", ["knockout.tsv"],
-       "Change of the mean cancerization score of the 20 nearest reference cells when each target "
-       "(promoter cCRE, or all together: Group) is knocked out: mean +- SD over the query cells, the mean "
-       "of the random knockouts (dashed) and the one-sided t-test p against them",
+       "Change of the mean cancerization score of the 20 nearest reference cells when each target (a "
+       "gene's promoter cCREs together with target_unit gene, as in the paper, else each promoter cCRE; "
+       "and all together: Group) is knocked out: mean +- SD over the query cells, the mean of the random "
+       "knockouts (a mark per target: random sets of as many cCREs, when a target has several; else one "
+       "dashed line: random single cCREs) and the one-sided t-test p against them",
        "Fig. 5e: change of cancerization score per knockout vs random knockouts", "knockout_bars"),
     _p("fig5e_pvalue", KO, "knockout", "knockout", [],
-       "-log10 p of the one-sided t-test of each target knockout against the random knockouts",
+       "-log10 p of the one-sided t-test of each target knockout against the random knockouts of as many "
+       "cCREs",
        "Fig. 5e: one-sided t-test of each knockout", "knockout_pvalues"),
     _p("fig5e_random", KO, "knockout", "knockout", ["random.tsv"],
-       "Distribution of random-knockout effects with the target cCREs' effects marked",
+       "Distribution of random-knockout effects (per number of cCREs removed) with the targets' effects "
+       "marked",
        "Fig. 5e: targets against random knockouts", "knockout_random"),
     # ---- Fig. 6: zero-shot annotators (first annotator: 6b-d, second: 6e-g) -----------------------
     *_annotator_panels(0, "bcd", "EpiAgent-B"),
@@ -1032,8 +1037,10 @@ def _bracket_rows(panel: Panel, metrics: pd.DataFrame, metric: str) -> pd.DataFr
 
 def draw_knockout_bars(panel: Panel, metrics: pd.DataFrame, tables) -> object:
     """Mean change of score per target (knockout.tsv: mean +- SD over the query cells, p of the task's
-    one-sided t-test under each target's name) beside the mean of the random knockouts (metrics.tsv)."""
-    from ..tasks.knockout import target_name
+    one-sided t-test under each target's name: a cCRE, a gene's promoter cCREs with their number, the
+    Group) beside the mean of the random knockouts: each target's size-matched random mean (knockout.tsv
+    ``random_mean_effect``) when a target has several cCREs, else the random single cCREs (metrics.tsv)."""
+    from ..tasks.knockout import target_label, target_name
 
     frames = _tables_named(panel, tables, "knockout.tsv")
     rows = _task_rows(panel, metrics)
@@ -1041,14 +1048,19 @@ def draw_knockout_bars(panel: Panel, metrics: pd.DataFrame, tables) -> object:
     axes = fig.subplots(1, len(frames), squeeze=False)[0]
     for ax, (ds, df) in zip(axes, frames.items()):
         _need_columns(panel, df, ["ccre", "mean_effect", "sd_effect", "p_value"], "knockout.tsv")
-        names = [target_name(r) for _, r in df.iterrows()]
+        n_ccres = df["n_ccres"].to_numpy(int) if "n_ccres" in df else np.ones(len(df), int)
+        names = [target_label(target_name(r), n) for (_, r), n in zip(df.iterrows(), n_ccres)]
         p = df["p_value"].to_numpy(float)
         mean = df["mean_effect"].to_numpy(float)
         x = np.arange(len(df))
         ax.bar(x, mean, yerr=df["sd_effect"].to_numpy(float), capsize=2,
                color=np.where(p < 0.05, "#c0392b", "#7f8c8d"))
         rnd = rows[(rows["dataset"] == ds) & (rows["metric"] == "random_mean_effect")]["value"]
-        if len(rnd):
+        if "random_mean_effect" in df and (n_ccres > 1).any():
+            ax.scatter(x, df["random_mean_effect"].to_numpy(float), marker="_", s=300, color="black", zorder=3,
+                       label="random knockouts of as many cCREs (mean)")
+            ax.legend(fontsize=7, frameon=False)
+        elif len(rnd):
             ax.axhline(float(rnd.iloc[0]), color="grey", ls="--", lw=1, label="random knockouts (mean)")
             ax.legend(fontsize=7, frameon=False)
         ax.axhline(0, color="black", lw=0.5)
@@ -1086,9 +1098,15 @@ def draw_knockout_random(panel: Panel, metrics: pd.DataFrame, tables) -> object:
     axes = fig.subplots(1, len(rand), squeeze=False)[0]
     for ax, (ds, df) in zip(axes, rand.items()):
         _need_columns(panel, df, ["mean_effect"], "random.tsv")
-        ax.hist(df["mean_effect"].to_numpy(float), bins=20, color="#c7c7c7", label="random knockouts")
+        size = df["n_ccres"].to_numpy(int) if "n_ccres" in df else np.ones(len(df), int)
+        eff = df["mean_effect"].to_numpy(float)
+        bins = np.histogram_bin_edges(eff, bins=20)
+        for j, m in enumerate(np.unique(size)):
+            ax.hist(eff[size == m], bins=bins, alpha=0.6 if len(np.unique(size)) > 1 else 1.0,
+                    color=["#c7c7c7", "#9ecae1", "#fdae6b", "#a1d99b", "#bcbddc"][j % 5],
+                    label=f"random knockouts of {m} cCRE{'s' if m > 1 else ''}")
         for i, (_, r) in enumerate(sel[sel["dataset"] == ds].iterrows()):
-            ax.axvline(r["value"], color="#d62728", lw=1, label="target cCREs" if i == 0 else None)
+            ax.axvline(r["value"], color="#d62728", lw=1, label="targets" if i == 0 else None)
         ax.set_xlabel("change of mean cancerization score", fontsize=9)
         ax.set_ylabel("knockouts", fontsize=9)
         ax.set_title(ds, fontsize=10)
@@ -1140,8 +1158,10 @@ def draw_knockout_reference(panel: Panel, metrics, tables) -> object:
 
 
 def draw_knockout_shifts(panel: Panel, metrics, tables) -> object:
-    """Fig. 5d: per dataset (row) and knockout (column), the query cells' shifts on the reference UMAP
-    (reference_cells.tsv, shifts.tsv)."""
+    """Fig. 5d: per dataset (row) and knockout (column: a cCRE, a gene's promoter cCREs together with
+    their number, the Group), the query cells' shifts on the reference UMAP (reference_cells.tsv,
+    shifts.tsv)."""
+    from ..tasks.knockout import target_label
     from .knockout import query_shift_axes, reference_axes
 
     refs = _knockout_frames(panel, tables, "reference_cells.tsv", ["umap1", "umap2", "score"])
@@ -1154,9 +1174,11 @@ def draw_knockout_shifts(panel: Panel, metrics, tables) -> object:
     n_cols = max(len(k) for _, _, k in grid)
     fig, spots = _grid_axes(grid, 3.8, 0.8, row_height=3.8)
     for ax, ds, sh, ko, c, _ in spots:
+        part = sh[sh["knockout"].astype(str) == ko]
         reference_axes(ax, refs[ds], size=4, alpha=0.35, colorbar=fig if c == n_cols - 1 else None)
-        query_shift_axes(ax, sh[sh["knockout"].astype(str) == ko])
-        ax.set_title(f"{ds}: {ko} knocked out", fontsize=9)
+        query_shift_axes(ax, part)
+        ax.set_title(f"{ds}: {target_label(ko, part['n_ccres'].iloc[0] if 'n_ccres' in part else 1)} knocked out",
+                     fontsize=9)
         if c == 0:
             ax.legend(fontsize=6, frameon=False, loc="best")
     return fig

@@ -1,6 +1,7 @@
 """Figures of ``epiflow knockout``: the UMAP of the chimeric reference cells coloured by score with one
-arrow per target (query cells with the cCRE added -> removed), and the bar chart of the mean effects
-beside the random control.
+arrow per target (query cells with the target's cCREs added -> removed; a target is a cCRE, a gene's
+promoter cCREs or the Group, labelled with its number of cCREs), and the bar chart of the mean effects
+beside the random control (random single cCREs, and each target's size-matched random mean).
 
 The axes helpers draw from the knockout's tables (``reference_cells.tsv``, ``shifts.tsv``,
 ``tss_ccres.tsv``); the paper panels fig5b-d (:mod:`epiflow.plots.figures`) use them too."""
@@ -48,7 +49,8 @@ def mean_shift(shifts: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 
 def shift_arrow(ax, shifts: pd.DataFrame, label: str = "", *, lw: float = 1.5, color: str = "black") -> None:
-    """One arrow: the mean position of the query cells with the target added -> removed."""
+    """One arrow: the mean position of the query cells with the target added -> removed (``label`` at its
+    start)."""
     start, end = mean_shift(shifts)
     ax.annotate("", xy=end, xytext=start, arrowprops=dict(arrowstyle="->", lw=lw, color=color))
     if label:
@@ -99,7 +101,7 @@ def knockout_figures(result, out: str | os.PathLike, *, title: str = "", seed: i
     :class:`~epiflow.tasks.common.TaskResult` of :func:`epiflow.tasks.knockout.run` (tables
     ``knockout``, ``reference_cells`` and ``shifts``; ``data`` ``random_effects``). Returns the paths
     written. (``seed`` is unused: the task computes the UMAP.)"""
-    from ..tasks.knockout import target_name
+    from ..tasks.knockout import target_label, target_name
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,20 +113,26 @@ def knockout_figures(result, out: str | os.PathLike, *, title: str = "", seed: i
     ax = fig.add_subplot(1, 1, 1)
     reference_axes(ax, result.tables["reference_cells"], colorbar=fig)
     for name, part in shifts.groupby("knockout", sort=False):
-        shift_arrow(ax, part, str(name))
-    ax.set_title(title or "in-silico knockout: query cells, cCRE added -> removed", fontsize=9)
+        shift_arrow(ax, part, target_label(name, part["n_ccres"].iloc[0] if "n_ccres" in part else 1))
+    ax.set_title(title or "in-silico knockout: query cells, target added -> removed", fontsize=9)
     written = save_figure(fig, out / "knockout_umap.png", svg=svg)
 
     fig = _figure(1.5 + 0.45 * (nt + 1), 3.6)
     ax = fig.add_subplot(1, 1, 1)
-    names = [target_name(r) for _, r in tab.iterrows()] + ["random"]
+    n_ccres = tab["n_ccres"] if "n_ccres" in tab else pd.Series(1, index=tab.index)
+    names = [target_label(target_name(r), n) for (_, r), n in zip(tab.iterrows(), n_ccres)] + ["random cCRE"]
     means = list(tab["mean_effect"]) + [float(np.mean(res["random_effects"]))]
     sds = list(tab["sd_effect"]) + [float(np.std(res["random_effects"]))]
     cols = ["#c0392b" if p < 0.05 else "#7f8c8d" for p in tab["p_value"]] + ["#bdc3c7"]
     ax.bar(range(len(means)), means, yerr=sds, color=cols, capsize=2)
+    if "random_mean_effect" in tab and (n_ccres > 1).any():
+        # each target's own control: the mean of the random knockouts of as many cCREs
+        ax.scatter(range(nt), tab["random_mean_effect"].to_numpy(float), marker="_", s=200, color="black",
+                   zorder=3, label="random knockouts of the same size (mean)")
+        ax.legend(fontsize=7, frameon=False)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(means)), names, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("change of mean score (removed - added)")
-    ax.set_title("knockout effects (red: p < 0.05 vs random)", fontsize=9)
+    ax.set_title("knockout effects (red: p < 0.05 vs random of the same size)", fontsize=9)
     written += save_figure(fig, out / "knockout_effects.png", svg=svg)
     return written

@@ -208,6 +208,9 @@ class KnockoutConfig(ModelRuntime):
     ccres: list[int] | None = setting(None, "target cCRE indices (vocabulary order; comma list)", min=0)
     upstream: int = setting(2000, "promoter window upstream of the TSS (bp)", min=0)
     downstream: int = setting(500, "promoter window downstream of the TSS (bp)", min=0)
+    target_unit: str = setting("ccre", "what one knockout removes: ccre = each promoter cCRE on its own "
+                               "(SPEC), gene = all promoter cCREs of a gene at once (the paper's per-promoter "
+                               "knockout, Fig. 5d-e; needs --genes)", choices=("ccre", "gene"))
     group: bool = setting(False, "also knock out every target cCRE at once (the paper's 'Group' knockout, "
                           "Fig. 5d-e)")
     max_steps: int = setting(0, "fine-tune (SR + CCA) on the cells first for N steps (0: zero-shot)", min=0,

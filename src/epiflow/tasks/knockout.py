@@ -6,23 +6,28 @@
 3. **Chimeric reference cells**: for a random pair and a *cancerization score* ``s ~ U[0, 1]``, each
    accessible cCRE of the B cell is taken with probability ``s`` and each of the A cell with
    probability ``1 - s`` (union, binary counts), so ``s`` is the expected fraction coming from B.
-4. **Query cells**: chimeras at ``s = 0.5``; for every target cCRE one copy with the cCRE **added**
-   (set accessible) and one with it **removed**.
+4. **Query cells**: chimeras at ``s = 0.5``; for every target one copy with its cCREs **added** (set
+   accessible) and one with them **removed**. A target is one promoter cCRE (``target_unit: ccre``, the
+   SPEC's default) or all promoter cCREs of one gene at once (``target_unit: gene``: the paper's
+   per-promoter knockouts of Fig. 5d-e, e.g. VEGFA); ``group`` adds every target cCRE at once ("Group").
 5. **Effect** of a knockout on a query cell = mean score of its ``k = 20`` nearest reference cells
-   (Euclidean, embeddings) with the cCRE removed minus with it added. The same is done for random
-   cCREs; per target a one-sided Welch t-test compares its per-cell effects with the pooled random
-   effects (default ``alternative="less"``: the knockout lowers the score more than a random one).
-6. Tables for the figures (Fig. 5b-d): the UMAP of the reference cells with their scores
+   (Euclidean, embeddings) with the target removed minus with it added. The same is done for random
+   knockouts of the **same size**: random single cCREs (always), and for a target of ``m > 1`` cCREs
+   (a gene, the Group) random sets of ``m`` cCREs removed at once. Per target a one-sided Welch t-test
+   compares its per-cell effects with the pooled effects of the random knockouts of its size (default
+   ``alternative="less"``: the knockout lowers the score more than a random one of as many cCREs).
+6. Tables for the figures (Fig. 5b-e): the UMAP of the reference cells with their scores
    (``reference_cells``); per target and query cell, the position (mean UMAP coordinates of its 20
-   nearest reference cells) and score with the cCRE added and removed (``shifts``); the cCREs around
+   nearest reference cells) and score with the target added and removed (``shifts``); the cCREs around
    each target gene's TSS with the fraction of accessible cells in each state (``tss_ccres``,
-   :func:`tss_neighbourhood`). The verb draws the reference UMAP coloured by score with one arrow per
-   target (mean position of its query cells, added -> removed) and a bar chart of the mean effects
-   with the random control.
+   :func:`tss_neighbourhood`; its ``target`` column marks each knocked-out cCRE, also with the gene
+   unit). The verb draws the reference UMAP coloured by score with one arrow per target (mean position
+   of its query cells, added -> removed) and a bar chart of the mean effects with the random control.
 
 Targets come from gene promoters: :func:`promoter_ccres` intersects TSS upstream windows (from
 ``hg19_tss.bed.gz`` / ``hg38_tss.bed.gz`` BED6 or any GTF) with the cCRE vocabulary
-(:func:`knockout_targets` picks them from the settings).
+(:func:`knockout_targets` picks them from the settings, one row per cCRE; :func:`knockout_sets` makes
+the knocked-out sets and names them: ``GENE:ccre``, ``GENE`` for a whole promoter, ``Group``).
 
 API: :func:`run` (loaded cells + model + :class:`~epiflow.tasks.config.KnockoutConfig` + targets)
 returns a :class:`~epiflow.tasks.common.TaskResult`; ``epiflow knockout`` (:mod:`.knockout_cli`) reads
@@ -174,18 +179,20 @@ def tss_neighbourhood(cfg: KnockoutConfig, tss: pd.DataFrame | None, vocab: pd.D
 def shift_table(tab: pd.DataFrame, xy: np.ndarray, query_knn: np.ndarray, query_scores: np.ndarray) -> pd.DataFrame:
     """Per target (rows of ``tab``, the Group last) and query cell: the position (mean UMAP coordinates
     ``xy`` of its nearest reference cells ``query_knn[i, 0 | 1, q]``) and the mean score of those cells
-    with the target added (``*_added``) and removed (``*_removed``)."""
+    with the target added (``*_added``) and removed (``*_removed``). ``knockout``: the target's name (a
+    cCRE ``GENE:ccre``, a gene, ``Group``); ``n_ccres``: how many cCREs it removes."""
     parts = []
     for i, (_, row) in enumerate(tab.iterrows()):
         added, removed = xy[query_knn[i, 0]].mean(1), xy[query_knn[i, 1]].mean(1)
         n = added.shape[0]
         parts.append(pd.DataFrame({
             "knockout": target_name(row), "gene": row["gene"] if "gene" in tab else "",
-            "ccre": int(row["ccre"]), "query": np.arange(n),
+            "ccre": int(row["ccre"]), "n_ccres": int(row["n_ccres"]) if "n_ccres" in tab else 1,
+            "query": np.arange(n),
             "umap1_added": added[:, 0], "umap2_added": added[:, 1],
             "umap1_removed": removed[:, 0], "umap2_removed": removed[:, 1],
             "score_added": query_scores[i, 0], "score_removed": query_scores[i, 1]}))
-    cols = ["knockout", "gene", "ccre", "query", "umap1_added", "umap2_added", "umap1_removed", "umap2_removed",
+    cols = ["knockout", "gene", "ccre", "n_ccres", "query", "umap1_added", "umap2_added", "umap1_removed", "umap2_removed",
             "score_added", "score_removed"]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
 
@@ -228,26 +235,93 @@ def knn_score(ref_emb, ref_scores, emb, k: int = 20) -> tuple[np.ndarray, np.nda
 
 
 # ----------------------------------------------------------------------------- core
+def knockout_sets(targets: pd.DataFrame, unit: str = "ccre", *, group: bool = False
+                  ) -> tuple[list[np.ndarray], pd.DataFrame]:
+    """The cCRE sets that are knocked out, and one row per set describing it.
+
+    ``targets``: DataFrame with a ``ccre`` column (vocabulary index) and optionally ``gene`` (+ ``chrom,
+    start, end`` ...), one row per target cCRE (:func:`knockout_targets`). ``unit``: ``ccre`` = each row
+    on its own; ``gene`` = all cCREs of a gene at once (one set per gene, genes in their order of first
+    appearance; needs the ``gene`` column). ``group``: one more set, every target cCRE (the paper's
+    "Group" knockout). The rows: ``knockout`` (the name: ``GENE:ccre`` / the cCRE index for a cCRE,
+    the gene for a gene, ``Group``), the other columns of ``targets`` (for a gene: ``chrom`` of its
+    first cCRE, ``start`` / ``end`` spanning its cCREs), ``ccre`` (the index; -1 for a gene or the
+    Group), ``ccres`` (the set's indices, comma list) and ``n_ccres``."""
+    if unit not in ("ccre", "gene"):
+        raise ConfigError(f"unknown knockout unit {unit!r}", field="target_unit", fix="use ccre or gene")
+    targets = targets.reset_index(drop=True)
+    tgt = targets["ccre"].to_numpy(dtype=np.int64)
+    extra = targets.drop(columns=["ccre"])
+    if unit == "gene":
+        if "gene" not in targets or targets["gene"].isna().any():
+            raise ConfigError("the gene knockout unit needs the gene of every target cCRE; cCRE indices "
+                              "(--ccres) have none", field="target_unit",
+                              fix="give --genes with --tss, or use --target-unit ccre with --ccres")
+        genes = list(dict.fromkeys(targets["gene"].astype(str)))
+        sets = [np.unique(tgt[targets["gene"].astype(str).to_numpy() == g]) for g in genes]
+        rows = []
+        for g in genes:
+            part = extra[extra["gene"].astype(str) == g]
+            row = {c: part[c].iloc[0] for c in extra.columns}
+            if "start" in part:
+                row["start"] = part["start"].min()
+            if "end" in part:
+                row["end"] = part["end"].max()
+            rows.append(row)
+        info = pd.DataFrame(rows, columns=list(extra.columns))
+        info["gene"] = genes
+        info["ccre"] = -1
+    else:
+        sets = [np.array([j]) for j in tgt]
+        info = extra.assign(ccre=tgt)
+    if group and len(tgt):
+        sets.append(np.unique(tgt))
+        info = pd.concat([info, pd.DataFrame([{"gene": "Group", "ccre": -1} if "gene" in extra else {"ccre": -1}])],
+                         ignore_index=True)
+    info["ccre"] = info["ccre"].astype(np.int64)
+    for c in ("start", "end"):  # the Group has no position: keep the others integers
+        if c in info and pd.api.types.is_numeric_dtype(info[c]):
+            info[c] = info[c].astype("Int64")
+    info["ccres"] = [",".join(str(int(j)) for j in js) for js in sets]
+    info["n_ccres"] = [len(js) for js in sets]
+    info.insert(0, "knockout", [target_name(r) for _, r in info.iterrows()])
+    return sets, info
+
+
 def knockout_effects(embed_fn, xa, xb, targets: pd.DataFrame, *, n_reference: int = 1000, n_query: int = 50,
                      n_random: int = 50, k: int = 20, alternative: str = "less", seed: int = 0,
-                     emb_a=None, emb_b=None, random_pool=None, group: bool = False) -> dict:
+                     emb_a=None, emb_b=None, random_pool=None, group: bool = False, unit: str = "ccre") -> dict:
     """The knockout analysis on binary/count matrices of the two states (cells x cCREs).
 
     ``embed_fn(csr) -> embeddings`` embeds cells given as a count matrix. ``targets``: DataFrame with a
-    ``ccre`` column (vocabulary index) and optionally ``gene``. ``emb_a`` / ``emb_b``: embeddings of the
-    state cells for OT pairing (computed with ``embed_fn`` when absent). ``random_pool``: cCRE indices
-    to draw the random knockouts from (default: cCREs accessible in some cell of either state).
-    ``group``: one more target, every target cCRE added / removed at once (the paper's "Group"
-    knockout; its row has ``ccre`` -1, ``gene`` "Group" and ``n_ccres`` the number of cCREs).
-    Returns a dict with ``table`` (per target), ``random`` (per random cCRE), ``reference_scores``,
-    ``reference_embedding``, ``query_knn`` (targets then random cCREs x added / removed x query cell x
-    neighbour: reference indices), ``query_scores`` (the same without the neighbour axis: mean
-    neighbour score), ``n_targets`` and ``score_r`` (leave-one-out kNN score prediction on the reference).
+    ``ccre`` column (vocabulary index) and optionally ``gene``; ``unit`` and ``group`` make the knocked
+    out sets from them (:func:`knockout_sets`: each cCRE, or all cCREs of a gene at once; ``group``: all
+    target cCREs at once, the paper's "Group" row with ``ccre`` -1). ``emb_a`` / ``emb_b``: embeddings of
+    the state cells for OT pairing (computed with ``embed_fn`` when absent).
+
+    **Random control, size-matched**: ``n_random`` random single cCREs are always knocked out (the SPEC's
+    control; ``random_effects``); for every other set size ``m`` among the targets (a gene's promoter
+    cCREs, the Group) ``n_random`` random sets of ``m`` cCREs each are knocked out at once. A target of
+    ``m`` cCREs is compared (one-sided Welch t-test on the per-query-cell effects) with the pooled random
+    knockouts of its own size, so a gene of three cCREs is tested against random triples, not single
+    cCREs. ``random_pool``: the cCREs the random ones are drawn from (default: cCREs accessible in some
+    cell of either state).
+
+    Returns a dict with ``table`` (per target: :func:`knockout_sets` columns, ``mean_effect``,
+    ``sd_effect``, ``score_added``, ``score_removed``, ``random_mean_effect`` of its size-matched random
+    knockouts, ``t``, ``p_value``), ``random`` (per random knockout: ``ccre`` (-1 for a set), ``ccres``,
+    ``n_ccres``, ``mean_effect``), ``random_effects`` (per-cell effects of the random single cCREs),
+    ``random_effects_by_size`` (set size -> pooled per-cell effects), ``reference_scores``,
+    ``reference_embedding``, ``query_knn`` (targets, then random single cCREs, then random sets by size x
+    added / removed x query cell x neighbour: reference indices), ``query_scores`` (the same without the
+    neighbour axis: mean neighbour score), ``n_targets`` and ``score_r`` (leave-one-out kNN score
+    prediction on the reference).
     """
     from scipy.stats import pearsonr, ttest_ind
 
     from .integration import ot_match
 
+    sets, info = knockout_sets(targets, unit, group=group)
     rng = np.random.default_rng(seed)
     xa, xb = _binary(xa), _binary(xb)
     if xa.shape[0] < 1 or xb.shape[0] < 1:
@@ -271,12 +345,20 @@ def knockout_effects(embed_fn, xa, xb, targets: pd.DataFrame, *, n_reference: in
     q = chimeric_cells(xa, xb, qa, part_a[qa], np.full(n_query, 0.5), rng)
     if random_pool is None:
         random_pool = np.flatnonzero(np.asarray((xa.sum(0) + xb.sum(0))).ravel() > 0)
-    rand = rng.choice(random_pool, size=min(n_random, len(random_pool)), replace=False)
-    tgt = targets["ccre"].to_numpy(dtype=np.int64)
-    sets = [np.array([j]) for j in tgt] + ([np.unique(tgt)] if group and len(tgt) else [])
+    random_pool = np.asarray(random_pool, dtype=np.int64)
+    n_r = min(n_random, len(random_pool))
+    rand = rng.choice(random_pool, size=n_r, replace=False)
     n_sets = len(sets)
-    sets += [np.array([j]) for j in rand]
-    # all variants in one matrix: for each target (a cCRE, or the group), the query with it added, then removed
+    rand_sets = [np.array([j]) for j in rand]
+    # size-matched random sets for the targets of more than one cCRE (drawn after the single ones, so
+    # those stay the same draws)
+    for m in sorted({len(js) for js in sets} - {1}):
+        rand_sets += [np.sort(rng.choice(random_pool, size=min(m, len(random_pool)), replace=False))
+                      for _ in range(n_r)]
+    sizes = np.array([len(js) for js in rand_sets], dtype=np.int64)
+    sets = sets + rand_sets
+    # all variants in one matrix: for each set (a cCRE, a gene's cCREs, the group, a random set), the query
+    # with it added, then removed
     mats = []
     for js in sets:
         mats += [set_column(q, js, True), set_column(q, js, False)]
@@ -284,37 +366,50 @@ def knockout_effects(embed_fn, xa, xb, targets: pd.DataFrame, *, n_reference: in
     sc_, idx = knn_score(ref_emb, ref_scores, emb, k)
     sc_ = sc_.reshape(len(sets), 2, n_query)
     eff = sc_[:, 1] - sc_[:, 0]  # removed - added, per query cell
-    rand_eff = eff[n_sets:].ravel()
+    reff = eff[n_sets:]
+    by_size = {int(m): reff[sizes == m].ravel() for m in np.unique(sizes)}
     rows = []
     for i in range(n_sets):
         e = eff[i]
-        t, p = ttest_ind(e, rand_eff, equal_var=False, alternative=alternative) if len(rand_eff) > 1 else (np.nan,
-                                                                                                            np.nan)
-        rows.append({"ccre": int(sets[i][0]) if i < len(tgt) else -1, "n_ccres": len(sets[i]),
-                     "mean_effect": float(e.mean()), "sd_effect": float(e.std(ddof=1)) if n_query > 1 else 0.0,
+        pool = by_size.get(len(sets[i]), by_size.get(int(min(len(sets[i]), len(random_pool))), np.array([])))
+        t, p = ttest_ind(e, pool, equal_var=False, alternative=alternative) if len(pool) > 1 else (np.nan, np.nan)
+        rows.append({"mean_effect": float(e.mean()), "sd_effect": float(e.std(ddof=1)) if n_query > 1 else 0.0,
                      "score_added": float(sc_[i, 0].mean()), "score_removed": float(sc_[i, 1].mean()),
+                     "random_mean_effect": float(pool.mean()) if len(pool) else float("nan"),
                      "t": float(t), "p_value": float(p)})
-    table = pd.DataFrame(rows)
-    if len(table):
-        extra = targets.reset_index(drop=True).drop(columns=["ccre"], errors="ignore")
-        if n_sets > len(tgt):  # the group row
-            extra = pd.concat([extra, pd.DataFrame([{"gene": "Group"}] if "gene" in extra else [{}])],
-                              ignore_index=True)
-        table = pd.concat([extra, table], axis=1)
-    rtab = pd.DataFrame({"ccre": rand, "mean_effect": eff[n_sets:].mean(1)})
-    return {"table": table, "random": rtab, "random_effects": rand_eff, "reference_scores": ref_scores,
+    table = pd.concat([info, pd.DataFrame(rows)], axis=1) if n_sets else pd.DataFrame(rows)
+    rtab = pd.DataFrame({"ccre": [int(js[0]) if len(js) == 1 else -1 for js in rand_sets],
+                         "ccres": [",".join(str(int(j)) for j in js) for js in rand_sets], "n_ccres": sizes,
+                         "mean_effect": reff.mean(1)})
+    return {"table": table, "random": rtab, "random_effects": by_size.get(1, np.array([])),
+            "random_effects_by_size": by_size, "reference_scores": ref_scores,
             "reference_embedding": ref_emb, "query_knn": idx.reshape(len(sets), 2, n_query, -1),
-            "query_scores": sc_,
-            "n_targets": n_sets, "score_r": score_r}
+            "query_scores": sc_, "n_targets": n_sets, "score_r": score_r}
 
 
 # ----------------------------------------------------------------------------- pipeline
 def target_name(row) -> str:
-    """The name of a knockout target row: ``GENE:ccre``, the cCRE index, or ``Group``."""
+    """The name of a knockout target row: its ``knockout`` column when it has one, else ``GENE:ccre`` /
+    the cCRE index for a single cCRE, the gene for a gene's cCREs together (``ccre`` -1), or ``Group``."""
+    get = row.get if hasattr(row, "get") else (lambda key, default=None: default)
+    name = get("knockout")
+    if isinstance(name, str) and name:
+        return name
+    gene = get("gene")
+    gene = gene if isinstance(gene, str) and gene else ""
     if int(row["ccre"]) < 0:
-        return "Group"
-    gene = row.get("gene") if hasattr(row, "get") else None
-    return f"{gene}:{int(row['ccre'])}" if isinstance(gene, str) and gene else str(int(row["ccre"]))
+        return gene or "Group"
+    return f"{gene}:{int(row['ccre'])}" if gene else str(int(row["ccre"]))
+
+
+def target_label(name, n_ccres=1) -> str:
+    """A figure label: the knockout's name, with its number of cCREs when it removes several
+    (``VEGFA (3 cCREs)``)."""
+    try:
+        n = int(n_ccres)
+    except (TypeError, ValueError):
+        n = 1
+    return f"{name} ({n} cCREs)" if n > 1 else str(name)
 
 
 def gene_windows(genes, upstream: int) -> dict[str, int]:
@@ -336,11 +431,17 @@ def gene_windows(genes, upstream: int) -> dict[str, int]:
 
 def knockout_targets(cfg: KnockoutConfig, *, tss: pd.DataFrame | None = None,
                      vocab: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The target cCREs of the settings: ``cfg.ccres`` (vocabulary indices; column ``ccre``), else the
+    """The target cCREs of the settings, one row per cCRE (``cfg.target_unit`` groups them later, in
+    :func:`knockout_sets`): ``cfg.ccres`` (vocabulary indices; column ``ccre``; an error with the
+    ``gene`` unit), else the
     promoter cCREs of ``cfg.genes`` (``gene, ccre, chrom, start, end``; :func:`promoter_ccres` with the
     ``cfg.upstream`` / ``cfg.downstream`` window, or a gene's own upstream window written ``GENE:BP``) from ``tss`` (:func:`read_tss`) and the cCRE
     vocabulary ``vocab`` (``chrom, start, end`` in token order: the corpus ``vocab.bed``)."""
     if cfg.ccres:
+        if cfg.target_unit == "gene":
+            raise ConfigError("target_unit gene knocks out the promoter cCREs of each gene together, but the "
+                              "targets are cCRE indices (ccres), which have no gene", field="target_unit",
+                              fix="give --genes with --tss, or use --target-unit ccre with --ccres")
         return pd.DataFrame({"ccre": np.asarray(list(cfg.ccres), dtype=np.int64)})
     if not cfg.genes or tss is None:
         raise EpiflowError("give targets: --ccres, or --genes with --tss", field="targets")
@@ -367,19 +468,22 @@ def run(cells, model, cfg: KnockoutConfig, targets, *, df: np.ndarray | None = N
     """Knockout analysis (module docstring) of the ``cells`` of states ``cfg.state_a`` / ``cfg.state_b``
     (a Shard, :func:`epiflow.tasks.common.load_cells`) with ``model`` (fine-tuned **in place** for
     ``cfg.max_steps`` steps when > 0). ``targets``: a DataFrame with ``ccre`` [+ ``gene`` ...]
-    (:func:`knockout_targets`) or a list of vocabulary indices. ``df``: the document frequencies of the
+    (:func:`knockout_targets`) or a list of vocabulary indices; ``cfg.target_unit`` knocks out each cCRE,
+    or each gene's cCREs together (:func:`knockout_sets`). ``df``: the document frequencies of the
     model's corpus, used to tokenize the chimeric cells (None: the fraction of the cells in which each
     cCRE is accessible). ``dataset``: the name of the metrics rows (default: the first cell's dataset,
     else ``all``). ``neighbourhood``: the cCREs around the target genes' TSS (:func:`tss_neighbourhood`);
     the fraction of accessible cells of each state is added to them.
 
     Returns a :class:`~epiflow.tasks.common.TaskResult`: ``metrics`` (task ``knockout``), ``tables``
-    ``knockout`` (per target), ``random`` (per random cCRE), ``reference_cells`` (``cell, score, umap1,
+    ``knockout`` (per target: a cCRE, a gene or the Group; name in ``knockout``, its cCREs in ``ccres``,
+    ``n_ccres``; the mean effect of its size-matched random knockouts in ``random_mean_effect``), ``random``
+    (per random knockout: a single cCRE, or a random set of as many cCREs as a target), ``reference_cells`` (``cell, score, umap1,
     umap2``: the chimeric reference cells), ``shifts`` (:func:`shift_table`: per target and query cell,
     position and score with the target added / removed) and ``tss_ccres`` (``neighbourhood`` with
     ``state_a, state_b, fraction_a, fraction_b``; no rows without one); ``models["model"]`` when
     fine-tuned; ``data``: what :func:`knockout_effects` returns besides the tables (``random_effects``,
-    ``reference_scores``, ``reference_embedding``, ``query_knn``, ``query_scores``, ``n_targets``,
+    ``random_effects_by_size``, ``reference_scores``, ``reference_embedding``, ``query_knn``, ``query_scores``, ``n_targets``,
     ``score_r``), plus ``reference_umap``, ``dataset`` and ``finetune_loss`` (per step).
     """
     from ..corpus.shard import shard_from_counts
@@ -396,6 +500,7 @@ def run(cells, model, cfg: KnockoutConfig, targets, *, df: np.ndarray | None = N
         targets = pd.DataFrame({"ccre": np.asarray(list(targets), dtype=np.int64)})
     if (targets["ccre"] < 0).any() or (targets["ccre"] >= cells.n_ccres).any():
         raise EpiflowError(f"target cCRE indices must be in 0..{cells.n_ccres - 1}", field="ccre")
+    knockout_sets(targets, cfg.target_unit, group=cfg.group)  # a wrong unit fails before any fine-tuning
 
     device, progress, seed = cfg.device, cfg.progress, cfg.seed
     hist: list[float] = []
@@ -416,7 +521,8 @@ def run(cells, model, cfg: KnockoutConfig, targets, *, df: np.ndarray | None = N
     all_emb = embed_cells(model, cells, device=device, progress=progress)
     res = knockout_effects(embed_fn, counts[ia], counts[ib], targets, n_reference=cfg.n_reference,
                            n_query=cfg.n_query, n_random=cfg.n_random, k=cfg.k, alternative=cfg.alternative,
-                           seed=seed, emb_a=all_emb[ia], emb_b=all_emb[ib], group=cfg.group)
+                           seed=seed, emb_a=all_emb[ia], emb_b=all_emb[ib], group=cfg.group,
+                           unit=cfg.target_unit)
     ds = dataset or (str(cells.obs["dataset"].iloc[0]) if "dataset" in cells.obs else "all")
     tab = res.pop("table")
     rand = res.pop("random")
@@ -434,7 +540,7 @@ def run(cells, model, cfg: KnockoutConfig, targets, *, df: np.ndarray | None = N
                        fraction_a=np.asarray(_binary(counts[ia]).mean(0)).ravel()[ccre],
                        fraction_b=np.asarray(_binary(counts[ib]).mean(0)).ravel()[ccre])
     rows = metric_rows(TASK, ds, "EpiAgent", {
-        "n_targets": len(tab), "n_random": len(rand), "n_query": cfg.n_query, "n_reference": cfg.n_reference,
+        "n_targets": len(tab), "n_random": int((rand["n_ccres"] == 1).sum()), "n_query": cfg.n_query, "n_reference": cfg.n_reference,
         "reference_score_r": res["score_r"], "random_mean_effect": float(np.mean(res["random_effects"])),
         "n_significant": int((tab["p_value"] < 0.05).sum()), "finetune_steps": len(hist)})
     for _, r in tab.iterrows():

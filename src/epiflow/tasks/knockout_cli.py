@@ -43,7 +43,7 @@ def _knockout(args) -> int:
                          title=f"{cfg.state_a} -> {cfg.state_b}: in-silico knockout on {res.data['dataset']}")
     write_task_result(res, args.out)
     print(res.tables["knockout"].to_string(index=False))
-    print(f"random knockouts: mean effect {res.data['random_effects'].mean():.4g}; "
+    print(f"random single-cCRE knockouts: mean effect {res.data['random_effects'].mean():.4g}; "
           f"reference score r = {res.data['score_r']:.3f}")
     print(f"wrote {args.out}/knockout.tsv, random.tsv, reference_cells.tsv, shifts.tsv, tss_ccres.tsv and "
           "metrics.tsv")
@@ -60,9 +60,11 @@ def register(subparsers) -> None:
         description=(
             "OT-pair cells of two states (e.g. normal vs cancer), build chimeric reference cells with a score "
             "drawn uniformly in [0, 1] (fraction of cCREs from state B) and query chimeras at 0.5 with each "
-            "target cCRE added then removed; the effect is the change of the mean score of the 20 nearest "
-            "reference cells, tested one-sided (Welch t) against knockouts of random cCREs. Targets: --ccres "
-            "(vocabulary indices) or --genes with --tss (BED6 TSS file or GTF; promoter windows). Writes "
+            "target added then removed; the effect is the change of the mean score of the 20 nearest "
+            "reference cells, tested one-sided (Welch t) against knockouts of as many random cCREs. Targets: "
+            "--ccres (vocabulary indices) or --genes with --tss (BED6 TSS file or GTF; promoter windows); "
+            "a target is each promoter cCRE, or with --target-unit gene all promoter cCREs of a gene at once "
+            "(the paper's Fig. 5d-e); --group adds all of them at once. Writes "
             "OUT/knockout.tsv, random.tsv, reference_cells.tsv (UMAP and score of the reference cells), "
             "shifts.tsv (each query cell's position and score with each target added / removed), tss_ccres.tsv "
             "(cCREs within 10 kb of the target genes' promoter windows, accessible fraction per state; empty "
