@@ -89,7 +89,7 @@ def test_cpu_smoke_every_part(tmp_path):
     assert bt["lean+ckpt"]["checkpointing"] is True and bt["lean"]["checkpointing"] is False
     assert bt["lean+ckpt"]["tokens_per_s"] > 0 and bt["lean+ckpt"]["state_gb"] == bt["lean"]["state_gb"]
     assert bt["encoder_activations_gb"]["ckpt"] < bt["encoder_activations_gb"]["no_ckpt"]
-    assert bt["expected_peak_gb"]["lean+ckpt"] < bt["expected_peak_gb"]["lean"] < bt["expected_peak_gb"]["dense"]
+    assert bt["expected_peak_gb"]["lean+ckpt"] < bt["expected_peak_gb"]["lean"]  # the same state estimate
     assert set(bt["lean_ckpt_over_lean"]) == {"peak", "tokens_per_s"}
     pc = parts["pretrain_cli"]
     assert pc["run1"]["exit_code"] == 138 and pc["run1"]["stopped_at_step"] < pc["max_steps"]
