@@ -1,17 +1,22 @@
-"""Pretraining memory and throughput: dense fp32 AdamW versus the memory-lean mode.
+"""Pretraining memory and throughput: dense fp32 AdamW versus the memory-lean mode, with and without
+activation checkpointing.
 
-Prints one JSON object, dense and lean side by side:
+Prints one JSON object, the modes side by side (``--modes``, default ``dense,lean``; a mode with
+``+ckpt``, e.g. ``lean+ckpt``, turns on activation checkpointing per encoder block;
+``--checkpointing`` adds ``lean+ckpt`` to the list):
 
 * ``paper_estimate``: analytic bytes per GPU of the training state (parameters, gradients,
   optimiser states, the lean mode's per-step records and chunk workspace) of the ``paper`` config
   (1,355,445 cCREs, 18 x 512; 8 GPUs x 4 cells x accumulation 4, every cell 8,190 tokens) from
   :func:`epiflow.train.lean.memory_estimate`, in RLM epochs (the replaced copy doubles the input
-  sentences: worst case) and after them; plus a rough activation figure (not part of the target).
+  sentences: worst case) and after them; plus the encoder activations kept for the backward pass
+  (:func:`epiflow.train.lean.activation_estimate`, bf16, 4 cells x 8,192 tokens and their RLM
+  copies), with and without checkpointing, and the expected lean peak (state + activations).
 * ``scaled``: a reduced-scale run of ``epiflow.train.pretrain`` per mode, each in its own
   subprocess (CPU: peak RSS ``VmHWM`` over the RSS after imports; CUDA: ``max_memory_allocated``),
   with the exact tensor bytes of the training state, the lean records' peak, tokens/s, and the
-  analytic estimate for the same shapes.
-* ``side_by_side``: the headline rows of both.
+  analytic estimate for the same shapes (state, activations, expected peak per mode).
+* ``side_by_side``: the headline rows of every mode.
 
 ``--speed`` (issue #15) measures instead the throughput of a full pretraining step (CCA + SR + RLM,
 AdamW included; ``epiflow.train.pretrain`` on a demo-sized corpus, ~4,900 cCREs, ~300 accessible per
@@ -29,6 +34,7 @@ no thread spins).
     python benchmarks/bench_train.py --quick           # CPU, 50,000 cCREs x 64, 3 steps per mode
     python benchmarks/bench_train.py                   # CPU, 300,000 cCREs x 128, 4 steps per mode
     python benchmarks/bench_train.py --device cuda --paper   # GPU: paper sizes (1,355,445 x 512, 18 layers)
+    python benchmarks/bench_train.py --quick --checkpointing   # dense, lean and lean+ckpt
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,6 +50,7 @@ from pathlib import Path
 
 GB = 1e9
 MB = 2**20
+MODES = ("dense", "lean", "dense+ckpt", "lean+ckpt")
 
 
 def _gb(d: dict) -> dict:
@@ -51,20 +59,22 @@ def _gb(d: dict) -> dict:
 
 def paper_estimate() -> dict:
     from epiflow.model import EpiAgentConfig
-    from epiflow.train.lean import memory_estimate
+    from epiflow.train.lean import activation_estimate, memory_estimate
 
     cfg = EpiAgentConfig.preset("paper")
     rlm = memory_estimate(cfg, rlm=True)
     no_rlm = memory_estimate(cfg, rlm=False)
     mom = memory_estimate(cfg, rlm=True, momentum=True)
     dense = rlm["dense"]["total"]
-    # activations per layer and token in bf16 (qkv, attention out, 2 residual inputs, 2 LN, FFN in
-    # and GELU out, dropout masks), flash attention (no L^2 scores); 4 cells x 8,192 tokens;
-    per_tok_layer = 2 * (3 * cfg.dim + cfg.dim + 4 * cfg.dim + 2 * cfg.ffn) + 3 * cfg.dim
-    act = 4 * 8192 * cfg.num_layers * per_tok_layer
+    # encoder activations kept for backward (bf16 autocast, CUDA): 4 cells x 8,192 tokens and their
+    # RLM copies in one forward, with and without activation checkpointing
+    tokens = 2 * 4 * 8192
+    enc = activation_estimate(cfg, tokens)["peak_in_backward"]
+    enc_ck = activation_estimate(cfg, tokens, checkpointing=True)["peak_in_backward"]
     # CCA head on every query of the micro-batch (4 cells x 20,000 x (1 + K = 6)): input, hidden,
-    # LayerNorm and their gradients, bf16
-    act += 4 * 20_000 * 6 * (2 * cfg.dim + 3 * cfg.cca_hidden) * 2
+    # LayerNorm and their gradients, bf16 (rough)
+    cca = 4 * 20_000 * 6 * (2 * cfg.dim + 3 * cfg.cca_hidden) * 2
+    lean_state = rlm["lean"]["total"]
     return {
         "config": {"n_ccres": cfg.n_ccres, "dim": cfg.dim, "layers": cfg.num_layers, "parameters": rlm["parameters"],
                    "table_parameters": rlm["table_parameters"], "other_parameters": rlm["other_parameters"],
@@ -76,10 +86,16 @@ def paper_estimate() -> dict:
         "target_one_third_gb": round(dense / 3 / GB, 3),
         "lean_over_dense": round(rlm["lean"]["total"] / dense, 3),
         "meets_target": bool(rlm["lean"]["total"] <= dense / 3),
-        "activations_bf16_gb_rough": round(act / GB, 2),
-        "notes": "per GPU, state only (weights, gradients, optimiser, lean records and chunk workspace); "
+        "activations_gb": {"tokens_per_micro_batch": tokens, "encoder": round(enc / GB, 2),
+                           "encoder_checkpointed": round(enc_ck / GB, 2), "cca_head_rough": round(cca / GB, 2)},
+        "expected_lean_peak_gb": {"lean": round((lean_state + enc + cca) / GB, 2),
+                                  "lean+ckpt": round((lean_state + enc_ck + cca) / GB, 2),
+                                  "what": "analytic lean state (RLM epochs) + encoder activations + CCA head; "
+                                          "leaves out embeddings, other heads, gradients in flight, allocator slack"},
+        "notes": "per GPU; the state (weights, gradients, optimiser, lean records and chunk workspace) in the "
                  "worst case: every cell 8,190 tokens, all tokens of a micro-batch distinct rows, 20,000 "
-                 "accessible cCREs per cell, K = 5; activations are a rough bf16 figure, not in the target",
+                 "accessible cCREs per cell, K = 5; activations (epiflow.train.lean.activation_estimate) are "
+                 "not in the 1/3 target",
     }
 
 
@@ -104,8 +120,8 @@ def _child(args) -> None:
     torch.set_num_threads(args.threads)
     from epiflow.train.pretrain import PretrainConfig, pretrain
 
-    lean = args.child == "lean"
-    out = Path(args.workdir) / f"run_{args.child}"
+    lean, ckpt = args.child.split("+")[0] == "lean", args.child.endswith("+ckpt")
+    out = Path(args.workdir) / f"run_{args.child.replace('+', '_')}"
     dev = args.device
     overrides = {"num_layers": args.layers, "dim": args.dim, "num_heads": max(1, args.dim // 64),
                  "ffn": 4 * args.dim, "max_rank": args.max_len + 2}
@@ -115,8 +131,10 @@ def _child(args) -> None:
     s = pretrain(args.workdir + "/corpus", out, PretrainConfig(
         model_config="tiny", model_overrides=overrides, epochs=1, max_steps=args.steps, rlm_epochs=1,
         batch_tokens=args.batch_tokens, max_len=args.max_len, lr=1e-4, ckpt_every=0, eval_fraction=0.02,
-        memory_lean=lean, progress=False, device=dev, lean_chunk=args.chunk, k_schedule=(args.k,)))
-    st = torch.load(out / "train_state.pt", weights_only=False, map_location="cpu")
+        memory_lean=lean, progress=False, device=dev, lean_chunk=args.chunk, k_schedule=(args.k,),
+        gradient_checkpointing=ckpt))
+    # memory-mapped: only the sizes are read (the dense paper state is 17 GB)
+    st = torch.load(out / "train_state.pt", weights_only=False, map_location="cpu", mmap=True)
 
     def nbytes(x):
         if isinstance(x, torch.Tensor):
@@ -136,7 +154,10 @@ def _child(args) -> None:
             else _proc_status_mb("VmHWM"))
     m = pd.read_csv(out / "metrics.csv")
     tps = m["tokens_per_s"].iloc[1:] if len(m) > 1 else m["tokens_per_s"]
-    print(json.dumps({"mode": args.child, "params_mb": params / MB, "optimizer_state_mb": opt_bytes / MB,
+    del st
+    # free the disk before the next mode (paper sizes: ~23 GB dense, ~12 GB lean of checkpoint and state)
+    shutil.rmtree(out, ignore_errors=True)
+    print(json.dumps({"mode": args.child, "checkpointing": ckpt, "params_mb": params / MB, "optimizer_state_mb": opt_bytes / MB,
                       "dense_grads_mb": grads / MB, "lean_records_peak_mb": records / MB,
                       "state_total_mb": (params + opt_bytes + grads + records) / MB,
                       "peak_mb": peak, "rss_after_imports_mb": rss0,
@@ -310,14 +331,15 @@ def speed(args) -> dict:
             "target": "small: share_of_matmul >= 0.25"}
 
 
-def _scaled_estimate(args, corpus: Path) -> dict:
+def _scaled_estimate(args, corpus: Path, modes) -> dict:
     """memory_estimate for the scaled run's shapes: the largest micro-batch of its plan, its longest
-    sentence and cell, K and chunk (an upper bound of the lean records)."""
+    sentence and cell, K and chunk (an upper bound of the lean records); activation_estimate for the
+    micro-batch with the most tokens (with its RLM copies), and their sum per mode."""
     import numpy as np
 
     from epiflow.model import EpiAgentConfig
     from epiflow.train.data import PlanConfig, build_index, epoch_plan, split_cells
-    from epiflow.train.lean import memory_estimate
+    from epiflow.train.lean import activation_estimate, memory_estimate
 
     index = build_index(corpus)
     train, _ = split_cells(index.n_cells, 0.02, 0, 2000)
@@ -328,8 +350,22 @@ def _scaled_estimate(args, corpus: Path) -> dict:
                                 num_heads=max(1, args.dim // 64), ffn=4 * args.dim, max_rank=args.max_len + 2)
     e = memory_estimate(cfg, cells_per_gpu=cells, grad_accum=1, gpus=1, seq=longest, rlm=True,
                         positives_per_cell=int(np.max(index.lengths)), k=args.k, chunk=args.chunk)
+    # packed tokens of a micro-batch: [CLS] sentence [SEP] per cell, twice (the RLM copy)
+    tokens = max(2 * int(np.sum(np.minimum(index.lengths[np.asarray(mb, dtype=np.int64)], args.max_len) + 2))
+                 for mb in plan[:args.steps])
+    cuda = args.device.startswith("cuda")  # precision auto: bf16 autocast on CUDA, fp32 on CPU
+    act = {ck: activation_estimate(cfg, tokens, checkpointing=ck, bf16=cuda, device=args.device)["peak_in_backward"]
+           for ck in (False, True)}
+    expected = {m: round((e[m.split("+")[0]]["total"] + act[m.endswith("+ckpt")]) / MB, 1) for m in modes}
     return {"dense_mb": {k: round(v / MB, 1) for k, v in e["dense"].items()},
             "lean_mb": {k: round(v / MB, 1) for k, v in e["lean"].items()},
+            "encoder_activations_mb": {"no_ckpt": round(act[False] / MB, 1), "ckpt": round(act[True] / MB, 1),
+                                       "tokens_per_micro_batch": tokens},
+            "expected_peak_mb": expected,
+            "expected_peak_is": "state + encoder activations kept for backward (no heads, embeddings, gradients "
+                                "in flight, allocator slack" + ("" if cuda else "; on CPU attention dropout runs "
+                                "SDPA's math kernel, whose L x L tensors are left out, and the RSS also holds the "
+                                "corpus cache") + ")",
             "inputs": e["inputs"], "parameters": e["parameters"],
             "mean_sentence_length": float(np.mean(index.lengths))}
 
@@ -348,6 +384,9 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=254, help="tokens per sentence (short: small activations)")
     ap.add_argument("--k", type=int, default=2, help="CCA negatives per positive")
     ap.add_argument("--chunk", type=int, default=16384, help="lean: rows per chunk")
+    ap.add_argument("--modes", default="dense,lean", help=f"comma list of {', '.join(MODES)} (+ckpt: activation "
+                    "checkpointing per encoder block); each runs in its own subprocess")
+    ap.add_argument("--checkpointing", action="store_true", help="add lean+ckpt to --modes")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--speed", action="store_true", help="tokens/s and FLOP rate of tiny and small (issue #15)")
     ap.add_argument("--configs", default="tiny,small", help="--speed: model presets")
@@ -380,6 +419,12 @@ def main() -> None:
     if args.child:
         _child(args)
         return
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.checkpointing and "lean+ckpt" not in modes:
+        modes.append("lean+ckpt")
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        ap.error(f"--modes: unknown mode(s) {bad or '(none given)'}; choose from {', '.join(MODES)}")
     result = {"paper_estimate": paper_estimate()}
     with tempfile.TemporaryDirectory() as wd:
         from epiflow.train.toy import write_toy_corpus
@@ -387,12 +432,12 @@ def main() -> None:
         # sparse structured counts: ~1-2 % of cCREs accessible per cell (capped at --max-len tokens)
         corpus = write_toy_corpus(Path(wd) / "corpus", n_cells=args.cells, n_ccres=args.n_ccres, n_types=4,
                                   seed=0, shard_size=100, p_in=0.01, p_out=0.001, p_common=0.02, frac_common=0.05)
-        scaled_est = _scaled_estimate(args, corpus)
+        scaled_est = _scaled_estimate(args, corpus, modes)
         # freed large blocks go back to the OS at once (glibc's dynamic mmap threshold would keep them
         # in the heap), so the peak RSS follows the live tensors more closely; same for both modes
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="131072")
         measured = {}
-        for mode in ("dense", "lean"):
+        for mode in modes:
             cmd = [sys.executable, __file__, "--child", mode, "--workdir", wd, "--device", args.device,
                    "--n-ccres", str(args.n_ccres), "--dim", str(args.dim), "--layers", str(args.layers),
                    "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens),
@@ -403,30 +448,38 @@ def main() -> None:
                 measured[mode] = {"error": r.stderr[-2000:]}
                 continue
             measured[mode] = json.loads(r.stdout.strip().splitlines()[-1])
-    ok = all("error" not in measured.get(m, {"error": 1}) for m in ("dense", "lean"))
-    result["scaled"] = {"device": args.device, "n_ccres": args.n_ccres, "dim": args.dim, "layers": args.layers,
-                        "cells": args.cells, "steps": args.steps, "batch_tokens": args.batch_tokens,
-                        "max_len": args.max_len, "threads": args.threads, "estimate": scaled_est, **measured}
+    ok = [m for m in modes if "error" not in measured.get(m, {"error": 1})]
+    result["scaled"] = {"device": args.device, "modes": modes, "n_ccres": args.n_ccres, "dim": args.dim,
+                        "layers": args.layers, "cells": args.cells, "steps": args.steps,
+                        "batch_tokens": args.batch_tokens, "max_len": args.max_len, "threads": args.threads,
+                        "estimate": scaled_est, **measured}
     pe = result["paper_estimate"]
     side = {"paper_estimate_state_gb": {"dense": pe["dense_fp32_adamw_gb"]["total"],
                                         "lean": pe["lean_gb_rlm_epochs"]["total"],
                                         "lean_after_rlm": pe["lean_gb_after_rlm"]["total"],
                                         "target": pe["target_one_third_gb"]},
+            "paper_expected_lean_peak_gb": {k: v for k, v in pe["expected_lean_peak_gb"].items() if k != "what"},
             "scaled_estimate_state_mb": {"dense": scaled_est["dense_mb"]["total"],
-                                         "lean": scaled_est["lean_mb"]["total"]}}
+                                         "lean": scaled_est["lean_mb"]["total"]},
+            "scaled_expected_peak_mb": scaled_est["expected_peak_mb"]}
     if ok:
-        d, l_ = measured["dense"], measured["lean"]
-        side["scaled_measured_state_mb"] = {"dense": round(d["state_total_mb"], 1), "lean": round(l_["state_total_mb"], 1)}
-        side["scaled_measured_peak_mb"] = {"dense": round(d["peak_over_start_mb"], 1),
-                                           "lean": round(l_["peak_over_start_mb"], 1),
+        side["scaled_measured_state_mb"] = {m: round(measured[m]["state_total_mb"], 1) for m in ok}
+        side["scaled_measured_peak_mb"] = {**{m: round(measured[m]["peak_over_start_mb"], 1) for m in ok},
                                            "what": "max_memory_allocated" if args.device.startswith("cuda")
                                            else "peak RSS over RSS after imports"}
-        side["scaled_tokens_per_s"] = {"dense": round(d["tokens_per_s_median_after_first"]),
-                                       "lean": round(l_["tokens_per_s_median_after_first"])}
-        side["scaled_ratios_lean_over_dense"] = {
-            "state": round(l_["state_total_mb"] / d["state_total_mb"], 3),
-            "peak": round(l_["peak_over_start_mb"] / d["peak_over_start_mb"], 3),
-            "tokens_per_s": round(l_["tokens_per_s_median_after_first"] / d["tokens_per_s_median_after_first"], 3)}
+        side["scaled_tokens_per_s"] = {m: round(measured[m]["tokens_per_s_median_after_first"]) for m in ok}
+    if "dense" in ok:
+        d = measured["dense"]
+        side["scaled_ratios_over_dense"] = {m: {
+            "state": round(measured[m]["state_total_mb"] / d["state_total_mb"], 3),
+            "peak": round(measured[m]["peak_over_start_mb"] / d["peak_over_start_mb"], 3),
+            "tokens_per_s": round(measured[m]["tokens_per_s_median_after_first"]
+                                  / d["tokens_per_s_median_after_first"], 3)} for m in ok if m != "dense"}
+    if "lean" in ok and "lean+ckpt" in ok:
+        a, b = measured["lean"], measured["lean+ckpt"]
+        side["scaled_lean_ckpt_over_lean"] = {
+            "peak": round(b["peak_over_start_mb"] / a["peak_over_start_mb"], 3),
+            "tokens_per_s": round(b["tokens_per_s_median_after_first"] / a["tokens_per_s_median_after_first"], 3)}
     result["side_by_side"] = side
     print(json.dumps(result, indent=2))
 

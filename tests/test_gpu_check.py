@@ -13,8 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 PARTS = ["env", "golden", "bench_model", "bench_train", "pretrain_cli", "torchrun", "tasks"]
-GOALS = {"golden_fp32", "golden_bf16", "packed_bf16_mfu_L8192", "lean_peak_gb_per_gpu", "lean_state_gb_per_gpu",
-         "pretrain_stop_resume", "total_time_s"}
+GOALS = {"golden_fp32", "golden_bf16", "packed_bf16_mfu_L8192", "lean_peak_gb_per_gpu", "lean_ckpt_peak_gb_per_gpu",
+         "lean_state_gb_per_gpu", "pretrain_stop_resume", "total_time_s"}
 
 
 def _gpu_check():
@@ -83,7 +83,14 @@ def test_cpu_smoke_every_part(tmp_path):
         assert set(parts["golden"]["backends"]) == {"sdpa", "packed"} and len(parts["golden"]["runs"]) == 12
     for key in ("realistic", "long_L"):
         assert parts["bench_model"][key]["variants"]["packed"]["tokens_per_s"] > 0
-    assert parts["bench_train"]["lean"]["state_gb"] <= parts["bench_train"]["dense"]["state_gb"]
+    bt = parts["bench_train"]
+    assert bt["lean"]["state_gb"] <= bt["dense"]["state_gb"]
+    # the checkpointed lean run: same training state, fewer activations kept (analytic), it ran
+    assert bt["lean+ckpt"]["checkpointing"] is True and bt["lean"]["checkpointing"] is False
+    assert bt["lean+ckpt"]["tokens_per_s"] > 0 and bt["lean+ckpt"]["state_gb"] == bt["lean"]["state_gb"]
+    assert bt["encoder_activations_gb"]["ckpt"] < bt["encoder_activations_gb"]["no_ckpt"]
+    assert bt["expected_peak_gb"]["lean+ckpt"] < bt["expected_peak_gb"]["lean"]  # the same state estimate
+    assert set(bt["lean_ckpt_over_lean"]) == {"peak", "tokens_per_s"}
     pc = parts["pretrain_cli"]
     assert pc["run1"]["exit_code"] == 138 and pc["run1"]["stopped_at_step"] < pc["max_steps"]
     assert pc["metrics_steps_once"] and pc["resume_larger_max_steps"]["refused"]
@@ -93,3 +100,4 @@ def test_cpu_smoke_every_part(tmp_path):
     assert set(goals) == GOALS and all({"goal", "value", "pass"} <= set(v) for v in goals.values())
     assert goals["pretrain_stop_resume"]["pass"] is True
     assert goals["packed_bf16_mfu_L8192"]["pass"] is None and goals["lean_peak_gb_per_gpu"]["pass"] is None
+    assert goals["lean_ckpt_peak_gb_per_gpu"]["pass"] is None

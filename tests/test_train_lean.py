@@ -1,5 +1,6 @@
 """Memory-lean pretraining (epiflow.train.lean): the chunk-rebuilt table gradients equal autograd's,
-the mode learns about as fast as dense AdamW, resume is exact, and the memory estimate holds."""
+the mode learns about as fast as dense AdamW, resume is exact, and the memory and activation
+estimates hold."""
 
 import copy
 import importlib
@@ -12,7 +13,9 @@ import torch
 from epiflow.model import EpiAgentConfig, from_config
 from epiflow.train.pretrain import PretrainConfig, pretrain
 from epiflow.train.data import BatchConfig, ShardCache, build_index, make_batch, step_normalizers
-from epiflow.train.lean import LeanTables, cca_head, memory_estimate
+from epiflow.model.attention import Packing
+from epiflow.model.epiagent import _Ctx
+from epiflow.train.lean import LeanTables, activation_estimate, cca_head, memory_estimate
 from epiflow.train.pretrain import PretrainObjective, _clip
 from epiflow.train.toy import write_toy_corpus
 
@@ -205,3 +208,63 @@ def test_memory_estimate_paper_meets_target_and_counts_bytes(corpus):
     assert small["lean"]["adam_states_small"] == adam
     bound = sum(small["lean"][k] for k in ("embedding_input_grads", "cca_records", "sr_records"))
     assert 0 < lean.peak_store_bytes <= bound
+
+
+def _saved_bytes(model, x, lens, bf16):
+    """Bytes of the distinct storages autograd saves in the encoder's forward (packed layout),
+    parameters excluded: what the pass keeps for backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    ctx = _Ctx("packed", packing=Packing.from_lengths(torch.tensor(lens)))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        model.EpiAgent_transformer(x, ctx)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_activation_estimate_counts_autograds_saved_tensors(bf16, dropout, ckpt):
+    """The analytic activation bytes equal the storages autograd keeps, counted by saved-tensor hooks
+    (exact on CPU). Attention dropout stays 0: with it, CPU SDPA runs the math kernel (L x L
+    tensors), which the estimate (fused kernels, as on CUDA) does not model; the residual dropouts
+    use ``dropout``."""
+    torch.manual_seed(0)
+    cfg = EpiAgentConfig.preset("tiny", n_ccres=500, num_layers=3, dim=64, num_heads=4, ffn=256, max_rank=130,
+                                dropout=dropout)
+    m = from_config(cfg).train()
+    for blk in m.EpiAgent_transformer.layers:
+        blk.mixer.dropout = 0.0
+    m.set_gradient_checkpointing(ckpt)
+    lens = [40, 57, 23]
+    x = torch.randn(sum(lens), cfg.dim, requires_grad=True)  # the embedding output (fp32)
+    e = activation_estimate(cfg, sum(lens), checkpointing=ckpt, bf16=bf16, device="cpu")
+    assert _saved_bytes(m, x, lens, bf16) == e["kept_after_forward"]
+    if not ckpt:  # per block: the same tensors the recomputation of one checkpointed block saves
+        assert e["kept_after_forward"] == cfg.num_layers * (e["per_token_per_block"] * sum(lens)
+                                                             + e["weight_copies_per_block"])
+    else:
+        full = activation_estimate(cfg, sum(lens), bf16=bf16, device="cpu")
+        assert e["peak_in_backward"] == e["kept_after_forward"] + full["peak_in_backward"] // cfg.num_layers
+        assert e["peak_in_backward"] < full["peak_in_backward"]
+
+
+def test_activation_estimate_paper_scale():
+    cfg = EpiAgentConfig.preset("paper")
+    tokens = 2 * 4 * 8192  # 4 cells of 8,190 tokens + [CLS]/[SEP], and their RLM copies
+    full = activation_estimate(cfg, tokens)
+    ck = activation_estimate(cfg, tokens, checkpointing=True)
+    # bf16, CUDA (bool dropout masks): 24 D + 4 F + 16 + 4 H bytes per token and block
+    assert full["per_token_per_block"] == 24 * 512 + 4 * 2048 + 16 + 4 * 8
+    assert ck["peak_in_backward"] == 18 * 4 * 512 * tokens + full["peak_in_backward"] // 18
+    assert 20e9 < full["peak_in_backward"] < 30e9 and ck["peak_in_backward"] < 5e9
+    with pytest.raises(ValueError, match="tokens"):
+        activation_estimate(cfg, -1)

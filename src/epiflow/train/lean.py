@@ -28,7 +28,8 @@ rebuilt: :meth:`LeanTables.step` runs **before** the dense optimiser's step. Und
 bypass DDP's all-reduce: the decoder records are all-gathered (a few MB) and each rank rebuilds
 the same decoder gradient; each embedding row chunk (``[chunk, dim + 1]`` with a touched-row
 count) is all-reduced. Global-norm clipping includes both tables (first pass over the chunks).
-:func:`memory_estimate` gives the bytes per GPU of dense AdamW versus this mode.
+:func:`memory_estimate` gives the bytes per GPU of dense AdamW versus this mode, and
+:func:`activation_estimate` the encoder activations kept for the backward pass.
 """
 
 from __future__ import annotations
@@ -585,3 +586,49 @@ def memory_estimate(model_config, *, cells_per_gpu: int = 4, grad_accum: int = 4
             "inputs": {"cells_per_gpu": cells_per_gpu, "grad_accum": grad_accum, "gpus": gpus, "seq": seq,
                        "rlm": rlm, "positives_per_cell": positives_per_cell, "k": k, "chunk": chunk,
                        "query_chunk": query_chunk, "momentum": momentum}}
+
+
+def activation_estimate(model_config, tokens: int, *, checkpointing: bool = False, bf16: bool = True,
+                        device: str = "cuda", dropout: float | None = None) -> dict:
+    """Bytes of the encoder's activations kept for the backward pass of one micro-batch of ``tokens``
+    tokens (packed: the sum of the sentence lengths with [CLS]/[SEP], both copies in RLM epochs).
+
+    Counted per block and token, as autograd saves them (:class:`epiflow.model.epiagent.Block`):
+    the inputs of the four linears (``Wqkv``, ``out_proj``, ``fc1``, ``fc2``) and of GELU, the fused
+    ``qkv`` and the attention output that SDPA keeps, in the activation dtype (bf16 under autocast,
+    else fp32); the inputs of both LayerNorms in fp32 with their mean and rstd; the two residual
+    dropout masks (bool on CUDA, the activation dtype on CPU; none when the dropout is 0); the
+    attention's log-sum-exp (fp32 per head). Under bf16 autocast each block also keeps bf16 copies of
+    its four weight matrices. Attention is assumed fused (flash / memory-efficient SDPA, dropout
+    inside the kernel): no ``L x L`` tensor. On CPU, attention dropout makes SDPA use its math
+    kernel, which keeps ``L x L`` probabilities and masks that this estimate leaves out.
+
+    With activation checkpointing each block keeps only its fp32 input until the backward pass,
+    which recomputes one block at a time: the peak holds every block's input plus one block's
+    saved tensors. Not included: embeddings, heads, gradients in flight and allocator slack.
+
+    Returns ``{"per_token_per_block", "weight_copies_per_block", "kept_after_forward",
+    "peak_in_backward", ...}`` in bytes (the first two exact, checked by counting autograd's saved
+    tensors in ``tests/test_train_lean.py``).
+    """
+    cfg = model_config
+    D, F_, H, n_layers = int(cfg.dim), int(cfg.ffn), int(cfg.num_heads), int(cfg.num_layers)
+    if tokens < 0:
+        raise ValueError(f"tokens must be >= 0, got {tokens}")
+    act = 2 if bf16 else 4
+    p = float(cfg.dropout if dropout is None else dropout)
+    mask = 0 if p == 0.0 else (1 if str(device).startswith("cuda") else act)
+    per_token = (act * (7 * D + 2 * F_)  # Wqkv in, qkv, attention out, out_proj in, fc1 in, GELU in, fc2 in
+                 + 2 * mask * D  # two residual dropout masks
+                 + 2 * (4 * D + 8)  # LayerNorm inputs (fp32) + mean and rstd
+                 + 4 * H)  # attention log-sum-exp
+    weights = act * (4 * D * D + 2 * D * F_) if bf16 else 0
+    block = per_token * int(tokens) + weights
+    if checkpointing:
+        kept = n_layers * 4 * D * int(tokens)
+        peak = kept + block
+    else:
+        kept = peak = n_layers * block
+    return {"per_token_per_block": per_token, "weight_copies_per_block": weights, "kept_after_forward": kept,
+            "peak_in_backward": peak, "inputs": {"tokens": int(tokens), "checkpointing": checkpointing, "bf16": bf16,
+                                                 "device": str(device), "dropout": p, "blocks": n_layers}}
