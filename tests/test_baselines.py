@@ -407,7 +407,7 @@ def test_genetic_input_and_scores(tmp_path):
     r0 = {r["metric"]: r["value"] for r in evaluate(nochange, inp, ctx, dataset="gen", method="none")}
     assert r1["pearson_top1000"] > 0.99 and r1["dir_acc@100"] > 0.9 and r1["n_heldout_perturbations"] == 2
     assert r0["dir_acc@100"] == pytest.approx(0.5) and f"pearson_top1000[{held[0]}]" in r1
-    assert all(r["task"] == "genetic" for r in evaluate(oracle, inp, ctx, dataset="gen", method="oracle"))
+    assert all(r["task"] == "genetic_perturbation" for r in evaluate(oracle, inp, ctx, dataset="gen", method="oracle"))
     with pytest.raises(EpiflowError, match="groups"):
         base.BaselineOutput(predicted=real).check("genetic", inp.n_obs)
     with pytest.raises(EpiflowError, match="not among"):
@@ -519,3 +519,128 @@ def test_load_counts_reads_several_corpus_folders_of_one_vocabulary(toy_corpus, 
     a = build_parser().parse_args(["run-baseline", "--tool", "lsi", "--task", "integration", "--corpus", "x", "y",
                                    "--out-dir", "o"])
     assert a.corpus == ["x", "y"]
+
+
+# ----------------------------------------------------------------------------- stimulation, leave-one-type-out
+def shift_adapter(adata, task, params):
+    """A test adapter (in-process): the held-out type's control cells plus the mean perturbed-minus-control
+    change of the other types, clipped to [0, 1] (one predicted cell per control cell, in their order)."""
+    x = sp.csr_matrix(adata.X, dtype=np.float32, copy=True)
+    x.data[:] = 1.0
+    x = x.toarray()
+    lab, cond = adata.obs["label"].to_numpy(), adata.obs["condition"].to_numpy()
+    t = str(adata.uns["holdout"])
+    others = [o for o in np.unique(lab) if o != t]
+    shift = np.mean([x[(lab == o) & (cond == "perturbed")].mean(0) - x[(lab == o) & (cond == "control")].mean(0)
+                     for o in others], axis=0)
+    pred = np.clip(x[(lab == t) & (cond == "control")] + shift, 0, 1)
+    return base.BaselineOutput(predicted=pred.astype(np.float32), features=np.arange(adata.n_vars),
+                               info={"holdout": t})
+
+
+@pytest.fixture
+def shift_tool(monkeypatch):
+    spec = base.AdapterSpec("shift", "Shift", ("perturbation",), "test_baselines:shift_adapter", "inprocess")
+    monkeypatch.setitem(base.REGISTRY, "shift", spec)
+    return spec
+
+
+def stimulated(adata):
+    """The synthetic cells, half of each type stimulated: the stimulation opens features 0-19 in every type."""
+    a = adata.copy()
+    a.obs["condition"] = np.where(np.arange(a.n_obs) % 2 == 0, "control", "stim")
+    x = a.X.toarray()
+    x[a.obs["condition"].to_numpy() == "stim", :20] = 1.0
+    a.X = sp.csr_matrix(x)
+    return a
+
+
+def test_stimulation_types_follow_epiagent(adata):
+    from epiflow.baselines.run import stimulation_types
+
+    a = stimulated(adata)
+    assert stimulation_types(a) == ["T0", "T1", "T2"]
+    a.obs.loc[a.obs_names[(a.obs["cell_type"] == "T2").to_numpy() & (a.obs["condition"] == "stim").to_numpy()][2:],
+              "condition"] = np.nan  # T2 keeps 2 stimulated cells (< min_cells 3); unset conditions are left out
+    assert stimulation_types(a) == ["T0", "T1"]
+    assert stimulation_types(a, min_cells=2) == ["T0", "T1", "T2"]
+    assert stimulation_types(a, holdout=["T1"]) == ["T1"]
+    with pytest.raises(EpiflowError, match="lack >= 3"):
+        stimulation_types(a, holdout=["T2"])
+    with pytest.raises(EpiflowError, match="control"):
+        stimulation_types(a, control="resting")
+
+
+def test_leave_one_type_out_rows_and_means(adata, shift_tool):
+    from epiflow.baselines.run import leave_one_type_out
+    from epiflow.tasks.perturbation import STIM_CELLS_COLUMNS
+
+    a = stimulated(adata)
+    rows, out, cells = leave_one_type_out("shift", a, holdouts=["T0", "T1", "T2"], method="Shift", dataset="syn",
+                                          run={"env": "inprocess"}, canonical={"top_n": 200}, ks=[5, 10],
+                                          n_top=50, umap_groups=["T1"], max_umap_cells=20)
+    m = pd.DataFrame(rows)
+    assert set(m["task"]) == {"stimulated_perturbation"} and set(m["method"]) == {"Shift"}
+    v = m.set_index("metric")["value"]
+    for t in ("T0", "T1", "T2"):  # one row per held-out type, as predict-stimulation writes them
+        for k in ("R2_all", "R2_top50", "dir_acc@5", "dir_acc@10", "wasserstein_top50", "n_cells_control"):
+            assert f"{k}[{t}]" in v.index
+        assert v[f"n_cells_control[{t}]"] == 15 and v[f"n_cells_perturbed[{t}]"] == 15
+        assert v[f"dir_acc_up@10[{t}]"] > 0.9  # the shared opening is recovered from the other types
+    for k in ("R2_all", "R2_top50", "dir_acc@10", "wasserstein_top50"):  # the means carry no suffix
+        assert v[k] == pytest.approx(np.mean([v[f"{k}[{t}]"] for t in ("T0", "T1", "T2")]))
+    assert v["n_heldout_types"] == 3 and v["n_features"] == 200 and v["runtime_total_s"] > 0
+    # output.npz: every held-out type's predicted cells, named by group
+    assert out.predicted.shape == (45, 200) and list(np.unique(out.groups)) == ["T0", "T1", "T2"]
+    assert out.info["holdouts"] == ["T0", "T1", "T2"]
+    # Fig. 3g: the UMAPs of the asked type only, EpiAgent's columns, the tool's display name as method
+    assert list(cells.columns) == STIM_CELLS_COLUMNS
+    assert set(cells["group"]) == {"T1"} and set(cells["method"]) == {"Shift"}
+    assert cells["kind"].value_counts().to_dict() == {"unperturbed": 15, "perturbed": 15, "predicted": 15}
+
+
+def test_evaluate_perturbation_matches_epiagent_metric_code(adata, shift_tool):
+    """One held-out type through evaluate(): the same values as evaluate_group on the 0/1 cells."""
+    from epiflow.tasks.perturbation import STIM_TASK, evaluate_group
+
+    inp, ctx = canonical_input(stimulated(adata), "perturbation", holdout="T2", top_n=200)
+    out = run_baseline("shift", inp, "perturbation", {}, env="inprocess")
+    v = {r["metric"]: r["value"] for r in evaluate(out, inp, ctx, dataset="syn", method="Shift", n_top=50)}
+    xc, xp = ctx["real_ctrl"].copy(), ctx["real_pert"].copy()
+    xc.data[:] = 1.0
+    xp.data[:] = 1.0
+    m = out.predicted.mean(0)
+    ref, _, _ = evaluate_group(X_ctrl=xc, X_pert=xp, predicted={"x": {"mean": m, "change": m - xc.mean(0).A1}},
+                               task=STIM_TASK, n_top=50)
+    assert v["R2_all[T2]"] == pytest.approx(ref["x"]["R2_all"]) and v["R2_all"] == v["R2_all[T2]"]
+    assert v["dir_acc@100[T2]"] == pytest.approx(ref["x"]["dir_acc@100"])
+    assert v["n_heldout_types"] == 1
+
+
+def test_cli_run_baseline_perturbation_writes_cells(adata, shift_tool, tmp_path):
+    from epiflow.cli import main
+
+    a = stimulated(adata)
+    a.obs["condition"] = a.obs["condition"].replace({"control": "resting"})
+    p = tmp_path / "stim.h5ad"
+    a.write_h5ad(p)
+    od = tmp_path / "out"
+    rc = main(["run-baseline", "--tool", "shift", "--task", "perturbation", "--counts", str(p), "--control",
+               "resting", "--holdout", "T0,T2", "--k", "5,10", "--n-top", "50", "--umap-group", "T2",
+               "--out-dir", str(od)])
+    assert rc == 0
+    m = pd.read_csv(od / "metrics.tsv", sep="\t").set_index("metric")["value"]
+    assert {"R2_all", "R2_all[T0]", "R2_all[T2]", "dir_acc@10[T2]"} <= set(m.index)
+    assert "R2_all[T1]" not in m.index and m["n_heldout_types"] == 2
+    cells = pd.read_csv(od / "cells.tsv", sep="\t")
+    assert list(cells.columns) == ["group", "method", "kind", "cell", "umap1", "umap2"]
+    assert set(cells["group"]) == {"T2"} and set(cells["method"]) == {"Shift"}
+    assert set(cells["cell"]) <= set(a.obs_names)  # source cells of the predictions, real cells' names
+    saved = base.load_output(od / "output.npz")
+    assert sorted(set(saved.groups)) == ["T0", "T2"] and saved.predicted.shape[0] == 30
+    # without --holdout: every usable type in turn
+    rc = main(["run-baseline", "--tool", "shift", "--task", "perturbation", "--counts", str(p), "--control",
+               "resting", "--k", "5", "--n-top", "50", "--out-dir", str(tmp_path / "all")])
+    m = pd.read_csv(tmp_path / "all" / "metrics.tsv", sep="\t").set_index("metric")["value"]
+    assert rc == 0 and m["n_heldout_types"] == 3
+    assert set(pd.read_csv(tmp_path / "all" / "cells.tsv", sep="\t")["group"]) == {"T0", "T1", "T2"}

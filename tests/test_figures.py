@@ -368,3 +368,40 @@ def test_workflow_rebuilds_one_panel_as_a_named_target(results, tmp_path):
     bad = _snakemake(["results/test/figures/fig2f.png", "-n", *common])
     assert bad.returncode != 0
     assert "figure fig2f" in bad.stderr + bad.stdout and "trajectory.tsv" in bad.stderr + bad.stdout
+
+
+def test_fig3g_draws_the_baselines_cells_beside_epiagents(results, tmp_path):
+    """fig3g reads the baseline tools' cells.tsv of the same dataset (run-baseline --task perturbation writes
+    it with predict-stimulation's columns): their rows are stacked, so each (dataset, held-out type) row
+    gets the baselines' UMAPs beside EpiAgent's methods; --group still selects the held-out type."""
+    from PIL import Image
+
+    import epiflow.plots.figures as figures
+
+    epi = results["tables"]["stimulation"]["stim"][1]
+    df = pd.read_csv(epi, sep="\t")
+    scgen = df[df["method"] == "no_change"].assign(method="scGen")
+    bl = _write(scgen, tmp_path / "baselines" / "perturbation" / "stim" / "scgen" / "cells.tsv")
+    seen = {}
+    draw = figures.DRAW["stimulation_umap"]
+
+    def spy(panel, metrics, tables):
+        seen["cells"] = tables["stim"]["cells.tsv"]
+        return draw(panel, metrics, tables)
+
+    sizes = {}
+    try:
+        figures.DRAW["stimulation_umap"] = spy
+        for name, paths in (("alone", [epi]), ("both", [epi, bl])):
+            build_panel("fig3g", tables={"stim": paths}, out=tmp_path / f"{name}.png", groups=["T"])
+            with Image.open(tmp_path / f"{name}.png") as im:
+                sizes[name] = im.size
+    finally:
+        figures.DRAW["stimulation_umap"] = draw
+    cells = seen["cells"]
+    assert set(cells["group"]) == {"T"} and set(cells["method"]) == {"EpiAgent", "no_change", "scGen"}
+    assert len(cells) == 3 * 45
+    assert sizes["both"][0] > sizes["alone"][0]  # one more UMAP in the row
+    bad = _write(scgen.drop(columns=["cell"]), tmp_path / "bad" / "cells.tsv")
+    with pytest.raises(EpiflowError, match="fig3g.*cells.tsv tables of stim have different columns"):
+        build_panel("fig3g", tables={"stim": [epi, bad]}, out=tmp_path / "x.png")

@@ -302,3 +302,37 @@ def test_paper_integration_reference_spans_corpus_and_downstream(dry_run):
     assert "--query results/paper/downstream/tenx_multiome_human_brain_3k" in integ
     base = [c for c in jobs["run_baseline"] if "--task integration" in c]
     assert base and all("--corpus results/paper/corpus results/paper/downstream/li2023b " in c for c in base)
+
+
+def test_paper_perturbation_baselines(dry_run):
+    """PAPER_FACTS ("Which data each experiment uses"): scGen and scPRAM on the Lareau 2019 LPS stimulation,
+    leave-one-cell-type-out over every type as EpiAgent's task; GEARS on both genetic screens with EpiAgent's
+    split (non-targeting controls, 25 % held out, the task's seed and GO table); fig3g shows their UMAPs."""
+    out, jobs = dry_run
+    calls = {}
+    for c in jobs["run_baseline"] + jobs["run_baseline_stimulation"]:
+        task, ds, tool = re.search(r"--out (\S+)", c)[1].split("/baselines/")[1].split("/")
+        calls[tool, task, ds] = c.split(" > ")[0].split()
+    stim, gen = PAPER["tasks"]["stimulation"], PAPER["tasks"]["genetic"]
+
+    def val(args, flag):
+        return args[args.index(flag) + 1]
+
+    assert sorted(k for k in calls if k[1] == "perturbation") == [("scgen", "perturbation", "lareau2019_lps_bmmc"),
+                                                                  ("scpram", "perturbation", "lareau2019_lps_bmmc")]
+    for tool in ("scgen", "scpram"):
+        args = calls[tool, "perturbation", "lareau2019_lps_bmmc"]
+        assert val(args, "--control") == stim["control"] == "control"
+        assert val(args, "--condition-key") == "condition" and val(args, "--label-key") == "cell_type"
+        assert "--holdout" not in args  # every usable type in turn, as predict-stimulation
+        assert val(args, "--umap-group") == "mono-1"
+    assert sorted(k for k in calls if k[1] == "genetic") == [("gears", "genetic", ds) for ds in gen["datasets"]]
+    for ds in gen["datasets"]:
+        args = calls["gears", "genetic", ds]
+        assert val(args, "--control") == "non-targeting" and val(args, "--perturbation-key") == "perturbation"
+        assert val(args, "--holdout-fraction") == "0.25" and val(args, "--seed") == "0"
+        assert "--holdout" not in args
+        assert f"'go=\"{gen['go']}\"'" in args
+    (fig3g,) = [c for c in jobs["figure"] if "epiflow figure fig3g " in c]
+    for tool in ("scgen", "scpram"):
+        assert f"lareau2019_lps_bmmc=results/paper/baselines/perturbation/lareau2019_lps_bmmc/{tool}/cells.tsv" in fig3g

@@ -430,6 +430,68 @@ def test_demo_baselines_plan_snapatac2_beside_lsi_and_integrate_the_integration_
                               ("snapatac2", "integration", f"integration/{integ['name']}/snapatac2")])
     (job,) = [c for c in calls if "--task integration" in c]
     assert f"--dataset {','.join(integ['datasets'])} " in job
+    # no perturbation baseline: fig3g reads predict-stimulation's cells.tsv alone
+    (fig3g,) = re.findall(r"^Shell command: (.*epiflow figure fig3g .*)$", proc.stdout + proc.stderr, flags=re.M)
+    assert "--table stimulation=" in fig3g and "/baselines/" not in fig3g
+
+
+def _baseline_calls(out: str) -> dict:
+    """(tool, task, dataset) -> the run-baseline command of a dry run."""
+    calls = {}
+    for c in re.findall(r"^Shell command: (.*)$", out, flags=re.M):
+        if "run-baseline" in c:
+            task, ds, tool = re.search(r"--out (\S+)", c)[1].split("/baselines/")[1].split("/")
+            calls[tool, task, ds] = c
+    return calls
+
+
+def test_perturbation_baselines_follow_their_tasks(tmp_path):
+    """Baselines of `perturbation` run on tasks.stimulation.datasets and of `genetic` on tasks.genetic.datasets
+    (none when the task is off), with the settings that define the comparison taken from that task (control
+    label, columns, held-out groups, holdout_fraction, min_cells, k, n_top, seed, the GO table, the UMAP
+    group); the stimulation jobs also write cells.tsv, which fig3g reads beside predict-stimulation's."""
+    res = tmp_path / "res"
+    over = {"baselines": {"tasks": {"feature_extraction": ["lsi"], "perturbation": ["scgen", "scpram"],
+                                    "genetic": ["gears"]}},
+            "tasks": {"stimulation": {"holdout": ["B", "C"], "focus_group": "B", "seed": 3, "control": "rest",
+                                      "cell_type_key": "celltype"},
+                      "genetic": {"control": "ctrl", "holdout_fraction": 0.5, "min_cells": 5}}}
+    proc = snakemake("all", "-n", "-p", "--cores", "1", "--configfile", "config/config.yaml",
+                     str(_write_config(tmp_path, over)), "--config", f"results_dir={res}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    calls = _baseline_calls(out)
+    for tool in ("scgen", "scpram"):
+        args = shlex.split(calls[tool, "perturbation", "stimulation"].split(">")[0])
+        assert args[args.index("--dataset") + 1] == "stimulation"
+        assert args[args.index("--control") + 1] == "rest" and args[args.index("--label-key") + 1] == "celltype"
+        assert args[args.index("--condition-key") + 1] == "condition" and args[args.index("--seed") + 1] == "3"
+        assert [args[i + 1] for i, a in enumerate(args) if a == "--holdout"] == ["B", "C"]
+        assert args[args.index("--umap-group") + 1] == "B" and args[args.index("--k") + 1] == "100,250,500,1000"
+    args = shlex.split(calls["gears", "genetic", "knockout_screen"].split(">")[0])
+    assert args[args.index("--control") + 1] == "ctrl" and args[args.index("--holdout-fraction") + 1] == "0.5"
+    assert args[args.index("--perturbation-key") + 1] == "perturbation" and args[args.index("--min-cells") + 1] == "5"
+    assert "--holdout" not in args  # EpiAgent's seeded split
+    assert f'go="{res}/simulate/go.tsv"' in args  # GEARS's GO graph from the genetic task's table
+    assert not [k for k in calls if k[1] in ("perturbation", "genetic") and k[2] == "atlas_b1"]
+    assert "rule run_baseline_stimulation:" in out
+    (fig3g,) = re.findall(r"^Shell command: (.*epiflow figure fig3g .*)$", out, flags=re.M)
+    for tool in ("scgen", "scpram"):
+        assert f"--table stimulation={res}/baselines/perturbation/stimulation/{tool}/cells.tsv" in fig3g
+    assert "--group B" in fig3g
+    (fig3h,) = re.findall(r"^Shell command: (.*epiflow figure fig3h .*)$", out, flags=re.M)
+    assert f"{res}/baselines/metrics.tsv" in fig3h  # GEARS's rows beside EpiAgent's
+    # the baselines' own held-out types; a task switched off takes its baselines with it
+    over["baselines"]["holdout"] = {"perturbation": ["C"]}
+    over["tasks"]["genetic"]["enabled"] = False
+    proc = snakemake("all", "-n", "-p", "--cores", "1", "--configfile", "config/config.yaml",
+                     str(_write_config(tmp_path, over)), "--config", f"results_dir={res}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    calls = _baseline_calls(out)
+    args = shlex.split(calls["scgen", "perturbation", "stimulation"].split(">")[0])
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--holdout"] == ["C"]
+    assert not [k for k in calls if k[1] == "genetic"]
 
 
 def test_files_a_setting_switches_off_are_not_declared(tmp_path):

@@ -4,25 +4,34 @@
 # the same file's pip list under config baselines.env_cache and runs the adapter with its Python
 # (light tools -- LSI, LDA, PCA, PCA+SVM, MLP -- run in the main env unless baselines.isolate_light).
 # Outputs: {R}/baselines/<task>/<dataset>/<tool>/metrics.tsv (the common long table) and one
-# merged {R}/baselines/metrics.tsv.
+# merged {R}/baselines/metrics.tsv; perturbation jobs (rule run_baseline_stimulation) also write
+# cells.tsv, the Fig. 3g UMAPs of their predicted cells, which fig3g draws beside EpiAgent's.
 #
-# Config (see config/README.md; helper functions in common.smk):
+# Which datasets (baseline_units in common.smk): baselines.datasets, except for the tasks that
+# follow an EpiAgent task and take its datasets (none when it is off):
+#   integration  -> tasks.integration.datasets, one job named tasks.integration.name
+#   perturbation -> tasks.stimulation.datasets, leave-one-cell-type-out as predict-stimulation
+#   genetic      -> tasks.genetic.datasets, EpiAgent's own held-out split
+# The perturbation and genetic jobs take the settings that define the comparison from that task
+# (baseline_args: control, condition_key / perturbation_key, cell_type_key as --label-key, holdout,
+# holdout_fraction, min_cells, k, n_top, seed, focus_group for the UMAPs); baselines.holdout.<task>
+# overrides the held-out groups for the baselines alone (e.g. one type where a tool is slow).
+#
+# Config (see config/README.md):
 #   baselines:
 #     enabled: false
-#     datasets: [atlas_b1]          # manifest names, or 'all' (integration baselines instead take
-#                                   # tasks.integration.datasets together, folder tasks.integration.name)
-#     tasks: {feature_extraction: [lsi, lda], integration: [pca, harmony], annotation: [pca_svm, mlp]}
+#     datasets: [atlas_b1]          # manifest names, or 'all' (see above for the following tasks)
+#     tasks: {feature_extraction: [lsi, lda], integration: [pca, harmony], annotation: [pca_svm, mlp],
+#             perturbation: [scgen, scpram], genetic: [gears]}
 #     params: {peakvi: {max_epochs: 50}}   # per tool, passed as --param key=value (JSON values)
+#                                   # (GEARS's GO table: tasks.genetic.go unless params: {gears: {go: ...}})
+#     holdout: {perturbation: [GMP]}       # optional: the baselines' own held-out groups
 #     env_cache: null               # venv cache; null = $EPIFLOW_ENV_CACHE or ~/.cache/epiflow/envs
 #     isolate_light: false          # true: light tools in their own venvs too
-#     label_key: cell_type
+#     label_key: cell_type          # the tasks on baselines.datasets (and genetic's optional labels)
 #     batch_key: batch
-#     condition_key: condition      # perturbation
-#     (genetic task, GEARS: obs column 'perturbation' unless baselines.perturbation_key; the GO table
-#      comes from params: {gears: {go: ../shared/data/go_bp_human.tsv.gz}}; the config schema must
-#      list 'genetic' under baselines.tasks for it to be configured)
 #     genes: null                   # BED6 gene file for gene-activity scores (annotation)
-#     seed: 0
+#     seed: 0                       # perturbation / genetic: the task's seed instead
 
 
 wildcard_constraints:
@@ -34,6 +43,7 @@ wildcard_constraints:
 rule run_baseline:
     input:
         corpus=baseline_corpus,
+        go=baseline_go,
     output:
         metrics=f"{R}/baselines/{{bl_task}}/{{bl_dataset}}/{{bl_tool}}/metrics.tsv",
         output=f"{R}/baselines/{{bl_task}}/{{bl_dataset}}/{{bl_tool}}/output.npz",
@@ -41,6 +51,8 @@ rule run_baseline:
         f"{R}/logs/baselines/{{bl_task}}/{{bl_dataset}}/{{bl_tool}}.log",
     benchmark:
         f"{R}/benchmarks/baselines/{{bl_task}}/{{bl_dataset}}/{{bl_tool}}.tsv"
+    wildcard_constraints:
+        bl_task=r"feature_extraction|integration|annotation|imputation|genetic",
     conda:
         "../../envs/baseline-{bl_tool}.yaml"
     threads: res("run_baseline", "threads")
@@ -53,18 +65,23 @@ rule run_baseline:
         env=baseline_env_mode,
         cache=lambda w: opt("--env-cache", BL.get("env_cache")),
         tool_params=baseline_params,
-        label_key=BL.get("label_key", "cell_type"),
-        batch_key=BL.get("batch_key", "batch"),
-        condition_key=BL.get("condition_key", "condition"),
-        perturbation_key=BL.get("perturbation_key", "perturbation"),
-        seed=BL.get("seed", 0),
+        args=baseline_args,
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow run-baseline --tool {wildcards.bl_tool} --task {wildcards.bl_task}'
-        " --corpus {input.corpus:q} {params.dataset} --label-key {params.label_key}"
-        " --batch-key {params.batch_key} --condition-key {params.condition_key}"
-        " --perturbation-key {params.perturbation_key}"
+        " --corpus {input.corpus:q} {params.dataset} {params.args}"
         " {params.tool_params} --env {params.env} {params.cache} --threads {threads}"
-        " --seed {params.seed} --out {params.outdir:q} > {log:q} 2>&1"
+        " --out {params.outdir:q} > {log:q} 2>&1"
+
+
+# Stimulated perturbation (scGen, scPRAM): the same job, leave-one-cell-type-out, and the UMAPs of
+# the predicted cells (cells.tsv, as predict-stimulation's) for fig3g.
+use rule run_baseline as run_baseline_stimulation with:
+    output:
+        metrics=f"{R}/baselines/{{bl_task}}/{{bl_dataset}}/{{bl_tool}}/metrics.tsv",
+        output=f"{R}/baselines/{{bl_task}}/{{bl_dataset}}/{{bl_tool}}/output.npz",
+        cells=f"{R}/baselines/{{bl_task}}/{{bl_dataset}}/{{bl_tool}}/cells.tsv",
+    wildcard_constraints:
+        bl_task="perturbation",
 
 
 rule baselines_table:

@@ -696,17 +696,91 @@ def baseline_params(wildcards):
     p = dict((BL.get("params") or {}).get(wildcards.bl_tool, {}) or {})
     if BL.get("genes") and wildcards.bl_task == "annotation":
         p.setdefault("genes", BL["genes"])
+    # GEARS's GO graph from the genetic task's GO table
+    if wildcards.bl_task == "genetic":
+        p.setdefault("go", baseline_go(wildcards)[0])
     return " ".join(f"--param '{k}={json.dumps(v)}'" for k, v in p.items())
 
 
+# baseline task -> the EpiAgent task whose datasets (and, for the perturbations, comparison
+# settings) its tools follow; the other baseline tasks run on baselines.datasets
+BASELINE_FOLLOWS = {
+    "integration": "integration",
+    "perturbation": "stimulation",
+    "genetic": "genetic",
+}
+
+
 def baseline_units(task):
-    """The dataset folders of a baseline task: baselines.datasets, except for integration, whose
-    baselines integrate what the integration task integrates (tasks.integration.datasets, in one job
-    named tasks.integration.name; none when that task is off)."""
-    if task == "integration":
-        t = config["tasks"]["integration"]
-        return [t["name"]] if t.get("enabled") else []
-    return BL.get("datasets", ["all"])
+    """The dataset folders of a baseline task: baselines.datasets, except for the tasks that
+    follow an EpiAgent task (BASELINE_FOLLOWS; none when that task is off): integration baselines
+    integrate what the integration task integrates (tasks.integration.datasets, in one job named
+    tasks.integration.name), perturbation baselines run on tasks.stimulation.datasets and genetic
+    ones on tasks.genetic.datasets (one job each)."""
+    follows = BASELINE_FOLLOWS.get(task)
+    if follows is None:
+        return BL.get("datasets", ["all"])
+    t = config["tasks"][follows]
+    if not t.get("enabled"):
+        return []
+    return [t["name"]] if task == "integration" else list(t["datasets"])
+
+
+def baseline_holdouts(task):
+    """The held-out groups of a perturbation baseline: baselines.holdout.<task> (the baselines'
+    own, e.g. one cell type where a tool is slow), else the EpiAgent task's holdout (null: the
+    runner's default, as the task's: every usable cell type / the seeded split)."""
+    own = (BL.get("holdout") or {}).get(task)
+    return list(own or task_setting(BASELINE_FOLLOWS[task], "holdout") or [])
+
+
+def baseline_args(wildcards):
+    """The flags of a baseline job that define its comparison: for perturbation and genetic the
+    settings of tasks.stimulation / tasks.genetic (control label, condition / perturbation column,
+    cell-type column as --label-key, held-out groups, genetic holdout_fraction, min_cells, k, n_top,
+    seed), so the tool holds out what EpiAgent holds out and is scored alike; else baselines.*
+    """
+    task = wildcards.bl_task
+    if task not in ("perturbation", "genetic"):
+        return (
+            f"--label-key {shlex.quote(str(BL.get('label_key', 'cell_type')))}"
+            f" --batch-key {shlex.quote(str(BL.get('batch_key', 'batch')))}"
+            f" --seed {int(BL.get('seed', 0))}"
+        )
+    follows = BASELINE_FOLLOWS[task]
+    if task == "perturbation":
+        flags = [
+            ("--label-key", task_setting(follows, "cell_type_key")),
+            ("--condition-key", task_setting(follows, "condition_key")),
+        ]
+        focus = task_setting(follows, "focus_group")
+        if focus:  # Fig. 3g: the UMAPs of the type the figure shows
+            flags.append(("--umap-group", focus))
+    else:
+        flags = [
+            ("--label-key", BL.get("label_key", "cell_type")),
+            ("--perturbation-key", task_setting(follows, "perturbation_key")),
+            ("--holdout-fraction", task_setting(follows, "holdout_fraction")),
+        ]
+    flags += [("--control", task_setting(follows, "control"))]
+    flags += [("--holdout", h) for h in baseline_holdouts(task)]
+    flags += [
+        ("--min-cells", task_setting(follows, "min_cells")),
+        ("--k", ",".join(str(k) for k in task_setting(follows, "k"))),
+        ("--n-top", task_setting(follows, "n_top")),
+        ("--seed", task_setting(follows, "seed")),
+    ]
+    return " ".join(f"{flag} {shlex.quote(str(value))}" for flag, value in flags)
+
+
+def baseline_go(wildcards):
+    """The GO table a genetic baseline job reads (its input): baselines.params.<tool>.go, else the
+    genetic task's (tasks.genetic.go; the demo's simulated one); nothing for the other tasks.
+    """
+    if wildcards.bl_task != "genetic":
+        return []
+    own = ((BL.get("params") or {}).get(wildcards.bl_tool) or {}).get("go")
+    return [own or demo_file("genetic", "go", "go.tsv")]
 
 
 def baseline_dataset_names(wildcards):

@@ -73,6 +73,8 @@ def figure_plan(name):
     ):
         metrics.append(bl_table)
     tables = [(u, f"{base}/{u}/{t}") for u in units for t in p.tables]
+    if p.options.get("baseline_tables"):
+        tables += baseline_tables(p, units)
     problems = []
     # tables that the config writes for only some datasets of the task (the registry's partial
     # tables, e.g. trajectory.tsv): the panel draws the datasets that have them
@@ -89,6 +91,24 @@ def figure_plan(name):
         if not _producible(f)
     ]
     return {"metrics": metrics, "tables": tables, "problems": problems}
+
+
+def baseline_tables(p, units):
+    """(unit, path) of the same-named tables of the baseline tools of the panel's task on the same
+    datasets (fig3g: the perturbation tools' cells.tsv beside predict-stimulation's); none when the
+    baselines are off or list no tool for that task."""
+    bl_task = TASKS[p.task_key].baseline_task
+    tools = (BL.get("tasks") or {}).get(bl_task) or []
+    if not BL.get("enabled", False) or not tools:
+        return []
+    done = set(baseline_units(bl_task))
+    return [
+        (u, f"{R}/baselines/{bl_task}/{u}/{tool}/{t}")
+        for u in units
+        if u in done
+        for tool in tools
+        for t in p.tables
+    ]
 
 
 def figure_targets():

@@ -21,6 +21,13 @@ def _params(items) -> dict:
     return out
 
 
+def _dataset_name(adata) -> str:
+    """The metrics' dataset: one dataset's name, else 'all' (as the EpiAgent tasks name a multi-dataset run)."""
+    if "dataset" in adata.obs and adata.obs["dataset"].nunique() == 1:
+        return str(adata.obs["dataset"].iloc[0])
+    return "all"
+
+
 def _run(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
@@ -28,30 +35,46 @@ def _run(args: argparse.Namespace) -> int:
     from ..io import atomic_path
     from ..metrics.table import metrics_frame, write_metrics
     from .base import get_adapter, save_output
-    from .run import canonical_input, evaluate, load_counts, run_baseline
+    from .run import canonical_input, evaluate, leave_one_type_out, load_counts, run_baseline, stimulation_types
 
     log = logging.getLogger("epiflow.baselines")
     spec = get_adapter(args.tool, args.task)
     params = _params(args.param)
     params.setdefault("seed", args.seed)
     adata = load_counts(corpus=args.corpus, counts=args.counts, dataset=args.dataset)
-    inp, ctx = canonical_input(adata, args.task, label_key=args.label_key, batch_key=args.batch_key,
-                               condition_key=args.condition_key, control=args.control, holdout=args.holdout,
-                               seed=args.seed, min_open_fraction=args.min_open_fraction, top_n=args.top_n,
-                               perturbation_key=args.perturbation_key, holdout_fraction=args.holdout_fraction)
+    holdout = [h.strip() for item in args.holdout or [] for h in item.split(",") if h.strip()]
+    ks = [int(k) for item in args.k or [] for k in str(item).split(",") if k.strip()] or None
+    canonical = dict(label_key=args.label_key, batch_key=args.batch_key, condition_key=args.condition_key,
+                     control=args.control, min_open_fraction=args.min_open_fraction, top_n=args.top_n,
+                     perturbation_key=args.perturbation_key, holdout_fraction=args.holdout_fraction,
+                     min_cells=args.min_cells)
+    run = dict(env=args.env, cache=args.env_cache, envs_dir=args.envs_dir, timeout=args.timeout, threads=args.threads)
     method = args.method or spec.method_for(args.task)
-    log.info("%s on %s: %d cells x %d features", method, args.task, inp.n_obs, inp.n_vars)
-    out = run_baseline(args.tool, inp, args.task, params, env=args.env, cache=args.env_cache,
-                       envs_dir=args.envs_dir, timeout=args.timeout, threads=args.threads)
-    # the metrics' dataset: one dataset's name, else 'all' (as the EpiAgent tasks name a multi-dataset run)
-    dataset = (str(inp.obs["dataset"].iloc[0]) if "dataset" in inp.obs and inp.obs["dataset"].nunique() == 1
-               else "all")
-    rows = evaluate(out, inp, ctx, dataset=dataset, method=method, seed=args.seed,
-                    n_neighbors=args.n_neighbors)
+    cells = None
+    if args.task == "perturbation":
+        # leave-one-cell-type-out, as EpiAgent's predict-stimulation: one fit per held-out type
+        holdouts = stimulation_types(adata, label_key=args.label_key, condition_key=args.condition_key,
+                                     control=args.control, min_cells=args.min_cells, holdout=holdout)
+        umap_groups = None if not args.umap_group else [g for g in args.umap_group if g in holdouts]
+        log.info("%s on %s: holding out %s in turn", method, args.task, holdouts)
+        rows, out, cells = leave_one_type_out(args.tool, adata, holdouts=holdouts, method=method,
+                                              dataset=_dataset_name(adata), params=params, canonical=canonical,
+                                              run=run, ks=ks, n_top=args.n_top, seed=args.seed,
+                                              umap_groups=umap_groups)
+        inp, ctx = None, {}
+    else:
+        inp, ctx = canonical_input(adata, args.task, holdout=holdout or None, seed=args.seed, **canonical)
+        log.info("%s on %s: %d cells x %d features", method, args.task, inp.n_obs, inp.n_vars)
+        out = run_baseline(args.tool, inp, args.task, params, **run)
+        rows = evaluate(out, inp, ctx, dataset=_dataset_name(inp), method=method, seed=args.seed,
+                        n_neighbors=args.n_neighbors, ks=ks, n_top=args.n_top)
     od = Path(args.out_dir)
     od.mkdir(parents=True, exist_ok=True)
     with atomic_path(od / "output.npz") as tmp:
         save_output(out, tmp)
+    if cells is not None:
+        with atomic_path(od / "cells.tsv") as tmp:
+            cells.to_csv(tmp, sep="\t", index=False)
     if out.embedding is not None:
         import anndata as ad
         import numpy as np
@@ -124,7 +147,9 @@ def register(subparsers) -> None:
                               description="Run a baseline (its adapter, in-process or in the tool's own "
                                           "environment) and write metrics.tsv (task, dataset, method, "
                                           "metric, value), output.npz, info.json and embedding.h5ad / "
-                                          "predictions.tsv.")
+                                          "predictions.tsv; perturbation: leave-one-cell-type-out (one fit per "
+                                          "held-out type, rows metric[type] and their means) and cells.tsv "
+                                          "(Fig. 3g UMAPs).")
     p.add_argument("--tool", required=True, help="see `epiflow list-baselines`")
     p.add_argument("--task", required=True,
                    choices=["feature_extraction", "integration", "annotation", "imputation", "perturbation",
@@ -139,8 +164,20 @@ def register(subparsers) -> None:
     p.add_argument("--batch-key", default="batch")
     p.add_argument("--condition-key", default="condition")
     p.add_argument("--control", default="control")
-    p.add_argument("--holdout", help="perturbation: cell type whose perturbed cells are predicted; genetic: "
-                                      "comma-separated held-out perturbations (default: EpiAgent's seeded split)")
+    p.add_argument("--holdout", action="append", metavar="GROUP[,GROUP...]",
+                   help="perturbation: the cell types held out in turn (repeat or comma list; default: every type "
+                        "with >= --min-cells control and perturbed cells, as predict-stimulation); genetic: the "
+                        "held-out perturbations (default: EpiAgent's seeded split)")
+    p.add_argument("--min-cells", type=int, default=3,
+                   help="perturbation: fewest control / perturbed cells of a held-out type; genetic: fewest cells "
+                        "of a perturbation (as the EpiAgent tasks' min_cells)")
+    p.add_argument("--k", action="append", metavar="K[,K...]",
+                   help="perturbation, genetic: top-k DA cCREs of the direction accuracy (default 100,250,500,1000)")
+    p.add_argument("--n-top", type=int, default=1000,
+                   help="perturbation, genetic: top-n DA cCREs of R^2 / Pearson / Wasserstein (EpiAgent's n_top)")
+    p.add_argument("--umap-group", action="append",
+                   help="perturbation: the held-out types whose cells.tsv UMAPs are made (default: every one; the "
+                        "workflow passes tasks.stimulation.focus_group)")
     p.add_argument("--perturbation-key", default="perturbation",
                    help="genetic: obs column of perturbation labels (control or gene symbols joined by '+')")
     p.add_argument("--holdout-fraction", type=float, default=0.25,

@@ -6,13 +6,18 @@
   per-task preprocessing: annotation gets the same stratified 2/3 reference, 1/3 query split as
   EpiAgent (:func:`epiflow.tasks.annotation.stratified_split`) with query labels hidden; imputation
   keeps the cCREs open in >= 3 % of cells; perturbation keeps the top-50,000 most accessible cCREs and
-  removes the held-out cell type's perturbed cells; genetic keeps the top-50,000 most accessible
+  removes the held-out cell type's perturbed cells (:func:`stimulation_types`: the types EpiAgent's
+  stimulation task holds out); genetic keeps the top-50,000 most accessible
   cCREs and removes the cells of the held-out perturbations (EpiAgent's own seeded split,
   :func:`epiflow.tasks.perturbation.holdout_split`, over the perturbations with >= 3 cells);
 * :func:`run_baseline` — runs the adapter in-process or in the tool's venv (``env='auto'`` uses the
   registry's default);
 * :func:`evaluate` — metric rows (``task, dataset, method, metric, value``) with the same metric
-  functions as the EpiAgent tasks, plus ``runtime_s``.
+  functions as the EpiAgent tasks, plus ``runtime_s``;
+* :func:`leave_one_type_out` — the stimulation benchmark as EpiAgent's ``predict-stimulation`` runs it:
+  the tool is fitted once per held-out cell type, rows ``metric[type]`` per type and their means
+  (:func:`epiflow.tasks.perturbation._summary_rows`), and the Fig. 3g UMAPs of its predicted cells
+  (:func:`epiflow.tasks.perturbation.stimulation_umaps`).
 """
 
 from __future__ import annotations
@@ -106,6 +111,38 @@ def _column(adata, key: str, what: str) -> np.ndarray:
     return adata.obs[key].astype(str).to_numpy()
 
 
+def stimulation_types(adata, *, label_key: str = "cell_type", condition_key: str = "condition",
+                      control: str = "control", min_cells: int = 3, holdout=None) -> list[str]:
+    """The cell types that the stimulation benchmark holds out, by the rule of EpiAgent's task
+    (:func:`epiflow.tasks.perturbation.run_stimulation`): among the cells with a cell type and a
+    condition, the types (sorted) with >= ``min_cells`` control and >= ``min_cells`` perturbed cells;
+    at least two are needed (leave-one-type-out trains on the others). ``holdout``: only these (each
+    must be such a type); default: every one."""
+    from ..tasks.features import labelled_mask
+
+    labels = _column(adata, label_key, "label")
+    cond = _column(adata, condition_key, "condition")
+    keep = (labelled_mask(adata.obs[label_key].to_numpy(dtype=object))
+            & labelled_mask(adata.obs[condition_key].to_numpy(dtype=object)))
+    is_ctrl = cond == control
+    if not (keep & is_ctrl).any():
+        raise EpiflowError(f"no cell has {condition_key} == {control!r} (values: {sorted(set(cond[keep]))[:10]})",
+                           field=f"obs/{condition_key}", fix="pass --control with the label of the unperturbed cells")
+    types = [t for t in sorted(set(labels[keep]))
+             if (keep & is_ctrl & (labels == t)).sum() >= min_cells
+             and (keep & ~is_ctrl & (labels == t)).sum() >= min_cells]
+    if len(types) < 2:
+        raise EpiflowError(f"leave-one-cell-type-out needs >= 2 cell types with >= {min_cells} control and "
+                           f"perturbed cells each; usable: {types}", field=f"obs/{label_key}")
+    if not holdout:
+        return types
+    unknown = [h for h in holdout if h not in types]
+    if unknown:
+        raise EpiflowError(f"held-out cell type(s) {unknown} lack >= {min_cells} control and perturbed cells "
+                           f"(usable: {types})", field="holdout")
+    return list(dict.fromkeys(holdout))
+
+
 def canonical_input(adata, task: str, *, label_key: str = "cell_type", batch_key: str | None = "batch",
                     condition_key: str = "condition", control: str = "control", holdout: str | None = None,
                     query_fraction: float = 1 / 3, seed: int = 0, min_open_fraction: float = 0.03,
@@ -157,20 +194,23 @@ def canonical_input(adata, task: str, *, label_key: str = "cell_type", batch_key
         obs.loc[obs["split"] == "query", "label"] = ""
     if task == "perturbation":
         cond = _column(adata, condition_key, "condition")
-        if control not in set(cond):
-            raise EpiflowError(f"no '{control}' cell in obs['{condition_key}']", field=f"obs/{condition_key}")
+        keep = keep & labelled_mask(adata.obs[condition_key].to_numpy(dtype=object))
+        if control not in set(cond[keep]):
+            raise EpiflowError(f"no '{control}' cell in obs['{condition_key}']", field=f"obs/{condition_key}",
+                               fix="pass --control with the label of the unperturbed cells")
         perturbed = cond != control
-        types = pd.unique(labels[keep & perturbed])
         if holdout is None:
-            if len(types) == 0:
-                raise EpiflowError("no perturbed cell", field=f"obs/{condition_key}")
-            holdout = str(sorted(types)[0])
-        if holdout not in set(labels):
+            holdout = stimulation_types(adata, label_key=label_key, condition_key=condition_key, control=control,
+                                        min_cells=min_cells)[0]
+        if holdout not in set(labels[keep]):
             raise EpiflowError(f"holdout cell type '{holdout}' not in obs['{label_key}']", field="holdout")
         features = top_accessible(x[keep], top_n)
         held = keep & perturbed & (labels == holdout)
-        ctx.update(holdout=holdout, real_pert=x[held][:, features],
-                   real_ctrl=x[keep & ~perturbed & (labels == holdout)][:, features])
+        ctrl = keep & ~perturbed & (labels == holdout)
+        names = (adata.obs["cell_id"].astype(str).to_numpy() if "cell_id" in adata.obs
+                 else np.asarray(adata.obs_names, dtype=str))
+        ctx.update(holdout=holdout, real_pert=x[held][:, features], real_ctrl=x[ctrl][:, features],
+                   pert_names=names[held], ctrl_names=names[ctrl])
         keep = keep & ~held
         obs["condition"] = np.where(perturbed, "perturbed", "control")
     sub = ad.AnnData(X=x[keep][:, features], obs=obs.iloc[np.flatnonzero(keep)].copy(),
@@ -189,12 +229,15 @@ def _genetic_input(adata, x, *, perturbation_key, control, holdout, holdout_frac
 
     from ..tasks.perturbation import holdout_split
 
+    from ..tasks.features import labelled_mask
+
     lab = _column(adata, perturbation_key, "perturbation")
-    is_ctrl = lab == control
+    is_set = labelled_mask(adata.obs[perturbation_key].to_numpy(dtype=object))  # as EpiAgent's labelled_cells
+    is_ctrl = is_set & (lab == control)
     if is_ctrl.sum() < min_cells:
         raise EpiflowError(f"{int(is_ctrl.sum())} cells have {perturbation_key} == {control!r}; need >= {min_cells}",
                            field=f"obs/{perturbation_key}", fix="pass --control with the control label")
-    counts = pd.Series(lab[~is_ctrl]).value_counts()
+    counts = pd.Series(lab[is_set & ~is_ctrl]).value_counts()
     perts = sorted(counts[counts >= min_cells].index)
     if holdout:
         held = sorted(h.strip() for h in (holdout.split(",") if isinstance(holdout, str) else holdout) if h.strip())
@@ -257,8 +300,12 @@ def _embedding_scores(emb, labels, seed: int, n_neighbors: int) -> dict:
 
 
 def evaluate(out: BaselineOutput, adata, ctx: dict, *, dataset: str, method: str, seed: int = 0,
-             n_neighbors: int = 15, ks=(10, 50, 100)) -> list[dict]:
-    """Metric rows of one baseline run (the long table of :mod:`epiflow.tasks.features`)."""
+             n_neighbors: int = 15, ks=None, n_top: int = 1000) -> list[dict]:
+    """Metric rows of one baseline run (the long table of :mod:`epiflow.tasks.features`). The
+    perturbation tasks are scored as EpiAgent's (``ks``: the top-k DA cCREs of the direction accuracy,
+    default :data:`epiflow.metrics.perturbation.DEFAULT_KS`; ``n_top``: the top-n DA cCREs of R^2,
+    Pearson and Wasserstein): rows ``metric[group]`` per held-out group and their means (one held-out
+    type here; :func:`leave_one_type_out` holds out each in turn)."""
     from ..metrics.table import metric_rows
 
     task = ctx["task"]
@@ -288,39 +335,30 @@ def evaluate(out: BaselineOutput, adata, ctx: dict, *, dataset: str, method: str
         for k, arr in agr.items():
             v[f"{k}_mean"] = float(np.nanmean(arr))
     elif task == "perturbation":
-        from ..metrics.perturbation import differential_accessibility, direction_accuracy, r2_linear, top_da
+        from ..tasks.perturbation import STIM_TASK, _summary_rows
 
-        real_p, real_c = ctx["real_pert"], ctx["real_ctrl"]
-        mean_p = np.asarray(real_p.mean(0)).ravel()
-        mean_c = np.asarray(real_c.mean(0)).ravel()
-        pred = np.asarray(out.predicted, np.float64)
-        pm = pred.mean(0)
-        scores = differential_accessibility(real_c, real_p)
-        top = top_da(scores, min(1000, len(scores)))["all"]
-        v.update({"R2_all": r2_linear(mean_p, pm), "R2_top1000": r2_linear(mean_p[top], pm[top]),
-                  "n_ctrl": real_c.shape[0], "n_pert": real_p.shape[0]})
-        for k in ks:
-            sets = top_da(scores, k)
-            acc = direction_accuracy(pm - mean_c, sets["up"], sets["down"])
-            v[f"dir_acc@{k}"] = acc["all"]
+        values, _, _ = stimulation_group(out, ctx, method=method, ks=ks, n_top=n_top, seed=seed)
+        extra = {method: {"n_features": len(ctx["features"]), "n_heldout_types": 1}}
+        return _summary_rows(STIM_TASK, dataset, {ctx["holdout"]: values}, extra)
     elif task == "genetic":
-        return _genetic_rows(out, ctx, dataset=dataset, method=method, seed=seed)
+        return _genetic_rows(out, ctx, dataset=dataset, method=method, seed=seed, ks=ks, n_top=n_top)
     v["runtime_s"] = float(out.info.get("runtime_s", np.nan))
-    # rows carry EpiAgent's task names so both land in the same tables (stimulated perturbation)
-    return metric_rows("stimulated_perturbation" if task == "perturbation" else task, dataset, method, v)
+    return metric_rows(task, dataset, method, v)
 
 
-def _genetic_rows(out: BaselineOutput, ctx: dict, *, dataset: str, method: str, seed: int) -> list[dict]:
+def _genetic_rows(out: BaselineOutput, ctx: dict, *, dataset: str, method: str, seed: int, ks=None,
+                  n_top: int = 1000) -> list[dict]:
     """Per held-out perturbation, the metrics of EpiAgent's genetic task
     (:func:`epiflow.tasks.perturbation.evaluate_group`: Pearson of the mean accessibility and of its
     change from the controls over the top-1,000 DA cCREs, direction accuracies); the predicted change
-    is the prediction minus the real controls' mean. Rows: means over the groups, then ``[group]``."""
+    is the prediction minus the real controls' mean. Rows (task ``genetic_perturbation``, EpiAgent's):
+    means over the groups, then ``[group]``."""
+    from ..metrics.perturbation import DEFAULT_KS
     from ..tasks.perturbation import GENE_TASK, _summary_rows, evaluate_group
 
     groups = np.asarray(out.groups).astype(str)
     pred = np.asarray(out.predicted, np.float64)
-    X_ctrl = ctx["real_ctrl"].copy()
-    X_ctrl.data[:] = 1.0
+    X_ctrl = _binary(ctx["real_ctrl"])
     real_ctrl = np.asarray(X_ctrl.mean(0)).ravel()
     per_group = {}
     for p in ctx["heldout"]:
@@ -328,13 +366,99 @@ def _genetic_rows(out: BaselineOutput, ctx: dict, *, dataset: str, method: str, 
         if rows.size == 0:
             raise EpiflowError(f"{method} returned no prediction for the held-out perturbation {p!r}", field="groups")
         m = pred[rows].mean(0)
-        X_pert = ctx["real_pert"][p].copy()
-        X_pert.data[:] = 1.0
+        X_pert = _binary(ctx["real_pert"][p])
         predicted = {method: {"mean": m, "change": m - real_ctrl}}
-        values, _, info = evaluate_group(X_ctrl=X_ctrl, X_pert=X_pert, predicted=predicted, task=GENE_TASK, seed=seed)
+        values, _, info = evaluate_group(X_ctrl=X_ctrl, X_pert=X_pert, predicted=predicted, task=GENE_TASK, seed=seed,
+                                         ks=list(ks or DEFAULT_KS), n_top=n_top)
         values[method].update(n_cells_perturbed=info["n_pert"])
         per_group[p] = values
     extra = {method: {"n_heldout_perturbations": len(ctx["heldout"]), "n_train_perturbations": len(ctx["train"]),
                       "n_features": len(ctx["features"]), "runtime_s": float(out.info.get("runtime_s", np.nan))}}
-    rows = _summary_rows("genetic", dataset, per_group, extra)
-    return rows
+    return _summary_rows(GENE_TASK, dataset, per_group, extra)
+
+
+def _binary(X):
+    """0/1 copy of a sparse count matrix (the accessibility the perturbation metrics compare)."""
+    X = sp.csr_matrix(X, dtype=np.float32, copy=True)
+    X.eliminate_zeros()
+    X.data[:] = 1.0
+    return X
+
+
+def stimulation_group(out: BaselineOutput, ctx: dict, *, method: str, ks=None, n_top: int = 1000, seed: int = 0,
+                      max_ot_cells: int = 2000):
+    """Metrics of one held-out type as EpiAgent's stimulation task scores its methods
+    (:func:`epiflow.tasks.perturbation.evaluate_group`, on the 0/1 accessibility of the real cells):
+    the tool's predicted mean is the mean of its predicted cells, its change that mean minus the real
+    control cells' mean; its cells enter the Wasserstein distance (and the UMAPs) when there is one per
+    control cell of the type (scGen and scPRAM decode each control cell; the rows follow the controls'
+    order). Returns (values, ``{method: prediction}`` for :func:`stimulation_umaps`, the per-cCRE frame)."""
+    from ..metrics.perturbation import DEFAULT_KS
+    from ..tasks.perturbation import STIM_TASK, evaluate_group
+
+    X_ctrl, X_pert = _binary(ctx["real_ctrl"]), _binary(ctx["real_pert"])
+    if X_ctrl.shape[0] == 0 or X_pert.shape[0] == 0:
+        raise EpiflowError(f"held-out type {ctx['holdout']!r} has {X_ctrl.shape[0]} control and {X_pert.shape[0]} "
+                           "perturbed cells; both are needed", field="holdout")
+    pred = np.asarray(out.predicted, np.float64)
+    if pred.ndim != 2 or pred.shape[1] != X_ctrl.shape[1]:
+        raise EpiflowError(f"{method} predicted a {pred.shape} matrix for {X_ctrl.shape[1]} features", field="predicted")
+    real_ctrl = np.asarray(X_ctrl.mean(0), np.float64).ravel()
+    m = pred.mean(0)
+    p = {"mean": m, "change": m - real_ctrl}
+    if pred.shape[0] == X_ctrl.shape[0]:
+        p["cells"] = pred
+    else:
+        log.warning("%s predicted %d cells for %d control cells of %s: no Wasserstein distance or UMAP", method,
+                    pred.shape[0], X_ctrl.shape[0], ctx["holdout"])
+    values, frame, info = evaluate_group(X_ctrl=X_ctrl, X_pert=X_pert, predicted={method: p}, task=STIM_TASK,
+                                         ks=list(ks or DEFAULT_KS), n_top=n_top, seed=seed, max_ot_cells=max_ot_cells)
+    values[method].update(n_cells_control=info["n_ctrl"], n_cells_perturbed=info["n_pert"],
+                          n_top_used=info["n_top_used"], runtime_s=float(out.info.get("runtime_s", np.nan)))
+    return values, {method: p}, frame
+
+
+def leave_one_type_out(tool: str, adata, *, holdouts, method: str, dataset: str, params: dict | None = None,
+                       canonical: dict | None = None, run: dict | None = None, ks=None, n_top: int = 1000,
+                       seed: int = 0, umap_groups=None, max_umap_cells: int = 1000):
+    """The stimulation benchmark of EpiAgent's ``predict-stimulation`` for a baseline tool: for each
+    cell type of ``holdouts`` in turn (:func:`stimulation_types`), its perturbed cells are removed, the
+    tool is fitted on the rest (:func:`canonical_input` with ``canonical``, :func:`run_baseline` with
+    ``run``) and predicts them from the type's control cells.
+
+    Returns (metric rows: ``metric[type]`` per held-out type and, without the suffix, their means,
+    plus ``n_features``, ``n_heldout_types`` and ``runtime_total_s``; one :class:`BaselineOutput` with
+    every type's predicted cells, ``groups`` naming the type of each row; the Fig. 3g UMAP table of
+    :func:`epiflow.tasks.perturbation.stimulation_umaps` (columns ``STIM_CELLS_COLUMNS``) of the types
+    of ``umap_groups``, default all; ``[]``: none)."""
+    from ..tasks.perturbation import STIM_CELLS_COLUMNS, STIM_TASK, _summary_rows, stimulation_umaps
+
+    holdouts = list(holdouts)
+    if not holdouts:
+        raise EpiflowError("no held-out cell type", field="holdout")
+    per_group, preds, groups, infos, umaps, features = {}, [], [], {}, [], None
+    total = 0.0
+    for t in holdouts:
+        inp, ctx = canonical_input(adata, "perturbation", holdout=t, seed=seed, **(canonical or {}))
+        log.info("%s, held-out %s: fitting on %d cells x %d features", method, t, inp.n_obs, inp.n_vars)
+        out = run_baseline(tool, inp, "perturbation", params, **(run or {}))
+        values, predicted, frame = stimulation_group(out, ctx, method=method, ks=ks, n_top=n_top, seed=seed)
+        per_group[t] = values
+        total += float(out.info.get("runtime_s", 0.0))
+        infos[t] = out.info
+        features = ctx["features"]
+        preds.append(np.asarray(out.predicted, np.float32))
+        groups += [t] * len(out.predicted)
+        if umap_groups is None or t in umap_groups:
+            umaps.append(stimulation_umaps(_binary(ctx["real_ctrl"]), _binary(ctx["real_pert"]), predicted,
+                                           np.flatnonzero(frame["top_da"].to_numpy()), group=t,
+                                           ctrl_names=ctx["ctrl_names"], pert_names=ctx["pert_names"], seed=seed,
+                                           max_cells=max_umap_cells))
+    extra = {method: {"n_features": len(features), "n_heldout_types": len(holdouts), "runtime_total_s": total}}
+    rows = _summary_rows(STIM_TASK, dataset, per_group, extra)
+    combined = BaselineOutput(predicted=np.concatenate(preds), features=features, groups=np.asarray(groups, str),
+                              info={"holdouts": holdouts, "per_holdout": infos, "runtime_s": total,
+                                    "env_mode": next(iter(infos.values())).get("env_mode")})
+    umaps = [u for u in umaps if len(u)]
+    cells = pd.concat(umaps, ignore_index=True) if umaps else pd.DataFrame(columns=STIM_CELLS_COLUMNS)
+    return rows, combined, cells

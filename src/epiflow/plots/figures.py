@@ -202,11 +202,12 @@ PANELS: dict[str, Panel] = {p.name: p for p in [
        needs_metrics=False, method="EpiAgent", per_group=True),
     _p("fig3g", ST, "stimulation", "", ["cells.tsv"],
        "UMAP of the held-out cell type's unperturbed (blue), real stimulated (red) and predicted (green) "
-       "cells, one UMAP per method of predict-stimulation, over the top DA cCREs (predicted probabilities "
-       "drawn once as 0/1 cells; PCA fitted on the real cells); the workflow draws "
-       "tasks.stimulation.focus_group alone when set (the paper's mono-1)",
+       "cells, one UMAP per method of predict-stimulation and per perturbation baseline tool (scGen, scPRAM: "
+       "their cells.tsv, made alike), over the top DA cCREs (predicted probabilities drawn once as 0/1 cells; "
+       "PCA fitted on the real cells); the workflow draws tasks.stimulation.focus_group alone when set (the "
+       "paper's mono-1)",
        "Fig. 3g: UMAP of unperturbed, perturbed and predicted cells per method", "stimulation_umap",
-       needs_metrics=False, per_group=True),
+       needs_metrics=False, per_group=True, baseline_tables=True),
     _p("fig3e", ST, "stimulation", "stimulated_perturbation", [],
        "Direction accuracy of the top-k up / down DA cCREs against k, per method",
        "Fig. 3e: stimulation, direction accuracy vs number of top DA cCREs", "direction_lines",
@@ -1009,8 +1010,9 @@ _KIND_COLOURS = {"unperturbed": "#1f77b4", "perturbed": "#d62728", "predicted": 
 
 
 def draw_stimulation_umap(panel: Panel, metrics, tables) -> object:
-    """Fig. 3g: one row per dataset and held-out type, one UMAP per method (predict-stimulation's
-    cells.tsv: ``group, method, kind, umap1, umap2``), cells coloured by kind."""
+    """Fig. 3g: one row per dataset and held-out type, one UMAP per method (cells.tsv of
+    predict-stimulation and of the perturbation baselines, stacked: ``group, method, kind, umap1,
+    umap2``), cells coloured by kind."""
     grid = []
     for ds, df in _tables_named(panel, tables, "cells.tsv").items():
         _need_columns(panel, df, ["group", "method", "kind", "umap1", "umap2"], "cells.tsv")
@@ -1218,7 +1220,9 @@ def build_panel(name: str, *, metrics: Sequence[str | os.PathLike] = (),
 
     ``tables``: ``{dataset: [paths]}``; each path is known by its file name (``cells.tsv`` ...).
     ``groups``: a panel with per-group views (option ``per_group``: fig3d, fig3g) draws only these
-    groups (held-out cell types) of its tables.
+    groups (held-out cell types) of its tables. Several paths of one table name for one dataset are
+    read as one table (their rows stacked; the columns must agree): fig3g takes the baseline tools'
+    ``cells.tsv`` beside predict-stimulation's (the panel option ``baseline_tables``).
     """
     panel = get_panel(name)
     groups = [str(g) for g in groups]
@@ -1233,7 +1237,14 @@ def build_panel(name: str, *, metrics: Sequence[str | os.PathLike] = (),
     loaded: dict[str, dict[str, pd.DataFrame]] = {}
     for ds, paths in (tables or {}).items():
         for p in paths:
-            loaded.setdefault(ds, {})[table_name(p)] = read_table(p)
+            df, have = read_table(p), loaded.setdefault(ds, {})
+            name = table_name(p)
+            if name in have:  # the same table of several methods (fig3g: EpiAgent's and the baselines')
+                _require(list(have[name].columns) == list(df.columns), panel,
+                         f"the {name} tables of {ds} have different columns ({list(have[name].columns)} and "
+                         f"{list(df.columns)} in {p})", "pass tables written by the same kind of verb")
+                df = pd.concat([have[name], df], ignore_index=True)
+            have[name] = df
     if groups:
         loaded = {ds: {t: _only_groups(panel, ds, t, df, groups) for t, df in named.items()}
                   for ds, named in loaded.items()}

@@ -51,7 +51,7 @@ TASKS: dict[str, Task] = {t.key: t for t in [
          baseline_task="perturbation", switched={"cells.tsv": "umap", "predicted_cells.h5ad": "save_cells"}),
     Task("genetic", "genetic", "Genetic perturbation", {"predict-genetic": C.GeneticConfig},
          ("metrics.tsv", "scatter.png", "direction.png"), ("genetic_perturbation",),
-         baseline_task="perturbation", switched={"predicted_cells.h5ad": "save_cells"}),
+         baseline_task="genetic", switched={"predicted_cells.h5ad": "save_cells"}),
     Task("integration", "integration", "Integration", {"integrate": C.IntegrationConfig},
          ("metrics.tsv", "umap_batch.png", "umap_cell_type.png"), ("integration", "query_mapping"),
          baseline_task="integration",
