@@ -171,8 +171,12 @@ def test_check_workflow_config_notes_renames_and_problems():
     ko = cfg["tasks"]["knockout"]
     ko["finetune_steps"] = ko.pop("max_steps")
     cfg["tasks"]["annotation"]["lr"] = "1e-3"
+    cfg["baselines"]["condition_key"] = "stim"   # no longer read: the perturbation baselines follow the task
     notes, problems = check_workflow_config(cfg, schema)
     assert problems == []
+    assert any("'baselines.condition_key' ('stim') is no longer read: the perturbation baselines take the "
+               "condition column of tasks.stimulation.condition_key" in n for n in notes)
+    assert "condition_key" not in cfg["baselines"]
     assert any("tasks.knockout.finetune_steps' is now 'tasks.knockout.max_steps'" in n for n in notes)
     assert cfg["tasks"]["knockout"]["max_steps"] == 0 and cfg["tasks"]["annotation"]["lr"] == 0.001
     cfg["tasks"]["annotation"]["head"] = "forest"

@@ -119,6 +119,26 @@ def _rename_legacy_task_keys(cfg):
     return notes
 
 
+# keys the workflow no longer reads -> where the setting comes from now (dropped with a note)
+RETIRED_KEYS = {
+    ("baselines", "condition_key"): "the perturbation baselines take the condition column of "
+                                    "tasks.stimulation.condition_key (they follow that task, as the integration "
+                                    "baselines follow tasks.integration)",
+}
+
+
+def _drop_retired_keys(cfg) -> list[str]:
+    """Keys of :data:`RETIRED_KEYS` are removed from ``cfg`` (in place), each with a note."""
+    notes = []
+    for (section, key), now in RETIRED_KEYS.items():
+        sec = cfg.get(section)
+        if isinstance(sec, dict) and key in sec:
+            value = sec.pop(key)
+            notes.append(f"config key '{section}.{key}' ({value!r}) is no longer read: {now}; remove it to "
+                         "silence this note")
+    return notes
+
+
 def check_workflow_config(cfg: dict, schema_file) -> tuple[list[str], list[str]]:
     """``(notes, problems)`` of a workflow configuration against the schema file plus the settings of
     the verbs (:func:`epiflow.tasks.registry.workflow_schema`). Former setting names are renamed and
@@ -127,5 +147,5 @@ def check_workflow_config(cfg: dict, schema_file) -> tuple[list[str], list[str]]
     from .tasks.registry import workflow_schema
 
     schema = workflow_schema(schema_file)
-    notes = _rename_legacy_task_keys(cfg) + _coerce_numbers(cfg, schema)
+    notes = _rename_legacy_task_keys(cfg) + _drop_retired_keys(cfg) + _coerce_numbers(cfg, schema)
     return notes, _config_errors(cfg, schema)
