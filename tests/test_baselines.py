@@ -644,3 +644,12 @@ def test_cli_run_baseline_perturbation_writes_cells(adata, shift_tool, tmp_path)
     m = pd.read_csv(tmp_path / "all" / "metrics.tsv", sep="\t").set_index("metric")["value"]
     assert rc == 0 and m["n_heldout_types"] == 3
     assert set(pd.read_csv(tmp_path / "all" / "cells.tsv", sep="\t")["group"]) == {"T0", "T1", "T2"}
+    # the scoring flags are the EpiAgent tasks' settings: their types and bounds, clear errors (exit 2)
+    base_argv = ["run-baseline", "--tool", "shift", "--task", "perturbation", "--counts", str(p), "--control",
+                 "resting", "--out-dir", str(tmp_path / "bad")]
+    with pytest.raises(SystemExit) as stop:   # argparse: "argument --k: --k: 'abc' is not an integer"
+        main(base_argv + ["--k", "abc"])
+    assert stop.value.code == 2
+    for bad in (["--k", "5,0"], ["--n-top", "0"], ["--min-cells", "0"]):   # the settings' bounds
+        assert main(base_argv + bad) == 2, bad
+    assert not (tmp_path / "bad" / "metrics.tsv").exists()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+# the settings of the perturbation tasks that score a perturbation / genetic baseline
+SCORING_FIELDS = ("min_cells", "k", "n_top")
+
 
 def _params(items) -> dict:
     from ..errors import EpiflowError
@@ -35,6 +38,8 @@ def _run(args: argparse.Namespace) -> int:
     from ..io import atomic_path
     from ..metrics.table import metrics_frame, write_metrics
     from .base import get_adapter, save_output
+    from ..cliargs import check_config
+    from ..tasks.config import PerturbationConfig
     from .run import canonical_input, evaluate, leave_one_type_out, load_counts, run_baseline, stimulation_types
 
     log = logging.getLogger("epiflow.baselines")
@@ -43,7 +48,8 @@ def _run(args: argparse.Namespace) -> int:
     params.setdefault("seed", args.seed)
     adata = load_counts(corpus=args.corpus, counts=args.counts, dataset=args.dataset)
     holdout = [h.strip() for item in args.holdout or [] for h in item.split(",") if h.strip()]
-    ks = [int(k) for item in args.k or [] for k in str(item).split(",") if k.strip()] or None
+    check_config(PerturbationConfig(**{f: getattr(args, f) for f in SCORING_FIELDS}))  # bounds, naming the flag
+    ks = list(args.k)
     canonical = dict(label_key=args.label_key, batch_key=args.batch_key, condition_key=args.condition_key,
                      control=args.control, min_open_fraction=args.min_open_fraction, top_n=args.top_n,
                      perturbation_key=args.perturbation_key, holdout_fraction=args.holdout_fraction,
@@ -141,7 +147,8 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from ..cliargs import OneOrSeveral
+    from ..cliargs import OneOrSeveral, add_config_args, fields
+    from ..tasks.config import PerturbationConfig
 
     p = subparsers.add_parser("run-baseline", help="run one baseline tool on a task and score it",
                               description="Run a baseline (its adapter, in-process or in the tool's own "
@@ -168,13 +175,10 @@ def register(subparsers) -> None:
                    help="perturbation: the cell types held out in turn (repeat or comma list; default: every type "
                         "with >= --min-cells control and perturbed cells, as predict-stimulation); genetic: the "
                         "held-out perturbations (default: EpiAgent's seeded split)")
-    p.add_argument("--min-cells", type=int, default=3,
-                   help="perturbation: fewest control / perturbed cells of a held-out type; genetic: fewest cells "
-                        "of a perturbation (as the EpiAgent tasks' min_cells)")
-    p.add_argument("--k", action="append", metavar="K[,K...]",
-                   help="perturbation, genetic: top-k DA cCREs of the direction accuracy (default 100,250,500,1000)")
-    p.add_argument("--n-top", type=int, default=1000,
-                   help="perturbation, genetic: top-n DA cCREs of R^2 / Pearson / Wasserstein (EpiAgent's n_top)")
+    # perturbation, genetic: scored as the EpiAgent tasks (the same declarations, defaults and bounds)
+    add_config_args(p, PerturbationConfig, exclude=[f.name for f, _ in fields(PerturbationConfig)
+                                                    if f.name not in SCORING_FIELDS],
+                    group="perturbation / genetic scoring (as predict-stimulation / predict-genetic)")
     p.add_argument("--umap-group", action="append",
                    help="perturbation: the held-out types whose cells.tsv UMAPs are made (default: every one; the "
                         "workflow passes tasks.stimulation.focus_group)")
