@@ -1042,7 +1042,7 @@ def draw_knockout_bars(panel: Panel, metrics: pd.DataFrame, tables) -> object:
     one-sided t-test under each target's name: a cCRE, a gene's promoter cCREs with their number, the
     Group) beside the mean of the random knockouts: each target's size-matched random mean (knockout.tsv
     ``random_mean_effect``) when a target has several cCREs, else the random single cCREs (metrics.tsv)."""
-    from ..tasks.knockout import target_label, target_name
+    from .knockout import size_matched_marks, target_labels
 
     frames = _tables_named(panel, tables, "knockout.tsv")
     rows = _task_rows(panel, metrics)
@@ -1050,19 +1050,14 @@ def draw_knockout_bars(panel: Panel, metrics: pd.DataFrame, tables) -> object:
     axes = fig.subplots(1, len(frames), squeeze=False)[0]
     for ax, (ds, df) in zip(axes, frames.items()):
         _need_columns(panel, df, ["ccre", "mean_effect", "sd_effect", "p_value"], "knockout.tsv")
-        n_ccres = df["n_ccres"].to_numpy(int) if "n_ccres" in df else np.ones(len(df), int)
-        names = [target_label(target_name(r), n) for (_, r), n in zip(df.iterrows(), n_ccres)]
+        names = target_labels(df)
         p = df["p_value"].to_numpy(float)
         mean = df["mean_effect"].to_numpy(float)
         x = np.arange(len(df))
         ax.bar(x, mean, yerr=df["sd_effect"].to_numpy(float), capsize=2,
                color=np.where(p < 0.05, "#c0392b", "#7f8c8d"))
         rnd = rows[(rows["dataset"] == ds) & (rows["metric"] == "random_mean_effect")]["value"]
-        if "random_mean_effect" in df and (n_ccres > 1).any():
-            ax.scatter(x, df["random_mean_effect"].to_numpy(float), marker="_", s=300, color="black", zorder=3,
-                       label="random knockouts of as many cCREs (mean)")
-            ax.legend(fontsize=7, frameon=False)
-        elif len(rnd):
+        if not size_matched_marks(ax, df) and len(rnd):
             ax.axhline(float(rnd.iloc[0]), color="grey", ls="--", lw=1, label="random knockouts (mean)")
             ax.legend(fontsize=7, frameon=False)
         ax.axhline(0, color="black", lw=0.5)
@@ -1094,13 +1089,15 @@ def draw_knockout_pvalues(panel: Panel, metrics: pd.DataFrame, tables) -> object
 
 
 def draw_knockout_random(panel: Panel, metrics: pd.DataFrame, tables) -> object:
+    from .knockout import n_ccres_of
+
     rand = _tables_named(panel, tables, "random.tsv")
     sel = _bracket_rows(panel, metrics, "mean_effect")
     fig = _figure(0.5 + 4.6 * len(rand), 3.6)
     axes = fig.subplots(1, len(rand), squeeze=False)[0]
     for ax, (ds, df) in zip(axes, rand.items()):
         _need_columns(panel, df, ["mean_effect"], "random.tsv")
-        size = df["n_ccres"].to_numpy(int) if "n_ccres" in df else np.ones(len(df), int)
+        size = n_ccres_of(df)
         eff = df["mean_effect"].to_numpy(float)
         bins = np.histogram_bin_edges(eff, bins=20)
         for j, m in enumerate(np.unique(size)):
@@ -1164,7 +1161,7 @@ def draw_knockout_shifts(panel: Panel, metrics, tables) -> object:
     their number, the Group), the query cells' shifts on the reference UMAP (reference_cells.tsv,
     shifts.tsv)."""
     from ..tasks.knockout import target_label
-    from .knockout import query_shift_axes, reference_axes
+    from .knockout import n_ccres_of, query_shift_axes, reference_axes
 
     refs = _knockout_frames(panel, tables, "reference_cells.tsv", ["umap1", "umap2", "score"])
     shifts = _knockout_frames(panel, tables, "shifts.tsv",
@@ -1179,7 +1176,7 @@ def draw_knockout_shifts(panel: Panel, metrics, tables) -> object:
         part = sh[sh["knockout"].astype(str) == ko]
         reference_axes(ax, refs[ds], size=4, alpha=0.35, colorbar=fig if c == n_cols - 1 else None)
         query_shift_axes(ax, part)
-        ax.set_title(f"{ds}: {target_label(ko, part['n_ccres'].iloc[0] if 'n_ccres' in part else 1)} knocked out",
+        ax.set_title(f"{ds}: {target_label(ko, n_ccres_of(part)[0])} knocked out",
                      fontsize=9)
         if c == 0:
             ax.legend(fontsize=6, frameon=False, loc="best")

@@ -41,6 +41,32 @@ def reference_axes(ax, ref: pd.DataFrame, *, size: float = 6, alpha: float = 1.0
     return pts
 
 
+def n_ccres_of(tab: pd.DataFrame) -> np.ndarray:
+    """The number of cCREs each row of a knockout table removes (1 for tables without ``n_ccres``, written
+    before the gene unit)."""
+    return tab["n_ccres"].to_numpy(int) if "n_ccres" in tab else np.ones(len(tab), int)
+
+
+def target_labels(tab: pd.DataFrame) -> list[str]:
+    """Figure labels of the targets of ``knockout.tsv`` rows: the name, with the number of cCREs when a
+    target removes several (``VEGFA (3 cCREs)``)."""
+    from ..tasks.knockout import target_label, target_name
+
+    return [target_label(target_name(r), n) for (_, r), n in zip(tab.iterrows(), n_ccres_of(tab))]
+
+
+def size_matched_marks(ax, tab: pd.DataFrame, *, size: float = 300) -> bool:
+    """Over each target's bar (x = its row), the mean of its size-matched random knockouts
+    (``random_mean_effect``), when some target removes several cCREs; True when drawn (else the random
+    single cCREs are every target's control)."""
+    if "random_mean_effect" not in tab or not (n_ccres_of(tab) > 1).any():
+        return False
+    ax.scatter(np.arange(len(tab)), tab["random_mean_effect"].to_numpy(float), marker="_", s=size, color="black",
+               zorder=3, label="random knockouts of as many cCREs (mean)")
+    ax.legend(fontsize=7, frameon=False)
+    return True
+
+
 def mean_shift(shifts: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Mean position of the query cells of ``shifts`` (one knockout's rows) with the target added and
     removed."""
@@ -101,7 +127,7 @@ def knockout_figures(result, out: str | os.PathLike, *, title: str = "", seed: i
     :class:`~epiflow.tasks.common.TaskResult` of :func:`epiflow.tasks.knockout.run` (tables
     ``knockout``, ``reference_cells`` and ``shifts``; ``data`` ``random_effects``). Returns the paths
     written. (``seed`` is unused: the task computes the UMAP.)"""
-    from ..tasks.knockout import target_label, target_name
+    from ..tasks.knockout import target_label
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,23 +139,18 @@ def knockout_figures(result, out: str | os.PathLike, *, title: str = "", seed: i
     ax = fig.add_subplot(1, 1, 1)
     reference_axes(ax, result.tables["reference_cells"], colorbar=fig)
     for name, part in shifts.groupby("knockout", sort=False):
-        shift_arrow(ax, part, target_label(name, part["n_ccres"].iloc[0] if "n_ccres" in part else 1))
+        shift_arrow(ax, part, target_label(name, n_ccres_of(part)[0]))
     ax.set_title(title or "in-silico knockout: query cells, target added -> removed", fontsize=9)
     written = save_figure(fig, out / "knockout_umap.png", svg=svg)
 
     fig = _figure(1.5 + 0.45 * (nt + 1), 3.6)
     ax = fig.add_subplot(1, 1, 1)
-    n_ccres = tab["n_ccres"] if "n_ccres" in tab else pd.Series(1, index=tab.index)
-    names = [target_label(target_name(r), n) for (_, r), n in zip(tab.iterrows(), n_ccres)] + ["random cCRE"]
+    names = target_labels(tab) + ["random cCRE"]
     means = list(tab["mean_effect"]) + [float(np.mean(res["random_effects"]))]
     sds = list(tab["sd_effect"]) + [float(np.std(res["random_effects"]))]
     cols = ["#c0392b" if p < 0.05 else "#7f8c8d" for p in tab["p_value"]] + ["#bdc3c7"]
     ax.bar(range(len(means)), means, yerr=sds, color=cols, capsize=2)
-    if "random_mean_effect" in tab and (n_ccres > 1).any():
-        # each target's own control: the mean of the random knockouts of as many cCREs
-        ax.scatter(range(nt), tab["random_mean_effect"].to_numpy(float), marker="_", s=200, color="black",
-                   zorder=3, label="random knockouts of the same size (mean)")
-        ax.legend(fontsize=7, frameon=False)
+    size_matched_marks(ax, tab, size=200)  # each target's own control, when some target has several cCREs
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(means)), names, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("change of mean score (removed - added)")
