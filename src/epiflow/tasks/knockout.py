@@ -235,6 +235,14 @@ def knn_score(ref_emb, ref_scores, emb, k: int = 20) -> tuple[np.ndarray, np.nda
 
 
 # ----------------------------------------------------------------------------- core
+def _no_gene_error() -> ConfigError:
+    """The gene unit with targets that have no gene (cCRE indices): one message for every place that
+    finds it (:func:`knockout_targets`, :func:`knockout_sets`)."""
+    return ConfigError("target_unit gene knocks out the promoter cCREs of each gene together, but the targets are "
+                       "cCRE indices (ccres), which have no gene", field="target_unit",
+                       fix="give --genes with --tss, or use --target-unit ccre with --ccres")
+
+
 def knockout_sets(targets: pd.DataFrame, unit: str = "ccre", *, group: bool = False
                   ) -> tuple[list[np.ndarray], pd.DataFrame]:
     """The cCRE sets that are knocked out, and one row per set describing it.
@@ -254,9 +262,7 @@ def knockout_sets(targets: pd.DataFrame, unit: str = "ccre", *, group: bool = Fa
     extra = targets.drop(columns=["ccre"])
     if unit == "gene":
         if "gene" not in targets or targets["gene"].isna().any():
-            raise ConfigError("the gene knockout unit needs the gene of every target cCRE; cCRE indices "
-                              "(--ccres) have none", field="target_unit",
-                              fix="give --genes with --tss, or use --target-unit ccre with --ccres")
+            raise _no_gene_error()
         genes = list(dict.fromkeys(targets["gene"].astype(str)))
         sets = [np.unique(tgt[targets["gene"].astype(str).to_numpy() == g]) for g in genes]
         rows = []
@@ -439,9 +445,7 @@ def knockout_targets(cfg: KnockoutConfig, *, tss: pd.DataFrame | None = None,
     vocabulary ``vocab`` (``chrom, start, end`` in token order: the corpus ``vocab.bed``)."""
     if cfg.ccres:
         if cfg.target_unit == "gene":
-            raise ConfigError("target_unit gene knocks out the promoter cCREs of each gene together, but the "
-                              "targets are cCRE indices (ccres), which have no gene", field="target_unit",
-                              fix="give --genes with --tss, or use --target-unit ccre with --ccres")
+            raise _no_gene_error()
         return pd.DataFrame({"ccre": np.asarray(list(cfg.ccres), dtype=np.int64)})
     if not cfg.genes or tss is None:
         raise EpiflowError("give targets: --ccres, or --genes with --tss", field="targets")
