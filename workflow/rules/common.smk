@@ -742,11 +742,12 @@ def baseline_args(wildcards):
     """
     task = wildcards.bl_task
     if task not in ("perturbation", "genetic"):
-        return (
-            f"--label-key {shlex.quote(str(BL.get('label_key', 'cell_type')))}"
-            f" --batch-key {shlex.quote(str(BL.get('batch_key', 'batch')))}"
-            f" --seed {int(BL.get('seed', 0))}"
-        )
+        flags = [
+            ("--label-key", BL.get("label_key", "cell_type")),
+            ("--batch-key", BL.get("batch_key", "batch")),
+            ("--seed", int(BL.get("seed", 0))),
+        ]
+        return " ".join(opt(flag, value) for flag, value in flags)
     follows = BASELINE_FOLLOWS[task]
     if task == "perturbation":
         flags = [
@@ -770,7 +771,7 @@ def baseline_args(wildcards):
         ("--n-top", task_setting(follows, "n_top")),
         ("--seed", task_setting(follows, "seed")),
     ]
-    return " ".join(f"{flag} {shlex.quote(str(value))}" for flag, value in flags)
+    return " ".join(opt(flag, value) for flag, value in flags)
 
 
 def baseline_go(wildcards):
