@@ -339,7 +339,7 @@ def _scaled_estimate(args, corpus: Path, modes) -> dict:
 
     from epiflow.model import EpiAgentConfig
     from epiflow.train.data import PlanConfig, build_index, epoch_plan, split_cells
-    from epiflow.train.lean import activation_estimate, memory_estimate
+    from epiflow.train.lean import activation_estimate, default_chunks, memory_estimate
 
     index = build_index(corpus)
     train, _ = split_cells(index.n_cells, 0.02, 0, 2000)
@@ -349,7 +349,9 @@ def _scaled_estimate(args, corpus: Path, modes) -> dict:
     cfg = EpiAgentConfig.preset("tiny", n_ccres=index.n_ccres, num_layers=args.layers, dim=args.dim,
                                 num_heads=max(1, args.dim // 64), ffn=4 * args.dim, max_rank=args.max_len + 2)
     e = memory_estimate(cfg, cells_per_gpu=cells, grad_accum=1, gpus=1, seq=longest, rlm=True,
-                        positives_per_cell=int(np.max(index.lengths)), k=args.k, chunk=args.chunk)
+                        positives_per_cell=int(np.max(index.lengths)), k=args.k,
+                        chunk=args.chunk or default_chunks(args.device)[0],
+                        query_chunk=default_chunks(args.device)[1])
     # packed tokens of a micro-batch: [CLS] sentence [SEP] per cell, twice (the RLM copy)
     tokens = max(2 * int(np.sum(np.minimum(index.lengths[np.asarray(mb, dtype=np.int64)], args.max_len) + 2))
                  for mb in plan[:args.steps])
@@ -383,7 +385,8 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--max-len", type=int, default=254, help="tokens per sentence (short: small activations)")
     ap.add_argument("--k", type=int, default=2, help="CCA negatives per positive")
-    ap.add_argument("--chunk", type=int, default=16384, help="lean: rows per chunk")
+    ap.add_argument("--chunk", type=int, default=0, help="lean: rows per chunk (0: the device's default, "
+                    "epiflow.train.lean.CHUNKS)")
     ap.add_argument("--modes", default="dense,lean", help=f"comma list of {', '.join(MODES)} (+ckpt: activation "
                     "checkpointing per encoder block); each runs in its own subprocess")
     ap.add_argument("--checkpointing", action="store_true", help="add lean+ckpt to --modes")

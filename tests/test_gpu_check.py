@@ -30,6 +30,16 @@ def _run(args, tmp_path, timeout):
                           text=True, env=env, timeout=timeout, cwd=ROOT)
 
 
+def test_analytic_lean_state_is_the_estimates():
+    """The goal text's analytic lean state is memory_estimate's (paper config, the CUDA chunk sizes)."""
+    from epiflow.model import EpiAgentConfig
+    from epiflow.train.lean import memory_estimate
+
+    est = memory_estimate(EpiAgentConfig.preset("paper"))["lean"]["total"] / 1e9
+    g = _gpu_check()
+    assert g.LEAN_STATE_GB == round(est, 2) and g.LEAN_STATE_GB <= g.LEAN_TARGET_GB
+
+
 def test_peak_table_and_json_parsing():
     g = _gpu_check()
     assert g.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and g.peak_tflops("NVIDIA H200") == 989.0

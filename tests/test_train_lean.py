@@ -15,7 +15,7 @@ from epiflow.train.pretrain import PretrainConfig, pretrain
 from epiflow.train.data import BatchConfig, ShardCache, build_index, make_batch, step_normalizers
 from epiflow.model.attention import Packing
 from epiflow.model.epiagent import _Ctx
-from epiflow.train.lean import LeanTables, activation_estimate, cca_head, memory_estimate
+from epiflow.train.lean import CHUNKS, LeanTables, activation_estimate, cca_head, default_chunks, memory_estimate
 from epiflow.train.pretrain import PretrainObjective, _clip
 from epiflow.train.toy import write_toy_corpus
 
@@ -116,6 +116,38 @@ def test_step_updates_only_touched_embedding_rows_and_every_decoder_row(corpus):
     assert lean.store.sr == [] and lean.store.emb == [] and lean.store.cca == []
     assert lean.emb_opt.step_count == 1
     assert not bool(((lean.emb_opt.v > 0) & ~touched).any())  # untouched rows keep no state
+
+
+def test_embedding_chunks_hold_only_the_touched_rows_and_skip_the_others():
+    """The rows with a gradient (input tokens of the micro-batches) are found once per step: a chunk
+    of the table without any is skipped, and each chunk yields exactly its touched rows (also a row
+    whose gradient sums to zero), with their summed gradients."""
+    m = _model(996)  # 1,000 embedding rows
+    lean = LeanTables(m, torch.optim.SGD(m.parameters(), lr=0.1), weight_decay=0.0, chunk=100)
+    D = m.cCRE_embedding.weight.shape[1]
+    g1, g2 = torch.randn(3, D), torch.randn(2, D)
+    lean.store.emb.append((torch.tensor([5, 7, 450]), g1))
+    lean.store.emb.append((torch.tensor([7, 999]), torch.stack([-g1[1], g2[1]])))
+    lean.sync(1)
+    out = list(lean._emb_chunks())
+    assert [r.tolist() for r, _ in out] == [[5, 7], [450], [999]]
+    assert torch.equal(out[0][1][0], g1[0]) and torch.allclose(out[0][1][1], torch.zeros(D), atol=1e-7)
+    assert torch.equal(out[1][1][0], g1[2]) and torch.equal(out[2][1][0], g2[1])
+
+
+def test_chunks_default_by_device():
+    """lean_chunk 0 (the default) takes the device's chunk sizes: small on CPU, large on CUDA (host
+    launch overhead), and the analytic paper state uses the CUDA ones."""
+    assert PretrainConfig().lean_chunk == 0
+    assert default_chunks("cpu") == CHUNKS["cpu"] and default_chunks(torch.device("cuda", 1)) == CHUNKS["cuda"]
+    assert CHUNKS["cuda"][0] > CHUNKS["cpu"][0]
+    m = _model(50)
+    lean = LeanTables(m, torch.optim.SGD(m.parameters(), lr=0.1), weight_decay=0.0)
+    assert (lean.chunk, lean.query_chunk) == CHUNKS["cpu"]
+    lean.close()
+    assert LeanTables(m, torch.optim.SGD(m.parameters(), lr=0.1), 0.0, chunk=64).chunk == 64
+    est = memory_estimate(EpiAgentConfig.preset("paper"))
+    assert est["inputs"]["chunk"] == CHUNKS["cuda"][0] and est["inputs"]["query_chunk"] == CHUNKS["cuda"][1]
 
 
 def _run(corpus, out, lean, **kw):

@@ -26,8 +26,8 @@ when the rows are updated.
 The head weights and the decoder bias must still be the pre-update values when the chunks are
 rebuilt: :meth:`LeanTables.step` runs **before** the dense optimiser's step. Under DDP the tables
 bypass DDP's all-reduce: the decoder records are all-gathered (a few MB) and each rank rebuilds
-the same decoder gradient; each embedding row chunk (``[chunk, dim + 1]`` with a touched-row
-count) is all-reduced. Global-norm clipping includes both tables (first pass over the chunks).
+the same decoder gradient; the touched rows of all ranks are gathered once per step, and each
+embedding row chunk holding one of them (``[chunk, dim]``) is all-reduced. Global-norm clipping includes both tables (first pass over the chunks).
 :func:`memory_estimate` gives the bytes per GPU of dense AdamW versus this mode, and
 :func:`activation_estimate` the encoder activations kept for the backward pass.
 """
@@ -266,6 +266,24 @@ def _all_gather_padded(t: torch.Tensor, world: int) -> list[torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- the tables
+# rows per chunk of the table passes and CCA queries per recomputed sub-batch, by device type. On CUDA
+# every chunk costs a few dozen kernel launches per pass (SR forward and backward, the norm pass, the
+# update pass): at 16,384 rows the paper's tables take 83 chunks per pass and the H200 sat idle for
+# ~80 % of a lean pretraining step, waiting for the host. On the H200 (benchmarks/README.md, GPU
+# results) memory-lean pretraining of the paper model ran at 33,546 / 41,904 / 53,387 tokens/s with
+# chunks of 16,384 / 32,768 / 65,536 rows (dense AdamW: 65,797), at the same peak memory: the chunk
+# buffers exist only at the step, after the activations are freed. At 65,536 rows they take ~0.4 GB
+# (dim 512; memory_estimate's chunk_workspace), and the analytic lean state of the paper's setup
+# stays under its 7.74 GB per GPU.
+CHUNKS = {"cpu": (16384, 4096), "cuda": (65536, 8192)}
+
+
+def default_chunks(device) -> tuple[int, int]:
+    """``(chunk, query_chunk)`` of :class:`LeanTables` for a device (``lean_chunk`` 0 = this)."""
+    kind = torch.device(device).type if device is not None else "cpu"
+    return CHUNKS.get(kind, CHUNKS["cpu"])
+
+
 class LeanTables:
     """Row-wise optimisers and chunked gradients of the embedding and decoder weights (lean mode).
 
@@ -276,14 +294,15 @@ class LeanTables:
     """
 
     def __init__(self, model, lr_source, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 momentum: bool = False, chunk: int = 16384, query_chunk: int = 4096):
+                 momentum: bool = False, chunk: int | None = None, query_chunk: int | None = None):
         self.model = model
         self.embedding = model.cCRE_embedding
         self.embedding.sparse = True
         self.decoder = getattr(model, "signal_decoder", None)
         self.store = LeanStore()
-        self.chunk = max(1, int(chunk))
-        self.query_chunk = max(1, int(query_chunk))
+        auto_chunk, auto_query = default_chunks(self.embedding.weight.device)
+        self.chunk = max(1, int(chunk or auto_chunk))
+        self.query_chunk = max(1, int(query_chunk or auto_query))
         self.emb_opt = RowwiseAdamW(self.embedding.weight, lr_source, betas=betas, eps=eps,
                                     weight_decay=weight_decay, momentum=momentum)
         self.dec_opt = None
@@ -368,7 +387,16 @@ class LeanTables:
         V = W.shape[0]
         for r in cca:
             r["bounds"] = _chunk_bounds(r["sorted"], V, self.chunk)
-        prep: dict[str, Any] = {"cca": cca, "dec": None, "emb_bounds": [_chunk_bounds(idx, V, self.chunk) for idx, _ in self.store.emb]}
+        # the rows with a gradient this step (input tokens and CCA queries of every rank), sorted: the
+        # update touches only these (lazy, as SparseAdam), and chunks without any are skipped
+        parts = [idx for idx, _ in self.store.emb] + [r["ids"] for r in cca]
+        touched = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=dev)
+        if self._world > 1:
+            touched = torch.cat(_all_gather_padded(touched, self._world))
+        touched = torch.unique(touched)
+        prep: dict[str, Any] = {"cca": cca, "dec": None, "touched": touched,
+                                "touched_bounds": _chunk_bounds(touched, V, self.chunk),
+                                "emb_bounds": [_chunk_bounds(idx, V, self.chunk) for idx, _ in self.store.emb]}
         if self.decoder is not None:
             D = self.decoder.weight.shape[1]
             recs = [r for r in self.store.sr if r.get("scale") is not None]
@@ -421,16 +449,16 @@ class LeanTables:
         W = self.embedding.weight
         V, D = W.shape
         prep = self._prepare()
+        touched, tb = prep["touched"], prep["touched_bounds"]
         for j, a in enumerate(range(0, V, self.chunk)):
+            if tb[j + 1] == tb[j]:  # no row of this chunk has a gradient on any rank
+                continue
             b = min(V, a + self.chunk)
-            buf = torch.zeros(b - a, D + 1, dtype=torch.float32, device=W.device)
-            g, cnt = buf[:, :D], buf[:, D]
+            g = torch.zeros(b - a, D, dtype=torch.float32, device=W.device)
             for (idx, val), eb in zip(self.store.emb, prep["emb_bounds"]):
                 lo, hi = eb[j], eb[j + 1]
                 if hi > lo:
-                    i = idx[lo:hi] - a
-                    g.index_add_(0, i, val[lo:hi].float())
-                    cnt.index_add_(0, i, torch.ones(hi - lo, device=W.device))
+                    g.index_add_(0, idx[lo:hi] - a, val[lo:hi].float())
             for r in prep["cca"]:
                 lo, hi = r["bounds"][j], r["bounds"][j + 1]
                 for s in range(lo, hi, self.query_chunk):
@@ -443,13 +471,11 @@ class LeanTables:
                         loss = bce_sum(logits, r["labels"][sel], pos_weight=r["pw"]) * r["scale"]
                         (gq,) = torch.autograd.grad(loss, q)
                     g.index_add_(0, ids - a, gq.float())
-                    cnt.index_add_(0, ids - a, torch.ones(ids.numel(), device=W.device))
             if self._world > 1:
-                dist.all_reduce(buf)
+                dist.all_reduce(g)
                 g.div_(self._world)
-            rows = torch.nonzero(cnt > 0).squeeze(1)
-            if rows.numel():
-                yield rows + a, g[rows]
+            rows = touched[tb[j]:tb[j + 1]]
+            yield rows, g[rows - a]
 
     def _dec_chunks(self):
         """Yield ``(a, b, dW[a:b])`` of the decoder weight, chunk by chunk (global)."""
@@ -505,7 +531,7 @@ class LeanTables:
         if self.dec_opt is not None:
             self.dec_opt.begin_step()
             for a, b, dW in self._dec_chunks():
-                self.dec_opt.update_rows(torch.arange(a, b, device=dW.device), dW.mul_(coef) if coef != 1.0 else dW)
+                self.dec_opt.update_rows(slice(a, b), dW.mul_(coef) if coef != 1.0 else dW)
         self.store.clear()
         self._prep = None
         self._coef = 1.0
@@ -527,7 +553,7 @@ class LeanTables:
 # ----------------------------------------------------------------------------- memory estimate
 def memory_estimate(model_config, *, cells_per_gpu: int = 4, grad_accum: int = 4, gpus: int = 8,
                     seq: int = 8192, rlm: bool = True, positives_per_cell: int = 20_000, k: int = 5,
-                    chunk: int = 16384, query_chunk: int = 4096, momentum: bool = False,
+                    chunk: int | None = None, query_chunk: int | None = None, momentum: bool = False,
                     n_params: int | None = None) -> dict:
     """Bytes per GPU of the training state: dense fp32 AdamW versus the memory-lean mode.
 
@@ -538,9 +564,13 @@ def memory_estimate(model_config, *, cells_per_gpu: int = 4, grad_accum: int = 4
     ``(1 + k)`` times as many). Activations are not included (they do not depend on the mode,
     except that dense mode also materialises ``[cells, N]`` signal logits).
 
+    ``chunk`` / ``query_chunk`` default to the CUDA ones of :data:`CHUNKS`.
+
     Returns ``{"dense": {...}, "lean": {...}}`` (each with ``"total"``) and the inputs.
     """
     cfg = model_config
+    chunk = int(chunk or CHUNKS["cuda"][0])
+    query_chunk = int(query_chunk or CHUNKS["cuda"][1])
     D, V, N = int(cfg.dim), int(cfg.vocab_size), int(cfg.n_ccres)
     if n_params is None:
         from ..model import EpiAgent
@@ -577,8 +607,10 @@ def memory_estimate(model_config, *, cells_per_gpu: int = 4, grad_accum: int = 4
     if momentum:
         lean["bf16_momentum_tables"] = 2 * n_tab
     # transient work of the chunked passes (the largest of the three)
-    ws_emb = chunk * (D + 1) * 4 + 3 * chunk * D * 4  # chunk buffer + update temporaries
-    ws_dec = 2 * step_cells * chunk * 4 + 4 * chunk * D * 4  # logits/G + dW + update temporaries
+    # embedding: the chunk's gradient buffer, its touched rows gathered, their weights gathered (fp32)
+    ws_emb = 3 * chunk * D * 4
+    # decoder: logits and G of every cell of the step, dW; the rows are updated in place (a view)
+    ws_dec = 2 * step_cells * chunk * 4 + chunk * D * 4
     ws_cca = query_chunk * (32 * D + 40 * int(cfg.cca_hidden))  # head forward + backward of a sub-batch
     lean["chunk_workspace"] = max(ws_emb, ws_dec, ws_cca)
     lean["total"] = sum(lean.values())

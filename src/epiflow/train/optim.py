@@ -135,23 +135,34 @@ class RowwiseAdamW:
         self.step_count += 1
 
     @torch.no_grad()
-    def update_rows(self, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
-        """Update the given (unique) rows with their gradient rows ``[len(rows), dim]``."""
+    def update_rows(self, rows: torch.Tensor | slice, grad_rows: torch.Tensor) -> None:
+        """Update the given (unique) rows with their gradient rows ``[len(rows), dim]``.
+
+        ``rows`` may be a ``slice`` of contiguous rows (the decoder's chunks): the fp32 table is then
+        updated in place through a view, without gathering a copy of the rows."""
         t = self.step_count
         g = grad_rows.float()
         lr = self.lr
-        v = self.v[rows].mul_(self.beta2).add_((1.0 - self.beta2) * g.pow(2).mean(dim=1))
-        self.v[rows] = v
+        # the row's mean squared gradient, without a [rows, dim] temporary
+        msq = torch.linalg.vector_norm(g, dim=1).square_().div_(g.shape[1])
+        in_place = isinstance(rows, slice) and self.weight.dtype == torch.float32
+        if isinstance(rows, slice):
+            v = self.v[rows]
+            v.mul_(self.beta2).add_(msq, alpha=1.0 - self.beta2)
+        else:
+            v = self.v[rows].mul_(self.beta2).add_(msq, alpha=1.0 - self.beta2)
+            self.v[rows] = v
         vhat = v / (1.0 - self.beta2 ** t)
         if self.m is not None:
             m = self.m[rows].float().mul_(self.beta1).add_(g, alpha=1.0 - self.beta1)
             self.m[rows] = m.to(self.m.dtype)
             g = m / (1.0 - self.beta1 ** t)
-        w = self.weight[rows].float()
+        w = self.weight[rows] if in_place else self.weight[rows].float()
         if self.weight_decay:
             w.mul_(1.0 - lr * self.weight_decay)
         w.addcdiv_(g, (vhat.sqrt() + self.eps).unsqueeze(1), value=-lr)
-        self.weight[rows] = w.to(self.weight.dtype)
+        if not in_place:
+            self.weight[rows] = w.to(self.weight.dtype)
 
     @torch.no_grad()
     def step_sparse(self, grad: torch.Tensor) -> None:
@@ -168,8 +179,7 @@ class RowwiseAdamW:
         Hf = H.float()
         for a in range(0, n, int(chunk)):
             b = min(n, a + int(chunk))
-            rows = torch.arange(a, b, device=self.weight.device)
-            self.update_rows(rows, G[:, a:b].float().t() @ Hf)
+            self.update_rows(slice(a, b), G[:, a:b].float().t() @ Hf)
 
 
 def finetune_param_groups(named_params, head_prefixes, lr: float, head_lr: float, weight_decay: float):

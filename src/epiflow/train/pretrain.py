@@ -510,8 +510,8 @@ class _nullctx:
 def _clip(model, lean, max_norm) -> float:
     dense = [p for p in model.parameters() if p.grad is not None and not p.grad.is_sparse]
     sq = torch.zeros((), device=next(model.parameters()).device)
-    for p in dense:
-        sq = sq + p.grad.float().pow(2).sum()
+    if dense:  # one multi-tensor kernel per device and dtype, not three ops per parameter
+        sq = sq + torch.stack([n.float() for n in torch._foreach_norm([p.grad for p in dense])]).pow(2).sum()
     sparse = [p for p in model.parameters() if p.grad is not None and p.grad.is_sparse]
     if lean is not None:
         sq = sq + lean.sq_norm()
@@ -521,8 +521,8 @@ def _clip(model, lean, max_norm) -> float:
     norm = float(sq.sqrt())
     if max_norm and norm > max_norm:
         coef = max_norm / (norm + 1e-6)
-        for p in dense:
-            p.grad.mul_(coef)
+        if dense:
+            torch._foreach_mul_([p.grad for p in dense], coef)
         if lean is not None:
             lean.scale_(coef)
     return norm
