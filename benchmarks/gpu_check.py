@@ -53,6 +53,27 @@ BF16_TOL = 5e-2  # atol = rtol; CPU bf16 autocast gave <= 0.01 max abs error on 
 LEAN_STATE_GB, LEAN_TARGET_GB, MFU_TARGET, TOTAL_TARGET_S = 7.66, 7.74, 0.40, 480
 
 
+# the paper-size parts write ~80 GB of checkpoints and training states (bench_train's three modes, the
+# stop, resume and end of pretrain_cli, torchrun's run): on the first H200 runs that took ~2.5 of the
+# check's ~9 minutes (~0.6 GB/s to the VM's disk). RAM-backed /dev/shm, when it has this much room, is
+# used instead (at most ~30 GB at a time: the dense mode's state and checkpoint)
+SHM_MIN_FREE_GB = 48
+
+
+def scratch_parent(smoke: bool, shm: str | os.PathLike = "/dev/shm") -> tuple[str | None, str]:
+    """Where the default scratch folder goes, and why: ``shm`` with at least SHM_MIN_FREE_GB free (GPU
+    mode), else the temporary folder ($TMPDIR)."""
+    if smoke:
+        return None, "temporary folder (CPU smoke: small files)"
+    try:
+        free = shutil.disk_usage(shm).free / 1e9
+    except OSError:
+        return None, f"temporary folder ({shm} not found)"
+    if free >= SHM_MIN_FREE_GB:
+        return str(shm), f"{shm} ({free:.0f} GB free, RAM-backed: fast checkpoint writes)"
+    return None, f"temporary folder ({shm} has {free:.0f} GB free, under {SHM_MIN_FREE_GB} GB)"
+
+
 class Skip(Exception):
     """A part that does not apply here: reported as ``{"skipped": reason}``."""
 
@@ -635,9 +656,14 @@ def main(argv=None) -> int:
     install = _install(args) if args.install else json.loads(os.environ.pop("GPU_CHECK_INSTALL", "null"))
     t_start, out = time.time(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    if args.workdir:
+        work, where = Path(args.workdir), "--workdir"
+    else:
+        parent, where = scratch_parent(args.cpu_smoke)
+        work = Path(tempfile.mkdtemp(prefix="gpu_check_", dir=parent))
     work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg", MPLCONFIGDIR=str(work / "mpl"),
+    # TMPDIR: bench_train's own temporary folders (its corpus, states and checkpoints) go there too
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg", MPLCONFIGDIR=str(work / "mpl"), TMPDIR=str(work),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if args.cpu_smoke:
@@ -646,7 +672,7 @@ def main(argv=None) -> int:
     report = {"check": "epiflow benchmarks/gpu_check.py (issue #20)", "mode": "cpu-smoke" if args.cpu_smoke else "gpu",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "host": socket.gethostname(), "python": sys.executable, "install": install, "budget_s": args.budget,
-              "parts": {}}
+              "scratch": f"{work}: {where}", "parts": {}}
     log = open(out / "gpu_check.log", "w")
     log.write(f"gpu_check {' '.join(sys.argv[1:])}\n{report['date']} {sys.executable}, scratch {work}\n")
     for name in PARTS:

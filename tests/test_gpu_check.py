@@ -40,6 +40,23 @@ def test_analytic_lean_state_is_the_estimates():
     assert g.LEAN_STATE_GB == round(est, 2) and g.LEAN_STATE_GB <= g.LEAN_TARGET_GB
 
 
+def test_scratch_goes_to_shm_only_with_room(tmp_path, monkeypatch):
+    """The default scratch folder is RAM-backed /dev/shm (fast checkpoint writes) only in GPU mode and
+    with SHM_MIN_FREE_GB free, else the temporary folder; the reason is reported."""
+    import collections
+
+    g = _gpu_check()
+    usage = collections.namedtuple("usage", "total used free")
+    assert g.scratch_parent(True, tmp_path)[0] is None
+    assert g.scratch_parent(False, tmp_path / "missing") == (None, f"temporary folder ({tmp_path / 'missing'} not found)")
+    monkeypatch.setattr(g.shutil, "disk_usage", lambda p: usage(0, 0, (g.SHM_MIN_FREE_GB + 1) * 1e9))
+    where, why = g.scratch_parent(False, tmp_path)
+    assert where == str(tmp_path) and "RAM-backed" in why
+    monkeypatch.setattr(g.shutil, "disk_usage", lambda p: usage(0, 0, 10e9))
+    where, why = g.scratch_parent(False, tmp_path)
+    assert where is None and "10 GB free" in why
+
+
 def test_peak_table_and_json_parsing():
     g = _gpu_check()
     assert g.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and g.peak_tflops("NVIDIA H200") == 989.0
