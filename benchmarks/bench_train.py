@@ -132,7 +132,7 @@ def _child(args) -> None:
         model_config="tiny", model_overrides=overrides, epochs=1, max_steps=args.steps, rlm_epochs=1,
         batch_tokens=args.batch_tokens, max_len=args.max_len, lr=1e-4, ckpt_every=0, eval_fraction=0.02,
         memory_lean=lean, progress=False, device=dev, lean_chunk=args.chunk, k_schedule=(args.k,),
-        gradient_checkpointing=ckpt))
+        gradient_checkpointing=ckpt, grad_accum=args.grad_accum))
     # memory-mapped: only the sizes are read (the dense paper state is 17 GB)
     st = torch.load(out / "train_state.pt", weights_only=False, map_location="cpu", mmap=True)
 
@@ -344,17 +344,18 @@ def _scaled_estimate(args, corpus: Path, modes) -> dict:
     index = build_index(corpus)
     train, _ = split_cells(index.n_cells, 0.02, 0, 2000)
     plan = epoch_plan(index, train, 0, PlanConfig(batch_tokens=args.batch_tokens, max_len=args.max_len))
-    cells = max(len(mb) for mb in plan[:args.steps])
+    micro = plan[:args.steps * args.grad_accum]  # the micro-batches of the measured steps
+    cells = max(len(mb) for mb in micro)
     longest = int(min(np.max(index.lengths), args.max_len))
     cfg = EpiAgentConfig.preset("tiny", n_ccres=index.n_ccres, num_layers=args.layers, dim=args.dim,
                                 num_heads=max(1, args.dim // 64), ffn=4 * args.dim, max_rank=args.max_len + 2)
-    e = memory_estimate(cfg, cells_per_gpu=cells, grad_accum=1, gpus=1, seq=longest, rlm=True,
+    e = memory_estimate(cfg, cells_per_gpu=cells, grad_accum=args.grad_accum, gpus=1, seq=longest, rlm=True,
                         positives_per_cell=int(np.max(index.lengths)), k=args.k,
                         chunk=args.chunk or default_chunks(args.device)[0],
                         query_chunk=default_chunks(args.device)[1])
     # packed tokens of a micro-batch: [CLS] sentence [SEP] per cell, twice (the RLM copy)
     tokens = max(2 * int(np.sum(np.minimum(index.lengths[np.asarray(mb, dtype=np.int64)], args.max_len) + 2))
-                 for mb in plan[:args.steps])
+                 for mb in micro)
     cuda = args.device.startswith("cuda")  # precision auto: bf16 autocast on CUDA, fp32 on CPU
     act = {ck: activation_estimate(cfg, tokens, checkpointing=ck, bf16=cuda, device=args.device)["peak_in_backward"]
            for ck in (False, True)}
@@ -382,9 +383,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--cells", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--batch-tokens", type=int, default=None,
+                    help="tokens per micro-batch (default 4,096; 32,768 with --paper)")
     ap.add_argument("--max-len", type=int, default=254, help="tokens per sentence (short: small activations)")
     ap.add_argument("--k", type=int, default=2, help="CCA negatives per positive")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     ap.add_argument("--chunk", type=int, default=0, help="lean: rows per chunk (0: the device's default, "
                     "epiflow.train.lean.CHUNKS)")
     ap.add_argument("--modes", default="dense,lean", help=f"comma list of {', '.join(MODES)} (+ckpt: activation "
@@ -399,6 +402,8 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.batch_tokens is None:
+        args.batch_tokens = 32768 if args.paper else 4096
     if args.speed or args.child == "speed":
         args.steps = 20 if args.steps is None else args.steps
         if "--max-len" not in sys.argv:
@@ -410,7 +415,6 @@ def main() -> None:
         return
     if args.paper:
         args.n_ccres, args.dim, args.layers, args.max_len = 1_355_445, 512, 18, 8190
-        args.batch_tokens = max(args.batch_tokens, 32768)
     if args.n_ccres is None:
         args.n_ccres = 50_000 if args.quick else 300_000
     if args.dim is None:
@@ -445,7 +449,7 @@ def main() -> None:
                    "--n-ccres", str(args.n_ccres), "--dim", str(args.dim), "--layers", str(args.layers),
                    "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens),
                    "--max-len", str(args.max_len), "--threads", str(args.threads), "--k", str(args.k),
-                   "--chunk", str(args.chunk)]
+                   "--chunk", str(args.chunk), "--grad-accum", str(args.grad_accum)]
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if r.returncode != 0:
                 measured[mode] = {"error": r.stderr[-2000:]}

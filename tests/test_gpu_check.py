@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 PARTS = ["env", "golden", "bench_model", "bench_train", "pretrain_cli", "torchrun", "tasks"]
 GOALS = {"golden_fp32", "golden_bf16", "packed_bf16_mfu_L8192", "lean_peak_gb_per_gpu", "lean_ckpt_peak_gb_per_gpu",
-         "lean_state_gb_per_gpu", "pretrain_stop_resume", "total_time_s"}
+         "lean_ckpt_one_cell_peak_gb_per_gpu", "lean_state_gb_per_gpu", "pretrain_stop_resume", "total_time_s"}
 
 
 def _gpu_check():
@@ -118,6 +118,10 @@ def test_cpu_smoke_every_part(tmp_path):
     assert bt["encoder_activations_gb"]["ckpt"] < bt["encoder_activations_gb"]["no_ckpt"]
     assert bt["expected_peak_gb"]["lean+ckpt"] < bt["expected_peak_gb"]["lean"]  # the same state estimate
     assert set(bt["lean_ckpt_over_lean"]) == {"peak", "tokens_per_s"}
+    # lean + checkpointing again with one cell per micro-batch: fewer tokens kept per forward
+    one = bt["lean+ckpt_one_cell"]
+    assert one["batch_tokens"] == 128 and one["grad_accum"] == 4 and one["tokens_per_s"] > 0 and one["state_gb"] > 0
+    assert one["encoder_activations_gb"] < bt["encoder_activations_gb"]["ckpt"]
     pc = parts["pretrain_cli"]
     assert pc["run1"]["exit_code"] == 138 and pc["run1"]["stopped_at_step"] < pc["max_steps"]
     assert pc["metrics_steps_once"] and pc["resume_larger_max_steps"]["refused"]
@@ -128,3 +132,4 @@ def test_cpu_smoke_every_part(tmp_path):
     assert goals["pretrain_stop_resume"]["pass"] is True
     assert goals["packed_bf16_mfu_L8192"]["pass"] is None and goals["lean_peak_gb_per_gpu"]["pass"] is None
     assert goals["lean_ckpt_peak_gb_per_gpu"]["pass"] is None
+    assert goals["lean_ckpt_one_cell_peak_gb_per_gpu"]["pass"] is None
