@@ -41,7 +41,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("env", "golden", "bench_model", "bench_train", "pretrain_cli", "torchrun", "tasks")
+# the order they run in: the short pass/fail parts first (does every CUDA path run?), then the long
+# measurements, so a budget that runs out cuts a measurement, not a check (run 3 lost torchrun and tasks)
+PARTS = ("env", "golden", "tasks", "torchrun", "bench_model", "pretrain_cli", "bench_train")
 TIMEOUT_S = {"env": 60, "golden": 90, "bench_model": 150, "bench_train": 300, "pretrain_cli": 210,
              "torchrun": 120, "tasks": 120}
 # bench_train's lean+ckpt run with one cell per micro-batch: cells are up to 8,190 tokens + [CLS]/[SEP]

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-PARTS = ["env", "golden", "bench_model", "bench_train", "pretrain_cli", "torchrun", "tasks"]
+PARTS = ["env", "golden", "tasks", "torchrun", "bench_model", "pretrain_cli", "bench_train"]
 GOALS = {"golden_fp32", "golden_bf16", "packed_bf16_mfu_L8192", "lean_peak_gb_per_gpu", "lean_ckpt_peak_gb_per_gpu",
          "lean_ckpt_one_cell_peak_gb_per_gpu", "lean_state_gb_per_gpu", "pretrain_stop_resume", "total_time_s"}
 
