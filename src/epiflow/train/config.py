@@ -74,7 +74,7 @@ class PretrainConfig:
                                 "embedding and decoder")
     lean_momentum: bool = setting(False, "memory-lean: keep a bf16 first moment")
     lean_chunk: int = setting(0, "rows per chunk of the lean gradient passes (0: by device, 16,384 on CPU and "
-                              "32,768 on CUDA: epiflow.train.lean.CHUNKS)", cli=False, min=0)
+                              "65,536 on CUDA: epiflow.train.lean.CHUNKS)", cli=False, min=0)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass")
     num_workers: int = setting(0, "data-loader worker processes", min=0)
     window_shards: int = setting(2, "shards shuffled together (streaming window)", min=1)

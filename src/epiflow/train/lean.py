@@ -27,7 +27,8 @@ The head weights and the decoder bias must still be the pre-update values when t
 rebuilt: :meth:`LeanTables.step` runs **before** the dense optimiser's step. Under DDP the tables
 bypass DDP's all-reduce: the decoder records are all-gathered (a few MB) and each rank rebuilds
 the same decoder gradient; the touched rows of all ranks are gathered once per step, and each
-embedding row chunk holding one of them (``[chunk, dim]``) is all-reduced. Global-norm clipping includes both tables (first pass over the chunks).
+embedding row chunk holding one of them (``[chunk, dim]``) is all-reduced. Global-norm clipping
+includes both tables (first pass over the chunks).
 :func:`memory_estimate` gives the bytes per GPU of dense AdamW versus this mode, and
 :func:`activation_estimate` the encoder activations kept for the backward pass.
 """
@@ -390,10 +391,9 @@ class LeanTables:
         # the rows with a gradient this step (input tokens and CCA queries of every rank), sorted: the
         # update touches only these (lazy, as SparseAdam), and chunks without any are skipped
         parts = [idx for idx, _ in self.store.emb] + [r["ids"] for r in cca]
-        touched = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=dev)
+        touched = torch.unique(torch.cat(parts)) if parts else torch.zeros(0, dtype=torch.long, device=dev)
         if self._world > 1:
-            touched = torch.cat(_all_gather_padded(touched, self._world))
-        touched = torch.unique(touched)
+            touched = torch.unique(torch.cat(_all_gather_padded(touched, self._world)))
         prep: dict[str, Any] = {"cca": cca, "dec": None, "touched": touched,
                                 "touched_bounds": _chunk_bounds(touched, V, self.chunk),
                                 "emb_bounds": [_chunk_bounds(idx, V, self.chunk) for idx, _ in self.store.emb]}
