@@ -371,28 +371,8 @@ def _without(args: list, flag: str) -> list:
     return out
 
 
-def _sparse_counts(n_cells: int, n_ccres: int, n_types: int, seed: int, median: float = 2000.0, **_):
-    """``epiflow.train.toy.structured_counts`` drawn sparse (that one builds dense n_cells x n_ccres arrays):
-    log-normal sentence lengths (median ``median``), 70 % of each cell's cCREs in its type's block."""
-    import numpy as np
-    import scipy.sparse as sp
-
-    rng = np.random.default_rng(seed)
-    types = rng.integers(0, n_types, n_cells)
-    lens = np.clip(rng.lognormal(np.log(median), 0.6, n_cells), 200, 8190).astype(np.int64)
-    block = n_ccres // n_types
-    rows = [np.unique(np.concatenate([t * block + rng.integers(0, block, int(0.7 * n)),
-                                     rng.integers(0, n_ccres, n - int(0.7 * n))]))
-            for t, n in zip(types, lens)]
-    idx, indptr = np.concatenate(rows), np.concatenate([[0], np.cumsum([len(x) for x in rows])])
-    data = rng.integers(1, 4, len(idx)).astype(np.float32)
-    return sp.csr_matrix((data, idx, indptr), shape=(n_cells, n_ccres)), types
-
-
 def _corpus(c: Ctx) -> Path:
     """The pretraining corpus of pretrain_cli and torchrun, written once (by whichever part runs first)."""
-    from unittest import mock
-
     from epiflow.train import toy
 
     path = c.work / "corpus"
@@ -403,8 +383,8 @@ def _corpus(c: Ctx) -> Path:
             toy.write_toy_corpus(tmp, n_cells=120, n_ccres=2000, n_types=4, seed=0, shard_size=60, p_in=0.05,
                                  p_out=0.005, p_common=0.1, frac_common=0.05)
         else:  # the paper's vocabulary size, ~2,000 accessible cCREs per cell
-            with mock.patch.object(toy, "structured_counts", _sparse_counts):
-                toy.write_toy_corpus(tmp, n_cells=300, n_ccres=1_355_445, n_types=8, seed=0, shard_size=100)
+            toy.write_toy_corpus(tmp, n_cells=300, n_ccres=1_355_445, n_types=8, seed=0, shard_size=100,
+                                 counts_fn=toy.sparse_counts)
         tmp.rename(path)
     return path
 

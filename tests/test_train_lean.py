@@ -300,3 +300,22 @@ def test_activation_estimate_paper_scale():
     assert 20e9 < full["peak_in_backward"] < 30e9 and ck["peak_in_backward"] < 5e9
     with pytest.raises(ValueError, match="tokens"):
         activation_estimate(cfg, -1)
+
+
+@pytest.mark.slow
+def test_bench_lean_ops_counts_fewer_calls_with_larger_chunks():
+    """benchmarks/bench_lean_ops.py (the host work of a lean step): the operator calls per step are
+    counted, and a chunk covering the whole table makes fewer than many small chunks."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_lean_ops.py"), "--n-ccres", "3000",
+                        "--cells", "40", "--chunks", "64,4096", "--threads", "1", "--dim", "64", "--median", "200"], capture_output=True, text=True,
+                       timeout=600, cwd=root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = json.loads(r.stdout)["runs"]
+    assert [x["chunk"] for x in runs] == [64, 4096] and all("error" not in x for x in runs), runs
+    assert runs[0]["aten_calls_per_step"] > 2 * runs[1]["aten_calls_per_step"] > 0

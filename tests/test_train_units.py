@@ -343,6 +343,10 @@ def test_step_profiler_writes_the_op_table_of_the_chosen_steps(tmp_path, monkeyp
     n = len(pd.read_csv(tmp_path / "run" / "metrics.csv"))
     assert n >= 2 and text.startswith(f"# steps 2..{n}, sorted by self_cpu_time_total")
     assert "aten::" in text and "Self CPU" in text
+    import re
+
+    calls, per_step = map(int, re.search(r"aten operator calls: (\d+) \((\d+) per step\)", text.splitlines()[0]).groups())
+    assert calls > 0 and abs(per_step - calls / (n - 1)) <= 1
     monkeypatch.delenv("EPIFLOW_PROFILE_OUT")
     monkeypatch.delenv("EPIFLOW_PROFILE_STEPS")
     pretrain(corpus, tmp_path / "run2", PretrainConfig(**cfg))

@@ -169,10 +169,15 @@ class StepProfiler:
             torch.cuda.synchronize()
         prof, self._prof = self._prof, None
         prof.__exit__(None, None, None)
-        cuda = any(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
+        events = prof.key_averages()  # once: slow on the traces of large steps
+        cuda = any(getattr(e, "self_device_time_total", 0) for e in events)
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-        table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
+        table = events.table(sort_by=key, row_limit=40, max_name_column_width=70)
+        # host work: every operator call is a dispatch, on a GPU mostly a kernel launch
+        calls = sum(e.count for e in events if e.key.startswith("aten::"))
+        per_step = calls / max(self.last - (self.first or 1) + 1, 1)
         from ..io import atomic_write_text
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, f"# steps {self.first}..{self.last}, sorted by {key}\n{table}\n")
+        atomic_write_text(self.path, f"# steps {self.first}..{self.last}, sorted by {key}; aten operator calls: "
+                                     f"{calls} ({per_step:.0f} per step)\n{table}\n")

@@ -35,12 +35,31 @@ def structured_counts(n_cells: int = 300, n_ccres: int = 600, n_types: int = 4, 
     return sp.csr_matrix(counts.astype(np.float32)), types
 
 
+def sparse_counts(n_cells: int = 300, n_ccres: int = 1_355_445, n_types: int = 8, seed: int = 0,
+                  median: float = 2000.0):
+    """Like :func:`structured_counts` at any vocabulary size, drawn sparse (that one builds dense
+    ``n_cells x n_ccres`` arrays): log-normal sentence lengths (median ``median``, 200 to 8,190
+    accessible cCREs), 70 % of each cell's cCREs in its type's block of the vocabulary."""
+    rng = np.random.default_rng(seed)
+    types = rng.integers(0, n_types, n_cells)
+    lens = np.clip(rng.lognormal(np.log(median), 0.6, n_cells), 200, 8190).astype(np.int64)
+    block = n_ccres // n_types
+    rows = [np.unique(np.concatenate([t * block + rng.integers(0, block, int(0.7 * n)),
+                                     rng.integers(0, n_ccres, n - int(0.7 * n))]))
+            for t, n in zip(types, lens)]
+    idx, indptr = np.concatenate(rows), np.concatenate([[0], np.cumsum([len(x) for x in rows])])
+    data = rng.integers(1, 4, len(idx)).astype(np.float32)
+    return sp.csr_matrix((data, idx, indptr), shape=(n_cells, n_ccres)), types
+
+
 def write_toy_corpus(out_dir, n_cells: int = 300, n_ccres: int = 600, n_types: int = 4, seed: int = 0,
-                     shard_size: int = 100, **kw) -> Path:
-    """Write a corpus folder (``corpus.json``, ``vocab.bed``, ``df.npy``, ``shards/``)."""
+                     shard_size: int = 100, counts_fn=None, **kw) -> Path:
+    """Write a corpus folder (``corpus.json``, ``vocab.bed``, ``df.npy``, ``shards/``) from
+    ``counts_fn(n_cells, n_ccres, n_types, seed, **kw)`` (default :func:`structured_counts`; at the
+    paper's vocabulary size :func:`sparse_counts`)."""
     out = Path(out_dir)
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    counts, types = structured_counts(n_cells, n_ccres, n_types, seed, **kw)
+    counts, types = (counts_fn or structured_counts)(n_cells, n_ccres, n_types, seed, **kw)
     df = document_frequency(counts)
     df = np.where(df > 0, df, 1.0 / max(n_cells, 1))
     chrom = np.array(["chr1"] * n_ccres)
