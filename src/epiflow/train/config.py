@@ -73,8 +73,9 @@ class PretrainConfig:
                                 "records), sparse input-token gradients, row-wise AdamW states for the cCRE "
                                 "embedding and decoder")
     lean_momentum: bool = setting(False, "memory-lean: keep a bf16 first moment")
-    lean_chunk: int = setting(0, "rows per chunk of the lean gradient passes (0: by device, 16,384 on CPU and "
-                              "65,536 on CUDA: epiflow.train.lean.CHUNKS)", cli=False, min=0)
+    lean_chunk: int = setting(0, "memory-lean: table rows per chunk of the gradient passes (0: by device, 16,384 on "
+                              "CPU and 65,536 on CUDA; larger is faster on a GPU, ~6 KB of transient memory a row "
+                              "at dim 512)", min=0)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass")
     num_workers: int = setting(0, "data-loader worker processes", min=0)
     window_shards: int = setting(2, "shards shuffled together (streaming window)", min=1)
