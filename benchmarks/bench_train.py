@@ -132,7 +132,7 @@ def _child(args) -> None:
         model_config="tiny", model_overrides=overrides, epochs=1, max_steps=args.steps, rlm_epochs=1,
         batch_tokens=args.batch_tokens, max_len=args.max_len, lr=1e-4, ckpt_every=0, eval_fraction=0.02,
         memory_lean=lean, progress=False, device=dev, lean_chunk=args.chunk, k_schedule=(args.k,),
-        gradient_checkpointing=ckpt, grad_accum=args.grad_accum))
+        gradient_checkpointing=ckpt, grad_accum=args.grad_accum, rlm_separate=args.rlm_separate))
     # memory-mapped: only the sizes are read (the dense paper state is 17 GB)
     st = torch.load(out / "train_state.pt", weights_only=False, map_location="cpu", mmap=True)
 
@@ -353,8 +353,9 @@ def _scaled_estimate(args, corpus: Path, modes) -> dict:
                         positives_per_cell=int(np.max(index.lengths)), k=args.k,
                         chunk=args.chunk or default_chunks(args.device)[0],
                         query_chunk=default_chunks(args.device)[1])
-    # packed tokens of a micro-batch: [CLS] sentence [SEP] per cell, twice (the RLM copy)
-    tokens = max(2 * int(np.sum(np.minimum(index.lengths[np.asarray(mb, dtype=np.int64)], args.max_len) + 2))
+    # packed tokens of one forward: [CLS] sentence [SEP] per cell, twice (the RLM copy) unless the copies
+    # have a forward of their own (--rlm-separate)
+    tokens = max((1 if args.rlm_separate else 2) * int(np.sum(np.minimum(index.lengths[np.asarray(mb, dtype=np.int64)], args.max_len) + 2))
                  for mb in micro)
     cuda = args.device.startswith("cuda")  # precision auto: bf16 autocast on CUDA, fp32 on CPU
     act = {ck: activation_estimate(cfg, tokens, checkpointing=ck, bf16=cuda, device=args.device)["peak_in_backward"]
@@ -388,6 +389,8 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=254, help="tokens per sentence (short: small activations)")
     ap.add_argument("--k", type=int, default=2, help="CCA negatives per positive")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    ap.add_argument("--rlm-separate", action="store_true", help="the RLM copies in a forward and backward of "
+                    "their own (half the tokens in the encoder at a time)")
     ap.add_argument("--chunk", type=int, default=0, help="lean: rows per chunk (0: the device's default, "
                     "epiflow.train.lean.CHUNKS)")
     ap.add_argument("--modes", default="dense,lean", help=f"comma list of {', '.join(MODES)} (+ckpt: activation "
@@ -449,7 +452,8 @@ def main() -> None:
                    "--n-ccres", str(args.n_ccres), "--dim", str(args.dim), "--layers", str(args.layers),
                    "--steps", str(args.steps), "--batch-tokens", str(args.batch_tokens),
                    "--max-len", str(args.max_len), "--threads", str(args.threads), "--k", str(args.k),
-                   "--chunk", str(args.chunk), "--grad-accum", str(args.grad_accum)]
+                   "--chunk", str(args.chunk), "--grad-accum", str(args.grad_accum),
+                   *(["--rlm-separate"] if args.rlm_separate else [])]
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if r.returncode != 0:
                 measured[mode] = {"error": r.stderr[-2000:]}

@@ -17,7 +17,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run(rank, world, port, corpus, out, lean):
+def _run(rank, world, port, corpus, out, lean, rlm_separate=False):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -26,17 +26,20 @@ def _run(rank, world, port, corpus, out, lean):
     # the global micro-batch budget is batch_tokens x world: 1 x 1024 == 2 x 512
     pretrain(corpus, out, PretrainConfig(batch_tokens=1024 // world, max_steps=4, epochs=2, rlm_epochs=1,
                                          dropout=0.0, progress=False, ckpt_every=0, eval_fraction=0.05,
-                                         memory_lean=lean, lr=1e-3, grad_accum=2, device="cpu"))
+                                         memory_lean=lean, lr=1e-3, grad_accum=2, device="cpu",
+                                         rlm_separate=rlm_separate))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lean", [False, True], ids=["dense", "memory-lean"])
-def test_two_gloo_processes_match_one(tmp_path, lean):
+@pytest.mark.parametrize("lean,rlm_separate", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["dense", "memory-lean", "dense-rlm-separate", "memory-lean-rlm-separate"])
+def test_two_gloo_processes_match_one(tmp_path, lean, rlm_separate):
+    """rlm_separate: two backward passes a micro-batch, the last of a step synchronised."""
     corpus = write_toy_corpus(tmp_path / "corpus", n_cells=160, n_ccres=300, seed=2, shard_size=80)
-    mp.spawn(_run, args=(2, _free_port(), str(corpus), str(tmp_path / "two"), lean), nprocs=2)
+    mp.spawn(_run, args=(2, _free_port(), str(corpus), str(tmp_path / "two"), lean, rlm_separate), nprocs=2)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(k, None)
-    _run(0, 1, 0, str(corpus), str(tmp_path / "one"), lean)
+    _run(0, 1, 0, str(corpus), str(tmp_path / "one"), lean, rlm_separate)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(k, None)
     a = torch.load(tmp_path / "two" / "checkpoint.pth", weights_only=True)

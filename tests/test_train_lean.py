@@ -319,3 +319,49 @@ def test_bench_lean_ops_counts_fewer_calls_with_larger_chunks():
     runs = json.loads(r.stdout)["runs"]
     assert [x["chunk"] for x in runs] == [64, 4096] and all("error" not in x for x in runs), runs
     assert runs[0]["aten_calls_per_step"] > 2 * runs[1]["aten_calls_per_step"] > 0
+
+
+@pytest.mark.parametrize("lean_mode", [False, True], ids=["dense", "memory-lean"])
+def test_rlm_separate_forward_gives_the_joint_gradients(corpus, lean_mode):
+    """rlm_separate: the cells ("main": SR, CCA) and then their RLM copies ("rlm"), each with its own
+    forward and backward, give the gradients and loss terms of the joint forward (dropout 0), dense
+    and memory-lean; a part without RLM copies is refused."""
+    index, batches, norms = _batches(corpus, rlm=True)
+    joint = _model(index.n_ccres)
+    split = copy.deepcopy(joint)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (joint, split)]
+    leans = [LeanTables(m, o, weight_decay=0.0, chunk=64) if lean_mode else None for m, o in zip((joint, split), opts)]
+    w = (1.0, 1.0, 1.0)
+    t_joint, t_split = torch.zeros(3), torch.zeros(3)
+    for b in batches:
+        loss, t = PretrainObjective(joint, leans[0])(b, 2, norms, w, 1, 100.0)
+        loss.backward()
+        t_joint += t
+        for part in ("main", "rlm"):
+            loss, t = PretrainObjective(split, leans[1])(b, 2, norms, w, 1, 100.0, None, part)
+            loss.backward()
+            t_split += t
+    assert torch.allclose(t_joint, t_split, rtol=1e-5) and float(t_split[2]) > 0
+    if lean_mode:
+        for lean in leans:
+            lean.sync(1)
+        grads = [dict(zip(("cCRE_embedding.weight", "signal_decoder.weight"), lean.table_grads())) for lean in leans]
+    for (n, p), (_, q) in zip(joint.named_parameters(), split.named_parameters()):
+        gp, gq = (grads[0][n], grads[1][n]) if lean_mode and n in grads[0] else (p.grad, q.grad)
+        assert (gp is None) == (gq is None), n
+        if gp is not None:
+            assert torch.allclose(gp, gq, atol=1e-6, rtol=1e-4), (n, (gp - gq).abs().max())
+    no_rlm = {k: v for k, v in batches[0].items() if not k.startswith("rlm_")}
+    with pytest.raises(ValueError, match="without RLM copies"):
+        PretrainObjective(split, leans[1])(no_rlm, 2, norms, w, 1, 100.0, None, "rlm")
+
+
+def test_rlm_separate_pretraining_matches_joint(corpus, tmp_path):
+    """A short pretraining with rlm_separate (dropout 0) logs the joint run's losses."""
+    runs = {}
+    for sep in (False, True):
+        _run(corpus, tmp_path / f"sep{int(sep)}", True, max_steps=4, rlm_separate=sep)
+        runs[sep] = pd.read_csv(tmp_path / f"sep{int(sep)}" / "metrics.csv")
+    assert (runs[True]["rlm"] == 1).any()
+    for col in ("loss", "sr", "cca", "tokens"):
+        assert np.allclose(runs[False][col], runs[True][col], rtol=1e-4), col

@@ -77,6 +77,9 @@ class PretrainConfig:
                               "CPU and 65,536 on CUDA; larger is faster on a GPU, ~6 KB of transient memory a row "
                               "at dim 512)", min=0)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass")
+    rlm_separate: bool = setting(False, "RLM epochs: the replaced copies go through the encoder in a forward and "
+                                 "backward of their own, after the cells (half the tokens at a time: half the "
+                                 "activations; the same gradients, other dropout draws)")
     num_workers: int = setting(0, "data-loader worker processes", min=0)
     window_shards: int = setting(2, "shards shuffled together (streaming window)", min=1)
     bucket_cells: int = setting(1024, "cells per length bucket", cli=False)
@@ -106,6 +109,6 @@ class PretrainConfig:
     # settings that must not change when resuming (they define the data order and the model)
     RESUME_KEYS = ("model_config", "model_overrides", "dropout", "seed", "batch_tokens", "max_cells",
                    "grad_accum", "max_len", "k_schedule", "k_epochs_per_block", "rlm_epochs", "epochs",
-                   "cca_negatives", "sr_objective",
+                   "cca_negatives", "sr_objective", "rlm_separate",
                    "eval_fraction", "eval_max_cells", "window_shards", "bucket_cells", "memory_lean",
                    "schedule", "lr", "warmup", "max_steps")

@@ -97,6 +97,9 @@ def build_model_config(spec: str, n_ccres: int, overrides: dict | None = None, d
     return EpiAgentConfig.from_dict(d)
 
 
+PARTS = ("all", "main", "rlm")
+
+
 class PretrainObjective(nn.Module):
     """Wraps the model so that one ``forward`` computes every loss term (what DDP needs: all heads run
     inside the wrapped forward). Returns the weighted loss already divided by the step denominators
@@ -109,27 +112,43 @@ class PretrainObjective(nn.Module):
         self.sr_objective = sr_objective
 
     def forward(self, batch: dict, k: int, norms: dict, weights: tuple, world: int, sr_pos_weight: float,
-                autocast_dtype=None):
+                autocast_dtype=None, part: str = "all"):
+        """``part``: ``all`` (the cells and their RLM copies in one forward), ``main`` (the cells: SR and
+        CCA) or ``rlm`` (the RLM copies only): ``main`` then ``rlm``, each with its own backward, is the
+        same gradient as ``all`` with half the tokens in the encoder at a time (``rlm_separate``)."""
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
         model = self.model
         dev = next(model.parameters()).device
         ids = batch["input_ids"].to(dev, non_blocking=True)
-        B = ids.shape[0]
-        rlm = "rlm_input_ids" in batch
-        inp = torch.cat([ids, batch["rlm_input_ids"].to(dev, non_blocking=True)], 0) if rlm else ids
+        do_main = part != "rlm"
+        do_rlm = "rlm_input_ids" in batch and part != "main"
+        seqs = ([ids] if do_main else []) + ([batch["rlm_input_ids"].to(dev, non_blocking=True)] if do_rlm else [])
+        if not seqs:
+            raise ValueError("part 'rlm' of a micro-batch without RLM copies")
+        B = ids.shape[0] if do_main else 0
+        inp = torch.cat(seqs, 0) if len(seqs) > 1 else seqs[0]
         with torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = model(inp)
             cell = out.cell_embedding[:B]
             q_cell = batch["cca_cell"].to(dev, non_blocking=True)
-            if self.lean is None:  # index_select, not cell[q_cell]: the backward of advanced indexing
-                # with repeated rows is a parallel atomic index_put_ on CPU (run-to-run float differences
-                # with >= 2 threads); index_select's backward (index_add_) sums in a fixed order
+            if self.lean is None and do_main:  # index_select, not cell[q_cell]: the backward of advanced
+                # indexing with repeated rows is a parallel atomic index_put_ on CPU (run-to-run float
+                # differences with >= 2 threads); index_select's backward (index_add_) sums in a fixed order
                 cca_logits = model.cca_logits(cell.index_select(0, q_cell), batch["cca_ids"].to(dev, non_blocking=True))
             rlm_logits = None
-            if rlm:
+            if do_rlm:
                 hid = out.hidden[B:]
                 rlm_logits = model.rlm_logits(hid[inp[B:] > 3])
-            if self.lean is None:
+            if self.lean is None and do_main:
                 sig = model.signal_logits(cell)
+        w_sr, w_cca, w_rlm = weights
+        zero = torch.zeros((), device=dev)
+        if not do_main:
+            assert rlm_logits is not None
+            rl = bce_sum(rlm_logits, batch["rlm_label"].to(dev), pos_weight=1.0)
+            loss = w_rlm * rl / max(norms["rlm"], 1.0)
+            return loss * world, torch.stack([zero, zero, rl.detach().float()])
         rows, cols = pos_rows_cols(batch["pos_ptr"].to(dev), batch["pos_ccre"].to(dev, non_blocking=True))
         if self.sr_objective == "multinomial":
             if self.lean is None:
@@ -145,16 +164,15 @@ class PretrainObjective(nn.Module):
         else:  # the queried embedding rows get their gradient at the step (lean.py)
             cca = self.lean.cca_loss_sum(cell, q_cell, batch["cca_ids"].to(dev, non_blocking=True),
                                          batch["cca_label"].to(dev), float(k), autocast_dtype)
-        w_sr, w_cca, w_rlm = weights
         loss = w_sr * sr / norms[sr_norm_key(self.sr_objective)] + w_cca * cca / max(norms["cca"], 1.0)
         terms = [sr.detach(), cca.detach()]
-        if rlm:
+        if do_rlm:
             assert rlm_logits is not None
             rl = bce_sum(rlm_logits, batch["rlm_label"].to(dev), pos_weight=1.0)
             loss = loss + w_rlm * rl / max(norms["rlm"], 1.0)
             terms.append(rl.detach())
         else:
-            terms.append(torch.zeros((), device=dev))
+            terms.append(zero)
         return loss * world, torch.stack([t.float() for t in terms])
 
 
@@ -418,12 +436,16 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
             for a in range(cfg.grad_accum):
                 batch = next(it)
                 assert int(batch["micro_index"]) == m0 + a, "data stream out of order"
-                sync = (a == cfg.grad_accum - 1) or not info.enabled
-                ctx = runner.no_sync() if (info.enabled and not sync) else _nullctx()
-                with ctx:
-                    loss, t = runner(batch, k, norms, weights, info.world_size, cfg.sr_pos_weight, autocast_dtype)
-                    loss.backward()
-                terms += t
+                # rlm_separate: the cells, then their RLM copies, each with its own forward and backward
+                parts = ("main", "rlm") if (cfg.rlm_separate and "rlm_input_ids" in batch) else ("all",)
+                for i, part in enumerate(parts):
+                    sync = (a == cfg.grad_accum - 1 and i == len(parts) - 1) or not info.enabled
+                    ctx = runner.no_sync() if (info.enabled and not sync) else _nullctx()
+                    with ctx:
+                        loss, t = runner(batch, k, norms, weights, info.world_size, cfg.sr_pos_weight,
+                                         autocast_dtype, part)
+                        loss.backward()
+                    terms += t
                 n_tok += int(batch["n_input_tokens"])
             if lean is not None:
                 lean.sync(info.world_size)
