@@ -143,37 +143,29 @@ class PretrainObjective(nn.Module):
             if self.lean is None and do_main:
                 sig = model.signal_logits(cell)
         w_sr, w_cca, w_rlm = weights
-        zero = torch.zeros((), device=dev)
-        if not do_main:
-            assert rlm_logits is not None
-            rl = bce_sum(rlm_logits, batch["rlm_label"].to(dev), pos_weight=1.0)
-            loss = w_rlm * rl / max(norms["rlm"], 1.0)
-            return loss * world, torch.stack([zero, zero, rl.detach().float()])
-        rows, cols = pos_rows_cols(batch["pos_ptr"].to(dev), batch["pos_ccre"].to(dev, non_blocking=True))
-        if self.sr_objective == "multinomial":
-            if self.lean is None:
-                sr = sr_multinomial_sum(sig, rows, cols)
+        loss = sr = cca = rl = torch.zeros((), device=dev)
+        if do_main:
+            rows, cols = pos_rows_cols(batch["pos_ptr"].to(dev), batch["pos_ccre"].to(dev, non_blocking=True))
+            if self.sr_objective == "multinomial":
+                if self.lean is None:
+                    sr = sr_multinomial_sum(sig, rows, cols)
+                else:
+                    sr = self.lean.sr_multinomial_sum(cell.float(), rows, cols)
+            elif self.lean is None:
+                sr = sr_loss_sum(sig, rows, cols, sr_pos_weight)
             else:
-                sr = self.lean.sr_multinomial_sum(cell.float(), rows, cols)
-        elif self.lean is None:
-            sr = sr_loss_sum(sig, rows, cols, sr_pos_weight)
-        else:
-            sr = self.lean.sr_loss_sum(cell.float(), rows, cols, sr_pos_weight)
-        if self.lean is None:
-            cca = bce_sum(cca_logits, batch["cca_label"].to(dev), pos_weight=float(k))
-        else:  # the queried embedding rows get their gradient at the step (lean.py)
-            cca = self.lean.cca_loss_sum(cell, q_cell, batch["cca_ids"].to(dev, non_blocking=True),
-                                         batch["cca_label"].to(dev), float(k), autocast_dtype)
-        loss = w_sr * sr / norms[sr_norm_key(self.sr_objective)] + w_cca * cca / max(norms["cca"], 1.0)
-        terms = [sr.detach(), cca.detach()]
+                sr = self.lean.sr_loss_sum(cell.float(), rows, cols, sr_pos_weight)
+            if self.lean is None:
+                cca = bce_sum(cca_logits, batch["cca_label"].to(dev), pos_weight=float(k))
+            else:  # the queried embedding rows get their gradient at the step (lean.py)
+                cca = self.lean.cca_loss_sum(cell, q_cell, batch["cca_ids"].to(dev, non_blocking=True),
+                                             batch["cca_label"].to(dev), float(k), autocast_dtype)
+            loss = w_sr * sr / norms[sr_norm_key(self.sr_objective)] + w_cca * cca / max(norms["cca"], 1.0)
         if do_rlm:
             assert rlm_logits is not None
             rl = bce_sum(rlm_logits, batch["rlm_label"].to(dev), pos_weight=1.0)
             loss = loss + w_rlm * rl / max(norms["rlm"], 1.0)
-            terms.append(rl.detach())
-        else:
-            terms.append(zero)
-        return loss * world, torch.stack([t.float() for t in terms])
+        return loss * world, torch.stack([t.detach().float() for t in (sr, cca, rl)])
 
 
 # ----------------------------------------------------------------------------- helpers
