@@ -324,15 +324,17 @@ def part_bench_train(c: Ctx) -> dict:
          "encoder_activations_gb": {k: round(v * gb, 3) if k != "tokens_per_micro_batch" else v
                                     for k, v in (est.get("encoder_activations_mb") or {}).items()},
          "peak_is": "max_memory_allocated" if c.dev == "cuda" else "peak RSS over RSS after imports"}
+    def figures(m: dict) -> dict:  # one mode's run of bench_train
+        return {"peak_gb": round(m["peak_over_start_mb"] * gb, 3), "steps": m["steps"],
+                "state_gb": round(m["state_total_mb"] * gb, 3),
+                "tokens_per_s": round(m["tokens_per_s_median_after_first"], 1), "checkpointing": m.get("checkpointing")}
+
     for mode in ("dense", "lean", "lean+ckpt"):
         m = sc.get(mode, {"error": "missing"})
         if "error" in m:
             r[mode], r["ok"] = {"ok": False, "error": _tail(m["error"])}, False
         else:
-            r[mode] = {"peak_gb": round(m["peak_over_start_mb"] * gb, 3), "steps": m["steps"],
-                       "state_gb": round(m["state_total_mb"] * gb, 3),
-                       "tokens_per_s": round(m["tokens_per_s_median_after_first"], 1),
-                       "checkpointing": m.get("checkpointing")}
+            r[mode] = figures(m)
     if "peak_gb" in r["lean"] and "peak_gb" in r["lean+ckpt"]:
         a, b = r["lean"], r["lean+ckpt"]
         r["lean_ckpt_over_lean"] = {"peak": round(b["peak_gb"] / max(a["peak_gb"], 1e-9), 3),
@@ -351,9 +353,7 @@ def part_bench_train(c: Ctx) -> dict:
             raise RuntimeError(_tail(m["error"]))
         e1 = o1["scaled"].get("estimate", {})
         r["lean+ckpt_one_cell"] = {
-            "batch_tokens": one, "grad_accum": 4, "rlm_separate": True, "peak_gb": round(m["peak_over_start_mb"] * gb, 3), "steps": m["steps"],
-            "state_gb": round(m["state_total_mb"] * gb, 3),
-            "tokens_per_s": round(m["tokens_per_s_median_after_first"], 1),
+            "batch_tokens": one, "grad_accum": 4, "rlm_separate": True, **figures(m),
             "expected_peak_gb": round((e1.get("expected_peak_mb") or {}).get("lean+ckpt", float("nan")) * gb, 3),
             "encoder_activations_gb": round((e1.get("encoder_activations_mb") or {}).get("ckpt", float("nan")) * gb, 3)}
     except Exception as exc:  # the main figures above still count

@@ -146,11 +146,8 @@ class RowwiseAdamW:
         # the row's mean squared gradient, without a [rows, dim] temporary
         msq = torch.linalg.vector_norm(g, dim=1).square_().div_(g.shape[1])
         in_place = isinstance(rows, slice) and self.weight.dtype == torch.float32
-        if isinstance(rows, slice):
-            v = self.v[rows]
-            v.mul_(self.beta2).add_(msq, alpha=1.0 - self.beta2)
-        else:
-            v = self.v[rows].mul_(self.beta2).add_(msq, alpha=1.0 - self.beta2)
+        v = self.v[rows].mul_(self.beta2).add_(msq, alpha=1.0 - self.beta2)  # a slice: a view, updated in place
+        if not isinstance(rows, slice):
             self.v[rows] = v
         vhat = v / (1.0 - self.beta2 ** t)
         if self.m is not None:
