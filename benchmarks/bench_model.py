@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+MODIFIERS = ("cudnn", "perseq", "nodrop")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
@@ -57,16 +58,20 @@ def worker(args) -> dict:
 
     from epiflow.model import EpiAgentConfig, from_config, losses
 
-    backend, _, suffix = args.variant.partition("+")
-    if suffix not in ("", "cudnn"):
-        raise SystemExit(f"unknown variant {args.variant!r}: a backend, optionally with '+cudnn'")
+    backend, *mods = args.variant.split("+")
+    if set(mods) - set(MODIFIERS):
+        raise SystemExit(f"unknown variant {args.variant!r}: a backend, optionally with "
+                         + ", ".join(f"'+{m}'" for m in MODIFIERS))
     # '+cudnn': let SDPA use cuDNN attention on CUDA (epiflow's default leaves it out, see
-    # epiflow.model.attention.cudnn_sdpa_allowed)
-    os.environ["EPIFLOW_SDPA_CUDNN"] = "1" if suffix else "0"
+    # epiflow.model.attention.cudnn_sdpa_allowed); '+perseq': the packed backend's one SDPA call per
+    # sequence instead of one varlen flash call per batch (epiflow.model.attention.packed_kernel);
+    # '+nodrop': no dropout (the paper trains with 0.1, attention probabilities included)
+    os.environ["EPIFLOW_SDPA_CUDNN"] = "1" if "cudnn" in mods else "0"
+    os.environ["EPIFLOW_PACKED_PER_SEQUENCE"] = "1" if "perseq" in mods else "0"
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    overrides = {"dropout": 0.1}
+    overrides = {"dropout": 0.0 if "nodrop" in mods else 0.1}
     if args.n_ccres:
         overrides["n_ccres"] = args.n_ccres
     cfg = EpiAgentConfig.preset(args.config, **overrides)
@@ -126,16 +131,22 @@ def worker(args) -> dict:
         step(b)
     sync()
     dt = time.perf_counter() - t0
-    if args.profile:  # one more step under the profiler: where a step's time goes, op by op
+    breakdown = None
+    if args.profile or args.breakdown:  # one more step under the profiler: where a step's time goes
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        prof_batch = timed[0] if timed else batches[0]
         with profile(activities=acts) as prof:
-            step(timed[0] if timed else batches[0])
+            step(prof_batch)
             sync()
-        key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-        Path(f"{args.profile}.{args.variant}.txt").write_text(
-            prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
+        averages = prof.key_averages()
+        if args.profile:
+            key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+            Path(f"{args.profile}.{args.variant}.txt").write_text(
+                averages.table(sort_by=key, row_limit=30, max_name_column_width=60))
+        if args.breakdown:
+            breakdown = kernel_breakdown(averages, dev.type == "cuda", cfg, [len(c) for c in prof_batch])
     real = int(sum(len(c) + 2 for b in timed for c in b))
     padded = int(sum(len(b) * (max(len(c) for c in b) + 2) for b in timed))
     res = {"variant": args.variant, "steps": len(timed), "seconds": round(dt, 3),
@@ -151,7 +162,54 @@ def worker(args) -> dict:
     else:
         res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         res["peak_rss_over_start_mb"] = round(res["peak_rss_mb"] - base_rss, 1)
+    if dev.type == "cuda" or backend == "packed":
+        from epiflow.model.attention import packed_kernel
+
+        probe = torch.zeros(1, 1, 8, device=dev, dtype=torch.bfloat16 if amp else torch.float32)
+        res["packed_kernel"] = packed_kernel(probe) if backend == "packed" else None
+    if breakdown is not None:
+        res["breakdown"] = breakdown
     return res
+
+
+# kernel (CUDA) or operator (CPU) names, lower case, by class; attention is tested first (fmha_cutlass...)
+ATTENTION_NAMES = ("flash", "fmha", "attention", "attn", "sdpa")
+MATMUL_NAMES = ("gemm", "nvjet", "xmma", "cublas", "cutlass", "matmul", "aten::mm", "aten::addmm", "aten::bmm",
+                "aten::baddbmm")
+
+
+def kernel_breakdown(averages, cuda: bool, cfg, lens) -> dict:
+    """GPU time of one profiled step by class of kernel (attention, matmul, other), and the rate of the
+    attention kernels and of the matmuls over the useful FLOPs of each (``useful_flops`` split): whether a
+    low MFU is the attention kernel's or the rest's. CUDA: kernel events' own time; CPU: operators' self
+    time (attention = the fused SDPA operators; a decomposed math path counts as matmul and other)."""
+    times = {"attention": 0.0, "matmul": 0.0, "other": 0.0}
+    for e in averages:
+        if cuda:
+            if "cuda" not in str(getattr(e, "device_type", "")).lower():
+                continue  # CPU-side operators: their kernels are counted as kernel events
+            t = float(getattr(e, "self_device_time_total", 0.0) or 0.0)
+        else:
+            t = float(e.self_cpu_time_total)
+        if t <= 0:
+            continue
+        name = e.key.lower()
+        cls = ("attention" if any(n in name for n in ATTENTION_NAMES)
+               else "matmul" if any(n in name for n in MATMUL_NAMES) else "other")
+        times[cls] += t / 1e3  # us -> ms
+    total = sum(times.values())
+    attn_fl = 3.0 * float((cfg.num_layers * 4 * cfg.dim * (np.asarray(lens, dtype=np.float64) + 2) ** 2).sum())
+    other_fl = useful_flops(cfg, lens) - attn_fl
+
+    def rate(fl, ms):
+        return round(fl / (ms / 1e3) / 1e12, 2) if ms > 0 else None
+
+    return {"clock": "GPU kernel time" if cuda else "CPU operator self time", "total_ms": round(total, 2),
+            "ms": {k: round(v, 2) for k, v in times.items()},
+            "share": {k: (round(v / total, 3) if total else None) for k, v in times.items()},
+            "attention_tflops": rate(attn_fl, times["attention"]),
+            "matmul_tflops": rate(other_fl, times["matmul"]),
+            "flops_share_attention": round(attn_fl / (attn_fl + other_fl), 3)}
 
 
 def _rss_mb() -> float:
@@ -168,8 +226,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--config", default=None, help="model preset (default: small on CPU, paper on CUDA)")
     ap.add_argument("--n-ccres", type=int, default=None, help="vocabulary (default: 50,000 for small, preset for paper)")
-    ap.add_argument("--variants", default=None, help="comma list of sdpa, packed, flash; "
-                    "'+cudnn' after one (packed+cudnn) lets SDPA use cuDNN attention on CUDA")
+    ap.add_argument("--variants", default=None, help="comma list of sdpa, packed, flash, each optionally with "
+                    "modifiers: '+cudnn' lets SDPA use cuDNN attention on CUDA, '+perseq' makes packed run one "
+                    "SDPA call per sequence (not one varlen flash call), '+nodrop' trains without dropout")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--cells-per-step", type=int, default=4, help="cells per step (paper: 4 per GPU)")
@@ -182,6 +241,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", metavar="PREFIX", help="also profile one step per variant (torch.profiler) "
                     "and write its op table to PREFIX.<variant>.txt")
+    ap.add_argument("--breakdown", action="store_true", help="profile one more step per variant and report its "
+                    "GPU time by kernel class (attention, matmul, other) with each class's TFLOP/s")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")

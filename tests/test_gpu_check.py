@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 PARTS = ["env", "golden", "tasks", "torchrun", "bench_model", "pretrain_cli", "bench_train"]
 GOALS = {"golden_fp32", "golden_bf16", "packed_bf16_mfu_L8192", "lean_peak_gb_per_gpu", "lean_ckpt_peak_gb_per_gpu",
-         "lean_ckpt_one_cell_peak_gb_per_gpu", "lean_state_gb_per_gpu", "pretrain_stop_resume", "total_time_s"}
+         "lean_ckpt_one_cell_peak_gb_per_gpu", "lean_state_gb_per_gpu", "pretrain_stop_resume", "total_time_s",
+         "packed_kernel"}
 
 
 def _gpu_check():
@@ -71,6 +72,31 @@ def test_peak_table_and_json_parsing():
     assert all(goals[k]["pass"] is None for k in GOALS - {"total_time_s"})  # nothing measured: null, not fail
 
 
+@pytest.mark.parametrize("rate, ok", [(1.0, True), (0.0, False), (3.0, False)])
+def test_packed_kernel_check_catches_a_wrong_dropout(monkeypatch, rate, ok):
+    """The golden part's check of the packed CUDA kernel, with a CPU stand-in for the kernel: one that
+    applies the asked attention dropout passes; one that ignores it, or applies 3x the rate, fails."""
+    import torch
+
+    from epiflow.model import attention
+
+    def fake_kernel(q, k, v, cu_q, cu_k, max_q, max_k, p, causal, debug):
+        out = torch.empty_like(q)
+        for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            w = torch.softmax(torch.einsum("qhd,khd->hqk", q[s:e], k[s:e]) / q.shape[-1] ** 0.5, -1)
+            w = torch.nn.functional.dropout(w, p * rate) if p * rate > 0 else w
+            out[s:e] = torch.einsum("hqk,khd->qhd", w, v[s:e])
+        return out, None, None, None, None
+
+    monkeypatch.setattr(attention, "_flash_varlen_ok", lambda q: True)
+    monkeypatch.setattr(attention, "_flash_varlen_op", lambda: fake_kernel)
+    torch.manual_seed(0)
+    r = _gpu_check().packed_kernel_check(torch.device("cpu"), smoke=True)
+    assert r["kernel"] == "flash-varlen" and r["reference"] == "per-sequence"
+    assert r["no_dropout"]["output"]["ok"] and r["no_dropout"]["grad_qkv"]["ok"]  # the same attention
+    assert r["ok"] is ok and r["dropout"]["ok"] is ok
+
+
 def test_gpu_mode_without_cuda_fails_into_json(tmp_path):
     """A part that fails (here: GPU mode on a machine without CUDA) becomes an error entry; the others run."""
     pytest.importorskip("torch")
@@ -88,6 +114,10 @@ def test_gpu_mode_without_cuda_fails_into_json(tmp_path):
     assert report["goals"]["golden_fp32"]["pass"] is None
     assert json.loads((tmp_path / "out" / "gpu_check.json").read_text()) == report
     assert "===== golden" in (tmp_path / "out" / "gpu_check.log").read_text()
+
+
+def goals_pass(report, name):
+    return report["goals"][name]["pass"]
 
 
 @pytest.mark.slow
@@ -108,8 +138,17 @@ def test_cpu_smoke_every_part(tmp_path):
     if "skipped" not in parts["golden"]:  # the fixtures are in ../shared (skipped with a reason elsewhere)
         assert parts["golden"]["fp32_ok"] and parts["golden"]["bf16_ok"]
         assert set(parts["golden"]["backends"]) == {"sdpa", "packed"} and len(parts["golden"]["runs"]) == 12
-    for key in ("realistic", "long_L"):
-        assert parts["bench_model"][key]["variants"]["packed"]["tokens_per_s"] > 0
+        pk = parts["golden"]["packed_kernel"]  # on CPU both sides are the per-sequence kernel: it only runs
+        assert pk["ok"] and pk["kernel"] == pk["reference"] == "per-sequence" and pk["dropout"]["grad_finite"]
+        assert goals_pass(report, "packed_kernel") is True
+    for key, variants in (("realistic", {"sdpa", "packed", "packed+perseq"}),
+                          ("long_L", {"packed", "packed+perseq", "packed+nodrop"})):
+        got = parts["bench_model"][key]["variants"]
+        assert set(got) == variants and all(v["tokens_per_s"] > 0 for v in got.values())
+    for v in parts["bench_model"]["long_L"]["variants"].values():  # the step's time by kernel class
+        b = v["breakdown"]
+        assert set(b["ms"]) == {"attention", "matmul", "other"} and b["total_ms"] > 0
+        assert b["total_ms"] == pytest.approx(sum(b["ms"].values()), abs=0.05) and 0 < b["flops_share_attention"] < 1
     bt = parts["bench_train"]
     assert bt["lean"]["state_gb"] <= bt["dense"]["state_gb"]
     # the checkpointed lean run: same training state, fewer activations kept (analytic), it ran

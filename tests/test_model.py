@@ -232,6 +232,57 @@ def test_attention_calls_sdpa_on_4d_blocks(monkeypatch):
     assert torch.equal(out, ref) and out.shape == q.shape
 
 
+def test_packed_flash_varlen_dispatch(monkeypatch):
+    """Where the varlen flash kernel runs (CUDA, fp16/bf16, sm80+), the packed backend makes ONE call
+    for the whole batch with the training dropout, instead of one SDPA call per sequence. A CPU
+    reference stands in for the kernel here (the kernel itself is checked on the GPU by
+    benchmarks/gpu_check.py, golden part): it must receive the packed [T, H, d] tensors, int32
+    cu_seqlens, the longest length and p, and its output comes back unchanged."""
+    from epiflow.model import attention
+    from epiflow.model import epiagent as ep
+
+    calls = []
+
+    def fake_kernel(q, k, v, cu_q, cu_k, max_q, max_k, p, causal, debug):
+        calls.append({"shape": tuple(q.shape), "cu": cu_q.tolist(), "dtype": cu_q.dtype, "same_cu": cu_k is cu_q,
+                      "max": (max_q, max_k), "p": p, "causal": causal, "debug": debug})
+        out = torch.empty_like(q)
+        for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            w = torch.softmax(torch.einsum("qhd,khd->hqk", q[s:e], k[s:e]) / q.shape[-1] ** 0.5, -1)
+            out[s:e] = torch.einsum("hqk,khd->qhd", w, v[s:e])
+        return out, None, None, None, None
+
+    torch.manual_seed(5)
+    lens = [4, 9, 2]
+    qkv = torch.randn(sum(lens), 3, 2, 8)
+    q, k, v = qkv.unbind(1)
+    packing = Packing.from_lengths(lens)
+    ref = attention_packed(q, k, v, packing)
+    assert attention.packed_kernel(q) == "per-sequence"  # CPU: no flash kernel
+    monkeypatch.setattr(attention, "_flash_varlen_ok", lambda q: True)
+    monkeypatch.setattr(attention, "_flash_varlen_op", lambda: fake_kernel)
+    monkeypatch.delenv("EPIFLOW_PACKED_PER_SEQUENCE", raising=False)
+    assert attention.packed_kernel(q) == "flash-varlen"
+    out = attention_packed(q, k, v, packing, dropout_p=0.25)
+    close(out, ref.numpy())
+    assert calls == [{"shape": (15, 2, 8), "cu": [0, 4, 13, 15], "dtype": torch.int32, "same_cu": True,
+                      "max": (9, 9), "p": 0.25, "causal": False, "debug": False}]
+    monkeypatch.setenv("EPIFLOW_PACKED_PER_SEQUENCE", "1")  # the per-sequence loop, for comparisons
+    assert attention.packed_kernel(q) == "per-sequence"
+    attention_packed(q, k, v, packing)
+    assert len(calls) == 1
+    # the model hands its attention dropout to the kernel in training, 0 in eval
+    monkeypatch.delenv("EPIFLOW_PACKED_PER_SEQUENCE")
+    model = from_config(EpiAgentConfig.preset("tiny", n_ccres=50, dropout=0.1)).set_backend("packed")
+    ids = _random_batch([10, 20, 3])
+    calls.clear()
+    model.train()(ids)
+    model.eval()(ids)
+    assert [c["p"] for c in calls] == [0.1] * model.config.num_layers + [0.0] * model.config.num_layers
+    assert all(c["cu"] == [0, 12, 34, 39] for c in calls)
+    assert ep.attention_packed is attention_packed
+
+
 def test_cudnn_sdpa_switch(monkeypatch):
     from epiflow.model.attention import cudnn_sdpa_allowed
 

@@ -4,10 +4,13 @@
   with a boolean key-padding mask (True = keep). Pad queries are computed too (they attend to the
   real keys), exactly like the authors' non-flash path.
 * ``"packed"`` - variable-length ("varlen") attention on packed ``[T, H, d]`` tensors, no pad waste.
-  On CUDA in fp16/bf16 with no attention dropout it uses PyTorch's own flash varlen kernel
-  (``torch.nn.attention.varlen.varlen_attn``); elsewhere (CPU, fp32, or dropout > 0 while training)
-  it runs one SDPA call per sequence of the batch (block-diagonal attention without materialising
-  the block-diagonal mask; a Python loop over the <= few dozen sequences of a batch, not over cells).
+  On CUDA in fp16/bf16 (compute capability >= 8.0) one call of PyTorch's own FlashAttention-2 varlen
+  kernel covers the whole batch, with the attention dropout of training
+  (``torch.ops.aten._flash_attention_forward``, the kernel behind ``torch.nn.attention.varlen`` and
+  behind SDPA on nested tensors; autograd runs its backward); elsewhere (CPU, fp32, older GPUs, or
+  ``EPIFLOW_PACKED_PER_SEQUENCE=1``) it runs one SDPA call per sequence of the batch (block-diagonal
+  attention without materialising the block-diagonal mask; a Python loop over the <= few dozen
+  sequences of a batch, not over cells). :func:`packed_kernel` says which.
 * ``"flash"``  - ``flash_attn.flash_attn_varlen_qkvpacked_func`` (the kernel the authors use); CUDA,
   fp16/bf16 only, needs the optional ``flash-attn`` package.
 
@@ -16,8 +19,9 @@ All backends use the softmax scale ``1 / sqrt(head_dim)``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +39,6 @@ def flash_attn_installed() -> bool:
 def flash_attn_available() -> bool:
     """True when the optional flash-attn package is importable and a CUDA device is present."""
     return flash_attn_installed() and torch.cuda.is_available()
-
-
-def _torch_varlen():
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except Exception:  # pragma: no cover - older torch
-        return None
-    return varlen_attn
 
 
 def resolve_backend(name: str | None, device: torch.device | str | None = None, *,
@@ -81,6 +77,7 @@ class Packing:
     cu_seqlens: torch.Tensor      # int64 [B + 1], on the model's device
     seqlens: list[int]            # host copy of the lengths
     max_seqlen: int
+    _cu32: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_lengths(cls, lengths, device=None) -> "Packing":
@@ -114,7 +111,10 @@ class Packing:
         return torch.arange(self.total, device=dev) - torch.repeat_interleave(self.cu_seqlens[:-1], lens)
 
     def cu_seqlens_int32(self) -> torch.Tensor:
-        return self.cu_seqlens.to(torch.int32)
+        """``cu_seqlens`` as int32 (the flash kernels' type), converted once per batch, not once per layer."""
+        if self._cu32 is None:
+            self._cu32 = self.cu_seqlens.to(torch.int32)
+        return self._cu32
 
 
 def cudnn_sdpa_allowed() -> bool:
@@ -150,13 +150,44 @@ def attention_padded(q, k, v, key_padding_mask, dropout_p: float = 0.0):
     return _sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
+def per_sequence_forced() -> bool:
+    """``EPIFLOW_PACKED_PER_SEQUENCE=1``: the packed backend runs one SDPA call per sequence even where
+    the varlen flash kernel is available (to compare the two: ``bench_model.py --variants
+    packed,packed+perseq``)."""
+    import os
+
+    return os.environ.get("EPIFLOW_PACKED_PER_SEQUENCE", "0").strip().lower() in ("1", "true", "yes")
+
+
+def _flash_varlen_op():
+    """PyTorch's varlen FlashAttention-2 forward (``aten::_flash_attention_forward``), or None."""
+    return getattr(torch.ops.aten, "_flash_attention_forward", None)
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)  # PyTorch's flash kernels: sm80+
+
+
+def _flash_varlen_ok(q: torch.Tensor) -> bool:
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_varlen_op() is not None
+            and _flash_capable(q.device.index if q.device.index is not None else torch.cuda.current_device()))
+
+
+def packed_kernel(q: torch.Tensor) -> str:
+    """The kernel :func:`attention_packed` runs for ``q``: ``"flash-varlen"`` (one call per batch) or
+    ``"per-sequence"`` (one SDPA call per sequence)."""
+    return "flash-varlen" if _flash_varlen_ok(q) and not per_sequence_forced() else "per-sequence"
+
+
 def attention_packed(q, k, v, packing: Packing, dropout_p: float = 0.0):
     """Block-diagonal attention over packed ``[T, H, d]`` tensors; returns ``[T, H, d]``."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0:
-        varlen_attn = _torch_varlen()
-        if varlen_attn is not None:
-            cu = packing.cu_seqlens_int32()
-            return varlen_attn(q, k, v, cu, cu, packing.max_seqlen, packing.max_seqlen)
+    if packed_kernel(q) == "flash-varlen":
+        # one kernel call for every sequence of the batch, dropout included (the public
+        # torch.nn.attention.varlen.varlen_attn has no dropout argument); scale 1 / sqrt(d)
+        cu = packing.cu_seqlens_int32()
+        return _flash_varlen_op()(q, k, v, cu, cu, packing.max_seqlen, packing.max_seqlen,
+                                  float(dropout_p), False, False)[0]
     # one SDPA call per sequence: [1, H, L_i, d] blocks, no padding, no mask. The leading batch
     # dimension matters: SDPA's fused kernels (flash, memory-efficient) take 4-D inputs only, and a
     # 3-D call falls back to the math kernel, which materialises the L_i x L_i attention matrix and
