@@ -53,25 +53,29 @@ def useful_flops(cfg, lens) -> float:
     return 3.0 * float((lens * (per_tok + rlm) + attn + dec).sum())
 
 
-def worker(args) -> dict:
+def parse_variant(variant: str) -> tuple[str, list[str]]:
+    backend, *mods = variant.split("+")
+    if set(mods) - set(MODIFIERS):
+        raise SystemExit(f"unknown variant {variant!r}: a backend, optionally with "
+                         + ", ".join(f"'+{m}'" for m in MODIFIERS))
+    return backend, mods
+
+
+def worker(args) -> list[dict]:
+    """Every variant of ``args.variant`` (a comma list) on ONE model in this process: on CUDA the model is
+    built once (start-up, CUDA context and the 1.45 B-parameter build cost more than the timed steps),
+    the peak memory is reset before each variant's timed steps, and a variant that fails (out of memory)
+    becomes an error entry."""
     import torch
 
-    from epiflow.model import EpiAgentConfig, from_config, losses
+    from epiflow.model import EpiAgentConfig, from_config
+    from epiflow.model.epiagent import SelfAttention
 
-    backend, *mods = args.variant.split("+")
-    if set(mods) - set(MODIFIERS):
-        raise SystemExit(f"unknown variant {args.variant!r}: a backend, optionally with "
-                         + ", ".join(f"'+{m}'" for m in MODIFIERS))
-    # '+cudnn': let SDPA use cuDNN attention on CUDA (epiflow's default leaves it out, see
-    # epiflow.model.attention.cudnn_sdpa_allowed); '+perseq': the packed backend's one SDPA call per
-    # sequence instead of one varlen flash call per batch (epiflow.model.attention.packed_kernel);
-    # '+nodrop': no dropout (the paper trains with 0.1, attention probabilities included)
-    os.environ["EPIFLOW_SDPA_CUDNN"] = "1" if "cudnn" in mods else "0"
-    os.environ["EPIFLOW_PACKED_PER_SEQUENCE"] = "1" if "perseq" in mods else "0"
+    variants = [(v, *parse_variant(v)) for v in args.variant.split(",")]
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    overrides = {"dropout": 0.0 if "nodrop" in mods else 0.1}
+    overrides = {"dropout": 0.1}
     if args.n_ccres:
         overrides["n_ccres"] = args.n_ccres
     cfg = EpiAgentConfig.preset(args.config, **overrides)
@@ -80,6 +84,36 @@ def worker(args) -> dict:
     if args.checkpointing:
         model.set_gradient_checkpointing(True)
     cells = make_cells(args, cfg.n_ccres)
+    out = []
+    for name, backend, mods in variants:
+        # '+cudnn': let SDPA use cuDNN attention on CUDA (epiflow's default leaves it out, see
+        # epiflow.model.attention.cudnn_sdpa_allowed); '+perseq': the packed backend's one SDPA call per
+        # sequence instead of one varlen flash call per batch (epiflow.model.attention.packed_kernel);
+        # '+nodrop': no dropout (the paper trains with 0.1, attention probabilities included)
+        os.environ["EPIFLOW_SDPA_CUDNN"] = "1" if "cudnn" in mods else "0"
+        os.environ["EPIFLOW_PACKED_PER_SEQUENCE"] = "1" if "perseq" in mods else "0"
+        p = 0.0 if "nodrop" in mods else cfg.dropout
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = p
+            elif isinstance(m, SelfAttention):
+                m.dropout = p
+        try:
+            out.append(run_variant(args, model, cfg, cells, name, backend))
+        except torch.cuda.OutOfMemoryError as exc:
+            out.append({"variant": name, "error": f"CUDA out of memory: {str(exc).splitlines()[0][:300]}"})
+        model.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def run_variant(args, model, cfg, cells, name: str, backend: str) -> dict:
+    import torch
+
+    from epiflow.model import losses
+
+    dev = torch.device(args.device)
     B = args.cells_per_step
     batches = [cells[i:i + B] for i in range(0, len(cells), B)]
     amp = dev.type == "cuda"
@@ -143,13 +177,13 @@ def worker(args) -> dict:
         averages = prof.key_averages()
         if args.profile:
             key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-            Path(f"{args.profile}.{args.variant}.txt").write_text(
+            Path(f"{args.profile}.{name}.txt").write_text(
                 averages.table(sort_by=key, row_limit=30, max_name_column_width=60))
         if args.breakdown:
             breakdown = kernel_breakdown(averages, dev.type == "cuda", cfg, [len(c) for c in prof_batch])
     real = int(sum(len(c) + 2 for b in timed for c in b))
     padded = int(sum(len(b) * (max(len(c) for c in b) + 2) for b in timed))
-    res = {"variant": args.variant, "steps": len(timed), "seconds": round(dt, 3),
+    res = {"variant": name, "steps": len(timed), "seconds": round(dt, 3),
            "step_s": round(dt / len(timed), 4), "tokens": real, "tokens_per_s": round(real / dt, 1),
            "pad_fraction": round(1 - real / padded, 3)}
     if dev.type == "cuda":
@@ -272,15 +306,22 @@ def main(argv=None) -> int:
         out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     base = [sys.executable, os.path.abspath(__file__)] + [a for a in (argv if argv is not None else sys.argv[1:])]
     for v in variants:
-        cmd = base + ["--variant", v, "--config", args.config, "--steps", str(args.steps),
+        parse_variant(v)  # a bad name fails here, before any model is built
+    # CUDA: every variant in one process (one start-up and model build; peak memory reset per variant);
+    # CPU: one process per variant, so that each peak RSS is its own
+    groups = [variants] if cuda else [[v] for v in variants]
+    for group in groups:
+        cmd = base + ["--variant", ",".join(group), "--config", args.config, "--steps", str(args.steps),
                       "--median", str(args.median), "--cap", str(args.cap)]
         if args.n_ccres:
             cmd += ["--n-ccres", str(args.n_ccres)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            out["results"][v] = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:400]}
+            err = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:400]}
+            out["results"].update({v: err for v in group})
             continue
-        out["results"][v] = json.loads(proc.stdout.strip().splitlines()[-1])
+        for res in json.loads(proc.stdout.strip().splitlines()[-1]):
+            out["results"][res["variant"]] = res
     r = out["results"]
     if "tokens_per_s" in r.get("sdpa", {}) and "tokens_per_s" in r.get("packed", {}):
         out["packed_over_padded"] = round(r["packed"]["tokens_per_s"] / r["sdpa"]["tokens_per_s"], 2)
