@@ -413,9 +413,10 @@ def test_zeroshot_annotator_names_are_checked(tmp_path):
     assert "tasks.zeroshot_annotation.annotators.0.name" in err, err
 
 
-def test_demo_baselines_plan_snapatac2_beside_lsi_and_integrate_the_integration_datasets(tmp_path):
-    """The demo's baselines: LSI and SnapATAC2 on atlas_b1 (feature extraction), SnapATAC2+SVM (annotation),
-    and SnapATAC2's integration of the integration task's datasets together, in one job named after it."""
+def test_demo_baselines_plan_snapatac2_and_integrate_the_integration_datasets(tmp_path):
+    """The demo's baselines: SnapATAC2 on atlas_b1 (feature extraction; LSI is the task's own there),
+    SnapATAC2+SVM (annotation), and SnapATAC2's integration of the integration task's datasets together,
+    in one job named after it."""
     proc = snakemake("all", "-n", "-p", "--cores", "1", "--config", f"results_dir={tmp_path / 'res'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     calls = [s for s in re.findall(r"^Shell command: (.*)$", proc.stdout + proc.stderr, flags=re.M)
@@ -424,8 +425,7 @@ def test_demo_baselines_plan_snapatac2_beside_lsi_and_integrate_the_integration_
     integ = demo["tasks"]["integration"]
     planned = sorted((re.search(r"--tool (\S+)", c)[1], re.search(r"--task (\S+)", c)[1],
                       re.search(r"--out (\S+)", c)[1].split("/baselines/")[1]) for c in calls)
-    assert planned == sorted([("lsi", "feature_extraction", "feature_extraction/atlas_b1/lsi"),
-                              ("snapatac2", "feature_extraction", "feature_extraction/atlas_b1/snapatac2"),
+    assert planned == sorted([("snapatac2", "feature_extraction", "feature_extraction/atlas_b1/snapatac2"),
                               ("snapatac2", "annotation", "annotation/atlas_b1/snapatac2"),
                               ("snapatac2", "integration", f"integration/{integ['name']}/snapatac2")])
     (job,) = [c for c in calls if "--task integration" in c]
@@ -443,6 +443,28 @@ def _baseline_calls(out: str) -> dict:
             task, ds, tool = re.search(r"--out (\S+)", c)[1].split("/baselines/")[1].split("/")
             calls[tool, task, ds] = c
     return calls
+
+
+def test_lsi_tool_runs_only_where_the_feature_extraction_task_does_not_report_lsi(tmp_path):
+    """The feature_extraction task reports LSI on its own datasets; the lsi baseline tool there would
+    repeat those rows under the same method name (summary.tsv and fig2b had LSI twice). So the tool runs
+    on the other baselines.datasets only, and everywhere when the task is off."""
+    res = tmp_path / "res"
+    over = {"baselines": {"datasets": ["atlas_b1", "atlas_b2"], "tasks": {"feature_extraction": ["lsi", "pca"],
+                                                                          "annotation": [], "integration": []}}}
+
+    def planned(over):
+        proc = snakemake("all", "-n", "-p", "--cores", "1", "--configfile", "config/config.yaml",
+                         str(_write_config(tmp_path, over)), "--config", f"results_dir={res}")
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        return sorted(_baseline_calls(proc.stdout + proc.stderr))
+
+    # the demo's feature_extraction task evaluates atlas_b1 (and pbmc_fragments), not atlas_b2
+    assert planned(over) == [("lsi", "feature_extraction", "atlas_b2"), ("pca", "feature_extraction", "atlas_b1"),
+                             ("pca", "feature_extraction", "atlas_b2")]
+    over["tasks"] = {"feature_extraction": {"enabled": False}}
+    assert [k for k in planned(over) if k[0] == "lsi"] == [("lsi", "feature_extraction", "atlas_b1"),
+                                                           ("lsi", "feature_extraction", "atlas_b2")]
 
 
 def test_perturbation_baselines_follow_their_tasks(tmp_path):

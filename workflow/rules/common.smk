@@ -807,8 +807,22 @@ def baseline_dataset_arg(wildcards):
     return "" if names == ["all"] else f"--dataset {','.join(names)}"
 
 
+def baseline_done_by_task(task, ds, tool):
+    """True for the lsi tool in feature extraction on a dataset the feature_extraction task evaluates:
+    the task reports LSI there itself (method LSI, recipe tasks.feature_extraction.lsi_recipe), so
+    the tool's job would add the same rows a second time under the same name."""
+    fe = config["tasks"]["feature_extraction"]
+    return (
+        task == "feature_extraction"
+        and tool == "lsi"
+        and bool(fe.get("enabled"))
+        and ds in fe.get("datasets", [])
+    )
+
+
 def baseline_targets():
-    """Every baseline metrics table of the config, and the merged table."""
+    """Every baseline metrics table of the config, and the merged table (jobs the tasks already
+    do, baseline_done_by_task, are left out)."""
     if not BL.get("enabled", False):
         return []
     files = [
@@ -816,5 +830,6 @@ def baseline_targets():
         for task, tools in (BL.get("tasks") or {}).items()
         for ds in baseline_units(task)
         for tool in tools
+        if not baseline_done_by_task(task, ds, tool)
     ]
     return files + ([f"{R}/baselines/metrics.tsv"] if files else [])
