@@ -353,7 +353,9 @@ def part_bench_model(c: Ctx) -> dict:
     # attention dropout) and the GPU time by kernel class (--breakdown). cuDNN attention (off by default) is
     # no longer compared: 2.6-6.7x slower at realistic lengths, 9 % faster at L = 8,192 (H200, runs 2-3)
     variants = ["sdpa", "packed", "packed+perseq"] + flash
-    long_variants = ["packed", "packed+perseq", "packed+nodrop"]
+    # packed+nodrop+cudnn: whether a Hopper attention kernel (cuDNN's, graphs cached at one length) reaches the
+    # MFU goal without the dropout; cuDNN runs per sequence (epiflow.model.attention.packed_kernel)
+    long_variants = ["packed", "packed+perseq", "packed+nodrop"] + (["packed+nodrop+cudnn"] if c.dev == "cuda" else [])
     if c.smoke:
         base, realistic, L = ["--device", "cpu", "--config", "tiny", "--n-ccres", "2000", "--steps", "2"], \
             ["--median", "64", "--cap", "254", "--min-len", "20"], 254

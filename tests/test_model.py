@@ -267,12 +267,13 @@ def test_packed_flash_varlen_dispatch(monkeypatch):
     close(out, ref.numpy())
     assert calls == [{"shape": (15, 2, 8), "cu": [0, 4, 13, 15], "dtype": torch.int32, "same_cu": True,
                       "max": (9, 9), "p": 0.25, "causal": False, "debug": False}]
-    monkeypatch.setenv("EPIFLOW_PACKED_PER_SEQUENCE", "1")  # the per-sequence loop, for comparisons
-    assert attention.packed_kernel(q) == "per-sequence"
-    attention_packed(q, k, v, packing)
-    assert len(calls) == 1
+    for var in ("EPIFLOW_PACKED_PER_SEQUENCE", "EPIFLOW_SDPA_CUDNN"):  # the per-sequence loop: comparisons,
+        monkeypatch.setenv(var, "1")                                 # or SDPA allowed to pick cuDNN
+        assert attention.packed_kernel(q) == "per-sequence"
+        attention_packed(q, k, v, packing)
+        assert len(calls) == 1
+        monkeypatch.delenv(var)
     # the model hands its attention dropout to the kernel in training, 0 in eval
-    monkeypatch.delenv("EPIFLOW_PACKED_PER_SEQUENCE")
     model = from_config(EpiAgentConfig.preset("tiny", n_ccres=50, dropout=0.1)).set_backend("packed")
     ids = _random_batch([10, 20, 3])
     calls.clear()

@@ -10,7 +10,8 @@
   behind SDPA on nested tensors; autograd runs its backward); elsewhere (CPU, fp32, older GPUs, or
   ``EPIFLOW_PACKED_PER_SEQUENCE=1``) it runs one SDPA call per sequence of the batch (block-diagonal
   attention without materialising the block-diagonal mask; a Python loop over the <= few dozen
-  sequences of a batch, not over cells). :func:`packed_kernel` says which.
+  sequences of a batch, not over cells; also with ``EPIFLOW_SDPA_CUDNN=1``, so that SDPA may pick
+  cuDNN). :func:`packed_kernel` says which.
 * ``"flash"``  - ``flash_attn.flash_attn_varlen_qkvpacked_func`` (the kernel the authors use); CUDA,
   fp16/bf16 only, needs the optional ``flash-attn`` package.
 
@@ -176,8 +177,12 @@ def _flash_varlen_ok(q: torch.Tensor) -> bool:
 
 def packed_kernel(q: torch.Tensor) -> str:
     """The kernel :func:`attention_packed` runs for ``q``: ``"flash-varlen"`` (one call per batch) or
-    ``"per-sequence"`` (one SDPA call per sequence)."""
-    return "flash-varlen" if _flash_varlen_ok(q) and not per_sequence_forced() else "per-sequence"
+    ``"per-sequence"`` (one SDPA call per sequence: off CUDA / fp16-bf16, with
+    ``EPIFLOW_PACKED_PER_SEQUENCE=1``, and with ``EPIFLOW_SDPA_CUDNN=1``, whose cuDNN attention SDPA
+    can pick only when it is called)."""
+    if _flash_varlen_ok(q) and not per_sequence_forced() and not cudnn_sdpa_allowed():
+        return "flash-varlen"
+    return "per-sequence"
 
 
 def attention_packed(q, k, v, packing: Packing, dropout_p: float = 0.0):
