@@ -88,3 +88,28 @@ def test_bad_counts_rejected(bad):
 def test_df_length_mismatch():
     with pytest.raises(InputFormatError, match="df"):
         global_tfidf(sp.csr_matrix(np.ones((2, 3))), np.ones(4))
+
+
+def test_binarize_keeps_stored_zeros_at_zero_and_copies():
+    """One 0/1 helper for every binarisation (tasks, baselines): a count > 0 becomes 1, an explicitly
+    stored 0 stays 0 (knockout's copy set the data to 1 before dropping zeros, so a stored 0 became 1),
+    float32 CSR, and the input is left as it was (LDA binarised adata.X in place when it was float32)."""
+    from epiflow.baselines.adapters.light import fit_lda
+    from epiflow.tasks.knockout import set_column
+    from epiflow.tokenize import binarize
+
+    x = sp.csr_matrix((np.array([0.0, 3.0, 1.0], dtype=np.float32), np.array([0, 2, 1]), np.array([0, 2, 3])),
+                      shape=(2, 3))
+    before = x.data.copy()
+    b = binarize(x)
+    assert b.dtype == np.float32 and sp.isspmatrix_csr(b) and b.nnz == 2
+    assert b.toarray().tolist() == [[0, 0, 1], [0, 1, 0]]
+    assert np.array_equal(x.data, before)
+    assert set_column(x, 1, True).toarray().tolist() == [[0, 1, 1], [0, 1, 0]]
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    counts = sp.csr_matrix(rng.poisson(1.0, size=(30, 12)).astype(np.float32))
+    adata = ad.AnnData(X=counts.copy())
+    fit_lda(adata, "feature_extraction", {"n_topics": 2, "max_iter": 2})
+    assert (adata.X != counts).nnz == 0  # still the counts

@@ -36,6 +36,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import EpiflowError
+from ..tokenize.core import binarize
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,7 @@ def tfidf_lsi_matrix(counts, kind: str = "log") -> sp.csr_matrix:
     """The TF-IDF matrix of step 1-2 above (CSR float32, cells x features); ``kind`` see the recipes."""
     if kind not in TFIDF_KINDS:
         raise EpiflowError(f"unknown TF-IDF kind {kind!r}", field="lsi_recipe", fix=f"use one of {TFIDF_KINDS}")
-    x = sp.csr_matrix(counts, dtype=np.float32, copy=True)
-    x.eliminate_zeros()
-    x.data[:] = 1.0
+    x = binarize(counts)
     n_cells = x.shape[0]
     depth = np.asarray(x.sum(axis=1)).ravel()
     df = np.bincount(x.indices, minlength=x.shape[1]).astype(np.float64)

@@ -27,6 +27,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import EpiflowError, InputFormatError
+from ..tokenize.core import binarize as to_binary
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,7 @@ def gene_activity(counts, features: pd.DataFrame, genes, *, upstream: int = 2000
         raise EpiflowError(f"{len(features)} feature coordinates for {counts.shape[1]} matrix columns",
                            field="var")
     if binarize:
-        counts = counts.copy()
-        counts.data[:] = 1.0
+        counts = to_binary(counts)
     ia, ib = overlap_pairs(normalize_chrom(features["chrom"].to_numpy()), features["start"], features["end"],
                            normalize_chrom(win["chrom"].to_numpy()), win["start"], win["end"])
     names, gcode = np.unique(win["name"].to_numpy(str), return_inverse=True)
@@ -145,10 +145,11 @@ def open_in_fraction(counts, min_fraction: float = 0.03) -> np.ndarray:
 
 def log_normalise(counts, binarize: bool = True, scale: float = 1e4) -> sp.csr_matrix:
     """``log1p(x / depth * scale)`` per cell (CSR float32); binarised first by default."""
-    x = sp.csr_matrix(counts, dtype=np.float32, copy=True)
-    x.eliminate_zeros()
     if binarize:
-        x.data[:] = 1.0
+        x = to_binary(counts)
+    else:
+        x = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+        x.eliminate_zeros()
     depth = np.asarray(x.sum(axis=1)).ravel()
     depth[depth == 0] = 1.0
     rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))

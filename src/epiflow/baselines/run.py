@@ -30,6 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import EpiflowError, InputFormatError
+from ..tokenize.core import binarize
 from .base import BaselineOutput, get_adapter
 from .preprocess import open_in_fraction, top_accessible
 
@@ -358,7 +359,7 @@ def _genetic_rows(out: BaselineOutput, ctx: dict, *, dataset: str, method: str, 
 
     groups = np.asarray(out.groups).astype(str)
     pred = np.asarray(out.predicted, np.float64)
-    X_ctrl = _binary(ctx["real_ctrl"])
+    X_ctrl = binarize(ctx["real_ctrl"])
     real_ctrl = np.asarray(X_ctrl.mean(0)).ravel()
     per_group = {}
     for p in ctx["heldout"]:
@@ -366,7 +367,7 @@ def _genetic_rows(out: BaselineOutput, ctx: dict, *, dataset: str, method: str, 
         if rows.size == 0:
             raise EpiflowError(f"{method} returned no prediction for the held-out perturbation {p!r}", field="groups")
         m = pred[rows].mean(0)
-        X_pert = _binary(ctx["real_pert"][p])
+        X_pert = binarize(ctx["real_pert"][p])
         predicted = {method: {"mean": m, "change": m - real_ctrl}}
         values, _, info = evaluate_group(X_ctrl=X_ctrl, X_pert=X_pert, predicted=predicted, task=GENE_TASK, seed=seed,
                                          ks=list(ks or DEFAULT_KS), n_top=n_top)
@@ -375,14 +376,6 @@ def _genetic_rows(out: BaselineOutput, ctx: dict, *, dataset: str, method: str, 
     extra = {method: {"n_heldout_perturbations": len(ctx["heldout"]), "n_train_perturbations": len(ctx["train"]),
                       "n_features": len(ctx["features"]), "runtime_s": float(out.info.get("runtime_s", np.nan))}}
     return _summary_rows(GENE_TASK, dataset, per_group, extra)
-
-
-def _binary(X):
-    """0/1 copy of a sparse count matrix (the accessibility the perturbation metrics compare)."""
-    X = sp.csr_matrix(X, dtype=np.float32, copy=True)
-    X.eliminate_zeros()
-    X.data[:] = 1.0
-    return X
 
 
 def stimulation_group(out: BaselineOutput, ctx: dict, *, method: str, ks=None, n_top: int = 1000, seed: int = 0,
@@ -396,7 +389,7 @@ def stimulation_group(out: BaselineOutput, ctx: dict, *, method: str, ks=None, n
     from ..metrics.perturbation import DEFAULT_KS
     from ..tasks.perturbation import STIM_TASK, evaluate_group
 
-    X_ctrl, X_pert = _binary(ctx["real_ctrl"]), _binary(ctx["real_pert"])
+    X_ctrl, X_pert = binarize(ctx["real_ctrl"]), binarize(ctx["real_pert"])
     if X_ctrl.shape[0] == 0 or X_pert.shape[0] == 0:
         raise EpiflowError(f"held-out type {ctx['holdout']!r} has {X_ctrl.shape[0]} control and {X_pert.shape[0]} "
                            "perturbed cells; both are needed", field="holdout")
@@ -450,7 +443,7 @@ def leave_one_type_out(tool: str, adata, *, holdouts, method: str, dataset: str,
         preds.append(np.asarray(out.predicted, np.float32))
         groups += [t] * len(out.predicted)
         if umap_groups is None or t in umap_groups:
-            umaps.append(stimulation_umaps(_binary(ctx["real_ctrl"]), _binary(ctx["real_pert"]), predicted,
+            umaps.append(stimulation_umaps(binarize(ctx["real_ctrl"]), binarize(ctx["real_pert"]), predicted,
                                            np.flatnonzero(frame["top_da"].to_numpy()), group=t,
                                            ctrl_names=ctx["ctrl_names"], pert_names=ctx["pert_names"], seed=seed,
                                            max_cells=max_umap_cells))

@@ -43,6 +43,7 @@ import scipy.sparse as sp
 
 from ..errors import ConfigError, EpiflowError, VocabularyMismatchError
 from ..metrics.table import dataset_label, metric_rows, metrics_frame
+from ..tokenize.core import binarize
 from ..train.engine import max_input_len as effective_max_len
 from .common import TaskResult, resolve_device
 from .config import AnnotationConfig
@@ -116,9 +117,7 @@ def stratified_split(labels, query_fraction: float = 1 / 3, seed: int = 0) -> np
 
 
 def _lsi_tfidf(x: sp.csr_matrix, idf: np.ndarray) -> sp.csr_matrix:
-    x = sp.csr_matrix(x, dtype=np.float32, copy=True)
-    x.eliminate_zeros()
-    x.data[:] = 1.0
+    x = binarize(x)
     depth = np.maximum(np.diff(x.indptr), 1)
     rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
     x.data = np.log1p(x.data / depth[rows] * idf[x.indices] * 1e4).astype(np.float32)

@@ -41,6 +41,7 @@ import scipy.sparse as sp
 
 from ..errors import EpiflowError, VocabularyMismatchError
 from ..metrics.table import dataset_label, metric_rows, metrics_frame
+from ..tokenize.core import binarize
 from .common import TaskResult, resolve_device, umap_coords
 from .features import labelled_mask
 from .zeroshot import apply_label_map, classification_scores, covered_ccres, obs_column, restrict_to_ccres
@@ -138,8 +139,7 @@ def partner_targets(cells, matches: pd.DataFrame) -> sp.csr_matrix:
     adj = sp.csr_matrix((np.ones(len(k) + n), (np.concatenate([np.arange(n), k["cell"].to_numpy()]),
                                                 np.concatenate([np.arange(n), k["partner"].to_numpy()]))),
                         shape=(n, n))
-    x = cells.counts_csr()
-    x.data[:] = 1.0
+    x = binarize(cells.counts_csr())
     t = (adj @ x).tocsr()
     t.data[:] = 1.0
     t.sort_indices()

@@ -47,6 +47,7 @@ import scipy.sparse as sp
 
 from ..errors import ConfigError, EpiflowError, InputFormatError
 from ..metrics.table import metric_rows, metrics_frame
+from ..tokenize.core import binarize
 from .common import TaskResult, umap_coords
 from .zeroshot import obs_column
 
@@ -198,31 +199,24 @@ def shift_table(tab: pd.DataFrame, xy: np.ndarray, query_knn: np.ndarray, query_
 
 
 # ----------------------------------------------------------------------------- chimeras
-def _binary(x) -> sp.csr_matrix:
-    x = sp.csr_matrix(x, dtype=np.float32, copy=True)
-    x.data[:] = 1.0
-    x.eliminate_zeros()
-    return x
-
-
 def chimeric_cells(xa, xb, pairs_a, pairs_b, scores, rng) -> sp.csr_matrix:
     """Binary chimeras: row r takes each cCRE of ``xb[pairs_b[r]]`` w.p. ``scores[r]`` and each of
     ``xa[pairs_a[r]]`` w.p. ``1 - scores[r]`` (union)."""
     scores = np.asarray(scores, dtype=np.float64)
     parts = []
     for x, rows, p in ((xa, pairs_a, 1.0 - scores), (xb, pairs_b, scores)):
-        sub = _binary(x)[np.asarray(rows)].tocoo()
+        sub = binarize(x)[np.asarray(rows)].tocoo()
         keep = rng.random(sub.nnz) < p[sub.row]
         parts.append(sp.csr_matrix((np.ones(int(keep.sum()), np.float32), (sub.row[keep], sub.col[keep])),
                                    shape=(len(scores), x.shape[1])))
-    return _binary(parts[0] + parts[1])
+    return binarize(parts[0] + parts[1])
 
 
 def set_column(x: sp.csr_matrix, j, value: bool) -> sp.csr_matrix:
     """Copy of binary ``x`` with column ``j`` (an index, or several) set to 1 (``value``) or 0 in every row."""
     x = sp.csr_matrix(x, copy=True).tolil()
     x[:, np.atleast_1d(np.asarray(j, dtype=np.int64))] = 1.0 if value else 0.0
-    return _binary(x.tocsr())
+    return binarize(x.tocsr())
 
 
 def knn_score(ref_emb, ref_scores, emb, k: int = 20) -> tuple[np.ndarray, np.ndarray]:
@@ -329,7 +323,7 @@ def knockout_effects(embed_fn, xa, xb, targets: pd.DataFrame, *, n_reference: in
 
     sets, info = knockout_sets(targets, unit, group=group)
     rng = np.random.default_rng(seed)
-    xa, xb = _binary(xa), _binary(xb)
+    xa, xb = binarize(xa), binarize(xb)
     if xa.shape[0] < 1 or xb.shape[0] < 1:
         raise EpiflowError("both states need cells", field="states")
     if emb_a is None:
@@ -514,7 +508,7 @@ def run(cells, model, cfg: KnockoutConfig, targets, *, df: np.ndarray | None = N
     if df is None:
         # TF-IDF of modified cells uses the document frequency: recover it from the cells when the
         # corpus df is not given
-        x = _binary(cells.counts_csr())
+        x = binarize(cells.counts_csr())
         df = np.maximum(np.asarray(x.mean(0)).ravel(), 1.0 / cells.n_cells)
 
     def embed_fn(x):
@@ -541,8 +535,8 @@ def run(cells, model, cfg: KnockoutConfig, targets, *, df: np.ndarray | None = N
         raise EpiflowError(f"cCREs around the TSS must be vocabulary indices 0..{cells.n_ccres - 1}", field="ccre",
                            fix="build the neighbourhood from the corpus vocab.bed")
     near = near.assign(state_a=state_a, state_b=state_b,
-                       fraction_a=np.asarray(_binary(counts[ia]).mean(0)).ravel()[ccre],
-                       fraction_b=np.asarray(_binary(counts[ib]).mean(0)).ravel()[ccre])
+                       fraction_a=np.asarray(binarize(counts[ia]).mean(0)).ravel()[ccre],
+                       fraction_b=np.asarray(binarize(counts[ib]).mean(0)).ravel()[ccre])
     rows = metric_rows(TASK, ds, "EpiAgent", {
         "n_targets": len(tab), "n_random": int((rand["n_ccres"] == 1).sum()), "n_query": cfg.n_query, "n_reference": cfg.n_reference,
         "reference_score_r": res["score_r"], "random_mean_effect": float(np.mean(res["random_effects"])),

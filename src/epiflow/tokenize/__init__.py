@@ -6,6 +6,7 @@ from .core import (
     NUM_SPECIAL,
     PAD,
     SEP,
+    binarize,
     build_input_ids,
     cell_sentences,
     document_frequency,
@@ -17,6 +18,6 @@ from .core import (
 
 __all__ = [
     "PAD", "CLS", "SEP", "MASK", "NUM_SPECIAL",
-    "global_tfidf", "cell_sentences", "document_frequency",
+    "global_tfidf", "cell_sentences", "document_frequency", "binarize",
     "truncate_sentences", "subsample_sentences", "build_input_ids", "gather_rows",
 ]

@@ -90,6 +90,15 @@ def _row_ids(indptr: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(len(indptr) - 1, dtype=np.int64), np.diff(indptr))
 
 
+def binarize(counts) -> sp.csr_matrix:
+    """0/1 float32 CSR copy of a count matrix: accessible (count > 0) or not. Stored zeros are dropped
+    first, so an explicit 0 stays 0 (setting the data to 1 first would turn it into a 1)."""
+    x = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+    x.eliminate_zeros()
+    x.data[:] = 1.0
+    return x
+
+
 def document_frequency(counts, n_cells: int | None = None) -> np.ndarray:
     """Fraction of cells in which each cCRE is accessible (count > 0).
 

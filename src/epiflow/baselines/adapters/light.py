@@ -13,6 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import EpiflowError
+from ...tokenize.core import binarize
 from ..base import BaselineOutput
 from ..preprocess import feature_coords, gene_activity, log_normalise
 
@@ -46,8 +47,7 @@ def fit_lda(adata, task: str, params: dict) -> BaselineOutput:
     cell's topic distribution."""
     from sklearn.decomposition import LatentDirichletAllocation
 
-    x = _counts(adata)
-    x.data[:] = 1.0
+    x = binarize(_counts(adata))  # a copy: adata.X stays the counts
     k = int(params.get("n_topics", 30))
     lda = LatentDirichletAllocation(
         n_components=k, doc_topic_prior=min(1.0, float(params.get("alpha", 50.0 / k))),

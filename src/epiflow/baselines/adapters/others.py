@@ -19,6 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ...errors import EpiflowError
+from ...tokenize.core import binarize
 from ..base import BaselineOutput
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,7 @@ log = logging.getLogger(__name__)
 def _binary_adata(adata, batch: bool):
     import anndata as ad
 
-    x = sp.csr_matrix(adata.X, dtype=np.float32, copy=True)
-    x.eliminate_zeros()
-    x.data[:] = 1.0
+    x = binarize(adata.X)
     obs = pd.DataFrame(index=adata.obs_names.astype(str))
     obs["batch"] = adata.obs["batch"].astype(str).to_numpy() if batch and "batch" in adata.obs else "b0"
     a = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[f"f{i}" for i in range(adata.n_vars)]))
@@ -159,9 +158,7 @@ def fit_sccase(adata, task: str, params: dict) -> BaselineOutput:
     import anndata as ad
     from scCASE import main as sccase
 
-    x = sp.csr_matrix(adata.X, dtype=np.float32, copy=True)
-    x.eliminate_zeros()
-    x.data[:] = 1.0
+    x = binarize(adata.X)
     a = ad.AnnData(X=x, obs=pd.DataFrame(index=adata.obs_names.astype(str)),
                    var=pd.DataFrame(index=[f"f{i}" for i in range(adata.n_vars)]))
     k = params.get("K", "Auto")
@@ -187,9 +184,7 @@ def fit_scopen(adata, task: str, params: dict) -> BaselineOutput:
     ``--estimate_rank`` does."""
     from scopen import Main as so
 
-    x = sp.csr_matrix(adata.X, dtype=np.float32, copy=True)
-    x.eliminate_zeros()
-    x.data[:] = 1.0
+    x = binarize(adata.X)
     tf_idf = so.tf_idf_transform(x.T.tocsr())
     alpha = float(params.get("alpha", 1.0))
     iters = int(params.get("max_iter", 500))
@@ -262,9 +257,7 @@ def _perturbation_frame(adata):
     for c in ("condition", "label"):
         if c not in adata.obs:
             raise EpiflowError(f"perturbation input needs obs['{c}']", field=f"obs/{c}")
-    x = sp.csr_matrix(adata.X, dtype=np.float32, copy=True)
-    x.eliminate_zeros()
-    x.data[:] = 1.0
+    x = binarize(adata.X)
     obs = pd.DataFrame({"condition": adata.obs["condition"].astype(str).to_numpy(),
                         "label": adata.obs["label"].astype(str).to_numpy()},
                        index=adata.obs_names.astype(str))
@@ -368,8 +361,7 @@ def fit_cellcano(adata, task: str, params: dict) -> BaselineOutput:
         names = [str(n) for n in names]
         source = "gene_activity"
     else:
-        x.eliminate_zeros()
-        x.data[:] = 1.0
+        x = binarize(x)
         names = [f"F{i}" for i in range(x.shape[1])]
         source = "features"
     seed = int(params.get("seed", cu.RANDOM_SEED))
@@ -516,9 +508,7 @@ def fit_gears(adata, task: str, params: dict) -> BaselineOutput:
                            field="perturbation", fix="give a GO table covering the perturbed genes")
     import anndata as ad
 
-    x = sp.csr_matrix(adata.X, dtype=np.float32, copy=True)
-    x.eliminate_zeros()
-    x.data[:] = 1.0
+    x = binarize(adata.X)
     feat = [f"CCRE{i}" for i in range(adata.n_vars)]
     a = ad.AnnData(X=x, obs=pd.DataFrame({"condition": cond, "cell_type": "cell"}, index=adata.obs_names.astype(str)),
                    var=pd.DataFrame({"gene_name": feat}, index=feat))

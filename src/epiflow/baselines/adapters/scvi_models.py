@@ -19,6 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import EpiflowError
+from ...tokenize.core import binarize
 from ..base import BaselineOutput
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,7 @@ log = logging.getLogger(__name__)
 def _binary(adata):
     import anndata as ad
 
-    x = sp.csr_matrix(adata.X, dtype=np.float32, copy=True)
-    x.eliminate_zeros()
-    x.data[:] = 1.0
+    x = binarize(adata.X)
     a = ad.AnnData(X=x, obs=adata.obs.copy(), var=adata.var.copy())
     a.obs_names = adata.obs_names.astype(str)
     a.var_names = [f"f{i}" for i in range(a.n_vars)]
