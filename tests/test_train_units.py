@@ -347,6 +347,12 @@ def test_step_profiler_writes_the_op_table_of_the_chosen_steps(tmp_path, monkeyp
 
     calls, per_step = map(int, re.search(r"aten operator calls: (\d+) \((\d+) per step\)", text.splitlines()[0]).groups())
     assert calls > 0 and abs(per_step - calls / (n - 1)) <= 1
+    # the second table: the operators called most often, with their share of every call
+    head, rows = text.split("# the aten operators called most often")[1].split("\n", 1)
+    rows = [r.split() for r in rows.strip().splitlines()]
+    assert 0 < len(rows) <= 25 and all(r[0].startswith("aten::") for r in rows)
+    counts = [int(r[1]) for r in rows]
+    assert counts == sorted(counts, reverse=True) and sum(counts) <= calls
     monkeypatch.delenv("EPIFLOW_PROFILE_OUT")
     monkeypatch.delenv("EPIFLOW_PROFILE_STEPS")
     pretrain(corpus, tmp_path / "run2", PretrainConfig(**cfg))

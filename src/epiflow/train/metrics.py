@@ -178,6 +178,12 @@ class StepProfiler:
         per_step = calls / max(self.last - (self.first or 1) + 1, 1)
         from ..io import atomic_write_text
 
+        # the host's view: the operators called most often (each call a dispatch, and on a GPU a launch)
+        by_count = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -e.count)[:25]
+        width = max([len(e.key) for e in by_count] + [8])
+        counts = "\n".join(f"{e.key:<{width}}  {e.count:>9}  {e.count / max(calls, 1):7.1%}" for e in by_count)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, f"# steps {self.first}..{self.last}, sorted by {key}; aten operator calls: "
-                                     f"{calls} ({per_step:.0f} per step)\n{table}\n")
+                                     f"{calls} ({per_step:.0f} per step)\n{table}\n\n"
+                                     f"# the aten operators called most often (calls in steps {self.first}.."
+                                     f"{self.last}, share of all calls)\n{counts}\n")
