@@ -80,9 +80,10 @@ def test_downstream_cells_are_in_no_pretraining_input(tmp_path):
     assert f"--corpus {res}/corpus " in fe["ref_a"] and f"EpiAgent={res}/embed/embeddings.h5ad" in fe["ref_a"]
     (ann,) = jobs["annotate"]
     assert f"--corpus {res}/downstream/newstudy " in ann
-    # every baseline job on baselines.datasets (the demo's LSI and SnapATAC2 tools) reads the downstream folder
+    # every baseline job on baselines.datasets (the demo's SnapATAC2 tools; LSI is the feature_extraction
+    # task's own on its datasets) reads the downstream folder
     bl = [c for c in jobs["run_baseline"] if "--task integration" not in c]
-    assert len(bl) >= 1 and any("--tool lsi " in c for c in bl)
+    assert len(bl) >= 1 and any("--tool snapatac2 " in c for c in bl) and not any("--tool lsi " in c for c in bl)
     assert all(f"--corpus {res}/downstream/newstudy " in c and "--dataset newstudy " in c for c in bl), bl
     (summ,) = jobs["summarize"]
     assert f"--corpus {res}/corpus" in summ and f"--downstream {res}/downstream/newstudy" in summ
@@ -178,7 +179,7 @@ def test_transfer_config_dry_runs(tmp_path):
         assert (re.search(rf"--own-features \S+/{src}", c) is not None) == local, c
     assert len(jobs["annotate"]) == 2
     tools = {re.search(r"--tool (\S+)", c).group(1) for c in jobs["run_baseline"]}
-    assert {"lsi", "pca", "snapatac2"} <= tools
+    assert {"pca", "snapatac2"} <= tools and "lsi" not in tools  # LSI: the feature_extraction task's own
     assert "pretrain" in jobs
 
 
