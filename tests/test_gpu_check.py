@@ -88,7 +88,7 @@ def test_packed_kernel_check_catches_a_wrong_dropout(monkeypatch, rate, ok):
             out[s:e] = torch.einsum("hqk,khd->qhd", w, v[s:e])
         return out, None, None, None, None
 
-    monkeypatch.setattr(attention, "_flash_varlen_ok", lambda q: True)
+    monkeypatch.setattr(attention, "_flash_varlen_ok", lambda device, dtype: True)
     monkeypatch.setattr(attention, "_flash_varlen_op", lambda: fake_kernel)
     torch.manual_seed(0)
     r = _gpu_check().packed_kernel_check(torch.device("cpu"), smoke=True)
@@ -166,6 +166,7 @@ def test_cpu_smoke_every_part(tmp_path):
     assert pc["metrics_steps_once"] and pc["resume_larger_max_steps"]["refused"]
     assert parts["torchrun"]["collective"]["backend"] == "gloo" and "skipped" in parts["torchrun"]["pretrain_launch"]
     assert parts["tasks"]["embed"]["finite"] and parts["tasks"]["annotate"]["exit_code"] == 0
+    assert parts["tasks"]["compile"] == {"refused_on_cpu": True, "exit_code": 2, "ok": True}
     goals = report["goals"]
     assert set(goals) == GOALS and all({"goal", "value", "pass"} <= set(v) for v in goals.values())
     assert goals["pretrain_stop_resume"]["pass"] is True

@@ -259,7 +259,7 @@ def test_packed_flash_varlen_dispatch(monkeypatch):
     packing = Packing.from_lengths(lens)
     ref = attention_packed(q, k, v, packing)
     assert attention.packed_kernel(q) == "per-sequence"  # CPU: no flash kernel
-    monkeypatch.setattr(attention, "_flash_varlen_ok", lambda q: True)
+    monkeypatch.setattr(attention, "_flash_varlen_ok", lambda device, dtype: True)
     monkeypatch.setattr(attention, "_flash_varlen_op", lambda: fake_kernel)
     monkeypatch.delenv("EPIFLOW_PACKED_PER_SEQUENCE", raising=False)
     assert attention.packed_kernel(q) == "flash-varlen"
@@ -483,3 +483,67 @@ def test_sparse_sr_loss_matches_dense_random():
     losses.sr_loss_sparse(a, rows, cols).backward()
     losses.sr_loss(b, dense).backward()
     close(a.grad, b.grad.numpy())
+
+
+@torch.library.custom_op("epiflow_test::varlen_attention", mutates_args=())
+def _reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                      max_q: int, max_k: int, p: float, causal: bool, debug: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stand-in for aten::_flash_attention_forward that torch.compile treats as one opaque operator."""
+    out = torch.empty_like(q)
+    for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        w = torch.softmax(torch.einsum("qhd,khd->hqk", q[s:e], k[s:e]) / q.shape[-1] ** 0.5, -1)
+        out[s:e] = torch.einsum("hqk,khd->qhd", w, v[s:e])
+    return out, q.new_zeros(0)
+
+
+@_reference_varlen.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, p, causal, debug):
+    return torch.empty_like(q), q.new_empty(0)
+
+
+def test_compiled_blocks_trace_whole_and_match_eager(monkeypatch):
+    """`compile_blocks` (pretrain --compile) compiles each encoder block in place: one graph per block
+    (fullgraph) on the padded sdpa path and on the packed path with the varlen kernel (a stand-in
+    operator here; CUDA's is aten::_flash_attention_forward), whose kernel is decided before the
+    blocks; outputs and gradients equal the eager model's, batch lengths may change, and the
+    parameter names (the checkpoint format) stay the same."""
+    import copy
+
+    from epiflow.model import attention
+
+    graphs = []
+
+    def backend(gm, example_inputs):  # records each graph dynamo hands over, runs it as traced
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = from_config(EpiAgentConfig.preset("tiny", n_ccres=50, dropout=0.0)).set_backend("sdpa")
+    compiled = copy.deepcopy(eager).compile_blocks(backend=backend, fullgraph=True)
+    assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    for lengths in ([10, 20, 3], [7, 31]):  # a new padded width: dynamic shapes, no error
+        ids = _random_batch(lengths)
+        out_e, out_c = eager.train()(ids), compiled.train()(ids)
+        close(out_c.cell_embedding, out_e.cell_embedding.detach().numpy())
+        out_e.cell_embedding.sum().backward()
+        out_c.cell_embedding.sum().backward()
+        for (n, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+            if a.grad is not None:
+                close(b.grad, a.grad.numpy())
+        eager.zero_grad(), compiled.zero_grad()
+    assert graphs and all("scaled_dot_product_attention" in g.code for g in graphs)  # whole blocks traced
+    n_padded = len(graphs)
+    # the packed path with the varlen kernel: the blocks hold no data-dependent Python
+    monkeypatch.setattr(attention, "_flash_varlen_ok", lambda device, dtype: True)
+    monkeypatch.setattr(attention, "_flash_varlen_op", lambda: torch.ops.epiflow_test.varlen_attention)
+    eager.set_backend("packed"), compiled.set_backend("packed")
+    with torch.no_grad():
+        for lengths in ([10, 20, 3], [5, 40, 12, 8]):
+            ids = _random_batch(lengths)
+            ref = eager.eval()(ids)
+            got = compiled.eval()(ids)
+            close(got.cell_embedding, ref.cell_embedding.numpy())
+            close(got.hidden[ids != 0], ref.hidden[ids != 0].numpy())
+    assert len(graphs) > n_padded and all("varlen_attention" in g.code for g in graphs[n_padded:])

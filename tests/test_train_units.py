@@ -361,3 +361,25 @@ def test_step_profiler_writes_the_op_table_of_the_chosen_steps(tmp_path, monkeyp
         monkeypatch.setenv("EPIFLOW_PROFILE_STEPS", bad)
         with pytest.raises(ConfigError, match="EPIFLOW_PROFILE_STEPS"):
             StepProfiler(tmp_path)
+
+
+@pytest.mark.slow
+def test_pretrain_compile_runs_the_compiled_blocks_and_refuses_where_they_would_recompile(tmp_path, toy_corpus):
+    """--compile compiles the encoder blocks (one graph on the padded sdpa path; on CUDA the bf16 varlen
+    path): a CPU run with --backend sdpa trains and writes a checkpoint with the usual parameter names
+    (~20 s, most of it inductor compiling the block); the per-sequence packed attention (CPU, fp32)
+    would recompile at every batch, so compile is refused there before any work, with the fix."""
+    from epiflow.errors import ConfigError
+    from epiflow.model import load_epiagent_checkpoint
+    from epiflow.train.pretrain import PretrainConfig, pretrain
+
+    corpus = toy_corpus(n_cells=60, n_ccres=120, n_types=3, seed=1, shard_size=25)
+    cfg = dict(model_config="tiny", epochs=1, max_steps=2, batch_tokens=2048, max_len=64, ckpt_every=0,
+               progress=False, device="cpu", compile=True)
+    with pytest.raises(ConfigError, match="compile needs the varlen flash attention kernel") as err:
+        pretrain(corpus, tmp_path / "packed", PretrainConfig(**cfg))
+    assert "--backend sdpa" in str(err.value) and not (tmp_path / "packed").exists()
+    s = pretrain(corpus, tmp_path / "sdpa", PretrainConfig(**cfg, backend="sdpa"))
+    assert s["steps"] == 2 and np.isfinite(s["last"]["loss"])
+    model = load_epiagent_checkpoint(tmp_path / "sdpa" / "checkpoint.pth")
+    assert "EpiAgent_transformer.layers.0.mixer.Wqkv.weight" in model.state_dict()

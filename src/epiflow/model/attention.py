@@ -170,24 +170,31 @@ def _flash_capable(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 0)  # PyTorch's flash kernels: sm80+
 
 
-def _flash_varlen_ok(q: torch.Tensor) -> bool:
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_varlen_op() is not None
-            and _flash_capable(q.device.index if q.device.index is not None else torch.cuda.current_device()))
+def _flash_varlen_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_varlen_op() is not None
+            and _flash_capable(device.index if device.index is not None else torch.cuda.current_device()))
 
 
-def packed_kernel(q: torch.Tensor) -> str:
-    """The kernel :func:`attention_packed` runs for ``q``: ``"flash-varlen"`` (one call per batch) or
-    ``"per-sequence"`` (one SDPA call per sequence: off CUDA / fp16-bf16, with
+def packed_kernel_for(device: torch.device | str, dtype: torch.dtype) -> str:
+    """The kernel :func:`attention_packed` runs for q/k/v of ``dtype`` on ``device``: ``"flash-varlen"``
+    (one call per batch) or ``"per-sequence"`` (one SDPA call per sequence: off CUDA / fp16-bf16, with
     ``EPIFLOW_PACKED_PER_SEQUENCE=1``, and with ``EPIFLOW_SDPA_CUDNN=1``, whose cuDNN attention SDPA
-    can pick only when it is called)."""
-    if _flash_varlen_ok(q) and not per_sequence_forced() and not cudnn_sdpa_allowed():
+    can pick only when it is called). The encoder decides once per batch, before its blocks, so that
+    compiled blocks (``EpiAgent.compile_blocks``) see a plain string."""
+    if _flash_varlen_ok(torch.device(device), dtype) and not per_sequence_forced() and not cudnn_sdpa_allowed():
         return "flash-varlen"
     return "per-sequence"
 
 
-def attention_packed(q, k, v, packing: Packing, dropout_p: float = 0.0):
-    """Block-diagonal attention over packed ``[T, H, d]`` tensors; returns ``[T, H, d]``."""
-    if packed_kernel(q) == "flash-varlen":
+def packed_kernel(q: torch.Tensor) -> str:
+    """:func:`packed_kernel_for` of a query tensor."""
+    return packed_kernel_for(q.device, q.dtype)
+
+
+def attention_packed(q, k, v, packing: Packing, dropout_p: float = 0.0, kernel: str | None = None):
+    """Block-diagonal attention over packed ``[T, H, d]`` tensors; returns ``[T, H, d]``. ``kernel``: as
+    :func:`packed_kernel` decides (None: decide here)."""
+    if (kernel or packed_kernel(q)) == "flash-varlen":
         # one kernel call for every sequence of the batch, dropout included (the public
         # torch.nn.attention.varlen.varlen_attn has no dropout argument); scale 1 / sqrt(d)
         cu = packing.cu_seqlens_int32()

@@ -14,6 +14,7 @@ have (linear classifier, stimulation tokens, perturbation GNN) are registered af
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from .attention import (
     attention_flash,
     attention_packed,
     attention_padded,
+    packed_kernel_for,
     resolve_backend,
 )
 from .config import NUM_SPECIAL, EpiAgentConfig
@@ -57,6 +59,7 @@ class _Ctx:
     backend: str
     mask: torch.Tensor | None = None      # padded layout: [B, L] key padding mask
     packing: Packing | None = None        # packed layout
+    kernel: str | None = None             # packed layout: attention.packed_kernel_for, decided per batch
 
 
 # --------------------------------------------------------------------------- encoder
@@ -86,7 +89,7 @@ class SelfAttention(nn.Module):
                 out = attention_flash(qkv, ctx.packing, p)
             else:
                 q, k, v = qkv.unbind(1)
-                out = attention_packed(q, k, v, ctx.packing, p)
+                out = attention_packed(q, k, v, ctx.packing, p, kernel=ctx.kernel)
             out = out.reshape(T, D)
         return self.out_proj(out)
 
@@ -125,6 +128,15 @@ class Encoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x, ctx: _Ctx, return_layers: bool = False):
+        packing = ctx.packing
+        if packing is not None and ctx.backend == "packed" and ctx.kernel is None:
+            # the attention kernel of this batch, decided here, outside the (possibly compiled) blocks: q/k/v
+            # come out of Wqkv, in autocast's dtype when it is on
+            dev = x.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            ctx = dataclasses.replace(ctx, kernel=packed_kernel_for(x.device, dtype))
+            if ctx.kernel == "flash-varlen":
+                packing.cu_seqlens_int32()  # converted once, here
         outs = []
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -241,6 +253,19 @@ class EpiAgent(nn.Module):
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> "EpiAgent":
         self.EpiAgent_transformer.gradient_checkpointing = bool(enabled)
+        return self
+
+    def compile_blocks(self, **kwargs: Any) -> "EpiAgent":
+        """``torch.compile`` each encoder block in place (``nn.Module.compile``: the parameters, their
+        names and the checkpoint format stay as they are), ``dynamic=True`` unless given: the token
+        count changes every batch. Only the blocks: the padded/packed conversions around them depend on
+        the data and would recompile at every batch. The blocks hold no data-dependent Python on CUDA's
+        varlen flash path and on the padded sdpa path (the kernel is decided per batch before them); on
+        the per-sequence packed path (CPU) their loop over the sequence lengths recompiles each batch.
+        ``kwargs`` go to ``torch.compile`` (tests: ``backend="aot_eager", fullgraph=True``)."""
+        kwargs.setdefault("dynamic", True)
+        for layer in self.EpiAgent_transformer.layers:
+            layer.compile(**kwargs)
         return self
 
     def pos_weight(self, which: str) -> float | torch.Tensor:

@@ -68,7 +68,7 @@ class PretrainConfig:
     device: str = setting("auto", "auto | cpu | cuda[:i]", pattern=r"auto|cpu|cuda(:[0-9]+)?")
     backend: str = setting("auto", "attention backend", choices=BACKENDS)
     precision: str = setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=PRECISIONS)
-    compile: bool = setting(False, "torch.compile the model forward")
+    compile: bool = setting(False, "torch.compile each encoder block (CUDA bf16 varlen attention, or backend sdpa)")
     memory_lean: bool = setting(False, "no table-sized gradients (rebuilt chunk by chunk from per-step "
                                 "records), sparse input-token gradients, row-wise AdamW states for the cCRE "
                                 "embedding and decoder")

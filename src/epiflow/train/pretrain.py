@@ -198,6 +198,21 @@ def _autocast_dtype(cfg: PretrainConfig, device):
     return torch.bfloat16 if device.type == "cuda" else None
 
 
+def _check_compile(cfg: PretrainConfig, device) -> None:
+    """``compile`` compiles the encoder blocks (``EpiAgent.compile_blocks``). They compile to one graph
+    on the padded sdpa path and on CUDA's varlen flash path (bf16); the per-sequence packed attention
+    (CPU, fp32) loops over each batch's lengths, so its blocks would recompile at every batch: refused."""
+    from ..model.attention import packed_kernel_for, resolve_backend
+
+    backend = resolve_backend(cfg.backend, device, training=True)
+    if backend == "packed" and packed_kernel_for(device, _autocast_dtype(cfg, device) or torch.float32) != "flash-varlen":
+        where = "fp32" if device.type == "cuda" else f"on {device.type}"
+        raise ConfigError(f"compile needs the varlen flash attention kernel (CUDA, bf16); the packed attention "
+                          f"{where} runs one call per sequence and would recompile at every batch",
+                          field="compile", fix="drop --compile, or use --backend sdpa (padded batches), or train "
+                                               "on CUDA in bf16")
+
+
 def _cell_lengths(index, uids):
     return index.lengths[np.asarray(uids, dtype=np.int64)]
 
@@ -298,6 +313,8 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
     from ..model import from_config
 
     dev = info.device
+    if cfg.compile:
+        _check_compile(cfg, dev)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     D.barrier(info)
@@ -371,7 +388,7 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
         runner = DDP(objective, device_ids=[dev.index] if dev.type == "cuda" else None,
                      find_unused_parameters=True, gradient_as_bucket_view=lean is not None)
     if cfg.compile:
-        model.forward = torch.compile(model.forward, dynamic=True)  # type: ignore[method-assign]
+        model.compile_blocks()
 
     if info.is_main:
         atomic_write_text(out_dir / "model_config.json", json.dumps(
