@@ -547,3 +547,33 @@ def test_compiled_blocks_trace_whole_and_match_eager(monkeypatch):
             close(got.cell_embedding, ref.cell_embedding.numpy())
             close(got.hidden[ids != 0], ref.hidden[ids != 0].numpy())
     assert len(graphs) > n_padded and all("varlen_attention" in g.code for g in graphs[n_padded:])
+
+
+def test_packed_flash_varlen_call_matches_the_real_operator_schema(monkeypatch):
+    """The varlen call of the packed backend against PyTorch's own aten::_flash_attention_forward, on the
+    meta device (its shape functions; CUDA runs the kernel): the arguments fit the operator's schema, the
+    output is [T, H, d], and autograd's backward (aten::_flash_attention_backward) reaches the fused QKV
+    projection, through a bf16 model too."""
+    from epiflow.model import attention
+
+    monkeypatch.setattr(attention, "_flash_varlen_ok", lambda device, dtype: True)
+    lens, H, d = [5, 9, 3], 2, 8
+    qkv = torch.empty(sum(lens), 3, H, d, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = qkv.unbind(1)
+    out = attention_packed(q, k, v, Packing.from_lengths(lens, device="meta"), dropout_p=0.1)
+    assert out.shape == (17, H, d) and out.device.type == "meta" and out.dtype == torch.bfloat16
+    out.sum().backward()
+    assert qkv.grad is not None and qkv.grad.shape == qkv.shape
+    from epiflow.model.epiagent import _compute_dtype, _Ctx
+
+    x32 = torch.zeros(2, 4)  # the encoder decides the kernel for the dtype Wqkv will output
+    assert _compute_dtype(x32) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _compute_dtype(x32) == torch.bfloat16
+    with torch.device("meta"):  # the encoder as the model runs it (the data checks around it need real ids)
+        model = from_config(EpiAgentConfig.preset("tiny", n_ccres=50, dropout=0.1)).to(torch.bfloat16).train()
+    x = torch.empty(39, model.config.dim, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    h = model.EpiAgent_transformer(x, _Ctx("packed", packing=Packing.from_lengths([12, 22, 5], device="meta")))
+    assert h.shape == x.shape
+    h.sum().backward()
+    assert model.EpiAgent_transformer.layers[0].mixer.Wqkv.weight.grad.shape == (3 * model.config.dim, model.config.dim)

@@ -121,6 +121,15 @@ class Block(nn.Module):
         return self.norm2(x + self.dropout2(self.mlp(x)))
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear layer's output has for input ``x``: autocast's when it is on for the device."""
+    try:
+        on = torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # a device type without autocast (meta)
+        on = False
+    return torch.get_autocast_dtype(x.device.type) if on else x.dtype
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: EpiAgentConfig):
         super().__init__()
@@ -132,9 +141,7 @@ class Encoder(nn.Module):
         if packing is not None and ctx.backend == "packed" and ctx.kernel is None:
             # the attention kernel of this batch, decided here, outside the (possibly compiled) blocks: q/k/v
             # come out of Wqkv, in autocast's dtype when it is on
-            dev = x.device.type
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-            ctx = dataclasses.replace(ctx, kernel=packed_kernel_for(x.device, dtype))
+            ctx = dataclasses.replace(ctx, kernel=packed_kernel_for(x.device, _compute_dtype(x)))
             if ctx.kernel == "flash-varlen":
                 packing.cu_seqlens_int32()  # converted once, here
         outs = []
