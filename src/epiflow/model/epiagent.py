@@ -13,8 +13,8 @@ have (linear classifier, stimulation tokens, perturbation GNN) are registered af
 
 from __future__ import annotations
 
-import os
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,7 +269,8 @@ class EpiAgent(nn.Module):
         the data and would recompile at every batch. The blocks hold no data-dependent Python on CUDA's
         varlen flash path and on the padded sdpa path (the kernel is decided per batch before them); on
         the per-sequence packed path (CPU) their loop over the sequence lengths recompiles each batch.
-        ``kwargs`` go to ``torch.compile`` (tests: ``backend="aot_eager", fullgraph=True``)."""
+        ``kwargs`` go to ``torch.compile`` (the tests pass ``fullgraph=True`` and a backend that records
+        the graphs)."""
         kwargs.setdefault("dynamic", True)
         for layer in self.EpiAgent_transformer.layers:
             layer.compile(**kwargs)

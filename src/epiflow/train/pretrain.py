@@ -205,8 +205,11 @@ def _check_compile(cfg: PretrainConfig, device) -> None:
     from ..model.attention import packed_kernel_for, resolve_backend
 
     backend = resolve_backend(cfg.backend, device, training=True)
-    if backend == "packed" and packed_kernel_for(device, _autocast_dtype(cfg, device) or torch.float32) != "flash-varlen":
-        where = "fp32" if device.type == "cuda" else f"on {device.type}"
+    dtype = _autocast_dtype(cfg, device) or torch.float32
+    if backend == "packed" and packed_kernel_for(device, dtype) != "flash-varlen":
+        where = f"on {device.type} in {str(dtype).replace('torch.', '')}"
+        if device.type == "cuda" and dtype != torch.float32:
+            where += " (EPIFLOW_PACKED_PER_SEQUENCE or EPIFLOW_SDPA_CUDNN is set, or the GPU is older than sm80)"
         raise ConfigError(f"compile needs the varlen flash attention kernel (CUDA, bf16); the packed attention "
                           f"{where} runs one call per sequence and would recompile at every batch",
                           field="compile", fix="drop --compile, or use --backend sdpa (padded batches), or train "
