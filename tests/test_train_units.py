@@ -373,6 +373,10 @@ def test_pretrain_compile_runs_the_compiled_blocks_and_refuses_where_they_would_
     from epiflow.model import load_epiagent_checkpoint
     from epiflow.train.pretrain import PretrainConfig, pretrain
 
+    import shutil
+
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("torch.compile (inductor) on CPU needs a C++ compiler (g++), which this machine lacks")
     corpus = toy_corpus(n_cells=60, n_ccres=120, n_types=3, seed=1, shard_size=25)
     cfg = dict(model_config="tiny", epochs=1, max_steps=2, batch_tokens=2048, max_len=64, ckpt_every=0,
                progress=False, device="cpu", compile=True)
