@@ -375,14 +375,14 @@ def test_pretrain_compile_runs_the_compiled_blocks_and_refuses_where_they_would_
 
     import shutil
 
-    if not (shutil.which("g++") or shutil.which("c++")):
-        pytest.skip("torch.compile (inductor) on CPU needs a C++ compiler (g++), which this machine lacks")
     corpus = toy_corpus(n_cells=60, n_ccres=120, n_types=3, seed=1, shard_size=25)
     cfg = dict(model_config="tiny", epochs=1, max_steps=2, batch_tokens=2048, max_len=64, ckpt_every=0,
                progress=False, device="cpu", compile=True)
     with pytest.raises(ConfigError, match="compile needs the varlen flash attention kernel") as err:
         pretrain(corpus, tmp_path / "packed", PretrainConfig(**cfg))
     assert "--backend sdpa" in str(err.value) and not (tmp_path / "packed").exists()
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("torch.compile (inductor) on CPU needs a C++ compiler (g++), which this machine lacks")
     s = pretrain(corpus, tmp_path / "sdpa", PretrainConfig(**cfg, backend="sdpa"))
     assert s["steps"] == 2 and np.isfinite(s["last"]["loss"])
     model = load_epiagent_checkpoint(tmp_path / "sdpa" / "checkpoint.pth")
