@@ -67,6 +67,10 @@ def test_peak_table_and_json_parsing():
     assert g._last_json('log line\n{\n "a": {"b": 1}\n}\n') == {"a": {"b": 1}}
     with pytest.raises(ValueError):
         g._last_json("no json here")
+    # a check inside a part fails alone, as an entry
+    assert g._guarded(lambda x: {"ok": True, "x": x}, 3) == {"ok": True, "x": 3}
+    failed = g._guarded(lambda: 1 / 0)
+    assert failed["ok"] is False and failed["error"].startswith("ZeroDivisionError")
     goals = g.goals({}, smoke=False, total_s=500.0)
     assert set(goals) == GOALS and goals["total_time_s"]["pass"] is False
     assert all(goals[k]["pass"] is None for k in GOALS - {"total_time_s"})  # nothing measured: null, not fail
