@@ -2,12 +2,16 @@
 
 One training step = forward + backward of the encoder with the signal decoder (sparse SR loss) and
 the RLM head on every cCRE token; no optimizer. Cell lengths are log-normal (median ~2,000 tokens,
-capped at 8,190 + [CLS]/[SEP]); the same random cells are used for every variant. Each variant
-runs in its own subprocess so that peak memory (CPU: max RSS; GPU: max allocated) is its own.
+capped at 8,190 + [CLS]/[SEP]); the same random cells are used for every variant. On CPU each
+variant runs in its own subprocess so that its peak RSS is its own; on CUDA the variants share one
+process and one model (peak max-allocated memory reset per variant). A variant is a backend (sdpa,
+packed, flash) with optional modifiers: +cudnn, +perseq, +nodrop (see --variants).
 
     python benchmarks/bench_model.py --quick                 # CPU, small config, short cells, 2 steps
     python benchmarks/bench_model.py                         # CPU, small config, realistic lengths
-    python benchmarks/bench_model.py --device cuda --config paper --variants sdpa,packed,flash
+    python benchmarks/bench_model.py --device cuda --config paper --variants sdpa,packed,packed+perseq,flash
+    python benchmarks/bench_model.py --device cuda --median 8190 --sigma 0 --cap 8190 --min-len 8190 \
+        --variants packed,packed+nodrop --breakdown          # L = 8,192: GPU time by kernel class
 
 Prints one JSON object. Tokens/s counts real (non-pad) tokens; MFU (GPU) counts useful FLOPs
 (matmuls + attention over real tokens, x3 for forward + backward) against the bf16 dense peak.
