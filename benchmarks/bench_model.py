@@ -46,15 +46,20 @@ def make_cells(args, n_ccres: int):
     return [rng.choice(n_ccres, size=int(n), replace=False) + 4 for n in lengths_for(args)]
 
 
+def attention_flops(cfg, lens) -> float:
+    """Forward+backward FLOPs of the attention products (QK^T and AV) of one step over real tokens."""
+    lens = np.asarray(lens, dtype=np.float64) + 2
+    return 3.0 * float((cfg.num_layers * 4 * cfg.dim * lens ** 2).sum())
+
+
 def useful_flops(cfg, lens) -> float:
     """Forward+backward FLOPs of one step over real tokens (matmuls, attention, signal decoder)."""
     D, F, Lyr = cfg.dim, cfg.ffn, cfg.num_layers
     lens = np.asarray(lens, dtype=np.float64) + 2
     per_tok = Lyr * 2 * (4 * D * D + 2 * D * F)
-    attn = Lyr * 4 * D * lens ** 2
     dec = 2 * D * cfg.n_ccres
     rlm = 2 * (D * cfg.rlm_hidden + cfg.rlm_hidden)
-    return 3.0 * float((lens * (per_tok + rlm) + attn + dec).sum())
+    return 3.0 * float((lens * (per_tok + rlm) + dec).sum()) + attention_flops(cfg, lens - 2)
 
 
 def parse_variant(variant: str) -> tuple[str, list[str]]:
@@ -236,7 +241,7 @@ def kernel_breakdown(averages, cuda: bool, cfg, lens) -> dict:
                else "matmul" if any(n in name for n in MATMUL_NAMES) else "other")
         times[cls] += t / 1e3  # us -> ms
     total = sum(times.values())
-    attn_fl = 3.0 * float((cfg.num_layers * 4 * cfg.dim * (np.asarray(lens, dtype=np.float64) + 2) ** 2).sum())
+    attn_fl = attention_flops(cfg, lens)
     other_fl = useful_flops(cfg, lens) - attn_fl
 
     def rate(fl, ms):
