@@ -174,12 +174,13 @@ class StepProfiler:
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         table = events.table(sort_by=key, row_limit=40, max_name_column_width=70)
         # host work: every operator call is a dispatch, on a GPU mostly a kernel launch
-        calls = sum(e.count for e in events if e.key.startswith("aten::"))
+        aten = [e for e in events if e.key.startswith("aten::")]
+        calls = sum(e.count for e in aten)
         per_step = calls / max(self.last - (self.first or 1) + 1, 1)
         from ..io import atomic_write_text
 
-        # the host's view: the operators called most often (each call a dispatch, and on a GPU a launch)
-        by_count = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -e.count)[:25]
+        # the host's view: the operators called most often
+        by_count = sorted(aten, key=lambda e: -e.count)[:25]
         width = max([len(e.key) for e in by_count] + [8])
         counts = "\n".join(f"{e.key:<{width}}  {e.count:>9}  {e.count / max(calls, 1):7.1%}" for e in by_count)
         self.path.parent.mkdir(parents=True, exist_ok=True)
