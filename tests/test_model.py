@@ -232,6 +232,22 @@ def test_attention_calls_sdpa_on_4d_blocks(monkeypatch):
     assert torch.equal(out, ref) and out.shape == q.shape
 
 
+@torch.library.custom_op("epiflow_test::varlen_attention", mutates_args=())
+def _reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                      max_q: int, max_k: int, p: float, causal: bool, debug: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stand-in for aten::_flash_attention_forward that torch.compile treats as one opaque operator."""
+    out = torch.empty_like(q)
+    for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        w = torch.softmax(torch.einsum("qhd,khd->hqk", q[s:e], k[s:e]) / q.shape[-1] ** 0.5, -1)
+        out[s:e] = torch.einsum("hqk,khd->qhd", w, v[s:e])
+    return out, q.new_zeros(0)
+
+
+@_reference_varlen.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, p, causal, debug):
+    return torch.empty_like(q), q.new_empty(0)
+
+
 def test_packed_flash_varlen_dispatch(monkeypatch):
     """Where the varlen flash kernel runs (CUDA, fp16/bf16, sm80+), the packed backend makes ONE call
     for the whole batch with the training dropout, instead of one SDPA call per sequence. A CPU
@@ -246,11 +262,7 @@ def test_packed_flash_varlen_dispatch(monkeypatch):
     def fake_kernel(q, k, v, cu_q, cu_k, max_q, max_k, p, causal, debug):
         calls.append({"shape": tuple(q.shape), "cu": cu_q.tolist(), "dtype": cu_q.dtype, "same_cu": cu_k is cu_q,
                       "max": (max_q, max_k), "p": p, "causal": causal, "debug": debug})
-        out = torch.empty_like(q)
-        for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-            w = torch.softmax(torch.einsum("qhd,khd->hqk", q[s:e], k[s:e]) / q.shape[-1] ** 0.5, -1)
-            out[s:e] = torch.einsum("hqk,khd->qhd", w, v[s:e])
-        return out, None, None, None, None
+        return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, p, causal, debug)
 
     torch.manual_seed(5)
     lens = [4, 9, 2]
@@ -483,22 +495,6 @@ def test_sparse_sr_loss_matches_dense_random():
     losses.sr_loss_sparse(a, rows, cols).backward()
     losses.sr_loss(b, dense).backward()
     close(a.grad, b.grad.numpy())
-
-
-@torch.library.custom_op("epiflow_test::varlen_attention", mutates_args=())
-def _reference_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                      max_q: int, max_k: int, p: float, causal: bool, debug: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A stand-in for aten::_flash_attention_forward that torch.compile treats as one opaque operator."""
-    out = torch.empty_like(q)
-    for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-        w = torch.softmax(torch.einsum("qhd,khd->hqk", q[s:e], k[s:e]) / q.shape[-1] ** 0.5, -1)
-        out[s:e] = torch.einsum("hqk,khd->qhd", w, v[s:e])
-    return out, q.new_zeros(0)
-
-
-@_reference_varlen.register_fake
-def _(q, k, v, cu_q, cu_k, max_q, max_k, p, causal, debug):
-    return torch.empty_like(q), q.new_empty(0)
 
 
 def test_compiled_blocks_trace_whole_and_match_eager(monkeypatch):
