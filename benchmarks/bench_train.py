@@ -349,10 +349,10 @@ def _scaled_estimate(args, corpus: Path, modes) -> dict:
     longest = int(min(np.max(index.lengths), args.max_len))
     cfg = EpiAgentConfig.preset("tiny", n_ccres=index.n_ccres, num_layers=args.layers, dim=args.dim,
                                 num_heads=max(1, args.dim // 64), ffn=4 * args.dim, max_rank=args.max_len + 2)
+    auto_chunk, query_chunk = default_chunks(args.device)
     e = memory_estimate(cfg, cells_per_gpu=cells, grad_accum=args.grad_accum, gpus=1, seq=longest, rlm=True,
-                        positives_per_cell=int(np.max(index.lengths)), k=args.k,
-                        chunk=args.chunk or default_chunks(args.device)[0],
-                        query_chunk=default_chunks(args.device)[1])
+                        positives_per_cell=int(np.max(index.lengths)), k=args.k, chunk=args.chunk or auto_chunk,
+                        query_chunk=query_chunk)
     # packed tokens of one forward: [CLS] sentence [SEP] per cell, twice (the RLM copy) unless the copies
     # have a forward of their own (--rlm-separate)
     tokens = max((1 if args.rlm_separate else 2) * int(np.sum(np.minimum(index.lengths[np.asarray(mb, dtype=np.int64)], args.max_len) + 2))
