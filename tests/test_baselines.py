@@ -228,6 +228,24 @@ def test_env_installs_its_lock_with_hashes(tmp_path, monkeypatch):
     assert venv.env_info(env)["lock"] == str(lock)
 
 
+def test_tool_process_has_a_pinned_hash_seed(tmp_path, monkeypatch, adata):
+    """run_in_venv runs the tool with PYTHONHASHSEED pinned, whatever the caller's: SnapATAC2's
+    mnc_correct orders the batches by list(set(labels)), so its integration changed from run to run."""
+    env = tmp_path / "env"
+    (env / "bin").mkdir(parents=True)
+    fake = env / "bin" / "python"  # stands in for the tool env's Python: reports the seed it was given
+    fake.write_text('#!/bin/sh\necho "EPIFLOW-ERROR: hash seed [$PYTHONHASHSEED]" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(venv, "ensure_env", lambda tool, **kw: env)
+    for caller in ("random", "7", None):
+        if caller is None:
+            monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+        else:
+            monkeypatch.setenv("PYTHONHASHSEED", caller)
+        with pytest.raises(EpiflowError, match=r"hash seed \[0\]$"):
+            venv.run_in_venv("lsi", adata[:20].copy(), "feature_extraction", {})
+
+
 def test_shipped_env_files_are_locked():
     """Every envs/baseline-<tool>.yaml has its lock, and the yaml's pip list is the lock's exact
     versions (scripts/lock.sh writes both), so conda and venv builds install the same packages."""

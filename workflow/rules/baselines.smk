@@ -67,7 +67,10 @@ rule run_baseline:
         tool_params=baseline_params,
         args=baseline_args,
     shell:
-        '"$EPIFLOW_PYTHON" -m epiflow run-baseline --tool {wildcards.bl_tool} --task {wildcards.bl_task}'
+        # the hash seed pinned (as run_in_venv pins it for a tool's own environment): under --sdm conda
+        # the adapter runs in this process, and a tool iterating over a set of strings (SnapATAC2's
+        # mnc_correct over the batch labels) would give another result in every run
+        'PYTHONHASHSEED=0 "$EPIFLOW_PYTHON" -m epiflow run-baseline --tool {wildcards.bl_tool} --task {wildcards.bl_task}'
         " --corpus {input.corpus:q} {params.dataset} {params.args}"
         " {params.tool_params} --env {params.env} {params.cache} --threads {threads}"
         " --out {params.outdir:q} > {log:q} 2>&1"

@@ -23,8 +23,10 @@ to the main environment's packages) from the file's ``pip:`` list:
    everything installed, with ``epiflow-env.json`` (the spec, ``pip freeze``, build seconds)
    inside. A lock file serialises concurrent builds of the same env;
 3. :func:`run_in_venv` writes the AnnData to an h5ad, runs ``python -m epiflow.baselines.runner``
-   with the env's Python and only ``epiflow``'s own source on ``PYTHONPATH`` (a folder holding a
-   link to the package), and reads the ``.npz`` output back.
+   with the env's Python, only ``epiflow``'s own source on ``PYTHONPATH`` (a folder holding a
+   link to the package) and ``PYTHONHASHSEED`` pinned (``TOOL_HASH_SEED``: a tool that iterates over a
+   set of strings, as SnapATAC2's ``mnc_correct`` does over the batch labels, gives the same result
+   in every run), and reads the ``.npz`` output back.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ log = logging.getLogger(__name__)
 
 TORCH_SPEC = "torch==2.13.0"
 DEFAULT_TIMEOUT = 1800
+# the hash seed of every tool process (run_in_venv): the same input and parameters give the same output
+TOOL_HASH_SEED = "0"
 
 
 def repo_envs_dir() -> Path:
@@ -262,7 +266,11 @@ def run_in_venv(tool: str, adata, task: str, params: dict, *, cache=None, envs_d
         par.write_text(json.dumps(_absolute_paths(params)))
         environ = {k: v for k, v in os.environ.items()
                    if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")}
-        environ.update(PYTHONPATH=str(_package_path_dir(td)), PYTHONNOUSERSITE="1", MPLBACKEND="Agg")
+        # PYTHONHASHSEED pinned: a tool's result must not depend on the order of a set of strings, which
+        # changes with the hash seed of each process (SnapATAC2's mnc_correct orders the batches by
+        # list(set(labels)), and the first batch is the reference of the correction)
+        environ.update(PYTHONPATH=str(_package_path_dir(td)), PYTHONNOUSERSITE="1", MPLBACKEND="Agg",
+                       PYTHONHASHSEED=TOOL_HASH_SEED)
         if threads:
             for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
                 environ[k] = str(threads)
