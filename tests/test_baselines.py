@@ -656,6 +656,14 @@ def test_cli_run_baseline_perturbation_writes_cells(adata, shift_tool, tmp_path)
     assert set(cells["cell"]) <= set(a.obs_names)  # source cells of the predictions, real cells' names
     saved = base.load_output(od / "output.npz")
     assert sorted(set(saved.groups)) == ["T0", "T2"] and saved.predicted.shape[0] == 30
+    # --no-umap (tasks.stimulation.umap false): the same scores, no UMAP made, and no stale cells.tsv left
+    rc = main(["run-baseline", "--tool", "shift", "--task", "perturbation", "--counts", str(p), "--control",
+               "resting", "--holdout", "T0,T2", "--k", "5,10", "--n-top", "50", "--umap-group", "T2",
+               "--no-umap", "--out-dir", str(od)])
+    assert rc == 0 and not (od / "cells.tsv").exists()
+    pd.testing.assert_series_equal(pd.read_csv(od / "metrics.tsv", sep="\t").set_index("metric")["value"]
+                                   .drop(m.index[m.index.str.startswith("runtime")], errors="ignore"),
+                                   m.drop(m.index[m.index.str.startswith("runtime")], errors="ignore"))
     # without --holdout: every usable type in turn
     rc = main(["run-baseline", "--tool", "shift", "--task", "perturbation", "--counts", str(p), "--control",
                "resting", "--k", "5", "--n-top", "50", "--out-dir", str(tmp_path / "all")])

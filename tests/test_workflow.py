@@ -503,9 +503,12 @@ def test_perturbation_baselines_follow_their_tasks(tmp_path):
     assert "--group B" in fig3g
     (fig3h,) = re.findall(r"^Shell command: (.*epiflow figure fig3h .*)$", out, flags=re.M)
     assert f"{res}/baselines/metrics.tsv" in fig3h  # GEARS's rows beside EpiAgent's
-    # the baselines' own held-out types; a task switched off takes its baselines with it
+    assert "--no-umap" not in args
+    # the baselines' own held-out types; a task switched off takes its baselines with it; without the
+    # stimulation task's UMAPs the baselines make none either (no cells.tsv, fig3g left out)
     over["baselines"]["holdout"] = {"perturbation": ["C"]}
     over["tasks"]["genetic"]["enabled"] = False
+    over["tasks"]["stimulation"]["umap"] = False
     proc = snakemake("all", "-n", "-p", "--cores", "1", "--configfile", "config/config.yaml",
                      str(_write_config(tmp_path, over)), "--config", f"results_dir={res}")
     out = proc.stdout + proc.stderr
@@ -513,7 +516,11 @@ def test_perturbation_baselines_follow_their_tasks(tmp_path):
     calls = _baseline_calls(out)
     args = shlex.split(calls["scgen", "perturbation", "stimulation"].split(">")[0])
     assert [args[i + 1] for i, a in enumerate(args) if a == "--holdout"] == ["C"]
+    assert "--no-umap" in args
     assert not [k for k in calls if k[1] == "genetic"]
+    outputs = re.findall(r"^\s+output: (.*/baselines/perturbation/stimulation/scgen/.*)$", out, flags=re.M)
+    assert outputs and not [o for o in outputs if "cells.tsv" in o]
+    assert not re.findall(r"^Shell command: (.*epiflow figure fig3g .*)$", out, flags=re.M)
 
 
 def test_files_a_setting_switches_off_are_not_declared(tmp_path):

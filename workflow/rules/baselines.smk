@@ -5,7 +5,8 @@
 # (light tools -- LSI, LDA, PCA, PCA+SVM, MLP -- run in the main env unless baselines.isolate_light).
 # Outputs: {R}/baselines/<task>/<dataset>/<tool>/metrics.tsv (the common long table) and one
 # merged {R}/baselines/metrics.tsv; perturbation jobs (rule run_baseline_stimulation) also write
-# cells.tsv, the Fig. 3g UMAPs of their predicted cells, which fig3g draws beside EpiAgent's.
+# cells.tsv, the Fig. 3g UMAPs of their predicted cells, which fig3g draws beside EpiAgent's (only
+# with tasks.stimulation.umap, as predict-stimulation's own cells.tsv).
 #
 # Which datasets (baseline_units in common.smk): baselines.datasets, except for the tasks that
 # follow an EpiAgent task and take its datasets (none when it is off):
@@ -80,9 +81,12 @@ rule run_baseline:
 # the predicted cells (cells.tsv, as predict-stimulation's) for fig3g.
 use rule run_baseline as run_baseline_stimulation with:
     output:
+        **switched_outputs(
+            "stimulation",
+            cells=f"{R}/baselines/{{bl_task}}/{{bl_dataset}}/{{bl_tool}}/cells.tsv",
+        ),
         metrics=f"{R}/baselines/{{bl_task}}/{{bl_dataset}}/{{bl_tool}}/metrics.tsv",
         output=f"{R}/baselines/{{bl_task}}/{{bl_dataset}}/{{bl_tool}}/output.npz",
-        cells=f"{R}/baselines/{{bl_task}}/{{bl_dataset}}/{{bl_tool}}/cells.tsv",
     wildcard_constraints:
         bl_task="perturbation",
 

@@ -754,6 +754,9 @@ def baseline_args(wildcards):
             ("--label-key", task_setting(follows, "cell_type_key")),
             ("--condition-key", task_setting(follows, "condition_key")),
         ]
+        # no UMAPs and no cells.tsv without tasks.stimulation.umap (as predict-stimulation)
+        if not task_setting(follows, "umap"):
+            flags.append(("--no-umap", True))
         focus = task_setting(follows, "focus_group")
         if focus:  # Fig. 3g: the UMAPs of the type the figure shows
             flags.append(("--umap-group", focus))

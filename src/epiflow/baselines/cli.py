@@ -61,7 +61,10 @@ def _run(args: argparse.Namespace) -> int:
         # leave-one-cell-type-out, as EpiAgent's predict-stimulation: one fit per held-out type
         holdouts = stimulation_types(adata, label_key=args.label_key, condition_key=args.condition_key,
                                      control=args.control, min_cells=args.min_cells, holdout=holdout)
-        umap_groups = None if not args.umap_group else [g for g in args.umap_group if g in holdouts]
+        if not args.umap:
+            umap_groups = []  # no UMAP computed, no cells.tsv written
+        else:
+            umap_groups = None if not args.umap_group else [g for g in args.umap_group if g in holdouts]
         log.info("%s on %s: holding out %s in turn", method, args.task, holdouts)
         rows, out, cells = leave_one_type_out(args.tool, adata, holdouts=holdouts, method=method,
                                               dataset=_dataset_name(adata), params=params, canonical=canonical,
@@ -78,9 +81,11 @@ def _run(args: argparse.Namespace) -> int:
     od.mkdir(parents=True, exist_ok=True)
     with atomic_path(od / "output.npz") as tmp:
         save_output(out, tmp)
-    if cells is not None:
+    if cells is not None and args.umap:
         with atomic_path(od / "cells.tsv") as tmp:
             cells.to_csv(tmp, sep="\t", index=False)
+    elif cells is not None:
+        (od / "cells.tsv").unlink(missing_ok=True)  # an earlier run's UMAPs would not match this run
     if out.embedding is not None:
         import anndata as ad
         import numpy as np
@@ -148,7 +153,7 @@ def _table(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     from ..cliargs import OneOrSeveral, add_config_args, fields
-    from ..tasks.config import PerturbationConfig
+    from ..tasks.config import PerturbationConfig, StimulationConfig
 
     p = subparsers.add_parser("run-baseline", help="run one baseline tool on a task and score it",
                               description="Run a baseline (its adapter, in-process or in the tool's own "
@@ -179,6 +184,8 @@ def register(subparsers) -> None:
     add_config_args(p, PerturbationConfig, exclude=[f.name for f, _ in fields(PerturbationConfig)
                                                     if f.name not in SCORING_FIELDS],
                     group="perturbation / genetic scoring (as predict-stimulation / predict-genetic)")
+    add_config_args(p, StimulationConfig, exclude=[f.name for f, _ in fields(StimulationConfig) if f.name != "umap"],
+                    group="perturbation UMAPs (as predict-stimulation)")
     p.add_argument("--umap-group", action="append",
                    help="perturbation: the held-out types whose cells.tsv UMAPs are made (default: every one; the "
                         "workflow passes tasks.stimulation.focus_group)")
