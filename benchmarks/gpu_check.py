@@ -14,6 +14,10 @@ Each part runs in its own subprocess with its own timeout (a failure or hang bec
 * ``tasks``        ``epiflow simulate --preset test`` -> corpus -> ``epiflow annotate`` and ``epiflow embed``
 * ``compile``      ``epiflow pretrain --compile`` beside the same run without it
 
+If golden finds the packed backend's varlen flash kernel broken (``packed_fallback``), the parts after it run
+the per-sequence loop (``EPIFLOW_PACKED_PER_SEQUENCE=1``) and the JSON says why, so one kernel cannot cost
+the whole check.
+
 Prints ONE JSON object (parts, goals) on stdout, also written to OUT/gpu_check.json (after every part);
 the parts' output goes to OUT/gpu_check.log.
 
@@ -331,8 +335,13 @@ def part_golden(c: Ctx) -> dict:
             for prec, tol in (("fp32", FP32_TOL), ("bf16", BF16_TOL)):
                 if backend == "flash" and prec == "fp32":
                     continue  # flash-attn runs in fp16 / bf16 only
-                with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=prec == "bf16"):
-                    outs = _golden_outputs(model, d, kind, dev)
+                try:  # a run that raises fails alone: the other backends' figures stand
+                    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=prec == "bf16"):
+                        outs = _golden_outputs(model, d, kind, dev)
+                except Exception as exc:  # noqa: BLE001 - reported in the JSON
+                    fails[prec] += 1
+                    runs[f"{name}/{backend}/{prec}"] = {"ok": False, "error": _tail(f"{type(exc).__name__}: {exc}")}
+                    continue
                 entry, ok = {}, True
                 for key, (a, ref) in outs.items():
                     ref = np.asarray(ref, dtype=np.float64)
@@ -724,6 +733,22 @@ def _run_group(cmd, timeout: float, log_path: Path, env: dict) -> tuple[int | No
         return p.returncode, timed_out
 
 
+def packed_fallback(golden: dict) -> str | None:
+    """Why the parts after ``golden`` run the packed backend's per-sequence loop
+    (``EPIFLOW_PACKED_PER_SEQUENCE=1``), or None. The varlen flash kernel (one call per batch, CUDA bf16) has
+    not run on a GPU before this check: if golden's ``packed_kernel`` check finds that it raises or disagrees
+    with the loop, or a packed bf16 golden run raises, every later part would fail on it (pretraining, the
+    tasks and the benchmarks all use it) and the session's GPU time would measure nothing else."""
+    pk = golden.get("packed_kernel")
+    if isinstance(pk, dict) and pk.get("ok") is False and pk.get("kernel") != "per-sequence":
+        return "golden packed_kernel check failed: " + (pk.get("error") or "the kernel disagrees with the "
+                                                        "per-sequence loop (see parts.golden.packed_kernel)")
+    raised = [k for k, r in (golden.get("runs") or {}).items() if "/packed/bf16" in k and r.get("error")]
+    if raised:
+        return f"golden run {raised[0]} raised: {golden['runs'][raised[0]]['error']}"
+    return None
+
+
 def goals(parts: dict, smoke: bool, total_s: float) -> dict:
     gold, bm, bt, pc = (parts.get(k, {}) for k in ("golden", "bench_model", "bench_train", "pretrain_cli"))
     mfu = (((bm.get("long_L") or {}).get("variants") or {}).get("packed") or {}).get("mfu")
@@ -866,6 +891,14 @@ def main(argv=None) -> int:
             log.flush()
             state = "skipped" if "skipped" in res else "ok" if res.get("ok") else "FAILED"
             print(f"[gpu_check] {name}: {state} in {res['seconds']} s", file=sys.stderr, flush=True)
+            why = packed_fallback(res) if name == "golden" else None
+            if why and env.get("EPIFLOW_PACKED_PER_SEQUENCE") != "1":
+                env["EPIFLOW_PACKED_PER_SEQUENCE"] = "1"
+                report["packed_fallback"] = {"env": "EPIFLOW_PACKED_PER_SEQUENCE=1", "from_part": "golden",
+                                             "why": why}
+                log.write(f"\n===== the parts after golden run with EPIFLOW_PACKED_PER_SEQUENCE=1: {why}\n")
+                print("[gpu_check] the packed varlen kernel failed: the later parts run the per-sequence loop",
+                      file=sys.stderr, flush=True)
         report["parts"][name] = res
         report["total_s"] = round(time.time() - t_start, 1)
         (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))

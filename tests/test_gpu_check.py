@@ -1,7 +1,9 @@
 """benchmarks/gpu_check.py (issue #20): the prepared GPU check, run on CPU (--cpu-smoke), its error handling
 and its helpers. The GPU figures themselves need a GPU machine (benchmarks/README.md, "GPU check")."""
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -99,6 +101,80 @@ def test_packed_kernel_check_catches_a_wrong_dropout(monkeypatch, rate, ok):
     assert r["kernel"] == "flash-varlen" and r["reference"] == "per-sequence"
     assert r["no_dropout"]["output"]["ok"] and r["no_dropout"]["grad_qkv"]["ok"]  # the same attention
     assert r["ok"] is ok and r["dropout"]["ok"] is ok
+
+
+@pytest.mark.parametrize("golden, fallback", [
+    ({"ok": True, "packed_kernel": {"ok": True, "kernel": "flash-varlen"}, "runs": {}}, None),
+    ({"ok": True, "packed_kernel": {"ok": False, "error": "RuntimeError: no kernel image"}, "runs": {}},
+     "RuntimeError: no kernel image"),
+    ({"ok": True, "packed_kernel": {"ok": False, "kernel": "flash-varlen"}, "runs": {}}, "disagrees"),
+    ({"ok": True, "packed_kernel": {"ok": True, "kernel": "flash-varlen"},
+      "runs": {"epiagent_tiny/sdpa/bf16": {"ok": True}, "epiagent_tiny/packed/bf16": {"ok": False, "error": "boom"}}},
+     "epiagent_tiny/packed/bf16 raised: boom"),
+    ({"ok": True, "packed_kernel": {"ok": False, "kernel": "per-sequence"}, "runs": {}}, None),  # CPU: no other kernel
+    ({"ok": False, "error": "exit code 1: no CUDA device"}, None),
+])
+def test_later_parts_fall_back_to_the_per_sequence_loop(tmp_path, monkeypatch, golden, fallback):
+    """When golden finds the packed varlen kernel broken (raises, or disagrees with the per-sequence loop), the
+    parts after it run with EPIFLOW_PACKED_PER_SEQUENCE=1, and the JSON says so and why; otherwise nothing
+    changes. (Every later part uses the kernel: without this one broken kernel would cost the whole check.)"""
+    gc = _gpu_check()
+    seen = {}
+
+    def fake_run_group(cmd, timeout, log_path, env):
+        cmd = [str(x) for x in cmd]
+        part = cmd[cmd.index("--part") + 1]
+        seen[part] = env.get("EPIFLOW_PACKED_PER_SEQUENCE")
+        Path(log_path).write_text(f"{part} ran\n")
+        Path(cmd[cmd.index("--result") + 1]).write_text(json.dumps(golden if part == "golden" else {"ok": True}))
+        return 0, False
+
+    monkeypatch.setattr(gc, "_run_group", fake_run_group)
+    monkeypatch.delenv("EPIFLOW_PACKED_PER_SEQUENCE", raising=False)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        gc.main(["--parts", "golden,tasks,bench_model", "--out", str(tmp_path / "out"),
+                 "--workdir", str(tmp_path / "work")])
+    report = json.loads(out.getvalue())
+    assert seen["golden"] is None
+    if fallback is None:
+        assert seen["tasks"] is None and seen["bench_model"] is None and "packed_fallback" not in report
+    else:
+        assert seen["tasks"] == seen["bench_model"] == "1"
+        fb = report["packed_fallback"]
+        assert fb["env"] == "EPIFLOW_PACKED_PER_SEQUENCE=1" and fallback in fb["why"]
+        assert "EPIFLOW_PACKED_PER_SEQUENCE=1" in (tmp_path / "out" / "gpu_check.log").read_text()
+    assert "EPIFLOW_PACKED_PER_SEQUENCE" not in os.environ  # the check's own environment is left alone
+
+
+def test_a_golden_run_that_raises_fails_alone(tmp_path, monkeypatch):
+    """A golden run that raises (e.g. the packed backend's kernel in bf16) is a failing run with its error; the
+    other runs are still compared, and the part returns its figures (the fallback above reads them)."""
+    import argparse
+
+    import torch
+
+    gc = _gpu_check()
+    args = argparse.Namespace(cpu_smoke=True, workdir=str(tmp_path), deadline=None, fixtures=None)
+    c = gc.Ctx(args)
+    try:
+        gc._fixtures_dir(c)
+    except gc.Skip as exc:
+        pytest.skip(str(exc))
+    real = gc._golden_outputs
+
+    def flaky(model, d, kind, dev):
+        if model.backend == "packed" and torch.is_autocast_enabled("cpu"):
+            raise RuntimeError("kernel failed")
+        return real(model, d, kind, dev)
+
+    monkeypatch.setattr(gc, "_golden_outputs", flaky)
+    monkeypatch.setattr(gc, "packed_kernel_check", lambda dev, smoke: {"ok": True, "kernel": "per-sequence"})
+    r = gc.part_golden(c)
+    failed = sorted(k for k, v in r["runs"].items() if not v["ok"])
+    assert failed == [f"{n}/packed/bf16" for n in ("epiagent_tiny", "epiagent_tiny_bc", "epiagent_tiny_supervised")]
+    assert all("RuntimeError: kernel failed" in r["runs"][k]["error"] for k in failed)
+    assert r["fp32_ok"] and not r["bf16_ok"] and r["bf16_failures"] == 3 and len(r["runs"]) == 12
+    assert "epiagent_tiny/packed/bf16 raised" in gc.packed_fallback(r)
 
 
 def test_gpu_mode_without_cuda_fails_into_json(tmp_path):
