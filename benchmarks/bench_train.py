@@ -14,7 +14,8 @@ Prints one JSON object, the modes side by side (``--modes``, default ``dense,lea
   copies), with and without checkpointing, and the expected lean peak (state + activations).
 * ``scaled``: a reduced-scale run of ``epiflow.train.pretrain`` per mode, each in its own
   subprocess (CPU: peak RSS ``VmHWM`` over the RSS after imports; CUDA: ``max_memory_allocated``),
-  with the exact tensor bytes of the training state, the lean records' peak, tokens/s, and the
+  with the exact tensor bytes of the training state (of the state dicts pretraining would save at the
+  end, measured in memory: nothing is written), the lean records' peak, tokens/s, and the
   analytic estimate for the same shapes (state, activations, expected peak per mode).
 * ``side_by_side``: the headline rows of every mode.
 
@@ -113,6 +114,19 @@ def _proc_status_mb(field: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _nbytes(x) -> int:
+    """Bytes of the tensors in a (nested) state dict; 0-d / one-element tensors (step counters) not counted."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size() if x.numel() > 1 else 0
+    if isinstance(x, dict):
+        return sum(_nbytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(v) for v in x)
+    return 0
+
+
 def _child(args) -> None:
     import pandas as pd
     import torch
@@ -128,34 +142,36 @@ def _child(args) -> None:
     rss0 = _proc_status_mb("VmRSS")
     if dev.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    # The training state is measured from the live state dicts where pretraining saves it at the end (the
+    # same dicts it writes), and nothing is written: the paper state is ~23 GB dense and ~12 GB lean with
+    # the checkpoint, which took ~2.5 min of the GPU check's time on disk and half the RAM in /dev/shm.
+    import epiflow.train.pretrain as P
+
+    measured: dict = {}
+
+    def measure_state(out_dir, cfg, model, opt, sched, lean_opt, step, info, index) -> None:
+        measured.update(model={k: v.numel() * v.element_size() for k, v in model.state_dict().items()},
+                        optimizer=_nbytes(opt.state_dict()["state"]),
+                        lean=_nbytes(lean_opt.state_dict() if lean_opt is not None else {}), step=int(step))
+
+    P._save_all = measure_state
     s = pretrain(args.workdir + "/corpus", out, PretrainConfig(
         model_config="tiny", model_overrides=overrides, epochs=1, max_steps=args.steps, rlm_epochs=1,
         batch_tokens=args.batch_tokens, max_len=args.max_len, lr=1e-4, ckpt_every=0, eval_fraction=0.02,
         memory_lean=lean, progress=False, device=dev, lean_chunk=args.chunk, k_schedule=(args.k,),
         gradient_checkpointing=ckpt, grad_accum=args.grad_accum, rlm_separate=args.rlm_separate))
-    # memory-mapped: only the sizes are read (the dense paper state is 17 GB)
-    st = torch.load(out / "train_state.pt", weights_only=False, map_location="cpu", mmap=True)
-
-    def nbytes(x):
-        if isinstance(x, torch.Tensor):
-            return x.numel() * x.element_size() if x.numel() > 1 else 0  # skip step counters
-        if isinstance(x, dict):
-            return sum(nbytes(v) for v in x.values())
-        if isinstance(x, (list, tuple)):
-            return sum(nbytes(v) for v in x)
-        return 0
-
-    params = sum(v.numel() * v.element_size() for k, v in st["model"].items() if not k.startswith("criterion"))
-    tables = sum(st["model"][k].numel() * 4 for k in ("cCRE_embedding.weight", "signal_decoder.weight"))
-    opt_bytes = nbytes(st["optimizer"]["state"]) + nbytes(st["lean"] or {})
+    if measured.get("step") != s["steps"]:
+        raise RuntimeError(f"the training state was not measured at the end of the run ({measured.get('step')} "
+                           f"!= {s['steps']} steps): epiflow.train.pretrain._save_all changed")
+    params = sum(v for k, v in measured["model"].items() if not k.startswith("criterion"))
+    tables = sum(measured["model"][k] for k in ("cCRE_embedding.weight", "signal_decoder.weight"))
+    opt_bytes = measured["optimizer"] + measured["lean"]
     grads = params if not lean else params - tables  # dense grads (lean: only non-table params)
     records = (s.get("lean_peak_store_mb") or 0.0) * MB
     peak = (torch.cuda.max_memory_allocated() / MB if dev.startswith("cuda")
             else _proc_status_mb("VmHWM"))
     m = pd.read_csv(out / "metrics.csv")
     tps = m["tokens_per_s"].iloc[1:] if len(m) > 1 else m["tokens_per_s"]
-    del st
-    # free the disk before the next mode (paper sizes: ~23 GB dense, ~12 GB lean of checkpoint and state)
     shutil.rmtree(out, ignore_errors=True)
     print(json.dumps({"mode": args.child, "checkpointing": ckpt, "params_mb": params / MB, "optimizer_state_mb": opt_bytes / MB,
                       "dense_grads_mb": grads / MB, "lean_records_peak_mb": records / MB,

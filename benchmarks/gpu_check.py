@@ -64,11 +64,12 @@ BF16_TOL = 5e-2  # atol = rtol; CPU bf16 autocast gave <= 0.01 max abs error on 
 LEAN_STATE_GB, LEAN_TARGET_GB, MFU_TARGET, TOTAL_TARGET_S = 7.66, 7.74, 0.40, 480
 
 
-# the paper-size parts write ~80 GB of checkpoints and training states (bench_train's three modes, the
-# stop, resume and end of pretrain_cli, torchrun's run): on the first H200 runs that took ~2.5 of the
-# check's ~9 minutes (~0.6 GB/s to the VM's disk). RAM-backed /dev/shm, when it has this much room, is
-# used instead (at most ~30 GB at a time: the dense mode's state and checkpoint)
-SHM_MIN_FREE_GB = 48
+# the paper-size parts write checkpoints and training states: on the first H200 runs ~80 GB, which took
+# ~2.5 of the check's ~9 minutes (~0.6 GB/s to the VM's disk). Since session 14 bench_train writes none (it
+# measures the state in memory), leaving ~40 GB (the stop, resume and end of pretrain_cli, torchrun's
+# run: lean states of ~6.5 GB and checkpoints of ~5.8 GB). RAM-backed /dev/shm, when it has this much
+# room, is used instead (at most ~20 GB at a time: a state, its checkpoint and the next state's temp file)
+SHM_MIN_FREE_GB = 32
 
 
 def scratch_parent(smoke: bool, shm: str | os.PathLike = "/dev/shm") -> tuple[str | None, str]:
