@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -309,13 +311,22 @@ def test_output_roundtrip_and_check(tmp_path):
         base.BaselineOutput(embedding=np.full((3, 2), np.nan)).check("integration", 3)
 
 
-def test_split_matches_epiagent_annotation(adata):
+def test_split_is_epiagent_annotations_and_needs_no_torch(adata):
+    """The baselines hold out the cells EpiAgent's annotation task holds out: one function, which a tool's
+    own environment (no torch) imports."""
+    import subprocess
+    import sys
+
     from epiflow.baselines.run import stratified_split
     from epiflow.tasks.annotation import stratified_split as epiagent_split
 
-    y = adata.obs["cell_type"].to_numpy()
-    for seed in (0, 3):
-        np.testing.assert_array_equal(stratified_split(y, 1 / 3, seed), epiagent_split(y, 1 / 3, seed))
+    assert stratified_split is epiagent_split
+    code = ("import sys; sys.modules['torch'] = None\n"  # any import of torch fails
+            "from epiflow.baselines.run import stratified_split\n"
+            "print(int(stratified_split(['a'] * 6 + ['b'] * 3, 1 / 3, 3).sum()))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    assert r.returncode == 0 and r.stdout.strip() == "3", r.stderr[-2000:]
 
 
 def test_canonical_input_per_task(adata):

@@ -4,7 +4,7 @@
   dataset;
 * :func:`canonical_input` — the adapter's AnnData (:mod:`epiflow.baselines.base`) with the paper's
   per-task preprocessing: annotation gets the same stratified 2/3 reference, 1/3 query split as
-  EpiAgent (:func:`epiflow.tasks.annotation.stratified_split`) with query labels hidden; imputation
+  EpiAgent (:func:`epiflow.tasks.split.stratified_split`, the one function both use) with query labels hidden; imputation
   keeps the cCREs open in >= 3 % of cells; perturbation keeps the top-50,000 most accessible cCREs and
   removes the held-out cell type's perturbed cells (:func:`stimulation_types`: the types EpiAgent's
   stimulation task holds out); genetic keeps the top-50,000 most accessible
@@ -30,6 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import EpiflowError, InputFormatError
+from ..tasks.split import stratified_split
 from ..tokenize.core import binarize
 from .base import BaselineOutput, get_adapter
 from .preprocess import open_in_fraction, top_accessible
@@ -37,26 +38,6 @@ from .preprocess import open_in_fraction, top_accessible
 log = logging.getLogger(__name__)
 
 ENVS = ("auto", "inprocess", "venv")
-
-
-def stratified_split(labels, query_fraction: float = 1 / 3, seed: int = 0) -> np.ndarray:
-    """The EpiAgent annotation task's split (same algorithm and seed stream as
-    :func:`epiflow.tasks.annotation.stratified_split`, kept here so that a baseline environment
-    needs no torch; a test checks both agree): True = query."""
-    if not 0.0 < float(query_fraction) < 1.0:
-        raise EpiflowError(f"query_fraction must be in (0, 1), got {query_fraction}", field="query_fraction")
-    y = np.asarray(labels).astype(str)
-    rng = np.random.default_rng([int(seed), 2 ** 16 + 3])
-    is_query = np.zeros(len(y), dtype=bool)
-    names, inv = np.unique(y, return_inverse=True)
-    keys = rng.random(len(y))
-    order = np.lexsort((keys, inv))
-    counts = np.bincount(inv, minlength=len(names))
-    nq = np.rint(counts * float(query_fraction)).astype(np.int64)
-    nq = np.where(counts >= 2, np.clip(nq, 1, counts - 1), 0)
-    rank = np.arange(len(y)) - np.repeat(np.cumsum(counts) - counts, counts)
-    is_query[order] = rank < np.repeat(nq, counts)
-    return is_query
 
 
 def load_counts(*, corpus=None, counts=None, dataset: str | None = None):
