@@ -124,15 +124,9 @@ class CcreIndex:
         if ci.ends_sorted:
             # first cCRE whose end > start ... last cCRE whose start < end: all overlap
             lo = np.searchsorted(ci.ends, ast, side="right")
-            hi = np.searchsorted(ci.starts, aen, side="left")
-            n = np.maximum(hi - lo, 0)
-            tot = int(n.sum())
-            if tot == 0:
-                return None
-            rep = np.repeat(np.arange(len(ast)), n)
-            cand = np.repeat(lo, n) + (np.arange(tot) - np.repeat(np.cumsum(n) - n, n))
-            return rep, ci.ids[cand]
-        lo = np.searchsorted(ci.starts, ast - ci.max_len + 1, side="left")
+        else:
+            # candidates: the cCREs starting within the longest cCRE's length before the start
+            lo = np.searchsorted(ci.starts, ast - ci.max_len + 1, side="left")
         hi = np.searchsorted(ci.starts, aen, side="left")
         n = np.maximum(hi - lo, 0)
         tot = int(n.sum())
@@ -140,6 +134,8 @@ class CcreIndex:
             return None
         rep = np.repeat(np.arange(len(ast)), n)
         cand = np.repeat(lo, n) + (np.arange(tot) - np.repeat(np.cumsum(n) - n, n))
+        if ci.ends_sorted:
+            return rep, ci.ids[cand]
         keep = ci.ends[cand] > ast[rep]
         return rep[keep], ci.ids[cand[keep]]
 
