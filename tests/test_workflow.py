@@ -114,7 +114,12 @@ def test_every_job_runs_epiflow_with_the_snakemake_interpreter(tmp_path):
     shells = re.findall(r"^Shell command: (.*)$", proc.stdout + proc.stderr, flags=re.M)
     calls = [s for s in shells if "-m epiflow" in s]
     assert len(calls) >= 15, shells
-    assert all(s.strip().startswith('"$EPIFLOW_PYTHON" -m epiflow ') for s in calls), calls
+    # (after environment assignments: the baseline jobs pin PYTHONHASHSEED, a tool's result must not
+    # follow the process's hash seed)
+    assert all(re.sub(r"^(\w+=\S*\s+)*", "", s.strip()).startswith('"$EPIFLOW_PYTHON" -m epiflow ')
+               for s in calls), calls
+    assert all(s.strip().startswith('PYTHONHASHSEED=0 "$EPIFLOW_PYTHON" -m epiflow run-baseline ')
+               for s in calls if "run-baseline" in s)
     assert not any(re.search(r"(^|[\s;(])python3? -m epiflow", s) for s in shells)
     assert any("torchrun_launch.sh" in s for s in shells)
     assert "${EPIFLOW_PYTHON:-python}" in (ROOT / "scripts" / "torchrun_launch.sh").read_text()
