@@ -73,8 +73,8 @@ def parse_variant(variant: str) -> tuple[str, list[str]]:
 def worker(args) -> list[dict]:
     """Every variant of ``args.variant`` (a comma list) on ONE model in this process: on CUDA the model is
     built once (start-up, CUDA context and the 1.45 B-parameter build cost more than the timed steps),
-    the peak memory is reset before each variant's timed steps, and a variant that fails (out of memory)
-    becomes an error entry."""
+    the peak memory is reset before each variant's timed steps, and a variant that fails (out of memory, or
+    a kernel that raises) becomes an error entry."""
     import torch
 
     from epiflow.model import EpiAgentConfig, from_config
@@ -94,13 +94,20 @@ def worker(args) -> list[dict]:
         model.set_gradient_checkpointing(True)
     cells = make_cells(args, cfg.n_ccres)
     out = []
+    # a modifier turns its setting on; without it the caller's environment holds (gpu_check sets
+    # EPIFLOW_PACKED_PER_SEQUENCE=1 for every part when the varlen kernel failed its golden check)
+    caller = {k: os.environ.get(k) for k in ("EPIFLOW_SDPA_CUDNN", "EPIFLOW_PACKED_PER_SEQUENCE")}
     for name, backend, mods in variants:
         # '+cudnn': let SDPA use cuDNN attention on CUDA (epiflow's default leaves it out, see
         # epiflow.model.attention.cudnn_sdpa_allowed); '+perseq': the packed backend's one SDPA call per
         # sequence instead of one varlen flash call per batch (epiflow.model.attention.packed_kernel);
         # '+nodrop': no dropout (the paper trains with 0.1, attention probabilities included)
-        os.environ["EPIFLOW_SDPA_CUDNN"] = "1" if "cudnn" in mods else "0"
-        os.environ["EPIFLOW_PACKED_PER_SEQUENCE"] = "1" if "perseq" in mods else "0"
+        for key, mod in (("EPIFLOW_SDPA_CUDNN", "cudnn"), ("EPIFLOW_PACKED_PER_SEQUENCE", "perseq")):
+            value = "1" if mod in mods else caller[key]
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         p = 0.0 if "nodrop" in mods else cfg.dropout
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
@@ -111,6 +118,8 @@ def worker(args) -> list[dict]:
             out.append(run_variant(args, model, cfg, cells, name, backend))
         except torch.cuda.OutOfMemoryError as exc:
             out.append({"variant": name, "error": f"CUDA out of memory: {str(exc).splitlines()[0][:300]}"})
+        except Exception as exc:  # noqa: BLE001 - a kernel that raises fails its variant alone
+            out.append({"variant": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
         model.zero_grad(set_to_none=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -679,7 +679,12 @@ def part_compile(c: Ctx) -> dict:
     if c.smoke:
         rc = _cli([*base, "--out", w / "pre_compiled", "--compile"])
         return {"refused_on_cpu": rc == 2, "exit_code": rc, "ok": rc == 2}
-    r = {"model": preset}
+    r = {"model": preset, "backend": "auto (packed)"}
+    from epiflow.model.attention import per_sequence_forced
+
+    if per_sequence_forced():  # packed_fallback: compile is refused over the per-sequence loop; sdpa compiles
+        base += ["--backend", "sdpa"]
+        r["backend"] = "sdpa (EPIFLOW_PACKED_PER_SEQUENCE=1: see packed_fallback)"
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         out, t0 = w / f"pre_{name}", time.time()
         try:

@@ -146,6 +146,60 @@ def test_later_parts_fall_back_to_the_per_sequence_loop(tmp_path, monkeypatch, g
     assert "EPIFLOW_PACKED_PER_SEQUENCE" not in os.environ  # the check's own environment is left alone
 
 
+def test_bench_model_variants_keep_the_callers_kernel_settings(monkeypatch):
+    """bench_model's modifiers turn a kernel setting on; without one the caller's environment holds, so the
+    fallback above reaches bench_model's 'packed' variant too; a variant whose kernel raises fails alone."""
+    spec = importlib.util.spec_from_file_location("bench_model", ROOT / "benchmarks" / "bench_model.py")
+    bm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bm)
+    seen = {}
+
+    def fake_run_variant(args, model, cfg, cells, name, backend):
+        seen[name] = (os.environ.get("EPIFLOW_PACKED_PER_SEQUENCE"), os.environ.get("EPIFLOW_SDPA_CUDNN"))
+        if name == "sdpa+cudnn":
+            raise RuntimeError("cuDNN graph failed")
+        return {"variant": name, "tokens_per_s": 1.0}
+
+    monkeypatch.setattr(bm, "run_variant", fake_run_variant)
+    argv = ["--quick", "--config", "tiny", "--n-ccres", "2000", "--variant", "packed,packed+perseq,sdpa+cudnn,sdpa"]
+    for caller, packed in ((None, None), ("1", "1")):
+        if caller is None:
+            monkeypatch.delenv("EPIFLOW_PACKED_PER_SEQUENCE", raising=False)
+        else:
+            monkeypatch.setenv("EPIFLOW_PACKED_PER_SEQUENCE", caller)
+        monkeypatch.delenv("EPIFLOW_SDPA_CUDNN", raising=False)
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert bm.main(argv) == 0
+        res = {r["variant"]: r for r in json.loads(out.getvalue())}
+        assert seen["packed"] == (packed, None) and seen["packed+perseq"] == ("1", None)
+        assert seen["sdpa+cudnn"] == (packed, "1") and seen["sdpa"] == (packed, None)
+        assert res["sdpa+cudnn"]["error"] == "RuntimeError: cuDNN graph failed"
+        assert res["sdpa"]["tokens_per_s"] == 1.0  # the variant after the failing one still ran
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_compile_part_uses_sdpa_after_the_fallback(tmp_path, monkeypatch, fallback):
+    """After packed_fallback the compile part runs both pretrainings with --backend sdpa (compile is refused over
+    the per-sequence loop, sdpa compiles); otherwise with the default (packed) backend."""
+    import argparse
+
+    from epiflow.train import toy
+
+    gc = _gpu_check()
+    calls = []
+    monkeypatch.setattr(toy, "write_toy_corpus", lambda *a, **k: None)
+    monkeypatch.setattr(gc, "_cli", lambda argv: calls.append([str(a) for a in argv]) or 1)
+    if fallback:
+        monkeypatch.setenv("EPIFLOW_PACKED_PER_SEQUENCE", "1")
+    else:
+        monkeypatch.delenv("EPIFLOW_PACKED_PER_SEQUENCE", raising=False)
+    c = gc.Ctx(argparse.Namespace(cpu_smoke=False, workdir=str(tmp_path), deadline=None, fixtures=None))
+    r = gc.part_compile(c)
+    assert len(calls) == 2 and calls[1][-1] == "--compile" and r["ok"] is False  # the stand-in runs exit 1
+    assert all(("--backend" in a and a[a.index("--backend") + 1] == "sdpa") is fallback for a in calls)
+    assert r["backend"].startswith("sdpa") is fallback
+
+
 def test_a_golden_run_that_raises_fails_alone(tmp_path, monkeypatch):
     """A golden run that raises (e.g. the packed backend's kernel in bf16) is a failing run with its error; the
     other runs are still compared, and the part returns its figures (the fallback above reads them)."""
