@@ -752,6 +752,9 @@ def packed_fallback(golden: dict) -> str | None:
     raised = [k for k, r in (golden.get("runs") or {}).items() if "/packed/bf16" in k and r.get("error")]
     if raised:
         return f"golden run {raised[0]} raised: {golden['runs'][raised[0]]['error']}"
+    err = str(golden.get("error") or "")  # the part's process died (a CUDA fault): its traceback's tail
+    if golden.get("ok") is False and ("_flash_attention" in err or "attention_packed" in err):
+        return "the golden part died in the packed kernel: " + err.strip().splitlines()[-1][:300]
     return None
 
 

@@ -113,6 +113,9 @@ def test_packed_kernel_check_catches_a_wrong_dropout(monkeypatch, rate, ok):
      "epiagent_tiny/packed/bf16 raised: boom"),
     ({"ok": True, "packed_kernel": {"ok": False, "kernel": "per-sequence"}, "runs": {}}, None),  # CPU: no other kernel
     ({"ok": False, "error": "exit code 1: no CUDA device"}, None),
+    ({"ok": False, "error": 'exit code 1: Traceback\n  File "attention.py", line 199, in attention_packed\n'
+                            "torch.AcceleratorError: CUDA error: an illegal memory access was encountered"},
+     "died in the packed kernel: torch.AcceleratorError: CUDA error: an illegal memory access"),
 ])
 def test_later_parts_fall_back_to_the_per_sequence_loop(tmp_path, monkeypatch, golden, fallback):
     """When golden finds the packed varlen kernel broken (raises, or disagrees with the per-sequence loop), the
