@@ -70,11 +70,12 @@ def parse_variant(variant: str) -> tuple[str, list[str]]:
     return backend, mods
 
 
-def worker(args) -> list[dict]:
+def worker(args, emit=None) -> list[dict]:
     """Every variant of ``args.variant`` (a comma list) on ONE model in this process: on CUDA the model is
     built once (start-up, CUDA context and the 1.45 B-parameter build cost more than the timed steps),
     the peak memory is reset before each variant's timed steps, and a variant that fails (out of memory, or
-    a kernel that raises) becomes an error entry."""
+    a kernel that raises) becomes an error entry. ``emit(results)`` after each variant: the parent keeps
+    what finished if the process dies later (a CUDA fault)."""
     import torch
 
     from epiflow.model import EpiAgentConfig, from_config
@@ -120,6 +121,8 @@ def worker(args) -> list[dict]:
             out.append({"variant": name, "error": f"CUDA out of memory: {str(exc).splitlines()[0][:300]}"})
         except Exception as exc:  # noqa: BLE001 - a kernel that raises fails its variant alone
             out.append({"variant": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
+        if emit is not None:
+            emit(out)
         model.zero_grad(set_to_none=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -307,8 +310,8 @@ def main(argv=None) -> int:
         args.cap = min(args.cap, 1022)
     args.steps = args.steps or (10 if cuda else 4)
     args.median = args.median or 2000
-    if args.variant:
-        print(json.dumps(worker(args)))
+    if args.variant:  # one JSON line per finished variant, the last one complete
+        worker(args, emit=lambda results: print(json.dumps(results), flush=True))
         return 0
     variants = (args.variants or ("sdpa,packed,flash" if cuda else "sdpa,packed")).split(",")
     lens = lengths_for(args)
@@ -334,12 +337,19 @@ def main(argv=None) -> int:
         if args.n_ccres:
             cmd += ["--n-ccres", str(args.n_ccres)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            err = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:400]}
-            out["results"].update({v: err for v in group})
-            continue
-        for res in json.loads(proc.stdout.strip().splitlines()[-1]):
+        done = []  # the variants that finished before the process ended (all of them, unless it died)
+        for line in reversed(proc.stdout.strip().splitlines()):
+            try:
+                done = json.loads(line)
+                break
+            except json.JSONDecodeError:
+                continue
+        for res in done:
             out["results"][res["variant"]] = res
+        if proc.returncode != 0:
+            err = {"error": f"exit {proc.returncode}: "
+                   + (proc.stderr.strip().splitlines() or ["failed"])[-1][:400]}
+            out["results"].update({v: err for v in group if v not in out["results"]})
     r = out["results"]
     if "tokens_per_s" in r.get("sdpa", {}) and "tokens_per_s" in r.get("packed", {}):
         out["packed_over_padded"] = round(r["packed"]["tokens_per_s"] / r["sdpa"]["tokens_per_s"], 2)

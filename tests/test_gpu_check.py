@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,11 +174,34 @@ def test_bench_model_variants_keep_the_callers_kernel_settings(monkeypatch):
         monkeypatch.delenv("EPIFLOW_SDPA_CUDNN", raising=False)
         with contextlib.redirect_stdout(io.StringIO()) as out:
             assert bm.main(argv) == 0
-        res = {r["variant"]: r for r in json.loads(out.getvalue())}
+        lines = out.getvalue().strip().splitlines()  # one line per finished variant, the last complete
+        assert len(lines) == 4 and [len(json.loads(x)) for x in lines] == [1, 2, 3, 4]
+        res = {r["variant"]: r for r in json.loads(lines[-1])}
         assert seen["packed"] == (packed, None) and seen["packed+perseq"] == ("1", None)
         assert seen["sdpa+cudnn"] == (packed, "1") and seen["sdpa"] == (packed, None)
         assert res["sdpa+cudnn"]["error"] == "RuntimeError: cuDNN graph failed"
         assert res["sdpa"]["tokens_per_s"] == 1.0  # the variant after the failing one still ran
+
+
+def test_bench_model_keeps_the_variants_that_finished_before_the_worker_died(monkeypatch):
+    """On CUDA the variants share one worker process; if it dies (a CUDA fault) the parent keeps the variants
+    it had reported and gives the others the exit code and the last line of stderr."""
+    spec = importlib.util.spec_from_file_location("bench_model", ROOT / "benchmarks" / "bench_model.py")
+    bm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bm)
+    first = [{"variant": "packed", "tokens_per_s": 5.0}]
+
+    def died(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, -11, stdout=json.dumps(first) + "\n",
+                                           stderr="Fatal Python error: Segmentation fault\n")
+
+    monkeypatch.setattr(bm.subprocess, "run", died)
+    monkeypatch.setattr(bm, "lengths_for", lambda args: np.array([100, 200]))
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert bm.main(["--device", "cuda", "--quick", "--variants", "packed,packed+perseq,sdpa"]) == 0
+    res = json.loads(out.getvalue())["results"]
+    assert res["packed"] == first[0]
+    assert res["packed+perseq"] == res["sdpa"] == {"error": "exit -11: Fatal Python error: Segmentation fault"}
 
 
 @pytest.mark.parametrize("fallback", [False, True])
