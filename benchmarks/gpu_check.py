@@ -1,7 +1,8 @@
 """One prepared GPU check (issue #20): the figures and checks that need a GPU, in one command.
 
 Each part runs in its own subprocess with its own timeout (a failure or hang becomes
-``{"ok": false, "error": "...", "seconds": ...}`` and the next part runs):
+``{"ok": false, "error": "...", "seconds": ...}``, with the figures the part had reported so far marked
+``"partial": true``, and the next part runs):
 
 * ``env``          torch, CUDA, device, bf16, NCCL, flash-attn (``--try-flash-attn``: pip install it)
 * ``golden``       the golden fixtures on the device, every attention backend: fp32 to the tests' tolerance,
@@ -121,6 +122,14 @@ class Ctx:
 
     def left(self, margin: float = 5.0) -> float:
         return max(1.0, self.deadline - time.time() - margin)
+
+    def partial(self, res: dict) -> None:
+        """Report what the part has measured so far: if it then dies (a CUDA fault) or runs out of time, the
+        driver keeps these figures beside the error (``"partial": true``)."""
+        if getattr(self.args, "result", None):
+            tmp = Path(f"{self.args.result}.tmp")
+            tmp.write_text(json.dumps({**res, "partial": True}, default=str))
+            tmp.replace(self.args.result)
 
     def run(self, cmd, env=None, what="") -> subprocess.CompletedProcess:
         """Run a command, output captured (its stderr tail goes to this part's log); ``what``: raise on failure."""
@@ -355,6 +364,7 @@ def part_golden(c: Ctx) -> dict:
                         entry[key]["ok"] = False
                 fails[prec] += not ok
                 runs[f"{name}/{backend}/{prec}"] = {"ok": ok, "outputs": entry}
+            c.partial({"ok": False, "device": str(dev), "backends": backends, "runs": runs})
     return {"ok": True, "device": str(dev), "fixtures": str(fx), "backends": backends,
             "packed_kernel": _guarded(packed_kernel_check, dev, c.smoke),
             "tolerance": {"fp32": f"atol = rtol = {FP32_TOL:g}", "bf16": f"atol = rtol = {BF16_TOL:g}"},
@@ -529,6 +539,7 @@ def part_pretrain_cli(c: Ctx) -> dict:
     print(_tail((c.work / "pretrain_run1.log").read_text(), 30), file=sys.stderr)
     r["run1"] = {"exit_code": rc1, "seconds": round(time.time() - t0, 1),
                  "stopped_at_step": len(pd.read_csv(metrics)) if metrics.exists() else None}
+    c.partial(r)
     t0 = time.time()
     # run 2 also profiles three whole steps (forward, backward, optimiser, lean tables: where a step's
     # time goes; epiflow.train.metrics.StepProfiler), the op table's head goes into the JSON
@@ -696,6 +707,7 @@ def part_compile(c: Ctx) -> dict:
             m = pd.read_csv(out / "metrics.csv")
             r[name].update(first_step_s=_g(m["step_s"].iloc[0]), median_step_s=_g(m["step_s"].iloc[2:].median()),
                            last_loss=_g(m["loss"].iloc[-1]))
+        c.partial(r)
     if r["eager"].get("median_step_s") and r["compiled"].get("median_step_s"):
         r["compiled_over_eager_speed"] = round(r["eager"]["median_step_s"] / r["compiled"]["median_step_s"], 2)
     r["ok"] = r["eager"]["exit_code"] == 0 and r["compiled"]["exit_code"] == 0
@@ -894,6 +906,8 @@ def main(argv=None) -> int:
             else:
                 why = f"timed out after {timeout:.0f} s" if timed_out else f"exit code {rc}"
                 res = {"ok": False, "error": f"{why}: {_tail(text)}"}
+                if result.exists():  # what the part had measured before it died or ran out of time
+                    res = {**json.loads(result.read_text()), **res}
             res["seconds"] = round(time.time() - t0, 1)
             log.write(f"\n===== {name}: {' '.join(map(str, cmd))}\n" + "\n".join(text.splitlines()[-400:])
                       + f"\n----- {name}: {json.dumps(res)}\n")

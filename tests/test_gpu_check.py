@@ -227,6 +227,29 @@ def test_compile_part_uses_sdpa_after_the_fallback(tmp_path, monkeypatch, fallba
     assert r["backend"].startswith("sdpa") is fallback
 
 
+def test_a_part_that_dies_keeps_what_it_had_measured(tmp_path, monkeypatch):
+    """A part reports its figures as it goes (Ctx.partial); if its process then dies or runs out of time the
+    driver keeps them beside the error, marked partial (e.g. compile's eager run when the compiled one hangs)."""
+    import argparse
+
+    gc = _gpu_check()
+
+    def fake_run_group(cmd, timeout, log_path, env):
+        cmd = [str(x) for x in cmd]
+        args = argparse.Namespace(cpu_smoke=False, workdir=cmd[cmd.index("--workdir") + 1], deadline=None,
+                                  result=cmd[cmd.index("--result") + 1])
+        gc.Ctx(args).partial({"eager": {"exit_code": 0, "median_step_s": 0.5}})
+        Path(log_path).write_text("Traceback ...\nRuntimeError: CUDA error: unspecified launch failure\n")
+        return -6, False
+
+    monkeypatch.setattr(gc, "_run_group", fake_run_group)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        gc.main(["--parts", "compile", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work")])
+    part = json.loads(out.getvalue())["parts"]["compile"]
+    assert part["partial"] is True and part["ok"] is False and part["eager"]["median_step_s"] == 0.5
+    assert part["error"].startswith("exit code -6:") and "unspecified launch failure" in part["error"]
+
+
 def test_a_golden_run_that_raises_fails_alone(tmp_path, monkeypatch):
     """A golden run that raises (e.g. the packed backend's kernel in bf16) is a failing run with its error; the
     other runs are still compared, and the part returns its figures (the fallback above reads them)."""
