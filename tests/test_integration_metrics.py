@@ -99,3 +99,16 @@ def test_matches_scib_metrics():
     s2, p2 = kbet_test(codes[i], codes, 3)
     assert np.allclose(np.asarray(stat), s2, atol=1e-3)
     assert float(acc) == pytest.approx(float((p2 >= 0.05).mean()))
+    # batch ASW: the same number; graph connectivity: scIB's definition (components of the symmetrised
+    # kNN graph), where scib-metrics takes the strongly connected components of the directed kNN graph,
+    # which are never larger (here 1.0 against ~0.99 on mixed batches; equal on separated ones)
+    for separated in (False, True):
+        x, b, t = _data(separated, n_per=40, seed=1)
+        b = b.copy()
+        b[::7] = "b2"
+        assert batch_asw(x, b, t) == pytest.approx(float(scib.silhouette_batch(x, t, b)), abs=1e-6)
+        d, i = knn(x, 15, include_self=True)
+        ref = float(scib.graph_connectivity(NeighborsResults(indices=i, distances=d), t))
+        ours = graph_connectivity(x, t, k=14)
+        assert ref <= ours <= ref + 0.05
+        assert (ours == pytest.approx(ref)) is separated
