@@ -5,7 +5,8 @@ References: Luecken et al. 2022, "Benchmarking atlas-level data integration in s
 Büttner et al. 2019 (Nat Methods 16:43-49); LISI: Korsunsky et al. 2019 (Harmony, Nat Methods 16:1289).
 
 All functions take an embedding (cells x dims) plus per-cell batch (and cell-type) labels and work in
-numpy / scipy / scikit-learn (no JAX). Where ``scib-metrics`` is installed (optional extra ``metrics``)
+numpy / scipy / scikit-learn (no JAX). Where ``scib-metrics`` is installed (optional extra ``metrics``:
+``pip install -e '.[metrics]'``)
 ``tests/test_integration_metrics.py`` checks that :func:`ilisi`, :func:`kbet` and :func:`batch_asw` give
 its numbers, and that :func:`graph_connectivity` is never below its figure (checked with scib-metrics
 0.5.10 and jax 0.10.2 in session 14; the lock has no JAX, so the check skips in CI).
