@@ -205,7 +205,7 @@ def chimeric_cells(xa, xb, pairs_a, pairs_b, scores, rng) -> sp.csr_matrix:
     scores = np.asarray(scores, dtype=np.float64)
     parts = []
     for x, rows, p in ((xa, pairs_a, 1.0 - scores), (xb, pairs_b, scores)):
-        sub = binarize(x)[np.asarray(rows)].tocoo()
+        sub = binarize(x[np.asarray(rows)]).tocoo()  # the chosen rows only, not the whole matrix
         keep = rng.random(sub.nnz) < p[sub.row]
         parts.append(sp.csr_matrix((np.ones(int(keep.sum()), np.float32), (sub.row[keep], sub.col[keep])),
                                    shape=(len(scores), x.shape[1])))
