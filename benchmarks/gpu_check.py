@@ -99,6 +99,11 @@ def _tail(text: str, n: int = 15, chars: int = 2000) -> str:
     return "\n".join((text or "").strip().splitlines()[-n:])[-chars:]
 
 
+def _exc_text(exc: BaseException) -> str:
+    """An exception as a part's JSON reports it: its type and the tail of its message."""
+    return _tail(f"{type(exc).__name__}: {exc}")
+
+
 def _last_json(text: str):
     """The (possibly indented) JSON object a benchmark printed last."""
     lines = text.splitlines()
@@ -127,9 +132,9 @@ class Ctx:
         """Report what the part has measured so far: if it then dies (a CUDA fault) or runs out of time, the
         driver keeps these figures beside the error (``"partial": true``)."""
         if getattr(self.args, "result", None):
-            tmp = Path(f"{self.args.result}.tmp")
-            tmp.write_text(json.dumps({**res, "partial": True}, default=str))
-            tmp.replace(self.args.result)
+            from epiflow.io import atomic_write_text
+
+            atomic_write_text(self.args.result, json.dumps({**res, "partial": True}, default=str))
 
     def run(self, cmd, env=None, what="") -> subprocess.CompletedProcess:
         """Run a command, output captured (its stderr tail goes to this part's log); ``what``: raise on failure."""
@@ -261,7 +266,7 @@ def _guarded(fn, *args) -> dict:
     try:
         return fn(*args)
     except Exception as exc:  # reported, not raised: the rest of the part stands
-        return {"ok": False, "error": _tail(f"{type(exc).__name__}: {exc}")}
+        return {"ok": False, "error": _exc_text(exc)}
 
 
 def packed_kernel_check(dev, smoke: bool) -> dict:
@@ -350,7 +355,7 @@ def part_golden(c: Ctx) -> dict:
                         outs = _golden_outputs(model, d, kind, dev)
                 except Exception as exc:  # noqa: BLE001 - reported in the JSON
                     fails[prec] += 1
-                    runs[f"{name}/{backend}/{prec}"] = {"ok": False, "error": _tail(f"{type(exc).__name__}: {exc}")}
+                    runs[f"{name}/{backend}/{prec}"] = {"ok": False, "error": _exc_text(exc)}
                     continue
                 entry, ok = {}, True
                 for key, (a, ref) in outs.items():
@@ -701,7 +706,7 @@ def part_compile(c: Ctx) -> dict:
         try:
             rc, err = _cli([*base, "--out", out, *extra]), None
         except Exception as exc:  # a compiler error: reported beside the eager run's figures
-            rc, err = None, _tail(f"{type(exc).__name__}: {exc}")
+            rc, err = None, _exc_text(exc)
         r[name] = {"exit_code": rc, "seconds": round(time.time() - t0, 1), **({"error": err} if err else {})}
         if rc == 0:
             m = pd.read_csv(out / "metrics.csv")
