@@ -218,10 +218,10 @@ def run_variant(args, model, cfg, cells, name: str, backend: str) -> dict:
         res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         res["peak_rss_over_start_mb"] = round(res["peak_rss_mb"] - base_rss, 1)
     if dev.type == "cuda" or backend == "packed":
-        from epiflow.model.attention import packed_kernel
+        from epiflow.model.attention import packed_kernel_for
 
-        probe = torch.zeros(1, 1, 8, device=dev, dtype=torch.bfloat16 if amp else torch.float32)
-        res["packed_kernel"] = packed_kernel(probe) if backend == "packed" else None
+        res["packed_kernel"] = (packed_kernel_for(dev, torch.bfloat16 if amp else torch.float32)
+                                if backend == "packed" else None)
     if breakdown is not None:
         res["breakdown"] = breakdown
     return res
