@@ -21,11 +21,16 @@ GOALS = {"golden_fp32", "golden_bf16", "packed_bf16_mfu_L8192", "lean_peak_gb_pe
          "packed_kernel"}
 
 
-def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+def _script(name: str):
+    """A fresh module of benchmarks/<name>.py."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _gpu_check():
+    return _script("gpu_check")
 
 
 def _run(args, tmp_path, timeout):
@@ -153,9 +158,7 @@ def test_later_parts_fall_back_to_the_per_sequence_loop(tmp_path, monkeypatch, g
 def test_bench_model_variants_keep_the_callers_kernel_settings(monkeypatch):
     """bench_model's modifiers turn a kernel setting on; without one the caller's environment holds, so the
     fallback above reaches bench_model's 'packed' variant too; a variant whose kernel raises fails alone."""
-    spec = importlib.util.spec_from_file_location("bench_model", ROOT / "benchmarks" / "bench_model.py")
-    bm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bm)
+    bm = _script("bench_model")
     seen = {}
 
     def fake_run_variant(args, model, cfg, cells, name, backend):
@@ -186,9 +189,7 @@ def test_bench_model_variants_keep_the_callers_kernel_settings(monkeypatch):
 def test_bench_model_keeps_the_variants_that_finished_before_the_worker_died(monkeypatch):
     """On CUDA the variants share one worker process; if it dies (a CUDA fault) the parent keeps the variants
     it had reported and gives the others the exit code and the last line of stderr."""
-    spec = importlib.util.spec_from_file_location("bench_model", ROOT / "benchmarks" / "bench_model.py")
-    bm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bm)
+    bm = _script("bench_model")
     first = [{"variant": "packed", "tokens_per_s": 5.0}]
 
     def died(cmd, **kw):
