@@ -105,3 +105,49 @@ def assert_same_task_files():
                                       rtol=rtol, atol=atol)
 
     return check
+
+
+@pytest.fixture(scope="session")
+def ordered_accumulation():
+    """A context manager that records every ``index_put`` with ``accumulate=True`` and repeated
+    indices (forward or backward) and, on leaving, fails the test if there was one.
+
+    That op is the backward of advanced indexing with repeated rows (``x[idx]``); on CPU with >= 2
+    threads and >= 32,768 elements it adds with parallel atomic float adds, so training differs from
+    run to run in the last digits. ``x.index_select(0, idx)`` has the same forward and a backward
+    (``index_add_``) that sums in a fixed order. Checking the op at any size catches the pattern
+    where the tests' small tensors would never take the parallel path."""
+    import contextlib
+    import traceback
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    ops = {aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}
+
+    class Guard(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.hits: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in ops and kwargs.get("accumulate", args[3] if len(args) > 3 else False):
+                index = [i for i in args[1] if i is not None]
+                if index and not (len(index) == 1 and index[0].dtype == torch.bool):
+                    flat = torch.stack([i.reshape(-1).long() for i in torch.broadcast_tensors(*index)])
+                    if torch.unique(flat, dim=1).shape[1] < flat.shape[1]:
+                        where = "".join(traceback.format_stack(limit=12)[:-1])
+                        self.hits.append(f"{func} on {list(args[0].shape)}, repeated indices\n{where}")
+            return func(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def guard():
+        g = Guard()
+        with g:
+            yield g
+        assert not g.hits, ("index_put(accumulate=True) with repeated indices (use index_select): "
+                            f"{len(g.hits)} call(s); first:\n{g.hits[0]}")
+
+    return guard

@@ -444,6 +444,21 @@ def test_perturbation_gnn_token_and_checkpoint(tmp_path):
         close(back(ids, perturbation=genes).cell_embedding, a.numpy())
 
 
+def test_perturbation_gnn_backward_sums_in_a_fixed_order(ordered_accumulation):
+    """Genes repeat across cells and every node is gathered by several edges: the GNN's gathers are
+    index_select (their backward adds in order), not advanced indexing (parallel atomic adds on CPU
+    with >= 2 threads: the genetic task's fine-tuning differed from run to run in the 6th digit)."""
+    model = _tiny(num_genes=5, gnn_edges=0)
+    model.perturbation_gnn.set_graph(torch.tensor([[0, 1, 2, 2], [1, 0, 3, 1]]), torch.tensor([0.3, 0.3, 0.9, 0.5]))
+    genes = torch.tensor([[1, -1], [2, 1], [1, 1], [-1, -1]])
+    with ordered_accumulation():
+        out = model.perturbation_gnn(genes)
+        out.square().sum().backward()
+    node = model.perturbation_gnn.node_embeddings().detach()
+    close(out[2].detach(), (2 * node[1]).numpy())  # same values as the indexing it replaced
+    assert model.perturbation_gnn.gene_embedding.weight.grad.abs().sum() > 0
+
+
 # --------------------------------------------------------------------------- config, losses
 def test_presets_and_paper_parameter_count():
     with torch.device("meta"):

@@ -148,6 +148,28 @@ def test_fit_classification_and_aux_head(shard):
     np.testing.assert_allclose(h["loss"], h["cca"] + h["sr"] + 0.5 * h["aux"], rtol=1e-5)
 
 
+def test_the_guard_catches_advanced_indexing_with_repeated_rows(ordered_accumulation):
+    x = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(AssertionError, match="repeated indices"):
+        with ordered_accumulation():
+            x[torch.tensor([0, 0, 2])].sum().backward()
+    with ordered_accumulation():  # the replacement, and unique indices, pass
+        x.index_select(0, torch.tensor([0, 0, 2])).sum().backward()
+        x[torch.tensor([3, 1]), torch.tensor([0, 2])].sum().backward()
+
+
+@pytest.mark.parametrize("sr", ["bce", "multinomial"])
+def test_fit_backward_sums_in_a_fixed_order(shard, sr, ordered_accumulation):
+    """Every fine-tuning task goes through this objective: no backward adds with parallel atomics
+    (CCA queries repeat each cell's row, the multinomial SR repeats each cell's log-sum-exp)."""
+    m = _model(num_batches=2)
+    obj = Reconstruction(shard, sr=sr, k=2, conditions=np.arange(60) % 2, condition_key="batch_ids",
+                         aux_labels=(np.arange(60) % 3 == 0).astype(float))
+    with ordered_accumulation():
+        h = fit(m, obj, FitConfig(max_steps=2, batch_size=8, progress=False))
+    assert len(h) == 2 and np.isfinite(h["loss"]).all()
+
+
 def test_conditions_reach_the_model(shard):
     m = _model(num_batches=2)
     with torch.no_grad():

@@ -178,6 +178,15 @@ def test_lean_learns_close_to_dense(corpus, tmp_path):
     assert ((m["loss"] - d["loss"]).abs() / d["loss"]).max() < 0.2
 
 
+@pytest.mark.parametrize("lean", [False, True])
+@pytest.mark.parametrize("sr_objective", ["bce", "multinomial"])
+def test_pretraining_backward_sums_in_a_fixed_order(corpus, tmp_path, lean, sr_objective, ordered_accumulation):
+    """No pretraining step adds with parallel atomics (the 2-thread nondeterminism of issue #17)."""
+    with ordered_accumulation():
+        _run(corpus, tmp_path / "run", lean, max_steps=2, sr_objective=sr_objective, k_schedule=(2,))
+    assert len(pd.read_csv(tmp_path / "run" / "metrics.csv")) == 2
+
+
 def test_lean_resume_is_exact(corpus, tmp_path, monkeypatch):
     full, cut = tmp_path / "full", tmp_path / "cut"
     _run(corpus, full, True, ckpt_every=3, max_steps=8, dropout=None)

@@ -69,7 +69,10 @@ class PerturbationGNN(nn.Module):
         """``LayerNorm(Lin(Â X))`` for all genes, ``[num_genes, dim]``."""
         x = self.gene_embedding.weight
         src, dst, norm = gcn_norm(self.edge_index, self.edge_weight, self.num_genes)
-        msg = x[src] * norm.to(x.dtype)[:, None]
+        # index_select, not x[src]: the backward of advanced indexing (index_put_ with
+        # accumulate) adds rows with parallel atomic float adds on CPU with >= 2 threads, so
+        # fine-tuning differed from run to run; index_select's backward (index_add_) sums in order.
+        msg = x.index_select(0, src) * norm.to(x.dtype)[:, None]
         agg = torch.zeros_like(x).index_add(0, dst, msg)
         return self.norm(self.lin(agg))
 
@@ -83,5 +86,6 @@ class PerturbationGNN(nn.Module):
             genes = genes[:, None]
         emb = self.node_embeddings()
         valid = genes >= 0
-        rows = emb[genes.clamp(min=0)] * valid[..., None].to(emb.dtype)
+        rows = emb.index_select(0, genes.clamp(min=0).reshape(-1)).reshape(*genes.shape, -1)
+        rows = rows * valid[..., None].to(emb.dtype)
         return rows.sum(1)

@@ -541,7 +541,9 @@ class Reconstruction(Objective):
         if self.cca:
             keys = krng.cell_keys(ctx.seed, ctx.epoch, krng.NEGATIVES, rows)
             qr, qc, ql = cca_queries(ptr, col, model.n_ccres, self.k, keys, self.cca_max_pos)
-            lg = model.cca_logits(cell[torch.from_numpy(qr).to(dev)], torch.from_numpy(qc + NUM_SPECIAL).to(dev))
+            # index_select, not cell[qr]: see epiflow.train.pretrain (deterministic backward on CPU)
+            q_cell = cell.index_select(0, torch.from_numpy(qr).to(dev))
+            lg = model.cca_logits(q_cell, torch.from_numpy(qc + NUM_SPECIAL).to(dev))
             terms["cca"] = bce_sum(lg, torch.from_numpy(ql).to(dev), float(self.k)) / max(len(ql), 1)
         if self.sr is None:
             sig = None

@@ -56,7 +56,9 @@ def sr_multinomial_sum(logits: torch.Tensor, pos_rows: torch.Tensor, pos_cols: t
     if pos_rows.numel() == 0:
         return x.sum() * 0.0
     lse = torch.logsumexp(x, dim=1)
-    nll = lse[pos_rows] - x[pos_rows, pos_cols]
+    # lse.index_select, not lse[pos_rows]: the rows repeat, and the backward of advanced indexing with
+    # repeated indices adds with parallel atomics on CPU (run-to-run differences with >= 2 threads)
+    nll = lse.index_select(0, pos_rows) - x[pos_rows, pos_cols]
     counts = torch.bincount(pos_rows, minlength=x.shape[0]).clamp_min(1).to(x.dtype)
     return (nll / counts[pos_rows]).sum()
 
