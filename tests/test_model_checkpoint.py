@@ -80,6 +80,23 @@ def test_kinds_inferred(fixtures_dir):
     assert info["parameters"]["total"] == sum(v.numel() for k, v in sd.items() if not k.startswith("criterion"))
 
 
+def test_inspect_counts_the_groups_the_model_counts(fixtures_dir, tmp_path):
+    """inspect_checkpoint (state dict) and EpiAgent.parameter_counts (parameters) share one grouping;
+    the state dict adds only the buffers (loss weights, the gene graph)."""
+    from epiflow.model import from_config
+
+    for name in NAMES:
+        info = inspect_checkpoint(fixtures_dir / f"{name}.pth", num_heads=4)
+        model = load_epiagent_checkpoint(fixtures_dir / f"{name}.pth", num_heads=4)
+        groups = {k: v for k, v in info["parameters"].items() if k not in ("buffers", "total")}
+        assert groups == {k: v for k, v in model.parameter_counts().items() if k != "total"}, name
+    model = from_config(EpiAgentConfig.preset("tiny", n_ccres=50, num_genes=6, gnn_edges=4, num_batches=2))
+    model.save_epiagent_checkpoint(tmp_path / "gnn.pth", write_config=True)
+    info = inspect_checkpoint(tmp_path / "gnn.pth")
+    assert info["parameters"]["conditional"] == model.parameter_counts()["conditional"] > 0
+    assert info["parameters"]["buffers"] == sum(b.numel() for b in model.buffers())
+
+
 def test_memory_mapped_load_does_not_copy(tmp_path):
     if not os.path.exists("/proc/self/statm"):
         pytest.skip("RSS measurement needs /proc (Linux)")

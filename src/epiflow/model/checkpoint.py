@@ -37,7 +37,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, VocabularyMismatchError
 from .config import NUM_SPECIAL, EpiAgentConfig
-from .epiagent import EpiAgent
+from .epiagent import EpiAgent, parameter_group
 
 # the random fills of torch.nn.init: on a meta tensor each goes through a Python meta kernel whose first
 # call imports torch._dynamo (1-2 s in every process that loads a checkpoint)
@@ -380,13 +380,7 @@ def inspect_checkpoint(path: str | os.PathLike, num_heads: int | None = None) ->
     check_state_dict(model, sd, path)
     counts: dict[str, int] = {}
     for k, v in sd.items():
-        top = k.split(".")[0]
-        group = {"cCRE_embedding": "embeddings", "rank_embedding": "embeddings",
-                 "EpiAgent_transformer": "encoder", "signal_decoder": "signal_decoder",
-                 "classifier": "classifier"}.get(top)
-        if group is None:
-            group = ("buffers" if top.startswith("criterion_") or k.endswith(("edge_index", "edge_weight"))
-                     else "heads" if top.endswith(("_RLM", "_CCA")) else "conditional")
+        group = parameter_group(k)
         counts[group] = counts.get(group, 0) + v.numel()
     dtypes = collections.Counter(str(v.dtype).replace("torch.", "") for v in sd.values())
     return {
@@ -409,7 +403,5 @@ def inspect_checkpoint(path: str | os.PathLike, num_heads: int | None = None) ->
                         for n in ("SR", "RLM", "CCA") if f"criterion_{n}.pos_weight" in sd},
         "n_keys": len(sd),
         "dtypes": dict(dtypes),
-        "parameters": {**counts, "total": int(sum(v.numel() for k, v in sd.items()
-                                                   if not k.startswith("criterion_")
-                                                   and not k.endswith(("edge_index", "edge_weight"))))},
+        "parameters": {**counts, "total": int(sum(n for g, n in counts.items() if g != "buffers"))},
     }

@@ -287,12 +287,7 @@ class EpiAgent(nn.Module):
     def parameter_counts(self) -> dict[str, int]:
         groups: dict[str, int] = {}
         for name, p in self.named_parameters():
-            top = name.split(".")[0]
-            g = {"cCRE_embedding": "embeddings", "rank_embedding": "embeddings",
-                 "EpiAgent_transformer": "encoder", "signal_decoder": "signal_decoder",
-                 "classifier": "classifier"}.get(top)
-            if g is None:
-                g = "heads" if top.endswith(("_RLM", "_CCA")) else "conditional"
+            g = parameter_group(name)
             groups[g] = groups.get(g, 0) + p.numel()
         groups["total"] = sum(p.numel() for p in self.parameters())
         return groups
@@ -469,6 +464,23 @@ class EpiAgent(nn.Module):
 
 
 # --------------------------------------------------------------------------- helpers
+_GROUPS = {"cCRE_embedding": "embeddings", "rank_embedding": "embeddings", "EpiAgent_transformer": "encoder",
+           "signal_decoder": "signal_decoder", "classifier": "classifier"}
+
+
+def parameter_group(name: str) -> str:
+    """The group a parameter or state-dict entry is counted in: ``embeddings``, ``encoder``,
+    ``signal_decoder``, ``classifier``, ``heads`` (RLM / CCA), ``buffers`` (loss weights, the gene
+    graph) or ``conditional`` (batch / [PER] tokens, gene GNN)."""
+    top = name.split(".")[0]
+    group = _GROUPS.get(top)
+    if group is not None:
+        return group
+    if top.startswith("criterion_") or name.endswith(("edge_index", "edge_weight")):
+        return "buffers"
+    return "heads" if top.endswith(("_RLM", "_CCA")) else "conditional"
+
+
 def _backend_setting(backend: str | None, device=None) -> str:
     """The model's attention setting: a validated backend name; ``"auto"`` is kept as is and resolved
     at each call from the device and the train / eval mode (:func:`resolve_backend`)."""
