@@ -337,7 +337,7 @@ def test_no_trailing_newline_and_long_file_in_small_reads(tmp_path, monkeypatch)
     assert _as_rows(df) == _py_parse("\n".join(lines))
 
 
-@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("threads", [2, 4, 5])
 def test_parallel_parse_gives_the_same_chunks(tmp_path, monkeypatch, threads):
     """Buffers parsed by several threads (tables read-only, new barcodes / chromosomes interned
     afterwards in file order) give the same codes, names and counts as one thread; a non-canonical
@@ -366,3 +366,35 @@ def test_parallel_parse_gives_the_same_chunks(tmp_path, monkeypatch, threads):
     wl = FragmentReader(p, chunksize=100_000, threads=threads, whitelist=bcs[::7])
     w1 = FragmentReader(p, chunksize=100_000, threads=1, whitelist=bcs[::7])
     np.testing.assert_array_equal(cat(list(wl), "barcode"), cat(list(w1), "barcode"))
+
+
+@pytest.mark.parametrize("threads, env, stages", [
+    (1, None, set()),
+    (2, None, {"epiflow-parse"}),
+    (3, None, {"epiflow-parse", "epiflow-inflate"}),
+    (None, "1", set()),            # no budget given: the process's (OMP_NUM_THREADS, as Snakemake sets)
+    (None, "2", {"epiflow-parse"}),
+])
+def test_reader_keeps_to_its_thread_budget(tmp_path, monkeypatch, threads, env, stages):
+    """``threads`` (else OMP_NUM_THREADS) is the number of busy threads: one thread reads, inflates,
+    parses and hands out chunks in the caller's thread; two add a parsing thread; three add the
+    inflating thread (and parse buffers on budget - 2 threads)."""
+    import threading
+
+    monkeypatch.setenv("OMP_NUM_THREADS", env or "16")
+    lines = [f"chr1\t{i}\t{i + 9}\tb{i % 7}\t1" for i in range(3000)]
+    p = _frag(tmp_path, lines, gz=True, name="f.tsv.gz")
+    seen = set()
+    start = threading.Thread.start
+
+    def record(self):
+        seen.add(self.name)
+        return start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", record)
+    reader = FragmentReader(p, chunksize=500, threads=threads)
+    n = sum(len(chunk) for chunk in reader)
+    assert n == 3000
+    assert {s for s in seen if s.startswith("epiflow-")} == stages
+    assert reader._nthreads() == 1
+    assert FragmentReader(p, threads=6)._nthreads() == 4 and FragmentReader(p, threads=9)._nthreads() == 4

@@ -178,7 +178,10 @@ def test_counts_mostly_outside_the_vocabulary_stop_the_mapping(tmp_path):
     assert 0.01 <= rep["frac_fragments_in_ccres"] < 0.1
 
 
-def test_truncated_gzip_reports_the_lines_decoded_before_the_cut(tmp_path):
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_truncated_gzip_reports_the_lines_decoded_before_the_cut(tmp_path, threads):
+    """The same report whether the file is inflated in the reading thread (a budget of 1 or 2
+    threads) or in a thread of its own (3 or more)."""
     rng = np.random.default_rng(2)
     s = np.sort(rng.integers(0, 10 ** 8, 200_000))
     fr = pd.DataFrame({"c": "chr1", "s": s, "e": s + 100, "b": rng.choice(["A", "B", "C"], len(s)), "n": 1})
@@ -193,7 +196,7 @@ def test_truncated_gzip_reports_the_lines_decoded_before_the_cut(tmp_path):
     from epiflow.corpus.readers import FragmentReader
 
     with pytest.raises(InputFormatError, match="ends early or is corrupt") as exc:
-        for _ in FragmentReader(cut):
+        for _ in FragmentReader(cut, threads=threads):
             pass
     n = int(str(exc.value).split("(")[1].split(" complete lines")[0].replace(",", ""))
     assert 0.95 * decoded <= n <= decoded

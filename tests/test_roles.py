@@ -62,6 +62,58 @@ def test_two_parts_of_one_file_must_share_fraction_and_seed(tmp_path):
     assert a.split_spec() == ("rest", 0.25, 3) and b.split_spec() == ("heldout", 0.25, 3)
 
 
+@pytest.mark.parametrize("rows, match", [
+    # the whole file in the corpus and again as downstream: the downstream cells would be pretrained on
+    (["a\th5ad\tx.h5ad\thg38\tcorpus\t", "b\th5ad\tx.h5ad\thg38\tdownstream\t"], "seen in pretraining"),
+    # the whole file in the corpus, a held-out part of it as downstream
+    (["a\th5ad\tx.h5ad\thg38\tcorpus\t", "b\th5ad\tx.h5ad\thg38\tdownstream\theldout:0.25:0"],
+     "seen in pretraining"),
+    # a part in the corpus, the whole file as downstream (the corpus cells evaluated as unseen)
+    (["a\th5ad\tx.h5ad\thg38\tcorpus\trest:0.25:0", "b\th5ad\tx.h5ad\thg38\tdownstream\t"],
+     "seen in pretraining"),
+    # the same file under another spelling of its path
+    (["a\th5ad\tx.h5ad\thg38\tcorpus\t", "b\th5ad\tsub/../x.h5ad\thg38\tdownstream\t"],
+     "seen in pretraining"),
+    # the whole file twice in the corpus
+    (["a\th5ad\tx.h5ad\thg38\tcorpus\t", "b\th5ad\tx.h5ad\thg38\t\trest:0.3:0"], "same cells twice"),
+])
+def test_one_file_in_both_roles_is_refused(tmp_path, rows, match):
+    """Evaluation on cells the model never saw: a manifest that lists one file for pretraining and for
+    evaluation without complementary parts is an error naming both entries, the line and the fix."""
+    m = tmp_path / "m.tsv"
+    m.write_text(HEADER + "\n".join(rows) + "\n")
+    with pytest.raises(ConfigError, match=match) as err:
+        load_manifest(m)
+    msg = str(err.value)
+    assert str(m) in msg and "line 3" in msg and "'a'" in msg and "'b'" in msg
+    assert "heldout:F:S" in msg
+
+
+def test_one_file_is_recognised_by_url_and_checksum(tmp_path):
+    sha = "ab" * 32
+    m = tmp_path / "m.tsv"
+    m.write_text("name\tformat\tpath\turl\tsha256\tgenome\trole\n"
+                 f"a\th5ad\t\thttps://x.org/d.h5ad\t\thg38\tcorpus\n"
+                 f"b\th5ad\tlocal/d.h5ad\thttps://x.org/d.h5ad\t{sha}\thg38\tdownstream\n")
+    with pytest.raises(ConfigError, match="seen in pretraining"):
+        load_manifest(m)
+    m.write_text("name\tformat\tpath\tsha256\tgenome\trole\n"
+                 f"a\th5ad\tone.h5ad\t{sha}\thg38\tcorpus\n"
+                 f"b\th5ad\tcopy.h5ad\t{sha.upper()}\thg38\tdownstream\n")
+    with pytest.raises(ConfigError, match="seen in pretraining"):
+        load_manifest(m)
+
+
+def test_shared_files_that_keep_the_roles_apart_are_accepted(tmp_path):
+    m = tmp_path / "m.tsv"
+    # two downstream entries of one whole file (e.g. two label columns), and complementary parts
+    m.write_text(HEADER + "a\th5ad\tx.h5ad\thg38\tdownstream\t\n"
+                          "b\th5ad\tx.h5ad\thg38\tdownstream\t\n"
+                          "c\th5ad\ty.h5ad\thg38\tcorpus\trest:0.2:1\n"
+                          "d\th5ad\ty.h5ad\thg38\tdownstream\theldout:0.2:1\n")
+    assert [e.name for e in load_manifest(m)] == ["a", "b", "c", "d"]
+
+
 def test_split_mask_is_stratified_complementary_and_reproducible():
     labels = np.repeat(["A", "B", "C", "D"], [400, 120, 41, 3])
     rng = np.random.default_rng(5)

@@ -30,6 +30,11 @@ A manifest is a TSV (header line) or a YAML list (or ``{datasets: [...]}``) of e
                       (e.g. pretrain on ``rest``, evaluate the ``heldout`` quarter as ``downstream``)
 ====================  =============================================================================
 
+Entries that read the same file (the same resolved path, URL or sha256) are checked when the manifest
+is loaded: a whole file may not be both ``corpus`` and ``downstream`` (its downstream cells would be
+pretrained on), nor twice in the corpus; parts of one file must be ``heldout``/``rest`` with the same
+FRACTION and SEED.
+
 Other columns are kept in :attr:`DatasetEntry.extra`. ``data_mirror`` is a folder searched for the
 file name of a URL (and of a missing relative path) before anything is downloaded, for machines
 without internet access.
@@ -214,25 +219,88 @@ def _entry_from_record(rec: dict, manifest: Path, line: int) -> DatasetEntry:
                         role=role, extra=extra, manifest=manifest, line=line, **known)
 
 
-def _check_splits(entries: list[DatasetEntry], path: Path) -> None:
-    """Entries that split the same file must use the same fraction and seed (else their cells may
-    overlap) and must not take the same part twice."""
-    by_file: dict[tuple, list[DatasetEntry]] = {}
-    for e in entries:
-        if e.split:
-            by_file.setdefault((e.path, e.url), []).append(e)
-    for group in by_file.values():
-        specs = [e.split_spec() for e in group]
-        first = group[0]
-        for e, (part, frac, seed) in zip(group[1:], specs[1:]):
+def _file_keys(e: DatasetEntry) -> list[tuple[str, str]]:
+    """What identifies the file of an entry: its path (resolved against the manifest folder), its
+    URL and its checksum. Two entries that share any of them read the same file."""
+    keys = []
+    if e.path:
+        p = Path(e.path)
+        if not p.is_absolute() and e.manifest is not None:
+            p = e.manifest.parent / p
+        keys.append(("path", str(p.resolve())))
+    if e.url:
+        keys.append(("url", e.url.strip()))
+    if e.sha256:
+        keys.append(("sha256", e.sha256.lower()))
+    return keys
+
+
+def same_file_groups(entries: list[DatasetEntry]) -> list[list[DatasetEntry]]:
+    """The entries grouped by the file they read (shared path, URL or sha256), groups of two or more,
+    in manifest order."""
+    parent = list(range(len(entries)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[tuple[str, str], int] = {}
+    for i, e in enumerate(entries):
+        for key in _file_keys(e):
+            if key in owner:
+                a, b = find(owner[key]), find(i)
+                parent[max(a, b)] = min(a, b)
+            else:
+                owner[key] = i
+    groups: dict[int, list[DatasetEntry]] = {}
+    for i, e in enumerate(entries):
+        groups.setdefault(find(i), []).append(e)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _check_shared_files(entries: list[DatasetEntry], path: Path) -> None:
+    """Entries that read the same file must not share cells where that matters.
+
+    - A whole file (no ``split``) beside another entry of the file in the other role: the downstream
+      cells would be pretrained on (or the corpus cells evaluated as unseen).
+    - A whole file twice in the corpus, or beside a part of itself there: cells counted twice.
+    - Parts of one file: the same fraction and seed (else they may overlap), never the same part twice.
+    Several downstream entries of one whole file are allowed (e.g. two label columns)."""
+    for group in same_file_groups(entries):
+        for i, a in enumerate(group):
+            for b in group[i + 1:]:
+                if a.split and b.split:
+                    continue
+                whole = a if not a.split else b
+                if a.role != b.role:
+                    corpus, down = (a, b) if a.role == "corpus" else (b, a)
+                    raise ConfigError(
+                        f"datasets '{corpus.name}' (line {corpus.line}, corpus) and '{down.name}' "
+                        f"(line {down.line}, downstream) read the same file and '{whole.name}' takes all "
+                        f"of its cells: the downstream cells would be seen in pretraining",
+                        path=str(path), line=b.line, field="split",
+                        fix="split the file: 'rest:F:S' on the corpus entry and 'heldout:F:S' on the "
+                            "downstream one (same F and S), or drop one of the two entries")
+                if a.role == "corpus":
+                    raise ConfigError(
+                        f"datasets '{a.name}' (line {a.line}) and '{b.name}' read the same file and "
+                        f"'{whole.name}' takes all of its cells: the corpus would hold the same cells twice",
+                        path=str(path), line=b.line, field="path",
+                        fix="list the file once in the corpus, or split it into 'heldout:F:S' and 'rest:F:S'")
+        parts = [e for e in group if e.split]
+        specs = [e.split_spec() for e in parts]
+        for e, (part, frac, seed) in zip(parts[1:], specs[1:]):
             if (frac, seed) != specs[0][1:]:
+                first = parts[0]
                 raise ConfigError(
                     f"datasets '{first.name}' (line {first.line}) and '{e.name}' split the same file with "
                     f"different fraction/seed ({first.split} vs {e.split}): their cells could overlap",
                     path=str(path), line=e.line, field="split",
                     fix="give both entries the same FRACTION and SEED (heldout:F:S and rest:F:S)")
         seen: dict[str, DatasetEntry] = {}
-        for e, (part, _, _) in zip(group, specs):
+        for e, (part, _, _) in zip(parts, specs):
             if part in seen:
                 raise ConfigError(
                     f"datasets '{seen[part].name}' (line {seen[part].line}) and '{e.name}' take the same "
@@ -286,7 +354,7 @@ def load_manifest(path: str | os.PathLike) -> list[DatasetEntry]:
             raise ConfigError(f"dataset name '{e.name}' is used twice (also at line {seen[e.name]})",
                               path=str(path), line=e.line, field="name", fix="names must be unique")
         seen[e.name] = e.line
-    _check_splits(entries, path)
+    _check_shared_files(entries, path)
     return entries
 
 

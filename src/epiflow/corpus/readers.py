@@ -170,7 +170,7 @@ INFLATE_DEPTH = 4            # ... and blocks decompressed ahead (bounded memory
 
 
 PARSE_AHEAD = 2              # parsed chunks queued ahead of the consumer
-MAX_PARSE_THREADS = 4        # threads parsing parts of a buffer at once (default: min(this, cores - 2))
+MAX_PARSE_THREADS = 4        # threads parsing parts of a buffer at once (at most; budget - 2)
 PARALLEL_MIN_BYTES = 1 << 20  # smaller parts are parsed by one thread
 MAX_NEW_CHROMS = 64          # chromosomes new to the table that one parallel part may meet
 _NO_MISS = np.zeros(0, dtype=np.int64)
@@ -235,14 +235,52 @@ def _in_background(make_gen, depth: int = 2):
         t.join(timeout=10)
 
 
+def _inflate_blocks(path: Path, block: int):
+    """Decompressed blocks of ``path`` (``b""`` at the end); an error is yielded as the exception,
+    after a last block with the bytes decoded before it (a truncated file loses no decoded bytes)."""
+    try:
+        try:
+            from isal import igzip as gz
+        except ImportError:  # pragma: no cover - isal is a declared dependency
+            gz = gzip
+        with gz.open(path, "rb") as fh:
+            read1 = getattr(fh, "read1", None)
+            while True:
+                if read1 is None:
+                    b = fh.read(block)
+                else:  # read1 pieces gathered into a block
+                    parts, size = [], 0
+                    try:
+                        while size < block:
+                            piece = read1(min(block - size, 1 << 16))
+                            if not piece:
+                                break
+                            parts.append(piece)
+                            size += len(piece)
+                    except BaseException:
+                        if parts:
+                            yield b"".join(parts)
+                        raise
+                    b = b"".join(parts)
+                yield b
+                if not b:
+                    return
+    except GeneratorExit:  # closed by the reader
+        raise
+    except BaseException as exc:  # handed to the reader
+        yield exc
+
+
 class _Inflater:
-    """Decompress a gzip/bgzip file in a background thread, up to ``depth`` blocks ahead.
+    """Decompress a gzip/bgzip file, in a background thread up to ``depth`` blocks ahead
+    (``background=False``: in the reading thread, for a budget of one thread).
 
     ISA-L (``isal``; the standard library's gzip without it) releases the GIL while inflating, so
     decompression runs beside the parser. ``readinto`` like a raw binary stream; an error of the
     thread (truncated or corrupt file) is raised there."""
 
-    def __init__(self, path, block: int = INFLATE_BLOCK, depth: int = INFLATE_DEPTH):
+    def __init__(self, path, block: int = INFLATE_BLOCK, depth: int = INFLATE_DEPTH,
+                 background: bool = True):
         import queue
         import threading
 
@@ -251,40 +289,23 @@ class _Inflater:
         self._cur = memoryview(b"")
         self._eof = False
         self._pending = None  # an error of the thread, raised after the bytes decoded before it
-        self._t = threading.Thread(target=self._run, args=(Path(path), block), daemon=True,
-                                   name="epiflow-inflate")
-        self._t.start()
+        self._t = None
+        self._gen = _inflate_blocks(Path(path), block)
+        if background:
+            self._t = threading.Thread(target=self._run, daemon=True, name="epiflow-inflate")
+            self._t.start()
 
-    def _run(self, path: Path, block: int):
-        try:
-            try:
-                from isal import igzip as gz
-            except ImportError:  # pragma: no cover - isal is a declared dependency
-                gz = gzip
-            with gz.open(path, "rb") as fh:
-                read1 = getattr(fh, "read1", None)
-                while not self._stop.is_set():
-                    if read1 is None:
-                        b = fh.read(block)
-                    else:  # read1 pieces gathered into a block: a truncated file loses no decoded bytes
-                        parts, size = [], 0
-                        try:
-                            while size < block:
-                                piece = read1(min(block - size, 1 << 16))
-                                if not piece:
-                                    break
-                                parts.append(piece)
-                                size += len(piece)
-                        except BaseException:
-                            if parts:
-                                self._put(b"".join(parts))
-                            raise
-                        b = b"".join(parts)
-                    self._put(b)
-                    if not b:
-                        return
-        except BaseException as exc:  # handed to the reading thread
-            self._put(exc)
+    def _run(self):
+        for item in self._gen:
+            if self._stop.is_set():
+                break
+            self._put(item)
+        self._gen.close()
+
+    def _next(self):
+        if self._t is None:
+            return next(self._gen, b"")
+        return self._q.get()
 
     def _put(self, item) -> None:
         import queue
@@ -302,7 +323,7 @@ class _Inflater:
             if not len(self._cur):
                 if self._eof:
                     break
-                item = self._pending if self._pending is not None else self._q.get()
+                item = self._pending if self._pending is not None else self._next()
                 if isinstance(item, BaseException):
                     if n:  # hand over what was decoded before the error; raise it at the next call
                         self._pending = item
@@ -324,6 +345,9 @@ class _Inflater:
         import queue
 
         self._stop.set()
+        if self._t is None:
+            self._gen.close()
+            return
         try:
             while True:
                 self._q.get_nowait()
@@ -338,10 +362,11 @@ class _Inflater:
         self.close()
 
 
-def _open_bytes(path: Path):
-    """Binary stream of the decompressed file (gzip/bgzip: :class:`_Inflater`; else the file)."""
+def _open_bytes(path: Path, background: bool = True):
+    """Binary stream of the decompressed file (gzip/bgzip: :class:`_Inflater`, inflating in a
+    thread of its own unless ``background=False``; else the file)."""
     if _is_gzip(path):
-        return _Inflater(path)
+        return _Inflater(path, background=background)
     return open(path, "rb", buffering=0)
 
 
@@ -373,9 +398,12 @@ class FragmentReader:
     form (CRLF line ends, ``2.0`` counts, malformed lines, ...) goes through pandas' parser with the
     same validation and errors. ``chunksize`` bounds the lines per chunk (chunks may be shorter: at
     most ~16 MiB of text is parsed at once). Parsing runs in a background thread one chunk ahead of
-    the consumer, and each buffer is parsed by ``threads`` threads at once (default: the usable
-    cores less 2, at most 4; 1 on a 2-core machine) that only read the string tables; the few lines with a new barcode or
-    chromosome are then interned in file order, so codes do not depend on the thread count.
+    the consumer, and each buffer is parsed by several threads at once that only read the string
+    tables; the few lines with a new barcode or chromosome are then interned in file order, so codes
+    do not depend on the thread count. ``threads`` is the budget of busy threads (default: the
+    process's, ``OMP_NUM_THREADS``, set by ``--threads`` and by Snakemake, else the usable cores): 1
+    runs everything in the calling thread, 2 adds the parsing thread (inflating there), 3 or more
+    also inflate in a thread of their own and parse on ``min(4, threads - 2)`` threads.
     """
 
     path: str | os.PathLike
@@ -498,7 +526,7 @@ class FragmentReader:
             with pysam.TabixFile(str(self.path)) as tb:
                 text = "\n".join(tb.fetch(chrom, s, e))
             return io.BytesIO((text + "\n").encode("utf-8") if text else b""), 0
-        return _open_bytes(self.path), self._n_header
+        return _open_bytes(self.path, background=self._budget() >= 3), self._n_header
 
     def _read_size(self) -> int:
         return int(min(READ_BYTES_MAX, max(1 << 16, self.chunksize * 64)))
@@ -587,12 +615,20 @@ class FragmentReader:
                 buf[:rest] = buf[cut:have]
                 have = rest
 
-    def _nthreads(self) -> int:
+    def _budget(self) -> int:
+        """Threads this reader may keep busy: ``threads``, else the process's
+        (:func:`epiflow.threads.default_threads`: ``OMP_NUM_THREADS``, which ``--threads`` and
+        Snakemake set, else the usable cores)."""
         if self.threads is not None:
             return max(int(self.threads), 1)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        # inflating and the consumer (overlap counting) keep ~2 cores busy already
-        return max(1, min(MAX_PARSE_THREADS, cores - 2))
+        from ..threads import default_threads
+
+        return default_threads()
+
+    def _nthreads(self) -> int:
+        """Threads parsing one buffer at once: with a budget of 3 or more, inflating and the consumer
+        (overlap counting) keep ~2 of them busy already; at most :data:`MAX_PARSE_THREADS`."""
+        return max(1, min(MAX_PARSE_THREADS, self._budget() - 2))
 
     def _parse_parallel(self, K, pool, T: int, buf, pos: int, cut: int, chunksize: int,
                         line0: int) -> FragmentChunk | None:
@@ -676,7 +712,10 @@ class FragmentReader:
         self.stats = {}
         # parsing runs one chunk ahead in a background thread (the compiled kernels release the GIL),
         # so the consumer's work on chunk i (e.g. overlap counting) overlaps the parsing of chunk i+1
-        for chunk in _in_background(self._raw_chunks, depth=PARSE_AHEAD):
+        # (a budget of one thread parses in the consumer's thread; 2 threads: parse ahead, inflating
+        # in the parsing thread; 3 or more: inflate in a thread of its own too)
+        raw = _in_background(self._raw_chunks, depth=PARSE_AHEAD) if self._budget() >= 2 else self._raw_chunks()
+        for chunk in raw:
             n_lines += chunk.n_raw
             if self.region is not None:
                 keep = (chunk.chrom == normalize_chrom([self.region[0]])[0]) & \
