@@ -171,7 +171,7 @@ def test_model_vocabulary_check(tmp_path):
     c = open_corpus(tmp_path / "c")
     with pytest.raises(VocabularyMismatchError, match=f"has {c.n_ccres + 1} cCREs"):
         c.check_model_vocab(c.n_ccres + 1)
-    with pytest.raises(VocabularyMismatchError, match="field 'vocab_id'.*same size"):
+    with pytest.raises(VocabularyMismatchError, match="field .vocab_id.*same number of cCREs is not the same"):
         c.check_model_vocab(c.n_ccres, vocab_id="0123456789abcdef")
 
 

@@ -96,8 +96,35 @@ def test_lsi_real_data_drops_depth(data_dir):
 
 # --------------------------------------------------------------------- evaluate_features
 def test_labelled_mask():
-    m = labelled_mask(np.array(["A", "", None, np.nan, "nan", "NA", " B ", "None"], dtype=object))
-    assert m.tolist() == [True, False, False, False, False, False, True, False]
+    m = labelled_mask(np.array(["A", "", None, np.nan, "nan", "NA", " B ", "None", "unknown", "Unknown"],
+                               dtype=object))
+    assert m.tolist() == [True, False, False, False, False, False, True, False, False, False]
+
+
+def test_cells_without_a_label_are_no_cell_type(tmp_path):
+    """map-dataset writes 'unknown' for a cell whose label is missing; every label-based task must
+    leave those cells out rather than score them as one more cell type."""
+    import anndata as ad
+
+    from epiflow.corpus.manifest import load_manifest
+    from epiflow.corpus.mapping import MISSING_LABEL, map_dataset
+
+    rng = np.random.default_rng(0)
+    n = 30
+    labels = np.array(["A", "B", "C"] * 10, dtype=object)
+    labels[[2, 7, 11]] = np.nan
+    labels[[4]] = ""
+    a = ad.AnnData(X=sp.csr_matrix(rng.poisson(0.5, (n, 20)).astype(np.float32)),
+                   obs=pd.DataFrame({"ct": pd.Categorical(labels)}, index=[f"c{i}" for i in range(n)]),
+                   var=pd.DataFrame(index=[f"chr1:{i * 1000}-{i * 1000 + 500}" for i in range(20)]))
+    a.write_h5ad(tmp_path / "d.h5ad")
+    (tmp_path / "m.tsv").write_text("name\tformat\tpath\tgenome\tcell_type_key\nd\th5ad\td.h5ad\thg38\tct\n")
+    entry = load_manifest(tmp_path / "m.tsv")[0]
+    ccres = pd.DataFrame({"chrom": "chr1", "start": np.arange(20) * 1000, "end": np.arange(20) * 1000 + 500})
+    mapped, _ = map_dataset(entry, ccres, "hg38", min_frac_in_ccres=0.0)
+    ct = mapped.obs["cell_type"].to_numpy(dtype=object)
+    assert (ct == MISSING_LABEL).sum() == 4
+    assert labelled_mask(ct).sum() == n - 4
 
 
 def blob_adata(seed=0):

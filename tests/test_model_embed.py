@@ -166,6 +166,52 @@ def test_cli_embed_corpus_and_input(fixtures_dir, tok, reference, tmp_path):
     np.testing.assert_allclose(ad.read_h5ad(out4).obsm["X_epiagent"], reference[30:], **TOL)
 
 
+def test_checkpoint_remembers_its_vocabulary(fixtures_dir, tok, tmp_path, capsys):
+    """A model trained on one cCRE vocabulary is refused on data of another vocabulary of the same
+    size: the checkpoint's side file (or pretrain's model_config.json beside it) names its vocab_id,
+    and embed, the task verbs' loader and derived (fine-tuned) models compare it with the data's."""
+    import json
+    import shutil
+
+    from epiflow.model import derive, save_epiagent_checkpoint
+    from epiflow.model.checkpoint import checkpoint_vocab_id
+    from epiflow.tasks.common import load_model
+
+    corpus = _corpus(tmp_path / "corpus", tok)
+    meta = json.loads((corpus / "corpus.json").read_text())
+    (corpus / "corpus.json").write_text(json.dumps({**meta, "vocab_id": "aaaa"}))
+    base = load_epiagent_checkpoint(fixtures_dir / "epiagent_tiny.pth", num_heads=4)
+    assert base.vocab_id is None  # the authors' format knows no vocabulary: nothing to compare
+    base.vocab_id = "bbbb"
+    ckpt = save_epiagent_checkpoint(base, tmp_path / "m" / "checkpoint.pth", write_config=True)
+    assert checkpoint_vocab_id(ckpt) == "bbbb"
+    model = load_epiagent_checkpoint(ckpt)
+    assert model.vocab_id == "bbbb" and derive(model, classes=3).vocab_id == "bbbb"
+    with pytest.raises(VocabularyMismatchError, match="vocabulary bbbb but the corpus .* aaaa"):
+        embed(corpus, model, progress=False)
+    with pytest.raises(VocabularyMismatchError, match="vocab_id"):
+        load_epiagent_checkpoint(ckpt, corpus=corpus)
+    with pytest.raises(VocabularyMismatchError, match="bbbb.*cccc"):
+        load_model(ckpt, n_ccres=300, vocab_id="cccc")
+    with pytest.raises(VocabularyMismatchError, match="bbbb.*cccc"):
+        load_model(model, n_ccres=300, vocab_id="cccc")
+    assert load_model(ckpt, n_ccres=300, vocab_id="bbbb").vocab_id == "bbbb"
+    rc = cli_main(["embed", "--checkpoint", str(ckpt), "--corpus", str(corpus), "--out",
+                   str(tmp_path / "e.h5ad"), "--device", "cpu", "--no-progress"])
+    assert rc != 0 and not (tmp_path / "e.h5ad").exists()
+    assert "aaaa" in capsys.readouterr().err
+    # a checkpoint saved before the side file carried it: pretrain's model_config.json beside it
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(fixtures_dir / "epiagent_tiny.pth", old / "checkpoint.pth")
+    (old / "model_config.json").write_text(json.dumps({"n_ccres": 300, "vocab_id": "dddd"}))
+    assert checkpoint_vocab_id(old / "checkpoint.pth", 300) == "dddd"
+    assert checkpoint_vocab_id(old / "checkpoint.pth", 301) is None  # another model's config
+    # the same vocabulary passes
+    (corpus / "corpus.json").write_text(json.dumps({**meta, "vocab_id": "bbbb"}))
+    assert embed(corpus, model, progress=False).obsm["X_epiagent"].shape == (50, model.config.dim)
+
+
 def test_cli_embed_flags(tmp_path, capsys):
     """The I/O flags named as on every verb; --backend takes the same choices as the task verbs."""
     from epiflow.tasks.config import BACKENDS

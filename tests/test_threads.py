@@ -77,6 +77,43 @@ def test_cli_sets_wait_policy_before_torch_and_threads():
     assert out["policy"] == "ACTIVE"  # a user's setting is kept
 
 
+_POOL_PROBE = ("import json, sys; sys.argv = ['epiflow'] + sys.argv[1:]; import epiflow.cli as c; "
+               "import numpy, numba; parser = c.build_parser(); args = parser.parse_args(sys.argv[1:]); "
+               "n = c._threads.apply(args.threads); from epiflow.tokenize.core import _threads; "
+               "from epiflow.corpus.readers import FragmentReader; d = c._threads.describe(); "
+               "d['n'] = n; d['tokenizer'] = _threads(None); d['reader'] = FragmentReader._budget("
+               "type('R', (), {'threads': None})()); print(json.dumps(d))")
+
+
+@pytest.mark.parametrize("argv, env", [
+    (["--threads", "1"], {}),                 # --threads, numpy and numba already loaded
+    ([], {"OMP_NUM_THREADS": "1"}),          # the threads Snakemake gives the job
+])
+def test_every_pool_keeps_to_the_threads_given(argv, env):
+    """numpy's BLAS (loaded before the arguments are parsed, as the verbs' modules do), numba's pool
+    (UMAP's kernels), the tokenizer and the fragment reader all use the one thread given, not one per
+    core."""
+    out = _probe_pools(["pretrain", "--corpus", "c", "--out", "o", *argv], _env(**env))
+    assert out["n"] == 1
+    assert out["blas_threads"] in ([1], [])  # [] : a numpy without a BLAS pool
+    assert out["numba_threads"] == 1
+    assert out["tokenizer"] == 1 and out["reader"] == 1
+    assert out["NUMBA_NUM_THREADS"] == "1"  # and the processes it starts
+
+
+def test_no_threads_given_changes_nothing():
+    out = _probe_pools(["pretrain", "--corpus", "c", "--out", "o"], _env())
+    assert out["n"] == threads.available_cpus() and out["NUMBA_NUM_THREADS"] is None
+    assert out["tokenizer"] == min(8, threads.available_cpus())
+
+
+def _probe_pools(argv, env):
+    r = subprocess.run([sys.executable, "-c", _POOL_PROBE, *argv], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 _MALLOC_PROBE = r"""
 import ctypes, json, sys
 if sys.argv[1] == "cli":

@@ -241,7 +241,7 @@ def test_sbatch_arguments_of_gpu_rules(slurm_dry_run):
     assert "--signal=USR1@300" in " ".join(argv), argv
 
     for rule in ("embed", *GPU_TASK_RULES):
-        argv = _sbatch(_fake_job(rule, slurm_dry_run, threads=2))
+        argv = _sbatch(_fake_job(rule, slurm_dry_run, threads=8))
         assert argv[argv.index("-p") + 1] == "gpu"
         assert "--gpus=1" in argv and "--cpus-per-gpu=8" in argv, argv
         assert "--ntasks=1" not in argv or rule  # GPU jobs: task geometry left to SLURM
@@ -251,6 +251,23 @@ def test_sbatch_arguments_of_gpu_rules(slurm_dry_run):
     assert argv[argv.index("-p") + 1] == "cpu"
     assert "--cpus-per-task=8" in argv and "--ntasks=1" in argv, argv
     assert not any(a.startswith("--gpus") for a in argv), argv
+
+
+def test_slurm_profile_threads_match_the_cores_asked_for(slurm_dry_run):
+    """Every rule that runs the model on a GPU asks for one (embedding the downstream datasets too),
+    and its process uses the cores it asks SLURM for: set-threads = cpus_per_gpu (Snakemake exports
+    the threads as OMP_NUM_THREADS). The data rules of paper-size corpora get more than the
+    config's default 2 GB / 30 min."""
+    profile = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text())
+    res, threads = profile["set-resources"], profile["set-threads"]
+    gpu_rules = {r for r, v in res.items() if v.get("gpu")}
+    assert {"embed", "embed_downstream", "evaluate_features_trajectory", *GPU_TASK_RULES} <= gpu_rules
+    for rule in gpu_rules - {"pretrain"}:
+        assert threads.get(rule) == res[rule]["cpus_per_gpu"], rule
+    for rule in ("candidate_ccres", "map_dataset", "build_corpus", "downstream_corpus", "run_baseline"):
+        assert int(res[rule]["mem_mb"]) >= 16000 and int(res[rule]["runtime"]) >= 120, rule
+        if rule in slurm_dry_run:  # (the demo's datasets are planned after its simulate checkpoint)
+            assert int(slurm_dry_run[rule]["resources"]["mem_mb"]) == int(res[rule]["mem_mb"]), rule
 
 
 def test_torchrun_launcher_single_device_runs_in_process(tmp_path):

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 # environment defaults read once by the OpenMP runtime when it loads (GNU libgomp in the torch CPU
 # wheel; KMP_BLOCKTIME is the Intel OpenMP equivalent, for builds linked against libiomp5)
 ENV_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 def configure_env(environ=None) -> dict:
@@ -169,14 +169,33 @@ def default_threads(environ=None) -> int:
     return available_cpus()
 
 
+def _given(environ=None) -> int | None:
+    env = os.environ if environ is None else environ
+    value = str(env.get("OMP_NUM_THREADS", "")).split(",")[0].strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def apply(threads: int | None = None) -> int:
     """Use ``threads`` CPU threads in this process and the processes it starts; returns the count.
 
-    ``None`` changes nothing (the libraries then follow ``OMP_NUM_THREADS``, which Snakemake sets to
-    the rule's threads, or their own default of one thread per core; torchrun keeps its own default
-    for its workers) and returns :func:`default_threads`."""
+    Every pool follows it: the environment (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``,
+    ``OPENBLAS_NUM_THREADS``, ``NUMBA_NUM_THREADS``) for libraries not loaded yet and child
+    processes; torch's intra-op pool; the BLAS / OpenMP pools of libraries already loaded (numpy's
+    OpenBLAS reads its environment once, when numpy is imported, which the verbs' modules do before
+    the arguments are parsed; ``threadpoolctl``); numba's pool (UMAP's kernels, in every kNN graph);
+    and epiflow's own (the tokenizer, the fragment reader: :func:`default_threads`).
+
+    ``None``: the count given by ``OMP_NUM_THREADS`` (Snakemake exports the rule's threads) is applied
+    the same way to the pools that do not read that variable (numba); without it nothing changes (one
+    thread per core; torchrun keeps its own default for its workers) and the available CPUs are
+    returned."""
     if threads is None:
-        return default_threads()
+        n = _given()
+        if n is None:
+            return default_threads()
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(n))
+        _loaded_pools(n, blas=False)
+        return n
     n = int(threads)
     if n < 1:
         from .errors import ConfigError
@@ -185,10 +204,27 @@ def apply(threads: int | None = None) -> int:
                           fix="give the number of CPU cores the job may use")
     for key in THREAD_VARS:
         os.environ[key] = str(n)
+    _loaded_pools(n, blas=True)
+    return n
+
+
+def _loaded_pools(n: int, blas: bool) -> None:
+    """Limit the pools of libraries this process has already loaded to ``n`` threads."""
     torch = sys.modules.get("torch")
     if torch is not None:
         _torch_threads(torch, n)
-    return n
+    numba = sys.modules.get("numba")
+    if numba is not None:
+        try:
+            numba.set_num_threads(max(1, min(n, int(numba.config.NUMBA_NUM_THREADS))))
+        except Exception as exc:  # pragma: no cover - a numba without a threading layer
+            log.debug("numba threads not set: %s", exc)
+    if blas and "numpy" in sys.modules:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+            return
+        threadpool_limits(limits=n)  # kept for the life of the process
 
 
 def _torch_threads(torch, n: int) -> None:
@@ -203,4 +239,15 @@ def describe() -> dict:
     if torch is not None:
         out["torch_threads"] = torch.get_num_threads()
         out["torch_interop_threads"] = torch.get_num_interop_threads()
+    numba = sys.modules.get("numba")
+    if numba is not None:
+        out["numba_threads"] = numba.get_num_threads()
+    if "numpy" in sys.modules:
+        try:
+            from threadpoolctl import threadpool_info
+
+            out["blas_threads"] = sorted({int(p["num_threads"]) for p in threadpool_info()
+                                          if p.get("user_api") == "blas"})
+        except ImportError:  # pragma: no cover
+            pass
     return out

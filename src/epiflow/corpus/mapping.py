@@ -32,6 +32,9 @@ from .readers import DEFAULT_CHUNKSIZE, FragmentReader
 
 log = logging.getLogger(__name__)
 
+# the cell type of a cell without a label (the tasks leave such cells out: tasks.features.labelled_mask)
+MISSING_LABEL = "unknown"
+
 MERGE_MIN_NNZ = 4_000_000  # pending per-chunk results are merged once they hold this many entries
 
 # Non-primary contigs of the human assemblies (unplaced, unlocalised, alt, fix, decoy, EBV, lambda):
@@ -427,8 +430,8 @@ def _standard_obs(entry, barcodes, extra: pd.DataFrame | None, where: dict) -> p
                               fix="name an obs column of the input (or a column of the labels table)",
                               **where)
     ct_key = entry.cell_type_key or ("cell_type" if "cell_type" in extra.columns else None)
-    cell_type = extra[ct_key].astype(str).to_numpy() if ct_key else np.full(len(barcodes), "unknown")
-    cell_type = np.where(pd.isna(cell_type) | (cell_type == "nan") | (cell_type == ""), "unknown", cell_type)
+    cell_type = extra[ct_key].astype(str).to_numpy() if ct_key else np.full(len(barcodes), MISSING_LABEL)
+    cell_type = np.where(pd.isna(cell_type) | (cell_type == "nan") | (cell_type == ""), MISSING_LABEL, cell_type)
     batch = extra[entry.batch_key].astype(str).to_numpy() if entry.batch_key else np.full(len(barcodes), entry.name)
     std = pd.DataFrame({"cell_id": [f"{entry.name}:{b}" for b in barcodes], "barcode": barcodes,
                         "dataset": entry.name, "tissue": entry.tissue or "unknown", "batch": batch,

@@ -303,22 +303,29 @@ class Corpus:
     def check_model_vocab(self, n_ccres_model: int, what: str = "model", vocab_id: str | None = None) -> None:
         """Raise :class:`VocabularyMismatchError` when a model's cCRE count (or, when the model's
         sidecar records one, its ``vocab_id``) differs from this corpus's vocabulary."""
-        if vocab_id and self.vocab_id and str(vocab_id) != self.vocab_id:
-            raise VocabularyMismatchError(
-                f"the {what} was trained on cCRE vocabulary {vocab_id} but the corpus vocabulary is "
-                f"{self.vocab_id} (same size {n_ccres_model} does not mean same cCREs)"
-                if int(n_ccres_model) == self.n_ccres else
-                f"the {what} has {n_ccres_model} cCREs (vocabulary {vocab_id}) but the corpus vocabulary "
-                f"{self.vocab_id} has {self.n_ccres}",
-                path=str(self.root / "corpus.json"), field="vocab_id",
-                fix="use a checkpoint trained on this corpus vocabulary, or rebuild the corpus on the "
-                    "checkpoint's cCRE set (--vocabulary external --ccres <its vocab.bed>)")
+        check_vocab_id(vocab_id, self.vocab_id, what=what, data=f"corpus ({self.n_ccres} cCREs)",
+                       path=self.root / "corpus.json")
         if int(n_ccres_model) != self.n_ccres:
             raise VocabularyMismatchError(
                 f"the {what} has {n_ccres_model} cCREs but the corpus vocabulary has {self.n_ccres}",
                 path=str(self.root / "corpus.json"),
                 fix="use a checkpoint trained on this corpus vocabulary, or map the data onto the "
                     "checkpoint's cCRE set (vocabulary: external)")
+
+
+def check_vocab_id(model_vocab_id: str | None, data_vocab_id: str | None, *, what: str = "model",
+                   data: str = "data", path=None) -> None:
+    """Raise :class:`VocabularyMismatchError` when a model and its data both name their cCRE vocabulary
+    (``vocab_id``: a hash of the cCRE intervals in order) and the two differ: the same number of
+    cCREs is not the same cCREs. Nothing to compare when either is unknown (the authors' weights,
+    an AnnData of raw counts)."""
+    if model_vocab_id and data_vocab_id and str(model_vocab_id) != str(data_vocab_id):
+        raise VocabularyMismatchError(
+            f"the {what} was trained on cCRE vocabulary {model_vocab_id} but the {data} is on vocabulary "
+            f"{data_vocab_id}: the same number of cCREs is not the same cCREs",
+            path=None if path is None else str(path), field="vocab_id",
+            fix="use a checkpoint trained on this corpus vocabulary, or rebuild the data on the "
+                "checkpoint's cCRE set (--vocabulary external --ccres <its vocab.bed>)")
 
 
 def open_corpus(root: str | os.PathLike) -> Corpus:

@@ -287,12 +287,42 @@ def _read_sidecar(path) -> dict:
                               fix="delete or repair the side file") from None
 
 
-def _check_vocab(cfg: EpiAgentConfig, corpus, n_ccres, path) -> None:
+def checkpoint_vocab_id(path, n_ccres: int | None = None) -> str | None:
+    """The cCRE vocabulary a checkpoint was trained on (``vocab_id``, see
+    :func:`epiflow.corpus.shard.vocab_id_from_intervals`), or None when unknown (the authors' weights).
+
+    Read from the ``<checkpoint>.json`` side file, else from the ``model_config.json`` that
+    ``epiflow pretrain`` writes beside its checkpoint (for checkpoints saved before the side file
+    carried it; only when its cCRE count is the checkpoint's)."""
+    sc = sidecar_path(path)
+    if sc.exists():
+        try:
+            vid = json.loads(sc.read_text()).get("vocab_id")
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise CheckpointError(f"invalid JSON side file ({exc})", path=str(sc),
+                                  fix="delete or repair the side file") from None
+        if vid:
+            return str(vid)
+    mc = Path(path).with_name("model_config.json")
+    if mc.exists():
+        try:
+            d = json.loads(mc.read_text())
+        except json.JSONDecodeError:
+            return None
+        if isinstance(d, dict) and d.get("vocab_id") and (n_ccres is None or d.get("n_ccres") == n_ccres):
+            return str(d["vocab_id"])
+    return None
+
+
+def _check_vocab(cfg: EpiAgentConfig, corpus, n_ccres, path, model_vocab_id=None, vocab_id=None) -> None:
+    from ..corpus.shard import check_vocab_id
+
     if corpus is not None:
         from ..corpus.shard import Corpus, open_corpus
 
         c = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
-        c.check_model_vocab(cfg.n_ccres, what=f"checkpoint {path}")
+        c.check_model_vocab(cfg.n_ccres, what=f"checkpoint {path}", vocab_id=model_vocab_id)
+    check_vocab_id(model_vocab_id, vocab_id, what=f"checkpoint {path}")
     if n_ccres is not None and int(n_ccres) != cfg.n_ccres:
         raise VocabularyMismatchError(
             f"the checkpoint has {cfg.n_ccres} cCREs (cCRE_embedding.weight [{cfg.vocab_size},{cfg.dim}]) "
@@ -303,14 +333,16 @@ def _check_vocab(cfg: EpiAgentConfig, corpus, n_ccres, path) -> None:
 # --------------------------------------------------------------------------- public API
 def load_epiagent_checkpoint(path: str | os.PathLike, num_heads: int | None = None, backend: str = "sdpa", *,
                              device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                             corpus: Any = None, n_ccres: int | None = None, mmap: bool = True,
-                             **overrides: Any) -> EpiAgent:
+                             corpus: Any = None, n_ccres: int | None = None, vocab_id: str | None = None,
+                             mmap: bool = True, **overrides: Any) -> EpiAgent:
     """Load an authors'-format checkpoint (``pretrained_EpiAgent.pth``, EpiAgent-B/-NT, batch-conditioned,
     or one written by epiflow) into an :class:`EpiAgent` in eval mode.
 
     Sizes and kind come from the state dict; ``num_heads`` must be given unless the width is 512
     (default 8) or a ``<path>.json`` side file has it. ``corpus`` (folder or Corpus) / ``n_ccres`` check
-    the vocabulary (:class:`VocabularyMismatchError`). Tensors stay memory-mapped on CPU unless
+    the vocabulary (:class:`VocabularyMismatchError`), and so does ``vocab_id`` (the data's cCRE
+    vocabulary, e.g. ``Shard.vocab_id``) against the checkpoint's (:func:`checkpoint_vocab_id`; the
+    model keeps it as ``model.vocab_id``). Tensors stay memory-mapped on CPU unless
     ``device`` / ``dtype`` ask for a copy. ``overrides``: dropout, ln_eps, head_ln_eps, cond_mode, ...
     """
     path = Path(path)
@@ -318,9 +350,11 @@ def load_epiagent_checkpoint(path: str | os.PathLike, num_heads: int | None = No
     side = _read_sidecar(path)
     side.update(overrides)
     cfg = infer_config(sd, num_heads, path=path, overrides=side)
-    _check_vocab(cfg, corpus, n_ccres, path)
+    model_vocab_id = checkpoint_vocab_id(path, cfg.n_ccres)
+    _check_vocab(cfg, corpus, n_ccres, path, model_vocab_id, vocab_id)
     with meta_without_init():
         model = EpiAgent(cfg, backend="sdpa")
+    model.vocab_id = model_vocab_id
     check_state_dict(model, sd, path)
     # load_state_dict(assign=True) writes flags into sd._metadata: keep a pristine copy for saving
     source_metadata = copy.deepcopy(getattr(sd, "_metadata", None))
@@ -340,7 +374,8 @@ def save_epiagent_checkpoint(model: EpiAgent, path: str | os.PathLike, *, write_
     """``torch.save`` the state dict in the authors' format, atomically (temp folder, then rename).
 
     CPU tensors in key order; the pickled ``_metadata`` of a loaded file is kept. With
-    ``write_config`` also writes ``<path>.json`` (the full config, incl. ``num_heads``).
+    ``write_config`` also writes ``<path>.json`` (the full config, incl. ``num_heads``, and the model's
+    ``vocab_id`` when it has one).
     """
     path = Path(path)
     sd = model.state_dict()
@@ -359,8 +394,10 @@ def save_epiagent_checkpoint(model: EpiAgent, path: str | os.PathLike, *, write_
         os.replace(tmp, path)
         if write_config:
             side = tmpdir / (path.name + ".json")
-            side.write_text(json.dumps({"format": "epiflow-model-config", "version": 1,
-                                        "config": model.config.to_dict()}, indent=2))
+            doc = {"format": "epiflow-model-config", "version": 1, "config": model.config.to_dict()}
+            if getattr(model, "vocab_id", None):
+                doc["vocab_id"] = str(model.vocab_id)
+            side.write_text(json.dumps(doc, indent=2))
             os.replace(side, sidecar_path(path))
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

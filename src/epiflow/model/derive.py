@@ -164,6 +164,7 @@ def derive(
             torch.as_tensor(gene_graph.edge_index), torch.as_tensor(gene_graph.edge_weight)
         )
     model.set_gradient_checkpointing(base.EpiAgent_transformer.gradient_checkpointing)
+    model.vocab_id = getattr(base, "vocab_id", None)  # the same cCRE vocabulary
     ref = next((p for p in base.parameters() if p.is_floating_point()), None)
     if ref is not None and ref.device.type != "meta":
         model.to(device=ref.device, dtype=ref.dtype)

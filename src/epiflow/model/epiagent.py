@@ -204,6 +204,8 @@ class EpiAgent(nn.Module):
         cfg.validate()
         self.config = cfg
         self.backend = _backend_setting(backend)
+        # the cCRE vocabulary trained on (corpus vocab_id; None: unknown), kept in the side file
+        self.vocab_id: str | None = None
         D = cfg.dim
         # --- authors' keys, in their order
         self.cCRE_embedding = nn.Embedding(cfg.vocab_size, D)

@@ -139,18 +139,22 @@ def embed_sentences(model: EpiAgent, indptr: np.ndarray, tokens: np.ndarray, *, 
     return out
 
 
-def _check_n(model, n_ccres: int, what: str, path=None) -> None:
+def _check_n(model, n_ccres: int, what: str, path=None, vocab_id: str | None = None) -> None:
+    from ..corpus.shard import check_vocab_id
+
     if int(n_ccres) != model.n_ccres:
         raise VocabularyMismatchError(
             f"the {what} has {n_ccres} cCREs but the model has {model.n_ccres}",
             path=None if path is None else str(path),
             fix="map the data onto the checkpoint's cCRE vocabulary (same cCREs, same order)")
+    check_vocab_id(getattr(model, "vocab_id", None), vocab_id, data=what, path=path)
 
 
 def _anndata_sentences(adata, model, df, max_len):
     import scipy.sparse as sp
 
-    _check_n(model, adata.n_vars, "AnnData (n_vars)")
+    _check_n(model, adata.n_vars, "AnnData (n_vars)",
+             vocab_id=(adata.uns.get("epiflow") or {}).get("vocab_id") if hasattr(adata.uns, "get") else None)
     if df is None:
         if "df" not in adata.var:
             raise InputFormatError("no document frequencies: pass df= (corpus df.npy) or set adata.var['df']",
@@ -208,11 +212,11 @@ def embed(data: Any, model: EpiAgent, *, df: np.ndarray | None = None, key: str 
         data.obsm[key] = embed_sentences(model, indptr, tokens, batch_ids=ids_for(data.obs), **kw)
         return data
     if isinstance(data, Shard):
-        _check_n(model, data.n_ccres, "shard")
+        _check_n(model, data.n_ccres, "shard", vocab_id=data.vocab_id)
         emb = embed_sentences(model, data.indptr, data.tokens, batch_ids=ids_for(data.obs), **kw)
         return _result(data.obs, emb, key)
     if isinstance(data, Corpus):
-        data.check_model_vocab(model.n_ccres)
+        data.check_model_vocab(model.n_ccres, vocab_id=getattr(model, "vocab_id", None))
         embs, obs = [], []
         for i, shard in enumerate(data.iter_shards()):
             embs.append(embed_sentences(model, shard.indptr, shard.tokens, batch_ids=ids_for(shard.obs),

@@ -205,10 +205,13 @@ def obs_labels(shard, label_key: str) -> np.ndarray:
 
 
 def check_model_vocab(model, cells) -> None:
-    """The model must have the cells' cCRE vocabulary size."""
+    """The model must be on the cells' cCRE vocabulary (its size, and its ``vocab_id`` when both know it)."""
+    from ..corpus.shard import check_vocab_id
+
     if int(model.n_ccres) != int(cells.n_ccres):
         raise VocabularyMismatchError(f"the model has {model.n_ccres} cCREs but the data has {cells.n_ccres}",
                                       field="n_ccres", fix="use a model trained on this cCRE vocabulary")
+    check_vocab_id(getattr(model, "vocab_id", None), getattr(cells, "vocab_id", None))
 
 
 def run(cells, model, settings: AnnotationConfig | None = None, *, dataset: str | None = None) -> TaskResult:

@@ -78,7 +78,7 @@ def _evaluate_features(args: argparse.Namespace) -> int:
         from .common import load_model
 
         # on the CPU: fine-tuning trains a copy on cfg.device (epiflow.tasks.features_finetune)
-        model = load_model(args.checkpoint, n_ccres=cells.n_ccres, num_heads=cfg.num_heads, backend=cfg.backend)
+        model = load_model(args.checkpoint, n_ccres=cells.n_ccres, vocab_id=cells.vocab_id, num_heads=cfg.num_heads, backend=cfg.backend)
     result = run(adata, cfg, embeddings=methods, dataset=args.dataset, model=model, cells=cells, lsi_info=info)
     write_features(result, args.out, cfg)
     table = result.metrics

@@ -133,13 +133,15 @@ def corpus_df(source) -> np.ndarray | None:
     return _first_of(source, read, "df.npy")
 
 
-def load_model(checkpoint, *, n_ccres: int | None = None, num_heads: int | None = None, backend: str = "auto",
-               device=None, dropout: float | None = None):
+def load_model(checkpoint, *, n_ccres: int | None = None, vocab_id: str | None = None, num_heads: int | None = None,
+               backend: str = "auto", device=None, dropout: float | None = None):
     """A trainable float32 copy of a checkpoint (a path, or an :class:`~epiflow.model.EpiAgent` that is
     deep-copied) on ``device`` (None: CPU) with attention ``backend`` (auto: packed while training on
-    CPU, padded sdpa for inference; flash-attn on CUDA when installed)."""
+    CPU, padded sdpa for inference; flash-attn on CUDA when installed). ``n_ccres`` / ``vocab_id``:
+    the data's cCRE vocabulary, checked against the model's."""
     import torch
 
+    from ..corpus.shard import check_vocab_id
     from ..errors import VocabularyMismatchError
     from ..model import EpiAgent, load_epiagent_checkpoint
 
@@ -148,13 +150,14 @@ def load_model(checkpoint, *, n_ccres: int | None = None, num_heads: int | None 
         if n_ccres is not None and model.n_ccres != int(n_ccres):
             raise VocabularyMismatchError(f"the model has {model.n_ccres} cCREs but the data has {n_ccres}",
                                           field="n_ccres", fix="use a model trained on this cCRE vocabulary")
+        check_vocab_id(getattr(model, "vocab_id", None), vocab_id)
     else:
         p = Path(checkpoint)
         if not p.exists():
             raise InputFormatError("checkpoint does not exist", path=str(p),
                                    fix="pass checkpoint.pth written by epiflow pretrain (or the authors' file)")
         kw = {} if dropout is None else {"dropout": float(dropout)}
-        model = load_epiagent_checkpoint(p, num_heads=num_heads, n_ccres=n_ccres, mmap=False,
+        model = load_epiagent_checkpoint(p, num_heads=num_heads, n_ccres=n_ccres, vocab_id=vocab_id, mmap=False,
                                          dtype=torch.float32, backend=backend, **kw)
     model.to(resolve_device(device) if device is not None else torch.device("cpu"))
     model.set_backend(backend)
@@ -167,8 +170,8 @@ def load_inputs(corpus, checkpoint, settings, *, df=None, dataset=None, max_cell
     (:func:`load_model`; an unknown device is an error before anything loads)."""
     resolve_device(settings.device)
     cells = load_cells(corpus, df=df, dataset=dataset, max_cells=max_cells, seed=settings.seed)
-    model = load_model(checkpoint, n_ccres=cells.n_ccres, num_heads=settings.num_heads, backend=settings.backend,
-                       device=settings.device)
+    model = load_model(checkpoint, n_ccres=cells.n_ccres, vocab_id=cells.vocab_id, num_heads=settings.num_heads,
+                       backend=settings.backend, device=settings.device)
     return cells, model
 
 

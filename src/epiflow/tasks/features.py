@@ -70,11 +70,14 @@ log = logging.getLogger(__name__)
 TASK = "feature_extraction"
 TRAJECTORY_TASK = "trajectory"
 DEFAULT_EMBEDDINGS = {"EpiAgent": "X_epiagent", "LSI": "X_lsi"}
-MISSING_LABELS = {"", "nan", "none", "na", "n/a", "<na>"}
+# "unknown" is what map-dataset writes for a cell without a label (epiflow.corpus.mapping.MISSING_LABEL)
+MISSING_LABELS = {"", "nan", "none", "na", "n/a", "<na>", "unknown"}
 
 
 def labelled_mask(labels) -> np.ndarray:
-    """True where a label is present (not NaN / None / empty / 'nan' / 'None' / 'NA')."""
+    """True where a label is present (not NaN / None / empty / 'nan' / 'None' / 'NA' / 'unknown', in
+    any case): unlabelled cells are left out of every label-based metric, never counted as one more
+    cell type."""
     s = pd.Series(np.asarray(labels, dtype=object))
     ok = s.notna().to_numpy()
     txt = s.astype(str).str.strip().str.lower()

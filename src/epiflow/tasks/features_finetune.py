@@ -85,7 +85,7 @@ def finetune_embeddings(checkpoint, cells, *, epochs: int = 2, lr: float = 1e-4,
     if cs.n_cells == 0:
         raise ConfigError("no cells to embed", field="cells")
     dev = resolve_device(device)
-    model = load_model(checkpoint, n_ccres=cs.n_ccres, num_heads=num_heads, backend=backend, device=dev)
+    model = load_model(checkpoint, n_ccres=cs.n_ccres, vocab_id=cs.vocab_id, num_heads=num_heads, backend=backend, device=dev)
     if epochs > 0:
         _need_heads(model)
     ml = effective_max_len(model, max_len)

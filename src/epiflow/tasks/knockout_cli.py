@@ -35,7 +35,7 @@ def _knockout(args) -> int:
                                    fix="pass the df.npy of the model's corpus") from None
     else:
         df = corpus_df(args.corpus)
-    model = load_model(args.checkpoint, n_ccres=cells.n_ccres, num_heads=cfg.num_heads, backend=cfg.backend,
+    model = load_model(args.checkpoint, n_ccres=cells.n_ccres, vocab_id=cells.vocab_id, num_heads=cfg.num_heads, backend=cfg.backend,
                        device=cfg.device)
     res = run(cells, model, cfg, targets, df=df, neighbourhood=tss_neighbourhood(cfg, tss, vocab, targets))
     if cfg.figures:

@@ -199,11 +199,9 @@ def run_train(base, cells, cfg: AnnotatorConfig | None = None, *, label_map=None
     train_idx = idx[~val[idx]]
     val_idx = idx[val[idx]]
 
-    if base.n_ccres != cells.n_ccres:
-        from ..errors import VocabularyMismatchError
+    from .annotation import check_model_vocab
 
-        raise VocabularyMismatchError(f"the data have {cells.n_ccres} cCREs but the model {base.n_ccres}",
-                                      fix="map the data onto the checkpoint's cCRE vocabulary")
+    check_model_vocab(base, cells)
     # the authors' supervised layout: embeddings + encoder copied, new classifier, no pretraining heads
     model = derive(base, classes=len(classes), classifier=classifier, pretrain_heads=False, seed=seed).to(dev)
     max_len = model.config.max_rank - 2 if cfg.max_len is None else int(min(cfg.max_len, model.config.max_rank - 2))
@@ -365,11 +363,9 @@ def run_annotate(model, cells, classes, cfg: ZeroshotConfig | None = None, *, la
     if len(classes) != model.config.num_classes:
         raise ConfigError(f"the classifier has {model.config.num_classes} classes but {len(classes)} names "
                           "were given", field="classes", fix="pass the classes.tsv written with this checkpoint")
-    if cells.n_ccres != model.n_ccres:
-        from ..errors import VocabularyMismatchError
+    from .annotation import check_model_vocab
 
-        raise VocabularyMismatchError(f"the data have {cells.n_ccres} cCREs but the model {model.n_ccres}",
-                                      fix="map the data onto the checkpoint's cCRE vocabulary")
+    check_model_vocab(model, cells)
     extra: dict[str, float] = {}
     if restrict_ccres is not None:
         before = float(np.median(cells.lengths)) if cells.n_cells else 0.0

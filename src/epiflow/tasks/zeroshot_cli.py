@@ -56,7 +56,7 @@ def _train(args) -> int:
     cfg = config_from_args(AnnotatorConfig, args)
     cells = load_cells(args.corpus, df=args.df, dataset=args.dataset, max_cells=cfg.max_cells, seed=cfg.seed)
     # on the CPU: only the weights of its encoder are copied into the annotator (built on cfg.device)
-    base = load_model(args.checkpoint, n_ccres=cells.n_ccres, num_heads=cfg.num_heads, backend=cfg.backend)
+    base = load_model(args.checkpoint, n_ccres=cells.n_ccres, vocab_id=cells.vocab_id, num_heads=cfg.num_heads, backend=cfg.backend)
     res = run_train(base, cells, cfg, label_map=args.label_map, dataset=args.dataset)
     del base
     ckpt = write_annotator(res, args.out)

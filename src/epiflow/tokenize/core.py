@@ -10,7 +10,6 @@ descending TF-IDF order. Ties are broken by ascending cCRE index (deterministic;
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -56,13 +55,13 @@ BLOCK = 1 << 16  # stored values per work unit: a few hundred kB per array, in c
 
 
 def _threads(n_jobs: int | None) -> int:
+    """``n_jobs``, else the process's threads (``OMP_NUM_THREADS``, which ``--threads`` and Snakemake
+    set, else the usable cores), at most 8."""
     if n_jobs is not None:
         return max(1, int(n_jobs))
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, 8))
+    from ..threads import default_threads
+
+    return max(1, min(default_threads(), 8))
 
 
 def _row_blocks(indptr: np.ndarray, block: int = BLOCK) -> list[tuple[int, int]]:
@@ -117,7 +116,7 @@ def global_tfidf(counts, df, *, n_jobs: int | None = None) -> sp.csr_matrix:
     authors' dtypes (row sums and their inverses in float32, then float64 from the division by
     ``df``), so the values are bit-identical to their ``global_TFIDF``. Returns a float64 CSR matrix
     with sorted indices and the sparsity pattern of the non-zero counts. Works block by block on
-    ``n_jobs`` threads (default: the usable cores, at most 8).
+    ``n_jobs`` threads (default: the process's threads, at most 8).
     """
     counts = _canonical_csr(counts)
     df = np.asarray(df, dtype=np.float64).ravel()
@@ -191,7 +190,7 @@ def cell_sentences(tfidf, max_len: int | None = None, *, return_values: bool = F
     cell ``i`` is ``tokens[indptr[i]:indptr[i+1]]``, token ids = cCRE index + 4, sorted by TF-IDF
     descending with ties by ascending cCRE index. ``max_len`` keeps the top ``max_len`` tokens
     (the inference rule of the authors). Works block by block on ``n_jobs`` threads (default: the
-    usable cores, at most 8); the result does not depend on ``n_jobs``.
+    process's threads, at most 8); the result does not depend on ``n_jobs``.
     """
     tf = tfidf if sp.issparse(tfidf) and tfidf.format == "csr" else sp.csr_matrix(tfidf)
     if not tf.has_sorted_indices:

@@ -356,6 +356,7 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
 
     torch.manual_seed(cfg.seed)
     model = from_config(mcfg, backend="sdpa")
+    model.vocab_id = index.vocab_id or None  # saved in the checkpoint's side file
     model.to(dev)
     model.set_backend(cfg.backend)
     if cfg.gradient_checkpointing:
