@@ -72,13 +72,17 @@ def test_to_argv_round_trips_through_the_parser():
                        figures=False, svg=True)
     assert to_argv(Demo, {"max_steps": None}) == []
     assert "'A,B C'" in argv_string(Demo, {"genes": ["A", "B C"]})
+    # an empty list is not silently the verb's default (null is)
+    for key in ("genes", "k", "holdout"):
+        with pytest.raises(ConfigError, match=f"'{key}' is an empty list"):
+            to_argv(Demo, {key: []})
 
 
 def test_schema_properties_validate_like_the_flags():
     schema = {"type": "object", "additionalProperties": False, "properties": schema_properties(Demo)}
     jsonschema.validate({"epochs": 1, "max_steps": None, "head": "mlp", "k": [1], "figures": False}, schema)
     for bad in ({"epochs": 0}, {"max_steps": 0}, {"head": "forest"}, {"k": [0]}, {"figures": "yes"},
-                {"secret": 3}):
+                {"secret": 3}, {"k": []}, {"genes": []}, {"holdout": []}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
 

@@ -580,3 +580,19 @@ def test_files_a_setting_switches_off_are_not_declared(tmp_path):
     assert f"{res}/figures/fig3d.png" in off and f"{res}/figures/fig4e.png" in off
     panels = next(ln for ln in off_all.splitlines() if "epiflow figure --list" in ln)
     assert f"fig3g=no rule of this workflow writes {res}/tasks/stimulation/stimulation/cells.tsv" in panels
+
+
+def test_every_rule_has_a_log_and_a_benchmark():
+    """Each rule that runs something writes a log and a benchmark (`use rule` copies inherit them)."""
+    missing = []
+    for smk in [ROOT / "workflow/Snakefile", *sorted((ROOT / "workflow/rules").glob("*.smk"))]:
+        blocks = re.split(r"^(?=(?:rule|checkpoint) \w+:)", smk.read_text(), flags=re.M)
+        for block in blocks[1:]:
+            name = re.match(r"(?:rule|checkpoint) (\w+):", block).group(1)
+            body = re.split(r"^\S", block.split("\n", 1)[1], maxsplit=1, flags=re.M)[0]
+            if name == "all":
+                continue
+            for key in ("log:", "benchmark:"):
+                if not re.search(rf"^    {key}", body, flags=re.M):
+                    missing.append(f"{smk.name}: rule {name} has no {key}")
+    assert not missing, missing

@@ -186,3 +186,31 @@ def test_check_workflow_config_notes_renames_and_problems():
     both["tasks"]["knockout"]["finetune_steps"] = 3
     with pytest.raises(ConfigError, match="both 'finetune_steps'"):
         check_workflow_config(both, schema)
+
+
+def test_files_the_config_names_are_checked_before_any_job(tmp_path, monkeypatch):
+    """A missing or bad manifest and an unknown model preset are configuration problems naming the
+    key, found when the workflow is parsed, not in a job after the corpus is built."""
+    from epiflow.workflow_config import check_workflow_config
+
+    schema = ROOT / "workflow/schemas/config.schema.yaml"
+    monkeypatch.chdir(tmp_path)
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["datasets"]["manifest"] = "config/manifests/nope.tsv"
+    cfg["model"]["preset"] = "huge"
+    _, problems = check_workflow_config(cfg, schema)
+    assert len(problems) == 2, problems
+    assert "'datasets.manifest': config/manifests/nope.tsv not found" in problems[0]
+    assert f"working directory {tmp_path}" in problems[0]
+    assert "'model.preset': unknown preset 'huge'; use one of tiny, small, paper" in problems[1]
+    # a manifest that lists one file for pretraining and for evaluation
+    (tmp_path / "m.tsv").write_text("name\tformat\tpath\tgenome\trole\n"
+                                    "a\th5ad\tx.h5ad\thg38\tcorpus\nb\th5ad\tx.h5ad\thg38\tdownstream\n")
+    cfg["datasets"]["manifest"] = str(tmp_path / "m.tsv")
+    cfg["model"]["preset"] = "my_model.json"
+    _, problems = check_workflow_config(cfg, schema)
+    assert "'datasets.manifest'" in problems[0] and "seen in pretraining" in problems[0]
+    assert "'model.preset': my_model.json not found" in problems[1]
+    (tmp_path / "m.tsv").write_text("name\tformat\tpath\tgenome\na\th5ad\tx.h5ad\thg38\n")
+    (tmp_path / "my_model.json").write_text("{}")
+    assert check_workflow_config(cfg, schema)[1] == []

@@ -231,7 +231,10 @@ def to_argv(cls, values: Mapping[str, Any], *, exclude: Iterable[str] = ()) -> l
         elif kind.is_list:
             items = [str(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
             if not items:
-                continue
+                from .errors import ConfigError
+
+                raise ConfigError(f"'{f.name}' is an empty list", field=f.name,
+                                  fix="give at least one value, or null (or leave the key out) for the default")
             if f.metadata.get("repeat"):
                 for x in items:
                     out += [flag(f.name), x]
@@ -275,8 +278,8 @@ def schema_properties(cls, *, exclude: Iterable[str] = ()) -> dict[str, dict]:
         for key, schema_key in (("min", "minimum"), ("exclusive_min", "exclusiveMinimum"), ("max", "maximum")):
             if meta.get(key) is not None:
                 item[schema_key] = meta[key]
-        if kind.is_list:
-            item = {"type": "array", "items": item}
+        if kind.is_list:  # an empty list would mean the verb's default: null says that
+            item = {"type": "array", "items": item, "minItems": 1}
         if kind.optional:
             item = {"anyOf": [item, {"type": "null"}]}
         if meta.get("help"):

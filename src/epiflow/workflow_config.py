@@ -148,4 +148,42 @@ def check_workflow_config(cfg: dict, schema_file) -> tuple[list[str], list[str]]
 
     schema = workflow_schema(schema_file)
     notes = _rename_legacy_task_keys(cfg) + _drop_retired_keys(cfg) + _coerce_numbers(cfg, schema)
-    return notes, _config_errors(cfg, schema)
+    problems = _config_errors(cfg, schema)
+    return notes, problems or _file_problems(cfg)
+
+
+def _where(path) -> str:
+    import os
+
+    return "" if os.path.isabs(str(path)) else f" (relative paths are read from the working directory {os.getcwd()})"
+
+
+def _file_problems(cfg: dict) -> list[str]:
+    """The files the configuration names that must exist before any job runs: the dataset manifest
+    (read whole: a bad manifest is a configuration problem, named as such) and a JSON model config."""
+    from pathlib import Path
+
+    from .model.config import PRESETS
+
+    problems = []
+    manifest = (cfg.get("datasets") or {}).get("manifest")
+    if manifest:
+        if not Path(manifest).is_file():
+            problems.append(f"config key 'datasets.manifest': {manifest} not found{_where(manifest)}; "
+                            "give the path of the manifest file (absolute, or run from the repository)")
+        else:
+            from .corpus.manifest import load_manifest
+
+            try:
+                load_manifest(manifest)
+            except ConfigError as exc:
+                problems.append(f"config key 'datasets.manifest': {exc}")
+    preset = (cfg.get("model") or {}).get("preset")
+    if isinstance(preset, str) and preset not in PRESETS:
+        if not preset.endswith(".json"):
+            problems.append(f"config key 'model.preset': unknown preset '{preset}'; use one of "
+                            f"{', '.join(PRESETS)}, or the path of a JSON model config (*.json)")
+        elif not Path(preset).is_file():
+            problems.append(f"config key 'model.preset': {preset} not found{_where(preset)}; "
+                            "give the path of the JSON model config")
+    return problems

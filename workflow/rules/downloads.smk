@@ -21,6 +21,8 @@ rule download:
         f"{R}/downloads/{{download}}",
     log:
         f"{R}/logs/download/{{download}}.log",
+    benchmark:
+        f"{R}/benchmarks/download/{{download}}.tsv"
     conda:
         "../../envs/epiflow.yaml"
     threads: 1

@@ -54,6 +54,8 @@ rule figure_panels:
         ),
     log:
         f"{R}/logs/figure/panels.log",
+    benchmark:
+        f"{R}/benchmarks/figure/panels.tsv"
     conda:
         "../../envs/epiflow.yaml"
     threads: 1
