@@ -33,6 +33,23 @@ def test_ot_match_recovers_permutation_cosine():
     assert np.array_equal(partner_of_src[perm], np.arange(12))
 
 
+def test_ot_match_chunks_large_sets():
+    """Above max_cells a side the matching runs in random chunks (bounded memory), still pairing each
+    cell with a close partner; at or below it the plan is the exact one, whatever max_cells is."""
+    rng = np.random.default_rng(3)
+    src = rng.normal(size=(40, 6))
+    perm = rng.permutation(40)
+    tgt = src[perm] + rng.normal(scale=1e-3, size=(40, 6))
+    exact = ot_match(src, tgt)
+    assert all(np.array_equal(a, b) for a, b in zip(exact, ot_match(src, tgt, max_cells=40)))
+    p_tgt, p_src = ot_match(src, tgt, max_cells=15)  # 3 chunks of <= 15 cells a side
+    assert p_tgt.shape == (40,) and p_src.shape == (40,)
+    assert set(np.bincount(p_tgt, minlength=40)) <= {0, 1, 2}  # partners spread, as in a matching
+    cos = lambda a, b: np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)  # noqa: E731
+    # within each chunk the plan is optimal: closer partners than a random pairing of the same cells
+    assert cos(tgt, src[p_tgt]).mean() > cos(tgt, src[rng.permutation(40)]).mean() + 0.2
+
+
 def test_ot_match_groups_stays_within_group():
     rng = np.random.default_rng(1)
     emb = rng.normal(size=(20, 4))

@@ -77,34 +77,54 @@ def test_cli_sets_wait_policy_before_torch_and_threads():
     assert out["policy"] == "ACTIVE"  # a user's setting is kept
 
 
-_POOL_PROBE = ("import json, sys; sys.argv = ['epiflow'] + sys.argv[1:]; import epiflow.cli as c; "
-               "import numpy, numba; parser = c.build_parser(); args = parser.parse_args(sys.argv[1:]); "
-               "n = c._threads.apply(args.threads); from epiflow.tokenize.core import _threads; "
+_POOL_PROBE = ("import json, os, sys; early = os.environ.pop('PROBE_EARLY') == '1'; "
+               "sys.argv = ['epiflow'] + sys.argv[1:]; import epiflow.cli as c; import numpy; "
+               "early and __import__('numba'); parser = c.build_parser(); args = parser.parse_args(sys.argv[1:]); "
+               "env_before = os.environ.get('NUMBA_NUM_THREADS'); "
+               "n = c._threads.apply(args.threads); import numba; from numba import njit; "
+               "f = njit(parallel=True)(lambda x: x + 1); f(numpy.ones(4)); "  # compiles: numba re-reads its env
+               "from epiflow.tokenize.core import _threads; "
                "from epiflow.corpus.readers import FragmentReader; d = c._threads.describe(); "
                "d['n'] = n; d['tokenizer'] = _threads(None); d['reader'] = FragmentReader._budget("
                "type('R', (), {'threads': None})()); print(json.dumps(d))")
 
 
+@pytest.mark.parametrize("early", ["1", "0"])
 @pytest.mark.parametrize("argv, env", [
-    (["--threads", "1"], {}),                 # --threads, numpy and numba already loaded
+    (["--threads", "1"], {}),                 # --threads, numpy (and numba) already loaded
     ([], {"OMP_NUM_THREADS": "1"}),          # the threads Snakemake gives the job
 ])
-def test_every_pool_keeps_to_the_threads_given(argv, env):
+def test_every_pool_keeps_to_the_threads_given(argv, env, early):
     """numpy's BLAS (loaded before the arguments are parsed, as the verbs' modules do), numba's pool
-    (UMAP's kernels), the tokenizer and the fragment reader all use the one thread given, not one per
-    core."""
-    out = _probe_pools(["pretrain", "--corpus", "c", "--out", "o", *argv], _env(**env))
+    (UMAP's kernels; loaded before or after), the tokenizer and the fragment reader all use the one
+    thread given, not one per core."""
+    out = _probe_pools(["pretrain", "--corpus", "c", "--out", "o", *argv], _env(PROBE_EARLY=early, **env))
     assert out["n"] == 1
     assert out["blas_threads"] in ([1], [])  # [] : a numpy without a BLAS pool
     assert out["numba_threads"] == 1
     assert out["tokenizer"] == 1 and out["reader"] == 1
-    assert out["NUMBA_NUM_THREADS"] == "1"  # and the processes it starts
+    # numba not loaded yet: its pool (and child processes) get the count from the environment;
+    # loaded: the environment is left as numba started with it (it fails on a changed value)
+    assert out["NUMBA_NUM_THREADS"] == (None if early == "1" else "1")
 
 
 def test_no_threads_given_changes_nothing():
-    out = _probe_pools(["pretrain", "--corpus", "c", "--out", "o"], _env())
+    out = _probe_pools(["pretrain", "--corpus", "c", "--out", "o"], _env(PROBE_EARLY="0"))
     assert out["n"] == threads.available_cpus() and out["NUMBA_NUM_THREADS"] is None
     assert out["tokenizer"] == min(8, threads.available_cpus())
+
+
+def test_threads_changed_after_numba_started_keep_numba_working():
+    """A second apply() in one process (the CLI called twice from Python, as the tests do) with another
+    count after numba's pool started: numba still compiles."""
+    code = ("import numpy, numba; from epiflow import threads; threads.apply(1); "
+            "f = numba.njit(parallel=True)(lambda x: x * 2); f(numpy.ones(8)); threads.apply(2); "
+            "g = numba.njit(parallel=True)(lambda x: x * 3); print(float(g(numpy.ones(8)).sum()), "
+            "numba.get_num_threads())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    total, n = r.stdout.split()
+    assert float(total) == 24.0 and int(n) == min(2, threads.available_cpus())
 
 
 def _probe_pools(argv, env):

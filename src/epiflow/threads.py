@@ -193,7 +193,8 @@ def apply(threads: int | None = None) -> int:
         n = _given()
         if n is None:
             return default_threads()
-        os.environ.setdefault("NUMBA_NUM_THREADS", str(n))
+        if "numba" not in sys.modules:
+            os.environ.setdefault("NUMBA_NUM_THREADS", str(n))
         _loaded_pools(n, blas=False)
         return n
     n = int(threads)
@@ -203,7 +204,10 @@ def apply(threads: int | None = None) -> int:
         raise ConfigError(f"--threads must be >= 1, got {threads}", field="threads",
                           fix="give the number of CPU cores the job may use")
     for key in THREAD_VARS:
-        os.environ[key] = str(n)
+        # numba reads NUMBA_NUM_THREADS again at each compilation and fails once its pool runs with
+        # another size: once loaded, its count is set with numba.set_num_threads only
+        if key != "NUMBA_NUM_THREADS" or "numba" not in sys.modules:
+            os.environ[key] = str(n)
     _loaded_pools(n, blas=True)
     return n
 

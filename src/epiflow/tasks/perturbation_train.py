@@ -59,19 +59,28 @@ def labelled_cells(cells: Shard, key: str) -> Shard:
 
 
 # ----------------------------------------------------------------------------- OT
-def ot_match(source, target) -> tuple[np.ndarray, np.ndarray]:
+def ot_match(source, target, *, max_cells: int = 5000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Exact OT (``ot.emd``, cosine cost, uniform weights) between ``source`` [n, D] (unperturbed) and
     ``target`` [m, D] (perturbed) cells. Returns ``(partner_of_target [m], partner_of_source [n])``:
-    for each target cell the source cell holding most of its mass, and vice versa."""
+    for each target cell the source cell holding most of its mass, and vice versa.
+
+    Sets of more than ``max_cells`` cells are matched in random chunks of at most ``max_cells`` a side
+    (:func:`epiflow.tasks.integration.ot_match`, the integration's matching): the exact plan needs
+    n x m float64 cost and plan matrices (~25 bytes per pair: 62 GB at 50,000 x 50,000) and its
+    time grows faster than n x m."""
     import ot
+
+    from .integration import _cosine_cost
+    from .integration import ot_match as chunked_ot_match
 
     s = np.asarray(source, dtype=np.float64)
     t = np.asarray(target, dtype=np.float64)
     if len(s) == 0 or len(t) == 0:
         raise InputFormatError("OT matching needs at least one cell on each side", field="cells")
-    sn = s / np.maximum(np.linalg.norm(s, axis=1, keepdims=True), 1e-12)
-    tn = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
-    M = np.clip(1.0 - sn @ tn.T, 0.0, 2.0)
+    if max(len(s), len(t)) > max_cells:
+        part_s, _, part_t, _ = chunked_ot_match(s, t, max_cells=max_cells, seed=seed)
+        return part_t, part_s
+    M = _cosine_cost(s, t)
     plan = ot.emd(np.full(len(s), 1.0 / len(s)), np.full(len(t), 1.0 / len(t)), M, numItermax=1_000_000)
     return plan.argmax(0).astype(np.int64), plan.argmax(1).astype(np.int64)
 
