@@ -37,17 +37,31 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise
 
 
-def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
+def check_writable(path: str | os.PathLike, what: str = "output", kind: str | None = None) -> Path:
     """Raise :class:`~epiflow.errors.EpiflowError` naming ``path`` unless it can be written.
 
     Called before any work (the CLI does it for every verb's ``--out``), so that an unwritable
     output fails in a second with a clear message instead of a ``PermissionError`` traceback after
     the work. ``path`` may be a file or a folder, existing or not; nothing is created: a probe file
     is made and removed in ``path`` (an existing folder) or in its nearest existing ancestor.
+    ``kind`` ("file" or "folder"; None: either) is what the output is: an existing path of the
+    other kind (a folder where a file is written, a file where a folder is) is refused.
     """
-    from .errors import EpiflowError
+    from .errors import ConfigError, EpiflowError
 
     path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise ConfigError(
+            f"exists as a folder, but the {what} must be a file",
+            path=str(path),
+            fix=f"give a file path (e.g. {path / 'NAME'}), or remove the folder",
+        )
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise ConfigError(
+            f"exists as a file, but the {what} must be a folder",
+            path=str(path),
+            fix="give a folder path (a new or an existing folder), or remove the file",
+        )
     probe_dir = path if path.is_dir() else path.parent
     while not probe_dir.exists() and probe_dir != probe_dir.parent:
         probe_dir = probe_dir.parent
