@@ -181,6 +181,23 @@ def test_out_that_is_a_file_is_refused_and_a_corpus_folder_is_replaced(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_corpus_folder_gets_the_mode_of_a_plain_mkdir(tmp_path, umask):
+    """Not mkdtemp's 0700: the corpus folder is built under a temporary name, then renamed."""
+    import os
+
+    cand = _cands()
+    good, _, _ = _mapped(tmp_path, "g", cand, 10, 0.1, 0)
+    old = os.umask(umask)
+    try:
+        build_corpus(cand, [good], tmp_path / "corpus", min_cells=1, min_ccres_per_cell=1)
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "corpus", tmp_path / "corpus" / "shards"):
+        assert d.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "corpus" / "corpus.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_replace_dir_failing_keeps_the_former_folder(tmp_path, monkeypatch):
     import os
 

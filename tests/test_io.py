@@ -23,3 +23,18 @@ def test_check_writable_refuses_an_existing_path_of_the_other_kind(tmp_path):
     check_writable(tmp_path / "d")
     check_writable(tmp_path / "f.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.txt"]  # nothing created
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_folder_mode_is_what_mkdir_gives(tmp_path, umask):
+    import os
+
+    from epiflow.io import folder_mode
+
+    old = os.umask(umask)
+    try:
+        (tmp_path / "plain").mkdir()
+        assert folder_mode() == (tmp_path / "plain").stat().st_mode & 0o777 == 0o777 & ~umask
+        assert os.umask(umask) == umask  # the umask is left as it was
+    finally:
+        os.umask(old)

@@ -37,6 +37,17 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise
 
 
+def folder_mode() -> int:
+    """The mode a plain ``mkdir`` gives a new folder under the current umask (``0o777 & ~umask``).
+
+    A folder made with :func:`tempfile.mkdtemp` (built under a temporary name, then renamed onto the
+    output) is 0700; chmod it to this so that the output gets the mode of every other output.
+    """
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
 def check_writable(path: str | os.PathLike, what: str = "output", kind: str | None = None) -> Path:
     """Raise :class:`~epiflow.errors.EpiflowError` naming ``path`` unless it can be written.
 

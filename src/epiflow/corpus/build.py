@@ -35,6 +35,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ConfigError, InputFormatError, VocabularyMismatchError
+from ..io import folder_mode
 from .qc import accessible_per_cell, qc_table
 from .shard import open_corpus, shard_from_counts, vocab_id_from_intervals, write_corpus_meta, write_shard
 
@@ -307,6 +308,7 @@ def build_corpus(ccres, mapped, out, *, genome: str = "", min_cells: int = 100,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        os.chmod(tmp, folder_mode())  # mkdtemp's 0700 -> the mode of a plain mkdir (the umask's)
         (tmp / "shards").mkdir()
         shard_paths, shard_cells = [], []
         buf_X: list[sp.csr_matrix] = []
