@@ -305,6 +305,24 @@ def run(corpus, tmp_path_factory):
     return out
 
 
+def test_pretrain_failing_before_training_leaves_no_empty_out_folder(corpus, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "new" / "pre"  # neither folder exists
+    assert main(_pretrain_argv(corpus, out, ["--model-config", "nosuch"])) == 2
+    assert "field 'model_config'" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    shutil.copytree(corpus, bad)
+    (bad / "corpus.json").write_text("{")
+    assert main(_pretrain_argv(bad, out)) == 2
+    assert "corpus.json, line 1: invalid JSON" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+    # a folder that existed before the run is kept (empty or not)
+    (tmp_path / "given").mkdir()
+    assert main(_pretrain_argv(bad, tmp_path / "given")) == 2
+    assert (tmp_path / "given").is_dir()
+
+
 def test_embed_num_heads_disagreeing_with_the_side_file_is_an_error(run):
     import json
 

@@ -38,3 +38,27 @@ def test_folder_mode_is_what_mkdir_gives(tmp_path, umask):
         assert os.umask(umask) == umask  # the umask is left as it was
     finally:
         os.umask(old)
+
+
+def test_removed_if_left_empty_removes_only_the_empty_folders_the_block_made(tmp_path):
+    from epiflow.io import removed_if_left_empty
+
+    with pytest.raises(RuntimeError):
+        with removed_if_left_empty(tmp_path / "a" / "b") as d:
+            d.mkdir(parents=True)
+            raise RuntimeError
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError):
+        with removed_if_left_empty(tmp_path / "a" / "b") as d:
+            d.mkdir(parents=True)
+            (d / "metrics.csv").write_text("x")  # the run wrote something: kept
+            raise RuntimeError
+    assert (tmp_path / "a" / "b" / "metrics.csv").exists()
+    (tmp_path / "a" / "b" / "metrics.csv").unlink()
+    with pytest.raises(RuntimeError):
+        with removed_if_left_empty(tmp_path / "a" / "b"):  # existed before: kept
+            raise RuntimeError
+    assert (tmp_path / "a" / "b").is_dir()
+    with removed_if_left_empty(tmp_path / "c") as d:  # no error: nothing removed
+        d.mkdir()
+    assert (tmp_path / "c").is_dir()

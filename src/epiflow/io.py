@@ -37,6 +37,28 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield ``folder``; if the block raises, remove ``folder`` (and the parents of it that did not
+    exist before the block) where they are still empty, so that a run that fails before writing
+    anything leaves no empty output folder behind. A folder that existed before is never removed."""
+    folder = Path(folder)
+    new = []  # the folders the block may create, innermost first
+    p = folder
+    while not (p.exists() or p.is_symlink()) and p != p.parent:
+        new.append(p)
+        p = p.parent
+    try:
+        yield folder
+    except BaseException:
+        for d in new:
+            try:
+                d.rmdir()  # only an empty folder
+            except OSError:
+                break
+        raise
+
+
 def folder_mode() -> int:
     """The mode a plain ``mkdir`` gives a new folder under the current umask (``0o777 & ~umask``).
 
