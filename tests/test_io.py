@@ -62,3 +62,27 @@ def test_removed_if_left_empty_removes_only_the_empty_folders_the_block_made(tmp
     with removed_if_left_empty(tmp_path / "c") as d:  # no error: nothing removed
         d.mkdir()
     assert (tmp_path / "c").is_dir()
+
+
+def test_atomic_path_folder_replaces_an_existing_folder_only_when_the_block_succeeds(tmp_path):
+    from epiflow.io import atomic_path
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(out, suffix="") as tmp:
+            tmp.mkdir()
+            (tmp / "half.txt").write_text("x")
+            raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "old.txt").read_text() == "old"
+    with atomic_path(out, suffix="") as tmp:  # a rename alone refuses a folder that is not empty
+        tmp.mkdir()
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no '.out.XXXX.old'
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="f: exists as a file, but the output is a folder"):
+        with atomic_path(tmp_path / "f", suffix="") as tmp:
+            tmp.mkdir()
+    assert (tmp_path / "f").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["f", "out"]

@@ -15,7 +15,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
 
     Nothing half-written is ever left at ``path``: on any exception the temporary file (or folder)
-    is removed and the exception propagates.
+    is removed and the exception propagates. A folder the block makes at the temporary path replaces
+    an existing folder at ``path`` (:func:`replace_folder`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,7 +27,10 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.replace(tmp_path, path)
+        if tmp_path.is_dir():
+            replace_folder(tmp_path, path)
+        else:
+            os.replace(tmp_path, path)
     except BaseException:
         if tmp_path.is_dir():
             import shutil
@@ -35,6 +39,39 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         elif tmp_path.exists():
             tmp_path.unlink()
         raise
+
+
+def replace_folder(new: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the folder ``new`` onto ``path``, replacing the folder there (a rename alone refuses a
+    folder that is not empty): the former folder is moved aside, ``new`` renamed in, the former one
+    removed; put back if the rename fails, so that no ``.NAME.XXXXXXXX.old`` is left behind. An
+    existing file at ``path`` is refused (:class:`~epiflow.errors.ConfigError`), never replaced."""
+    import shutil
+
+    from .errors import ConfigError
+
+    new, path = Path(new), Path(path)
+    if not (path.exists() or path.is_symlink()):
+        os.replace(new, path)
+        return
+    if not path.is_dir():
+        raise ConfigError(
+            "exists as a file, but the output is a folder",
+            path=str(path),
+            fix="give a folder path (a new or an existing folder), or remove the file",
+        )
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    os.rmdir(old)
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)  # the former folder back
+        raise
+    if old.is_symlink():
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

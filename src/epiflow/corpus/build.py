@@ -35,7 +35,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ConfigError, InputFormatError, VocabularyMismatchError
-from ..io import folder_mode
+from ..io import folder_mode, replace_folder
 from .qc import accessible_per_cell, qc_table
 from .shard import open_corpus, shard_from_counts, vocab_id_from_intervals, write_corpus_meta, write_shard
 
@@ -434,20 +434,7 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
         if not overwrite:
             raise ConfigError("output folder exists", path=str(out), fix="remove it or pass overwrite")
         _check_out_folder(out)
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.rmdir(old)
-        os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            os.replace(old, out)  # the former folder back
-            raise
-        if old.is_symlink():
-            old.unlink()
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    replace_folder(tmp, out)
 
 
 # ----------------------------------------------------------------------------------------------
