@@ -154,6 +154,80 @@ def test_failures_leave_no_partial_output(tmp_path):
     assert (out / "corpus.json").read_text() == before
 
 
+def test_out_that_is_a_file_is_refused_and_a_corpus_folder_is_replaced(tmp_path, monkeypatch):
+    """An existing file as the output (even the corpus' own input) is refused before any work, never
+    replaced (it was, leaving the file as a hidden '.NAME.XXXX.old'); an existing corpus folder is
+    replaced; no '.old' is left in either case."""
+    import epiflow.corpus.build as B
+    from epiflow.corpus.build import tokenize_downstream
+
+    cand = _cands()
+    good, _, _ = _mapped(tmp_path, "g", cand, 10, 0.1, 0)
+    before = good.read_bytes()
+    read = []
+    monkeypatch.setattr(B, "_read_candidates", lambda c: read.append(c) or cand)  # no work may start
+    with pytest.raises(ConfigError, match=r"g.h5ad, field 'out': exists as a file, but the corpus output must be "
+                                          r"a folder.*Fix:"):
+        build_corpus(cand, [good], good, min_cells=1, min_ccres_per_cell=1)
+    with pytest.raises(ConfigError, match=r"g.h5ad, field 'out': exists as a file"):
+        tokenize_downstream(cand, [good], good, vocab=cand, df=np.ones(len(cand)), min_ccres_per_cell=1)
+    assert read == [] and good.read_bytes() == before
+    monkeypatch.undo()
+    out = tmp_path / "corpus"
+    build_corpus(cand, [good], out, min_cells=1, min_ccres_per_cell=1)
+    (out / "stale.txt").write_text("x")
+    c = build_corpus(cand, [good], out, min_cells=2, min_ccres_per_cell=1)
+    assert c.meta["params"]["min_cells"] == 2 and not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_corpus_folder_gets_the_mode_of_a_plain_mkdir(tmp_path, umask):
+    """Not mkdtemp's 0700: the corpus folder is built under a temporary name, then renamed."""
+    import os
+
+    cand = _cands()
+    good, _, _ = _mapped(tmp_path, "g", cand, 10, 0.1, 0)
+    old = os.umask(umask)
+    try:
+        build_corpus(cand, [good], tmp_path / "corpus", min_cells=1, min_ccres_per_cell=1)
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "corpus", tmp_path / "corpus" / "shards"):
+        assert d.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "corpus" / "corpus.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_replace_dir_failing_keeps_the_former_folder(tmp_path, monkeypatch):
+    import os
+
+    import epiflow.corpus.build as B
+
+    out, new = tmp_path / "corpus", tmp_path / ".corpus.x.tmp"
+    out.mkdir()
+    (out / "corpus.json").write_text("old")
+    new.mkdir()
+    real, calls = os.replace, []
+
+    def replace(a, b):
+        calls.append(b)
+        if len(calls) == 2:  # the new folder onto the output
+            raise OSError(28, "No space left on device")
+        real(a, b)
+
+    monkeypatch.setattr(B.os, "replace", replace)
+    with pytest.raises(OSError, match="No space"):
+        B._replace_dir(new, out, True)
+    monkeypatch.undo()
+    assert (out / "corpus.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".corpus.x.tmp", "corpus"]  # no '.old'
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match="exists as a file"):
+        B._replace_dir(new, f, True)
+    assert f.read_text() == "x" and not [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
+
+
 def test_mapped_on_other_candidates_is_rejected(tmp_path):
     cand = _cands()
     p, _, _ = _mapped(tmp_path, "d", cand, 10, 0.1, 0)

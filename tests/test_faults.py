@@ -226,6 +226,56 @@ def test_permission_error_is_printed_without_a_traceback(tmp_path, capsys, monke
     assert rc == 2 and "x.h5ad: permission denied" in err and "Fix:" in err
 
 
+# an --out of the wrong kind (a folder where a file is written, a file where a folder is): refused before
+# any work (the inputs below do not even exist), not an IsADirectoryError / FileExistsError at the end
+_WRONG_KIND_OUT = {
+    "map-dataset": (["--manifest", "m.tsv", "--dataset", "d", "--ccres", "c.bed", "--genome", "hg38"], "dir"),
+    "candidate-ccres": (["--manifest", "m.tsv", "--genome", "hg38"], "dir"),
+    "embed": (["--checkpoint", "c.pth", "--corpus", "corpus"], "dir"),
+    "gene-graph": (["--go", "go.tsv"], "dir"),
+    "annotate": (["--checkpoint", "c.pth", "--corpus", "corpus"], "file"),
+    "pretrain": (["--corpus", "corpus"], "file"),
+    "simulate": ([], "file"),
+    "simulate --force": (["--force"], "file"),
+    "build-corpus": (["--ccres", "c.bed", "--mapped", "m.h5ad"], "file"),
+    "tokenize-downstream": (["--ccres", "c.bed", "--mapped", "m.h5ad", "--corpus", "corpus"], "file"),
+    "run-baseline": (["--tool", "lsi", "--task", "feature_extraction", "--corpus", "corpus"], "file"),
+}
+
+
+@pytest.mark.parametrize("verb", sorted(_WRONG_KIND_OUT))
+def test_out_of_the_wrong_kind_is_refused_before_any_work(tmp_path, capsys, verb):
+    extra, existing = _WRONG_KIND_OUT[verb]
+    out = tmp_path / "taken"
+    if existing == "dir":
+        out.mkdir()
+        (out / "keep.txt").write_text("x")
+    else:
+        out.write_text("x")
+    rc = main([verb.split()[0], *extra, "--out", str(out)])
+    err = capsys.readouterr().err
+    want = "must be a file" if existing == "dir" else "must be a folder"
+    assert rc == 2 and f"{out}: exists as a {'folder' if existing == 'dir' else 'file'}" in err, err
+    assert want in err and "Fix:" in err and "Traceback" not in err
+    assert (out / "keep.txt").read_text() == "x" if existing == "dir" else out.read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_every_output_flag_declares_file_or_folder():
+    """The CLI checks --out (--report, --stats) against the kind its metavar declares (DIR / FILE)."""
+    import argparse
+
+    from epiflow.cli import build_parser
+    from epiflow.cliargs import out_kind
+
+    parser = build_parser([])
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for verb, p in sub.choices.items():
+        for a in p._actions:
+            if a.dest in ("out", "out_dir", "report", "stats"):
+                assert out_kind(p, a.dest) in ("file", "folder"), (verb, a.dest, a.metavar)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without a usable GPU")
 def test_device_cuda_without_cuda_is_a_clear_error(tmp_path, capsys):
     rc = main(["pretrain", "--corpus", str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cuda"])
@@ -253,6 +303,24 @@ def run(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "pre"
     assert main(_pretrain_argv(corpus, out)) == 0
     return out
+
+
+def test_pretrain_failing_before_training_leaves_no_empty_out_folder(corpus, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "new" / "pre"  # neither folder exists
+    assert main(_pretrain_argv(corpus, out, ["--model-config", "nosuch"])) == 2
+    assert "field 'model_config'" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    shutil.copytree(corpus, bad)
+    (bad / "corpus.json").write_text("{")
+    assert main(_pretrain_argv(bad, out)) == 2
+    assert "corpus.json, line 1: invalid JSON" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+    # a folder that existed before the run is kept (empty or not)
+    (tmp_path / "given").mkdir()
+    assert main(_pretrain_argv(bad, tmp_path / "given")) == 2
+    assert (tmp_path / "given").is_dir()
 
 
 def test_embed_num_heads_disagreeing_with_the_side_file_is_an_error(run):

@@ -450,6 +450,76 @@ def test_make_perturbation_benchmark_real_cells(tmp_path, data_dir):
     assert (src.binary() != (sp.csr_matrix(raw.X) > 0).astype(np.float32)).nnz == 0
 
 
+def _benchmark_inputs(tmp_path, n_cells=100):
+    """Cells of two types over peaks near the TSS of six GO-annotated genes (and background peaks)."""
+    import gzip
+
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    tss = [100_000 * (i + 1) for i in range(6)]
+    near = [(t + d - 250, t + d + 250) for t in tss for d in (-2000, 0, 2000)]
+    bg = [(s, s + 500) for s in range(10_000, 10_000 + 200 * 5000, 5000)]
+    var = pd.DataFrame([("chr1", s, e) for s, e in near] + [("chr2", s, e) for s, e in bg],
+                       columns=["chrom", "start", "end"])
+    X = sp.csr_matrix((rng.random((n_cells, len(var))) < 0.3).astype(np.int32))
+    obs = pd.DataFrame({"cell_type": np.repeat(["A", "B"], n_cells // 2)}, index=[f"c{i}" for i in range(n_cells)])
+    var.index = [f"{c}:{s}-{e}" for c, s, e in var.itertuples(index=False)]
+    ad.AnnData(X=X, obs=obs, var=var).write_h5ad(tmp_path / "cells.h5ad")
+    (tmp_path / "tss.bed").write_text("".join(f"chr1\t{t}\t{t + 1}\tG{i}\t.\t+\n" for i, t in enumerate(tss)))
+    go = "".join(f"G{i}\tGO:{j}\n" for i in range(6) for j in (1, 2, 10 + i))
+    with gzip.open(tmp_path / "go.tsv.gz", "wt") as fh:
+        fh.write("gene_symbol\tgo_id\n" + go * 200)
+    raw = (tmp_path / "go.tsv.gz").read_bytes()
+    (tmp_path / "go_cut.tsv.gz").write_bytes(raw[: len(raw) // 2])  # a truncated download
+    return [tmp_path / "cells.h5ad", tmp_path / "tss.bed"]
+
+
+def test_make_perturbation_benchmark_leaves_nothing_behind_on_failure(tmp_path):
+    """Built under a temporary name beside --out and renamed at the end: a failure (a truncated GO file after
+    stimulation.h5ad was written, a failed cell-type check) leaves no folder; an earlier benchmark is replaced
+    only by a complete one; a folder with other files is refused before any work."""
+    import os
+
+    from epiflow.errors import ConfigError, InputFormatError
+    from epiflow.tasks.perturbation_benchmark import make_perturbation_benchmark
+
+    cells, tss = _benchmark_inputs(tmp_path)
+    inputs = sorted(p.name for p in tmp_path.iterdir())
+    kw = dict(n_genes=2, n_shared=20, n_specific=10, n_close=20, write_corpora=False)
+    out = tmp_path / "bench"
+    with pytest.raises(Exception):  # noqa: B017 (the truncated-gzip message is another check's)
+        make_perturbation_benchmark(cells, tss, tmp_path / "go_cut.tsv.gz", out, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == inputs
+    with pytest.raises(InputFormatError, match="need >= 2 cell types"):
+        make_perturbation_benchmark(cells, tss, tmp_path / "go.tsv.gz", out, min_type_cells=40, **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == inputs  # no empty truth/ either
+    # a folder made beforehand (Snakemake makes the output's folder): filled, with a plain mkdir's mode
+    out.mkdir()
+    old = os.umask(0o027)
+    try:
+        info = make_perturbation_benchmark(cells, tss, tmp_path / "go.tsv.gz", out, **kw)
+    finally:
+        os.umask(old)
+    assert info["out"] == str(out) and out.stat().st_mode & 0o777 == 0o750
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "genetic.h5ad", "go.tsv", "stimulation.h5ad", "truth"]
+    # a failed rerun keeps the earlier benchmark; a complete one replaces it; nothing hidden is left
+    before = (out / "truth" / "params.json").read_text()
+    with pytest.raises(Exception):  # noqa: B017
+        make_perturbation_benchmark(cells, tss, tmp_path / "go_cut.tsv.gz", out, **kw)
+    assert (out / "truth" / "params.json").read_text() == before
+    (out / "truth" / "stale.tsv").write_text("x")
+    make_perturbation_benchmark(cells, tss, tmp_path / "go.tsv.gz", out, seed=1, **kw)
+    assert '"seed": 1' in (out / "truth" / "params.json").read_text() and not (out / "truth" / "stale.tsv").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*inputs, "bench"])
+    # anything else in the folder: refused before any work, nothing touched
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"bench, field 'out': the folder holds 1 other entry than the "
+                                          r"benchmark's \(notes.txt\)"):
+        make_perturbation_benchmark(tmp_path / "missing.h5ad", tss, tmp_path / "go.tsv.gz", out, **kw)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 def test_paper_manifest_parses():
     """The paper's datasets: direct GEO file URLs (GEO's ``GSEnnn`` / ``GSMnnn`` folder layout) where they could be
     established, else a prepared 'path' with the source files listed; no invented checksums."""

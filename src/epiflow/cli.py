@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         _check_device(args)
-        _check_outputs(args)
+        _check_outputs(args, parser)
         _threads.apply(getattr(args, "threads", None))
         _threads.start_malloc_trimmer()  # free heap pages back to the system every 10 CPU-s
         rc = args.func(args)
@@ -177,14 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     return int(rc or 0)
 
 
-def _check_outputs(args) -> None:
-    """Every verb's output paths (``--out``, ``--report``, ``--stats``) must be writable before any work."""
+def _check_outputs(args, parser: argparse.ArgumentParser | None = None) -> None:
+    """Every verb's output paths (``--out``, ``--report``, ``--stats``) must be writable before any work,
+    and of the kind the flag declares (``--out DIR``: a folder, ``--out FILE``: a file;
+    :func:`epiflow.cliargs.out_kind`)."""
+    from .cliargs import out_kind
     from .io import check_writable
 
-    for name in ("out", "report", "stats"):
+    verb = None
+    if parser is not None:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        verb = subs[0].choices.get(args.command) if subs else None
+    for name in ("out", "out_dir", "report", "stats"):
         v = getattr(args, name, None)
         if isinstance(v, str) and v and v != "-":
-            check_writable(v, what=f"--{name} path")
+            flag = "out" if name == "out_dir" else name  # run-baseline: --out (dest out_dir)
+            check_writable(v, what=f"--{flag} path", kind=None if verb is None else out_kind(verb, name))
 
 
 def _check_device(args) -> None:

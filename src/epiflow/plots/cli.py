@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--metrics", nargs="*", default=[], help="metrics.tsv files (task dataset method metric value)")
     p.add_argument("--table", action="append", default=[], metavar="DATASET=PATH",
                    help="a per-dataset table (repeatable)")
-    p.add_argument("--out", help="output PNG (with --list: the panel table as TSV)")
+    p.add_argument("--out", metavar="FILE", help="output PNG (with --list: the panel table as TSV)")
     p.add_argument("--svg", action="store_true", help="also write an SVG beside the PNG")
     p.add_argument("--group", action="append", default=[], metavar="GROUP",
                    help="panels with per-group views (fig3d, fig3g): draw only this held-out group (repeatable; "

@@ -11,7 +11,7 @@ def register(subparsers) -> None:
                     "cell types across batches, a 10x-style fragment dataset, a stimulation dataset, a "
                     "gene-knockout screen and a normal-vs-cancer pair, plus cCRE sources, genes, TSS, GO "
                     "annotations and the ground truth. See docs/simulate.md.")
-    p.add_argument("--out", required=True, help="output folder (created atomically)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created atomically)")
     p.add_argument("--preset", default="demo", choices=["demo", "test"],
                    help="sizes: demo (~2,700 cells x 6,000 cCREs) or test (~440 cells x 1,500 cCREs)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> byte-identical files)")

@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..errors import InputFormatError
+from ..errors import ConfigError, InputFormatError
 from ..io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,27 @@ def write_corpus(out_dir, X, obs, peaks, *, genome: str = "", shard_size: int = 
     return out
 
 
+#: what the benchmark folder holds: an existing --out holding anything else is not replaced
+OUTPUT_NAMES = ("stimulation.h5ad", "genetic.h5ad", "truth", "go.tsv", "README.md", "stimulation_corpus",
+                "genetic_corpus", "source_corpus")
+
+
+def _check_out(out: Path) -> None:
+    """The output folder is replaced as a whole: refuse a file, or a folder with other entries than the
+    benchmark's (hidden ones aside), before any work."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir():
+        raise ConfigError("exists as a file, but the benchmark output is a folder", path=str(out), field="out",
+                          fix="give a folder path (a new folder or an earlier benchmark's), or remove the file")
+    other = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_NAMES and not p.name.startswith("."))
+    if other:
+        raise ConfigError(f"the folder holds {len(other)} other entr{'y' if len(other) == 1 else 'ies'} than the "
+                          f"benchmark's ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); writing "
+                          f"the benchmark replaces the folder", path=str(out), field="out",
+                          fix="give a new or empty folder (or an earlier benchmark's), or move those entries")
+
+
 def make_perturbation_benchmark(adata, tss, go, out_dir, *, cell_type_key: str = "cell_type", seed: int = 0,
                                 min_cells: int = 10, min_type_cells: int = 20, n_shared: int = 300,
                                 n_specific: int = 150, n_close: int = 200, p_open: float = 0.5,
@@ -182,132 +203,135 @@ def make_perturbation_benchmark(adata, tss, go, out_dir, *, cell_type_key: str =
 
     from ..genome.gene_graph import build_gene_graph, read_go_annotations
 
+    final = Path(out_dir)
+    _check_out(final)  # before any work
     src = None
     if isinstance(adata, (str, os.PathLike)):
         src = str(adata)
         adata = ad.read_h5ad(adata)
-    out = Path(out_dir)
-    (out / "truth").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    X0 = sp.csr_matrix(adata.layers["counts"] if "counts" in adata.layers else adata.X).astype(np.int32)
-    X0.eliminate_zeros()
-    peaks = _peak_table(adata)
-    genome = genome or str(adata.uns.get("genome", ""))
-    if cell_type_key not in adata.obs:
-        raise InputFormatError(f"obs has no column {cell_type_key!r}", field=cell_type_key)
-    ctype = adata.obs[cell_type_key].astype(str).to_numpy()
-    cell_id = adata.obs_names.astype(str).to_numpy()
-    frac = np.asarray((X0 > 0).mean(0)).ravel()
-    capable = np.flatnonzero((X0 > 0).sum(0).A1 >= min_cells)
-    params = {k: v for k, v in dict(seed=seed, min_cells=min_cells, min_type_cells=min_type_cells, n_shared=n_shared,
-                                      n_specific=n_specific, n_close=n_close, p_open=p_open, p_close=p_close,
-                                      n_genes=n_genes, control_fraction=control_fraction, window=window,
-                                      min_peaks=min_peaks, p_direct=p_direct, p_neighbour=p_neighbour,
-                                      source=src, genome=genome).items()}
+    # built under a temporary name beside the target, renamed onto it at the end: a failure leaves nothing
+    with atomic_path(final, suffix="") as out:
+        (out / "truth").mkdir(parents=True)
+        rng = np.random.default_rng(seed)
+        X0 = sp.csr_matrix(adata.layers["counts"] if "counts" in adata.layers else adata.X).astype(np.int32)
+        X0.eliminate_zeros()
+        peaks = _peak_table(adata)
+        genome = genome or str(adata.uns.get("genome", ""))
+        if cell_type_key not in adata.obs:
+            raise InputFormatError(f"obs has no column {cell_type_key!r}", field=cell_type_key)
+        ctype = adata.obs[cell_type_key].astype(str).to_numpy()
+        cell_id = adata.obs_names.astype(str).to_numpy()
+        frac = np.asarray((X0 > 0).mean(0)).ravel()
+        capable = np.flatnonzero((X0 > 0).sum(0).A1 >= min_cells)
+        params = {k: v for k, v in dict(seed=seed, min_cells=min_cells, min_type_cells=min_type_cells, n_shared=n_shared,
+                                          n_specific=n_specific, n_close=n_close, p_open=p_open, p_close=p_close,
+                                          n_genes=n_genes, control_fraction=control_fraction, window=window,
+                                          min_peaks=min_peaks, p_direct=p_direct, p_neighbour=p_neighbour,
+                                          source=src, genome=genome).items()}
 
-    # ---------------- stimulation
-    types = [t for t, n in pd.Series(ctype).value_counts().items() if n >= 2 * min_type_cells]
-    if len(types) < 2:
-        raise InputFormatError(f"need >= 2 cell types with >= {2 * min_type_cells} cells", field=cell_type_key)
-    moderate = capable[frac[capable] <= np.quantile(frac[capable], 0.8)]
-    open_pool = rng.permutation(moderate)
-    shared = np.sort(open_pool[:n_shared])
-    specific = {t: np.sort(open_pool[n_shared + i * n_specific: n_shared + (i + 1) * n_specific])
-                for i, t in enumerate(types)}
-    closable = np.setdiff1d(capable[frac[capable] >= 0.1], open_pool[: n_shared + len(types) * n_specific])
-    close = np.sort(rng.choice(closable, min(n_close, len(closable)), replace=False))
-    stim_cells = np.flatnonzero(np.isin(ctype, types))
-    cond = np.full(len(ctype), "", dtype=object)
-    Xs = X0.copy()
-    truth = []
-    for t in types:
-        rows = np.flatnonzero(ctype == t)
-        rows = rng.permutation(rows)
-        half = len(rows) // 2
-        ctrl_rows, st_rows = np.sort(rows[:half]), np.sort(rows[half:])
-        cond[ctrl_rows], cond[st_rows] = "control", "stimulated"
-        f_ctrl = np.asarray((X0[ctrl_rows] > 0).mean(0)).ravel()
-        Xs = _open(Xs, st_rows, shared, p_open, rng)
-        Xs = _open(Xs, st_rows, specific[t], p_open, rng)
-        Xs = _close(Xs, st_rows, close, p_close, rng)
-        for comp, cols, sign, p in (("shared_open", shared, 1, p_open), ("type_specific_open", specific[t], 1, p_open),
-                                    ("shared_close", close, -1, p_close)):
-            truth.append(pd.DataFrame({"cell_type": t, "peak": cols, "peak_name": [f"{peaks['chrom'][c]}:{peaks['start'][c]}-{peaks['end'][c]}" for c in cols],
-                                       "component": comp, "probability": p,
-                                       "expected_change": p * (1 - f_ctrl[cols]) if sign > 0 else -p * f_ctrl[cols]}))
-    obs_s = pd.DataFrame({"cell_id": cell_id[stim_cells], "cell_type": ctype[stim_cells],
-                          "condition": cond[stim_cells].astype(str), "dataset": "stimulation_benchmark"})
-    Xs = Xs[stim_cells]
-    _write_h5ad(Xs, obs_s, peaks, out / "stimulation.h5ad", {"genome": genome, "benchmark": "stimulation"})
-    with atomic_path(out / "truth" / "stimulation.tsv") as tmp:
-        pd.concat(truth, ignore_index=True).to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+        # ---------------- stimulation
+        types = [t for t, n in pd.Series(ctype).value_counts().items() if n >= 2 * min_type_cells]
+        if len(types) < 2:
+            raise InputFormatError(f"need >= 2 cell types with >= {2 * min_type_cells} cells", field=cell_type_key)
+        moderate = capable[frac[capable] <= np.quantile(frac[capable], 0.8)]
+        open_pool = rng.permutation(moderate)
+        shared = np.sort(open_pool[:n_shared])
+        specific = {t: np.sort(open_pool[n_shared + i * n_specific: n_shared + (i + 1) * n_specific])
+                    for i, t in enumerate(types)}
+        closable = np.setdiff1d(capable[frac[capable] >= 0.1], open_pool[: n_shared + len(types) * n_specific])
+        close = np.sort(rng.choice(closable, min(n_close, len(closable)), replace=False))
+        stim_cells = np.flatnonzero(np.isin(ctype, types))
+        cond = np.full(len(ctype), "", dtype=object)
+        Xs = X0.copy()
+        truth = []
+        for t in types:
+            rows = np.flatnonzero(ctype == t)
+            rows = rng.permutation(rows)
+            half = len(rows) // 2
+            ctrl_rows, st_rows = np.sort(rows[:half]), np.sort(rows[half:])
+            cond[ctrl_rows], cond[st_rows] = "control", "stimulated"
+            f_ctrl = np.asarray((X0[ctrl_rows] > 0).mean(0)).ravel()
+            Xs = _open(Xs, st_rows, shared, p_open, rng)
+            Xs = _open(Xs, st_rows, specific[t], p_open, rng)
+            Xs = _close(Xs, st_rows, close, p_close, rng)
+            for comp, cols, sign, p in (("shared_open", shared, 1, p_open), ("type_specific_open", specific[t], 1, p_open),
+                                        ("shared_close", close, -1, p_close)):
+                truth.append(pd.DataFrame({"cell_type": t, "peak": cols, "peak_name": [f"{peaks['chrom'][c]}:{peaks['start'][c]}-{peaks['end'][c]}" for c in cols],
+                                           "component": comp, "probability": p,
+                                           "expected_change": p * (1 - f_ctrl[cols]) if sign > 0 else -p * f_ctrl[cols]}))
+        obs_s = pd.DataFrame({"cell_id": cell_id[stim_cells], "cell_type": ctype[stim_cells],
+                              "condition": cond[stim_cells].astype(str), "dataset": "stimulation_benchmark"})
+        Xs = Xs[stim_cells]
+        _write_h5ad(Xs, obs_s, peaks, out / "stimulation.h5ad", {"genome": genome, "benchmark": "stimulation"})
+        with atomic_path(out / "truth" / "stimulation.tsv") as tmp:
+            pd.concat(truth, ignore_index=True).to_csv(tmp, sep="\t", index=False, float_format="%.6g")
 
-    # ---------------- genetic knockouts
-    tss_df = read_tss(tss)
-    go_df = read_go_annotations(go)
-    near = peaks_near_tss(peaks, tss_df, window)
-    near = near[np.isin(near["peak"].to_numpy(), capable)]
-    n_near = near.groupby("gene")["peak"].nunique()
-    annotated = set(go_df["gene"])
-    cand = sorted(g for g, n in n_near.items() if n >= min_peaks and g in annotated)
-    if len(cand) < 4:
-        raise InputFormatError(f"only {len(cand)} genes have >= {min_peaks} peaks within {window} bp of their TSS "
-                               "and a GO annotation", field="tss", fix="check that the TSS file matches the genome "
-                               "build of the peaks (hg19 vs hg38), or lower --min-peaks / raise --window")
-    graph = build_gene_graph(go_df, genes=cand)
-    nb = graph.to_frame()
-    has_nb = sorted(set(nb["gene"]))
-    pool = has_nb if len(has_nb) >= n_genes else cand
-    ko = sorted(rng.choice(pool, min(n_genes, len(pool)), replace=False).tolist())
-    n_cells = X0.shape[0]
-    perm = rng.permutation(n_cells)
-    n_ctrl = int(round(control_fraction * n_cells))
-    pert = np.empty(n_cells, dtype=object)
-    pert[perm[:n_ctrl]] = "control"
-    rest = perm[n_ctrl:]
-    pert[rest] = np.asarray(ko, dtype=object)[np.arange(len(rest)) % len(ko)]
-    near_by_gene = near.groupby("gene")["peak"].apply(lambda s: np.unique(s.to_numpy()))
-    Xg = X0.copy()
-    ktruth = []
-    for g in ko:
-        rows = np.flatnonzero(pert == g)
-        cols = [near_by_gene[g]]
-        probs = [np.full(len(near_by_gene[g]), p_direct)]
-        ktruth.append(pd.DataFrame({"gene": g, "peak": near_by_gene[g], "relation": "direct", "via_gene": g,
-                                    "jaccard": 1.0, "probability": p_direct}))
-        for _, r in nb[nb["gene"] == g].iterrows():
-            h = r["neighbour"]
-            p = min(p_direct / 2, p_neighbour * float(r["jaccard"]))
-            cols.append(near_by_gene[h])
-            probs.append(np.full(len(near_by_gene[h]), p))
-            ktruth.append(pd.DataFrame({"gene": g, "peak": near_by_gene[h], "relation": "go_neighbour", "via_gene": h,
-                                        "jaccard": float(r["jaccard"]), "probability": p}))
-        Xg = _close(Xg, rows, np.concatenate(cols), np.concatenate(probs), rng)
-    obs_g = pd.DataFrame({"cell_id": cell_id, "cell_type": ctype, "perturbation": pert.astype(str),
-                          "dataset": "genetic_benchmark"})
-    _write_h5ad(Xg, obs_g, peaks, out / "genetic.h5ad", {"genome": genome, "benchmark": "genetic"})
-    with atomic_path(out / "truth" / "knockouts.tsv") as tmp:
-        pd.concat(ktruth, ignore_index=True).to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-    with atomic_path(out / "truth" / "gene_graph.tsv") as tmp:
-        nb.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-    with atomic_path(out / "go.tsv") as tmp:
-        go_df[go_df["gene"].isin(cand)].rename(columns={"gene": "gene_symbol"}).to_csv(tmp, sep="\t", index=False)
-    params.update(stim_cell_types=types, knockout_genes=ko, n_candidate_genes=len(cand))
-    with atomic_path(out / "truth" / "params.json") as tmp:
-        Path(tmp).write_text(json.dumps(params, indent=2, default=str))
-    if write_corpora:
-        write_corpus(out / "stimulation_corpus", Xs, obs_s, peaks, genome=genome)
-        write_corpus(out / "genetic_corpus", Xg, obs_g, peaks, genome=genome)
-        # the unmodified input cells over the same peaks: pretrain here, so that the pretrained model has
-        # never seen a perturbed cell (the held-out types' perturbed cells in particular)
-        obs_0 = pd.DataFrame({"cell_id": cell_id, "cell_type": ctype, "dataset": "source"})
-        write_corpus(out / "source_corpus", X0, obs_0, peaks, genome=genome)
-    readme = (__doc__ or "").split("Generative rule", 1)[-1]
-    with atomic_path(out / "README.md") as tmp:
-        Path(tmp).write_text(f"# Semi-synthetic perturbation benchmark (epiflow make-perturbation-benchmark)\n\n"
-                             f"Source: `{src}`; seed {seed}; stimulated cell types {types}; knocked-out genes {ko}.\n\n"
-                             f"## Generative rule{readme}\n\n## Parameters\n\n```\n{json.dumps(params, indent=2, default=str)}\n```\n")
-    log.info("benchmark written to %s: stimulation %d cells (%s), genetic %d cells (%d knockouts)", out,
+        # ---------------- genetic knockouts
+        tss_df = read_tss(tss)
+        go_df = read_go_annotations(go)
+        near = peaks_near_tss(peaks, tss_df, window)
+        near = near[np.isin(near["peak"].to_numpy(), capable)]
+        n_near = near.groupby("gene")["peak"].nunique()
+        annotated = set(go_df["gene"])
+        cand = sorted(g for g, n in n_near.items() if n >= min_peaks and g in annotated)
+        if len(cand) < 4:
+            raise InputFormatError(f"only {len(cand)} genes have >= {min_peaks} peaks within {window} bp of their TSS "
+                                   "and a GO annotation", field="tss", fix="check that the TSS file matches the genome "
+                                   "build of the peaks (hg19 vs hg38), or lower --min-peaks / raise --window")
+        graph = build_gene_graph(go_df, genes=cand)
+        nb = graph.to_frame()
+        has_nb = sorted(set(nb["gene"]))
+        pool = has_nb if len(has_nb) >= n_genes else cand
+        ko = sorted(rng.choice(pool, min(n_genes, len(pool)), replace=False).tolist())
+        n_cells = X0.shape[0]
+        perm = rng.permutation(n_cells)
+        n_ctrl = int(round(control_fraction * n_cells))
+        pert = np.empty(n_cells, dtype=object)
+        pert[perm[:n_ctrl]] = "control"
+        rest = perm[n_ctrl:]
+        pert[rest] = np.asarray(ko, dtype=object)[np.arange(len(rest)) % len(ko)]
+        near_by_gene = near.groupby("gene")["peak"].apply(lambda s: np.unique(s.to_numpy()))
+        Xg = X0.copy()
+        ktruth = []
+        for g in ko:
+            rows = np.flatnonzero(pert == g)
+            cols = [near_by_gene[g]]
+            probs = [np.full(len(near_by_gene[g]), p_direct)]
+            ktruth.append(pd.DataFrame({"gene": g, "peak": near_by_gene[g], "relation": "direct", "via_gene": g,
+                                        "jaccard": 1.0, "probability": p_direct}))
+            for _, r in nb[nb["gene"] == g].iterrows():
+                h = r["neighbour"]
+                p = min(p_direct / 2, p_neighbour * float(r["jaccard"]))
+                cols.append(near_by_gene[h])
+                probs.append(np.full(len(near_by_gene[h]), p))
+                ktruth.append(pd.DataFrame({"gene": g, "peak": near_by_gene[h], "relation": "go_neighbour", "via_gene": h,
+                                            "jaccard": float(r["jaccard"]), "probability": p}))
+            Xg = _close(Xg, rows, np.concatenate(cols), np.concatenate(probs), rng)
+        obs_g = pd.DataFrame({"cell_id": cell_id, "cell_type": ctype, "perturbation": pert.astype(str),
+                              "dataset": "genetic_benchmark"})
+        _write_h5ad(Xg, obs_g, peaks, out / "genetic.h5ad", {"genome": genome, "benchmark": "genetic"})
+        with atomic_path(out / "truth" / "knockouts.tsv") as tmp:
+            pd.concat(ktruth, ignore_index=True).to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+        with atomic_path(out / "truth" / "gene_graph.tsv") as tmp:
+            nb.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+        with atomic_path(out / "go.tsv") as tmp:
+            go_df[go_df["gene"].isin(cand)].rename(columns={"gene": "gene_symbol"}).to_csv(tmp, sep="\t", index=False)
+        params.update(stim_cell_types=types, knockout_genes=ko, n_candidate_genes=len(cand))
+        with atomic_path(out / "truth" / "params.json") as tmp:
+            Path(tmp).write_text(json.dumps(params, indent=2, default=str))
+        if write_corpora:
+            write_corpus(out / "stimulation_corpus", Xs, obs_s, peaks, genome=genome)
+            write_corpus(out / "genetic_corpus", Xg, obs_g, peaks, genome=genome)
+            # the unmodified input cells over the same peaks: pretrain here, so that the pretrained model has
+            # never seen a perturbed cell (the held-out types' perturbed cells in particular)
+            obs_0 = pd.DataFrame({"cell_id": cell_id, "cell_type": ctype, "dataset": "source"})
+            write_corpus(out / "source_corpus", X0, obs_0, peaks, genome=genome)
+        readme = (__doc__ or "").split("Generative rule", 1)[-1]
+        with atomic_path(out / "README.md") as tmp:
+            Path(tmp).write_text(f"# Semi-synthetic perturbation benchmark (epiflow make-perturbation-benchmark)\n\n"
+                                 f"Source: `{src}`; seed {seed}; stimulated cell types {types}; knocked-out genes {ko}.\n\n"
+                                 f"## Generative rule{readme}\n\n## Parameters\n\n```\n{json.dumps(params, indent=2, default=str)}\n```\n")
+    log.info("benchmark written to %s: stimulation %d cells (%s), genetic %d cells (%d knockouts)", final,
              len(stim_cells), types, n_cells, len(ko))
     return {"stimulation_cells": int(len(stim_cells)), "genetic_cells": int(n_cells), "cell_types": types,
-            "knockouts": ko, "out": str(out)}
+            "knockouts": ko, "out": str(final)}

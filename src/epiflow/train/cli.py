@@ -14,7 +14,7 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     from .config import PretrainConfig
 
     p.add_argument("--corpus", required=True, help="corpus folder (epiflow build-corpus)")
-    p.add_argument("--out", required=True, help="output folder (checkpoint.pth, train_state.pt, metrics.csv, ...)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (checkpoint.pth, train_state.pt, metrics.csv, ...)")
     p.add_argument("--init", choices=["authors", "bert"], default=None,
                    help="parameter initialisation: authors = PyTorch defaults, N(0, 1) embeddings (the preset's "
                         "default); bert = N(0, 0.02) for embeddings and linear layers (an option, issue #15)")

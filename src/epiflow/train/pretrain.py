@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, ConfigError
-from ..io import atomic_path, atomic_write_text
+from ..io import atomic_path, atomic_write_text, removed_if_left_empty
 from . import distributed as D
 from . import resume as R
 from .data import (
@@ -305,7 +305,9 @@ def pretrain(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     out_dir = Path(out_dir)
     info = D.init(cfg.device)
     try:
-        with R.StopSignals() as stop:  # SIGUSR1/SIGTERM (e.g. a SLURM time limit): save, then stop
+        # an error before training starts (a bad model config, a corrupt corpus) leaves no empty out_dir
+        with removed_if_left_empty(out_dir), R.StopSignals() as stop:
+            # SIGUSR1/SIGTERM (e.g. a SLURM time limit): save, then stop
             return _pretrain(Path(corpus_dir), out_dir, cfg, info, stop)
     finally:
         D.shutdown(info)
