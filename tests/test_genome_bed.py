@@ -85,6 +85,27 @@ def test_read_bed_empty_missing_and_min_columns(tmp_path):
     assert "dataset pbmc" in str(ei.value)
 
 
+def _gz_bytes(text: str) -> bytes:
+    return gzip.compress(text.encode())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_read_bed_truncated_or_corrupt_gzip_names_file(tmp_path, damage):
+    rng = np.random.default_rng(0)
+    s = np.sort(rng.integers(0, 10 ** 8, 20000))
+    data = _gz_bytes("".join(f"chr1\t{a}\t{a + 100}\tp{i}\n" for i, a in enumerate(s)))
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data = data[:200] + bytes(b ^ 0x55 for b in data[200:400]) + data[400:]
+    p = tmp_path / "t.bed.gz"
+    p.write_bytes(data)
+    with pytest.raises(InputFormatError, match="cannot decompress the BED file") as ei:
+        read_bed(p, name="ds")
+    msg = str(ei.value)
+    assert str(p) in msg and "(ds)" in msg and "re-download" in msg, msg
+
+
 @pytest.mark.parametrize("gz", [False, True])
 def test_write_bed_roundtrip_atomic(tmp_path, gz):
     df = pd.DataFrame({"name": ["a", "b"], "chrom": ["chr1", "chr2"], "start": [1, 5], "end": [3, 9]})
