@@ -86,6 +86,13 @@ def _embed(args: argparse.Namespace) -> int:
             except (OSError, ValueError) as exc:
                 raise InputFormatError(f"cannot read df ({exc})", path=args.df,
                                        fix="pass the df.npy of the corpus") from None
+        if adata.n_vars != model.n_ccres:
+            from ..errors import VocabularyMismatchError
+
+            raise VocabularyMismatchError(
+                f"the h5ad has {adata.n_vars} cCREs (n_vars) but the checkpoint {args.checkpoint} has "
+                f"{model.n_ccres}", path=str(src),
+                fix="map the data onto the checkpoint's cCRE vocabulary (same cCREs, same order)")
         adata = embed(adata, model, df=df, **kw)
         result = ad.AnnData(obs=adata.obs.copy())
         result.obsm[args.key] = adata.obsm[args.key]
