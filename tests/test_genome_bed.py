@@ -80,6 +80,9 @@ def test_read_bed_empty_missing_and_min_columns(tmp_path):
     p = _write(tmp_path, "chr1\t1\t2\n", name="m.bed")
     with pytest.raises(InputFormatError, match="at least 4 needed"):
         read_bed(p, min_columns=4)
+    with pytest.raises(InputFormatError) as ei:  # the fix lists the columns the caller needs
+        read_bed(p, min_columns=6)
+    assert "at least 6 needed" in str(ei.value) and "chrom, start, end, name, score and strand" in str(ei.value)
     with pytest.raises(InputFormatError) as ei:
         read_bed(_write(tmp_path, "chr1\tx\t2\n", name="n.bed"), name="dataset pbmc")
     assert "dataset pbmc" in str(ei.value)

@@ -159,10 +159,11 @@ def _read_bed(path: Path, where: str, min_columns: int) -> pd.DataFrame:
     short = n_cols < min_columns
     if short.any():
         i = int(np.flatnonzero(short)[0])
+        need = _col_names(min_columns)
         raise InputFormatError(
             f"BED record has {int(n_cols[i])} column(s), at least {min_columns} needed",
             path=where, line=int(line_no[i]),
-            fix="every record needs chrom, start and end separated by tabs.")
+            fix=f"every record needs {', '.join(need[:-1])} and {need[-1]} separated by tabs.")
     coords = {}
     for col in ("start", "end"):
         s = raw[col]
