@@ -311,6 +311,26 @@ def test_output_roundtrip_and_check(tmp_path):
         base.BaselineOutput(embedding=np.full((3, 2), np.nan)).check("integration", 3)
 
 
+def test_baselines_table_bad_input_is_clear(tmp_path, capsys):
+    from epiflow.cli import main
+
+    good = tmp_path / "a.tsv"
+    good.write_text("task\tdataset\tmethod\tmetric\tvalue\nannotation\td\tLSI\taccuracy\t0.5\n")
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("")
+    word = tmp_path / "w.tsv"
+    word.write_text("task\tdataset\tmethod\tmetric\tvalue\nannotation\td\tLSI\taccuracy\tabc\n")
+    out = tmp_path / "t.tsv"
+    for bad, words in ((tmp_path / "missing.tsv", "No such file"), (empty, "cannot read metrics table"),
+                       (word, "line 2")):
+        assert main(["baselines-table", str(good), str(bad), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert str(bad) in err and words in err and "Fix:" in err, err
+        assert not out.exists()
+    assert main(["baselines-table", str(good), "--out", str(out)]) == 0
+    assert pd.read_csv(out, sep="\t")["value"].tolist() == [0.5]
+
+
 def test_split_is_epiagent_annotations_and_needs_no_torch(adata):
     """The baselines hold out the cells EpiAgent's annotation task holds out: one function, which a tool's
     own environment (no torch) imports."""

@@ -228,6 +228,17 @@ def test_replace_dir_failing_keeps_the_former_folder(tmp_path, monkeypatch):
     assert f.read_text() == "x" and not [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
 
 
+def test_cell_filter_removing_every_cell_names_min_ccres_per_cell(tmp_path):
+    """With min_cells > 0 too, the error blames the filter that emptied the corpus (issue: it said min_cells)."""
+    cand = _cands()
+    good, _, _ = _mapped(tmp_path, "g", cand, 10, 0.1, 0)
+    with pytest.raises(ConfigError) as ei:
+        build_corpus(cand, [good], tmp_path / "corpus", min_cells=2, min_ccres_per_cell=10 ** 6)
+    msg = str(ei.value)
+    assert "field 'min_ccres_per_cell'" in msg and "--min-ccres-per-cell" in msg and "min_cells" not in msg, msg
+    assert not (tmp_path / "corpus").exists()
+
+
 def test_mapped_on_other_candidates_is_rejected(tmp_path):
     cand = _cands()
     p, _, _ = _mapped(tmp_path, "d", cand, 10, 0.1, 0)

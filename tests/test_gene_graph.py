@@ -90,6 +90,16 @@ def test_bad_file_is_clear(tmp_path):
         read_go_annotations(tmp_path / "missing.tsv")
 
 
+def test_truncated_gzip_is_clear(tmp_path):
+    text = "".join(f"GENE{i}\tGO:{i * 7919 % 10 ** 7:07d}\n" for i in range(50000))
+    data = gzip.compress(text.encode())
+    p = tmp_path / "go.tsv.gz"
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputFormatError, match="cannot decompress the GO annotation file") as ei:
+        read_go_annotations(p)
+    assert str(p) in str(ei.value) and "Fix:" in str(ei.value)
+
+
 def test_shared_go_file(data_dir):
     path = data_dir / "go_bp_human.tsv.gz"
     if not path.exists():

@@ -80,9 +80,33 @@ def test_read_bed_empty_missing_and_min_columns(tmp_path):
     p = _write(tmp_path, "chr1\t1\t2\n", name="m.bed")
     with pytest.raises(InputFormatError, match="at least 4 needed"):
         read_bed(p, min_columns=4)
+    with pytest.raises(InputFormatError) as ei:  # the fix lists the columns the caller needs
+        read_bed(p, min_columns=6)
+    assert "at least 6 needed" in str(ei.value) and "chrom, start, end, name, score and strand" in str(ei.value)
     with pytest.raises(InputFormatError) as ei:
         read_bed(_write(tmp_path, "chr1\tx\t2\n", name="n.bed"), name="dataset pbmc")
     assert "dataset pbmc" in str(ei.value)
+
+
+def _gz_bytes(text: str) -> bytes:
+    return gzip.compress(text.encode())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_read_bed_truncated_or_corrupt_gzip_names_file(tmp_path, damage):
+    rng = np.random.default_rng(0)
+    s = np.sort(rng.integers(0, 10 ** 8, 20000))
+    data = _gz_bytes("".join(f"chr1\t{a}\t{a + 100}\tp{i}\n" for i, a in enumerate(s)))
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data = data[:200] + bytes(b ^ 0x55 for b in data[200:400]) + data[400:]
+    p = tmp_path / "t.bed.gz"
+    p.write_bytes(data)
+    with pytest.raises(InputFormatError, match="cannot decompress the BED file") as ei:
+        read_bed(p, name="ds")
+    msg = str(ei.value)
+    assert str(p) in msg and "(ds)" in msg and "re-download" in msg, msg
 
 
 @pytest.mark.parametrize("gz", [False, True])

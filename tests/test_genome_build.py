@@ -112,3 +112,11 @@ def test_load_intervals_errors(tmp_path):
     with pytest.raises(InputFormatError, match="cannot read fragments"):
         load_intervals(p)
     assert BuildReport("hg19", {"hg19": 0.2}, 0.2).to_dict()["build"] == "hg19"
+
+
+def test_load_intervals_corrupt_h5ad_names_file(tmp_path):
+    p = tmp_path / "g.h5ad"
+    p.write_bytes(np.random.default_rng(0).bytes(4000))
+    with pytest.raises(InputFormatError, match="cannot read the h5ad file") as ei:
+        load_intervals(p)
+    assert str(p) in str(ei.value) and "Fix:" in str(ei.value)

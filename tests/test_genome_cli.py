@@ -69,6 +69,20 @@ def test_detect_build_cli_synthetic(tmp_path, capsys):
     assert rc == 2 and "TSS files of both builds" in capsys.readouterr().err
 
 
+def test_detect_build_cli_unknown_declared_is_checked_first(tmp_path, capsys, monkeypatch):
+    import epiflow.genome.build as B
+
+    def no_scoring(*a, **k):
+        raise AssertionError("scored before checking --declared")
+
+    monkeypatch.setattr(B, "load_intervals", no_scoring)
+    monkeypatch.setattr(B, "detect_build", no_scoring)
+    rc = main(["detect-build", str(tmp_path / "peaks.bed"), "--tss-dir", str(tmp_path), "--declared", "hg99"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert "'--declared'" in err and "hg99" in err and "Fix:" in err, err
+
+
 @pytest.mark.realdata
 def test_detect_build_cli_real(data_dir, capsys):
     rc = main(["detect-build", str(data_dir / "buenrostro2018_bm0828.h5ad"), "--tss-dir", str(data_dir),

@@ -271,6 +271,17 @@ def test_empty_and_gzip_chain(tmp_path):
     assert a.n_chains == 6 and a.n_blocks == 12
 
 
+def test_truncated_gzip_chain_names_file(tmp_path):
+    text = "".join(f"chain {k} chr1 100000000 + {k * 1000} {k * 1000 + 500} chr1 100000000 + {k * 1000} "
+                   f"{k * 1000 + 500} {k}\n200 10 10\n290\n\n" for k in range(20000))
+    data = gzip.compress(text.encode())
+    p = tmp_path / "t.chain.gz"
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputFormatError, match="cannot decompress the chain file") as ei:
+        parse_chain(p)
+    assert str(p) in str(ei.value) and "truncated" in str(ei.value)
+
+
 def test_load_chain_sources(tmp_path, chain_file):
     with pytest.raises(ConfigError, match="not found"):
         load_chain(tmp_path / "missing.chain")

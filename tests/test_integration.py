@@ -219,6 +219,9 @@ def test_integrate_needs_two_batches(tmp_path, base_ckpt):
     ref = _corpus(tmp_path / "ref", n=30, batches=("only",))
     with pytest.raises(EpiflowError, match="2 batches"):
         _run(base_ckpt, ref, batch_key="donor", max_steps=1, umap=False)
+    with pytest.raises(EpiflowError, match=r"found \['only'\]") as ei:  # plain strings, not np.str_('only')
+        match_batches(np.zeros((3, 2)), np.array(["only"] * 3))
+    assert "np.str_" not in str(ei.value)
 
 
 def test_integrate_flags_are_its_settings_and_former_names_still_parse():

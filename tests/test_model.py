@@ -481,6 +481,23 @@ def test_presets_and_paper_parameter_count():
     assert EpiAgentConfig.from_dict(cfg.to_dict()) == cfg
 
 
+@pytest.mark.parametrize("key, value, words", [
+    ("dim", "sixty-four", "expected an integer"), ("num_layers", 2.5, "expected an integer"),
+    ("dropout", "high", "expected a number"), ("pretrain_heads", 1, "expected true or false"),
+    ("classifier", 3, "expected a string or null"), ("classifier_hidden", [256], "a list of two integers"),
+])
+def test_model_config_wrong_types_name_file_and_field(key, value, words):
+    with pytest.raises(ConfigError) as ei:
+        EpiAgentConfig.from_dict({"n_ccres": 7, key: value}, path="m.json")
+    msg = str(ei.value)
+    assert msg.startswith(f"m.json, field '{key}'") and words in msg and "Fix:" in msg, msg
+    with pytest.raises(ConfigError, match=f"field '{key}'"):
+        EpiAgentConfig.preset("tiny", n_ccres=7, **{key: value})
+    with pytest.raises(ConfigError) as ei:
+        EpiAgentConfig.from_dict({"n_ccres": 7, "corpus": "x"}, path="m.json")
+    assert "m.json" in str(ei.value) and "'corpus'" in str(ei.value) and "Fix: remove" in str(ei.value)
+
+
 def test_linear_classifier_and_bert_init():
     torch.manual_seed(0)
     cfg = EpiAgentConfig.preset("tiny", n_ccres=50, classifier="linear", num_classes=3,

@@ -226,6 +226,33 @@ def test_cli_embed_flags(tmp_path, capsys):
     assert rc == 2 and "nowhere" in capsys.readouterr().err
 
 
+def test_cli_embed_device_as_every_verb(fixtures_dir, tok, reference, tmp_path, capsys):
+    """--device auto (the default of every verb) works; a typo is a clear error, not a torch traceback."""
+    corpus = _corpus(tmp_path / "corpus", tok)
+    out = tmp_path / "emb.h5ad"
+    base = ["embed", "--checkpoint", str(fixtures_dir / "epiagent_tiny.pth"), "--num-heads", "4",
+            "--corpus", str(corpus), "--out", str(out), "--no-progress", "--device"]
+    assert cli_main(base + ["gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and "'gpu'" in err and "auto|cpu|cuda" in err, err
+    assert not out.exists()
+    if not torch.cuda.is_available():  # auto = CPU here (on a GPU machine the tolerance may differ)
+        assert cli_main(base + ["auto"]) == 0
+        np.testing.assert_allclose(ad.read_h5ad(out).obsm["X_epiagent"], reference, **TOL)
+
+
+def test_cli_embed_h5ad_size_mismatch_names_the_h5ad_and_the_checkpoint(fixtures_dir, tok, tmp_path, capsys):
+    h5ad = tmp_path / "counts.h5ad"
+    ad.AnnData(X=sp.random(5, 301, density=0.2, format="csr", dtype=np.float32, random_state=0)).write_h5ad(h5ad)
+    ckpt = fixtures_dir / "epiagent_tiny.pth"
+    out = tmp_path / "emb.h5ad"
+    rc = cli_main(["embed", "--checkpoint", str(ckpt), "--num-heads", "4", "--corpus", str(h5ad),
+                   "--out", str(out), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(h5ad) in err and str(ckpt) in err and "301" in err and "Fix:" in err, err
+    assert not out.exists()
+
+
 def test_cli_embed_vocabulary_mismatch_writes_nothing(fixtures_dir, tok, tmp_path, capsys):
     corpus = _corpus(tmp_path / "corpus", tok, n_ccres=301)
     out = tmp_path / "emb.h5ad"

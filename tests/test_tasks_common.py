@@ -43,6 +43,16 @@ def test_h5ad_needs_the_corpus_document_frequency(corpus, tmp_path):
     assert load_cells(a).n_cells == 60
 
 
+def test_df_size_mismatch_names_the_df_file_and_the_h5ad(corpus, tmp_path):
+    load_cells(corpus).to_anndata().write_h5ad(tmp_path / "cells.h5ad")
+    np.save(tmp_path / "df.npy", np.ones(5))
+    with pytest.raises(InputFormatError) as ei:
+        load_cells(tmp_path / "cells.h5ad", df=tmp_path / "df.npy")
+    msg = str(ei.value)
+    assert msg.startswith(f"{tmp_path / 'df.npy'}, field 'df'") and str(tmp_path / "cells.h5ad") in msg, msg
+    assert "5 entries" in msg and "120 cCREs" in msg
+
+
 def test_dataset_selection_subset_and_errors(corpus, tmp_path):
     sh = load_cells(corpus)
     names = sh.obs["dataset"].astype(str).unique()

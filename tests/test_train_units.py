@@ -324,6 +324,28 @@ def test_stream_with_workers_equals_without(corpus):
         assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["cca_ids"], y["cca_ids"])
 
 
+def test_pretrain_model_config_json_is_a_valid_model_config(tmp_path, toy_corpus):
+    """pretrain's own model_config.json (sizes + vocab_id, corpus) is accepted as --model-config;
+    a wrong type names the file and the field."""
+    import json
+
+    from epiflow.errors import ConfigError
+    from epiflow.train.pretrain import PretrainConfig, build_model_config, pretrain
+
+    corpus = toy_corpus(n_cells=60, n_ccres=120, n_types=3, seed=1, shard_size=25)
+    pretrain(corpus, tmp_path / "run", PretrainConfig(model_config="tiny", epochs=1, max_steps=1, rlm_epochs=1,
+                                                      batch_tokens=2048, max_len=64, ckpt_every=0,
+                                                      progress=False, device="cpu"))
+    written = tmp_path / "run" / "model_config.json"
+    assert {"corpus", "vocab_id"} <= set(json.loads(written.read_text()))
+    assert build_model_config(str(written), 120) == build_model_config("tiny", 120)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"dim": "sixty-four"}))
+    with pytest.raises(ConfigError) as ei:
+        build_model_config(str(bad), 120)
+    assert str(bad) in str(ei.value) and "field 'dim'" in str(ei.value) and "an integer" in str(ei.value)
+
+
 def test_step_profiler_writes_the_op_table_of_the_chosen_steps(tmp_path, monkeypatch, toy_corpus):
     """EPIFLOW_PROFILE_STEPS=A:B profiles whole pretraining steps (forward, backward, optimiser) and
     writes one op table; a bad spec is a clear error; unset, nothing is written."""

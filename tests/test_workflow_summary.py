@@ -73,6 +73,20 @@ def test_cli_writes_and_prints(run_dir, capsys):
     assert main(["summarize", "--metrics", str(tmp / "missing.tsv")]) == 2
 
 
+def test_non_numeric_value_names_file_line_and_value(tmp_path, capsys):
+    bad = _metrics(tmp_path / "b.tsv", [("annotation", "d", "EpiAgent", "F1", 0.5),
+                                        ("annotation", "d", "EpiAgent", "accuracy", "abc")])
+    out = tmp_path / "s.tsv"
+    assert main(["summarize", "--metrics", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "line 3" in err and "'abc'" in err and "Fix:" in err, err
+    assert not out.exists()
+    # missing values stay accepted
+    ok = tmp_path / "n.tsv"
+    ok.write_text("task\tdataset\tmethod\tmetric\tvalue\na\td\tm\tx\tnan\na\td\tm\ty\tNA\na\td\tm\tz\t\n")
+    assert read_summary(ok)["value"].isna().all()
+
+
 def test_printout_keeps_headline_metrics_only(tmp_path):
     rows = [("stimulated_perturbation", "stim", "EpiAgent", "R2_all", 0.4),
             ("stimulated_perturbation", "stim", "EpiAgent", "R2_all[B]", 0.5),

@@ -7,6 +7,11 @@ the line or field, and what to do. The CLI prints such errors without a tracebac
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import zlib
+from typing import Iterator
+
 
 class EpiflowError(Exception):
     """An error in the user's input, with a message that says where and how to fix it."""
@@ -48,3 +53,15 @@ class VocabularyMismatchError(EpiflowError):
 
 class CheckpointError(EpiflowError):
     """A checkpoint is truncated, foreign, or does not match the model/corpus."""
+
+
+@contextlib.contextmanager
+def decompression_errors(path, what: str = "file") -> Iterator[None]:
+    """Turn a truncated or corrupt gzip met while reading inside the block (``EOFError``,
+    ``zlib.error``, ``gzip.BadGzipFile`` from gzip or pandas) into :class:`InputFormatError` naming
+    ``path``."""
+    try:
+        yield
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise InputFormatError(f"cannot decompress the {what} ({exc})", path=str(path),
+                               fix="the file is truncated or not gzip/bgzip; re-download it") from None

@@ -138,15 +138,9 @@ def _list(args: argparse.Namespace) -> int:
 def _table(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from ..errors import InputFormatError
-    from ..metrics.table import METRIC_COLUMNS, metrics_frame, write_metrics
+    from ..metrics.table import metrics_frame, read_metrics, write_metrics
 
-    parts = []
-    for path in args.metrics:
-        df = pd.read_csv(path, sep="\t")
-        if list(df.columns) != METRIC_COLUMNS:
-            raise InputFormatError(f"not a metrics table (columns {list(df.columns)})", path=path, line=1)
-        parts.append(df)
+    parts = [read_metrics(path) for path in args.metrics]
     write_metrics(metrics_frame(pd.concat(parts, ignore_index=True).to_dict("records")), args.out)
     return 0
 

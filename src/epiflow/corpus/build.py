@@ -200,6 +200,7 @@ def build_corpus(ccres, mapped, out, *, genome: str = "", min_cells: int = 100,
 
     # ---- pass 1: QC on candidates, accessibility --------------------------------------------
     cells_open = np.zeros(n_cand, dtype=np.int64)
+    most_open = 0  # the most accessible candidates in one cell
     infos: list[_Mapped] = []
     keep1: list[np.ndarray] = []
     seen_names: dict[str, Path] = {}
@@ -221,6 +222,7 @@ def build_corpus(ccres, mapped, out, *, genome: str = "", min_cells: int = 100,
             k = np.zeros(a.n_obs, dtype=bool)
             for i, X in _blocks(a, block_size):
                 n = accessible_per_cell(X)
+                most_open = max(most_open, int(n.max(initial=0)))
                 kk = n >= max(min_ccres_per_cell, 1)
                 k[i:i + X.shape[0]] = kk
                 Xk = X[np.flatnonzero(kk)]
@@ -229,6 +231,12 @@ def build_corpus(ccres, mapped, out, *, genome: str = "", min_cells: int = 100,
             a.file.close()
         infos.append(_Mapped(p, int(len(obs)), obs, rep))
         keep1.append(k)
+
+    if not any(k.any() for k in keep1):  # the cell filter, not min_cells, left nothing
+        raise ConfigError(f"no cell has >= {min_ccres_per_cell} accessible cCREs (the most in one cell: "
+                          f"{most_open}): the {'corpus' if role == 'corpus' else 'downstream folder'} is empty",
+                          field="min_ccres_per_cell",
+                          fix="lower min_ccres_per_cell (--min-ccres-per-cell) or check the mapping")
 
     # ---- vocabulary ---------------------------------------------------------------------------
     if vocabulary == "curate":

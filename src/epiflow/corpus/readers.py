@@ -900,15 +900,22 @@ def _var_intervals(var: pd.DataFrame, names, path: Path, one_based: bool) -> pd.
     return parse_peak_names(names, path=str(path), one_based=one_based)
 
 
-def read_h5ad_matrix(path, *, layer: str | None = None, one_based: bool = False):
+def open_h5ad(path, *, backed: str | None = None):
+    """``anndata.read_h5ad`` with a missing, empty, truncated or foreign file raised as
+    :class:`InputFormatError` naming it (h5py / anndata raise many types on broken files)."""
     import anndata as ad
 
     path = _need_file(Path(path), "h5ad file")
     try:
-        a = ad.read_h5ad(path)
-    except Exception as exc:  # h5py / anndata raise many types on broken files
+        return ad.read_h5ad(path, backed=backed)
+    except Exception as exc:
         raise InputFormatError(f"cannot read the h5ad file ({type(exc).__name__}: {exc})", path=str(path),
                                fix="check that the file is a complete AnnData .h5ad") from None
+
+
+def read_h5ad_matrix(path, *, layer: str | None = None, one_based: bool = False):
+    path = Path(path)
+    a = open_h5ad(path)
     X = a.layers[layer] if layer else a.X
     if X is None:
         raise InputFormatError("the h5ad file has no X matrix", path=str(path), field="X",

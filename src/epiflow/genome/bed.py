@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigError, InputFormatError
+from ..errors import ConfigError, InputFormatError, decompression_errors
 from ..io import atomic_path
 from .intervals import PRIMARY_CHROMS, normalize_chrom
 
@@ -78,7 +78,11 @@ def read_bed(path, *, min_columns: int = 3, name: str | None = None) -> pd.DataF
     if not path.exists():
         raise InputFormatError("BED file not found", path=where,
                                fix="check the path (relative paths are resolved from the working folder).")
-    min_columns = max(3, int(min_columns))
+    with decompression_errors(where, "BED file"):
+        return _read_bed(path, where, max(3, int(min_columns)))
+
+
+def _read_bed(path: Path, where: str, min_columns: int) -> pd.DataFrame:
     # locate the first record to choose the separator and skip the header block
     n_head = 0
     first = None
@@ -155,10 +159,11 @@ def read_bed(path, *, min_columns: int = 3, name: str | None = None) -> pd.DataF
     short = n_cols < min_columns
     if short.any():
         i = int(np.flatnonzero(short)[0])
+        need = _col_names(min_columns)
         raise InputFormatError(
             f"BED record has {int(n_cols[i])} column(s), at least {min_columns} needed",
             path=where, line=int(line_no[i]),
-            fix="every record needs chrom, start and end separated by tabs.")
+            fix=f"every record needs {', '.join(need[:-1])} and {need[-1]} separated by tabs.")
     coords = {}
     for col in ("start", "end"):
         s = raw[col]

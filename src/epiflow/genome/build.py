@@ -254,9 +254,9 @@ def load_intervals(path, fmt: str = "auto", *, max_lines: int = 500_000) -> pd.D
         df["chrom"] = normalize_chrom(df["chrom"].to_numpy())
         return df
     if fmt == "h5ad":
-        import anndata as ad
+        from ..corpus.readers import open_h5ad
 
-        a = ad.read_h5ad(path, backed="r")
+        a = open_h5ad(path, backed="r")
         try:
             var = a.var.copy()
         finally:

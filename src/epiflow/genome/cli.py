@@ -42,8 +42,11 @@ def register(sub) -> None:
 
 def _detect_build(args) -> int:
     from ..errors import ConfigError
+    from .bed import normalize_genome
     from .build import check_build, detect_build, find_tss_files, load_intervals
 
+    if args.declared:
+        normalize_genome(args.declared, field="--declared")  # before the scoring
     tss = find_tss_files(args.tss_dir) if args.tss_dir else {}
     if args.tss_hg19:
         tss["hg19"] = args.tss_hg19

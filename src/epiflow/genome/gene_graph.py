@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..errors import InputFormatError
+from ..errors import InputFormatError, decompression_errors
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,11 @@ def read_go_annotations(path: str | os.PathLike, *, aspect: str | None = "P") ->
     if not path.exists():
         raise InputFormatError("GO annotation file not found", path=str(path),
                                fix="pass a TSV gene_symbol<TAB>go_id (e.g. ../shared/data/go_bp_human.tsv.gz) or a GAF file")
+    with decompression_errors(path, "GO annotation file"):
+        return _read_go_annotations(path, aspect)
+
+
+def _read_go_annotations(path: Path, aspect: str | None) -> pd.DataFrame:
     with _open_text(path) as fh:
         first = ""
         for line in fh:

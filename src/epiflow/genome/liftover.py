@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigError, InputFormatError
+from ..errors import ConfigError, InputFormatError, decompression_errors
 from ..io import atomic_path
 from .intervals import PRIMARY_CHROMS, normalize_chrom
 
@@ -307,7 +307,7 @@ def parse_chain(path, *, name: str | None = None) -> Chain:
     where = str(name or path)
     headers, header_line = [], []
     block_lines, block_line_no, n_lines = [], [], []
-    with _open_lines(path) as fh:
+    with decompression_errors(where, "chain file"), _open_lines(path) as fh:
         for i, line in enumerate(fh, start=1):
             c = line[:1]
             if c == "c":

@@ -50,7 +50,8 @@ def write_metrics(df: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 def read_metrics(path: str | os.PathLike, *, extra: Iterable[str] = ()) -> pd.DataFrame:
     """Read one metrics table (the five columns, plus those of ``extra`` that it has; ``value`` as
-    float, non-numbers as NaN). A file that is not one: :class:`InputFormatError` naming it."""
+    float, missing values such as ``nan``, ``NA`` or an empty cell as NaN). A file that is not one,
+    or a value that is not a number: :class:`InputFormatError` naming it (and the line)."""
     try:
         df = pd.read_csv(path, sep="\t")
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
@@ -61,7 +62,14 @@ def read_metrics(path: str | os.PathLike, *, extra: Iterable[str] = ()) -> pd.Da
         raise InputFormatError(f"metrics table lacks column(s) {', '.join(missing)}", path=path, line=1,
                                fix=f"the header must be: {' '.join(METRIC_COLUMNS)}")
     df = df[METRIC_COLUMNS + [c for c in extra if c in df.columns]].copy()
-    df["value"] = pd.to_numeric(df["value"], errors="coerce")
+    value = pd.to_numeric(df["value"], errors="coerce")
+    bad = (value.isna() & df["value"].notna()).to_numpy()
+    if bad.any():
+        i = int(bad.nonzero()[0][0])
+        raise InputFormatError(f"metric value {df['value'].iloc[i]!r} is not a number ({int(bad.sum())} such row(s))",
+                               path=path, line=i + 2, field="value",
+                               fix="write a number (or nan for a missing value) in the value column")
+    df["value"] = value
     return df
 
 

@@ -10,8 +10,8 @@ def register(subparsers) -> None:
         "embed", help="cell embeddings (obsm['X_epiagent']) from an EpiAgent checkpoint",
         description="Embed the cells of a corpus, a shard or an h5ad of raw counts over the checkpoint's cCREs "
                     "(--corpus; --input is its former name) and write an AnnData with obs and obsm['X_epiagent'].")
-    from ..cliargs import add_io_args
-    from ..tasks.config import BACKENDS
+    from ..cliargs import add_config_args, add_io_args
+    from ..tasks.config import BACKENDS, ModelRuntime
 
     add_io_args(p, out="file", dataset=False,
                 cells_help="cells: a corpus folder (epiflow build-corpus), a shard .h5, or an .h5ad of raw counts "
@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads (needed unless the width is 512 or a <checkpoint>.json exists)")
     p.add_argument("--batch-tokens", type=int, default=65_536, help="padded tokens per batch")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    add_config_args(p, ModelRuntime, exclude=("backend", "num_heads", "progress", "seed"))  # --device, as every verb
     p.add_argument("--batch-key", default=None,
                    help="obs column of integer batch ids (batch-conditioned checkpoints; default: none)")
     p.add_argument("--key", default="X_epiagent", help="obsm key")
@@ -46,13 +46,16 @@ def _embed(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from ..cliargs import config_from_args
     from ..errors import InputFormatError
     from ..io import atomic_path
+    from ..tasks.config import ModelRuntime
+    from ..train.engine import resolve_device
     from .checkpoint import load_epiagent_checkpoint
-    from .inference import default_device, embed
+    from .inference import embed
 
     log = logging.getLogger("epiflow.model")
-    device = default_device() if args.device is None else args.device
+    device = resolve_device(config_from_args(ModelRuntime, args, progress=not args.no_progress).device)
     from .attention import resolve_backend
 
     backend = resolve_backend(args.backend, device)
@@ -83,6 +86,13 @@ def _embed(args: argparse.Namespace) -> int:
             except (OSError, ValueError) as exc:
                 raise InputFormatError(f"cannot read df ({exc})", path=args.df,
                                        fix="pass the df.npy of the corpus") from None
+        if adata.n_vars != model.n_ccres:
+            from ..errors import VocabularyMismatchError
+
+            raise VocabularyMismatchError(
+                f"the h5ad has {adata.n_vars} cCREs (n_vars) but the checkpoint {args.checkpoint} has "
+                f"{model.n_ccres}", path=str(src),
+                fix="map the data onto the checkpoint's cCRE vocabulary (same cCREs, same order)")
         adata = embed(adata, model, df=df, **kw)
         result = ad.AnnData(obs=adata.obs.copy())
         result.obsm[args.key] = adata.obsm[args.key]

@@ -11,6 +11,9 @@ The vocabulary size always comes from the corpus (``n_ccres``); token ids add 4 
 from __future__ import annotations
 
 import dataclasses
+import json
+import numbers
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,9 +139,7 @@ class EpiAgentConfig:
             kw["n_ccres"] = int(n_ccres)
         elif "n_ccres" not in kw:
             raise ConfigError(f"preset {name!r} needs n_ccres (the corpus vocabulary size)", field="n_ccres")
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown model option(s) {sorted(unknown)}", field="model_config")
+        cls.check_fields(overrides)
         kw.update(overrides)
         return cls(**kw).validate()
 
@@ -148,11 +149,49 @@ class EpiAgentConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EpiAgentConfig":
+    def check_fields(cls, d: dict, path=None) -> None:
+        """A :class:`ConfigError` naming ``path`` (a model_config JSON) and the field when ``d`` has a key
+        that is no model option, or a value of the wrong JSON type (``"dim": "sixty-four"``,
+        ``"dropout": "high"``, ``"pretrain_heads": 1``)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ConfigError(f"unknown model option(s) {sorted(unknown)}", field="model_config")
+            raise ConfigError(f"unknown model option(s) {sorted(unknown)}", path=path, field="model_config",
+                              fix=f"remove them; the model options are {', '.join(sorted(known))}")
+        hints = typing.get_type_hints(cls)
+        for name, v in d.items():
+            tp = hints[name]
+            if tp is int:
+                ok, want = isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer"
+            elif tp is float:
+                ok, want = isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"
+            elif tp is bool:
+                ok, want = isinstance(v, bool), "true or false"
+            elif tp == str | None:
+                ok, want = v is None or isinstance(v, str), "a string or null"
+            elif tp is str:
+                ok, want = isinstance(v, str), "a string"
+            elif tp is dict:
+                ok, want = isinstance(v, dict), "an object"
+            else:  # classifier_hidden: two integers
+                ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(
+                    isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in v)
+                want = "a list of two integers"
+            if not ok:
+                raise ConfigError(f"{name} is {json.dumps(v, default=str)}, expected {want}", path=path,
+                                  field=name, fix=f"write {name} as {want} (default: {cls._default(name)!r})")
+
+    @classmethod
+    def _default(cls, name: str) -> Any:
+        f = {f.name: f for f in dataclasses.fields(cls)}[name]
+        if f.default is not dataclasses.MISSING:
+            return list(f.default) if isinstance(f.default, tuple) else f.default
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+    @classmethod
+    def from_dict(cls, d: dict, path=None) -> "EpiAgentConfig":
+        """The config from ``d`` (a model_config JSON: ``path`` names it in errors), types checked."""
+        cls.check_fields(d, path=path)
         d = dict(d)
         if "classifier_hidden" in d:
             d["classifier_hidden"] = tuple(int(x) for x in d["classifier_hidden"])

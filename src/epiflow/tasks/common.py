@@ -48,6 +48,8 @@ def load_cells(source, *, df=None, dataset=None, max_cells: int | None = None, s
             return load_cells(Shard.concat([load_cells(x, df=df) for x in source]), dataset=dataset,
                               max_cells=max_cells, seed=seed)
         source = source[0]
+    src_path = str(source) if isinstance(source, (str, os.PathLike)) else None
+    df_path = str(df) if isinstance(df, (str, os.PathLike)) else None
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
         if not p.exists():
@@ -71,8 +73,10 @@ def load_cells(source, *, df=None, dataset=None, max_cells: int | None = None, s
             raise InputFormatError("no document frequencies for an h5ad input", field="df",
                                    fix="pass --df <corpus>/df.npy (the corpus the model was trained on)")
         if df is not None and np.shape(df) != (source.n_vars,):
-            raise InputFormatError(f"df has {np.shape(df)[0]} entries but the h5ad has {source.n_vars} cCREs",
-                                   field="df", fix="use the df.npy of the corpus whose vocabulary the h5ad uses")
+            raise InputFormatError(f"df has {np.shape(df)[0]} entries but the h5ad"
+                                   f"{f' {src_path}' if src_path else ''} has {source.n_vars} cCREs",
+                                   path=df_path, field="df",
+                                   fix="use the df.npy of the corpus whose vocabulary the h5ad uses")
     sh = Shard.from_any(source, df=df)
     names = dataset_names(dataset)
     if names:

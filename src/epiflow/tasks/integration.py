@@ -113,7 +113,7 @@ def match_batches(emb: np.ndarray, batches, *, max_ot_cells: int = 5000, seed: i
     ``batch``, ``partner_batch``, ``distance`` (cosine), ``kept``.
     """
     b = np.asarray(batches).astype(str)
-    names = sorted(set(b))
+    names = sorted(set(b.tolist()))  # plain str (messages show them)
     if len(names) < 2:
         raise EpiflowError(f"integration needs at least 2 batches, found {names}", field="batch_key",
                            fix="pass --batch-key with the column that holds the batches")
@@ -277,7 +277,7 @@ def run(cells, model, cfg: IntegrationConfig, *, query=None, label_map: dict[str
         raise VocabularyMismatchError(f"the model has {model.n_ccres} cCREs but the cells have {cells.n_ccres}",
                                       field="n_ccres", fix="use a model trained on this cCRE vocabulary")
     batches = np.asarray(obs_column(cells, cfg.batch_key, "batch")).astype(str)
-    names = sorted(set(batches))
+    names = sorted(set(batches.tolist()))
     bids = pd.Index(names).get_indexer(batches)
     labels = apply_label_map(obs_column(cells, cfg.label_key), label_map)
     ds = dataset_label(cells, dataset)

@@ -86,9 +86,14 @@ def build_model_config(spec: str, n_ccres: int, overrides: dict | None = None, d
         d = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"invalid JSON ({exc.msg})", path=str(p), line=exc.lineno) from None
+    if not isinstance(d, dict) or not isinstance(d.get("config", d), dict):
+        raise ConfigError("a model config must be a JSON object of EpiAgentConfig fields", path=str(p),
+                          fix='write {"dim": 64, "num_layers": 2, ...} (or use a preset)')
     d = dict(d.get("config", d))
-    for k in ("vocab_id", "format", "version", "backend"):
+    # what pretrain's model_config.json and a checkpoint's .json side file hold besides the model fields
+    for k in ("vocab_id", "corpus", "format", "version", "backend"):
         d.pop(k, None)
+    EpiAgentConfig.check_fields(d, path=str(p))
     if int(d.get("n_ccres", n_ccres)) != int(n_ccres):
         raise ConfigError(f"model config has n_ccres {d['n_ccres']} but the corpus has {n_ccres}",
                           path=str(p), field="n_ccres", fix="drop n_ccres from the file; it comes from the corpus")
