@@ -224,6 +224,14 @@ def test_cli_embed_flags(tmp_path, capsys):
     rc = cli_main(["embed", "--checkpoint", "c.pth", "--corpus", str(tmp_path / "nowhere"),
                    "--out", str(tmp_path / "e.h5ad")])
     assert rc == 2 and "nowhere" in capsys.readouterr().err
+    # --progress / --no-progress, as on every verb (embed had only --no-progress)
+    from epiflow.cli import build_parser
+
+    parser = build_parser(["embed"])
+    base = ["embed", "--checkpoint", "c.pth", "--corpus", "c", "--out", "e.h5ad"]
+    assert parser.parse_args(base).progress is True
+    assert parser.parse_args(base + ["--progress"]).progress is True
+    assert parser.parse_args(base + ["--no-progress"]).progress is False
 
 
 def test_cli_embed_device_as_every_verb(fixtures_dir, tok, reference, tmp_path, capsys):

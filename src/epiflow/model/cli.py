@@ -23,14 +23,13 @@ def register(subparsers) -> None:
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads (needed unless the width is 512 or a <checkpoint>.json exists)")
     p.add_argument("--batch-tokens", type=int, default=65_536, help="padded tokens per batch")
-    add_config_args(p, ModelRuntime, exclude=("backend", "num_heads", "progress", "seed"))  # --device, as every verb
+    add_config_args(p, ModelRuntime, exclude=("backend", "num_heads", "seed"))  # --device, --progress, as every verb
     p.add_argument("--batch-key", default=None,
                    help="obs column of integer batch ids (batch-conditioned checkpoints; default: none)")
     p.add_argument("--key", default="X_epiagent", help="obsm key")
     p.add_argument("--readout", choices=["cls", "mean"], default="cls",
                    help="cell embedding: encoder output at [CLS] (default, the paper) or the mean of the cCRE-token "
                         "outputs (an option, docs/results_notes.md #15)")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_embed)
 
     q = subparsers.add_parser("inspect-checkpoint", help="kind, sizes and parameter counts of a checkpoint")
@@ -55,7 +54,8 @@ def _embed(args: argparse.Namespace) -> int:
     from .inference import embed
 
     log = logging.getLogger("epiflow.model")
-    device = resolve_device(config_from_args(ModelRuntime, args, progress=not args.no_progress).device)
+    runtime = config_from_args(ModelRuntime, args)
+    device = resolve_device(runtime.device)
     from .attention import resolve_backend
 
     backend = resolve_backend(args.backend, device)
@@ -67,7 +67,7 @@ def _embed(args: argparse.Namespace) -> int:
     model = load_epiagent_checkpoint(args.checkpoint, num_heads=args.num_heads, backend=backend,
                                      corpus=src if src.is_dir() else None)
     kw = dict(key=args.key, batch_key=args.batch_key, batch_tokens=args.batch_tokens, device=device,
-              progress=not args.no_progress, readout=args.readout)
+              progress=runtime.progress, readout=args.readout)
     if not h5ad:  # a corpus folder or a shard
         if args.df:
             log.warning("--df is ignored for a corpus or a shard (their TF-IDF ranks are stored)")
