@@ -125,6 +125,15 @@ def test_gene_file_errors(tmp_path):
         preprocess.read_genes(p)
     with pytest.raises(InputFormatError, match="does not exist"):
         preprocess.read_genes(tmp_path / "missing.bed")
+    p.write_text("chr1\t1\t100\tA\t.\t+\nchr1\tone\t100\tB\t.\t+\n")
+    with pytest.raises(InputFormatError, match="g.bed.*BED6"):
+        preprocess.read_genes(p)
+    import gzip
+
+    gz = tmp_path / "g.bed.gz"
+    gz.write_bytes(gzip.compress("".join(f"chr1\t{i}\t{i + 9}\tG{i}\t.\t+\n" for i in range(5000)).encode())[:3000])
+    with pytest.raises(InputFormatError, match="g.bed.gz.*truncated or not gzip"):
+        preprocess.read_genes(gz)
 
 
 def test_feature_selections():

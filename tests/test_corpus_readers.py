@@ -248,6 +248,16 @@ def test_10x_mtx_folder(tmp_path, gz):
     assert a.var["end"].tolist() == [10, 30, 5]
 
 
+def test_10x_mtx_truncated_barcodes(tmp_path):
+    d = tmp_path / "mtx"
+    d.mkdir()
+    scipy.io.mmwrite(str(d / "matrix.mtx"), sp.coo_matrix(np.ones((3, 2))))
+    (d / "barcodes.tsv.gz").write_bytes(gzip.compress("".join(f"BC{i}\n" for i in range(20000)).encode())[:500])
+    (d / "peaks.bed").write_text("chr1\t1\t10\nchr1\t20\t30\nchr2\t1\t5\n")
+    with pytest.raises(InputFormatError, match="barcodes.tsv.gz.*truncated or not gzip"):
+        read_matrix(d, "10x_mtx")
+
+
 def test_10x_mtx_mismatch(tmp_path):
     d = tmp_path / "mtx"
     d.mkdir()

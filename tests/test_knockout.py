@@ -76,6 +76,22 @@ def test_promoter_targets_from_tss_bed_and_gtf(tmp_path):
     assert sorted(zip(t2["gene"], t2["ccre"])) == sorted(zip(t["gene"], t["ccre"]))
 
 
+def test_bad_gtf_is_an_error_naming_the_file(tmp_path):
+    from epiflow.errors import InputFormatError
+
+    text = "".join(f'1\tx\tgene\t{10001 + i}\t12000\t.\t+\t.\tgene_id "g{i}";\n' for i in range(3000))
+    cut = tmp_path / "cut.gtf.gz"
+    cut.write_bytes(gzip.compress(text.encode())[:2000])  # truncated download
+    with pytest.raises(InputFormatError, match=r"cut.gtf.gz.*truncated or not gzip"):
+        read_tss(cut)
+    bad = tmp_path / "bad.gtf"
+    bad.write_text('1\tx\tgene\tten\t12000\t.\t+\t.\tgene_id "g1";\n')
+    with pytest.raises(InputFormatError, match=r"bad.gtf.*not all integers"):
+        read_tss(bad)
+    with pytest.raises(InputFormatError, match="not found"):
+        read_tss(tmp_path / "missing.gtf")
+
+
 def _ko_corpus(tmp_path):
     xa, xb = _states(40, 40, seed=1)
     counts = sp.vstack([xa, xb]).tocsr()

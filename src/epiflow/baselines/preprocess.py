@@ -51,16 +51,23 @@ def read_genes(path) -> pd.DataFrame:
     if not path.exists():
         raise InputFormatError("gene annotation file does not exist", path=str(path),
                                fix="pass a BED6 gene file (chrom start end name score strand)")
+    from ..errors import decompression_errors
+
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as fh:
+    with decompression_errors(path, "gene annotation file"), opener(path, "rt") as fh:
         first = fh.readline()
     ncol = len(first.rstrip("\n").split("\t"))
     if ncol < 6:
         raise InputFormatError(f"expected BED6 (chrom start end name score strand), found {ncol} columns",
                                path=str(path), line=1, fix="give a BED6 gene file with the strand in column 6")
-    df = pd.read_csv(path, sep="\t", header=None, usecols=[0, 1, 2, 3, 5], comment="#",
-                     names=["chrom", "start", "end", "name", "strand"],
-                     dtype={0: str, 1: np.int64, 2: np.int64, 3: str, 5: str})
+    try:
+        with decompression_errors(path, "gene annotation file"):
+            df = pd.read_csv(path, sep="\t", header=None, usecols=[0, 1, 2, 3, 5], comment="#",
+                             names=["chrom", "start", "end", "name", "strand"],
+                             dtype={0: str, 1: np.int64, 2: np.int64, 3: str, 5: str})
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise InputFormatError(f"cannot read the gene file as BED6 ({str(exc).splitlines()[0]})", path=str(path),
+                               fix="give a BED6 gene file: chrom, start, end (integers), name, score, strand") from None
     bad = ~df["strand"].isin(["+", "-", "."])
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])

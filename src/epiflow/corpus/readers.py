@@ -1008,9 +1008,11 @@ def read_10x_mtx(folder, *, one_based: bool = False):
     except Exception as exc:
         raise InputFormatError(f"cannot read the MatrixMarket file ({exc})", path=str(mtx),
                                fix="re-export the matrix") from None
-    with open_text(bcp) as fh:
+    from ..errors import decompression_errors
+
+    with decompression_errors(bcp, "barcodes file"), open_text(bcp) as fh:
         barcodes = np.array([ln.rstrip("\n\r").split("\t")[0] for ln in fh if ln.strip()], dtype=object)
-    with open_text(peaks) as fh:
+    with decompression_errors(peaks, "peaks / features file"), open_text(peaks) as fh:
         rows = [ln.rstrip("\n\r").split("\t") for ln in fh if ln.strip()]
     if peaks.name.startswith("peaks.bed"):
         try:

@@ -63,23 +63,35 @@ TASK = "knockout"
 def read_tss(path) -> pd.DataFrame:
     """TSS table ``chrom, tss, strand, gene`` from a BED6 (``chrom, tss, tss+1, gene, ., strand``) or a
     GTF (``gene`` records, else ``transcript``; TSS = start on +, end on -; ``gene_name`` attribute)."""
+    from ..errors import decompression_errors
     from ..genome.bed import read_bed
     from ..genome.intervals import normalize_chrom
 
     path = Path(path)
     name = path.name.lower()
     if name.endswith((".gtf", ".gtf.gz")):
+        if not path.is_file():
+            raise InputFormatError("TSS / GTF file not found", path=str(path), field="tss",
+                                   fix="give a BED6 of TSSs or a GTF")
         op = gzip.open if name.endswith(".gz") else open
-        with op(path, "rt") as fh:
-            g = pd.read_csv(fh, sep="\t", comment="#", header=None, usecols=[0, 2, 3, 4, 6, 8],
-                            names=["chrom", "feature", "start", "end", "strand", "attr"], dtype=str)
+        try:
+            with decompression_errors(path, "GTF file"), op(path, "rt") as fh:
+                g = pd.read_csv(fh, sep="\t", comment="#", header=None, usecols=[0, 2, 3, 4, 6, 8],
+                                names=["chrom", "feature", "start", "end", "strand", "attr"], dtype=str)
+        except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise InputFormatError(f"not a GTF ({str(exc).splitlines()[0]})", path=str(path),
+                                   fix="give a GTF (9 tab-separated columns) or a BED6 of TSSs") from None
         feat = "gene" if (g["feature"] == "gene").any() else "transcript"
         g = g[g["feature"] == feat]
         if g.empty:
             raise InputFormatError("no gene or transcript records in the GTF", path=str(path), field="feature")
         gene = g["attr"].str.extract(r'gene_name "([^"]+)"')[0].fillna(g["attr"].str.extract(r'gene_id "([^"]+)"')[0])
-        start = g["start"].astype(np.int64) - 1  # GTF is 1-based
-        end = g["end"].astype(np.int64)
+        try:
+            start = g["start"].astype(np.int64) - 1  # GTF is 1-based
+            end = g["end"].astype(np.int64)
+        except (ValueError, TypeError):
+            raise InputFormatError("GTF start / end (columns 4, 5) are not all integers", path=str(path),
+                                   fix="give a GTF (9 tab-separated columns) or a BED6 of TSSs") from None
         tss = np.where(g["strand"] == "-", end - 1, start)
         out = pd.DataFrame({"chrom": normalize_chrom(g["chrom"].to_numpy()), "tss": tss,
                             "strand": g["strand"].to_numpy(), "gene": gene.to_numpy()})
