@@ -182,9 +182,16 @@ def test_check_workflow_config_notes_renames_and_problems():
     cfg["tasks"]["annotation"]["head"] = "forest"
     _, problems = check_workflow_config(cfg, schema)
     assert len(problems) == 1 and "tasks.annotation.head" in problems[0]
+    # a user's config merged over config/config.yaml: the former name beside the new one at its default
     both = copy.deepcopy(DEFAULT)
     both["tasks"]["knockout"]["finetune_steps"] = 3
-    with pytest.raises(ConfigError, match="both 'finetune_steps'"):
+    notes, problems = check_workflow_config(both, schema)
+    assert problems == [] and both["tasks"]["knockout"]["max_steps"] == 3
+    assert any("finetune_steps' is now" in n for n in notes)
+    # two different values, neither the default: which one was meant is not known
+    both = copy.deepcopy(DEFAULT)
+    both["tasks"]["knockout"].update(finetune_steps=3, max_steps=5)
+    with pytest.raises(ConfigError, match="both 'finetune_steps'.*3.*'max_steps' \\(5\\)"):
         check_workflow_config(both, schema)
 
 
@@ -214,3 +221,36 @@ def test_files_the_config_names_are_checked_before_any_job(tmp_path, monkeypatch
     (tmp_path / "m.tsv").write_text("name\tformat\tpath\tgenome\na\th5ad\tx.h5ad\thg38\n")
     (tmp_path / "my_model.json").write_text("{}")
     assert check_workflow_config(cfg, schema)[1] == []
+
+
+def test_one_flag_name_per_thing_with_the_former_names_read():
+    """The cell-type column is --label-key and a neighbour count --n-neighbors on every verb; the former
+    stimulation.cell_type_key / --cell-type-key and knockout.k / --k are still read (config keys with a
+    note)."""
+    from epiflow.cli import build_parser
+    from epiflow.workflow_config import check_workflow_config
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for verb, action in sub.choices.items():
+        opts = set(action._option_string_actions)
+        if "--cell-type-key" in opts:
+            assert action._option_string_actions["--cell-type-key"] is action._option_string_actions["--label-key"], verb
+        if verb == "knockout":
+            assert action._option_string_actions["--k"] is action._option_string_actions["--n-neighbors"]
+    cfg = copy.deepcopy(DEFAULT)
+    st, ko = cfg["tasks"]["stimulation"], cfg["tasks"]["knockout"]
+    st["cell_type_key"] = st.pop("label_key")
+    ko["k"] = 12
+    notes, problems = check_workflow_config(cfg, ROOT / "workflow/schemas/config.schema.yaml")
+    assert problems == []
+    assert st["label_key"] == "cell_type" and ko["n_neighbors"] == 12 and "k" not in ko
+    assert any("tasks.stimulation.cell_type_key' is now 'tasks.stimulation.label_key'" in n for n in notes)
+    a = parser.parse_args(["predict-stimulation", "--corpus", "c", "--checkpoint", "m", "--out", "o",
+                           "--cell-type-key", "ct"])
+    assert a.label_key == "ct"
+    a = parser.parse_args(["make-perturbation-benchmark", "--corpus", "c.h5ad", "--tss", "t", "--go", "g",
+                           "--out", "o", "--cell-type-key", "ct"])
+    assert a.label_key == "ct"
+    a = parser.parse_args(["embed", "--checkpoint", "m", "--corpus", "c", "--out", "o.h5ad", "--key", "X_a"])
+    assert a.embedding_key == "X_a"

@@ -14,7 +14,7 @@
 #   perturbation -> tasks.stimulation.datasets, leave-one-cell-type-out as predict-stimulation
 #   genetic      -> tasks.genetic.datasets, EpiAgent's own held-out split
 # The perturbation and genetic jobs take the settings that define the comparison from that task
-# (baseline_args: control, condition_key / perturbation_key, cell_type_key as --label-key, holdout,
+# (baseline_args: control, condition_key / perturbation_key, label_key as --label-key, holdout,
 # holdout_fraction, min_cells, k, n_top, seed, focus_group for the UMAPs); baselines.holdout.<task>
 # overrides the held-out groups for the baselines alone (e.g. one type where a tool is slow).
 #

@@ -751,7 +751,7 @@ def baseline_args(wildcards):
     follows = BASELINE_FOLLOWS[task]
     if task == "perturbation":
         flags = [
-            ("--label-key", task_setting(follows, "cell_type_key")),
+            ("--label-key", task_setting(follows, "label_key")),
             ("--condition-key", task_setting(follows, "condition_key")),
         ]
         # no UMAPs and no cells.tsv without tasks.stimulation.umap (as predict-stimulation)

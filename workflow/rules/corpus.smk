@@ -29,7 +29,7 @@ rule perturbation_benchmark:
         seed=config["perturbation_benchmark"]["seed"],
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow make-perturbation-benchmark --corpus {input.source:q}'
-        " --tss {input.tss:q} --go {input.go:q} --cell-type-key {params.cell_type_key:q}"
+        " --tss {input.tss:q} --go {input.go:q} --label-key {params.cell_type_key:q}"
         " --n-genes {params.n_genes} --seed {params.seed} --no-corpus --out {params.out:q}"
         " > {log:q} 2>&1"
 

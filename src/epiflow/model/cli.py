@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     add_config_args(p, ModelRuntime, exclude=("backend", "num_heads", "seed"))  # --device, --progress, as every verb
     p.add_argument("--batch-key", default=None,
                    help="obs column of integer batch ids (batch-conditioned checkpoints; default: none)")
-    p.add_argument("--key", default="X_epiagent", help="obsm key")
+    p.add_argument("--embedding-key", "--key", dest="embedding_key", default="X_epiagent",
+                   help="obsm key of the embedding (as evaluate-features' --embedding-key; --key: its former name)")
     p.add_argument("--readout", choices=["cls", "mean"], default="cls",
                    help="cell embedding: encoder output at [CLS] (default, the paper) or the mean of the cCRE-token "
                         "outputs (an option, docs/results_notes.md #15)")
@@ -66,7 +67,7 @@ def _embed(args: argparse.Namespace) -> int:
     h5ad = src.suffix == ".h5ad"
     model = load_epiagent_checkpoint(args.checkpoint, num_heads=args.num_heads, backend=backend,
                                      corpus=src if src.is_dir() else None)
-    kw = dict(key=args.key, batch_key=args.batch_key, batch_tokens=args.batch_tokens, device=device,
+    kw = dict(key=args.embedding_key, batch_key=args.batch_key, batch_tokens=args.batch_tokens, device=device,
               progress=runtime.progress, readout=args.readout)
     if not h5ad:  # a corpus folder or a shard
         if args.df:
@@ -95,12 +96,12 @@ def _embed(args: argparse.Namespace) -> int:
                 fix="map the data onto the checkpoint's cCRE vocabulary (same cCREs, same order)")
         adata = embed(adata, model, df=df, **kw)
         result = ad.AnnData(obs=adata.obs.copy())
-        result.obsm[args.key] = adata.obsm[args.key]
+        result.obsm[args.embedding_key] = adata.obsm[args.embedding_key]
     result.uns["epiflow_embed"] = {"checkpoint": str(args.checkpoint), "backend": model.backend,
                                    "kind": model.kind, "dim": int(model.config.dim)}
     with atomic_path(args.out, suffix=".h5ad") as tmp:
         result.write_h5ad(tmp)
-    log.info("wrote %s (%d cells x %d)", args.out, result.n_obs, result.obsm[args.key].shape[1])
+    log.info("wrote %s (%d cells x %d)", args.out, result.n_obs, result.obsm[args.embedding_key].shape[1])
     return 0
 
 

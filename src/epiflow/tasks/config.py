@@ -152,7 +152,7 @@ class StimulationConfig(PerturbationConfig):
     """``epiflow predict-stimulation`` (``tasks.stimulation``)."""
 
     condition_key: str = setting("condition", "obs column of the condition")
-    cell_type_key: str = setting("cell_type", "obs column of the cell types")
+    label_key: str = setting("cell_type", "obs column of the cell types", aliases=("--cell-type-key",))
     umap: bool = setting(True, "UMAPs of each held-out type's unperturbed, perturbed and predicted cells, per "
                          "method (cells.tsv; Fig. 3g)")
     focus_group: str | None = setting(None, "the held-out cell type that the per-cell views show (the paper: "
@@ -220,7 +220,7 @@ class KnockoutConfig(ModelRuntime):
     n_reference: int = setting(1000, "chimeric reference cells", min=2)
     n_query: int = setting(50, "query chimeras at score 0.5", min=1)
     n_random: int = setting(50, "random cCRE knockouts", min=2)
-    k: int = setting(20, "reference neighbours", min=1)
+    n_neighbors: int = setting(20, "reference neighbours of each query cell", min=1, aliases=("--k",))
     alternative: str = setting("less", "t-test alternative: less = the knockout lowers the score more than "
                                "random", choices=("less", "greater", "two-sided"))
     figures: bool = setting(True, "write the figures")

@@ -530,7 +530,7 @@ def run(cells, model, cfg: KnockoutConfig, targets, *, df: np.ndarray | None = N
     counts = cells.counts_csr()
     all_emb = embed_cells(model, cells, device=device, progress=progress)
     res = knockout_effects(embed_fn, counts[ia], counts[ib], targets, n_reference=cfg.n_reference,
-                           n_query=cfg.n_query, n_random=cfg.n_random, k=cfg.k, alternative=cfg.alternative,
+                           n_query=cfg.n_query, n_random=cfg.n_random, k=cfg.n_neighbors, alternative=cfg.alternative,
                            seed=seed, emb_a=all_emb[ia], emb_b=all_emb[ib], group=cfg.group,
                            unit=cfg.target_unit)
     ds = dataset or (str(cells.obs["dataset"].iloc[0]) if "dataset" in cells.obs else "all")

@@ -279,7 +279,7 @@ def run_stimulation(cells: Shard, base_model, settings: StimulationConfig | None
     Wasserstein OT problem. ``perturbed_self_token``: the perturbed training cells reconstruct
     themselves with [PER] (default) or without it (the previous behaviour, for comparison)."""
     cfg = settings or StimulationConfig()
-    condition_key, cell_type_key, control = cfg.condition_key, cfg.cell_type_key, cfg.control
+    condition_key, cell_type_key, control = cfg.condition_key, cfg.label_key, cfg.control
     holdout, min_cells, ks, n_top, seed = cfg.holdout, cfg.min_cells, list(cfg.k), cfg.n_top, cfg.seed
     check_base_model(base_model)
     cells = labelled_cells(cells, condition_key)

@@ -103,7 +103,7 @@ def _predict_genetic(args) -> int:
 def _make_benchmark(args) -> int:
     from .perturbation_benchmark import make_perturbation_benchmark
 
-    info = make_perturbation_benchmark(args.corpus, args.tss, args.go, args.out, cell_type_key=args.cell_type_key,
+    info = make_perturbation_benchmark(args.corpus, args.tss, args.go, args.out, cell_type_key=args.label_key,
                                        seed=args.seed, n_genes=args.n_genes, window=args.window,
                                        write_corpora=not args.no_corpus, genome=args.genome)
     print(f"wrote {info['out']}: stimulation {info['stimulation_cells']} cells ({', '.join(info['cell_types'])}); "
@@ -166,7 +166,8 @@ def register(subparsers) -> None:
                 cells_help="h5ad of raw counts (cells x peaks, obs cell type)")
     p.add_argument("--tss", required=True, help="TSS BED of the same genome build as the peaks")
     p.add_argument("--go", required=True, help="GO annotations (TSV gene_symbol, go_id or GAF)")
-    p.add_argument("--cell-type-key", default="cell_type")
+    p.add_argument("--label-key", "--cell-type-key", dest="label_key", default="cell_type",
+                   help="obs column of the cell types (as on every verb; --cell-type-key: its former name)")
     p.add_argument("--n-genes", type=int, default=12, help="knocked-out genes (default 12)")
     p.add_argument("--window", type=int, default=10_000, help="peak centre to TSS distance, bp (default 10000)")
     p.add_argument("--genome", help="genome build stored with the outputs (default: the input's uns['genome'])")
