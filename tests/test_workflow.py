@@ -596,3 +596,18 @@ def test_every_rule_has_a_log_and_a_benchmark():
                 if not re.search(rf"^    {key}", body, flags=re.M):
                     missing.append(f"{smk.name}: rule {name} has no {key}")
     assert not missing, missing
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"datasets": {"simulate": {"downstream": ["pbmc_fragment"]}}},
+     "config key 'datasets.simulate.downstream': pbmc_fragment is not a dataset of the simulated demo"),
+    ({"tasks": {"annotation": {"datasets": ["atlas_b9"]}}},
+     "config key 'tasks.annotation.datasets': 'atlas_b9' is not a dataset"),
+])
+def test_demo_dataset_names_are_checked_while_planning(tmp_path, over, message):
+    """The demo's dataset names come from its preset: a typo fails the dry run, not a job after the
+    simulation."""
+    proc = snakemake("all", "-n", "--configfile", "config/config.yaml", str(_write_config(tmp_path, over)),
+                     "--config", f"results_dir={tmp_path / 'res'}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and message in out, out[-3000:]

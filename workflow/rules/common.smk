@@ -339,6 +339,24 @@ def check_dataset_keys(names):
         )
 
 
+# The demo's datasets are known before its simulation runs (the preset names them): a config naming
+# another one fails while planning, not in a job after the simulation.
+if USE_SIMULATED:
+    from epiflow.simulate.core import dataset_batches
+    from epiflow.simulate.presets import get_preset
+
+    _SIM = config["datasets"]["simulate"]
+    _DEMO_NAMES = dataset_batches(get_preset(_SIM["preset"]))
+    _bad = sorted(set(_SIM.get("downstream") or []) - set(_DEMO_NAMES))
+    if _bad:
+        raise WorkflowError(
+            f"invalid configuration:\n  - config key 'datasets.simulate.downstream': {', '.join(_bad)} "
+            f"is not a dataset of the simulated demo (preset {_SIM['preset']}: "
+            f"{', '.join(_DEMO_NAMES)})"
+        )
+    check_dataset_keys(_DEMO_NAMES)
+
+
 def mapped_files(wildcards):
     """The mapped corpus datasets (downstream datasets never enter the corpus)."""
     check_dataset_keys(dataset_names())
