@@ -405,12 +405,12 @@ def run_stimulation(cells: Shard, base_model, settings: StimulationConfig | None
         q_ctrl = all_ctrl[ctype[all_ctrl] == T]
         q_pert = all_pert[ctype[all_pert] == T]
         P_per = decode(model, cells, q_ctrl, mode="condition", cond=0)
-        P_ctrl = decode(model, cells, q_ctrl, mode="condition", cond=-1)
+        ctrl_mean = decode(model, cells, q_ctrl, mode="condition", cond=-1).mean(0)  # only its mean is kept
         X_ctrl, X_pert = Xb[q_ctrl], Xb[q_pert]
         others = [t for t in types if t != T]
         shift = np.mean([_mean(Xb[all_pert[ctype[all_pert] == t]]) - _mean(Xb[all_ctrl[ctype[all_ctrl] == t]])
                          for t in others], axis=0)
-        predicted = stimulation_predictions(X_ctrl, P_per, P_ctrl.mean(0), shift)
+        predicted = stimulation_predictions(X_ctrl, P_per, ctrl_mean, shift)
         values, frame, info = evaluate_group(X_ctrl=X_ctrl, X_pert=X_pert, predicted=predicted, task=STIM_TASK,
                                              ks=ks, n_top=n_top, seed=seed, max_ot_cells=max_ot_cells)
         for m in values:
@@ -427,7 +427,7 @@ def run_stimulation(cells: Shard, base_model, settings: StimulationConfig | None
                                            max_cells=max_umap_cells))
         if cfg.save_cells:
             cells_parts.append((P_per, pd.DataFrame({"source_cell": names[q_ctrl], "group": T})))
-        del model
+        del model, P_per, predicted  # before the next group's are decoded (save_cells keeps its own reference)
     rows = _summary_rows(STIM_TASK, dataset, per_group)
     tables = {"cells": pd.concat(umaps, ignore_index=True)} if cfg.umap else None
     return _result(rows, frames, cells_parts, history, tables=tables)
@@ -526,11 +526,11 @@ def run_genetic(cells: Shard, base_model, gene_graph, settings: GeneticConfig | 
     X_ctrl = Xb[ctrl]
     real_ctrl = _mean(X_ctrl)
     train_shift = np.mean([_mean(Xb[lab == p]) - real_ctrl for p in train], axis=0)
-    P_none = decode(model, cells, ctrl, mode="condition", cond=none)
+    none_mean = decode(model, cells, ctrl, mode="condition", cond=none).mean(0)  # only its mean is kept
     per_group, frames, cells_parts = {}, {}, []
     for p in held:
         P = decode(model, cells, ctrl, mode="condition", cond=pidx[p])
-        change = P.mean(0) - P_none.mean(0)
+        change = P.mean(0) - none_mean
         predicted = {
             "EpiAgent": {"mean": P.mean(0), "change": change},
             "EpiAgent_delta": {"mean": np.clip(real_ctrl + change, 0, 1), "change": change},
@@ -545,6 +545,7 @@ def run_genetic(cells: Shard, base_model, gene_graph, settings: GeneticConfig | 
         frames[p] = frame
         if cfg.save_cells:
             cells_parts.append((P, pd.DataFrame({"source_cell": ctrl.astype(str), "group": p})))
+        del P  # before the next perturbation's cells are decoded
     extra = {"EpiAgent": {"finetune_steps": len(history),
                           "finetune_final_loss": history[-1]["loss"] if history else float("nan"),
                           "n_train_perturbations": len(train), "n_heldout_perturbations": len(held),
