@@ -159,3 +159,36 @@ def test_shared_trainer(toy, capsys):
     log = pd.read_csv(out / "train_log.tsv", sep="\t")
     assert len(log) >= 1 and np.isfinite(log["loss"]).all()
     assert ad.read_h5ad(out / "imputed.h5ad").uns["epiflow_imputation"]["trainer"] == "shared"
+
+
+@pytest.mark.parametrize("all_labelled", [True, False])
+def test_evaluation_copies_nothing_it_need_not_and_scores_as_before(monkeypatch, all_labelled):
+    # the task's evaluation (Raw / LSI-recon / imputed on the labelled cells vs the raw per-type means):
+    # the same numbers as the former code (float32 copies of every matrix, then [labelled] copies), and
+    # no copy of the imputed / raw matrix when every cell is labelled
+    import epiflow.tasks.imputation as T
+
+    rng = np.random.default_rng(2)
+    raw = sp.csr_matrix((rng.random((80, 30)) * (rng.random((80, 30)) < 0.3)).astype(np.float32))
+    imputed = np.maximum(raw.toarray() + rng.normal(0, 0.1, raw.shape).astype(np.float32), 0)
+    lab = np.ones(80, bool) if all_labelled else rng.random(80) < 0.8
+    y = np.repeat(["a", "b", "c", "d"], 20)[lab]
+    kw = dict(n_pcs=5, n_neighbors=10, seed=0)
+    raw_dense = raw.toarray().astype(np.float32)
+    mats = {"Raw": raw_dense[lab], "LSI-recon": lsi_reconstruction(raw, 10, 0)[lab], "EpiAgent": imputed[lab]}
+    want = T.evaluate_imputation(mats, y, raw_dense[lab], **kw)
+    seen = {}
+    real = T.evaluate_imputation
+
+    def spy(matrices, labels, reference, **k):
+        seen.update(matrices=matrices, reference=reference)
+        return real(matrices, labels, reference, **k)
+
+    monkeypatch.setattr(T, "evaluate_imputation", spy)
+    got = T.evaluate_against_raw(raw, imputed, lab, y, lsi_components=10, **kw)
+    assert got[0] == want[0]
+    for m in want[1]:
+        for k in want[1][m]:
+            np.testing.assert_array_equal(got[1][m][k], want[1][m][k])
+    assert seen["matrices"]["Raw"] is seen["reference"]  # one raw copy for the method and the reference
+    assert (seen["matrices"]["EpiAgent"] is imputed) == all_labelled

@@ -66,3 +66,42 @@ def test_pca_leiden_scores_separates_blobs():
     s = pca_leiden_scores(x, y, n_pcs=10)
     assert s["NMI"] == pytest.approx(1.0) and s["ARI"] == pytest.approx(1.0) and s["leiden_reached"] == 1
     assert s["n_pcs"] == 10
+
+
+def _whole_matrix_agreement(x, labels, reference):
+    """signal_agreement as it was: the float64 target matrix built whole."""
+    x64 = x.toarray().astype(np.float64) if sp.issparse(x) else np.asarray(x, dtype=np.float64)
+    names, inv = np.unique(np.asarray(labels).astype(str), return_inverse=True)
+    ind = sp.csr_matrix((np.ones(len(inv)), (inv, np.arange(len(inv)))), shape=(len(names), len(inv)))
+    sums = ind @ (reference if sp.issparse(reference) else np.asarray(reference, dtype=np.float64))
+    sums = sums.toarray() if sp.issparse(sums) else sums
+    target = (sums / np.bincount(inv)[:, None])[inv]
+    return {"pearson_cell": rowwise_pearson(x64, target), "mse_cell": rowwise_mse(x64, target),
+            "pearson_ccre": colwise_pearson(x64, target), "mse_ccre": colwise_mse(x64, target)}
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 106, 159, 1 << 21])
+@pytest.mark.parametrize("n_ccres", [1, 2, 29])
+def test_signal_agreement_in_blocks_is_the_whole_matrix_formula_bit_for_bit(monkeypatch, block, n_ccres):
+    import epiflow.metrics.imputation as M
+
+    monkeypatch.setattr(M, "_BLOCK", block)  # blocks of 1 row / 2 columns ... one block
+    rng = np.random.default_rng(3)
+    x = (rng.random((53, n_ccres)) * (rng.random((53, n_ccres)) < 0.4)).astype(np.float32)
+    x[5] = 0.0  # a constant row: NaN Pearson
+    labels = rng.choice(["a", "b", "c"], 53)
+    imputed = np.maximum(x + rng.normal(0, 0.1, x.shape).astype(np.float32), 0)
+    for mat, ref in ((x, x), (imputed, x), (sp.csr_matrix(x), sp.csr_matrix(x)), (imputed.astype(np.float64), x)):
+        got, want = signal_agreement(mat, labels, ref), _whole_matrix_agreement(mat, labels, ref)
+        assert list(got) == list(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])  # equal, NaNs in the same places
+    names, m = group_means(x, labels)
+    np.testing.assert_array_equal(m, group_means(sp.csr_matrix(x), labels)[1])
+
+
+def test_pca_leiden_scores_same_for_float32_and_float64_of_the_same_values():
+    rng = np.random.default_rng(0)
+    y = np.repeat(["a", "b", "c"], 30)
+    x = (rng.normal(size=(90, 12)) + (np.arange(90) // 30)[:, None] * 4).astype(np.float32)
+    assert pca_leiden_scores(x, y, n_pcs=5) == pca_leiden_scores(x.astype(np.float64), y, n_pcs=5)

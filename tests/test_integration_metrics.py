@@ -112,3 +112,41 @@ def test_matches_scib_metrics():
         ours = graph_connectivity(x, t, k=14)
         assert ref <= ours <= ref + 0.05
         assert (ours == pytest.approx(ref)) is separated
+
+
+def test_one_knn_for_all_metrics_gives_each_metrics_own_numbers():
+    # integration_scores computes the kNN once (largest k) and slices it: the same values as each
+    # metric's own query, also when k is clipped to n - 1
+    for n_per, ks in ((60, dict(k_lisi=30, k_kbet=20, k_graph=15)), (60, {}), (8, dict(k_lisi=90, k_kbet=50))):
+        x, b, t = _data(False, n_per=n_per, seed=3)
+        b = b.copy()
+        b[::5] = "b2"
+        k_lisi, k_kbet, k_graph = ks.get("k_lisi", 90), ks.get("k_kbet", 50), ks.get("k_graph", 15)
+        ref = {"iLISI": ilisi(x, b, k=k_lisi), "kBET": kbet(x, b, k=k_kbet),
+               "kBET_per_label": kbet(x, b, t), "graph_connectivity": graph_connectivity(x, t, k=k_graph),
+               "batch_ASW": batch_asw(x, b, t)}
+        assert integration_scores(x, b, t, **ks) == ref
+        assert integration_scores(x, b, **ks) == {k: ref[k] for k in ("iLISI", "kBET")}
+    d, i = knn(x, 5)
+    assert np.array_equal(knn(x, 3)[1], i[:, :3])
+    from epiflow.errors import EpiflowError
+
+    with pytest.raises(EpiflowError, match="precomputed neighbours"):
+        graph_connectivity(x, t, k=8, neighbours=(d, i))
+
+
+def test_batch_asw_subsamples_only_types_over_the_cap():
+    from sklearn.metrics import silhouette_samples
+
+    x, b, t = _data(False, n_per=40, seed=2)
+    b = b.copy()
+    b[::7] = "b2"
+    full = batch_asw(x, b, t, sample_size=None)
+    assert batch_asw(x, b, t) == full and batch_asw(x, b, t, sample_size=80) == full  # types of 80 cells
+    capped = batch_asw(x, b, t, sample_size=50, seed=4)
+    assert capped == batch_asw(x, b, t, sample_size=50, seed=4) and capped != full
+    want = []
+    for ty in np.unique(t):
+        m = np.sort(np.random.default_rng(4).choice(np.flatnonzero(t == ty), 50, replace=False))
+        want.append(np.mean(1.0 - np.abs(silhouette_samples(x[m], b[m]))))
+    assert capped == pytest.approx(float(np.mean(want)), abs=0)

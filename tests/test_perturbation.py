@@ -633,3 +633,44 @@ def test_labelled_cells_keeps_the_cells_with_a_label(tmp_path):
     assert kept.n_cells == 14 and "c0" not in set(kept.obs["cell_id"]) and "c3" not in set(kept.obs["cell_id"])
     with pytest.raises(InputFormatError, match="no column"):
         labelled_cells(cells, "nope")
+
+
+@pytest.mark.parametrize("block", [1, 100, 1 << 21])
+def test_stimulation_predictions_are_the_dense_ones_where_read(monkeypatch, block):
+    """The non-model methods' cells are built from the sparse unperturbed cells only where read (the
+    top DA cCREs): the same metrics, frame and mean_shift mean as the former dense construction."""
+    import epiflow.tasks.perturbation as TP
+
+    monkeypatch.setattr(TP, "_MEAN_BLOCK", block)  # blocks of 2 columns ... one block
+    rng = np.random.default_rng(5)
+    n, v = 40, 61
+    X_ctrl = sp.csr_matrix((rng.random((n, v)) < rng.random(v) * 0.6).astype(np.float32))
+    X_pert = sp.csr_matrix((rng.random((30, v)) < rng.random(v) * 0.6).astype(np.float32))
+    P_per = rng.random((n, v), dtype=np.float32)
+    ctrl_mean = rng.random(v, dtype=np.float32)
+    shift = rng.normal(0, 0.3, v)
+    # the former construction
+    real_ctrl = TP._mean(X_ctrl)
+    ms_cells = np.clip(X_ctrl.toarray() + shift[None, :], 0.0, 1.0)
+    change = P_per.mean(0) - ctrl_mean
+    old = {"EpiAgent": {"mean": P_per.mean(0), "change": change, "cells": P_per},
+           "EpiAgent_delta": {"mean": np.clip(real_ctrl + change, 0, 1), "change": change,
+                              "cells": np.clip(X_ctrl.toarray() + change[None, :], 0, 1)},
+           "no_change": {"mean": real_ctrl, "change": np.zeros_like(real_ctrl), "cells": X_ctrl.toarray()},
+           "mean_shift": {"mean": ms_cells.mean(0), "change": ms_cells.mean(0) - real_ctrl, "cells": ms_cells}}
+    new = TP.stimulation_predictions(X_ctrl, P_per, ctrl_mean, shift)
+    top, rows = rng.permutation(v)[:17], np.sort(rng.choice(n, 11, replace=False))
+    for m in old:
+        for k in ("mean", "change"):
+            assert np.asarray(new[m][k]).dtype == np.asarray(old[m][k]).dtype
+            np.testing.assert_array_equal(new[m][k], old[m][k])
+        for got, want in ((new[m]["cells"][:, top], old[m]["cells"][:, top]),
+                          (new[m]["cells"][rows][:, top], old[m]["cells"][rows][:, top])):
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+    kw = dict(X_ctrl=X_ctrl, X_pert=X_pert, task=TP.STIM_TASK, n_top=20, ks=(5,), seed=1)
+    v_old, f_old, _ = TP.evaluate_group(predicted=old, **kw)
+    v_new, f_new, _ = TP.evaluate_group(predicted=new, **kw)
+    assert v_new == v_old
+    pd.testing.assert_frame_equal(f_new, f_old, check_exact=True)
+    assert new["no_change"]["cells"].shape == (n, v)

@@ -144,3 +144,103 @@ def test_write_task_result_writes_every_part_atomically(tmp_path):
     assert "nan" in (out / "predictions.tsv").read_text()
     assert ad.read_h5ad(out / "cells.h5ad").shape == (2, 3)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+# ----------------------------------------------------------------------------- choosing cells before reading them
+def _two_dataset_corpus(corpus, tmp_path):
+    """A copy of ``corpus`` (3 shards of 25, 25, 10 cells) whose cells 30-44 are dataset 'a', the rest 'b'."""
+    import shutil
+
+    from epiflow.corpus.shard import read_shard, write_shard
+
+    out = tmp_path / "two"
+    shutil.copytree(corpus, out)
+    start = 0
+    for f in sorted((out / "shards").glob("*.h5")):
+        sh = read_shard(f)
+        sh.obs["dataset"] = np.where((np.arange(start, start + sh.n_cells) >= 30)
+                                     & (np.arange(start, start + sh.n_cells) < 45), "a", "b")
+        sh.obs["frip"] = np.linspace(0, 1, sh.n_cells) + start  # a numeric column too
+        start += sh.n_cells
+        write_shard(f, sh)
+    return out
+
+
+def _same_cells(x, y):
+    for k in ("indptr", "tokens", "counts", "tfidf"):
+        a, b = getattr(x, k), getattr(y, k)
+        assert a.dtype == b.dtype and np.array_equal(a, b), k
+    pd.testing.assert_frame_equal(x.obs, y.obs, check_exact=True)
+    assert (x.n_ccres, x.vocab_id, x.genome, x.attrs) == (y.n_ccres, y.vocab_id, y.genome, y.attrs)
+
+
+def _reference_load(source, df=None, dataset=None, max_cells=None, seed=0):
+    """What load_cells gave before it chose cells first: read everything, then keep rows."""
+    from epiflow.corpus.shard import Shard
+
+    sources = source if isinstance(source, list) else [source]
+    sh = Shard.concat([Shard.from_any(s if not str(s).endswith(".h5ad") else ad.read_h5ad(s), df=df)
+                       for s in sources])
+    if dataset:
+        sh = sh.subset(np.flatnonzero(np.isin(sh.obs["dataset"].astype(str).to_numpy(), dataset.split(","))))
+    if max_cells is not None and sh.n_cells > max_cells:
+        sh = sh.subset(np.sort(np.random.default_rng(seed).choice(sh.n_cells, max_cells, replace=False)))
+    return sh
+
+
+def test_chosen_cells_are_the_cells_of_reading_everything(corpus, tmp_path):
+    two = _two_dataset_corpus(corpus, tmp_path)
+    shard = sorted((two / "shards").glob("*.h5"))[1]
+    a = load_cells(two).to_anndata()
+    a.write_h5ad(tmp_path / "cells.h5ad")
+    df = corpus_df(two)
+    cases = [(two, {}), (two, dict(dataset="a")), (two, dict(dataset="b", max_cells=7, seed=4)),
+             (two, dict(max_cells=13, seed=1)), (two, dict(max_cells=100)), (two, dict(dataset="a,b")),
+             (shard, dict(max_cells=5, seed=2)), (shard, dict(dataset="a")),
+             (tmp_path / "cells.h5ad", dict(df=df, dataset="a")), (tmp_path / "cells.h5ad", dict(df=df, max_cells=9)),
+             ([two, shard, two], dict(max_cells=40, seed=3)), ([shard, two], dict(dataset="a")),
+             ([tmp_path / "cells.h5ad", two], dict(df=df, dataset="a", max_cells=20, seed=5))]
+    for src, kw in cases:
+        _same_cells(load_cells(src, **kw), _reference_load(src, **kw))
+
+
+def test_a_selection_reads_only_the_chosen_cells(corpus, tmp_path, monkeypatch):
+    import h5py
+
+    from epiflow.corpus import shard as shard_mod
+    from epiflow.corpus.shard import open_corpus
+
+    two = _two_dataset_corpus(corpus, tmp_path)
+    ptrs = [shard_mod.read_shard(p).indptr for p in open_corpus(two).shard_paths]
+    read = []
+    get = h5py.Dataset.__getitem__
+
+    def spy(self, key):
+        out = get(self, key)
+        if self.name == "/tokens":
+            read.append(len(out))
+        return out
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", spy)
+    monkeypatch.setattr(shard_mod.Shard, "from_any", None)  # no whole-input read
+    sh = load_cells(two, dataset="a")  # cells 30-44: shard 1 (25-49) only
+    assert sh.obs["dataset"].eq("a").all() and sh.n_cells == 15
+    assert read == [0, int(ptrs[1][20] - ptrs[1][5]), 0]
+    read.clear()
+    load_cells(two, dataset="a", max_cells=2, seed=0)
+    assert len(read) == 3 and read[0] == read[2] == 0 and read[1] <= int(ptrs[1][20] - ptrs[1][5])
+
+
+def test_read_shard_rows_is_the_subset_of_the_whole_shard(corpus):
+    from epiflow.corpus.shard import open_corpus, read_shard, read_shard_obs
+
+    c = open_corpus(corpus)
+    p = c.shard_paths[0]
+    whole = read_shard(p)
+    pd.testing.assert_frame_equal(read_shard_obs(p), whole.obs)
+    for rows in ([3, 1, 7, 7], [], [24], list(range(25)), [0, 24]):
+        _same_cells(read_shard(p, rows=rows), whole.subset(rows))
+    parts = list(c.read_rows([None, [2, 0], []], c.shard_obs()))
+    _same_cells(parts[0], whole)
+    _same_cells(parts[1], read_shard(c.shard_paths[1]).subset([2, 0]))
+    assert parts[2].n_cells == 0 and list(parts[2].obs.columns) == list(whole.obs.columns)

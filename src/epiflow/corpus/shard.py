@@ -194,9 +194,11 @@ def shard_from_counts(counts, df, obs: pd.DataFrame, *, vocab_id: str = "", geno
                  int(counts.shape[1]), vocab_id, genome)
 
 
-def _shard_from_anndata(adata, df=None) -> Shard:
+def _shard_from_anndata(adata, df=None, rows=None) -> Shard:
     """Rank-ordered sentences of an AnnData of raw counts (``layers['counts']`` or ``X``), TF-IDF with
-    ``df``, ``var['df']`` or the document frequency of these cells; obs gets ``cell_id`` (obs names)."""
+    ``df``, ``var['df']`` or the document frequency of these cells; obs gets ``cell_id`` (obs names).
+    ``rows``: only these cells are tokenized (the same sentences as the whole AnnData's, then
+    :meth:`Shard.subset`: tokenizing is per cell once the document frequency is fixed)."""
     from ..tokenize import document_frequency
 
     X = sp.csr_matrix(adata.layers["counts"] if "counts" in adata.layers else adata.X)
@@ -206,6 +208,9 @@ def _shard_from_anndata(adata, df=None) -> Shard:
     obs = adata.obs.reset_index(drop=True).copy()
     if "cell_id" not in obs:
         obs["cell_id"] = np.asarray(adata.obs_names).astype(str)
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64)
+        X, obs = X[rows], obs.iloc[rows].reset_index(drop=True)
     return shard_from_counts(X, df, obs)
 
 
@@ -239,7 +244,7 @@ def write_shard(path: str | os.PathLike, shard: Shard) -> Path:
     return path
 
 
-def read_shard(path: str | os.PathLike, *, obs: bool = True) -> Shard:
+def _open_shard(path) -> h5py.File:
     path = Path(path)
     if not path.exists():
         raise InputFormatError("shard file does not exist", path=str(path),
@@ -249,23 +254,67 @@ def read_shard(path: str | os.PathLike, *, obs: bool = True) -> Shard:
     except OSError as exc:
         raise InputFormatError(f"not a readable HDF5 shard ({exc})", path=str(path),
                                fix="rebuild the corpus; the file is truncated or foreign") from None
-    with f:
-        if f.attrs.get("format") != SHARD_FORMAT:
-            raise InputFormatError("not an epiflow shard (attribute 'format' missing)", path=str(path),
-                                   fix="pass a shard written by epiflow build-corpus")
+    if f.attrs.get("format") != SHARD_FORMAT:
+        f.close()
+        raise InputFormatError("not an epiflow shard (attribute 'format' missing)", path=str(path),
+                               fix="pass a shard written by epiflow build-corpus")
+    return f
+
+
+def _read_obs(f: h5py.File, n_cells: int) -> pd.DataFrame:
+    df = pd.DataFrame(index=range(n_cells))
+    if "obs" in f:
+        g = f["obs"]
+        for col in json.loads(g.attrs.get("columns", "[]")):
+            d = g[col]
+            df[col] = d.asstr()[:] if h5py.check_string_dtype(d.dtype) else d[:]
+    return df
+
+
+def read_shard_obs(path: str | os.PathLike) -> pd.DataFrame:
+    """The ``obs`` of a shard file (one row per cell), without reading its tokens, counts or TF-IDF."""
+    with _open_shard(path) as f:
+        return _read_obs(f, f["indptr"].shape[0] - 1)
+
+
+def read_shard(path: str | os.PathLike, *, obs: bool = True, rows=None) -> Shard:
+    """The shard file ``path``; with ``rows`` only those cells (in that order, as :meth:`Shard.subset` of the
+    whole shard would give them): of the tokens, counts and TF-IDF only the span from the first to the last
+    of them is read, so a few cells of a shard cost a few cells of memory."""
+    with _open_shard(path) as f:
         indptr = f["indptr"][:]
-        tokens = f["tokens"][:]
-        counts = f["counts"][:]
-        tfidf = f["tfidf"][:]
-        df = pd.DataFrame(index=range(len(indptr) - 1))
-        if obs and "obs" in f:
-            g = f["obs"]
-            for col in json.loads(g.attrs.get("columns", "[]")):
-                d = g[col]
-                df[col] = d.asstr()[:] if h5py.check_string_dtype(d.dtype) else d[:]
+        if rows is None:
+            tokens = f["tokens"][:]
+            counts = f["counts"][:]
+            tfidf = f["tfidf"][:]
+        else:
+            rows = np.asarray(rows, dtype=np.int64)
+            lo, hi = (int(indptr[rows.min()]), int(indptr[rows.max() + 1])) if rows.size else (0, 0)
+            indptr, (tokens, counts, tfidf) = gather_rows(indptr - lo, rows, f["tokens"][lo:hi],
+                                                          f["counts"][lo:hi], f["tfidf"][lo:hi])
+        n_file = f["indptr"].shape[0] - 1
+        if obs:
+            df = _read_obs(f, n_file)
+            if rows is not None:
+                df = df.iloc[rows].reset_index(drop=True)
+        else:
+            df = pd.DataFrame(index=range(len(indptr) - 1))
         attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
     return Shard(indptr, tokens, counts, tfidf, df, int(attrs.pop("n_ccres")), str(attrs.pop("vocab_id", "")),
                  str(attrs.pop("genome", "")), attrs)
+
+
+def read_shard_rows(paths, rows, obs=None) -> Iterator[Shard]:
+    """The cells ``rows[i]`` (``None``: all) of the shard file ``paths[i]``, one :class:`Shard` per file
+    (:func:`read_shard` with ``rows``: only the span of the wanted cells is read). ``obs``: the files'
+    ``obs`` already read (:func:`read_shard_obs`), attached instead of reading them again."""
+    for i, (p, r) in enumerate(zip(paths, rows)):
+        if obs is None:
+            yield read_shard(p, rows=r)
+            continue
+        sh = read_shard(p, obs=False, rows=r)
+        sh.obs = obs[i] if r is None else obs[i].iloc[np.asarray(r, dtype=np.int64)].reset_index(drop=True)
+        yield sh
 
 
 @dataclass
@@ -299,6 +348,16 @@ class Corpus:
     def iter_shards(self, obs: bool = True) -> Iterator[Shard]:
         for p in self.shard_paths:
             yield read_shard(p, obs=obs)
+
+    def shard_obs(self) -> list[pd.DataFrame]:
+        """The ``obs`` of each shard, in order, without reading any tokens (choose cells from these, then
+        :meth:`read_rows` reads only them)."""
+        return [read_shard_obs(p) for p in self.shard_paths]
+
+    def read_rows(self, rows, obs: list[pd.DataFrame] | None = None) -> Iterator[Shard]:
+        """The cells ``rows[i]`` (``None``: all) of shard ``i``, one Shard per shard file in order
+        (:func:`read_shard_rows`; ``obs``: :meth:`shard_obs` when already read)."""
+        return read_shard_rows(self.shard_paths, rows, obs)
 
     def check_model_vocab(self, n_ccres_model: int, what: str = "model", vocab_id: str | None = None) -> None:
         """Raise :class:`VocabularyMismatchError` when a model's cCRE count (or, when the model's

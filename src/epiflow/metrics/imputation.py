@@ -5,7 +5,9 @@
 * :func:`rowwise_pearson`, :func:`colwise_pearson`, :func:`rowwise_mse`, :func:`colwise_mse` — Pearson
   r / MSE between matching rows / columns of two matrices (NaN where a row or column is constant).
 * :func:`signal_agreement` — Pearson r and MSE of a (imputed / raw / baseline) matrix against the
-  per-cell-type mean signal of a reference matrix, per cell (rows) and per cCRE (columns).
+  per-cell-type mean signal of a reference matrix, per cell (rows) and per cCRE (columns); computed in
+  blocks of rows / columns, so its float64 temporaries are a few blocks, not copies of the matrix (the
+  values are those of the whole-matrix formulas, bit for bit).
 * :func:`pca_leiden_scores` — PCA, then Leiden with the resolution bisected to the number of cell
   types, then NMI / ARI (:mod:`epiflow.metrics.clustering`).
 """
@@ -18,8 +20,23 @@ import scipy.sparse as sp
 from ..errors import EpiflowError
 
 
-def _dense(x) -> np.ndarray:
-    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+# float64 elements in one block of signal_agreement / group_means (16 MiB): their temporaries are a few
+# such blocks whatever the size of the matrix
+_BLOCK = 1 << 21
+
+
+def _dense(x, dtype=np.float64) -> np.ndarray:
+    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=dtype)
+
+
+def _blocks(n: int, width: int, min_size: int = 1):
+    """``(start, stop)`` of consecutive blocks of ``n`` rows (or columns), each of about :data:`_BLOCK`
+    elements when a row holds ``width`` of them, and none of fewer than ``min_size`` (when ``n`` allows)."""
+    step = max(min_size, _BLOCK // max(int(width), 1))
+    out = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+    if len(out) > 1 and out[-1][1] - out[-1][0] < min_size:
+        out[-2:] = [(out[-2][0], n)]
+    return out
 
 
 def open_fraction_filter(counts, min_fraction: float = 0.03) -> np.ndarray:
@@ -45,8 +62,13 @@ def group_means(x, groups) -> tuple[np.ndarray, np.ndarray]:
         raise EpiflowError(f"{g.shape[0]} groups for {x.shape[0]} rows", field="groups")
     names, inv = np.unique(g, return_inverse=True)
     ind = sp.csr_matrix((np.ones(len(g)), (inv, np.arange(len(g)))), shape=(len(names), len(g)))
-    sums = ind @ (sp.csr_matrix(x) if sp.issparse(x) else np.asarray(x, dtype=np.float64))
-    sums = _dense(sums)
+    if sp.issparse(x):
+        sums = _dense(ind @ sp.csr_matrix(x))
+    else:  # float64 sums of a block of columns at a time (each sum is the same, no float64 copy of x)
+        x = np.asarray(x)
+        sums = np.empty((len(names), x.shape[1]))
+        for lo, hi in _blocks(x.shape[1], x.shape[0]):
+            sums[:, lo:hi] = ind @ np.asarray(x[:, lo:hi], dtype=np.float64)
     return names, sums / np.bincount(inv, minlength=len(names))[:, None]
 
 
@@ -92,10 +114,26 @@ def signal_agreement(x, labels, reference=None) -> dict[str, np.ndarray]:
     if reference.shape != x.shape:
         raise EpiflowError(f"reference {reference.shape} and matrix {x.shape} differ in shape", field="reference")
     names, means = group_means(reference, labels)
-    target = means[np.searchsorted(names, np.asarray(labels).astype(str))]
-    xd = _dense(x)
-    return {"pearson_cell": rowwise_pearson(xd, target), "mse_cell": rowwise_mse(xd, target),
-            "pearson_ccre": colwise_pearson(xd, target), "mse_ccre": colwise_mse(xd, target)}
+    code = np.searchsorted(names, np.asarray(labels).astype(str))
+    # the target of cell i is means[code[i]]: never built whole; blocks of rows give the per-cell values,
+    # blocks of columns (every cell) the per-cCRE ones, each as the whole-matrix formula would
+    n, m = x.shape
+    out = {k: np.empty(n) for k in ("pearson_cell", "mse_cell")}
+    out.update({k: np.empty(m) for k in ("pearson_ccre", "mse_ccre")})
+    for lo, hi in _blocks(n, m):
+        xb, tb = _dense(x[lo:hi]), means[code[lo:hi]]
+        out["pearson_cell"][lo:hi] = rowwise_pearson(xb, tb)
+        out["mse_cell"][lo:hi] = rowwise_mse(xb, tb)
+    xc = sp.csc_matrix(x) if sp.issparse(x) else x
+    for lo, hi in _blocks(m, n, min_size=2):
+        # a block in the layout of the whole matrix (C for sparse input: csr's toarray) and at least two
+        # columns wide, so numpy sums over the cells in the same order as on the whole matrix (one
+        # column alone would be summed pairwise)
+        xb = _dense(xc[:, lo:hi].toarray(order="C") if sp.issparse(xc) else xc[:, lo:hi])
+        tb = means[:, lo:hi][code]
+        out["pearson_ccre"][lo:hi] = colwise_pearson(xb, tb)
+        out["mse_ccre"][lo:hi] = colwise_mse(xb, tb)
+    return {k: out[k] for k in ("pearson_cell", "mse_cell", "pearson_ccre", "mse_ccre")}
 
 
 def pca_leiden_scores(x, labels, *, n_pcs: int = 50, n_neighbors: int = 15, seed: int = 0,
@@ -107,7 +145,7 @@ def pca_leiden_scores(x, labels, *, n_pcs: int = 50, n_neighbors: int = 15, seed
 
     from .clustering import clustering_scores, leiden_bisect
 
-    xd = _dense(x).astype(np.float32)
+    xd = _dense(x, np.float32)  # no copy of a float32 matrix (PCA copies before centring)
     y = np.asarray(labels).astype(str)
     if xd.shape[0] != y.shape[0]:
         raise EpiflowError(f"{y.shape[0]} labels for {xd.shape[0]} cells", field="labels")

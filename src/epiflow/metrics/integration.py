@@ -30,7 +30,10 @@ its numbers, and that :func:`graph_connectivity` is never below its figure (chec
   batches 0.99 there against 1.0 here).
 * :func:`batch_asw` — scIB batch ASW: within each cell type, the silhouette of the batch labels,
   ``1 - |s_i|`` per cell, averaged per type, then over types (1 = batches mixed, 0 = separated).
-* :func:`integration_scores` — all of the above in one dict.
+  The silhouette is quadratic in a type's size: a type of more than 20,000 cells is scored on a seeded
+  random 20,000 of them (the cap of :func:`epiflow.metrics.label_silhouette`); smaller types are exact.
+* :func:`integration_scores` — all of the above in one dict; the kNN of the embedding is computed once
+  (largest ``k``) and sliced for the smaller ones.
 """
 
 from __future__ import annotations
@@ -63,6 +66,18 @@ def _check(emb, *arrays):
 def _codes(labels) -> tuple[np.ndarray, int]:
     cat = pd.Categorical(np.asarray(labels).astype(str))
     return np.asarray(cat.codes, dtype=np.int64), len(cat.categories)
+
+
+def _first(neighbours, x, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest neighbours of each cell (self excluded): the first ``k`` columns of
+    ``neighbours`` (a :func:`knn` result of at least ``k`` neighbours of the same cells), else :func:`knn`."""
+    if neighbours is None:
+        return knn(x, k)
+    d, i = neighbours
+    if i.shape[0] != x.shape[0] or i.shape[1] < k:
+        raise EpiflowError(f"{i.shape[1]} precomputed neighbours of {i.shape[0]} cells, {k} of {x.shape[0]} "
+                           "needed", field="neighbours")
+    return d[:, :k], i[:, :k]
 
 
 def knn(emb, k: int, *, include_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -123,14 +138,15 @@ def _neighbour_probabilities(dist: np.ndarray, perplexity: float, tol: float = 1
     return p
 
 
-def lisi(emb, labels, *, k: int = 90, perplexity: float | None = None) -> np.ndarray:
-    """Per-cell LISI (inverse Simpson index of ``labels`` in the kernel-weighted k-neighbourhood)."""
+def lisi(emb, labels, *, k: int = 90, perplexity: float | None = None, neighbours=None) -> np.ndarray:
+    """Per-cell LISI (inverse Simpson index of ``labels`` in the kernel-weighted k-neighbourhood).
+    ``neighbours``: ``knn(emb, K)`` with ``K >= k`` already computed (its first ``k`` columns are used)."""
     x, lab = _check(emb, labels)
     codes, n_lab = _codes(lab)
     k = int(min(k, x.shape[0] - 1))
     if k < 1:
         raise EpiflowError("LISI needs at least 2 cells", field="cells")
-    dist, idx = knn(x, k)
+    dist, idx = _first(neighbours, x, k)
     perplexity = float(np.floor(k / 3)) if perplexity is None else float(perplexity)
     perplexity = max(perplexity, 1.0)
     p = _neighbour_probabilities(dist, perplexity)
@@ -141,10 +157,11 @@ def lisi(emb, labels, *, k: int = 90, perplexity: float | None = None) -> np.nda
         return np.where(simpson > 0, 1.0 / simpson, np.nan)
 
 
-def ilisi(emb, batches, *, k: int = 90, perplexity: float | None = None, scale: bool = True) -> float:
+def ilisi(emb, batches, *, k: int = 90, perplexity: float | None = None, scale: bool = True,
+          neighbours=None) -> float:
     """Integration LISI (scIB): median per-cell LISI of the batches, scaled to [0, 1] by default."""
     _, n_b = _codes(batches)
-    val = float(np.nanmedian(lisi(emb, batches, k=k, perplexity=perplexity)))
+    val = float(np.nanmedian(lisi(emb, batches, k=k, perplexity=perplexity, neighbours=neighbours)))
     if scale:
         if n_b < 2:
             return float("nan")
@@ -166,23 +183,25 @@ def kbet_test(neigh_batches: np.ndarray, batch_codes: np.ndarray, n_batches: int
     return stat, chi2.sf(stat, n_batches - 1)
 
 
-def _kbet_global(x, codes, n_b, k, alpha) -> float:
+def _kbet_global(x, codes, n_b, k, alpha, neighbours=None) -> float:
     k = int(min(k, x.shape[0] - 1))
-    _, idx = knn(x, k)
+    _, idx = _first(neighbours, x, k)
     _, p = kbet_test(codes[idx], codes, n_b)
     return float((p >= alpha).mean())
 
 
-def kbet(emb, batches, labels=None, *, k: int = 50, alpha: float = 0.05, return_table: bool = False):
+def kbet(emb, batches, labels=None, *, k: int = 50, alpha: float = 0.05, return_table: bool = False,
+         neighbours=None):
     """kBET acceptance rate (1 = batches mixed). Without ``labels``: one test per cell with ``k``
-    neighbours. With ``labels``: scIB's per-label kBET (see module docstring); ``nan`` when no type
-    can be tested. ``return_table`` also returns the per-type DataFrame (``label, n_cells, k0, kBET``)."""
+    neighbours (``neighbours``: ``knn(emb, K >= k)`` already computed). With ``labels``: scIB's
+    per-label kBET (see module docstring); ``nan`` when no type can be tested. ``return_table`` also
+    returns the per-type DataFrame (``label, n_cells, k0, kBET``)."""
     x, b = _check(emb, batches)
     codes, n_b = _codes(b)
     if n_b < 2:
         raise EpiflowError("kBET needs at least two batches", field="batches")
     if labels is None:
-        score = _kbet_global(x, codes, n_b, k, alpha)
+        score = _kbet_global(x, codes, n_b, k, alpha, neighbours)
         return (score, None) if return_table else score
     _, lab = _check(emb, labels)
     lab = lab.astype(str)
@@ -204,15 +223,16 @@ def kbet(emb, batches, labels=None, *, k: int = 50, alpha: float = 0.05, return_
 
 
 # ----------------------------------------------------------------------------- graph / silhouette
-def graph_connectivity(emb, labels, *, k: int = 15) -> float:
-    """scIB graph connectivity on the (symmetrised) kNN graph of the embedding, in [0, 1]."""
+def graph_connectivity(emb, labels, *, k: int = 15, neighbours=None) -> float:
+    """scIB graph connectivity on the (symmetrised) kNN graph of the embedding, in [0, 1]
+    (``neighbours``: ``knn(emb, K >= k)`` already computed)."""
     import scipy.sparse as sp
     from scipy.sparse.csgraph import connected_components
 
     x, lab = _check(emb, labels)
     n = x.shape[0]
     k = int(min(k, n - 1))
-    _, idx = knn(x, k)
+    _, idx = _first(neighbours, x, k)
     g = sp.csr_matrix((np.ones(idx.size), (np.repeat(np.arange(n), k), idx.ravel())), shape=(n, n))
     g = g + g.T
     lab = lab.astype(str)
@@ -224,9 +244,14 @@ def graph_connectivity(emb, labels, *, k: int = 15) -> float:
     return float(np.mean(fracs))
 
 
-def batch_asw(emb, batches, labels) -> float:
+def batch_asw(emb, batches, labels, *, sample_size: int | None = 20000, seed: int = 0) -> float:
     """scIB batch ASW: per cell type, mean of ``1 - |silhouette of batch|``; mean over types (types with
-    a single batch or < 2 cells are skipped; ``nan`` if none is left)."""
+    a single batch or < 2 cells are skipped; ``nan`` if none is left).
+
+    The silhouette costs the square of a type's size: a type of more than ``sample_size`` cells is scored
+    on a random ``sample_size`` of them (``seed``; the same cap as
+    :func:`epiflow.metrics.label_silhouette`); smaller types use every cell.
+    """
     from sklearn.metrics import silhouette_samples
 
     x, b, lab = _check(emb, batches, labels)
@@ -234,9 +259,11 @@ def batch_asw(emb, batches, labels) -> float:
     b = b.astype(str)
     scores = []
     for t in np.unique(lab):
-        m = lab == t
+        m = np.flatnonzero(lab == t)
+        if sample_size is not None and len(m) > sample_size:
+            m = np.sort(np.random.default_rng(seed).choice(m, int(sample_size), replace=False))
         nb = len(np.unique(b[m]))
-        if nb < 2 or nb >= m.sum():
+        if nb < 2 or nb >= len(m):
             continue
         s = silhouette_samples(x[m], b[m], metric="euclidean")
         scores.append(float(np.mean(1.0 - np.abs(s))))
@@ -244,12 +271,21 @@ def batch_asw(emb, batches, labels) -> float:
 
 
 def integration_scores(emb, batches, labels=None, *, k_lisi: int = 90, k_kbet: int = 50, k_graph: int = 15,
-                       alpha: float = 0.05) -> dict[str, float]:
+                       alpha: float = 0.05, seed: int = 0) -> dict[str, float]:
     """``iLISI``, ``kBET`` (global) and, with ``labels``, ``kBET_per_label``, ``graph_connectivity`` and
-    ``batch_ASW``."""
-    out = {"iLISI": ilisi(emb, batches, k=k_lisi), "kBET": kbet(emb, batches, k=k_kbet, alpha=alpha)}
+    ``batch_ASW`` (``seed``: its subsample of types over 20,000 cells).
+
+    The kNN of the embedding is computed once, for the largest ``k``; each metric takes its first ``k``
+    columns (the same neighbours as its own query, up to the order of exactly equidistant cells).
+    """
+    x, _ = _check(emb, batches)
+    ks = [k_lisi, k_kbet] + ([k_graph] if labels is not None else [])
+    k_all = int(min(max(ks), x.shape[0] - 1))
+    nn = knn(x, k_all) if k_all >= 1 else None
+    out = {"iLISI": ilisi(x, batches, k=k_lisi, neighbours=nn),
+           "kBET": kbet(x, batches, k=k_kbet, alpha=alpha, neighbours=nn)}
     if labels is not None:
-        out["kBET_per_label"] = kbet(emb, batches, labels, alpha=alpha)
-        out["graph_connectivity"] = graph_connectivity(emb, labels, k=k_graph)
-        out["batch_ASW"] = batch_asw(emb, batches, labels)
+        out["kBET_per_label"] = kbet(x, batches, labels, alpha=alpha)
+        out["graph_connectivity"] = graph_connectivity(x, labels, k=k_graph, neighbours=nn)
+        out["batch_ASW"] = batch_asw(x, batches, labels, seed=seed)
     return out

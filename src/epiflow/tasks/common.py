@@ -38,16 +38,71 @@ def load_cells(source, *, df=None, dataset=None, max_cells: int | None = None, s
     document frequency of the corpus it was trained on, so an h5ad without either is an error), or a
     list of those. ``dataset`` keeps the cells whose ``obs['dataset']`` is one of the names (a list or a
     comma-separated string; corpus order kept); ``max_cells`` draws a random subset (``seed``).
+
+    The cells are chosen from the inputs' ``obs`` first; then only those cells are read (of each shard,
+    the span of its chosen cells) or tokenized, so a selection costs the memory of what it keeps.
     """
     from ..corpus.shard import Shard
 
-    if isinstance(source, (list, tuple)):
-        if not source:
-            raise InputFormatError("no input given", field="corpus", fix="pass at least one corpus folder or file")
-        if len(source) > 1:  # several inputs of one vocabulary, read together in order
-            return load_cells(Shard.concat([load_cells(x, df=df) for x in source]), dataset=dataset,
-                              max_cells=max_cells, seed=seed)
-        source = source[0]
+    sources = list(source) if isinstance(source, (list, tuple)) else [source]
+    if not sources:
+        raise InputFormatError("no input given", field="corpus", fix="pass at least one corpus folder or file")
+    inputs = [_open_input(x, df) for x in sources]
+    if len(inputs) > 1 and any(len(x.obs) == 0 for x in inputs):
+        raise InputFormatError("no cells in the input", field="cells")
+    obs = inputs[0].obs if len(inputs) == 1 else pd.concat([x.obs for x in inputs], ignore_index=True)
+    rows = _chosen_rows(obs, dataset_names(dataset), max_cells, seed)
+    sh = Shard.concat([x.read(r) for x, r in zip(inputs, _split_rows(rows, [len(x.obs) for x in inputs]))])
+    if sh.n_cells == 0:
+        raise InputFormatError("no cells in the input", field="cells")
+    return sh
+
+
+@dataclass
+class _Input:
+    """One input of :func:`load_cells`: the ``obs`` of all its cells (what the cells are chosen from) and
+    ``read(rows)``, the Shard of the chosen cells (``None``: all)."""
+
+    obs: pd.DataFrame
+    read: Any
+
+
+def _split_rows(rows, sizes) -> list:
+    """Sorted global ``rows`` (``None``: all) -> the local rows of each of consecutive parts of ``sizes``."""
+    if rows is None:
+        return [None] * len(sizes)
+    ends = np.cumsum(sizes)
+    cut = np.searchsorted(rows, ends)
+    return [rows[lo:hi] - (e - n) for lo, hi, e, n in zip(np.concatenate([[0], cut[:-1]]), cut, ends, sizes)]
+
+
+def _chosen_rows(obs: pd.DataFrame, names: list[str], max_cells, seed) -> np.ndarray | None:
+    """The (sorted) rows of ``obs`` that ``dataset`` and ``max_cells`` keep; ``None`` for all of them."""
+    rows = None
+    if names:
+        if "dataset" not in obs:
+            raise InputFormatError("obs has no 'dataset' column to select a dataset", field="obs/dataset")
+        have_col = obs["dataset"].astype(str).to_numpy()
+        missing = [n for n in names if not (have_col == n).any()]
+        if missing:
+            raise EpiflowError(f"no cell of dataset {', '.join(repr(m) for m in missing)} "
+                               f"(have: {sorted(set(have_col))})", field="dataset",
+                               fix="pass datasets that the input holds")
+        rows = np.flatnonzero(np.isin(have_col, names))
+    n = len(obs) if rows is None else len(rows)
+    if max_cells is not None and n > max_cells:
+        pick = np.sort(np.random.default_rng(seed).choice(n, int(max_cells), replace=False))
+        rows = pick if rows is None else rows[pick]
+    return rows
+
+
+def _open_input(source, df) -> _Input:
+    """Check one input of :func:`load_cells` and read its ``obs`` (not its cells yet)."""
+    from ..corpus.shard import Shard, _shard_from_anndata, open_corpus, read_shard_obs, read_shard_rows
+
+    if isinstance(source, (list, tuple)):  # a nested list: read whole, as before
+        sh = load_cells(source, df=df)
+        return _Input(sh.obs, lambda rows: sh if rows is None else sh.subset(rows))
     src_path = str(source) if isinstance(source, (str, os.PathLike)) else None
     df_path = str(df) if isinstance(df, (str, os.PathLike)) else None
     if isinstance(source, (str, os.PathLike)):
@@ -68,7 +123,10 @@ def load_cells(source, *, df=None, dataset=None, max_cells: int | None = None, s
         except (OSError, ValueError) as exc:
             raise InputFormatError(f"cannot read the document frequencies ({exc})", path=str(df),
                                    fix="pass the df.npy of the model's corpus") from None
-    if hasattr(source, "obs") and hasattr(source, "X") and not isinstance(source, Shard):
+    if isinstance(source, Shard):
+        sh = source
+        return _Input(sh.obs, lambda rows: sh if rows is None else sh.subset(rows))
+    if hasattr(source, "obs") and hasattr(source, "X"):
         if df is None and "df" not in source.var:
             raise InputFormatError("no document frequencies for an h5ad input", field="df",
                                    fix="pass --df <corpus>/df.npy (the corpus the model was trained on)")
@@ -77,24 +135,18 @@ def load_cells(source, *, df=None, dataset=None, max_cells: int | None = None, s
                                    f"{f' {src_path}' if src_path else ''} has {source.n_vars} cCREs",
                                    path=df_path, field="df",
                                    fix="use the df.npy of the corpus whose vocabulary the h5ad uses")
-    sh = Shard.from_any(source, df=df)
-    names = dataset_names(dataset)
-    if names:
-        if "dataset" not in sh.obs:
-            raise InputFormatError("obs has no 'dataset' column to select a dataset", field="obs/dataset")
-        have_col = sh.obs["dataset"].astype(str).to_numpy()
-        missing = [n for n in names if not (have_col == n).any()]
-        if missing:
-            raise EpiflowError(f"no cell of dataset {', '.join(repr(m) for m in missing)} "
-                               f"(have: {sorted(set(have_col))})", field="dataset",
-                               fix="pass datasets that the input holds")
-        sh = sh.subset(np.flatnonzero(np.isin(have_col, names)))
-    if max_cells is not None and sh.n_cells > max_cells:
-        rows = np.sort(np.random.default_rng(seed).choice(sh.n_cells, int(max_cells), replace=False))
-        sh = sh.subset(rows)
-    if sh.n_cells == 0:
-        raise InputFormatError("no cells in the input", field="cells")
-    return sh
+        adata = source
+        return _Input(adata.obs.reset_index(drop=True), lambda rows: _shard_from_anndata(adata, df, rows=rows))
+    p = Path(source)
+    if (p / "corpus.json").exists():
+        corpus = open_corpus(p)
+        obs = corpus.shard_obs()
+        if not obs:
+            Shard.concat([])  # the error of a corpus without shards
+        return _Input(obs[0] if len(obs) == 1 else pd.concat(obs, ignore_index=True),
+                      lambda rows: Shard.concat(corpus.read_rows(_split_rows(rows, [len(o) for o in obs]), obs)))
+    obs1 = read_shard_obs(p)
+    return _Input(obs1, lambda rows: next(read_shard_rows([p], [rows], [obs1])))
 
 
 def _first_of(source, read, what: str):

@@ -385,16 +385,17 @@ def corpus_cells(corpus_dir, keys: np.ndarray, *, use_dataset: bool):
     if not want.is_unique:
         raise EpiflowError("the embedded cells are not unique (cell_id"
                            + (" + dataset" if use_dataset else "") + ")", field="obs/cell_id")
-    parts, key_parts = [], []
-    for shard in tqdm(corpus.iter_shards(), total=len(corpus.shard_paths), desc="reading shards", unit="shard"):
-        if "cell_id" not in shard.obs:
+    shard_obs = corpus.shard_obs()  # choose the rows from the obs, then read only those
+    shard_rows, key_parts = [], []
+    for obs in shard_obs:
+        if "cell_id" not in obs:
             raise InputFormatError("shard has no obs/cell_id column", path=str(corpus.root), field="obs/cell_id")
-        if use_dataset and "dataset" not in shard.obs:
+        if use_dataset and "dataset" not in obs:
             raise InputFormatError("shard has no obs/dataset column", path=str(corpus.root), field="obs/dataset")
-        k = _cell_keys(shard.obs, shard.obs.index, use_dataset)
+        k = _cell_keys(obs, obs.index, use_dataset)
         rows = np.flatnonzero(want.get_indexer(k) >= 0)
+        shard_rows.append(rows)
         if rows.size:
-            parts.append(shard.subset(rows))
             key_parts.append(k[rows])
     found = np.concatenate(key_parts) if key_parts else np.array([], dtype=str)
     pos = pd.Index(found)
@@ -407,6 +408,8 @@ def corpus_cells(corpus_dir, keys: np.ndarray, *, use_dataset: bool):
         raise EpiflowError(f"{len(miss)} embedded cells are not in the corpus (e.g. {list(miss[:3])})",
                            path=str(corpus.root), field="obs/cell_id",
                            fix="use the corpus the embeddings were computed from")
+    parts = [sh for sh in tqdm(corpus.read_rows(shard_rows, shard_obs), total=len(shard_rows),
+                               desc="reading shards", unit="shard") if sh.n_cells]
     return Shard.concat(parts).subset(idx)
 
 
@@ -499,8 +502,7 @@ def load_feature_inputs(embeddings: Mapping[str, str | os.PathLike] | None = Non
         if base is None:
             from ..corpus.shard import open_corpus
 
-            parts = [s.obs for s in open_corpus(corpus).iter_shards()]
-            cobs = pd.concat(parts, ignore_index=True)
+            cobs = pd.concat(open_corpus(corpus).shard_obs(), ignore_index=True)
             if dataset is not None:
                 if "dataset" not in cobs:
                     raise InputFormatError("the shards have no obs/dataset column to select --dataset",

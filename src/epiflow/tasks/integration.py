@@ -217,7 +217,8 @@ def evaluate_integration(embeddings: dict[str, np.ndarray], batches, labels, *, 
             vals.update(clustering_scores(lab, pred))
             vals.update({"leiden_reached": int(reached), "n_clusters": int(pred.max()) + 1,
                          "ASW_cell_type": label_silhouette(x, lab, seed=seed)})
-        vals.update(integration_scores(x, bat, lab, k_lisi=k_lisi, k_kbet=k_kbet, k_graph=n_neighbors))
+        vals.update(integration_scores(x, bat, lab, k_lisi=k_lisi, k_kbet=k_kbet, k_graph=n_neighbors,
+                                       seed=seed))
         rows += metric_rows(TASK, dataset, method, vals)
         log.info("%s: %s", method, ", ".join(f"{k} {v:.3f}" for k, v in vals.items()
                                               if k in ("NMI", "ARI", "iLISI", "kBET", "batch_ASW")))

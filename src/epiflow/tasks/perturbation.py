@@ -66,6 +66,7 @@ import logging
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from ..corpus.shard import Shard
 from ..errors import InputFormatError
@@ -220,6 +221,66 @@ def stimulation_umaps(X_ctrl, X_pert, predicted: dict, top, *, group: str, ctrl_
     return pd.concat(parts, ignore_index=True)
 
 
+class _FromControls:
+    """Predicted cells that are a function of the real unperturbed cells ``X`` (sparse), made dense only
+    where read: ``cells[:, cols]`` and ``cells[rows][:, cols]`` (what :func:`evaluate_group` and
+    :func:`stimulation_umaps` read: the top DA cCREs) give ``f(X.toarray())`` at those places, without
+    the dense cells x cCREs matrix."""
+
+    def __init__(self, X, add=None, clip: bool = False):
+        self.X, self.add, self.clip = X, add, clip
+
+    @property
+    def shape(self):
+        return self.X.shape
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):  # rows
+            return _FromControls(self.X[key], self.add, self.clip)
+        rows, cols = key
+        X = self.X if isinstance(rows, slice) and rows == slice(None) else self.X[rows]
+        out = X[:, cols].toarray()
+        if self.add is not None:
+            out = out + np.asarray(self.add)[cols][None, :]
+        return np.clip(out, 0, 1) if self.clip else out
+
+
+_MEAN_BLOCK = 1 << 21  # float64 elements of one block of _clipped_mean (16 MiB)
+
+
+def _clipped_mean(X, add) -> np.ndarray:
+    """``np.clip(X.toarray() + add, 0, 1).mean(0)`` (float64, ``add`` float64) a block of columns at a
+    time: each column's sum runs down the cells in the same order, so the values are the same."""
+    n, m = X.shape
+    Xc = sp.csc_matrix(X)
+    out = np.empty(m)
+    step = max(2, _MEAN_BLOCK // max(n, 1))  # >= 2 columns: numpy sums a lone column pairwise
+    bounds = list(range(0, m, step)) + [m]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < 2:
+        del bounds[-2]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        out[lo:hi] = np.clip(Xc[:, lo:hi].toarray(order="C") + add[None, lo:hi], 0.0, 1.0).mean(0)
+    return out
+
+
+def stimulation_predictions(X_ctrl, P_per: np.ndarray, ctrl_mean: np.ndarray, shift: np.ndarray) -> dict:
+    """The ``predicted`` methods of one held-out group (:func:`evaluate_group`): ``EpiAgent`` (the decoded
+    cells ``P_per`` with [PER]), ``EpiAgent_delta`` (real unperturbed cells + the model's change
+    ``P_per.mean(0) - ctrl_mean``), ``no_change`` (the real unperturbed cells) and ``mean_shift`` (real
+    unperturbed cells + the mean change of the other types, ``shift``), clipped to [0, 1]. The cells of
+    the last three are built from ``X_ctrl`` only where they are read (:class:`_FromControls`)."""
+    real_ctrl = _mean(X_ctrl)
+    model_change = P_per.mean(0) - ctrl_mean
+    ms_mean = _clipped_mean(X_ctrl, np.asarray(shift, dtype=np.float64))
+    return {
+        "EpiAgent": {"mean": P_per.mean(0), "change": model_change, "cells": P_per},
+        "EpiAgent_delta": {"mean": np.clip(real_ctrl + model_change, 0, 1), "change": model_change,
+                           "cells": _FromControls(X_ctrl, model_change, clip=True)},
+        "no_change": {"mean": real_ctrl, "change": np.zeros_like(real_ctrl), "cells": _FromControls(X_ctrl)},
+        "mean_shift": {"mean": ms_mean, "change": ms_mean - real_ctrl, "cells": _FromControls(X_ctrl, shift, True)},
+    }
+
+
 # ----------------------------------------------------------------------------- result
 def mean_accessibility(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """The per-group, per-cCRE frames of :func:`evaluate_group` as one table (``group`` first)."""
@@ -344,21 +405,12 @@ def run_stimulation(cells: Shard, base_model, settings: StimulationConfig | None
         q_ctrl = all_ctrl[ctype[all_ctrl] == T]
         q_pert = all_pert[ctype[all_pert] == T]
         P_per = decode(model, cells, q_ctrl, mode="condition", cond=0)
-        P_ctrl = decode(model, cells, q_ctrl, mode="condition", cond=-1)
+        ctrl_mean = decode(model, cells, q_ctrl, mode="condition", cond=-1).mean(0)  # only its mean is kept
         X_ctrl, X_pert = Xb[q_ctrl], Xb[q_pert]
-        real_ctrl = _mean(X_ctrl)
         others = [t for t in types if t != T]
         shift = np.mean([_mean(Xb[all_pert[ctype[all_pert] == t]]) - _mean(Xb[all_ctrl[ctype[all_ctrl] == t]])
                          for t in others], axis=0)
-        ms_cells = np.clip(X_ctrl.toarray() + shift[None, :], 0.0, 1.0)
-        model_change = P_per.mean(0) - P_ctrl.mean(0)
-        predicted = {
-            "EpiAgent": {"mean": P_per.mean(0), "change": model_change, "cells": P_per},
-            "EpiAgent_delta": {"mean": np.clip(real_ctrl + model_change, 0, 1), "change": model_change,
-                               "cells": np.clip(X_ctrl.toarray() + model_change[None, :], 0, 1)},
-            "no_change": {"mean": real_ctrl, "change": np.zeros_like(real_ctrl), "cells": X_ctrl.toarray()},
-            "mean_shift": {"mean": ms_cells.mean(0), "change": ms_cells.mean(0) - real_ctrl, "cells": ms_cells},
-        }
+        predicted = stimulation_predictions(X_ctrl, P_per, ctrl_mean, shift)
         values, frame, info = evaluate_group(X_ctrl=X_ctrl, X_pert=X_pert, predicted=predicted, task=STIM_TASK,
                                              ks=ks, n_top=n_top, seed=seed, max_ot_cells=max_ot_cells)
         for m in values:
@@ -375,7 +427,7 @@ def run_stimulation(cells: Shard, base_model, settings: StimulationConfig | None
                                            max_cells=max_umap_cells))
         if cfg.save_cells:
             cells_parts.append((P_per, pd.DataFrame({"source_cell": names[q_ctrl], "group": T})))
-        del model
+        del model, P_per, predicted  # before the next group's are decoded (save_cells keeps its own reference)
     rows = _summary_rows(STIM_TASK, dataset, per_group)
     tables = {"cells": pd.concat(umaps, ignore_index=True)} if cfg.umap else None
     return _result(rows, frames, cells_parts, history, tables=tables)
@@ -474,11 +526,11 @@ def run_genetic(cells: Shard, base_model, gene_graph, settings: GeneticConfig | 
     X_ctrl = Xb[ctrl]
     real_ctrl = _mean(X_ctrl)
     train_shift = np.mean([_mean(Xb[lab == p]) - real_ctrl for p in train], axis=0)
-    P_none = decode(model, cells, ctrl, mode="condition", cond=none)
+    none_mean = decode(model, cells, ctrl, mode="condition", cond=none).mean(0)  # only its mean is kept
     per_group, frames, cells_parts = {}, {}, []
     for p in held:
         P = decode(model, cells, ctrl, mode="condition", cond=pidx[p])
-        change = P.mean(0) - P_none.mean(0)
+        change = P.mean(0) - none_mean
         predicted = {
             "EpiAgent": {"mean": P.mean(0), "change": change},
             "EpiAgent_delta": {"mean": np.clip(real_ctrl + change, 0, 1), "change": change},
@@ -493,6 +545,7 @@ def run_genetic(cells: Shard, base_model, gene_graph, settings: GeneticConfig | 
         frames[p] = frame
         if cfg.save_cells:
             cells_parts.append((P, pd.DataFrame({"source_cell": ctrl.astype(str), "group": p})))
+        del P  # before the next perturbation's cells are decoded
     extra = {"EpiAgent": {"finetune_steps": len(history),
                           "finetune_final_loss": history[-1]["loss"] if history else float("nan"),
                           "n_train_perturbations": len(train), "n_heldout_perturbations": len(held),
