@@ -224,7 +224,8 @@ def test_files_the_config_names_are_checked_before_any_job(tmp_path, monkeypatch
 
 
 def test_one_flag_name_per_thing_with_the_former_names_read():
-    """The cell-type column is --label-key and a neighbour count --n-neighbors on every verb; the former
+    """The cell-type column is --label-key, a neighbour count --n-neighbors, the loss weights --w-cca /
+    --w-sr on every verb; the former
     stimulation.cell_type_key / --cell-type-key and knockout.k / --k are still read (config keys with a
     note)."""
     from epiflow.cli import build_parser
@@ -254,3 +255,10 @@ def test_one_flag_name_per_thing_with_the_former_names_read():
     assert a.label_key == "ct"
     a = parser.parse_args(["embed", "--checkpoint", "m", "--corpus", "c", "--out", "o.h5ad", "--key", "X_a"])
     assert a.embedding_key == "X_a"
+    # the loss weights: --w-cca / --w-sr on pretrain and impute (impute said --cca-weight / --sr-weight)
+    for verb, extra in (("pretrain", ["--corpus", "c", "--out", "o"]),
+                        ("impute", ["--corpus", "c", "--checkpoint", "m", "--out", "o"])):
+        a = parser.parse_args([verb, *extra, "--w-cca", "0.5", "--w-sr", "2"])
+        assert (a.w_cca, a.w_sr) == (0.5, 2.0), verb
+    a = parser.parse_args(["impute", "--corpus", "c", "--checkpoint", "m", "--out", "o", "--sr-weight", "3"])
+    assert a.w_sr == 3.0

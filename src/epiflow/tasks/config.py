@@ -120,8 +120,9 @@ class ImputationConfig(FinetuneTask):
     batch_size: int = setting(16, "cells per step", min=1)
     min_cell_fraction: float = setting(0.03, "evaluate the cCREs open in at least this fraction of cells",
                                        min=0, max=1)
-    cca_weight: float = setting(1.0, "weight of the CCA loss", min=0)
-    sr_weight: float = setting(1.0, "weight of the MSE reconstruction", min=0)
+    w_cca: float = setting(1.0, "weight of the CCA loss (as pretrain's --w-cca)", min=0, aliases=("--cca-weight",))
+    w_sr: float = setting(1.0, "weight of the MSE reconstruction (as pretrain's --w-sr)", min=0,
+                          aliases=("--sr-weight",))
     cca_max_pos: int | None = setting(None, "cap on CCA positives per cell (default: all, as the paper)", min=1)
     n_pcs: int = setting(50, "principal components before Leiden", min=2)
 

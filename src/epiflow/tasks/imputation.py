@@ -218,7 +218,7 @@ def run(cells, model, settings: ImputationConfig | None = None, *, vocab: pd.Dat
     else:
         train_log = finetune_imputation(model, shard, epochs=cfg.epochs, lr=cfg.lr, head_lr=cfg.head_lr,
                                         batch_size=cfg.batch_size, max_len=max_len, weight_decay=WEIGHT_DECAY,
-                                        cca_weight=cfg.cca_weight, sr_weight=cfg.sr_weight,
+                                        cca_weight=cfg.w_cca, sr_weight=cfg.w_sr,
                                         cca_max_pos=cfg.cca_max_pos, max_steps=cfg.max_steps, seed=seed,
                                         device=device, progress=cfg.progress)
     train_s = time.perf_counter() - t0
