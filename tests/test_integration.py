@@ -213,12 +213,17 @@ def test_integrate_on_the_cCREs_common_to_all_batches(tmp_path, base_ckpt):
     assert "query_predictions" not in res2.tables and len(res2.history) == 1
 
 
-def test_integrate_needs_two_batches(tmp_path, base_ckpt):
+def test_integrate_needs_two_batches(tmp_path, base_ckpt, monkeypatch):
+    import epiflow.tasks.integration as integ
     from epiflow.errors import EpiflowError
 
     ref = _corpus(tmp_path / "ref", n=30, batches=("only",))
+    embedded = []
+    monkeypatch.setattr(integ, "embed_cells", lambda *a, **k: embedded.append(1))
     with pytest.raises(EpiflowError, match="2 batches"):
         _run(base_ckpt, ref, batch_key="donor", max_steps=1, umap=False)
+    assert embedded == []  # refused before any embedding
+    monkeypatch.undo()
     with pytest.raises(EpiflowError, match=r"found \['only'\]") as ei:  # plain strings, not np.str_('only')
         match_batches(np.zeros((3, 2)), np.array(["only"] * 3))
     assert "np.str_" not in str(ei.value)

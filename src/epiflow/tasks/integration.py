@@ -273,12 +273,15 @@ def run(cells, model, cfg: IntegrationConfig, *, query=None, label_map: dict[str
     for batches measured on different peak panels (e.g. Granja 2019's 5,000-peak subset beside
     Buenrostro 2018's 36,000 peaks), where the panel itself would otherwise be the batch effect.
     """
+    from .annotation import check_model_vocab
+
     seed, device, progress = cfg.seed, cfg.device, cfg.progress
-    if model.n_ccres != cells.n_ccres:
-        raise VocabularyMismatchError(f"the model has {model.n_ccres} cCREs but the cells have {cells.n_ccres}",
-                                      field="n_ccres", fix="use a model trained on this cCRE vocabulary")
+    check_model_vocab(model, cells)
     batches = np.asarray(obs_column(cells, cfg.batch_key, "batch")).astype(str)
     names = sorted(set(batches.tolist()))
+    if len(names) < 2:  # before any embedding
+        raise EpiflowError(f"integration needs at least 2 batches, found {names}", field="batch_key",
+                           fix="pass --batch-key with the column that holds the batches")
     bids = pd.Index(names).get_indexer(batches)
     labels = apply_label_map(obs_column(cells, cfg.label_key), label_map)
     ds = dataset_label(cells, dataset)
