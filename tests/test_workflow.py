@@ -611,3 +611,13 @@ def test_demo_dataset_names_are_checked_while_planning(tmp_path, over, message):
                      "--config", f"results_dir={tmp_path / 'res'}")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and message in out, out[-3000:]
+
+
+def test_missing_manifest_is_named_by_its_key(tmp_path):
+    over = {"datasets": {"manifest": "config/manifests/nope.tsv"}}
+    proc = snakemake("all", "-n", "--configfile", "config/config.yaml", str(_write_config(tmp_path, over)),
+                     "--config", f"results_dir={tmp_path / 'res'}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "config key 'datasets.manifest': config/manifests/nope.tsv not found" in out, out[-3000:]
+    assert f"working directory {ROOT}" in out

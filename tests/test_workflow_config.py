@@ -196,9 +196,10 @@ def test_check_workflow_config_notes_renames_and_problems():
 
 
 def test_files_the_config_names_are_checked_before_any_job(tmp_path, monkeypatch):
-    """A missing or bad manifest and an unknown model preset are configuration problems naming the
-    key, found when the workflow is parsed, not in a job after the corpus is built."""
-    from epiflow.workflow_config import check_workflow_config
+    """A bad manifest and an unknown model preset are configuration problems naming the key, found
+    when the workflow is parsed, not in a job after the corpus is built; a manifest that is not there
+    is said (naming the key and the working directory) by the jobs that need it."""
+    from epiflow.workflow_config import check_workflow_config, missing_manifest_message
 
     schema = ROOT / "workflow/schemas/config.schema.yaml"
     monkeypatch.chdir(tmp_path)
@@ -206,20 +207,18 @@ def test_files_the_config_names_are_checked_before_any_job(tmp_path, monkeypatch
     cfg["datasets"]["manifest"] = "config/manifests/nope.tsv"
     cfg["model"]["preset"] = "huge"
     _, problems = check_workflow_config(cfg, schema)
-    assert len(problems) == 2, problems
-    assert "'datasets.manifest': config/manifests/nope.tsv not found" in problems[0]
-    assert f"working directory {tmp_path}" in problems[0]
-    assert "'model.preset': unknown preset 'huge'; use one of tiny, small, paper" in problems[1]
+    assert problems == ["config key 'model.preset': unknown preset 'huge'; use one of tiny, small, paper, or "
+                        "the path of a JSON model config (*.json)"]
+    msg = missing_manifest_message("config/manifests/nope.tsv")
+    assert "'datasets.manifest': config/manifests/nope.tsv not found" in msg and f"directory {tmp_path}" in msg
     # a manifest that lists one file for pretraining and for evaluation
     (tmp_path / "m.tsv").write_text("name\tformat\tpath\tgenome\trole\n"
                                     "a\th5ad\tx.h5ad\thg38\tcorpus\nb\th5ad\tx.h5ad\thg38\tdownstream\n")
     cfg["datasets"]["manifest"] = str(tmp_path / "m.tsv")
     cfg["model"]["preset"] = "my_model.json"
     _, problems = check_workflow_config(cfg, schema)
-    assert "'datasets.manifest'" in problems[0] and "seen in pretraining" in problems[0]
-    assert "'model.preset': my_model.json not found" in problems[1]
+    assert len(problems) == 1 and "'datasets.manifest'" in problems[0] and "seen in pretraining" in problems[0]
     (tmp_path / "m.tsv").write_text("name\tformat\tpath\tgenome\na\th5ad\tx.h5ad\thg38\n")
-    (tmp_path / "my_model.json").write_text("{}")
     assert check_workflow_config(cfg, schema)[1] == []
 
 

@@ -173,32 +173,32 @@ def _where(path) -> str:
     return "" if os.path.isabs(str(path)) else f" (relative paths are read from the working directory {os.getcwd()})"
 
 
+def missing_manifest_message(manifest) -> str:
+    """What the workflow says when a job needs the manifest and its file is not there."""
+    return (f"config key 'datasets.manifest': {manifest} not found{_where(manifest)}; give the path of the "
+            "manifest file (absolute, or run from the repository)")
+
+
 def _file_problems(cfg: dict) -> list[str]:
-    """The files the configuration names that must exist before any job runs: the dataset manifest
-    (read whole: a bad manifest is a configuration problem, named as such) and a JSON model config."""
+    """The files the configuration names, checked before any job runs: the dataset manifest (read
+    whole: a bad manifest is a configuration problem, named as such) and the model preset. A file that
+    is not there is not a problem yet (planning a target that does not need it works; the jobs that
+    need it say so, naming the key: :func:`missing_manifest_message`)."""
     from pathlib import Path
 
     from .model.config import PRESETS
 
     problems = []
     manifest = (cfg.get("datasets") or {}).get("manifest")
-    if manifest:
-        if not Path(manifest).is_file():
-            problems.append(f"config key 'datasets.manifest': {manifest} not found{_where(manifest)}; "
-                            "give the path of the manifest file (absolute, or run from the repository)")
-        else:
-            from .corpus.manifest import load_manifest
+    if manifest and Path(manifest).is_file():
+        from .corpus.manifest import load_manifest
 
-            try:
-                load_manifest(manifest)
-            except ConfigError as exc:
-                problems.append(f"config key 'datasets.manifest': {exc}")
+        try:
+            load_manifest(manifest)
+        except ConfigError as exc:
+            problems.append(f"config key 'datasets.manifest': {exc}")
     preset = (cfg.get("model") or {}).get("preset")
-    if isinstance(preset, str) and preset not in PRESETS:
-        if not preset.endswith(".json"):
-            problems.append(f"config key 'model.preset': unknown preset '{preset}'; use one of "
-                            f"{', '.join(PRESETS)}, or the path of a JSON model config (*.json)")
-        elif not Path(preset).is_file():
-            problems.append(f"config key 'model.preset': {preset} not found{_where(preset)}; "
-                            "give the path of the JSON model config")
+    if isinstance(preset, str) and preset not in PRESETS and not preset.endswith(".json"):
+        problems.append(f"config key 'model.preset': unknown preset '{preset}'; use one of "
+                        f"{', '.join(PRESETS)}, or the path of a JSON model config (*.json)")
     return problems

@@ -91,6 +91,12 @@ def manifest_entries():
         path = checkpoints.simulate.get().output.manifest
     else:
         path = config["datasets"]["manifest"]
+        if not os.path.isfile(path):
+            from epiflow.workflow_config import missing_manifest_message
+
+            raise WorkflowError(
+                f"invalid configuration:\n  - {missing_manifest_message(path)}"
+            )
     from epiflow.corpus.manifest import load_manifest
 
     return load_manifest(path)
