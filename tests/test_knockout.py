@@ -495,3 +495,41 @@ def test_knockout_cli_gene_unit_tables_and_panels(tmp_path, ko_inputs):
     # the gene unit with cCRE indices
     assert main(["knockout", "--checkpoint", str(ckpt), "--corpus", str(root), "--ccres", "40,10",
                  "--target-unit", "gene", "--device", "cpu", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_fine_tuning_lengths_default_to_the_papers():
+    """Every fine-tuning trains on the paper's sentence length by default (the model's rank limit - 2:
+    8,190 tokens, longer sentences subsampled each step); a shorter cap is an option."""
+    import inspect
+
+    from epiflow.tasks.config import AnnotatorConfig, IntegrationConfig, KnockoutConfig
+    from epiflow.tasks.integration import finetune_reconstruction
+    from epiflow.train.engine import max_input_len
+
+    assert IntegrationConfig().max_len is None and AnnotatorConfig().max_len is None
+    assert KnockoutConfig().max_len is None
+    assert inspect.signature(finetune_reconstruction).parameters["max_len"].default is None
+    paper = type("M", (), {"config": type("C", (), {"max_rank": 8192})()})()
+    assert max_input_len(paper, None) == 8190 and max_input_len(paper, 2048) == 2048
+
+
+def test_knockout_passes_its_max_len_to_the_fine_tuning(monkeypatch, ko_inputs):
+    import epiflow.tasks.knockout as ko
+    from epiflow.tasks.common import load_cells, load_model
+    from epiflow.tasks.config import KnockoutConfig
+
+    seen = {}
+
+    def fake(model, cells, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop")
+
+    import epiflow.tasks.integration as integ
+
+    monkeypatch.setattr(integ, "finetune_reconstruction", fake)  # knockout imports it at call time
+    root, _, ckpt = ko_inputs
+    cells = load_cells(root)
+    cfg = KnockoutConfig(ccres=[40, 10], max_steps=2, max_len=300, figures=False, progress=False, device="cpu")
+    with pytest.raises(RuntimeError, match="stop"):
+        ko.run(cells, load_model(ckpt, n_ccres=cells.n_ccres), cfg, ko.knockout_targets(cfg))
+    assert seen["max_len"] == 300

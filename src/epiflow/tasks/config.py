@@ -186,7 +186,8 @@ class IntegrationConfig(Training, ModelRuntime):
     k_query: int = setting(20, "reference neighbours voting per query cell", min=1)
     epochs: float = setting(1e9, "passes over the cells (the length is max_steps)", exclusive_min=0, cli=False)
     max_steps: int = setting(200, "fine-tuning steps", min=1)
-    max_len: int | None = setting(2048, "tokens per cell in training", min=1)
+    max_len: int | None = setting(None, "tokens per cell in training (default: the model's rank limit - 2, the "
+                                  "paper's 8,190; longer sentences are subsampled each step)", min=1)
     max_ot_cells: int = setting(5000, "largest OT problem side", min=2)
     max_cells: int | None = setting(None, "use a random subset of N reference cells", min=1)
     common_ccres: bool = setting(False, "keep only the cCREs accessible in every batch (and restrict the "
@@ -218,6 +219,8 @@ class KnockoutConfig(ModelRuntime):
                              aliases=("--finetune-steps",))
     batch_size: int = setting(16, "cells per fine-tuning step", min=1)
     lr: float = setting(1e-4, "fine-tuning learning rate", exclusive_min=0)
+    max_len: int | None = setting(None, "tokens per cell in the fine-tuning (default: the model's rank limit - 2, "
+                                  "the paper's 8,190)", min=1)
     n_reference: int = setting(1000, "chimeric reference cells", min=2)
     n_query: int = setting(50, "query chimeras at score 0.5", min=1)
     n_random: int = setting(50, "random cCRE knockouts", min=2)
@@ -239,7 +242,8 @@ class AnnotatorConfig(Training, ModelRuntime):
     epochs: float = setting(3.0, "passes over the training cells", exclusive_min=0)
     head_lr: float = setting(1e-3, "classifier learning rate", exclusive_min=0)
     freeze_encoder: bool = setting(False, "train the classifier only")
-    max_len: int | None = setting(2048, "tokens per cell in training", min=1)
+    max_len: int | None = setting(None, "tokens per cell in training (default: the model's rank limit - 2, the "
+                                  "paper's 8,190; longer sentences are subsampled each step)", min=1)
     max_cells: int | None = setting(None, "train on a random subset of N cells", min=1)
     val_fraction: float = setting(0.1, "stratified held-out fraction", min=0, max=0.9)
 

@@ -148,7 +148,7 @@ def partner_targets(cells, matches: pd.DataFrame) -> sp.csr_matrix:
 
 # ----------------------------------------------------------------------------- fine-tuning
 def finetune_reconstruction(model, cells, targets: sp.csr_matrix | None = None, *, batch_ids=None,
-                            max_steps: int = 200, batch_size: int = 16, lr: float = 1e-4, max_len: int | None = 2048,
+                            max_steps: int = 200, batch_size: int = 16, lr: float = 1e-4, max_len: int | None = None,
                             weight_decay: float = 0.01, seed: int = 0, device=None, progress: bool = True,
                             desc: str = "fine-tune") -> list[float]:
     """Fine-tune with signal reconstruction + cell-cCRE alignment (K = 1) towards ``targets`` (binary

@@ -516,7 +516,8 @@ def run(cells, model, cfg: KnockoutConfig, targets, *, df: np.ndarray | None = N
     hist: list[float] = []
     if cfg.max_steps:
         hist = finetune_reconstruction(model, cells, max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                       seed=seed, device=device, progress=progress, desc="fine-tune")
+                                       max_len=cfg.max_len, seed=seed, device=device, progress=progress,
+                                       desc="fine-tune")
     if df is None:
         # TF-IDF of modified cells uses the document frequency: recover it from the cells when the
         # corpus df is not given
