@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-corpus-rows", action="store_true",
                    help="--corpus / --downstream only fill seen_in_pretraining (no corpus size rows)")
     p.add_argument("--pretrain-metrics", help="metrics.csv of 'epiflow pretrain' (adds the last values)")
-    p.add_argument("--out", metavar="FILE", help="summary TSV (task, dataset, method, metric, value, source)")
+    p.add_argument("--out", metavar="FILE", help="summary TSV (task, dataset, method, metric, value, seen_in_pretraining, source)")
     p.add_argument("--table", help="only print an existing summary TSV (e.g. results/summary.tsv)")
     p.add_argument("--all", action="store_true", help="print every metric, not only the headline ones")
     p.set_defaults(func=_summarize)
