@@ -24,7 +24,7 @@ def _integrate(args) -> int:
     write_task_result(res, args.out, models=True)
     t = res.metrics
     show = t[(t["task"] == "integration") & t["metric"].isin(
-        ["NMI", "ARI", "iLISI", "kBET", "kBET_per_label", "graph_connectivity", "batch_ASW"])]
+        ["NMI", "ARI", "iLISI", "kBET", "kBET_global", "graph_connectivity", "batch_ASW"])]
     print(show.pivot_table(index="method", columns="metric", values="value", sort=False).to_string())
     q = t[(t["task"] == "query_mapping") & (t["metric"] == "accuracy")]
     if len(q):
