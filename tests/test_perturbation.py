@@ -674,3 +674,41 @@ def test_stimulation_predictions_are_the_dense_ones_where_read(monkeypatch, bloc
     assert v_new == v_old
     pd.testing.assert_frame_equal(f_new, f_old, check_exact=True)
     assert new["no_change"]["cells"].shape == (n, v)
+
+
+def test_da_test_is_the_papers_without_tie_correction():
+    """The DA cCREs come from scanpy's Wilcoxon test with its default (no tie correction), as the paper's
+    episcanpy; --da-tie-correct is the option. On 0/1 data the correction lifts rarely open cCREs."""
+    import anndata as ad
+    import pandas as pd
+    import scanpy as sc
+    import scipy.sparse as sp
+
+    from epiflow.metrics.perturbation import differential_accessibility
+
+    rng = np.random.default_rng(0)
+    n = 200
+    p_ctrl = np.r_[np.full(5, 0.02), np.full(5, 0.40)]
+    p_pert = np.r_[np.full(5, 0.08), np.full(5, 0.50)]  # a rare cCRE gains 0.06, a common one 0.10
+    X0 = (rng.random((n, 10)) < p_ctrl).astype(np.float32)
+    X1 = (rng.random((n, 10)) < p_pert).astype(np.float32)
+    plain = differential_accessibility(X0, X1)
+    corrected = differential_accessibility(X0, X1, tie_correct=True)
+    a = ad.AnnData(X=sp.csr_matrix(np.vstack([X0, X1])),
+                   obs=pd.DataFrame({"g": pd.Categorical(["c"] * n + ["p"] * n)}, index=[str(i) for i in range(2 * n)]))
+    sc.tl.rank_genes_groups(a, "g", groups=["p"], reference="c", method="wilcoxon", n_genes=10, use_raw=False)
+    ref = np.zeros(10)
+    ref[np.asarray(a.uns["rank_genes_groups"]["names"]["p"]).astype(int)] = a.uns["rank_genes_groups"]["scores"]["p"]
+    np.testing.assert_allclose(plain, ref, rtol=1e-6)  # scanpy's default
+    assert not np.allclose(plain, corrected)
+    # the correction raises the rare cCREs' scores relative to the common ones'
+    assert corrected[:5].mean() / corrected[5:].mean() > plain[:5].mean() / plain[5:].mean()
+
+
+def test_run_baseline_scores_with_the_tasks_da_setting():
+    from epiflow.cli import build_parser
+
+    parser = build_parser(["run-baseline"])
+    base = ["run-baseline", "--tool", "scgen", "--task", "perturbation", "--corpus", "c", "--out", "o"]
+    assert parser.parse_args(base).da_tie_correct is False
+    assert parser.parse_args(base + ["--da-tie-correct"]).da_tie_correct is True

@@ -796,6 +796,7 @@ def baseline_args(wildcards):
         ("--min-cells", task_setting(follows, "min_cells")),
         ("--k", ",".join(str(k) for k in task_setting(follows, "k"))),
         ("--n-top", task_setting(follows, "n_top")),
+        ("--da-tie-correct", task_setting(follows, "da_tie_correct")),
         ("--seed", task_setting(follows, "seed")),
     ]
     return " ".join(opt(flag, value) for flag, value in flags)

@@ -6,7 +6,7 @@ import argparse
 import json
 
 # the settings of the perturbation tasks that score a perturbation / genetic baseline
-SCORING_FIELDS = ("min_cells", "k", "n_top")
+SCORING_FIELDS = ("min_cells", "k", "n_top", "da_tie_correct")
 
 
 def _params(items) -> dict:
@@ -68,7 +68,8 @@ def _run(args: argparse.Namespace) -> int:
         log.info("%s on %s: holding out %s in turn", method, args.task, holdouts)
         rows, out, cells = leave_one_type_out(args.tool, adata, holdouts=holdouts, method=method,
                                               dataset=_dataset_name(adata), params=params, canonical=canonical,
-                                              run=run, ks=ks, n_top=args.n_top, seed=args.seed,
+                                              run=run, ks=ks, n_top=args.n_top, tie_correct=args.da_tie_correct,
+                                              seed=args.seed,
                                               umap_groups=umap_groups)
         inp, ctx = None, {}
     else:
@@ -76,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         log.info("%s on %s: %d cells x %d features", method, args.task, inp.n_obs, inp.n_vars)
         out = run_baseline(args.tool, inp, args.task, params, **run)
         rows = evaluate(out, inp, ctx, dataset=_dataset_name(inp), method=method, seed=args.seed,
-                        n_neighbors=args.n_neighbors, ks=ks, n_top=args.n_top)
+                        n_neighbors=args.n_neighbors, ks=ks, n_top=args.n_top, tie_correct=args.da_tie_correct)
     od = Path(args.out_dir)
     od.mkdir(parents=True, exist_ok=True)
     with atomic_path(od / "output.npz") as tmp:

@@ -282,7 +282,7 @@ def _embedding_scores(emb, labels, seed: int, n_neighbors: int) -> dict:
 
 
 def evaluate(out: BaselineOutput, adata, ctx: dict, *, dataset: str, method: str, seed: int = 0,
-             n_neighbors: int = 15, ks=None, n_top: int = 1000) -> list[dict]:
+             n_neighbors: int = 15, ks=None, n_top: int = 1000, tie_correct: bool = False) -> list[dict]:
     """Metric rows of one baseline run (the long table of :mod:`epiflow.tasks.features`). The
     perturbation tasks are scored as EpiAgent's (``ks``: the top-k DA cCREs of the direction accuracy,
     default :data:`epiflow.metrics.perturbation.DEFAULT_KS`; ``n_top``: the top-n DA cCREs of R^2,
@@ -319,17 +319,19 @@ def evaluate(out: BaselineOutput, adata, ctx: dict, *, dataset: str, method: str
     elif task == "perturbation":
         from ..tasks.perturbation import STIM_TASK, _summary_rows
 
-        values, _, _ = stimulation_group(out, ctx, method=method, ks=ks, n_top=n_top, seed=seed)
+        values, _, _ = stimulation_group(out, ctx, method=method, ks=ks, n_top=n_top, seed=seed,
+                                         tie_correct=tie_correct)
         extra = {method: {"n_features": len(ctx["features"]), "n_heldout_types": 1}}
         return _summary_rows(STIM_TASK, dataset, {ctx["holdout"]: values}, extra)
     elif task == "genetic":
-        return _genetic_rows(out, ctx, dataset=dataset, method=method, seed=seed, ks=ks, n_top=n_top)
+        return _genetic_rows(out, ctx, dataset=dataset, method=method, seed=seed, ks=ks, n_top=n_top,
+                             tie_correct=tie_correct)
     v["runtime_s"] = float(out.info.get("runtime_s", np.nan))
     return metric_rows(task, dataset, method, v)
 
 
 def _genetic_rows(out: BaselineOutput, ctx: dict, *, dataset: str, method: str, seed: int, ks=None,
-                  n_top: int = 1000) -> list[dict]:
+                  n_top: int = 1000, tie_correct: bool = False) -> list[dict]:
     """Per held-out perturbation, the metrics of EpiAgent's genetic task
     (:func:`epiflow.tasks.perturbation.evaluate_group`: Pearson of the mean accessibility and of its
     change from the controls over the top-1,000 DA cCREs, direction accuracies); the predicted change
@@ -351,7 +353,7 @@ def _genetic_rows(out: BaselineOutput, ctx: dict, *, dataset: str, method: str, 
         X_pert = binarize(ctx["real_pert"][p])
         predicted = {method: {"mean": m, "change": m - real_ctrl}}
         values, _, info = evaluate_group(X_ctrl=X_ctrl, X_pert=X_pert, predicted=predicted, task=GENE_TASK, seed=seed,
-                                         ks=list(ks or DEFAULT_KS), n_top=n_top)
+                                         ks=list(ks or DEFAULT_KS), n_top=n_top, tie_correct=tie_correct)
         values[method].update(n_cells_perturbed=info["n_pert"])
         per_group[p] = values
     extra = {method: {"n_heldout_perturbations": len(ctx["heldout"]), "n_train_perturbations": len(ctx["train"]),
@@ -360,7 +362,7 @@ def _genetic_rows(out: BaselineOutput, ctx: dict, *, dataset: str, method: str, 
 
 
 def stimulation_group(out: BaselineOutput, ctx: dict, *, method: str, ks=None, n_top: int = 1000, seed: int = 0,
-                      max_ot_cells: int = 2000):
+                      max_ot_cells: int = 2000, tie_correct: bool = False):
     """Metrics of one held-out type as EpiAgent's stimulation task scores its methods
     (:func:`epiflow.tasks.perturbation.evaluate_group`, on the 0/1 accessibility of the real cells):
     the tool's predicted mean is the mean of its predicted cells, its change that mean minus the real
@@ -386,7 +388,8 @@ def stimulation_group(out: BaselineOutput, ctx: dict, *, method: str, ks=None, n
         log.warning("%s predicted %d cells for %d control cells of %s: no Wasserstein distance or UMAP", method,
                     pred.shape[0], X_ctrl.shape[0], ctx["holdout"])
     values, frame, info = evaluate_group(X_ctrl=X_ctrl, X_pert=X_pert, predicted={method: p}, task=STIM_TASK,
-                                         ks=list(ks or DEFAULT_KS), n_top=n_top, seed=seed, max_ot_cells=max_ot_cells)
+                                         ks=list(ks or DEFAULT_KS), n_top=n_top, seed=seed, max_ot_cells=max_ot_cells,
+                                         tie_correct=tie_correct)
     values[method].update(n_cells_control=info["n_ctrl"], n_cells_perturbed=info["n_pert"],
                           n_top_used=info["n_top_used"], runtime_s=float(out.info.get("runtime_s", np.nan)))
     return values, {method: p}, frame
@@ -394,6 +397,7 @@ def stimulation_group(out: BaselineOutput, ctx: dict, *, method: str, ks=None, n
 
 def leave_one_type_out(tool: str, adata, *, holdouts, method: str, dataset: str, params: dict | None = None,
                        canonical: dict | None = None, run: dict | None = None, ks=None, n_top: int = 1000,
+                       tie_correct: bool = False,
                        seed: int = 0, umap_groups=None, max_umap_cells: int = 1000):
     """The stimulation benchmark of EpiAgent's ``predict-stimulation`` for a baseline tool: for each
     cell type of ``holdouts`` in turn (:func:`stimulation_types`), its perturbed cells are removed, the
@@ -416,7 +420,8 @@ def leave_one_type_out(tool: str, adata, *, holdouts, method: str, dataset: str,
         inp, ctx = canonical_input(adata, "perturbation", holdout=t, seed=seed, **(canonical or {}))
         log.info("%s, held-out %s: fitting on %d cells x %d features", method, t, inp.n_obs, inp.n_vars)
         out = run_baseline(tool, inp, "perturbation", params, **(run or {}))
-        values, predicted, frame = stimulation_group(out, ctx, method=method, ks=ks, n_top=n_top, seed=seed)
+        values, predicted, frame = stimulation_group(out, ctx, method=method, ks=ks, n_top=n_top, seed=seed,
+                                                     tie_correct=tie_correct)
         per_group[t] = values
         total += float(out.info.get("runtime_s", 0.0))
         infos[t] = out.info

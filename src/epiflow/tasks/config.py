@@ -139,6 +139,8 @@ class PerturbationConfig(Training, ModelRuntime):
                            help="top-k DA cCREs for direction accuracy (comma list; capped at what is "
                                 "available)", min=1)
     n_top: int = setting(1000, "top-n DA cCREs for R2 / Pearson / Wasserstein", min=1)
+    da_tie_correct: bool = setting(False, "tie-corrected Wilcoxon z-scores for the DA cCREs (ranks rarely open "
+                                   "cCREs higher); off: the paper's (scanpy's default)")
     min_cells: int = setting(3, "fewest cells per group", min=1)
     epochs: float = setting(3, "passes over the training examples", exclusive_min=0)
     new_lr: float = setting(1e-3, "learning rate of the new token / GNN / classifier", exclusive_min=0)

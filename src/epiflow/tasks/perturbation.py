@@ -111,15 +111,16 @@ def _sample_cells(P: np.ndarray, rng) -> np.ndarray:
 
 
 def evaluate_group(*, X_ctrl, X_pert, predicted: dict, task: str, ks=DEFAULT_KS, n_top: int = 1000,
-                   seed: int = 0, max_ot_cells: int = 2000):
+                   seed: int = 0, max_ot_cells: int = 2000, tie_correct: bool = False):
     """Metrics of every method for one held-out group.
 
     ``X_ctrl`` / ``X_pert``: real unperturbed / perturbed cells (0/1, cells x cCREs, sparse ok).
     ``predicted``: method -> dict(mean=[N] predicted mean accessibility, change=[N] predicted change,
-    cells=optional [n, N] predicted cells as probabilities in [0, 1]). Returns (values per method,
+    cells=optional [n, N] predicted cells as probabilities in [0, 1]); ``tie_correct``: of the DA test
+    (:func:`epiflow.metrics.perturbation.differential_accessibility`). Returns (values per method,
     per-cCRE frame, info)."""
     n = X_ctrl.shape[1]
-    scores = differential_accessibility(X_ctrl, X_pert)
+    scores = differential_accessibility(X_ctrl, X_pert, tie_correct=tie_correct)
     real_ctrl, real_pert = _mean(X_ctrl), _mean(X_pert)
     n_top_used = cap_k(n_top, n, "cCREs")
     top = top_da(scores, n_top_used)["all"]
@@ -412,7 +413,8 @@ def run_stimulation(cells: Shard, base_model, settings: StimulationConfig | None
                          for t in others], axis=0)
         predicted = stimulation_predictions(X_ctrl, P_per, ctrl_mean, shift)
         values, frame, info = evaluate_group(X_ctrl=X_ctrl, X_pert=X_pert, predicted=predicted, task=STIM_TASK,
-                                             ks=ks, n_top=n_top, seed=seed, max_ot_cells=max_ot_cells)
+                                             ks=ks, n_top=n_top, seed=seed, max_ot_cells=max_ot_cells,
+                                             tie_correct=cfg.da_tie_correct)
         for m in values:
             values[m].update(n_cells_control=info["n_ctrl"], n_cells_perturbed=info["n_pert"],
                              n_top_used=info["n_top_used"])
@@ -538,7 +540,7 @@ def run_genetic(cells: Shard, base_model, gene_graph, settings: GeneticConfig | 
             "mean_shift": {"mean": np.clip(real_ctrl + train_shift, 0, 1), "change": train_shift},
         }
         values, frame, info = evaluate_group(X_ctrl=X_ctrl, X_pert=Xb[lab == p], predicted=predicted, task=GENE_TASK,
-                                             ks=ks, n_top=n_top, seed=seed)
+                                             ks=ks, n_top=n_top, seed=seed, tie_correct=cfg.da_tie_correct)
         for m in values:
             values[m].update(n_cells_perturbed=info["n_pert"], n_top_used=info["n_top_used"])
         per_group[p] = values
