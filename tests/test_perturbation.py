@@ -365,6 +365,37 @@ def test_predict_genetic_cli_end_to_end(tmp_path, tiny_ckpt):
         assert (out / f).exists()
 
 
+@pytest.mark.parametrize("self_token", [False, True])
+def test_genetic_perturbed_cells_reconstruct_themselves_with_or_without_their_token(tmp_path, tiny_ckpt, monkeypatch,
+                                                                                    self_token):
+    """run_genetic's fine-tuning examples: controls and (by default) the perturbed training cells reconstruct
+    themselves without a token; perturbed_self_token=True gives the perturbed cells their gene token (as
+    the stimulation task's [PER])."""
+    import epiflow.tasks.perturbation as P
+    from epiflow.genome.gene_graph import build_gene_graph
+    from epiflow.tasks.common import load_inputs
+    from epiflow.tasks.config import GeneticConfig
+
+    corpus, go = _genetic_corpus(tmp_path / "corpus")
+    go.to_csv(tmp_path / "go.tsv", sep="\t", index=False)
+    cfg = GeneticConfig(perturbation_key="perturbation", holdout=["G0"], device="cpu", progress=False)
+    cells, model = load_inputs(corpus, tiny_ckpt(200), cfg)
+    seen = {}
+
+    def stop(model, cells, ex, **kw):
+        seen["ex"] = ex
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(P, "finetune_conditioned", stop)
+    with pytest.raises(RuntimeError, match="stop"):
+        P.run_genetic(cells, model, build_gene_graph(tmp_path / "go.tsv"), cfg, perturbed_self_token=self_token)
+    ex = seen["ex"]
+    selfs = ex[(ex["input"] == ex["target"]) & (ex["label"] == 1)]
+    none = ex.loc[ex["label"] == 0, "cond"].iloc[0]
+    assert len(selfs) and (ex.loc[ex["label"] == 0, "cond"] == none).all()
+    assert ((selfs["cond"] != none).all() if self_token else (selfs["cond"] == none).all())
+
+
 def test_predict_stimulation_cli_errors(tmp_path, tiny_ckpt):
     from epiflow.cli import main
 
