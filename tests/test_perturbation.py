@@ -168,8 +168,18 @@ def test_predict_stimulation_end_to_end(tmp_path, tiny_ckpt):
     # the known program is learned by the mean shift of the other cell types; no change carries no signal
     assert v[("mean_shift", "dir_acc@10")] > 0.9
     assert v[("no_change", "dir_acc@10")] == pytest.approx(0.5)
-    assert v[("mean_shift", "R2_top50")] > v[("no_change", "R2_top50")]
     assert v[("mean_shift", "wasserstein_top50")] < v[("no_change", "wasserstein_top50")]
+    # R^2 over the top-50 DA cCREs: on the paper's DA ranking (no tie correction: the largest differences
+    # in the open fraction) mean shift does not beat no change on this toy (0.82 vs 0.85); on the
+    # tie-corrected ranking (--da-tie-correct, which lifts the rarely open cCREs) it does
+    out2 = tmp_path / "out_tie"
+    assert main(["predict-stimulation", "--corpus", str(corpus), "--checkpoint", str(ckpt), "--holdout", "T0",
+                 "--k", "10,1000", "--n-top", "50", "--max-steps", "6", "--batch-size", "16", "--no-progress",
+                 "--no-save-cells", "--no-umap", "--da-tie-correct", "--out", str(out2)]) == 0
+    v2 = pd.read_csv(out2 / "metrics.tsv", sep="\t").set_index(["method", "metric"])["value"]
+    assert v2[("mean_shift", "R2_top50")] > v2[("no_change", "R2_top50")]
+    assert v2[("mean_shift", "R2_all")] == pytest.approx(v[("mean_shift", "R2_all")])  # the same predictions
+    assert v2[("mean_shift", "R2_top50")] != pytest.approx(v[("mean_shift", "R2_top50")])  # other top cCREs
     # k = 1000 > 240 cCREs: capped to the cCREs with that sign
     assert v[("EpiAgent", "k_used_up@1000")] + v[("EpiAgent", "k_used_down@1000")] <= 240
     assert v[("EpiAgent", "finetune_steps")] == 6
@@ -282,30 +292,36 @@ def test_per_token_on_the_input_embedding_scale_and_trained(tmp_path, tiny_ckpt)
 def test_stimulation_epiagent_beats_no_change(tmp_path, tiny_ckpt):
     """On a seeded toy (3 cell types, a known opening / closing program) EpiAgent with the [PER] token,
     fine-tuned on two cell types, predicts the held-out type's perturbed cells better than 'no change':
-    higher R^2 over the top DA cCREs and direction accuracy far above chance - the prediction decoded from
-    the token (EpiAgent_delta = real controls + decoded change with vs without [PER]) as well."""
+    direction accuracy far above chance on the paper's DA cCREs and on the tie-corrected ones, and a higher
+    R^2 over the top tie-corrected DA cCREs (the rarely open ones lifted) - the prediction decoded from the
+    token (EpiAgent_delta = real controls + decoded change with vs without [PER]) as well. On the paper's
+    DA ranking (no tie correction) R^2 over the top 50 does not beat no change on this toy (mean of the
+    four seeds 0.75 vs 0.85; docs/results_notes.md, session 16)."""
     from epiflow.tasks.config import StimulationConfig
     from epiflow.tasks.perturbation import run_stimulation
 
-    # R^2 of one fine-tuning seed on this toy varies a lot (R2_top50 over seeds 0-3: EpiAgent 0.83 / 0.68 /
-    # 0.76 / 0.83, EpiAgent_delta 0.80 / 0.66 / 0.74 / 0.77, no change 0.69; the per-task loop before the
-    # engine spread alike), while the direction of the change is right on every seed: the R^2 checks use
-    # the mean of four seeds (the new [PER] token is drawn from the seed, whatever ran before)
+    # R^2 of one fine-tuning seed on this toy varies a lot (tie-corrected R2_top50 over seeds 0-3: EpiAgent
+    # 0.83 / 0.68 / 0.76 / 0.83, EpiAgent_delta 0.80 / 0.66 / 0.74 / 0.77, no change 0.69; the per-task loop
+    # before the engine spread alike), while the direction of the change is right on every seed: the R^2
+    # checks use the mean of four seeds (the new [PER] token is drawn from the seed, whatever ran before).
+    # Each seed is scored on both DA rankings (the fine-tuning is the same: the ranking only scores it).
     corpus, _, _ = _stim_corpus(tmp_path / "corpus", seed=0)
     r2: dict[str, list] = {}
     for seed in range(4):
-        cells, model = _inputs(corpus, tiny_ckpt(240))
-        cfg = StimulationConfig(holdout=["T0"], k=[10, 20], n_top=50, save_cells=False, epochs=30, lr=3e-3,
-                                progress=False, seed=seed)
-        result = run_stimulation(cells, model, cfg)
-        assert "predicted_cells" not in result.h5ad
-        v = result.metrics.set_index(["method", "metric"])["value"]
-        assert v[("no_change", "dir_acc@10")] == pytest.approx(0.5)
-        for m in ("EpiAgent", "EpiAgent_delta", "no_change"):
-            r2.setdefault(m, []).append(v[(m, "R2_top50")])
-        for m in ("EpiAgent", "EpiAgent_delta"):
-            assert v[(m, "dir_acc@10")] >= 0.9 and v[(m, "dir_acc@20")] >= 0.8, (m, seed)
-        assert v[("EpiAgent", "per_token_norm")] > 1.0
+        for tie in (False, True):
+            cells, model = _inputs(corpus, tiny_ckpt(240))
+            cfg = StimulationConfig(holdout=["T0"], k=[10, 20], n_top=50, save_cells=False, epochs=30, lr=3e-3,
+                                    progress=False, seed=seed, da_tie_correct=tie, umap=False)
+            result = run_stimulation(cells, model, cfg)
+            assert "predicted_cells" not in result.h5ad
+            v = result.metrics.set_index(["method", "metric"])["value"]
+            assert v[("no_change", "dir_acc@10")] == pytest.approx(0.5)
+            for m in ("EpiAgent", "EpiAgent_delta"):
+                assert v[(m, "dir_acc@10")] >= 0.9 and v[(m, "dir_acc@20")] >= 0.8, (m, seed, tie)
+            assert v[("EpiAgent", "per_token_norm")] > 1.0
+            if tie:
+                for m in ("EpiAgent", "EpiAgent_delta", "no_change"):
+                    r2.setdefault(m, []).append(v[(m, "R2_top50")])
     base = np.mean(r2["no_change"])
     assert np.mean(r2["EpiAgent"]) > base + 0.02, r2
     assert np.mean(r2["EpiAgent_delta"]) > base, r2
