@@ -327,3 +327,20 @@ def test_shard_is_the_one_cell_container(tmp_path):
         Shard.concat([whole, Shard.from_any(a[:, :20].copy())])
     with pytest.raises(InputFormatError, match="no cells"):
         Shard.concat([])
+
+
+def test_a_subset_written_back_keeps_its_own_cell_count(tmp_path):
+    """read_shard keeps the file's attributes; writing a subset back must not carry the file's n_cells."""
+    import h5py
+
+    from epiflow.corpus.shard import read_shard, write_shard
+
+    cand = _cands()
+    good, _, _ = _mapped(tmp_path, "g", cand, 10, 0.1, 0)
+    c = build_corpus(cand, [good], tmp_path / "corpus", min_cells=1, min_ccres_per_cell=1)
+    sh = read_shard(c.shard_paths[0])
+    sub = sh.subset([0, 2])
+    write_shard(tmp_path / "sub.h5", sub)
+    with h5py.File(tmp_path / "sub.h5") as f:
+        assert int(f.attrs["n_cells"]) == 2 and f.attrs["vocab_id"] == sh.vocab_id
+    assert read_shard(tmp_path / "sub.h5").n_cells == 2

@@ -412,3 +412,17 @@ def test_cli_and_atomic_output(tmp_path, monkeypatch):
         simulate_corpus(tmp_path / "broken", "test", seed=0)
     assert not (tmp_path / "broken").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_simulated_files_follow_the_umask(tmp_path, umask):
+    """As every other output (not a fixed 0755 / 0644)."""
+    import os
+
+    old = os.umask(umask)
+    try:
+        simulate_corpus(tmp_path / "sim", "test", 0, n_cells=60)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "sim").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "sim" / "manifest.tsv").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -214,6 +214,10 @@ def _shard_from_anndata(adata, df=None, rows=None) -> Shard:
     return shard_from_counts(X, df, obs)
 
 
+# the attributes write_shard sets from the shard itself
+_SHARD_KEYS = frozenset({"format", "version", "n_ccres", "vocab_id", "genome", "n_cells"})
+
+
 def write_shard(path: str | os.PathLike, shard: Shard) -> Path:
     """Write a shard atomically (temp file, then rename)."""
     path = Path(path)
@@ -226,7 +230,8 @@ def write_shard(path: str | os.PathLike, shard: Shard) -> Path:
             f.attrs["genome"] = shard.genome
             f.attrs["n_cells"] = shard.n_cells
             for k, v in shard.attrs.items():
-                f.attrs[k] = v
+                if k not in _SHARD_KEYS:  # a read shard's own keys (a subset's n_cells is its own)
+                    f.attrs[k] = v
             kw = dict(compression="gzip", compression_opts=4, shuffle=True) if len(shard.tokens) > 4096 else {}
             f.create_dataset("indptr", data=np.asarray(shard.indptr, dtype=np.int64))
             f.create_dataset("tokens", data=np.asarray(shard.tokens, dtype=np.int32), **kw)

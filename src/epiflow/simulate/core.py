@@ -18,7 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ConfigError
-from ..io import sha256_file
+from ..io import folder_mode, sha256_file
 from .layout import BIN, CHROMS, Layout, build_layout, rng_for
 from .model import CellDesign, Effects, build_effects, expected_open, sample_cells
 from .presets import SimPreset, get_preset
@@ -417,7 +417,7 @@ def simulate_corpus(out_dir, preset: str | SimPreset = "demo", seed: int = 0, *,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    os.chmod(out, 0o755)
+    os.chmod(out, folder_mode())
     return _paths(out, p)
 
 
@@ -524,5 +524,6 @@ def _write_all(tmp: Path, p: SimPreset, seed: int, downstream=()) -> None:
     (tmp / "README.md").write_text(render_readme(p, seed, lay, eff, datasets, tables))
     steps.update()
     steps.close()
+    mode = folder_mode()  # what a plain mkdir / open give under the umask
     for f in sorted(tmp.rglob("*")):
-        os.chmod(f, 0o755 if f.is_dir() else 0o644)
+        os.chmod(f, mode if f.is_dir() else mode & 0o666)
