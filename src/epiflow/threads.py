@@ -162,14 +162,12 @@ def available_cpus() -> int:
 def default_threads(environ=None) -> int:
     """``OMP_NUM_THREADS`` when it is a positive integer (Snakemake sets it to the rule's threads),
     otherwise the available CPUs."""
-    env = os.environ if environ is None else environ
-    value = str(env.get("OMP_NUM_THREADS", "")).split(",")[0].strip()
-    if value.isdigit() and int(value) > 0:
-        return int(value)
-    return available_cpus()
+    n = _given(environ)
+    return available_cpus() if n is None else n
 
 
 def _given(environ=None) -> int | None:
+    """``OMP_NUM_THREADS`` when it is a positive integer (its first level), else None."""
     env = os.environ if environ is None else environ
     value = str(env.get("OMP_NUM_THREADS", "")).split(",")[0].strip()
     return int(value) if value.isdigit() and int(value) > 0 else None
