@@ -275,34 +275,35 @@ def check_state_dict(model: EpiAgent, sd: Mapping[str, torch.Tensor], path: str 
             "cCRE_embedding rows - 4)")
 
 
-def _read_sidecar(path) -> dict:
+def _read_side_file(path) -> dict:
+    """The whole ``<checkpoint>.json`` side file ({} when there is none)."""
     sc = sidecar_path(path)
     if not sc.exists():
         return {}
     try:
         d = json.loads(sc.read_text())
-        return dict(d.get("config", {}))
+        if not isinstance(d, dict):
+            raise AttributeError(f"a JSON {type(d).__name__}, not an object")
+        return d
     except (json.JSONDecodeError, AttributeError) as exc:
         raise CheckpointError(f"invalid JSON side file ({exc})", path=str(sc),
                               fix="delete or repair the side file") from None
 
 
-def checkpoint_vocab_id(path, n_ccres: int | None = None) -> str | None:
+def _read_sidecar(path) -> dict:
+    return dict(_read_side_file(path).get("config", {}))
+
+
+def checkpoint_vocab_id(path, n_ccres: int | None = None, side: dict | None = None) -> str | None:
     """The cCRE vocabulary a checkpoint was trained on (``vocab_id``, see
     :func:`epiflow.corpus.shard.vocab_id_from_intervals`), or None when unknown (the authors' weights).
 
-    Read from the ``<checkpoint>.json`` side file, else from the ``model_config.json`` that
-    ``epiflow pretrain`` writes beside its checkpoint (for checkpoints saved before the side file
-    carried it; only when its cCRE count is the checkpoint's)."""
-    sc = sidecar_path(path)
-    if sc.exists():
-        try:
-            vid = json.loads(sc.read_text()).get("vocab_id")
-        except (json.JSONDecodeError, AttributeError) as exc:
-            raise CheckpointError(f"invalid JSON side file ({exc})", path=str(sc),
-                                  fix="delete or repair the side file") from None
-        if vid:
-            return str(vid)
+    Read from the ``<checkpoint>.json`` side file (``side``: its content, when already read), else from
+    the ``model_config.json`` that ``epiflow pretrain`` writes beside its checkpoint (for checkpoints
+    saved before the side file carried it; only when its cCRE count is the checkpoint's)."""
+    vid = (_read_side_file(path) if side is None else side).get("vocab_id")
+    if vid:
+        return str(vid)
     mc = Path(path).with_name("model_config.json")
     if mc.exists():
         try:
@@ -347,10 +348,11 @@ def load_epiagent_checkpoint(path: str | os.PathLike, num_heads: int | None = No
     """
     path = Path(path)
     sd = read_state_dict(path, mmap=mmap)
-    side = _read_sidecar(path)
+    doc = _read_side_file(path)
+    side = dict(doc.get("config", {}))
     side.update(overrides)
     cfg = infer_config(sd, num_heads, path=path, overrides=side)
-    model_vocab_id = checkpoint_vocab_id(path, cfg.n_ccres)
+    model_vocab_id = checkpoint_vocab_id(path, cfg.n_ccres, side=doc)
     _check_vocab(cfg, corpus, n_ccres, path, model_vocab_id, vocab_id)
     with meta_without_init():
         model = EpiAgent(cfg, backend="sdpa")
