@@ -92,25 +92,13 @@ def _coerce_numbers(cfg, schema):
     return notes
 
 
-def _field_default(cls, name):
-    import dataclasses
-
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            if f.default is not dataclasses.MISSING:
-                return f.default
-            if f.default_factory is not dataclasses.MISSING:
-                return f.default_factory()
-    return dataclasses.MISSING
-
-
 def _rename_legacy_task_keys(cfg):
     """Former key names of task settings (e.g. knockout finetune_steps -> max_steps) are read as
     the new ones, with a note. Both at once: the same value, or the new name at the verb's default
     (config/config.yaml sets it, a user's config merged over it sets the former name), read with a
     note; two different values are an error. Changes `cfg` in place; returns the notes.
     """
-    from .cliargs import legacy_keys
+    from .cliargs import default_of, legacy_keys
     from .tasks.registry import TASKS
 
     notes = []
@@ -122,7 +110,7 @@ def _rename_legacy_task_keys(cfg):
             for old, new in legacy_keys(cls).items():
                 if old not in sec:
                     continue
-                if new in sec and sec[new] != sec[old] and sec[new] != _field_default(cls, new):
+                if new in sec and sec[new] != sec[old] and sec[new] != default_of(cls, new):
                     raise ConfigError(f"tasks.{key}: both '{old}' (the former name, {sec[old]!r}) and '{new}' "
                                       f"({sec[new]!r}) are set", field=f"tasks.{key}.{old}",
                                       fix=f"keep only '{new}'")
