@@ -759,3 +759,15 @@ def test_run_baseline_scores_with_the_tasks_da_setting():
     base = ["run-baseline", "--tool", "scgen", "--task", "perturbation", "--corpus", "c", "--out", "o"]
     assert parser.parse_args(base).da_tie_correct is False
     assert parser.parse_args(base + ["--da-tie-correct"]).da_tie_correct is True
+
+
+def test_perturbation_tasks_know_missing_labels_as_every_task():
+    """The perturbation tasks' missing-label rule is labelled_mask's (incl. map-dataset's 'unknown')."""
+    import pandas as pd
+
+    from epiflow.tasks.features import labelled_mask
+    from epiflow.tasks.perturbation_train import _missing
+
+    v = pd.Series(["A", "", None, np.nan, "nan", "NA", "n/a", "unknown", "Unknown", " B "], dtype=object)
+    assert _missing(v).tolist() == (~labelled_mask(v.to_numpy(dtype=object))).tolist()
+    assert _missing(v).tolist() == [False, True, True, True, True, True, True, True, True, False]

@@ -42,8 +42,11 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- cells
 def _missing(values: pd.Series) -> np.ndarray:
-    s = values.astype(str).str.strip().str.lower()
-    return (values.isna() | s.isin(["", "nan", "none", "na", "<na>"])).to_numpy()
+    """Where a label is missing: :func:`epiflow.tasks.features.labelled_mask`'s rule (NaN, empty, 'nan',
+    'NA', 'unknown' as map-dataset writes, ...), the one every task uses."""
+    from .features import labelled_mask
+
+    return ~labelled_mask(values.to_numpy(dtype=object))
 
 
 def labelled_cells(cells: Shard, key: str) -> Shard:
