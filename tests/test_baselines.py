@@ -141,8 +141,6 @@ def test_feature_selections():
     np.testing.assert_array_equal(preprocess.accessible_cells(x), [3, 1, 3, 0])
     np.testing.assert_array_equal(preprocess.top_accessible(x, 2), [0, 2])
     np.testing.assert_array_equal(preprocess.top_accessible(x, 10), [0, 1, 2, 3])
-    np.testing.assert_array_equal(preprocess.open_in_fraction(x, 0.5), [0, 2])
-    np.testing.assert_array_equal(preprocess.open_in_fraction(x, 0.25), [0, 1, 2])
     ln = preprocess.log_normalise(x).toarray()
     np.testing.assert_allclose(ln[0], [np.log1p(5000), 0, np.log1p(5000), 0], rtol=1e-6)
 
@@ -364,7 +362,7 @@ def test_canonical_input_per_task(adata):
     assert 0.25 < q.mean() < 0.4
     assert (inp.obs["label"].to_numpy()[q] == "").all()  # query labels hidden from the adapter
     assert (ctx["truth"][~q] == inp.obs["label"].to_numpy()[~q]).all()
-    inp, ctx = canonical_input(adata, "imputation", min_open_fraction=0.2)
+    inp, ctx = canonical_input(adata, "imputation", min_cell_fraction=0.2)
     assert inp.n_vars == len(ctx["features"]) < adata.n_vars
     a = adata.copy()
     a.obs["condition"] = np.where(np.arange(a.n_obs) % 2 == 0, "control", "stim")
@@ -434,14 +432,14 @@ def test_paper_preprocessing_defaults():
     # 3 % of 100 cells = 3: features with >= 3 open cells are those < 55,000
     np.testing.assert_array_equal(ctx["features"], np.flatnonzero(nc >= 3))
     sig = inspect.signature(canonical_input).parameters
-    assert sig["top_n"].default == 50_000 and sig["min_open_fraction"].default == 0.03
+    assert sig["top_n"].default == 50_000 and sig["min_cell_fraction"].default == 0.03
     import argparse
 
     sub = argparse.ArgumentParser().add_subparsers()
     register(sub)
     args = sub.choices["run-baseline"].parse_args(["--tool", "scgen", "--task", "perturbation", "--counts", "x",
                                                    "--out-dir", "o"])
-    assert args.top_n == 50_000 and args.min_open_fraction == 0.03
+    assert args.top_n == 50_000 and args.min_cell_fraction == 0.03
 
 
 def test_genetic_input_and_scores(tmp_path):

@@ -400,6 +400,7 @@ def checkpoint_file(wildcards=None):
 # config key under tasks -> (results subfolder, files of one result folder that `all` asks for),
 # from the one task registry (epiflow.tasks.registry), which the figures and tables read too
 from epiflow.tasks.registry import TASKS
+from epiflow.baselines.cli import task_scoring_settings
 
 TASK_OUTPUTS = {key: (t.folder, list(t.outputs)) for key, t in TASKS.items()}
 # Zero-shot annotators (train_annotator in tasks.smk, one job per annotator). By default one, named
@@ -733,6 +734,9 @@ BASELINE_FOLLOWS = {
     "perturbation": "stimulation",
     "genetic": "genetic",
 }
+# the settings of an EpiAgent task that a baseline of that task is scored with, as run-baseline
+# takes them (the task verb's flag names)
+BASELINE_SCORING = {task: names for task, (_, names) in task_scoring_settings().items()}
 
 
 def baseline_units(task):
@@ -759,17 +763,50 @@ def baseline_holdouts(task):
 
 
 def baseline_args(wildcards):
-    """The flags of a baseline job that define its comparison: for perturbation and genetic the
-    settings of tasks.stimulation / tasks.genetic (control label, condition / perturbation column,
-    cell-type column as --label-key, held-out groups, genetic holdout_fraction, min_cells, k, n_top,
-    seed), so the tool holds out what EpiAgent holds out and is scored alike; else baselines.*
+    """The flags of a baseline job that define its comparison, so the tool is given and scored on
+    what EpiAgent's task is: for perturbation and genetic the settings of tasks.stimulation /
+    tasks.genetic (control label, condition / perturbation column, cell-type column as --label-key,
+    held-out groups, genetic holdout_fraction, min_cells, k, n_top, seed); for integration those of
+    tasks.integration (label and batch columns, label map, max_cells, common_ccres, seed); for
+    feature_extraction / annotation / imputation the task's scoring settings (BASELINE_SCORING) and,
+    on a dataset the task evaluates, its label column and seed (else baselines.label_key / seed).
     """
     task = wildcards.bl_task
-    if task not in ("perturbation", "genetic"):
+    if task == "integration":
+        # the integration task's own problem: its batches, labels (mapped), cells and cCREs
         flags = [
-            ("--label-key", BL.get("label_key", "cell_type")),
+            (f, task_setting("integration", k))
+            for f, k in (
+                ("--label-key", "label_key"),
+                ("--batch-key", "batch_key"),
+                ("--seed", "seed"),
+                ("--max-cells", "max_cells"),
+                ("--common-ccres", "common_ccres"),
+            )
+        ]
+        flags.append(("--label-map", config["tasks"]["integration"].get("label_map")))
+        return " ".join(opt(flag, value) for flag, value in flags)
+    if task not in ("perturbation", "genetic"):
+        # scored as the EpiAgent task scores its datasets (BASELINE_SCORING: the settings that define
+        # the cells, split, features and metrics); on a dataset that task evaluates, also its label
+        # column and seed (the same query cells, Leiden seed), else baselines.label_key / seed
+        t = config["tasks"][task]
+        own = t.get("enabled") and wildcards.bl_dataset in list(t.get("datasets") or [])
+        flags = [
+            (
+                "--label-key",
+                (
+                    task_setting(task, "label_key")
+                    if own
+                    else BL.get("label_key", "cell_type")
+                ),
+            ),
             ("--batch-key", BL.get("batch_key", "batch")),
-            ("--seed", int(BL.get("seed", 0))),
+            ("--seed", int(task_setting(task, "seed") if own else BL.get("seed", 0))),
+        ]
+        flags += [
+            (f"--{k.replace('_', '-')}", task_setting(task, k))
+            for k in BASELINE_SCORING[task]
         ]
         return " ".join(opt(flag, value) for flag, value in flags)
     follows = BASELINE_FOLLOWS[task]

@@ -9,6 +9,21 @@ import json
 SCORING_FIELDS = ("min_cells", "k", "n_top", "da_tie_correct")
 
 
+def task_scoring_settings() -> dict:
+    """The settings of EpiAgent's tasks that define how a baseline of the same task is scored (its
+    cells, split, features and metric parameters), declared once, in the task's settings class:
+    ``{task: (settings class, field names)}``. run-baseline takes them as the task's verb does (same
+    flags, defaults, bounds); the workflow passes the task's values (common.smk, baseline_args)."""
+    from ..tasks.config import (AnnotationConfig, FeaturesConfig, ImputationConfig, IntegrationConfig,
+                                PerturbationConfig)
+
+    return {"feature_extraction": (FeaturesConfig, ("n_neighbors", "max_iter")),
+            "annotation": (AnnotationConfig, ("query_fraction",)),
+            "imputation": (ImputationConfig, ("min_cell_fraction", "n_pcs")),
+            "integration": (IntegrationConfig, ("max_cells", "common_ccres")),
+            "perturbation": (PerturbationConfig, SCORING_FIELDS)}
+
+
 def _params(items) -> dict:
     from ..errors import EpiflowError
 
@@ -39,21 +54,29 @@ def _run(args: argparse.Namespace) -> int:
     from ..metrics.table import metrics_frame, write_metrics
     from .base import get_adapter, save_output
     from ..cliargs import check_config
-    from ..tasks.config import PerturbationConfig
     from .run import canonical_input, evaluate, leave_one_type_out, load_counts, run_baseline, stimulation_types
 
     log = logging.getLogger("epiflow.baselines")
     spec = get_adapter(args.tool, args.task)
     params = _params(args.param)
     params.setdefault("seed", args.seed)
-    adata = load_counts(corpus=args.corpus, counts=args.counts, dataset=args.dataset)
+    # bounds of the settings the EpiAgent tasks declare, naming the flag
+    for cls, names in task_scoring_settings().values():
+        check_config(cls(**{f: getattr(args, f) for f in names}))
+    adata = load_counts(corpus=args.corpus, counts=args.counts, dataset=args.dataset,
+                        keep_tfidf=args.task == "imputation")
     holdout = [h.strip() for item in args.holdout or [] for h in item.split(",") if h.strip()]
-    check_config(PerturbationConfig(**{f: getattr(args, f) for f in SCORING_FIELDS}))  # bounds, naming the flag
     ks = list(args.k)
+    label_map = None
+    if args.label_map is not None:
+        from ..tasks.zeroshot import read_label_map
+
+        label_map = read_label_map(args.label_map)
     canonical = dict(label_key=args.label_key, batch_key=args.batch_key, condition_key=args.condition_key,
-                     control=args.control, min_open_fraction=args.min_open_fraction, top_n=args.top_n,
+                     control=args.control, min_cell_fraction=args.min_cell_fraction, top_n=args.top_n,
                      perturbation_key=args.perturbation_key, holdout_fraction=args.holdout_fraction,
-                     min_cells=args.min_cells)
+                     min_cells=args.min_cells, query_fraction=args.query_fraction, label_map=label_map,
+                     max_cells=args.max_cells, common_ccres=args.common_ccres)
     run = dict(env=args.env, cache=args.env_cache, envs_dir=args.envs_dir, timeout=args.timeout, threads=args.threads)
     method = args.method or spec.method_for(args.task)
     cells = None
@@ -77,7 +100,10 @@ def _run(args: argparse.Namespace) -> int:
         log.info("%s on %s: %d cells x %d features", method, args.task, inp.n_obs, inp.n_vars)
         out = run_baseline(args.tool, inp, args.task, params, **run)
         rows = evaluate(out, inp, ctx, dataset=_dataset_name(inp), method=method, seed=args.seed,
-                        n_neighbors=args.n_neighbors, ks=ks, n_top=args.n_top, tie_correct=args.da_tie_correct)
+                        n_neighbors=args.n_neighbors, max_iter=args.max_iter, n_pcs=args.n_pcs, ks=ks,
+                        n_top=args.n_top, tie_correct=args.da_tie_correct)
+        if "reference_kind" in ctx:
+            out.info["imputation_reference"] = ctx["reference_kind"]
     od = Path(args.out_dir)
     od.mkdir(parents=True, exist_ok=True)
     with atomic_path(od / "output.npz") as tmp:
@@ -148,7 +174,7 @@ def _table(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     from ..cliargs import OneOrSeveral, add_config_args, fields
-    from ..tasks.config import PerturbationConfig, StimulationConfig
+    from ..tasks.config import StimulationConfig
 
     p = subparsers.add_parser("run-baseline", help="run one baseline tool on a task and score it",
                               description="Run a baseline (its adapter, in-process or in the tool's own "
@@ -158,7 +184,7 @@ def register(subparsers) -> None:
                                           "held-out type, rows metric[type] and their means) and cells.tsv "
                                           "(Fig. 3g UMAPs).")
     p.add_argument("--tool", required=True, help="see `epiflow list-baselines`")
-    p.add_argument("--task", required=True,
+    p.add_argument("--task", required=True, help="the task the tool runs and is scored on",
                    choices=["feature_extraction", "integration", "annotation", "imputation", "perturbation",
                             "genetic"])
     src = p.add_mutually_exclusive_group(required=True)
@@ -167,18 +193,26 @@ def register(subparsers) -> None:
                           "and downstream folders tokenized onto it) are read together")
     src.add_argument("--counts", help="h5ad of raw counts")
     p.add_argument("--dataset", help="only the cells of this obs['dataset'] (several: comma-separated)")
-    p.add_argument("--label-key", default="cell_type")
-    p.add_argument("--batch-key", default="batch")
-    p.add_argument("--condition-key", default="condition")
-    p.add_argument("--control", default="control")
+    p.add_argument("--label-key", default="cell_type",
+                   help="obs column with the cell types (genetic: optional labels) (default: cell_type)")
+    p.add_argument("--batch-key", default="batch", help="integration: obs column with the batches (default: batch)")
+    p.add_argument("--condition-key", default="condition",
+                   help="perturbation: obs column of the condition (default: condition)")
+    p.add_argument("--control", default="control",
+                   help="perturbation / genetic: label of the unperturbed cells (default: control)")
     p.add_argument("--holdout", action="append", metavar="GROUP[,GROUP...]",
                    help="perturbation: the cell types held out in turn (repeat or comma list; default: every type "
                         "with >= --min-cells control and perturbed cells, as predict-stimulation); genetic: the "
                         "held-out perturbations (default: EpiAgent's seeded split)")
-    # perturbation, genetic: scored as the EpiAgent tasks (the same declarations, defaults and bounds)
-    add_config_args(p, PerturbationConfig, exclude=[f.name for f, _ in fields(PerturbationConfig)
-                                                    if f.name not in SCORING_FIELDS],
-                    group="perturbation / genetic scoring (as predict-stimulation / predict-genetic)")
+    # each task scored as EpiAgent's (the same declarations, defaults and bounds as the task's verb)
+    verbs = {"feature_extraction": "evaluate-features", "annotation": "annotate", "imputation": "impute",
+             "integration": "integrate", "perturbation": "predict-stimulation / predict-genetic"}
+    for task, (cls, names) in task_scoring_settings().items():
+        add_config_args(p, cls, exclude=[f.name for f, _ in fields(cls) if f.name not in names],
+                        group=f"{task.replace('_', ' ')}{' / genetic' if task == 'perturbation' else ''}: "
+                              f"cells and scoring (as {verbs[task]})")
+    p.add_argument("--label-map", metavar="TSV",
+                   help="integration: label-map TSV giving shared (coarse) labels, as integrate's --label-map")
     add_config_args(p, StimulationConfig, exclude=[f.name for f, _ in fields(StimulationConfig) if f.name != "umap"],
                     group="perturbation UMAPs (as predict-stimulation)")
     p.add_argument("--umap-group", action="append",
@@ -188,30 +222,32 @@ def register(subparsers) -> None:
                    help="genetic: obs column of perturbation labels (control or gene symbols joined by '+')")
     p.add_argument("--holdout-fraction", type=float, default=0.25,
                    help="genetic: fraction of the perturbations held out (EpiAgent's split)")
-    p.add_argument("--min-open-fraction", type=float, default=0.03, help="imputation cCRE filter (paper: 0.03)")
-    p.add_argument("--top-n", type=int, default=50_000, help="perturbation input: most accessible cCREs")
+    p.add_argument("--top-n", type=int, default=50_000,
+                   help="perturbation / genetic input: the most accessible cCREs (paper: 50,000)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="adapter parameter (JSON value)")
     p.add_argument("--method", help="name in the metrics table (default: the tool's)")
-    p.add_argument("--env", default="auto", choices=["auto", "inprocess", "venv"])
+    p.add_argument("--env", default="auto", choices=["auto", "inprocess", "venv"],
+                   help="where the tool runs: auto = the registry's default for the tool, inprocess = this "
+                        "Python, venv = its own virtual environment (default: auto)")
     p.add_argument("--env-cache", help="venv cache folder (default $EPIFLOW_ENV_CACHE or ~/.cache/epiflow/envs)")
     p.add_argument("--envs-dir", help="folder of baseline-<tool>.yaml files (default: the repository's envs/)")
     p.add_argument("--timeout", type=int, help="seconds allowed for the tool's run in its venv")
     p.add_argument("--threads", type=int, help="OMP/MKL threads in the tool's venv")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-neighbors", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the tool, the split and the scores (the workflow passes the task's) (default: 0)")
     p.add_argument("--out", "--out-dir", dest="out_dir", required=True, metavar="DIR")
     p.set_defaults(func=_run)
 
     e = subparsers.add_parser("baseline-env", help="build (or find) the virtual environment of baseline tools")
-    e.add_argument("--tool", action="append", required=True)
-    e.add_argument("--env-cache")
-    e.add_argument("--envs-dir")
+    e.add_argument("--tool", action="append", required=True, help="tool name (repeat for several; see list-baselines)")
+    e.add_argument("--env-cache", help="venv cache folder (default $EPIFLOW_ENV_CACHE or ~/.cache/epiflow/envs)")
+    e.add_argument("--envs-dir", help="folder of baseline-<tool>.yaml files (default: the repository's envs/)")
     e.add_argument("--stamp", help="write the env's description (JSON) here (last tool)")
     e.set_defaults(func=_env)
 
     t = subparsers.add_parser("baselines-table", help="concatenate metrics tables (task, dataset, method, metric, value)")
-    t.add_argument("metrics", nargs="+")
-    t.add_argument("--out", required=True, metavar="FILE")
+    t.add_argument("metrics", nargs="+", help="metrics.tsv files of baseline runs")
+    t.add_argument("--out", required=True, metavar="FILE", help="the concatenated table (TSV)")
     t.set_defaults(func=_table)
 
     ls = subparsers.add_parser("list-baselines", help="the baseline tools, their tasks and environments")

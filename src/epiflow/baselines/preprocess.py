@@ -9,8 +9,6 @@
   ``downstream`` bp past the TSS).
 * :func:`top_accessible` — the ``n`` features accessible in the most cells (paper: top-50,000 cCREs
   as the input of scGen, scPRAM and GEARS).
-* :func:`open_in_fraction` — features accessible in at least ``min_fraction`` of the cells (paper:
-  3 % for imputation); the same rule as :func:`epiflow.metrics.imputation.open_fraction_filter`.
 * :func:`log_normalise` — ``log1p(x / depth * 1e4)`` of binarised counts.
 * :func:`feature_coords` — ``chrom / start / end`` of the features from ``var`` columns or
   ``chrom:start-end`` names.
@@ -139,15 +137,6 @@ def top_accessible(counts, n: int = 50_000) -> np.ndarray:
         return np.arange(len(nc))
     order = np.argsort(-nc, kind="stable")[:n]
     return np.sort(order)
-
-
-def open_in_fraction(counts, min_fraction: float = 0.03) -> np.ndarray:
-    """Sorted indices of the features accessible in at least ``min_fraction`` of the cells."""
-    if not 0 <= min_fraction <= 1:
-        raise EpiflowError(f"min_fraction must be in [0, 1], got {min_fraction}", field="min_fraction")
-    x = sp.csr_matrix(counts)
-    nc = accessible_cells(x)
-    return np.flatnonzero(nc >= min_fraction * x.shape[0])
 
 
 def log_normalise(counts, binarize: bool = True, scale: float = 1e4) -> sp.csr_matrix:

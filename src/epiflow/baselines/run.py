@@ -33,16 +33,17 @@ from ..errors import EpiflowError, InputFormatError
 from ..tasks.split import stratified_split
 from ..tokenize.core import binarize
 from .base import BaselineOutput, get_adapter
-from .preprocess import open_in_fraction, top_accessible
+from .preprocess import top_accessible
 
 log = logging.getLogger(__name__)
 
 ENVS = ("auto", "inprocess", "venv")
 
 
-def load_counts(*, corpus=None, counts=None, dataset: str | None = None):
+def load_counts(*, corpus=None, counts=None, dataset: str | None = None, keep_tfidf: bool = False):
     """AnnData of raw counts (X CSR float32, obs, var with chrom/start/end when known); ``dataset``: only
-    the cells of that obs['dataset'] (comma-separated names: of any of them)."""
+    the cells of that obs['dataset'] (comma-separated names: of any of them). ``keep_tfidf``: keep a
+    corpus' TF-IDF (``layers['tfidf']``, the imputation task's reference); other layers are dropped."""
     import anndata as ad
 
     if (corpus is None) == (counts is None):
@@ -69,7 +70,8 @@ def load_counts(*, corpus=None, counts=None, dataset: str | None = None):
         a.var = var
         a.X = sp.csr_matrix(a.X, dtype=np.float32)
         for k in list(a.layers):
-            del a.layers[k]
+            if not (keep_tfidf and k == "tfidf"):
+                del a.layers[k]
     if dataset is not None:
         if "dataset" not in a.obs:
             raise InputFormatError("obs has no 'dataset' column to select --dataset", path=str(counts or corpus),
@@ -127,25 +129,46 @@ def stimulation_types(adata, *, label_key: str = "cell_type", condition_key: str
 
 def canonical_input(adata, task: str, *, label_key: str = "cell_type", batch_key: str | None = "batch",
                     condition_key: str = "condition", control: str = "control", holdout: str | None = None,
-                    query_fraction: float = 1 / 3, seed: int = 0, min_open_fraction: float = 0.03,
+                    query_fraction: float = 1 / 3, seed: int = 0, min_cell_fraction: float = 0.03,
                     top_n: int = 50_000, perturbation_key: str = "perturbation", holdout_fraction: float = 0.25,
-                    min_cells: int = 3):
-    """(adapter input AnnData, evaluation context dict) for ``task`` (see the module docstring)."""
+                    min_cells: int = 3, label_map: dict[str, str] | None = None, max_cells: int | None = None,
+                    common_ccres: bool = False):
+    """(adapter input AnnData, evaluation context dict) for ``task`` (see the module docstring).
+
+    The cells, split and features are those of EpiAgent's task with the same settings: feature
+    extraction and imputation give the tool every cell (as EpiAgent embeds / imputes every cell) and
+    score the labelled ones; imputation keeps the cCREs open in >= ``min_cell_fraction`` of all cells
+    and scores against the raw TF-IDF (``layers['tfidf']``: a corpus' own, as EpiAgent's task); annotation
+    splits the labelled cells by ``query_fraction`` and ``seed``; integration draws ``max_cells`` cells
+    as ``integrate --max-cells`` does (:func:`epiflow.tasks.common.random_rows`), maps the labels with
+    ``label_map`` and, with ``common_ccres``, keeps the cCREs accessible in every batch."""
     import anndata as ad
 
     from ..tasks.features import labelled_mask
 
+    if task == "integration" and max_cells is not None and adata.n_obs > int(max_cells):
+        from ..tasks.common import random_rows
+
+        adata = adata[random_rows(adata.n_obs, int(max_cells), seed)]
     x = sp.csr_matrix(adata.X, dtype=np.float32)
     if task == "genetic":
         return _genetic_input(adata, x, perturbation_key=perturbation_key, control=control, holdout=holdout,
                               holdout_fraction=holdout_fraction, seed=seed, top_n=top_n, min_cells=min_cells,
                               label_key=label_key)
     labels = _column(adata, label_key, "label") if label_key in adata.obs or task != "integration" else None
-    keep = np.ones(adata.n_obs, dtype=bool)
-    if labels is not None and task in ("feature_extraction", "annotation", "imputation", "perturbation"):
-        keep = labelled_mask(adata.obs[label_key].to_numpy(dtype=object))
-        if (~keep).any():
-            log.info("%d cells without a '%s' label are left out", int((~keep).sum()), label_key)
+    labelled = np.ones(adata.n_obs, dtype=bool)
+    if labels is not None:
+        raw_labels = adata.obs[label_key].to_numpy(dtype=object)
+        if label_map is not None:
+            from ..tasks.zeroshot import apply_label_map
+
+            raw_labels = apply_label_map(raw_labels, label_map)
+        labelled = labelled_mask(raw_labels)
+        labels = np.where(labelled, raw_labels, "").astype(str)
+        if (~labelled).any():
+            log.info("%d cells without a '%s' label are left out of the scores", int((~labelled).sum()), label_key)
+    # the cells given to the tool: the labelled ones where labels define the task, else all of them
+    keep = labelled.copy() if task in ("annotation", "perturbation") else np.ones(adata.n_obs, dtype=bool)
     obs = pd.DataFrame(index=adata.obs_names.astype(str))
     if labels is not None:
         obs["label"] = labels
@@ -160,12 +183,29 @@ def canonical_input(adata, task: str, *, label_key: str = "cell_type", batch_key
     var = adata.var.copy()
     features = np.arange(x.shape[1])
     ctx: dict = {"task": task}
+    if task in ("feature_extraction", "imputation", "integration") and labels is not None:
+        ctx["labelled"] = labelled
+    if task == "integration" and common_ccres:
+        batches = obs["batch"].to_numpy()
+        covered = [np.diff(sp.csc_matrix(x[batches == b]).indptr) > 0 for b in sorted(set(batches))]
+        features = np.flatnonzero(np.logical_and.reduce(covered))
+        if features.size == 0:
+            raise EpiflowError("the batches have no accessible cCRE in common", field="common_ccres",
+                               fix="integrate without --common-ccres")
+        log.info("keeping the %d cCREs accessible in every batch (of %d)", features.size, x.shape[1])
     if task == "imputation":
-        features = open_in_fraction(x[keep], min_open_fraction)
+        from ..metrics.imputation import open_fraction_filter
+
+        if labels is None or len(set(labels[labelled])) < 2:
+            raise EpiflowError(f"imputation is scored on >= 2 labelled cell types in obs['{label_key}']",
+                               field=f"obs/{label_key}")
+        features = np.flatnonzero(open_fraction_filter(x, min_cell_fraction))
         if features.size < 3:
-            raise EpiflowError(f"only {features.size} features are open in >= {min_open_fraction:.0%} of the cells",
-                               field="min_open_fraction")
-        ctx["raw"] = x[keep][:, features]
+            raise EpiflowError(f"only {features.size} features are open in >= {min_cell_fraction:.0%} of the cells",
+                               field="min_cell_fraction", fix="lower --min-cell-fraction")
+        ctx["reference"], ctx["reference_kind"] = _raw_tfidf(adata, x, features, labelled)
+        ctx["truth"] = labels[labelled]
+        ctx["n_vocabulary"] = x.shape[1]
     if task == "annotation":
         is_query = stratified_split(labels[keep], query_fraction, seed)
         split = np.full(adata.n_obs, "", dtype=object)
@@ -202,6 +242,27 @@ def canonical_input(adata, task: str, *, label_key: str = "cell_type", batch_key
     ctx["features"] = features
     ctx["obs"] = adata.obs.iloc[np.flatnonzero(keep)].copy()
     return sub, ctx
+
+
+def _raw_tfidf(adata, x, features, labelled) -> tuple[np.ndarray, str]:
+    """The imputation task's reference: the raw TF-IDF of the labelled cells over ``features`` (float32,
+    dense), as EpiAgent's task scores against it; and where it came from. A corpus' own TF-IDF
+    (``layers['tfidf']``, :func:`load_counts` with ``keep_tfidf``) is the task's exactly; an h5ad without
+    it is TF-IDF-transformed with ``var['df']`` when present, else with its own cells' document frequency."""
+    from ..tokenize.core import global_tfidf
+
+    if "tfidf" in adata.layers:
+        tf, kind = sp.csr_matrix(adata.layers["tfidf"], dtype=np.float32), "corpus TF-IDF"
+    else:
+        if "df" in adata.var:
+            df, kind = adata.var["df"].to_numpy(dtype=np.float64), "TF-IDF with var['df']"
+        else:
+            n_open = np.diff(sp.csc_matrix(x).indptr).astype(np.float64)
+            df, kind = np.where(n_open > 0, n_open / max(x.shape[0], 1), 1.0), "TF-IDF with the cells' own df"
+            log.warning("imputation: no corpus TF-IDF and no var['df']; the reference is the %s", kind)
+        tf = sp.csr_matrix(global_tfidf(x, df), dtype=np.float32)
+    tf = tf[:, features]
+    return np.asarray((tf if labelled.all() else tf[np.flatnonzero(labelled)]).toarray(), dtype=np.float32), kind
 
 
 def _genetic_input(adata, x, *, perturbation_key, control, holdout, holdout_fraction, seed, top_n, min_cells,
@@ -270,38 +331,56 @@ def run_baseline(tool: str, adata, task: str, params: dict | None = None, *, env
     return out
 
 
-def _embedding_scores(emb, labels, seed: int, n_neighbors: int) -> dict:
-    from ..metrics import clustering_scores, label_silhouette, leiden_bisect
-
-    n_types = len(np.unique(labels))
-    lab, res, reached = leiden_bisect(emb, n_types, n_neighbors=n_neighbors, seed=seed)
-    s = clustering_scores(labels, lab)
-    return {"NMI": s["NMI"], "ARI": s["ARI"], "ASW_cell_type": label_silhouette(emb, labels, seed=seed),
-            "n_clusters": int(np.max(lab)) + 1, "n_cell_types": n_types, "leiden_reached": int(reached),
-            "leiden_resolution": float(res)}
-
-
 def evaluate(out: BaselineOutput, adata, ctx: dict, *, dataset: str, method: str, seed: int = 0,
-             n_neighbors: int = 15, ks=None, n_top: int = 1000, tie_correct: bool = False) -> list[dict]:
-    """Metric rows of one baseline run (the long table of :mod:`epiflow.tasks.features`). The
-    perturbation tasks are scored as EpiAgent's (``ks``: the top-k DA cCREs of the direction accuracy,
-    default :data:`epiflow.metrics.perturbation.DEFAULT_KS`; ``n_top``: the top-n DA cCREs of R^2,
-    Pearson and Wasserstein): rows ``metric[group]`` per held-out group and their means (one held-out
-    type here; :func:`leave_one_type_out` holds out each in turn)."""
+             n_neighbors: int = 15, max_iter: int = 30, n_pcs: int = 50, ks=None, n_top: int = 1000,
+             tie_correct: bool = False) -> list[dict]:
+    """Metric rows of one baseline run (the long table of :mod:`epiflow.tasks.features`), each task
+    scored by the function that scores EpiAgent's task, on the cells it scores:
+
+    * feature extraction: :func:`epiflow.metrics.embedding_scores` on the labelled cells (``n_neighbors``,
+      ``max_iter``, ``seed``: evaluate-features' settings);
+    * integration: :func:`epiflow.tasks.integration.evaluate_integration` (labelled cells; its kNN
+      sizes);
+    * annotation: :func:`epiflow.metrics.classification.classification_scores` on the query cells;
+    * imputation: :func:`epiflow.metrics.imputation.evaluate_imputation` of the labelled cells against
+      the per-type mean of their raw TF-IDF (``n_pcs``; the task's kNN size), as impute scores EpiAgent;
+    * perturbation, genetic: as EpiAgent's (``ks``: the top-k DA cCREs of the direction accuracy,
+      default :data:`epiflow.metrics.perturbation.DEFAULT_KS`; ``n_top``: the top-n DA cCREs of R^2,
+      Pearson and Wasserstein): rows ``metric[group]`` per held-out group and their means (one held-out
+      type here; :func:`leave_one_type_out` holds out each in turn).
+    """
     from ..metrics.table import metric_rows
 
     task = ctx["task"]
     v: dict[str, float] = {"n_cells": adata.n_obs, "n_features": adata.n_vars}
     labels = adata.obs["label"].astype(str).to_numpy() if "label" in adata.obs else None
-    if task in ("feature_extraction", "integration"):
+    labelled = ctx.get("labelled")
+    if task == "feature_extraction":
+        from ..metrics import embedding_scores
+
         emb = np.asarray(out.embedding, np.float32)
+        lab = np.ones(adata.n_obs, dtype=bool) if labelled is None else labelled
+        if labels is not None and len(np.unique(labels[lab])) >= 2:
+            vals, _ = embedding_scores(emb[lab], labels[lab], n_neighbors=n_neighbors, seed=seed, max_iter=max_iter)
+            v.update(vals)
+        v.update({"n_cells": int(lab.sum()), "n_cells_unlabelled": int((~lab).sum()), "n_dims": emb.shape[1]})
+    elif task == "integration":
+        emb = np.asarray(out.embedding, np.float32)
+        batches = adata.obs["batch"].astype(str).to_numpy()
         v["n_dims"] = emb.shape[1]
-        if labels is not None:
-            v.update(_embedding_scores(emb, labels, seed, n_neighbors))
-        if task == "integration":
+        if labels is None:
             from ..metrics.integration import integration_scores
 
-            v.update(integration_scores(emb, adata.obs["batch"].astype(str).to_numpy(), labels))
+            v.update(integration_scores(emb, batches, seed=seed))
+        else:
+            from ..tasks.integration import evaluate_integration
+
+            lab_obj = np.where(labelled, labels, None) if labelled is not None else labels
+            rows, _, _ = evaluate_integration({method: emb}, batches, lab_obj, dataset=dataset, seed=seed,
+                                              umap=False)
+            extra = {"n_features": adata.n_vars, "n_dims": emb.shape[1],
+                     "runtime_s": float(out.info.get("runtime_s", np.nan))}
+            return rows + metric_rows(task, dataset, method, extra)
     elif task == "annotation":
         from ..metrics.classification import classification_scores
 
@@ -309,13 +388,15 @@ def evaluate(out: BaselineOutput, adata, ctx: dict, *, dataset: str, method: str
         v.update(classification_scores(ctx["truth"][q], np.asarray(out.labels).astype(str)[q]))
         v["n_query"] = int(q.sum())
     elif task == "imputation":
-        from ..metrics.imputation import pca_leiden_scores, signal_agreement
+        from ..metrics.imputation import N_NEIGHBORS, evaluate_imputation
 
         imp = np.asarray(out.imputed, np.float32)
-        v.update(pca_leiden_scores(imp, labels, n_neighbors=n_neighbors, seed=seed))
-        agr = signal_agreement(imp, labels)
-        for k, arr in agr.items():
-            v[f"{k}_mean"] = float(np.nanmean(arr))
+        imp = imp if labelled.all() else imp[labelled]
+        scores, _ = evaluate_imputation({method: imp}, ctx["truth"], ctx["reference"], n_pcs=n_pcs,
+                                        n_neighbors=N_NEIGHBORS, seed=seed)
+        v.update(scores[method])
+        v.update({"n_cells": int(labelled.sum()), "n_ccres_kept": adata.n_vars,
+                  "n_ccres_total": int(ctx.get("n_vocabulary", adata.n_vars))})
     elif task == "perturbation":
         from ..tasks.perturbation import STIM_TASK, _summary_rows
 

@@ -11,7 +11,7 @@ import importlib
 
 _LAZY = {
     "leiden_bisect": "clustering", "clustering_scores": "clustering", "knn_graph": "clustering",
-    "label_silhouette": "clustering", "parse_order": "ordering", "order_spearman": "ordering",
+    "label_silhouette": "clustering", "embedding_scores": "clustering", "parse_order": "ordering", "order_spearman": "ordering",
     "order_spearman_cells": "ordering", "HEMATOPOIESIS_ORDER": "ordering",
 }
 __all__ = list(_LAZY)

@@ -8,6 +8,8 @@
 * :func:`clustering_scores` — NMI and ARI from scikit-learn.
 * :func:`label_silhouette` — the scIB "cell-type ASW": silhouette of the labels on the embedding,
   rescaled to ``(asw + 1) / 2`` (1 = perfectly separated, 0.5 = random).
+* :func:`embedding_scores` — the feature-extraction scores of one embedding (the three above): the
+  EpiAgent task and every baseline are scored by it.
 """
 
 from __future__ import annotations
@@ -285,3 +287,23 @@ def label_silhouette(embedding, labels, *, rescale: bool = True, seed: int = 0,
         kw = dict(sample_size=sample_size, random_state=seed)
     s = float(silhouette_score(x, y, metric="euclidean", **kw))
     return (s + 1.0) / 2.0 if rescale else s
+
+
+def embedding_scores(adata_or_embedding, labels, *, n_neighbors: int = 15, seed: int = 0, max_iter: int = 30,
+                     use_rep: str | None = None) -> tuple[dict, np.ndarray]:
+    """The feature-extraction scores of one embedding of labelled cells (``labels``: one per row):
+    :func:`leiden_bisect` to the number of cell types, then ``NMI``, ``ARI``, ``ASW_cell_type``,
+    ``n_clusters``, ``n_cell_types``, ``leiden_reached`` and ``leiden_resolution``. Returns
+    ``(values, Leiden labels)``. ``adata_or_embedding``: an array, or an AnnData whose ``obsm[use_rep]``
+    holds it (its kNN graph is added there, for a UMAP after). One function for EpiAgent's task
+    (:func:`epiflow.tasks.features.run`) and the baselines
+    (:func:`epiflow.baselines.run.evaluate`), so their rows are computed alike."""
+    y = np.asarray(labels).astype(str)
+    x = adata_or_embedding.obsm[use_rep] if use_rep is not None else adata_or_embedding
+    n_types = int(len(np.unique(y)))
+    pred, res, reached = leiden_bisect(adata_or_embedding, n_types, n_neighbors=n_neighbors, seed=seed,
+                                       max_iter=max_iter, use_rep=use_rep)
+    s = clustering_scores(y, pred)
+    return {"NMI": s["NMI"], "ARI": s["ARI"], "ASW_cell_type": label_silhouette(x, y, seed=seed),
+            "n_clusters": int(pred.max()) + 1, "n_cell_types": n_types, "leiden_reached": int(reached),
+            "leiden_resolution": float(res)}, pred

@@ -91,9 +91,15 @@ def _chosen_rows(obs: pd.DataFrame, names: list[str], max_cells, seed) -> np.nda
         rows = np.flatnonzero(np.isin(have_col, names))
     n = len(obs) if rows is None else len(rows)
     if max_cells is not None and n > max_cells:
-        pick = np.sort(np.random.default_rng(seed).choice(n, int(max_cells), replace=False))
+        pick = random_rows(n, int(max_cells), seed)
         rows = pick if rows is None else rows[pick]
     return rows
+
+
+def random_rows(n: int, max_cells: int, seed: int = 0) -> np.ndarray:
+    """The sorted random subset of ``max_cells`` of ``n`` rows that a task's ``max_cells`` keeps (the
+    baselines draw the same one: :func:`epiflow.baselines.run.canonical_input`)."""
+    return np.sort(np.random.default_rng(seed).choice(n, int(max_cells), replace=False))
 
 
 def _open_input(source, df) -> _Input:

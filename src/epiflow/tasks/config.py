@@ -119,7 +119,7 @@ class ImputationConfig(FinetuneTask):
                                     exclusive_min=0)
     batch_size: int = setting(16, "cells per step", min=1)
     min_cell_fraction: float = setting(0.03, "evaluate the cCREs open in at least this fraction of cells",
-                                       min=0, max=1)
+                                       min=0, max=1, aliases=("--min-open-fraction",))
     w_cca: float = setting(1.0, "weight of the CCA loss (as pretrain's --w-cca)", min=0, aliases=("--cca-weight",))
     w_sr: float = setting(1.0, "weight of the MSE reconstruction (as pretrain's --w-sr)", min=0,
                           aliases=("--sr-weight",))

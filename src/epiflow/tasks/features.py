@@ -60,7 +60,7 @@ import scipy.sparse as sp
 from ..cliargs import check_config
 from ..errors import ConfigError, EpiflowError, InputFormatError
 from ..metrics.table import dataset_label, metric_rows, metrics_frame
-from ..metrics import (HEMATOPOIESIS_ORDER, clustering_scores, label_silhouette, leiden_bisect,
+from ..metrics import (HEMATOPOIESIS_ORDER, embedding_scores,
                        order_spearman, order_spearman_cells, parse_order)
 
 from .config import FeaturesConfig
@@ -304,14 +304,10 @@ def run(adata, cfg: FeaturesConfig | None = None, *, embeddings: Mapping[str, st
         sub.obsm[key] = embs[method]
         log.info("%s (%s, %d dims): Leiden bisection to %d clusters on %d cells", method, key,
                  embs[method].shape[1], n_types, sub.n_obs)
-        lab_pred, res, reached = leiden_bisect(sub, n_types, n_neighbors=n_neighbors, seed=seed,
-                                               max_iter=cfg.max_iter, use_rep=key)
-        scores = clustering_scores(labels, lab_pred)
-        vals = {"NMI": scores["NMI"], "ARI": scores["ARI"], "ASW_cell_type": label_silhouette(embs[method], labels,
-                                                                                              seed=seed),
-                "n_clusters": int(lab_pred.max()) + 1, "n_cell_types": n_types, "leiden_reached": int(reached),
-                "leiden_resolution": res, "n_cells": int(mask.sum()), "n_cells_unlabelled": n_unlab,
-                "n_dims": int(embs[method].shape[1])}
+        vals, lab_pred = embedding_scores(sub, labels, n_neighbors=n_neighbors, seed=seed, max_iter=cfg.max_iter,
+                                          use_rep=key)
+        res, reached = vals["leiden_resolution"], vals["leiden_reached"]
+        vals.update({"n_cells": int(mask.sum()), "n_cells_unlabelled": n_unlab, "n_dims": int(embs[method].shape[1])})
         rows += metric_rows(TASK, dataset, method, vals)
         log.info("%s: NMI %.3f ARI %.3f (%d clusters at resolution %.3g%s)", method, vals["NMI"], vals["ARI"],
                  vals["n_clusters"], res, "" if reached else ", target NOT reached")

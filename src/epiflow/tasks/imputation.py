@@ -47,13 +47,13 @@ from .annotation import (WEIGHT_DECAY, cell_ids, check_model_vocab, check_traine
                          effective_max_len, obs_labels, shared_finetune)
 from .common import TaskResult, resolve_device
 from .config import ImputationConfig
+from ..metrics.imputation import N_NEIGHBORS, evaluate_imputation  # noqa: F401 (evaluate_imputation: API)
 from .features import labelled_mask
 
 log = logging.getLogger(__name__)
 
 TASK = "imputation"
 METHODS = ("Raw", "LSI-recon", "EpiAgent")
-N_NEIGHBORS = 15  # kNN graph of the PCA + Leiden scoring
 
 
 # ============================================================================ losses
@@ -115,31 +115,6 @@ def lsi_reconstruction(x, n_components: int = 50, seed: int = 0, clip: bool = Tr
 
 
 # ============================================================================ evaluation
-def evaluate_imputation(matrices: dict, labels, reference, *, n_pcs: int = 50, n_neighbors: int = 15,
-                        seed: int = 0, max_iter: int = 30):
-    """Metrics of each matrix (``{method: cells x cCREs}``) against ``labels`` and the per-type mean of
-    ``reference``. Returns ``(values dict per method, per_cell DataFrame, per_ccre DataFrame)``."""
-    from ..metrics.imputation import pca_leiden_scores, signal_agreement
-
-    y = np.asarray(labels).astype(str)
-    out, per_cell = {}, {}
-    for method, m in matrices.items():
-        vals = pca_leiden_scores(m, y, n_pcs=n_pcs, n_neighbors=n_neighbors, seed=seed, max_iter=max_iter)
-        agr = signal_agreement(m, y, reference)
-        for key in ("pearson_cell", "mse_cell", "pearson_ccre", "mse_ccre"):
-            a = agr[key]
-            vals[f"{key}_median"] = float(np.nanmedian(a)) if np.isfinite(a).any() else math.nan
-            vals[f"{key}_mean"] = float(np.nanmean(a)) if np.isfinite(a).any() else math.nan
-        vals["n_nan_pearson_cell"] = int(np.isnan(agr["pearson_cell"]).sum())
-        vals["n_nan_pearson_ccre"] = int(np.isnan(agr["pearson_ccre"]).sum())
-        out[method] = vals
-        per_cell[method] = agr
-        log.info("%s: NMI %.3f ARI %.3f | Pearson per cell %.3f per cCRE %.3f | MSE per cell %.4g", method,
-                 vals["NMI"], vals["ARI"], vals["pearson_cell_median"], vals["pearson_ccre_median"],
-                 vals["mse_cell_median"])
-    return out, per_cell
-
-
 def evaluate_against_raw(raw, imputed, labelled, labels, *, lsi_components: int = 50, n_pcs: int = 50,
                          n_neighbors: int = 15, seed: int = 0):
     """:func:`evaluate_imputation` of the task's three methods on the labelled cells: the raw TF-IDF

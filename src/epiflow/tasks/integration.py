@@ -198,9 +198,12 @@ def map_query(ref_emb, ref_labels, query_emb, *, k: int = 20) -> tuple[np.ndarra
 def evaluate_integration(embeddings: dict[str, np.ndarray], batches, labels, *, dataset: str = "all",
                          n_neighbors: int = 15, seed: int = 0, k_lisi: int = 90, k_kbet: int = 50,
                          umap: bool = True):
-    """Metrics rows and UMAP coordinates of each embedding: NMI / ARI (Leiden bisected), cell-type ASW,
-    iLISI, kBET, kBET per label, graph connectivity, batch ASW. Cells without a label are excluded."""
-    from ..metrics import clustering_scores, label_silhouette, leiden_bisect
+    """Metrics rows and UMAP coordinates of each embedding: NMI / ARI (Leiden bisected), cell-type ASW
+    (:func:`epiflow.metrics.embedding_scores`), iLISI, kBET, kBET per label, graph connectivity, batch
+    ASW. Cells without a label are excluded; ``k_lisi`` / ``k_kbet`` are capped at the labelled cells
+    less one. EpiAgent's rows and the integration baselines' (:func:`epiflow.baselines.run.evaluate`)
+    come from this one function."""
+    from ..metrics import embedding_scores
     from ..metrics.integration import integration_scores
 
     labels = np.asarray(labels, dtype=object)
@@ -208,15 +211,13 @@ def evaluate_integration(embeddings: dict[str, np.ndarray], batches, labels, *, 
     lab = labels[ok].astype(str)
     bat = np.asarray(batches).astype(str)[ok]
     n_types = len(np.unique(lab))
+    k_lisi, k_kbet = min(k_lisi, int(ok.sum()) - 1), min(k_kbet, int(ok.sum()) - 1)
     rows, coords = [], {}
     for method, e in embeddings.items():
         x = np.asarray(e, dtype=np.float32)[ok]
         vals = {"n_cells": int(ok.sum()), "n_batches": len(np.unique(bat)), "n_cell_types": n_types}
         if n_types >= 2:
-            pred, res, reached = leiden_bisect(x, n_types, n_neighbors=n_neighbors, seed=seed)
-            vals.update(clustering_scores(lab, pred))
-            vals.update({"leiden_reached": int(reached), "n_clusters": int(pred.max()) + 1,
-                         "ASW_cell_type": label_silhouette(x, lab, seed=seed)})
+            vals.update(embedding_scores(x, lab, n_neighbors=n_neighbors, seed=seed)[0])
         vals.update(integration_scores(x, bat, lab, k_lisi=k_lisi, k_kbet=k_kbet, k_graph=n_neighbors,
                                        seed=seed))
         rows += metric_rows(TASK, dataset, method, vals)
@@ -228,10 +229,6 @@ def evaluate_integration(embeddings: dict[str, np.ndarray], batches, labels, *, 
 
 
 # ----------------------------------------------------------------------------- pipeline
-def _labelled_count(labels) -> int:
-    return int(labelled_mask(np.asarray(labels, dtype=object)).sum())
-
-
 def _embeddings_adata(cells, labels, embs: dict[str, np.ndarray]):
     """obs of the reference cells (+ ``label_mapped``) with one ``obsm`` per method."""
     import anndata as ad
@@ -318,9 +315,7 @@ def run(cells, model, cfg: IntegrationConfig, *, query=None, label_map: dict[str
         "mean_target_ccres": float(np.diff(targets.indptr).mean()),
         "mean_own_ccres": float(np.diff(cells.indptr).mean()),
         "n_common_ccres": int(shared.sum()) if shared is not None else cells.n_ccres})
-    n_lab = _labelled_count(labels)
-    r, coords, ok = evaluate_integration(embs, batches, labels, dataset=ds, seed=seed, umap=cfg.umap,
-                                         k_lisi=min(90, n_lab - 1), k_kbet=min(50, n_lab - 1))
+    r, coords, ok = evaluate_integration(embs, batches, labels, dataset=ds, seed=seed, umap=cfg.umap)
     rows += r
 
     tables = {"batches": pd.DataFrame({"index": range(len(names)), "batch": names}), "matches": matches}
