@@ -621,3 +621,45 @@ def test_missing_manifest_is_named_by_its_key(tmp_path):
     assert proc.returncode != 0
     assert "config key 'datasets.manifest': config/manifests/nope.tsv not found" in out, out[-3000:]
     assert f"working directory {ROOT}" in out
+
+
+def test_baselines_take_the_settings_their_task_is_scored_with(tmp_path):
+    """A baseline of feature extraction, annotation, imputation or integration is given and scored on
+    what EpiAgent's task is: the task's scoring settings always; its label column and seed on a dataset
+    the task evaluates (the same query cells), baselines.label_key / seed elsewhere; integration takes
+    tasks.integration's columns, label map, max_cells and common_ccres (it used baselines.batch_key and
+    no label map: another problem than EpiAgent's)."""
+    res = tmp_path / "res"
+    lm = tmp_path / "map.tsv"
+    lm.write_text("source\ttarget\nT0\tA\n")
+    over = {"baselines": {"datasets": ["atlas_b1", "atlas_b2"], "label_key": "bl_label", "seed": 9,
+                          "tasks": {"feature_extraction": ["pca"], "annotation": ["pca_svm"],
+                                    "imputation": ["scopen"], "integration": ["pca"]}},
+            "tasks": {"annotation": {"query_fraction": 0.25, "seed": 2, "label_key": "celltype"},
+                      "imputation": {"min_cell_fraction": 0.05, "n_pcs": 20, "datasets": ["atlas_b1"]},
+                      "feature_extraction": {"n_neighbors": 11},
+                      "integration": {"batch_key": "donor", "label_key": "lineage", "max_cells": 500,
+                                      "common_ccres": True, "seed": 4, "label_map": str(lm)}}}
+    proc = snakemake("all", "-n", "-p", "--cores", "1", "--configfile", "config/config.yaml",
+                     str(_write_config(tmp_path, over)), "--config", f"results_dir={res}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    calls = _baseline_calls(out)
+
+    def args(key):
+        a = shlex.split(calls[key].split(">")[0])
+        return {f: a[i + 1] if i + 1 < len(a) and not a[i + 1].startswith("--") else True
+                for i, f in enumerate(a) if f.startswith("--")}
+
+    a = args(("pca_svm", "annotation", "atlas_b1"))  # the annotation task's dataset: its split
+    assert (a["--query-fraction"], a["--seed"], a["--label-key"]) == ("0.25", "2", "celltype")
+    a = args(("pca_svm", "annotation", "atlas_b2"))  # not the task's: baselines' column and seed
+    assert (a["--query-fraction"], a["--seed"], a["--label-key"]) == ("0.25", "9", "bl_label")
+    a = args(("scopen", "imputation", "atlas_b1"))
+    assert (a["--min-cell-fraction"], a["--n-pcs"], a["--seed"]) == ("0.05", "20", "0")
+    a = args(("pca", "feature_extraction", "atlas_b1"))
+    assert (a["--n-neighbors"], a["--max-iter"], a["--label-key"]) == ("11", "30", "cell_type")
+    (key,) = [k for k in calls if k[1] == "integration"]
+    a = args(key)
+    assert (a["--batch-key"], a["--label-key"], a["--max-cells"], a["--seed"]) == ("donor", "lineage", "500", "4")
+    assert a["--common-ccres"] is True and a["--label-map"] == str(lm)

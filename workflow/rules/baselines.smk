@@ -13,10 +13,14 @@
 #   integration  -> tasks.integration.datasets, one job named tasks.integration.name
 #   perturbation -> tasks.stimulation.datasets, leave-one-cell-type-out as predict-stimulation
 #   genetic      -> tasks.genetic.datasets, EpiAgent's own held-out split
-# The perturbation and genetic jobs take the settings that define the comparison from that task
-# (baseline_args: control, condition_key / perturbation_key, label_key as --label-key, holdout,
-# holdout_fraction, min_cells, k, n_top, seed, focus_group for the UMAPs); baselines.holdout.<task>
-# overrides the held-out groups for the baselines alone (e.g. one type where a tool is slow).
+# Every job takes the settings that define the comparison from its EpiAgent task (baseline_args):
+# perturbation and genetic jobs control, condition_key / perturbation_key, label_key as --label-key,
+# holdout, holdout_fraction, min_cells, k, n_top, seed, focus_group for the UMAPs
+# (baselines.holdout.<task> overrides the held-out groups for the baselines alone, e.g. one type
+# where a tool is slow); integration jobs batch_key, label_key, label_map, max_cells, common_ccres,
+# seed; feature_extraction / annotation / imputation jobs the task's scoring settings
+# (n_neighbors, max_iter / query_fraction / min_cell_fraction, n_pcs) and, on a dataset the task
+# evaluates, its label_key and seed.
 #
 # Config (see config/README.md):
 #   baselines:
@@ -29,10 +33,10 @@
 #     holdout: {perturbation: [GMP]}       # optional: the baselines' own held-out groups
 #     env_cache: null               # venv cache; null = $EPIFLOW_ENV_CACHE or ~/.cache/epiflow/envs
 #     isolate_light: false          # true: light tools in their own venvs too
-#     label_key: cell_type          # the tasks on baselines.datasets (and genetic's optional labels)
-#     batch_key: batch
+#     label_key: cell_type          # on datasets no EpiAgent task of theirs evaluates (and genetic's labels)
+#     batch_key: batch              # feature_extraction / annotation / imputation tools
 #     genes: null                   # BED6 gene file for gene-activity scores (annotation)
-#     seed: 0                       # perturbation / genetic: the task's seed instead
+#     seed: 0                       # where the task's seed is not taken (see above)
 
 
 wildcard_constraints:
