@@ -107,6 +107,31 @@ def folder_mode() -> int:
     return 0o777 & ~mask
 
 
+def check_output_kind(
+    path: str | os.PathLike, kind: str | None, what: str = "output", *, field: str | None = None, fix: str | None = None
+) -> None:
+    """Refuse an existing ``path`` of the other kind than the output ``kind`` ("file" or "folder";
+    None: either): a folder where a file is written, a file (or a dangling link) where a folder is.
+    ``fix``: the advice for the folder case (default: a new or an existing folder)."""
+    from .errors import ConfigError
+
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise ConfigError(
+            f"exists as a folder, but the {what} must be a file",
+            path=str(path),
+            field=field,
+            fix=f"give a file path (e.g. {path / 'NAME'}), or remove the folder",
+        )
+    if kind == "folder" and (path.exists() or path.is_symlink()) and not path.is_dir():
+        raise ConfigError(
+            f"exists as a file, but the {what} must be a folder",
+            path=str(path),
+            field=field,
+            fix=fix or "give a folder path (a new or an existing folder), or remove the file",
+        )
+
+
 def check_writable(path: str | os.PathLike, what: str = "output", kind: str | None = None) -> Path:
     """Raise :class:`~epiflow.errors.EpiflowError` naming ``path`` unless it can be written.
 
@@ -117,21 +142,10 @@ def check_writable(path: str | os.PathLike, what: str = "output", kind: str | No
     ``kind`` ("file" or "folder"; None: either) is what the output is: an existing path of the
     other kind (a folder where a file is written, a file where a folder is) is refused.
     """
-    from .errors import ConfigError, EpiflowError
+    from .errors import EpiflowError
 
     path = Path(path)
-    if kind == "file" and path.is_dir():
-        raise ConfigError(
-            f"exists as a folder, but the {what} must be a file",
-            path=str(path),
-            fix=f"give a file path (e.g. {path / 'NAME'}), or remove the folder",
-        )
-    if kind == "folder" and path.exists() and not path.is_dir():
-        raise ConfigError(
-            f"exists as a file, but the {what} must be a folder",
-            path=str(path),
-            fix="give a folder path (a new or an existing folder), or remove the file",
-        )
+    check_output_kind(path, kind, what)
     probe_dir = path if path.is_dir() else path.parent
     while not probe_dir.exists() and probe_dir != probe_dir.parent:
         probe_dir = probe_dir.parent

@@ -35,7 +35,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ConfigError, InputFormatError, VocabularyMismatchError
-from ..io import folder_mode, replace_folder
+from ..io import check_output_kind, folder_mode, replace_folder
 from .qc import accessible_per_cell, qc_table
 from .shard import open_corpus, shard_from_counts, vocab_id_from_intervals, write_corpus_meta, write_shard
 
@@ -430,11 +430,8 @@ def tokenize_downstream(ccres, mapped, out, *, corpus=None, vocab=None, df=None,
 
 def _check_out_folder(out: Path) -> None:
     """The output must be a folder: an existing file there (e.g. one of the inputs) is refused before any work."""
-    if out.is_symlink() or out.exists():
-        if not out.is_dir():
-            raise ConfigError("exists as a file, but the corpus output must be a folder", path=str(out),
-                              field="out", fix="give a folder path (a new folder or an existing corpus folder), "
-                                               "or remove the file")
+    check_output_kind(out, "folder", "corpus output", field="out",
+                      fix="give a folder path (a new folder or an existing corpus folder), or remove the file")
 
 
 def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:

@@ -53,7 +53,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ConfigError, InputFormatError
-from ..io import atomic_path
+from ..io import atomic_path, check_output_kind
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +181,8 @@ def _check_out(out: Path) -> None:
     benchmark's (hidden ones aside), before any work."""
     if not (out.exists() or out.is_symlink()):
         return
-    if not out.is_dir():
-        raise ConfigError("exists as a file, but the benchmark output is a folder", path=str(out), field="out",
-                          fix="give a folder path (a new folder or an earlier benchmark's), or remove the file")
+    check_output_kind(out, "folder", "benchmark output", field="out",
+                      fix="give a folder path (a new folder or an earlier benchmark's), or remove the file")
     other = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_NAMES and not p.name.startswith("."))
     if other:
         raise ConfigError(f"the folder holds {len(other)} other entr{'y' if len(other) == 1 else 'ies'} than the "
