@@ -262,7 +262,7 @@ def test_out_of_the_wrong_kind_is_refused_before_any_work(tmp_path, capsys, verb
 
 
 def test_every_output_flag_declares_file_or_folder():
-    """The CLI checks --out (--report, --stats) against the kind its metavar declares (DIR / FILE)."""
+    """The CLI checks --out (and --report) against the kind its metavar declares (DIR / FILE)."""
     import argparse
 
     from epiflow.cli import build_parser
@@ -272,7 +272,7 @@ def test_every_output_flag_declares_file_or_folder():
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     for verb, p in sub.choices.items():
         for a in p._actions:
-            if a.dest in ("out", "out_dir", "report", "stats"):
+            if a.dest in ("out", "out_dir", "report"):
                 assert out_kind(p, a.dest) in ("file", "folder"), (verb, a.dest, a.metavar)
 
 
