@@ -642,7 +642,7 @@ def part_tasks(c: Ctx) -> dict:
              *[["map-dataset", "--manifest", man, "--dataset", d, "--ccres", w / "cand.bed", "--genome", "hg38",
                 "--no-build-check", "--out", w / f"{d}.h5ad"] for d in ("atlas_b1", "atlas_b2")],
              ["build-corpus", "--ccres", w / "cand.bed", "--mapped", w / "atlas_b1.h5ad", w / "atlas_b2.h5ad",
-              "--min-cells", "5", "--min-ccres-per-cell", "20", "--out", w / "corpus"]]
+              "--min-cells-per-ccre", "5", "--min-ccres-per-cell", "20", "--out", w / "corpus"]]
     for s in steps:
         if _cli(s) != 0:
             raise RuntimeError(f"epiflow {s[0]} failed (see the log)")

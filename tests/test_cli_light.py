@@ -64,7 +64,7 @@ steps = [
      "--genome", "hg38", "--no-build-check", "--out", "mapped/atlas_b1.h5ad"],
     ["map-dataset", "--manifest", "sim/manifest.tsv", "--dataset", "pbmc_fragments", "--ccres", "cand.bed",
      "--genome", "hg38", "--no-build-check", "--out", "mapped/pbmc.h5ad"],
-    ["build-corpus", "--ccres", "cand.bed", "--mapped", "mapped/atlas_b1.h5ad", "--min-cells", "2",
+    ["build-corpus", "--ccres", "cand.bed", "--mapped", "mapped/atlas_b1.h5ad", "--min-cells-per-ccre", "2",
      "--min-ccres-per-cell", "10", "--out", "corpus"],
     ["tokenize-downstream", "--ccres", "cand.bed", "--mapped", "mapped/pbmc.h5ad", "--corpus", "corpus",
      "--min-ccres-per-cell", "10", "--out", "down"],

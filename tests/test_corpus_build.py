@@ -281,7 +281,7 @@ def test_cli_round_trip(tmp_path):
                          "--ccres", str(cand), "--genome", "hg38", "--out", str(tmp_path / f"mapped/{ds}.h5ad")]) == 0
     assert json.loads((tmp_path / "mapped/fr.json").read_text())["n_cells"] == 5
     assert cli_main(["build-corpus", "--ccres", str(cand), "--mapped", str(tmp_path / "mapped/mat.h5ad"),
-                     str(tmp_path / "mapped/fr.h5ad"), "--min-cells", "1", "--min-ccres-per-cell", "2",
+                     str(tmp_path / "mapped/fr.h5ad"), "--min-cells-per-ccre", "1", "--min-ccres-per-cell", "2",
                      "--shard-size", "5", "--out", str(tmp_path / "corpus")]) == 0
     c = open_corpus(tmp_path / "corpus")
     expect = sum(int((np.diff(ad.read_h5ad(tmp_path / f"mapped/{d}.h5ad").X.indptr) >= 2).sum())

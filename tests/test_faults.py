@@ -262,7 +262,7 @@ def test_out_of_the_wrong_kind_is_refused_before_any_work(tmp_path, capsys, verb
 
 
 def test_every_output_flag_declares_file_or_folder():
-    """The CLI checks --out (--report, --stats) against the kind its metavar declares (DIR / FILE)."""
+    """The CLI checks --out (and --report) against the kind its metavar declares (DIR / FILE)."""
     import argparse
 
     from epiflow.cli import build_parser
@@ -272,7 +272,7 @@ def test_every_output_flag_declares_file_or_folder():
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     for verb, p in sub.choices.items():
         for a in p._actions:
-            if a.dest in ("out", "out_dir", "report", "stats"):
+            if a.dest in ("out", "out_dir", "report"):
                 assert out_kind(p, a.dest) in ("file", "folder"), (verb, a.dest, a.metavar)
 
 
@@ -364,6 +364,34 @@ def test_resume_with_other_settings_errors_or_restarts_when_asked(corpus, tmp_pa
     assert not (out / ".checkpoint.pth.k2j3h4g5").exists()
     st = torch.load(out / "train_state.pt", weights_only=False)
     assert st["config"]["lr"] == 1e-3 and st["step"] == 2 and len(st["config_hash"]) == 16
+
+
+def test_resume_reads_a_state_written_before_max_batch_cells_was_renamed(corpus, tmp_path, capsys):
+    """pretrain's max_cells (cells per micro-batch) is now max_batch_cells: a state that stores the former
+    name resumes with the same value (given by the former flag, --max-cells), and a different value is an
+    error naming the setting."""
+    from epiflow.train.config import PretrainConfig
+    from epiflow.train.resume import config_hash
+
+    out = tmp_path / "o"
+    assert main(_pretrain_argv(corpus, out, ["--max-steps", "2", "--max-batch-cells", "3"])) == 0
+    state = out / "train_state.pt"
+
+    def as_before_the_rename():
+        st = torch.load(state, weights_only=False)
+        st["config"]["max_cells"] = st["config"].pop("max_batch_cells")
+        keys = tuple("max_cells" if k == "max_batch_cells" else k for k in PretrainConfig.RESUME_KEYS)
+        st["config_hash"] = config_hash(st["config"], keys)
+        torch.save(st, state)
+
+    as_before_the_rename()
+    assert main(_pretrain_argv(corpus, out, ["--max-steps", "2", "--max-cells", "3", "--resume"])) == 0
+    assert not (out / "train_state.pt.previous").exists()
+    st = torch.load(state, weights_only=False)
+    assert st["step"] == 2 and st["config"]["max_batch_cells"] == 3 and "max_cells" not in st["config"]
+    as_before_the_rename()
+    assert main(_pretrain_argv(corpus, out, ["--max-steps", "2", "--max-batch-cells", "2", "--resume"])) == 2
+    assert "max_batch_cells 3 -> 2" in capsys.readouterr().err
 
 
 def test_a_state_of_another_corpus_is_refused_or_set_aside(corpus, tmp_path, capsys):

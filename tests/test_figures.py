@@ -275,7 +275,7 @@ def test_missing_inputs_are_named(results, tmp_path):
                  tmp_path / "bad" / "cells.tsv")
     with pytest.raises(EpiflowError, match="lacks column.*cell_type"):
         build_panel("fig2c_epiagent", tables={"d": [bad]}, out=tmp_path / "x.png")
-    # a knockout run on cCRE indices (--ccres) writes tss_ccres.tsv without rows: fig5b says so
+    # a knockout run on cCRE indices (--target-ccres) writes tss_ccres.tsv without rows: fig5b says so
     empty = _write(pd.DataFrame(columns=["gene", "rel_start", "rel_end", "window", "downstream", "target",
                                          "state_a", "state_b", "fraction_a", "fraction_b"]),
                    tmp_path / "ko" / "tss_ccres.tsv")

@@ -201,12 +201,12 @@ def test_tss_neighbourhood_both_strands():
     # GM (-): upstream is to the right; 50,300-50,400 lies 399-299 bp upstream, 49,000-49,100 downstream
     assert got[("GM", 2)] == (-399, -299, True) and got[("GM", 3)] == (901, 1001, False)
     assert tss_neighbourhood(cfg, tss, vocab, targets, flank=1000)["ccre"].tolist() == [0, 2, 3]
-    assert tss_neighbourhood(KnockoutConfig(ccres=[1]), tss, vocab).empty
+    assert tss_neighbourhood(KnockoutConfig(target_ccres=[1]), tss, vocab).empty
 
 
 def test_knockout_run_equals_the_cli_with_former_flag_names(tmp_path, ko_inputs):
     """run() with the corpus df gives the numbers the CLI writes; the former flags (--input, --out-dir,
-    --finetune-steps, --no-figures) still work; --ccres is a comma list."""
+    --finetune-steps, --ccres for --target-ccres) and --no-figures still work; the targets are a comma list."""
     from epiflow.report.results import write_task_result
     from epiflow.tasks.common import corpus_df, load_cells, load_model
     from epiflow.tasks.knockout import run
@@ -220,7 +220,7 @@ def test_knockout_run_equals_the_cli_with_former_flag_names(tmp_path, ko_inputs)
     assert {f.name for f in out.iterdir()} == {"metrics.tsv", "knockout.tsv", "random.tsv", "reference_cells.tsv",
                                                "shifts.tsv", "tss_ccres.tsv"}
     assert pd.read_csv(out / "tss_ccres.tsv", sep="\t").empty  # cCRE indices: no genes around a TSS
-    cfg = KnockoutConfig(ccres=[40, 10], n_reference=120, n_query=8, n_random=4, max_steps=2, figures=False,
+    cfg = KnockoutConfig(target_ccres=[40, 10], n_reference=120, n_query=8, n_random=4, max_steps=2, figures=False,
                          progress=False, device="cpu")
     cells = load_cells(root)
     res = run(cells, load_model(ckpt, n_ccres=cells.n_ccres), cfg, knockout_targets(cfg), df=corpus_df(root))
@@ -239,7 +239,7 @@ def test_knockout_targets_from_the_settings():
     t = knockout_targets(KnockoutConfig(genes=["GP", "GM"]), tss=tss, vocab=vocab)
     assert sorted(zip(t["gene"], t["ccre"])) == [("GM", 2), ("GP", 0)]  # chrom names normalised
     # cCRE indices win over genes
-    assert knockout_targets(KnockoutConfig(ccres=[3, 1], genes=["GP"]))["ccre"].tolist() == [3, 1]
+    assert knockout_targets(KnockoutConfig(target_ccres=[3, 1], genes=["GP"]))["ccre"].tolist() == [3, 1]
     from epiflow.errors import EpiflowError
 
     with pytest.raises(EpiflowError, match="give targets"):
@@ -300,11 +300,11 @@ def test_per_gene_promoter_windows():
     vocab = pd.DataFrame({"chrom": ["chr1"] * 3, "start": [6500, 46000, 9000], "end": [6600, 46100, 9100]})
     tss = pd.DataFrame({"chrom": ["chr1", "chr1"], "tss": [10000, 50000], "strand": ["+", "+"],
                         "gene": ["NEAR", "FAR"]})
-    cfg = KnockoutConfig(genes=["FAR:5000", "NEAR"], upstream=2000, downstream=0)
+    cfg = KnockoutConfig(genes=["FAR:5000", "NEAR"], promoter_upstream=2000, promoter_downstream=0)
     t = knockout_targets(cfg, tss=tss, vocab=vocab)
     # NEAR (2 kb) reaches only the cCRE at 9,000; FAR (5 kb) the one at 46,000; genes in the given order
     assert list(zip(t["gene"], t["ccre"])) == [("FAR", 1), ("NEAR", 2)]
-    t = knockout_targets(KnockoutConfig(genes=["FAR", "NEAR:5000"], upstream=2000, downstream=0), tss=tss,
+    t = knockout_targets(KnockoutConfig(genes=["FAR", "NEAR:5000"], promoter_upstream=2000, promoter_downstream=0), tss=tss,
                          vocab=vocab)
     assert sorted(zip(t["gene"], t["ccre"])) == [("NEAR", 0), ("NEAR", 2)]
 
@@ -315,7 +315,7 @@ def test_knockout_cli_group_row(tmp_path, ko_inputs):
     root, tss, ckpt = ko_inputs
     out = tmp_path / "ko"
     rc = main(["knockout", "--checkpoint", str(ckpt), "--corpus", str(root), "--genes", "GENEB:1200", "--tss",
-               str(tss), "--downstream", "0", "--group", "--n-reference", "120", "--n-query", "8", "--n-random", "4",
+               str(tss), "--promoter-downstream", "0", "--group", "--n-reference", "120", "--n-query", "8", "--n-random", "4",
                "--device", "cpu", "--out", str(out)])
     assert rc == 0
     tab = pd.read_csv(out / "knockout.tsv", sep="\t")
@@ -395,7 +395,7 @@ def test_gene_unit_targets_are_the_genes_promoter_ccres():
                           "end": [6600, 8600, 10100, 46100, 48600, 50100]})
     tss = pd.DataFrame({"chrom": ["chr1", "chr1"], "tss": [10000, 50000], "strand": ["+", "+"],
                         "gene": ["NEAR", "FAR"]})
-    cfg = KnockoutConfig(genes=["NEAR", "FAR:5000"], upstream=2000, downstream=0, target_unit="gene")
+    cfg = KnockoutConfig(genes=["NEAR", "FAR:5000"], promoter_upstream=2000, promoter_downstream=0, target_unit="gene")
     targets = knockout_targets(cfg, tss=tss, vocab=vocab)
     sets, info = knockout_sets(targets, cfg.target_unit)
     assert info["knockout"].tolist() == ["NEAR", "FAR"]
@@ -405,7 +405,7 @@ def test_gene_unit_targets_are_the_genes_promoter_ccres():
     assert [s.tolist() for s in sets] == [[1, 2], [3, 4, 5]]
     # cCRE indices with the gene unit
     with pytest.raises(ConfigError, match="target_unit.*no gene") as err:
-        knockout_targets(KnockoutConfig(ccres=[1, 2], target_unit="gene"))
+        knockout_targets(KnockoutConfig(target_ccres=[1, 2], target_unit="gene"))
     assert "--genes" in str(err.value.fix)
     with pytest.raises(ConfigError, match="target_unit"):
         knockout_sets(pd.DataFrame({"ccre": [1, 2]}), "gene")
@@ -436,7 +436,7 @@ def _draw(panel_name, out_dir, files, metrics=None):
 def test_knockout_cli_gene_unit_tables_and_panels(tmp_path, ko_inputs):
     """--target-unit gene through the verb: one knockout per gene (its promoter cCREs together) + Group in
     every table; tss_ccres.tsv still marks each cCRE; fig5d / fig5e draw one column / bar per gene;
-    --ccres with the gene unit stops with an error naming the setting."""
+    --target-ccres with the gene unit stops with an error naming the setting."""
     import matplotlib.pyplot as plt
 
     root, _, ckpt = ko_inputs
@@ -444,7 +444,7 @@ def test_knockout_cli_gene_unit_tables_and_panels(tmp_path, ko_inputs):
     tss.write_text("chr1\t51200\t51201\tGENEB\t.\t+\nchr1\t21200\t21201\tGENEA\t.\t+\n")
     out = tmp_path / "ko"
     rc = main(["knockout", "--checkpoint", str(ckpt), "--corpus", str(root), "--genes", "GENEB:1200,GENEA:1200",
-               "--tss", str(tss), "--downstream", "0", "--target-unit", "gene", "--group", "--n-reference", "120",
+               "--tss", str(tss), "--promoter-downstream", "0", "--target-unit", "gene", "--group", "--n-reference", "120",
                "--n-query", "8", "--n-random", "4", "--device", "cpu", "--out", str(out)])
     assert rc == 0
     tab = pd.read_csv(out / "knockout.tsv", sep="\t")
@@ -493,7 +493,7 @@ def test_knockout_cli_gene_unit_tables_and_panels(tmp_path, ko_inputs):
     assert np.allclose(lines, sorted(tab["mean_effect"]))  # one line per gene + Group
     plt.close(fig)
     # the gene unit with cCRE indices
-    assert main(["knockout", "--checkpoint", str(ckpt), "--corpus", str(root), "--ccres", "40,10",
+    assert main(["knockout", "--checkpoint", str(ckpt), "--corpus", str(root), "--target-ccres", "40,10",
                  "--target-unit", "gene", "--device", "cpu", "--out", str(tmp_path / "bad")]) == 2
 
 
@@ -529,7 +529,7 @@ def test_knockout_passes_its_max_len_to_the_fine_tuning(monkeypatch, ko_inputs):
     monkeypatch.setattr(integ, "finetune_reconstruction", fake)  # knockout imports it at call time
     root, _, ckpt = ko_inputs
     cells = load_cells(root)
-    cfg = KnockoutConfig(ccres=[40, 10], max_steps=2, max_len=300, figures=False, progress=False, device="cpu")
+    cfg = KnockoutConfig(target_ccres=[40, 10], max_steps=2, max_len=300, figures=False, progress=False, device="cpu")
     with pytest.raises(RuntimeError, match="stop"):
         ko.run(cells, load_model(ckpt, n_ccres=cells.n_ccres), cfg, ko.knockout_targets(cfg))
     assert seen["max_len"] == 300

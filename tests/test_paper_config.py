@@ -77,8 +77,8 @@ def test_paper_pretraining_settings(dry_run):
     assert val("--k-schedule") == "1,2,5"
     assert val("--rlm-epochs") == "2"
     assert val("--grad-accum") == "4"
-    assert 2 <= int(val("--max-cells")) <= 4
-    assert int(val("--batch-tokens")) >= int(val("--max-cells")) * 8192
+    assert 2 <= int(val("--max-batch-cells")) <= 4
+    assert int(val("--batch-tokens")) >= int(val("--max-batch-cells")) * 8192
     # 8 GPUs: the SLURM profile's pretraining allocation
     profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
     assert profile["set-resources"]["pretrain"]["gpu"] == 8

@@ -645,7 +645,7 @@ def test_perturbation_verbs_flags():
     o = opts("make-perturbation-benchmark")
     assert o["--input"].dest == o["--corpus"].dest == "corpus" and "--out" in o
     o = opts("gene-graph")
-    assert {"--go", "--out", "--jaccard-threshold", "--top-neighbours", "--gaf-aspect"} <= set(o)
+    assert {"--go", "--out", "--jaccard-threshold", "--gene-neighbors", "--gaf-aspect"} <= set(o)
 
 
 def test_verb_inputs_backend_and_dataset(tmp_path, tiny_ckpt):

@@ -261,3 +261,96 @@ def test_one_flag_name_per_thing_with_the_former_names_read():
         assert (a.w_cca, a.w_sr) == (0.5, 2.0), verb
     a = parser.parse_args(["impute", "--corpus", "c", "--checkpoint", "m", "--out", "o", "--sr-weight", "3"])
     assert a.w_sr == 3.0
+
+
+# the renames of one meaning per flag name (verb, former flag, flag now, argv the verb needs besides)
+RENAMED_FLAGS = [
+    ("candidate-ccres", "--stats", "--report", ["--genome", "hg38", "--out", "c.bed"]),
+    ("build-corpus", "--min-cells", "--min-cells-per-ccre", ["--ccres", "c.bed", "--mapped", "m.h5ad", "--out", "o"]),
+    ("knockout", "--ccres", "--target-ccres", ["--corpus", "c", "--checkpoint", "m", "--out", "o"]),
+    ("knockout", "--upstream", "--promoter-upstream", ["--corpus", "c", "--checkpoint", "m", "--out", "o"]),
+    ("knockout", "--downstream", "--promoter-downstream", ["--corpus", "c", "--checkpoint", "m", "--out", "o"]),
+    ("pretrain", "--max-cells", "--max-batch-cells", ["--corpus", "c", "--out", "o"]),
+    ("predict-genetic", "--top-neighbours", "--gene-neighbors",
+     ["--corpus", "c", "--checkpoint", "m", "--go", "g", "--out", "o"]),
+    ("gene-graph", "--top-neighbours", "--gene-neighbors", ["--go", "g", "--out", "o.tsv"]),
+]
+
+
+@pytest.mark.parametrize("verb,old,new,extra", RENAMED_FLAGS, ids=[f"{r[0]}{r[1]}" for r in RENAMED_FLAGS])
+def test_renamed_flags_keep_their_former_names(verb, old, new, extra):
+    """A flag name means one thing on every verb: candidate-ccres --report (a summary JSON, as on map-dataset,
+    liftover, detect-build), build-corpus --min-cells-per-ccre (--min-cells: fewest cells per group),
+    knockout --target-ccres / --promoter-upstream / --promoter-downstream (--ccres: a candidate cCRE BED,
+    --downstream: downstream datasets), pretrain --max-batch-cells (--max-cells: a random subset of cells),
+    --gene-neighbors (as --n-neighbors). The former name gives the same setting; --help shows the new one."""
+    from epiflow.cli import build_parser
+
+    parser = build_parser([verb])
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    p = sub.choices[verb]
+    assert p._option_string_actions[old] is p._option_string_actions[new]
+    value = "7,9" if new == "--target-ccres" else "7"
+    a_new = parser.parse_args([verb, *extra, new, value])
+    a_old = parser.parse_args([verb, *extra, old, value])
+    dest = p._option_string_actions[new].dest
+    assert dest == new.lstrip("-").replace("-", "_")
+    assert getattr(a_old, dest) == getattr(a_new, dest) == ([7, 9] if new == "--target-ccres" else
+                                                            "7" if new == "--report" else 7)
+    assert new in p.format_help()
+
+
+def test_renamed_config_keys_are_read_with_a_note():
+    """The config keys of the renamed settings follow their flags; the former keys (tasks.knockout.ccres /
+    upstream / downstream, tasks.genetic.top_neighbours, pretrain.max_cells) are read as the new ones
+    with a note, and the workflow passes the new flags."""
+    from epiflow.cliargs import to_argv
+    from epiflow.errors import ConfigError
+    from epiflow.tasks.config import GeneticConfig, KnockoutConfig
+    from epiflow.train.config import PretrainConfig
+    from epiflow.workflow_config import check_workflow_config
+
+    cfg = copy.deepcopy(DEFAULT)
+    ko, ge, pre = cfg["tasks"]["knockout"], cfg["tasks"]["genetic"], cfg["pretrain"]
+    ko["upstream"], ko["downstream"] = ko.pop("promoter_upstream"), ko.pop("promoter_downstream")
+    ko["ccres"] = [3, 1]
+    ge["top_neighbours"] = 15
+    pre["max_cells"] = pre.pop("max_batch_cells")
+    notes, problems = check_workflow_config(cfg, ROOT / "workflow/schemas/config.schema.yaml")
+    assert problems == []
+    for where, old, new in (("tasks.knockout", "ccres", "target_ccres"), ("tasks.knockout", "upstream",
+                            "promoter_upstream"), ("tasks.knockout", "downstream", "promoter_downstream"),
+                            ("tasks.genetic", "top_neighbours", "gene_neighbors"),
+                            ("pretrain", "max_cells", "max_batch_cells")):
+        assert any(f"'{where}.{old}' is now '{where}.{new}'" in n for n in notes), (old, notes)
+    assert (ko["target_ccres"], ko["promoter_upstream"], ko["promoter_downstream"]) == ([3, 1], 2000, 500)
+    assert not {"ccres", "upstream", "downstream"} & set(ko)
+    assert ge["gene_neighbors"] == 15 and "top_neighbours" not in ge
+    assert pre["max_batch_cells"] is None and "max_cells" not in pre
+    argv = to_argv(KnockoutConfig, ko)
+    assert argv[argv.index("--target-ccres") + 1] == "3,1" and argv[argv.index("--promoter-upstream") + 1] == "2000"
+    assert to_argv(GeneticConfig, ge)[to_argv(GeneticConfig, ge).index("--gene-neighbors") + 1] == "15"
+    # a user's config merged over config/config.yaml: the former pretrain key beside the new one at its default
+    both = copy.deepcopy(DEFAULT)
+    both["pretrain"]["max_cells"] = 4
+    notes, problems = check_workflow_config(both, ROOT / "workflow/schemas/config.schema.yaml")
+    assert problems == [] and both["pretrain"]["max_batch_cells"] == 4 and "max_cells" not in both["pretrain"]
+    argv = to_argv(PretrainConfig, both["pretrain"])
+    assert argv[argv.index("--max-batch-cells") + 1] == "4"
+    both["pretrain"].update(max_cells=2, max_batch_cells=4)
+    with pytest.raises(ConfigError, match="pretrain: both 'max_cells'.*2.*'max_batch_cells' \\(4\\)"):
+        check_workflow_config(both, ROOT / "workflow/schemas/config.schema.yaml")
+
+
+def test_candidate_ccres_report_is_checked_before_any_work(tmp_path, capsys):
+    """candidate-ccres --report (and its former name --stats) is an output the CLI checks up front, as
+    --out: a folder where its JSON would go is an error before any work."""
+    from epiflow.cli import main
+
+    (tmp_path / "taken").mkdir()
+    for name in ("--report", "--stats"):
+        rc = main(["candidate-ccres", "--manifest", str(tmp_path / "m.tsv"), "--genome", "hg38",
+                   "--out", str(tmp_path / "c.bed"), name, str(tmp_path / "taken")])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--report path" in err and "must be a file" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_outputs(args, parser: argparse.ArgumentParser | None = None) -> None:
-    """Every verb's output paths (``--out``, ``--report``, ``--stats``) must be writable before any work,
+    """Every verb's output paths (``--out``, ``--report``) must be writable before any work,
     and of the kind the flag declares (``--out DIR``: a folder, ``--out FILE``: a file;
     :func:`epiflow.cliargs.out_kind`)."""
     from .cliargs import out_kind
@@ -188,7 +188,7 @@ def _check_outputs(args, parser: argparse.ArgumentParser | None = None) -> None:
     if parser is not None:
         subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         verb = subs[0].choices.get(args.command) if subs else None
-    for name in ("out", "out_dir", "report", "stats"):
+    for name in ("out", "out_dir", "report"):
         v = getattr(args, name, None)
         if isinstance(v, str) and v and v != "-":
             flag = "out" if name == "out_dir" else name  # run-baseline: --out (dest out_dir)

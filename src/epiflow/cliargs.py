@@ -306,7 +306,7 @@ class OneOrSeveral(argparse.Action):
 
 
 #: the metavar that declares what an output flag names (``--out DIR``: a folder, ``--out FILE``: a file); the
-#: CLI checks every verb's --out (--report, --stats) against it before any work (:func:`out_kind`)
+#: CLI checks every verb's --out (and --report) against it before any work (:func:`out_kind`)
 OUT_KINDS = {"DIR": "folder", "FILE": "file"}
 
 

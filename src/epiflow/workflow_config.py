@@ -93,30 +93,34 @@ def _coerce_numbers(cfg, schema):
 
 
 def _rename_legacy_task_keys(cfg):
-    """Former key names of task settings (e.g. knockout finetune_steps -> max_steps) are read as
-    the new ones, with a note. Both at once: the same value, or the new name at the verb's default
-    (config/config.yaml sets it, a user's config merged over it sets the former name), read with a
-    note; two different values are an error. Changes `cfg` in place; returns the notes.
+    """Former key names of task settings (e.g. knockout finetune_steps -> max_steps) and of the
+    pretraining settings (pretrain.max_cells -> max_batch_cells) are read as the new ones, with a note.
+    Both at once: the same value, or the new name at the verb's default (config/config.yaml sets it, a
+    user's config merged over it sets the former name), read with a note; two different values are an
+    error. Changes `cfg` in place; returns the notes.
     """
     from .cliargs import default_of, legacy_keys
     from .tasks.registry import TASKS
+    from .train.config import PretrainConfig
 
+    sections = [("pretrain", cfg.get("pretrain"), [PretrainConfig])]
+    sections += [(f"tasks.{key}", (cfg.get("tasks") or {}).get(key), list(task.verbs.values()))
+                 for key, task in TASKS.items()]
     notes = []
-    for key, task in TASKS.items():
-        sec = (cfg.get("tasks") or {}).get(key)
+    for where, sec, classes in sections:
         if not isinstance(sec, dict):
             continue
-        for cls in task.verbs.values():
+        for cls in classes:
             for old, new in legacy_keys(cls).items():
                 if old not in sec:
                     continue
                 if new in sec and sec[new] != sec[old] and sec[new] != default_of(cls, new):
-                    raise ConfigError(f"tasks.{key}: both '{old}' (the former name, {sec[old]!r}) and '{new}' "
-                                      f"({sec[new]!r}) are set", field=f"tasks.{key}.{old}",
+                    raise ConfigError(f"{where}: both '{old}' (the former name, {sec[old]!r}) and '{new}' "
+                                      f"({sec[new]!r}) are set", field=f"{where}.{old}",
                                       fix=f"keep only '{new}'")
                 sec[new] = sec.pop(old)
                 notes.append(
-                    f"config key 'tasks.{key}.{old}' is now 'tasks.{key}.{new}' (read as such; "
+                    f"config key '{where}.{old}' is now '{where}.{new}' (read as such; "
                     "rename it to silence this note)"
                 )
     return notes

@@ -42,7 +42,7 @@ rule candidate_ccres:
         generated=generated_data,
     output:
         bed=f"{R}/candidates/candidates.bed",
-        stats=f"{R}/candidates/candidates.bed.json",
+        report=f"{R}/candidates/candidates.bed.json",
     log:
         f"{R}/logs/candidate_ccres.log",
     benchmark:
@@ -64,7 +64,7 @@ rule candidate_ccres:
         '"$EPIFLOW_PYTHON" -m epiflow candidate-ccres --manifest {input.manifest:q}'
         " --genome {params.genome} {params.sources} {params.external}"
         " {params.external_df} {params.chain} {params.mirror}"
-        " --out {output.bed:q} --stats {output.stats:q} > {log:q} 2>&1"
+        " --out {output.bed:q} --report {output.report:q} > {log:q} 2>&1"
 
 
 rule map_dataset:
@@ -112,7 +112,7 @@ rule map_dataset:
 rule build_corpus:
     input:
         ccres=rules.candidate_ccres.output.bed,
-        stats=rules.candidate_ccres.output.stats,
+        report=rules.candidate_ccres.output.report,
         mapped=mapped_files,
     output:
         corpus=directory(f"{R}/corpus"),
@@ -129,13 +129,13 @@ rule build_corpus:
     params:
         genome=config["genome"],
         vocabulary=config["vocabulary"]["mode"],
-        min_cells=config["vocabulary"]["min_cells"],
+        min_cells_per_ccre=config["vocabulary"]["min_cells"],
         min_ccres=config["qc"]["min_ccres_per_cell"],
         shard_size=config["shard_size"],
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow build-corpus --ccres {input.ccres:q} --mapped {input.mapped:q}'
         " --genome {params.genome} --vocabulary {params.vocabulary}"
-        " --min-cells {params.min_cells} --min-ccres-per-cell {params.min_ccres}"
+        " --min-cells-per-ccre {params.min_cells_per_ccre} --min-ccres-per-cell {params.min_ccres}"
         " --shard-size {params.shard_size} --out {output.corpus:q} > {log:q} 2>&1"
 
 
@@ -146,7 +146,7 @@ rule downstream_corpus:
     input:
         unpack(downstream_vocab_inputs),
         ccres=rules.candidate_ccres.output.bed,
-        stats=rules.candidate_ccres.output.stats,
+        report=rules.candidate_ccres.output.report,
         mapped=f"{R}/mapped/{{dataset}}.h5ad",
     output:
         folder=directory(f"{R}/downstream/{{dataset}}"),

@@ -33,8 +33,8 @@ def _candidate_ccres(args) -> int:
         load_external_vocab(args.external_vocab, args.external_df)  # validates the length
         info["external_df"] = str(Path(args.external_df).resolve())
     write_bed(cand[["chrom", "start", "end"]], args.out)
-    stats = args.stats or _sidecar(args.out)
-    atomic_write_text(stats, json.dumps(info, indent=2))
+    report = args.report or _sidecar(args.out)
+    atomic_write_text(report, json.dumps(info, indent=2))
     log.info("%d candidate cCREs -> %s", len(cand), args.out)
     return 0
 
@@ -85,7 +85,7 @@ def _build_corpus(args) -> int:
     vocabulary = args.vocabulary or ("external" if side.get("mode") == "external" else "curate")
     external_df = args.external_df or (side.get("external_df") if vocabulary == "external" else None)
     genome = args.genome or side.get("genome", "")
-    corpus = build_corpus(args.ccres, args.mapped, args.out, genome=genome, min_cells=args.min_cells,
+    corpus = build_corpus(args.ccres, args.mapped, args.out, genome=genome, min_cells=args.min_cells_per_ccre,
                           min_ccres_per_cell=args.min_ccres_per_cell, shard_size=args.shard_size,
                           vocabulary=vocabulary, external_df=external_df, progress=True)
     print(json.dumps({"out": str(args.out), "n_cells": corpus.n_cells, "n_ccres": corpus.n_ccres,
@@ -121,7 +121,8 @@ def register(sub) -> None:
     p.add_argument("--external-df", help="its document frequency .npy (e.g. cCRE_document_frequency.npy)")
     p.add_argument("--chain", help="chain file/URL/builtin:NAME for datasets in another build")
     p.add_argument("--data-mirror", help="folder searched for dataset files before downloading")
-    p.add_argument("--stats", metavar="FILE", help="summary JSON (default OUT.json)")
+    p.add_argument("--report", "--stats", dest="report", metavar="FILE",  # --stats: its former name
+                   help="summary JSON (default OUT.json)")
     p.add_argument("--out", required=True, metavar="FILE", help="candidate cCRE BED")
     p.set_defaults(func=_candidate_ccres)
 
@@ -155,12 +156,14 @@ def register(sub) -> None:
 
     p = sub.add_parser("build-corpus", help="QC, vocabulary, document frequency and tokenized shards",
                        description="Streams the mapped datasets: per-cell QC, vocabulary (curate: keep "
-                                   "cCREs open in >= --min-cells cells; external: keep all), corpus document "
-                                   "frequency, rank-ordered cell sentences in shards. Atomic output folder.")
+                                   "cCREs open in >= --min-cells-per-ccre cells; external: keep all), corpus "
+                                   "document frequency, rank-ordered cell sentences in shards. Atomic output "
+                                   "folder.")
     p.add_argument("--ccres", required=True, help="candidate cCRE BED (from candidate-ccres)")
     p.add_argument("--mapped", nargs="+", required=True, help="mapped datasets (.h5ad from map-dataset)")
     p.add_argument("--genome", choices=["hg19", "hg38"], help="default: from the candidates' .json")
-    p.add_argument("--min-cells", type=int, default=100, help="drop cCREs open in fewer cells (curate)")
+    p.add_argument("--min-cells-per-ccre", "--min-cells", dest="min_cells_per_ccre", type=int,  # --min-cells:
+                   default=100, help="drop cCREs open in fewer cells (curate)")  # its former name
     p.add_argument("--min-ccres-per-cell", type=int, default=100, help="drop cells with fewer accessible cCREs")
     p.add_argument("--shard-size", type=int, default=5000, help="cells per shard")
     p.add_argument("--vocabulary", choices=["curate", "external"],

@@ -1119,8 +1119,8 @@ def _knockout_frames(panel: Panel, tables, name: str, cols) -> dict[str, pd.Data
     for ds, df in frames.items():
         _need_columns(panel, df, cols, name)
         _require(len(df) > 0, panel, f"{name} of {ds} has no rows",
-                 "run the knockout with --genes and --tss (targets given as cCRE indices, --ccres, have no gene "
-                 "to show)"
+                 "run the knockout with --genes and --tss (targets given as cCRE indices, --target-ccres, have no "
+                 "gene to show)"
                  if name == "tss_ccres.tsv" else f"pass the {name} written by the knockout")
     return frames
 

@@ -108,7 +108,7 @@ dataset-specific noise peaks.
 
 ## Recommended corpus settings
 
-`--min-ccres-per-cell {p.min_ccres_per_cell} --min-cells {p.min_cells}` (the paper's 100 cells per cCRE
+`--min-ccres-per-cell {p.min_ccres_per_cell} --min-cells-per-ccre {p.min_cells}` (the paper's 100 cells per cCRE
 is meant for millions of cells; at {p.n_cells} cells it would drop most type-specific cCREs).
 
 ## Notes

@@ -171,7 +171,7 @@ class GeneticConfig(PerturbationConfig):
                                     "gene symbols joined by '+')")
     holdout_fraction: float = setting(0.25, "fraction of the perturbations held out", exclusive_min=0, max=0.9)
     jaccard_threshold: float = setting(0.1, "gene graph: keep edges with Jaccard > this", min=0, max=1)
-    top_neighbours: int = setting(20, "gene graph: neighbours per gene", min=1)
+    gene_neighbors: int = setting(20, "gene graph: neighbours per gene", min=1, aliases=("--top-neighbours",))
     gaf_aspect: str = setting("P", "GAF files: GO aspect to keep (P = biological process)",
                               choices=("P", "F", "C"))
 
@@ -209,9 +209,12 @@ class KnockoutConfig(ModelRuntime):
     genes: list[str] | None = setting(None, "genes whose promoter cCREs are the targets (comma list; needs "
                                       "--tss); GENE:BP gives that gene its own upstream window (the paper: "
                                       "ABCC1,VEGFA,EGLN3:5000)", pattern=r"[^,\s]+")
-    ccres: list[int] | None = setting(None, "target cCRE indices (vocabulary order; comma list)", min=0)
-    upstream: int = setting(2000, "promoter window upstream of the TSS (bp)", min=0)
-    downstream: int = setting(500, "promoter window downstream of the TSS (bp)", min=0)
+    target_ccres: list[int] | None = setting(None, "target cCRE indices (vocabulary order; comma list)", min=0,
+                                             aliases=("--ccres",))
+    promoter_upstream: int = setting(2000, "promoter window upstream of the TSS (bp)", min=0,
+                                     aliases=("--upstream",))
+    promoter_downstream: int = setting(500, "promoter window downstream of the TSS (bp)", min=0,
+                                       aliases=("--downstream",))
     target_unit: str = setting("ccre", "what one knockout removes: ccre = each promoter cCRE on its own "
                                "(SPEC), gene = all promoter cCREs of a gene at once (the paper's per-promoter "
                                "knockout, Fig. 5d-e; needs --genes)", choices=("ccre", "gene"))

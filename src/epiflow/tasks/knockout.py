@@ -139,21 +139,22 @@ def tss_neighbourhood(cfg: KnockoutConfig, tss: pd.DataFrame | None, vocab: pd.D
     """The cCREs of the vocabulary around the TSS of each gene of ``cfg.genes`` (the paper's Fig. 5b).
 
     The neighbourhood of a gene spans its promoter windows (every TSS of the gene, the gene's upstream
-    window of ``GENE:BP`` or ``cfg.upstream``, ``cfg.downstream``) plus ``flank`` bp on either side.
+    window of ``GENE:BP`` or ``cfg.promoter_upstream``, ``cfg.promoter_downstream``) plus ``flank`` bp on
+    either side.
     Positions are relative to the gene's most upstream TSS (``tss``), strand-aware: ``rel_start`` /
     ``rel_end`` < 0 lie upstream. ``target``: the cCRE is one of ``targets`` of this gene (the promoter
     cCREs that are knocked out). Columns :data:`TSS_CCRES_COLUMNS`, one row per (gene, cCRE), genes in the
     given order, cCREs from upstream to downstream; no rows
-    when the targets are cCRE indices (``cfg.ccres``) or no TSS table is given."""
+    when the targets are cCRE indices (``cfg.target_ccres``) or no TSS table is given."""
     from ..genome.intervals import normalize_chrom, overlap_pairs
 
     empty = pd.DataFrame({c: pd.Series(dtype=object if c in ("gene", "chrom", "strand") else
                                        bool if c == "target" else np.int64) for c in TSS_CCRES_COLUMNS})
-    if cfg.ccres or not cfg.genes or tss is None or vocab is None:
+    if cfg.target_ccres or not cfg.genes or tss is None or vocab is None:
         return empty
     vocab = vocab.assign(chrom=normalize_chrom(vocab["chrom"].to_numpy()))
-    windows = gene_windows(cfg.genes, cfg.upstream)
-    down = int(cfg.downstream)
+    windows = gene_windows(cfg.genes, cfg.promoter_upstream)
+    down = int(cfg.promoter_downstream)
     genes = []
     for gene, win in windows.items():
         t = tss[tss["gene"] == gene]
@@ -245,8 +246,8 @@ def _no_gene_error() -> ConfigError:
     """The gene unit with targets that have no gene (cCRE indices): one message for every place that
     finds it (:func:`knockout_targets`, :func:`knockout_sets`)."""
     return ConfigError("target_unit gene knocks out the promoter cCREs of each gene together, but the targets are "
-                       "cCRE indices (ccres), which have no gene", field="target_unit",
-                       fix="give --genes with --tss, or use --target-unit ccre with --ccres")
+                       "cCRE indices (target_ccres), which have no gene", field="target_unit",
+                       fix="give --genes with --tss, or use --target-unit ccre with --target-ccres")
 
 
 def knockout_sets(targets: pd.DataFrame, unit: str = "ccre", *, group: bool = False
@@ -444,26 +445,27 @@ def gene_windows(genes, upstream: int) -> dict[str, int]:
 def knockout_targets(cfg: KnockoutConfig, *, tss: pd.DataFrame | None = None,
                      vocab: pd.DataFrame | None = None) -> pd.DataFrame:
     """The target cCREs of the settings, one row per cCRE (``cfg.target_unit`` groups them later, in
-    :func:`knockout_sets`): ``cfg.ccres`` (vocabulary indices; column ``ccre``; an error with the
+    :func:`knockout_sets`): ``cfg.target_ccres`` (vocabulary indices; column ``ccre``; an error with the
     ``gene`` unit), else the
     promoter cCREs of ``cfg.genes`` (``gene, ccre, chrom, start, end``; :func:`promoter_ccres` with the
-    ``cfg.upstream`` / ``cfg.downstream`` window, or a gene's own upstream window written ``GENE:BP``) from ``tss`` (:func:`read_tss`) and the cCRE
-    vocabulary ``vocab`` (``chrom, start, end`` in token order: the corpus ``vocab.bed``)."""
-    if cfg.ccres:
+    ``cfg.promoter_upstream`` / ``cfg.promoter_downstream`` window, or a gene's own upstream window written
+    ``GENE:BP``) from ``tss`` (:func:`read_tss`) and the cCRE vocabulary ``vocab`` (``chrom, start, end`` in
+    token order: the corpus ``vocab.bed``)."""
+    if cfg.target_ccres:
         if cfg.target_unit == "gene":
             raise _no_gene_error()
-        return pd.DataFrame({"ccre": np.asarray(list(cfg.ccres), dtype=np.int64)})
+        return pd.DataFrame({"ccre": np.asarray(list(cfg.target_ccres), dtype=np.int64)})
     if not cfg.genes or tss is None:
-        raise EpiflowError("give targets: --ccres, or --genes with --tss", field="targets")
+        raise EpiflowError("give targets: --target-ccres, or --genes with --tss", field="targets")
     if vocab is None:
         raise EpiflowError("promoter targets need the cCRE vocabulary", field="vocab",
                            fix="pass --vocab <corpus>/vocab.bed")
     from ..genome.intervals import normalize_chrom
 
     vocab = vocab.assign(chrom=normalize_chrom(vocab["chrom"].to_numpy()))
-    windows = gene_windows(cfg.genes, cfg.upstream)
+    windows = gene_windows(cfg.genes, cfg.promoter_upstream)
     parts = [promoter_ccres(tss, vocab, [g for g, w in windows.items() if w == win], upstream=win,
-                            downstream=cfg.downstream) for win in sorted(set(windows.values()))]
+                            downstream=cfg.promoter_downstream) for win in sorted(set(windows.values()))]
     order = {g: i for i, g in enumerate(windows)}
     targets = pd.concat(parts, ignore_index=True)
     targets = targets.sort_values("gene", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)

@@ -17,7 +17,7 @@ def _knockout(args) -> int:
     cfg = config_from_args(KnockoutConfig, args)
     cells = load_cells(args.corpus, df=args.df, dataset=args.dataset)
     tss = vocab = None
-    if not cfg.ccres:
+    if not cfg.target_ccres:
         tss = None if args.tss is None else read_tss(args.tss)
         if args.vocab is not None:
             from ..genome.bed import read_bed
@@ -62,13 +62,13 @@ def register(subparsers) -> None:
             "drawn uniformly in [0, 1] (fraction of cCREs from state B) and query chimeras at 0.5 with each "
             "target added then removed; the effect is the change of the mean score of the 20 nearest "
             "reference cells, tested one-sided (Welch t) against knockouts of as many random cCREs. Targets: "
-            "--ccres (vocabulary indices) or --genes with --tss (BED6 TSS file or GTF; promoter windows); "
-            "a target is each promoter cCRE, or with --target-unit gene all promoter cCREs of a gene at once "
+            "--target-ccres (vocabulary indices) or --genes with --tss (BED6 TSS file or GTF; promoter windows "
+            "of --promoter-upstream / --promoter-downstream bp); a target is each promoter cCRE, or with --target-unit gene all promoter cCREs of a gene at once "
             "(the paper's Fig. 5d-e); --group adds all of them at once. Writes "
             "OUT/knockout.tsv, random.tsv, reference_cells.tsv (UMAP and score of the reference cells), "
             "shifts.tsv (each query cell's position and score with each target added / removed), tss_ccres.tsv "
             "(cCREs within 10 kb of the target genes' promoter windows, accessible fraction per state; empty "
-            "with --ccres), knockout_umap.png, knockout_effects.png, metrics.tsv."))
+            "with --target-ccres), knockout_umap.png, knockout_effects.png, metrics.tsv."))
     add_io_args(p, cells_help="cells of both states: " + CELLS_HELP)
     g = p.add_argument_group("target files")
     g.add_argument("--tss", metavar="FILE",

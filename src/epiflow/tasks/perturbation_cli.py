@@ -21,7 +21,7 @@ from ..cliargs import add_config_args, add_io_args, config_from_args, fields
 from .config import DEFAULT_KS, GeneticConfig, StimulationConfig
 
 # the gene-graph settings of predict-genetic, also the flags of gene-graph
-GRAPH_FIELDS = ("jaccard_threshold", "top_neighbours", "gaf_aspect")
+GRAPH_FIELDS = ("jaccard_threshold", "gene_neighbors", "gaf_aspect")
 
 
 def _print(table, out_dir):
@@ -92,7 +92,7 @@ def _predict_genetic(args) -> int:
 
     cfg = config_from_args(GeneticConfig, args)
     cells, model, dataset = _inputs(args, cfg, cfg.perturbation_key)
-    graph = build_gene_graph(args.go, threshold=cfg.jaccard_threshold, top_k=cfg.top_neighbours,
+    graph = build_gene_graph(args.go, threshold=cfg.jaccard_threshold, top_k=cfg.gene_neighbors,
                              aspect=cfg.gaf_aspect)
     result = run_genetic(cells, model, graph, cfg, dataset=dataset)
     write_result(result, args.out, n_top=cfg.n_top, ks=cfg.k, svg=cfg.svg)
@@ -115,7 +115,7 @@ def _gene_graph(args) -> int:
     from ..genome.gene_graph import build_gene_graph, write_gene_graph
 
     cfg = config_from_args(GeneticConfig, args)  # checks the bounds of the graph settings
-    g = build_gene_graph(args.go, threshold=cfg.jaccard_threshold, top_k=cfg.top_neighbours, aspect=cfg.gaf_aspect)
+    g = build_gene_graph(args.go, threshold=cfg.jaccard_threshold, top_k=cfg.gene_neighbors, aspect=cfg.gaf_aspect)
     write_gene_graph(g, args.out)
     print(f"wrote {args.out}: {g.n_genes} genes, {g.n_edges} edges")
     return 0

@@ -38,7 +38,8 @@ class PretrainConfig:
     eps: float = setting(1e-8, "AdamW eps", cli=False)
     clip_grad: float | None = setting(1.0, "global gradient-norm clip (0 or null: off)", min=0)
     batch_tokens: int = setting(16384, "padded tokens per GPU and micro-batch", min=8)
-    max_cells: int | None = setting(None, "cap on cells per GPU and micro-batch", min=1)
+    max_batch_cells: int | None = setting(None, "cap on cells per GPU and micro-batch", min=1,
+                                          aliases=("--max-cells",))
     grad_accum: int = setting(1, "micro-batches per optimiser step", min=1)
     max_len: int | None = setting(None, "sentence cap; longer ones are subsampled at random each step "
                                   "(default min(8190, model max_rank - 2))", min=1)
@@ -107,7 +108,7 @@ class PretrainConfig:
         return d
 
     # settings that must not change when resuming (they define the data order and the model)
-    RESUME_KEYS = ("model_config", "model_overrides", "dropout", "seed", "batch_tokens", "max_cells",
+    RESUME_KEYS = ("model_config", "model_overrides", "dropout", "seed", "batch_tokens", "max_batch_cells",
                    "grad_accum", "max_len", "k_schedule", "k_epochs_per_block", "rlm_epochs", "epochs",
                    "cca_negatives", "sr_objective", "rlm_separate",
                    "eval_fraction", "eval_max_cells", "window_shards", "bucket_cells", "memory_lean",

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..cliargs import legacy_keys
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_path, atomic_write_text, removed_if_left_empty
 from . import distributed as D
@@ -343,12 +344,12 @@ def _pretrain(corpus_dir: Path, out_dir: Path, cfg: PretrainConfig, info: D.Dist
     load_state = R.prepare_state(state_path, cfg.to_dict(), PretrainConfig.RESUME_KEYS, resume=cfg.resume,
                                  restart_if_changed=cfg.restart_if_changed, may_move=info.is_main,
                                  data={"n_ccres": index.n_ccres, "vocab_id": index.vocab_id,
-                                       "n_cells": index.n_cells})
+                                       "n_cells": index.n_cells}, former=legacy_keys(PretrainConfig))
     D.barrier(info)
     train_uids, eval_uids = split_cells(index.n_cells, cfg.eval_fraction, cfg.seed, cfg.eval_max_cells)
     plan_cfg = PlanConfig(batch_tokens=cfg.batch_tokens, world_size=info.world_size, max_len=cfg.max_len,
                           window_shards=cfg.window_shards, bucket_cells=cfg.bucket_cells, seed=cfg.seed,
-                          max_cells=cfg.max_cells)
+                          max_cells=cfg.max_batch_cells)
     # steps of every epoch (plans depend only on shard lengths; cheap)
     steps_per_epoch = [len(epoch_plan(index, train_uids, e, plan_cfg)) // cfg.grad_accum
                        for e in range(cfg.epochs)]
@@ -609,7 +610,7 @@ def _load_state(path, cfg, model, opt, sched, lean, dev, index, *, out_dir=None,
     if int(st.get("world_size", 1)) != info_world(model):
         log.warning("resuming with %d ranks instead of %d: batches are regrouped, the run is no longer "
                     "identical to an uninterrupted one", info_world(model), st.get("world_size"))
-    old = st["config"]
+    old = R.renamed_settings(st["config"], legacy_keys(PretrainConfig))  # a state from before a rename
     new = cfg.to_dict()
     defaults = PretrainConfig().to_dict()  # states written before a key existed had its default
     diff = [k for k in PretrainConfig.RESUME_KEYS if old.get(k, defaults.get(k)) != new.get(k)]

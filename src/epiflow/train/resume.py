@@ -92,16 +92,28 @@ def _peek(path: Path) -> dict:
     return st if isinstance(st, dict) else {}
 
 
+def renamed_settings(cfg_dict: dict, former=None) -> dict:
+    """``cfg_dict`` with the settings stored under a former name (``former``: old -> new key, e.g.
+    ``max_cells`` -> ``max_batch_cells``) under their name now: a state written before a rename."""
+    out = dict(cfg_dict)
+    for old, new in (former or {}).items():
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+    return out
+
+
 def settings_diff(old: dict, new: dict, keys) -> list[str]:
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 def prepare_state(path: Path, cfg_dict: dict, keys, *, resume: bool, restart_if_changed: bool,
-                  may_move: bool = True, data: dict | None = None) -> bool:
+                  may_move: bool = True, data: dict | None = None, former: dict | None = None) -> bool:
     """Decide, before any work, what to do with an existing state at ``path``; returns whether to
     load it. Refuses to overwrite a state without ``resume``; with ``restart_if_changed`` a state of
     other settings (or, ``data``, of another corpus: n_ccres, vocab_id, n_cells) is moved to
-    ``<path>.previous`` (the run starts afresh)."""
+    ``<path>.previous`` (the run starts afresh). ``former``: former setting names (old -> new key) that a
+    state written before a rename stores (:func:`renamed_settings`); the same values under the old
+    name are the same settings."""
     path = Path(path)
     if not path.exists():
         if resume:
@@ -117,9 +129,11 @@ def prepare_state(path: Path, cfg_dict: dict, keys, *, resume: bool, restart_if_
             path=str(path), field="resume",
             fix="pass --resume to continue that run, or give a fresh --out folder (or delete "
                 f"{path.name} to start over)")
-    old_cfg = st.get("config") or {}
+    stored = st.get("config") or {}
+    old_cfg = renamed_settings(stored, former)
     new_hash = config_hash(cfg_dict, keys)
-    old_hash = st.get("config_hash") or config_hash(old_cfg, keys)
+    # a renamed setting changes the stored hash's words, not the run: the hash of the renamed settings
+    old_hash = (st.get("config_hash") if old_cfg == stored else None) or config_hash(old_cfg, keys)
     data_diff = [f"corpus {k} {st.get(k)!r} -> {v!r}" for k, v in (data or {}).items()
                  if k in st and st.get(k) != v]
     if old_hash == new_hash and not data_diff:
