@@ -181,6 +181,13 @@ def test_transfer_config_dry_runs(tmp_path):
     tools = {re.search(r"--tool (\S+)", c).group(1) for c in jobs["run_baseline"]}
     assert {"pca", "snapatac2"} <= tools and "lsi" not in tools  # LSI: the feature_extraction task's own
     assert "pretrain" in jobs
+    # imputation (Fig. 2j-m) on the unseen cells: EpiAgent and scOpen / scCASE on the same downstream folders,
+    # the baselines scored with the task's filter and label column
+    assert sorted(re.search(r"--dataset (\S+)", c).group(1) for c in jobs["impute"]) \
+        == ["buenrostro2018_bm0828", "granja2019_d6t1_heldout"]
+    imp = [c for c in jobs["run_baseline"] if "--task imputation" in c]
+    assert sorted(re.search(r"--tool (\S+)", c).group(1) for c in imp) == ["sccase", "sccase", "scopen", "scopen"]
+    assert all("/downstream/" in c and "--min-cell-fraction 0.03" in c and "--label-key cell_type" in c for c in imp)
 
 
 
