@@ -5,7 +5,7 @@
 * :func:`canonical_input` — the adapter's AnnData (:mod:`epiflow.baselines.base`) with the paper's
   per-task preprocessing: annotation gets the same stratified 2/3 reference, 1/3 query split as
   EpiAgent (:func:`epiflow.tasks.split.stratified_split`, the one function both use) with query labels hidden; imputation
-  keeps the cCREs open in >= 3 % of cells; perturbation keeps the top-50,000 most accessible cCREs and
+  keeps the cCREs open in >= 3 % of all cells and is scored against their raw TF-IDF, as EpiAgent's task; perturbation keeps the top-50,000 most accessible cCREs and
   removes the held-out cell type's perturbed cells (:func:`stimulation_types`: the types EpiAgent's
   stimulation task holds out); genetic keeps the top-50,000 most accessible
   cCREs and removes the cells of the held-out perturbations (EpiAgent's own seeded split,
@@ -187,7 +187,7 @@ def canonical_input(adata, task: str, *, label_key: str = "cell_type", batch_key
         ctx["labelled"] = labelled
     if task == "integration" and common_ccres:
         batches = obs["batch"].to_numpy()
-        covered = [np.diff(sp.csc_matrix(x[batches == b]).indptr) > 0 for b in sorted(set(batches))]
+        covered = [np.asarray((x[batches == b] != 0).sum(axis=0)).ravel() > 0 for b in sorted(set(batches))]
         features = np.flatnonzero(np.logical_and.reduce(covered))
         if features.size == 0:
             raise EpiflowError("the batches have no accessible cCRE in common", field="common_ccres",
@@ -257,7 +257,7 @@ def _raw_tfidf(adata, x, features, labelled) -> tuple[np.ndarray, str]:
         if "df" in adata.var:
             df, kind = adata.var["df"].to_numpy(dtype=np.float64), "TF-IDF with var['df']"
         else:
-            n_open = np.diff(sp.csc_matrix(x).indptr).astype(np.float64)
+            n_open = np.asarray((x != 0).sum(axis=0), dtype=np.float64).ravel()
             df, kind = np.where(n_open > 0, n_open / max(x.shape[0], 1), 1.0), "TF-IDF with the cells' own df"
             log.warning("imputation: no corpus TF-IDF and no var['df']; the reference is the %s", kind)
         tf = sp.csr_matrix(global_tfidf(x, df), dtype=np.float32)
