@@ -156,3 +156,15 @@ def test_annotation_split_is_the_tasks_for_its_settings(cells):
     want = np.asarray(cells.obs_names)[lab][stratified_split(y, 0.25, 7)]
     inp, ctx = canonical_input(cells, "annotation", query_fraction=0.25, seed=7)
     assert list(inp.obs_names[ctx["is_query"]]) == list(want)
+
+
+@pytest.mark.parametrize("extra", [["--label-map", "m.tsv"], ["--max-cells", "10"], ["--common-ccres"]])
+def test_integration_settings_on_another_task_are_refused(tmp_path, capsys, extra):
+    """integrate's own settings given to another task's baseline would be ignored: refused, naming them."""
+    from epiflow.cli import main
+
+    rc = main(["run-baseline", "--tool", "pca", "--task", "feature_extraction", "--counts", str(tmp_path / "x.h5ad"),
+               "--out", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{extra[0]} belong to --task integration, not feature_extraction" in err and "Fix:" in err
+    assert not (tmp_path / "o").exists()

@@ -60,6 +60,14 @@ def _run(args: argparse.Namespace) -> int:
     spec = get_adapter(args.tool, args.task)
     params = _params(args.param)
     params.setdefault("seed", args.seed)
+    from ..errors import ConfigError
+
+    if args.task != "integration":  # integrate's own settings: another task would ignore them
+        given = [f for f, v in (("--label-map", args.label_map), ("--max-cells", args.max_cells),
+                                ("--common-ccres", args.common_ccres or None)) if v is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} belong to --task integration, not {args.task}", field=given[0],
+                              fix=f"leave {'it' if len(given) == 1 else 'them'} out, or run --task integration")
     # bounds of the settings the EpiAgent tasks declare, naming the flag
     for cls, names in task_scoring_settings().values():
         check_config(cls(**{f: getattr(args, f) for f in names}))

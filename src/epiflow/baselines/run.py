@@ -159,7 +159,7 @@ def canonical_input(adata, task: str, *, label_key: str = "cell_type", batch_key
     labelled = np.ones(adata.n_obs, dtype=bool)
     if labels is not None:
         raw_labels = adata.obs[label_key].to_numpy(dtype=object)
-        if label_map is not None:
+        if label_map is not None and task == "integration":  # integrate's --label-map
             from ..tasks.zeroshot import apply_label_map
 
             raw_labels = apply_label_map(raw_labels, label_map)
