@@ -274,6 +274,9 @@ RENAMED_FLAGS = [
     ("predict-genetic", "--top-neighbours", "--gene-neighbors",
      ["--corpus", "c", "--checkpoint", "m", "--go", "g", "--out", "o"]),
     ("gene-graph", "--top-neighbours", "--gene-neighbors", ["--go", "g", "--out", "o.tsv"]),
+    ("build-corpus", "--vocabulary", "--vocabulary-mode", ["--ccres", "c.bed", "--mapped", "m.h5ad", "--out", "o"]),
+    ("run-baseline", "--min-open-fraction", "--min-cell-fraction",
+     ["--tool", "pca", "--task", "imputation", "--counts", "c.h5ad", "--out", "o"]),
 ]
 
 
@@ -283,20 +286,22 @@ def test_renamed_flags_keep_their_former_names(verb, old, new, extra):
     liftover, detect-build), build-corpus --min-cells-per-ccre (--min-cells: fewest cells per group),
     knockout --target-ccres / --promoter-upstream / --promoter-downstream (--ccres: a candidate cCRE BED,
     --downstream: downstream datasets), pretrain --max-batch-cells (--max-cells: a random subset of cells),
-    --gene-neighbors (as --n-neighbors). The former name gives the same setting; --help shows the new one."""
+    --gene-neighbors (as --n-neighbors), build-corpus --vocabulary-mode (config vocabulary.mode; --vocab: a
+    BED), run-baseline --min-cell-fraction (impute's name). The former name gives the same setting; --help
+    shows the new one."""
     from epiflow.cli import build_parser
 
     parser = build_parser([verb])
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     p = sub.choices[verb]
     assert p._option_string_actions[old] is p._option_string_actions[new]
-    value = "7,9" if new == "--target-ccres" else "7"
+    value = {"--target-ccres": "7,9", "--vocabulary-mode": "external"}.get(new, "7")
     a_new = parser.parse_args([verb, *extra, new, value])
     a_old = parser.parse_args([verb, *extra, old, value])
     dest = p._option_string_actions[new].dest
     assert dest == new.lstrip("-").replace("-", "_")
-    assert getattr(a_old, dest) == getattr(a_new, dest) == ([7, 9] if new == "--target-ccres" else
-                                                            "7" if new == "--report" else 7)
+    assert getattr(a_old, dest) == getattr(a_new, dest) == {"--target-ccres": [7, 9], "--report": "7",
+                                                            "--vocabulary-mode": "external"}.get(new, 7)
     assert new in p.format_help()
 
 

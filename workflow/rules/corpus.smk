@@ -134,7 +134,7 @@ rule build_corpus:
         shard_size=config["shard_size"],
     shell:
         '"$EPIFLOW_PYTHON" -m epiflow build-corpus --ccres {input.ccres:q} --mapped {input.mapped:q}'
-        " --genome {params.genome} --vocabulary {params.vocabulary}"
+        " --genome {params.genome} --vocabulary-mode {params.vocabulary}"
         " --min-cells-per-ccre {params.min_cells_per_ccre} --min-ccres-per-cell {params.min_ccres}"
         " --shard-size {params.shard_size} --out {output.corpus:q} > {log:q} 2>&1"
 

@@ -165,7 +165,7 @@ def build_corpus(ccres, mapped, out, *, genome: str = "", min_cells: int = 100,
         raise ConfigError("shard_size must be >= 1", field="shard_size")
     if external_df is not None and vocabulary == "curate":
         raise ConfigError("an external document frequency needs vocabulary 'external'", field="external_df",
-                          fix="pass --vocabulary external, or drop --external-df")
+                          fix="pass --vocabulary-mode external, or drop --external-df")
     if vocabulary == "fixed" and (fixed_vocab is None or external_df is None):
         raise ConfigError("a fixed vocabulary needs its cCREs and document frequency", field="vocabulary",
                           fix="pass fixed_vocab (vocab.bed) and external_df (df.npy) of the corpus")

@@ -82,7 +82,7 @@ def _build_corpus(args) -> int:
     from .build import build_corpus
 
     side = _read_sidecar(args.ccres)
-    vocabulary = args.vocabulary or ("external" if side.get("mode") == "external" else "curate")
+    vocabulary = args.vocabulary_mode or ("external" if side.get("mode") == "external" else "curate")
     external_df = args.external_df or (side.get("external_df") if vocabulary == "external" else None)
     genome = args.genome or side.get("genome", "")
     corpus = build_corpus(args.ccres, args.mapped, args.out, genome=genome, min_cells=args.min_cells_per_ccre,
@@ -166,8 +166,10 @@ def register(sub) -> None:
                    default=100, help="drop cCREs open in fewer cells (curate)")  # its former name
     p.add_argument("--min-ccres-per-cell", type=int, default=100, help="drop cells with fewer accessible cCREs")
     p.add_argument("--shard-size", type=int, default=5000, help="cells per shard")
-    p.add_argument("--vocabulary", choices=["curate", "external"],
-                   help="default: 'external' if candidate-ccres was given --external-vocab, else 'curate'")
+    p.add_argument("--vocabulary-mode", "--vocabulary", dest="vocabulary_mode", choices=["curate", "external"],
+                   help="curate the candidates, or keep an external vocabulary as is (config vocabulary.mode; "
+                        "default: 'external' if candidate-ccres was given --external-vocab, else 'curate'; "
+                        "--vocabulary: its former name)")
     p.add_argument("--external-df", help="document frequency .npy to use (external vocabulary)")
     p.add_argument("--out", required=True, metavar="DIR", help="corpus folder")
     p.set_defaults(func=_build_corpus)

@@ -389,7 +389,7 @@ def check_vocab_id(model_vocab_id: str | None, data_vocab_id: str | None, *, wha
             f"{data_vocab_id}: the same number of cCREs is not the same cCREs",
             path=None if path is None else str(path), field="vocab_id",
             fix="use a checkpoint trained on this corpus vocabulary, or rebuild the data on the "
-                "checkpoint's cCRE set (--vocabulary external --ccres <its vocab.bed>)")
+                "checkpoint's cCRE set (--vocabulary-mode external --ccres <its vocab.bed>)")
 
 
 def open_corpus(root: str | os.PathLike) -> Corpus:
