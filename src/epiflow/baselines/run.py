@@ -33,7 +33,7 @@ from ..errors import EpiflowError, InputFormatError
 from ..tasks.split import stratified_split
 from ..tokenize.core import binarize
 from .base import BaselineOutput, get_adapter
-from .preprocess import top_accessible
+from .preprocess import accessible_cells, top_accessible
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def canonical_input(adata, task: str, *, label_key: str = "cell_type", batch_key
         ctx["labelled"] = labelled
     if task == "integration" and common_ccres:
         batches = obs["batch"].to_numpy()
-        covered = [np.asarray((x[batches == b] != 0).sum(axis=0)).ravel() > 0 for b in sorted(set(batches))]
+        covered = [accessible_cells(x[batches == b]) > 0 for b in sorted(set(batches))]
         features = np.flatnonzero(np.logical_and.reduce(covered))
         if features.size == 0:
             raise EpiflowError("the batches have no accessible cCRE in common", field="common_ccres",
@@ -257,7 +257,7 @@ def _raw_tfidf(adata, x, features, labelled) -> tuple[np.ndarray, str]:
         if "df" in adata.var:
             df, kind = adata.var["df"].to_numpy(dtype=np.float64), "TF-IDF with var['df']"
         else:
-            n_open = np.asarray((x != 0).sum(axis=0), dtype=np.float64).ravel()
+            n_open = accessible_cells(x).astype(np.float64)
             df, kind = np.where(n_open > 0, n_open / max(x.shape[0], 1), 1.0), "TF-IDF with the cells' own df"
             log.warning("imputation: no corpus TF-IDF and no var['df']; the reference is the %s", kind)
         tf = sp.csr_matrix(global_tfidf(x, df), dtype=np.float32)

@@ -42,12 +42,12 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import ConfigError, EpiflowError
+from ..metrics.imputation import N_NEIGHBORS, evaluate_imputation
 from ..metrics.table import dataset_label, metric_rows, metrics_frame
 from .annotation import (WEIGHT_DECAY, cell_ids, check_model_vocab, check_trainer,
                          effective_max_len, obs_labels, shared_finetune)
 from .common import TaskResult, resolve_device
 from .config import ImputationConfig
-from ..metrics.imputation import N_NEIGHBORS, evaluate_imputation  # noqa: F401 (evaluate_imputation: API)
 from .features import labelled_mask
 
 log = logging.getLogger(__name__)
